@@ -1,0 +1,108 @@
+"""The frame every pattern pass runs in: find bindings, decline or accept, rewrite into one deepfuse op.
+
+A pass (``deepfuse.passes.<family>``) declares its patterns and implements two things:
+``analyze(binding) -> dict | str`` reads the parameters off the graph (a str is the reason to decline),
+``rewrite(graph, binding, params, impl) -> (fx.Node, op name, kernel file)`` builds the replacement.
+Everything else (escape checks, logging, report rows, graph surgery) is shared here.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+
+from .log import log
+from .options import Options
+from .pattern import Binding, HostGraph, Pattern
+from .report import Declined, Match, Report, module_path, source_line
+from .shapes import value
+
+
+class FusionPass:
+    family: str = ""
+    patterns: Sequence[Pattern] = ()
+
+    def analyze(self, binding: Binding) -> Union[dict[str, Any], str]:
+        raise NotImplementedError
+
+    def rewrite(self, graph: fx.Graph, binding: Binding, params: dict[str, Any], impl: str) -> tuple[str, Optional[str]]:
+        raise NotImplementedError
+
+    def run(self, graph: fx.Graph, options: Options, report: Report, host: Optional[HostGraph] = None) -> int:
+        host = host or HostGraph(graph)
+        claimed: set[fx.Node] = set()
+        changed = 0
+        for pattern in self.patterns:
+            for binding in pattern.match(host, claimed):
+                origin = binding.outputs[0]
+                where = (source_line(origin), module_path(origin))
+                reason = _escape_reason(binding)
+                params = reason if reason else self.analyze(binding)
+                if isinstance(params, str):
+                    report.declined.append(Declined(self.family, params, *where))
+                    log.info("declined %s at %s (%s): %s", self.family, where[1] or "?", where[0], params)
+                    continue
+                claimed.update(binding.interior)
+                device = value(origin).device.type if value(origin) is not None else "cpu"
+                impl = options.kernel_impl(device)
+                op_name, kernel_file = self.rewrite(graph, binding, params, impl)
+                report.matches.append(Match(self.family, op_name, params, *where, impl=impl, kernel_file=kernel_file))
+                log.info("matched %s -> %s [%s] at %s (%s) %s", self.family, op_name, impl, where[1] or "?", where[0], params)
+                changed += 1
+        return changed
+
+
+def _escape_reason(binding: Binding) -> Optional[str]:
+    escaping = binding.escaping()
+    if not escaping:
+        return None
+    users = sorted({u.name for n in escaping for u in n.users if u.op == "output"})
+    why = " (an output of the graph: saved for backward in a training graph?)" if users else ""
+    return f"intermediate value {escaping[0].name} is used outside the region{why}"
+
+
+def replace_region(graph: fx.Graph, binding: Binding, target: Callable, args: tuple, n_outputs: int) -> list[fx.Node]:
+    """Replace ``binding`` by one call of ``target``; its outputs take the place of the pattern's outputs.
+
+    The pattern's ``outputs`` order is the op's output order. Shapes/dtypes of the new nodes come from
+    running the op's fake implementation in the graph's fake mode.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = max(binding.interior, key=order.__getitem__)
+    with graph.inserting_before(last):
+        call = graph.call_function(target, args)
+        outs = [call] if n_outputs == 1 else [graph.call_function(operator.getitem, (call, i)) for i in range(n_outputs)]
+    _propagate_fake(call, outs, args)
+    origin = binding.outputs[0]
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in origin.meta:
+            call.meta[key] = origin.meta[key]
+    for old, new in zip(binding.outputs, outs):
+        old.replace_all_uses_with(new)
+    for node in sorted(binding.interior, key=order.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)
+    _stable_toposort(graph)
+    return outs
+
+
+def _propagate_fake(call: fx.Node, outs: list[fx.Node], args: tuple) -> None:
+    vals = [a.meta.get("val") for a in args if isinstance(a, fx.Node)]
+    fake_mode = torch._guards.detect_fake_mode(vals)
+    fake_args = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in args)
+    if fake_mode is None:
+        return
+    with fake_mode:
+        result = call.target(*fake_args)
+    call.meta["val"] = result
+    if len(outs) > 1 or outs[0] is not call:
+        for i, o in enumerate(outs):
+            o.meta["val"] = result[i]
+
+
+def _stable_toposort(graph: fx.Graph) -> None:
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    stable_topological_sort(graph)

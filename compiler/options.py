@@ -1,0 +1,85 @@
+"""The options a user passes as ``torch.compile(m, backend="deepfuse", options={...})``.
+
+Every key is documented here and in the README; an unknown key is an error that lists the valid ones,
+so a typo never silently turns a feature off.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import DeepfuseError
+
+KERNEL_CHOICES = ("auto", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class Options:
+    #: Run the generated Triton kernels through Triton's CPU interpreter (small shapes only). This is how
+    #: CI checks every kernel without a GPU.
+    interpret: bool = False
+    #: Which implementation a deepfuse op runs: "triton" (generated kernels), "reference" (the op's plain
+    #: torch reference), or "auto": Triton on CUDA tensors (or with ``interpret``), reference otherwise.
+    kernels: str = "auto"
+    #: Pattern families to run, by name (see ``deepfuse.passes.PASSES``); ``None`` runs all of them.
+    passes: Optional[tuple[str, ...]] = None
+    #: Hand the rewritten graph to Inductor (True) or run it as plain aten ops (False, for debugging).
+    inductor: bool = True
+    #: Time the candidate kernel configurations on the GPU and cache the winner per GPU and shape bucket.
+    autotune: bool = True
+    #: Where generated kernels and autotuning results are written (default: ``$DEEPFUSE_CACHE_DIR``, else
+    #: the user cache directory).
+    cache_dir: Optional[str] = None
+
+    # Set from torch.compile's ``mode=`` argument, not from ``options``.
+    mode: str = field(default="default", repr=False)
+
+    @classmethod
+    def from_user(cls, options: Optional[dict[str, Any]] = None, mode: Optional[str] = None) -> "Options":
+        options = dict(options or {})
+        valid = {f.name for f in dataclasses.fields(cls) if f.name != "mode"}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise DeepfuseError(
+                f"unknown deepfuse option(s) {unknown}; valid options are: {', '.join(sorted(valid))}"
+            )
+        if "passes" in options and options["passes"] is not None:
+            from deepfuse.passes import PASSES
+
+            names = tuple(options["passes"])
+            bad = [n for n in names if n not in PASSES]
+            if bad:
+                raise DeepfuseError(f"unknown pass(es) {bad}; available passes: {', '.join(PASSES)}")
+            options["passes"] = names
+        if options.get("kernels", "auto") not in KERNEL_CHOICES:
+            raise DeepfuseError(f"options['kernels'] must be one of {KERNEL_CHOICES}, got {options['kernels']!r}")
+        for key in ("interpret", "inductor", "autotune"):
+            if key in options and not isinstance(options[key], bool):
+                raise DeepfuseError(f"options[{key!r}] must be a bool, got {options[key]!r}")
+        mode = mode or "default"
+        if mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise DeepfuseError(f"unsupported torch.compile mode {mode!r} for deepfuse")
+        return cls(**options, mode=mode)
+
+    def kernel_impl(self, device_type: str) -> str:
+        """Which implementation a deepfuse op placed on ``device_type`` tensors runs."""
+        if self.kernels == "reference":
+            return "reference"
+        if self.interpret:
+            return "interpret"
+        if device_type == "cuda":
+            return "triton"
+        if self.kernels == "triton":
+            raise DeepfuseError(
+                "options['kernels']='triton' needs CUDA tensors; on CPU pass interpret=True to run the "
+                "generated kernels through Triton's interpreter"
+            )
+        return "reference"
+
+    def enabled(self, family: str) -> bool:
+        return self.passes is None or family in self.passes
+
+    def fingerprint(self) -> str:
+        """What changes the rewritten graph; part of Inductor's FX-graph cache key."""
+        return repr((self.interpret, self.kernels, self.passes))

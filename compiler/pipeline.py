@@ -1,0 +1,117 @@
+"""Dynamo FX graph -> canonical aten -> deepfuse pattern passes -> Inductor (or plain aten) -> a callable.
+
+Normalization is AOTAutograd's: functional aten, decomposed by Inductor's own decomposition table, every
+node carrying a fake tensor with its (possibly symbolic) shape. The passes run as Inductor's
+``post_grad_custom_pre_pass``, so they see exactly the graph Inductor is about to lower and everything they
+leave alone is still fused by Inductor as usual.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from .codegen import set_cache_dir, versions
+from .log import log
+from .options import Options
+from .report import Report
+
+_collectors: list[Report] = []
+
+
+@contextlib.contextmanager
+def collect(report: Report) -> Iterator[Report]:
+    """Every graph deepfuse compiles inside this block adds its matches and declines to ``report``."""
+    _collectors.append(report)
+    try:
+        yield report
+    finally:
+        _collectors.remove(report)
+
+
+def _report() -> Report:
+    return _collectors[-1] if _collectors else Report()
+
+
+def run_passes(graph: fx.Graph, options: Options, report: Report) -> None:
+    from deepfuse.passes import PASSES
+
+    report.graphs += 1
+    if any(n.op == "placeholder" and str(n.target).startswith("tangents") for n in graph.nodes):
+        log.info("backward graph: deepfuse passes are inference/forward-only and leave it to Inductor")
+        return
+    log.debug("graph before deepfuse passes:\n%s", graph)
+    for name, cls in PASSES.items():
+        if options.enabled(name):
+            if cls().run(graph, options, report):
+                log.debug("graph after %s:\n%s", name, graph)
+    graph.lint()
+
+
+class DeepfuseGraphPass(CustomGraphPass):
+    """The passes, packaged as an Inductor custom pass; ``uuid`` keys Inductor's FX-graph cache."""
+
+    def __init__(self, options: Options, report: Report):
+        self.options = options
+        self.report = report
+
+    def __call__(self, graph: fx.Graph) -> None:
+        run_passes(graph, self.options, self.report)
+
+    def uuid(self) -> bytes:
+        from deepfuse import passes
+        from deepfuse.passes import PASSES
+
+        src = [inspect.getsource(passes)] + [inspect.getsource(inspect.getmodule(c)) for c in PASSES.values()]
+        blob = versions() + self.options.fingerprint() + "".join(src)
+        return hashlib.sha256(blob.encode()).digest()
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:
+    set_cache_dir(options.cache_dir)
+    report = _report()
+    if options.inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = {"post_grad_custom_pre_pass": DeepfuseGraphPass(options, report)}
+        if _collectors:
+            # A cache hit would skip the passes, and with them the report being collected.
+            patches["fx_graph_cache"] = False
+        if options.mode == "reduce-overhead":
+            log.info("mode='reduce-overhead': decode steps are captured by Inductor's CUDA graphs")
+            patches["triton.cudagraphs"] = True
+        elif options.mode in ("max-autotune", "max-autotune-no-cudagraphs"):
+            patches["max_autotune"] = True
+            patches["triton.cudagraphs"] = options.mode == "max-autotune"
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    return _aot(gm, example_inputs, lambda g: run_passes(g, options, report) or g)
+
+
+def _aot(gm: fx.GraphModule, example_inputs: list, transform: Callable[[fx.Graph], object], run_original=False):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    def fw(aten_gm: fx.GraphModule, inputs):
+        target = copy.deepcopy(aten_gm) if run_original else aten_gm
+        transform(target.graph)
+        target.recompile()
+        return make_boxed_func(aten_gm.forward if run_original else target.forward)
+
+    def bw(aten_gm: fx.GraphModule, inputs):
+        return make_boxed_func(aten_gm.forward)
+
+    return aot_autograd(fw_compiler=fw, bw_compiler=bw, decompositions=select_decomp_table())(gm, example_inputs)
+
+
+def explain_graph(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:
+    """Normalize and run the passes on a copy (generating kernel files); execute the original graph."""
+    set_cache_dir(options.cache_dir)
+    report = _report()
+    return _aot(gm, example_inputs, lambda g: run_passes(g, options, report), run_original=True)

@@ -1,0 +1,11 @@
+"""One module per pattern family: its patterns, the parameters it reads off the graph, its rewrite.
+
+``PASSES`` lists them in the order they run: later families see the graph earlier ones rewrote.
+"""
+from __future__ import annotations
+
+from deepfuse.passes.rms_norm import RMSNormPass
+
+PASSES = {
+    "rms_norm": RMSNormPass,
+}

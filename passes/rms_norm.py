@@ -1,0 +1,130 @@
+"""RMSNorm, optionally with the residual add in front of it: the worked example of a pattern family.
+
+Matches the aten form every RMSNorm in the wild lowers to (HF/DeepSeek ``RMSNorm`` modules, ``F.rms_norm``,
+``nn.RMSNorm``):  [h = a + b] -> [to fp32] -> pow 2 -> mean(-1, keepdim) -> + eps -> rsqrt -> mul
+-> [to input dtype] -> mul weight -> [to out dtype], and rewrites it into ``deepfuse::rms_norm`` or
+``deepfuse::add_rms_norm`` (one kernel that also writes h, the next residual).
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+
+from deepfuse.fusion import FusionPass, replace_region
+from deepfuse.pattern import Binding, Input, Op, Pattern
+from deepfuse.report import module_path, source_line
+from deepfuse.shapes import is_static, same_shape, value
+from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
+from deepfuse.runtime.kernels import rms_norm as kernel
+
+aten, prims = torch.ops.aten, torch.ops.prims
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HIDDEN = 65536  # the single-pass kernel keeps a whole row in registers
+
+
+def _to(dtype=None):
+    def check(n: fx.Node) -> bool:
+        return dtype is None or n.args[1] == dtype
+
+    return check
+
+
+def _is_square(n: fx.Node) -> bool:
+    if n.target == aten.pow.Tensor_Scalar:
+        return n.args[1] == 2
+    return n.target == aten.mul.Tensor and n.args[0] is n.args[1]
+
+
+def _last_dim_mean(n: fx.Node) -> bool:
+    val = value(n.args[0])
+    dims = n.args[1] if len(n.args) > 1 else None
+    keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    return val is not None and keepdim and list(dims or []) in ([-1], [val.dim() - 1]) and "dtype" not in n.kwargs
+
+
+def _plus_scalar(n: fx.Node) -> bool:
+    return len(n.args) == 2 and isinstance(n.args[1], (int, float)) and not n.kwargs
+
+
+def _plain_add(n: fx.Node) -> bool:
+    return len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) and not n.kwargs
+
+
+def _rms_pattern(residual: bool) -> Pattern:
+    convert = (prims.convert_element_type.default,)
+    nodes = {
+        "w": Input(),
+        "to_fp32": Op(convert, ("h",), where=_to(torch.float32), optional=True),
+        "square": Op((aten.pow.Tensor_Scalar, aten.mul.Tensor), ("to_fp32",), where=_is_square),
+        "mean": Op((aten.mean.dim,), ("square",), where=_last_dim_mean),
+        "plus_eps": Op((aten.add.Tensor, aten.add.Scalar), ("mean",), where=_plus_scalar),
+        "rsqrt": Op((aten.rsqrt.default,), ("plus_eps",)),
+        "normed": Op((aten.mul.Tensor,), ("to_fp32", "rsqrt")),
+        "to_input_dtype": Op(convert, ("normed",), optional=True),
+        "scaled": Op((aten.mul.Tensor,), ("to_input_dtype", "w")),
+        "to_out_dtype": Op(convert, ("scaled",), optional=True),
+    }
+    if residual:
+        nodes.update(a=Input(), b=Input(), h=Op((aten.add.Tensor,), ("a", "b"), where=_plain_add))
+        return Pattern("add_rms_norm", nodes, outputs=("to_out_dtype", "h"))
+    nodes.update(h=Input())
+    return Pattern("rms_norm", nodes, outputs=("to_out_dtype",))
+
+
+class RMSNormPass(FusionPass):
+    family = "rms_norm"
+    # The residual form first, so it claims the add before the plain form claims the norm alone.
+    patterns = (_rms_pattern(residual=True), _rms_pattern(residual=False))
+
+    def analyze(self, b: Binding) -> Union[dict[str, Any], str]:
+        x, w, y = value(b["h"]), value(b["w"]), value(b.outputs[0])
+        if x is None or w is None or y is None:
+            return "no shape information on the graph"
+        n = x.shape[-1]
+        if not is_static(n):
+            return f"hidden size {n} is symbolic; the kernel specializes on it"
+        if w.dim() != 1 or not same_shape(w.shape, (n,)):
+            return f"weight shape {tuple(w.shape)} is not ({n},)"
+        if n > MAX_HIDDEN:
+            return f"hidden size {n} exceeds {MAX_HIDDEN} (single-pass kernel)"
+        if x.dtype not in _FLOATS or w.dtype not in _FLOATS or y.dtype not in _FLOATS:
+            return f"unsupported dtypes (input {x.dtype}, weight {w.dtype}, output {y.dtype})"
+        if not b.has("to_fp32") and x.dtype != torch.float32:
+            return f"the mean of squares is computed in {x.dtype}, not fp32; the kernel would not match it"
+        cast_first = b.has("to_input_dtype")
+        if cast_first and b["to_input_dtype"].args[1] != x.dtype:
+            return "the normalized row is cast to a dtype other than the input's"
+        if b.pattern.family == "add_rms_norm":
+            a, c = value(b["a"]), value(b["b"])
+            if a is None or c is None or not (same_shape(a.shape, x.shape) and same_shape(c.shape, x.shape)):
+                return "the residual add broadcasts"
+            if not (a.dtype == c.dtype == x.dtype):
+                return "the residual add mixes dtypes"
+        return {
+            "hidden": int(n),
+            "eps": float(b["plus_eps"].args[1]),
+            "residual_add": b.pattern.family == "add_rms_norm",
+            "cast_before_weight": cast_first,
+            "dtype": str(x.dtype).replace("torch.", ""),
+            "out_dtype": str(y.dtype).replace("torch.", ""),
+        }
+
+    def rewrite(self, graph: fx.Graph, b: Binding, params: dict[str, Any], impl: str):
+        y = value(b.outputs[0])
+        common = (params["eps"], params["cast_before_weight"], y.dtype, impl)
+        if params["residual_add"]:
+            target, args, n_out = torch.ops.deepfuse.add_rms_norm.default, (b["a"], b["b"], b["w"]) + common, 2
+        else:
+            target, args, n_out = torch.ops.deepfuse.rms_norm.default, (b["h"], b["w"]) + common, 1
+        kernel_file = None
+        if impl != "reference":
+            x, w = value(b["h"]), value(b["w"])
+            origin = f"{module_path(b.outputs[0]) or '?'} ({source_line(b.outputs[0])})"
+            gen, _ = kernel.kernel_for(
+                params["hidden"], x.dtype, w.dtype, y.dtype, params["residual_add"], params["cast_before_weight"], origin
+            )
+            kernel_file = str(gen.path)
+        replace_region(graph, b, target, args, n_out)
+        return f"deepfuse::{target._schema.name.split('::')[1]}", kernel_file

@@ -1,0 +1,1 @@
+"""deepfuse runtime: kernel units, launchers, autotuning and the ``deepfuse::`` custom ops."""

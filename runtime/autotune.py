@@ -1,0 +1,95 @@
+"""Autotuning: time each candidate configuration of a generated kernel once, remember the winner.
+
+Results persist in ``<cache dir>/autotune.json`` keyed by (kernel, GPU name, shape bucket), so a second
+process on the same GPU starts with the tuned choice. Buckets are powers of two of the varying dimension
+(the number of rows, tokens): shapes inside a bucket behave alike, and the table stays small.
+Off the GPU (the interpreter) there is nothing meaningful to time: the first configuration is used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from typing import Callable, Sequence
+
+import torch
+
+from deepfuse.codegen import cache_dir
+from deepfuse.log import log
+
+_lock = threading.Lock()
+_memory: dict[str, int] = {}
+
+
+def bucket(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _db_path():
+    return cache_dir() / "autotune.json"
+
+
+def _load() -> dict:
+    try:
+        with open(_db_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(key: str, index: int) -> None:
+    path = _db_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _load()
+    data[key] = index
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def choose(
+    kernel_key: str,
+    n: int,
+    configs: Sequence[dict],
+    run: Callable[[dict], None],
+    device: torch.device,
+    enabled: bool = True,
+) -> dict:
+    """The best of ``configs`` for this kernel, GPU and bucket of ``n``; ``run(config)`` launches once."""
+    if device.type != "cuda" or not enabled or len(configs) == 1:
+        return configs[0]
+    if torch.cuda.is_current_stream_capturing():
+        # Timing inside a CUDA graph capture is impossible; use the cached choice or the default.
+        key = _key(kernel_key, n, device)
+        return configs[_memory.get(key, _load().get(key, 0))]
+    key = _key(kernel_key, n, device)
+    with _lock:
+        if key not in _memory:
+            stored = _load().get(key)
+            if isinstance(stored, int) and 0 <= stored < len(configs):
+                _memory[key] = stored
+            else:
+                _memory[key] = _tune(configs, run)
+                _store(key, _memory[key])
+                log.info("autotuned %s bucket %d: %s", kernel_key, bucket(n), configs[_memory[key]])
+    return configs[_memory[key]]
+
+
+def _key(kernel_key: str, n: int, device: torch.device) -> str:
+    return f"{kernel_key}|{torch.cuda.get_device_name(device)}|{bucket(n)}"
+
+
+def _tune(configs: Sequence[dict], run: Callable[[dict], None]) -> int:
+    from triton.testing import do_bench
+
+    times = []
+    for cfg in configs:
+        try:
+            times.append(do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median"))
+        except Exception as e:  # a config the hardware rejects (too much shared memory, say) is skipped
+            log.debug("autotune config %s failed: %s", cfg, e)
+            times.append(float("inf"))
+    return min(range(len(configs)), key=times.__getitem__)

@@ -1,0 +1,151 @@
+"""Fused RMSNorm, optionally preceded by the residual add: h = x + r; y = w * (h / rms(h)).
+
+Designed against the memory floor: one program per row reads x (and r) once and writes y (and h) once, so
+the kernel moves (2 or 4) * N * itemsize bytes per row and nothing else; the whole row lives in registers
+(BLOCK_N = next power of two of N), which is what makes the single pass possible.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from deepfuse.codegen import KernelTemplate, generate
+from deepfuse.runtime import autotune
+
+TEMPLATE = KernelTemplate(
+    "rms_norm",
+    '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def ${kernel_name}(
+    X, R, W, Y, H,
+    stride_x, stride_r, stride_y, stride_h,
+    N, eps,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    ${prologue}
+    xf = x.to(tl.float32)
+    # mean of squares over the true N (masked lanes contribute 0), accumulated in fp32
+    variance = tl.sum(xf * xf, axis=0) / N
+    normed = xf * tl.rsqrt(variance + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    ${epilogue}
+    tl.store(Y + row * stride_y + cols, y.to(${out_dtype}), mask=mask)
+''',
+)
+
+# The residual add rounds to the input dtype before normalizing, exactly as eager `residual + x` does.
+_PROLOGUE_RESIDUAL = """\
+r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+x = (x.to(tl.float32) + r.to(tl.float32)).to(${in_dtype})
+tl.store(H + row * stride_h + cols, x, mask=mask)"""
+_PROLOGUE_NONE = "# no residual add in this specialization"
+
+# HF/DeepSeek order: round the normalized row to the input dtype, then scale by the weight.
+_EPILOGUE_CAST_FIRST = "y = w.to(tl.float32) * normed.to(${in_dtype}).to(tl.float32)"
+_EPILOGUE_FP32 = "y = normed * w.to(tl.float32)"
+
+CONFIGS = [{"num_warps": w} for w in (4, 1, 2, 8, 16)]
+
+_TL = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
+
+
+def _block(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def kernel_for(n: int, in_dtype, w_dtype, out_dtype, residual: bool, cast_first: bool, origin: str = ""):
+    spec = {
+        "hidden": int(n),
+        "in_dtype": str(in_dtype),
+        "weight_dtype": str(w_dtype),
+        "out_dtype": str(out_dtype),
+        "residual_add": residual,
+        "cast_before_weight": cast_first,
+    }
+    name = "add_rms_norm" if residual else "rms_norm"
+    slots = {
+        "kernel_name": f"{name}_kernel",
+        "prologue": (_PROLOGUE_RESIDUAL if residual else _PROLOGUE_NONE).replace("${in_dtype}", _TL[in_dtype]),
+        "epilogue": (_EPILOGUE_CAST_FIRST if cast_first else _EPILOGUE_FP32).replace("${in_dtype}", _TL[in_dtype]),
+        "out_dtype": _TL[out_dtype],
+    }
+    header = (
+        f"Pattern family: rms_norm{' (with the residual add fused in front)' if residual else ''}.\n"
+        f"Computes: {'h = x + r; ' if residual else ''}y = w * normalize(h) with normalize = h * rsqrt(mean(h^2) + eps),\n"
+        f"one program per row, the whole row ({_block(n)} lanes) in registers.\n"
+        + (f"First generated for: {origin}" if origin else "")
+    )
+    return generate(TEMPLATE, spec, slots, header), f"{name}_kernel"
+
+
+def launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    eps: float,
+    cast_first: bool,
+    out_dtype: torch.dtype,
+    interpret: bool = False,
+    autotune_enabled: bool = True,
+    origin: str = "",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {n}")
+    if x.dtype not in _TL or weight.dtype not in _TL or out_dtype not in _TL:
+        raise TypeError(f"rms_norm: unsupported dtypes x={x.dtype} weight={weight.dtype} out={out_dtype}")
+    x2 = _rows(x, n)
+    r2 = _rows(residual, n) if residual is not None else None
+    if r2 is not None and (r2.shape != x2.shape or r2.dtype != x2.dtype):
+        raise ValueError("rms_norm: residual must have the input's shape and dtype")
+    weight = weight.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    h = torch.empty_like(x2, memory_format=torch.contiguous_format) if r2 is not None else None
+    if m > 0:
+        gen, name = kernel_for(n, x.dtype, weight.dtype, out_dtype, r2 is not None, cast_first, origin)
+        fn = gen.function(name, interpret=interpret)
+        block = _block(n)
+
+        def run(cfg):
+            fn[(m,)](
+                x2, r2 if r2 is not None else x2, weight, y, h if h is not None else y,
+                x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), h.stride(0) if h is not None else 0,
+                n, eps, BLOCK_N=block, **({} if interpret else cfg),
+            )
+
+        cfg = autotune.choose(gen.key, m, CONFIGS, run, x.device, autotune_enabled and not interpret)
+        run(cfg)
+    out_shape = x.shape[:-1] + (n,)
+    return y.view(out_shape), (h.view(out_shape) if h is not None else None)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    eps: float,
+    cast_first: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The same computation in plain torch, op for op as the models write it."""
+    h = x + residual if residual is not None else x
+    hf = h.float()
+    normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * normed.to(h.dtype) if cast_first else normed * weight
+    return y.to(out_dtype), (h if residual is not None else None)

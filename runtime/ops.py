@@ -1,0 +1,56 @@
+"""The ``deepfuse::`` custom ops the passes rewrite matched regions into.
+
+Each op is functional (fresh outputs, no aliasing), has a fake implementation so shapes flow through
+Inductor, and takes an ``impl`` argument chosen at compile time and visible in the rewritten graph:
+``"triton"`` (the generated kernel on the GPU), ``"interpret"`` (the same kernel through Triton's CPU
+interpreter), or ``"reference"`` (plain torch).
+"""
+from __future__ import annotations
+
+import torch
+
+from deepfuse.runtime.kernels import rms_norm as _rms
+
+IMPLS = ("triton", "interpret", "reference")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"deepfuse op impl must be one of {IMPLS}, got {impl!r}")
+
+
+@torch.library.custom_op("deepfuse::rms_norm", mutates_args=())
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, cast_before_weight: bool, out_dtype: torch.dtype, impl: str
+) -> torch.Tensor:
+    _check_impl(impl)
+    if impl == "reference":
+        return _rms.reference(x, weight, None, eps, cast_before_weight, out_dtype)[0]
+    return _rms.launch(x, weight, None, eps, cast_before_weight, out_dtype, interpret=impl == "interpret")[0]
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, cast_before_weight, out_dtype, impl):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("deepfuse::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    cast_before_weight: bool,
+    out_dtype: torch.dtype,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual)."""
+    _check_impl(impl)
+    if impl == "reference":
+        return _rms.reference(x, weight, residual, eps, cast_before_weight, out_dtype)
+    return _rms.launch(x, weight, residual, eps, cast_before_weight, out_dtype, interpret=impl == "interpret")
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps, cast_before_weight, out_dtype, impl):
+    return x.new_empty(x.shape, dtype=out_dtype), torch.empty_like(x)
