@@ -1,0 +1,354 @@
+"""A DeepSeek-V2/V3 decoder in plain torch: the reference deepfuse's kernels are checked against.
+
+Parameter names are the DeepSeek/Hugging Face checkpoint names (``q_a_proj``, ``kv_a_proj_with_mqa``,
+``kv_a_layernorm``, ``kv_b_proj``, ``mlp.gate``, ...); local variables use the paper's (``c_kv``, ``k_pe``,
+``q_nope``, ``q_pe``). Routed experts are stored stacked, ``experts.gate_up_proj`` [E, 2I, H] and
+``experts.down_proj`` [E, H, I], the layout grouped GEMMs read.
+
+Multi-head Latent Attention caches, per token and layer, only the normalized latent ``c_kv``
+(kv_lora_rank values) and the roped, head-shared ``k_pe`` (qk_rope_head_dim values): 576 values for V2
+dims, against 2 * 16 * 128 * ... for an MHA cache. Two ways to attend over it sit side by side:
+``naive`` re-expands the cache into per-head keys and values with ``kv_b_proj``; ``absorb`` folds
+``kv_b_proj``'s key half into the query and its value half into the output, and never expands the cache.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import LatentKVCache
+from .config import DeepSeekConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# -- rotary embedding (with YaRN) ----------------------------------------------------------------------------
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(config: DeepSeekConfig) -> torch.Tensor:
+    """Inverse frequencies of the rope dims; with YaRN, low frequencies are interpolated by ``factor`` and
+    high ones kept, with a linear ramp between the correction dims (DeepSeek's ``precompute_freqs_cis``)."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rs = config.rope_scaling
+    if rs and rs.get("type") == "yarn":
+        factor, original = rs["factor"], rs["original_max_position_embeddings"]
+        beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
+
+        def correction_dim(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)
+        keep = 1 - ramp.clamp(0, 1)  # 1: extrapolate (keep the frequency), 0: interpolate
+        freqs = freqs / factor * (1 - keep) + freqs * keep
+    return freqs
+
+
+def rope_cos_sin(config: DeepSeekConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = rope_frequencies(config).to(positions.device)
+    angles = positions.float()[:, None] * freqs[None, :]
+    rs = config.rope_scaling
+    scale = 1.0
+    if rs and rs.get("type") == "yarn" and rs.get("mscale") and rs.get("mscale_all_dim"):
+        scale = yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the last dim; x is [B, S, heads, rope]."""
+    dtype = x.dtype
+    x = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(dtype)
+
+
+# -- Multi-head Latent Attention -----------------------------------------------------------------------------
+
+
+class MLA(nn.Module):
+    def __init__(self, config: DeepSeekConfig, layer_idx: int, attn_impl: str = "absorb"):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.attn_impl = attn_impl
+        self.n_heads = c.num_attention_heads
+        self.kv_lora_rank, self.qk_nope_head_dim = c.kv_lora_rank, c.qk_nope_head_dim
+        self.qk_rope_head_dim, self.v_head_dim = c.qk_rope_head_dim, c.v_head_dim
+        q_out = self.n_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=False)
+        self.softmax_scale = c.qk_head_dim ** -0.5
+        rs = c.rope_scaling
+        if rs and rs.get("type") == "yarn" and rs.get("mscale_all_dim"):
+            self.softmax_scale *= yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+
+    def forward(self, x, start_pos: int, cos, sin, mask: Optional[torch.Tensor], cache: Optional[LatentKVCache]):
+        bsz, seqlen, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(bsz, seqlen, self.n_heads, -1)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # one rope key shared by all heads
+        if cache is not None:
+            c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
+
+        wkv_b = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank)
+        w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]
+        if self.attn_impl == "naive":
+            k_nope = torch.einsum("btc,hdc->bthd", c_kv, w_uk)
+            v = torch.einsum("btc,hdc->bthd", c_kv, w_uv)
+            scores = torch.einsum("bshd,bthd->bsht", q_nope, k_nope) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+        else:
+            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK absorbed into the query
+            scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+        scores = scores.float() * self.softmax_scale
+        if mask is not None:
+            scores = scores + mask[:, None, :]
+        probs = scores.softmax(dim=-1).to(x.dtype)
+        if self.attn_impl == "naive":
+            out = torch.einsum("bsht,bthd->bshd", probs, v)
+        else:
+            out = torch.einsum("bshc,hdc->bshd", torch.einsum("bsht,btc->bshc", probs, c_kv), w_uv)  # W_UV absorbed
+        return self.o_proj(out.flatten(2))
+
+
+# -- DeepSeekMoE -------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """The router: scores, optional group-limited selection, top-k, optional renormalization and scaling."""
+
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__()
+        c = config
+        self.top_k, self.n_group, self.topk_group = c.num_experts_per_tok, c.n_group, c.topk_group
+        self.scoring_func, self.topk_method = c.scoring_func, c.topk_method
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        if c.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(c.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
+        original_scores = scores
+        if self.e_score_correction_bias is not None:
+            scores = scores + self.e_score_correction_bias  # the bias steers the choice, not the weights
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = scores.view(x.shape[0], self.n_group, -1)
+            if self.e_score_correction_bias is None:
+                group_scores = grouped.amax(dim=-1)
+            else:
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1)[1]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            scores = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = scores.topk(self.top_k, dim=-1)[1]
+        weights = original_scores.gather(1, indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked; the forward is the readable per-expert loop."""
+
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__()
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        y = torch.zeros_like(x)
+        for e in range(self.gate_up_proj.shape[0]):
+            token, slot = torch.where(indices == e)
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out = F.linear(F.silu(gate) * up, self.down_proj[e])
+            y.index_add_(0, token, (out * weights[token, slot, None]).to(x.dtype))
+        return y
+
+
+class MoE(nn.Module):
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.view(-1, shape[-1])
+        weights, indices = self.gate(x)
+        y = self.experts(x, indices, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+
+# -- the decoder ---------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, config: DeepSeekConfig, layer_idx: int, attn_impl: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config, layer_idx, attn_impl)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        dense = layer_idx < config.first_k_dense_replace
+        self.mlp = MLP(config.hidden_size, config.intermediate_size) if dense else MoE(config)
+
+    def forward(self, x, start_pos, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepSeekModel(nn.Module):
+    def __init__(self, config: DeepSeekConfig, attn_impl: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i, attn_impl) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepSeekForCausalLM(nn.Module):
+    def __init__(self, config: DeepSeekConfig, attn_impl: str = "absorb"):
+        super().__init__()
+        if attn_impl not in ("naive", "absorb"):
+            raise ValueError(f"attn_impl must be 'naive' or 'absorb', got {attn_impl!r}")
+        self.config = config
+        self.model = DeepSeekModel(config, attn_impl)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: Optional[LatentKVCache] = None):
+        """Logits [B, S, vocab] (fp32) for tokens at positions start_pos .. start_pos + S - 1."""
+        bsz, seqlen = input_ids.shape
+        positions = torch.arange(start_pos, start_pos + seqlen, device=input_ids.device)
+        cos, sin = rope_cos_sin(self.config, positions)
+        mask = None
+        if seqlen > 1:  # query i sees keys 0 .. start_pos + i
+            keys = torch.arange(start_pos + seqlen, device=input_ids.device)
+            mask = torch.zeros(seqlen, start_pos + seqlen, device=input_ids.device)
+            mask = mask.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            h = layer(h, start_pos, cos, sin, mask, cache)
+        return self.lm_head(self.model.norm(h)).float()
+
+    def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> LatentKVCache:
+        p = self.lm_head.weight
+        return LatentKVCache(self.config, batch, max_len, dtype or p.dtype, p.device)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> "DeepSeekForCausalLM":
+        """Seeded random init (normal(0, initializer_range) for matrices, ones for norms, zero router bias)."""
+        gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("e_score_correction_bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=gen)
+        return self
+
+    @classmethod
+    def from_config(cls, config: DeepSeekConfig, device=None, dtype=torch.float32, seed: int = 0, attn_impl="absorb"):
+        """Build directly on ``device`` (no CPU copy of the weights) with seeded random weights."""
+        with torch.device("meta"):
+            model = cls(config, attn_impl)
+        model = model.to_empty(device=device or "cpu").to(dtype)
+        for m in model.modules():
+            if isinstance(m, Gate) and m.e_score_correction_bias is not None:
+                m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
+        return model.init_weights(seed).eval()
+
+
+@torch.no_grad()
+def generate(
+    model: DeepSeekForCausalLM,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    forward=None,
+) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled generation over the latent cache; returns [B, max_new_tokens].
+
+    ``forward`` is what runs each step (default: the model itself; pass a torch.compile'd model)."""
+    forward = forward or model
+    bsz, plen = prompt.shape
+    cache = model.new_cache(bsz, plen + max_new_tokens)
+    logits = forward(prompt, 0, cache)[:, -1]
+    out = []
+    for i in range(max_new_tokens):
+        token = _sample(logits, temperature, top_k, generator)
+        out.append(token)
+        if i + 1 < max_new_tokens:
+            logits = forward(token[:, None], plen + i, cache)[:, -1]
+    return torch.stack(out, dim=1)
+
+
+def _sample(logits, temperature, top_k, generator):
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1)[0][:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

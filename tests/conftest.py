@@ -1,0 +1,36 @@
+import os
+
+import pytest
+import torch
+
+import deepfuse  # noqa: F401  (turns the Triton interpreter on where CUDA is absent, before triton loads)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Each test gets its own kernel cache and a fresh Dynamo, so no test sees another's compiled state."""
+    from deepfuse.codegen import forget_loaded, set_cache_dir
+
+    monkeypatch.setenv("DEEPFUSE_CACHE_DIR", str(tmp_path / "cache"))
+    set_cache_dir(None)
+    forget_loaded()
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
