@@ -27,11 +27,14 @@ from .errors import DeepfuseError  # noqa: E402
 from .options import Options  # noqa: E402
 
 
-def __getattr__(name):  # keep `import deepfuse` light: torch/Inductor machinery loads on first use
-    if name == "explain":
-        from .explain import explain
+def explain(model, *example_inputs, **options):
+    """See :func:`deepfuse.explainer.explain`: the report of what deepfuse matches in ``model``."""
+    from .explainer import explain as _explain
 
-        return explain
+    return _explain(model, *example_inputs, **options)
+
+
+def __getattr__(name):  # keep `import deepfuse` light: torch/Inductor machinery loads on first use
     if name == "deepfuse_backend":
         from .backend import deepfuse_backend
 

@@ -33,6 +33,8 @@ class Op:
     inputs: tuple[str, ...] = ()
     where: Optional[Predicate] = None
     optional: bool = False
+    #: The host node may read graph values beyond ``inputs`` (its ``where`` and the pass vet them).
+    open_inputs: bool = False
 
     def accepts(self, node: fx.Node) -> bool:
         if node.op != "call_function":
@@ -177,7 +179,8 @@ def _exact_operands(bound: dict[str, fx.Node], nodes, inputs) -> bool:
     for name, p in nodes.items():
         if isinstance(p, Op):
             want = {bound[i] for i in inputs[name]}
-            if set(bound[name].all_input_nodes) != want:
+            have = set(bound[name].all_input_nodes)
+            if not (want <= have if p.open_inputs else have == want):
                 return False
     return True
 

@@ -45,7 +45,11 @@ def _last_dim_mean(n: fx.Node) -> bool:
 
 
 def _plus_scalar(n: fx.Node) -> bool:
-    return len(n.args) == 2 and isinstance(n.args[1], (int, float)) and not n.kwargs
+    eps = n.args[1] if len(n.args) == 2 else None
+    if isinstance(eps, fx.Node):  # a float Dynamo made a graph input; analyze() declines it with the fix
+        val = value(eps)
+        return val is not None and val.dim() == 0 and not n.kwargs
+    return isinstance(eps, (int, float)) and not n.kwargs
 
 
 def _plain_add(n: fx.Node) -> bool:
@@ -59,7 +63,7 @@ def _rms_pattern(residual: bool) -> Pattern:
         "to_fp32": Op(convert, ("h",), where=_to(torch.float32), optional=True),
         "square": Op((aten.pow.Tensor_Scalar, aten.mul.Tensor), ("to_fp32",), where=_is_square),
         "mean": Op((aten.mean.dim,), ("square",), where=_last_dim_mean),
-        "plus_eps": Op((aten.add.Tensor, aten.add.Scalar), ("mean",), where=_plus_scalar),
+        "plus_eps": Op((aten.add.Tensor, aten.add.Scalar), ("mean",), where=_plus_scalar, open_inputs=True),
         "rsqrt": Op((aten.rsqrt.default,), ("plus_eps",)),
         "normed": Op((aten.mul.Tensor,), ("to_fp32", "rsqrt")),
         "to_input_dtype": Op(convert, ("normed",), optional=True),
@@ -93,6 +97,11 @@ class RMSNormPass(FusionPass):
             return f"unsupported dtypes (input {x.dtype}, weight {w.dtype}, output {y.dtype})"
         if not b.has("to_fp32") and x.dtype != torch.float32:
             return f"the mean of squares is computed in {x.dtype}, not fp32; the kernel would not match it"
+        if isinstance(b["plus_eps"].args[1], fx.Node):
+            return (
+                "eps is a runtime graph input (Dynamo does not specialize float attributes under dynamic=True); "
+                "set torch._dynamo.config.specialize_float = True to make it a constant"
+            )
         cast_first = b.has("to_input_dtype")
         if cast_first and b["to_input_dtype"].args[1] != x.dtype:
             return "the normalized row is cast to a dtype other than the input's"

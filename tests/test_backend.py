@@ -1,0 +1,175 @@
+"""The backend end to end: entry point, options, the RMSNorm pass in real graphs, declines, training graphs."""
+import importlib.metadata
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deepfuse
+from deepfuse import DeepfuseError
+from deepfuse.models import DeepSeekForCausalLM, get_config
+from conftest import rel_err
+
+
+class HFStyleRMSNorm(torch.nn.Module):
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(n) + 0.5)
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, n=64):
+        super().__init__()
+        self.norm = HFStyleRMSNorm(n)
+        self.proj = torch.nn.Linear(n, n)
+        self.w2 = torch.nn.Parameter(torch.rand(n))
+
+    def forward(self, x, residual):
+        h = residual + self.proj(x)
+        return self.norm(h), h, F.rms_norm(self.proj(h), (h.shape[-1],), self.w2, 1e-5)
+
+
+def _compile_and_compare(model, inputs, tol, **options):
+    with torch.no_grad():
+        ref = model(*inputs)
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse", options=options)(*inputs)
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < tol
+    return report
+
+
+def test_entry_point_is_registered():
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert any(e.name == "deepfuse" and e.value == "deepfuse.backend:deepfuse_backend" for e in eps)
+    assert "deepfuse" in torch._dynamo.list_backends()
+
+
+@pytest.mark.parametrize("options", [{}, {"interpret": True}, {"inductor": False, "interpret": True}], ids=str)
+def test_rms_norm_pass_matches_and_is_correct(options):
+    model = Block().half()
+    x, r = torch.randn(5, 64).half(), torch.randn(5, 64).half()
+    report = _compile_and_compare(model, (x, r), 2e-3, **options)
+    ops = sorted(m.op for m in report.matches)
+    assert ops == ["deepfuse::add_rms_norm", "deepfuse::rms_norm"], str(report)
+    fused = next(m for m in report.matches if m.op == "deepfuse::add_rms_norm")
+    assert fused.params["eps"] == 1e-6 and fused.params["cast_before_weight"] is True
+    assert fused.module == "norm" and "test_backend.py" in fused.source
+    impl = "interpret" if options.get("interpret") else "reference"
+    assert {m.impl for m in report.matches} == {impl}
+
+
+@pytest.fixture
+def specialized_floats():
+    with torch._dynamo.config.patch(specialize_float=True):
+        yield
+
+
+def test_dynamic_shapes_still_match(specialized_floats):
+    model = Block().float()
+    with torch.no_grad():
+        report = deepfuse.Report()
+        compiled = torch.compile(model, backend="deepfuse", dynamic=True, options={"interpret": True})
+        with deepfuse.collect(report):
+            for t in (3, 7):
+                x, r = torch.randn(t, 64), torch.randn(t, 64)
+                for o, ref in zip(compiled(x, r), model(x, r)):
+                    assert rel_err(o, ref) < 1e-5
+    assert len(report.matches) >= 2
+
+
+def test_unspecialized_eps_is_declined_with_the_fix():
+    report = deepfuse.explain(HFStyleRMSNorm(32), torch.randn(3, 32), dynamic=True)
+    assert not report.matches
+    assert any("specialize_float" in d.reason for d in report.declined), str(report)
+
+
+def test_symbolic_hidden_size_is_declined_with_reason(specialized_floats):
+    model = HFStyleRMSNorm(48)
+    report = deepfuse.explain(model, torch.randn(3, 48), dynamic=True)
+    # the weight pins the hidden size, so it stays static and the norm matches
+    assert len(report.matches) == 1
+
+    def no_weight(x):
+        x32 = x.float()
+        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * x32.new_ones(())
+
+    torch._dynamo.mark_dynamic(x := torch.randn(4, 40), 1)
+    report = deepfuse.explain(no_weight, x)
+    assert not report.matches
+    assert any("weight" in d.reason or "symbolic" in d.reason for d in report.declined), str(report)
+
+
+def test_norm_in_half_precision_is_declined_not_mismatched():
+    def half_norm(x, w):  # the mean of squares in fp16: the fp32 kernel would compute something else
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    report = deepfuse.explain(half_norm, torch.randn(4, 32).half(), torch.rand(32).half())
+    assert not report.matches
+    assert any("not fp32" in d.reason for d in report.declined)
+
+
+def test_training_graph_still_works_and_declines_with_reason():
+    model = Block().float()
+    x, r = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64)
+    report = deepfuse.Report()
+    with deepfuse.collect(report):
+        out = torch.compile(model, backend="deepfuse")(x, r)
+    sum(o.sum() for o in out).backward()
+    ref_x = x.detach().clone().requires_grad_()
+    sum(o.sum() for o in model(ref_x, r)).backward()
+    assert rel_err(x.grad, ref_x.grad) < 1e-5
+    assert report.declined and all("outside the region" in d.reason for d in report.declined), str(report)
+
+
+def test_bundled_tiny_model_compiles_and_matches_eager():
+    model = DeepSeekForCausalLM.from_config(get_config("tiny"), seed=int(torch.randint(0, 100, ())))
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    report = _compile_and_compare(model, (ids,), 1e-5, interpret=True)
+    # Every RMSNorm of the model is fused: the post-attention one with its residual add in front. (The MoE's
+    # per-expert loop breaks Dynamo's graph, so layers share compiled graphs and the count varies.)
+    fused = {(m.module.split(".")[-1] or m.source, m.op) for m in report.matches}
+    assert ("post_attention_layernorm", "deepfuse::add_rms_norm") in fused, str(report)
+    for norm in ("input_layernorm", "q_a_layernorm", "kv_a_layernorm"):
+        assert (norm, "deepfuse::rms_norm") in fused, str(report)
+    assert not report.declined, str(report)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"interpet": True}, "unknown deepfuse option"),
+        ({"passes": ["nope"]}, "unknown pass"),
+        ({"kernels": "cuda"}, "must be one of"),
+        ({"interpret": "yes"}, "must be a bool"),
+    ],
+)
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(Exception, match=message):
+        torch.compile(torch.nn.Linear(2, 2), backend="deepfuse", options=options)(torch.randn(1, 2))
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(DeepfuseError, match="valid options are: autotune, cache_dir, inductor, interpret"):
+        deepfuse.Options.from_user({"bogus": 1})
+
+
+def test_reduce_overhead_mode_is_accepted():
+    model = Block().float()
+    x, r = torch.randn(2, 64), torch.randn(2, 64)
+    with torch.no_grad():
+        out = torch.compile(model, backend="deepfuse", mode="reduce-overhead")(x, r)
+        assert rel_err(out[0], model(x, r)[0]) < 1e-5
+
+
+def test_passes_option_disables_a_family():
+    report = deepfuse.explain(Block().float(), torch.randn(2, 64), torch.randn(2, 64), passes=[])
+    assert not report.matches
