@@ -129,12 +129,15 @@ class Pattern:
             return name
 
         nodes = {n: p for n, p in self.nodes.items() if n not in removed}
+        # The structure searched is the Op nodes alone: their predicates are selective, while an Input matches
+        # anything and would make the search wander. Inputs are bound afterwards from the ops' operands.
         g = nx.DiGraph()
         for n, p in nodes.items():
-            g.add_node(n, name=n)
             if isinstance(p, Op):
+                g.add_node(n, name=n)
                 for i in p.inputs:
-                    g.add_edge(resolve(i), n)
+                    if isinstance(nodes[resolve(i)], Op):
+                        g.add_edge(resolve(i), n)
         resolved_inputs = {
             n: tuple(dict.fromkeys(resolve(i) for i in p.inputs)) for n, p in nodes.items() if isinstance(p, Op)
         }
@@ -143,36 +146,74 @@ class Pattern:
     # -- matching -------------------------------------------------------------------------------------------
 
     def match(self, host: "HostGraph", claimed: set[fx.Node]) -> Iterator[Binding]:
-        """Yield non-overlapping bindings in graph order; nodes in ``claimed`` are never reused."""
-        for g, nodes, inputs in self._variants:
-            anchor = _anchor(nodes, host)
-            radius = max(nx.single_source_shortest_path_length(g.to_undirected(as_view=True), anchor).values())
-            for cand in host.candidates(nodes[anchor]):
-                if cand in claimed:
+        """Yield bindings in graph order, skipping nodes in ``claimed``. The caller claims what it accepts;
+        at each anchor the most specific variant (all optional nodes present) that matches wins."""
+        anchors = [(_anchor(nodes, host), variant) for variant in self._variants for nodes in [variant[1]]]
+        seeds = []
+        for anchor, (_, nodes, _) in anchors:
+            seeds.extend(host.candidates(nodes[anchor]))
+        for cand in sorted(set(seeds), key=host.position):
+            if cand in claimed:
+                continue
+            for anchor, (g, nodes, inputs) in anchors:
+                if not nodes[anchor].accepts(cand):
                     continue
-                binding = self._match_at(host, g, nodes, inputs, anchor, cand, radius, claimed)
+                binding = self._match_at(host, g, nodes, inputs, anchor, cand, claimed)
                 if binding is not None:
-                    claimed.update(binding.interior)
                     yield binding
+                    break
 
-    def _match_at(self, host, g, nodes, inputs, anchor, cand, radius, claimed) -> Optional[Binding]:
-        region = host.neighbourhood(cand, radius)
+    def _match_at(self, host, g, nodes, inputs, anchor, cand, claimed) -> Optional[Binding]:
+        ops = [p for p in nodes.values() if isinstance(p, Op)]
+        region = host.neighbourhood(cand, _radius(g, anchor)) & host.accepted_by_any(ops)
         sub = host.graph.subgraph(region)
+        cand_index = host.position(cand)
 
         def node_match(host_attrs, pat_attrs):
-            return nodes[pat_attrs["name"]].accepts(host_attrs["node"])
+            name = pat_attrs["name"]
+            if (name == anchor) != (host_attrs["index"] == cand_index):  # seed the search at the candidate
+                return False
+            return nodes[name].accepts(host_attrs["node"])
 
         matcher = DiGraphMatcher(sub, g, node_match=node_match)
         for mapping in matcher.subgraph_monomorphisms_iter():
             bound = {pat: host.node(h) for h, pat in mapping.items()}
-            if bound[anchor] is not cand:
+            if any(n in claimed for n in bound.values()):
                 continue
-            if any(bound[n] in claimed for n, p in nodes.items() if isinstance(p, Op)):
-                continue
-            if not _exact_operands(bound, nodes, inputs):
+            if not _bind_inputs(bound, nodes, inputs) or not _exact_operands(bound, nodes, inputs):
                 continue
             return Binding(self, bound)
         return None
+
+
+def _radius(g: nx.DiGraph, anchor: str) -> int:
+    return max(nx.single_source_shortest_path_length(g.to_undirected(as_view=True), anchor).values())
+
+
+def _bind_inputs(bound: dict[str, fx.Node], nodes, inputs) -> bool:
+    """Bind each Input to the operand of its reader that no Op of the match accounts for (in argument
+    order); an Input read by several ops must be the same node for all of them."""
+    for name, p in nodes.items():
+        if not isinstance(p, Op):
+            continue
+        host = bound[name]
+        taken = {bound[i] for i in inputs[name] if isinstance(nodes[i], Op)}
+        free = [a for a in host.all_input_nodes if a not in taken]
+        for i in inputs[name]:
+            if isinstance(nodes[i], Op):
+                continue
+            if i in bound:
+                if bound[i] not in free:
+                    return False
+                free.remove(bound[i])
+            elif free:
+                node = free.pop(0)
+                if not nodes[i].accepts(node):
+                    return False
+                bound[i] = node
+            else:
+                return False
+    return True
 
 
 def _exact_operands(bound: dict[str, fx.Node], nodes, inputs) -> bool:
@@ -199,17 +240,31 @@ class HostGraph:
         self._nodes: list[fx.Node] = list(graph.nodes)
         self._index = {n: i for i, n in enumerate(self._nodes)}
         for i, n in enumerate(self._nodes):
-            self.graph.add_node(i, node=n)
+            self.graph.add_node(i, node=n, index=i)
         for i, n in enumerate(self._nodes):
             for a in n.all_input_nodes:
                 self.graph.add_edge(self._index[a], i)
         self._undirected = self.graph.to_undirected(as_view=True)
 
+        self._counts: dict[int, int] = {}
+        self._accepted: dict[tuple, set[int]] = {}
+
     def node(self, i: int) -> fx.Node:
         return self._nodes[i]
 
+    def position(self, node: fx.Node) -> int:
+        return self._index[node]
+
+    def accepted_by_any(self, ops: Sequence[Op]) -> set[int]:
+        key = tuple(sorted(id(p) for p in ops))
+        if key not in self._accepted:
+            self._accepted[key] = {i for i, n in enumerate(self._nodes) if any(p.accepts(n) for p in ops)}
+        return self._accepted[key]
+
     def count(self, p: Op) -> int:
-        return sum(1 for n in self._nodes if p.accepts(n))
+        if id(p) not in self._counts:
+            self._counts[id(p)] = sum(1 for n in self._nodes if p.accepts(n))
+        return self._counts[id(p)]
 
     def candidates(self, p: Op) -> Iterator[fx.Node]:
         return (n for n in self._nodes if p.accepts(n))
@@ -224,5 +279,7 @@ def find(patterns: Sequence[Pattern], graph: fx.Graph) -> list[Binding]:
     claimed: set[fx.Node] = set()
     out = []
     for pattern in patterns:
-        out.extend(pattern.match(host, claimed))
+        for binding in pattern.match(host, claimed):
+            claimed.update(binding.interior)
+            out.append(binding)
     return out

@@ -24,9 +24,19 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HIDDEN = 65536  # the single-pass kernel keeps a whole row in registers
 
 
+def cast_dtype(n: fx.Node):
+    """The dtype a pure dtype cast converts to (prims.convert_element_type, or a dtype-only _to_copy)."""
+    if n.target == prims.convert_element_type.default:
+        return n.args[1]
+    if set(n.kwargs) <= {"dtype", "memory_format"} and len(n.args) == 1:
+        return n.kwargs.get("dtype")
+    return None
+
+
 def _to(dtype=None):
     def check(n: fx.Node) -> bool:
-        return dtype is None or n.args[1] == dtype
+        to = cast_dtype(n)
+        return to is not None and (dtype is None or to == dtype)
 
     return check
 
@@ -57,7 +67,7 @@ def _plain_add(n: fx.Node) -> bool:
 
 
 def _rms_pattern(residual: bool) -> Pattern:
-    convert = (prims.convert_element_type.default,)
+    convert = (prims.convert_element_type.default, aten._to_copy.default)
     nodes = {
         "w": Input(),
         "to_fp32": Op(convert, ("h",), where=_to(torch.float32), optional=True),
@@ -66,9 +76,9 @@ def _rms_pattern(residual: bool) -> Pattern:
         "plus_eps": Op((aten.add.Tensor, aten.add.Scalar), ("mean",), where=_plus_scalar, open_inputs=True),
         "rsqrt": Op((aten.rsqrt.default,), ("plus_eps",)),
         "normed": Op((aten.mul.Tensor,), ("to_fp32", "rsqrt")),
-        "to_input_dtype": Op(convert, ("normed",), optional=True),
+        "to_input_dtype": Op(convert, ("normed",), where=_to(), optional=True),
         "scaled": Op((aten.mul.Tensor,), ("to_input_dtype", "w")),
-        "to_out_dtype": Op(convert, ("scaled",), optional=True),
+        "to_out_dtype": Op(convert, ("scaled",), where=_to(), optional=True),
     }
     if residual:
         nodes.update(a=Input(), b=Input(), h=Op((aten.add.Tensor,), ("a", "b"), where=_plain_add))
@@ -103,7 +113,7 @@ class RMSNormPass(FusionPass):
                 "set torch._dynamo.config.specialize_float = True to make it a constant"
             )
         cast_first = b.has("to_input_dtype")
-        if cast_first and b["to_input_dtype"].args[1] != x.dtype:
+        if cast_first and cast_dtype(b["to_input_dtype"]) != x.dtype:
             return "the normalized row is cast to a dtype other than the input's"
         if b.pattern.family == "add_rms_norm":
             a, c = value(b["a"]), value(b["b"])

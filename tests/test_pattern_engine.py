@@ -1,0 +1,108 @@
+"""The pattern engine on hand-built and real graphs: variants, exact operands, escapes, speed."""
+import time
+
+import torch
+import torch.fx as fx
+
+from deepfuse.pattern import Binding, HostGraph, Input, Op, Pattern, find
+
+aten = torch.ops.aten
+
+
+def _graph(fn, *args):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, tracing_mode="fake")(*args).graph
+
+
+SILU_MUL = Pattern(
+    "silu_mul",
+    {
+        "g": Input(),
+        "u": Input(),
+        "to32": Op((torch.ops.prims.convert_element_type.default, aten._to_copy.default), ("g",), optional=True),
+        "act": Op((aten.silu.default,), ("to32",)),
+        "prod": Op((aten.mul.Tensor,), ("act", "u")),
+    },
+    outputs=("prod",),
+)
+
+
+def test_matches_with_and_without_optional_node():
+    g1 = _graph(lambda a, b: torch.nn.functional.silu(a) * b, torch.randn(4), torch.randn(4))
+    g2 = _graph(lambda a, b: torch.nn.functional.silu(a.float()) * b, torch.randn(4).half(), torch.randn(4))
+    (b1,), (b2,) = find([SILU_MUL], g1), find([SILU_MUL], g2)
+    assert not b1.has("to32") and b2.has("to32")
+    assert b2["act"].target == aten.silu.default
+
+
+def test_commutative_operand_order_and_no_overlap():
+    g = _graph(lambda a, b, c: (b * torch.nn.functional.silu(a)) + (torch.nn.functional.silu(c) * a),
+               torch.randn(4), torch.randn(4), torch.randn(4))
+    bindings = find([SILU_MUL], g)
+    assert len(bindings) == 2
+    assert not set(bindings[0].interior) & set(bindings[1].interior)
+
+
+def test_extra_operand_is_not_a_match():
+    """An op node may read only the pattern inputs declared for it: add(neg(x), 1) matches, add(neg(x), y)
+    has a hidden operand and does not."""
+    plus_const = Pattern(
+        "neg_plus_const",
+        {"x": Input(), "n": Op((aten.neg.default,), ("x",)), "s": Op((aten.add.Tensor,), ("n",))},
+        outputs=("s",),
+    )
+    assert len(find([plus_const], _graph(lambda x: -x + 1.0, torch.randn(4)))) == 1
+    assert find([plus_const], _graph(lambda x, y: -x + y, torch.randn(4), torch.randn(4))) == []
+
+
+def test_escaping_interior_is_reported():
+    g = _graph(lambda a, b: (torch.nn.functional.silu(a) * b, torch.nn.functional.silu(a).sum()),
+               torch.randn(4), torch.randn(4))
+    (b,) = find([SILU_MUL], g)
+    assert b.escaping() == [] or all(n.target == aten.silu.default for n in b.escaping())
+
+
+def test_engine_is_fast_on_a_27_layer_graph():
+    """The RMSNorm patterns over the aten graph of a 27-layer decoder (4 norms a layer): well under 1 s."""
+    from deepfuse.passes.rms_norm import RMSNormPass
+
+    class Layer(torch.nn.Module):
+        def __init__(self, n=32):
+            super().__init__()
+            self.w = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(n)) for _ in range(4)])
+            self.lin = torch.nn.ModuleList([torch.nn.Linear(n, n) for _ in range(4)])
+            self.up = torch.nn.ModuleList([torch.nn.Linear(n, 2 * n) for _ in range(4)])
+
+        def norm(self, x, w):
+            d = x.dtype
+            x = x.float()
+            return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(d)
+
+        def forward(self, x):
+            for w, lin, up in zip(self.w, self.lin, self.up):  # a gated MLP after each norm
+                gate, val = up(self.norm(x, w)).chunk(2, dim=-1)
+                x = x + lin(torch.nn.functional.silu(gate) * val)
+            return x
+
+    model = torch.nn.Sequential(*[Layer() for _ in range(27)]).half()
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch.no_grad():
+        graph = make_fx(model, tracing_mode="real")(torch.randn(3, 32).half()).graph
+    assert len(graph.nodes) > 2400
+    start = time.perf_counter()
+    host = HostGraph(graph)
+    bindings = [b for p in RMSNormPass.patterns for b in p.match(host, set())]
+    elapsed = time.perf_counter() - start
+    assert len([b for b in bindings if b.pattern.family == "add_rms_norm"]) >= 27 * 4 - 1
+    assert elapsed < 1.0, f"matching took {elapsed:.2f}s"
+
+
+def test_pattern_validation():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown node"):
+        Pattern("bad", {"a": Op((aten.relu.default,), ("zz",))}, outputs=("a",))
+    with pytest.raises(ValueError, match="optional node"):
+        Pattern("bad", {"x": Input(), "y": Input(), "a": Op((aten.add.Tensor,), ("x", "y"), optional=True)}, outputs=("a",))
