@@ -331,7 +331,7 @@ def generate(
     """Greedy (temperature 0) or sampled generation over the latent cache; returns [B, max_new_tokens].
 
     ``forward`` is what runs each step (default: the model itself; pass a torch.compile'd model)."""
-    forward = forward or model
+    forward = model if forward is None else forward
     bsz, plen = prompt.shape
     cache = model.new_cache(bsz, plen + max_new_tokens)
     logits = forward(prompt, 0, cache)[:, -1]
