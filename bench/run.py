@@ -41,7 +41,7 @@ def hbm_bandwidth() -> float:
     """Bytes/s of a 2 GiB device-to-device copy, counting bytes read and written."""
     from triton.testing import do_bench
 
-    src = torch.empty(1 << 30, dtype=torch.uint16, device="cuda").random_()
+    src = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)

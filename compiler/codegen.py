@@ -42,9 +42,8 @@ def versions() -> str:
 def cache_dir() -> Path:
     root = _cache_dir_override or os.environ.get("DEEPFUSE_CACHE_DIR")
     if not root:
-        import platformdirs
-
-        root = platformdirs.user_cache_dir("deepfuse")
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "deepfuse")
     return Path(root)
 
 
