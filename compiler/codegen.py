@@ -195,7 +195,19 @@ def _import(path: Path, name: str, key: str) -> ModuleType:
     return module
 
 
+_memos: list[dict] = []
+
+
+def memo() -> dict:
+    """A dict for a kernel unit's per-specialization memo; ``forget_loaded`` empties it with the rest."""
+    d: dict = {}
+    _memos.append(d)
+    return d
+
+
 def forget_loaded() -> None:
-    """Drop the in-process module memo (tests use it to exercise the on-disk cache)."""
+    """Drop the in-process memos (tests use it to exercise the on-disk cache)."""
     with _lock:
         _loaded.clear()
+        for d in _memos:
+            d.clear()

@@ -88,6 +88,50 @@ def replace_region(graph: fx.Graph, binding: Binding, target: Callable, args: tu
     return outs
 
 
+def replace_region_traced(graph: fx.Graph, binding: Binding, launcher: Callable, args: tuple) -> list[fx.Node]:
+    """Replace ``binding`` by the trace of ``launcher(*args)``: the aten ops it runs and its Triton launches,
+    which ``torch.library.wrap_triton`` records as Inductor's user-defined-kernel nodes. Inductor then
+    launches the generated kernel itself (no Python per call, CUDA-graph capturable), in graph order.
+
+    The launcher returns a tuple of tensors in the pattern's ``outputs`` order (None for absent ones).
+    """
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.traceback import preserve_node_meta
+
+    positions = [i for i, a in enumerate(args) if isinstance(a, fx.Node)]
+    vals = [args[i].meta["val"] for i in positions]
+    fake_mode = torch._guards.detect_fake_mode(vals)
+
+    def traced(*tensors):
+        full = list(args)
+        for i, t in zip(positions, tensors):
+            full[i] = t
+        return tuple(o for o in launcher(*full) if o is not None)
+
+    with fake_mode, torch._dispatch.python.enable_python_dispatcher(), preserve_node_meta():
+        gm = make_fx(torch.func.functionalize(traced, remove="mutations_and_views"), select_decomp_table(),
+                     tracing_mode="real")(*vals)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = max(binding.interior, key=order.__getitem__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    val_map = {p: args[i] for p, i in zip(placeholders, positions)}
+    with graph.inserting_before(last):
+        result = graph.graph_copy(gm.graph, val_map)
+    outs = list(result) if isinstance(result, (tuple, list)) else [result]
+    origin = binding.outputs[0]
+    for new in graph.nodes:
+        if new not in order and "stack_trace" in origin.meta:
+            new.meta.setdefault("stack_trace", origin.meta["stack_trace"])
+    for old, new in zip(binding.outputs, outs):
+        old.replace_all_uses_with(new)
+    for node in sorted(binding.interior, key=order.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)
+    _stable_toposort(graph)
+    return outs
+
+
 def _propagate_fake(call: fx.Node, outs: list[fx.Node], args: tuple) -> None:
     vals = [a.meta.get("val") for a in args if isinstance(a, fx.Node)]
     fake_mode = torch._guards.detect_fake_mode(vals)

@@ -46,5 +46,12 @@ def same_shape(a: Sequence, b: Sequence) -> bool:
     return len(a) == len(b) and all(known_equal(x, y) for x, y in zip(a, b))
 
 
+def hint(dim) -> int:
+    """A concrete value for a dimension: the example size Dynamo traced with, for a symbolic one."""
+    if isinstance(dim, torch.SymInt):
+        return int(dim.node.hint) if dim.node.hint is not None else 1
+    return int(dim)
+
+
 def is_static(dim) -> bool:
     return expr(dim).is_number

@@ -12,10 +12,10 @@ from typing import Any, Union
 import torch
 import torch.fx as fx
 
-from deepfuse.fusion import FusionPass, replace_region
+from deepfuse.fusion import FusionPass, replace_region, replace_region_traced
 from deepfuse.pattern import Binding, Input, Op, Pattern
 from deepfuse.report import module_path, source_line
-from deepfuse.shapes import is_static, same_shape, value
+from deepfuse.shapes import hint, is_static, same_shape, value
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 from deepfuse.runtime.kernels import rms_norm as kernel
 
@@ -131,19 +131,38 @@ class RMSNormPass(FusionPass):
         }
 
     def rewrite(self, graph: fx.Graph, b: Binding, params: dict[str, Any], impl: str):
-        y = value(b.outputs[0])
-        common = (params["eps"], params["cast_before_weight"], y.dtype, impl)
-        if params["residual_add"]:
-            target, args, n_out = torch.ops.deepfuse.add_rms_norm.default, (b["a"], b["b"], b["w"]) + common, 2
-        else:
-            target, args, n_out = torch.ops.deepfuse.rms_norm.default, (b["h"], b["w"]) + common, 1
+        """GPU ("triton"): the launcher is traced into the graph, so Inductor launches the generated kernel.
+        CPU ("reference"): the op's plain-torch reference is traced in, and Inductor compiles it.
+        Interpreter: a call to the deepfuse op, which runs the kernel through Triton's interpreter."""
+        x, w, y = value(b["h"]), value(b["w"]), value(b.outputs[0])
+        residual, cast_first, eps = params["residual_add"], params["cast_before_weight"], params["eps"]
+        name = "add_rms_norm" if residual else "rms_norm"
+        inputs = (b["a"], b["b"], b["w"]) if residual else (b["h"], b["w"])
+        spec = (x.dtype, w.dtype, y.dtype, residual, cast_first)
+        origin = f"{module_path(b.outputs[0]) or '?'} ({source_line(b.outputs[0])})"
         kernel_file = None
         if impl != "reference":
-            x, w = value(b["h"]), value(b["w"])
-            origin = f"{module_path(b.outputs[0]) or '?'} ({source_line(b.outputs[0])})"
-            gen, _ = kernel.kernel_for(
-                params["hidden"], x.dtype, w.dtype, y.dtype, params["residual_add"], params["cast_before_weight"], origin
-            )
+            gen, _ = kernel.kernel_for(params["hidden"], *spec, origin)
             kernel_file = str(gen.path)
-        replace_region(graph, b, target, args, n_out)
-        return f"deepfuse::{target._schema.name.split('::')[1]}", kernel_file
+        if impl == "interpret":
+            op = getattr(torch.ops.deepfuse, name).default
+            replace_region(graph, b, op, inputs + (eps, cast_first, y.dtype, impl), 2 if residual else 1)
+            return f"deepfuse::{name}", kernel_file
+
+        if impl == "triton":
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                config = kernel.tune(tuple(hint(d) for d in x.shape), *spec, x.device, origin)
+
+            def run(h, weight, r):
+                return kernel.launch(h, weight, r, eps, cast_first, y.dtype, config=config)
+        else:
+            def run(h, weight, r):
+                return kernel.reference(h, weight, r, eps, cast_first, y.dtype)
+
+        if residual:
+            replace_region_traced(graph, b, lambda a, c, weight: run(a, weight, c), inputs)
+        else:
+            replace_region_traced(graph, b, lambda h, weight: run(h, weight, None), inputs)
+        return f"deepfuse::{name}", kernel_file

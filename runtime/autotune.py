@@ -78,8 +78,14 @@ def choose(
     return configs[_memory[key]]
 
 
+_gpu_names: dict[int, str] = {}
+
+
 def _key(kernel_key: str, n: int, device: torch.device) -> str:
-    return f"{kernel_key}|{torch.cuda.get_device_name(device)}|{bucket(n)}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _gpu_names:
+        _gpu_names[index] = torch.cuda.get_device_name(index)
+    return f"{kernel_key}|{_gpu_names[index]}|{bucket(n)}"
 
 
 def _tune(configs: Sequence[dict], run: Callable[[dict], None]) -> int:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import triton
 
-from deepfuse.codegen import KernelTemplate, generate
+from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime import autotune
 
 TEMPLATE = KernelTemplate(
@@ -63,7 +63,20 @@ def _block(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+_generated = memo()
+
+
 def kernel_for(n: int, in_dtype, w_dtype, out_dtype, residual: bool, cast_first: bool, origin: str = ""):
+    """The generated kernel module for this specialization and its kernel's name (memoized: launches stay
+    cheap; ``origin`` only labels the file the first time it is written)."""
+    key = (int(n), in_dtype, w_dtype, out_dtype, residual, cast_first)
+    where = str(cache_dir())
+    if (where, key) not in _generated:
+        _generated[where, key] = _generate(*key, origin)
+    return _generated[where, key]
+
+
+def _generate(n, in_dtype, w_dtype, out_dtype, residual, cast_first, origin):
     spec = {
         "hidden": int(n),
         "in_dtype": str(in_dtype),
@@ -88,6 +101,16 @@ def kernel_for(n: int, in_dtype, w_dtype, out_dtype, residual: bool, cast_first:
     return generate(TEMPLATE, spec, slots, header), f"{name}_kernel"
 
 
+def _check(x, weight, residual, out_dtype):
+    n = x.shape[-1]
+    if tuple(weight.shape) != (n,):
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {n}")
+    if x.dtype not in _TL or weight.dtype not in _TL or out_dtype not in _TL:
+        raise TypeError(f"rms_norm: unsupported dtypes x={x.dtype} weight={weight.dtype} out={out_dtype}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError("rms_norm: residual must have the input's shape and dtype")
+
+
 def launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -96,38 +119,61 @@ def launch(
     cast_first: bool,
     out_dtype: torch.dtype,
     interpret: bool = False,
+    config: Optional[dict] = None,
     autotune_enabled: bool = True,
     origin: str = "",
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Allocate the outputs and launch the kernel. Traceable: under make_fx the launch becomes Inductor's
+    user-defined-Triton-kernel node (``wrap_triton``), which is how compiled graphs call it with Inductor's
+    own launcher. ``config`` None: autotune now (eager, real tensors)."""
+    _check(x, weight, residual, out_dtype)
     n = x.shape[-1]
-    if weight.shape != (n,):
-        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {n}")
-    if x.dtype not in _TL or weight.dtype not in _TL or out_dtype not in _TL:
-        raise TypeError(f"rms_norm: unsupported dtypes x={x.dtype} weight={weight.dtype} out={out_dtype}")
     x2 = _rows(x, n)
     r2 = _rows(residual, n) if residual is not None else None
-    if r2 is not None and (r2.shape != x2.shape or r2.dtype != x2.dtype):
-        raise ValueError("rms_norm: residual must have the input's shape and dtype")
     weight = weight.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    h = torch.empty_like(x2, memory_format=torch.contiguous_format) if r2 is not None else None
-    if m > 0:
-        gen, name = kernel_for(n, x.dtype, weight.dtype, out_dtype, r2 is not None, cast_first, origin)
-        fn = gen.function(name, interpret=interpret)
-        block = _block(n)
+    h = torch.empty((m, n), dtype=x.dtype, device=x.device) if r2 is not None else None
+    gen, name = kernel_for(n, x.dtype, weight.dtype, out_dtype, r2 is not None, cast_first, origin)
+    fn = gen.function(name, interpret=interpret)
+    if not interpret:
+        fn = torch.library.wrap_triton(fn)
+    args = (
+        x2, r2 if r2 is not None else x2, weight, y, h if h is not None else y,
+        x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), h.stride(0) if h is not None else 0,
+        n, eps,
+    )
 
-        def run(cfg):
-            fn[(m,)](
-                x2, r2 if r2 is not None else x2, weight, y, h if h is not None else y,
-                x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), h.stride(0) if h is not None else 0,
-                n, eps, BLOCK_N=block, **({} if interpret else cfg),
-            )
+    def run(cfg):
+        fn[(m,)](*args, BLOCK_N=_block(n), **({} if interpret else cfg))
 
-        cfg = autotune.choose(gen.key, m, CONFIGS, run, x.device, autotune_enabled and not interpret)
-        run(cfg)
+    if not (isinstance(m, int) and m == 0):
+        if config is None:
+            config = autotune.choose(gen.key, m, CONFIGS, run, x.device, autotune_enabled and not interpret)
+        run(config)
     out_shape = x.shape[:-1] + (n,)
     return y.view(out_shape), (h.view(out_shape) if h is not None else None)
+
+
+def tune(shape, in_dtype, w_dtype, out_dtype, residual: bool, cast_first: bool, device, origin: str = "") -> dict:
+    """The autotuned config for this specialization at ``shape`` (compile time, on real random tensors)."""
+    x = torch.randn(shape, dtype=in_dtype, device=device)
+    w = torch.rand(shape[-1], dtype=w_dtype, device=device)
+    r = torch.randn(shape, dtype=in_dtype, device=device) if residual else None
+    gen, name = kernel_for(shape[-1], in_dtype, w_dtype, out_dtype, residual, cast_first, origin)
+    m = x.numel() // shape[-1]
+    if m == 0:
+        return CONFIGS[0]
+    fn = gen.function(name)
+    x2, r2 = x.view(-1, shape[-1]), (r.view(-1, shape[-1]) if r is not None else None)
+    y = torch.empty_like(x2, dtype=out_dtype)
+    h = torch.empty_like(x2) if r is not None else y
+
+    def run(cfg):
+        fn[(m,)](x2, r2 if r2 is not None else x2, w, y, h, x2.stride(0), x2.stride(0), y.stride(0), h.stride(0),
+                 shape[-1], 1e-6, BLOCK_N=_block(shape[-1]), **cfg)
+
+    return autotune.choose(gen.key, m, CONFIGS, run, torch.device(device))
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
