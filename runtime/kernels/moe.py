@@ -1,0 +1,254 @@
+"""Fused MoE experts: y[t] = sum_j w[t, j] * down_e(act(gate_e(x[t])) * up_e(x[t])), e = ids[t, j].
+
+Three steps, no host synchronization anywhere (CUDA-graph safe):
+1. ``align``: the T*k (token, slot) pairs are sorted by expert into segments padded to BLOCK_M rows, so every
+   row block of the grouped GEMMs belongs to one expert. Plain torch with static shapes (the padded length is
+   bounded by T*k + E*(BLOCK_M-1)); Inductor compiles it.
+2. ``moe_gate_up_act_kernel``: per row block, the expert's gate and up projections as two accumulators over the
+   same A tile, and act(gate) * up in the epilogue: the [rows, 2I] intermediate never exists.
+3. ``moe_down_weighted_kernel``: the down projection, the routing weight applied to the fp32 accumulator,
+   rows written back to slot order; the k slots of a token are then summed in a fixed order (deterministic,
+   no atomics).
+Every expert weight byte is read once per row block that uses it: at decode sizes an active expert has one
+block, so the weights are read once, which is the bandwidth floor; the grid splits N across programs so
+that even a single token keeps the machine busy.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
+
+_TL = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
+
+ACTIVATIONS = {
+    "silu": "gate * tl.sigmoid(gate)",
+    "gelu": "0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))",
+    # tanh(u) = 2 * sigmoid(2u) - 1, so the tanh approximation needs no libdevice call
+    "gelu_tanh": "gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))",
+}
+
+TEMPLATE = KernelTemplate(
+    "moe_experts",
+    '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def moe_gate_up_act_kernel(
+    X, W, Out, SortedSlots, BlockExpert, NumPadded,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_om,
+    num_slots, N: tl.constexpr, K: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(NumPadded):
+        return
+    expert = tl.load(BlockExpert + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(SortedSlots + offs_m)
+    valid = slot < num_slots
+    token = (slot // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = X + token[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    u_ptrs = g_ptrs + N * stride_wn
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_ok = offs_n[None, :] < N
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        acc_gate = tl.dot(a, g, acc_gate)
+        acc_up = tl.dot(a, u, acc_up)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
+    gate = acc_gate
+    act = ${activation}
+    out = (act * acc_up).to(${dtype})
+    tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
+
+
+@triton.jit
+def moe_down_weighted_kernel(
+    H, W, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights,
+    stride_hm, stride_we, stride_wn, stride_wk, stride_om,
+    num_slots, N: tl.constexpr, K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(NumPadded):
+        return
+    expert = tl.load(BlockExpert + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(SortedSlots + offs_m)
+    valid = slot < num_slots
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = H + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    b_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    n_ok = offs_n[None, :] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wk
+    weight = tl.load(TopkWeights + slot, mask=valid, other=0.0).to(tl.float32)
+    out = (acc * weight[:, None]).to(${dtype})
+    tl.store(Out + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
+''',
+)
+
+_generated = memo()
+
+
+def kernels_for(dtype: torch.dtype, activation: str, origin: str = ""):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    key = (str(cache_dir()), dtype, activation)
+    if key not in _generated:
+        spec = {"dtype": str(dtype), "activation": activation}
+        header = (
+            "Pattern family: moe (routed experts).\n"
+            f"Computes: out = sum_j w_j * down_e(act(gate_e(x)) * up_e(x)) with act = {activation}, over tokens\n"
+            "sorted into block-aligned per-expert segments; gate and up share the A tile, the routing weight\n"
+            "scales the fp32 accumulator of the down projection.\n" + (f"First generated for: {origin}" if origin else "")
+        )
+        slots = {"activation": ACTIVATIONS[activation], "dtype": _TL[dtype]}
+        _generated[key] = generate(TEMPLATE, spec, slots, header)
+    return _generated[key]
+
+
+def config_for(num_slots: int, num_experts: int) -> dict:
+    """Tile sizes by the expected rows per expert: small blocks at decode (few rows, weights streamed once),
+    large ones in prefill (tensor-core bound)."""
+    rows_per_expert = num_slots / max(num_experts, 1)
+    if rows_per_expert <= 16:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    if rows_per_expert <= 64:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    if rows_per_expert <= 256:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Sort the (token, slot) pairs by expert into segments padded to ``block_m``.
+
+    Returns ``sorted_slots`` [P] (a slot index t*k + j, or T*k for padding), ``block_expert`` [P / block_m]
+    and ``num_padded`` [1] (rows in use). P = the static bound T*k + E*(block_m - 1), rounded up to block_m.
+    """
+    flat = topk_ids.reshape(-1)
+    num_slots = flat.shape[0]
+    device = flat.device
+    ids = flat.to(torch.int64)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, ids, torch.ones_like(ids))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(ids, stable=True)
+    sorted_expert = ids[order]
+    rank = torch.arange(num_slots, device=device) - start[sorted_expert]
+    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
+    sorted_slots = torch.full((capacity,), num_slots, dtype=torch.int32, device=device)
+    sorted_slots = sorted_slots.scatter(0, padded_start[sorted_expert] + rank, order.to(torch.int32))
+    block_start = torch.arange(0, capacity, block_m, device=device)
+    block_expert = torch.searchsorted(padded_end, block_start, right=True).clamp_(max=num_experts - 1)
+    num_padded = padded_end[-1:].to(torch.int32)
+    return sorted_slots, block_expert.to(torch.int32), num_padded
+
+
+def moe_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "silu",
+    interpret: bool = False,
+    config: Optional[dict] = None,
+    origin: str = "",
+) -> torch.Tensor:
+    """x [T, H], topk_ids/topk_weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H] in x.dtype.
+
+    Traceable: under make_fx the launches become Inductor's user-defined-Triton-kernel nodes."""
+    _check(x, topk_ids, topk_weights, w_gate_up, w_down)
+    t, hidden = x.shape
+    num_experts, two_i, _ = w_gate_up.shape
+    inter = two_i // 2
+    k = topk_ids.shape[1]
+    num_slots = t * k
+    cfg = dict(config or config_for(num_slots, num_experts))
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    launch_opts = {} if interpret else cfg
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
+    w_down = w_down if w_down.stride(-1) == 1 else w_down.contiguous()
+    weights = topk_weights.reshape(-1).to(torch.float32)
+    sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
+    capacity = sorted_slots.shape[0]
+    gen = kernels_for(x.dtype, activation, origin)
+    gate_up = gen.function("moe_gate_up_act_kernel", interpret=interpret)
+    down = gen.function("moe_down_weighted_kernel", interpret=interpret)
+    if not interpret:
+        gate_up, down = torch.library.wrap_triton(gate_up), torch.library.wrap_triton(down)
+    inter_out = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
+    gate_up[(capacity // bm, triton.cdiv(inter, bn))](
+        x, w_gate_up, inter_out, sorted_slots, block_expert, num_padded,
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), inter_out.stride(0),
+        num_slots, N=inter, K=hidden,
+        TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch_opts,
+    )
+    per_slot = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
+    down[(capacity // bm, triton.cdiv(hidden, bn))](
+        inter_out, w_down, per_slot, sorted_slots, block_expert, num_padded, weights,
+        inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), per_slot.stride(0),
+        num_slots, N=hidden, K=inter,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch_opts,
+    )
+    # The k contributions of a token, summed in slot order in fp32: deterministic, no atomics.
+    return per_slot.view(t, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def _check(x, topk_ids, topk_weights, w_gate_up, w_down):
+    if x.dim() != 2:
+        raise ValueError(f"moe: x must be [tokens, hidden], got {tuple(x.shape)}")
+    if x.dtype not in _TL or w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
+        raise TypeError(f"moe: x and expert weights must share a float dtype (x {x.dtype}, "
+                        f"gate_up {w_gate_up.dtype}, down {w_down.dtype})")
+    e, two_i, h = w_gate_up.shape
+    if h != x.shape[1] or two_i % 2 or tuple(w_down.shape) != (e, h, two_i // 2):
+        raise ValueError(f"moe: expert weight shapes {tuple(w_gate_up.shape)} / {tuple(w_down.shape)} do not fit "
+                         f"hidden size {x.shape[1]}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError("moe: topk_ids and topk_weights must both be [tokens, k]")
+
+
+def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu") -> torch.Tensor:
+    """Plain torch, one expert at a time, as the models write it (fp32 accumulation of the k slots)."""
+    t, hidden = x.shape
+    act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+           "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
+    out = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
+    for e in range(w_gate_up.shape[0]):
+        token, slot = torch.where(topk_ids == e)
+        gate, up = torch.nn.functional.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(act(gate) * up, w_down[e])
+        out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
+    return out.to(x.dtype)

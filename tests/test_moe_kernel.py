@@ -1,0 +1,93 @@
+"""The fused MoE experts kernels against a float64 reference: interpreter on CPU (fp16/fp32), GPU (bf16 too)."""
+import pytest
+import torch
+
+from deepfuse.runtime.kernels import moe
+from conftest import rel_err
+
+
+def _inputs(t, hidden, inter, experts, k, dtype, device, route="random", gen=None):
+    gen = gen or torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    x = rnd(t, hidden).to(device, dtype)
+    w_gate_up = (rnd(experts, 2 * inter, hidden) / hidden**0.5).to(device, dtype)
+    w_down = (rnd(experts, hidden, inter) / inter**0.5).to(device, dtype)
+    if route == "one_expert":  # every token's first choice is expert 0
+        ids = torch.stack([torch.randperm(experts - 1, generator=gen)[: k - 1] + 1 for _ in range(t)]) if k > 1 else torch.zeros(t, 0, dtype=torch.long)
+        ids = torch.cat([torch.zeros(t, 1, dtype=torch.long), ids], dim=1) if t else torch.zeros(0, k, dtype=torch.long)
+    else:
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
+    weights = torch.rand(t, k, generator=gen).softmax(-1)
+    return x, ids.to(device), weights.to(device), w_gate_up, w_down
+
+
+def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random", activation="silu", noncontig=False):
+    x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
+    if noncontig:
+        x = torch.cat([x, x], dim=1)[:, ::2]
+        assert t == 0 or not x.is_contiguous()
+    out = moe.moe_experts(x, ids, weights, wgu, wd, activation=activation, interpret=interpret)
+    ref = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double(), activation)
+    assert out.shape == (t, hidden) and out.dtype == dtype
+    if t:
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+CASES = [  # (tokens, hidden, inter, experts, k)
+    (1, 64, 32, 8, 2),
+    (5, 32, 48, 7, 3),     # expert count and intermediate size off the block sizes
+    (33, 64, 32, 16, 1),   # k = 1
+    (9, 32, 32, 8, 8),     # k = 8 = every expert
+    (0, 32, 32, 4, 2),     # no tokens
+    (3, 32, 32, 16, 2),    # most experts get no tokens
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_experts(case, dtype):
+    _check(*case, dtype, "cpu", interpret=True)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_interpreted_activations(activation):
+    _check(6, 32, 32, 4, 2, torch.float32, "cpu", interpret=True, activation=activation)
+
+
+def test_interpreted_all_tokens_to_one_expert_and_noncontiguous_input():
+    _check(40, 32, 32, 8, 2, torch.float16, "cpu", interpret=True, route="one_expert", noncontig=True)
+
+
+def test_align_segments_are_block_aligned_and_complete():
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2]])
+    slots, block_expert, num_padded = moe.align(ids, 5, 4)
+    used = int(num_padded)
+    assert used == 4 * 4  # experts 0, 1, 2, 3 each padded to one block of 4; expert 4 has none
+    real = slots[:used][slots[:used] < ids.numel()]
+    assert sorted(real.tolist()) == list(range(ids.numel()))
+    for b in range(used // 4):
+        rows = slots[b * 4 : (b + 1) * 4]
+        rows = rows[rows < ids.numel()]
+        assert (ids.flatten()[rows.long()] == block_expert[b]).all()
+
+
+def test_bad_shapes_are_clear_errors():
+    x, ids, w, wgu, wd = _inputs(2, 32, 16, 4, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="do not fit"):
+        moe.moe_experts(x, ids, w, wgu, wd[:, :, :8], interpret=True)
+    with pytest.raises(ValueError, match="unsupported activation"):
+        moe.moe_experts(x, ids, w, wgu, wd, activation="relu6", interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [0, 1, 7, 64, 513, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_experts_v2_lite_shape(t, dtype):
+    _check(t, 2048, 1408, 64, 6, dtype, "cuda", interpret=False)
+
+
+@pytest.mark.gpu
+def test_gpu_experts_edge_routes():
+    _check(300, 512, 256, 16, 8, torch.bfloat16, "cuda", interpret=False, route="one_expert", noncontig=True)
+    _check(3, 512, 256, 64, 1, torch.bfloat16, "cuda", interpret=False)
