@@ -2,12 +2,16 @@
 
     python bench/run.py [--out DIR]        (or ./dev bench)
 
-Workloads (DeepSeek-V2-Lite shapes, bf16): the residual add + RMSNorm that runs twice per layer, at
-decode and prefill token counts. Each is timed two ways with CUDA events (triton.testing.do_bench, median
-of many runs): "launched", calling the module from Python as a user would (host overhead included), and
-"graph", replaying a CUDA graph of the same call (GPU time alone, what a captured decode step pays).
-Both are set against the physical floor: bytes that must move / HBM bandwidth (measured here by a large
-device-to-device copy). Prints a table, writes results.json and a PNG chart to --out.
+Workloads (DeepSeek-V2-Lite shapes, bf16), at decode and prefill token counts:
+- add_rms_norm: the decoder's residual add + RMSNorm (twice per layer), beside eager and Inductor;
+- moe_experts: the routed experts of one MoE layer, beside Hugging Face's grouped_mm experts (eager and
+  under Inductor).
+Each is timed two ways with CUDA events (triton.testing.do_bench, median of many runs): "launched", calling
+it from Python as a user would (host overhead included), and "graph", replaying a CUDA graph of the same
+call (GPU time alone, what a captured decode step pays). Both are set against the physical floor: the
+larger of bytes that must move / HBM bandwidth and FLOPs / bf16 matmul rate, both measured in the same run
+(a 2 GiB device-to-device copy; an 8192^3 cuBLAS product). Prints a table, writes results.json and one PNG
+chart per workload to --out.
 """
 from __future__ import annotations
 
@@ -39,6 +43,16 @@ class ResidualRMSNorm(torch.nn.Module):
         return self.weight * hf.to(dtype), h
 
 
+def matmul_peak() -> float:
+    """FLOP/s of an 8192^3 bf16 matrix product through cuBLAS on random data."""
+    from triton.testing import do_bench
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
 def hbm_bandwidth() -> float:
     """Bytes/s of a 2 GiB device-to-device copy, counting bytes read and written."""
     from triton.testing import do_bench
@@ -49,11 +63,81 @@ def hbm_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-def bench_rms_norm(tokens, bandwidth, rounds):
+def measure(workload, t, impls, sets, floor_ms, floor_note, check):
+    """Time each implementation on the same rotated input sets: launched from Python, and as CUDA-graph replay."""
     from triton.testing import do_bench
 
-    import deepfuse
+    rows = []
+    rounds = len(sets)
+    with torch.no_grad():
+        ref = None
+        for name, fn in impls.items():
+            out = fn(*sets[0])  # compile (if it does) and check before timing
+            ref = out if ref is None else ref
+            err = check(out, ref)
+            if err > 2e-2:
+                raise SystemExit(f"{workload} {name} at T={t} disagrees with {next(iter(impls))}: relative error {err:.2e}")
+            it = iter(range(1 << 62))
+            ms = do_bench(lambda: fn(*sets[next(it) % rounds]), warmup=25, rep=300, return_mode="median")
+            graphs = [_capture(fn, s) for s in sets]
+            it = iter(range(1 << 62))
+            graph_ms = do_bench(lambda: graphs[next(it) % rounds].replay(), warmup=25, rep=300, return_mode="median")
+            rows.append({"workload": workload, "T": t, "impl": name, "ms": ms, "graph_ms": graph_ms,
+                         "floor_ms": floor_ms, "floor": floor_note, "x_floor": graph_ms / floor_ms})
+    return rows
 
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def bench_moe_experts(tokens, bandwidth, rounds, flops_peak):
+    """Routed experts of one DeepSeek-V2-Lite MoE layer (64 experts, top-6, expert size 1408), bf16, beside
+    Hugging Face transformers' DeepseekV2Experts with its grouped_mm implementation (eager and compiled)."""
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
+
+    from deepfuse.runtime.kernels import moe
+
+    experts, k, inter = 64, 6, 1408
+    cfg = DeepseekV2Config(hidden_size=HIDDEN, moe_intermediate_size=inter, n_routed_experts=experts,
+                           num_experts_per_tok=k)
+    cfg._experts_implementation = "grouped_mm"
+    hf = DeepseekV2Experts(cfg).cuda().bfloat16()
+    with torch.no_grad():
+        hf.gate_up_proj.normal_(0, HIDDEN ** -0.5)
+        hf.down_proj.normal_(0, inter ** -0.5)
+    w_gate_up, w_down = hf.gate_up_proj, hf.down_proj
+
+    def deepfuse_experts(x, ids, weights):
+        return moe.moe_experts(x, ids, weights, w_gate_up, w_down)
+
+    rows = []
+    for t in tokens:
+        sets = []
+        for _ in range(rounds):
+            scores = torch.randn(t, experts, device="cuda").softmax(-1)
+            weights, ids = scores.topk(k, dim=-1)
+            sets.append((torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16), ids, weights))
+        active = max(int(torch.unique(s[1]).numel()) for s in sets)
+        weight_bytes = active * (w_gate_up[0].numel() + w_down[0].numel()) * 2
+        act_bytes = t * HIDDEN * 2 * 2 + t * k * (inter * 2 * 2 + HIDDEN * 2 * 2)
+        flops = 2 * t * k * (w_gate_up[0].numel() + w_down[0].numel())
+        mem_ms, math_ms = (weight_bytes + act_bytes) / bandwidth * 1e3, flops / flops_peak * 1e3
+        floor_ms, note = (mem_ms, f"{(weight_bytes + act_bytes) / 1e6:.0f} MB") if mem_ms >= math_ms else \
+            (math_ms, f"{flops / 1e9:.0f} GFLOP")
+        torch._dynamo.reset()
+        impls = {
+            "hf_grouped_mm": hf,
+            "hf_grouped_mm+inductor": torch.compile(hf),
+            "deepfuse": torch.compile(deepfuse_experts),
+        }
+        rows += measure("moe_experts", t, impls, sets, floor_ms, note, _rel)
+    return rows
+
+
+def bench_rms_norm(tokens, bandwidth, rounds):
+    """The decoder's residual add + RMSNorm (twice per layer) at decode and prefill token counts."""
     model = ResidualRMSNorm(HIDDEN).cuda().bfloat16()
     rows = []
     for t in tokens:
@@ -61,29 +145,14 @@ def bench_rms_norm(tokens, bandwidth, rounds):
         sets = [(torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16),
                  torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16)) for _ in range(rounds)]
         floor_bytes = 4 * t * HIDDEN * 2 + HIDDEN * 2  # x, residual read; y, h written; weight read
-        floor_ms = floor_bytes / bandwidth * 1e3
         torch._dynamo.reset()
         impls = {
             "eager": model,
             "inductor": torch.compile(model),
             "deepfuse": torch.compile(model, backend="deepfuse"),
         }
-        ref = model(*sets[0])
-        with torch.no_grad():
-            for name, fn in impls.items():
-                out = fn(*sets[0])  # compile + check before timing
-                err = max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(out, ref))
-                if err > 1e-2:
-                    raise SystemExit(f"{name} at T={t} is wrong: relative error {err:.2e}")
-                it = iter(range(1 << 62))
-                ms = do_bench(lambda: fn(*sets[next(it) % rounds]), warmup=25, rep=300, return_mode="median")
-                graphs = [_capture(fn, s) for s in sets]
-                it = iter(range(1 << 62))
-                graph_ms = do_bench(lambda: graphs[next(it) % rounds].replay(), warmup=25, rep=300,
-                                    return_mode="median")
-                rows.append({"workload": "add_rms_norm", "T": t, "impl": name, "ms": ms, "graph_ms": graph_ms,
-                             "floor_ms": floor_ms, "x_floor": graph_ms / floor_ms,
-                             "gbps": floor_bytes / (graph_ms * 1e-3) / 1e9})
+        rows += measure("add_rms_norm", t, impls, sets, floor_bytes / bandwidth * 1e3,
+                        f"{floor_bytes / 1e6:.2f} MB", lambda o, r: max(_rel(a, b) for a, b in zip(o, r)))
     return rows
 
 
@@ -113,7 +182,7 @@ def environment():
             "python": platform.python_version(), "commit": commit, "command": " ".join(["python"] + sys.argv)}
 
 
-def chart(rows, path):
+def chart(rows, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +199,7 @@ def chart(rows, path):
     ax.set_yscale("log")
     ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(tokens))], [f"T={t}" for t in tokens])
     ax.set_ylabel("CUDA-graph time / HBM floor (log; lower is better)")
-    ax.set_title(f"residual add + RMSNorm, hidden {HIDDEN}, bf16 ({torch.cuda.get_device_name()})")
+    ax.set_title(f"{title}, V2-Lite shapes, bf16 ({torch.cuda.get_device_name()})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -141,23 +210,31 @@ def main():
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--tokens", default="1,64,512,4096,16384")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--workloads", default="add_rms_norm,moe_experts")
+    parser.add_argument("--moe-tokens", default="1,8,64,512,4096")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/run.py measures GPU kernels: it needs CUDA")
     os.makedirs(args.out, exist_ok=True)
-    bandwidth = hbm_bandwidth()
-    rows = bench_rms_norm([int(t) for t in args.tokens.split(",")], bandwidth, args.rounds)
-    env = dict(environment(), hbm_copy_tbps=bandwidth / 1e12)
+    bandwidth, peak = hbm_bandwidth(), matmul_peak()
+    workloads = args.workloads.split(",")
+    rows = []
+    if "add_rms_norm" in workloads:
+        rows += bench_rms_norm([int(t) for t in args.tokens.split(",")], bandwidth, args.rounds)
+    if "moe_experts" in workloads:
+        rows += bench_moe_experts([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
+    env = dict(environment(), hbm_copy_tbps=bandwidth / 1e12, bf16_matmul_tflops=peak / 1e12)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=1)
-    chart(rows, os.path.join(args.out, "add_rms_norm.png"))
+    for w in dict.fromkeys(r["workload"] for r in rows):
+        chart([r for r in rows if r["workload"] == w], os.path.join(args.out, f"{w}.png"), w)
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  "
-          f"HBM copy {env['hbm_copy_tbps']:.2f} TB/s")
+          f"HBM copy {env['hbm_copy_tbps']:.2f} TB/s  bf16 matmul {env['bf16_matmul_tflops']:.0f} TFLOP/s")
     print("median ms: 'launched' = called from Python (host overhead in); 'graph' = CUDA-graph replay (GPU time)")
-    print(f"{'workload':<14}{'T':>7}  {'impl':<10}{'launched':>10}{'graph':>9}{'floor':>9}{'graph/floor':>12}{'GB/s':>7}")
+    print(f"{'workload':<14}{'T':>6}  {'impl':<24}{'launched':>10}{'graph':>9}{'floor':>9}{'graph/floor':>12}  floor is")
     for r in rows:
-        print(f"{r['workload']:<14}{r['T']:>7}  {r['impl']:<10}{r['ms']:>10.4f}{r['graph_ms']:>9.4f}"
-              f"{r['floor_ms']:>9.4f}{r['x_floor']:>12.2f}{r['gbps']:>7.0f}")
+        print(f"{r['workload']:<14}{r['T']:>6}  {r['impl']:<24}{r['ms']:>10.4f}{r['graph_ms']:>9.4f}"
+              f"{r['floor_ms']:>9.4f}{r['x_floor']:>12.2f}  {r['floor']}")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,8 @@ import contextlib
 import copy
 import hashlib
 import inspect
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
-import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 

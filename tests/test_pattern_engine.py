@@ -2,9 +2,8 @@
 import time
 
 import torch
-import torch.fx as fx
 
-from deepfuse.pattern import Binding, HostGraph, Input, Op, Pattern, find
+from deepfuse.pattern import HostGraph, Input, Op, Pattern, find
 
 aten = torch.ops.aten
 
