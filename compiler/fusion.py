@@ -38,7 +38,7 @@ class FusionPass:
             for binding in pattern.match(host, claimed):
                 origin = binding.outputs[0]
                 where = (source_line(origin), module_path(origin))
-                reason = _escape_reason(binding)
+                reason = escape_reason(binding.interior, binding.outputs)
                 params = reason if reason else self.analyze(binding)
                 if isinstance(params, str):
                     report.declined.append(Declined(self.family, params, *where))
@@ -54,8 +54,10 @@ class FusionPass:
         return changed
 
 
-def _escape_reason(binding: Binding) -> Optional[str]:
-    escaping = binding.escaping()
+def escape_reason(interior: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> Optional[str]:
+    """Why a region cannot be replaced: an interior value (not one of its outputs) is used outside it."""
+    inside, outs = set(interior), set(outputs)
+    escaping = [n for n in interior if n not in outs and any(u not in inside for u in n.users)]
     if not escaping:
         return None
     users = sorted({u.name for n in escaping for u in n.users if u.op == "output"})

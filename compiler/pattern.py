@@ -88,11 +88,6 @@ class Binding:
             out.append(self.nodes[name])
         return out
 
-    def escaping(self) -> list[fx.Node]:
-        """Interior nodes (not declared outputs) with users outside the match."""
-        inside = set(self.interior)
-        outs = set(self.outputs)
-        return [n for n in self.interior if n not in outs and any(u not in inside for u in n.users)]
 
 
 @dataclass

@@ -200,7 +200,7 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts, stacked; the forward is the readable per-expert loop."""
+    """The routed experts, stacked: y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])."""
 
     def __init__(self, config: DeepSeekConfig):
         super().__init__()
@@ -209,6 +209,41 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # Both forms trace whole under Dynamo. torch._grouped_mm takes bf16 only (its shape function says
+        # so even where a kernel would run fp32); other dtypes gather each pair's expert weights instead,
+        # which costs memory in proportion to tokens * k, fine at the sizes fp32 is used for.
+        if x.dtype == torch.bfloat16:
+            return self.forward_grouped(x, indices, weights)
+        return self.forward_gathered(x, indices, weights)
+
+    def forward_grouped(self, x, indices, weights):
+        """The (token, slot) pairs sorted by expert; each expert's rows are one segment of two grouped GEMMs.
+        No data-dependent shapes, so Dynamo traces it whole."""
+        tokens, k = indices.shape
+        experts = self.gate_up_proj.shape[0]
+        expert_of_pair, order = indices.flatten().sort(stable=True)
+        token_of_pair = order // k
+        rows_per_expert = torch.histc(expert_of_pair.float(), bins=experts, min=0, max=experts - 1)
+        offsets = rows_per_expert.cumsum(0).to(torch.int32)
+        gate, up = torch._grouped_mm(x[token_of_pair], self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, -1)
+        out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        out = out * weights.flatten()[order, None]  # fp32: the routing weights are
+        unsorted = torch.empty_like(out).index_copy_(0, order, out)
+        return unsorted.view(tokens, k, -1).sum(dim=1).to(x.dtype)
+
+    def forward_gathered(self, x, indices, weights):
+        """Each (token, slot) pair multiplies by its own expert's weights, gathered: batched matrix-vector."""
+        tokens, k = indices.shape
+        expert_of_pair = indices.flatten()
+        x_of_pair = x.repeat_interleave(k, dim=0)
+        gate_up = torch.bmm(self.gate_up_proj[expert_of_pair], x_of_pair.unsqueeze(-1)).squeeze(-1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.bmm(self.down_proj[expert_of_pair], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        out = out * weights.flatten()[:, None]
+        return out.view(tokens, k, -1).sum(dim=1).to(x.dtype)
+
+    def forward_per_expert(self, x, indices, weights):
+        """The same sum, one expert at a time (data-dependent shapes: Dynamo breaks its graph here)."""
         y = torch.zeros_like(x)
         for e in range(self.gate_up_proj.shape[0]):
             token, slot = torch.where(indices == e)

@@ -4,8 +4,10 @@
 """
 from __future__ import annotations
 
+from deepfuse.passes.moe import MoEPass
 from deepfuse.passes.rms_norm import RMSNormPass
 
 PASSES = {
+    "moe": MoEPass,
     "rms_norm": RMSNormPass,
 }

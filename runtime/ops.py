@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from deepfuse.runtime.kernels import moe as _moe
 from deepfuse.runtime.kernels import rms_norm as _rms
 
 IMPLS = ("triton", "interpret", "reference")
@@ -54,3 +55,27 @@ def add_rms_norm(
 @add_rms_norm.register_fake
 def _(x, residual, weight, eps, cast_before_weight, out_dtype, impl):
     return x.new_empty(x.shape, dtype=out_dtype), torch.empty_like(x)
+
+
+@torch.library.custom_op("deepfuse::moe_experts", mutates_args=())
+def moe_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str,
+    out_dtype: torch.dtype,
+    impl: str,
+) -> torch.Tensor:
+    """The routed experts: x [T, H], ids/weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H]."""
+    _check_impl(impl)
+    if impl == "reference":
+        return _moe.reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation).to(out_dtype)
+    return _moe.moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, activation,
+                            interpret=impl == "interpret").to(out_dtype)
+
+
+@moe_experts.register_fake
+def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation, out_dtype, impl):
+    return x.new_empty(x.shape, dtype=out_dtype)

@@ -245,10 +245,13 @@ def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "s
     t, hidden = x.shape
     act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
            "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
-    out = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(t, hidden, dtype=acc, device=x.device)
     for e in range(w_gate_up.shape[0]):
         token, slot = torch.where(topk_ids == e)
-        gate, up = torch.nn.functional.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)
-        y = torch.nn.functional.linear(act(gate) * up, w_down[e])
-        out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
+        if token.numel() == 0:
+            continue
+        gate, up = torch.nn.functional.linear(x[token], w_gate_up[e].to(x.dtype)).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(act(gate) * up, w_down[e].to(x.dtype))
+        out.index_add_(0, token, y.to(acc) * topk_weights[token, slot, None].to(acc))
     return out.to(x.dtype)

@@ -1,0 +1,393 @@
+"""Mixture-of-Experts: the routed experts, found by what they compute rather than by how they are written.
+
+HF's grouped_mm, batched_mm, a model's own sort-and-grouped-GEMM or gather-and-bmm experts all lower to
+different aten graphs, but every one of them is a function of the same five values: the hidden states x
+[T, H], the top-k expert ids and routing weights [T, k], and the stacked expert weights (gate+up [E, 2I, H],
+down [E, H, I], either layout). So the pass:
+1. anchors at the router's last ``topk`` over the experts dim;
+2. takes the experts region: everything downstream of the top-k that flows into the first [T, H] value
+   every path out of the router passes through (its post-dominator), minus the routing weights' own chain
+   (gather, renormalization, scaling), plus what only the region uses (weight transposes, x gathers);
+3. checks the region reads exactly x, ids, weights and two expert weight tensors;
+4. runs the extracted region on random inputs against the canonical MoE formula (each candidate activation
+   and weight layout) and accepts it only if one matches: a region that computes anything else is declined;
+5. replaces it with the fused experts kernels. Routing and shared experts stay with Inductor.
+The routing parameters (scoring, groups, bias, renormalization, scaling) are read off the router for explain.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx as fx
+
+from deepfuse.fusion import escape_reason, replace_region, replace_region_traced
+from deepfuse.log import log
+from deepfuse.options import Options
+from deepfuse.report import Declined, Match, Report, module_path, source_line
+from deepfuse.shapes import hint, value
+from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
+from deepfuse.runtime.kernels import moe as kernel
+
+aten = torch.ops.aten
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+VERIFY_TOKENS = 8  # tokens in the semantic check when the traced size is symbolic
+
+
+class MoEPass:
+    family = "moe"
+
+    def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
+        changed = 0
+        for topk in _final_topks(graph):
+            found = _experts_region(graph, topk)
+            where = (source_line(topk), module_path(topk))
+            if isinstance(found, str):
+                self._decline(report, found, where)
+                continue
+            region, inputs, out = found
+            params = _verify(graph, region, inputs, out)
+            if isinstance(params, str):
+                self._decline(report, params, where)
+                continue
+            params.update(_routing_params(topk))
+            device = value(out).device.type
+            impl = options.kernel_impl(device)
+            kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where)
+            report.matches.append(Match(self.family, "deepfuse::moe_experts", params, *where, impl=impl,
+                                        kernel_file=kernel_file))
+            log.info("matched moe -> deepfuse::moe_experts [%s] at %s (%s) %s", impl, where[1] or "?", where[0], params)
+            changed += 1
+        return changed
+
+    def _decline(self, report, reason, where):
+        report.declined.append(Declined(self.family, reason, *where))
+        log.info("declined moe at %s (%s): %s", where[1] or "?", where[0], reason)
+
+    def _rewrite(self, graph, region, inputs, out, params, impl, where) -> Optional[str]:
+        x, ids, weights, w1, w2 = (inputs[k] for k in ("x", "ids", "weights", "w_gate_up", "w_down"))
+        act, t1, t2 = params["activation"], params["gate_up_transposed"], params["down_transposed"]
+        out_dtype = value(out).dtype
+        origin = f"{where[1] or '?'} ({where[0]})"
+        xv = value(x)
+        gen = kernel.kernels_for(xv.dtype, act, origin) if impl != "reference" else None
+        binding = _RegionBinding(region, out)
+
+        if impl == "triton":
+            config = kernel.config_for(hint(xv.shape[0]) * params["top_k"], params["experts"])
+
+            def launcher(x_, ids_, w_, a, b):
+                a = a.transpose(1, 2) if t1 else a
+                b = b.transpose(1, 2) if t2 else b
+                return (kernel.moe_experts(x_, ids_, w_, a, b, act, config=config).to(out_dtype),)
+
+            replace_region_traced(graph, binding, launcher, (x, ids, weights, w1, w2))
+        else:
+            with graph.inserting_before(out):
+                a = graph.call_function(aten.transpose.int, (w1, 1, 2)) if t1 else w1
+                b = graph.call_function(aten.transpose.int, (w2, 1, 2)) if t2 else w2
+            for node, src in ((a, w1), (b, w2)):
+                if node is not src:
+                    node.meta["val"] = value(src).transpose(1, 2)
+            op = torch.ops.deepfuse.moe_experts.default
+            replace_region(graph, binding, op, (x, ids, weights, a, b, act, out_dtype, impl), 1)
+        return str(gen.path) if gen is not None else None
+
+
+class _RegionBinding:
+    """The shape ``replace_region`` expects of a match: interior nodes and the outputs they produce."""
+
+    def __init__(self, region: list[fx.Node], out: fx.Node):
+        self.interior = region
+        self.outputs = [out]
+
+
+# -- finding the region ---------------------------------------------------------------------------------------
+
+
+def _router(topk: fx.Node) -> set[fx.Node]:
+    """The router of a top-k: the nodes between the router matmul(s) and it (group selection included)."""
+    seen, stack = {topk}, [topk]
+    while stack:
+        n = stack.pop()
+        if n is not topk and n.target in (aten.mm.default, aten.addmm.default, aten.bmm.default):
+            continue  # the router logits: where the router begins
+        for a in n.all_input_nodes:
+            if a not in seen and a.op != "placeholder":
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _final_topks(graph: fx.Graph) -> list[fx.Node]:
+    """The experts top-k of each router (a group-limited router first takes a top-k over groups)."""
+    topks = [n for n in graph.nodes if n.target == aten.topk.default]
+    inner = {t for other in topks for t in _router(other) if t is not other and t.target == aten.topk.default}
+    return [t for t in topks if t not in inner]
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for u in stack.pop().users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _ancestors(node: fx.Node, stop: set[fx.Node] = frozenset()) -> set[fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen and a not in stop:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _getitem(node: fx.Node, i: int) -> Optional[fx.Node]:
+    return next((u for u in node.users if u.target is operator.getitem and u.args[1] == i), None)
+
+
+def _experts_region(graph: fx.Graph, topk: fx.Node):
+    ids = _getitem(topk, 1)
+    scores = value(topk.args[0])
+    if ids is None or scores is None or scores.dim() != 2:
+        return "router top-k is not over a [tokens, experts] score matrix"
+    t, k = value(ids).shape
+    hidden = _router_hidden(topk)
+    if hidden is None:
+        return "the top-k scores do not come from a router matmul over the hidden states"
+    down = _descendants(topk)
+    out = _post_dominator(graph, topk, down, t, hidden)
+    if out is None:
+        if _reaches_output_directly(topk, hidden):
+            return (
+                "the router's top-k leaves this graph: the experts run after a Dynamo graph break (a per-expert "
+                "Python loop?). For Hugging Face models set model.config._experts_implementation = 'grouped_mm' "
+                "(or pass experts_implementation='grouped_mm' to from_pretrained) so the experts trace whole"
+            )
+        return "no [tokens, hidden] value that every path from the router passes through"
+    upstream = _ancestors(out)
+    candidates = [n for n in down & upstream if n is not out]
+    # The routing weights: the last [T, k] float value on the way (after gather / renormalize / scale).
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    weights = [n for n in candidates if _is(n, (t, k), floating=True)]
+    if not weights:
+        return "no [tokens, k] routing weights flow into the experts"
+    weights = max(weights, key=order.__getitem__)
+    routing = _ancestors(weights)
+    region = {n for n in candidates if n not in routing} | {out}
+    region.discard(ids)
+    # Pull in what only the region uses (weight transposes, gathers of x, index arithmetic).
+    grew = True
+    while grew:
+        grew = False
+        for n in list(region):
+            for a in n.all_input_nodes:
+                if a in region or a in (ids, weights) or a.op in ("placeholder", "get_attr"):
+                    continue
+                if a in routing:
+                    continue
+                if all(u in region for u in a.users) and not _is_x_like(a, t):
+                    region.add(a)
+                    grew = True
+    region = sorted(region, key=order.__getitem__)
+    reason = escape_reason(region, [out])
+    if reason:
+        return reason
+    boundary = []
+    for n in region:
+        for a in n.all_input_nodes:
+            if a not in region and a not in boundary:
+                boundary.append(a)
+    return _classify(boundary, ids, weights, t, k, region, out)
+
+
+def _router_hidden(topk: fx.Node) -> Optional[int]:
+    """H, read off the router's [T, H] x [H, E] matmul."""
+    for n in _router(topk):
+        if n.target in (aten.mm.default, aten.addmm.default):
+            a = value(n.args[-2])
+            if a is not None and a.dim() == 2:
+                return hint(a.shape[1])
+    return None
+
+
+def _reaches_output_directly(topk: fx.Node, hidden: int) -> bool:
+    """Does a top-k result reach the graph output without meeting a [.., hidden] value on the way?"""
+    seen, stack = {topk}, [topk]
+    while stack:
+        for u in stack.pop().users:
+            if u.op == "output":
+                return True
+            val = value(u)
+            if u in seen or (val is not None and val.dim() >= 1 and hint(val.shape[-1]) == hidden):
+                continue
+            seen.add(u)
+            stack.append(u)
+    return False
+
+
+def _post_dominator(graph, topk, down, t, hidden) -> Optional[fx.Node]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for cand in sorted(down, key=order.__getitem__):
+        val = value(cand)
+        if val is None or val.dim() != 2 or not val.dtype.is_floating_point or cand is topk:
+            continue
+        if hint(val.shape[0]) != hint(t) or hint(val.shape[1]) != hidden:
+            continue
+        # every path from the router to the graph's outputs passes through cand
+        seen, stack, escapes = {topk}, [topk], False
+        while stack and not escapes:
+            for u in stack.pop().users:
+                if u is cand or u in seen:
+                    continue
+                if u.op == "output":
+                    escapes = True
+                    break
+                seen.add(u)
+                stack.append(u)
+        if not escapes:
+            return cand
+    return None
+
+
+def _is(node, shape, floating) -> bool:
+    val = value(node)
+    return (val is not None and val.dim() == len(shape) and val.dtype.is_floating_point == floating
+            and all(hint(a) == hint(b) for a, b in zip(val.shape, shape)))
+
+
+def _is_x_like(node, t) -> bool:
+    val = value(node)
+    return val is not None and val.dim() == 2 and val.dtype.is_floating_point and hint(val.shape[0]) == hint(t)
+
+
+def _classify(boundary, ids, weights, t, k, region, out):
+    inputs: dict[str, Any] = {"ids": None, "weights": None}
+    xs, mats, others = [], [], []
+    for b in boundary:
+        val = value(b)
+        if b is ids:
+            inputs["ids"] = b
+        elif b is weights:
+            inputs["weights"] = b
+        elif isinstance(b.meta.get("val"), (torch.SymInt, int)):
+            continue
+        elif val is not None and val.dim() == 3 and val.dtype.is_floating_point:
+            mats.append(b)
+        elif val is not None and val.dim() == 2 and hint(val.shape[0]) == hint(t) and val.dtype.is_floating_point:
+            xs.append(b)
+        elif val is not None and val.numel() == 1:
+            continue  # a scalar (eps, a constant tensor)
+        else:
+            others.append(b)
+    if inputs["ids"] is None or inputs["weights"] is None:
+        return "the experts region does not read the router's top-k ids and weights directly"
+    if others:
+        return f"the experts region reads tensors it should not ({', '.join(o.name for o in others[:3])})"
+    if len(xs) != 1:
+        return f"the experts region reads {len(xs)} [tokens, hidden] inputs, expected the hidden states alone"
+    if len(mats) != 2:
+        return f"the experts region reads {len(mats)} stacked weight tensors, expected gate+up and down"
+    inputs["x"] = xs[0]
+    if hint(value(mats[0]).shape[0]) != hint(value(mats[1]).shape[0]):
+        return "expert weights disagree on the number of experts"
+    inputs["mats"] = mats
+    return region, inputs, out
+
+
+# -- checking what the region computes -------------------------------------------------------------------------
+
+
+def _layouts(mats, hidden):
+    """Every (gate_up, down, gate_up transposed, down transposed, I) the two weight shapes allow."""
+    out = []
+    for a, b in ((mats[0], mats[1]), (mats[1], mats[0])):
+        sa = tuple(hint(d) for d in value(a).shape)
+        sb = tuple(hint(d) for d in value(b).shape)
+        for t1 in (False, True):
+            two_i, h1 = (sa[2], sa[1]) if t1 else (sa[1], sa[2])
+            if h1 != hidden or two_i % 2:
+                continue
+            inter = two_i // 2
+            for t2 in (False, True):
+                h2, i2 = (sb[2], sb[1]) if t2 else (sb[1], sb[2])
+                if h2 == hidden and i2 == inter:
+                    out.append((a, b, t1, t2, inter))
+    return out
+
+
+def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
+    """Run the region on random inputs; accept it if it equals the canonical MoE for one weight layout and
+    activation. Random weights of the real shapes: what is checked is the function, not these values."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    mats = inputs["mats"]
+    placeholders = [inputs["x"], inputs["ids"], inputs["weights"], mats[0], mats[1]]
+    sub = fx.Graph()
+    env = {n: sub.placeholder(f"in{i}") for i, n in enumerate(placeholders)}
+    for n in region:
+        for a in n.all_input_nodes:
+            if a not in env and a not in region:
+                v = a.meta.get("val")
+                if not isinstance(v, torch.SymInt):
+                    return f"the experts region reads a value the check cannot make ({a.name})"
+                env[a] = hint(v)
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(env[out])
+    module = fx.GraphModule(torch.nn.Module(), sub)
+
+    xv, idv, wv = value(inputs["x"]), value(inputs["ids"]), value(inputs["weights"])
+    hidden, k = hint(xv.shape[1]), hint(idv.shape[1])
+    e = hint(value(mats[0]).shape[0])
+    t = max(hint(xv.shape[0]), 1)
+    layouts = _layouts(mats, hidden)
+    if not layouts:
+        shapes = [tuple(hint(d) for d in value(m).shape) for m in mats]
+        return f"expert weight shapes {shapes} are not gate+up [E, 2I, H] and down [E, H, I] (in either layout)"
+    device = xv.device
+    with unset_fake_temporarily(), torch.no_grad():
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        x = torch.randn(t, hidden, generator=gen).to(device, xv.dtype)
+        ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]).to(device, idv.dtype)
+        weights = torch.rand(t, k, generator=gen).to(device, wv.dtype)
+        real = {}
+        for m in mats:
+            shape = tuple(hint(d) for d in value(m).shape)
+            real[m] = (torch.randn(shape, generator=gen) / hidden ** 0.5).to(device, value(m).dtype)
+        try:
+            got = module(x, ids, weights, real[mats[0]], real[mats[1]]).float()
+        except Exception as err:
+            return f"the experts region could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
+        tol = 1e-3 if xv.dtype == torch.float32 else 3e-2
+        acc = torch.float64 if device.type == "cpu" else torch.float32
+        for gate_up, down, t1, t2, inter in layouts:
+            a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
+            b = real[down].transpose(1, 2) if t2 else real[down]
+            for act in ACTIVATIONS:
+                want = kernel.reference(x.to(acc), ids, weights.to(acc), a, b, act).float()
+                err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+                if err < tol:
+                    inputs["w_gate_up"], inputs["w_down"] = gate_up, down
+                    return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
+                            "gate_up_transposed": t1, "down_transposed": t2,
+                            "dtype": str(xv.dtype).replace("torch.", "")}
+    return "the region downstream of the router is not the routed-experts computation (checked on random inputs)"
+
+
+def _routing_params(topk: fx.Node) -> dict[str, Any]:
+    """What the router does, read off the nodes between the router logits and the top-k (for explain)."""
+    upstream = _router(topk)
+    targets = {getattr(n.target, "overloadpacket", n.target) for n in upstream}
+    softmax = aten._softmax in targets or {aten.exp, aten.amax, aten.div} <= targets  # decomposed softmax
+    scoring = "softmax" if softmax else "sigmoid" if aten.sigmoid in targets else "other"
+    e = hint(value(topk.args[0]).shape[-1])
+    bias = any(
+        n.target == aten.add.Tensor and any(_is(a, (e,), floating=True) for a in n.all_input_nodes) for n in upstream
+    )
+    groups = any(n.target == aten.topk.default for n in upstream if n is not topk)
+    return {"scoring": scoring, "group_limited": groups, "score_bias": bias}

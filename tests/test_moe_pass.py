@@ -1,0 +1,114 @@
+"""The MoE pass on real models: found by what it computes, rewritten, and still right."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deepfuse
+from deepfuse.models import DeepSeekForCausalLM, get_config
+from conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+
+def _compile_check(model, inputs, tol, **options):
+    with torch.no_grad():
+        ref = model(*inputs)
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse", options=options)(*inputs)
+    ref = ref.logits if hasattr(ref, "logits") else ref
+    out = out.logits if hasattr(out, "logits") else out
+    assert rel_err(out, ref) < tol
+    return report
+
+
+@pytest.mark.parametrize("config,routing", [
+    ("tiny", {"scoring": "softmax", "group_limited": False, "score_bias": False}),
+    ("v2-tiny", {"scoring": "softmax", "group_limited": True, "score_bias": False}),
+    ("v3-tiny", {"scoring": "sigmoid", "group_limited": True, "score_bias": True}),
+])
+@pytest.mark.parametrize("options", [{}, {"interpret": True}], ids=["reference", "interpret"])
+def test_bundled_model_moe_is_fused_and_correct(config, routing, options):
+    cfg = get_config(config)
+    model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
+    report = _compile_check(model, (torch.randint(0, cfg.vocab_size, (2, 9)),), 1e-4, **options)
+    moes = [m for m in report.matches if m.family == "moe"]
+    assert len(moes) == cfg.num_hidden_layers - cfg.first_k_dense_replace, str(report)
+    for m in moes:
+        assert m.params["experts"] == cfg.n_routed_experts and m.params["top_k"] == cfg.num_experts_per_tok
+        assert m.params["activation"] == "silu" and m.params["intermediate"] == cfg.moe_intermediate_size
+        assert {k: m.params[k] for k in routing} == routing
+        assert m.module.endswith("mlp") or "mlp" in m.module, m.module
+
+
+HF_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+
+
+def _hf(kind, impl):
+    if kind == "deepseek_v2":
+        cfg = transformers.DeepseekV2Config(**HF_COMMON, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                            v_head_dim=16, q_lora_rank=None, n_routed_experts=8, n_shared_experts=1,
+                                            num_experts_per_tok=2, first_k_dense_replace=1)
+        cls = transformers.DeepseekV2ForCausalLM
+    elif kind == "deepseek_v3":
+        cfg = transformers.DeepseekV3Config(**HF_COMMON, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                            v_head_dim=16, q_lora_rank=24, n_routed_experts=8, n_shared_experts=1,
+                                            num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1)
+        cls = transformers.DeepseekV3ForCausalLM
+    else:
+        cfg = transformers.MixtralConfig(**HF_COMMON, num_local_experts=8, num_experts_per_tok=2)
+        cls = transformers.MixtralForCausalLM
+    cfg._experts_implementation = impl
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v2", "deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_hf_moe_models_are_recognized(kind, impl):
+    model = _hf(kind, impl)
+    if impl == "grouped_mm":
+        model = model.bfloat16()  # torch._grouped_mm's shape function takes bf16 only
+    ids = torch.randint(0, 256, (1, 7))
+    tol = 1e-4 if impl == "batched_mm" else 3e-2
+    report = _compile_check(model, (ids,), tol, interpret=impl == "batched_mm")
+    moes = [m for m in report.matches if m.family == "moe"]
+    layers = model.config.num_hidden_layers - getattr(model.config, "first_k_dense_replace", 0)
+    assert len(moes) == layers, str(report)
+    assert all(m.params["activation"] == "silu" for m in moes)
+
+
+def test_hf_eager_experts_decline_with_the_setting_that_fixes_it():
+    model = _hf("deepseek_v2", "eager")
+    report = deepfuse.explain(model, torch.randint(0, 256, (1, 5)))
+    assert not [m for m in report.matches if m.family == "moe"]
+    assert any("grouped_mm" in d.reason for d in report.declined if d.family == "moe"), str(report)
+
+
+class ReluExperts(torch.nn.Module):
+    """Routed experts with an activation the kernels do not implement: must be declined, never approximated."""
+
+    def __init__(self, e=4, h=32, i=16, k=2):
+        super().__init__()
+        self.router = torch.nn.Linear(h, e, bias=False)
+        self.w1 = torch.nn.Parameter(torch.randn(e, 2 * i, h) / h**0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(e, h, i) / i**0.5)
+        self.k = k
+
+    def forward(self, x):
+        weights, ids = self.router(x).softmax(-1).topk(self.k, dim=-1)
+        gate, up = torch.bmm(self.w1[ids.flatten()], x.repeat_interleave(self.k, 0).unsqueeze(-1)).squeeze(-1).chunk(2, -1)
+        out = torch.bmm(self.w2[ids.flatten()], (F.relu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        return (out * weights.flatten()[:, None]).view(x.shape[0], self.k, -1).sum(1)
+
+
+def test_unsupported_activation_is_declined_not_approximated():
+    report = _compile_check(ReluExperts(), (torch.randn(6, 32),), 1e-5)
+    assert not [m for m in report.matches if m.family == "moe"]
+    assert any("not the routed-experts computation" in d.reason for d in report.declined), str(report)
+
+
+def test_moe_pass_can_be_switched_off():
+    model = DeepSeekForCausalLM.from_config(get_config("tiny"), seed=0)
+    report = deepfuse.explain(model, torch.randint(0, 512, (1, 4)), passes=["rms_norm"])
+    assert not [m for m in report.matches if m.family == "moe"] and report.matches
