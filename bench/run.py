@@ -4,8 +4,8 @@
 
 Workloads (DeepSeek-V2-Lite shapes, bf16), at decode and prefill token counts:
 - add_rms_norm: the decoder's residual add + RMSNorm (twice per layer), beside eager and Inductor;
-- moe_experts: the routed experts of one MoE layer, beside Hugging Face's grouped_mm experts (eager and
-  under Inductor).
+- moe_block: one MoE layer (router, routed and shared experts), Hugging Face's DeepseekV2Moe with grouped_mm
+  experts, eager, under Inductor, and under deepfuse (which finds the experts in that graph).
 Each is timed two ways with CUDA events (triton.testing.do_bench, median of many runs): "launched", calling
 it from Python as a user would (host overhead included), and "graph", replaying a CUDA graph of the same
 call (GPU time alone, what a captured decode step pays). Both are set against the physical floor: the
@@ -91,48 +91,42 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def bench_moe_experts(tokens, bandwidth, rounds, flops_peak):
-    """Routed experts of one DeepSeek-V2-Lite MoE layer (64 experts, top-6, expert size 1408), bf16, beside
-    Hugging Face transformers' DeepseekV2Experts with its grouped_mm implementation (eager and compiled)."""
+def bench_moe_block(tokens, bandwidth, rounds, flops_peak):
+    """One DeepSeek-V2-Lite MoE block (router, 64 routed experts top-6 of size 1408, 2 shared experts), bf16:
+    Hugging Face transformers' DeepseekV2Moe with grouped_mm experts, eager, under Inductor, and under
+    deepfuse (which finds the experts in the graph and runs its kernels; router and shared experts stay with
+    Inductor)."""
     from transformers import DeepseekV2Config
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
-    from deepfuse.runtime.kernels import moe
-
-    experts, k, inter = 64, 6, 1408
+    experts, k, inter, shared = 64, 6, 1408, 2
     cfg = DeepseekV2Config(hidden_size=HIDDEN, moe_intermediate_size=inter, n_routed_experts=experts,
-                           num_experts_per_tok=k)
+                           num_experts_per_tok=k, n_shared_experts=shared, topk_method="greedy")
     cfg._experts_implementation = "grouped_mm"
-    hf = DeepseekV2Experts(cfg).cuda().bfloat16()
+    block = DeepseekV2Moe(cfg).cuda().bfloat16().eval()
     with torch.no_grad():
-        hf.gate_up_proj.normal_(0, HIDDEN ** -0.5)
-        hf.down_proj.normal_(0, inter ** -0.5)
-    w_gate_up, w_down = hf.gate_up_proj, hf.down_proj
-
-    def deepfuse_experts(x, ids, weights):
-        return moe.moe_experts(x, ids, weights, w_gate_up, w_down)
-
+        for name, p in block.named_parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    routed = block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel()
+    shared_params = sum(p.numel() for p in block.shared_experts.parameters())
     rows = []
     for t in tokens:
-        sets = []
-        for _ in range(rounds):
-            scores = torch.randn(t, experts, device="cuda").softmax(-1)
-            weights, ids = scores.topk(k, dim=-1)
-            sets.append((torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16), ids, weights))
-        active = max(int(torch.unique(s[1]).numel()) for s in sets)
-        weight_bytes = active * (w_gate_up[0].numel() + w_down[0].numel()) * 2
-        act_bytes = t * HIDDEN * 2 * 2 + t * k * (inter * 2 * 2 + HIDDEN * 2 * 2)
-        flops = 2 * t * k * (w_gate_up[0].numel() + w_down[0].numel())
+        sets = [(torch.randn(1, t, HIDDEN, device="cuda", dtype=torch.bfloat16),) for _ in range(rounds)]
+        with torch.no_grad():
+            active = max(int(torch.unique(block.gate(s[0])[2]).numel()) for s in sets)
+        weight_bytes = (active * routed + shared_params + experts * HIDDEN) * 2
+        act_bytes = 2 * t * HIDDEN * 2 + t * k * (inter * 2 * 2 + HIDDEN * 2 * 2)
+        flops = 2 * t * (k * routed + shared_params + experts * HIDDEN)
         mem_ms, math_ms = (weight_bytes + act_bytes) / bandwidth * 1e3, flops / flops_peak * 1e3
         floor_ms, note = (mem_ms, f"{(weight_bytes + act_bytes) / 1e6:.0f} MB") if mem_ms >= math_ms else \
             (math_ms, f"{flops / 1e9:.0f} GFLOP")
         torch._dynamo.reset()
         impls = {
-            "hf_grouped_mm": hf,
-            "hf_grouped_mm+inductor": torch.compile(hf),
-            "deepfuse": torch.compile(deepfuse_experts),
+            "hf_grouped_mm": block,
+            "hf_grouped_mm+inductor": torch.compile(block),
+            "deepfuse": torch.compile(block, backend="deepfuse"),
         }
-        rows += measure("moe_experts", t, impls, sets, floor_ms, note, _rel)
+        rows += measure("moe_block", t, impls, sets, floor_ms, note, _rel)
     return rows
 
 
@@ -210,7 +204,7 @@ def main():
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--tokens", default="1,64,512,4096,16384")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--workloads", default="add_rms_norm,moe_experts")
+    parser.add_argument("--workloads", default="add_rms_norm,moe_block")
     parser.add_argument("--moe-tokens", default="1,8,64,512,4096")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -221,8 +215,8 @@ def main():
     rows = []
     if "add_rms_norm" in workloads:
         rows += bench_rms_norm([int(t) for t in args.tokens.split(",")], bandwidth, args.rounds)
-    if "moe_experts" in workloads:
-        rows += bench_moe_experts([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
+    if "moe_block" in workloads:
+        rows += bench_moe_block([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
     env = dict(environment(), hbm_copy_tbps=bandwidth / 1e12, bf16_matmul_tflops=peak / 1e12)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=1)

@@ -72,7 +72,10 @@ class DeepfuseGraphPass(CustomGraphPass):
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:
+    from deepfuse.runtime import autotune
+
     set_cache_dir(options.cache_dir)
+    autotune.set_enabled(options.autotune)
     report = _report()
     if options.inductor:
         from torch._inductor.compile_fx import compile_fx

@@ -75,7 +75,11 @@ class MoEPass:
         binding = _RegionBinding(region, out)
 
         if impl == "triton":
-            config = kernel.config_for(hint(xv.shape[0]) * params["top_k"], params["experts"])
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                config = kernel.tune(hint(xv.shape[0]), params["hidden"], params["intermediate"], params["experts"],
+                                     params["top_k"], xv.dtype, xv.device, act)
 
             def launcher(x_, ids_, w_, a, b):
                 a = a.transpose(1, 2) if t1 else a

@@ -20,6 +20,13 @@ from deepfuse.log import log
 
 _lock = threading.Lock()
 _memory: dict[str, int] = {}
+_enabled = True
+
+
+def set_enabled(on: bool) -> None:
+    """options["autotune"]: when off, every kernel uses its first (default) configuration."""
+    global _enabled
+    _enabled = on
 
 
 def bucket(n: int) -> int:
@@ -59,7 +66,7 @@ def choose(
     enabled: bool = True,
 ) -> dict:
     """The best of ``configs`` for this kernel, GPU and bucket of ``n``; ``run(config)`` launches once."""
-    if device.type != "cuda" or not enabled or len(configs) == 1:
+    if device.type != "cuda" or not (enabled and _enabled) or len(configs) == 1:
         return configs[0]
     if torch.cuda.is_current_stream_capturing():
         # Timing inside a CUDA graph capture is impossible; use the cached choice or the default.

@@ -21,6 +21,7 @@ import torch
 import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
+from deepfuse.runtime import autotune
 
 _TL = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
 
@@ -145,6 +146,34 @@ def config_for(num_slots: int, num_experts: int) -> dict:
     if rows_per_expert <= 256:
         return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+
+
+# Candidates timed per (GPU, token bucket) at compile time: small row blocks stream weights at decode sizes,
+# large ones feed the tensor cores in prefill; two accumulators in the gate/up kernel cap the tile area.
+CANDIDATES = [
+    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
+    for bm, bn, bk, w, st in [
+        (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (32, 64, 128, 4, 4),
+        (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+        (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 128, 4, 3),
+    ]
+]
+
+
+def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, device, activation="silu") -> dict:
+    """The fastest candidate for this shape's token bucket on this GPU (cached on disk), timed on random
+    routing over real-shaped random weights. Off the GPU: the tile table."""
+    if torch.device(device).type != "cuda":
+        return config_for(tokens * k, experts)
+    gen = kernels_for(dtype, activation)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    ids = torch.rand(tokens, experts, device=device).argsort(dim=-1)[:, :k]
+    weights = torch.rand(tokens, k, device=device)
+    w_gate_up = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
+    w_down = torch.randn(experts, hidden, inter, device=device, dtype=dtype) / inter**0.5
+    key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}"
+    return autotune.choose(key, tokens, CANDIDATES, lambda cfg: moe_experts(
+        x, ids, weights, w_gate_up, w_down, activation, config=cfg), torch.device(device))
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
