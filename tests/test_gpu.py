@@ -53,15 +53,26 @@ def test_autotune_result_is_cached_per_gpu_and_bucket():
     assert 0 <= index < len(kernel.CONFIGS)
 
 
+def _fp64_errors(model, ids, out):
+    """(deepfuse's, bf16 eager's) relative error against the same model in float64."""
+    with torch.no_grad():
+        eager = model(ids)
+        ref = DeepSeekForCausalLM.from_config(model.config, device="cuda", dtype=torch.float64)
+        ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+        exact = ref(ids)
+    return rel_err(out, exact), rel_err(eager, exact)
+
+
 def test_bundled_tiny_model_bf16_on_gpu():
     model = DeepSeekForCausalLM.from_config(get_config("v3-tiny"), device="cuda", dtype=torch.bfloat16, seed=4)
     ids = torch.randint(0, 512, (2, 33), device="cuda")
     report = deepfuse.Report()
     with torch.no_grad(), deepfuse.collect(report):
         out = torch.compile(model, backend="deepfuse")(ids)
-        ref = model(ids)
-    assert report.matches and {m.impl for m in report.matches} == {"triton"}
-    assert rel_err(out, ref) < 2e-2
+    assert {m.family for m in report.matches} == {"moe", "rms_norm"}
+    assert {m.impl for m in report.matches} == {"triton"}
+    ours, eager = _fp64_errors(model, ids, out)
+    assert ours < max(2e-2, 1.5 * eager), (ours, eager)
 
 
 def test_hf_deepseek_v2_moe_block_is_fused_on_gpu():
@@ -94,5 +105,6 @@ def test_bundled_moe_with_cuda_graphs():
     with torch.no_grad():
         compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead")
         for _ in range(3):
-            out = compiled(ids)
-        assert rel_err(out, model(ids)) < 2e-2
+            out = compiled(ids).clone()
+    ours, eager = _fp64_errors(model, ids, out)
+    assert ours < max(2e-2, 1.5 * eager), (ours, eager)
