@@ -59,6 +59,18 @@ def test_interpreted_all_tokens_to_one_expert_and_noncontiguous_input():
     _check(40, 32, 32, 8, 2, torch.float16, "cpu", interpret=True, route="one_expert", noncontig=True)
 
 
+@pytest.mark.parametrize("t,k,e,bm", [(4, 2, 5, 4), (1, 6, 64, 16), (70, 3, 7, 16), (0, 2, 4, 16), (300, 2, 3, 32)])
+def test_fused_align_kernel_equals_torch_align(t, k, e, bm):
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
+    got = moe.align_fused(ids, e, bm, interpret=True)
+    want = moe.align(ids, e, bm)
+    used = int(want[2])
+    assert int(got[2]) == used
+    assert torch.equal(got[0][:used], want[0][:used])  # stable order within each expert, padding marked
+    assert torch.equal(got[0][used:], want[0][used:])
+    assert torch.equal(got[1][: used // bm], want[1][: used // bm])
+
+
 def test_align_segments_are_block_aligned_and_complete():
     ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2]])
     slots, block_expert, num_padded = moe.align(ids, 5, 4)

@@ -40,6 +40,44 @@ import triton.language as tl
 
 
 @triton.jit
+def moe_align_kernel(
+    Ids, SortedSlots, BlockExpert, NumPadded,
+    num_slots, capacity,
+    E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One program: count slots per expert, pad each expert's segment to BLOCK_M rows, and write every slot
+    to its place (stable: slots of one expert keep their order); padding rows hold num_slots."""
+    experts = tl.arange(0, E_POW2)
+    lanes = tl.arange(0, CHUNK)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for c0 in range(0, num_slots, CHUNK):
+        ids = tl.load(Ids + c0 + lanes, mask=c0 + lanes < num_slots, other=E_POW2)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    total = tl.sum(padded, axis=0)
+    tl.store(NumPadded, total)
+    for r0 in range(0, capacity, CHUNK):
+        tl.store(SortedSlots + r0 + lanes, num_slots, mask=r0 + lanes < capacity)
+    for b0 in range(0, capacity // BLOCK_M, CHUNK):
+        rows = (b0 + lanes) * BLOCK_M
+        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E - 1), mask=b0 + lanes < capacity // BLOCK_M)
+    tl.debug_barrier()  # the padding fill above must land before the slots below overwrite it
+    seen = tl.zeros((E_POW2,), dtype=tl.int32)
+    for c0 in range(0, num_slots, CHUNK):
+        ok = c0 + lanes < num_slots
+        ids = tl.load(Ids + c0 + lanes, mask=ok, other=E_POW2)
+        match = ids[:, None] == experts[None, :]
+        earlier = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
+        rank = tl.sum(earlier.to(tl.int32), axis=1) + tl.sum(tl.where(match, seen[None, :], 0), axis=1)
+        start = tl.sum(tl.where(match, padded_start[None, :], 0), axis=1)
+        tl.store(SortedSlots + start + rank, c0 + lanes, mask=ok)
+        seen += tl.sum(match.to(tl.int32), axis=0)
+
+
+@triton.jit
 def moe_gate_up_act_kernel(
     X, W, Out, SortedSlots, BlockExpert, NumPadded,
     stride_xm, stride_we, stride_wn, stride_wk, stride_om,
@@ -176,6 +214,22 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
         x, ids, weights, w_gate_up, w_down, activation, config=cfg), torch.device(device))
 
 
+def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False):
+    """``align`` as one generated kernel launch (same outputs)."""
+    flat = topk_ids.reshape(-1).to(torch.int32)
+    num_slots = flat.shape[0]
+    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
+    sorted_slots = torch.empty((capacity,), dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty((capacity // block_m,), dtype=torch.int32, device=flat.device)
+    num_padded = torch.empty((1,), dtype=torch.int32, device=flat.device)
+    fn = kernels_for(torch.float32, "silu").function("moe_align_kernel", interpret=interpret)
+    if not interpret:
+        fn = torch.library.wrap_triton(fn)
+    fn[(1,)](flat, sorted_slots, block_expert, num_padded, num_slots, capacity,
+             E=num_experts, E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m, CHUNK=128)
+    return sorted_slots, block_expert, num_padded
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """Sort the (token, slot) pairs by expert into segments padded to ``block_m``.
 
@@ -230,7 +284,7 @@ def moe_experts(
     w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
     w_down = w_down if w_down.stride(-1) == 1 else w_down.contiguous()
     weights = topk_weights.reshape(-1).to(torch.float32)
-    sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
+    sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret=interpret)
     capacity = sorted_slots.shape[0]
     gen = kernels_for(x.dtype, activation, origin)
     gate_up = gen.function("moe_gate_up_act_kernel", interpret=interpret)
