@@ -214,6 +214,13 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
         x, ids, weights, w_gate_up, w_down, activation, config=cfg), torch.device(device))
 
 
+ALIGN_FUSED_MAX_SLOTS = 1024  # measured on H100: T=1..64 (k=6) faster fused, T=512 and up slower
+
+
+def _size_hint(n) -> int:
+    return int(n.node.hint) if isinstance(n, torch.SymInt) and n.node.hint is not None else int(n)
+
+
 def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False):
     """``align`` as one generated kernel launch (same outputs)."""
     flat = topk_ids.reshape(-1).to(torch.int32)
@@ -284,7 +291,12 @@ def moe_experts(
     w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
     w_down = w_down if w_down.stride(-1) == 1 else w_down.contiguous()
     weights = topk_weights.reshape(-1).to(torch.float32)
-    sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret=interpret)
+    # The fused align is one program walking the slots: a few microseconds at decode sizes, where the ~10
+    # launches of the torch form dominate, but serial; beyond that the torch form (parallel kernels) wins.
+    if _size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
+        sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret=interpret)
+    else:
+        sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
     capacity = sorted_slots.shape[0]
     gen = kernels_for(x.dtype, activation, origin)
     gate_up = gen.function("moe_gate_up_act_kernel", interpret=interpret)
