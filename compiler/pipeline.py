@@ -118,7 +118,11 @@ def _aot(gm: fx.GraphModule, example_inputs: list, transform: Callable[[fx.Graph
 
 
 def explain_graph(gm: fx.GraphModule, example_inputs: list, options: Options) -> Callable:
-    """Normalize and run the passes on a copy (generating kernel files); execute the original graph."""
+    """Normalize and run the passes on a copy (generating kernel files); execute the original graph.
+    No autotuning: explain runs no generated kernel (the MoE pass's semantic check runs the user's own ops)."""
+    from deepfuse.runtime import autotune
+
     set_cache_dir(options.cache_dir)
+    autotune.set_enabled(False)
     report = _report()
     return _aot(gm, example_inputs, lambda g: run_passes(g, options, report), run_original=True)
