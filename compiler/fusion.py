@@ -90,6 +90,21 @@ def replace_region(graph: fx.Graph, binding: Binding, target: Callable, args: tu
     return outs
 
 
+def replace_region_inline_or_op(graph: fx.Graph, binding, launcher: Callable, args: tuple, op,
+                                op_args: Callable[[], tuple], n_outputs: int) -> str:
+    """Trace ``launcher`` into the graph; if tracing fails (an unforeseen symbolic shape, say), call the
+    deepfuse op instead, which runs the same kernel from Python: slower, never wrong. ``op_args()`` builds
+    the op's arguments (only then). Returns "inlined" or "op"."""
+    try:
+        replace_region_traced(graph, binding, launcher, args)
+        return "inlined"
+    except Exception as err:  # tracing happens before the graph is touched
+        log.warning("could not trace the kernel launch into the graph (%s: %s); calling %s instead",
+                    type(err).__name__, str(err)[:200], op)
+        replace_region(graph, binding, op, op_args(), n_outputs)
+        return "op"
+
+
 def replace_region_traced(graph: fx.Graph, binding: Binding, launcher: Callable, args: tuple) -> list[fx.Node]:
     """Replace ``binding`` by the trace of ``launcher(*args)``: the aten ops it runs and its Triton launches,
     which ``torch.library.wrap_triton`` records as Inductor's user-defined-kernel nodes. Inductor then

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from deepfuse.fusion import escape_reason, replace_region, replace_region_traced
+from deepfuse.fusion import escape_reason, replace_region, replace_region_inline_or_op
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
@@ -65,6 +65,17 @@ class MoEPass:
         report.declined.append(Declined(self.family, reason, *where))
         log.info("declined moe at %s (%s): %s", where[1] or "?", where[0], reason)
 
+    @staticmethod
+    def _op_args(graph, out, x, ids, weights, w1, w2, params, impl) -> tuple:
+        """Arguments of ``deepfuse::moe_experts``, which takes the canonical layouts (transposed views are free)."""
+        with graph.inserting_before(out):
+            a = graph.call_function(aten.transpose.int, (w1, 1, 2)) if params["gate_up_transposed"] else w1
+            b = graph.call_function(aten.transpose.int, (w2, 1, 2)) if params["down_transposed"] else w2
+        for node, src in ((a, w1), (b, w2)):
+            if node is not src:
+                node.meta["val"] = value(src).transpose(1, 2)
+        return (x, ids, weights, a, b, params["activation"], value(out).dtype, impl)
+
     def _rewrite(self, graph, region, inputs, out, params, impl, where) -> Optional[str]:
         x, ids, weights, w1, w2 = (inputs[k] for k in ("x", "ids", "weights", "w_gate_up", "w_down"))
         act, t1, t2 = params["activation"], params["gate_up_transposed"], params["down_transposed"]
@@ -86,16 +97,12 @@ class MoEPass:
                 b = b.transpose(1, 2) if t2 else b
                 return (kernel.moe_experts(x_, ids_, w_, a, b, act, config=config).to(out_dtype),)
 
-            replace_region_traced(graph, binding, launcher, (x, ids, weights, w1, w2))
+            replace_region_inline_or_op(graph, binding, launcher, (x, ids, weights, w1, w2),
+                                        torch.ops.deepfuse.moe_experts.default,
+                                        lambda: self._op_args(graph, out, x, ids, weights, w1, w2, params, impl), 1)
         else:
-            with graph.inserting_before(out):
-                a = graph.call_function(aten.transpose.int, (w1, 1, 2)) if t1 else w1
-                b = graph.call_function(aten.transpose.int, (w2, 1, 2)) if t2 else w2
-            for node, src in ((a, w1), (b, w2)):
-                if node is not src:
-                    node.meta["val"] = value(src).transpose(1, 2)
-            op = torch.ops.deepfuse.moe_experts.default
-            replace_region(graph, binding, op, (x, ids, weights, a, b, act, out_dtype, impl), 1)
+            op_args = self._op_args(graph, out, x, ids, weights, w1, w2, params, impl)
+            replace_region(graph, binding, torch.ops.deepfuse.moe_experts.default, op_args, 1)
         return str(gen.path) if gen is not None else None
 
 

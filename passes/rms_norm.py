@@ -12,7 +12,7 @@ from typing import Any, Union
 import torch
 import torch.fx as fx
 
-from deepfuse.fusion import FusionPass, replace_region, replace_region_traced
+from deepfuse.fusion import FusionPass, replace_region, replace_region_inline_or_op
 from deepfuse.pattern import Binding, Input, Op, Pattern
 from deepfuse.report import module_path, source_line
 from deepfuse.shapes import hint, is_static, same_shape, value
@@ -161,8 +161,8 @@ class RMSNormPass(FusionPass):
             def run(h, weight, r):
                 return kernel.reference(h, weight, r, eps, cast_first, y.dtype)
 
-        if residual:
-            replace_region_traced(graph, b, lambda a, c, weight: run(a, weight, c), inputs)
-        else:
-            replace_region_traced(graph, b, lambda h, weight: run(h, weight, None), inputs)
+        launcher = (lambda a, c, weight: run(a, weight, c)) if residual else (lambda h, weight: run(h, weight, None))
+        op = getattr(torch.ops.deepfuse, name).default
+        replace_region_inline_or_op(graph, b, launcher, inputs, op, lambda: inputs + (eps, cast_first, y.dtype, impl),
+                                    2 if residual else 1)
         return f"deepfuse::{name}", kernel_file

@@ -173,3 +173,19 @@ def test_reduce_overhead_mode_is_accepted():
 def test_passes_option_disables_a_family():
     report = deepfuse.explain(Block().float(), torch.randn(2, 64), torch.randn(2, 64), passes=[])
     assert not report.matches
+
+
+def test_failed_inline_trace_falls_back_to_the_op(monkeypatch, caplog):
+    """If a launcher cannot be traced into the graph, the region calls the deepfuse op instead: still right."""
+    import deepfuse.fusion as fusion
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated tracing failure")
+
+    monkeypatch.setattr(fusion, "replace_region_traced", broken)
+    model = Block().float()
+    x, r = torch.randn(3, 64), torch.randn(3, 64)
+    with caplog.at_level("WARNING", logger="deepfuse"):
+        report = _compile_and_compare(model, (x, r), 1e-5)
+    assert len(report.matches) == 2
+    assert "simulated tracing failure" in caplog.text
