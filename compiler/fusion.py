@@ -81,13 +81,18 @@ def replace_region(graph: fx.Graph, binding: Binding, target: Callable, args: tu
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in origin.meta:
             call.meta[key] = origin.meta[key]
+    _take_over(graph, binding, outs, order)
+    return outs
+
+
+def _take_over(graph: fx.Graph, binding, outs: list[fx.Node], order: dict) -> None:
+    """The new outputs take the region's uses; the region is erased; the graph is put back in order."""
     for old, new in zip(binding.outputs, outs):
         old.replace_all_uses_with(new)
     for node in sorted(binding.interior, key=order.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
     _stable_toposort(graph)
-    return outs
 
 
 def replace_region_inline_or_op(graph: fx.Graph, binding, launcher: Callable, args: tuple, op,
@@ -140,12 +145,7 @@ def replace_region_traced(graph: fx.Graph, binding: Binding, launcher: Callable,
     for new in graph.nodes:
         if new not in order and "stack_trace" in origin.meta:
             new.meta.setdefault("stack_trace", origin.meta["stack_trace"])
-    for old, new in zip(binding.outputs, outs):
-        old.replace_all_uses_with(new)
-    for node in sorted(binding.interior, key=order.__getitem__, reverse=True):
-        if not node.users:
-            graph.erase_node(node)
-    _stable_toposort(graph)
+    _take_over(graph, binding, outs, order)
     return outs
 
 

@@ -32,3 +32,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def compile_and_compare(model, inputs, tol, **options):
+    """Compile ``model`` with deepfuse (``options``), check it against eager within ``tol``; the report."""
+    with torch.no_grad():
+        ref = model(*inputs)
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse", options=options)(*inputs)
+    ref = ref.logits if hasattr(ref, "logits") else ref
+    out = out.logits if hasattr(out, "logits") else out
+    for o, r in zip(out, ref) if isinstance(out, tuple) else [(out, ref)]:
+        assert rel_err(o, r) < tol
+    return report

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import deepfuse
 from deepfuse import DeepfuseError
 from deepfuse.models import DeepSeekForCausalLM, get_config
-from conftest import rel_err
+from conftest import compile_and_compare as _compile_and_compare, rel_err
 
 
 class HFStyleRMSNorm(torch.nn.Module):
@@ -34,17 +34,6 @@ class Block(torch.nn.Module):
     def forward(self, x, residual):
         h = residual + self.proj(x)
         return self.norm(h), h, F.rms_norm(self.proj(h), (h.shape[-1],), self.w2, 1e-5)
-
-
-def _compile_and_compare(model, inputs, tol, **options):
-    with torch.no_grad():
-        ref = model(*inputs)
-        report = deepfuse.Report()
-        with deepfuse.collect(report):
-            out = torch.compile(model, backend="deepfuse", options=options)(*inputs)
-    for o, r in zip(out, ref):
-        assert rel_err(o, r) < tol
-    return report
 
 
 def test_entry_point_is_registered():

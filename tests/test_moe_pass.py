@@ -5,21 +5,9 @@ import torch.nn.functional as F
 
 import deepfuse
 from deepfuse.models import DeepSeekForCausalLM, get_config
-from conftest import rel_err
+from conftest import compile_and_compare as _compile_check
 
 transformers = pytest.importorskip("transformers")
-
-
-def _compile_check(model, inputs, tol, **options):
-    with torch.no_grad():
-        ref = model(*inputs)
-        report = deepfuse.Report()
-        with deepfuse.collect(report):
-            out = torch.compile(model, backend="deepfuse", options=options)(*inputs)
-    ref = ref.logits if hasattr(ref, "logits") else ref
-    out = out.logits if hasattr(out, "logits") else out
-    assert rel_err(out, ref) < tol
-    return report
 
 
 @pytest.mark.parametrize("config,routing", [
