@@ -13,8 +13,9 @@ from .report import Report
 def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Report:
     """Trace ``model`` on ``example_inputs`` with Dynamo, run the deepfuse passes on every graph and return
     the report: matches (family, parameters, source line), declined candidates with the reason, and the
-    generated kernel files. The model itself runs once in plain aten (no generated kernel, no Inductor);
-    pass ``dynamic=True`` to trace with symbolic shapes."""
+    generated kernel files. The model itself runs once in plain aten (no generated kernel, no Inductor, no
+    autotuning); the MoE pass's semantic check runs the candidate region's own ops once on random inputs.
+    Pass ``dynamic=True`` to trace with symbolic shapes."""
     import deepfuse.runtime.ops  # noqa: F401
 
     dynamic = options.pop("dynamic", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import inspect
 from typing import Callable, Iterator
 
@@ -63,11 +64,17 @@ class DeepfuseGraphPass(CustomGraphPass):
         run_passes(graph, self.options, self.report)
 
     def uuid(self) -> bytes:
+        """Covers what decides the rewritten graph: the passes, the kernel units whose launches and templates
+        are traced into it, the options and the versions."""
+        import pkgutil
+
         from deepfuse import passes
         from deepfuse.passes import PASSES
+        from deepfuse.runtime import kernels
 
-        src = [inspect.getsource(passes)] + [inspect.getsource(inspect.getmodule(c)) for c in PASSES.values()]
-        blob = versions() + self.options.fingerprint() + "".join(src)
+        modules = [passes] + [inspect.getmodule(c) for c in PASSES.values()]
+        modules += [importlib.import_module(f"deepfuse.runtime.kernels.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)]
+        blob = versions() + self.options.fingerprint() + "".join(inspect.getsource(m) for m in modules)
         return hashlib.sha256(blob.encode()).digest()
 
 
