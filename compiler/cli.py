@@ -1,6 +1,9 @@
 """The ``deepfuse`` command (also ``python -m deepfuse``).
 
     deepfuse demo [--config NAME] [--tokens N]    compile the bundled model, explain it, generate, check vs eager
+    deepfuse inspect TARGET --out DIR             what deepfuse matches, declines and generates for a model:
+                                                  TARGET is a bundled config name or path/to/file.py:factory
+                                                  (a function returning (model, example_inputs))
 """
 from __future__ import annotations
 
@@ -19,10 +22,18 @@ def main(argv=None) -> int:
     demo.add_argument("--tokens", type=int, default=8, help="tokens to generate")
     demo.add_argument("--prompt-len", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
+    insp = sub.add_parser("inspect", help="write the explain report, kernels, rewritten graphs and ONNX to a folder")
+    insp.add_argument("target", help="bundled config name (e.g. tiny) or path/to/file.py:make_model")
+    insp.add_argument("--out", required=True, help="output folder (replaced whole, or left untouched on error)")
+    insp.add_argument("--interpret", action="store_true", help="generate kernels as for the Triton interpreter (CPU)")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return demo_main(args)
+        if args.command == "inspect":
+            from .inspection import main as inspect_main
+
+            return inspect_main(args)
     except DeepfuseError as e:
         print(f"deepfuse: error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ class FusionPass:
         raise NotImplementedError
 
     def run(self, graph: fx.Graph, options: Options, report: Report, host: Optional[HostGraph] = None) -> int:
+        self.options = options
         host = host or HostGraph(graph)
         claimed: set[fx.Node] = set()
         changed = 0

@@ -31,6 +31,9 @@ class Options:
     #: Where generated kernels and autotuning results are written (default: ``$DEEPFUSE_CACHE_DIR``, else
     #: the user cache directory).
     cache_dir: Optional[str] = None
+    #: Trace each kernel launch (GPU) or reference (CPU) into the graph, so Inductor schedules and launches
+    #: it (True); or keep one ``deepfuse::`` op call per match (False: what ``deepfuse inspect`` shows).
+    inline: bool = True
 
     # Set from torch.compile's ``mode=`` argument, not from ``options``.
     mode: str = field(default="default", repr=False)
@@ -54,7 +57,7 @@ class Options:
             options["passes"] = names
         if options.get("kernels", "auto") not in KERNEL_CHOICES:
             raise DeepfuseError(f"options['kernels'] must be one of {KERNEL_CHOICES}, got {options['kernels']!r}")
-        for key in ("interpret", "inductor", "autotune"):
+        for key in ("interpret", "inductor", "autotune", "inline"):
             if key in options and not isinstance(options[key], bool):
                 raise DeepfuseError(f"options[{key!r}] must be a bool, got {options[key]!r}")
         mode = mode or "default"
@@ -82,4 +85,4 @@ class Options:
 
     def fingerprint(self) -> str:
         """What changes the rewritten graph; part of Inductor's FX-graph cache key."""
-        return repr((self.interpret, self.kernels, self.passes))
+        return repr((self.interpret, self.kernels, self.passes, self.inline))

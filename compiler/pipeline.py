@@ -111,6 +111,7 @@ def _aot(gm: fx.GraphModule, example_inputs: list, transform: Callable[[fx.Graph
             scratch = fx.Graph()
             scratch.output(scratch.graph_copy(aten_gm.graph, {}))
             transform(scratch)
+            _report().rewritten.append((fx.GraphModule(aten_gm, scratch), list(inputs)))
             return make_boxed_func(aten_gm.forward)
         transform(aten_gm.graph)
         aten_gm.recompile()

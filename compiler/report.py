@@ -68,6 +68,8 @@ class Report:
     declined: list[Declined] = field(default_factory=list)
     graphs: int = 0
     notes: list[str] = field(default_factory=list)
+    #: The rewritten aten graphs with example inputs (filled by explain; not serialized).
+    rewritten: list = field(default_factory=list, repr=False)
 
     @property
     def kernel_files(self) -> list[str]:
@@ -88,6 +90,24 @@ class Report:
             with open(path, "w") as f:
                 f.write(text + "\n")
         return text
+
+    def to_markdown(self) -> str:
+        lines = [
+            "# deepfuse report", "",
+            f"{len(self.matches)} match(es), {len(self.declined)} declined, {len(self.kernel_files)} generated "
+            f"kernel file(s), {self.graphs} graph(s).", "",
+            "| family | op | impl | parameters | module | source |", "|---|---|---|---|---|---|",
+        ]
+        cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+        for m in self.matches:
+            params = ", ".join(f"{k}={v}" for k, v in m.params.items())
+            lines.append(f"| {m.family} | `{m.op}` | {m.impl} | {cell(params)} | `{m.module}` | `{cell(m.source)}` |")
+        if self.declined:
+            lines += ["", "## Declined", "", "| family | reason | module | source |", "|---|---|---|---|"]
+            lines += [f"| {d.family} | {cell(d.reason)} | `{d.module}` | `{cell(d.source)}` |" for d in self.declined]
+        if self.kernel_files:
+            lines += ["", "## Generated kernels", ""] + [f"- `{f}`" for f in self.kernel_files]
+        return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
         rows = [("family", "op / reason", "impl", "parameters", "source")]

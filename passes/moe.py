@@ -54,7 +54,7 @@ class MoEPass:
             params.update(_routing_params(topk))
             device = value(out).device.type
             impl = options.kernel_impl(device)
-            kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where)
+            kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where, options.inline)
             report.matches.append(Match(self.family, "deepfuse::moe_experts", params, *where, impl=impl,
                                         kernel_file=kernel_file))
             log.info("matched moe -> deepfuse::moe_experts [%s] at %s (%s) %s", impl, where[1] or "?", where[0], params)
@@ -76,7 +76,7 @@ class MoEPass:
                 node.meta["val"] = value(src).transpose(1, 2)
         return (x, ids, weights, a, b, params["activation"], value(out).dtype, impl)
 
-    def _rewrite(self, graph, region, inputs, out, params, impl, where) -> Optional[str]:
+    def _rewrite(self, graph, region, inputs, out, params, impl, where, inline) -> Optional[str]:
         x, ids, weights, w1, w2 = (inputs[k] for k in ("x", "ids", "weights", "w_gate_up", "w_down"))
         act, t1, t2 = params["activation"], params["gate_up_transposed"], params["down_transposed"]
         out_dtype = value(out).dtype
@@ -85,7 +85,7 @@ class MoEPass:
         gen = kernel.kernels_for(xv.dtype, act, origin) if impl != "reference" else None
         binding = _RegionBinding(region, out)
 
-        if impl == "triton":
+        if impl == "triton" and inline:
             from torch._subclasses.fake_tensor import unset_fake_temporarily
 
             with unset_fake_temporarily():

@@ -144,7 +144,7 @@ class RMSNormPass(FusionPass):
         if impl != "reference":
             gen, _ = kernel.kernel_for(params["hidden"], *spec, origin)
             kernel_file = str(gen.path)
-        if impl == "interpret":
+        if impl == "interpret" or not self.options.inline:
             op = getattr(torch.ops.deepfuse, name).default
             replace_region(graph, b, op, inputs + (eps, cast_first, y.dtype, impl), 2 if residual else 1)
             return f"deepfuse::{name}", kernel_file

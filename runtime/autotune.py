@@ -98,11 +98,15 @@ def _key(kernel_key: str, n: int, device: torch.device) -> str:
 def _tune(configs: Sequence[dict], run: Callable[[dict], None]) -> int:
     from triton.testing import do_bench
 
+    from deepfuse.progress import progress
+
     times = []
-    for cfg in configs:
+    for i, cfg in enumerate(configs):
+        progress(f"autotuning: configuration {i + 1}/{len(configs)}")
         try:
             times.append(do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median"))
         except Exception as e:  # a config the hardware rejects (too much shared memory, say) is skipped
             log.debug("autotune config %s failed: %s", cfg, e)
             times.append(float("inf"))
+    progress("")
     return min(range(len(configs)), key=times.__getitem__)
