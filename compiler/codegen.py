@@ -132,8 +132,12 @@ def generate(
             if body is None:
                 log.warning("regenerating corrupted or stale kernel file %s", path)
         if body is None:
+            from .progress import progress
+
+            progress(f"generating kernel {path.name}")
             body = _header(header, template.name, spec) + template.render(slots)
             _atomic_write(path, _DIGEST_PREFIX + _sha(body) + "\n" + body)
+            progress("")
         try:
             module = _import(path, template.name, key)
         except Exception as first:  # a file that hashes right but does not import: rebuild it once

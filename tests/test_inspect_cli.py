@@ -97,3 +97,30 @@ def test_console_script_is_installed():
 
     scripts = importlib.metadata.entry_points(group="console_scripts")
     assert any(e.name == "deepfuse" and e.value == "deepfuse.cli:main" for e in scripts)
+
+
+def test_info_log_has_one_line_per_match_and_decline_with_reason_and_source(caplog):
+    import torch
+
+    import deepfuse
+
+    def model(x, w):
+        h = x.float()
+        fused = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        half = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))  # in fp16: declined
+        return fused, half
+
+    with caplog.at_level("INFO", logger="deepfuse"):
+        deepfuse.explain(model, torch.randn(3, 16).half(), torch.rand(16).half())
+    lines = [r.getMessage() for r in caplog.records if r.name == "deepfuse"]
+    matched = [ln for ln in lines if ln.startswith("matched rms_norm")]
+    declined = [ln for ln in lines if ln.startswith("declined rms_norm")]
+    assert len(matched) == 1 and "test_inspect_cli.py:" in matched[0]
+    assert len(declined) == 1 and "not fp32" in declined[0] and "test_inspect_cli.py:" in declined[0]
+
+
+def test_progress_is_silent_off_a_terminal(capsys):
+    from deepfuse.progress import progress
+
+    progress("working")
+    assert capsys.readouterr().err == ""
