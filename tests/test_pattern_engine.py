@@ -96,10 +96,11 @@ def test_engine_is_fast_on_a_27_layer_graph():
     with torch.no_grad():
         graph = make_fx(model, tracing_mode="real")(torch.randn(3, 32).half()).graph
     assert len(graph.nodes) > 2400
-    start = time.perf_counter()
+    # CPU time of this process: the bound is on the engine's work, not on what else the machine is doing.
+    start = time.process_time()
     host = HostGraph(graph)
     bindings = [b for p in RMSNormPass.patterns for b in p.match(host, set())]
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert len([b for b in bindings if b.pattern.family == "add_rms_norm"]) >= 27 * 4 - 1
     assert elapsed < 1.0, f"matching took {elapsed:.2f}s"
 
