@@ -34,6 +34,9 @@ class Options:
     #: Trace each kernel launch (GPU) or reference (CPU) into the graph, so Inductor schedules and launches
     #: it (True); or keep one ``deepfuse::`` op call per match (False: what ``deepfuse inspect`` shows).
     inline: bool = True
+    #: Reductions in a fixed order (True), or by atomic adds where a kernel offers them (False: faster,
+    #: results may differ in the last bits from run to run). Today: the MoE combine of a token's k experts.
+    deterministic: bool = True
 
     # Set from torch.compile's ``mode=`` argument, not from ``options``.
     mode: str = field(default="default", repr=False)
@@ -57,7 +60,7 @@ class Options:
             options["passes"] = names
         if options.get("kernels", "auto") not in KERNEL_CHOICES:
             raise DeepfuseError(f"options['kernels'] must be one of {KERNEL_CHOICES}, got {options['kernels']!r}")
-        for key in ("interpret", "inductor", "autotune", "inline"):
+        for key in ("interpret", "inductor", "autotune", "inline", "deterministic"):
             if key in options and not isinstance(options[key], bool):
                 raise DeepfuseError(f"options[{key!r}] must be a bool, got {options[key]!r}")
         mode = mode or "default"
@@ -85,4 +88,4 @@ class Options:
 
     def fingerprint(self) -> str:
         """What changes the rewritten graph; part of Inductor's FX-graph cache key."""
-        return repr((self.interpret, self.kernels, self.passes, self.inline))
+        return repr((self.interpret, self.kernels, self.passes, self.inline, self.deterministic))

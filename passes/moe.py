@@ -54,6 +54,7 @@ class MoEPass:
             params.update(_routing_params(topk))
             device = value(out).device.type
             impl = options.kernel_impl(device)
+            params["deterministic"] = options.deterministic
             kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where, options.inline)
             report.matches.append(Match(self.family, "deepfuse::moe_experts", params, *where, impl=impl,
                                         kernel_file=kernel_file))
@@ -74,7 +75,7 @@ class MoEPass:
         for node, src in ((a, w1), (b, w2)):
             if node is not src:
                 node.meta["val"] = value(src).transpose(1, 2)
-        return (x, ids, weights, a, b, params["activation"], value(out).dtype, impl)
+        return (x, ids, weights, a, b, params["activation"], value(out).dtype, impl, params["deterministic"])
 
     def _rewrite(self, graph, region, inputs, out, params, impl, where, inline) -> Optional[str]:
         x, ids, weights, w1, w2 = (inputs[k] for k in ("x", "ids", "weights", "w_gate_up", "w_down"))
@@ -95,7 +96,8 @@ class MoEPass:
             def launcher(x_, ids_, w_, a, b):
                 a = a.transpose(1, 2) if t1 else a
                 b = b.transpose(1, 2) if t2 else b
-                return (kernel.moe_experts(x_, ids_, w_, a, b, act, config=config).to(out_dtype),)
+                return (kernel.moe_experts(x_, ids_, w_, a, b, act, config=config,
+                                           deterministic=params["deterministic"]).to(out_dtype),)
 
             replace_region_inline_or_op(graph, binding, launcher, (x, ids, weights, w1, w2),
                                         torch.ops.deepfuse.moe_experts.default,

@@ -67,15 +67,16 @@ def moe_experts(
     activation: str,
     out_dtype: torch.dtype,
     impl: str,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """The routed experts: x [T, H], ids/weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H]."""
     _check_impl(impl)
     if impl == "reference":
         return _moe.reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation).to(out_dtype)
     return _moe.moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, activation,
-                            interpret=impl == "interpret").to(out_dtype)
+                            interpret=impl == "interpret", deterministic=deterministic).to(out_dtype)
 
 
 @moe_experts.register_fake
-def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation, out_dtype, impl):
+def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation, out_dtype, impl, deterministic=True):
     return x.new_empty(x.shape, dtype=out_dtype)

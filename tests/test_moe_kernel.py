@@ -21,12 +21,14 @@ def _inputs(t, hidden, inter, experts, k, dtype, device, route="random", gen=Non
     return x, ids.to(device), weights.to(device), w_gate_up, w_down
 
 
-def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random", activation="silu", noncontig=False):
+def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random", activation="silu", noncontig=False,
+           deterministic=True):
     x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
     if noncontig:
         x = torch.cat([x, x], dim=1)[:, ::2]
         assert t == 0 or not x.is_contiguous()
-    out = moe.moe_experts(x, ids, weights, wgu, wd, activation=activation, interpret=interpret)
+    out = moe.moe_experts(x, ids, weights, wgu, wd, activation=activation, interpret=interpret,
+                          deterministic=deterministic)
     ref = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double(), activation)
     assert out.shape == (t, hidden) and out.dtype == dtype
     if t:
@@ -53,6 +55,11 @@ def test_interpreted_experts(case, dtype):
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 def test_interpreted_activations(activation):
     _check(6, 32, 32, 4, 2, torch.float32, "cpu", interpret=True, activation=activation)
+
+
+@pytest.mark.parametrize("case", [(1, 64, 32, 8, 2), (9, 32, 32, 8, 8), (0, 32, 32, 4, 2), (40, 32, 48, 7, 3)], ids=str)
+def test_interpreted_atomic_combine(case):
+    _check(*case, torch.float16, "cpu", interpret=True, deterministic=False)
 
 
 def test_interpreted_all_tokens_to_one_expert_and_noncontiguous_input():
@@ -97,6 +104,12 @@ def test_bad_shapes_are_clear_errors():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_experts_v2_lite_shape(t, dtype):
     _check(t, 2048, 1408, 64, 6, dtype, "cuda", interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 4096])
+def test_gpu_experts_atomic_combine(t):
+    _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, deterministic=False)
 
 
 @pytest.mark.gpu

@@ -96,6 +96,15 @@ def test_unsupported_activation_is_declined_not_approximated():
     assert any("not the routed-experts computation" in d.reason for d in report.declined), str(report)
 
 
+def test_atomic_combine_option_reaches_the_kernel():
+    cfg = get_config("v3-tiny")
+    model = DeepSeekForCausalLM.from_config(cfg, seed=3)
+    report = _compile_check(model, (torch.randint(0, cfg.vocab_size, (2, 5)),), 1e-4, interpret=True,
+                            deterministic=False)
+    moes = [m for m in report.matches if m.family == "moe"]
+    assert moes and all(m.params["deterministic"] is False for m in moes)
+
+
 def test_moe_pass_can_be_switched_off():
     model = DeepSeekForCausalLM.from_config(get_config("tiny"), seed=0)
     report = deepfuse.explain(model, torch.randint(0, 512, (1, 4)), passes=["rms_norm"])

@@ -123,9 +123,11 @@ def moe_down_weighted_kernel(
     H, W, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights,
     stride_hm, stride_we, stride_wn, stride_wk, stride_om,
     num_slots, N: tl.constexpr, K: tl.constexpr,
+    TOP_K: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order."""
+    """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
+    straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(NumPadded):
@@ -148,8 +150,13 @@ def moe_down_weighted_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wk
     weight = tl.load(TopkWeights + slot, mask=valid, other=0.0).to(tl.float32)
-    out = (acc * weight[:, None]).to(${dtype})
-    tl.store(Out + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
+    if ATOMIC:
+        token = (slot // TOP_K).to(tl.int64)
+        tl.atomic_add(Out + token[:, None] * stride_om + offs_n[None, :], acc * weight[:, None],
+                      mask=valid[:, None] & n_ok)
+    else:
+        out = (acc * weight[:, None]).to(${dtype})
+        tl.store(Out + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
 ''',
 )
 
@@ -274,8 +281,11 @@ def moe_experts(
     interpret: bool = False,
     config: Optional[dict] = None,
     origin: str = "",
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """x [T, H], topk_ids/topk_weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H] in x.dtype.
+    ``deterministic``: the k contributions of a token are summed in a fixed order (True), or atomically
+    added into an fp32 buffer by the down kernel (False: no per-slot buffer or sum pass; order not fixed).
 
     Traceable: under make_fx the launches become Inductor's user-defined-Triton-kernel nodes."""
     _check(x, topk_ids, topk_weights, w_gate_up, w_down)
@@ -310,15 +320,20 @@ def moe_experts(
         num_slots, N=inter, K=hidden,
         TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch_opts,
     )
-    per_slot = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
+    if deterministic:
+        out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.zeros((t, hidden), dtype=torch.float32, device=x.device)
     down[(capacity // bm, triton.cdiv(hidden, bn))](
-        inter_out, w_down, per_slot, sorted_slots, block_expert, num_padded, weights,
-        inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), per_slot.stride(0),
-        num_slots, N=hidden, K=inter,
+        inter_out, w_down, out, sorted_slots, block_expert, num_padded, weights,
+        inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), out.stride(0),
+        num_slots, N=hidden, K=inter, TOP_K=k, ATOMIC=not deterministic,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch_opts,
     )
+    if not deterministic:
+        return out.to(x.dtype)
     # The k contributions of a token, summed in slot order in fp32: deterministic, no atomics.
-    return per_slot.view(t, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    return out.view(t, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
 def _check(x, topk_ids, topk_weights, w_gate_up, w_down):
