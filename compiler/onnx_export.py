@@ -36,7 +36,9 @@ def _translation(overload: torch._ops.OpOverload):
     op = Op(Opset(DOMAIN, 1), name, op_schema=onnx_schema)
 
     def translate(*args, **kwargs):
-        bound = dict(zip([a.name for a in schema.arguments], args), **kwargs)
+        # torch.export drops arguments left at their default: take those from the schema.
+        bound = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+        bound.update(zip([a.name for a in schema.arguments], args), **kwargs)
         attrs: dict[str, Any] = {}
         for a in attr_args:
             v = bound[a.name]
