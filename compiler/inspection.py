@@ -13,7 +13,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .errors import DeepfuseError
+
+if TYPE_CHECKING:
+    from .report import Report
 
 
 def load_target(target: str, tokens: int = 8):
@@ -48,7 +53,7 @@ def load_target(target: str, tokens: int = 8):
     return model, (torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)),)
 
 
-def inspect_model(model, inputs, out: str, options: dict) -> "deepfuse.Report":  # noqa: F821
+def inspect_model(model, inputs, out: str, options: dict) -> "Report":
     """Explain ``model`` with one deepfuse op per match, and write the folder ``out`` atomically."""
     import deepfuse
 

@@ -150,11 +150,11 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _ancestors(node: fx.Node, stop: set[fx.Node] = frozenset()) -> set[fx.Node]:
+def _ancestors(node: fx.Node) -> set[fx.Node]:
     seen, stack = {node}, [node]
     while stack:
         for a in stack.pop().all_input_nodes:
-            if a not in seen and a not in stop:
+            if a not in seen:
                 seen.add(a)
                 stack.append(a)
     return seen

@@ -120,7 +120,6 @@ def launch(
     out_dtype: torch.dtype,
     interpret: bool = False,
     config: Optional[dict] = None,
-    autotune_enabled: bool = True,
     origin: str = "",
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Allocate the outputs and launch the kernel. Traceable: under make_fx the launch becomes Inductor's
@@ -149,7 +148,7 @@ def launch(
 
     if not (isinstance(m, int) and m == 0):
         if config is None:
-            config = autotune.choose(gen.key, m, CONFIGS, run, x.device, autotune_enabled and not interpret)
+            config = autotune.choose(gen.key, m, CONFIGS, run, x.device, enabled=not interpret)
         run(config)
     out_shape = x.shape[:-1] + (n,)
     return y.view(out_shape), (h.view(out_shape) if h is not None else None)
@@ -160,20 +159,12 @@ def tune(shape, in_dtype, w_dtype, out_dtype, residual: bool, cast_first: bool, 
     x = torch.randn(shape, dtype=in_dtype, device=device)
     w = torch.rand(shape[-1], dtype=w_dtype, device=device)
     r = torch.randn(shape, dtype=in_dtype, device=device) if residual else None
-    gen, name = kernel_for(shape[-1], in_dtype, w_dtype, out_dtype, residual, cast_first, origin)
+    gen, _ = kernel_for(shape[-1], in_dtype, w_dtype, out_dtype, residual, cast_first, origin)
     m = x.numel() // shape[-1]
     if m == 0:
         return CONFIGS[0]
-    fn = gen.function(name)
-    x2, r2 = x.view(-1, shape[-1]), (r.view(-1, shape[-1]) if r is not None else None)
-    y = torch.empty_like(x2, dtype=out_dtype)
-    h = torch.empty_like(x2) if r is not None else y
-
-    def run(cfg):
-        fn[(m,)](x2, r2 if r2 is not None else x2, w, y, h, x2.stride(0), x2.stride(0), y.stride(0), h.stride(0),
-                 shape[-1], 1e-6, BLOCK_N=_block(shape[-1]), **cfg)
-
-    return autotune.choose(gen.key, m, CONFIGS, run, torch.device(device))
+    return autotune.choose(gen.key, m, CONFIGS, lambda cfg: launch(x, w, r, 1e-6, cast_first, out_dtype, config=cfg),
+                           torch.device(device))
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
