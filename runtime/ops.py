@@ -7,8 +7,11 @@ interpreter), or ``"reference"`` (plain torch).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from deepfuse.runtime.kernels import mla as _mla
 from deepfuse.runtime.kernels import moe as _moe
 from deepfuse.runtime.kernels import rms_norm as _rms
 
@@ -80,3 +83,30 @@ def moe_experts(
 @moe_experts.register_fake
 def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation, out_dtype, impl, deterministic=True):
     return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("deepfuse::mla_attention", mutates_args=())
+def mla_attention(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    w_kv_b: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    causal: bool,
+    impl: str,
+) -> torch.Tensor:
+    """MLA over the latent: q_nope [B, S, H, DN], q_pe [B, S, H, R], c_kv [B, T, C], k_pe [B, T, R],
+    w_kv_b (kv_b_proj.weight) [H*(DN+DV), C], an optional additive or bool mask broadcastable to
+    [B, H, S, T] -> [B, S, H, DV]."""
+    _check_impl(impl)
+    if impl == "reference":
+        return _mla.reference(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale, causal, mask)
+    return _mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale, causal, mask, interpret=impl == "interpret")
+
+
+@mla_attention.register_fake
+def _(q_nope, q_pe, c_kv, k_pe, w_kv_b, mask, scale, causal, impl):
+    b, s, h, dn = q_nope.shape
+    return q_nope.new_empty((b, s, h, w_kv_b.shape[0] // h - dn))

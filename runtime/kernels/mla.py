@@ -1,0 +1,379 @@
+"""Multi-head Latent Attention over the latent KV cache.
+
+    out[b, s, h] = sum_t softmax_t(scale * (q_nope . k_nope[t] + q_pe . k_pe[t]) + mask) v[t]
+    with k_nope[t] = W_UK[h] c_kv[t], v[t] = W_UV[h] c_kv[t]  (W_UK, W_UV: the two halves of kv_b_proj)
+
+The cache holds, per token, only c_kv [C] and the head-shared roped key k_pe [R]. Two ways to attend:
+
+* absorbed (decode, short queries): W_UK moves to the query side (q_lat = q_nope W_UK, [H, C]) and W_UV to
+  the output side, so attention runs directly over the latent: every head of a query reads the same c_kv
+  row, and each latent byte is read once per (query, head block). ``mla_decode_partial_kernel`` splits the
+  context across programs (flash-decoding), ``mla_decode_reduce_kernel`` merges the splits by their
+  log-sum-exp. The cache is never expanded.
+* expanded (prefill): k_nope and v come from one matmul of the latent with kv_b_proj; the flash-attention
+  kernel ``mla_prefill_kernel`` takes the nope and rope parts of q and k as separate operands, so the
+  [.., 192] key is never concatenated, and k_pe is read once per key block for every head.
+
+Causality is bottom-right aligned (query i of S sits at position T - S + i), which is both prefill's and
+decode's mask. A general additive mask (any broadcast of [B, H, S, T]) is supported too.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
+
+_TL = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
+
+TEMPLATE = KernelTemplate(
+    "mla_attention",
+    '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mla_decode_partial_kernel(
+    QLat, QPe, KV, KPe, Mask, PartOut, PartLse,
+    stride_qlb, stride_qls, stride_qlh, stride_qpb, stride_qps, stride_qph,
+    stride_kvb, stride_kvt, stride_kpb, stride_kpt,
+    stride_mb, stride_mh, stride_ms, stride_mt,
+    S, T, H, scale, causal_offset,
+    C: tl.constexpr, C_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """One (query, head block, context split): attention over the latent rows of the split, all heads of the
+    block together (each c_kv row is loaded once for them). Writes the split's normalized output and LSE."""
+    pid_bs = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bs // S).to(tl.int64)
+    s = pid_bs % S
+    heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < H
+    offs_c = tl.arange(0, C_POW2)
+    offs_r = tl.arange(0, R_POW2)
+    q_lat = tl.load(QLat + b * stride_qlb + s * stride_qls + heads[:, None] * stride_qlh + offs_c[None, :],
+                    mask=h_ok[:, None] & (offs_c[None, :] < C), other=0.0)
+    q_pe = tl.load(QPe + b * stride_qpb + s * stride_qps + heads[:, None] * stride_qph + offs_r[None, :],
+                   mask=h_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+    t_end = T
+    if CAUSAL:
+        t_end = tl.minimum(T, causal_offset + s + 1)
+    per_split = tl.cdiv(tl.cdiv(T, NUM_SPLITS), BLOCK_T) * BLOCK_T
+    t_lo = split * per_split
+    t_hi = tl.minimum(t_lo + per_split, t_end)
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, C_POW2), dtype=tl.float32)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < t_hi
+        kv = tl.load(KV + b * stride_kvb + offs_t[:, None] * stride_kvt + offs_c[None, :],
+                     mask=t_ok[:, None] & (offs_c[None, :] < C), other=0.0)
+        k_pe = tl.load(KPe + b * stride_kpb + offs_t[:, None] * stride_kpt + offs_r[None, :],
+                       mask=t_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+        scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
+        scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
+        if HAS_MASK:
+            scores += tl.load(Mask + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
+                              + offs_t[None, :] * stride_mt, mask=h_ok[:, None] & t_ok[None, :], other=0.0)
+        scores = tl.where(t_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
+    row = pid_bs.to(tl.int64) * H + heads
+    tl.store(PartOut + (row[:, None] * NUM_SPLITS + split) * C_POW2 + offs_c[None, :], out, mask=h_ok[:, None])
+    tl.store(PartLse + row * NUM_SPLITS + split, lse, mask=h_ok)
+
+
+@triton.jit
+def mla_decode_reduce_kernel(
+    PartOut, PartLse, Out, H, stride_ob, stride_os, stride_oh, S,
+    C: tl.constexpr, C_POW2: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+):
+    """Merge the context splits of one (query, head): weights exp(lse_split - lse_max), renormalized."""
+    pid_bs = tl.program_id(0)
+    h = tl.program_id(1)
+    row = pid_bs.to(tl.int64) * H + h
+    splits = tl.arange(0, SPLITS_POW2)
+    offs_c = tl.arange(0, C_POW2)
+    lse = tl.load(PartLse + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp(lse - m)
+    part = tl.load(PartOut + (row * NUM_SPLITS + splits[:, None]) * C_POW2 + offs_c[None, :],
+                   mask=splits[:, None] < NUM_SPLITS, other=0.0)
+    out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
+    b = pid_bs // S
+    s = pid_bs % S
+    tl.store(Out + b.to(tl.int64) * stride_ob + s * stride_os + h * stride_oh + offs_c, out.to(${dtype}),
+             mask=offs_c < C)
+
+
+@triton.jit
+def mla_prefill_kernel(
+    QN, QP, KN, KP, V, Mask, Out,
+    stride_qnb, stride_qns, stride_qnh, stride_qpb, stride_qps, stride_qph,
+    stride_knb, stride_knt, stride_knh, stride_kpb, stride_kpt,
+    stride_vb, stride_vt, stride_vh, stride_ob, stride_os, stride_oh,
+    stride_mb, stride_mh, stride_ms, stride_mt,
+    S, T, H, scale, causal_offset,
+    DN: tl.constexpr, DN_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
+    DV: tl.constexpr, DV_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """Flash attention for one (query block, batch, head): scores = q_nope . k_nope + q_pe . k_pe (two dots,
+    no concatenated key), online softmax, P . V; the fp32 accumulator is normalized once at the end."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < S
+    offs_dn = tl.arange(0, DN_POW2)
+    offs_r = tl.arange(0, R_POW2)
+    offs_dv = tl.arange(0, DV_POW2)
+    q_nope = tl.load(QN + b * stride_qnb + rows[:, None] * stride_qns + h * stride_qnh + offs_dn[None, :],
+                     mask=r_ok[:, None] & (offs_dn[None, :] < DN), other=0.0)
+    q_pe = tl.load(QP + b * stride_qpb + rows[:, None] * stride_qps + h * stride_qph + offs_r[None, :],
+                   mask=r_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+    t_end = T
+    if CAUSAL:
+        t_end = tl.minimum(T, causal_offset + (pid_m + 1) * BLOCK_M)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, DV_POW2), dtype=tl.float32)
+    for t0 in range(0, t_end, BLOCK_N):
+        offs_t = t0 + tl.arange(0, BLOCK_N)
+        t_ok = offs_t < t_end
+        k_nope = tl.load(KN + b * stride_knb + offs_t[None, :] * stride_knt + h * stride_knh + offs_dn[:, None],
+                         mask=t_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
+        k_pe = tl.load(KP + b * stride_kpb + offs_t[None, :] * stride_kpt + offs_r[:, None],
+                       mask=t_ok[None, :] & (offs_r[:, None] < R), other=0.0)
+        scores = tl.dot(q_nope, k_nope, input_precision=${precision})
+        scores = tl.dot(q_pe, k_pe, scores, input_precision=${precision}) * scale
+        if HAS_MASK:
+            scores += tl.load(Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_ms
+                              + offs_t[None, :] * stride_mt, mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        keep = t_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_t[None, :] <= causal_offset + rows[:, None])
+        scores = tl.where(keep, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + b * stride_vb + offs_t[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+                    mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=${precision})
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(Out + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + offs_dv[None, :], out.to(${dtype}),
+             mask=r_ok[:, None] & (offs_dv[None, :] < DV))
+''',
+)
+
+_generated = memo()
+
+
+def kernels_for(dtype: torch.dtype, origin: str = ""):
+    if dtype not in _TL:
+        raise TypeError(f"mla: unsupported dtype {dtype}; supported: float16, bfloat16, float32")
+    key = (str(cache_dir()), dtype)
+    if key not in _generated:
+        header = (
+            "Pattern family: mla (Multi-head Latent Attention).\n"
+            "Computes: softmax(scale * (q_nope . W_UK c_kv + q_pe . k_pe) + mask) . W_UV c_kv, either absorbed\n"
+            "(attention directly over the latent cache, context split across programs, then merged) or\n"
+            "expanded (flash attention with the nope and rope parts of q and k as separate operands).\n"
+            + (f"First generated for: {origin}" if origin else "")
+        )
+        # fp32 stays fp32 in the tensor cores' dot (no TF32), so fp32 models keep fp32 accuracy.
+        slots = {"dtype": _TL[dtype], "precision": '"ieee"' if dtype == torch.float32 else "None"}
+        _generated[key] = generate(TEMPLATE, {"dtype": str(dtype)}, slots, header)
+    return _generated[key]
+
+
+def _size_hint(n) -> int:
+    return int(n.node.hint) if isinstance(n, torch.SymInt) and n.node.hint is not None else int(n)
+
+
+ABSORB_MAX_QUERIES = 16  # queries per sequence up to which the absorbed path runs (decode, speculative steps)
+
+
+def choose_path(queries: int) -> str:
+    return "absorbed" if _size_hint(queries) <= ABSORB_MAX_QUERIES else "expanded"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _mask_4d(mask: Optional[torch.Tensor], b, h, s, t):
+    """An additive fp32 mask broadcast to [B, H, S, T] (strides 0 where broadcast), or None. A bool mask
+    means True = attend (SDPA's convention)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask.to(torch.float32).expand(b, h, s, t)
+
+
+def mla_attention(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    w_kv_b: torch.Tensor,
+    scale: float,
+    causal: bool,
+    mask: Optional[torch.Tensor] = None,
+    path: str = "auto",
+    interpret: bool = False,
+    config: Optional[dict] = None,
+    origin: str = "",
+) -> torch.Tensor:
+    """q_nope [B, S, H, DN], q_pe [B, S, H, R], c_kv [B, T, C], k_pe [B, T, R], w_kv_b [H*(DN+DV), C]
+    (kv_b_proj.weight) -> [B, S, H, DV] in q's dtype. Any strides with a unit last dim; traceable (the
+    launches become Inductor user-kernel nodes under make_fx)."""
+    _check(q_nope, q_pe, c_kv, k_pe, w_kv_b)
+    b, s, h, dn = q_nope.shape
+    t, c = c_kv.shape[1], c_kv.shape[2]
+    r = q_pe.shape[-1]
+    dv = w_kv_b.shape[0] // h - dn
+    dtype = q_nope.dtype
+    w = w_kv_b.view(h, dn + dv, c)
+    if path == "auto":
+        path = choose_path(s)
+    gen = kernels_for(dtype, origin)
+    mask4 = _mask_4d(mask, b, h, s, t)
+    has_mask = mask4 is not None
+    m_args = (mask4.stride() if has_mask else (0, 0, 0, 0))
+    mask_ptr = mask4 if has_mask else q_nope
+    c_kv, k_pe = _unit_last(c_kv), _unit_last(k_pe)
+    q_pe = _unit_last(q_pe)
+    if path == "absorbed":
+        cfg = dict(config or {"BLOCK_H": 16, "BLOCK_T": 32 if c > 256 else 64, "num_warps": 4, "num_stages": 2})
+        bh, bt = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_T")
+        launch_opts = {} if interpret else cfg
+        # W_UK absorbed into the query: q_lat[b, s, h] = q_nope[b, s, h] @ W_UK[h]  ([DN] x [DN, C])
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w[:, :dn].to(dtype))
+        head_blocks = triton.cdiv(h, bh)
+        splits = max(1, min(64, triton.cdiv(2 * _sm_count(q_nope.device), _size_hint(b * s) * head_blocks)))
+        c_pow2, r_pow2 = max(16, triton.next_power_of_2(c)), max(16, triton.next_power_of_2(r))
+        part_out = torch.empty((b * s * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
+        part_lse = torch.empty((b * s * h * splits,), dtype=torch.float32, device=q_nope.device)
+        out_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
+        partial = gen.function("mla_decode_partial_kernel", interpret=interpret)
+        reduce = gen.function("mla_decode_reduce_kernel", interpret=interpret)
+        if not interpret:
+            partial, reduce = torch.library.wrap_triton(partial), torch.library.wrap_triton(reduce)
+        partial[(b * s, head_blocks, splits)](
+            q_lat, q_pe, c_kv, k_pe, mask_ptr, part_out, part_lse,
+            q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
+            c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), *m_args,
+            s, t, h, scale, t - s,
+            C=c, C_POW2=c_pow2, R=r, R_POW2=r_pow2, BLOCK_H=bh, BLOCK_T=bt, NUM_SPLITS=splits,
+            HAS_MASK=has_mask, CAUSAL=causal, **launch_opts,
+        )
+        reduce[(b * s, h)](
+            part_out, part_lse, out_lat, h, out_lat.stride(0), out_lat.stride(1), out_lat.stride(2), s,
+            C=c, C_POW2=c_pow2, NUM_SPLITS=splits, SPLITS_POW2=max(2, triton.next_power_of_2(splits)),
+        )
+        # W_UV absorbed into the output: out[b, s, h] = out_lat[b, s, h] @ W_UV[h]^T  ([C] x [C, DV])
+        return torch.einsum("bshc,hdc->bshd", out_lat, w[:, dn:].to(dtype))
+    if path != "expanded":
+        raise ValueError(f"mla: path must be 'auto', 'absorbed' or 'expanded', got {path!r}")
+    cfg = dict(config or {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2})
+    bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    launch_opts = {} if interpret else cfg
+    kv = torch.matmul(c_kv, w_kv_b.to(dtype).t()).view(b, t, h, dn + dv)  # k_nope | v for every head
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+    out = torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)
+    q_nope = _unit_last(q_nope)
+    prefill = gen.function("mla_prefill_kernel", interpret=interpret)
+    if not interpret:
+        prefill = torch.library.wrap_triton(prefill)
+    prefill[(triton.cdiv(s, bm), b * h)](
+        q_nope, q_pe, k_nope, k_pe, v, mask_ptr, out,
+        q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
+        k_nope.stride(0), k_nope.stride(1), k_nope.stride(2), k_pe.stride(0), k_pe.stride(1),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *m_args,
+        s, t, h, scale, t - s,
+        DN=dn, DN_POW2=max(16, triton.next_power_of_2(dn)), R=r, R_POW2=max(16, triton.next_power_of_2(r)),
+        DV=dv, DV_POW2=max(16, triton.next_power_of_2(dv)), BLOCK_M=bm, BLOCK_N=bn,
+        HAS_MASK=has_mask, CAUSAL=causal, **launch_opts,
+    )
+    return out
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q_nope, q_pe, c_kv, k_pe, w_kv_b):
+    if q_nope.dim() != 4 or q_pe.dim() != 4 or q_nope.shape[:3] != q_pe.shape[:3]:
+        raise ValueError(f"mla: q_nope and q_pe must be [B, S, H, d], got {tuple(q_nope.shape)}, {tuple(q_pe.shape)}")
+    b, _, h, dn = q_nope.shape
+    if c_kv.dim() != 3 or k_pe.dim() != 3 or c_kv.shape[:2] != k_pe.shape[:2] or c_kv.shape[0] != b:
+        raise ValueError(f"mla: c_kv [B, T, C] and k_pe [B, T, R] expected, got {tuple(c_kv.shape)}, "
+                         f"{tuple(k_pe.shape)}")
+    if k_pe.shape[-1] != q_pe.shape[-1]:
+        raise ValueError("mla: q_pe and k_pe must have the same rope width")
+    if w_kv_b.dim() != 2 or w_kv_b.shape[1] != c_kv.shape[-1] or w_kv_b.shape[0] % h or w_kv_b.shape[0] // h <= dn:
+        raise ValueError(f"mla: w_kv_b {tuple(w_kv_b.shape)} is not [H*(DN+DV), C] for H={h}, DN={dn}, "
+                         f"C={c_kv.shape[-1]}")
+    if q_nope.dtype not in _TL or any(x.dtype != q_nope.dtype for x in (q_pe, c_kv, k_pe)):
+        raise TypeError("mla: q, c_kv and k_pe must share one float dtype")
+
+
+def reference(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale: float, causal: bool, mask=None) -> torch.Tensor:
+    """Plain torch, the cache expanded per head (the naive form); accumulates in q's dtype's accumulator."""
+    b, s, h, dn = q_nope.shape
+    t = c_kv.shape[1]
+    acc = torch.float64 if q_nope.dtype == torch.float64 else torch.float32
+    w = w_kv_b.to(acc).view(h, -1, c_kv.shape[-1])
+    k_nope = torch.einsum("btc,hdc->bthd", c_kv.to(acc), w[:, :dn])
+    v = torch.einsum("btc,hdc->bthd", c_kv.to(acc), w[:, dn:])
+    scores = torch.einsum("bshd,bthd->bhst", q_nope.to(acc), k_nope)
+    scores = (scores + torch.einsum("bshr,btr->bhst", q_pe.to(acc), k_pe.to(acc))) * scale
+    if mask is not None:
+        m4 = _mask_4d(mask, b, h, s, t)
+        scores = scores + m4.to(acc)
+    if causal:
+        keys = torch.arange(t, device=scores.device)
+        queries = torch.arange(s, device=scores.device) + (t - s)
+        scores = scores.masked_fill(keys[None, :] > queries[:, None], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("bhst,bthd->bshd", probs, v).to(q_nope.dtype)
+
+
+def flops(b: int, s: int, t: int, h: int, dn: int, r: int, dv: int, causal: bool) -> float:
+    """Attention FLOPs of the expanded form (the useful work), halved-ish for causal prefill."""
+    pairs = b * h * (s * t - (s * (s - 1) // 2 if causal and s == t else 0))
+    return 2.0 * pairs * (dn + r + dv)
+
+
+def latent_bytes(b: int, t: int, c: int, r: int, itemsize: int) -> int:
+    return b * t * (c + r) * itemsize
+
+
+def mha_cache_bytes_per_token(h: int, dn: int, r: int, dv: int, itemsize: int) -> int:
+    """What an MHA cache of the same attention would hold per token and layer: per-head keys and values."""
+    return h * (dn + r + dv) * itemsize
+
