@@ -4,10 +4,12 @@
 """
 from __future__ import annotations
 
+from deepfuse.passes.mla import MLAPass
 from deepfuse.passes.moe import MoEPass
 from deepfuse.passes.rms_norm import RMSNormPass
 
 PASSES = {
     "moe": MoEPass,
+    "mla": MLAPass,
     "rms_norm": RMSNormPass,
 }

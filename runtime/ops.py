@@ -102,8 +102,10 @@ def mla_attention(
     [B, H, S, T] -> [B, S, H, DV]."""
     _check_impl(impl)
     if impl == "reference":
-        return _mla.reference(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale, causal, mask)
-    return _mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale, causal, mask, interpret=impl == "interpret")
+        out = _mla.reference(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale, causal, mask)
+    else:
+        out = _mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale, causal, mask, interpret=impl == "interpret")
+    return out.contiguous()  # the layout the fake promises
 
 
 @mla_attention.register_fake

@@ -1,0 +1,617 @@
+"""Multi-head Latent Attention: the attention over a low-rank latent, found by what it computes.
+
+The bundled model's absorbed and naive forms, HF DeepseekV2/V3 with SDPA or eager attention, prefill or
+decode over a cache, all lower to different aten graphs; every one of them computes the same function of
+the same values: the per-head queries (q_nope, q_pe), the latent c_kv [B, T, C] (after the cache update),
+the head-shared roped key k_pe [B, T, R], kv_b_proj's weight W [H*(DN+DV), C] and an optional mask:
+
+    out = softmax(scale * (q_nope . (W_UK c_kv) + q_pe . k_pe) + mask) . (W_UV c_kv)
+
+So the pass:
+1. anchors at each attention softmax (an exp normalized by its own sum downstream of a batched matmul of
+   two activations) or SDPA call;
+2. finds the attention output O: the input of the next projection (o_proj) every path from the softmax
+   passes through;
+3. finds W and c_kv: a weight and a [.., C] value that reach O both through the scores and around them
+   (the key side and the value side share them; a plain MHA shares nothing of the kind);
+4. takes the region downstream of W or c_kv (or the softmax) and upstream of O, plus the layout ops and
+   scalar scalings only it uses; its other inputs are the queries, k_pe and the mask, told apart by
+   whether they enter a matmul (and on which side) or only add to the scores;
+5. runs the region on random inputs against the canonical formula above, over the possible layouts, the
+   scale constants found in the region and causal or not; it is rewritten only if one matches.
+The projections, norms, rope and cache writes around it stay with Inductor.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx as fx
+
+from deepfuse.fusion import escape_reason, replace_region_traced
+from deepfuse.log import log
+from deepfuse.options import Options
+from deepfuse.report import Declined, Match, Report, module_path, source_line
+from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
+from deepfuse.runtime.kernels import mla as kernel
+from deepfuse.shapes import hint, value
+
+aten = torch.ops.aten
+
+SDPA = {
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten.scaled_dot_product_attention.default,
+}
+MATMULS = {aten.bmm.default, aten.mm.default, aten.addmm.default, aten.matmul.default}
+LAYOUT = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
+    aten.squeeze.dims, aten.expand.default, aten.clone.default, aten.slice.Tensor, aten.select.int,
+    aten.alias.default, torch.ops.prims.convert_element_type.default, aten._to_copy.default,
+}
+SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+
+
+class MLAPass:
+    family = "mla"
+
+    def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
+        _dedupe_views(graph)
+        changed = 0
+        for anchor in _anchors(graph):
+            if anchor.graph is not graph or anchor not in _live(graph):
+                continue  # consumed by an earlier rewrite
+            where = (source_line(anchor), module_path(anchor))
+            found = _attention_region(graph, anchor)
+            if found is None:
+                continue  # an attention that shares no latent: not MLA, nothing to say
+            if isinstance(found, str):
+                self._decline(report, found, where)
+                continue
+            params = _verify(found)
+            if isinstance(params, str):
+                self._decline(report, params, where)
+                continue
+            impl = options.kernel_impl(value(found["out"]).device.type)
+            kernel_file = self._rewrite(graph, found, params, impl, where, options.inline)
+            shown = {k: v for k, v in params.items() if not k.startswith("_")}
+            report.matches.append(Match(self.family, "deepfuse::mla_attention", shown, *where, impl=impl,
+                                        kernel_file=kernel_file))
+            log.info("matched mla -> deepfuse::mla_attention [%s] at %s (%s) %s", impl, where[1] or "?", where[0],
+                     shown)
+            changed += 1
+        return changed
+
+    def _decline(self, report, reason, where):
+        report.declined.append(Declined(self.family, reason, *where))
+        log.info("declined mla at %s (%s): %s", where[1] or "?", where[0], reason)
+
+    def _rewrite(self, graph, found, params, impl, where, inline) -> Optional[str]:
+        roles, out = found["roles"], found["out"]
+        origin = f"{where[1] or '?'} ({where[0]})"
+        names = [k for k in ("q", "q_nope", "q_pe", "c_kv", "k_pe", "w", "mask") if roles.get(k) is not None]
+        args = tuple(roles[k] for k in names)
+        gen = kernel.kernels_for(value(roles["c_kv"]).dtype, origin) if impl != "reference" else None
+        out_shape = [d for d in value(out).shape]
+        out_dtype = value(out).dtype
+
+        def canonical(*tensors):
+            t = dict(zip(names, tensors))
+            return _canonical_inputs(t, params)
+
+        def finish(o):
+            if params["_out_heads_first"]:
+                o = o.transpose(1, 2)
+            return (o.reshape(out_shape).to(out_dtype),)
+
+        def via_op(*tensors):
+            q_nope, q_pe, c_kv, k_pe, w, mask = canonical(*tensors)
+            return finish(torch.ops.deepfuse.mla_attention(q_nope, q_pe, c_kv, k_pe, w, mask, params["scale"],
+                                                           params["causal"], impl))
+
+        def via_kernel(*tensors):
+            q_nope, q_pe, c_kv, k_pe, w, mask = canonical(*tensors)
+            return finish(kernel.mla_attention(q_nope, q_pe, c_kv, k_pe, w, params["scale"], params["causal"],
+                                               mask, origin=origin))
+
+        binding = _RegionBinding(found["region"], out)
+        launcher = via_kernel if (impl == "triton" and inline) else via_op
+        try:
+            replace_region_traced(graph, binding, launcher, args)
+        except Exception as err:
+            if launcher is via_op:
+                raise
+            log.warning("could not trace the MLA kernel launch into the graph (%s: %s); calling the op instead",
+                        type(err).__name__, str(err)[:200])
+            replace_region_traced(graph, binding, via_op, args)
+        return str(gen.path) if gen is not None else None
+
+
+class _RegionBinding:
+    def __init__(self, region: list[fx.Node], out: fx.Node):
+        self.interior = region
+        self.outputs = [out]
+
+
+def _live(graph: fx.Graph) -> set:
+    return set(graph.nodes)
+
+
+# -- graph helpers ---------------------------------------------------------------------------------------------
+
+
+def _dedupe_views(graph: fx.Graph) -> None:
+    """Merge identical layout ops of one value (functionalization re-derives a cache slice at every use, so
+    the key side and the value side would otherwise read "different" latents)."""
+    seen: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in LAYOUT:
+            continue
+        key = (node.target, _hashable(node.args), _hashable(node.kwargs))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen[key] = node
+
+
+def _hashable(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_hashable(a) for a in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in x.items()))
+    if isinstance(x, (torch.SymInt, torch.SymFloat)):
+        return ("sym", str(x.node.expr))
+    return x
+
+
+def _ancestors(nodes, blocked=frozenset()) -> set:
+    seen, stack = set(nodes), list(nodes)
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen and a not in blocked:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _descendants(nodes) -> set:
+    seen, stack = set(nodes), list(nodes)
+    while stack:
+        for u in stack.pop().users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def _is_weight(node: fx.Node) -> bool:
+    val = value(node)
+    return node.op in ("placeholder", "get_attr") and val is not None and val.dim() == 2 and val.dtype.is_floating_point
+
+
+def _through_layout(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in LAYOUT and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _has_weight_operand(n: fx.Node) -> bool:
+    return any(isinstance(x, fx.Node) and _is_weight(_through_layout(x)) for x in n.args[:2])
+
+
+def _anchors(graph: fx.Graph) -> list[fx.Node]:
+    """Attention softmaxes: SDPA calls, and exp(x) / sum(exp(x)) over the last dim whose scores come from a
+    batched matmul of two activations (a router's softmax comes from a matmul with a weight)."""
+    out = []
+    for n in graph.nodes:
+        if n.target in SDPA:
+            out.append(n)
+        elif n.target in (aten.exp.default, aten._softmax.default) and _normalized(n) and _scores_from_bmm(n):
+            out.append(n)
+    return out
+
+
+def _normalized(n: fx.Node) -> bool:
+    if n.target == aten._softmax.default:
+        return True
+    sums = [u for u in n.users if u.target == aten.sum.dim_IntList]
+    return any(u.target == aten.div.Tensor and u.args[0] is n and u.args[1] in sums for u in n.users)
+
+
+def _scores_from_bmm(n: fx.Node, depth: int = 16) -> bool:
+    frontier, seen = [n], {n}
+    for _ in range(depth):
+        nxt = []
+        for node in frontier:
+            for a in node.all_input_nodes:
+                if a in seen:
+                    continue
+                seen.add(a)
+                if a.target == aten.bmm.default:
+                    if not _has_weight_operand(a):
+                        return True
+                    continue
+                if a.target in (aten.mm.default, aten.addmm.default):
+                    continue
+                nxt.append(a)
+        frontier = nxt
+    return False
+
+
+def _sdpa_parts(anchor: fx.Node):
+    """(q, k, v, scale) of an SDPA node (causality is not read: the check tries both)."""
+    q, k, v = anchor.args[:3]
+    return q, k, v, anchor.kwargs.get("scale")
+
+
+def _attention_output(graph: fx.Graph, anchor: fx.Node) -> Optional[fx.Node]:
+    """The data input of the first projection (a matmul with a weight) downstream of the softmax, if every
+    path from the softmax to the graph's outputs passes through it."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    down = _descendants([anchor])
+    for m in sorted(down, key=order.__getitem__):
+        if m.target not in (aten.mm.default, aten.addmm.default):
+            continue
+        data = [a for a in m.args[-2:] if isinstance(a, fx.Node) and a in down]
+        weights = [a for a in m.args[-2:] if isinstance(a, fx.Node) and _is_weight(_through_layout(a))]
+        if len(data) != 1 or len(weights) != 1:
+            continue
+        cand = data[0]
+        seen, stack = {anchor}, [anchor]
+        while stack:
+            for u in stack.pop().users:
+                if u is cand or u in seen:
+                    continue
+                if u.op == "output":
+                    return None
+                seen.add(u)
+                stack.append(u)
+        return cand
+    return None
+
+
+# -- the region ------------------------------------------------------------------------------------------------
+
+
+def _attention_region(graph: fx.Graph, anchor: fx.Node):
+    out = _attention_output(graph, anchor)
+    if out is None:
+        return None
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if anchor.target in SDPA:
+        q, k, v, _ = _sdpa_parts(anchor)
+        keys, values = _ancestors([q, k]), _ancestors([v])
+    else:  # the value side: what reaches the output without passing the softmax
+        keys, values = _ancestors([anchor]), _ancestors([out], blocked={anchor})
+    common = (keys & values) - {anchor}
+    weights = [n for n in common if _is_weight(n)]
+    if not weights:
+        return None
+
+    def first_matmul(w):
+        uses = [u for u in _descendants([w]) if u.target in MATMULS]
+        return min((order[u] for u in uses), default=-1)
+
+    tried = []
+    for w in sorted(weights, key=first_matmul, reverse=True):
+        c = hint(value(w).shape[1])
+        from_w = _descendants([w])
+        latents = [n for n in common if n not in from_w and n.op != "placeholder" and _last_dim(n) == c
+                   and value(n).dtype.is_floating_point]
+        if not latents:
+            continue
+        c_kv = max(latents, key=order.__getitem__)
+        found = _region_for(graph, anchor, out, w, c_kv, order)
+        if isinstance(found, dict):
+            return found
+        tried.append(found)
+    if tried:
+        return tried[0]
+    return None
+
+
+def _last_dim(n: fx.Node) -> Optional[int]:
+    val = value(n)
+    return hint(val.shape[-1]) if val is not None and val.dim() >= 2 else None
+
+
+def _region_for(graph, anchor, out, w, c_kv, order):
+    upstream = _ancestors([out])
+    region = ((_descendants([w]) | _descendants([c_kv]) | _descendants([anchor])) & upstream) - {w, c_kv}
+    region.add(out)
+    grew = True
+    while grew:
+        grew = False
+        for n in list(region):
+            for a in n.all_input_nodes:
+                if a in region or a in (w, c_kv) or a.op != "call_function":
+                    continue
+                pulls = ((a.target in LAYOUT and not _selects(a)) or (a.target in SCALINGS and _scalar_operand(a) is not None)
+                         or (a.target == aten.bmm.default and not _has_weight_operand(a)))  # q_pe . k_pe
+                if pulls and all(u in region for u in a.users):
+                    region.add(a)
+                    grew = True
+    region = sorted(region, key=order.__getitem__)
+    reason = escape_reason(region, [out])
+    if reason:
+        return reason
+    inside = set(region)
+    boundary = []
+    for n in region:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in boundary and a not in (w, c_kv):
+                boundary.append(a)
+    return _roles(anchor, out, w, c_kv, region, boundary)
+
+
+def _selects(n: fx.Node) -> bool:
+    """A slice or select that keeps part of its input (a cache's filled prefix, say): the region's input is
+    the part, not the whole buffer."""
+    src, out = value(n.args[0]) if isinstance(n.args[0], fx.Node) else None, value(n)
+    return src is None or out is None or hint(out.numel()) < hint(src.numel())
+
+
+def _scalar_operand(n: fx.Node):
+    for a in n.args[1:2] if n.target in (aten.div.Tensor, aten.div.Scalar) else n.args[:2]:
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            return float(a)
+    return None
+
+
+def _matmul_side(start: fx.Node, region: set, anchor: fx.Node) -> Optional[str]:
+    """Which operand of the first matmul (or SDPA) a region input flows into: "q", "k", "v"; None if it
+    reaches the softmax without one (a mask)."""
+    frontier, seen = [start], {start}
+    while frontier:
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u not in region or u in seen:
+                    continue
+                seen.add(u)
+                if u is anchor and u.target not in SDPA:
+                    return None
+                if u.target in SDPA:
+                    pos = [i for i, a in enumerate(u.args[:4]) if a is n]
+                    return ("q", "k", "v", None)[pos[0]] if pos else None
+                if u.target in MATMULS:
+                    return "q" if u.args[-2] is n else "k"
+                nxt.append(u)
+        frontier = nxt
+    return None
+
+
+def _roles(anchor, out, w, c_kv, region, boundary):
+    inside = set(region)
+    scores = value(anchor.args[0])
+    if anchor.target in SDPA:
+        q, k, _, _ = _sdpa_parts(anchor)
+        t = hint(value(k).shape[-2])
+        rows = hint(value(q).numel()) // hint(value(q).shape[-1])  # B*H*S
+    else:
+        t = hint(scores.shape[-1])
+        rows = hint(scores.numel()) // t
+    c = hint(value(w).shape[1])
+    bt = hint(value(c_kv).numel()) // c
+    if t == 0 or bt % t or rows == 0:
+        return "the latent's size does not fit the attention's context length"
+    b = bt // t
+    qs, ks, masks = [], [], []
+    for n in boundary:
+        v = value(n)
+        if v is None or v.numel() == 1 or isinstance(n.meta.get("val"), (torch.SymInt, int)):
+            continue
+        side = _matmul_side(n, inside, anchor)
+        if side == "q":
+            qs.append(n)
+        elif side == "k":
+            ks.append(n)
+        elif side is None and (v.dtype == torch.bool or v.dtype.is_floating_point) and _last_dim(n) == t:
+            masks.append(n)
+        else:
+            return f"the attention region reads a value it should not ({n.name})"
+    if len(ks) != 1:
+        return f"the attention keys read {len(ks)} inputs besides the latent, expected the rope key alone"
+    if not 1 <= len(qs) <= 2 or len(masks) > 1:
+        return "the attention region's queries are not one or two tensors (q, or q_nope and q_pe)"
+    k_pe = ks[0]
+    if hint(value(k_pe).numel()) % bt:
+        return "the rope key's size does not fit [batch, context, rope]"
+    r = hint(value(k_pe).numel()) // bt
+    widths = [hint(value(n).numel()) // rows for n in qs]
+    dv_num = hint(value(out).numel())
+    if dv_num % rows:
+        return "the attention output's size does not fit [batch, heads, queries, v_head_dim]"
+    dv = dv_num // rows
+    roles: dict[str, Any] = {"c_kv": c_kv, "w": w, "k_pe": k_pe, "mask": masks[0] if masks else None}
+    if len(qs) == 1:
+        roles["q"] = qs[0]
+        dn = widths[0] - r
+        splits = [("nope_first", dn)]
+    else:
+        roles["q_nope"], roles["q_pe"] = (qs[0], qs[1]) if widths[1] == r else (qs[1], qs[0])
+        dn = widths[0] if widths[1] == r else widths[1]
+        splits = [("separate", dn)]
+    if dn <= 0 or hint(value(w).shape[0]) % (dn + dv):
+        return "kv_b_proj's shape does not fit the queries' and values' head dims"
+    h = hint(value(w).shape[0]) // (dn + dv)
+    if rows % (b * h):
+        return "the attention's score rows do not factor into batch x heads x queries"
+    s = rows // (b * h)
+    dims = {"batch": b, "queries": s, "context": t, "heads": h, "kv_lora_rank": c, "qk_nope_head_dim": dn,
+            "qk_rope_head_dim": r, "v_head_dim": dv}
+    return {"anchor": anchor, "out": out, "region": region, "roles": roles, "dims": dims, "q_form": splits[0][0],
+            "scales": _scale_candidates(anchor, region, dn + r)}
+
+
+def _scale_candidates(anchor, region, qk_dim) -> list[float]:
+    """Softmax scales the region may apply: SDPA's scale (or its default), the scalar factors found on the
+    way to the softmax, and their pairwise products (a decomposition may scale q and k by sqrt each)."""
+    found = []
+    if anchor.target in SDPA:
+        found.append(_sdpa_parts(anchor)[3] or 1.0 / math.sqrt(qk_dim))
+    pre = _ancestors([anchor])
+    factors = []
+    for n in region:
+        if n in pre and n.target in SCALINGS:
+            f = _scalar_operand(n)
+            if f is not None and f != 0:
+                factors.append(1.0 / f if n.target in (aten.div.Tensor, aten.div.Scalar) else f)
+    found += factors
+    found += [a * b for a, b in itertools.combinations(factors, 2)]
+    found.append(1.0 / math.sqrt(qk_dim))
+    unique = []
+    for f in found:
+        if all(abs(f - u) > 1e-9 * abs(u) for u in unique):
+            unique.append(f)
+    return unique
+
+
+# -- checking what the region computes -------------------------------------------------------------------------
+
+
+def _canonical_inputs(t: dict, params: dict):
+    """The region's inputs as the op takes them: q_nope/q_pe [B, S, H, d], c_kv [B, T, C], k_pe [B, T, R]."""
+    b, s, h, tt = params["_batch_sym"], params["_queries_sym"], params["heads"], params["_context_sym"]
+    dn, r = params["qk_nope_head_dim"], params["qk_rope_head_dim"]
+
+    def q_view(x, d):
+        if params["_q_heads_first"]:
+            return x.reshape(b, h, s, d).transpose(1, 2)
+        return x.reshape(b, s, h, d)
+
+    if "q" in t:
+        q = q_view(t["q"], dn + r)
+        q_nope, q_pe = q[..., :dn], q[..., dn:]
+    else:
+        q_nope, q_pe = q_view(t["q_nope"], dn), q_view(t["q_pe"], r)
+    c_kv = t["c_kv"].reshape(b, tt, -1)
+    k_pe = t["k_pe"].reshape(b, tt, r)
+    mask = t.get("mask")
+    if mask is not None:
+        mask = _mask_bhst(mask, params["_mask_layout"], b, s, h, tt)
+    return q_nope, q_pe, c_kv, k_pe, t["w"], mask
+
+
+MASK_LAYOUTS = (None, "bhst", "bsht")  # how the region's scores are laid out, for broadcasting its mask
+
+
+def _mask_bhst(mask: torch.Tensor, layout: str, b, s, h, t) -> torch.Tensor:
+    """The mask as a (broadcast, zero-stride) [B, H, S, T] view, given the score layout it broadcasts against."""
+    if layout == "bhst":
+        return mask.expand(b, h, s, t) if mask.dim() == 4 else torch.broadcast_to(mask, (b, h, s, t))
+    return torch.broadcast_to(mask, (b, s, h, t)).transpose(1, 2)
+
+
+def _verify(found) -> Union[dict[str, Any], str]:
+    """Run the region on random inputs; accept it if it equals the canonical MLA for one layout, scale and
+    causality. Random values of the real shapes: what is checked is the function, not these values."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    roles, region, out, dims = found["roles"], found["region"], found["out"], dict(found["dims"])
+    names = [k for k in ("q", "q_nope", "q_pe", "c_kv", "k_pe", "w", "mask") if roles.get(k) is not None]
+    sub = fx.Graph()
+    env = {roles[k]: sub.placeholder(k) for k in names}
+    for n in region:
+        for a in n.all_input_nodes:
+            if a not in env and a not in region:
+                v = a.meta.get("val")
+                if not isinstance(v, (torch.SymInt, int)):
+                    return f"the attention region reads a value the check cannot make ({a.name})"
+                env[a] = hint(v)
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(env[out])
+    module = fx.GraphModule(torch.nn.Module(), sub)
+
+    b, s, h, t = dims["batch"], dims["queries"], dims["heads"], dims["context"]
+    c, dn, r, dv = dims["kv_lora_rank"], dims["qk_nope_head_dim"], dims["qk_rope_head_dim"], dims["v_head_dim"]
+    cv = value(roles["c_kv"])
+    dtype, device = cv.dtype, cv.device
+    with unset_fake_temporarily(), torch.no_grad():
+        gen = torch.Generator(device="cpu").manual_seed(4321)
+
+        def rand(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
+        q_nope, q_pe = rand(b, s, h, dn), rand(b, s, h, r)
+        c_kv, k_pe = rand(b, t, c), rand(b, t, r)
+        w = rand(h * (dn + dv), c, scale=c ** -0.5)
+        mask = None
+        if roles["mask"] is not None:
+            mv = value(roles["mask"])
+            shape = [hint(d) for d in mv.shape]
+            keep = torch.rand(*shape, generator=gen) > 0.3
+            keep[..., -1] = True  # every query keeps a key
+            mask = keep.to(device) if mv.dtype == torch.bool else \
+                torch.zeros(shape).masked_fill(~keep, float("-inf")).to(device, mv.dtype)
+        real_w = w.to(value(roles["w"]).dtype)
+        for heads_first in (False, True):
+            def q_as(x, node):
+                y = x.transpose(1, 2) if heads_first else x
+                return y.reshape([hint(d) for d in value(node).shape])
+
+            feed = {"c_kv": c_kv.reshape([hint(d) for d in cv.shape]),
+                    "k_pe": k_pe.reshape([hint(d) for d in value(roles["k_pe"]).shape]), "w": real_w, "mask": mask}
+            if "q" in roles:
+                feed["q"] = q_as(torch.cat([q_nope, q_pe], dim=-1), roles["q"])
+            else:
+                feed["q_nope"], feed["q_pe"] = q_as(q_nope, roles["q_nope"]), q_as(q_pe, roles["q_pe"])
+            try:
+                got = module(*[feed[k] for k in names]).double()
+            except Exception as err:
+                return f"the attention region could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            acc = [x.double().cpu() for x in (q_nope, q_pe, c_kv, k_pe, real_w)]
+            m = mask.cpu() if mask is not None else None
+            for causal, scale, mask_layout in itertools.product((False, True), found["scales"], MASK_LAYOUTS):
+                if (m is None) != (mask_layout is None):
+                    continue
+                try:
+                    m4 = None if m is None else _mask_bhst(m, mask_layout, b, s, h, t)
+                except RuntimeError:
+                    continue  # the mask does not broadcast that way
+                want = kernel.reference(*acc, scale, causal, m4)
+                for out_heads_first in (False, True):
+                    o = want.transpose(1, 2) if out_heads_first else want
+                    o = o.reshape(got.shape).to(got.device)
+                    err = ((got - o).norm() / o.norm().clamp_min(1e-30)).item()
+                    if err < tol:
+                        return _params(found, dims, scale, causal, heads_first, out_heads_first, mask_layout)
+    return "the attention over the latent is not the MLA computation (checked on random inputs)"
+
+
+def _params(found, dims, scale, causal, heads_first, out_heads_first, mask_layout) -> dict[str, Any]:
+    roles = found["roles"]
+    cv = value(roles["c_kv"])
+    # Symbolic sizes for the rewrite (the traced graph may be dynamic in batch, queries or context).
+    c = dims["kv_lora_rank"]
+    bt = cv.numel() // c
+    t_sym = _context_size(found)
+    params = dict(dims)
+    params.update({
+        "scale": scale, "causal": causal, "mask": roles["mask"] is not None,
+        "query_form": "q (nope|rope)" if "q" in roles else "q_nope, q_pe",
+        "dtype": str(cv.dtype).replace("torch.", ""),
+        "latent_bytes_per_token": (c + dims["qk_rope_head_dim"]) * cv.element_size(),
+        "mha_bytes_per_token": kernel.mha_cache_bytes_per_token(dims["heads"], dims["qk_nope_head_dim"],
+                                                                dims["qk_rope_head_dim"], dims["v_head_dim"],
+                                                                cv.element_size()),
+        "_q_heads_first": heads_first, "_out_heads_first": out_heads_first, "_mask_layout": mask_layout,
+        "_batch_sym": bt // t_sym, "_context_sym": t_sym,
+        "_queries_sym": value(found["out"]).numel() // ((bt // t_sym) * dims["heads"] * dims["v_head_dim"]),
+    })
+    return params
+
+
+def _context_size(found):
+    anchor = found["anchor"]
+    if anchor.target in SDPA:
+        return value(_sdpa_parts(anchor)[1]).shape[-2]
+    return value(anchor.args[0]).shape[-1]
+
