@@ -311,8 +311,8 @@ def _attention_region(graph: fx.Graph, anchor: fx.Node):
         if isinstance(found, dict):
             return found
         tried.append(found)
-    if tried:
-        return tried[0]
+    if tried:  # an attention, but nothing in it reads like a latent: not MLA (a plain MHA, say)
+        log.debug("mla: attention at %s is not over a latent: %s", anchor.name, tried[0])
     return None
 
 
@@ -332,7 +332,7 @@ def _region_for(graph, anchor, out, w, c_kv, order):
             for a in n.all_input_nodes:
                 if a in region or a in (w, c_kv) or a.op != "call_function":
                     continue
-                pulls = ((a.target in LAYOUT and not _selects(a)) or (a.target in SCALINGS and _scalar_operand(a) is not None)
+                pulls = ((a.target in LAYOUT and not _selects(a)) or _data_free(a) or (a.target in SCALINGS and _scalar_operand(a) is not None)
                          or (a.target == aten.bmm.default and not _has_weight_operand(a)))  # q_pe . k_pe
                 if pulls and all(u in region for u in a.users):
                     region.add(a)
@@ -348,6 +348,16 @@ def _region_for(graph, anchor, out, w, c_kv, order):
             if a not in inside and a not in boundary and a not in (w, c_kv):
                 boundary.append(a)
     return _roles(anchor, out, w, c_kv, region, boundary)
+
+
+CREATION = {aten.empty.memory_format, aten.full.default, aten.zeros.default, aten.ones.default,
+            aten.scalar_tensor.default, torch.ops.prims.iota.default, aten.arange.start, aten.arange.default}
+
+
+def _data_free(n: fx.Node) -> bool:
+    """Built from constants alone (an empty buffer a key is assembled in, a zero bias)."""
+    return all(a.op == "call_function" and (a.target in CREATION or a.target in LAYOUT or not a.all_input_nodes)
+               for a in _ancestors([n]))
 
 
 def _selects(n: fx.Node) -> bool:
