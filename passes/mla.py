@@ -79,6 +79,9 @@ class MLAPass:
                 continue
             impl = options.kernel_impl(value(found["out"]).device.type)
             kernel_file = self._rewrite(graph, found, params, impl, where, options.inline)
+            if kernel_file is False:
+                self._decline(report, "the rewrite could not be traced into the graph (see the warning)", where)
+                continue
             shown = {k: v for k, v in params.items() if not k.startswith("_")}
             report.matches.append(Match(self.family, "deepfuse::mla_attention", shown, *where, impl=impl,
                                         kernel_file=kernel_file))
@@ -91,44 +94,45 @@ class MLAPass:
         report.declined.append(Declined(self.family, reason, *where))
         log.info("declined mla at %s (%s): %s", where[1] or "?", where[0], reason)
 
-    def _rewrite(self, graph, found, params, impl, where, inline) -> Optional[str]:
+    def _rewrite(self, graph, found, params, impl, where, inline) -> Union[str, None, bool]:
+        """The kernel file (None for the reference), or False if neither form could be traced in."""
         roles, out = found["roles"], found["out"]
         origin = f"{where[1] or '?'} ({where[0]})"
         names = [k for k in ("q", "q_nope", "q_pe", "c_kv", "k_pe", "w", "mask") if roles.get(k) is not None]
         args = tuple(roles[k] for k in names)
         gen = kernel.kernels_for(value(roles["c_kv"]).dtype, origin) if impl != "reference" else None
-        out_shape = [d for d in value(out).shape]
-        out_dtype = value(out).dtype
+        out_val = value(out)
 
         def canonical(*tensors):
-            t = dict(zip(names, tensors))
-            return _canonical_inputs(t, params)
+            return _canonical_inputs(dict(zip(names, tensors)), params)
 
-        def finish(o):
+        def finish(o, tensors):
+            t = dict(zip(names, tensors))
+            b, s = (_tracked(params[k], t.values()) for k in ("_batch", "_queries"))
             if params["_out_heads_first"]:
                 o = o.transpose(1, 2)
-            return (o.reshape(out_shape).to(out_dtype),)
+            return (o.reshape(_output_shape(out_val, b, s)).to(out_val.dtype),)
 
         def via_op(*tensors):
             q_nope, q_pe, c_kv, k_pe, w, mask = canonical(*tensors)
             return finish(torch.ops.deepfuse.mla_attention(q_nope, q_pe, c_kv, k_pe, w, mask, params["scale"],
-                                                           params["causal"], impl))
+                                                           params["causal"], impl), tensors)
 
         def via_kernel(*tensors):
             q_nope, q_pe, c_kv, k_pe, w, mask = canonical(*tensors)
             return finish(kernel.mla_attention(q_nope, q_pe, c_kv, k_pe, w, params["scale"], params["causal"],
-                                               mask, origin=origin))
+                                               mask, origin=origin), tensors)
 
         binding = _RegionBinding(found["region"], out)
-        launcher = via_kernel if (impl == "triton" and inline) else via_op
-        try:
-            replace_region_traced(graph, binding, launcher, args)
-        except Exception as err:
-            if launcher is via_op:
-                raise
-            log.warning("could not trace the MLA kernel launch into the graph (%s: %s); calling the op instead",
-                        type(err).__name__, str(err)[:200])
-            replace_region_traced(graph, binding, via_op, args)
+        for launcher in ([via_kernel] if impl == "triton" and inline else []) + [via_op]:
+            try:
+                replace_region_traced(graph, binding, launcher, args)
+                break
+            except Exception as err:  # tracing happens before the graph is touched
+                log.warning("could not trace the MLA %s into the graph (%s: %s)", launcher.__name__,
+                            type(err).__name__, str(err)[:200])
+        else:
+            return False
         return str(gen.path) if gen is not None else None
 
 
@@ -488,8 +492,8 @@ def _scale_candidates(anchor, region, qk_dim) -> list[float]:
 
 def _canonical_inputs(t: dict, params: dict):
     """The region's inputs as the op takes them: q_nope/q_pe [B, S, H, d], c_kv [B, T, C], k_pe [B, T, R]."""
-    b, s, h, tt = params["_batch_sym"], params["_queries_sym"], params["heads"], params["_context_sym"]
-    dn, r = params["qk_nope_head_dim"], params["qk_rope_head_dim"]
+    b, s, tt = (_tracked(params[k], t.values()) for k in ("_batch", "_queries", "_context"))
+    h, dn, r = params["heads"], params["qk_nope_head_dim"], params["qk_rope_head_dim"]
 
     def q_view(x, d):
         if params["_q_heads_first"]:
@@ -505,8 +509,40 @@ def _canonical_inputs(t: dict, params: dict):
     k_pe = t["k_pe"].reshape(b, tt, r)
     mask = t.get("mask")
     if mask is not None:
-        mask = _mask_bhst(mask, params["_mask_layout"], b, s, h, tt)
+        mask = _mask_bhst(mask, params["_mask_layout"], b, s, params["heads"], tt)
     return q_nope, q_pe, c_kv, k_pe, t["w"], mask
+
+
+def _expr(n):
+    return n.node.expr if isinstance(n, torch.SymInt) else int(n)
+
+
+def _tracked(expr, tensors):
+    """A size equal to ``expr``, taken from one of the traced inputs' shapes (so the trace records where it
+    comes from); a plain int when the size is static."""
+    if not hasattr(expr, "free_symbols") or not expr.free_symbols:
+        return int(expr)
+    for x in tensors:
+        if isinstance(x, torch.Tensor):
+            for d in x.shape:
+                if isinstance(d, torch.SymInt) and d.node.expr == expr:
+                    return d
+    raise NotImplementedError(f"no input of the region has a dimension equal to {expr}")
+
+
+def _output_shape(out_val, b, s):
+    """The region output's shape in terms of traced sizes: B, S and B*S dims by expression, else static."""
+    known = {_expr(b): b, _expr(s): s, _expr(b) * _expr(s): b * s}
+    shape = []
+    for d in out_val.shape:
+        e = _expr(d)
+        if isinstance(e, int):
+            shape.append(e)
+        elif e in known:
+            shape.append(known[e])
+        else:
+            raise NotImplementedError(f"the attention output dim {e} is not batch, queries or their product")
+    return shape
 
 
 MASK_LAYOUTS = (None, "bhst", "bsht")  # how the region's scores are laid out, for broadcasting its mask
@@ -613,8 +649,8 @@ def _params(found, dims, scale, causal, heads_first, out_heads_first, mask_layou
                                                                 dims["qk_rope_head_dim"], dims["v_head_dim"],
                                                                 cv.element_size()),
         "_q_heads_first": heads_first, "_out_heads_first": out_heads_first, "_mask_layout": mask_layout,
-        "_batch_sym": bt // t_sym, "_context_sym": t_sym,
-        "_queries_sym": value(found["out"]).numel() // ((bt // t_sym) * dims["heads"] * dims["v_head_dim"]),
+        "_batch": _expr(bt // t_sym), "_context": _expr(t_sym),
+        "_queries": _expr(value(found["out"]).numel() // ((bt // t_sym) * dims["heads"] * dims["v_head_dim"])),
     })
     return params
 

@@ -1,0 +1,164 @@
+"""The MLA pass on real models: found by what it computes (bundled model in both attention forms, HF
+DeepseekV2/V3 with SDPA and eager attention, prefill and decode over their latent caches), rewritten into
+deepfuse::mla_attention, and still right."""
+import pytest
+import torch
+
+import deepfuse
+from conftest import rel_err
+from deepfuse.models import DeepSeekForCausalLM, get_config
+
+transformers = pytest.importorskip("transformers")
+
+
+def _mla_matches(report):
+    return [m for m in report.matches if m.family == "mla"]
+
+
+@pytest.mark.parametrize("attn_impl,config,options", [
+    ("absorb", "v2-tiny", {}), ("naive", "v3-tiny", {}),
+    ("absorb", "v3-tiny", {"interpret": True}), ("naive", "v2-tiny", {"interpret": True}),
+], ids=["absorb-v2-reference", "naive-v3-reference", "absorb-v3-interpret", "naive-v2-interpret"])
+def test_bundled_model_prefill_and_decode(attn_impl, config, options):
+    cfg = get_config(config)
+    model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())), attn_impl=attn_impl)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    opts = {"passes": ["mla"], **options}
+    with torch.no_grad():
+        ref_cache, cache = model.new_cache(2, 12), model.new_cache(2, 12)
+        ref_prefill, ref_step = model(ids, 0, ref_cache), model(ids[:, :1], 7, ref_cache)
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            compiled = torch.compile(model, backend="deepfuse", options=opts)
+            prefill = compiled(ids, 0, cache)
+            step = compiled(ids[:, :1], 7, cache)
+    assert rel_err(prefill, ref_prefill) < 1e-4 and rel_err(step, ref_step) < 1e-4
+    torch.testing.assert_close(cache.kv, ref_cache.kv)  # the cache writes stay the model's
+    matches = _mla_matches(report)
+    assert len(matches) == 2 * cfg.num_hidden_layers, str(report)
+    decode = [m for m in matches if m.params["queries"] == 1]
+    assert len(decode) == cfg.num_hidden_layers and all(m.params["context"] == 8 for m in decode)
+    for m in matches:
+        p = m.params
+        assert (p["heads"], p["kv_lora_rank"], p["qk_rope_head_dim"]) == (
+            cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        assert (p["qk_nope_head_dim"], p["v_head_dim"]) == (cfg.qk_nope_head_dim, cfg.v_head_dim)
+        assert abs(p["scale"] - model.model.layers[0].self_attn.softmax_scale) < 1e-6
+        assert m.module.endswith("self_attn")
+
+
+HF_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+                 qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                 first_k_dense_replace=2, max_position_embeddings=256)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+def _hf(kind, attn, q_lora_rank, yarn):
+    extra = {"rope_parameters": YARN} if yarn else {}
+    if kind == "v2":
+        cfg = transformers.DeepseekV2Config(**HF_COMMON, q_lora_rank=q_lora_rank, **extra)
+        model = transformers.DeepseekV2ForCausalLM(cfg)
+    else:
+        cfg = transformers.DeepseekV3Config(**HF_COMMON, q_lora_rank=q_lora_rank, **extra)
+        model = transformers.DeepseekV3ForCausalLM(cfg)
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind,attn,q_lora_rank,yarn", [
+    ("v2", "sdpa", None, False),
+    ("v2", "eager", 24, True),
+    ("v3", "sdpa", 24, True),
+    ("v3", "eager", None, False),
+])
+def test_hf_deepseek_attention_prefill_and_decode(kind, attn, q_lora_rank, yarn):
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = _hf(kind, attn, q_lora_rank, yarn)
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        past = model(ids, use_cache=True).past_key_values
+        ref_step = model(ids[:, :1], past_key_values=past, use_cache=True).logits
+        ref_prefill = model(ids).logits
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            compiled = torch.compile(model, backend="deepfuse", options={"passes": ["mla"], "interpret": True})
+            prefill = compiled(ids, use_cache=True)
+            step = compiled(ids[:, :1], past_key_values=prefill.past_key_values, use_cache=True).logits
+    assert rel_err(prefill.logits, ref_prefill) < 1e-4 and rel_err(step, ref_step) < 1e-4
+    matches = _mla_matches(report)
+    assert sorted(m.params["queries"] for m in matches) == [1, 1, 6, 6], str(report)
+    assert all(m.params["context"] == (7 if m.params["queries"] == 1 else 6) for m in matches)
+    assert all(m.params["v_head_dim"] == 24 and m.impl == "interpret" for m in matches)
+    attn_module = model.model.layers[0].self_attn
+    assert all(abs(m.params["scale"] - attn_module.scaling) < 1e-6 for m in matches)
+
+
+def test_plain_mha_is_left_alone_silently():
+    cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    report = deepfuse.explain(model, torch.randint(0, 128, (1, 7)), passes=["mla"])
+    assert not report.matches and not report.declined, str(report)
+
+
+class NotQuiteMLA(torch.nn.Module):
+    """A latent attention whose value side uses a different latent normalization: it shares W and c_kv on
+    both sides but computes something else; the check on random inputs must refuse it."""
+
+    def __init__(self, h=2, dn=8, r=8, dv=8, c=16, hidden=32):
+        super().__init__()
+        self.h, self.dn, self.r = h, dn, r
+        self.q = torch.nn.Linear(hidden, h * (dn + r), bias=False)
+        self.kv_a = torch.nn.Linear(hidden, c + r, bias=False)
+        self.kv_b = torch.nn.Linear(c, h * (dn + dv), bias=False)
+        self.o = torch.nn.Linear(h * dv, hidden, bias=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, -1).transpose(1, 2)
+        c_kv, k_pe = self.kv_a(x).split([self.kv_b.in_features, self.r], dim=-1)
+        kv = self.kv_b(c_kv).view(b, s, self.h, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.dn, kv.shape[-1] - self.dn], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(b, self.h, s, self.r)], dim=-1)
+        probs = (q @ k.transpose(-1, -2) * 0.3).softmax(dim=-1)
+        out = probs @ torch.tanh(v)  # not MLA: a nonlinearity on the values
+        return self.o(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_a_latent_attention_computing_something_else_is_declined():
+    model = NotQuiteMLA().eval()
+    x = torch.randn(2, 5, 32)
+    report = deepfuse.explain(model, x, passes=["mla"])
+    assert not report.matches
+    assert any("not the MLA computation" in d.reason for d in report.declined), str(report)
+    with torch.no_grad():
+        assert rel_err(torch.compile(model, backend="deepfuse")(x), model(x)) < 1e-5
+
+
+def test_a_hand_written_mla_matches_too():
+    """The same module with the values left alone is MLA (no DeepSeek names, no cache): it matches."""
+    model = NotQuiteMLA().eval()
+    model.forward = _plain_forward.__get__(model)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = model(x)
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse", options={"passes": ["mla"], "interpret": True})(x)
+    assert rel_err(out, ref) < 1e-5
+    (m,) = _mla_matches(report)
+    assert m.params["causal"] is False and m.params["scale"] == pytest.approx(0.3)
+
+
+def _plain_forward(self, x):
+    b, s, _ = x.shape
+    q = self.q(x).view(b, s, self.h, -1).transpose(1, 2)
+    c_kv, k_pe = self.kv_a(x).split([self.kv_b.in_features, self.r], dim=-1)
+    kv = self.kv_b(c_kv).view(b, s, self.h, -1).transpose(1, 2)
+    k_nope, v = kv.split([self.dn, kv.shape[-1] - self.dn], dim=-1)
+    k = torch.cat([k_nope, k_pe[:, None].expand(b, self.h, s, self.r)], dim=-1)
+    probs = (q @ k.transpose(-1, -2) * 0.3).softmax(dim=-1)
+    return self.o((probs @ v).transpose(1, 2).reshape(b, s, -1))
