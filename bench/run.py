@@ -130,6 +130,87 @@ def bench_moe_block(tokens, bandwidth, rounds, flops_peak):
     return rows
 
 
+def bench_mla_decode(batches, contexts, bandwidth, rounds):
+    """One decode step of V2-Lite attention (16 heads, kv rank 512, rope 64, nope 128, v 128; q without LoRA)
+    over a latent cache filled to ``context`` tokens, bf16: the bundled model's MLA module (absorbed form,
+    writing its cache in place) eager, under Inductor, under deepfuse. Floor: the latent cache plus the
+    attention weights, read once, at the measured HBM bandwidth."""
+    from deepfuse.models import get_config
+    from deepfuse.models.cache import LatentKVCache
+    from deepfuse.models.model import MLA, rope_cos_sin
+
+    cfg = get_config("v2-lite")
+    cfg.num_hidden_layers = 1
+    attn = MLA(cfg, 0, "absorb").cuda().bfloat16().eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    weight_bytes = sum(p.numel() for p in attn.parameters()) * 2
+    rows = []
+    for b in batches:
+        for t in contexts:
+            cache = LatentKVCache(cfg, b, t, torch.bfloat16, "cuda")
+            cache.kv.normal_()
+            cache.pe.normal_()
+            cos, sin = rope_cos_sin(cfg, torch.tensor([t - 1], device="cuda"))
+            sets = [(torch.randn(b, 1, HIDDEN, device="cuda", dtype=torch.bfloat16),) for _ in range(rounds)]
+            latent = b * t * cfg.latent_cache_width * 2
+            floor_ms = (latent + weight_bytes) / bandwidth * 1e3
+            torch._dynamo.reset()
+
+            def step(module):
+                return lambda x: module(x, t - 1, cos, sin, None, cache)
+
+            impls = {
+                "bundled_absorb_eager": step(attn),
+                "bundled+inductor": step(torch.compile(attn)),
+                "deepfuse": step(torch.compile(attn, backend="deepfuse")),
+            }
+            rows += measure(f"mla_decode_b{b}", t, impls, sets, floor_ms, f"{latent / 1e6:.0f} MB latent", _rel)
+            del cache
+    return rows
+
+
+def bench_mla_prefill(tokens, rounds, flops_peak):
+    """Prefill of one V2-Lite attention layer (causal, batch 1), bf16: Hugging Face transformers'
+    DeepseekV2Attention (SDPA) eager, under Inductor, under deepfuse (attention core fused; projections,
+    norm and rope with Inductor). Floor: the attention's causal FLOPs plus the projections', at cuBLAS's
+    measured bf16 rate."""
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention, DeepseekV2RotaryEmbedding
+
+    from deepfuse.runtime.kernels import mla
+
+    cfg = DeepseekV2Config(hidden_size=HIDDEN, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512,
+                           q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    cfg._attn_implementation = "sdpa"
+    attn = DeepseekV2Attention(cfg, 0).cuda().bfloat16().eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    rope = DeepseekV2RotaryEmbedding(cfg).cuda()
+    proj = sum(p.numel() for n, p in attn.named_parameters() if p.dim() == 2)
+    rows = []
+    for t in tokens:
+        x = torch.randn(1, t, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        pos = rope(x, torch.arange(t, device="cuda")[None])
+        sets = [(torch.randn(1, t, HIDDEN, device="cuda", dtype=torch.bfloat16),) for _ in range(rounds)]
+        flops = mla.flops(1, t, t, 16, 128, 64, 128, causal=True) + 2 * t * proj
+        floor_ms = flops / flops_peak * 1e3
+        torch._dynamo.reset()
+
+        def call(module):
+            return lambda h: module(h, None, None, pos)[0]
+
+        impls = {
+            "hf_sdpa": call(attn),
+            "hf_sdpa+inductor": call(torch.compile(attn)),
+            "deepfuse": call(torch.compile(attn, backend="deepfuse")),
+        }
+        rows += measure("mla_prefill", t, impls, sets, floor_ms, f"{flops / 1e9:.0f} GFLOP", _rel)
+    return rows
+
+
 def bench_rms_norm(tokens, bandwidth, rounds):
     """The decoder's residual add + RMSNorm (twice per layer) at decode and prefill token counts."""
     model = ResidualRMSNorm(HIDDEN).cuda().bfloat16()
@@ -206,6 +287,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--workloads", default="add_rms_norm,moe_block")
     parser.add_argument("--moe-tokens", default="1,8,64,512,4096")
+    parser.add_argument("--mla-batches", default="1,64")
+    parser.add_argument("--mla-contexts", default="4096,32768")
+    parser.add_argument("--mla-prefill-tokens", default="1024,4096")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/run.py measures GPU kernels: it needs CUDA")
@@ -217,6 +301,11 @@ def main():
         rows += bench_rms_norm([int(t) for t in args.tokens.split(",")], bandwidth, args.rounds)
     if "moe_block" in workloads:
         rows += bench_moe_block([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
+    if "mla_decode" in workloads:
+        rows += bench_mla_decode([int(b) for b in args.mla_batches.split(",")],
+                                 [int(t) for t in args.mla_contexts.split(",")], bandwidth, args.rounds)
+    if "mla_prefill" in workloads:
+        rows += bench_mla_prefill([int(t) for t in args.mla_prefill_tokens.split(",")], args.rounds, peak)
     env = dict(environment(), hbm_copy_tbps=bandwidth / 1e12, bf16_matmul_tflops=peak / 1e12)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=1)

@@ -1,0 +1,78 @@
+"""MLA on the GPU: the generated kernels in bf16/fp16 at V2-Lite attention dims against float64, the pass
+on the bundled model and HF DeepseekV2 with the Triton kernels traced in, CUDA graphs over the latent cache."""
+import pytest
+import torch
+
+import deepfuse
+from conftest import rel_err
+from deepfuse.models import DeepSeekForCausalLM, get_config
+from deepfuse.runtime.kernels import mla
+
+pytestmark = pytest.mark.gpu
+
+V2 = dict(h=16, dn=128, r=64, dv=128, c=512)
+
+
+def _inputs(b, s, t, dtype, h=16, dn=128, r=64, dv=128, c=512):
+    q = torch.randn(b, s, h, dn + r, device="cuda", dtype=dtype)
+    latent = torch.randn(b, t, c + r, device="cuda", dtype=dtype)
+    w = (torch.randn(h * (dn + dv), c, device="cuda") / c ** 0.5).to(dtype)
+    return q[..., :dn], q[..., dn:], latent[..., :c], latent[..., c:], w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,s,t", [(1, 1, 1), (1, 1, 4097), (64, 1, 1000), (2, 4, 333), (1, 300, 300),
+                                   (1, 4096, 4096), (2, 77, 1100)])
+@pytest.mark.parametrize("path", ["absorbed", "expanded"])
+def test_mla_kernels_match_float64(dtype, b, s, t, path):
+    if path == "absorbed" and s * t > 2_000_000:
+        pytest.skip("the absorbed path is for short queries")
+    inputs = _inputs(b, s, t, dtype)
+    scale = 192 ** -0.5
+    ref = mla.reference(*(x.double() for x in inputs), scale, True)
+    out = mla.mla_attention(*inputs, scale, True, path=path)
+    assert out.shape == (b, s, 16, 128) and rel_err(out, ref) < 1e-2
+
+
+def test_mla_padding_mask_variable_lengths_bf16():
+    b, s, t = 4, 1, 700
+    inputs = _inputs(b, s, t, torch.bfloat16)
+    lengths = torch.tensor([700, 1, 350, 64], device="cuda")
+    mask = (torch.arange(t, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    ref = mla.reference(*(x.double() for x in inputs), 0.07, False, mask)
+    out = mla.mla_attention(*inputs, 0.07, False, mask)
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+def test_bundled_model_mla_on_gpu_with_cuda_graphs(attn_impl):
+    cfg = get_config("v2-tiny")
+    model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16, attn_impl=attn_impl,
+                                            seed=int(torch.randint(0, 1000, ())))
+    ids = torch.randint(0, cfg.vocab_size, (3, 40), device="cuda")
+    report = deepfuse.Report()
+    with torch.no_grad(), deepfuse.collect(report):
+        ref_cache, cache = model.new_cache(3, 48), model.new_cache(3, 48)
+        ref = [model(ids, 0, ref_cache)] + [model(ids[:, i:i + 1], 40 + i, ref_cache) for i in range(3)]
+        compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead")
+        out = [compiled(ids, 0, cache)] + [compiled(ids[:, i:i + 1], 40 + i, cache) for i in range(3)]
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < 3e-2
+    mlas = [m for m in report.matches if m.family == "mla"]
+    assert mlas and all(m.impl == "triton" and m.kernel_file for m in mlas), str(report)
+
+
+def test_hf_deepseek_v2_attention_on_gpu():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DeepseekV2Config(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                                        num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=64,
+                                        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, q_lora_rank=None,
+                                        first_k_dense_replace=1)
+    model = transformers.DeepseekV2ForCausalLM(cfg).cuda().bfloat16().eval()
+    ids = torch.randint(0, 256, (2, 33), device="cuda")
+    report = deepfuse.Report()
+    with torch.no_grad(), deepfuse.collect(report):
+        ref = model(ids).logits
+        out = torch.compile(model, backend="deepfuse")(ids).logits
+    assert rel_err(out, ref) < 3e-2
+    assert [m.impl for m in report.matches if m.family == "mla"] == ["triton"], str(report)
