@@ -167,7 +167,6 @@ def bench_mla_decode(batches, contexts, bandwidth, rounds):
                 "deepfuse": step(torch.compile(attn, backend="deepfuse")),
             }
             rows += measure(f"mla_decode_b{b}", t, impls, sets, floor_ms, f"{latent / 1e6:.0f} MB latent", _rel)
-            del cache
     return rows
 
 
