@@ -507,6 +507,9 @@ def _canonical_inputs(t: dict, params: dict):
         q_nope, q_pe = q_view(t["q_nope"], dn), q_view(t["q_pe"], r)
     c_kv = t["c_kv"].reshape(b, tt, -1)
     k_pe = t["k_pe"].reshape(b, tt, r)
+    # The region's own casts (a rope computed in fp32, cast back) happen here: the op runs in one dtype.
+    dtype = params["_dtype"]
+    q_nope, q_pe, c_kv, k_pe = (x.to(dtype) for x in (q_nope, q_pe, c_kv, k_pe))
     mask = t.get("mask")
     if mask is not None:
         mask = _mask_bhst(mask, params["_mask_layout"], b, s, params["heads"], tt)
@@ -643,12 +646,12 @@ def _params(found, dims, scale, causal, heads_first, out_heads_first, mask_layou
     params.update({
         "scale": scale, "causal": causal, "mask": roles["mask"] is not None,
         "query_form": "q (nope|rope)" if "q" in roles else "q_nope, q_pe",
-        "dtype": str(cv.dtype).replace("torch.", ""),
+        "dtype": str(value(found["out"]).dtype).replace("torch.", ""),
         "latent_bytes_per_token": (c + dims["qk_rope_head_dim"]) * cv.element_size(),
         "mha_bytes_per_token": kernel.mha_cache_bytes_per_token(dims["heads"], dims["qk_nope_head_dim"],
                                                                 dims["qk_rope_head_dim"], dims["v_head_dim"],
                                                                 cv.element_size()),
-        "_q_heads_first": heads_first, "_out_heads_first": out_heads_first, "_mask_layout": mask_layout,
+        "_dtype": value(found["out"]).dtype, "_q_heads_first": heads_first, "_out_heads_first": out_heads_first, "_mask_layout": mask_layout,
         "_batch": _expr(bt // t_sym), "_context": _expr(t_sym),
         "_queries": _expr(value(found["out"]).numel() // ((bt // t_sym) * dims["heads"] * dims["v_head_dim"])),
     })
