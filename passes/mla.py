@@ -603,10 +603,11 @@ def _verify(found) -> Union[dict[str, Any], str]:
         for heads_first in (False, True):
             def q_as(x, node):
                 y = x.transpose(1, 2) if heads_first else x
-                return y.reshape([hint(d) for d in value(node).shape])
+                return y.reshape([hint(d) for d in value(node).shape]).to(value(node).dtype)
 
+            kv_node = value(roles["k_pe"])
             feed = {"c_kv": c_kv.reshape([hint(d) for d in cv.shape]),
-                    "k_pe": k_pe.reshape([hint(d) for d in value(roles["k_pe"]).shape]), "w": real_w, "mask": mask}
+                    "k_pe": k_pe.reshape([hint(d) for d in kv_node.shape]).to(kv_node.dtype), "w": real_w, "mask": mask}
             if "q" in roles:
                 feed["q"] = q_as(torch.cat([q_nope, q_pe], dim=-1), roles["q"])
             else:
