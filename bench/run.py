@@ -247,11 +247,13 @@ def _capture(fn, args):
 def environment():
     import triton
 
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        commit = os.environ.get("DEEPFUSE_COMMIT", "unknown")
+    commit = os.environ.get("DEEPFUSE_COMMIT")  # a copied working tree may carry a stale .git
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                             stderr=subprocess.DEVNULL).strip()
+        except Exception:
+            commit = "unknown"
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "commit": commit, "command": " ".join(["python"] + sys.argv)}
 
