@@ -48,7 +48,7 @@ def mla_decode_partial_kernel(
 ):
     """One (query, head block, context split): attention over the latent rows of the split, all heads of the
     block together (each c_kv row is loaded once for them). Writes the split's normalized output and LSE."""
-    scale = scale.to(tl.float32)  # Inductor passes Python floats as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid_bs = tl.program_id(0)
     pid_h = tl.program_id(1)
     split = tl.program_id(2)
@@ -135,7 +135,7 @@ def mla_prefill_kernel(
 ):
     """Flash attention for one (query block, batch, head): scores = q_nope . k_nope + q_pe . k_pe (two dots,
     no concatenated key), online softmax, P . V; the fp32 accumulator is normalized once at the end."""
-    scale = scale.to(tl.float32)  # Inductor passes Python floats as fp64
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
