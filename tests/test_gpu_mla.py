@@ -46,20 +46,29 @@ def test_mla_padding_mask_variable_lengths_bf16():
 
 @pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
 def test_bundled_model_mla_on_gpu_with_cuda_graphs(attn_impl):
+    """Prefill and three decode steps, CUDA graphs on, against the same weights in float64. bf16 eager is
+    itself off float64 by a few percent here (naive eager rounds the expanded keys and scores to bf16), so
+    deepfuse must be as close to float64 as eager is, or within 2e-2."""
     cfg = get_config("v2-tiny")
     model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16, attn_impl=attn_impl,
                                             seed=int(torch.randint(0, 1000, ())))
+    exact = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.float64, attn_impl=attn_impl)
+    exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     ids = torch.randint(0, cfg.vocab_size, (3, 40), device="cuda")
+
+    def run(m, cache):
+        return [m(ids, 0, cache)] + [m(ids[:, i:i + 1], 40 + i, cache) for i in range(3)]
+
     report = deepfuse.Report()
     with torch.no_grad(), deepfuse.collect(report):
-        ref_cache, cache = model.new_cache(3, 48), model.new_cache(3, 48)
-        ref = [model(ids, 0, ref_cache)] + [model(ids[:, i:i + 1], 40 + i, ref_cache) for i in range(3)]
-        compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead")
-        out = [compiled(ids, 0, cache)] + [compiled(ids[:, i:i + 1], 40 + i, cache) for i in range(3)]
-    for o, r in zip(out, ref):
-        assert rel_err(o, r) < 3e-2
+        ref = run(exact, exact.new_cache(3, 48))
+        eager = run(model, model.new_cache(3, 48))
+        out = run(torch.compile(model, backend="deepfuse", mode="reduce-overhead"), model.new_cache(3, 48))
+    for o, e, r in zip(out, eager, ref):
+        assert rel_err(o, r) < max(1.5 * rel_err(e, r), 2e-2)
     mlas = [m for m in report.matches if m.family == "mla"]
-    assert mlas and all(m.impl == "triton" and m.kernel_file for m in mlas), str(report)
+    assert len(mlas) == 2 * cfg.num_hidden_layers and all(m.impl == "triton" and m.kernel_file for m in mlas), \
+        str(report)
 
 
 def test_hf_deepseek_v2_attention_on_gpu():
