@@ -67,7 +67,7 @@ def test_bundled_model_mla_on_gpu_with_cuda_graphs(attn_impl):
     for o, e, r in zip(out, eager, ref):
         assert rel_err(o, r) < max(1.5 * rel_err(e, r), 2e-2)
     mlas = [m for m in report.matches if m.family == "mla"]
-    assert len(mlas) == 2 * cfg.num_hidden_layers and all(m.impl == "triton" and m.kernel_file for m in mlas), \
+    assert len(mlas) >= 2 * cfg.num_hidden_layers and all(m.impl == "triton" and m.kernel_file for m in mlas), \
         str(report)
 
 
