@@ -69,7 +69,7 @@ def test_bundled_tiny_model_bf16_on_gpu():
     report = deepfuse.Report()
     with torch.no_grad(), deepfuse.collect(report):
         out = torch.compile(model, backend="deepfuse")(ids)
-    assert {m.family for m in report.matches} == {"moe", "rms_norm"}
+    assert {m.family for m in report.matches} == {"moe", "mla", "rms_norm"}
     assert {m.impl for m in report.matches} == {"triton"}
     ours, eager = _fp64_errors(model, ids, out)
     assert ours < max(2e-2, 1.5 * eager), (ours, eager)
@@ -111,7 +111,7 @@ def test_bundled_moe_with_cuda_graphs():
 
 
 def test_dynamic_shapes_on_gpu():
-    """Symbolic token counts: both families' launchers traced with symbolic grids and buffer sizes."""
+    """Symbolic token counts: every family's launchers traced with symbolic grids and buffer sizes."""
     model = DeepSeekForCausalLM.from_config(get_config("v3-tiny"), device="cuda", dtype=torch.bfloat16, seed=6)
     report = deepfuse.Report()
     with torch.no_grad(), deepfuse.collect(report), torch._dynamo.config.patch(specialize_float=True):
@@ -120,4 +120,4 @@ def test_dynamic_shapes_on_gpu():
             ids = torch.randint(0, 512, (2, length), device="cuda")
             ours, eager = _fp64_errors(model, ids, compiled(ids))
             assert ours < max(2e-2, 1.5 * eager), (length, ours, eager)
-    assert {m.family for m in report.matches} == {"moe", "rms_norm"}, str(report)
+    assert {m.family for m in report.matches} == {"moe", "mla", "rms_norm"}, str(report)
