@@ -25,6 +25,7 @@ import torch
 import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
+from deepfuse.runtime import autotune
 
 _TL = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
 
@@ -122,6 +123,46 @@ def mla_decode_reduce_kernel(
 
 
 @triton.jit
+def _prefill_block(
+    acc, m_i, l_i, q_nope, q_pe, KN, KP, V, Mask, b, h, rows, r_ok, t0, t_end, causal_offset, qk_scale,
+    stride_knt, stride_knh, stride_kpt, stride_vt, stride_vh, stride_mb, stride_mh, stride_ms, stride_mt,
+    DN: tl.constexpr, DN_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
+    DV: tl.constexpr, DV_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DIAGONAL: tl.constexpr,
+):
+    """One key block of the online softmax (base 2: qk_scale carries log2(e)). Only blocks that can cross
+    the causal diagonal or the end of the keys pay for the mask (DIAGONAL)."""
+    offs_t = t0 + tl.arange(0, BLOCK_N)
+    offs_dn = tl.arange(0, DN_POW2)
+    offs_r = tl.arange(0, R_POW2)
+    offs_dv = tl.arange(0, DV_POW2)
+    t_ok = offs_t < t_end
+    k_nope = tl.load(KN + offs_t[None, :] * stride_knt + h * stride_knh + offs_dn[:, None],
+                     mask=t_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
+    k_pe = tl.load(KP + offs_t[None, :] * stride_kpt + offs_r[:, None],
+                   mask=t_ok[None, :] & (offs_r[:, None] < R), other=0.0)
+    scores = tl.dot(q_nope, k_nope, input_precision=${precision})
+    scores = tl.dot(q_pe, k_pe, scores, input_precision=${precision}) * qk_scale
+    if HAS_MASK:
+        scores += tl.load(Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_ms
+                          + offs_t[None, :] * stride_mt, mask=r_ok[:, None] & t_ok[None, :], other=0.0) * 1.4426950408889634
+    if DIAGONAL:
+        keep = t_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_t[None, :] <= causal_offset + rows[:, None])
+        scores = tl.where(keep, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(V + offs_t[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+                mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=${precision})
+    return acc, m_new, l_i
+
+
+@triton.jit
 def mla_prefill_kernel(
     QN, QP, KN, KP, V, Mask, Out,
     stride_qnb, stride_qns, stride_qnh, stride_qpb, stride_qps, stride_qph,
@@ -134,8 +175,9 @@ def mla_prefill_kernel(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     """Flash attention for one (query block, batch, head): scores = q_nope . k_nope + q_pe . k_pe (two dots,
-    no concatenated key), online softmax, P . V; the fp32 accumulator is normalized once at the end."""
-    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    no concatenated key), online softmax, P . V; the fp32 accumulator is normalized once at the end. Key
+    blocks wholly below the causal diagonal run without masks; the rest mask per element."""
+    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # fp32 (Inductor passes floats as fp64)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -149,37 +191,27 @@ def mla_prefill_kernel(
                      mask=r_ok[:, None] & (offs_dn[None, :] < DN), other=0.0)
     q_pe = tl.load(QP + b * stride_qpb + rows[:, None] * stride_qps + h * stride_qph + offs_r[None, :],
                    mask=r_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+    KN += b * stride_knb
+    KP += b * stride_kpb
+    V += b * stride_vb
     t_end = T
+    t_free = T // BLOCK_N * BLOCK_N  # key blocks needing no mask
     if CAUSAL:
         t_end = tl.minimum(T, causal_offset + (pid_m + 1) * BLOCK_M)
+        t_free = tl.minimum(t_free, tl.maximum(causal_offset + pid_m * BLOCK_M + 1, 0) // BLOCK_N * BLOCK_N)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, DV_POW2), dtype=tl.float32)
-    for t0 in range(0, t_end, BLOCK_N):
-        offs_t = t0 + tl.arange(0, BLOCK_N)
-        t_ok = offs_t < t_end
-        k_nope = tl.load(KN + b * stride_knb + offs_t[None, :] * stride_knt + h * stride_knh + offs_dn[:, None],
-                         mask=t_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
-        k_pe = tl.load(KP + b * stride_kpb + offs_t[None, :] * stride_kpt + offs_r[:, None],
-                       mask=t_ok[None, :] & (offs_r[:, None] < R), other=0.0)
-        scores = tl.dot(q_nope, k_nope, input_precision=${precision})
-        scores = tl.dot(q_pe, k_pe, scores, input_precision=${precision}) * scale
-        if HAS_MASK:
-            scores += tl.load(Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_ms
-                              + offs_t[None, :] * stride_mt, mask=r_ok[:, None] & t_ok[None, :], other=0.0)
-        keep = t_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_t[None, :] <= causal_offset + rows[:, None])
-        scores = tl.where(keep, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + b * stride_vb + offs_t[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
-                    mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=${precision})
-        m_i = m_new
+    for t0 in range(0, t_free, BLOCK_N):
+        acc, m_i, l_i = _prefill_block(
+            acc, m_i, l_i, q_nope, q_pe, KN, KP, V, Mask, b, h, rows, r_ok, t0, t_end, causal_offset, qk_scale,
+            stride_knt, stride_knh, stride_kpt, stride_vt, stride_vh, stride_mb, stride_mh, stride_ms, stride_mt,
+            DN, DN_POW2, R, R_POW2, DV, DV_POW2, BLOCK_N, HAS_MASK, CAUSAL, False)
+    for t0 in range(t_free, t_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_block(
+            acc, m_i, l_i, q_nope, q_pe, KN, KP, V, Mask, b, h, rows, r_ok, t0, t_end, causal_offset, qk_scale,
+            stride_knt, stride_knh, stride_kpt, stride_vt, stride_vh, stride_mb, stride_mh, stride_ms, stride_mt,
+            DN, DN_POW2, R, R_POW2, DV, DV_POW2, BLOCK_N, HAS_MASK, CAUSAL, True)
     out = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + offs_dv[None, :], out.to(${dtype}),
              mask=r_ok[:, None] & (offs_dv[None, :] < DV))
@@ -216,6 +248,29 @@ ABSORB_MAX_QUERIES = 16  # queries per sequence up to which the absorbed path ru
 
 def choose_path(queries: int) -> str:
     return "absorbed" if _size_hint(queries) <= ABSORB_MAX_QUERIES else "expanded"
+
+
+# Prefill tiles timed per (GPU, query bucket) at compile time; the first is the default off the GPU.
+PREFILL_CANDIDATES = [
+    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+    for bm, bn, w, st in [(64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2),
+                          (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 2)]
+]
+
+
+def tune_prefill(b: int, s: int, t: int, h: int, dn: int, r: int, dv: int, c: int, dtype, device) -> dict:
+    """The fastest prefill tile for this shape's query bucket on this GPU (cached on disk), timed causal on
+    random data of the real head dims. Off the GPU: the default."""
+    if torch.device(device).type != "cuda":
+        return PREFILL_CANDIDATES[0]
+    gen = kernels_for(dtype)
+    q = torch.randn(b, s, h, dn + r, device=device, dtype=dtype)
+    latent = torch.randn(b, t, c + r, device=device, dtype=dtype)
+    w = (torch.randn(h * (dn + dv), c, device=device) / c ** 0.5).to(dtype)
+    args = (q[..., :dn], q[..., dn:], latent[..., :c], latent[..., c:], w, (dn + r) ** -0.5, True)
+    key = f"{gen.key}-prefill-H{h}-DN{dn}-R{r}-DV{dv}-C{c}"
+    return autotune.choose(key, s, PREFILL_CANDIDATES,
+                           lambda cfg: mla_attention(*args, path="expanded", config=cfg), torch.device(device))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -301,7 +356,7 @@ def mla_attention(
         return torch.einsum("bshc,hdc->bshd", out_lat, w[:, dn:].to(dtype))
     if path != "expanded":
         raise ValueError(f"mla: path must be 'auto', 'absorbed' or 'expanded', got {path!r}")
-    cfg = dict(config or {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2})
+    cfg = dict(config or PREFILL_CANDIDATES[0])
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     launch_opts = {} if interpret else cfg
     kv = torch.matmul(c_kv, w_kv_b.to(dtype).t()).view(b, t, h, dn + dv)  # k_nope | v for every head
