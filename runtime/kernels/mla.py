@@ -123,46 +123,6 @@ def mla_decode_reduce_kernel(
 
 
 @triton.jit
-def _prefill_block(
-    acc, m_i, l_i, q_nope, q_pe, KN, KP, V, Mask, b, h, rows, r_ok, t0, t_end, causal_offset, qk_scale,
-    stride_knt, stride_knh, stride_kpt, stride_vt, stride_vh, stride_mb, stride_mh, stride_ms, stride_mt,
-    DN: tl.constexpr, DN_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
-    DV: tl.constexpr, DV_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DIAGONAL: tl.constexpr,
-):
-    """One key block of the online softmax (base 2: qk_scale carries log2(e)). Only blocks that can cross
-    the causal diagonal or the end of the keys pay for the mask (DIAGONAL)."""
-    offs_t = t0 + tl.arange(0, BLOCK_N)
-    offs_dn = tl.arange(0, DN_POW2)
-    offs_r = tl.arange(0, R_POW2)
-    offs_dv = tl.arange(0, DV_POW2)
-    t_ok = offs_t < t_end
-    k_nope = tl.load(KN + offs_t[None, :] * stride_knt + h * stride_knh + offs_dn[:, None],
-                     mask=t_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
-    k_pe = tl.load(KP + offs_t[None, :] * stride_kpt + offs_r[:, None],
-                   mask=t_ok[None, :] & (offs_r[:, None] < R), other=0.0)
-    scores = tl.dot(q_nope, k_nope, input_precision=${precision})
-    scores = tl.dot(q_pe, k_pe, scores, input_precision=${precision}) * qk_scale
-    if HAS_MASK:
-        scores += tl.load(Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_ms
-                          + offs_t[None, :] * stride_mt, mask=r_ok[:, None] & t_ok[None, :], other=0.0) * 1.4426950408889634
-    if DIAGONAL:
-        keep = t_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_t[None, :] <= causal_offset + rows[:, None])
-        scores = tl.where(keep, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(scores - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(V + offs_t[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
-                mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=${precision})
-    return acc, m_new, l_i
-
-
-@triton.jit
 def mla_prefill_kernel(
     QN, QP, KN, KP, V, Mask, Out,
     stride_qnb, stride_qns, stride_qnh, stride_qpb, stride_qps, stride_qph,
@@ -175,9 +135,8 @@ def mla_prefill_kernel(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     """Flash attention for one (query block, batch, head): scores = q_nope . k_nope + q_pe . k_pe (two dots,
-    no concatenated key), online softmax, P . V; the fp32 accumulator is normalized once at the end. Key
-    blocks wholly below the causal diagonal run without masks; the rest mask per element."""
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # fp32 (Inductor passes floats as fp64)
+    no concatenated key), online softmax, P . V; the fp32 accumulator is normalized once at the end."""
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -191,27 +150,37 @@ def mla_prefill_kernel(
                      mask=r_ok[:, None] & (offs_dn[None, :] < DN), other=0.0)
     q_pe = tl.load(QP + b * stride_qpb + rows[:, None] * stride_qps + h * stride_qph + offs_r[None, :],
                    mask=r_ok[:, None] & (offs_r[None, :] < R), other=0.0)
-    KN += b * stride_knb
-    KP += b * stride_kpb
-    V += b * stride_vb
     t_end = T
-    t_free = T // BLOCK_N * BLOCK_N  # key blocks needing no mask
     if CAUSAL:
         t_end = tl.minimum(T, causal_offset + (pid_m + 1) * BLOCK_M)
-        t_free = tl.minimum(t_free, tl.maximum(causal_offset + pid_m * BLOCK_M + 1, 0) // BLOCK_N * BLOCK_N)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, DV_POW2), dtype=tl.float32)
-    for t0 in range(0, t_free, BLOCK_N):
-        acc, m_i, l_i = _prefill_block(
-            acc, m_i, l_i, q_nope, q_pe, KN, KP, V, Mask, b, h, rows, r_ok, t0, t_end, causal_offset, qk_scale,
-            stride_knt, stride_knh, stride_kpt, stride_vt, stride_vh, stride_mb, stride_mh, stride_ms, stride_mt,
-            DN, DN_POW2, R, R_POW2, DV, DV_POW2, BLOCK_N, HAS_MASK, CAUSAL, False)
-    for t0 in range(t_free, t_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_block(
-            acc, m_i, l_i, q_nope, q_pe, KN, KP, V, Mask, b, h, rows, r_ok, t0, t_end, causal_offset, qk_scale,
-            stride_knt, stride_knh, stride_kpt, stride_vt, stride_vh, stride_mb, stride_mh, stride_ms, stride_mt,
-            DN, DN_POW2, R, R_POW2, DV, DV_POW2, BLOCK_N, HAS_MASK, CAUSAL, True)
+    for t0 in range(0, t_end, BLOCK_N):
+        offs_t = t0 + tl.arange(0, BLOCK_N)
+        t_ok = offs_t < t_end
+        k_nope = tl.load(KN + b * stride_knb + offs_t[None, :] * stride_knt + h * stride_knh + offs_dn[:, None],
+                         mask=t_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
+        k_pe = tl.load(KP + b * stride_kpb + offs_t[None, :] * stride_kpt + offs_r[:, None],
+                       mask=t_ok[None, :] & (offs_r[:, None] < R), other=0.0)
+        scores = tl.dot(q_nope, k_nope, input_precision=${precision})
+        scores = tl.dot(q_pe, k_pe, scores, input_precision=${precision}) * scale
+        if HAS_MASK:
+            scores += tl.load(Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_ms
+                              + offs_t[None, :] * stride_mt, mask=r_ok[:, None] & t_ok[None, :], other=0.0)
+        keep = t_ok[None, :]
+        if CAUSAL:
+            keep = keep & (offs_t[None, :] <= causal_offset + rows[:, None])
+        scores = tl.where(keep, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + b * stride_vb + offs_t[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+                    mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=${precision})
+        m_i = m_new
     out = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + offs_dv[None, :], out.to(${dtype}),
              mask=r_ok[:, None] & (offs_dv[None, :] < DV))
