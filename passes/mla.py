@@ -118,19 +118,10 @@ class MLAPass:
             return finish(torch.ops.deepfuse.mla_attention(q_nope, q_pe, c_kv, k_pe, w, mask, params["scale"],
                                                            params["causal"], impl), tensors)
 
-        config = None
-        if impl == "triton" and inline and kernel.choose_path(params["queries"]) == "expanded":
-            from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-            with unset_fake_temporarily():
-                config = kernel.tune_prefill(*(params[k] for k in (
-                    "batch", "queries", "context", "heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                    "kv_lora_rank")), params["_dtype"], out_val.device)
-
         def via_kernel(*tensors):
             q_nope, q_pe, c_kv, k_pe, w, mask = canonical(*tensors)
             return finish(kernel.mla_attention(q_nope, q_pe, c_kv, k_pe, w, params["scale"], params["causal"],
-                                               mask, origin=origin, config=config), tensors)
+                                               mask, origin=origin), tensors)
 
         binding = _RegionBinding(found["region"], out)
         for launcher in ([via_kernel] if impl == "triton" and inline else []) + [via_op]:

@@ -49,7 +49,7 @@ def test_cli_on_the_bundled_tiny_model(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "moe" in run.stdout and "rms_norm" in run.stdout
     report = json.loads((out / "report.json").read_text())
-    assert {m["family"] for m in report["matches"]} == {"moe", "rms_norm"}
+    assert {m["family"] for m in report["matches"]} == {"moe", "mla", "rms_norm"}
     assert "| moe |" in (out / "report.md").read_text()
     kernels = sorted(p.name for p in (out / "kernels").iterdir())
     assert any(k.startswith("moe_experts_") for k in kernels) and any(k.startswith("rms_norm_") for k in kernels)
