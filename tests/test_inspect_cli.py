@@ -53,12 +53,14 @@ def test_cli_on_the_bundled_tiny_model(tmp_path):
     assert "| moe |" in (out / "report.md").read_text()
     kernels = sorted(p.name for p in (out / "kernels").iterdir())
     assert any(k.startswith("moe_experts_") for k in kernels) and any(k.startswith("rms_norm_") for k in kernels)
+    assert any(k.startswith("mla_attention_") for k in kernels)
     code = (out / "graphs" / "graph_0.py").read_text()
     assert "torch.ops.deepfuse.moe_experts.default" in code and "torch.ops.deepfuse.add_rms_norm.default" in code
+    assert "torch.ops.deepfuse.mla_attention.default" in code
     model = onnx.load(str(out / "graphs" / "graph_0.onnx"))
     onnx.checker.check_model(model)
     custom = [n for n in model.graph.node if n.domain == "deepfuse"]
-    assert {n.op_type for n in custom} == {"moe_experts", "rms_norm", "add_rms_norm"}
+    assert {n.op_type for n in custom} == {"moe_experts", "mla_attention", "rms_norm", "add_rms_norm"}
     moe = next(n for n in custom if n.op_type == "moe_experts")
     assert {a.name for a in moe.attribute} >= {"activation", "impl"} and len(moe.input) == 5
 
