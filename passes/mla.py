@@ -18,7 +18,10 @@ So the pass:
    scalar scalings only it uses; its other inputs are the queries, k_pe and the mask, told apart by
    whether they enter a matmul (and on which side) or only add to the scores;
 5. runs the region on random inputs against the canonical formula above, over the possible layouts, the
-   scale constants found in the region and causal or not; it is rewritten only if one matches.
+   scale constants found in the region and causal or not; it is rewritten only if one matches, and
+   declined with the reason if none does.
+An attention where no weight and latent lead to a region of that shape (a plain MHA) gets no report row;
+the debug log says why.
 The projections, norms, rope and cache writes around it stay with Inductor.
 """
 from __future__ import annotations
@@ -64,15 +67,12 @@ class MLAPass:
         _dedupe_views(graph)
         changed = 0
         for anchor in _anchors(graph):
-            if anchor.graph is not graph or anchor not in _live(graph):
+            if anchor not in _live(graph):
                 continue  # consumed by an earlier rewrite
             where = (source_line(anchor), module_path(anchor))
             found = _attention_region(graph, anchor)
             if found is None:
                 continue  # an attention that shares no latent: not MLA, nothing to say
-            if isinstance(found, str):
-                self._decline(report, found, where)
-                continue
             params = _verify(found)
             if isinstance(params, str):
                 self._decline(report, params, where)
