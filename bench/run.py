@@ -136,7 +136,7 @@ def bench_mla_decode(batches, contexts, bandwidth, rounds):
     writing its cache in place) eager, under Inductor, under deepfuse. Floor: the latent cache plus the
     attention weights, read once, at the measured HBM bandwidth."""
     from deepfuse.models import get_config
-    from deepfuse.models.cache import LatentKVCache
+    from deepfuse.runtime.latent_cache import LatentKVCache
     from deepfuse.models.model import MLA, rope_cos_sin
 
     cfg = get_config("v2-lite")

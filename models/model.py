@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import LatentKVCache
+from deepfuse.runtime.latent_cache import LatentKVCache
 from .config import DeepSeekConfig
 
 

@@ -1,4 +1,10 @@
-"""The latent KV cache MLA attends over: per layer, c_kv [B, T, kv_lora_rank] and k_pe [B, T, rope]."""
+"""The latent KV cache MLA attends over: per layer, c_kv [B, T, kv_lora_rank] and k_pe [B, T, rope].
+
+Preallocated and contiguous, written in place: a decode step's shapes do not depend on how full it is
+except through the filled prefix it returns, and nothing in ``update`` syncs with the host, so steps can be
+captured in CUDA graphs. 576 values per token and layer at V2 dims, against 16 * (192 + 128) for an MHA
+cache of the same attention (``bytes_per_token_per_layer``, and the mla pass's explain row).
+"""
 from __future__ import annotations
 
 import torch
