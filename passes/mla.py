@@ -336,7 +336,8 @@ def _region_for(graph, anchor, out, w, c_kv, order):
             for a in n.all_input_nodes:
                 if a in region or a in (w, c_kv) or a.op != "call_function":
                     continue
-                pulls = ((a.target in LAYOUT and not _selects(a)) or _data_free(a) or (a.target in SCALINGS and _scalar_operand(a) is not None)
+                pulls = ((a.target in LAYOUT and not _selects(a)) or _data_free(a)
+                         or (a.target in SCALINGS and _scalar_operand(a) is not None)
                          or (a.target == aten.bmm.default and not _has_weight_operand(a)))  # q_pe . k_pe
                 if pulls and all(u in region for u in a.users):
                     region.add(a)
@@ -445,13 +446,11 @@ def _roles(anchor, out, w, c_kv, region, boundary):
     dv = dv_num // rows
     roles: dict[str, Any] = {"c_kv": c_kv, "w": w, "k_pe": k_pe, "mask": masks[0] if masks else None}
     if len(qs) == 1:
-        roles["q"] = qs[0]
+        roles["q"] = qs[0]  # [q_nope | q_pe] along the last dim (the check refuses any other order)
         dn = widths[0] - r
-        splits = [("nope_first", dn)]
     else:
         roles["q_nope"], roles["q_pe"] = (qs[0], qs[1]) if widths[1] == r else (qs[1], qs[0])
         dn = widths[0] if widths[1] == r else widths[1]
-        splits = [("separate", dn)]
     if dn <= 0 or hint(value(w).shape[0]) % (dn + dv):
         return "kv_b_proj's shape does not fit the queries' and values' head dims"
     h = hint(value(w).shape[0]) // (dn + dv)
@@ -460,7 +459,7 @@ def _roles(anchor, out, w, c_kv, region, boundary):
     s = rows // (b * h)
     dims = {"batch": b, "queries": s, "context": t, "heads": h, "kv_lora_rank": c, "qk_nope_head_dim": dn,
             "qk_rope_head_dim": r, "v_head_dim": dv}
-    return {"anchor": anchor, "out": out, "region": region, "roles": roles, "dims": dims, "q_form": splits[0][0],
+    return {"anchor": anchor, "out": out, "region": region, "roles": roles, "dims": dims,
             "scales": _scale_candidates(anchor, region, dn + r)}
 
 
@@ -652,7 +651,8 @@ def _params(found, dims, scale, causal, heads_first, out_heads_first, mask_layou
         "mha_bytes_per_token": kernel.mha_cache_bytes_per_token(dims["heads"], dims["qk_nope_head_dim"],
                                                                 dims["qk_rope_head_dim"], dims["v_head_dim"],
                                                                 cv.element_size()),
-        "_dtype": value(found["out"]).dtype, "_q_heads_first": heads_first, "_out_heads_first": out_heads_first, "_mask_layout": mask_layout,
+        "_dtype": value(found["out"]).dtype, "_q_heads_first": heads_first, "_out_heads_first": out_heads_first,
+        "_mask_layout": mask_layout,
         "_batch": _expr(bt // t_sym), "_context": _expr(t_sym),
         "_queries": _expr(value(found["out"]).numel() // ((bt // t_sym) * dims["heads"] * dims["v_head_dim"])),
     })
