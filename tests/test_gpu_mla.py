@@ -80,6 +80,7 @@ def test_hf_deepseek_v2_attention_on_gpu():
                                         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, q_lora_rank=None,
                                         first_k_dense_replace=1)
     model = transformers.DeepseekV2ForCausalLM(cfg).cuda().bfloat16().eval()
+    model.config._attn_implementation = "sdpa"  # the SDPA op path (CPU tests see it decomposed)
     ids = torch.randint(0, 256, (2, 33), device="cuda")
     report = deepfuse.Report()
     with torch.no_grad(), deepfuse.collect(report):
