@@ -55,6 +55,51 @@ class FusionPass:
         return changed
 
 
+class RegionBinding:
+    """A region found by analysis rather than a declared pattern, in the shape the replace functions take:
+    its interior nodes and the one value it produces."""
+
+    def __init__(self, interior: Sequence[fx.Node], out: fx.Node):
+        self.interior = list(interior)
+        self.outputs = [out]
+
+
+def ancestors(nodes: Sequence[fx.Node], blocked=frozenset()) -> set[fx.Node]:
+    """``nodes`` and everything they are computed from, not walking through ``blocked``."""
+    seen, stack = set(nodes), list(nodes)
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen and a not in blocked:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def descendants(nodes: Sequence[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and everything computed from them."""
+    seen, stack = set(nodes), list(nodes)
+    while stack:
+        for u in stack.pop().users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def post_dominates(cand: fx.Node, start: fx.Node) -> bool:
+    """Does every path from ``start`` to the graph's output pass through ``cand``?"""
+    seen, stack = {start}, [start]
+    while stack:
+        for u in stack.pop().users:
+            if u is cand or u in seen:
+                continue
+            if u.op == "output":
+                return False
+            seen.add(u)
+            stack.append(u)
+    return True
+
+
 def escape_reason(interior: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> Optional[str]:
     """Why a region cannot be replaced: an interior value (not one of its outputs) is used outside it."""
     inside, outs = set(interior), set(outputs)

@@ -33,7 +33,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from deepfuse.fusion import escape_reason, replace_region_traced
+from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates,
+                             replace_region_traced)
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
@@ -123,7 +124,7 @@ class MLAPass:
             return finish(kernel.mla_attention(q_nope, q_pe, c_kv, k_pe, w, params["scale"], params["causal"],
                                                mask, origin=origin), tensors)
 
-        binding = _RegionBinding(found["region"], out)
+        binding = RegionBinding(found["region"], out)
         for launcher in ([via_kernel] if impl == "triton" and inline else []) + [via_op]:
             try:
                 replace_region_traced(graph, binding, launcher, args)
@@ -134,12 +135,6 @@ class MLAPass:
         else:
             return False
         return str(gen.path) if gen is not None else None
-
-
-class _RegionBinding:
-    def __init__(self, region: list[fx.Node], out: fx.Node):
-        self.interior = region
-        self.outputs = [out]
 
 
 def _live(graph: fx.Graph) -> set:
@@ -172,26 +167,6 @@ def _hashable(x):
     if isinstance(x, (torch.SymInt, torch.SymFloat)):
         return ("sym", str(x.node.expr))
     return x
-
-
-def _ancestors(nodes, blocked=frozenset()) -> set:
-    seen, stack = set(nodes), list(nodes)
-    while stack:
-        for a in stack.pop().all_input_nodes:
-            if a not in seen and a not in blocked:
-                seen.add(a)
-                stack.append(a)
-    return seen
-
-
-def _descendants(nodes) -> set:
-    seen, stack = set(nodes), list(nodes)
-    while stack:
-        for u in stack.pop().users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
 
 
 def _is_weight(node: fx.Node) -> bool:
@@ -258,7 +233,7 @@ def _attention_output(graph: fx.Graph, anchor: fx.Node) -> Optional[fx.Node]:
     """The data input of the first projection (a matmul with a weight) downstream of the softmax, if every
     path from the softmax to the graph's outputs passes through it."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    down = _descendants([anchor])
+    down = descendants([anchor])
     for m in sorted(down, key=order.__getitem__):
         if m.target not in (aten.mm.default, aten.addmm.default):
             continue
@@ -266,17 +241,7 @@ def _attention_output(graph: fx.Graph, anchor: fx.Node) -> Optional[fx.Node]:
         weights = [a for a in m.args[-2:] if isinstance(a, fx.Node) and _is_weight(_through_layout(a))]
         if len(data) != 1 or len(weights) != 1:
             continue
-        cand = data[0]
-        seen, stack = {anchor}, [anchor]
-        while stack:
-            for u in stack.pop().users:
-                if u is cand or u in seen:
-                    continue
-                if u.op == "output":
-                    return None
-                seen.add(u)
-                stack.append(u)
-        return cand
+        return data[0] if post_dominates(data[0], anchor) else None
     return None
 
 
@@ -290,22 +255,22 @@ def _attention_region(graph: fx.Graph, anchor: fx.Node):
     order = {n: i for i, n in enumerate(graph.nodes)}
     if anchor.target in SDPA:
         q, k, v, _ = _sdpa_parts(anchor)
-        keys, values = _ancestors([q, k]), _ancestors([v])
+        keys, values = ancestors([q, k]), ancestors([v])
     else:  # the value side: what reaches the output without passing the softmax
-        keys, values = _ancestors([anchor]), _ancestors([out], blocked={anchor})
+        keys, values = ancestors([anchor]), ancestors([out], blocked={anchor})
     common = (keys & values) - {anchor}
     weights = [n for n in common if _is_weight(n)]
     if not weights:
         return None
 
     def first_matmul(w):
-        uses = [u for u in _descendants([w]) if u.target in MATMULS]
+        uses = [u for u in descendants([w]) if u.target in MATMULS]
         return min((order[u] for u in uses), default=-1)
 
     tried = []
     for w in sorted(weights, key=first_matmul, reverse=True):
         c = hint(value(w).shape[1])
-        from_w = _descendants([w])
+        from_w = descendants([w])
         latents = [n for n in common if n not in from_w and n.op != "placeholder" and _last_dim(n) == c
                    and value(n).dtype.is_floating_point]
         if not latents:
@@ -326,8 +291,8 @@ def _last_dim(n: fx.Node) -> Optional[int]:
 
 
 def _region_for(graph, anchor, out, w, c_kv, order):
-    upstream = _ancestors([out])
-    region = ((_descendants([w]) | _descendants([c_kv]) | _descendants([anchor])) & upstream) - {w, c_kv}
+    upstream = ancestors([out])
+    region = ((descendants([w]) | descendants([c_kv]) | descendants([anchor])) & upstream) - {w, c_kv}
     region.add(out)
     grew = True
     while grew:
@@ -362,7 +327,7 @@ CREATION = {aten.empty.memory_format, aten.full.default, aten.zeros.default, ate
 def _data_free(n: fx.Node) -> bool:
     """Built from constants alone (an empty buffer a key is assembled in, a zero bias)."""
     return all(a.op == "call_function" and (a.target in CREATION or a.target in LAYOUT or not a.all_input_nodes)
-               for a in _ancestors([n]))
+               for a in ancestors([n]))
 
 
 def _selects(n: fx.Node) -> bool:
@@ -469,7 +434,7 @@ def _scale_candidates(anchor, region, qk_dim) -> list[float]:
     found = []
     if anchor.target in SDPA:
         found.append(_sdpa_parts(anchor)[3] or 1.0 / math.sqrt(qk_dim))
-    pre = _ancestors([anchor])
+    pre = ancestors([anchor])
     factors = []
     for n in region:
         if n in pre and n.target in SCALINGS:
@@ -553,7 +518,7 @@ MASK_LAYOUTS = (None, "bhst", "bsht")  # how the region's scores are laid out, f
 def _mask_bhst(mask: torch.Tensor, layout: str, b, s, h, t) -> torch.Tensor:
     """The mask as a (broadcast, zero-stride) [B, H, S, T] view, given the score layout it broadcasts against."""
     if layout == "bhst":
-        return mask.expand(b, h, s, t) if mask.dim() == 4 else torch.broadcast_to(mask, (b, h, s, t))
+        return torch.broadcast_to(mask, (b, h, s, t))
     return torch.broadcast_to(mask, (b, s, h, t)).transpose(1, 2)
 
 

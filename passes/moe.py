@@ -22,7 +22,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from deepfuse.fusion import escape_reason, replace_region, replace_region_inline_or_op
+from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates,
+                             replace_region, replace_region_inline_or_op)
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
@@ -84,7 +85,7 @@ class MoEPass:
         origin = f"{where[1] or '?'} ({where[0]})"
         xv = value(x)
         gen = kernel.kernels_for(xv.dtype, act, origin) if impl != "reference" else None
-        binding = _RegionBinding(region, out)
+        binding = RegionBinding(region, out)
 
         if impl == "triton" and inline:
             from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -106,14 +107,6 @@ class MoEPass:
             op_args = self._op_args(graph, out, x, ids, weights, w1, w2, params, impl)
             replace_region(graph, binding, torch.ops.deepfuse.moe_experts.default, op_args, 1)
         return str(gen.path) if gen is not None else None
-
-
-class _RegionBinding:
-    """The shape ``replace_region`` expects of a match: interior nodes and the outputs they produce."""
-
-    def __init__(self, region: list[fx.Node], out: fx.Node):
-        self.interior = region
-        self.outputs = [out]
 
 
 # -- finding the region ---------------------------------------------------------------------------------------
@@ -140,26 +133,6 @@ def _final_topks(graph: fx.Graph) -> list[fx.Node]:
     return [t for t in topks if t not in inner]
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for u in stack.pop().users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for a in stack.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return seen
-
-
 def _getitem(node: fx.Node, i: int) -> Optional[fx.Node]:
     return next((u for u in node.users if u.target is operator.getitem and u.args[1] == i), None)
 
@@ -173,7 +146,7 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
     hidden = _router_hidden(topk)
     if hidden is None:
         return "the top-k scores do not come from a router matmul over the hidden states"
-    down = _descendants(topk)
+    down = descendants([topk])
     out = _post_dominator(graph, topk, down, t, hidden)
     if out is None:
         if _reaches_output_directly(topk, hidden):
@@ -183,7 +156,7 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
                 "(or pass experts_implementation='grouped_mm' to from_pretrained) so the experts trace whole"
             )
         return "no [tokens, hidden] value that every path from the router passes through"
-    upstream = _ancestors(out)
+    upstream = ancestors([out])
     candidates = [n for n in down & upstream if n is not out]
     # The routing weights: the last [T, k] float value on the way (after gather / renormalize / scale).
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -191,7 +164,7 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
     if not weights:
         return "no [tokens, k] routing weights flow into the experts"
     weights = max(weights, key=order.__getitem__)
-    routing = _ancestors(weights)
+    routing = ancestors([weights])
     region = {n for n in candidates if n not in routing} | {out}
     region.discard(ids)
     # Pull in what only the region uses (weight transposes, gathers of x, index arithmetic).
@@ -252,18 +225,7 @@ def _post_dominator(graph, topk, down, t, hidden) -> Optional[fx.Node]:
             continue
         if hint(val.shape[0]) != hint(t) or hint(val.shape[1]) != hidden:
             continue
-        # every path from the router to the graph's outputs passes through cand
-        seen, stack, escapes = {topk}, [topk], False
-        while stack and not escapes:
-            for u in stack.pop().users:
-                if u is cand or u in seen:
-                    continue
-                if u.op == "output":
-                    escapes = True
-                    break
-                seen.add(u)
-                stack.append(u)
-        if not escapes:
+        if post_dominates(cand, topk):  # every path from the router to the outputs passes through cand
             return cand
     return None
 
