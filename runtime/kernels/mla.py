@@ -25,8 +25,8 @@ import torch
 import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
+from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
 
-_TL = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
 
 TEMPLATE = KernelTemplate(
     "mla_attention",
@@ -190,7 +190,7 @@ _generated = memo()
 
 
 def kernels_for(dtype: torch.dtype, origin: str = ""):
-    if dtype not in _TL:
+    if dtype not in TRITON_DTYPES:
         raise TypeError(f"mla: unsupported dtype {dtype}; supported: float16, bfloat16, float32")
     key = (str(cache_dir()), dtype)
     if key not in _generated:
@@ -202,20 +202,16 @@ def kernels_for(dtype: torch.dtype, origin: str = ""):
             + (f"First generated for: {origin}" if origin else "")
         )
         # fp32 stays fp32 in the tensor cores' dot (no TF32), so fp32 models keep fp32 accuracy.
-        slots = {"dtype": _TL[dtype], "precision": '"ieee"' if dtype == torch.float32 else "None"}
+        slots = {"dtype": TRITON_DTYPES[dtype], "precision": '"ieee"' if dtype == torch.float32 else "None"}
         _generated[key] = generate(TEMPLATE, {"dtype": str(dtype)}, slots, header)
     return _generated[key]
-
-
-def _size_hint(n) -> int:
-    return int(n.node.hint) if isinstance(n, torch.SymInt) and n.node.hint is not None else int(n)
 
 
 ABSORB_MAX_QUERIES = 16  # queries per sequence up to which the absorbed path runs (decode, speculative steps)
 
 
 def choose_path(queries: int) -> str:
-    return "absorbed" if _size_hint(queries) <= ABSORB_MAX_QUERIES else "expanded"
+    return "absorbed" if size_hint(queries) <= ABSORB_MAX_QUERIES else "expanded"
 
 
 # The prefill tile: the best of a 24-point sweep (BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2/3 stages) of
@@ -282,7 +278,7 @@ def mla_attention(
         # W_UK absorbed into the query: q_lat[b, s, h] = q_nope[b, s, h] @ W_UK[h]  ([DN] x [DN, C])
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w[:, :dn].to(dtype))
         head_blocks = triton.cdiv(h, bh)
-        splits = max(1, min(64, triton.cdiv(2 * _sm_count(q_nope.device), _size_hint(b * s) * head_blocks)))
+        splits = max(1, min(64, triton.cdiv(2 * _sm_count(q_nope.device), size_hint(b * s) * head_blocks)))
         c_pow2, r_pow2 = max(16, triton.next_power_of_2(c)), max(16, triton.next_power_of_2(r))
         part_out = torch.empty((b * s * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
         part_lse = torch.empty((b * s * h * splits,), dtype=torch.float32, device=q_nope.device)
@@ -346,7 +342,7 @@ def _check(q_nope, q_pe, c_kv, k_pe, w_kv_b):
     if w_kv_b.dim() != 2 or w_kv_b.shape[1] != c_kv.shape[-1] or w_kv_b.shape[0] % h or w_kv_b.shape[0] // h <= dn:
         raise ValueError(f"mla: w_kv_b {tuple(w_kv_b.shape)} is not [H*(DN+DV), C] for H={h}, DN={dn}, "
                          f"C={c_kv.shape[-1]}")
-    if q_nope.dtype not in _TL or any(x.dtype != q_nope.dtype for x in (q_pe, c_kv, k_pe)):
+    if q_nope.dtype not in TRITON_DTYPES or any(x.dtype != q_nope.dtype for x in (q_pe, c_kv, k_pe)):
         raise TypeError("mla: q, c_kv and k_pe must share one float dtype")
 
 

@@ -21,9 +21,9 @@ import torch
 import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
+from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
 from deepfuse.runtime import autotune
 
-_TL = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
 
 ACTIVATIONS = {
     "silu": "gate * tl.sigmoid(gate)",
@@ -175,7 +175,7 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = ""):
             "sorted into block-aligned per-expert segments; gate and up share the A tile, the routing weight\n"
             "scales the fp32 accumulator of the down projection.\n" + (f"First generated for: {origin}" if origin else "")
         )
-        slots = {"activation": ACTIVATIONS[activation], "dtype": _TL[dtype]}
+        slots = {"activation": ACTIVATIONS[activation], "dtype": TRITON_DTYPES[dtype]}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
 
@@ -222,10 +222,6 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
 
 
 ALIGN_FUSED_MAX_SLOTS = 1024  # measured on H100: T=1..64 (k=6) faster fused, T=512 and up slower
-
-
-def _size_hint(n) -> int:
-    return int(n.node.hint) if isinstance(n, torch.SymInt) and n.node.hint is not None else int(n)
 
 
 def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False):
@@ -303,7 +299,7 @@ def moe_experts(
     weights = topk_weights.reshape(-1).to(torch.float32)
     # The fused align is one program walking the slots: a few microseconds at decode sizes, where the ~10
     # launches of the torch form dominate, but serial; beyond that the torch form (parallel kernels) wins.
-    if _size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
+    if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
         sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret=interpret)
     else:
         sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
@@ -339,7 +335,7 @@ def moe_experts(
 def _check(x, topk_ids, topk_weights, w_gate_up, w_down):
     if x.dim() != 2:
         raise ValueError(f"moe: x must be [tokens, hidden], got {tuple(x.shape)}")
-    if x.dtype not in _TL or w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
+    if x.dtype not in TRITON_DTYPES or w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
         raise TypeError(f"moe: x and expert weights must share a float dtype (x {x.dtype}, "
                         f"gate_up {w_gate_up.dtype}, down {w_down.dtype})")
     e, two_i, h = w_gate_up.shape

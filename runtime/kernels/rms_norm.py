@@ -12,6 +12,7 @@ import torch
 import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
+from deepfuse.runtime.kernels import TRITON_DTYPES
 from deepfuse.runtime import autotune
 
 TEMPLATE = KernelTemplate(
@@ -56,7 +57,6 @@ _EPILOGUE_FP32 = "y = normed * w.to(tl.float32)"
 
 CONFIGS = [{"num_warps": w} for w in (4, 1, 2, 8, 16)]
 
-_TL = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
 
 
 def _block(n: int) -> int:
@@ -86,11 +86,12 @@ def _generate(n, in_dtype, w_dtype, out_dtype, residual, cast_first, origin):
         "cast_before_weight": cast_first,
     }
     name = "add_rms_norm" if residual else "rms_norm"
+    in_tl = TRITON_DTYPES[in_dtype]
     slots = {
         "kernel_name": f"{name}_kernel",
-        "prologue": (_PROLOGUE_RESIDUAL if residual else _PROLOGUE_NONE).replace("${in_dtype}", _TL[in_dtype]),
-        "epilogue": (_EPILOGUE_CAST_FIRST if cast_first else _EPILOGUE_FP32).replace("${in_dtype}", _TL[in_dtype]),
-        "out_dtype": _TL[out_dtype],
+        "prologue": (_PROLOGUE_RESIDUAL if residual else _PROLOGUE_NONE).replace("${in_dtype}", in_tl),
+        "epilogue": (_EPILOGUE_CAST_FIRST if cast_first else _EPILOGUE_FP32).replace("${in_dtype}", in_tl),
+        "out_dtype": TRITON_DTYPES[out_dtype],
     }
     header = (
         f"Pattern family: rms_norm{' (with the residual add fused in front)' if residual else ''}.\n"
@@ -105,7 +106,7 @@ def _check(x, weight, residual, out_dtype):
     n = x.shape[-1]
     if tuple(weight.shape) != (n,):
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {n}")
-    if x.dtype not in _TL or weight.dtype not in _TL or out_dtype not in _TL:
+    if x.dtype not in TRITON_DTYPES or weight.dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:
         raise TypeError(f"rms_norm: unsupported dtypes x={x.dtype} weight={weight.dtype} out={out_dtype}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError("rms_norm: residual must have the input's shape and dtype")
