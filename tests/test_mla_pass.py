@@ -104,13 +104,14 @@ def test_plain_mha_is_left_alone_silently():
     assert not report.matches and not report.declined, str(report)
 
 
-class NotQuiteMLA(torch.nn.Module):
-    """A latent attention whose value side uses a different latent normalization: it shares W and c_kv on
-    both sides but computes something else; the check on random inputs must refuse it."""
+class LatentAttention(torch.nn.Module):
+    """A hand-written latent attention with no DeepSeek names and no cache. ``values`` is applied to the
+    expanded values before P.V: the identity makes it MLA; a nonlinearity makes a look-alike that shares W
+    and c_kv on both sides but computes something else, which the check on random inputs must refuse."""
 
-    def __init__(self, h=2, dn=8, r=8, dv=8, c=16, hidden=32):
+    def __init__(self, values=lambda v: v, h=2, dn=8, r=8, dv=8, c=16, hidden=32):
         super().__init__()
-        self.h, self.dn, self.r = h, dn, r
+        self.values, self.h, self.dn, self.r = values, h, dn, r
         self.q = torch.nn.Linear(hidden, h * (dn + r), bias=False)
         self.kv_a = torch.nn.Linear(hidden, c + r, bias=False)
         self.kv_b = torch.nn.Linear(c, h * (dn + dv), bias=False)
@@ -124,12 +125,11 @@ class NotQuiteMLA(torch.nn.Module):
         k_nope, v = kv.split([self.dn, kv.shape[-1] - self.dn], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None].expand(b, self.h, s, self.r)], dim=-1)
         probs = (q @ k.transpose(-1, -2) * 0.3).softmax(dim=-1)
-        out = probs @ torch.tanh(v)  # not MLA: a nonlinearity on the values
-        return self.o(out.transpose(1, 2).reshape(b, s, -1))
+        return self.o((probs @ self.values(v)).transpose(1, 2).reshape(b, s, -1))
 
 
 def test_a_latent_attention_computing_something_else_is_declined():
-    model = NotQuiteMLA().eval()
+    model = LatentAttention(values=torch.tanh).eval()  # not MLA: a nonlinearity on the values
     x = torch.randn(2, 5, 32)
     report = deepfuse.explain(model, x, passes=["mla"])
     assert not report.matches
@@ -140,8 +140,7 @@ def test_a_latent_attention_computing_something_else_is_declined():
 
 def test_a_hand_written_mla_matches_too():
     """The same module with the values left alone is MLA (no DeepSeek names, no cache): it matches."""
-    model = NotQuiteMLA().eval()
-    model.forward = _plain_forward.__get__(model)
+    model = LatentAttention().eval()
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         ref = model(x)
@@ -151,14 +150,3 @@ def test_a_hand_written_mla_matches_too():
     assert rel_err(out, ref) < 1e-5
     (m,) = _mla_matches(report)
     assert m.params["causal"] is False and m.params["scale"] == pytest.approx(0.3)
-
-
-def _plain_forward(self, x):
-    b, s, _ = x.shape
-    q = self.q(x).view(b, s, self.h, -1).transpose(1, 2)
-    c_kv, k_pe = self.kv_a(x).split([self.kv_b.in_features, self.r], dim=-1)
-    kv = self.kv_b(c_kv).view(b, s, self.h, -1).transpose(1, 2)
-    k_nope, v = kv.split([self.dn, kv.shape[-1] - self.dn], dim=-1)
-    k = torch.cat([k_nope, k_pe[:, None].expand(b, self.h, s, self.r)], dim=-1)
-    probs = (q @ k.transpose(-1, -2) * 0.3).softmax(dim=-1)
-    return self.o((probs @ v).transpose(1, 2).reshape(b, s, -1))
