@@ -210,6 +210,78 @@ def bench_mla_prefill(tokens, rounds, flops_peak):
     return rows
 
 
+# V2-Lite projection shapes (N, K): attention q (16 heads x 192), kv up-projection, output; the dense MLP of layer 0.
+QUANT_SHAPES = {"q_proj": (3072, 2048), "kv_b_proj": (4096, 512), "o_proj": (2048, 2048),
+                "mlp_gate_up": (21888, 2048), "mlp_down": (2048, 10944)}
+
+
+def _timed_graph(fn, calls):
+    """Median ms of one call of ``fn(i)``: a CUDA graph runs it for every i in ``calls`` (distinct weight copies,
+    together larger than L2, so each call streams its weights from HBM), divided by the number of calls."""
+    from triton.testing import do_bench
+
+    graph = _capture(lambda: [fn(i) for i in calls], ())
+    return do_bench(graph.replay, warmup=10, rep=200, return_mode="median") / len(calls)
+
+
+def bench_quant_matmul(tokens, bandwidth, flops_peak, square=8192):
+    """Quantized linear layers: deepfuse's FP8 block-scaled GEMM (activations quantized per token and 128-wide
+    K tile, in the K loop or by a pre-kernel; both timed with the quantization included) and its int8
+    weight-only GEMM, beside cuBLAS bf16 (torch.mm) and cuBLAS row-wise FP8 (torch._scaled_mm over
+    activations already quantized per row: the quantization is not in its time). The floor: weight and
+    activation bytes / HBM, or FLOPs / (2 x the measured bf16 rate, the FP8 tensor-core rate)."""
+    from deepfuse.runtime.kernels import quant as q
+
+    shapes = [(name, m, n, k) for m in tokens for name, (n, k) in QUANT_SHAPES.items()]
+    shapes.append((f"square{square}", square, square, square))
+    rows = []
+    for name, m, n, k in shapes:
+        copies = max(2, min(32, (256 << 20) // (n * k)))
+        xs = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
+        fp8 = [q.quantize_weight(w, "fp8-block") for w in dense]
+        int8 = [q.quantize_weight(w, "int8-channel") for w in dense]
+        x_row = xs.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / 448
+        xq_row = (xs.float() / x_row).to(torch.float8_e4m3fn)
+        w_row = [(w.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / 448) for w in dense]
+        wq_row = [(w.float() / s).to(torch.float8_e4m3fn) for w, s in zip(dense, w_row)]
+        impls = {
+            "cublas_bf16": (lambda i: xs @ dense[i].t(), 2),
+            "scaled_mm_fp8_rowwise": (lambda i: torch._scaled_mm(xq_row, wq_row[i].t(), scale_a=x_row,
+                                                                 scale_b=w_row[i].t(), out_dtype=torch.bfloat16), 1),
+            "deepfuse_fp8_block": (lambda i: q.quant_matmul(xs, *fp8[i], None, "fp8-block", True), 1),
+            "deepfuse_fp8_block_fused_quant": (
+                lambda i: q.quant_matmul(xs, *fp8[i], None, "fp8-block", True, prequantize=False), 1),
+            "deepfuse_fp8_block_prequant": (
+                lambda i: q.quant_matmul(xs, *fp8[i], None, "fp8-block", True, prequantize=True), 1),
+            "deepfuse_int8_weight_only": (lambda i: q.quant_matmul(xs, *int8[i], None, "int8-channel", False), 1),
+        }
+        flops = 2 * m * n * k
+        for impl, (fn, wbytes) in impls.items():
+            weight_bytes = n * k * wbytes
+            floor_ms = max((weight_bytes + 2 * m * k + 2 * m * n) / bandwidth, flops / (2 * flops_peak)) * 1e3
+            try:
+                with torch.no_grad():
+                    out = fn(0)
+                    if impl.startswith("deepfuse"):
+                        fmt = "int8-channel" if "int8" in impl else "fp8-block"
+                        w8, sc = (int8 if "int8" in impl else fp8)[0]
+                        ref = q.reference(xs, w8, sc, None, fmt, fmt == "fp8-block", compute=torch.float64)
+                        err = _rel(out, ref)
+                        if err > 2e-2:
+                            raise SystemExit(f"quant_matmul {impl} {name} M={m}: relative error {err:.2e}")
+                    ms = _timed_graph(fn, range(copies))
+            except RuntimeError as e:  # e.g. a cuBLAS FP8 path that rejects a shape
+                print(f"quant_matmul {impl} {name} M={m}: skipped ({str(e).splitlines()[0][:120]})")
+                continue
+            rows.append({"workload": "quant_matmul", "T": m, "shape": f"{name} {n}x{k}", "impl": impl,
+                         "ms": ms, "graph_ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms,
+                         "tflops": flops / ms * 1e-9, "weight_tbps": weight_bytes / ms * 1e-9,
+                         "floor": f"{weight_bytes / 1e6:.1f} MB weights" if flops / (2 * flops_peak) <
+                         weight_bytes / bandwidth else f"{flops / 1e9:.0f} GFLOP"})
+    return rows
+
+
 def bench_rms_norm(tokens, bandwidth, rounds):
     """The decoder's residual add + RMSNorm (twice per layer) at decode and prefill token counts."""
     model = ResidualRMSNorm(HIDDEN).cuda().bfloat16()
@@ -291,6 +363,7 @@ def main():
     parser.add_argument("--mla-batches", default="1,64")
     parser.add_argument("--mla-contexts", default="4096,32768")
     parser.add_argument("--mla-prefill-tokens", default="1024,4096")
+    parser.add_argument("--quant-tokens", default="1,16,128,4096")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/run.py measures GPU kernels: it needs CUDA")
@@ -307,16 +380,23 @@ def main():
                                  [int(t) for t in args.mla_contexts.split(",")], bandwidth, args.rounds)
     if "mla_prefill" in workloads:
         rows += bench_mla_prefill([int(t) for t in args.mla_prefill_tokens.split(",")], args.rounds, peak)
+    if "quant_matmul" in workloads:
+        rows += bench_quant_matmul([int(t) for t in args.quant_tokens.split(",")], bandwidth, peak)
     env = dict(environment(), hbm_copy_tbps=bandwidth / 1e12, bf16_matmul_tflops=peak / 1e12)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=1)
     for w in dict.fromkeys(r["workload"] for r in rows):
-        chart([r for r in rows if r["workload"] == w], os.path.join(args.out, f"{w}.png"), w)
+        if w != "quant_matmul":  # one bar per shape and impl: a table, not this chart
+            chart([r for r in rows if r["workload"] == w], os.path.join(args.out, f"{w}.png"), w)
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  "
           f"HBM copy {env['hbm_copy_tbps']:.2f} TB/s  bf16 matmul {env['bf16_matmul_tflops']:.0f} TFLOP/s")
     print("median ms: 'launched' = called from Python (host overhead in); 'graph' = CUDA-graph replay (GPU time)")
     print(f"{'workload':<14}{'T':>6}  {'impl':<24}{'launched':>10}{'graph':>9}{'floor':>9}{'graph/floor':>12}  floor is")
     for r in rows:
+        if r["workload"] == "quant_matmul":
+            print(f"{'quant_matmul':<14}{r['T']:>6}  {r['impl']:<31}{r['shape']:<24}{r['graph_ms']:>9.4f}"
+                  f"{r['floor_ms']:>9.4f}{r['x_floor']:>7.2f}  {r['tflops']:>7.1f} TFLOP/s {r['weight_tbps']:>5.2f} TB/s")
+            continue
         print(f"{r['workload']:<14}{r['T']:>6}  {r['impl']:<24}{r['ms']:>10.4f}{r['graph_ms']:>9.4f}"
               f"{r['floor_ms']:>9.4f}{r['x_floor']:>12.2f}  {r['floor']}")
 

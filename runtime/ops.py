@@ -13,6 +13,7 @@ import torch
 
 from deepfuse.runtime.kernels import mla as _mla
 from deepfuse.runtime.kernels import moe as _moe
+from deepfuse.runtime.kernels import quant as _quant
 from deepfuse.runtime.kernels import rms_norm as _rms
 
 IMPLS = ("triton", "interpret", "reference")
@@ -112,3 +113,31 @@ def mla_attention(
 def _(q_nope, q_pe, c_kv, k_pe, w_kv_b, mask, scale, causal, impl):
     b, s, h, dn = q_nope.shape
     return q_nope.new_empty((b, s, h, w_kv_b.shape[0] // h - dn))
+
+
+@torch.library.custom_op("deepfuse::quant_matmul", mutates_args=())
+def quant_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fmt: str,
+    act_quant: bool,
+    block_n: int,
+    block_k: int,
+    out_dtype: torch.dtype,
+    impl: str,
+) -> torch.Tensor:
+    """x [..., K] @ dequant(w [N, K], scale)^T (+ bias) -> [..., N]. ``fmt`` "fp8-block" (scale [N/block_n,
+    K/block_k]; with ``act_quant`` the activations are quantized per token and block_k tile, FP8 x FP8) or
+    "int8-channel" (scale [N], weight-only)."""
+    _check_impl(impl)
+    block = (block_n, block_k)
+    if impl == "reference":
+        return _quant.reference(x, w, scale, bias, fmt, act_quant, block, out_dtype)
+    return _quant.quant_matmul(x, w, scale, bias, fmt, act_quant, block, out_dtype, interpret=impl == "interpret")
+
+
+@quant_matmul.register_fake
+def _(x, w, scale, bias, fmt, act_quant, block_n, block_k, out_dtype, impl):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype)

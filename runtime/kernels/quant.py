@@ -1,0 +1,447 @@
+"""Quantized matmuls: y = x @ dequant(w)^T (+ bias), with the weight kept quantized in memory.
+
+Two weight formats:
+
+* ``fp8-block``: ``w`` is float8_e4m3fn [N, K] with one fp32 scale per (128 x 128) block, ``scale[N/bn, K/bk]``
+  (DeepSeek-V3's ``weight_scale_inv``: dequant(w)[n, k] = w[n, k] * scale[n // bn, k // bk]). With
+  ``act_quant`` the activations are quantized on the fly too, one scale per token and per bk-wide K tile
+  (s = amax / 448), and the product runs on the tensor cores' FP8 path: per K tile,
+  acc += (x_q . w_q) * s_x[m] * s_w[n], accumulated in fp32. Without it (the weight-only form a graph
+  that dequantizes and multiplies in bf16 computes) the fp8 tile is widened to the activation dtype.
+* ``int8-channel``: ``w`` is int8 [N, K] with one scale per output channel, ``scale[N]``; activations stay in
+  their dtype; the scale is applied to the fp32 accumulator in the epilogue.
+
+The activation quantization runs inside the GEMM's K loop (``quantize``: the tile is read in bf16, its row
+maxima taken, and it is cast to fp8 in registers) or as a separate pre-kernel writing fp8 activations and
+their scales (``prequantized``); which is faster depends on M (bench/RESULTS.md has the measurement).
+
+Decode sizes (M <= 16) are bandwidth-bound: there the K dimension is split across programs so every SM
+streams weight bytes, and the fp32 partial sums are added in a fixed order (deterministic).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
+from deepfuse.runtime import autotune
+from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
+
+FORMATS = ("fp8-block", "int8-channel")
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+INT8_MAX = 127.0
+# Floor of a tile's absolute maximum before it becomes a scale: an all-zero tile quantizes to zeros (scale
+# 1e-12 / 448) instead of 0 / 0.
+AMAX_FLOOR = 1e-12
+DEFAULT_BLOCK = (128, 128)
+
+TEMPLATE = KernelTemplate(
+    "quant_matmul",
+    '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """v rounded (to nearest even) onto the float8_e4m3fn grid, in fp32. Only the interpreter needs it: its
+    fp32 -> fp8 cast rounds half up and drops the carry into the exponent (124.3 becomes 64, not 128)."""
+    ulp = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.abs(v) + 1e-30)), -6.0) - 3.0)
+    magic = ulp * 12582912.0  # 1.5 * 2**23 ulps: adding and subtracting it rounds to a multiple of ulp
+    return (v + magic) - magic
+
+
+@triton.jit
+def ${kernel_name}(
+    X, XS, W, WS, Bias, Y,
+    M, N, K,
+    stride_xm, stride_xk, stride_xsm, stride_xsk,
+    stride_wn, stride_wk, stride_wsn, stride_wsk,
+    stride_ys, stride_ym, stride_yn,
+    k_per_split,
+    SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    EXACT_FP8_ROUNDING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of y over the K range of split program_id(1); the K loop reads the weight
+    in its stored (quantized) form."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    # Grouped order: programs that share weight columns run together, so the weight tile is reused from L2.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        x_ptrs = X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
+        w_ptrs = W + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None] * stride_wk
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        ${tile_product}
+    ${epilogue}
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + split * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def act_quant_kernel(
+    X, XQ, XS, K, stride_xm, stride_xk, stride_qm, stride_sm,
+    GROUP_K: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr,
+):
+    """Per token and per GROUP_K-wide tile: s = max|x| / 448 and x_q = fp8(x / s)."""
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    offs = tile * GROUP_K + tl.arange(0, GROUP_K)
+    ok = offs < K
+    x = tl.load(X + row * stride_xm + offs * stride_xk, mask=ok, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), axis=0), ${amax_floor}) / ${fp8_max}
+    xq = x / s
+    if EXACT_FP8_ROUNDING:
+        xq = round_to_e4m3(xq)
+    tl.store(XQ + row * stride_qm + offs, xq.to(tl.float8e4nv), mask=ok)
+    tl.store(XS + row * stride_sm + tile, s)
+''',
+)
+
+# The per-K-tile product, by how the activation tile arrives.
+_PRODUCTS = {
+    # bf16/fp16 tile quantized here: row maxima, scale, cast to fp8, FP8 dot, both scales on the fp32 result.
+    "quantize": """\
+xf = x.to(tl.float32)
+x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), ${amax_floor}) / ${fp8_max}
+xq = xf / x_scale[:, None]
+if EXACT_FP8_ROUNDING:
+    xq = round_to_e4m3(xq)
+xq = xq.to(tl.float8e4nv)
+w_scale = tl.load(WS + (offs_n // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk, mask=n_ok, other=0.0)
+acc += tl.dot(xq, w) * x_scale[:, None] * w_scale[None, :]""",
+    # fp8 tile and its per-token scales written by act_quant_kernel.
+    "prequantized": """\
+x_scale = tl.load(XS + offs_m * stride_xsm + (k0 // SCALE_BLOCK_K) * stride_xsk, mask=m_ok, other=0.0)
+w_scale = tl.load(WS + (offs_n // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk, mask=n_ok, other=0.0)
+acc += tl.dot(x, w) * x_scale[:, None] * w_scale[None, :]""",
+    # activations stay in their dtype; the fp8 tile widens exactly to it, the block scale goes on the result.
+    "fp8_weight_only": """\
+w_scale = tl.load(WS + (offs_n // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk, mask=n_ok, other=0.0)
+acc += tl.dot(x, w.to(x.dtype), input_precision=${precision}) * w_scale[None, :]""",
+    # int8 values are exact in bf16/fp16/fp32; the per-channel scale waits for the epilogue.
+    "int8_weight_only": "acc = tl.dot(x, w.to(x.dtype), acc, input_precision=${precision})",
+}
+_EPILOGUES = {
+    "int8_weight_only": "acc *= tl.load(WS + offs_n * stride_wsn, mask=n_ok, other=0.0)[None, :]",
+}
+
+_generated = memo()
+
+
+def _mode(fmt: str, act_quant: bool, prequantized: bool) -> str:
+    if fmt == "int8-channel":
+        return "int8_weight_only"
+    if not act_quant:
+        return "fp8_weight_only"
+    return "prequantized" if prequantized else "quantize"
+
+
+def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
+    """The generated module for this mode and activation dtype; its GEMM is named ``<mode>_matmul_kernel``."""
+    key = (str(cache_dir()), mode, x_dtype)
+    if key not in _generated:
+        name = f"{'fp8_block_' if mode in ('quantize', 'prequantized') else ''}{mode}_matmul_kernel"
+        what = {
+            "quantize": "FP8 x FP8 block-scaled GEMM, activations quantized per token and 128-wide K tile in the K loop",
+            "prequantized": "FP8 x FP8 block-scaled GEMM over activations quantized by act_quant_kernel",
+            "fp8_weight_only": "GEMM over FP8 block-scaled weights, activations in their own dtype",
+            "int8_weight_only": "GEMM over int8 weights with per-output-channel scales, activations in their own dtype",
+        }[mode]
+        header = (
+            "Pattern family: quant (quantized matmul).\n"
+            f"Computes: y = x @ dequant(w)^T (+ bias): {what}; fp32 accumulation.\n"
+            + (f"First generated for: {origin}" if origin else "")
+        )
+        consts = {"amax_floor": repr(AMAX_FLOOR), "fp8_max": repr(FP8_MAX),
+                  "precision": '"ieee"' if x_dtype == torch.float32 else "None"}
+        fill = lambda s: s.replace("${amax_floor}", consts["amax_floor"]).replace("${fp8_max}", consts["fp8_max"]) \
+            .replace("${precision}", consts["precision"])  # noqa: E731
+        slots = {
+            "kernel_name": name,
+            "tile_product": fill(_PRODUCTS[mode]),
+            "epilogue": _EPILOGUES.get(mode, "# the scales were applied per K tile"),
+            **consts,
+        }
+        _generated[key] = (generate(TEMPLATE, {"mode": mode, "x_dtype": str(x_dtype)}, slots, header), name)
+    return _generated[key]
+
+
+# Tiles by regime. Decode (M <= 16) is bandwidth-bound: narrow N tiles and split K so every SM streams weight
+# bytes. Larger M is compute-bound: wide tiles, deep pipelines. The first entry is the untuned default.
+DECODE_MAX_M = 16
+DECODE_CONFIGS = [
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 2, "num_stages": 6},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 2, "num_stages": 4},
+]
+SMALL_MAX_M = 128
+SMALL_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 5},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+]
+LARGE_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 5},
+]
+
+
+def configs_for(m: int) -> list[dict]:
+    m = size_hint(m)
+    return DECODE_CONFIGS if m <= DECODE_MAX_M else SMALL_CONFIGS if m <= SMALL_MAX_M else LARGE_CONFIGS
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _splits(m, n: int, k: int, cfg: dict, device: torch.device) -> int:
+    """K splits for a decode-sized M: enough programs for two per SM, each keeping >= 4 K tiles."""
+    if size_hint(m) > DECODE_MAX_M:
+        return 1
+    tiles_k = triton.cdiv(k, cfg["BLOCK_K"])
+    programs = triton.cdiv(n, cfg["BLOCK_N"])
+    return max(1, min(triton.cdiv(2 * _sm_count(device), programs), tiles_k // 4))
+
+
+def check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], fmt: str,
+          act_quant: bool, block: tuple[int, int], kernel: bool = True) -> None:
+    """Clear errors for inputs the kernels (``kernel``) or the reference do not take."""
+    if fmt not in FORMATS:
+        raise ValueError(f"quant_matmul: format must be one of {FORMATS}, got {fmt!r}")
+    if kernel and x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"quant_matmul: activations must be float16, bfloat16 or float32, got {x.dtype}")
+    if w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"quant_matmul: x [..., {x.shape[-1]}] and w {tuple(w.shape)} do not chain (w is [N, K])")
+    n, k = w.shape
+    if fmt == "fp8-block":
+        if w.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"quant_matmul fp8-block: weight must be float8_e4m3fn, got {w.dtype}")
+        bn, bk = block
+        if bk % 16 or bn <= 0:
+            raise ValueError(f"quant_matmul fp8-block: block {block} must have a K size that is a multiple of 16")
+        want = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+        if tuple(scale.shape) != want:
+            raise ValueError(f"quant_matmul fp8-block: scale shape {tuple(scale.shape)} should be {want} for "
+                             f"weight {tuple(w.shape)} in {bn}x{bk} blocks")
+    else:
+        if w.dtype != torch.int8:
+            raise TypeError(f"quant_matmul int8-channel: weight must be int8, got {w.dtype}")
+        if act_quant:
+            raise ValueError("quant_matmul int8-channel is weight-only: act_quant must be False")
+        if tuple(scale.shape) != (n,):
+            raise ValueError(f"quant_matmul int8-channel: scale shape {tuple(scale.shape)} should be ({n},)")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"quant_matmul: scales must be float32, got {scale.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"quant_matmul: bias shape {tuple(bias.shape)} should be ({n},)")
+
+
+def quant_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    fmt: str,
+    act_quant: bool,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    out_dtype: Optional[torch.dtype] = None,
+    prequantize: Optional[bool] = None,
+    interpret: bool = False,
+    config: Optional[dict] = None,
+    origin: str = "",
+) -> torch.Tensor:
+    """x [..., K] @ dequant(w [N, K])^T (+ bias) -> [..., N] in ``out_dtype`` (default x's dtype).
+
+    ``prequantize`` (fp8 with act_quant): quantize the activations in a pre-kernel (True) or in the GEMM's K loop
+    (False); None picks the measured faster one for this M. ``config`` None: autotune now (real tensors).
+    Traceable: under make_fx the launches become Inductor user-kernel nodes."""
+    check(x, w, scale, bias, fmt, act_quant, block)
+    out_dtype = out_dtype or x.dtype
+    n, k = w.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if prequantize is None:
+        prequantize = size_hint(m) > SMALL_MAX_M
+    mode = _mode(fmt, act_quant, prequantize)
+    gen, name = kernels_for(mode, x.dtype, origin)
+    gemm = gen.function(name, interpret=interpret)
+    bn_s, bk_s = block if fmt == "fp8-block" else (1, 1)
+    xs = scale  # placeholder pointer where the mode reads no activation scales
+    if mode == "prequantized":
+        quant = gen.function("act_quant_kernel", interpret=interpret)
+        if not interpret:
+            quant = torch.library.wrap_triton(quant)
+        xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+        xs = torch.empty((m, triton.cdiv(k, bk_s)), dtype=torch.float32, device=x.device)
+        if not (isinstance(m, int) and m == 0):
+            quant[(m, triton.cdiv(k, bk_s))](x2, xq, xs, k, x2.stride(0), x2.stride(1), xq.stride(0), xs.stride(0),
+                                              GROUP_K=bk_s, EXACT_FP8_ROUNDING=interpret)
+        x2 = xq
+    if not interpret:
+        gemm = torch.library.wrap_triton(gemm)
+    configs = _configs(m, fmt, act_quant, block)
+
+    def launch(cfg: dict) -> torch.Tensor:
+        cfg = dict(cfg)
+        bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+        splits = _splits(m, n, k, {"BLOCK_N": bn, "BLOCK_K": bk}, x.device)
+        k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+        splits = triton.cdiv(k, k_per_split)
+        y = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else out_dtype, device=x.device)
+        if not (isinstance(m, int) and m == 0):
+            gemm[(triton.cdiv(m, bm) * triton.cdiv(n, bn), splits)](
+                x2, xs, w, scale, bias if bias is not None else scale, y,
+                m, n, k,
+                x2.stride(0), x2.stride(1), xs.stride(0), xs.stride(-1),
+                w.stride(0), w.stride(1), scale.stride(0), scale.stride(-1),
+                y.stride(0), y.stride(1), y.stride(2),
+                k_per_split,
+                SCALE_BLOCK_N=bn_s, SCALE_BLOCK_K=bk_s, HAS_BIAS=bias is not None and splits == 1,
+                EVEN_K=k % bk == 0, EXACT_FP8_ROUNDING=interpret, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                **({} if interpret else cfg),
+            )
+        if splits == 1:
+            return y[0]
+        out = y.sum(0)  # the K splits in a fixed order
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(out_dtype)
+
+    if config is None:
+        config = autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs, launch, x.device,
+                                 enabled=not interpret)
+    else:
+        config = _fit(config, fmt, act_quant, block)
+    return launch(config).view(*x.shape[:-1], n)
+
+
+def _fit(cfg: dict, fmt: str, act_quant: bool, block) -> dict:
+    """A K tile never straddles two scale blocks; with act_quant it is exactly one activation tile."""
+    if act_quant:
+        return dict(cfg, BLOCK_K=block[1])
+    if fmt == "fp8-block":
+        return dict(cfg, BLOCK_K=min(cfg["BLOCK_K"], block[1]))
+    return cfg
+
+
+def _configs(m, fmt: str, act_quant: bool, block) -> list[dict]:
+    return [_fit(c, fmt, act_quant, block) for c in configs_for(m)]
+
+
+def _tune_key(kernel_key: str, n: int, k: int, fmt: str) -> str:
+    return f"{kernel_key}|{n}x{k}|{fmt}"
+
+
+def tune(m: int, n: int, k: int, fmt: str, act_quant: bool, block, x_dtype, device, has_bias: bool) -> dict:
+    """The autotuned config at this size (compile time, on random tensors of the real shapes)."""
+    device = torch.device(device)
+    configs = _configs(m, fmt, act_quant, block)
+    if device.type != "cuda":
+        return configs[0]
+    x = torch.randn((max(size_hint(m), 1), k), dtype=x_dtype, device=device)
+    w, scale = quantize_weight(torch.randn((n, k), device=device), fmt, block)
+    bias = torch.zeros(n, dtype=x_dtype, device=device) if has_bias else None
+    gen, _ = kernels_for(_mode(fmt, act_quant, size_hint(m) > SMALL_MAX_M), x_dtype)
+    return autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs,
+                           lambda cfg: quant_matmul(x, w, scale, bias, fmt, act_quant, block, config=cfg), device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain-torch definitions: the reference every kernel is tested against, and the conversions the model loader and
+# options={"quantize": ...} use.
+
+def quantize_weight(w: torch.Tensor, fmt: str, block: tuple[int, int] = DEFAULT_BLOCK):
+    """A float weight [N, K] -> (quantized weight, fp32 scales) in ``fmt``; dequantize_weight inverts it."""
+    w = w.detach().float()
+    n, k = w.shape
+    if fmt == "fp8-block":
+        bn, bk = block
+        pad = torch.zeros((triton.cdiv(n, bn) * bn, triton.cdiv(k, bk) * bk), device=w.device)
+        pad[:n, :k] = w
+        tiles = pad.view(pad.shape[0] // bn, bn, pad.shape[1] // bk, bk)
+        scale = tiles.abs().amax(dim=(1, 3)).clamp(min=AMAX_FLOOR) / FP8_MAX
+        q = (tiles / scale[:, None, :, None]).view_as(pad)[:n, :k].to(torch.float8_e4m3fn)
+        return q.contiguous(), scale.contiguous()
+    if fmt == "int8-channel":
+        scale = w.abs().amax(dim=1).clamp(min=AMAX_FLOOR) / INT8_MAX
+        q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return q.contiguous(), scale.contiguous()
+    raise ValueError(f"quantize_weight: format must be one of {FORMATS}, got {fmt!r}")
+
+
+def dequantize_weight(w: torch.Tensor, scale: torch.Tensor, fmt: str, block=DEFAULT_BLOCK,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n, k = w.shape
+    if fmt == "fp8-block":
+        bn, bk = block
+        full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+        return (w.to(dtype) * full.to(dtype)).to(dtype)
+    if fmt == "int8-channel":
+        return w.to(dtype) * scale.to(dtype)[:, None]
+    raise ValueError(f"dequantize_weight: format must be one of {FORMATS}, got {fmt!r}")
+
+
+def quantize_activation(x: torch.Tensor, group: int = DEFAULT_BLOCK[1]):
+    """Per token and per ``group``-wide K tile: (fp8 values, fp32 scales [..., K/group]), s = max|x| / 448."""
+    k = x.shape[-1]
+    tiles = triton.cdiv(k, group)
+    xf = torch.nn.functional.pad(x.float(), (0, tiles * group - k)).unflatten(-1, (tiles, group))
+    s = xf.abs().amax(-1).clamp(min=AMAX_FLOOR) / FP8_MAX
+    q = (xf / s[..., None]).to(torch.float8_e4m3fn).flatten(-2)[..., :k]
+    return q, s
+
+
+def dequantize_activation(q: torch.Tensor, s: torch.Tensor, group: int = DEFAULT_BLOCK[1],
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    k = q.shape[-1]
+    return q.to(dtype) * s.to(dtype).repeat_interleave(group, -1)[..., :k]
+
+
+def reference(x, w, scale, bias, fmt: str, act_quant: bool, block=DEFAULT_BLOCK, out_dtype=None,
+              compute: torch.dtype = torch.float32) -> torch.Tensor:
+    """The quantized matmul in ``compute`` precision (float64 in the tests): dequantized operands, then matmul."""
+    check(x, w, scale, bias, fmt, act_quant, tuple(block), kernel=False)
+    xc = dequantize_activation(*quantize_activation(x, block[1]), block[1], compute) if act_quant else x.to(compute)
+    y = xc @ dequantize_weight(w, scale, fmt, block, compute).t()
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(out_dtype or x.dtype)
+
+
+def weight_bytes(n: int, k: int, fmt: str, block=DEFAULT_BLOCK) -> int:
+    """Bytes a matmul reads for the weight in ``fmt`` (the decode floor's numerator)."""
+    if fmt == "fp8-block":
+        return n * k + 4 * triton.cdiv(n, block[0]) * triton.cdiv(k, block[1])
+    return n * k + 4 * n

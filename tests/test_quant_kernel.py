@@ -1,0 +1,127 @@
+"""The quantized-matmul kernels (FP8 block-scaled with activation quantization fused or as a pre-kernel, FP8
+weight-only, int8 weight-only) through Triton's interpreter, against float64 math on the dequantized operands,
+on fresh random data with outliers; plus the plain-torch conversions they are defined by."""
+import pytest
+import torch
+
+from conftest import rel_err
+from deepfuse.runtime.kernels import quant
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+MODES = [  # (format, act_quant, prequantize)
+    ("fp8-block", True, False),
+    ("fp8-block", True, True),
+    ("fp8-block", False, None),
+    ("int8-channel", False, None),
+]
+
+
+def _weights(n, k, fmt, outliers=True):
+    w = torch.randn(n, k) / k ** 0.5
+    if outliers:  # a few values 100x the rest: the block (or channel) scale must absorb them
+        idx = torch.randint(0, n * k, (max(1, n * k // 500),))
+        w.view(-1)[idx] *= 100
+    return quant.quantize_weight(w, fmt)
+
+
+def _activations(m, k, dtype, outliers=True, noncontig=False):
+    x = torch.randn(m, k + (5 if noncontig else 0), dtype=dtype)
+    if outliers and m * k:
+        x.view(-1)[torch.randint(0, x.numel(), (max(1, m * k // 300),))] *= 100
+    return x[:, :k] if noncontig else x
+
+
+SHAPES = [  # m, n, k
+    (1, 200, 256),     # one token (decode), N off the tile
+    (5, 64, 1024),     # decode with the K dimension split across programs
+    (37, 130, 300),    # odd M, N and K (K not a multiple of the 128 block)
+    (140, 96, 256),    # past the decode and small tiles
+    (0, 64, 128),      # no tokens
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", MODES, ids=["fp8-fused-quant", "fp8-prequant", "fp8-weight-only", "int8"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"m{m}n{n}k{k}" for m, n, k in SHAPES])
+def test_quant_matmul_matches_float64(dtype, mode, shape):
+    fmt, act_quant, pre = mode
+    m, n, k = shape
+    x = _activations(m, k, dtype, noncontig=True)
+    w, scale = _weights(n, k, fmt)
+    bias = torch.randn(n, dtype=dtype)
+    out = quant.quant_matmul(x, w, scale, bias, fmt, act_quant, prequantize=pre, interpret=True)
+    assert out.shape == (m, n) and out.dtype == dtype
+    ref = quant.reference(x.double(), w, scale, bias.double(), fmt, act_quant, compute=torch.float64)
+    if m:
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_leading_dims_out_dtype_and_no_bias():
+    x = torch.randn(2, 3, 256)
+    w, scale = _weights(48, 256, "fp8-block")
+    out = quant.quant_matmul(x, w, scale, None, "fp8-block", True, out_dtype=torch.float16, interpret=True)
+    assert out.shape == (2, 3, 48) and out.dtype == torch.float16
+    ref = quant.reference(x.double(), w, scale, None, "fp8-block", True, compute=torch.float64)
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_zero_tiles_quantize_to_zero_not_nan():
+    """An all-zero activation tile has no scale to divide by; it quantizes to zeros."""
+    x = torch.randn(4, 256)
+    x[1] = 0
+    x[2, :128] = 0
+    w, scale = _weights(32, 256, "fp8-block")
+    for pre in (False, True):
+        out = quant.quant_matmul(x, w, scale, None, "fp8-block", True, prequantize=pre, interpret=True)
+        assert torch.isfinite(out).all() and (out[1] == 0).all()
+        assert rel_err(out, quant.reference(x.double(), w, scale, None, "fp8-block", True, compute=torch.float64)) < 1e-5
+
+
+def test_activation_quantization_is_per_token_per_tile():
+    x = torch.randn(3, 300) * torch.tensor([1.0, 10.0, 1000.0])[:, None]
+    q, s = quant.quantize_activation(x, 128)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 3)
+    assert torch.allclose(s[:, 0], x[:, :128].abs().amax(1) / 448)
+    back = quant.dequantize_activation(q, s, 128)
+    assert ((back - x).abs() <= x.abs() * 2 ** -4 + 1e-30).all()  # e4m3: 3 mantissa bits, round to nearest
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block", "int8-channel"])
+def test_weight_quantization_round_trip(fmt):
+    w = torch.randn(300, 260)
+    w[7, 9] = 50.0
+    q, s = quant.quantize_weight(w, fmt)
+    assert q.shape == w.shape and s.dtype == torch.float32
+    assert s.shape == ((3, 3) if fmt == "fp8-block" else (300,))
+    back = quant.dequantize_weight(q, s, fmt)
+    assert rel_err(back, w) < (0.03 if fmt == "fp8-block" else 0.01)
+    assert back[7, 9] == pytest.approx(50.0, rel=1e-6)  # the block's (channel's) maximum maps to the grid's end
+
+
+def test_bad_inputs_are_clear_errors():
+    x = torch.randn(2, 256)
+    w, scale = _weights(32, 256, "fp8-block")
+    with pytest.raises(ValueError, match="format"):
+        quant.quant_matmul(x, w, scale, None, "fp4", True, interpret=True)
+    with pytest.raises(ValueError, match="scale shape"):
+        quant.quant_matmul(x, w, scale[:, :1], None, "fp8-block", True, interpret=True)
+    with pytest.raises(ValueError, match="do not chain"):
+        quant.quant_matmul(torch.randn(2, 128), w, scale, None, "fp8-block", True, interpret=True)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        quant.quant_matmul(x, w.to(torch.float16), scale, None, "fp8-block", True, interpret=True)
+    wi, si = _weights(32, 256, "int8-channel")
+    with pytest.raises(ValueError, match="weight-only"):
+        quant.quant_matmul(x, wi, si, None, "int8-channel", True, interpret=True)
+    with pytest.raises(TypeError, match="activations"):
+        quant.quant_matmul(x.to(torch.int32), wi, si, None, "int8-channel", False, interpret=True)
+
+
+def test_op_dispatch_interpret_and_reference_agree():
+    import deepfuse.runtime.ops  # noqa: F401
+
+    x = torch.randn(3, 5, 256)
+    w, scale = _weights(96, 256, "fp8-block")
+    args = (x, w, scale, None, "fp8-block", True, 128, 128, torch.float32)
+    a = torch.ops.deepfuse.quant_matmul(*args, "interpret")
+    b = torch.ops.deepfuse.quant_matmul(*args, "reference")
+    assert a.shape == (3, 5, 96) and rel_err(a, b) < 1e-5
