@@ -18,9 +18,10 @@ SHAPES = [(1, 3072, 2048), (16, 2048, 10944), (128, 4096, 512), (4096, 2048, 204
 def test_quant_matmul_bf16_on_gpu(mode, shape):
     fmt, act_quant, pre = mode
     m, n, k = shape
-    x = torch.randn(m, k + 8, device="cuda", dtype=torch.bfloat16)[:, :k]  # non-contiguous rows
+    x = torch.randn(m, k + 8, device="cuda", dtype=torch.bfloat16)
     if m:
-        x.view(-1)[torch.randint(0, m * k, (m * k // 300 + 1,), device="cuda")] *= 100
+        x.view(-1)[torch.randint(0, x.numel(), (m * k // 300 + 1,), device="cuda")] *= 100
+    x = x[:, :k]  # non-contiguous rows
     w = torch.randn(n, k, device="cuda") / k ** 0.5
     w.view(-1)[torch.randint(0, n * k, (n * k // 500 + 1,), device="cuda")] *= 100
     wq, scale = quant.quantize_weight(w, fmt)

@@ -56,6 +56,17 @@ def test_quant_matmul_matches_float64(dtype, mode, shape):
         assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("act_quant", [True, False])
+def test_fp8_scale_blocks_narrower_than_the_tile(act_quant):
+    """32-row weight blocks: a 64-wide output tile spans two scales (the per-column scale path)."""
+    x = _activations(20, 256, torch.float32)
+    w, scale = quant.quantize_weight(torch.randn(96, 256), "fp8-block", (32, 128))
+    assert scale.shape == (3, 2)
+    out = quant.quant_matmul(x, w, scale, None, "fp8-block", act_quant, (32, 128), interpret=True)
+    ref = quant.reference(x.double(), w, scale, None, "fp8-block", act_quant, (32, 128), compute=torch.float64)
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_leading_dims_out_dtype_and_no_bias():
     x = torch.randn(2, 3, 256)
     w, scale = _weights(48, 256, "fp8-block")
@@ -117,7 +128,7 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_op_dispatch_interpret_and_reference_agree():
-    import deepfuse.runtime.ops  # noqa: F401
+    from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 
     x = torch.randn(3, 5, 256)
     w, scale = _weights(96, 256, "fp8-block")

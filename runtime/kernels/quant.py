@@ -62,7 +62,7 @@ def ${kernel_name}(
     stride_ys, stride_ym, stride_yn,
     k_per_split,
     SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    EXACT_FP8_ROUNDING: tl.constexpr,
+    EXACT_FP8_ROUNDING: tl.constexpr, UNIFORM_W_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of y over the K range of split program_id(1); the K loop reads the weight
@@ -77,8 +77,8 @@ def ${kernel_name}(
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit: M * K may pass 2**31
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
@@ -133,20 +133,30 @@ xq = xf / x_scale[:, None]
 if EXACT_FP8_ROUNDING:
     xq = round_to_e4m3(xq)
 xq = xq.to(tl.float8e4nv)
-w_scale = tl.load(WS + (offs_n // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk, mask=n_ok, other=0.0)
-acc += tl.dot(xq, w) * x_scale[:, None] * w_scale[None, :]""",
+${scales}
+acc += tl.dot(xq, w) * scales""",
     # fp8 tile and its per-token scales written by act_quant_kernel.
     "prequantized": """\
 x_scale = tl.load(XS + offs_m * stride_xsm + (k0 // SCALE_BLOCK_K) * stride_xsk, mask=m_ok, other=0.0)
-w_scale = tl.load(WS + (offs_n // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk, mask=n_ok, other=0.0)
-acc += tl.dot(x, w) * x_scale[:, None] * w_scale[None, :]""",
+${scales}
+acc += tl.dot(x, w) * scales""",
     # activations stay in their dtype; the fp8 tile widens exactly to it, the block scale goes on the result.
     "fp8_weight_only": """\
-w_scale = tl.load(WS + (offs_n // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk, mask=n_ok, other=0.0)
-acc += tl.dot(x, w.to(x.dtype), input_precision=${precision}) * w_scale[None, :]""",
+${w_scales}
+acc += tl.dot(x, w.to(x.dtype), input_precision=${precision}) * scales""",
     # int8 values are exact in bf16/fp16/fp32; the per-channel scale waits for the epilogue.
     "int8_weight_only": "acc = tl.dot(x, w.to(x.dtype), acc, input_precision=${precision})",
 }
+# The weight's block scale for this K tile (times the activation's, when there is one). When BLOCK_N divides the
+# scale block, the whole tile shares one weight scale: a scalar load, and one FMA per accumulator element.
+_SCALES = """\
+if UNIFORM_W_SCALE:
+    w_scale = tl.load(WS + (pid_n * BLOCK_N // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk)
+    scales = ${x_scale}w_scale
+else:
+    w_scale = tl.load(WS + (offs_n // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk, mask=n_ok, other=0.0)
+    scales = ${x_scale}w_scale[None, :]"""
+
 _EPILOGUES = {
     "int8_weight_only": "acc *= tl.load(WS + offs_n * stride_wsn, mask=n_ok, other=0.0)[None, :]",
 }
@@ -181,7 +191,9 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
         consts = {"amax_floor": repr(AMAX_FLOOR), "fp8_max": repr(FP8_MAX),
                   "precision": '"ieee"' if x_dtype == torch.float32 else "None"}
         fill = lambda s: s.replace("${amax_floor}", consts["amax_floor"]).replace("${fp8_max}", consts["fp8_max"]) \
-            .replace("${precision}", consts["precision"])  # noqa: E731
+            .replace("${precision}", consts["precision"])\
+            .replace("${scales}", _SCALES.replace("${x_scale}", "x_scale[:, None] * ")) \
+            .replace("${w_scales}", _SCALES.replace("${x_scale}", ""))  # noqa: E731
         slots = {
             "kernel_name": name,
             "tile_product": fill(_PRODUCTS[mode]),
@@ -208,12 +220,13 @@ SMALL_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 5},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
 ]
-LARGE_CONFIGS = [
+LARGE_CONFIGS = [  # BLOCK_N 128 keeps a tile inside one weight scale block (a scalar scale per K tile)
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
     {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 5},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
 ]
 
 
@@ -293,7 +306,7 @@ def quant_matmul(
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if prequantize is None:
-        prequantize = size_hint(m) > SMALL_MAX_M
+        prequantize = size_hint(m) > DECODE_MAX_M  # measured: bench/RESULTS.md, quant_matmul
     mode = _mode(fmt, act_quant, prequantize)
     gen, name = kernels_for(mode, x.dtype, origin)
     gemm = gen.function(name, interpret=interpret)
@@ -329,7 +342,8 @@ def quant_matmul(
                 y.stride(0), y.stride(1), y.stride(2),
                 k_per_split,
                 SCALE_BLOCK_N=bn_s, SCALE_BLOCK_K=bk_s, HAS_BIAS=bias is not None and splits == 1,
-                EVEN_K=k % bk == 0, EXACT_FP8_ROUNDING=interpret, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                EVEN_K=k % bk == 0, EXACT_FP8_ROUNDING=interpret,
+                UNIFORM_W_SCALE=bn_s % bn == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                 **({} if interpret else cfg),
             )
         if splits == 1:
@@ -373,7 +387,7 @@ def tune(m: int, n: int, k: int, fmt: str, act_quant: bool, block, x_dtype, devi
     x = torch.randn((max(size_hint(m), 1), k), dtype=x_dtype, device=device)
     w, scale = quantize_weight(torch.randn((n, k), device=device), fmt, block)
     bias = torch.zeros(n, dtype=x_dtype, device=device) if has_bias else None
-    gen, _ = kernels_for(_mode(fmt, act_quant, size_hint(m) > SMALL_MAX_M), x_dtype)
+    gen, _ = kernels_for(_mode(fmt, act_quant, size_hint(m) > DECODE_MAX_M), x_dtype)
     return autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs,
                            lambda cfg: quant_matmul(x, w, scale, bias, fmt, act_quant, block, config=cfg), device)
 
