@@ -37,6 +37,13 @@ class Options:
     #: Reductions in a fixed order (True), or by atomic adds where a kernel offers them (False: faster,
     #: results may differ in the last bits from run to run). Today: the MoE combine of a token's k experts.
     deterministic: bool = True
+    #: Quantize linear weights while compiling: "fp8-block" (FP8 e4m3 weights in 128x128 blocks, activations
+    #: quantized per token and 128-wide tile: DeepSeek-V3's recipe) or "int8-weight" (int8 weights, one scale
+    #: per output channel, activations untouched). None keeps the weights as they are. See deepfuse.quantize.
+    quantize: Optional[str] = None
+    #: With ``quantize``: free the float weights that were quantized (their storage is resized to 0 bytes), so
+    #: the process holds only the quantized copies. The model then runs only through the compiled module.
+    release_float_weights: bool = False
 
     # Set from torch.compile's ``mode=`` argument, not from ``options``.
     mode: str = field(default="default", repr=False)
@@ -60,7 +67,13 @@ class Options:
             options["passes"] = names
         if options.get("kernels", "auto") not in KERNEL_CHOICES:
             raise DeepfuseError(f"options['kernels'] must be one of {KERNEL_CHOICES}, got {options['kernels']!r}")
-        for key in ("interpret", "inductor", "autotune", "inline", "deterministic"):
+        if options.get("quantize") not in (None, "fp8-block", "int8-weight"):
+            raise DeepfuseError(
+                f"options['quantize'] must be None, 'fp8-block' or 'int8-weight', got {options['quantize']!r}"
+            )
+        if options.get("release_float_weights") and not options.get("quantize"):
+            raise DeepfuseError("options['release_float_weights'] needs options['quantize']")
+        for key in ("interpret", "inductor", "autotune", "inline", "deterministic", "release_float_weights"):
             if key in options and not isinstance(options[key], bool):
                 raise DeepfuseError(f"options[{key!r}] must be a bool, got {options[key]!r}")
         mode = mode or "default"
@@ -88,4 +101,4 @@ class Options:
 
     def fingerprint(self) -> str:
         """What changes the rewritten graph; part of Inductor's FX-graph cache key."""
-        return repr((self.interpret, self.kernels, self.passes, self.inline, self.deterministic))
+        return repr((self.interpret, self.kernels, self.passes, self.inline, self.deterministic, self.quantize))

@@ -84,6 +84,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     set_cache_dir(options.cache_dir)
     autotune.set_enabled(options.autotune)
     report = _report()
+    if options.quantize:
+        from .quantize import quantize_linears
+
+        quantize_linears(gm, example_inputs, options.quantize, options.release_float_weights)
     if options.inductor:
         from torch._inductor.compile_fx import compile_fx
 
@@ -133,4 +137,8 @@ def explain_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     set_cache_dir(options.cache_dir)
     autotune.set_enabled(False)
     report = _report()
+    if options.quantize:
+        from .quantize import quantize_linears
+
+        quantize_linears(gm, example_inputs, options.quantize, release=False)
     return _aot(gm, example_inputs, lambda g: run_passes(g, options, report), run_original=True)

@@ -42,6 +42,10 @@ class DeepSeekConfig:
     rope_scaling: Optional[dict[str, Any]] = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
     max_position_embeddings: int = 163840
     tie_word_embeddings: bool = False
+    # DeepSeek-V3's FP8 checkpoints: {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+    # "weight_block_size": [128, 128]}. The attention and dense/shared MLP projections hold FP8 weights; routed
+    # experts are dequantized to the model dtype at load (FP8 grouped expert kernels are not built yet).
+    quantization_config: Optional[dict[str, Any]] = None
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -64,9 +68,24 @@ class DeepSeekConfig:
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even")
         if self.topk_method == "noaux_tc":
             need(self.n_routed_experts // self.n_group >= 2, "noaux_tc scores groups by their top-2 experts")
+        qc = self.quantization_config
+        if qc is not None:
+            need(qc.get("quant_method") == "fp8" and qc.get("fmt", "e4m3") == "e4m3",
+                 f"quantization_config: only DeepSeek-V3's fp8 e4m3 format is supported, got {qc}")
+            need(qc.get("activation_scheme", "dynamic") == "dynamic",
+                 "quantization_config: activations are quantized dynamically (per token and tile)")
+            block = qc.get("weight_block_size") or [128, 128]
+            need(len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block) and block[1] % 16 == 0,
+                 f"quantization_config: weight_block_size must be two positive ints, K a multiple of 16, got {block}")
         if self.n_group > 1:
             per_group = self.n_routed_experts // self.n_group
             need(self.num_experts_per_tok <= self.topk_group * per_group, "top-k exceeds the experts in the kept groups")
+
+    @property
+    def fp8_block(self) -> Optional[tuple[int, int]]:
+        """The FP8 weight block [bn, bk] of a quantized config, else None."""
+        qc = self.quantization_config
+        return tuple(qc.get("weight_block_size") or (128, 128)) if qc else None
 
     @property
     def latent_cache_width(self) -> int:

@@ -4,6 +4,10 @@ Parameter names are DeepSeek-V2's. Routed experts may be stored per expert, as D
 (``mlp.experts.{j}.gate_proj.weight`` / ``up_proj`` / ``down_proj``), or stacked, as transformers >= 5 keeps them
 in memory (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]); both load.
 ``save_checkpoint`` writes the per-expert form, which every DeepSeek loader reads.
+
+DeepSeek-V3 FP8 checkpoints (``quantization_config`` in config.json; float8_e4m3fn weights, each with a
+``weight_scale_inv`` of 128 x 128 block scales) load as they are into the model's FP8 ``Linear`` layers; routed
+expert weights are dequantized to bf16 at load.
 """
 from __future__ import annotations
 
@@ -15,11 +19,14 @@ from typing import Optional, Union
 import torch
 
 from deepfuse.errors import DeepfuseError
+from deepfuse.runtime.kernels import quant
 
 from .config import DeepSeekConfig
 from .model import DeepSeekForCausalLM
 
-_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_PER_EXPERT = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$"
+)
 
 
 def load_checkpoint(
@@ -52,25 +59,42 @@ def load_checkpoint(
     for k, t in expected.items():
         if tuple(state[k].shape) != tuple(t.shape):
             raise DeepfuseError(f"checkpoint tensor {k} has shape {tuple(state[k].shape)}, model wants {tuple(t.shape)}")
-    keep_fp32 = {k for k in state if k.endswith("e_score_correction_bias")}
-    state = {k: v if k in keep_fp32 else v.to(dtype) for k, v in state.items()}
+    # FP8 weights and their scales stay as stored; the router bias stays fp32.
+    keep = {k for k, v in state.items() if k.endswith(("e_score_correction_bias", "weight_scale_inv"))
+            or v.dtype == torch.float8_e4m3fn}
+    state = {k: v if k in keep else v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     return model.eval()
 
 
 def _stack_experts(tensors: dict[str, torch.Tensor], config: DeepSeekConfig) -> dict[str, torch.Tensor]:
     state, per_expert = {}, {}
+    scales = {}
     for k, v in tensors.items():
         m = _PER_EXPERT.match(k)
-        if m:
+        if m and m.group(4) == "weight":
             per_expert.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = v
+        elif m:
+            scales[m.group(1), int(m.group(2)), m.group(3)] = v
         else:
             state[k] = v
+
+    def expert(prefix, j, name):
+        """One expert matrix; an FP8 one (V3 checkpoints) is dequantized with its block scales: the grouped
+        expert kernels run float weights (FP8 grouped kernels are not built yet)."""
+        w = per_expert[prefix][(j, name)]
+        if w.dtype != torch.float8_e4m3fn:
+            return w
+        if (prefix, j, name) not in scales:
+            raise DeepfuseError(f"checkpoint has an FP8 expert weight {prefix}.{j}.{name} without weight_scale_inv")
+        return quant.dequantize_weight(w, scales[prefix, j, name], "fp8-block", config.fp8_block or (128, 128),
+                                       dtype=torch.float32)
+
     for prefix, parts in per_expert.items():
         n = config.n_routed_experts
         try:
-            gate_up = [torch.cat([parts[(j, "gate_proj")], parts[(j, "up_proj")]], dim=0) for j in range(n)]
-            down = [parts[(j, "down_proj")] for j in range(n)]
+            gate_up = [torch.cat([expert(prefix, j, "gate_proj"), expert(prefix, j, "up_proj")]) for j in range(n)]
+            down = [expert(prefix, j, "down_proj") for j in range(n)]
         except KeyError as e:
             raise DeepfuseError(f"checkpoint is missing expert weight {prefix}.{e.args[0][0]}.{e.args[0][1]}") from None
         state[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)

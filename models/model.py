@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepfuse.runtime.kernels import quant
 from deepfuse.runtime.latent_cache import LatentKVCache
 from .config import DeepSeekConfig
 
@@ -35,6 +36,64 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class Linear(nn.Module):
+    """``nn.Linear`` that can hold its weight in FP8, as DeepSeek-V3's checkpoints do: float8_e4m3fn with one
+    fp32 scale per [bn, bk] block, ``weight_scale_inv`` [ceil(N / bn), ceil(K / bk)] (dequantized weight =
+    weight * scale). Its forward is the W8A8 math DeepSeek-V3's inference runs, written out: activations
+    quantized per token and bk-wide tile (s = max|x| / 448), both operands dequantized, the product in fp32."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, fp8_block=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.block = tuple(fp8_block) if fp8_block else None
+        if self.block is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        else:
+            bn, bk = self.block
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+                                       requires_grad=False)
+            self.weight_scale_inv = nn.Parameter(torch.empty(-(-out_features // bn), -(-in_features // bk)),
+                                                 requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.block is None:
+            return self.weight
+        return quant.dequantize_weight(self.weight, self.weight_scale_inv, "fp8-block", self.block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block is None:
+            return F.linear(x, self.weight, self.bias)
+        group = self.block[1]
+        x_q = quant.dequantize_activation(*quant.quantize_activation(x, group), group)
+        bias = self.bias.float() if self.bias is not None else None
+        return F.linear(x_q, self.dequantized_weight(), bias).to(x.dtype)
+
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor) -> None:
+        """Store ``weight`` (float, [out, in]) in this layer's FP8 format."""
+        q, s = quant.quantize_weight(weight, "fp8-block", self.block)
+        self.weight.data, self.weight_scale_inv.data = q.to(self.weight.device), s.to(self.weight.device)
+
+    def _apply(self, fn, recurse=True):
+        # Device moves apply to the FP8 weight and its scales; dtype casts (model.bfloat16()) do not.
+        if self.block is None:
+            return super()._apply(fn, recurse)
+        kept = {name: self._parameters.pop(name) for name in ("weight", "weight_scale_inv")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            target = fn(torch.empty(0, device=kept["weight"].device)).device
+            for name, p in kept.items():
+                data = torch.empty_like(p, device=target) if p.is_meta else p.data.to(target)
+                self._parameters[name] = nn.Parameter(data, requires_grad=False)
+        return self
+
+    def extra_repr(self) -> str:
+        fmt = f", fp8 blocks {self.block}" if self.block else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{fmt}"
 
 
 # -- rotary embedding (with YaRN) ----------------------------------------------------------------------------
@@ -97,16 +156,17 @@ class MLA(nn.Module):
         self.kv_lora_rank, self.qk_nope_head_dim = c.kv_lora_rank, c.qk_nope_head_dim
         self.qk_rope_head_dim, self.v_head_dim = c.qk_rope_head_dim, c.v_head_dim
         q_out = self.n_heads * c.qk_head_dim
+        fp8 = c.fp8_block
         if c.q_lora_rank is None:
-            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
+            self.q_proj = Linear(c.hidden_size, q_out, fp8_block=fp8)
         else:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, fp8_block=fp8)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+            self.q_b_proj = Linear(c.q_lora_rank, q_out, fp8_block=fp8)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, fp8_block=fp8)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=False)
+        self.kv_b_proj = Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim), fp8_block=fp8)
+        self.o_proj = Linear(self.n_heads * c.v_head_dim, c.hidden_size, fp8_block=fp8)
         self.softmax_scale = c.qk_head_dim ** -0.5
         rs = c.rope_scaling
         if rs and rs.get("type") == "yarn" and rs.get("mscale_all_dim"):
@@ -128,7 +188,7 @@ class MLA(nn.Module):
         if cache is not None:
             c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
 
-        wkv_b = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank)
+        wkv_b = self.kv_b_proj.dequantized_weight().to(x.dtype).view(self.n_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]
         if self.attn_impl == "naive":
             k_nope = torch.einsum("btc,hdc->bthd", c_kv, w_uk)
@@ -152,11 +212,11 @@ class MLA(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, fp8_block=None):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, fp8_block=fp8_block)
+        self.up_proj = Linear(hidden, inter, fp8_block=fp8_block)
+        self.down_proj = Linear(inter, hidden, fp8_block=fp8_block)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -259,7 +319,7 @@ class MoE(nn.Module):
         self.gate = Gate(config)
         self.experts = Experts(config)
         self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.fp8_block)
             if config.n_shared_experts
             else None
         )
@@ -284,7 +344,7 @@ class Block(nn.Module):
         self.self_attn = MLA(config, layer_idx, attn_impl)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         dense = layer_idx < config.first_k_dense_replace
-        self.mlp = MLP(config.hidden_size, config.intermediate_size) if dense else MoE(config)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.fp8_block) if dense else MoE(config)
 
     def forward(self, x, start_pos, cos, sin, mask, cache):
         x = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin, mask, cache)
@@ -332,8 +392,14 @@ class DeepSeekForCausalLM(nn.Module):
         """Seeded random init (normal(0, initializer_range) for matrices, ones for norms, zero router bias)."""
         gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
         std = self.config.initializer_range
+        fp8 = {f"{name}.{p}" for name, m in self.named_modules() if isinstance(m, Linear) and m.block
+               for p in ("weight", "weight_scale_inv")}
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if name in fp8:
+                if name.endswith(".weight"):  # drawn in fp32, then stored in the layer's FP8 format
+                    layer = self.get_submodule(name[: -len(".weight")])
+                    layer.quantize_(torch.empty(p.shape, device=p.device).normal_(0.0, std, generator=gen))
+            elif name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith("e_score_correction_bias"):
                 p.zero_()
@@ -346,7 +412,7 @@ class DeepSeekForCausalLM(nn.Module):
         """Build directly on ``device`` (no CPU copy of the weights) with seeded random weights."""
         with torch.device("meta"):
             model = cls(config, attn_impl)
-        model = model.to_empty(device=device or "cpu").to(dtype)
+        model = model.to_empty(device=device or "cpu").to(dtype)  # FP8 Linear layers keep their formats
         for m in model.modules():
             if isinstance(m, Gate) and m.e_score_correction_bias is not None:
                 m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from deepfuse.passes.mla import MLAPass
 from deepfuse.passes.moe import MoEPass
+from deepfuse.passes.quant import QuantPass
 from deepfuse.passes.rms_norm import RMSNormPass
 
 PASSES = {
     "moe": MoEPass,
     "mla": MLAPass,
+    "quant": QuantPass,
     "rms_norm": RMSNormPass,
 }

@@ -37,6 +37,7 @@ from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reaso
                              replace_region_traced)
 from deepfuse.log import log
 from deepfuse.options import Options
+from deepfuse.passes.quant import activation_source, is_dequantized_weight
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 from deepfuse.runtime.kernels import mla as kernel
@@ -170,8 +171,11 @@ def _hashable(x):
 
 
 def _is_weight(node: fx.Node) -> bool:
+    """A 2-D float parameter or constant, or one dequantized from a quantized weight and its scales."""
     val = value(node)
-    return node.op in ("placeholder", "get_attr") and val is not None and val.dim() == 2 and val.dtype.is_floating_point
+    if node.op in ("placeholder", "get_attr"):
+        return val is not None and val.dim() == 2 and val.dtype.is_floating_point
+    return is_dequantized_weight(node)
 
 
 def _through_layout(node: fx.Node) -> fx.Node:
@@ -241,7 +245,8 @@ def _attention_output(graph: fx.Graph, anchor: fx.Node) -> Optional[fx.Node]:
         weights = [a for a in m.args[-2:] if isinstance(a, fx.Node) and _is_weight(_through_layout(a))]
         if len(data) != 1 or len(weights) != 1:
             continue
-        return data[0] if post_dominates(data[0], anchor) else None
+        data = [activation_source(m)]  # before a quantize-dequantize for an FP8 o_proj
+        return data[0] if data[0] in down and post_dominates(data[0], anchor) else None
     return None
 
 

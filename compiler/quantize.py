@@ -1,0 +1,114 @@
+"""``options={"quantize": "fp8-block" | "int8-weight"}``: quantize a model's linear weights while compiling it.
+
+Runs on the Dynamo graph, where the parameters are graph inputs whose real tensors the backend holds. Each
+``linear(x, W, b)`` whose weight is a 2-D float parameter becomes the plain-torch form of the quantized layer,
+reading a quantized copy of W made once (per parameter, per process) and kept on the compiled graph:
+
+* ``fp8-block``: W as float8_e4m3fn in 128 x 128 blocks with fp32 scales; activations quantized per token and
+  128-wide K tile; the product in fp32 (DeepSeek-V3's W8A8 recipe);
+* ``int8-weight``: W as int8 with one fp32 scale per output channel; activations untouched.
+
+The quant pass then finds these layers like any dequantize-then-matmul in a user's graph and runs them as the
+generated kernels; should it decline one, the plain form still computes the right values.
+
+Memory: the float weights stay where the model keeps them (the compiled graph still takes them as inputs) until
+the user passes ``release_float_weights=True``; then the storage of every weight that was quantized, and that
+the graph reads nowhere else, is freed (resized to 0 bytes), so the process holds only the quantized copies.
+After that the model runs only through the compiled module: its eager forward would read freed weights.
+
+Not converted: weights used other than as a linear's weight (tied embeddings, say), non-float or non-2-D
+weights, and the routed experts' stacked weights (their FP8 grouped kernels are not built yet).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .log import log
+
+FORMATS = {"fp8-block": "fp8-block", "int8-weight": "int8-channel"}
+_LINEARS = (torch._C._nn.linear, F.linear)
+# One quantized copy per parameter and format for the life of the parameter: recompiles reuse it, and it never
+# reads a weight released after the first compile.
+# Keyed by id (tensors compare elementwise, so no WeakKeyDictionary); the entry goes when the parameter does.
+_copies: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def fp8_block_linear(x, w, scale, bias):
+    """The FP8 layer, written out: activations quantized per token and 128-wide tile, both operands dequantized,
+    the product in fp32, cast back to the activations' dtype."""
+    from deepfuse.runtime.kernels import quant
+
+    return quant.reference(x, w, scale, bias, "fp8-block", True, quant.DEFAULT_BLOCK, out_dtype=x.dtype)
+
+
+def int8_weight_linear(x, w, scale, bias):
+    """The int8 weight-only layer, written out: the weight dequantized to the activations' dtype, then linear."""
+    from deepfuse.runtime.kernels import quant
+
+    return F.linear(x, quant.dequantize_weight(w, scale, "int8-channel", dtype=x.dtype), bias)
+
+
+_FORMS: dict[str, Callable] = {"fp8-block": fp8_block_linear, "int8-channel": int8_weight_linear}
+
+
+def _quantized(weight: torch.Tensor, fmt: str):
+    from deepfuse.runtime.kernels import quant
+
+    entry = _copies.get(id(weight))
+    if entry is None or entry[0]() is not weight:
+        entry = (weakref.ref(weight, lambda _, key=id(weight): _copies.pop(key, None)), {})
+        _copies[id(weight)] = entry
+    per_param = entry[1]
+    if fmt not in per_param:
+        per_param[fmt] = quant.quantize_weight(weight.detach(), fmt)
+    return per_param[fmt]
+
+
+def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release: bool) -> int:
+    """Rewrite ``gm``'s linear layers in place; returns how many were converted."""
+    kernel_fmt = FORMATS[fmt]
+    real = {n: t for n, t in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
+    converted, released = 0, []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _LINEARS:
+            continue
+        args = list(node.args) + [None] * (3 - len(node.args))
+        x, w, bias = args[0], args[1], node.kwargs.get("bias", args[2])
+        weight = real.get(w)
+        if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2:
+            continue
+        if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            continue
+        q, s = _quantized(weight, kernel_fmt)
+        names = []
+        for part, t in (("weight", q), ("scale", s)):
+            name = f"_deepfuse_{fmt.replace('-', '_')}_{part}_{converted}"
+            gm.register_buffer(name, t)
+            if hasattr(gm, "_param_name_to_source"):  # AOTAutograd matches Dynamo's lifted params to sources
+                from torch._dynamo.source import ConstantSource
+
+                gm._param_name_to_source[name] = ConstantSource(name)
+            names.append(name)
+        with gm.graph.inserting_before(node):
+            q_node, s_node = gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
+            new = gm.graph.call_function(_FORMS[kernel_fmt], (x, q_node, s_node, bias))
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack",
+                                                                         "source_fn_stack")})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        converted += 1
+        if release and not w.users:
+            released.append(weight)
+    gm.graph.lint()
+    gm.recompile()
+    for weight in released:
+        weight.data.untyped_storage().resize_(0)
+    if converted:
+        log.info("quantize=%r: %d linear weights converted%s", fmt, converted,
+                 f", {len(released)} float copies released" if release else "")
+    return converted

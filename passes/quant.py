@@ -1,0 +1,356 @@
+"""Quantized matmuls: a matmul whose weight the graph dequantizes from a quantized tensor, found by what it computes.
+
+Models write weight dequantization many ways (a cast and a broadcast multiply, ``repeat_interleave`` of the scale
+grid, a reshape into [N/128, 128, K/128, 128] blocks, a ``weight_dequant`` helper); all of them lower to a
+subgraph whose only tensor inputs are a quantized tensor q (float8_e4m3fn or int8) and a float32 scale tensor s.
+So the pass:
+1. anchors at each ``mm``/``addmm``;
+2. takes the weight operand's ancestry; it must reach exactly one quantized tensor and one fp32 scale tensor
+   (parameters, buffers or constants) and nothing that varies per call;
+3. on the activation side, looks for a quantize-dequantize of an activation (a cast to float8 in its ancestry);
+4. runs both subgraphs on random values against ``dequant(q, s)`` for each format and block size that fits
+   the shapes (fp8 in blocks of [bn, bk], int8 per output channel), and the activation subgraph against the
+   per-token, per-bk-tile quantization;
+5. rewrites a matmul that matches into ``deepfuse::quant_matmul`` (FP8 x FP8 when the activations are
+   quantized, weight-only otherwise) and declines, with the reason, one whose weight comes from a quantized
+   tensor but matches no format. A matmul of a float weight gets no row.
+The dequantized weight is no longer computed (unless something else reads it): the kernel reads q and s.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Union
+
+import torch
+import torch.fx as fx
+import triton
+
+from deepfuse.fusion import RegionBinding, ancestors, replace_region_traced
+from deepfuse.log import log
+from deepfuse.options import Options
+from deepfuse.report import Declined, Match, Report, module_path, source_line
+from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
+from deepfuse.runtime.kernels import quant as kernel
+from deepfuse.shapes import hint, value
+
+aten = torch.ops.aten
+QUANTIZED = (torch.float8_e4m3fn, torch.int8)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+class QuantPass:
+    family = "quant"
+
+    def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
+        changed = 0
+        for mm in [n for n in graph.nodes if n.target in (aten.mm.default, aten.addmm.default)]:
+            found = _weight_side(mm)
+            if found is None:
+                continue  # a float weight: not a quantized matmul, nothing to say
+            where = (source_line(mm), module_path(mm))
+            params = found if isinstance(found, str) else _verify(mm, found)
+            if isinstance(params, str):
+                report.declined.append(Declined(self.family, params, *where))
+                log.info("declined quant at %s (%s): %s", where[1] or "?", where[0], params)
+                continue
+            impl = options.kernel_impl(value(mm).device.type)
+            kernel_file = _rewrite(graph, mm, found, params, impl, options.inline, f"{where[1] or '?'} ({where[0]})")
+            if kernel_file is False:
+                reason = "the rewrite could not be traced into the graph (see the warning)"
+                report.declined.append(Declined(self.family, reason, *where))
+                continue
+            shown = {k: v for k, v in params.items() if not k.startswith("_")}
+            report.matches.append(Match(self.family, "deepfuse::quant_matmul", shown, *where, impl=impl,
+                                        kernel_file=kernel_file))
+            log.info("matched quant -> deepfuse::quant_matmul [%s] at %s (%s) %s", impl, where[1] or "?", where[0],
+                     shown)
+            changed += 1
+        return changed
+
+
+# -- finding the parts ---------------------------------------------------------------------------------------
+
+
+def _is_leaf(n: fx.Node) -> bool:
+    return n.op in ("placeholder", "get_attr")
+
+
+def is_dequantized_weight(node: fx.Node, limit: int = 64) -> bool:
+    """Is ``node`` a 2-D float value computed from one quantized tensor and one fp32 scale tensor alone (a
+    dequantized weight)? A bounded walk: activations have long ancestries and are rejected early."""
+    val = value(node)
+    if val is None or val.dim() != 2 or not val.dtype.is_floating_point or _is_leaf(node):
+        return False
+    seen, stack, leaves = {node}, [node], []
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            if len(seen) > limit:
+                return False
+            if _is_leaf(a):
+                if value(a) is not None and value(a).numel() > 0:
+                    leaves.append(a)
+            else:
+                stack.append(a)
+    dtypes = sorted(str(value(a).dtype) for a in leaves)
+    return len(leaves) == 2 and any(value(a).dtype in QUANTIZED for a in leaves) and "torch.float32" in dtypes
+
+
+def _weight_side(mm: fx.Node) -> Union[dict, str, None]:
+    """The quantized tensor and scale the weight operand is computed from, or None for a float weight (or a
+    str: the reason a quantized-looking weight cannot be taken)."""
+    w_op = mm.args[2] if mm.target == aten.addmm.default else mm.args[1]
+    nodes = ancestors([w_op])
+    leaves = [n for n in nodes if _is_leaf(n) and value(n) is not None]
+    quantized = [n for n in leaves if value(n).dtype in QUANTIZED]
+    if not quantized:
+        return None
+    others = [n for n in leaves if value(n).dtype not in QUANTIZED]
+    if len(quantized) != 1 or value(quantized[0]).dim() != 2:
+        return "the weight is computed from more than one quantized tensor, or from one that is not 2-D"
+    if len(others) != 1 or value(others[0]).dtype != torch.float32:
+        return "the dequantized weight reads tensors other than one quantized weight and one fp32 scale tensor"
+    scales = others
+    return {"w_op": w_op, "q": quantized[0], "s": scales[0], "w_nodes": nodes - set(leaves)}
+
+
+def _act_side(mm: fx.Node, k: int):
+    """(x_src, nodes): the activation the matmul's input is a quantize-dequantize of, if it is one."""
+    x_op = mm.args[1] if mm.target == aten.addmm.default else mm.args[0]
+    nodes = ancestors([x_op])
+    fp8 = [n for n in nodes if n.op == "call_function" and value(n) is not None
+           and value(n).dtype == torch.float8_e4m3fn]
+    if not fp8:
+        return x_op, set(), False
+    order = {n: i for i, n in enumerate(mm.graph.nodes)}
+    before = ancestors(fp8) - set(fp8)
+    numel = hint(value(x_op).numel())  # hints, not symbolic comparisons: those would add guards
+    candidates = [n for n in before if value(n) is not None and value(n).dtype in FLOATS and value(n).dim() > 0
+                  and hint(value(n).shape[-1]) == k and hint(value(n).numel()) == numel]
+    for cand in sorted(candidates, key=order.__getitem__, reverse=True):
+        region = ancestors([x_op], blocked={cand}) - {cand}
+        tensor_inputs = [a for n in region for a in n.all_input_nodes if a not in region and value(a) is not None
+                         and value(a).numel() > 1]
+        if all(a is cand for a in tensor_inputs) and all(not _is_leaf(n) or value(n) is None for n in region):
+            # x.float() quantizes exactly as x does: hand the kernel the narrower tensor
+            while (cand.target == torch.ops.prims.convert_element_type.default and value(cand).dtype == torch.float32
+                   and value(cand.args[0]) is not None and value(cand.args[0]).dtype in FLOATS):
+                region.add(cand)
+                cand = cand.args[0]
+            return cand, region, True
+    return x_op, None, True  # a quantized activation, but not one computed from a single activation here
+
+
+def activation_source(mm: fx.Node) -> fx.Node:
+    """The activation a matmul reads: its input operand, or what that operand is a quantize-dequantize of."""
+    w_op = mm.args[2] if mm.target == aten.addmm.default else mm.args[1]
+    x_src, x_nodes, act_quant = _act_side(mm, hint(value(w_op).shape[0]))
+    return x_src if act_quant and x_nodes is not None else (mm.args[1] if mm.target == aten.addmm.default
+                                                             else mm.args[0])
+
+
+def _block_candidates(n: int, k: int, scale_shape: tuple) -> list[tuple[int, int]]:
+    sn, sk = scale_shape
+
+    def fits(size, count):
+        guesses = {128, triton.cdiv(size, count), triton.next_power_of_2(triton.cdiv(size, count))}
+        return sorted(g for g in guesses if triton.cdiv(size, g) == count)
+
+    return list(itertools.product(fits(n, sn), fits(k, sk)))
+
+
+# -- checking what they compute ------------------------------------------------------------------------------
+
+
+def _subgraph(nodes: set, inputs: list[fx.Node], out: fx.Node) -> fx.GraphModule:
+    order = {n: i for i, n in enumerate(out.graph.nodes)}
+    sub = fx.Graph()
+    env = {n: sub.placeholder(f"in{i}") for i, n in enumerate(inputs)}
+    for n in sorted(nodes, key=order.__getitem__):
+        if n in env:
+            continue
+        if _is_leaf(n) and isinstance(n.meta.get("val"), (torch.SymInt, int)):
+            env[n] = hint(n.meta["val"])  # a size symbol: its traced example value
+            continue
+        for a in n.all_input_nodes:
+            if a not in env and a not in nodes:
+                v = a.meta.get("val")
+                if not isinstance(v, (torch.SymInt, int)):
+                    raise ValueError(f"reads {a.name}, which the check cannot make")
+                env[a] = hint(v)
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(env[out])
+    return fx.GraphModule(torch.nn.Module(), sub)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _verify(mm: fx.Node, found: dict) -> Union[dict[str, Any], str]:
+    """Run the weight (and activation) subgraphs on random values; accept the first format, block and weight
+    orientation they compute, with the activation quantization they compute."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    q, s, w_op = found["q"], found["s"], found["w_op"]
+    qv, sv, wv = value(q), value(s), value(w_op)
+    k, n = (hint(d) for d in wv.shape)  # the matmul's weight operand is [K, N]
+    try:
+        w_module = _subgraph(found["w_nodes"] | {w_op}, [q, s], w_op)
+    except ValueError as err:
+        return f"the weight dequantization {err}"
+    q_shape, s_shape = tuple(hint(d) for d in qv.shape), tuple(hint(d) for d in sv.shape)
+    candidates = []  # (format, block, q stored transposed)
+    for transposed in (False, True):
+        qn, qk = (q_shape[1], q_shape[0]) if transposed else q_shape
+        if (qn, qk) != (n, k):
+            continue
+        s_nk = tuple(reversed(s_shape)) if transposed and len(s_shape) == 2 else s_shape
+        if qv.dtype == torch.float8_e4m3fn and len(s_nk) == 2:
+            candidates += [("fp8-block", blk, transposed) for blk in _block_candidates(n, k, s_nk)]
+        if qv.dtype == torch.int8 and s_nk in ((n,), (n, 1)) and not transposed:
+            candidates.append(("int8-channel", (1, 1), transposed))
+    if not candidates:
+        return (f"a {qv.dtype} weight {q_shape} with scales {s_shape} fits no supported format (fp8 e4m3 with a "
+                f"block scale grid, int8 with one scale per output channel) for a [{n}, {k}] matmul weight")
+    device = qv.device
+    with unset_fake_temporarily(), torch.no_grad():
+        gen = torch.Generator(device="cpu").manual_seed(2024)
+        if qv.dtype == torch.int8:
+            q_rand = torch.randint(-127, 128, q_shape, generator=gen, dtype=torch.int8)
+        else:
+            q_rand = (torch.randn(q_shape, generator=gen) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        s_rand = torch.rand(s_shape, generator=gen) * 0.02 + 0.001
+        q_rand, s_rand = q_rand.to(device), s_rand.to(device)
+        try:
+            got = w_module(q_rand, s_rand)
+        except Exception as err:
+            return f"the weight dequantization could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
+        match = None
+        for fmt, block, transposed in candidates:
+            qq, ss = (q_rand.t(), s_rand.t() if s_rand.dim() == 2 else s_rand) if transposed else (q_rand, s_rand)
+            want = kernel.dequantize_weight(qq, ss.reshape(-1) if fmt == "int8-channel" else ss, fmt, block)
+            if got.shape == (k, n) and _rel(got, want.t()) < TOL[wv.dtype]:
+                match = (fmt, block, transposed)
+                break
+        if match is None:
+            return f"the {qv.dtype} weight's dequantization matches no supported format and block ({len(candidates)} tried)"
+        fmt, block, transposed = match
+        x_src, x_nodes, act_quant = _act_side(mm, k)
+        if act_quant and x_nodes is None:
+            return "the activations are cast to float8, but not by a quantization of one activation in this graph"
+        if act_quant:
+            if fmt != "fp8-block":
+                return "quantized activations with an int8 weight: only int8 weight-only is supported"
+            reason = _verify_act(x_src, x_nodes, mm, block[1])
+            if reason:
+                return reason
+    x_val = value(x_src)
+    if x_val.dtype not in FLOATS or value(mm).dtype not in FLOATS:
+        return f"activations in {x_val.dtype} (float16, bfloat16 or float32 supported)"
+    bias = mm.args[0] if mm.target == aten.addmm.default else None
+    if bias is not None:
+        if mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1:
+            return "addmm with alpha or beta other than 1"
+        if value(bias) is None or tuple(hint(d) for d in value(bias).shape) != (n,):
+            return "the bias is not one value per output feature"
+    bf16_bytes = n * k * 2
+    return {
+        "format": fmt,
+        "act_quant": act_quant,
+        "block": list(block) if fmt == "fp8-block" else None,
+        "out_features": n,
+        "in_features": k,
+        "bias": bias is not None,
+        "activation_dtype": str(x_val.dtype).replace("torch.", ""),
+        "out_dtype": str(value(mm).dtype).replace("torch.", ""),
+        "weight_layout": "[K, N] (transposed)" if transposed else "[N, K]",
+        "weight_bytes": kernel.weight_bytes(n, k, fmt, block),
+        "bf16_weight_bytes": bf16_bytes,
+        "_block": block,
+        "_transposed": transposed,
+        "_x": x_src,
+        "_x_nodes": x_nodes,
+        "_bias": bias,
+    }
+
+
+def _verify_act(x_src: fx.Node, x_nodes: set, mm: fx.Node, group: int) -> Optional[str]:
+    """Is the matmul's activation operand the per-token, per-``group``-tile fp8 quantize-dequantize of x_src?"""
+    x_op = mm.args[1] if mm.target == aten.addmm.default else mm.args[0]
+    xv = value(x_src)
+    try:
+        module = _subgraph(x_nodes | {x_op}, [x_src], x_op)
+    except ValueError as err:
+        return f"the activation quantization {err}"
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    shape = tuple(max(hint(d), 1) for d in xv.shape)
+    x = torch.randn(shape, generator=gen)
+    x.view(-1)[torch.randint(0, x.numel(), (max(1, x.numel() // 200),), generator=gen)] *= 50  # outliers
+    x = x.to(xv.device, xv.dtype)
+    try:
+        got = module(x).float()
+    except Exception as err:
+        return f"the activation quantization could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
+    want = kernel.dequantize_activation(*kernel.quantize_activation(x, group), group).reshape(got.shape)
+    # Rounding ties may land one fp8 step apart (x * (448 / amax) against x / (amax / 448)); a different
+    # grouping (per row, per tensor) differs almost everywhere.
+    off = ((got - want).abs() > 1e-6 * want.abs() + 1e-30).float().mean().item()
+    if off > 0.01:
+        return (f"the activations are quantized to float8, but not per token and per {group}-wide tile "
+                f"(s = max|x| / 448) as the weight blocks are ({off:.0%} of values differ)")
+    return None
+
+
+# -- the rewrite -----------------------------------------------------------------------------------------------
+
+
+def _rewrite(graph, mm, found, params, impl, inline, origin) -> Union[str, None, bool]:
+    """The kernel file (None for the reference), or False if neither form could be traced in."""
+    fmt, act_quant, block = params["format"], params["act_quant"], params["_block"]
+    transposed, x_src, bias = params["_transposed"], params["_x"], params["_bias"]
+    out_dtype, n, k = value(mm).dtype, params["out_features"], params["in_features"]
+    args = (x_src, found["q"], found["s"]) + ((bias,) if bias is not None else ())
+    gen = None
+    config = None
+    if impl != "reference":
+        gen, _ = kernel.kernels_for(kernel._mode(fmt, act_quant, hint(value(mm).shape[0]) > kernel.DECODE_MAX_M),
+                                    value(x_src).dtype, origin)
+    if impl == "triton":
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            config = kernel.tune(hint(value(mm).shape[0]), n, k, fmt, act_quant, block, value(x_src).dtype,
+                                 value(mm).device, bias is not None)
+
+    def operands(x, q, s, b=None):
+        if transposed:
+            q, s = q.t(), (s.t() if s.dim() == 2 else s)
+        return x, q, (s.reshape(-1) if fmt == "int8-channel" else s), b
+
+    def via_kernel(*tensors):
+        x, q, s, b = operands(*tensors)
+        y = kernel.quant_matmul(x, q, s, b, fmt, act_quant, block, out_dtype, config=config, origin=origin)
+        return (y.reshape(-1, n),)
+
+    def via_op(*tensors):
+        x, q, s, b = operands(*tensors)
+        y = torch.ops.deepfuse.quant_matmul(x, q, s, b, fmt, act_quant, block[0], block[1], out_dtype, impl)
+        return (y.reshape(-1, n),)
+
+    interior = {mm} | found["w_nodes"] | {found["w_op"]} | (params["_x_nodes"] or set())
+    binding = RegionBinding(interior, mm)
+    for launcher in ([via_kernel] if impl == "triton" and inline else []) + [via_op]:
+        try:
+            replace_region_traced(graph, binding, launcher, args)
+            break
+        except Exception as err:  # tracing happens before the graph is touched
+            log.warning("could not trace the quantized matmul %s into the graph (%s: %s)", launcher.__name__,
+                        type(err).__name__, str(err)[:200])
+    else:
+        return False
+    return str(gen.path) if gen is not None else None
