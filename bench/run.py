@@ -282,6 +282,40 @@ def bench_quant_matmul(tokens, bandwidth, flops_peak, square=8192):
     return rows
 
 
+def bench_fp8_model(rounds, prompts=8, length=256):
+    """The bundled model (v3-small config: 8 layers, hidden 1024, 64 experts) in bf16 and with its linear layers
+    quantized to FP8 by options["quantize"] (W8A8, 128x128 blocks; routed experts stay bf16): the logits' top-1
+    agreement and KL(bf16 || fp8) over random prompts, and the prefill time of both under deepfuse."""
+    from deepfuse.models import DeepSeekForCausalLM, get_config
+
+    from triton.testing import do_bench
+
+    cfg = get_config("v3-small")
+    model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (prompts, length), device="cuda", generator=gen)
+    rows = []
+    with torch.no_grad():
+        torch._dynamo.reset()
+        bf16 = torch.compile(model, backend="deepfuse")
+        ref = bf16(ids).float()
+        ms_bf16 = do_bench(lambda: bf16(ids), warmup=5, rep=50, return_mode="median")
+        torch._dynamo.reset()
+        fp8 = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block"})
+        out = fp8(ids).float()
+        ms_fp8 = do_bench(lambda: fp8(ids), warmup=5, rep=50, return_mode="median")
+    logp, logq = ref.log_softmax(-1), out.log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
+    agree = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
+    for impl, ms in (("deepfuse_bf16", ms_bf16), ("deepfuse_fp8_linears", ms_fp8)):
+        rows.append({"workload": "fp8_model", "T": prompts * length, "impl": impl, "ms": ms, "graph_ms": ms,
+                     "floor_ms": float("nan"), "x_floor": float("nan"), "floor": "n/a",
+                     "top1_agreement": agree, "kl_bf16_fp8": kl})
+    print(f"fp8_model: v3-small, {prompts} prompts x {length} tokens: top-1 agreement {agree:.4f}, "
+          f"KL(bf16||fp8) {kl:.2e} nats/token; prefill {ms_bf16:.2f} ms bf16, {ms_fp8:.2f} ms fp8 linears")
+    return rows
+
+
 def bench_rms_norm(tokens, bandwidth, rounds):
     """The decoder's residual add + RMSNorm (twice per layer) at decode and prefill token counts."""
     model = ResidualRMSNorm(HIDDEN).cuda().bfloat16()
@@ -382,17 +416,21 @@ def main():
         rows += bench_mla_prefill([int(t) for t in args.mla_prefill_tokens.split(",")], args.rounds, peak)
     if "quant_matmul" in workloads:
         rows += bench_quant_matmul([int(t) for t in args.quant_tokens.split(",")], bandwidth, peak)
+    if "fp8_model" in workloads:
+        rows += bench_fp8_model(args.rounds)
     env = dict(environment(), hbm_copy_tbps=bandwidth / 1e12, bf16_matmul_tflops=peak / 1e12)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=1)
     for w in dict.fromkeys(r["workload"] for r in rows):
-        if w != "quant_matmul":  # one bar per shape and impl: a table, not this chart
+        if w not in ("quant_matmul", "fp8_model"):  # one bar per shape and impl: a table, not this chart
             chart([r for r in rows if r["workload"] == w], os.path.join(args.out, f"{w}.png"), w)
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  "
           f"HBM copy {env['hbm_copy_tbps']:.2f} TB/s  bf16 matmul {env['bf16_matmul_tflops']:.0f} TFLOP/s")
     print("median ms: 'launched' = called from Python (host overhead in); 'graph' = CUDA-graph replay (GPU time)")
     print(f"{'workload':<14}{'T':>6}  {'impl':<24}{'launched':>10}{'graph':>9}{'floor':>9}{'graph/floor':>12}  floor is")
     for r in rows:
+        if r["workload"] == "fp8_model":
+            continue  # printed by bench_fp8_model
         if r["workload"] == "quant_matmul":
             print(f"{'quant_matmul':<14}{r['T']:>6}  {r['impl']:<31}{r['shape']:<24}{r['graph_ms']:>9.4f}"
                   f"{r['floor_ms']:>9.4f}{r['x_floor']:>7.2f}  {r['tflops']:>7.1f} TFLOP/s {r['weight_tbps']:>5.2f} TB/s")

@@ -40,3 +40,47 @@ def test_fp8_quantization_error_against_bf16():
     wq, scale = quant.quantize_weight(w, "fp8-block")
     out = quant.quant_matmul(x, wq, scale, None, "fp8-block", True)
     assert rel_err(out, x.double() @ w.double().t()) < 0.06
+
+
+def test_bundled_fp8_model_on_gpu_with_cuda_graphs():
+    """The bundled model in DeepSeek-V3's FP8 format, bf16 activations: every FP8 projection runs the generated
+    W8A8 kernel, under CUDA graphs, against the same model in eager."""
+    import deepfuse
+    from deepfuse.models import DeepSeekForCausalLM, get_config
+
+    cfg = get_config("v3-small", num_hidden_layers=2,
+                     quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16, seed=3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 33), device="cuda")
+    with torch.no_grad():
+        ref = model(ids)
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead")
+            for _ in range(3):
+                out = compiled(ids)
+    rows = [m for m in report.matches if m.family == "quant"]
+    assert rows and all(m.impl == "triton" and m.params["act_quant"] for m in rows), str(report)
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block", "int8-weight"])
+def test_quantize_option_on_gpu(fmt):
+    """options["quantize"] on a bf16 model: the kernels agree with the plain quantized form, the float weights go."""
+    import deepfuse
+    from deepfuse.quantize import fp8_block_linear, int8_weight_linear
+
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 3072), torch.nn.SiLU(), torch.nn.Linear(3072, 2048, bias=False))
+    model = model.cuda().bfloat16()
+    x = torch.randn(7, 2048, device="cuda", dtype=torch.bfloat16)
+    kernel_fmt = "fp8-block" if fmt == "fp8-block" else "int8-channel"
+    form = fp8_block_linear if fmt == "fp8-block" else int8_weight_linear
+    with torch.no_grad():
+        h = form(x, *quant.quantize_weight(model[0].weight, kernel_fmt), model[0].bias)
+        ref = form(torch.nn.functional.silu(h), *quant.quantize_weight(model[2].weight, kernel_fmt), None)
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse", options={"quantize": fmt, "release_float_weights": True})(x)
+    assert len([m for m in report.matches if m.family == "quant"]) == 2, str(report)
+    assert rel_err(out, ref) < 1e-2
+    assert model[0].weight.untyped_storage().nbytes() == 0

@@ -1,0 +1,240 @@
+"""The quant pass: dequantize-then-matmul regions found by what they compute (hand-written FP8 and int8 layers
+in several styles, the bundled model's FP8 layers, V3-style FP8 checkpoints) and rewritten into
+deepfuse::quant_matmul; look-alikes declined with the reason and left correct; options["quantize"] converting
+a float model while compiling it."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import deepfuse
+from conftest import rel_err
+from deepfuse.models import DeepSeekForCausalLM, get_config
+from deepfuse.runtime.kernels import quant
+
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def _compile(model, *inputs, **options):
+    with torch.no_grad():
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse", options=options)(*inputs)
+    return out, report
+
+
+def _quant(report):
+    return [m for m in report.matches if m.family == "quant"]
+
+
+class BlockFP8Linear(nn.Module):
+    """A user's FP8 layer: the scale grid expanded by repeat_interleave (W8A16), or by reshaping the weight
+    into blocks, with the activations quantized as x * (448 / amax) (W8A8); optionally stored [K, N]."""
+
+    def __init__(self, n, k, style, act=None, transposed=False, bias=False):
+        super().__init__()
+        q, s = quant.quantize_weight(torch.randn(n, k) / k ** 0.5, "fp8-block")
+        if transposed:
+            q, s = q.t().contiguous(), s.t().contiguous()
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scale = nn.Parameter(s, requires_grad=False)
+        self.bias = nn.Parameter(torch.randn(n)) if bias else None
+        self.style, self.act, self.transposed = style, act, transposed
+
+    def dequant(self):
+        q, s = (self.weight.t(), self.scale.t()) if self.transposed else (self.weight, self.scale)
+        n, k = q.shape
+        if self.style == "repeat":
+            return q.float() * s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+        blocks = q.float().view(n // 128, 128, k // 128, 128)  # the "blocks" style needs whole blocks
+        return (blocks * s[:, None, :, None]).view(n, k)
+
+    def forward(self, x):
+        w = self.dequant()
+        if self.act is None:
+            return F.linear(x, w.to(x.dtype), self.bias)
+        t = x.float().unflatten(-1, (-1, 128))
+        amax = t.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+        if self.act == "tile":
+            xq = ((t * (448.0 / amax)).to(torch.float8_e4m3fn).float() * (amax / 448.0)).flatten(-2)
+        else:  # one scale per token: not the 1 x 128 tiles the weight blocks call for
+            row = amax.amax(-2, keepdim=True)
+            xq = ((t * (448.0 / row)).to(torch.float8_e4m3fn).float() * (row / 448.0)).flatten(-2)
+        return F.linear(xq, w, self.bias).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, n, k, bias=True):
+        super().__init__()
+        q, s = quant.quantize_weight(torch.randn(n, k) / k ** 0.5, "int8-channel")
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scales = nn.Parameter(s[:, None], requires_grad=False)  # [N, 1], broadcast over K
+        self.bias = nn.Parameter(torch.randn(n)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, (self.weight.to(x.dtype) * self.scales.to(x.dtype)), self.bias)
+
+
+CASES = [  # module, activation dtype, fmt, act_quant
+    (lambda: BlockFP8Linear(200, 300, "repeat"), torch.float32, "fp8-block", False),
+    (lambda: BlockFP8Linear(200, 300, "repeat"), torch.float16, "fp8-block", False),
+    (lambda: BlockFP8Linear(256, 384, "blocks", act="tile", bias=True), torch.float32, "fp8-block", True),
+    (lambda: BlockFP8Linear(200, 384, "repeat", act="tile", transposed=True), torch.float32, "fp8-block", True),
+    (lambda: Int8Linear(96, 160), torch.float32, "int8-channel", False),
+]
+
+
+@pytest.mark.parametrize("impl", ["interpret", "reference"])
+@pytest.mark.parametrize("case", CASES, ids=["fp8-w8a16", "fp8-w8a16-fp16", "fp8-blocks-w8a8-bias",
+                                             "fp8-transposed-w8a8", "int8-channel-bias"])
+def test_hand_written_quantized_layers_match(case, impl):
+    make, dtype, fmt, act_quant = case
+    model = make()  # the activations' dtype sets the matmul's; the quantized weight and fp32 scales stay
+    x = torch.randn(3, 5, model.weight.shape[0 if getattr(model, "transposed", False) else 1], dtype=dtype)
+    with torch.no_grad():
+        ref = model(x)
+    out, report = _compile(model, x, **({"interpret": True} if impl == "interpret" else {"kernels": "reference"}))
+    matches = _quant(report)
+    assert len(matches) == 1 and not report.declined, str(report)
+    p = matches[0].params
+    assert (p["format"], p["act_quant"]) == (fmt, act_quant)
+    assert p["weight_bytes"] < p["bf16_weight_bytes"]
+    assert rel_err(out, ref) < (2e-3 if dtype == torch.float16 else 1e-5)
+
+
+def test_per_token_activation_quantization_is_declined_and_stays_right():
+    model = BlockFP8Linear(256, 256, "repeat", act="row")
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        ref = model(x)
+    out, report = _compile(model, x, interpret=True)
+    assert not _quant(report)
+    assert any("per token and per 128-wide tile" in d.reason for d in report.declined), str(report)
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_per_tensor_fp8_scale_is_declined_with_the_reason():
+    class PerTensor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64, 128).to(torch.float8_e4m3fn), requires_grad=False)
+            self.scale = nn.Parameter(torch.tensor(0.01), requires_grad=False)
+
+        def forward(self, x):
+            return F.linear(x, self.weight.float() * self.scale)
+
+    model, x = PerTensor(), torch.randn(3, 128)
+    with torch.no_grad():
+        ref = model(x)
+    out, report = _compile(model, x, interpret=True)
+    assert not _quant(report) and any("fits no supported format" in d.reason for d in report.declined), str(report)
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_float_linears_get_no_row():
+    model, x = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)), torch.randn(2, 32)
+    _, report = _compile(model, x, interpret=True)
+    assert not [r for r in report.matches + report.declined if r.family == "quant"]
+
+
+@pytest.mark.parametrize("config", ["v3-tiny", "v2-tiny"])
+def test_bundled_fp8_model_prefill_and_decode(config):
+    """Every FP8 projection is found (W8A8), and MLA and MoE still match around them."""
+    cfg = get_config(config, quantization_config=FP8_CONFIG)
+    model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    with torch.no_grad():
+        ref_cache, cache = model.new_cache(2, 8), model.new_cache(2, 8)
+        ref = (model(ids, 0, ref_cache), model(ids[:, :1], 6, ref_cache))
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            compiled = torch.compile(model, backend="deepfuse", options={"interpret": True})
+            out = (compiled(ids, 0, cache), compiled(ids[:, :1], 6, cache))
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < 1e-4
+    fp8_layers = sum(1 for m in model.modules() if getattr(m, "block", None))
+    quant_rows = _quant(report)
+    assert len(quant_rows) == 2 * (fp8_layers - cfg.num_hidden_layers), str(report)  # kv_b_proj is inside MLA
+    assert all(m.params["act_quant"] and m.params["format"] == "fp8-block" for m in quant_rows)
+    families = {m.family for m in report.matches}
+    assert {"mla", "moe"} <= families, str(report)
+    assert not [d for d in report.declined if d.family in ("quant", "mla")], str(report)
+
+
+def test_v3_style_fp8_checkpoint_loads(tmp_path):
+    """FP8 weights with weight_scale_inv load as stored; FP8 routed experts are dequantized at load."""
+    from safetensors.torch import load_file, save_file
+
+    from deepfuse.models.loader import load_checkpoint, save_checkpoint
+
+    cfg = get_config("v3-tiny", quantization_config=FP8_CONFIG)
+    model = DeepSeekForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    save_checkpoint(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    for key in [k for k in tensors if ".experts." in k]:
+        tensors[key], tensors[key + "_scale_inv"] = quant.quantize_weight(tensors[key].float(), "fp8-block")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    loaded = load_checkpoint(tmp_path)
+    attn = loaded.model.layers[1].self_attn
+    assert attn.q_a_proj.weight.dtype == torch.float8_e4m3fn and attn.q_a_proj.weight_scale_inv.dtype == torch.float32
+    torch.testing.assert_close(attn.o_proj.weight.float(), model.model.layers[1].self_attn.o_proj.weight.float())
+    experts = loaded.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.bfloat16
+    torch.testing.assert_close(experts.down_proj.float(), model.model.layers[1].mlp.experts.down_proj.float(),
+                               atol=0.02 * model.model.layers[1].mlp.experts.down_proj.float().abs().max().item(),
+                               rtol=0.07)
+    del tensors["model.layers.1.mlp.experts.0.up_proj.weight_scale_inv"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(deepfuse.DeepfuseError, match="without weight_scale_inv"):
+        load_checkpoint(tmp_path)
+
+
+def test_fp8_config_is_validated():
+    with pytest.raises(deepfuse.DeepfuseError, match="fp8 e4m3"):
+        get_config("tiny", quantization_config={"quant_method": "awq"})
+    with pytest.raises(deepfuse.DeepfuseError, match="dynamically"):
+        get_config("tiny", quantization_config=dict(FP8_CONFIG, activation_scheme="static"))
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 256)
+        self.up = nn.Linear(256, 200)
+        self.down = nn.Linear(200, 64, bias=False)
+
+    def forward(self, ids):
+        return self.down(torch.relu(self.up(self.embed(ids))))
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block", "int8-weight"])
+def test_quantize_option_converts_and_releases(fmt):
+    from deepfuse.quantize import fp8_block_linear, int8_weight_linear
+
+    model = TwoLayers()
+    ids = torch.randint(0, 16, (3, 5))
+    kernel_fmt = "fp8-block" if fmt == "fp8-block" else "int8-channel"
+    form = fp8_block_linear if fmt == "fp8-block" else int8_weight_linear
+    with torch.no_grad():  # the quantized model, computed by hand
+        h = form(model.embed(ids), *quant.quantize_weight(model.up.weight, kernel_fmt), model.up.bias)
+        ref = form(torch.relu(h), *quant.quantize_weight(model.down.weight, kernel_fmt), None)
+        float_ref = model(ids)
+    out, report = _compile(model, ids, interpret=True, quantize=fmt, release_float_weights=True)
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, float_ref) < (0.1 if fmt == "fp8-block" else 0.02)  # the format's own error
+    rows = _quant(report)
+    assert len(rows) == 2 and all(r.params["format"] == kernel_fmt for r in rows), str(report)
+    assert model.up.weight.untyped_storage().nbytes() == 0 and model.down.weight.untyped_storage().nbytes() == 0
+    assert model.embed.weight.untyped_storage().nbytes() > 0
+
+
+def test_quantize_option_keeps_weights_unless_asked():
+    model = TwoLayers()
+    _compile(model, torch.randint(0, 16, (2, 3)), quantize="int8-weight", kernels="reference")
+    assert model.up.weight.untyped_storage().nbytes() == 200 * 256 * 4
+
+
+def test_quantize_option_errors():
+    for bad, match in ((dict(quantize="fp4"), "quantize"), (dict(release_float_weights=True), "needs")):
+        with pytest.raises(deepfuse.DeepfuseError, match=match):
+            deepfuse.Options.from_user(bad)
