@@ -46,3 +46,15 @@ def compile_and_compare(model, inputs, tol, **options):
     for o, r in zip(out, ref) if isinstance(out, tuple) else [(out, ref)]:
         assert rel_err(o, r) < tol
     return report
+
+
+def fp64_errors(model, ids, out):
+    """(deepfuse's, eager's) relative error against the same bundled model in float64 (on the GPU)."""
+    from deepfuse.models import DeepSeekForCausalLM
+
+    with torch.no_grad():
+        eager = model(ids)
+        ref = DeepSeekForCausalLM.from_config(model.config, device="cuda", dtype=torch.float64)
+        ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+        exact = ref(ids)
+    return rel_err(out, exact), rel_err(eager, exact)

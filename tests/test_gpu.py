@@ -7,7 +7,7 @@ import torch
 import deepfuse
 from deepfuse.models import DeepSeekForCausalLM, get_config
 from deepfuse.runtime.kernels import rms_norm as kernel
-from conftest import rel_err
+from conftest import fp64_errors, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -53,16 +53,6 @@ def test_autotune_result_is_cached_per_gpu_and_bucket():
     assert 0 <= index < len(kernel.CONFIGS)
 
 
-def _fp64_errors(model, ids, out):
-    """(deepfuse's, bf16 eager's) relative error against the same model in float64."""
-    with torch.no_grad():
-        eager = model(ids)
-        ref = DeepSeekForCausalLM.from_config(model.config, device="cuda", dtype=torch.float64)
-        ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-        exact = ref(ids)
-    return rel_err(out, exact), rel_err(eager, exact)
-
-
 def test_bundled_tiny_model_bf16_on_gpu():
     model = DeepSeekForCausalLM.from_config(get_config("v3-tiny"), device="cuda", dtype=torch.bfloat16, seed=4)
     ids = torch.randint(0, 512, (2, 33), device="cuda")
@@ -71,7 +61,7 @@ def test_bundled_tiny_model_bf16_on_gpu():
         out = torch.compile(model, backend="deepfuse")(ids)
     assert {m.family for m in report.matches} == {"moe", "mla", "rms_norm"}
     assert {m.impl for m in report.matches} == {"triton"}
-    ours, eager = _fp64_errors(model, ids, out)
+    ours, eager = fp64_errors(model, ids, out)
     assert ours < max(2e-2, 1.5 * eager), (ours, eager)
 
 
@@ -106,7 +96,7 @@ def test_bundled_moe_with_cuda_graphs():
         compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead")
         for _ in range(3):
             out = compiled(ids).clone()
-    ours, eager = _fp64_errors(model, ids, out)
+    ours, eager = fp64_errors(model, ids, out)
     assert ours < max(2e-2, 1.5 * eager), (ours, eager)
 
 
@@ -118,6 +108,6 @@ def test_dynamic_shapes_on_gpu():
         compiled = torch.compile(model, backend="deepfuse", dynamic=True)
         for length in (9, 30, 17):
             ids = torch.randint(0, 512, (2, length), device="cuda")
-            ours, eager = _fp64_errors(model, ids, compiled(ids))
+            ours, eager = fp64_errors(model, ids, compiled(ids))
             assert ours < max(2e-2, 1.5 * eager), (length, ours, eager)
     assert {m.family for m in report.matches} == {"moe", "mla", "rms_norm"}, str(report)

@@ -3,7 +3,7 @@ DeepSeek-V2-Lite projection shapes and odd ones, against float64 math on the deq
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import fp64_errors, rel_err
 from deepfuse.runtime.kernels import quant
 
 pytestmark = pytest.mark.gpu
@@ -44,7 +44,9 @@ def test_fp8_quantization_error_against_bf16():
 
 def test_bundled_fp8_model_on_gpu_with_cuda_graphs():
     """The bundled model in DeepSeek-V3's FP8 format, bf16 activations: every FP8 projection runs the generated
-    W8A8 kernel, under CUDA graphs, against the same model in eager."""
+    W8A8 kernel, under CUDA graphs. Measured against the same model in float64 beside bf16 eager's error: the
+    activation quantization is a step function, so upstream rounding differences (Inductor keeps fused
+    intermediates in fp32) move some values one FP8 step, in eager as in compiled code."""
     import deepfuse
     from deepfuse.models import DeepSeekForCausalLM, get_config
 
@@ -61,12 +63,16 @@ def test_bundled_fp8_model_on_gpu_with_cuda_graphs():
                 out = compiled(ids)
     rows = [m for m in report.matches if m.family == "quant"]
     assert rows and all(m.impl == "triton" and m.params["act_quant"] for m in rows), str(report)
-    assert rel_err(out, ref) < 2e-2
+    ours, eager = fp64_errors(model, ids, out)
+    assert ours < max(3e-2, 1.5 * eager), (ours, eager)
+    assert rel_err(ref, out) < 0.2  # the same model, not another one
 
 
 @pytest.mark.parametrize("fmt", ["fp8-block", "int8-weight"])
 def test_quantize_option_on_gpu(fmt):
-    """options["quantize"] on a bf16 model: the kernels agree with the plain quantized form, the float weights go."""
+    """options["quantize"] on a bf16 model: the kernels agree with the plain quantized form compiled by Inductor
+    alone (eager's form differs by FP8 steps where Inductor skips a bf16 rounding upstream), and the float
+    weights go."""
     import deepfuse
     from deepfuse.quantize import fp8_block_linear, int8_weight_linear
 
@@ -77,10 +83,12 @@ def test_quantize_option_on_gpu(fmt):
     form = fp8_block_linear if fmt == "fp8-block" else int8_weight_linear
     with torch.no_grad():
         h = form(x, *quant.quantize_weight(model[0].weight, kernel_fmt), model[0].bias)
-        ref = form(torch.nn.functional.silu(h), *quant.quantize_weight(model[2].weight, kernel_fmt), None)
+        eager = form(torch.nn.functional.silu(h), *quant.quantize_weight(model[2].weight, kernel_fmt), None)
+        ref = torch.compile(model, backend="deepfuse", options={"quantize": fmt, "passes": []})(x)
+        torch._dynamo.reset()
         report = deepfuse.Report()
         with deepfuse.collect(report):
             out = torch.compile(model, backend="deepfuse", options={"quantize": fmt, "release_float_weights": True})(x)
     assert len([m for m in report.matches if m.family == "quant"]) == 2, str(report)
-    assert rel_err(out, ref) < 1e-2
+    assert rel_err(out, ref) < 1e-2 and rel_err(out, eager) < 5e-2
     assert model[0].weight.untyped_storage().nbytes() == 0
