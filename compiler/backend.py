@@ -5,8 +5,13 @@ from typing import Any, Optional
 
 import torch.fx as fx
 
+from .canonical import install as _install_canonical_forms
 from .options import Options
 from .pipeline import compile_graph
+
+# torch.compile(backend="deepfuse") imports this module before Dynamo traces anything: the layers whose
+# canonical forms deepfuse provides are patched now (see deepfuse.canonical).
+_install_canonical_forms()
 
 
 def deepfuse_backend(

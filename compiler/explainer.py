@@ -18,12 +18,17 @@ def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> Rep
     Pass ``dynamic=True`` to trace with symbolic shapes."""
     import deepfuse.runtime.ops  # noqa: F401
 
+    from .canonical import install
+
+    install()
     dynamic = options.pop("dynamic", None)
     opts = Options.from_user(options)
     report = Report()
 
     def backend(gm, inputs):
         return explain_graph(gm, inputs, opts)
+
+    backend.deepfuse_backend = True  # traced like a deepfuse compile (deepfuse.canonical)
 
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
     with collect(report), torch.no_grad():

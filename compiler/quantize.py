@@ -38,12 +38,12 @@ _LINEARS = (torch._C._nn.linear, F.linear)
 _copies: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def fp8_block_linear(x, w, scale, bias):
-    """The FP8 layer, written out: activations quantized per token and 128-wide tile, both operands dequantized,
-    the product in fp32, cast back to the activations' dtype."""
+def fp8_block_linear(x, w, scale, bias, block=(128, 128)):
+    """The FP8 layer, written out: activations quantized per token and block[1]-wide tile, both operands
+    dequantized, the product in fp32, cast back to the activations' dtype."""
     from deepfuse.runtime.kernels import quant
 
-    return quant.reference(x, w, scale, bias, "fp8-block", True, quant.DEFAULT_BLOCK, out_dtype=x.dtype)
+    return quant.reference(x, w, scale, bias, "fp8-block", True, block, out_dtype=x.dtype)
 
 
 def int8_weight_linear(x, w, scale, bias):

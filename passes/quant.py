@@ -155,9 +155,9 @@ def activation_source(mm: fx.Node) -> fx.Node:
 def _block_candidates(n: int, k: int, scale_shape: tuple) -> list[tuple[int, int]]:
     sn, sk = scale_shape
 
-    def fits(size, count):
-        guesses = {128, triton.cdiv(size, count), triton.next_power_of_2(triton.cdiv(size, count))}
-        return sorted(g for g in guesses if triton.cdiv(size, g) == count)
+    def fits(size, count):  # DeepSeek's 128 first: where several sizes give the same grid, it is the one meant
+        guesses = dict.fromkeys((128, triton.cdiv(size, count), triton.next_power_of_2(triton.cdiv(size, count))))
+        return [g for g in guesses if triton.cdiv(size, g) == count]
 
     return list(itertools.product(fits(n, sn), fits(k, sk)))
 

@@ -238,3 +238,38 @@ def test_quantize_option_errors():
     for bad, match in ((dict(quantize="fp4"), "quantize"), (dict(release_float_weights=True), "needs")):
         with pytest.raises(deepfuse.DeepfuseError, match=match):
             deepfuse.Options.from_user(bad)
+
+
+def test_hugging_face_fp8_linear_is_found_under_deepfuse():
+    """transformers' FP8Linear calls a hub kernel (absent offline); under deepfuse its canonical form is traced
+    instead and found by the pass. Its own forward runs in eager mode and under other backends."""
+    pytest.importorskip("transformers")
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    from deepfuse.quantize import fp8_block_linear
+
+    class TwoFP8(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = FP8Linear(256, 200, block_size=(128, 128), has_bias=True)
+            self.b = FP8Linear(200, 64, block_size=(128, 128))
+            for layer in (self.a, self.b):
+                w = torch.randn(layer.out_features, layer.in_features) / layer.in_features ** 0.5
+                layer.weight.data, layer.weight_scale_inv.data = quant.quantize_weight(w, "fp8-block")
+            self.a.bias.data = torch.randn(200)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model, x = TwoFP8(), torch.randn(3, 5, 256)
+    with torch.no_grad():
+        h = fp8_block_linear(x, model.a.weight, model.a.weight_scale_inv, model.a.bias)
+        ref = fp8_block_linear(torch.relu(h), model.b.weight, model.b.weight_scale_inv, None)
+    out, report = _compile(model, x, interpret=True)
+    rows = _quant(report)
+    assert len(rows) == 2 and all(r.params["act_quant"] and r.params["block"] == [128, 128] for r in rows)
+    assert rel_err(out, ref) < 1e-5
+    assert len(_quant(deepfuse.explain(model, x))) == 2
+    from deepfuse.canonical import compiling_with_deepfuse
+
+    assert compiling_with_deepfuse() is False  # outside a trace: the layer's own forward

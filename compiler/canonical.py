@@ -1,0 +1,93 @@
+"""Canonical forms for library layers whose own forward Dynamo cannot trace, installed by the backend.
+
+Hugging Face's ``FP8Linear`` (transformers' fine-grained FP8 integration) calls a kernel downloaded from the hub
+(or DeepGEMM): an opaque call, or no call at all offline. While deepfuse compiles, its forward is instead the
+plain W8A8 math the layer computes (activations quantized per token and ``block_size[1]``-wide tile, FP8
+weights with block scales, the product in fp32), which the ``quant`` pass finds and runs as its kernel.
+The original forward runs whenever deepfuse is not the compiler: in eager mode and under other backends.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+
+import torch
+
+from .log import log
+
+_installed: set = set()
+
+
+@torch._dynamo.assume_constant_result
+def compiling_with_deepfuse() -> bool:
+    """Is Dynamo tracing for the deepfuse backend? Evaluated once at trace time (a constant in the graph)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        fn = InstructionTranslator.current_tx().output.compiler_fn
+        for _ in range(8):
+            if getattr(fn, "compiler_name", None) == "deepfuse" or getattr(fn, "deepfuse_backend", False):
+                return True
+            nxt = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
+            if nxt is None or nxt is fn:
+                return False
+            fn = nxt
+    except Exception:  # not tracing, or a Dynamo without these attributes: the original forward runs
+        return False
+    return False
+
+
+def _hf_fp8_linear_forward(original):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (torch.compiler.is_compiling() and compiling_with_deepfuse()
+                and self.weight.dtype == torch.float8_e4m3fn and self.block_size is not None
+                and self.activation_scheme == "dynamic" and self.weight_scale_inv.dtype == torch.float32):
+            from deepfuse.quantize import fp8_block_linear
+
+            return fp8_block_linear(input, self.weight, self.weight_scale_inv, self.bias, tuple(self.block_size))
+        return original(self, input)
+
+    forward.__wrapped__ = original
+    forward.__doc__ = original.__doc__
+    return forward
+
+
+_PATCHES = {"transformers.integrations.finegrained_fp8": lambda m: setattr(
+    m.FP8Linear, "forward", _hf_fp8_linear_forward(m.FP8Linear.forward))}
+
+
+def _patch(name: str, module) -> None:
+    if name not in _installed:
+        _PATCHES[name](module)
+        _installed.add(name)
+        log.debug("installed deepfuse's canonical form for %s", name)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches a library module the moment it is imported (a model may import it after deepfuse's backend was
+    loaded)."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _PATCHES or name in _installed:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _patch(name, module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Patch the library modules already imported, and the others when they are."""
+    for name in _PATCHES:
+        if name in sys.modules:
+            _patch(name, sys.modules[name])
+    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
