@@ -245,8 +245,9 @@ def _attention_output(graph: fx.Graph, anchor: fx.Node) -> Optional[fx.Node]:
         weights = [a for a in m.args[-2:] if isinstance(a, fx.Node) and _is_weight(_through_layout(a))]
         if len(data) != 1 or len(weights) != 1:
             continue
-        data = [activation_source(m)]  # before a quantize-dequantize for an FP8 o_proj
-        return data[0] if data[0] in down and post_dominates(data[0], anchor) else None
+        source = activation_source(m)  # before a quantize-dequantize, for an FP8 o_proj
+        data = [source] if source in down else data
+        return data[0] if post_dominates(data[0], anchor) else None
     return None
 
 
