@@ -1,0 +1,122 @@
+"""Expert parallelism on torch.distributed: routed experts sharded across the ranks of a process group, tokens sent
+to the ranks that own their experts with ``all_to_all_single``, computed there by the local grouped kernels, and
+sent back for the weighted combine.
+
+Layout: with E routed experts over W ranks (W must divide E), rank r owns experts [r * E/W, (r + 1) * E/W). Every
+other part of the model (router, shared experts, attention) is replicated. One MoE layer on one rank:
+
+1. each (token, slot) pair goes to rank ``expert // (E / W)``; pairs are sorted by destination rank (stable);
+2. the per-destination pair counts are exchanged (``all_to_all_single`` of W integers), then the token rows and
+   their local expert ids travel in one ``all_to_all_single`` each;
+3. the received rows run through the local experts (routing weight 1: the weights stay with the sender);
+4. the outputs travel back on the reverse splits, return to pair order, and each token's k outputs are combined
+   with its routing weights in a fixed order (fp32).
+
+A rank with no tokens still takes part in every exchange (empty splits), as collectives require. The split sizes
+are host integers (``all_to_all_single`` takes lists), so step 2 synchronizes with the device once per layer.
+A rank that dies or never joins ends in the process group's timeout error, not a hang: see ``init``.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from deepfuse.errors import DeepfuseError
+
+DEFAULT_TIMEOUT_S = 120
+
+
+def init(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs) -> None:
+    """``dist.init_process_group`` with a bounded timeout (NCCL on GPUs, gloo on CPU by default): a rank that
+    never joins, or one that dies mid-exchange, ends every other rank with an error within ``timeout_s``."""
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which experts this rank owns."""
+
+    rank: int
+    world: int
+    num_experts: int
+
+    @property
+    def local(self) -> int:
+        return self.num_experts // self.world
+
+    @property
+    def first(self) -> int:
+        return self.rank * self.local
+
+    @classmethod
+    def of(cls, num_experts: int, group=None) -> "Shard":
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if num_experts % world:
+            raise DeepfuseError(f"expert parallel: {num_experts} experts do not divide over {world} ranks")
+        return cls(rank, world, num_experts)
+
+
+def shard_experts(weight: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """This rank's experts of a stacked [E, ...] weight, as a fresh tensor: once the caller drops the full
+    tensor, the other ranks' experts are freed."""
+    if weight.shape[0] != shard.num_experts:
+        raise DeepfuseError(f"expert parallel: weight has {weight.shape[0]} experts, the shard expects "
+                            f"{shard.num_experts}")
+    return weight[shard.first: shard.first + shard.local].clone()
+
+
+def ep_moe_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up_local: torch.Tensor,
+    w_down_local: torch.Tensor,
+    shard: Shard,
+    experts_fn: Callable,
+    group=None,
+    counts_out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The routed experts of one MoE layer with this rank's share of the experts.
+
+    x [T, H] and topk_ids/topk_weights [T, k] are this rank's tokens (T may differ across ranks, or be 0);
+    w_gate_up_local [E/W, 2I, H], w_down_local [E/W, H, I]. ``experts_fn(x, ids, weights, w_gate_up, w_down)`` runs
+    local experts (the generated kernels, or their reference). ``counts_out`` ([E/W] int64), if given, receives
+    the number of (token, slot) pairs each local expert computed: the load-balance figure.
+    Returns [T, H] in x's dtype."""
+    t, hidden = x.shape
+    k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1).to(torch.int64)
+    dest = torch.div(flat_ids, shard.local, rounding_mode="floor")
+    order = torch.argsort(dest, stable=True)
+    send_counts = torch.bincount(dest, minlength=shard.world)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()  # the one host synchronization
+    received = sum(recv_splits)
+
+    send_x = x[order // k]
+    send_ids = flat_ids[order] - dest[order] * shard.local
+    recv_x = x.new_empty((received, hidden))
+    recv_ids = flat_ids.new_empty((received,))
+    dist.all_to_all_single(recv_x, send_x.contiguous(), recv_splits, send_splits, group=group)
+    dist.all_to_all_single(recv_ids, send_ids.contiguous(), recv_splits, send_splits, group=group)
+    if counts_out is not None:
+        counts_out.copy_(torch.bincount(recv_ids, minlength=shard.local)[: shard.local])
+
+    ones = torch.ones((received, 1), dtype=topk_weights.dtype, device=x.device)
+    local_out = experts_fn(recv_x, recv_ids[:, None], ones, w_gate_up_local, w_down_local)
+
+    back = x.new_empty((t * k, hidden))
+    dist.all_to_all_single(back, local_out.to(x.dtype).contiguous(), send_splits, recv_splits, group=group)
+    per_pair = torch.empty_like(back)
+    per_pair[order] = back
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weighted = per_pair.view(t, k, hidden).to(acc) * topk_weights.to(acc)[..., None]
+    return weighted.sum(dim=1).to(x.dtype)

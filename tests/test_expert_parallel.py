@@ -1,0 +1,117 @@
+"""The expert-parallel runtime on CPU with gloo, 2 and 4 processes: each rank keeps only its share of the routed
+experts, and the output equals the single-process MoE on the same weights and tokens (uneven token counts per
+rank, a rank with no tokens, every token routed to one rank's experts); a rank that never joins is an error
+within the timeout, not a hang."""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+E, H, I, K = 8, 32, 16, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights():
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5, torch.randn(E, H, I, generator=gen) / I ** 0.5)
+
+
+def _tokens(rank: int, routing: str):
+    gen = torch.Generator().manual_seed(100 + rank)
+    t = {0: 5, 1: 0, 2: 9, 3: 3}[rank]  # uneven, and rank 1 has none
+    x = torch.randn(t, H, generator=gen, dtype=torch.float64)
+    if routing == "one_rank":  # every pair to rank 0's experts: the other ranks receive nothing
+        ids = torch.stack([torch.randperm(2, generator=gen)[:K] for _ in range(t)]) if t else torch.empty(0, K)
+    else:
+        ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(t)]) if t else torch.empty(0, K)
+    weights = torch.rand(t, K, generator=gen, dtype=torch.float64)
+    return x, ids.long(), weights
+
+
+def _worker(rank, world, port, routing, results, kernels=False):
+    from deepfuse.runtime import expert_parallel as ep
+    from deepfuse.runtime.kernels import moe
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ep.init("gloo", timeout_s=30, rank=rank, world_size=world)
+    try:
+        shard = ep.Shard.of(E)
+        w_gate_up, w_down = _weights()
+        local_gate_up, local_down = ep.shard_experts(w_gate_up, shard), ep.shard_experts(w_down, shard)
+        x, ids, weights = _tokens(rank, routing)
+        counts = torch.zeros(shard.local, dtype=torch.int64)
+        if kernels:  # the generated kernels (Triton's interpreter), fp32
+            x, weights = x.float(), weights.float()
+            experts = lambda *a: moe.moe_experts(*a, interpret=True)  # noqa: E731
+        else:
+            experts = moe.reference
+        out = ep.ep_moe_experts(x, ids, weights, local_gate_up, local_down, shard, experts, counts_out=counts)
+        ref = moe.reference(x.double(), ids, weights.double(), w_gate_up.double(), w_down.double())
+        err = ((out.double() - ref).abs().max() / ref.abs().max()).item() if x.shape[0] else 0.0
+        results[rank] = (err, tuple(out.shape) == tuple(x.shape), local_gate_up.shape[0], counts.tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("routing", ["spread", "one_rank"])
+def test_expert_parallel_equals_single_process(world, routing):
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, _free_port(), routing, results), nprocs=world, join=True)
+    assert sorted(results) == list(range(world))
+    for rank, (err, shape_ok, local_experts, counts) in results.items():
+        assert shape_ok and err < 1e-12, (rank, err)  # float64 throughout: only summation order differs
+        assert local_experts == E // world  # each rank holds only its share
+    total_pairs = sum(_tokens(r, routing)[1].numel() for r in range(world))
+    assert sum(sum(c) for _, _, _, c in results.values()) == total_pairs
+    if routing == "one_rank":
+        assert all(sum(results[r][3]) == 0 for r in range(1, world))
+
+
+def test_expert_parallel_with_the_generated_kernels():
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(2, _free_port(), "spread", results, True), nprocs=2, join=True)
+    assert sorted(results) == [0, 1] and all(err < 1e-5 for err, *_ in results.values()), dict(results)
+
+
+def _lonely(port, errors):
+    from deepfuse.runtime import expert_parallel as ep
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    start = time.monotonic()
+    try:
+        ep.init("gloo", timeout_s=3, rank=0, world_size=2)
+    except Exception as e:  # the store's or the group's timeout, depending on the torch version
+        errors.append((type(e).__name__, time.monotonic() - start))
+
+
+def test_a_rank_that_never_joins_is_an_error_within_the_timeout():
+    errors = mp.Manager().list()
+    proc = mp.get_context("spawn").Process(target=_lonely, args=(_free_port(), errors))
+    proc.start()
+    proc.join(60)
+    alive = proc.is_alive()
+    if alive:
+        proc.kill()
+    assert not alive and len(errors) == 1 and errors[0][1] < 30, list(errors)
+
+
+def test_experts_must_divide_over_the_ranks():
+    from deepfuse.errors import DeepfuseError
+    from deepfuse.runtime.expert_parallel import Shard, shard_experts
+
+    shard = Shard(rank=1, world=4, num_experts=8)
+    assert (shard.local, shard.first) == (2, 2)
+    w = torch.arange(8.0)[:, None].expand(8, 3)
+    assert shard_experts(w, shard)[:, 0].tolist() == [2.0, 3.0]
+    with pytest.raises(DeepfuseError, match="experts"):
+        shard_experts(torch.zeros(6, 3), shard)
