@@ -36,6 +36,7 @@ from deepfuse.shapes import hint, value
 aten = torch.ops.aten
 QUANTIZED = (torch.float8_e4m3fn, torch.int8)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+BOUNDARIES = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._grouped_mm.default}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -120,7 +121,11 @@ def _weight_side(mm: fx.Node) -> Union[dict, str, None]:
 def _act_side(mm: fx.Node, k: int):
     """(x_src, nodes): the activation the matmul's input is a quantize-dequantize of, if it is one."""
     x_op = mm.args[1] if mm.target == aten.addmm.default else mm.args[0]
-    nodes = ancestors([x_op])
+    # Only this layer's input side: the walk stops at earlier matmuls and kernels (an earlier layer's own
+    # activation quantization is not this one's).
+    boundary = {n for n in mm.graph.nodes if n.target in BOUNDARIES or isinstance(n.target, torch._ops.HigherOrderOperator)
+                or (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "deepfuse")}
+    nodes = ancestors([x_op], blocked=boundary)
     fp8 = [n for n in nodes if n.op == "call_function" and value(n) is not None
            and value(n).dtype == torch.float8_e4m3fn]
     if not fp8:
@@ -133,7 +138,7 @@ def _act_side(mm: fx.Node, k: int):
     for cand in sorted(candidates, key=order.__getitem__, reverse=True):
         region = ancestors([x_op], blocked={cand}) - {cand}
         tensor_inputs = [a for n in region for a in n.all_input_nodes if a not in region and value(a) is not None
-                         and value(a).numel() > 1]
+                         and hint(value(a).numel()) > 1]
         if all(a is cand for a in tensor_inputs) and all(not _is_leaf(n) or value(n) is None for n in region):
             # x.float() quantizes exactly as x does: hand the kernel the narrower tensor
             while (cand.target == torch.ops.prims.convert_element_type.default and value(cand).dtype == torch.float32

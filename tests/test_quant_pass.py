@@ -102,6 +102,18 @@ def test_hand_written_quantized_layers_match(case, impl):
     assert rel_err(out, ref) < (2e-3 if dtype == torch.float16 else 1e-5)
 
 
+def test_a_weight_only_layer_after_a_w8a8_layer():
+    """The earlier layer's activation quantization is not this layer's: both are found, each in its form."""
+    model = nn.Sequential(BlockFP8Linear(256, 256, "repeat", act="tile"), nn.ReLU(),
+                          BlockFP8Linear(128, 256, "repeat"))
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        ref = model(x)
+    out, report = _compile(model, x, interpret=True)
+    assert sorted(m.params["act_quant"] for m in _quant(report)) == [False, True], str(report)
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_per_token_activation_quantization_is_declined_and_stays_right():
     model = BlockFP8Linear(256, 256, "repeat", act="row")
     x = torch.randn(4, 256)
