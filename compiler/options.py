@@ -44,6 +44,10 @@ class Options:
     #: With ``quantize``: free the float weights that were quantized (their storage is resized to 0 bytes), so
     #: the process holds only the quantized copies. The model then runs only through the compiled module.
     release_float_weights: bool = False
+    #: With torch.distributed initialized over more than one rank: each rank keeps only its share of every MoE
+    #: layer's routed experts (the full expert weights are freed) and tokens travel to their experts' ranks
+    #: with all_to_all. Off by default: it changes what the model object holds. See deepfuse.runtime.expert_parallel.
+    expert_parallel: bool = False
 
     # Set from torch.compile's ``mode=`` argument, not from ``options``.
     mode: str = field(default="default", repr=False)
@@ -73,7 +77,8 @@ class Options:
             )
         if options.get("release_float_weights") and not options.get("quantize"):
             raise DeepfuseError("options['release_float_weights'] needs options['quantize']")
-        for key in ("interpret", "inductor", "autotune", "inline", "deterministic", "release_float_weights"):
+        for key in ("interpret", "inductor", "autotune", "inline", "deterministic", "release_float_weights",
+                    "expert_parallel"):
             if key in options and not isinstance(options[key], bool):
                 raise DeepfuseError(f"options[{key!r}] must be a bool, got {options[key]!r}")
         mode = mode or "default"
@@ -101,4 +106,5 @@ class Options:
 
     def fingerprint(self) -> str:
         """What changes the rewritten graph; part of Inductor's FX-graph cache key."""
-        return repr((self.interpret, self.kernels, self.passes, self.inline, self.deterministic, self.quantize))
+        return repr((self.interpret, self.kernels, self.passes, self.inline, self.deterministic, self.quantize,
+                     self.expert_parallel))

@@ -13,6 +13,7 @@ import importlib
 import inspect
 from typing import Callable, Iterator
 
+import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -22,6 +23,26 @@ from .options import Options
 from .report import Report
 
 _collectors: list[Report] = []
+_real_inputs: list[list] = []  # the Dynamo graph's real inputs while it compiles (parameters among them)
+
+
+def real_input(node: fx.Node):
+    """The real tensor behind a placeholder of the graph being compiled (a parameter, say), if it can be told
+    for certain: same position among the inputs, same shape and dtype; else None."""
+    from .shapes import hint, value
+
+    if not _real_inputs or node.op != "placeholder":
+        return None
+    inputs = _real_inputs[-1]
+    placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
+    index = placeholders.index(node) - (len(placeholders) - len(inputs))
+    if not 0 <= index < len(inputs):
+        return None
+    real, fake = inputs[index], value(node)
+    if not isinstance(real, torch.Tensor) or fake is None or real.dtype != fake.dtype or \
+            tuple(real.shape) != tuple(hint(d) for d in fake.shape):
+        return None
+    return real
 
 
 @contextlib.contextmanager
@@ -92,8 +113,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
         from torch._inductor.compile_fx import compile_fx
 
         patches = {"post_grad_custom_pre_pass": DeepfuseGraphPass(options, report)}
-        if _collectors:
-            # A cache hit would skip the passes, and with them the report being collected.
+        if _collectors or options.expert_parallel:
+            # A cache hit would skip the passes, and with them the report being collected (or the sharding).
             patches["fx_graph_cache"] = False
         if options.mode == "reduce-overhead":
             log.info("mode='reduce-overhead': decode steps are captured by Inductor's CUDA graphs")
@@ -101,8 +122,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
         elif options.mode in ("max-autotune", "max-autotune-no-cudagraphs"):
             patches["max_autotune"] = True
             patches["triton.cudagraphs"] = options.mode == "max-autotune"
-        return compile_fx(gm, example_inputs, config_patches=patches)
-    return _aot(gm, example_inputs, lambda g: run_passes(g, options, report) or g)
+        _real_inputs.append(example_inputs)
+        try:
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        finally:
+            _real_inputs.pop()
+    _real_inputs.append(example_inputs)
+    try:
+        return _aot(gm, example_inputs, lambda g: run_passes(g, options, report) or g)
+    finally:
+        _real_inputs.pop()
 
 
 def _aot(gm: fx.GraphModule, example_inputs: list, transform: Callable[[fx.Graph], object], run_original=False):

@@ -56,9 +56,16 @@ class MoEPass:
             device = value(out).device.type
             impl = options.kernel_impl(device)
             params["deterministic"] = options.deterministic
-            kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where, options.inline)
-            report.matches.append(Match(self.family, "deepfuse::moe_experts", params, *where, impl=impl,
-                                        kernel_file=kernel_file))
+            op_name = "deepfuse::moe_experts"
+            if options.expert_parallel and _distributed():
+                kernel_file = self._rewrite_expert_parallel(graph, region, inputs, out, params, impl, where)
+                if isinstance(kernel_file, str) and kernel_file.startswith("expert parallel:"):
+                    self._decline(report, kernel_file, where)
+                    continue
+                op_name = "deepfuse::moe_experts_ep"
+            else:
+                kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where, options.inline)
+            report.matches.append(Match(self.family, op_name, params, *where, impl=impl, kernel_file=kernel_file))
             log.info("matched moe -> deepfuse::moe_experts [%s] at %s (%s) %s", impl, where[1] or "?", where[0], params)
             changed += 1
         return changed
@@ -107,6 +114,35 @@ class MoEPass:
             op_args = self._op_args(graph, out, x, ids, weights, w1, w2, params, impl)
             replace_region(graph, binding, torch.ops.deepfuse.moe_experts.default, op_args, 1)
         return str(gen.path) if gen is not None else None
+
+
+    def _rewrite_expert_parallel(self, graph, region, inputs, out, params, impl, where) -> Optional[str]:
+        """Shard the layer's real expert parameters over the ranks (this rank keeps its share, the full tensors
+        are freed) and call ``deepfuse::moe_experts_ep``. Returns the kernel file, or the reason it cannot."""
+        from deepfuse.pipeline import real_input
+        from deepfuse.runtime import expert_parallel as ep
+
+        x, ids, weights, w1, w2 = (inputs[k] for k in ("x", "ids", "weights", "w_gate_up", "w_down"))
+        real1, real2 = real_input(w1), real_input(w2)
+        if real1 is None or real2 is None:
+            return "expert parallel: the expert weights are not parameters this compile can shard"
+        try:
+            key, shard = ep.shard_parameters(
+                real1, real2, real1.transpose(1, 2) if params["gate_up_transposed"] else real1,
+                real2.transpose(1, 2) if params["down_transposed"] else real2)
+        except Exception as err:  # experts that do not divide over the ranks, say
+            return f"expert parallel: {err}"
+        params["expert_parallel"] = f"rank {shard.rank}/{shard.world}: experts {shard.first}..{shard.first + shard.local - 1}"
+        op_args = (x, ids, weights, key, params["activation"], value(out).dtype, impl, params["deterministic"])
+        replace_region(graph, RegionBinding(region, out), torch.ops.deepfuse.moe_experts_ep.default, op_args, 1)
+        origin = f"{where[1] or '?'} ({where[0]})"
+        return str(kernel.kernels_for(value(x).dtype, params["activation"], origin).path) if impl != "reference" else None
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # -- finding the region ---------------------------------------------------------------------------------------

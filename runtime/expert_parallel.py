@@ -72,6 +72,41 @@ def shard_experts(weight: torch.Tensor, shard: Shard) -> torch.Tensor:
     return weight[shard.first: shard.first + shard.local].clone()
 
 
+# This process's expert shards, by key: the compiled graph's op refers to its layer's shard by this key.
+_registry: dict[int, tuple[torch.Tensor, torch.Tensor, Shard]] = {}
+# The key each full weight was sharded under (by id; the weight object is kept alive by the model): a recompile
+# of the same layer reuses the shard and never reads the freed full weight.
+_sharded: dict[int, int] = {}
+
+
+def register(w_gate_up: torch.Tensor, w_down: torch.Tensor, shard: Shard) -> int:
+    """Shard one layer's full canonical expert weights ([E, 2I, H], [E, H, I]) and register this rank's part."""
+    key = len(_registry)
+    _registry[key] = (shard_experts(w_gate_up, shard).contiguous(), shard_experts(w_down, shard).contiguous(), shard)
+    return key
+
+
+def local_experts(key: int) -> tuple[torch.Tensor, torch.Tensor, Shard]:
+    if key not in _registry:
+        raise DeepfuseError(f"expert parallel: no expert shard {key} in this process (compiled elsewhere?)")
+    return _registry[key]
+
+
+def shard_parameters(gate_up: torch.Tensor, down: torch.Tensor, gate_up_canonical: torch.Tensor,
+                     down_canonical: torch.Tensor, group=None) -> tuple[int, Shard]:
+    """Keep this rank's experts of a layer (``*_canonical``: the same tensors viewed as [E, 2I, H] and
+    [E, H, I]) and free the full parameters' storage. Returns the shard key and the shard."""
+    if id(gate_up) in _sharded:
+        key = _sharded[id(gate_up)]
+        return key, _registry[key][2]
+    shard = Shard.of(gate_up_canonical.shape[0], group)
+    key = register(gate_up_canonical, down_canonical, shard)
+    for full in (gate_up, down):
+        _sharded[id(full)] = key
+        full.data.untyped_storage().resize_(0)  # the other ranks' experts are gone from this process
+    return key, shard
+
+
 def ep_moe_experts(
     x: torch.Tensor,
     topk_ids: torch.Tensor,

@@ -141,3 +141,35 @@ def quant_matmul(
 @quant_matmul.register_fake
 def _(x, w, scale, bias, fmt, act_quant, block_n, block_k, out_dtype, impl):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("deepfuse::moe_experts_ep", mutates_args=())
+def moe_experts_ep(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    shard_key: int,
+    activation: str,
+    out_dtype: torch.dtype,
+    impl: str,
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """The routed experts with this rank's share of them (``deepfuse.runtime.expert_parallel``): the tokens'
+    (token, slot) pairs travel to the ranks owning their experts and back with all_to_all."""
+    from deepfuse.runtime import expert_parallel as _ep
+
+    _check_impl(impl)
+    w_gate_up, w_down, shard = _ep.local_experts(shard_key)
+    if impl == "reference":
+        def experts(xs, ids, ws, a, b):
+            return _moe.reference(xs, ids, ws, a, b, activation)
+    else:
+        def experts(xs, ids, ws, a, b):
+            return _moe.moe_experts(xs, ids, ws, a, b, activation, interpret=impl == "interpret",
+                                    deterministic=deterministic)
+    return _ep.ep_moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, shard, experts).to(out_dtype)
+
+
+@moe_experts_ep.register_fake
+def _(x, topk_ids, topk_weights, shard_key, activation, out_dtype, impl, deterministic=True):
+    return x.new_empty(x.shape, dtype=out_dtype)

@@ -115,3 +115,40 @@ def test_experts_must_divide_over_the_ranks():
     assert shard_experts(w, shard)[:, 0].tolist() == [2.0, 3.0]
     with pytest.raises(DeepfuseError, match="experts"):
         shard_experts(torch.zeros(6, 3), shard)
+
+
+def _model_worker(rank, world, port, impl, results):
+    """The bundled model compiled with options["expert_parallel"]: each rank keeps its share of the experts."""
+    import deepfuse
+    from deepfuse.models import DeepSeekForCausalLM, get_config
+    from deepfuse.runtime import expert_parallel as ep
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ep.init("gloo", timeout_s=60, rank=rank, world_size=world)
+    try:
+        cfg = get_config("tiny")  # 8 routed experts
+        model = DeepSeekForCausalLM.from_config(cfg, seed=11)  # the same weights on every rank
+        ids = torch.randint(0, cfg.vocab_size, (1, 3 + 4 * rank), generator=torch.Generator().manual_seed(rank))
+        experts = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+        with torch.no_grad():
+            ref = model(ids)
+            report = deepfuse.Report()
+            with deepfuse.collect(report):
+                out = torch.compile(model, backend="deepfuse", options={"expert_parallel": True, **impl})(ids)
+        rows = [m for m in report.matches if m.family == "moe"]
+        err = ((out - ref).norm() / ref.norm()).item()
+        freed = all(e.gate_up_proj.untyped_storage().nbytes() == 0 for e in experts)
+        results[rank] = (err, [m.op for m in rows], [m.params.get("expert_parallel") for m in rows], freed)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("impl", [{"kernels": "reference"}, {"interpret": True}], ids=["reference", "interpret"])
+def test_compiled_model_with_expert_parallel_option(impl):
+    results = mp.Manager().dict()
+    mp.spawn(_model_worker, args=(2, _free_port(), impl, results), nprocs=2, join=True)
+    for rank, (err, ops, shards, freed) in sorted(results.items()):
+        assert err < 1e-5, (rank, err)
+        assert ops and all(op == "deepfuse::moe_experts_ep" for op in ops), ops
+        assert all(s == f"rank {rank}/2: experts {4 * rank}..{4 * rank + 3}" for s in shards), shards
+        assert freed  # the full expert weights are gone from every rank
