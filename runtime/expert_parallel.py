@@ -86,6 +86,22 @@ def register(w_gate_up: torch.Tensor, w_down: torch.Tensor, shard: Shard) -> int
     return key
 
 
+_counts: dict[int, torch.Tensor] = {}
+
+
+def expert_counts() -> dict[int, torch.Tensor]:
+    """Per sharded layer (by key, in compile order): the (token, slot) pairs each of this rank's experts computed
+    in the layer's last call. For load-balance monitoring; reading a value synchronizes with the device."""
+    return dict(_counts)
+
+
+def counts_buffer(key: int) -> torch.Tensor:
+    w_gate_up, _, shard = _registry[key]
+    if key not in _counts:
+        _counts[key] = torch.zeros(shard.local, dtype=torch.int64, device=w_gate_up.device)
+    return _counts[key]
+
+
 def local_experts(key: int) -> tuple[torch.Tensor, torch.Tensor, Shard]:
     if key not in _registry:
         raise DeepfuseError(f"expert parallel: no expert shard {key} in this process (compiled elsewhere?)")

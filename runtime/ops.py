@@ -167,7 +167,8 @@ def moe_experts_ep(
         def experts(xs, ids, ws, a, b):
             return _moe.moe_experts(xs, ids, ws, a, b, activation, interpret=impl == "interpret",
                                     deterministic=deterministic)
-    return _ep.ep_moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, shard, experts).to(out_dtype)
+    return _ep.ep_moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, shard, experts,
+                              counts_out=_ep.counts_buffer(shard_key)).to(out_dtype)
 
 
 @moe_experts_ep.register_fake

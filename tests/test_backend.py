@@ -147,7 +147,7 @@ def test_bad_options_are_clear_errors(options, message):
 
 
 def test_unknown_option_lists_valid_ones():
-    with pytest.raises(DeepfuseError, match="valid options are: autotune, cache_dir, deterministic, inductor, inline, interpret, kernels, passes"):
+    with pytest.raises(DeepfuseError, match="valid options are: autotune, cache_dir, deterministic, expert_parallel, inductor, inline, interpret, kernels, passes"):
         deepfuse.Options.from_user({"bogus": 1})
 
 

@@ -138,7 +138,8 @@ def _model_worker(rank, world, port, impl, results):
         rows = [m for m in report.matches if m.family == "moe"]
         err = ((out - ref).norm() / ref.norm()).item()
         freed = all(e.gate_up_proj.untyped_storage().nbytes() == 0 for e in experts)
-        results[rank] = (err, [m.op for m in rows], [m.params.get("expert_parallel") for m in rows], freed)
+        counts = {k: v.tolist() for k, v in ep.expert_counts().items()}
+        results[rank] = (err, [m.op for m in rows], [m.params.get("expert_parallel") for m in rows], freed, counts)
     finally:
         dist.destroy_process_group()
 
@@ -147,8 +148,13 @@ def _model_worker(rank, world, port, impl, results):
 def test_compiled_model_with_expert_parallel_option(impl):
     results = mp.Manager().dict()
     mp.spawn(_model_worker, args=(2, _free_port(), impl, results), nprocs=2, join=True)
-    for rank, (err, ops, shards, freed) in sorted(results.items()):
+    for rank, (err, ops, shards, freed, counts) in sorted(results.items()):
         assert err < 1e-5, (rank, err)
         assert ops and all(op == "deepfuse::moe_experts_ep" for op in ops), ops
         assert all(s == f"rank {rank}/2: experts {4 * rank}..{4 * rank + 3}" for s in shards), shards
         assert freed  # the full expert weights are gone from every rank
+        assert len(counts) == len(ops) and all(len(c) == 4 for c in counts.values())
+    # every (token, slot) pair of both ranks was computed by exactly one expert somewhere, in every layer
+    k, tokens = 2, (3 + 7)  # tiny: top-2; rank r has 3 + 4r tokens
+    for key in results[0][4]:
+        assert sum(results[0][4][key]) + sum(results[1][4][key]) == k * tokens
