@@ -11,6 +11,8 @@ other part of the model (router, shared experts, attention) is replicated. One M
 3. the received rows run through the local experts (routing weight 1: the weights stay with the sender);
 4. the outputs travel back on the reverse splits, return to pair order, and each token's k outputs are combined
    with its routing weights in a fixed order (fp32).
+With ``micro_batches`` > 1 the tokens go in chunks whose exchanges are asynchronous, so one chunk's experts run
+while the next chunk's tokens travel (what that buys is to be measured on GPUs).
 
 A rank with no tokens still takes part in every exchange (empty splits), as collectives require. The split sizes
 are host integers (``all_to_all_single`` takes lists), so step 2 synchronizes with the device once per layer.
@@ -133,6 +135,7 @@ def ep_moe_experts(
     experts_fn: Callable,
     group=None,
     counts_out: Optional[torch.Tensor] = None,
+    micro_batches: int = 1,
 ) -> torch.Tensor:
     """The routed experts of one MoE layer with this rank's share of the experts.
 
@@ -140,34 +143,55 @@ def ep_moe_experts(
     w_gate_up_local [E/W, 2I, H], w_down_local [E/W, H, I]. ``experts_fn(x, ids, weights, w_gate_up, w_down)`` runs
     local experts (the generated kernels, or their reference). ``counts_out`` ([E/W] int64), if given, receives
     the number of (token, slot) pairs each local expert computed: the load-balance figure.
-    Returns [T, H] in x's dtype."""
+
+    ``micro_batches`` > 1 (the same on every rank) splits the tokens into that many chunks whose exchanges are
+    asynchronous: a chunk's experts run while the next chunk's tokens travel and the previous chunk's outputs
+    travel back. Returns [T, H] in x's dtype."""
     t, hidden = x.shape
     k = topk_ids.shape[1]
+    step = max(1, -(-t // micro_batches))
+    chunks = [(min(i * step, t), min((i + 1) * step, t)) for i in range(micro_batches)]
     flat_ids = topk_ids.reshape(-1).to(torch.int64)
     dest = torch.div(flat_ids, shard.local, rounding_mode="floor")
-    order = torch.argsort(dest, stable=True)
-    send_counts = torch.bincount(dest, minlength=shard.world)
+    plans = []
+    for lo, hi in chunks:  # each chunk's pairs, sorted by the rank that owns their expert (stable)
+        d = dest[lo * k: hi * k]
+        order = torch.argsort(d, stable=True) + lo * k
+        plans.append((lo, hi, order, torch.bincount(d, minlength=shard.world)))
+    # All chunks' pair counts in one exchange: [destination rank, chunk] -> [source rank, chunk].
+    send_counts = torch.stack([p[3] for p in plans], dim=1).contiguous()
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=group)
-    send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()  # the one host synchronization
-    received = sum(recv_splits)
+    send_splits, recv_splits = send_counts.t().tolist(), recv_counts.t().tolist()  # the one host synchronization
 
-    send_x = x[order // k]
-    send_ids = flat_ids[order] - dest[order] * shard.local
-    recv_x = x.new_empty((received, hidden))
-    recv_ids = flat_ids.new_empty((received,))
-    dist.all_to_all_single(recv_x, send_x.contiguous(), recv_splits, send_splits, group=group)
-    dist.all_to_all_single(recv_ids, send_ids.contiguous(), recv_splits, send_splits, group=group)
-    if counts_out is not None:
-        counts_out.copy_(torch.bincount(recv_ids, minlength=shard.local)[: shard.local])
-
-    ones = torch.ones((received, 1), dtype=topk_weights.dtype, device=x.device)
-    local_out = experts_fn(recv_x, recv_ids[:, None], ones, w_gate_up_local, w_down_local)
-
+    inflight = []  # dispatch every chunk now; each waits for its own rows only
+    for (lo, hi, order, _), s_split, r_split in zip(plans, send_splits, recv_splits):
+        received = sum(r_split)
+        recv_x, recv_ids = x.new_empty((received, hidden)), flat_ids.new_empty((received,))
+        send_x = x[order // k].contiguous()
+        send_ids = (flat_ids[order] - dest[order] * shard.local).contiguous()
+        works = [dist.all_to_all_single(recv_x, send_x, r_split, s_split, group=group, async_op=True),
+                 dist.all_to_all_single(recv_ids, send_ids, r_split, s_split, group=group, async_op=True)]
+        inflight.append((recv_x, recv_ids, works, send_x, send_ids))
     back = x.new_empty((t * k, hidden))
-    dist.all_to_all_single(back, local_out.to(x.dtype).contiguous(), send_splits, recv_splits, group=group)
-    per_pair = torch.empty_like(back)
-    per_pair[order] = back
+    returning = []
+    if counts_out is not None:
+        counts_out.zero_()
+    for (lo, hi, order, _), s_split, r_split, (recv_x, recv_ids, works, *_) in zip(plans, send_splits, recv_splits,
+                                                                                   inflight):
+        for w in works:
+            w.wait()
+        if counts_out is not None:
+            counts_out.add_(torch.bincount(recv_ids, minlength=shard.local)[: shard.local])
+        ones = torch.ones((recv_x.shape[0], 1), dtype=topk_weights.dtype, device=x.device)
+        local_out = experts_fn(recv_x, recv_ids[:, None], ones, w_gate_up_local, w_down_local).to(x.dtype)
+        chunk_back = x.new_empty(((hi - lo) * k, hidden))
+        work = dist.all_to_all_single(chunk_back, local_out.contiguous(), s_split, r_split, group=group,
+                                      async_op=True)
+        returning.append((order, chunk_back, work, local_out))
+    for order, chunk_back, work, _ in returning:
+        work.wait()
+        back[order] = chunk_back
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weighted = per_pair.view(t, k, hidden).to(acc) * topk_weights.to(acc)[..., None]
+    weighted = back.view(t, k, hidden).to(acc) * topk_weights.to(acc)[..., None]
     return weighted.sum(dim=1).to(x.dtype)

@@ -37,7 +37,7 @@ def _tokens(rank: int, routing: str):
     return x, ids.long(), weights
 
 
-def _worker(rank, world, port, routing, results, kernels=False):
+def _worker(rank, world, port, routing, results, kernels=False, micro_batches=1):
     from deepfuse.runtime import expert_parallel as ep
     from deepfuse.runtime.kernels import moe
 
@@ -54,7 +54,8 @@ def _worker(rank, world, port, routing, results, kernels=False):
             experts = lambda *a: moe.moe_experts(*a, interpret=True)  # noqa: E731
         else:
             experts = moe.reference
-        out = ep.ep_moe_experts(x, ids, weights, local_gate_up, local_down, shard, experts, counts_out=counts)
+        out = ep.ep_moe_experts(x, ids, weights, local_gate_up, local_down, shard, experts, counts_out=counts,
+                                micro_batches=micro_batches)
         ref = moe.reference(x.double(), ids, weights.double(), w_gate_up.double(), w_down.double())
         err = ((out.double() - ref).abs().max() / ref.abs().max()).item() if x.shape[0] else 0.0
         results[rank] = (err, tuple(out.shape) == tuple(x.shape), local_gate_up.shape[0], counts.tolist())
@@ -64,9 +65,11 @@ def _worker(rank, world, port, routing, results, kernels=False):
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("routing", ["spread", "one_rank"])
-def test_expert_parallel_equals_single_process(world, routing):
+@pytest.mark.parametrize("micro_batches", [1, 3], ids=["whole", "3-micro-batches"])
+def test_expert_parallel_equals_single_process(world, routing, micro_batches):
+    """3 micro-batches: more chunks than some ranks have tokens (rank 1 has none, rank 3 has 3)."""
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), routing, results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _free_port(), routing, results, False, micro_batches), nprocs=world, join=True)
     assert sorted(results) == list(range(world))
     for rank, (err, shape_ok, local_experts, counts) in results.items():
         assert shape_ok and err < 1e-12, (rank, err)  # float64 throughout: only summation order differs
