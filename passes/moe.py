@@ -58,11 +58,14 @@ class MoEPass:
             params["deterministic"] = options.deterministic
             op_name = "deepfuse::moe_experts"
             if options.expert_parallel and _distributed():
-                kernel_file = self._rewrite_expert_parallel(graph, region, inputs, out, params, impl, where)
-                if isinstance(kernel_file, str) and kernel_file.startswith("expert parallel:"):
-                    self._decline(report, kernel_file, where)
+                reason = self._rewrite_expert_parallel(graph, region, inputs, out, params, impl)
+                if reason:
+                    self._decline(report, reason, where)
                     continue
                 op_name = "deepfuse::moe_experts_ep"
+                kernel_file = (str(kernel.kernels_for(value(inputs["x"]).dtype, params["activation"],
+                                                      f"{where[1] or '?'} ({where[0]})").path)
+                               if impl != "reference" else None)
             else:
                 kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where, options.inline)
             report.matches.append(Match(self.family, op_name, params, *where, impl=impl, kernel_file=kernel_file))
@@ -116,9 +119,9 @@ class MoEPass:
         return str(gen.path) if gen is not None else None
 
 
-    def _rewrite_expert_parallel(self, graph, region, inputs, out, params, impl, where) -> Optional[str]:
+    def _rewrite_expert_parallel(self, graph, region, inputs, out, params, impl) -> Optional[str]:
         """Shard the layer's real expert parameters over the ranks (this rank keeps its share, the full tensors
-        are freed) and call ``deepfuse::moe_experts_ep``. Returns the kernel file, or the reason it cannot."""
+        are freed) and call ``deepfuse::moe_experts_ep``. Returns None, or the reason it cannot."""
         from deepfuse.pipeline import real_input
         from deepfuse.runtime import expert_parallel as ep
 
@@ -135,8 +138,7 @@ class MoEPass:
         params["expert_parallel"] = f"rank {shard.rank}/{shard.world}: experts {shard.first}..{shard.first + shard.local - 1}"
         op_args = (x, ids, weights, key, params["activation"], value(out).dtype, impl, params["deterministic"])
         replace_region(graph, RegionBinding(region, out), torch.ops.deepfuse.moe_experts_ep.default, op_args, 1)
-        origin = f"{where[1] or '?'} ({where[0]})"
-        return str(kernel.kernels_for(value(x).dtype, params["activation"], origin).path) if impl != "reference" else None
+        return None
 
 
 def _distributed() -> bool:
