@@ -282,7 +282,7 @@ def bench_quant_matmul(tokens, bandwidth, flops_peak, square=8192):
     return rows
 
 
-def bench_fp8_model(rounds, prompts=8, length=256):
+def bench_fp8_model(prompts=8, length=256):
     """The bundled model (v3-small config: 8 layers, hidden 1024, 64 experts) in bf16 and with its linear layers
     quantized to FP8 by options["quantize"] (W8A8, 128x128 blocks; routed experts stay bf16): the logits' top-1
     agreement and KL(bf16 || fp8) over random prompts, and the prefill time of both under deepfuse."""
@@ -417,7 +417,7 @@ def main():
     if "quant_matmul" in workloads:
         rows += bench_quant_matmul([int(t) for t in args.quant_tokens.split(",")], bandwidth, peak)
     if "fp8_model" in workloads:
-        rows += bench_fp8_model(args.rounds)
+        rows += bench_fp8_model()
     env = dict(environment(), hbm_copy_tbps=bandwidth / 1e12, bf16_matmul_tflops=peak / 1e12)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=1)

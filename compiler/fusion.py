@@ -64,12 +64,14 @@ class RegionBinding:
         self.outputs = [out]
 
 
-def ancestors(nodes: Sequence[fx.Node], blocked=frozenset()) -> set[fx.Node]:
-    """``nodes`` and everything they are computed from, not walking through ``blocked``."""
+def ancestors(nodes: Sequence[fx.Node], blocked=frozenset(),
+              stop: Optional[Callable[[fx.Node], bool]] = None) -> set[fx.Node]:
+    """``nodes`` and everything they are computed from, not walking through ``blocked`` nor nodes ``stop``
+    is true of."""
     seen, stack = set(nodes), list(nodes)
     while stack:
         for a in stack.pop().all_input_nodes:
-            if a not in seen and a not in blocked:
+            if a not in seen and a not in blocked and not (stop is not None and stop(a)):
                 seen.add(a)
                 stack.append(a)
     return seen
@@ -154,6 +156,20 @@ def replace_region_inline_or_op(graph: fx.Graph, binding, launcher: Callable, ar
                     type(err).__name__, str(err)[:200], op)
         replace_region(graph, binding, op, op_args(), n_outputs)
         return "op"
+
+
+def replace_region_first_traced(graph: fx.Graph, binding, launchers: Sequence[Callable], args: tuple,
+                                what: str) -> bool:
+    """Replace ``binding`` by the trace of the first of ``launchers`` that traces (the kernel launch, then the
+    deepfuse op call as the fallback); False, the graph untouched, if none does."""
+    for launcher in launchers:
+        try:
+            replace_region_traced(graph, binding, launcher, args)
+            return True
+        except Exception as err:  # tracing happens before the graph is touched
+            log.warning("could not trace the %s %s into the graph (%s: %s)", what, launcher.__name__,
+                        type(err).__name__, str(err)[:200])
+    return False
 
 
 def replace_region_traced(graph: fx.Graph, binding: Binding, launcher: Callable, args: tuple) -> list[fx.Node]:

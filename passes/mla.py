@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates,
-                             replace_region_traced)
+                             replace_region_first_traced)
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.passes.quant import activation_source, is_dequantized_weight
@@ -125,15 +125,8 @@ class MLAPass:
             return finish(kernel.mla_attention(q_nope, q_pe, c_kv, k_pe, w, params["scale"], params["causal"],
                                                mask, origin=origin), tensors)
 
-        binding = RegionBinding(found["region"], out)
-        for launcher in ([via_kernel] if impl == "triton" and inline else []) + [via_op]:
-            try:
-                replace_region_traced(graph, binding, launcher, args)
-                break
-            except Exception as err:  # tracing happens before the graph is touched
-                log.warning("could not trace the MLA %s into the graph (%s: %s)", launcher.__name__,
-                            type(err).__name__, str(err)[:200])
-        else:
+        launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
+        if not replace_region_first_traced(graph, RegionBinding(found["region"], out), launchers, args, "MLA"):
             return False
         return str(gen.path) if gen is not None else None
 

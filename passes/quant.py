@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import triton
 
-from deepfuse.fusion import RegionBinding, ancestors, replace_region_traced
+from deepfuse.fusion import RegionBinding, ancestors, replace_region_first_traced
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
@@ -73,6 +73,13 @@ class QuantPass:
 # -- finding the parts ---------------------------------------------------------------------------------------
 
 
+def _operands(mm: fx.Node) -> tuple[Optional[fx.Node], fx.Node, fx.Node]:
+    """(bias, activation, weight) operands of an ``mm``/``addmm``; the weight operand is [K, N]."""
+    if mm.target == aten.addmm.default:
+        return mm.args[0], mm.args[1], mm.args[2]
+    return None, mm.args[0], mm.args[1]
+
+
 def _is_leaf(n: fx.Node) -> bool:
     return n.op in ("placeholder", "get_attr")
 
@@ -103,7 +110,7 @@ def is_dequantized_weight(node: fx.Node, limit: int = 64) -> bool:
 def _weight_side(mm: fx.Node) -> Union[dict, str, None]:
     """The quantized tensor and scale the weight operand is computed from, or None for a float weight (or a
     str: the reason a quantized-looking weight cannot be taken)."""
-    w_op = mm.args[2] if mm.target == aten.addmm.default else mm.args[1]
+    w_op = _operands(mm)[2]
     nodes = ancestors([w_op])
     leaves = [n for n in nodes if _is_leaf(n) and value(n) is not None]
     quantized = [n for n in leaves if value(n).dtype in QUANTIZED]
@@ -118,14 +125,18 @@ def _weight_side(mm: fx.Node) -> Union[dict, str, None]:
     return {"w_op": w_op, "q": quantized[0], "s": scales[0], "w_nodes": nodes - set(leaves)}
 
 
+def _is_boundary(n: fx.Node) -> bool:
+    """A matmul or a kernel: where one layer's input side ends and an earlier layer's begins."""
+    return (n.target in BOUNDARIES or isinstance(n.target, torch._ops.HigherOrderOperator)
+            or (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "deepfuse"))
+
+
 def _act_side(mm: fx.Node, k: int):
     """(x_src, nodes): the activation the matmul's input is a quantize-dequantize of, if it is one."""
-    x_op = mm.args[1] if mm.target == aten.addmm.default else mm.args[0]
+    x_op = _operands(mm)[1]
     # Only this layer's input side: the walk stops at earlier matmuls and kernels (an earlier layer's own
     # activation quantization is not this one's).
-    boundary = {n for n in mm.graph.nodes if n.target in BOUNDARIES or isinstance(n.target, torch._ops.HigherOrderOperator)
-                or (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "deepfuse")}
-    nodes = ancestors([x_op], blocked=boundary)
+    nodes = ancestors([x_op], stop=_is_boundary)
     fp8 = [n for n in nodes if n.op == "call_function" and value(n) is not None
            and value(n).dtype == torch.float8_e4m3fn]
     if not fp8:
@@ -151,10 +162,7 @@ def _act_side(mm: fx.Node, k: int):
 
 def activation_source(mm: fx.Node) -> fx.Node:
     """The activation a matmul reads: its input operand, or what that operand is a quantize-dequantize of."""
-    w_op = mm.args[2] if mm.target == aten.addmm.default else mm.args[1]
-    x_src, x_nodes, act_quant = _act_side(mm, hint(value(w_op).shape[0]))
-    return x_src if act_quant and x_nodes is not None else (mm.args[1] if mm.target == aten.addmm.default
-                                                             else mm.args[0])
+    return _act_side(mm, hint(value(_operands(mm)[2]).shape[0]))[0]
 
 
 def _block_candidates(n: int, k: int, scale_shape: tuple) -> list[tuple[int, int]]:
@@ -257,7 +265,7 @@ def _verify(mm: fx.Node, found: dict) -> Union[dict[str, Any], str]:
     x_val = value(x_src)
     if x_val.dtype not in FLOATS or value(mm).dtype not in FLOATS:
         return f"activations in {x_val.dtype} (float16, bfloat16 or float32 supported)"
-    bias = mm.args[0] if mm.target == aten.addmm.default else None
+    bias = _operands(mm)[0]
     if bias is not None:
         if mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1:
             return "addmm with alpha or beta other than 1"
@@ -286,7 +294,7 @@ def _verify(mm: fx.Node, found: dict) -> Union[dict[str, Any], str]:
 
 def _verify_act(x_src: fx.Node, x_nodes: set, mm: fx.Node, group: int) -> Optional[str]:
     """Is the matmul's activation operand the per-token, per-``group``-tile fp8 quantize-dequantize of x_src?"""
-    x_op = mm.args[1] if mm.target == aten.addmm.default else mm.args[0]
+    x_op = _operands(mm)[1]
     xv = value(x_src)
     try:
         module = _subgraph(x_nodes | {x_op}, [x_src], x_op)
@@ -348,14 +356,7 @@ def _rewrite(graph, mm, found, params, impl, inline, origin) -> Union[str, None,
         return (y.reshape(-1, n),)
 
     interior = {mm} | found["w_nodes"] | {found["w_op"]} | (params["_x_nodes"] or set())
-    binding = RegionBinding(interior, mm)
-    for launcher in ([via_kernel] if impl == "triton" and inline else []) + [via_op]:
-        try:
-            replace_region_traced(graph, binding, launcher, args)
-            break
-        except Exception as err:  # tracing happens before the graph is touched
-            log.warning("could not trace the quantized matmul %s into the graph (%s: %s)", launcher.__name__,
-                        type(err).__name__, str(err)[:200])
-    else:
+    launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
+    if not replace_region_first_traced(graph, RegionBinding(interior, mm), launchers, args, "quantized matmul"):
         return False
     return str(gen.path) if gen is not None else None
