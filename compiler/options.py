@@ -48,6 +48,9 @@ class Options:
     #: layer's routed experts (the full expert weights are freed) and tokens travel to their experts' ranks
     #: with all_to_all. Off by default: it changes what the model object holds. See deepfuse.runtime.expert_parallel.
     expert_parallel: bool = False
+    #: With ``expert_parallel``: split each MoE layer's tokens into this many chunks whose all_to_all exchanges
+    #: are asynchronous, so one chunk's experts run while the next chunk's tokens travel. 1: one exchange.
+    micro_batches: int = 1
 
     # Set from torch.compile's ``mode=`` argument, not from ``options``.
     mode: str = field(default="default", repr=False)
@@ -81,6 +84,12 @@ class Options:
                     "expert_parallel"):
             if key in options and not isinstance(options[key], bool):
                 raise DeepfuseError(f"options[{key!r}] must be a bool, got {options[key]!r}")
+        micro = options.get("micro_batches", 1)
+        if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
+            raise DeepfuseError(f"options['micro_batches'] must be an int >= 1, got {micro!r}")
+        if micro > 1 and not options.get("expert_parallel"):
+            raise DeepfuseError("options['micro_batches'] splits expert-parallel exchanges: it needs "
+                                "options['expert_parallel']")
         mode = mode or "default"
         if mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise DeepfuseError(f"unsupported torch.compile mode {mode!r} for deepfuse")
@@ -107,4 +116,4 @@ class Options:
     def fingerprint(self) -> str:
         """What changes the rewritten graph; part of Inductor's FX-graph cache key."""
         return repr((self.interpret, self.kernels, self.passes, self.inline, self.deterministic, self.quantize,
-                     self.expert_parallel))
+                     self.expert_parallel, self.micro_batches))

@@ -21,6 +21,7 @@ A rank that dies or never joins ends in the process group's timeout error, not a
 from __future__ import annotations
 
 import datetime
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -95,6 +96,17 @@ def expert_counts() -> dict[int, torch.Tensor]:
     """Per sharded layer (by key, in compile order): the (token, slot) pairs each of this rank's experts computed
     in the layer's last call. For load-balance monitoring; reading a value synchronizes with the device."""
     return dict(_counts)
+
+
+def log_counts(key: int) -> None:
+    """With the ``deepfuse`` logger at DEBUG (``DEEPFUSE_LOG=debug``): one line per call of a sharded layer with
+    its local experts' pair counts. Reading them synchronizes with the device, so only then."""
+    from deepfuse.log import log
+
+    if log.isEnabledFor(logging.DEBUG) and key in _counts:
+        shard = _registry[key][2]
+        log.debug("expert parallel: layer %d, rank %d/%d, pairs per expert %d..%d: %s", key, shard.rank, shard.world,
+                  shard.first, shard.first + shard.local - 1, _counts[key].tolist())
 
 
 def counts_buffer(key: int) -> torch.Tensor:

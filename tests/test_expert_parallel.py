@@ -2,6 +2,7 @@
 experts, and the output equals the single-process MoE on the same weights and tokens (uneven token counts per
 rank, a rank with no tokens, every token routed to one rank's experts); a rank that never joins is an error
 within the timeout, not a hang."""
+import logging
 import os
 import socket
 import time
@@ -133,6 +134,11 @@ def _model_worker(rank, world, port, impl, results):
         model = DeepSeekForCausalLM.from_config(cfg, seed=11)  # the same weights on every rank
         ids = torch.randint(0, cfg.vocab_size, (1, 3 + 4 * rank), generator=torch.Generator().manual_seed(rank))
         experts = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+        logged = []
+        handler = logging.Handler()
+        handler.emit = lambda record: logged.append(record.getMessage())
+        logging.getLogger("deepfuse").addHandler(handler)
+        logging.getLogger("deepfuse").setLevel(logging.DEBUG)
         with torch.no_grad():
             ref = model(ids)
             report = deepfuse.Report()
@@ -142,17 +148,24 @@ def _model_worker(rank, world, port, impl, results):
         err = ((out - ref).norm() / ref.norm()).item()
         freed = all(e.gate_up_proj.untyped_storage().nbytes() == 0 for e in experts)
         counts = {k: v.tolist() for k, v in ep.expert_counts().items()}
-        results[rank] = (err, [m.op for m in rows], [m.params.get("expert_parallel") for m in rows], freed, counts)
+        logged = [line for line in logged if line.startswith("expert parallel: layer")]
+        results[rank] = (err, [m.op for m in rows], [m.params.get("expert_parallel") for m in rows], freed, counts,
+                         [m.params.get("micro_batches", 1) for m in rows], logged)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("impl", [{"kernels": "reference"}, {"interpret": True}], ids=["reference", "interpret"])
+@pytest.mark.parametrize("impl", [{"kernels": "reference"}, {"interpret": True},
+                                  {"kernels": "reference", "micro_batches": 2}],
+                         ids=["reference", "interpret", "reference-2-micro-batches"])
 def test_compiled_model_with_expert_parallel_option(impl):
+    """Also: the micro_batches option reaches every layer's op, and DEEPFUSE_LOG=debug logs each layer's counts."""
     results = mp.Manager().dict()
     mp.spawn(_model_worker, args=(2, _free_port(), impl, results), nprocs=2, join=True)
-    for rank, (err, ops, shards, freed, counts) in sorted(results.items()):
+    for rank, (err, ops, shards, freed, counts, micro, logged) in sorted(results.items()):
         assert err < 1e-5, (rank, err)
+        assert micro == [impl.get("micro_batches", 1)] * len(ops), micro
+        assert len(logged) == len(ops) and all(f"rank {rank}/2" in line for line in logged), logged
         assert ops and all(op == "deepfuse::moe_experts_ep" for op in ops), ops
         assert all(s == f"rank {rank}/2: experts {4 * rank}..{4 * rank + 3}" for s in shards), shards
         assert freed  # the full expert weights are gone from every rank
