@@ -80,8 +80,9 @@ def median_ms(fn, iters: int, warmup: int = 3) -> float:
     return ms.item()
 
 
-def nccl_share(fn, steps: int = 5) -> float:
-    """Summed device time of NCCL kernels over the wall time of ``steps`` calls (torch.profiler, this rank)."""
+def nccl_share(fn, steps: int = 5, table: str = "") -> float:
+    """The time some NCCL kernel runs (union of their spans) over the wall time of ``steps`` calls (torch.profiler,
+    this rank). NCCL kernels include their wait for the peer, so this is the time the exchange occupies."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -95,12 +96,19 @@ def nccl_share(fn, steps: int = 5) -> float:
         end.record()
         end.synchronize()
     wall_us = start.elapsed_time(end) * 1e3
-    nccl_us = sum(e.time_range.elapsed_us() for e in prof.events()
-                  if e.device_type == DeviceType.CUDA and "nccl" in e.name.lower())
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and "nccl" in e.name.lower())
+    nccl_us, reach = 0.0, float("-inf")  # the union of the spans: concurrent NCCL kernels count once
+    for lo, hi in spans:
+        nccl_us += max(0.0, hi - max(lo, reach))
+        reach = max(reach, hi)
+    if table:  # where the host and device time of these steps went, for whoever speeds this up
+        with open(table, "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     return nccl_us / wall_us
 
 
-def bench(kind: str, tokens: list[int], layers: int, micro_batches: list[int], iters: int) -> list[dict]:
+def bench(kind: str, tokens: list[int], layers: int, micro_batches: list[int], iters: int, out_dir: str) -> list[dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     single, cfg = build(kind, layers)
     sharded, _ = build(kind, layers)
@@ -128,10 +136,12 @@ def bench(kind: str, tokens: list[int], layers: int, micro_batches: list[int], i
                 out = compiled(x)
                 err = ((out.float() - refs[t].float()).norm() / refs[t].float().norm()).item()
                 ms = median_ms(lambda: compiled(x), iters)
+                table = os.path.join(out_dir, f"ep_profile_{kind}_T{t}_mb{m}.txt") if rank == 0 and t == min(tokens) \
+                    and m == micro_batches[0] else ""
                 rows.append({"workload": kind, "T_per_gpu": t, "impl": f"deepfuse EP, {m} micro-batch(es)",
                              "gpus": world, "ms": ms, "tokens_per_s": world * t / ms * 1e3,
-                             "expert_bytes_per_gpu": expert_bytes(sharded), "nccl_share": nccl_share(lambda: compiled(x)),
-                             "rel_err": err})
+                             "expert_bytes_per_gpu": expert_bytes(sharded),
+                             "nccl_share": nccl_share(lambda: compiled(x), table=table), "rel_err": err})
                 _print(rows[-1])
     torch._dynamo.reset()
     return rows
@@ -159,6 +169,7 @@ def main():
 
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     ep.init("nccl", timeout_s=900)
+    os.makedirs(args.out, exist_ok=True)
     micro = [int(m) for m in args.micro_batches.split(",")]
     torch._dynamo.config.cache_size_limit = 64  # one entry per token count and compile, never a silent eager fallback
     if dist.get_rank() == 0:
@@ -167,11 +178,11 @@ def main():
     rows = []
     workloads = args.workloads.split(",")
     if "moe_block" in workloads:
-        rows += bench("moe_block", [int(t) for t in args.tokens.split(",")], 2, micro, args.iters)
+        rows += bench("moe_block", [int(t) for t in args.tokens.split(",")], 2, micro, args.iters, args.out)
     if "model" in workloads:
         torch.cuda.empty_cache()
         rows += bench("model", [int(t) for t in args.model_tokens.split(",")], args.layers,
-                      [int(m) for m in args.model_micro_batches.split(",")], args.iters)
+                      [int(m) for m in args.model_micro_batches.split(",")], args.iters, args.out)
     if dist.get_rank() == 0:
         env = dict(environment(), world=dist.get_world_size(), layers=args.layers)
         os.makedirs(args.out, exist_ok=True)

@@ -6,8 +6,8 @@ Layout: with E routed experts over W ranks (W must divide E), rank r owns expert
 other part of the model (router, shared experts, attention) is replicated. One MoE layer on one rank:
 
 1. each (token, slot) pair goes to rank ``expert // (E / W)``; pairs are sorted by destination rank (stable);
-2. the per-destination pair counts are exchanged (``all_to_all_single`` of W integers), then the token rows and
-   their local expert ids travel in one ``all_to_all_single`` each;
+2. the per-destination pair counts are exchanged (``all_to_all_single`` of W integers), then the token rows
+   travel in one ``all_to_all_single``, each carrying its local expert id bit-cast into extra columns;
 3. the received rows run through the local experts (routing weight 1: the weights stay with the sender);
 4. the outputs travel back on the reverse splits, return to pair order, and each token's k outputs are combined
    with its routing weights in a fixed order (fp32).
@@ -137,6 +137,12 @@ def shard_parameters(gate_up: torch.Tensor, down: torch.Tensor, gate_up_canonica
     return key, shard
 
 
+def _count(values: torch.Tensor, n: int) -> torch.Tensor:
+    """How many of ``values`` equal each of 0 .. n-1 (int64). Unlike ``torch.bincount`` on CUDA, which reads the
+    maximum back to the host, this never synchronizes: the one host synchronization stays the split sizes'."""
+    return torch.zeros(n, dtype=torch.int64, device=values.device).scatter_add_(0, values, torch.ones_like(values))
+
+
 def ep_moe_experts(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -169,32 +175,32 @@ def ep_moe_experts(
     for lo, hi in chunks:  # each chunk's pairs, sorted by the rank that owns their expert (stable)
         d = dest[lo * k: hi * k]
         order = torch.argsort(d, stable=True) + lo * k
-        plans.append((lo, hi, order, torch.bincount(d, minlength=shard.world)))
+        plans.append((lo, hi, order, _count(d, shard.world)))
     # All chunks' pair counts in one exchange: [destination rank, chunk] -> [source rank, chunk].
     send_counts = torch.stack([p[3] for p in plans], dim=1).contiguous()
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=group)
     send_splits, recv_splits = send_counts.t().tolist(), recv_counts.t().tolist()  # the one host synchronization
 
+    # Each row travels with its local expert id (int64) bit-cast into id_cols extra columns of x's dtype: one
+    # exchange per chunk and direction, not two.
+    id_cols = max(1, 8 // x.element_size())
     inflight = []  # dispatch every chunk now; each waits for its own rows only
     for (lo, hi, order, _), s_split, r_split in zip(plans, send_splits, recv_splits):
-        received = sum(r_split)
-        recv_x, recv_ids = x.new_empty((received, hidden)), flat_ids.new_empty((received,))
-        send_x = x[order // k].contiguous()
-        send_ids = (flat_ids[order] - dest[order] * shard.local).contiguous()
-        works = [dist.all_to_all_single(recv_x, send_x, r_split, s_split, group=group, async_op=True),
-                 dist.all_to_all_single(recv_ids, send_ids, r_split, s_split, group=group, async_op=True)]
-        inflight.append((recv_x, recv_ids, works, send_x, send_ids))
+        local_ids = flat_ids[order] - dest[order] * shard.local
+        send = torch.cat([x[order // k], local_ids.view(x.dtype).view(-1, id_cols)], dim=1)
+        recv = x.new_empty((sum(r_split), hidden + id_cols))
+        work = dist.all_to_all_single(recv, send, r_split, s_split, group=group, async_op=True)
+        inflight.append((recv, work, send))
     back = x.new_empty((t * k, hidden))
     returning = []
     if counts_out is not None:
         counts_out.zero_()
-    for (lo, hi, order, _), s_split, r_split, (recv_x, recv_ids, works, *_) in zip(plans, send_splits, recv_splits,
-                                                                                   inflight):
-        for w in works:
-            w.wait()
+    for (lo, hi, order, _), s_split, r_split, (recv, work, _) in zip(plans, send_splits, recv_splits, inflight):
+        work.wait()
+        recv_x, recv_ids = recv[:, :hidden], recv[:, hidden:].contiguous().view(torch.int64).view(-1)
         if counts_out is not None:
-            counts_out.add_(torch.bincount(recv_ids, minlength=shard.local)[: shard.local])
+            counts_out.add_(_count(recv_ids, shard.local))
         ones = torch.ones((recv_x.shape[0], 1), dtype=topk_weights.dtype, device=x.device)
         local_out = experts_fn(recv_x, recv_ids[:, None], ones, w_gate_up_local, w_down_local).to(x.dtype)
         chunk_back = x.new_empty(((hi - lo) * k, hidden))

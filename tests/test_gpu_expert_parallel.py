@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import fp64_errors  # noqa: E402
 from test_expert_parallel import _free_port  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
@@ -69,14 +70,14 @@ def _model_worker(rank, world, port, results):
         ids = torch.randint(0, cfg.vocab_size, (2, 17 + 40 * rank), device="cuda")
         report = deepfuse.Report()
         with torch.no_grad():
-            ref = torch.compile(single, backend="deepfuse")(ids)
+            one_gpu = torch.compile(single, backend="deepfuse")(ids)
             with deepfuse.collect(report):
                 out = torch.compile(sharded, backend="deepfuse", options={"expert_parallel": True})(ids)
         rows = [m for m in report.matches if m.family == "moe"]
-        err = ((out - ref).norm() / ref.norm()).item()
+        err, one_gpu_err = fp64_errors(single, ids, out)[0], fp64_errors(single, ids, one_gpu)[0]
         freed = all(layer.mlp.experts.gate_up_proj.untyped_storage().nbytes() == 0
                     for layer in sharded.model.layers if hasattr(layer.mlp, "experts"))
-        results[rank] = (err, [(m.op, m.impl) for m in rows], freed)
+        results[rank] = (err, one_gpu_err, [(m.op, m.impl) for m in rows], freed)
     finally:
         dist.destroy_process_group()
 
@@ -85,7 +86,9 @@ def test_bundled_model_with_expert_parallel_option_on_two_gpus():
     results = mp.Manager().dict()
     mp.spawn(_model_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     assert sorted(results) == [0, 1]
-    for rank, (err, rows, freed) in results.items():
+    for rank, (err, one_gpu_err, rows, freed) in results.items():
         assert rows and all(r == ("deepfuse::moe_experts_ep", "triton") for r in rows), rows
         assert freed
-        assert err < 3e-2, (rank, err)  # bf16 logits; the two compiles differ in summation order only
+        # Against float64: bf16 logits of a random tiny model are a few percent off, and the two compiles sum
+        # in different orders, which can flip a near-tie routing choice (once 0.038 apart from each other).
+        assert err < max(1.5 * one_gpu_err, 2e-2), (rank, err, one_gpu_err)
