@@ -368,15 +368,23 @@ class DeepSeekForCausalLM(nn.Module):
         self.model = DeepSeekModel(config, attn_impl)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: Optional[LatentKVCache] = None):
-        """Logits [B, S, vocab] (fp32) for tokens at positions start_pos .. start_pos + S - 1."""
+    def forward(self, input_ids: torch.Tensor, start_pos=0, cache: Optional[LatentKVCache] = None):
+        """Logits [B, S, vocab] (fp32) for tokens at positions start_pos .. start_pos + S - 1.
+
+        ``start_pos`` a Python int: attention over the cache's filled prefix. ``start_pos`` a 0-d int64 tensor
+        (with a cache): attention over the whole preallocated cache, the keys past each query masked, so every
+        decode step has the same shapes whatever the context (see ``LatentKVCache``; what CUDA graphs need)."""
         bsz, seqlen = input_ids.shape
-        positions = torch.arange(start_pos, start_pos + seqlen, device=input_ids.device)
+        device = input_ids.device
+        static = isinstance(start_pos, torch.Tensor)
+        if static and cache is None:
+            raise ValueError("a tensor start_pos addresses a preallocated cache: pass cache=model.new_cache(...)")
+        positions = start_pos + torch.arange(seqlen, device=device)
         cos, sin = rope_cos_sin(self.config, positions)
         mask = None
-        if seqlen > 1:  # query i sees keys 0 .. start_pos + i
-            keys = torch.arange(start_pos + seqlen, device=input_ids.device)
-            mask = torch.zeros(seqlen, start_pos + seqlen, device=input_ids.device)
+        if static or seqlen > 1:  # query i sees keys 0 .. start_pos + i
+            keys = torch.arange(cache.max_len if static else start_pos + seqlen, device=device)
+            mask = torch.zeros(seqlen, keys.shape[0], device=device)
             mask = mask.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
@@ -428,20 +436,26 @@ def generate(
     top_k: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     forward=None,
+    static_cache: bool = False,
 ) -> torch.Tensor:
     """Greedy (temperature 0) or sampled generation over the latent cache; returns [B, max_new_tokens].
 
-    ``forward`` is what runs each step (default: the model itself; pass a torch.compile'd model)."""
+    ``forward`` is what runs each step (default: the model itself; pass a torch.compile'd model).
+    ``static_cache``: positions go in as device tensors and every step attends over the whole preallocated cache
+    (masked), so all decode steps share one compiled graph and one CUDA graph; use it with
+    ``mode="reduce-overhead"``."""
     forward = model if forward is None else forward
     bsz, plen = prompt.shape
     cache = model.new_cache(bsz, plen + max_new_tokens)
-    logits = forward(prompt, 0, cache)[:, -1]
+    position = torch.tensor(0, device=prompt.device) if static_cache else 0
+    logits = forward(prompt, position, cache)[:, -1]
     out = []
     for i in range(max_new_tokens):
         token = _sample(logits, temperature, top_k, generator)
         out.append(token)
         if i + 1 < max_new_tokens:
-            logits = forward(token[:, None], plen + i, cache)[:, -1]
+            position = position + (plen if i == 0 else 1) if static_cache else plen + i
+            logits = forward(token[:, None], position, cache)[:, -1]
     return torch.stack(out, dim=1)
 
 

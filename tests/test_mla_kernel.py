@@ -67,6 +67,19 @@ def test_absorbed_and_expanded_agree_on_one_query_many_splits():
     assert rel_err(a, e) < 1e-5
 
 
+def test_decode_never_reads_the_blocks_its_mask_hides():
+    """A static cache's decode step: 300 positions allocated, 41 written, the rest masked. The unwritten tail
+    (every 16-key block past position 47) holds NaN: a kernel that read it would return NaN."""
+    b, t, filled = 2, 300, 41
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(b, 1, t, 4, 16, 8, 16, 32, torch.float32)
+    ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv[:, :filled], k_pe[:, :filled], w)), 0.3, False)
+    c_kv[:, 48:], k_pe[:, 48:] = float("nan"), float("nan")
+    mask = torch.zeros(1, t).masked_fill(torch.arange(t)[None, :] >= filled, float("-inf"))
+    out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.3, False, mask, path="absorbed", interpret=True,
+                            config={"BLOCK_H": 16, "BLOCK_T": 16})
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_bad_shapes_are_clear_errors():
     q_nope, q_pe, c_kv, k_pe, w = _inputs(1, 1, 4, 2, 16, 8, 16, 32, torch.float32)
     with pytest.raises(ValueError, match="rope width"):

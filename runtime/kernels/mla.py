@@ -74,23 +74,28 @@ def mla_decode_partial_kernel(
     for t0 in range(t_lo, t_hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < t_hi
-        kv = tl.load(KV + b * stride_kvb + offs_t[:, None] * stride_kvt + offs_c[None, :],
-                     mask=t_ok[:, None] & (offs_c[None, :] < C), other=0.0)
-        k_pe = tl.load(KPe + b * stride_kpb + offs_t[:, None] * stride_kpt + offs_r[None, :],
-                       mask=t_ok[:, None] & (offs_r[None, :] < R), other=0.0)
-        scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
-        scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
-        if HAS_MASK:
-            scores += tl.load(Mask + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
-                              + offs_t[None, :] * stride_mt, mask=h_ok[:, None] & t_ok[None, :], other=0.0)
-        scores = tl.where(t_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
-        m_i = m_new
+        live = True
+        if HAS_MASK:  # a block the mask hides entirely (a static cache's unwritten tail) is never read
+            madd = tl.load(Mask + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
+                           + offs_t[None, :] * stride_mt, mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
+            live = tl.max(tl.max(madd, axis=1), axis=0) > float("-inf")
+        if live:
+            kv = tl.load(KV + b * stride_kvb + offs_t[:, None] * stride_kvt + offs_c[None, :],
+                         mask=t_ok[:, None] & (offs_c[None, :] < C), other=0.0)
+            k_pe = tl.load(KPe + b * stride_kpb + offs_t[:, None] * stride_kpt + offs_r[None, :],
+                           mask=t_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+            scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
+            scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
+            if HAS_MASK:
+                scores += madd
+            scores = tl.where(t_ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
+            m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
     row = pid_bs.to(tl.int64) * H + heads

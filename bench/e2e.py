@@ -1,0 +1,274 @@
+"""End to end: the bundled DeepSeek-V2-Lite (27 layers, 15.7B parameters, random weights, bf16) compiled by
+deepfuse, beside the bundled model in eager and Hugging Face transformers' DeepseekV2ForCausalLM (grouped_mm
+experts) in eager and under torch.compile's default, on the same prompt, in one process on one GPU.
+
+    python bench/e2e.py --out DIR [--layers 27] [--prefill 2048] [--context 2048] [--batches 1,32]
+                        [--impls bundled,deepfuse,hf,hf_inductor]
+
+Measured (CUDA events, median; every call launched from Python as a user would):
+- prefill of one sequence of --prefill tokens;
+- one decode step of batch 1 at a context of --context tokens (ms per token), and of each batch in --batches
+  (tokens/s). For decode timing the cache holds random latents up to the context (what is in it does not
+  change the work); the step writes position `context` and attends over everything before it;
+- deepfuse: compiled whole with mode="reduce-overhead" over the static latent cache (positions as device
+  tensors: one decode graph for every context length, replayed as one CUDA graph per step). Its compile time
+  is the wall time of the first prefill plus the first decode calls (tracing, passes, kernel generation,
+  autotuning, Inductor, CUDA-graph recording), cold unless the caches of an earlier run exist;
+- greedy generation of --gen-tokens tokens after the prompt, deepfuse against the bundled model in eager bf16:
+  how many tokens agree before the first divergence (bf16 under a different fusion order can flip near-ties).
+Floors: decode, the bytes one step must read (weights it touches and the latent cache) over the measured HBM
+bandwidth; prefill, its matmul and attention FLOPs over the measured bf16 matmul rate. Writes e2e_results.json
+and e2e.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from run import environment, hbm_bandwidth, matmul_peak  # noqa: E402
+
+
+def median_ms(fn, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def fill_cache(cache, context: int) -> None:
+    """Random latents in positions 0 .. context-1 (normalized c_kv and roped k_pe are O(1))."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    cache.kv[:, :, :context].normal_(generator=gen)
+    cache.pe[:, :, :context].normal_(generator=gen)
+
+
+def decode_bytes(cfg, params: dict, batch: int, context: int) -> float:
+    """Bytes one decode step reads at least: every weight but the routed experts and the embedding table, the
+    routed experts the batch's tokens are expected to touch (uniform routing), and the latent cache."""
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    touched = e * (1 - (1 - k / e) ** batch)
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    cache = batch * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers
+    return params["dense_bytes"] + moe_layers * touched * expert + cache
+
+
+def prefill_flops(cfg, params: dict, tokens: int) -> float:
+    """Matmul FLOPs of a causal prefill: 2 * active weights per token, plus attention (expanded keys, causal)."""
+    from deepfuse.runtime.kernels import mla
+
+    attn = mla.flops(1, tokens, tokens, cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                     cfg.v_head_dim, True) * cfg.num_hidden_layers
+    return 2 * tokens * params["active_per_token"] + attn
+
+
+def weight_figures(model, cfg) -> dict:
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    routed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    embed = model.model.embed_tokens.weight
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    dense_params = (total - routed - embed.numel() * embed.element_size()) // 2
+    return {"dense_bytes": total - routed - embed.numel() * embed.element_size(),
+            "active_per_token": dense_params + moe_layers * cfg.num_experts_per_tok * expert_params}
+
+
+def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
+    import deepfuse
+    from deepfuse.models import DeepSeekForCausalLM
+    from deepfuse.models.model import generate
+
+    model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    figures = weight_figures(model, cfg)
+    p, ctx = args.prefill, args.context
+    prompt = torch.randint(0, cfg.vocab_size, (1, p), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    prefill_floor = prefill_flops(cfg, figures, p) / peak * 1e3
+
+    def row(impl, what, batch, ms, floor_ms):
+        rows.append({"impl": impl, "what": what, "batch": batch, "ms": ms, "floor_ms": floor_ms,
+                     "x_floor": ms / floor_ms, "tokens_per_s": batch / ms * 1e3 if what == "decode" else p / ms * 1e3})
+        print(f"{impl:<22}{what:<9}{batch:>6}{ms:>11.3f}{floor_ms:>10.3f}{ms / floor_ms:>8.2f}"
+              f"{rows[-1]['tokens_per_s']:>12.0f}", flush=True)
+
+    max_len = max(p, ctx) + args.gen_tokens
+    with torch.no_grad():
+        if "bundled" in args.impls:
+            cache = model.new_cache(1, max_len)
+            row("bundled eager", "prefill", 1, median_ms(lambda: model(prompt, 0, cache), 5), prefill_floor)
+            for b in args.batches:
+                cache = model.new_cache(b, max_len)
+                fill_cache(cache, ctx)
+                tok = torch.randint(0, cfg.vocab_size, (b, 1), device="cuda")
+                row("bundled eager", "decode", b, median_ms(lambda: model(tok, ctx, cache), 10),
+                    decode_bytes(cfg, figures, b, ctx) / bandwidth * 1e3)
+        if "deepfuse" in args.impls:
+            compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead")
+            cache = model.new_cache(1, max_len)
+            report = deepfuse.Report()
+            with deepfuse.collect(report):  # (collecting turns Inductor's FX graph cache off: a cold compile)
+                start = time.perf_counter()
+                compiled(prompt, torch.tensor(0, device="cuda"), cache)
+                torch.cuda.synchronize()
+                t_prefill = time.perf_counter() - start
+                tok = torch.randint(0, cfg.vocab_size, (1, 1), device="cuda")
+                pos = torch.tensor(ctx, device="cuda")
+                start = time.perf_counter()
+                for _ in range(3):  # compile, then CUDA-graph warm-up and recording
+                    compiled(tok, pos, cache)
+                torch.cuda.synchronize()
+                t_decode = time.perf_counter() - start
+            families = {}
+            for m in report.matches:
+                families[m.family] = families.get(m.family, 0) + 1
+            notes["deepfuse_matches"] = families
+            notes["deepfuse_declined"] = [f"{d.family}: {d.reason}" for d in report.declined]
+            notes["deepfuse_compile_s"] = {"prefill": t_prefill, "decode": t_decode, "total": t_prefill + t_decode}
+            print(f"deepfuse compile: prefill {t_prefill:.1f} s, decode {t_decode:.1f} s", flush=True)
+            row("deepfuse", "prefill", 1, median_ms(lambda: compiled(prompt, torch.tensor(0, device="cuda"), cache), 5),
+                prefill_floor)
+            for b in args.batches:
+                cache = model.new_cache(b, max_len)
+                fill_cache(cache, ctx)
+                tok = torch.randint(0, cfg.vocab_size, (b, 1), device="cuda")
+                row("deepfuse", "decode", b, median_ms(lambda: compiled(tok, pos, cache), 30, warmup=3),
+                    decode_bytes(cfg, figures, b, ctx) / bandwidth * 1e3)
+            if args.gen_tokens:
+                eager_tokens = generate(model, prompt, args.gen_tokens)
+                fused = generate(model, prompt, args.gen_tokens, forward=compiled, static_cache=True)
+                same = (eager_tokens == fused)[0].int()
+                agree = int(same.cumprod(0).sum())
+                notes["greedy"] = {"tokens": args.gen_tokens, "equal_before_first_divergence": agree,
+                                   "equal_in_all": int(same.sum())}
+                print(f"greedy {args.gen_tokens} tokens: deepfuse equals eager bf16 for the first {agree} "
+                      f"({int(same.sum())} equal in all)", flush=True)
+    notes["weights"] = figures
+    return figures, prefill_floor
+
+
+def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
+    import transformers
+
+    hc = transformers.DeepseekV2Config(**{k: v for k, v in cfg.to_dict().items() if k != "quantization_config"})
+    hc._experts_implementation = "grouped_mm"
+    with torch.device("meta"):
+        hf = transformers.DeepseekV2ForCausalLM(hc)
+    hf = hf.to_empty(device="cuda").to(torch.bfloat16).eval()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, cfg.initializer_range, generator=gen)
+    p, ctx = args.prefill, args.context
+    prompt = torch.randint(0, cfg.vocab_size, (1, p), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+
+    def row(impl, what, batch, ms, floor_ms):
+        rows.append({"impl": impl, "what": what, "batch": batch, "ms": ms, "floor_ms": floor_ms,
+                     "x_floor": ms / floor_ms, "tokens_per_s": batch / ms * 1e3 if what == "decode" else p / ms * 1e3})
+        print(f"{impl:<22}{what:<9}{batch:>6}{ms:>11.3f}{floor_ms:>10.3f}{ms / floor_ms:>8.2f}"
+              f"{rows[-1]['tokens_per_s']:>12.0f}", flush=True)
+
+    with torch.no_grad():
+        if "hf" in args.impls:
+            row("hf eager", "prefill", 1, median_ms(lambda: hf(prompt, use_cache=False).logits, 5), prefill_floor)
+            ctx_ids = torch.randint(0, cfg.vocab_size, (1, ctx), device="cuda")
+            past = hf(ctx_ids, use_cache=True).past_key_values
+            tok = torch.randint(0, cfg.vocab_size, (1, 1), device="cuda")
+
+            def step():  # the cache grows by one position per call: a context of ctx .. ctx + 12
+                hf(tok, past_key_values=past, use_cache=True)
+
+            row("hf eager", "decode", 1, median_ms(step, 10),
+                decode_bytes(cfg, figures, 1, ctx) / bandwidth * 1e3)
+        if "hf_inductor" in args.impls:
+            compiled = torch.compile(hf)
+            start = time.perf_counter()
+            compiled(prompt, use_cache=False)
+            torch.cuda.synchronize()
+            print(f"hf+inductor compile (prefill): {time.perf_counter() - start:.1f} s", flush=True)
+            row("hf+inductor", "prefill", 1, median_ms(lambda: compiled(prompt, use_cache=False).logits, 5),
+                prefill_floor)
+
+
+def chart(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r["what"], r["batch"]) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        xs, ys = [], []
+        for j, (what, batch) in enumerate(cases):
+            hit = [r for r in rows if r["impl"] == impl and (r["what"], r["batch"]) == (what, batch)]
+            if hit:
+                xs.append(j + i * width)
+                ys.append(hit[0]["x_floor"])
+        ax.bar(xs, ys, width, label=impl)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(cases))],
+                  [f"{w} B={b}" if w == "decode" else w for w, b in cases])
+    ax.set_ylabel("time / physical floor (log; lower is better)")
+    ax.set_title(f"DeepSeek-V2-Lite end to end, bf16 ({torch.cuda.get_device_name()})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--layers", type=int, default=27)
+    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--impls", default="bundled,deepfuse,hf,hf_inductor")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.impls = args.impls.split(",")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/e2e.py measures the GPU: it needs CUDA")
+    from deepfuse.models import get_config
+
+    os.makedirs(args.out, exist_ok=True)
+    cfg = get_config("v2-lite", num_hidden_layers=args.layers)
+    bandwidth, peak = hbm_bandwidth(), matmul_peak()
+    print(f"{'impl':<22}{'what':<9}{'batch':>6}{'ms':>11}{'floor':>10}{'x floor':>8}{'tokens/s':>12}", flush=True)
+    rows, notes = [], {}
+    figures, prefill_floor = bench_bundled(args, cfg, bandwidth, peak, rows, notes)
+    torch._dynamo.reset()  # drops the compiled model and its CUDA graphs before the HF model is built
+    gc.collect()
+    torch.cuda.empty_cache()
+    if any(i.startswith("hf") for i in args.impls):
+        bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows)
+    env = dict(environment(), hbm_copy_tbps=bandwidth / 1e12, bf16_matmul_tflops=peak / 1e12, layers=args.layers)
+    with open(os.path.join(args.out, "e2e_results.json"), "w") as f:
+        json.dump({"environment": env, "notes": notes, "results": rows}, f, indent=1)
+    chart(rows, os.path.join(args.out, "e2e.png"))
+    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  "
+          f"HBM {env['hbm_copy_tbps']:.2f} TB/s  bf16 {env['bf16_matmul_tflops']:.0f} TFLOP/s  {json.dumps(notes)}")
+
+
+if __name__ == "__main__":
+    main()

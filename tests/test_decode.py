@@ -1,0 +1,55 @@
+"""Decode over a static latent cache (positions as device tensors, the whole preallocated cache attended with a
+mask): the same logits as the growing-prefix form, and under deepfuse one compiled graph for every decode step
+of a 64-token greedy generation, whose tokens equal eager float32's."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import deepfuse
+from conftest import rel_err
+from deepfuse.models import DeepSeekForCausalLM, get_config
+from deepfuse.models.model import generate
+
+
+def _model(seed=None):
+    cfg = get_config("tiny")
+    return DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())) if seed is None else seed), cfg
+
+
+def test_static_cache_steps_equal_prefix_steps():
+    model, cfg = _model()
+    prompt = torch.randint(0, cfg.vocab_size, (3, 9))
+    steps = torch.randint(0, cfg.vocab_size, (3, 5))
+    prefix, static = model.new_cache(3, 20), model.new_cache(3, 20)
+    with torch.no_grad():
+        outs = [(model(prompt, 0, prefix), model(prompt, torch.tensor(0), static))]
+        for i in range(steps.shape[1]):
+            outs.append((model(steps[:, i:i + 1], 9 + i, prefix), model(steps[:, i:i + 1], torch.tensor(9 + i), static)))
+    for a, b in outs:
+        assert rel_err(b, a) < 1e-5
+    assert rel_err(static.kv[:, :, :14], prefix.kv[:, :, :14]) < 1e-5  # later layers: rounding of the wider softmax
+    assert static.kv[:, :, 14:].abs().sum() == 0  # nothing written past the last position
+
+
+def test_compiled_greedy_generation_is_one_decode_graph_and_equals_eager():
+    """64 greedy tokens through the generated kernels (Triton's interpreter): the tokens eager float32 picks, and
+    two graphs in all (prefill, and one decode step for every context length)."""
+    model, cfg = _model()
+    prompt = torch.randint(0, cfg.vocab_size, (2, 7))
+    torch._dynamo.reset()
+    counters.clear()
+    report = deepfuse.Report()
+    with torch.no_grad(), deepfuse.collect(report):
+        expected = generate(model, prompt, 64)
+        compiled = torch.compile(model, backend="deepfuse", options={"interpret": True})
+        tokens = generate(model, prompt, 64, forward=compiled, static_cache=True)
+    assert torch.equal(tokens, expected)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    mla = [m for m in report.matches if m.family == "mla"]
+    assert len(mla) == 2 * cfg.num_hidden_layers and all(m.params["mask"] for m in mla), str(report)
+
+
+def test_tensor_position_needs_a_cache():
+    model, cfg = _model(seed=0)
+    with pytest.raises(ValueError, match="preallocated cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), torch.tensor(3))
