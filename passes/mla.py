@@ -209,11 +209,11 @@ def _scores_from_bmm(n: fx.Node, depth: int = 16) -> bool:
                 if a in seen:
                     continue
                 seen.add(a)
-                if a.target == aten.bmm.default:
-                    if not _has_weight_operand(a):
+                if a.target in (aten.bmm.default, aten.mm.default):
+                    if not _has_weight_operand(a):  # two activations (a bmm of batch 1 becomes an mm on GPUs)
                         return True
                     continue
-                if a.target in (aten.mm.default, aten.addmm.default):
+                if a.target == aten.addmm.default:
                     continue
                 nxt.append(a)
         frontier = nxt
@@ -302,7 +302,8 @@ def _region_for(graph, anchor, out, w, c_kv, order):
                     continue
                 pulls = ((a.target in LAYOUT and not _selects(a)) or _data_free(a)
                          or (a.target in SCALINGS and _scalar_operand(a) is not None)
-                         or (a.target == aten.bmm.default and not _has_weight_operand(a)))  # q_pe . k_pe
+                         or (a.target in (aten.bmm.default, aten.mm.default)
+                             and not _has_weight_operand(a)))  # q_pe . k_pe
                 if pulls and all(u in region for u in a.users):
                     region.add(a)
                     grew = True

@@ -58,8 +58,8 @@ def test_bundled_model_mla_on_gpu_with_cuda_graphs(attn_impl):
     exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     ids = torch.randint(0, cfg.vocab_size, (3, 40), device="cuda")
 
-    def run(m, cache):
-        return [m(ids, 0, cache)] + [m(ids[:, i:i + 1], 40 + i, cache) for i in range(3)]
+    def run(m, cache):  # (CUDA graphs reuse their output buffers: each step's logits are copied out)
+        return [m(ids, 0, cache).clone()] + [m(ids[:, i:i + 1], 40 + i, cache).clone() for i in range(3)]
 
     report = deepfuse.Report()
     with torch.no_grad(), deepfuse.collect(report):

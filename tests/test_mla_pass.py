@@ -47,6 +47,30 @@ def test_bundled_model_prefill_and_decode(attn_impl, config, options):
         assert m.module.endswith("self_attn")
 
 
+@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+def test_batch_of_one_as_inductor_rewrites_it_on_gpus(attn_impl, monkeypatch):
+    """At batch 1 on a GPU, Inductor's joint-graph pass turns every bmm of batch 1 into an mm (squeeze, mm,
+    unsqueeze) before deepfuse sees the graph: the score and output products of one sequence are then plain
+    mms of two activations. The pass is made to apply on CPU here (it checks for the GPU's device type), so
+    the graph is the one a GPU compile sees: prefill and a static-cache decode step, both matched."""
+    from torch._inductor.fx_passes import joint_graph
+
+    monkeypatch.setattr(joint_graph, "get_gpu_type", lambda: "cpu")
+    cfg = get_config("v2-tiny")
+    model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())), attn_impl=attn_impl)
+    ids = torch.randint(0, cfg.vocab_size, (1, 7))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref_cache, cache = model.new_cache(1, 12), model.new_cache(1, 12)
+        ref = [model(ids, 0, ref_cache), model(ids[:, :1], 7, ref_cache)]
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            compiled = torch.compile(model, backend="deepfuse", options={"passes": ["mla"]})
+            out = [compiled(ids, torch.tensor(0), cache), compiled(ids[:, :1], torch.tensor(7), cache)]
+    assert all(rel_err(o, r) < 1e-4 for o, r in zip(out, ref))
+    assert len(_mla_matches(report)) == 2 * cfg.num_hidden_layers, str(report)
+
+
 HF_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
                  qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
