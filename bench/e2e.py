@@ -12,8 +12,9 @@ Measured (CUDA events, median; every call launched from Python as a user would):
   change the work); the step writes position `context` and attends over everything before it;
 - deepfuse: compiled whole with mode="reduce-overhead" over the static latent cache (positions as device
   tensors: one decode graph for every context length, replayed as one CUDA graph per step). Its compile time
-  is the wall time of the first prefill plus the first decode calls (tracing, passes, kernel generation,
-  autotuning, Inductor, CUDA-graph recording), cold unless the caches of an earlier run exist;
+  is the wall time of the first prefill call, and of the first three decode calls of each batch size
+  (tracing, passes, kernel generation, autotuning, Inductor, CUDA-graph recording); cold unless the caches of
+  an earlier run exist;
 - greedy generation of --gen-tokens tokens after the prompt, deepfuse against the bundled model in eager bf16:
   how many tokens agree before the first divergence (bf16 under a different fusion order can flip near-ties).
 Floors: decode, the bytes one step must read (weights it touches and the latent cache) over the measured HBM
@@ -117,37 +118,40 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 row("bundled eager", "decode", b, median_ms(lambda: model(tok, ctx, cache), 10),
                     decode_bytes(cfg, figures, b, ctx) / bandwidth * 1e3)
         if "deepfuse" in args.impls:
-            compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead")
-            cache = model.new_cache(1, max_len)
-            report = deepfuse.Report()
-            with deepfuse.collect(report):  # (collecting turns Inductor's FX graph cache off: a cold compile)
-                start = time.perf_counter()
-                compiled(prompt, torch.tensor(0, device="cuda"), cache)
-                torch.cuda.synchronize()
-                t_prefill = time.perf_counter() - start
-                tok = torch.randint(0, cfg.vocab_size, (1, 1), device="cuda")
-                pos = torch.tensor(ctx, device="cuda")
-                start = time.perf_counter()
-                for _ in range(3):  # compile, then CUDA-graph warm-up and recording
-                    compiled(tok, pos, cache)
-                torch.cuda.synchronize()
-                t_decode = time.perf_counter() - start
-            families = {}
-            for m in report.matches:
-                families[m.family] = families.get(m.family, 0) + 1
-            notes["deepfuse_matches"] = families
-            notes["deepfuse_declined"] = [f"{d.family}: {d.reason}" for d in report.declined]
-            notes["deepfuse_compile_s"] = {"prefill": t_prefill, "decode": t_decode, "total": t_prefill + t_decode}
-            print(f"deepfuse compile: prefill {t_prefill:.1f} s, decode {t_decode:.1f} s", flush=True)
-            row("deepfuse", "prefill", 1, median_ms(lambda: compiled(prompt, torch.tensor(0, device="cuda"), cache), 5),
-                prefill_floor)
-            for b in args.batches:
+            # dynamic=False: one graph per batch size (each its own CUDA graph); the context never changes a shape
+            compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead", dynamic=False)
+            pos = torch.tensor(ctx, device="cuda")
+            report, families = deepfuse.Report(), {}
+            if not args.deepfuse_decode_only:
+                cache = model.new_cache(1, max_len)
+                with deepfuse.collect(report):  # (collecting turns Inductor's FX graph cache off: a cold compile)
+                    start = time.perf_counter()
+                    compiled(prompt, torch.tensor(0, device="cuda"), cache)
+                    torch.cuda.synchronize()
+                    notes["deepfuse_compile_s_prefill"] = time.perf_counter() - start
+                print(f"deepfuse compile, prefill: {notes['deepfuse_compile_s_prefill']:.1f} s", flush=True)
+                row("deepfuse", "prefill", 1,
+                    median_ms(lambda: compiled(prompt, torch.tensor(0, device="cuda"), cache), 5), prefill_floor)
+            for b in args.deepfuse_batches:
                 cache = model.new_cache(b, max_len)
                 fill_cache(cache, ctx)
                 tok = torch.randint(0, cfg.vocab_size, (b, 1), device="cuda")
+                with deepfuse.collect(report):
+                    start = time.perf_counter()
+                    for _ in range(3):  # compile, then CUDA-graph warm-up and recording
+                        compiled(tok, pos, cache)
+                    torch.cuda.synchronize()
+                    notes[f"deepfuse_compile_s_decode_b{b}"] = time.perf_counter() - start
+                families = {}
+                for m in report.matches:
+                    families[m.family] = families.get(m.family, 0) + 1
+                print(f"deepfuse compile, decode batch {b}: {notes[f'deepfuse_compile_s_decode_b{b}']:.1f} s; "
+                      f"matches so far {families}, declined {[d.reason for d in report.declined]}", flush=True)
                 row("deepfuse", "decode", b, median_ms(lambda: compiled(tok, pos, cache), 30, warmup=3),
                     decode_bytes(cfg, figures, b, ctx) / bandwidth * 1e3)
-            if args.gen_tokens:
+            notes["deepfuse_matches"] = families
+            notes["deepfuse_declined"] = [f"{d.family}: {d.reason}" for d in report.declined]
+            if args.gen_tokens and not args.deepfuse_decode_only:
                 eager_tokens = generate(model, prompt, args.gen_tokens)
                 fused = generate(model, prompt, args.gen_tokens, forward=compiled, static_cache=True)
                 same = (eager_tokens == fused)[0].int()
@@ -242,10 +246,13 @@ def main():
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--deepfuse-batches", default=None, help="decode batches for deepfuse (default: --batches)")
+    parser.add_argument("--deepfuse-decode-only", action="store_true", help="skip deepfuse's prefill and greedy check")
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--impls", default="bundled,deepfuse,hf,hf_inductor")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.deepfuse_batches = [int(b) for b in args.deepfuse_batches.split(",")] if args.deepfuse_batches else args.batches
     args.impls = args.impls.split(",")
     if not torch.cuda.is_available():
         raise SystemExit("bench/e2e.py measures the GPU: it needs CUDA")
