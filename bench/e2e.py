@@ -10,8 +10,10 @@ Measured (CUDA events, median; every call launched from Python as a user would):
 - one decode step of batch 1 at a context of --context tokens (ms per token), and of each batch in --batches
   (tokens/s). For decode timing the cache holds random latents up to the context (what is in it does not
   change the work); the step writes position `context` and attends over everything before it;
-- deepfuse: compiled whole with mode="reduce-overhead" over the static latent cache (positions as device
-  tensors: one decode graph for every context length, replayed as one CUDA graph per step). Its compile time
+- deepfuse: compiled with mode="reduce-overhead" over the static latent cache (positions as device tensors: one
+  decode graph for every context length), either whole (--compile whole: one CUDA graph per step) or block by
+  block (--compile blocks: one graph per kind of block, reused by every layer; embedding, rope, mask and head run
+  eagerly between them). Its compile time
   is the wall time of the first prefill call, and of the first three decode calls of each batch size
   (tracing, passes, kernel generation, autotuning, Inductor, CUDA-graph recording); cold unless the caches of
   an earlier run exist;
@@ -27,28 +29,13 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run import environment, hbm_bandwidth, matmul_peak  # noqa: E402
-
-
-def median_ms(fn, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from run import environment, hbm_bandwidth, matmul_peak, median_call_ms as median_ms  # noqa: E402
 
 
 def fill_cache(cache, context: int) -> None:
@@ -119,7 +106,13 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                     decode_bytes(cfg, figures, b, ctx) / bandwidth * 1e3)
         if "deepfuse" in args.impls:
             # dynamic=False: one graph per batch size (each its own CUDA graph); the context never changes a shape
-            compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead", dynamic=False)
+            if args.compile == "blocks":  # regional: one graph per kind of block (dense, MoE), reused by every layer
+                for layer in model.model.layers:
+                    layer.compile(backend="deepfuse", mode="reduce-overhead", dynamic=False)
+                compiled = model
+            else:
+                compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead", dynamic=False)
+            notes["compile"] = args.compile
             pos = torch.tensor(ctx, device="cuda")
             report, families = deepfuse.Report(), {}
             if not args.deepfuse_decode_only:
@@ -247,6 +240,8 @@ def main():
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--deepfuse-batches", default=None, help="decode batches for deepfuse (default: --batches)")
+    parser.add_argument("--compile", choices=("whole", "blocks"), default="whole",
+                        help="deepfuse: the whole model as one graph, or each decoder block (regional)")
     parser.add_argument("--deepfuse-decode-only", action="store_true", help="skip deepfuse's prefill and greedy check")
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--impls", default="bundled,deepfuse,hf,hf_inductor")

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run import environment  # noqa: E402  (bench/run.py: device, versions, commit, command)
+from run import environment, median_call_ms  # noqa: E402  (bench/run.py)
 
 
 def build(kind: str, layers: int):
@@ -61,21 +60,13 @@ def expert_bytes(module) -> int:
     return held + sum(ep._registry[k][0].nbytes + ep._registry[k][1].nbytes for k in keys)
 
 
-def median_ms(fn, iters: int, warmup: int = 3) -> float:
-    """This rank's median ms of one call, every rank calling in lockstep; returns the slowest rank's median."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
+def median_ms(fn, iters: int) -> float:
+    """The slowest rank's median ms of one call, every rank starting each call together."""
+    def lockstep():
         torch.cuda.synchronize()
         dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    ms = torch.tensor([statistics.median(times)], device="cuda")
+
+    ms = torch.tensor([median_call_ms(fn, iters, warmup=3, before=lockstep)], device="cuda")
     dist.all_reduce(ms, op=dist.ReduceOp.MAX)
     return ms.item()
 

@@ -63,6 +63,26 @@ def hbm_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
+def median_call_ms(fn, iters: int, warmup: int = 2, before=None) -> float:
+    """Median ms of one call of ``fn`` launched from Python (CUDA events around each call; host overhead and any
+    host synchronization inside it count). ``before`` runs ahead of each timed call, untimed."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def measure(workload, t, impls, sets, floor_ms, floor_note, check):
     """Time each implementation on the same rotated input sets: launched from Python, and as CUDA-graph replay."""
     from triton.testing import do_bench

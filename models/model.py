@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepfuse.runtime.kernels import quant
-from deepfuse.runtime.latent_cache import LatentKVCache
+from deepfuse.runtime.latent_cache import LatentKVCache, LayerCache
 from .config import DeepSeekConfig
 
 
@@ -172,7 +172,7 @@ class MLA(nn.Module):
         if rs and rs.get("type") == "yarn" and rs.get("mscale_all_dim"):
             self.softmax_scale *= yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
 
-    def forward(self, x, start_pos: int, cos, sin, mask: Optional[torch.Tensor], cache: Optional[LatentKVCache]):
+    def forward(self, x, start_pos, cos, sin, mask: Optional[torch.Tensor], cache: Optional[LayerCache]):
         bsz, seqlen, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -186,7 +186,7 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # one rope key shared by all heads
         if cache is not None:
-            c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
+            c_kv, k_pe = cache.update(start_pos, c_kv, k_pe)
 
         wkv_b = self.kv_b_proj.dequantized_weight().to(x.dtype).view(self.n_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]
@@ -387,8 +387,8 @@ class DeepSeekForCausalLM(nn.Module):
             mask = torch.zeros(seqlen, keys.shape[0], device=device)
             mask = mask.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
         h = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            h = layer(h, start_pos, cos, sin, mask, cache)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, start_pos, cos, sin, mask, cache.layers[i] if cache is not None else None)
         return self.lm_head(self.model.norm(h)).float()
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> LatentKVCache:

@@ -9,6 +9,8 @@ address it:
   shape for every context length: compiled once, captured once in a CUDA graph (``mode="reduce-overhead"``).
   The buffers are marked as static addresses for that (``torch._dynamo.mark_static_address``), so CUDA graphs
   may update them in place.
+Each layer reads and writes its own ``LayerCache``: a block's code holds no layer index, so compiling the
+decoder block by block (``layer.compile(...)`` for each) compiles one graph per kind of block, not per layer.
 576 values per token and layer at V2 dims, against 16 * (192 + 128) for an MHA cache of the same attention
 (``bytes_per_token_per_layer``, and the mla pass's explain row).
 """
@@ -17,32 +19,48 @@ from __future__ import annotations
 import torch
 
 
+class LayerCache:
+    """One layer's part of a ``LatentKVCache``: c_kv [B, T, kv_lora_rank] and k_pe [B, T, rope], views of the
+    whole cache made once. A decoder block takes its layer's part, so the blocks' code never reads a layer
+    index: one compiled graph serves every block of the same kind (regional compilation)."""
+
+    def __init__(self, kv: torch.Tensor, pe: torch.Tensor):
+        self.kv, self.pe = kv, pe
+        self.max_len = kv.shape[1]
+        # Static for CUDA graphs, but not guarded by identity: another layer's part, or a new cache of the same
+        # shape, reuses the compiled code (CUDA graphs record for the new addresses) instead of recompiling.
+        torch._dynamo.mark_static_address(kv, guard=False)
+        torch._dynamo.mark_static_address(pe, guard=False)
+
+    def update(self, start_pos, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """Write the new positions; return what attention reads (see the module docstring)."""
+        bsz, seqlen = c_kv.shape[:2]
+        if isinstance(start_pos, torch.Tensor):  # static addressing: positions by index, the whole buffer back
+            positions = start_pos + torch.arange(seqlen, device=start_pos.device)
+            self.kv[:bsz, positions] = c_kv
+            self.pe[:bsz, positions] = k_pe
+            return self.kv[:bsz], self.pe[:bsz]
+        end = start_pos + seqlen
+        if end > self.max_len:
+            raise ValueError(f"latent cache holds {self.max_len} positions; asked to write up to {end}")
+        self.kv[:bsz, start_pos:end] = c_kv
+        self.pe[:bsz, start_pos:end] = k_pe
+        return self.kv[:bsz, :end], self.pe[:bsz, :end]
+
+
 class LatentKVCache:
-    """Preallocated, contiguous; ``update`` writes the new positions in place and returns the filled prefix."""
+    """Preallocated, contiguous [layers, B, T, ...]; ``layers[i]`` is layer i's part, which its block writes in
+    place and reads."""
 
     def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device):
         shape = (config.num_hidden_layers, batch, max_len)
         self.kv = torch.zeros(*shape, config.kv_lora_rank, dtype=dtype, device=device)
         self.pe = torch.zeros(*shape, config.qk_rope_head_dim, dtype=dtype, device=device)
         self.max_len = max_len
-        # Static for CUDA graphs, but not guarded by identity: a new cache of the same shape reuses the
-        # compiled step (CUDA graphs re-record for the new addresses) instead of recompiling.
-        torch._dynamo.mark_static_address(self.kv, guard=False)
-        torch._dynamo.mark_static_address(self.pe, guard=False)
+        self.layers = [LayerCache(kv, pe) for kv, pe in zip(self.kv, self.pe)]
 
     def update(self, layer: int, start_pos, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        bsz, seqlen = c_kv.shape[:2]
-        if isinstance(start_pos, torch.Tensor):  # static addressing: positions by index, the whole buffer back
-            positions = start_pos + torch.arange(seqlen, device=start_pos.device)
-            self.kv[layer, :bsz, positions] = c_kv
-            self.pe[layer, :bsz, positions] = k_pe
-            return self.kv[layer, :bsz], self.pe[layer, :bsz]
-        end = start_pos + seqlen
-        if end > self.max_len:
-            raise ValueError(f"latent cache holds {self.max_len} positions; asked to write up to {end}")
-        self.kv[layer, :bsz, start_pos:end] = c_kv
-        self.pe[layer, :bsz, start_pos:end] = k_pe
-        return self.kv[layer, :bsz, :end], self.pe[layer, :bsz, :end]
+        return self.layers[layer].update(start_pos, c_kv, k_pe)
 
     def bytes_per_token_per_layer(self) -> int:
         return (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()

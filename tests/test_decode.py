@@ -1,6 +1,7 @@
 """Decode over a static latent cache (positions as device tensors, the whole preallocated cache attended with a
 mask): the same logits as the growing-prefix form, and under deepfuse one compiled graph for every decode step
-of a 64-token greedy generation, whose tokens equal eager float32's."""
+of a 64-token greedy generation, whose tokens equal eager float32's; compiled block by block, one graph per kind
+of block whatever the number of layers."""
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -47,6 +48,23 @@ def test_compiled_greedy_generation_is_one_decode_graph_and_equals_eager():
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     mla = [m for m in report.matches if m.family == "mla"]
     assert len(mla) == 2 * cfg.num_hidden_layers and all(m.params["mask"] for m in mla), str(report)
+
+
+def test_block_by_block_compilation_is_one_graph_per_kind_of_block():
+    """Regional compilation: each decoder block compiled on its own. A block reads its layer's part of the cache
+    and no layer index, so 6 layers give 4 graphs (dense and MoE blocks, prefill and decode), not 6 per step."""
+    cfg = get_config("tiny", num_hidden_layers=6)
+    model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        expected = generate(model, prompt, 12)
+        for layer in model.model.layers:
+            layer.compile(backend="deepfuse", options={"kernels": "reference"})
+        tokens = generate(model, prompt, 12, static_cache=True)
+    assert torch.equal(tokens, expected)
+    assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
 
 
 def test_tensor_position_needs_a_cache():
