@@ -80,6 +80,21 @@ def test_decode_never_reads_the_blocks_its_mask_hides():
     assert rel_err(out, ref) < 1e-5
 
 
+def test_prefill_never_computes_the_tiles_its_mask_hides():
+    """A static cache's prefill: 40 queries at positions 0..39 over 200 allocated keys, masked causally. Keys
+    past position 47 hold NaN (only whole masked 16-key tiles lie there), and so does the upper triangle's
+    reach: a kernel that computed a fully masked tile would return NaN."""
+    b, s, t = 1, 40, 200
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, 2, 16, 8, 16, 32, torch.float32)
+    ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv[:, :s], k_pe[:, :s], w)), 0.3, True)
+    c_kv[:, 48:], k_pe[:, 48:] = float("nan"), float("nan")
+    keys = torch.arange(t)
+    mask = torch.zeros(s, t).masked_fill(keys[None, :] > torch.arange(s)[:, None], float("-inf"))
+    out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.3, False, mask, path="expanded", interpret=True,
+                            config={"BLOCK_M": 16, "BLOCK_N": 16})
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_bad_shapes_are_clear_errors():
     q_nope, q_pe, c_kv, k_pe, w = _inputs(1, 1, 4, 2, 16, 8, 16, 32, torch.float32)
     with pytest.raises(ValueError, match="rope width"):

@@ -163,28 +163,33 @@ def mla_prefill_kernel(
     for t0 in range(0, t_end, BLOCK_N):
         offs_t = t0 + tl.arange(0, BLOCK_N)
         t_ok = offs_t < t_end
-        k_nope = tl.load(KN + b * stride_knb + offs_t[None, :] * stride_knt + h * stride_knh + offs_dn[:, None],
-                         mask=t_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
-        k_pe = tl.load(KP + b * stride_kpb + offs_t[None, :] * stride_kpt + offs_r[:, None],
-                       mask=t_ok[None, :] & (offs_r[:, None] < R), other=0.0)
-        scores = tl.dot(q_nope, k_nope, input_precision=${precision})
-        scores = tl.dot(q_pe, k_pe, scores, input_precision=${precision}) * scale
-        if HAS_MASK:
-            scores += tl.load(Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_ms
-                              + offs_t[None, :] * stride_mt, mask=r_ok[:, None] & t_ok[None, :], other=0.0)
-        keep = t_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_t[None, :] <= causal_offset + rows[:, None])
-        scores = tl.where(keep, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + b * stride_vb + offs_t[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
-                    mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=${precision})
-        m_i = m_new
+        live = True
+        if HAS_MASK:  # a tile the mask hides entirely (a causal mask's upper triangle, say) is never computed
+            madd = tl.load(Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_ms
+                           + offs_t[None, :] * stride_mt, mask=r_ok[:, None] & t_ok[None, :], other=float("-inf"))
+            live = tl.max(tl.max(madd, axis=1), axis=0) > float("-inf")
+        if live:
+            k_nope = tl.load(KN + b * stride_knb + offs_t[None, :] * stride_knt + h * stride_knh + offs_dn[:, None],
+                             mask=t_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
+            k_pe = tl.load(KP + b * stride_kpb + offs_t[None, :] * stride_kpt + offs_r[:, None],
+                           mask=t_ok[None, :] & (offs_r[:, None] < R), other=0.0)
+            scores = tl.dot(q_nope, k_nope, input_precision=${precision})
+            scores = tl.dot(q_pe, k_pe, scores, input_precision=${precision}) * scale
+            if HAS_MASK:
+                scores += madd
+            keep = t_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_t[None, :] <= causal_offset + rows[:, None])
+            scores = tl.where(keep, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(V + b * stride_vb + offs_t[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
+                        mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=${precision})
+            m_i = m_new
     out = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + offs_dv[None, :], out.to(${dtype}),
              mask=r_ok[:, None] & (offs_dv[None, :] < DV))
