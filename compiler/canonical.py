@@ -1,10 +1,15 @@
 """Canonical forms for library layers whose own forward Dynamo cannot trace, installed by the backend.
 
-Hugging Face's ``FP8Linear`` (transformers' fine-grained FP8 integration) calls a kernel downloaded from the hub
-(or DeepGEMM): an opaque call, or no call at all offline. While deepfuse compiles, its forward is instead the
-plain W8A8 math the layer computes (activations quantized per token and ``block_size[1]``-wide tile, FP8
-weights with block scales, the product in fp32), which the ``quant`` pass finds and runs as its kernel.
-The original forward runs whenever deepfuse is not the compiler: in eager mode and under other backends.
+- Hugging Face's ``FP8Linear`` (transformers' fine-grained FP8 integration) calls a kernel downloaded from the
+  hub (or DeepGEMM): an opaque call, or no call at all offline. While deepfuse compiles, its forward is instead
+  the plain W8A8 math the layer computes (activations quantized per token and ``block_size[1]``-wide tile, FP8
+  weights with block scales, the product in fp32), which the ``quant`` pass finds and runs as its kernel.
+- Hugging Face's experts modules (``use_experts_implementation``: DeepSeek-V2/V3, Mixtral, Qwen-MoE, ...) with
+  the default ``eager`` implementation loop over the experts in Python with data-dependent shapes: Dynamo
+  breaks the graph inside the loop, and the MoE is lost. While deepfuse compiles, the same module runs
+  transformers' own traceable implementation of the same function (``grouped_mm`` for bf16, ``batched_mm``
+  otherwise), which the ``moe`` pass finds and checks like any other.
+The original forwards run whenever deepfuse is not the compiler: in eager mode and under other backends.
 """
 from __future__ import annotations
 
@@ -53,8 +58,29 @@ def _hf_fp8_linear_forward(original):
     return forward
 
 
-_PATCHES = {"transformers.integrations.finegrained_fp8": lambda m: setattr(
-    m.FP8Linear, "forward", _hf_fp8_linear_forward(m.FP8Linear.forward))}
+def _hf_experts_get_interface(original, moe):
+    def traceable_experts(self, hidden_states, top_k_index, top_k_weights):
+        same = moe.grouped_mm_experts_forward if hidden_states.dtype == torch.bfloat16 else \
+            moe.batched_mm_experts_forward
+        return same(self, hidden_states, top_k_index, top_k_weights)
+
+    def get_interface(self, experts_implementation, default):
+        if (experts_implementation in (None, "eager") and torch.compiler.is_compiling()
+                and compiling_with_deepfuse()):
+            return traceable_experts
+        return original(self, experts_implementation, default)
+
+    get_interface.__wrapped__ = original
+    get_interface.__doc__ = original.__doc__
+    return get_interface
+
+
+_PATCHES = {
+    "transformers.integrations.finegrained_fp8": lambda m: setattr(
+        m.FP8Linear, "forward", _hf_fp8_linear_forward(m.FP8Linear.forward)),
+    "transformers.integrations.moe": lambda m: setattr(
+        m.ExpertsInterface, "get_interface", _hf_experts_get_interface(m.ExpertsInterface.get_interface, m)),
+}
 
 
 def _patch(name: str, module) -> None:

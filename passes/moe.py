@@ -194,8 +194,9 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
         if _reaches_output_directly(topk, hidden):
             return (
                 "the router's top-k leaves this graph: the experts run after a Dynamo graph break (a per-expert "
-                "Python loop?). For Hugging Face models set model.config._experts_implementation = 'grouped_mm' "
-                "(or pass experts_implementation='grouped_mm' to from_pretrained) so the experts trace whole"
+                "Python loop?). Hugging Face experts modules are traced whole by deepfuse's canonical form; for an "
+                "older transformers set model.config._experts_implementation = 'grouped_mm' (or pass "
+                "experts_implementation='grouped_mm' to from_pretrained)"
             )
         return "no [tokens, hidden] value that every path from the router passes through"
     upstream = ancestors([out])

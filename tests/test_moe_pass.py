@@ -66,9 +66,30 @@ def test_hf_moe_models_are_recognized(kind, impl):
     assert all(m.params["activation"] == "silu" for m in moes)
 
 
-def test_hf_eager_experts_decline_with_the_setting_that_fixes_it():
-    model = _hf("deepseek_v2", "eager")
-    report = deepfuse.explain(model, torch.randint(0, 256, (1, 5)))
+@pytest.mark.parametrize("kind", ["deepseek_v2", "deepseek_v3", "mixtral"])
+def test_hf_eager_experts_loop_is_fused_through_the_canonical_form(kind):
+    """transformers' default experts implementation, a per-expert Python loop Dynamo breaks the graph in: while
+    deepfuse compiles, the module runs transformers' own traceable form of the same function, and is fused.
+    Eager calls keep the loop."""
+    from transformers.integrations import moe as hf_moe
+
+    model = _hf(kind, "eager")
+    report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
+    moes = [m for m in report.matches if m.family == "moe"]
+    layers = model.config.num_hidden_layers - getattr(model.config, "first_k_dense_replace", 0)
+    assert len(moes) == layers and not [d for d in report.declined if d.family == "moe"], str(report)
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    eager_forward = hf_moe.ALL_EXPERTS_FUNCTIONS.get_interface("eager", "the loop")
+    assert eager_forward == "the loop" and experts.config._experts_implementation == "eager"
+
+
+def test_experts_after_a_graph_break_decline_with_the_setting_that_fixes_it(monkeypatch):
+    """Without the canonical form (as with a transformers older than its experts interface), the eager loop
+    breaks Dynamo's graph after the router: declined, with the one-line setting that makes the experts trace."""
+    from transformers.integrations import moe as hf_moe
+
+    monkeypatch.setattr(hf_moe.ExpertsInterface, "get_interface", hf_moe.ExpertsInterface.get_interface.__wrapped__)
+    report = deepfuse.explain(_hf("deepseek_v2", "eager"), torch.randint(0, 256, (1, 5)))
     assert not [m for m in report.matches if m.family == "moe"]
     assert any("grouped_mm" in d.reason for d in report.declined if d.family == "moe"), str(report)
 
