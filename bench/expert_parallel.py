@@ -10,8 +10,9 @@ Every rank builds the same weights (one seed) and its own tokens. Two workloads,
   prefill of one sequence of T tokens per GPU.
 For each: "1 GPU" is the module compiled by deepfuse without expert parallelism on each rank's own GPU (every
 expert local, no exchange); "EP" is the same weights compiled with the option, each rank holding E/W experts,
-at 1, 2 and 4 micro-batches. Reported per row: median ms of one call (the slowest rank's median, CUDA events
-around a call launched from Python: the exchanges synchronize with the host once per layer), tokens/s over all
+at 1 and 2 micro-batches, and with the padded exchange (no host synchronization; --micro-batches picks).
+Reported per row: median ms of one call (the slowest rank's median, CUDA events around a call launched from
+Python: the split exchange synchronizes with the host once per layer), tokens/s over all
 GPUs, the expert weights each rank holds, the share of the step spent in NCCL kernels (torch.profiler on rank
 0: their summed device time over the steps' wall time; with micro-batches they overlap compute, so this is
 the exchange's size, not what it costs on the critical path), and the EP output's relative error against the
@@ -120,16 +121,18 @@ def bench(kind: str, tokens: list[int], layers: int, micro_batches: list[int], i
                          "tokens_per_s": t / ms * 1e3, "expert_bytes_per_gpu": full_bytes, "nccl_share": 0.0,
                          "rel_err": 0.0})
             _print(rows[-1])
-        for m in micro_batches:
-            torch._dynamo.reset()  # a fresh compile per micro-batch count; the expert shards are reused
-            compiled = torch.compile(sharded, backend="deepfuse", options={"expert_parallel": True, "micro_batches": m})
+        for m in micro_batches:  # a micro-batch count, or "padded" (the fixed-size exchange, no host sync)
+            torch._dynamo.reset()  # a fresh compile per variant; the expert shards are reused
+            variant = {"expert_parallel_exchange": "padded"} if m == "padded" else {"micro_batches": m}
+            compiled = torch.compile(sharded, backend="deepfuse", options={"expert_parallel": True, **variant})
             for t, x in inputs.items():
                 out = compiled(x)
                 err = ((out.float() - refs[t].float()).norm() / refs[t].float().norm()).item()
                 ms = median_ms(lambda: compiled(x), iters)
                 table = os.path.join(out_dir, f"ep_profile_{kind}_T{t}_mb{m}.txt") if rank == 0 and t == min(tokens) \
                     and m == micro_batches[0] else ""
-                rows.append({"workload": kind, "T_per_gpu": t, "impl": f"deepfuse EP, {m} micro-batch(es)",
+                name = "deepfuse EP, padded" if m == "padded" else f"deepfuse EP, {m} micro-batch(es)"
+                rows.append({"workload": kind, "T_per_gpu": t, "impl": name,
                              "gpus": world, "ms": ms, "tokens_per_s": world * t / ms * 1e3,
                              "expert_bytes_per_gpu": expert_bytes(sharded),
                              "nccl_share": nccl_share(lambda: compiled(x), table=table), "rel_err": err})
@@ -152,7 +155,7 @@ def main():
     parser.add_argument("--tokens", default="512,2048,8192")
     parser.add_argument("--model-tokens", default="2048")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the v2-lite model (27 in full)")
-    parser.add_argument("--micro-batches", default="1,2,4")
+    parser.add_argument("--micro-batches", default="1,2,padded", help="EP variants: micro-batch counts, 'padded'")
     parser.add_argument("--model-micro-batches", default="1,2")
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
@@ -161,7 +164,7 @@ def main():
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     ep.init("nccl", timeout_s=900)
     os.makedirs(args.out, exist_ok=True)
-    micro = [int(m) for m in args.micro_batches.split(",")]
+    micro = [m if m == "padded" else int(m) for m in args.micro_batches.split(",")]
     torch._dynamo.config.cache_size_limit = 64  # one entry per token count and compile, never a silent eager fallback
     if dist.get_rank() == 0:
         print(f"{'workload':<10}{'T/GPU':>7}  {'impl':<30}{'GPUs':>3}{'ms':>10}{'tokens/s':>12}{'GiB exp':>9}"
@@ -173,7 +176,8 @@ def main():
     if "model" in workloads:
         torch.cuda.empty_cache()
         rows += bench("model", [int(t) for t in args.model_tokens.split(",")], args.layers,
-                      [int(m) for m in args.model_micro_batches.split(",")], args.iters, args.out)
+                      [m if m == "padded" else int(m) for m in args.model_micro_batches.split(",")], args.iters,
+                      args.out)
     if dist.get_rank() == 0:
         env = dict(environment(), world=dist.get_world_size(), layers=args.layers)
         os.makedirs(args.out, exist_ok=True)

@@ -51,6 +51,10 @@ class Options:
     #: With ``expert_parallel``: split each MoE layer's tokens into this many chunks whose all_to_all exchanges
     #: are asynchronous, so one chunk's experts run while the next chunk's tokens travel. 1: one exchange.
     micro_batches: int = 1
+    #: With ``expert_parallel``: how tokens travel. "splits": exactly the rows each rank needs, whose counts reach
+    #: the host once per layer. "padded": a fixed block of T*k rows between every pair of ranks, no host
+    #: synchronization (a decode step can be captured in a CUDA graph); every rank must run the same T.
+    expert_parallel_exchange: str = "splits"
 
     # Set from torch.compile's ``mode=`` argument, not from ``options``.
     mode: str = field(default="default", repr=False)
@@ -90,6 +94,11 @@ class Options:
         if micro > 1 and not options.get("expert_parallel"):
             raise DeepfuseError("options['micro_batches'] splits expert-parallel exchanges: it needs "
                                 "options['expert_parallel']")
+        exchange = options.get("expert_parallel_exchange", "splits")
+        if exchange not in ("splits", "padded"):
+            raise DeepfuseError(f"options['expert_parallel_exchange'] must be 'splits' or 'padded', got {exchange!r}")
+        if exchange == "padded" and micro > 1:
+            raise DeepfuseError("options['micro_batches'] > 1 needs expert_parallel_exchange='splits'")
         mode = mode or "default"
         if mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise DeepfuseError(f"unsupported torch.compile mode {mode!r} for deepfuse")
@@ -116,4 +125,4 @@ class Options:
     def fingerprint(self) -> str:
         """What changes the rewritten graph; part of Inductor's FX-graph cache key."""
         return repr((self.interpret, self.kernels, self.passes, self.inline, self.deterministic, self.quantize,
-                     self.expert_parallel, self.micro_batches))
+                     self.expert_parallel, self.micro_batches, self.expert_parallel_exchange))

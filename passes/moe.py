@@ -59,7 +59,7 @@ class MoEPass:
             op_name = "deepfuse::moe_experts"
             if options.expert_parallel and _distributed():
                 reason = self._rewrite_expert_parallel(graph, region, inputs, out, params, impl,
-                                                       options.micro_batches)
+                                                       options.micro_batches, options.expert_parallel_exchange)
                 if reason:
                     self._decline(report, reason, where)
                     continue
@@ -120,7 +120,8 @@ class MoEPass:
         return str(gen.path) if gen is not None else None
 
 
-    def _rewrite_expert_parallel(self, graph, region, inputs, out, params, impl, micro_batches) -> Optional[str]:
+    def _rewrite_expert_parallel(self, graph, region, inputs, out, params, impl, micro_batches,
+                                 exchange) -> Optional[str]:
         """Shard the layer's real expert parameters over the ranks (this rank keeps its share, the full tensors
         are freed) and call ``deepfuse::moe_experts_ep``. Returns None, or the reason it cannot."""
         from deepfuse.pipeline import real_input
@@ -139,8 +140,10 @@ class MoEPass:
         params["expert_parallel"] = f"rank {shard.rank}/{shard.world}: experts {shard.first}..{shard.first + shard.local - 1}"
         if micro_batches > 1:
             params["micro_batches"] = micro_batches
+        if exchange != "splits":
+            params["exchange"] = exchange
         op_args = (x, ids, weights, key, params["activation"], value(out).dtype, impl, params["deterministic"],
-                   micro_batches)
+                   micro_batches, exchange == "padded")
         replace_region(graph, RegionBinding(region, out), torch.ops.deepfuse.moe_experts_ep.default, op_args, 1)
         return None
 

@@ -16,6 +16,11 @@ while the next chunk's tokens travel (what that buys is to be measured on GPUs).
 
 A rank with no tokens still takes part in every exchange (empty splits), as collectives require. The split sizes
 are host integers (``all_to_all_single`` takes lists), so step 2 synchronizes with the device once per layer.
+
+``exchange="padded"`` is the exchange without that synchronization, for decode: every rank sends every
+other rank a fixed block of T*k rows (room for all its pairs), whatever the routing, so no size has to reach
+the host and a step can be captured in a CUDA graph. It needs the same T on every rank and moves W times the
+rows the exact exchange moves (the padding rows are zeros, computed as expert 0 and dropped).
 A rank that dies or never joins ends in the process group's timeout error, not a hang: see ``init``.
 """
 from __future__ import annotations
@@ -154,6 +159,7 @@ def ep_moe_experts(
     group=None,
     counts_out: Optional[torch.Tensor] = None,
     micro_batches: int = 1,
+    exchange: str = "splits",
 ) -> torch.Tensor:
     """The routed experts of one MoE layer with this rank's share of the experts.
 
@@ -164,7 +170,15 @@ def ep_moe_experts(
 
     ``micro_batches`` > 1 (the same on every rank) splits the tokens into that many chunks whose exchanges are
     asynchronous: a chunk's experts run while the next chunk's tokens travel and the previous chunk's outputs
-    travel back. Returns [T, H] in x's dtype."""
+    travel back. ``exchange="padded"`` is the fixed-size exchange with no host synchronization (the same T on
+    every rank; one batch). Returns [T, H] in x's dtype."""
+    if exchange == "padded":
+        if micro_batches != 1:
+            raise DeepfuseError("expert parallel: the padded exchange runs one batch (micro_batches=1)")
+        return _padded_exchange(x, topk_ids, topk_weights, w_gate_up_local, w_down_local, shard, experts_fn, group,
+                                counts_out)
+    if exchange != "splits":
+        raise DeepfuseError(f"expert parallel: exchange must be 'splits' or 'padded', got {exchange!r}")
     t, hidden = x.shape
     k = topk_ids.shape[1]
     step = max(1, -(-t // micro_batches))
@@ -212,4 +226,42 @@ def ep_moe_experts(
         back[order] = chunk_back
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     weighted = back.view(t, k, hidden).to(acc) * topk_weights.to(acc)[..., None]
+    return weighted.sum(dim=1).to(x.dtype)
+
+
+def _padded_exchange(x, topk_ids, topk_weights, w_gate_up_local, w_down_local, shard, experts_fn, group,
+                     counts_out) -> torch.Tensor:
+    """``ep_moe_experts`` without a host synchronization: fixed-size exchange blocks (see the module docstring).
+    Every rank must pass the same number of tokens T."""
+    t, hidden = x.shape
+    k = topk_ids.shape[1]
+    cap, world, local = t * k, shard.world, shard.local
+    flat_ids = topk_ids.reshape(-1).to(torch.int64)
+    dest = torch.div(flat_ids, local, rounding_mode="floor")
+    order = torch.argsort(dest, stable=True)  # pairs by destination; each keeps its place among its rank's pairs
+    counts = _count(dest, world)
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(cap, device=x.device) - start[dest[order]]  # a pair's row in its destination block
+    row = dest * cap + slot  # in the [world * cap] send buffer
+    id_cols = max(1, 8 // x.element_size())
+    send = x.new_zeros((world * cap, hidden + id_cols))
+    send[row, :hidden] = x.repeat_interleave(k, dim=0)
+    local_ids = torch.zeros(world * cap, dtype=torch.int64, device=x.device)  # padding rows: expert 0, zero input
+    local_ids[row] = flat_ids - dest * local
+    send[:, hidden:] = local_ids.view(x.dtype).view(-1, id_cols)
+    recv = torch.empty_like(send)
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts, group=group)  # how many rows of each block are pairs (stays on device)
+    dist.all_to_all_single(recv, send, group=group)
+    recv_x, recv_ids = recv[:, :hidden], recv[:, hidden:].contiguous().view(torch.int64).view(-1)
+    if counts_out is not None:
+        real = torch.arange(cap, device=x.device)[None, :] < received[:, None]
+        counts_out.zero_().scatter_add_(0, recv_ids, real.reshape(-1).to(torch.int64))
+    ones = torch.ones((world * cap, 1), dtype=topk_weights.dtype, device=x.device)
+    local_out = experts_fn(recv_x, recv_ids[:, None], ones, w_gate_up_local, w_down_local).to(x.dtype)
+    back = torch.empty_like(local_out)
+    dist.all_to_all_single(back, local_out.contiguous(), group=group)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weighted = back[row].view(t, k, hidden).to(acc) * topk_weights.to(acc)[..., None]
     return weighted.sum(dim=1).to(x.dtype)

@@ -141,6 +141,8 @@ def test_bundled_tiny_model_compiles_and_matches_eager():
         ({"interpret": "yes"}, "must be a bool"),
         ({"micro_batches": 0, "expert_parallel": True}, "must be an int >= 1"),
         ({"micro_batches": 2}, "needs options\\['expert_parallel'\\]"),
+        ({"expert_parallel_exchange": "fast"}, "must be 'splits' or 'padded'"),
+        ({"expert_parallel": True, "expert_parallel_exchange": "padded", "micro_batches": 2}, "needs expert_parallel_exchange"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message):
@@ -149,7 +151,7 @@ def test_bad_options_are_clear_errors(options, message):
 
 
 def test_unknown_option_lists_valid_ones():
-    with pytest.raises(DeepfuseError, match="valid options are: autotune, cache_dir, deterministic, expert_parallel, inductor, inline, interpret, kernels, micro_batches, passes"):
+    with pytest.raises(DeepfuseError, match="valid options are: autotune, cache_dir, deterministic, expert_parallel, expert_parallel_exchange, inductor, inline, interpret, kernels, micro_batches, passes"):
         deepfuse.Options.from_user({"bogus": 1})
 
 

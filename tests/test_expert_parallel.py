@@ -87,6 +87,48 @@ def test_expert_parallel_with_the_generated_kernels():
     assert sorted(results) == [0, 1] and all(err < 1e-5 for err, *_ in results.values()), dict(results)
 
 
+def _padded_worker(rank, world, port, routing, t, results):
+    from deepfuse.runtime import expert_parallel as ep
+    from deepfuse.runtime.kernels import moe
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ep.init("gloo", timeout_s=30, rank=rank, world_size=world)
+    try:
+        shard = ep.Shard.of(E)
+        w_gate_up, w_down = _weights()
+        gen = torch.Generator().manual_seed(300 + rank)
+        x = torch.randn(t, H, generator=gen, dtype=torch.float64)
+        span = 2 if routing == "one_rank" else E  # every pair to rank 0's experts, or spread
+        ids = torch.stack([torch.randperm(span, generator=gen)[:K] for _ in range(t)]) if t else torch.empty(0, K)
+        weights = torch.rand(t, K, generator=gen, dtype=torch.float64)
+        counts = torch.full((shard.local,), -1, dtype=torch.int64)  # poisoned: every entry must be written
+        out = ep.ep_moe_experts(x, ids.long(), weights, ep.shard_experts(w_gate_up, shard),
+                                ep.shard_experts(w_down, shard), shard, moe.reference, counts_out=counts,
+                                exchange="padded")
+        ref = moe.reference(x, ids.long(), weights, w_gate_up.double(), w_down.double())
+        err = ((out - ref).abs().max() / ref.abs().max()).item() if t else 0.0
+        results[rank] = (err, tuple(out.shape) == (t, H), counts.tolist(), ids.numel())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("routing,t", [("spread", 5), ("one_rank", 4), ("spread", 0)],
+                         ids=["spread", "one_rank", "no_tokens"])
+def test_padded_exchange_equals_single_process(world, routing, t):
+    """The fixed-size exchange (no host synchronization): same T on every rank, as it requires; all pairs to
+    one rank's experts (the other blocks are all padding), and T = 0 everywhere."""
+    results = mp.Manager().dict()
+    mp.spawn(_padded_worker, args=(world, _free_port(), routing, t, results), nprocs=world, join=True)
+    assert sorted(results) == list(range(world))
+    for rank, (err, shape_ok, counts, _) in results.items():
+        assert shape_ok and err < 1e-12, (rank, err)
+        assert min(counts) >= 0  # padding rows are not counted, real ones are
+    assert sum(sum(c) for _, _, c, _ in results.values()) == sum(n for *_, n in results.values())
+    if routing == "one_rank":
+        assert all(sum(results[r][2]) == 0 for r in range(1, world))
+
+
 def _lonely(port, errors):
     from deepfuse.runtime import expert_parallel as ep
 
@@ -132,7 +174,8 @@ def _model_worker(rank, world, port, impl, results):
     try:
         cfg = get_config("tiny")  # 8 routed experts
         model = DeepSeekForCausalLM.from_config(cfg, seed=11)  # the same weights on every rank
-        ids = torch.randint(0, cfg.vocab_size, (1, 3 + 4 * rank), generator=torch.Generator().manual_seed(rank))
+        length = 5 if impl.get("expert_parallel_exchange") == "padded" else 3 + 4 * rank  # padded: same T everywhere
+        ids = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(rank))
         experts = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
         logged = []
         handler = logging.Handler()
@@ -150,27 +193,29 @@ def _model_worker(rank, world, port, impl, results):
         counts = {k: v.tolist() for k, v in ep.expert_counts().items()}
         logged = [line for line in logged if line.startswith("expert parallel: layer")]
         results[rank] = (err, [m.op for m in rows], [m.params.get("expert_parallel") for m in rows], freed, counts,
-                         [m.params.get("micro_batches", 1) for m in rows], logged)
+                         [(m.params.get("micro_batches", 1), m.params.get("exchange", "splits")) for m in rows], logged)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("impl", [{"kernels": "reference"}, {"interpret": True},
-                                  {"kernels": "reference", "micro_batches": 2}],
-                         ids=["reference", "interpret", "reference-2-micro-batches"])
+                                  {"kernels": "reference", "micro_batches": 2},
+                                  {"kernels": "reference", "expert_parallel_exchange": "padded"}],
+                         ids=["reference", "interpret", "reference-2-micro-batches", "reference-padded"])
 def test_compiled_model_with_expert_parallel_option(impl):
-    """Also: the micro_batches option reaches every layer's op, and DEEPFUSE_LOG=debug logs each layer's counts."""
+    """Also: the micro_batches and expert_parallel_exchange options reach every layer's op, and DEEPFUSE_LOG=debug
+    logs each layer's counts."""
     results = mp.Manager().dict()
     mp.spawn(_model_worker, args=(2, _free_port(), impl, results), nprocs=2, join=True)
     for rank, (err, ops, shards, freed, counts, micro, logged) in sorted(results.items()):
         assert err < 1e-5, (rank, err)
-        assert micro == [impl.get("micro_batches", 1)] * len(ops), micro
+        assert micro == [(impl.get("micro_batches", 1), impl.get("expert_parallel_exchange", "splits"))] * len(ops)
         assert len(logged) == len(ops) and all(f"rank {rank}/2" in line for line in logged), logged
         assert ops and all(op == "deepfuse::moe_experts_ep" for op in ops), ops
         assert all(s == f"rank {rank}/2: experts {4 * rank}..{4 * rank + 3}" for s in shards), shards
         assert freed  # the full expert weights are gone from every rank
         assert len(counts) == len(ops) and all(len(c) == 4 for c in counts.values())
     # every (token, slot) pair of both ranks was computed by exactly one expert somewhere, in every layer
-    k, tokens = 2, (3 + 7)  # tiny: top-2; rank r has 3 + 4r tokens
+    k, tokens = 2, 10 if impl.get("expert_parallel_exchange") == "padded" else (3 + 7)  # top-2; 3 + 4r tokens
     for key in results[0][4]:
         assert sum(results[0][4][key]) + sum(results[1][4][key]) == k * tokens

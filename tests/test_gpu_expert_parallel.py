@@ -32,12 +32,16 @@ def _kernels_worker(rank, world, port, micro_batches, results):
         w_down = torch.randn(E, H, I, device="cuda", generator=gen) / I ** 0.5
         shard = ep.Shard.of(E)
         local = [ep.shard_experts(w.bfloat16(), shard) for w in (w_gate_up, w_down)]
-        t = (0, 333)[rank]  # uneven: rank 0 has no tokens of its own (it still computes rank 1's pairs)
+        # uneven: rank 0 has no tokens of its own (it still computes rank 1's pairs); padded needs the same T
+        t = 77 if micro_batches == "padded" else (0, 333)[rank]
         x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
         ids = torch.rand(t, E, device="cuda").argsort(dim=1)[:, :K]
         weights = torch.rand(t, K, device="cuda")
         torch.cuda.synchronize()
-        out = ep.ep_moe_experts(x, ids, weights, *local, shard, moe.moe_experts, micro_batches=micro_batches)
+        if micro_batches == "padded":
+            out = ep.ep_moe_experts(x, ids, weights, *local, shard, moe.moe_experts, exchange="padded")
+        else:
+            out = ep.ep_moe_experts(x, ids, weights, *local, shard, moe.moe_experts, micro_batches=micro_batches)
         ref = moe.reference(x.double(), ids, weights.double(), w_gate_up.bfloat16().double(),
                             w_down.bfloat16().double())
         err = ((out.double() - ref).norm() / ref.norm()).item() if t else 0.0
@@ -46,7 +50,7 @@ def _kernels_worker(rank, world, port, micro_batches, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("micro_batches", [1, 2, "padded"])
 def test_expert_parallel_kernels_on_two_gpus_bf16(micro_batches):
     results = mp.Manager().dict()
     mp.spawn(_kernels_worker, args=(2, _free_port(), micro_batches, results), nprocs=2, join=True)
