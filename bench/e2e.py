@@ -41,8 +41,9 @@ from run import environment, hbm_bandwidth, matmul_peak, median_call_ms as media
 def fill_cache(cache, context: int) -> None:
     """Random latents in positions 0 .. context-1 (normalized c_kv and roped k_pe are O(1))."""
     gen = torch.Generator(device="cuda").manual_seed(7)
-    cache.kv[:, :, :context].normal_(generator=gen)
-    cache.pe[:, :, :context].normal_(generator=gen)
+    for layer in cache.layers:
+        layer.kv[:, :context].normal_(generator=gen)
+        layer.pe[:, :context].normal_(generator=gen)
 
 
 def decode_bytes(cfg, params: dict, batch: int, context: int) -> float:

@@ -169,7 +169,7 @@ def bench_mla_decode(batches, contexts, bandwidth, rounds):
     rows = []
     for b in batches:
         for t in contexts:
-            cache = LatentKVCache(cfg, b, t, torch.bfloat16, "cuda")
+            cache = LatentKVCache(cfg, b, t, torch.bfloat16, "cuda").layers[0]  # the one layer's part
             cache.kv.normal_()
             cache.pe.normal_()
             cos, sin = rope_cos_sin(cfg, torch.tensor([t - 1], device="cuda"))

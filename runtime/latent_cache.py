@@ -20,9 +20,9 @@ import torch
 
 
 class LayerCache:
-    """One layer's part of a ``LatentKVCache``: c_kv [B, T, kv_lora_rank] and k_pe [B, T, rope], views of the
-    whole cache made once. A decoder block takes its layer's part, so the blocks' code never reads a layer
-    index: one compiled graph serves every block of the same kind (regional compilation)."""
+    """One layer's part of a ``LatentKVCache``: c_kv [B, T, kv_lora_rank] and k_pe [B, T, rope]. A decoder block
+    takes its layer's part, so the blocks' code never reads a layer index: one compiled graph serves every block
+    of the same kind (regional compilation)."""
 
     def __init__(self, kv: torch.Tensor, pe: torch.Tensor):
         self.kv, self.pe = kv, pe
@@ -49,18 +49,31 @@ class LayerCache:
 
 
 class LatentKVCache:
-    """Preallocated, contiguous [layers, B, T, ...]; ``layers[i]`` is layer i's part, which its block writes in
-    place and reads."""
+    """Preallocated; ``layers[i]`` is layer i's part, which its block writes in place and reads. Each layer's
+    buffers are their own allocations, not views of one: a model compiled whole then takes 2 * layers distinct
+    static inputs, where views of one buffer would be aliased inputs that AOTAutograd rebuilds from a copy."""
 
     def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (config.num_hidden_layers, batch, max_len)
-        self.kv = torch.zeros(*shape, config.kv_lora_rank, dtype=dtype, device=device)
-        self.pe = torch.zeros(*shape, config.qk_rope_head_dim, dtype=dtype, device=device)
+        def buffer(width):
+            return torch.zeros(batch, max_len, width, dtype=dtype, device=device)
+
         self.max_len = max_len
-        self.layers = [LayerCache(kv, pe) for kv, pe in zip(self.kv, self.pe)]
+        self.layers = [LayerCache(buffer(config.kv_lora_rank), buffer(config.qk_rope_head_dim))
+                       for _ in range(config.num_hidden_layers)]
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """Every layer's c_kv, [layers, B, T, kv_lora_rank]: a copy, for reading."""
+        return torch.stack([layer.kv for layer in self.layers])
+
+    @property
+    def pe(self) -> torch.Tensor:
+        """Every layer's k_pe, [layers, B, T, rope]: a copy, for reading."""
+        return torch.stack([layer.pe for layer in self.layers])
 
     def update(self, layer: int, start_pos, c_kv: torch.Tensor, k_pe: torch.Tensor):
         return self.layers[layer].update(start_pos, c_kv, k_pe)
 
     def bytes_per_token_per_layer(self) -> int:
-        return (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
+        first = self.layers[0]
+        return (first.kv.shape[-1] + first.pe.shape[-1]) * first.kv.element_size()
