@@ -30,6 +30,7 @@ import itertools
 import math
 from typing import Any, Optional, Union
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -486,15 +487,24 @@ def _expr(n):
 
 def _tracked(expr, tensors):
     """A size equal to ``expr``, taken from one of the traced inputs' shapes (so the trace records where it
-    comes from); a plain int when the size is static."""
+    comes from): a dimension that is it, or that the shape environment proves equal to it; a plain int when
+    the size is static."""
     if not hasattr(expr, "free_symbols") or not expr.free_symbols:
         return int(expr)
-    for x in tensors:
-        if isinstance(x, torch.Tensor):
-            for d in x.shape:
-                if isinstance(d, torch.SymInt) and d.node.expr == expr:
-                    return d
+    dims = [d for x in tensors if isinstance(x, torch.Tensor) for d in x.shape if isinstance(d, torch.SymInt)]
+    for d in dims:
+        if d.node.expr == expr or _provably(d, sympy.Eq(d.node.expr, expr)):
+            return d
     raise NotImplementedError(f"no input of the region has a dimension equal to {expr}")
+
+
+def _provably(d: torch.SymInt, claim) -> bool:
+    """Does the shape environment prove ``claim`` (two symbols Dynamo made for one size, say: the batch of the
+    input ids and of a cache slice taken with it)?"""
+    try:
+        return bool(d.node.shape_env._maybe_evaluate_static(claim))
+    except Exception:  # a shape environment without this method: no proof
+        return False
 
 
 def _output_shape(out_val, b, s):

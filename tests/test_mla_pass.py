@@ -71,6 +71,25 @@ def test_batch_of_one_as_inductor_rewrites_it_on_gpus(attn_impl, monkeypatch):
     assert len(_mla_matches(report)) == 2 * cfg.num_hidden_layers, str(report)
 
 
+def test_a_dynamic_batch_is_still_matched():
+    """A second batch size makes Dynamo recompile with a symbolic batch, which the region's inputs may carry as
+    a different symbol than the one the check derives (the cache slice's); the shape environment proves them
+    equal, and every layer is still rewritten."""
+    cfg = get_config("v2-tiny")
+    model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
+    compiled = torch.compile(model, backend="deepfuse", options={"kernels": "reference"})
+    torch._dynamo.reset()
+    for b in (1, 3):
+        ids = torch.randint(0, cfg.vocab_size, (b, 1))
+        with torch.no_grad():
+            ref = model(ids, torch.tensor(5), model.new_cache(b, 16))
+            report = deepfuse.Report()
+            with deepfuse.collect(report):
+                out = compiled(ids, torch.tensor(5), model.new_cache(b, 16))
+        assert rel_err(out, ref) < 1e-4
+        assert len(_mla_matches(report)) == cfg.num_hidden_layers and not report.declined, str(report)
+
+
 HF_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
                  qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
