@@ -235,7 +235,9 @@ def test_quantize_option_converts_and_releases(fmt):
         ref = form(torch.relu(h), *quant.quantize_weight(model.down.weight, kernel_fmt), None)
         float_ref = model(ids)
     out, report = _compile(model, ids, interpret=True, quantize=fmt, release_float_weights=True)
-    assert rel_err(out, ref) < 1e-5
+    # FP8 activations: the hand-computed h and the kernel's differ in summation order, and an element that
+    # sits on an FP8 rounding boundary can land one step apart (once 1.8e-4 at 8491713); int8 is weight-only.
+    assert rel_err(out, ref) < (5e-3 if fmt == "fp8-block" else 1e-5)
     assert rel_err(out, float_ref) < (0.1 if fmt == "fp8-block" else 0.02)  # the format's own error
     rows = _quant(report)
     assert len(rows) == 2 and all(r.params["format"] == kernel_fmt for r in rows), str(report)
