@@ -35,7 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from run import environment, hbm_bandwidth, matmul_peak, median_call_ms as median_ms  # noqa: E402
+from run import environment, floor_chart, hbm_bandwidth, matmul_peak, median_call_ms as median_ms  # noqa: E402
 
 
 def fill_cache(cache, context: int) -> None:
@@ -67,14 +67,25 @@ def prefill_flops(cfg, params: dict, tokens: int) -> float:
 
 
 def weight_figures(model, cfg) -> dict:
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    routed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
-    embed = model.model.embed_tokens.weight
+    """Bytes of the weights every token reads (all but the routed experts and the embedding table), and the
+    parameters one token multiplies by (those, plus its k routed experts per MoE layer)."""
+    dense = [p for n, p in model.named_parameters() if ".experts." not in n and p is not model.model.embed_tokens.weight]
     moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
     expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    dense_params = (total - routed - embed.numel() * embed.element_size()) // 2
-    return {"dense_bytes": total - routed - embed.numel() * embed.element_size(),
-            "active_per_token": dense_params + moe_layers * cfg.num_experts_per_tok * expert_params}
+    return {"dense_bytes": sum(p.numel() * p.element_size() for p in dense),
+            "active_per_token": sum(p.numel() for p in dense) + moe_layers * cfg.num_experts_per_tok * expert_params}
+
+
+def the_prompt(cfg, tokens: int) -> torch.Tensor:
+    """The prompt every implementation is timed on (one seed)."""
+    return torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+
+
+def add_row(rows: list, impl: str, what: str, batch: int, ms: float, floor_ms: float, prefill_tokens: int) -> None:
+    rows.append({"impl": impl, "what": what, "batch": batch, "ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms,
+                 "tokens_per_s": (batch if what == "decode" else prefill_tokens) / ms * 1e3})
+    print(f"{impl:<22}{what:<9}{batch:>6}{ms:>11.3f}{floor_ms:>10.3f}{ms / floor_ms:>8.2f}"
+          f"{rows[-1]['tokens_per_s']:>12.0f}", flush=True)
 
 
 def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
@@ -85,14 +96,11 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
     model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
     figures = weight_figures(model, cfg)
     p, ctx = args.prefill, args.context
-    prompt = torch.randint(0, cfg.vocab_size, (1, p), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    prompt = the_prompt(cfg, p)
     prefill_floor = prefill_flops(cfg, figures, p) / peak * 1e3
 
     def row(impl, what, batch, ms, floor_ms):
-        rows.append({"impl": impl, "what": what, "batch": batch, "ms": ms, "floor_ms": floor_ms,
-                     "x_floor": ms / floor_ms, "tokens_per_s": batch / ms * 1e3 if what == "decode" else p / ms * 1e3})
-        print(f"{impl:<22}{what:<9}{batch:>6}{ms:>11.3f}{floor_ms:>10.3f}{ms / floor_ms:>8.2f}"
-              f"{rows[-1]['tokens_per_s']:>12.0f}", flush=True)
+        add_row(rows, impl, what, batch, ms, floor_ms, p)
 
     max_len = max(p, ctx) + args.gen_tokens
     with torch.no_grad():
@@ -174,13 +182,10 @@ def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
             else:
                 param.normal_(0.0, cfg.initializer_range, generator=gen)
     p, ctx = args.prefill, args.context
-    prompt = torch.randint(0, cfg.vocab_size, (1, p), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    prompt = the_prompt(cfg, p)
 
     def row(impl, what, batch, ms, floor_ms):
-        rows.append({"impl": impl, "what": what, "batch": batch, "ms": ms, "floor_ms": floor_ms,
-                     "x_floor": ms / floor_ms, "tokens_per_s": batch / ms * 1e3 if what == "decode" else p / ms * 1e3})
-        print(f"{impl:<22}{what:<9}{batch:>6}{ms:>11.3f}{floor_ms:>10.3f}{ms / floor_ms:>8.2f}"
-              f"{rows[-1]['tokens_per_s']:>12.0f}", flush=True)
+        add_row(rows, impl, what, batch, ms, floor_ms, p)
 
     with torch.no_grad():
         if "hf" in args.impls:
@@ -205,32 +210,10 @@ def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
 
 
 def chart(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cases = list(dict.fromkeys((r["what"], r["batch"]) for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(impls)
-    for i, impl in enumerate(impls):
-        xs, ys = [], []
-        for j, (what, batch) in enumerate(cases):
-            hit = [r for r in rows if r["impl"] == impl and (r["what"], r["batch"]) == (what, batch)]
-            if hit:
-                xs.append(j + i * width)
-                ys.append(hit[0]["x_floor"])
-        ax.bar(xs, ys, width, label=impl)
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_yscale("log")
-    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(cases))],
-                  [f"{w} B={b}" if w == "decode" else w for w, b in cases])
-    ax.set_ylabel("time / physical floor (log; lower is better)")
-    ax.set_title(f"DeepSeek-V2-Lite end to end, bf16 ({torch.cuda.get_device_name()})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    floor_chart(rows, {c: (f"{c[0]} B={c[1]}" if c[0] == "decode" else c[0]) for c in cases},
+                lambda r: (r["what"], r["batch"]), "time / physical floor (log; lower is better)",
+                f"DeepSeek-V2-Lite end to end, bf16 ({torch.cuda.get_device_name()})", path)
 
 
 def main():

@@ -384,27 +384,36 @@ def environment():
             "python": platform.python_version(), "commit": commit, "command": " ".join(["python"] + sys.argv)}
 
 
-def chart(rows, path, title):
+def floor_chart(rows, labels: dict, case_of, ylabel: str, title: str, path: str) -> None:
+    """Bars of each row's time / floor (log scale): one group per case (``labels``: case -> tick label, in
+    order), one bar per implementation; ``case_of(row)`` is a row's case."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tokens = sorted({r["T"] for r in rows})
+    cases = list(labels)
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
-        ys = [next(r["x_floor"] for r in rows if r["T"] == t and r["impl"] == impl) for t in tokens]
-        ax.bar([j + i * width for j in range(len(tokens))], ys, width, label=impl)
+        ratio = {case_of(r): r["x_floor"] for r in rows if r["impl"] == impl}
+        present = [j for j, c in enumerate(cases) if c in ratio]
+        ax.bar([j + i * width for j in present], [ratio[cases[j]] for j in present], width, label=impl)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_yscale("log")
-    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(tokens))], [f"T={t}" for t in tokens])
-    ax.set_ylabel("CUDA-graph time / HBM floor (log; lower is better)")
-    ax.set_title(f"{title}, V2-Lite shapes, bf16 ({torch.cuda.get_device_name()})")
+    ax.set_xticks([j + width * (len(impls) - 1) / 2 for j in range(len(cases))], list(labels.values()))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def chart(rows, path, title):
+    floor_chart(rows, {t: f"T={t}" for t in sorted({r["T"] for r in rows})}, lambda r: r["T"],
+                "CUDA-graph time / HBM floor (log; lower is better)",
+                f"{title}, V2-Lite shapes, bf16 ({torch.cuda.get_device_name()})", path)
 
 
 def main():

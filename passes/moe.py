@@ -143,7 +143,7 @@ class MoEPass:
         if exchange != "splits":
             params["exchange"] = exchange
         op_args = (x, ids, weights, key, params["activation"], value(out).dtype, impl, params["deterministic"],
-                   micro_batches, exchange == "padded")
+                   micro_batches, exchange)
         replace_region(graph, RegionBinding(region, out), torch.ops.deepfuse.moe_experts_ep.default, op_args, 1)
         return None
 

@@ -71,9 +71,6 @@ class LatentKVCache:
         """Every layer's k_pe, [layers, B, T, rope]: a copy, for reading."""
         return torch.stack([layer.pe for layer in self.layers])
 
-    def update(self, layer: int, start_pos, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        return self.layers[layer].update(start_pos, c_kv, k_pe)
-
     def bytes_per_token_per_layer(self) -> int:
         first = self.layers[0]
         return (first.kv.shape[-1] + first.pe.shape[-1]) * first.kv.element_size()

@@ -154,11 +154,11 @@ def moe_experts_ep(
     impl: str,
     deterministic: bool = True,
     micro_batches: int = 1,
-    padded: bool = False,
+    exchange: str = "splits",
 ) -> torch.Tensor:
     """The routed experts with this rank's share of them (``deepfuse.runtime.expert_parallel``): the tokens'
     (token, slot) pairs travel to the ranks owning their experts and back with all_to_all, in ``micro_batches``
-    overlapped chunks, or (``padded``) in fixed-size blocks with no host synchronization."""
+    overlapped chunks, or (``exchange="padded"``) in fixed-size blocks with no host synchronization."""
     from deepfuse.runtime import expert_parallel as _ep
 
     _check_impl(impl)
@@ -172,12 +172,12 @@ def moe_experts_ep(
                                     deterministic=deterministic)
     out = _ep.ep_moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, shard, experts,
                              counts_out=_ep.counts_buffer(shard_key), micro_batches=micro_batches,
-                             exchange="padded" if padded else "splits")
+                             exchange=exchange)
     _ep.log_counts(shard_key)
     return out.to(out_dtype)
 
 
 @moe_experts_ep.register_fake
 def _(x, topk_ids, topk_weights, shard_key, activation, out_dtype, impl, deterministic=True, micro_batches=1,
-      padded=False):
+      exchange="splits"):
     return x.new_empty(x.shape, dtype=out_dtype)
