@@ -112,7 +112,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     if options.inductor:
         from torch._inductor.compile_fx import compile_fx
 
-        patches = {"post_grad_custom_pre_pass": DeepfuseGraphPass(options, report)}
+        patches = {
+            "post_grad_custom_pre_pass": DeepfuseGraphPass(options, report),
+            # Inductor's pad_mm (GPU only, before our pass) pads an odd-sized matmul into constant_pad_nd -> mm ->
+            # slice when its benchmark of that one product says so. A padded attention or router no longer reads
+            # as itself, so what matched would depend on a timing: seen on H100, a batch-3 MLA decode step
+            # matched nothing in one run and everything in another.
+            "shape_padding": False,
+        }
         if _collectors or options.expert_parallel:
             # A cache hit would skip the passes, and with them the report being collected (or the sharding).
             patches["fx_graph_cache"] = False

@@ -69,7 +69,9 @@ class MLAPass:
     def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
         _dedupe_views(graph)
         changed = 0
-        for anchor in _anchors(graph):
+        anchors = _anchors(graph)
+        log.debug("mla: %d softmax anchor(s): %s", len(anchors), [a.name for a in anchors])
+        for anchor in anchors:
             if anchor not in _live(graph):
                 continue  # consumed by an earlier rewrite
             where = (source_line(anchor), module_path(anchor))
@@ -251,6 +253,7 @@ def _attention_output(graph: fx.Graph, anchor: fx.Node) -> Optional[fx.Node]:
 def _attention_region(graph: fx.Graph, anchor: fx.Node):
     out = _attention_output(graph, anchor)
     if out is None:
+        log.debug("mla: softmax %s: no projection downstream takes everything it feeds", anchor.name)
         return None
     order = {n: i for i, n in enumerate(graph.nodes)}
     if anchor.target in SDPA:
@@ -261,6 +264,7 @@ def _attention_region(graph: fx.Graph, anchor: fx.Node):
     common = (keys & values) - {anchor}
     weights = [n for n in common if _is_weight(n)]
     if not weights:
+        log.debug("mla: softmax %s: no weight reaches both its keys and its values", anchor.name)
         return None
 
     def first_matmul(w):
@@ -282,6 +286,9 @@ def _attention_region(graph: fx.Graph, anchor: fx.Node):
         tried.append(found)
     if tried:  # an attention, but nothing in it reads like a latent: not MLA (a plain MHA, say)
         log.debug("mla: attention at %s is not over a latent: %s", anchor.name, tried[0])
+    else:
+        log.debug("mla: softmax %s: no activation shared by keys and values has a weight's input width",
+                  anchor.name)
     return None
 
 

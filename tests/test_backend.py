@@ -182,3 +182,22 @@ def test_failed_inline_trace_falls_back_to_the_op(monkeypatch, caplog):
         report = _compile_and_compare(model, (x, r), 1e-5)
     assert len(report.matches) == 2
     assert "simulated tracing failure" in caplog.text
+
+
+def test_inductor_matmul_padding_is_off_where_the_passes_read_the_graph(monkeypatch):
+    """Inductor's pad_mm rewrites an odd-sized matmul as pad -> mm -> slice on GPUs when a timing says so (an
+    H100 run once left a batch-3 MLA decode step unmatched that way). It runs before deepfuse's passes, so
+    deepfuse's compile turns it off: what matches must not depend on a benchmark."""
+    from deepfuse.pipeline import DeepfuseGraphPass
+
+    seen = []
+    original = DeepfuseGraphPass.__call__
+
+    def spy(self, graph):
+        seen.append(torch._inductor.config.shape_padding)
+        return original(self, graph)
+
+    monkeypatch.setattr(DeepfuseGraphPass, "__call__", spy)
+    _compile_and_compare(Block().float(), (torch.randn(5, 64), torch.randn(5, 64)), 1e-5)
+    assert seen and not any(seen)
+    assert torch._inductor.config.shape_padding  # patched for deepfuse's compile only
