@@ -151,6 +151,8 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                       f"matches so far {families}, declined {[d.reason for d in report.declined]}", flush=True)
                 row("deepfuse", "decode", b, median_ms(lambda: compiled(tok, pos, cache), 30, warmup=3),
                     decode_bytes(cfg, figures, b, ctx) / bandwidth * 1e3)
+                if args.profile:
+                    profile(lambda: compiled(tok, pos, cache), os.path.join(args.out, f"profile_decode_b{b}.txt"))
             notes["deepfuse_matches"] = families
             notes["deepfuse_declined"] = [f"{d.family}: {d.reason}" for d in report.declined]
             if args.gen_tokens and not args.deepfuse_decode_only:
@@ -164,6 +166,23 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                       f"({int(same.sum())} equal in all)", flush=True)
     notes["weights"] = figures
     return figures, prefill_floor
+
+
+def profile(step, path: str, steps: int = 5) -> None:
+    """The GPU kernels of ``steps`` calls, by total GPU time (kernels replayed from CUDA graphs included)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    sort = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    with open(path, "w") as f:
+        f.write(f"{steps} calls\n" + events.table(sort_by=sort, row_limit=60, max_name_column_width=90))
+    print(f"profile of {steps} calls: {path}", flush=True)
 
 
 def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
@@ -228,6 +247,8 @@ def main():
                         help="deepfuse: the whole model as one graph, or each decoder block (regional)")
     parser.add_argument("--deepfuse-decode-only", action="store_true", help="skip deepfuse's prefill and greedy check")
     parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--profile", action="store_true",
+                        help="write the GPU kernels of deepfuse's decode steps to profile_decode_b{B}.txt")
     parser.add_argument("--impls", default="bundled,deepfuse,hf,hf_inductor")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
