@@ -12,8 +12,8 @@ Measured (CUDA events, median; every call launched from Python as a user would):
   change the work); the step writes position `context` and attends over everything before it;
 - deepfuse: compiled with mode="reduce-overhead" over the static latent cache (positions as device tensors: one
   decode graph for every context length), either whole (--compile whole: one CUDA graph per step) or block by
-  block (--compile blocks: one graph per kind of block, reused by every layer; embedding, rope, mask and head run
-  eagerly between them). Its compile time
+  block (--compile blocks: one graph per kind of block, reused by every layer, and each decode step captured
+  whole as one CUDA graph by deepfuse.runtime.cuda_graph.CapturedStep). Its compile time
   is the wall time of the first prefill call, and of the first three decode calls of each batch size
   (tracing, passes, kernel generation, autotuning, Inductor, CUDA-graph recording); cold unless the caches of
   an earlier run exist;
@@ -92,6 +92,7 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
     import deepfuse
     from deepfuse.models import DeepSeekForCausalLM
     from deepfuse.models.model import generate
+    from deepfuse.runtime.cuda_graph import CapturedStep
 
     model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
     figures = weight_figures(model, cfg)
@@ -115,12 +116,12 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                     decode_bytes(cfg, figures, b, ctx) / bandwidth * 1e3)
         if "deepfuse" in args.impls:
             # dynamic=False: one graph per batch size (each its own CUDA graph); the context never changes a shape
-            if args.compile == "blocks":  # regional: one graph per kind of block (dense, MoE), reused by every layer
-                for layer in model.model.layers:
-                    layer.compile(backend="deepfuse", mode="reduce-overhead", dynamic=False)
-                compiled = model
+            if args.compile == "blocks":  # regional: one graph per kind of block (dense, MoE), reused by every layer;
+                for layer in model.model.layers:  # a decode step is captured whole (CapturedStep), not per block
+                    layer.compile(backend="deepfuse", dynamic=False)
+                compiled, step = model, CapturedStep(model)
             else:
-                compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead", dynamic=False)
+                compiled = step = torch.compile(model, backend="deepfuse", mode="reduce-overhead", dynamic=False)
             notes["compile"] = args.compile
             pos = torch.tensor(ctx, device="cuda")
             report, families = deepfuse.Report(), {}
@@ -141,7 +142,7 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 with deepfuse.collect(report):
                     start = time.perf_counter()
                     for _ in range(3):  # compile, then CUDA-graph warm-up and recording
-                        compiled(tok, pos, cache)
+                        step(tok, pos, cache)
                     torch.cuda.synchronize()
                     notes[f"deepfuse_compile_s_decode_b{b}"] = time.perf_counter() - start
                 families = {}
@@ -149,15 +150,16 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                     families[m.family] = families.get(m.family, 0) + 1
                 print(f"deepfuse compile, decode batch {b}: {notes[f'deepfuse_compile_s_decode_b{b}']:.1f} s; "
                       f"matches so far {families}, declined {[d.reason for d in report.declined]}", flush=True)
-                row("deepfuse", "decode", b, median_ms(lambda: compiled(tok, pos, cache), 30, warmup=3),
+                row("deepfuse", "decode", b, median_ms(lambda: step(tok, pos, cache), 30, warmup=3),
                     decode_bytes(cfg, figures, b, ctx) / bandwidth * 1e3)
                 if args.profile:
-                    profile(lambda: compiled(tok, pos, cache), os.path.join(args.out, f"profile_decode_b{b}.txt"))
+                    profile(lambda: step(tok, pos, cache), os.path.join(args.out, f"profile_decode_b{b}.txt"))
             notes["deepfuse_matches"] = families
             notes["deepfuse_declined"] = [f"{d.family}: {d.reason}" for d in report.declined]
             if args.gen_tokens and not args.deepfuse_decode_only:
                 eager_tokens = generate(model, prompt, args.gen_tokens)
-                fused = generate(model, prompt, args.gen_tokens, forward=compiled, static_cache=True)
+                fused = generate(model, prompt, args.gen_tokens, forward=compiled, static_cache=True,
+                                 cuda_graph=args.compile == "blocks")
                 same = (eager_tokens == fused)[0].int()
                 agree = int(same.cumprod(0).sum())
                 notes["greedy"] = {"tokens": args.gen_tokens, "equal_before_first_divergence": agree,

@@ -437,14 +437,25 @@ def generate(
     generator: Optional[torch.Generator] = None,
     forward=None,
     static_cache: bool = False,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Greedy (temperature 0) or sampled generation over the latent cache; returns [B, max_new_tokens].
 
     ``forward`` is what runs each step (default: the model itself; pass a torch.compile'd model).
     ``static_cache``: positions go in as device tensors and every step attends over the whole preallocated cache
     (masked), so all decode steps share one compiled graph and one CUDA graph; use it with
-    ``mode="reduce-overhead"``."""
+    ``mode="reduce-overhead"``.
+    ``cuda_graph`` (needs ``static_cache``): the decode steps run as one captured CUDA graph
+    (``deepfuse.runtime.cuda_graph.CapturedStep``), for a model compiled block by block without
+    ``mode="reduce-overhead"``; the prefill runs as is."""
     forward = model if forward is None else forward
+    if cuda_graph and not static_cache:
+        raise ValueError("generate(cuda_graph=True) needs static_cache=True: a captured step must keep its shapes")
+    decode = forward
+    if cuda_graph:
+        from deepfuse.runtime.cuda_graph import CapturedStep
+
+        decode = CapturedStep(forward)
     bsz, plen = prompt.shape
     cache = model.new_cache(bsz, plen + max_new_tokens)
     position = torch.tensor(0, device=prompt.device) if static_cache else 0
@@ -455,7 +466,7 @@ def generate(
         out.append(token)
         if i + 1 < max_new_tokens:
             position = position + (plen if i == 0 else 1) if static_cache else plen + i
-            logits = forward(token[:, None], position, cache)[:, -1]
+            logits = decode(token[:, None], position, cache)[:, -1]
     return torch.stack(out, dim=1)
 
 

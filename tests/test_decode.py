@@ -71,3 +71,15 @@ def test_tensor_position_needs_a_cache():
     model, cfg = _model(seed=0)
     with pytest.raises(ValueError, match="preallocated cache"):
         model(torch.zeros(1, 1, dtype=torch.long), torch.tensor(3))
+
+
+def test_captured_step_rejects_what_it_cannot_capture():
+    from deepfuse.runtime.cuda_graph import CapturedStep
+
+    with pytest.raises(ValueError, match="warm-up"):
+        CapturedStep(lambda x: x, warmup=0)
+    with pytest.raises(ValueError, match="CUDA work"):
+        CapturedStep(lambda x: x)(torch.ones(2))
+    model = DeepSeekForCausalLM.from_config(get_config("tiny"), seed=0)
+    with pytest.raises(ValueError, match="static_cache"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), 2, cuda_graph=True)
