@@ -73,6 +73,17 @@ def test_bundled_model_mla_on_gpu_with_cuda_graphs(attn_impl):
         str(report)
 
 
+def _v2_tiny_bf16_and_float64():
+    """v2-tiny in bf16 (fresh seed), the same weights in float64, a 4x11 prompt; Dynamo reset."""
+    cfg = get_config("v2-tiny")
+    model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16,
+                                            seed=int(torch.randint(0, 1000, ())))
+    exact = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.float64)
+    exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    torch._dynamo.reset()
+    return cfg, model, exact, torch.randint(0, cfg.vocab_size, (4, 11), device="cuda")
+
+
 def test_static_cache_decode_is_one_cuda_graph():
     """Greedy decode of 40 tokens with mode="reduce-overhead" over the static cache: two compiled graphs
     (prefill, decode), CUDA graphs not skipped. Teacher-forced on eager bf16's tokens, every step's logits stay
@@ -81,13 +92,7 @@ def test_static_cache_decode_is_one_cuda_graph():
 
     from deepfuse.models.model import generate
 
-    cfg = get_config("v2-tiny")
-    model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16,
-                                            seed=int(torch.randint(0, 1000, ())))
-    exact = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.float64)
-    exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    prompt = torch.randint(0, cfg.vocab_size, (4, 11), device="cuda")
-    torch._dynamo.reset()
+    cfg, model, exact, prompt = _v2_tiny_bf16_and_float64()
     counters.clear()
     with torch.no_grad():
         tokens = generate(model, prompt, 40)
@@ -115,13 +120,7 @@ def test_block_by_block_decode_captured_whole():
     from deepfuse.models.model import generate
     from deepfuse.runtime.cuda_graph import CapturedStep
 
-    cfg = get_config("v2-tiny")
-    model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16,
-                                            seed=int(torch.randint(0, 1000, ())))
-    exact = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.float64)
-    exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    prompt = torch.randint(0, cfg.vocab_size, (4, 11), device="cuda")
-    torch._dynamo.reset()
+    cfg, model, exact, prompt = _v2_tiny_bf16_and_float64()
     report = deepfuse.Report()
     with torch.no_grad():
         tokens = generate(model, prompt, 24)
