@@ -103,11 +103,12 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_frequencies(config: DeepSeekConfig) -> torch.Tensor:
+def rope_frequencies(config: DeepSeekConfig, device=None) -> torch.Tensor:
     """Inverse frequencies of the rope dims; with YaRN, low frequencies are interpolated by ``factor`` and
-    high ones kept, with a linear ramp between the correction dims (DeepSeek's ``precompute_freqs_cis``)."""
+    high ones kept, with a linear ramp between the correction dims (DeepSeek's ``precompute_freqs_cis``).
+    Computed on ``device``: no host-to-device copy in a step, which a captured CUDA graph could not hold."""
     dim, base = config.qk_rope_head_dim, config.rope_theta
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     rs = config.rope_scaling
     if rs and rs.get("type") == "yarn":
         factor, original = rs["factor"], rs["original_max_position_embeddings"]
@@ -118,14 +119,14 @@ def rope_frequencies(config: DeepSeekConfig) -> torch.Tensor:
 
         low = max(math.floor(correction_dim(beta_fast)), 0)
         high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
-        ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)
+        ramp = (torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / max(high - low, 0.001)
         keep = 1 - ramp.clamp(0, 1)  # 1: extrapolate (keep the frequency), 0: interpolate
         freqs = freqs / factor * (1 - keep) + freqs * keep
     return freqs
 
 
 def rope_cos_sin(config: DeepSeekConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = rope_frequencies(config).to(positions.device)
+    freqs = rope_frequencies(config, positions.device)
     angles = positions.float()[:, None] * freqs[None, :]
     rs = config.rope_scaling
     scale = 1.0
