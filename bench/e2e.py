@@ -157,7 +157,8 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
             notes["deepfuse_matches"] = families
             notes["deepfuse_declined"] = [f"{d.family}: {d.reason}" for d in report.declined]
             if args.gen_tokens and not args.deepfuse_decode_only:
-                eager_tokens = generate(model, prompt, args.gen_tokens)
+                with torch.compiler.set_stance("force_eager"):  # --compile blocks compiled the layers in place
+                    eager_tokens = generate(model, prompt, args.gen_tokens)
                 fused = generate(model, prompt, args.gen_tokens, forward=compiled, static_cache=True,
                                  cuda_graph=args.compile == "blocks")
                 same = (eager_tokens == fused)[0].int()
