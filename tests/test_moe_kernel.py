@@ -22,13 +22,13 @@ def _inputs(t, hidden, inter, experts, k, dtype, device, route="random", gen=Non
 
 
 def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random", activation="silu", noncontig=False,
-           deterministic=True):
+           deterministic=True, config=None):
     x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
     if noncontig:
         x = torch.cat([x, x], dim=1)[:, ::2]
         assert t == 0 or not x.is_contiguous()
     out = moe.moe_experts(x, ids, weights, wgu, wd, activation=activation, interpret=interpret,
-                          deterministic=deterministic)
+                          deterministic=deterministic, config=config)
     ref = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double(), activation)
     assert out.shape == (t, hidden) and out.dtype == dtype
     if t:
@@ -60,6 +60,16 @@ def test_interpreted_activations(activation):
 @pytest.mark.parametrize("case", [(1, 64, 32, 8, 2), (9, 32, 32, 8, 8), (0, 32, 32, 4, 2), (40, 32, 48, 7, 3)], ids=str)
 def test_interpreted_atomic_combine(case):
     _check(*case, torch.float16, "cpu", interpret=True, deterministic=False)
+
+
+DECODE_CANDIDATES = [c for c in moe.CANDIDATES if c.get("N_FASTEST")]
+
+
+@pytest.mark.parametrize("config", DECODE_CANDIDATES, ids=lambda c: f"n{c['BLOCK_N']}-d{c['BLOCK_N_DOWN']}-k{c['BLOCK_K']}")
+def test_interpreted_decode_tiles(config):
+    """The decode candidates (down kernel's own N tile, N-fastest program order) at one and three tokens."""
+    _check(1, 64, 48, 8, 3, torch.float32, "cpu", interpret=True, config=config)
+    _check(3, 96, 32, 16, 2, torch.float16, "cpu", interpret=True, config=config, deterministic=False)
 
 
 def test_interpreted_all_tokens_to_one_expert_and_noncontiguous_input():
@@ -116,3 +126,10 @@ def test_gpu_experts_atomic_combine(t):
 def test_gpu_experts_edge_routes():
     _check(300, 512, 256, 16, 8, torch.bfloat16, "cuda", interpret=False, route="one_expert", noncontig=True)
     _check(3, 512, 256, 64, 1, torch.bfloat16, "cuda", interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64])
+def test_gpu_every_autotune_candidate(t):
+    for config in moe.CANDIDATES:
+        _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, config=config)

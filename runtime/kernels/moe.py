@@ -43,15 +43,17 @@ import triton.language as tl
 def moe_align_kernel(
     Ids, SortedSlots, BlockExpert, NumPadded,
     num_slots, capacity,
-    E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SLOT_CHUNK: tl.constexpr,
 ):
     """One program: count slots per expert, pad each expert's segment to BLOCK_M rows, and write every slot
-    to its place (stable: slots of one expert keep their order); padding rows hold num_slots."""
+    to its place (stable: slots of one expert keep their order); padding rows hold num_slots. The slots are
+    walked SLOT_CHUNK at a time (their pairwise comparison is SLOT_CHUNK^2), the row buffers CHUNK at a time."""
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
+    slot_lanes = tl.arange(0, SLOT_CHUNK)
     counts = tl.zeros((E_POW2,), dtype=tl.int32)
-    for c0 in range(0, num_slots, CHUNK):
-        ids = tl.load(Ids + c0 + lanes, mask=c0 + lanes < num_slots, other=E_POW2)
+    for c0 in range(0, num_slots, SLOT_CHUNK):
+        ids = tl.load(Ids + c0 + slot_lanes, mask=c0 + slot_lanes < num_slots, other=E_POW2)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_end = tl.cumsum(padded, axis=0)
@@ -66,14 +68,14 @@ def moe_align_kernel(
         tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E - 1), mask=b0 + lanes < capacity // BLOCK_M)
     tl.debug_barrier()  # the padding fill above must land before the slots below overwrite it
     seen = tl.zeros((E_POW2,), dtype=tl.int32)
-    for c0 in range(0, num_slots, CHUNK):
-        ok = c0 + lanes < num_slots
-        ids = tl.load(Ids + c0 + lanes, mask=ok, other=E_POW2)
+    for c0 in range(0, num_slots, SLOT_CHUNK):
+        ok = c0 + slot_lanes < num_slots
+        ids = tl.load(Ids + c0 + slot_lanes, mask=ok, other=E_POW2)
         match = ids[:, None] == experts[None, :]
-        earlier = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
+        earlier = (ids[:, None] == ids[None, :]) & (slot_lanes[None, :] < slot_lanes[:, None])
         rank = tl.sum(earlier.to(tl.int32), axis=1) + tl.sum(tl.where(match, seen[None, :], 0), axis=1)
         start = tl.sum(tl.where(match, padded_start[None, :], 0), axis=1)
-        tl.store(SortedSlots + start + rank, c0 + lanes, mask=ok)
+        tl.store(SortedSlots + start + rank, c0 + slot_lanes, mask=ok)
         seen += tl.sum(match.to(tl.int32), axis=0)
 
 
@@ -83,10 +85,15 @@ def moe_gate_up_act_kernel(
     stride_xm, stride_we, stride_wn, stride_wk, stride_om,
     num_slots, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    N_FASTEST: tl.constexpr,
 ):
     """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:  # prefill: the row blocks of one weight tile launch together (the tile stays in L2)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(NumPadded):
         return
     expert = tl.load(BlockExpert + pid_m).to(tl.int64)
@@ -124,12 +131,16 @@ def moe_down_weighted_kernel(
     stride_hm, stride_we, stride_wn, stride_wk, stride_om,
     num_slots, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
     straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    if N_FASTEST:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(NumPadded):
         return
     expert = tl.load(BlockExpert + pid_m).to(tl.int64)
@@ -184,6 +195,9 @@ def config_for(num_slots: int, num_experts: int) -> dict:
     """Tile sizes by the expected rows per expert: small blocks at decode (few rows, weights streamed once),
     large ones in prefill (tensor-core bound)."""
     rows_per_expert = num_slots / max(num_experts, 1)
+    if rows_per_expert <= 1:  # decode: one row block per active expert; narrow down tiles for more programs
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_N_DOWN": 32, "BLOCK_K": 128, "N_FASTEST": True,
+                "num_warps": 4, "num_stages": 4}
     if rows_per_expert <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
     if rows_per_expert <= 64:
@@ -195,6 +209,9 @@ def config_for(num_slots: int, num_experts: int) -> dict:
 
 # Candidates timed per (GPU, token bucket) at compile time: small row blocks stream weights at decode sizes,
 # large ones feed the tensor cores in prefill; two accumulators in the gate/up kernel cap the tile area.
+# BLOCK_N_DOWN (default BLOCK_N) is the down kernel's own N tile, N_FASTEST (default False) its program order:
+# at a few tokens only a handful of row blocks are active, and narrower N tiles launched first keep every SM
+# streaming weights.
 CANDIDATES = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
     for bm, bn, bk, w, st in [
@@ -202,6 +219,10 @@ CANDIDATES = [
         (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 64, 64, 4, 4),
         (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 128, 4, 3),
     ]
+] + [
+    {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_N_DOWN": bnd, "BLOCK_K": bk, "N_FASTEST": True, "num_warps": 4,
+     "num_stages": st}
+    for bn, bnd, bk, st in [(64, 32, 128, 4), (32, 32, 128, 4), (64, 16, 128, 4), (32, 16, 256, 3), (64, 64, 128, 4)]
 ]
 
 
@@ -236,7 +257,8 @@ def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpre
     if not interpret:
         fn = torch.library.wrap_triton(fn)
     fn[(1,)](flat, sorted_slots, block_expert, num_padded, num_slots, capacity,
-             E=num_experts, E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m, CHUNK=128)
+             E=num_experts, E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m, CHUNK=128,
+             SLOT_CHUNK=min(128, max(16, triton.next_power_of_2(size_hint(num_slots)))))
     return sorted_slots, block_expert, num_padded
 
 
@@ -292,6 +314,8 @@ def moe_experts(
     num_slots = t * k
     cfg = dict(config or config_for(num_slots, num_experts))
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
+    n_fastest = n_fastest and size_hint(num_slots + num_experts * bm) // bm < 65536  # the grid's y limit
     launch_opts = {} if interpret else cfg
     x = x if x.stride(-1) == 1 else x.contiguous()
     w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
@@ -310,21 +334,24 @@ def moe_experts(
     if not interpret:
         gate_up, down = torch.library.wrap_triton(gate_up), torch.library.wrap_triton(down)
     inter_out = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
-    gate_up[(capacity // bm, triton.cdiv(inter, bn))](
+    def grid(n_tiles):
+        return (n_tiles, capacity // bm) if n_fastest else (capacity // bm, n_tiles)
+
+    gate_up[grid(triton.cdiv(inter, bn))](
         x, w_gate_up, inter_out, sorted_slots, block_expert, num_padded,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), inter_out.stride(0),
         num_slots, N=inter, K=hidden,
-        TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch_opts,
+        TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, **launch_opts,
     )
     if deterministic:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     else:
         out = torch.zeros((t, hidden), dtype=torch.float32, device=x.device)
-    down[(capacity // bm, triton.cdiv(hidden, bn))](
+    down[grid(triton.cdiv(hidden, bn_down))](
         inter_out, w_down, out, sorted_slots, block_expert, num_padded, weights,
         inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), out.stride(0),
         num_slots, N=hidden, K=inter, TOP_K=k, ATOMIC=not deterministic,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch_opts,
+        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest, **launch_opts,
     )
     if not deterministic:
         return out.to(x.dtype)
