@@ -194,7 +194,9 @@ def replace_region_traced(graph: fx.Graph, binding: Binding, launcher: Callable,
         return tuple(o for o in launcher(*full) if o is not None)
 
     with fake_mode, torch._dispatch.python.enable_python_dispatcher(), preserve_node_meta():
-        gm = make_fx(torch.func.functionalize(traced, remove="mutations_and_views"), select_decomp_table(),
+        # Views stay views: as view_copy ops Inductor would materialize them (an MLA decode step copied the
+        # W_UK and W_UV slices of kv_b_proj, 2 MB each, per layer and step).
+        gm = make_fx(torch.func.functionalize(traced, remove="mutations"), select_decomp_table(),
                      tracing_mode="real")(*vals)
     order = {n: i for i, n in enumerate(graph.nodes)}
     last = max(binding.interior, key=order.__getitem__)

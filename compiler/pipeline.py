@@ -119,7 +119,15 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
             # as itself, so what matched would depend on a timing: seen on H100, a batch-3 MLA decode step
             # matched nothing in one run and everything in another.
             "shape_padding": False,
+            # With it on, Inductor's decomposition table turns every matrix-vector product (one token) into a
+            # multiply and a sum before the passes run, so no MoE or MLA matches at decode (seen on H100).
+            "coordinate_descent_tuning": False,
         }
+        import torch._inductor.config as inductor_config
+
+        if inductor_config.coordinate_descent_tuning:
+            log.info("Inductor's coordinate_descent_tuning is off while deepfuse compiles: it decomposes one-token "
+                     "matmuls before deepfuse's passes can match them")
         if _collectors or options.expert_parallel:
             # A cache hit would skip the passes, and with them the report being collected (or the sharding).
             patches["fx_graph_cache"] = False

@@ -184,20 +184,24 @@ def test_failed_inline_trace_falls_back_to_the_op(monkeypatch, caplog):
     assert "simulated tracing failure" in caplog.text
 
 
-def test_inductor_matmul_padding_is_off_where_the_passes_read_the_graph(monkeypatch):
-    """Inductor's pad_mm rewrites an odd-sized matmul as pad -> mm -> slice on GPUs when a timing says so (an
-    H100 run once left a batch-3 MLA decode step unmatched that way). It runs before deepfuse's passes, so
-    deepfuse's compile turns it off: what matches must not depend on a benchmark."""
+def test_inductor_rewrites_of_matmuls_are_off_where_the_passes_read_the_graph(monkeypatch):
+    """Two Inductor settings rewrite matmuls before deepfuse's passes see them, on GPUs only: pad_mm pads an
+    odd-sized matmul (pad -> mm -> slice) when a timing says so (an H100 run once left a batch-3 MLA decode step
+    unmatched), and coordinate_descent_tuning decomposes every one-token matmul into a multiply and a sum (no
+    MoE or MLA matched at decode). deepfuse's compile turns both off, and only for itself."""
     from deepfuse.pipeline import DeepfuseGraphPass
 
     seen = []
     original = DeepfuseGraphPass.__call__
 
     def spy(self, graph):
-        seen.append(torch._inductor.config.shape_padding)
+        cfg = torch._inductor.config
+        seen.append((cfg.shape_padding, cfg.coordinate_descent_tuning))
         return original(self, graph)
 
     monkeypatch.setattr(DeepfuseGraphPass, "__call__", spy)
-    _compile_and_compare(Block().float(), (torch.randn(5, 64), torch.randn(5, 64)), 1e-5)
-    assert seen and not any(seen)
-    assert torch._inductor.config.shape_padding  # patched for deepfuse's compile only
+    with torch._inductor.config.patch(coordinate_descent_tuning=True):
+        _compile_and_compare(Block().float(), (torch.randn(5, 64), torch.randn(5, 64)), 1e-5)
+        assert torch._inductor.config.coordinate_descent_tuning
+    assert seen and all(s == (False, False) for s in seen), seen
+    assert torch._inductor.config.shape_padding
