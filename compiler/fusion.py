@@ -57,11 +57,11 @@ class FusionPass:
 
 class RegionBinding:
     """A region found by analysis rather than a declared pattern, in the shape the replace functions take:
-    its interior nodes and the one value it produces."""
+    its interior nodes and the value it produces (or the values, in the replacement's output order)."""
 
-    def __init__(self, interior: Sequence[fx.Node], out: fx.Node):
+    def __init__(self, interior: Sequence[fx.Node], out: Union[fx.Node, Sequence[fx.Node]]):
         self.interior = list(interior)
-        self.outputs = [out]
+        self.outputs = [out] if isinstance(out, fx.Node) else list(out)
 
 
 def ancestors(nodes: Sequence[fx.Node], blocked=frozenset(),

@@ -29,7 +29,7 @@ from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.shapes import hint, value
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
-from deepfuse.runtime.kernels import moe as kernel
+from deepfuse.runtime.kernels import TRITON_DTYPES, moe as kernel
 
 aten = torch.ops.aten
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -69,6 +69,7 @@ class MoEPass:
                                if impl != "reference" else None)
             else:
                 kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where, options.inline)
+            params["router_topk"] = self._rewrite_router_topk(graph, topk, impl, options.inline, where)
             report.matches.append(Match(self.family, op_name, params, *where, impl=impl, kernel_file=kernel_file))
             log.info("matched moe -> deepfuse::moe_experts [%s] at %s (%s) %s", impl, where[1] or "?", where[0], params)
             changed += 1
@@ -77,6 +78,42 @@ class MoEPass:
     def _decline(self, report, reason, where):
         report.declined.append(Declined(self.family, reason, *where))
         log.info("declined moe at %s (%s): %s", where[1] or "?", where[0], reason)
+
+    @staticmethod
+    def _rewrite_router_topk(graph, topk, impl, inline, where) -> str:
+        """The router's final top-k as one generated kernel (aten launches two). Returns what runs it: "kernel",
+        or "aten" and why not."""
+        scores, k = topk.args[0], topk.args[1]
+        dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+        largest = topk.args[3] if len(topk.args) > 3 else topk.kwargs.get("largest", True)
+        sv = value(scores)
+        if impl == "reference":
+            return "aten (reference kernels)"
+        if sv is None or sv.dim() != 2 or dim not in (-1, 1) or largest is not True or not isinstance(k, int):
+            return "aten (not a largest-k over the last dim of [tokens, experts])"
+        e = sv.shape[-1]
+        if not isinstance(e, int) or e > kernel.ROUTER_TOPK_MAX_EXPERTS or sv.dtype not in TRITON_DTYPES:
+            return f"aten ({e} experts in {sv.dtype}: the kernel takes up to {kernel.ROUTER_TOPK_MAX_EXPERTS}, fp16/bf16/fp32)"
+        outs = []
+        for i in (0, 1):  # both outputs, in the op's order (a missing one is made, and left unused)
+            g = _getitem(topk, i)
+            if g is None:
+                with graph.inserting_after(topk):
+                    g = graph.call_function(operator.getitem, (topk, i))
+                g.meta["val"] = topk.meta["val"][i]
+            outs.append(g)
+        binding = RegionBinding([topk, *outs], outs)
+        origin = f"{where[1] or '?'} ({where[0]})"
+
+        def launcher(s_):
+            return kernel.router_topk(s_, k, origin=origin)
+
+        op = torch.ops.deepfuse.router_topk.default
+        if impl == "triton" and inline:
+            replace_region_inline_or_op(graph, binding, launcher, (scores,), op, lambda: (scores, k, impl), 2)
+        else:
+            replace_region(graph, binding, op, (scores, k, impl), 2)
+        return "kernel"
 
     @staticmethod
     def _op_args(graph, out, x, ids, weights, w1, w2, params, impl) -> tuple:

@@ -86,6 +86,22 @@ def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation, out_dtype, impl,
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
+@torch.library.custom_op("deepfuse::router_topk", mutates_args=())
+def router_topk(scores: torch.Tensor, k: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's top-k over [T, E] scores: (values, int64 indices), sorted descending."""
+    _check_impl(impl)
+    if impl == "reference":
+        values, indices = torch.topk(scores, k, dim=-1)
+        return values, indices
+    return _moe.router_topk(scores, k, interpret=impl == "interpret")
+
+
+@router_topk.register_fake
+def _(scores, k, impl):
+    shape = (*scores.shape[:-1], k)
+    return scores.new_empty(shape), scores.new_empty(shape, dtype=torch.int64)
+
+
 @torch.library.custom_op("deepfuse::mla_attention", mutates_args=())
 def mla_attention(
     q_nope: torch.Tensor,

@@ -133,3 +133,30 @@ def test_gpu_experts_edge_routes():
 def test_gpu_every_autotune_candidate(t):
     for config in moe.CANDIDATES:
         _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, config=config)
+
+
+@pytest.mark.parametrize("t,e,k", [(5, 64, 6), (3, 7, 7), (1, 160, 1), (0, 8, 2), (4, 1024, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_router_topk_equals_torch(t, e, k, dtype):
+    scores = torch.randn(t, 2 * e).to(dtype)[:, ::2]  # non-contiguous rows
+    values, indices = moe.router_topk(scores, k, interpret=True)
+    want_v, want_i = torch.topk(scores.double(), k, dim=-1)
+    assert indices.dtype == torch.int64 and values.dtype == dtype and values.shape == (t, k)
+    assert torch.equal(indices, want_i) and torch.equal(values.double(), want_v)
+
+
+def test_interpreted_router_topk_ties_nan_and_infinities():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0],  # ties: lower index first
+                           [float("-inf")] * 4 + [2.0],  # fewer finite scores than k
+                           [0.0, float("nan"), 5.0, 1.0, float("inf")]])  # NaN counts as the largest
+    values, indices = moe.router_topk(scores, 3, interpret=True)
+    assert indices.tolist() == [[1, 2, 4], [4, 0, 1], [1, 4, 2]]
+    assert values[0].tolist() == [3.0, 3.0, 3.0] and values[1].tolist() == [2.0, float("-inf"), float("-inf")]
+    assert values[2, 0].isnan() and values[2, 1:].tolist() == [float("inf"), 5.0]
+
+
+def test_router_topk_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="not supported"):
+        moe.router_topk(torch.randn(2, 2048), 4, interpret=True)
+    with pytest.raises(ValueError, match="not supported"):
+        moe.router_topk(torch.randn(2, 8), 9, interpret=True)

@@ -27,6 +27,8 @@ def test_bundled_model_moe_is_fused_and_correct(config, routing, options):
         assert m.params["activation"] == "silu" and m.params["intermediate"] == cfg.moe_intermediate_size
         assert {k: m.params[k] for k in routing} == routing
         assert m.module.endswith("mlp") or "mlp" in m.module, m.module
+        # the router's top-k runs as deepfuse's kernel unless the experts do (reference: aten's)
+        assert m.params["router_topk"] == ("kernel" if m.impl != "reference" else "aten (reference kernels)")
 
 
 HF_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
