@@ -160,3 +160,14 @@ def test_router_topk_rejects_what_it_cannot_do():
         moe.router_topk(torch.randn(2, 2048), 4, interpret=True)
     with pytest.raises(ValueError, match="not supported"):
         moe.router_topk(torch.randn(2, 8), 9, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_router_topk_equals_torch(t, dtype):
+    scores = torch.randn(t, 64, device="cuda").softmax(-1).to(dtype)
+    values, indices = moe.router_topk(scores, 6)
+    want_v, _ = torch.topk(scores, 6, dim=-1)
+    assert torch.equal(values, want_v)  # the same k values in the same order (bf16 ties may swap indices)
+    assert torch.equal(scores.gather(1, indices), values)
