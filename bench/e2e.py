@@ -15,8 +15,9 @@ Measured (CUDA events, median; every call launched from Python as a user would):
   block (--compile blocks: one graph per kind of block, reused by every layer, and each decode step captured
   whole as one CUDA graph by deepfuse.runtime.cuda_graph.CapturedStep). Its compile time
   is the wall time of the first prefill call, and of the first three decode calls of each batch size
-  (tracing, passes, kernel generation, autotuning, Inductor, CUDA-graph recording); cold unless the caches of
-  an earlier run exist;
+  (tracing, passes, kernel generation, autotuning, Inductor, CUDA-graph recording). Inductor's FX graph cache is
+  off while the match report is collected; with --no-collect it is on, and a second run measures a warm compile
+  (deepfuse's kernel and autotune caches and Triton's are on disk either way);
 - greedy generation of --gen-tokens tokens after the prompt, deepfuse against the bundled model in eager bf16:
   how many tokens agree before the first divergence (bf16 under a different fusion order can flip near-ties);
   the yardstick is eager bf16 against itself with the other attention form (naive vs absorb).
@@ -27,6 +28,7 @@ and e2e.png to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -126,9 +128,15 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
             notes["compile"] = args.compile
             pos = torch.tensor(ctx, device="cuda")
             report, families = deepfuse.Report(), {}
+
+            def collecting(report):
+                # Collecting the report turns Inductor's FX graph cache off (a hit would skip the passes), so
+                # every compile is cold; --no-collect leaves the caches on (for a warm-compile run) and reports
+                # no matches.
+                return contextlib.nullcontext() if args.no_collect else deepfuse.collect(report)
             if not args.deepfuse_decode_only:
                 cache = model.new_cache(1, max_len)
-                with deepfuse.collect(report):  # (collecting turns Inductor's FX graph cache off: a cold compile)
+                with collecting(report):
                     start = time.perf_counter()
                     compiled(prompt, torch.tensor(0, device="cuda"), cache)
                     torch.cuda.synchronize()
@@ -140,7 +148,7 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 cache = model.new_cache(b, max_len)
                 fill_cache(cache, ctx)
                 tok = torch.randint(0, cfg.vocab_size, (b, 1), device="cuda")
-                with deepfuse.collect(report):
+                with collecting(report):
                     start = time.perf_counter()
                     for _ in range(3):  # compile, then CUDA-graph warm-up and recording
                         step(tok, pos, cache)
@@ -263,6 +271,8 @@ def main():
                         help="deepfuse: the whole model as one graph, or each decoder block (regional)")
     parser.add_argument("--deepfuse-decode-only", action="store_true", help="skip deepfuse's prefill and greedy check")
     parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--no-collect", action="store_true",
+                        help="no match report: Inductor's caches stay on, so a second run measures a warm compile")
     parser.add_argument("--profile", action="store_true",
                         help="write the GPU kernels of deepfuse's decode steps to profile_decode_b{B}.txt")
     parser.add_argument("--impls", default="bundled,deepfuse,hf,hf_inductor")
