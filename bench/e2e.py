@@ -106,7 +106,7 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
     def row(impl, what, batch, ms, floor_ms):
         add_row(rows, impl, what, batch, ms, floor_ms, p)
 
-    max_len = max(p, ctx) + args.gen_tokens
+    max_len = max(p, ctx + 1) + args.gen_tokens  # a decode step writes position ctx
     with torch.no_grad():
         if "bundled" in args.impls:
             cache = model.new_cache(1, max_len)
