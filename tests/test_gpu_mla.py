@@ -119,8 +119,9 @@ def test_block_by_block_decode_captured_whole():
     generate(cuda_graph=True).
 
     Compared per sequence: a bf16 router near a tie can pick another expert than float64 for one token, and
-    that row's logits are then off by far more than rounding (at 874f71d one row of one step was at 0.094
-    against eager's 0.0065, every other row within bounds). Up to 1 in 20 (step, sequence) pairs may be
+    that row's logits are then off by far more than rounding (at 874f71d, step 16 failed at 0.094 against
+    eager's 0.0065 while the steps before it had passed; in the printed logits one row differed, the others
+    matched to bf16 rounding). Up to 1 in 20 (step, sequence) pairs may be
     outside the bound; a wrong kernel or a stale captured input misses it everywhere."""
     from deepfuse.models.model import generate
     from deepfuse.runtime.cuda_graph import CapturedStep
