@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import deepfuse
 from deepfuse.models import DeepSeekForCausalLM, get_config
-from conftest import compile_and_compare as _compile_check
+from conftest import compile_and_compare as _compile_check, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,15 +57,34 @@ def _hf(kind, impl):
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_hf_moe_models_are_recognized(kind, impl):
     model = _hf(kind, impl)
-    if impl == "grouped_mm":
-        model = model.bfloat16()  # torch._grouped_mm's shape function takes bf16 only
     ids = torch.randint(0, 256, (1, 7))
-    tol = 1e-4 if impl == "batched_mm" else 3e-2
-    report = _compile_check(model, (ids,), tol, interpret=impl == "batched_mm")
+    if impl == "batched_mm":
+        report = _compile_check(model, (ids,), 1e-4, interpret=True)
+    else:
+        report = _bf16_against_float64(model, kind, ids)
     moes = [m for m in report.matches if m.family == "moe"]
     layers = model.config.num_hidden_layers - getattr(model.config, "first_k_dense_replace", 0)
     assert len(moes) == layers, str(report)
     assert all(m.params["activation"] == "silu" for m in moes)
+
+
+def _bf16_against_float64(model, kind, ids):
+    """``model`` (grouped_mm experts: torch._grouped_mm takes bf16 only) compiled in bf16, against the same
+    weights in float64 (batched_mm experts), token by token: within twice eager bf16's error or 3e-2. One token of
+    the 7 may be outside: a bf16 router near a tie can pick another expert than float64 for one token (seen
+    once at 0.036 on the whole output, with fresh random weights); a wrong rewrite misses on every token."""
+    exact = _hf(kind, "batched_mm").double()
+    exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    model = model.bfloat16()
+    report = deepfuse.Report()
+    with torch.no_grad():
+        ref, eager = exact(ids).logits[0], model(ids).logits[0]
+        with deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse")(ids).logits[0]
+    outside = [t for t in range(ids.shape[1])
+               if rel_err(out[t], ref[t]) >= max(2 * rel_err(eager[t], ref[t]), 3e-2)]
+    assert len(outside) <= 1, [(t, rel_err(out[t], ref[t]), rel_err(eager[t], ref[t])) for t in outside]
+    return report
 
 
 @pytest.mark.parametrize("kind,dtype", [("deepseek_v2", "float32"), ("deepseek_v3", "float32"),
