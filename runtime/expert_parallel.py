@@ -198,7 +198,7 @@ def ep_moe_experts(
 
     # Each row travels with its local expert id (int64) bit-cast into id_cols extra columns of x's dtype: one
     # exchange per chunk and direction, not two.
-    id_cols = max(1, 8 // x.element_size())
+    id_cols = _id_columns(x)
     inflight = []  # dispatch every chunk now; each waits for its own rows only
     for (lo, hi, order, _), s_split, r_split in zip(plans, send_splits, recv_splits):
         local_ids = flat_ids[order] - dest[order] * shard.local
@@ -212,11 +212,10 @@ def ep_moe_experts(
         counts_out.zero_()
     for (lo, hi, order, _), s_split, r_split, (recv, work, _) in zip(plans, send_splits, recv_splits, inflight):
         work.wait()
-        recv_x, recv_ids = recv[:, :hidden], recv[:, hidden:].contiguous().view(torch.int64).view(-1)
+        recv_x, recv_ids = _unpack(recv, hidden)
         if counts_out is not None:
             counts_out.add_(_count(recv_ids, shard.local))
-        ones = torch.ones((recv_x.shape[0], 1), dtype=topk_weights.dtype, device=x.device)
-        local_out = experts_fn(recv_x, recv_ids[:, None], ones, w_gate_up_local, w_down_local).to(x.dtype)
+        local_out = _local_experts(recv_x, recv_ids, topk_weights.dtype, w_gate_up_local, w_down_local, experts_fn)
         chunk_back = x.new_empty(((hi - lo) * k, hidden))
         work = dist.all_to_all_single(chunk_back, local_out.contiguous(), s_split, r_split, group=group,
                                       async_op=True)
@@ -224,9 +223,31 @@ def ep_moe_experts(
     for order, chunk_back, work, _ in returning:
         work.wait()
         back[order] = chunk_back
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weighted = back.view(t, k, hidden).to(acc) * topk_weights.to(acc)[..., None]
-    return weighted.sum(dim=1).to(x.dtype)
+    return _combine(back, topk_weights, x.dtype)
+
+
+def _id_columns(x: torch.Tensor) -> int:
+    """Columns of x's dtype that hold one int64 local expert id, bit-cast, at the end of each exchanged row."""
+    return max(1, 8 // x.element_size())
+
+
+def _unpack(recv: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exchanged rows -> (their hidden states, their local expert ids)."""
+    return recv[:, :hidden], recv[:, hidden:].contiguous().view(torch.int64).view(-1)
+
+
+def _local_experts(recv_x, recv_ids, weight_dtype, w_gate_up_local, w_down_local, experts_fn) -> torch.Tensor:
+    """Each received row through its one local expert, unweighted (the source rank applies the routing weight)."""
+    ones = torch.ones((recv_x.shape[0], 1), dtype=weight_dtype, device=recv_x.device)
+    return experts_fn(recv_x, recv_ids[:, None], ones, w_gate_up_local, w_down_local).to(recv_x.dtype)
+
+
+def _combine(back: torch.Tensor, topk_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The k returned rows of each token [T*k, H], in (token, slot) order, weighted and summed in a fixed order."""
+    t, k = topk_weights.shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weighted = back.view(t, k, back.shape[-1]).to(acc) * topk_weights.to(acc)[..., None]
+    return weighted.sum(dim=1).to(dtype)
 
 
 def _padded_exchange(x, topk_ids, topk_weights, w_gate_up_local, w_down_local, shard, experts_fn, group,
@@ -244,7 +265,7 @@ def _padded_exchange(x, topk_ids, topk_weights, w_gate_up_local, w_down_local, s
     slot = torch.empty_like(order)
     slot[order] = torch.arange(cap, device=x.device) - start[dest[order]]  # a pair's row in its destination block
     row = dest * cap + slot  # in the [world * cap] send buffer
-    id_cols = max(1, 8 // x.element_size())
+    id_cols = _id_columns(x)
     send = x.new_zeros((world * cap, hidden + id_cols))
     send[row, :hidden] = x.repeat_interleave(k, dim=0)
     local_ids = torch.zeros(world * cap, dtype=torch.int64, device=x.device)  # padding rows: expert 0, zero input
@@ -254,14 +275,11 @@ def _padded_exchange(x, topk_ids, topk_weights, w_gate_up_local, w_down_local, s
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts, group=group)  # how many rows of each block are pairs (stays on device)
     dist.all_to_all_single(recv, send, group=group)
-    recv_x, recv_ids = recv[:, :hidden], recv[:, hidden:].contiguous().view(torch.int64).view(-1)
+    recv_x, recv_ids = _unpack(recv, hidden)
     if counts_out is not None:
         real = torch.arange(cap, device=x.device)[None, :] < received[:, None]
         counts_out.zero_().scatter_add_(0, recv_ids, real.reshape(-1).to(torch.int64))
-    ones = torch.ones((world * cap, 1), dtype=topk_weights.dtype, device=x.device)
-    local_out = experts_fn(recv_x, recv_ids[:, None], ones, w_gate_up_local, w_down_local).to(x.dtype)
+    local_out = _local_experts(recv_x, recv_ids, topk_weights.dtype, w_gate_up_local, w_down_local, experts_fn)
     back = torch.empty_like(local_out)
     dist.all_to_all_single(back, local_out.contiguous(), group=group)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weighted = back[row].view(t, k, hidden).to(acc) * topk_weights.to(acc)[..., None]
-    return weighted.sum(dim=1).to(x.dtype)
+    return _combine(back[row], topk_weights, x.dtype)

@@ -368,7 +368,6 @@ def moe_experts(
     cfg = dict(config or config_for(num_slots, num_experts))
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
-    n_fastest = n_fastest and size_hint(num_slots + num_experts * bm) // bm < 65536  # the grid's y limit
     launch_opts = {} if interpret else cfg
     x = x if x.stride(-1) == 1 else x.contiguous()
     w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
@@ -381,6 +380,7 @@ def moe_experts(
     else:
         sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
     capacity = sorted_slots.shape[0]
+    n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin)
     gate_up = gen.function("moe_gate_up_act_kernel", interpret=interpret)
     down = gen.function("moe_down_weighted_kernel", interpret=interpret)
