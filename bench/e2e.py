@@ -171,11 +171,15 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                     # The yardstick: eager bf16 against itself with the other attention form (naive expands the
                     # latent, absorb folds kv_b_proj into q and out), the same math in another summation order.
                     attns = [layer.self_attn for layer in model.model.layers]
-                    for a in attns:
-                        a.attn_impl = "naive"
-                    naive_tokens = generate(model, prompt, args.gen_tokens)
-                    for a in attns:
-                        a.attn_impl = "absorb"
+                    impl = attns[0].attn_impl
+                    other = "naive" if impl == "absorb" else "absorb"
+                    try:
+                        for a in attns:
+                            a.attn_impl = other
+                        naive_tokens = generate(model, prompt, args.gen_tokens)
+                    finally:  # the compiled graphs were traced with the model's own form
+                        for a in attns:
+                            a.attn_impl = impl
                 fused = generate(model, prompt, args.gen_tokens, forward=compiled, static_cache=True,
                                  cuda_graph=args.compile == "blocks")
 
