@@ -19,14 +19,20 @@ def _translation(overload: torch._ops.OpOverload):
 
     schema = overload._schema
     name = schema.name.split("::")[1]
-    tensor_args = [a for a in schema.arguments if a.type.kind() == "TensorType"]
-    attr_args = [a for a in schema.arguments if a.type.kind() != "TensorType"]
+    def is_tensor(a):  # Tensor, or Optional[Tensor]: an input (an optional one may be left empty)
+        t = a.type.getElementType() if a.type.kind() == "OptionalType" else a.type
+        return t.kind() == "TensorType"
+
+    tensor_args = [a for a in schema.arguments if is_tensor(a)]
+    attr_args = [a for a in schema.arguments if not is_tensor(a)]
     kinds = {"FloatType": OpSchema.AttrType.FLOAT, "BoolType": OpSchema.AttrType.INT,
              "IntType": OpSchema.AttrType.INT}
     param = OpSchema.FormalParameter
     onnx_schema = OpSchema(
         name, DOMAIN, 1,
-        inputs=[param(a.name, f"T{i}") for i, a in enumerate(tensor_args)],
+        inputs=[param(a.name, f"T{i}", param_option=OpSchema.FormalParameterOption.Optional
+                      if a.type.kind() == "OptionalType" else OpSchema.FormalParameterOption.Single)
+                for i, a in enumerate(tensor_args)],
         outputs=[param(f"out{i}", f"O{i}") for i in range(len(schema.returns))],
         type_constraints=[(f"T{i}", _TENSORS, "") for i in range(len(tensor_args))]
         + [(f"O{i}", _TENSORS, "") for i in range(len(schema.returns))],

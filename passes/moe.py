@@ -11,11 +11,16 @@ down [E, H, I], either layout). So the pass:
 3. checks the region reads exactly x, ids, weights and two expert weight tensors;
 4. runs the extracted region on random inputs against the canonical MoE formula (each candidate activation
    and weight layout) and accepts it only if one matches: a region that computes anything else is declined;
-5. replaces it with the fused experts kernels. Routing and shared experts stay with Inductor.
-The routing parameters (scoring, groups, bias, renormalization, scaling) are read off the router for explain.
+5. replaces it with the fused experts kernels.
+Then the router, from its logits to the (weights, ids) the experts read, is checked the same way against the
+routing kernel's space (``RoutingSpec``: scoring, bias, groups, renormalization, scale; candidates read off
+its nodes, each run on random logits) and becomes one ``deepfuse::moe_routing``; one outside that space keeps
+its aten ops but for the final top-k. The router matmul and the shared experts stay with Inductor.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
 from typing import Any, Optional, Union
 
@@ -29,7 +34,7 @@ from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.shapes import hint, value
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
-from deepfuse.runtime.kernels import TRITON_DTYPES, moe as kernel
+from deepfuse.runtime.kernels import TRITON_DTYPES, moe as kernel, routing
 
 aten = torch.ops.aten
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -69,7 +74,8 @@ class MoEPass:
                                if impl != "reference" else None)
             else:
                 kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where, options.inline)
-            params["router_topk"] = self._rewrite_router_topk(graph, topk, impl, options.inline, where)
+            params.update(self._rewrite_routing(graph, topk, inputs["weights"], inputs["ids"], impl, options.inline,
+                                                where))
             report.matches.append(Match(self.family, op_name, params, *where, impl=impl, kernel_file=kernel_file))
             log.info("matched moe -> deepfuse::moe_experts [%s] at %s (%s) %s", impl, where[1] or "?", where[0], params)
             changed += 1
@@ -79,10 +85,44 @@ class MoEPass:
         report.declined.append(Declined(self.family, reason, *where))
         log.info("declined moe at %s (%s): %s", where[1] or "?", where[0], reason)
 
+    def _rewrite_routing(self, graph, topk, weights, ids, impl, inline, where) -> dict[str, Any]:
+        """The router, from its logits to the experts' (weights, ids), as one generated kernel once it is checked
+        to compute a ``RoutingSpec``; failing that its top-k alone. Returns explain's routing parameters, with
+        ``routing``: "kernel: <what it computes>", or what runs it instead and why."""
+        if impl == "reference":
+            return {"routing": "aten (reference kernels)"}
+        found = _routing_region(topk, weights, ids)
+        spec = _verify_routing(*found, weights, ids) if not isinstance(found, str) else found
+        if isinstance(spec, str):
+            log.info("moe routing at %s (%s) stays unfused but for its top-k: %s", where[1] or "?", where[0], spec)
+            return {"routing": f"{self._rewrite_router_topk(graph, topk, impl, inline, where)} ({spec})"}
+        region, logits, bias = found
+        out_dtype = value(weights).dtype
+        origin = f"{where[1] or '?'} ({where[0]})"
+        args = (logits, bias) if bias is not None else (logits,)
+
+        def launcher(logits_, bias_=None):
+            return routing.route(logits_, bias_, spec, out_dtype, origin=origin)
+
+        op = torch.ops.deepfuse.moe_routing.default
+        binding = RegionBinding(region, [weights, ids])
+
+        def op_args():
+            return (logits, bias, spec.top_k, spec.scoring, spec.groups, spec.topk_group, spec.group_score,
+                    spec.fill, spec.renormalize, spec.scale, out_dtype, impl)
+
+        if impl == "triton" and inline:
+            replace_region_inline_or_op(graph, binding, launcher, args, op, op_args, 2)
+        else:
+            replace_region(graph, binding, op, op_args(), 2)
+        return {"routing": f"kernel: {spec.describe()}", "renormalize": spec.renormalize,
+                "routed_scaling": spec.scale, **({"groups": f"best {spec.topk_group} of {spec.groups}"}
+                                                 if spec.groups > 1 else {})}
+
     @staticmethod
     def _rewrite_router_topk(graph, topk, impl, inline, where) -> str:
-        """The router's final top-k as one generated kernel (aten launches two). Returns what runs it: "kernel",
-        or "aten" and why not."""
+        """The router's final top-k as one generated kernel (aten launches two). Returns what runs it: "top-k
+        kernel", or "aten" and why not."""
         scores, k = topk.args[0], topk.args[1]
         dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
         largest = topk.args[3] if len(topk.args) > 3 else topk.kwargs.get("largest", True)
@@ -113,7 +153,7 @@ class MoEPass:
             replace_region_inline_or_op(graph, binding, launcher, (scores,), op, lambda: (scores, k, impl), 2)
         else:
             replace_region(graph, binding, op, (scores, k, impl), 2)
-        return "kernel"
+        return "top-k kernel"
 
     @staticmethod
     def _op_args(graph, out, x, ids, weights, w1, w2, params, impl) -> tuple:
@@ -452,3 +492,173 @@ def _routing_params(topk: fx.Node) -> dict[str, Any]:
     )
     groups = any(n.target == aten.topk.default for n in upstream if n is not topk)
     return {"scoring": scoring, "group_limited": groups, "score_bias": bias}
+
+
+# -- the router ------------------------------------------------------------------------------------------------
+
+
+def _routing_region(topk: fx.Node, weights: fx.Node, ids: fx.Node):
+    """(region, logits, bias): what computes the experts' weights and ids from the router's logits, and the
+    [E] score-correction bias it reads if any; or why it cannot be taken whole."""
+    mms = [n for n in _router(topk) if n.target in (aten.mm.default, aten.addmm.default, aten.bmm.default)]
+    if len(mms) != 1:
+        return f"{len(mms)} router matmuls feed the top-k, expected one"
+    logits = mms[0]
+    lv = value(logits)
+    if lv is None or lv.dim() != 2:
+        return "the router logits are not a [tokens, experts] matrix"
+    e = hint(lv.shape[1])
+    sizes = lambda n: isinstance(n.meta.get("val"), (torch.SymInt, int))  # noqa: E731  (constants in the check)
+    region = ancestors([weights, ids], blocked={logits}, stop=sizes)
+    bias = None
+    for n in list(region):
+        if n.op not in ("placeholder", "get_attr"):
+            continue
+        region.discard(n)
+        val = value(n)
+        if val is None or val.numel() == 1:
+            continue  # a scalar constant; the check runs it as it is
+        if bias is None and val.dtype.is_floating_point and tuple(hint(d) for d in val.shape) == (e,):
+            bias = n
+            continue
+        return f"the router reads a tensor besides its logits and an [experts] bias ({n.name})"
+    if len(region) > 200:
+        return f"the router region holds {len(region)} nodes: not a router"
+    return sorted(region, key={n: i for i, n in enumerate(topk.graph.nodes)}.__getitem__), logits, bias
+
+
+def _verify_routing(region, logits, bias, weights, ids) -> Union[routing.RoutingSpec, str]:
+    """The ``RoutingSpec`` the region computes: candidates read off its nodes, each run against the region on
+    random logits (and biases), the first to route every token alike is it. Else why none is."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    lv, idv = value(logits), value(ids)
+    rows, e = hint(lv.shape[0]), hint(lv.shape[1])
+    k = hint(idv.shape[1])
+    if rows == 0:
+        return "the traced router sees no tokens, so it cannot be checked"
+    module, consts = _region_module(region, [logits] + ([bias] if bias is not None else []), [weights, ids])
+    if isinstance(module, str):
+        return module
+    out_dtype = value(weights).dtype
+    rtol = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 2e-3}.get(out_dtype, 1.6e-2)
+    device = lv.device
+    with unset_fake_temporarily(), torch.no_grad():
+        gen = torch.Generator(device="cpu").manual_seed(4321)
+        draws = []
+        for _ in range(max(4, -(-64 // rows))):
+            x = _distinct_logits(rows, e, lv.dtype, gen).to(lv.dtype)
+            b = None if bias is None else (torch.randn(e, generator=gen, dtype=torch.float64) * 0.5)
+            inputs = [x.to(device)] + ([b.to(device, value(bias).dtype)] if b is not None else [])
+            try:
+                got = module(*inputs)
+            except Exception as err:
+                return f"the router could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
+            draws.append((x.double(), None if b is None else inputs[1].double().cpu(),
+                          (got[0].cpu(), got[1].cpu())))
+        for spec in _routing_candidates(region, consts, e, k, bias is not None):
+            try:
+                spec.check(e)
+            except ValueError:
+                continue
+            if not all(routing.same_routing(got, routing.reference(x, b, spec), 1e-12, ids_only=True)
+                       for x, b, got in draws):
+                continue
+            scale = _fitted_scale(draws, spec, consts)
+            if scale is None:
+                continue
+            spec = dataclasses.replace(spec, scale=scale)
+            if all(routing.same_routing(got, routing.reference(x, b, spec), rtol) for x, b, got in draws):
+                return spec
+    return "the router is not one the routing kernel computes (checked on random logits)"
+
+
+def _distinct_logits(rows: int, e: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Random logits with no two alike in a row, even in ``dtype``: each row E different points of a grid the
+    dtype holds exactly (integers up to 256 in bf16, 2048 in fp16; fp32 is drawn from a normal), so the check
+    meets no tie made by rounding. Rows differ, so a constant cannot pass for a per-token renormalization."""
+    span = {torch.bfloat16: 256, torch.float16: 2048}.get(dtype)
+    if span is None or e > span:
+        return torch.randn(rows, e, generator=gen, dtype=torch.float64) * 2
+    grid = torch.stack([torch.randperm(span, generator=gen)[:e] for _ in range(rows)]).double()
+    return (grid - span / 2) * (8 / span)
+
+
+def _region_module(region, placeholders, outputs):
+    """The region as a runnable module over ``placeholders``, sizes and scalar constants baked in; also the
+    Python float constants its nodes use (candidate scales and fills)."""
+    sub = fx.Graph()
+    env = {n: sub.placeholder(f"in{i}") for i, n in enumerate(placeholders)}
+    consts: list[float] = []
+    consts_t: list[torch.Tensor] = []
+    for n in region:
+        for a in n.all_input_nodes:
+            if a in env or a in region:
+                continue
+            v = a.meta.get("val")
+            if isinstance(v, (torch.SymInt, int)):
+                env[a] = hint(v)
+                continue
+            real = _real_constant(a)
+            if real is None:
+                return f"the router reads a value the check cannot make ({a.name})", consts
+            env[a] = sub.get_attr(f"const{len(consts_t)}")
+            consts_t.append(real)
+            if real.is_floating_point():
+                consts.append(float(real.item()))  # a scalar Inductor lifted into a tensor (the scale, say)
+        consts.extend(float(c) for c in (*n.args, *n.kwargs.values()) if isinstance(c, float))
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(tuple(env[o] for o in outputs))
+    root = torch.nn.Module()
+    for i, t in enumerate(consts_t):
+        root.register_buffer(f"const{i}", t)
+    return fx.GraphModule(root, sub), consts
+
+
+def _real_constant(node: fx.Node) -> Optional[torch.Tensor]:
+    """The value of a one-element tensor the router reads (a lifted constant, an eps), where it can be had."""
+    from deepfuse.pipeline import real_input
+
+    if node.op == "get_attr" and node.graph.owning_module is not None:
+        real = getattr(node.graph.owning_module, node.target, None)
+    else:
+        real = real_input(node)
+    return real if isinstance(real, torch.Tensor) and real.numel() == 1 else None
+
+
+def _routing_candidates(region, consts, e, k, has_bias):
+    """The specs the region may compute: the scoring, group sizes, kept groups and fill read off its nodes;
+    the group score, renormalization and scale are told apart by the check."""
+    groups = {(1, 1)}
+    for n in region:
+        if n.target == aten.topk.default:
+            v = value(n.args[0])
+            if v is not None and v.dim() == 2 and hint(v.shape[1]) not in (e, 1) and e % hint(v.shape[1]) == 0:
+                groups.add((hint(v.shape[1]), n.args[1]))  # a top-k over [tokens, groups]: the kept groups
+    fills = [c for c in consts if c in (0.0, float("-inf"))] or [float("-inf"), 0.0]
+    for scoring in routing.SCORINGS:
+        for g, tg in sorted(groups, reverse=True):
+            for group_score in (routing.GROUP_SCORES if g > 1 else ("max",)):
+                for fill in (dict.fromkeys(fills) if g > 1 else (float("-inf"),)):
+                    for renormalize in (False, True):
+                        yield routing.RoutingSpec(k, scoring, has_bias, g, tg, group_score, fill, renormalize)
+
+
+def _fitted_scale(draws, spec, consts) -> Optional[float]:
+    """The constant the region's weights are the spec's unscaled weights times: a float the region multiplies
+    (or divides) by, where one fits; else the least-squares value."""
+    num = den = 0.0
+    for x, b, (w, i) in draws:
+        ref_w, ref_i = routing.reference(x, b, spec)
+        ours = w.double().gather(1, i.sort(dim=-1).indices)
+        theirs = ref_w.gather(1, ref_i.sort(dim=-1).indices)
+        num += float((ours * theirs).sum())
+        den += float((theirs * theirs).sum())
+    if den == 0.0:
+        return None
+    fit = num / den
+    finite = [c for c in consts if math.isfinite(c) and c]
+    for c in [1.0] + finite + [1 / c for c in finite]:
+        if abs(fit - c) <= 1e-6 * abs(c):
+            return c
+    return fit

@@ -15,6 +15,7 @@ from deepfuse.runtime.kernels import mla as _mla
 from deepfuse.runtime.kernels import moe as _moe
 from deepfuse.runtime.kernels import quant as _quant
 from deepfuse.runtime.kernels import rms_norm as _rms
+from deepfuse.runtime.kernels import routing as _routing
 
 IMPLS = ("triton", "interpret", "reference")
 
@@ -100,6 +101,26 @@ def router_topk(scores: torch.Tensor, k: int, impl: str) -> tuple[torch.Tensor, 
 def _(scores, k, impl):
     shape = (*scores.shape[:-1], k)
     return scores.new_empty(shape), scores.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("deepfuse::moe_routing", mutates_args=())
+def moe_routing(logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, scoring: str, groups: int,
+                topk_group: int, group_score: str, fill: float, renormalize: bool, scale: float,
+                out_dtype: torch.dtype, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's logits [T, E] to (routing weights [T, top_k] in ``out_dtype``, int64 expert ids): see
+    ``deepfuse.runtime.kernels.routing``."""
+    _check_impl(impl)
+    spec = _routing.RoutingSpec(top_k, scoring, bias is not None, groups, topk_group, group_score, fill,
+                                renormalize, scale)
+    if impl == "reference":
+        return _routing.reference(logits.float(), None if bias is None else bias.float(), spec, out_dtype)
+    return _routing.route(logits, bias, spec, out_dtype, interpret=impl == "interpret")
+
+
+@moe_routing.register_fake
+def _(logits, bias, top_k, scoring, groups, topk_group, group_score, fill, renormalize, scale, out_dtype, impl):
+    shape = (logits.shape[0], top_k)
+    return logits.new_empty(shape, dtype=out_dtype), logits.new_empty(shape, dtype=torch.int64)
 
 
 @torch.library.custom_op("deepfuse::mla_attention", mutates_args=())

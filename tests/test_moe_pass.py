@@ -27,8 +27,20 @@ def test_bundled_model_moe_is_fused_and_correct(config, routing, options):
         assert m.params["activation"] == "silu" and m.params["intermediate"] == cfg.moe_intermediate_size
         assert {k: m.params[k] for k in routing} == routing
         assert m.module.endswith("mlp") or "mlp" in m.module, m.module
-        # the router's top-k runs as deepfuse's kernel unless the experts do (reference: aten's)
-        assert m.params["router_topk"] == ("kernel" if m.impl != "reference" else "aten (reference kernels)")
+        # the router, logits to weights and ids, runs as one kernel unless the experts run as plain torch
+        assert m.params["routing"] == (f"kernel: {_routing_of(cfg).describe()}" if m.impl != "reference"
+                                       else "aten (reference kernels)")
+
+
+def _routing_of(cfg):
+    """The RoutingSpec a bundled config's router computes, from its config fields."""
+    from deepfuse.runtime.kernels.routing import RoutingSpec
+
+    bias = cfg.topk_method == "noaux_tc"
+    groups = cfg.n_group if cfg.topk_method != "greedy" and cfg.n_group > 1 else 1
+    return RoutingSpec(cfg.num_experts_per_tok, cfg.scoring_func, bias, groups, cfg.topk_group if groups > 1 else 1,
+                       "top2_sum" if bias else "max", float("-inf"),
+                       cfg.norm_topk_prob and cfg.num_experts_per_tok > 1, cfg.routed_scaling_factor)
 
 
 HF_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
@@ -66,6 +78,12 @@ def test_hf_moe_models_are_recognized(kind, impl):
     layers = model.config.num_hidden_layers - getattr(model.config, "first_k_dense_replace", 0)
     assert len(moes) == layers, str(report)
     assert all(m.params["activation"] == "silu" for m in moes)
+    routing = {"deepseek_v2": "kernel: softmax, top-2",  # HF's V2 router multiplies by a scale of 1.0
+               "deepseek_v3": "kernel: sigmoid, score-correction bias, best 1 of 2 groups by top2_sum (others -> "
+                              "-inf), top-2, renormalized, x 2.5",
+               "mixtral": "kernel: softmax, top-2, renormalized"}[kind]
+    for m in moes:  # bf16 on the CPU runs the reference ops (the interpreter's bf16 dots are wrong)
+        assert m.params["routing"] == (routing if m.impl != "reference" else "aten (reference kernels)"), m.params
 
 
 def _bf16_against_float64(model, kind, ids):

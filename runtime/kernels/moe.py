@@ -23,6 +23,7 @@ import triton
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
 from deepfuse.runtime import autotune
+from deepfuse.runtime.kernels import routing
 
 
 ACTIVATIONS = {
@@ -171,32 +172,7 @@ def moe_down_weighted_kernel(
 ''',
 )
 
-ROUTER_TOPK = KernelTemplate(
-    "router_topk",
-    '''
-import triton
-import triton.language as tl
-
-
-@triton.jit
-def router_topk_kernel(Scores, Values, Indices, stride_s, E, K: tl.constexpr, E_POW2: tl.constexpr):
-    """Values[t, j], Indices[t, j]: the j-th largest of Scores[t, :E], j = 0 .. K-1, one program per token.
-    Ties go to the lower expert index; NaN counts as the largest (as in torch.topk)."""
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, E_POW2)
-    x = tl.load(Scores + t * stride_s + offs, mask=offs < E, other=0.0).to(tl.float32)
-    key = tl.where(x != x, float("inf"), x)
-    taken = offs >= E  # the padding lanes are never chosen
-    for j in tl.static_range(K):
-        best = tl.max(tl.where(taken, float("-inf"), key), axis=0)
-        pick = tl.min(tl.where((key == best) & (~taken), offs, E_POW2), axis=0)
-        chosen = offs == pick
-        tl.store(Values + t * K + j, tl.sum(tl.where(chosen, x, 0.0), axis=0).to(${dtype}))
-        tl.store(Indices + t * K + j, pick.to(tl.int64))
-        taken = taken | chosen
-''',
-)
-ROUTER_TOPK_MAX_EXPERTS = 1024  # one program holds a token's whole score row
+ROUTER_TOPK_MAX_EXPERTS = routing.MAX_EXPERTS  # one program holds a token's whole score row
 
 _generated = memo()
 
@@ -220,28 +196,14 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = ""):
 
 def router_topk(scores: torch.Tensor, k: int, interpret: bool = False, origin: str = ""):
     """``torch.topk(scores, k, dim=-1)`` over a router's [T, E] scores (E <= ROUTER_TOPK_MAX_EXPERTS) in one
-    launch, where aten takes two (a radix select and a sort of the k). Returns (values, int64 indices), sorted
-    descending, ties to the lower index. Traceable like the experts kernels."""
+    launch, where aten takes two (a radix select and a sort of the k): the routing kernel with the scores taken
+    as they are. Returns (values, int64 indices), sorted descending, ties to the lower index. Traceable like the
+    experts kernels."""
     t, e = scores.shape
     if not 0 < k <= e or e > ROUTER_TOPK_MAX_EXPERTS or scores.dtype not in TRITON_DTYPES:
         raise ValueError(f"router_topk: k={k} of {e} experts in {scores.dtype} is not supported "
                          f"(1 <= k <= experts <= {ROUTER_TOPK_MAX_EXPERTS}; fp16, bf16 or fp32)")
-    key = (str(cache_dir()), "router_topk", scores.dtype)
-    if key not in _generated:
-        header = ("Pattern family: moe (router).\n"
-                  "Computes: the top-k of each token's expert scores, sorted, ties to the lower index.\n"
-                  + (f"First generated for: {origin}" if origin else ""))
-        _generated[key] = generate(ROUTER_TOPK, {"dtype": str(scores.dtype)}, {"dtype": TRITON_DTYPES[scores.dtype]},
-                                   header)
-    fn = _generated[key].function("router_topk_kernel", interpret=interpret)
-    if not interpret:
-        fn = torch.library.wrap_triton(fn)
-    scores = scores if scores.stride(-1) == 1 else scores.contiguous()
-    values = torch.empty((t, k), dtype=scores.dtype, device=scores.device)
-    indices = torch.empty((t, k), dtype=torch.int64, device=scores.device)
-    if t:
-        fn[(t,)](scores, values, indices, scores.stride(0), e, K=k, E_POW2=triton.next_power_of_2(e))
-    return values, indices
+    return routing.route(scores, None, routing.RoutingSpec(k, scoring="none"), scores.dtype, interpret, origin)
 
 
 def config_for(num_slots: int, num_experts: int) -> dict:

@@ -1,0 +1,251 @@
+"""MoE routing: a router's logits to the (weights, expert ids) the experts take, in one generated kernel.
+
+Every router deepfuse has seen is one point of this space (``RoutingSpec``):
+1. scores = softmax(logits) | sigmoid(logits) | logits itself (a bare top-k);
+2. choice = scores (+ a per-expert score-correction bias that steers the choice but not the weights);
+3. optionally group-limited: the experts split into ``groups``; each group scored by its best choice or the
+   sum of its best two; the experts of all but the ``topk_group`` best groups set to ``fill`` (0 or -inf);
+4. ids = the top-k of choice (ties to the lower index, NaN the largest, as torch.topk);
+5. weights = scores at ids, optionally renormalized to sum to one, times a scale.
+DeepSeek-V2 greedy and group-limited, V3's noaux_tc, Mixtral and Qwen-style routers are all here. The pass
+checks a graph's router against ``reference`` on random inputs before it uses the kernel.
+
+One program holds one token's whole score row (experts <= ``MAX_EXPERTS``), laid out [groups, per group].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
+from deepfuse.runtime.kernels import TRITON_DTYPES
+
+MAX_EXPERTS = 1024
+SCORINGS = ("softmax", "sigmoid", "none")
+GROUP_SCORES = ("max", "top2_sum")
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    top_k: int
+    scoring: str = "softmax"
+    bias: bool = False
+    groups: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    fill: float = float("-inf")
+    renormalize: bool = False
+    scale: float = 1.0
+
+    def check(self, experts: int) -> None:
+        """A clear error for a configuration no router computes."""
+        problems = []
+        if self.scoring not in SCORINGS:
+            problems.append(f"scoring {self.scoring!r} is not one of {SCORINGS}")
+        if self.group_score not in GROUP_SCORES:
+            problems.append(f"group score {self.group_score!r} is not one of {GROUP_SCORES}")
+        if not 1 <= self.top_k <= experts:
+            problems.append(f"top_k={self.top_k} is not between 1 and the {experts} experts")
+        if self.groups < 1 or experts % self.groups:
+            problems.append(f"{self.groups} groups do not divide {experts} experts")
+        elif not 1 <= self.topk_group <= self.groups:
+            problems.append(f"topk_group={self.topk_group} is not between 1 and the {self.groups} groups")
+        elif self.groups > 1 and self.group_score == "top2_sum" and experts // self.groups < 2:
+            problems.append("a top-2-sum group score needs at least 2 experts per group")
+        if experts > MAX_EXPERTS:
+            problems.append(f"{experts} experts: the kernel holds up to {MAX_EXPERTS} in one program")
+        if problems:
+            raise ValueError("moe routing: " + "; ".join(problems))
+
+    def describe(self) -> str:
+        parts = [self.scoring if self.scoring != "none" else "scores as given"]
+        if self.bias:
+            parts.append("score-correction bias")
+        if self.groups > 1:
+            parts.append(f"best {self.topk_group} of {self.groups} groups by {self.group_score} (others -> {self.fill})")
+        parts.append(f"top-{self.top_k}")
+        if self.renormalize:
+            parts.append("renormalized")
+        if self.scale != 1.0:
+            parts.append(f"x {self.scale:g}")
+        return ", ".join(parts)
+
+
+TEMPLATE = KernelTemplate(
+    "moe_routing",
+    '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def moe_routing_kernel(
+    Logits, Bias, Weights, Ids,
+    stride_l,
+    GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
+    GROUPS_POW2: tl.constexpr, PER_GROUP_POW2: tl.constexpr, K_POW2: tl.constexpr, SCALE: tl.constexpr,
+):
+    """Weights[t, :K], Ids[t, :K] of token t: ${doc}.
+    One program per token; its expert row is held as [GROUPS, PER_GROUP]."""
+    t = tl.program_id(0).to(tl.int64)
+    group = tl.arange(0, GROUPS_POW2)
+    member = tl.arange(0, PER_GROUP_POW2)
+    expert = group[:, None] * PER_GROUP + member[None, :]
+    valid = (group[:, None] < GROUPS) & (member[None, :] < PER_GROUP)
+    logits = tl.load(Logits + t * stride_l + expert, mask=valid, other=float("-inf")).to(tl.float32)
+    ${scoring}
+    ${choice}
+    key = tl.where(choice != choice, float("inf"), choice)  # NaN counts as the largest, as in torch.topk
+    key = tl.where(valid, key, float("-inf"))
+    ${group_selection}
+    # top-k of the choice, one pick per step: the largest left, ties to the lower expert index
+    taken = ~valid
+    slot = tl.arange(0, K_POW2)
+    weights = tl.zeros([K_POW2], dtype=tl.float32)
+    ids = tl.zeros([K_POW2], dtype=tl.int64)
+    for j in tl.static_range(K):
+        best = tl.max(tl.max(tl.where(taken, float("-inf"), key), axis=1), axis=0)
+        pick = tl.min(tl.min(tl.where((key == best) & ~taken, expert, GROUPS_POW2 * PER_GROUP_POW2), axis=1), axis=0)
+        chosen = (expert == pick) & valid
+        weights = tl.where(slot == j, tl.sum(tl.sum(tl.where(chosen, scores, 0.0), axis=1), axis=0), weights)
+        ids = tl.where(slot == j, pick.to(tl.int64), ids)
+        taken = taken | chosen
+    ${normalize}
+    tl.store(Weights + t * K + slot, (weights * SCALE).to(Weights.dtype.element_ty), mask=slot < K)
+    tl.store(Ids + t * K + slot, ids, mask=slot < K)
+''',
+)
+
+_SCORING = {
+    "softmax": """\
+top = tl.max(tl.max(logits, axis=1), axis=0)
+exps = tl.exp(logits - top)  # padding lanes: exp(-inf) = 0
+scores = exps / tl.sum(tl.sum(exps, axis=1), axis=0)""",
+    "sigmoid": "scores = tl.sigmoid(logits)",
+    "none": "scores = logits",
+}
+
+_GROUP_SCORE = {
+    "max": "group_score = tl.max(key, axis=1)",
+    "top2_sum": """\
+first = tl.max(key, axis=1)
+first_at = tl.min(tl.where(key == first[:, None], member[None, :], PER_GROUP_POW2), axis=1)
+group_score = first + tl.max(tl.where(member[None, :] == first_at[:, None], float("-inf"), key), axis=1)""",
+}
+
+_GROUP_SELECTION = """\
+# group-limited: keep the TOPK_GROUP best groups, set the others' experts to {fill}
+{group_score}
+kept = group >= GROUPS
+for i in tl.static_range(TOPK_GROUP):
+    best_group = tl.max(tl.where(kept, float("-inf"), group_score), axis=0)
+    kept = kept | (group == tl.min(tl.where((group_score == best_group) & ~kept, group, GROUPS_POW2), axis=0))
+kept = kept & (group < GROUPS)
+key = tl.where(valid, tl.where(kept[:, None], key, {fill}), float("-inf"))"""
+
+_generated = memo()
+
+
+def kernel_for(spec: RoutingSpec, origin: str = ""):
+    """The generated source for ``spec``'s structure (its sizes and scale are constexprs of the launch)."""
+    structure = {"scoring": spec.scoring, "bias": spec.bias, "renormalize": spec.renormalize,
+                 "group_score": spec.group_score if spec.groups > 1 else None,
+                 "fill": spec.fill if spec.groups > 1 else None}
+    key = (str(cache_dir()), tuple(structure.items()))
+    if key not in _generated:
+        fill = "float(\"-inf\")" if spec.fill == float("-inf") else repr(float(spec.fill))
+        slots = {
+            "doc": spec.describe(),
+            "scoring": _SCORING[spec.scoring],
+            "choice": ("choice = scores + tl.load(Bias + expert, mask=valid, other=0.0).to(tl.float32)  "
+                       "# the bias steers the choice, not the weights") if spec.bias else "choice = scores",
+            "group_selection": _GROUP_SELECTION.format(group_score=_GROUP_SCORE[spec.group_score], fill=fill)
+            if spec.groups > 1 else "",
+            "normalize": "weights = weights / (tl.sum(weights, axis=0) + 1e-20)" if spec.renormalize else "",
+        }
+        header = ("Pattern family: moe (router).\n"
+                  f"Computes: a router's logits to its top-k routing weights and expert ids: {spec.describe()}.\n"
+                  + (f"First generated for: {origin}" if origin else ""))
+        _generated[key] = generate(TEMPLATE, structure, slots, header)
+    return _generated[key]
+
+
+def route(logits: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec, out_dtype: torch.dtype,
+          interpret: bool = False, origin: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] in ``out_dtype``, int64 ids [T, k]) of ``spec`` over ``logits`` [T, E], in one launch.
+    Slots come sorted by choice, descending. Traceable into a graph like the experts kernels."""
+    t, e = logits.shape
+    spec.check(e)
+    if logits.dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:
+        raise ValueError(f"moe routing: logits in {logits.dtype} to weights in {out_dtype}: "
+                         "the kernel takes fp16, bf16 or fp32")
+    if spec.bias != (bias is not None) or (bias is not None and tuple(bias.shape) != (e,)):
+        raise ValueError(f"moe routing: the spec {'takes' if spec.bias else 'has no'} a bias of shape ({e},), "
+                         f"got {None if bias is None else tuple(bias.shape)}")
+    fn = kernel_for(spec, origin).function("moe_routing_kernel", interpret=interpret)
+    if not interpret:
+        fn = torch.library.wrap_triton(fn)
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    bias = bias.contiguous() if bias is not None else logits  # never read without a bias
+    weights = torch.empty((t, spec.top_k), dtype=out_dtype, device=logits.device)
+    ids = torch.empty((t, spec.top_k), dtype=torch.int64, device=logits.device)
+    if t:
+        per_group = e // spec.groups
+        fn[(t,)](logits, bias, weights, ids, logits.stride(0),
+                 GROUPS=spec.groups, PER_GROUP=per_group, TOPK_GROUP=spec.topk_group, K=spec.top_k,
+                 GROUPS_POW2=triton.next_power_of_2(spec.groups), PER_GROUP_POW2=triton.next_power_of_2(per_group),
+                 K_POW2=triton.next_power_of_2(spec.top_k), SCALE=float(spec.scale))
+    return weights, ids
+
+
+def reference(logits: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec,
+              out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``spec`` in plain torch, in the logits' dtype (float64 in the checks). Ties: torch.topk's order."""
+    t, e = logits.shape
+    spec.check(e)
+    if spec.scoring == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif spec.scoring == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        scores = logits
+    choice = scores + bias.to(scores.dtype) if spec.bias else scores
+    if spec.groups > 1:
+        grouped = choice.view(t, spec.groups, e // spec.groups)
+        if spec.group_score == "max":
+            group_score = grouped.amax(dim=-1)
+        else:
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(spec.topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), spec.fill).flatten(1)
+    ids = choice.topk(spec.top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if spec.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * spec.scale
+    return weights.to(out_dtype or logits.dtype), ids
+
+
+def same_routing(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], rtol: float,
+                 ids_only: bool = False) -> bool:
+    """Do two (weights, ids) results route every token to the same experts (with the same weights, unless
+    ``ids_only``), whatever order each lists a token's k slots in?"""
+    (wa, ia), (wb, ib) = a, b
+    if ia.shape != ib.shape:
+        return False
+    ia, oa = ia.cpu().sort(dim=-1)
+    ib, ob = ib.cpu().sort(dim=-1)
+    if not torch.equal(ia, ib):
+        return False
+    if ids_only:
+        return True
+    wa, wb = wa.cpu(), wb.cpu()
+    wa, wb = wa.double().gather(1, oa), wb.double().gather(1, ob)
+    if not (wa.isfinite().all() and wb.isfinite().all()):
+        return torch.equal(wa.isnan(), wb.isnan()) and torch.allclose(wa, wb, rtol=rtol, atol=0, equal_nan=True)
+    return bool(((wa - wb).abs() <= rtol * wb.abs() + 1e-30).all()) if wa.numel() else True
+
