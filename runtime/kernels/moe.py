@@ -248,13 +248,20 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
         return config_for(tokens * k, experts)
     gen = kernels_for(dtype, activation)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    ids = torch.rand(tokens, experts, device=device).argsort(dim=-1)[:, :k]
+    # Several routings, run back to back: at decode sizes one routing's experts would sit in L2 after the first
+    # run, and L2 is not where a model's next layer finds its weights.
+    routings = [torch.rand(tokens, experts, device=device).argsort(dim=-1)[:, :k]
+                for _ in range(max(1, min(8, experts // max(tokens * k, 1))))]
     weights = torch.rand(tokens, k, device=device)
     w_gate_up = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
     w_down = torch.randn(experts, hidden, inter, device=device, dtype=dtype) / inter**0.5
+
+    def run(cfg):
+        for ids in routings:
+            moe_experts(x, ids, weights, w_gate_up, w_down, activation, config=cfg)
+
     key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}"
-    return autotune.choose(key, tokens, CANDIDATES, lambda cfg: moe_experts(
-        x, ids, weights, w_gate_up, w_down, activation, config=cfg), torch.device(device))
+    return autotune.choose(key, tokens, CANDIDATES, run, torch.device(device))
 
 
 ALIGN_FUSED_MAX_SLOTS = 1024  # measured on H100: T=1..64 (k=6) faster fused, T=512 and up slower
