@@ -112,8 +112,8 @@ def _tune(configs: Sequence[dict], run: Callable[[dict], None]) -> int:
 
 def _time(fn: Callable[[], None], replays: int = 15) -> float:
     """Median ms of ``fn`` replayed as a CUDA graph, as deepfuse's decode steps run: a decode-sized launch
-    takes less time on the GPU than to issue from Python, so timing it eagerly measures the host (and picked
-    configurations at random between runs on H100). Eager ``do_bench`` where ``fn`` cannot be captured."""
+    takes less time on the GPU than to issue from Python, so timing it eagerly measures the host (the likely
+    reason the MoE decode tiles differed, 29 vs 35 us, between two H100 runs of the same code). Eager ``do_bench`` where ``fn`` cannot be captured."""
     fn()  # compiles the kernels outside the capture
     torch.cuda.synchronize()
     try:
