@@ -107,9 +107,12 @@ def _interpreter_on() -> bool:
     return bool(knobs.runtime.interpret)
 
 
-def kernel_key(template: KernelTemplate, spec: Mapping[str, Any]) -> str:
+def kernel_key(template: KernelTemplate, spec: Mapping[str, Any], slots: Optional[Mapping[str, Any]] = None) -> str:
+    """The file's key: the template, the specialization, the pieces filled into its slots (their code can change
+    while the template does not), and the versions."""
     blob = json.dumps(
-        {"template": template.source, "name": template.name, "spec": dict(spec), "versions": versions()},
+        {"template": template.source, "name": template.name, "spec": dict(spec), "slots": dict(slots or {}),
+         "versions": versions()},
         sort_keys=True,
         default=str,
     )
@@ -120,7 +123,7 @@ def generate(
     template: KernelTemplate, spec: Mapping[str, Any], slots: Mapping[str, Any], header: str
 ) -> GeneratedKernel:
     """Render ``template`` for ``spec`` (or reuse the cached file) and import it."""
-    key = kernel_key(template, spec)
+    key = kernel_key(template, spec, slots)
     path = cache_dir() / "kernels" / f"{template.name}_{key}.py"
     with _lock:
         cached = _loaded.get(str(path))

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates,
-                             replace_region, replace_region_inline_or_op)
+                             replace_region, replace_region_first_traced, replace_region_inline_or_op)
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
@@ -73,7 +73,18 @@ class MoEPass:
                                                       f"{where[1] or '?'} ({where[0]})").path)
                                if impl != "reference" else None)
             else:
-                kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where, options.inline)
+                shared = _shared_experts(graph, region, out, inputs, params)
+                kernel_file = False
+                if isinstance(shared, dict):
+                    kernel_file = self._rewrite(graph, list(region) + shared["region"], inputs, shared["out"],
+                                                params, impl, where, options.inline, shared)
+                    params["shared_experts"] = (f"fused: {shared['count']} always-chosen experts of "
+                                                f"{params['intermediate']}" if kernel_file is not False else
+                                                "with Inductor (the fused launch could not be traced in)")
+                elif shared is not None:
+                    params["shared_experts"] = f"with Inductor ({shared})"
+                if kernel_file is False:
+                    kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where, options.inline)
             params.update(self._rewrite_routing(graph, topk, inputs["weights"], inputs["ids"], impl, options.inline,
                                                 where))
             report.matches.append(Match(self.family, op_name, params, *where, impl=impl, kernel_file=kernel_file))
@@ -166,22 +177,49 @@ class MoEPass:
                 node.meta["val"] = value(src).transpose(1, 2)
         return (x, ids, weights, a, b, params["activation"], value(out).dtype, impl, params["deterministic"])
 
-    def _rewrite(self, graph, region, inputs, out, params, impl, where, inline) -> Optional[str]:
+    def _rewrite(self, graph, region, inputs, out, params, impl, where, inline, shared=None):
+        """The kernel file (None for the reference); False if the region with shared experts could not be
+        traced in (the graph is then untouched)."""
         x, ids, weights, w1, w2 = (inputs[k] for k in ("x", "ids", "weights", "w_gate_up", "w_down"))
         act, t1, t2 = params["activation"], params["gate_up_transposed"], params["down_transposed"]
         out_dtype = value(out).dtype
         origin = f"{where[1] or '?'} ({where[0]})"
         xv = value(x)
-        gen = kernel.kernels_for(xv.dtype, act, origin) if impl != "reference" else None
+        gen = kernel.kernels_for(xv.dtype, act, origin, shared=shared is not None) if impl != "reference" else None
         binding = RegionBinding(region, out)
-
+        config = None
         if impl == "triton" and inline:
             from torch._subclasses.fake_tensor import unset_fake_temporarily
 
             with unset_fake_temporarily():
                 config = kernel.tune(hint(xv.shape[0]), params["hidden"], params["intermediate"], params["experts"],
-                                     params["top_k"], xv.dtype, xv.device, act)
+                                     params["top_k"], xv.dtype, xv.device, act,
+                                     shared["count"] if shared is not None else 0)
 
+        if shared is not None:
+            flips = shared["transposed"]
+
+            def canonical(a, b, g, u, d):
+                return (a.transpose(1, 2) if t1 else a, b.transpose(1, 2) if t2 else b,
+                        *(m.t() if flips[n] else m for n, m in zip(("gate", "up", "down"), (g, u, d))))
+
+            def via_kernel(x_, ids_, w_, a, b, g, u, d, inp):
+                a, b, g, u, d = canonical(a, b, g, u, d)
+                y = kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
+                                       shared=(g, u, d))
+                return (y.to(out_dtype).view(inp.shape),)
+
+            def via_op(x_, ids_, w_, a, b, g, u, d, inp):
+                a, b, g, u, d = canonical(a, b, g, u, d)
+                y = torch.ops.deepfuse.moe_experts(x_, ids_, w_, a, b, act, out_dtype, impl, params["deterministic"],
+                                                   g, u, d)
+                return (y.view(inp.shape),)
+
+            args = (x, ids, weights, w1, w2, shared["gate"], shared["up"], shared["down"], shared["input"])
+            launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
+            if not replace_region_first_traced(graph, binding, launchers, args, "MoE with shared experts"):
+                return False
+        elif impl == "triton" and inline:
             def launcher(x_, ids_, w_, a, b):
                 a = a.transpose(1, 2) if t1 else a
                 b = b.transpose(1, 2) if t2 else b
@@ -492,6 +530,112 @@ def _routing_params(topk: fx.Node) -> dict[str, Any]:
     )
     groups = any(n.target == aten.topk.default for n in upstream if n is not topk)
     return {"scoring": scoring, "group_limited": groups, "score_bias": bias}
+
+
+# -- shared experts -------------------------------------------------------------------------------------------
+
+# What may stand between the routed output and the addition of the shared MLP: views, and a cast to the
+# model's dtype (the fused launch sums both in fp32 and rounds once).
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+
+
+def _shared_experts(graph, region, out, inputs, params) -> Union[dict[str, Any], str, None]:
+    """A shared MLP added to the routed output: down(act(gate(x)) * up(x)) on the same hidden states, with the
+    routed experts' activation and an intermediate size a multiple of theirs, so it runs as that many more
+    experts every token is routed to. None if the routed output meets no such addition; a reason if it meets
+    one it cannot take. Checked by running it on random inputs, like the experts."""
+    node, views = out, []
+    while len(node.users) == 1 and next(iter(node.users)).target in _VIEWS:
+        node = next(iter(node.users))
+        views.append(node)
+    add = next(iter(node.users)) if len(node.users) == 1 else None
+    if add is None or add.target != aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    if not isinstance(other, fx.Node) or other is node:
+        return None
+    x = inputs["x"]
+    before_x = ancestors([x])
+    shared = ancestors([other], blocked=before_x) - before_x
+    shared = {n for n in shared if n.op not in ("placeholder", "get_attr")}
+    mms = [n for n in shared if n.target in (aten.mm.default, aten.addmm.default)]
+    if len(mms) != 3:
+        return None if not mms else f"the value added to the experts holds {len(mms)} matmuls, not a gated MLP's 3"
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    shared = sorted(shared, key=order.__getitem__)
+    reason = escape_reason(shared, [other])
+    if reason:
+        return f"shared experts: {reason}"
+    acts, mats = [], []
+    for n in shared:
+        for a in n.all_input_nodes:
+            if a in shared or a in acts or a in mats:
+                continue
+            val = a.meta.get("val")
+            if isinstance(val, (torch.SymInt, int)) or (isinstance(val, torch.Tensor) and val.numel() == 1):
+                continue
+            (acts if a in before_x or val is None or val.dim() != 2 else mats).append(a)
+    hidden, inter = params["hidden"], params["intermediate"]
+    xv = value(x)
+    if len(acts) != 1 or len(mats) != 3:
+        return f"the shared MLP reads {len(acts)} activations and {len(mats)} weight matrices, expected 1 and 3"
+    inp = acts[0]
+    iv, av = value(inp), value(add)
+    if (iv is None or av is None or iv.dtype != xv.dtype or av.dtype != xv.dtype
+            or tuple(hint(d) for d in iv.shape) != tuple(hint(d) for d in av.shape) or hint(iv.shape[-1]) != hidden
+            or hint(iv.numel()) != hint(xv.numel())):
+        return "the shared MLP's input is not the experts' hidden states in their dtype and shape"
+    roles = _verify_shared(shared, other, inp, mats, hidden, inter, params["activation"], xv)
+    if isinstance(roles, str):
+        return roles
+    roles.update(region=views + shared + [add], out=add, input=inp)
+    return roles
+
+
+def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv) -> Union[dict[str, Any], str]:
+    """Which of ``mats`` is gate, up and down (and which are stored transposed): the assignment under which the
+    region equals down(act(gate(x)) * up(x)) on random inputs, with the routed experts' activation."""
+    import itertools
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    shapes = {m: tuple(hint(d) for d in value(m).shape) for m in mats}
+    sizes = {d for m in mats for d in shapes[m] if d != hidden} or {hidden}
+    if len(sizes) != 1:
+        return f"shared expert weight shapes {list(shapes.values())} do not share one intermediate size"
+    si = sizes.pop()
+    if si % inter:
+        return f"the shared intermediate size {si} is not a multiple of the experts' {inter}"
+    module, _ = _region_module(shared, [inp] + mats, [out])
+    if isinstance(module, str):
+        return module
+    device, dtype = xv.device, xv.dtype
+    act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+           "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
+    with unset_fake_temporarily(), torch.no_grad():
+        gen = torch.Generator(device="cpu").manual_seed(99)
+        rows = max(hint(xv.shape[0]), 1)
+        x = torch.randn(rows, hidden, generator=gen).to(device, dtype)
+        real = {m: (torch.randn(shapes[m], generator=gen) / hidden ** 0.5).to(device, dtype) for m in mats}
+        try:
+            got = module(x.view(tuple(hint(d) for d in value(inp).shape)), *(real[m] for m in mats))[0].reshape(rows, hidden)
+        except Exception as err:
+            return f"the shared MLP could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
+        tol = 1e-3 if dtype == torch.float32 else 3e-2
+        acc = torch.float64 if device.type == "cpu" else torch.float32
+        for gate, up, down in itertools.permutations(mats):
+            for flips in itertools.product((False, True), repeat=3):
+                w = [real[m].t() if f else real[m] for m, f in zip((gate, up, down), flips)]
+                if w[0].shape != (si, hidden) or w[1].shape != (si, hidden) or w[2].shape != (hidden, si):
+                    continue
+                g, u, d = (t.to(acc) for t in w)
+                want = torch.nn.functional.linear(act(x.to(acc) @ g.t()) * (x.to(acc) @ u.t()), d).float()
+                err = ((got.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+                if err < tol:
+                    return {"gate": gate, "up": up, "down": down, "count": si // inter,
+                            "transposed": dict(zip(("gate", "up", "down"), flips))}
+    return "the value added to the experts is not a gated MLP with the experts' activation (checked on random inputs)"
 
 
 # -- the router ------------------------------------------------------------------------------------------------

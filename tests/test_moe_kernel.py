@@ -22,14 +22,19 @@ def _inputs(t, hidden, inter, experts, k, dtype, device, route="random", gen=Non
 
 
 def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random", activation="silu", noncontig=False,
-           deterministic=True, config=None):
+           deterministic=True, config=None, shared=0):
     x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
     if noncontig:
         x = torch.cat([x, x], dim=1)[:, ::2]
         assert t == 0 or not x.is_contiguous()
+    sh = None
+    if shared:  # a shared MLP of intermediate shared * inter, as Linear layers store it
+        sh = tuple((torch.randn(*shape) / shape[1] ** 0.5).to(device, dtype)
+                   for shape in [(shared * inter, hidden), (shared * inter, hidden), (hidden, shared * inter)])
     out = moe.moe_experts(x, ids, weights, wgu, wd, activation=activation, interpret=interpret,
-                          deterministic=deterministic, config=config)
-    ref = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double(), activation)
+                          deterministic=deterministic, config=config, shared=sh)
+    ref = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double(), activation,
+                        None if sh is None else tuple(w.double() for w in sh))
     assert out.shape == (t, hidden) and out.dtype == dtype
     if t:
         assert torch.isfinite(out).all()
@@ -72,6 +77,16 @@ def test_interpreted_decode_tiles(config):
     _check(3, 96, 32, 16, 2, torch.float16, "cpu", interpret=True, config=config, deterministic=False)
 
 
+@pytest.mark.parametrize("case,shared", [((5, 64, 32, 8, 2), 2), ((1, 32, 16, 4, 3), 1), ((0, 32, 32, 4, 2), 2),
+                                         ((7, 48, 16, 5, 2), 3)], ids=str)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_interpreted_shared_experts_in_the_same_launches(case, shared, deterministic):
+    """A shared MLP of intermediate S*I as S more experts every token takes with weight 1."""
+    _check(*case, torch.float32, "cpu", interpret=True, deterministic=deterministic, shared=shared)
+    _check(*case, torch.float16, "cpu", interpret=True, deterministic=deterministic, shared=shared,
+           config=DECODE_CANDIDATES[0])
+
+
 def test_interpreted_all_tokens_to_one_expert_and_noncontiguous_input():
     _check(40, 32, 32, 8, 2, torch.float16, "cpu", interpret=True, route="one_expert", noncontig=True)
 
@@ -107,6 +122,9 @@ def test_bad_shapes_are_clear_errors():
         moe.moe_experts(x, ids, w, wgu, wd[:, :, :8], interpret=True)
     with pytest.raises(ValueError, match="unsupported activation"):
         moe.moe_experts(x, ids, w, wgu, wd, activation="relu6", interpret=True)
+    with pytest.raises(ValueError, match="shared expert weights"):  # 24 is not a multiple of I = 16
+        moe.moe_experts(x, ids, w, wgu, wd, interpret=True,
+                        shared=(torch.randn(24, 32), torch.randn(24, 32), torch.randn(32, 24)))
 
 
 @pytest.mark.gpu
@@ -120,6 +138,12 @@ def test_gpu_experts_v2_lite_shape(t, dtype):
 @pytest.mark.parametrize("t", [1, 64, 4096])
 def test_gpu_experts_atomic_combine(t):
     _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, deterministic=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 4096])
+def test_gpu_experts_with_shared_v2_lite_shape(t):
+    _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, shared=2)
 
 
 @pytest.mark.gpu

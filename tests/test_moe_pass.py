@@ -27,6 +27,9 @@ def test_bundled_model_moe_is_fused_and_correct(config, routing, options):
         assert m.params["activation"] == "silu" and m.params["intermediate"] == cfg.moe_intermediate_size
         assert {k: m.params[k] for k in routing} == routing
         assert m.module.endswith("mlp") or "mlp" in m.module, m.module
+        # the shared MLP (intermediate n_shared * I) runs as n_shared more experts in the same launches
+        assert m.params["shared_experts"] == f"fused: {cfg.n_shared_experts} always-chosen experts of " \
+                                             f"{cfg.moe_intermediate_size}", m.params
         # the router, logits to weights and ids, runs as one kernel unless the experts run as plain torch
         assert m.params["routing"] == (f"kernel: {_routing_of(cfg).describe()}" if m.impl != "reference"
                                        else "aten (reference kernels)")
@@ -82,6 +85,8 @@ def test_hf_moe_models_are_recognized(kind, impl):
                "deepseek_v3": "kernel: sigmoid, score-correction bias, best 1 of 2 groups by top2_sum (others -> "
                               "-inf), top-2, renormalized, x 2.5",
                "mixtral": "kernel: softmax, top-2, renormalized"}[kind]
+    for m in moes:
+        assert m.params.get("shared_experts") == (None if kind == "mixtral" else "fused: 1 always-chosen experts of 32")
     for m in moes:  # bf16 on the CPU runs the reference ops (the interpreter's bf16 dots are wrong)
         assert m.params["routing"] == (routing if m.impl != "reference" else "aten (reference kernels)"), m.params
 
@@ -150,6 +155,39 @@ class ReluExperts(torch.nn.Module):
         gate, up = torch.bmm(self.w1[ids.flatten()], x.repeat_interleave(self.k, 0).unsqueeze(-1)).squeeze(-1).chunk(2, -1)
         out = torch.bmm(self.w2[ids.flatten()], (F.relu(gate) * up).unsqueeze(-1)).squeeze(-1)
         return (out * weights.flatten()[:, None]).view(x.shape[0], self.k, -1).sum(1)
+
+
+class SharedMLP(torch.nn.Module):
+    """Routed experts plus a shared MLP whose activation or size the fused launch cannot take."""
+
+    def __init__(self, act=F.silu, shared_inter=16):
+        super().__init__()
+        self.act = act
+        self.router = torch.nn.Linear(32, 4, bias=False)
+        self.w1 = torch.nn.Parameter(torch.randn(4, 32, 32) / 32 ** 0.5)  # gate+up: I = 16
+        self.w2 = torch.nn.Parameter(torch.randn(4, 32, 16) / 4)
+        self.gate = torch.nn.Linear(32, shared_inter, bias=False)
+        self.up = torch.nn.Linear(32, shared_inter, bias=False)
+        self.down = torch.nn.Linear(shared_inter, 32, bias=False)
+
+    def forward(self, x):
+        weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
+        gate, up = torch.bmm(self.w1[ids.flatten()], x.repeat_interleave(2, 0).unsqueeze(-1)).squeeze(-1).chunk(2, -1)
+        out = torch.bmm(self.w2[ids.flatten()], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        routed = (out * weights.flatten()[:, None]).view(x.shape[0], 2, -1).sum(1)
+        return routed + self.down(self.act(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("variant,want", [
+    ({}, "fused: 1 always-chosen experts of 16"),
+    ({"shared_inter": 48}, "fused: 3 always-chosen experts of 16"),
+    ({"act": F.relu}, "with Inductor (the value added to the experts is not a gated MLP with the experts' activation"),
+    ({"shared_inter": 24}, "with Inductor (the shared intermediate size 24 is not a multiple of the experts' 16)"),
+])
+def test_shared_experts_fused_only_when_checked(variant, want):
+    report = _compile_check(SharedMLP(**variant), (torch.randn(5, 32),), 1e-5, interpret=True)
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert m.params["shared_experts"].startswith(want), m.params
 
 
 def test_unsupported_activation_is_declined_not_approximated():

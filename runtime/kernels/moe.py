@@ -82,9 +82,9 @@ def moe_align_kernel(
 
 @triton.jit
 def moe_gate_up_act_kernel(
-    X, W, Out, SortedSlots, BlockExpert, NumPadded,
-    stride_xm, stride_we, stride_wn, stride_wk, stride_om,
-    num_slots, N: tl.constexpr, K: tl.constexpr,
+    X, W, SharedGate, SharedUp, Out, SortedSlots, BlockExpert, NumPadded,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
+    num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     N_FASTEST: tl.constexpr,
 ):
@@ -105,8 +105,7 @@ def moe_gate_up_act_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = X + token[:, None] * stride_xm + offs_k[None, :]
-    g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    u_ptrs = g_ptrs + N * stride_wn
+    ${gate_up_pointers}
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n_ok = offs_n[None, :] < N
@@ -128,9 +127,9 @@ def moe_gate_up_act_kernel(
 
 @triton.jit
 def moe_down_weighted_kernel(
-    H, W, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights,
-    stride_hm, stride_we, stride_wn, stride_wk, stride_om,
-    num_slots, N: tl.constexpr, K: tl.constexpr,
+    H, W, SharedDown, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights,
+    stride_hm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
+    num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
 ):
@@ -151,7 +150,7 @@ def moe_down_weighted_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = H + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
-    b_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    ${down_pointers}
     n_ok = offs_n[None, :] < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -174,22 +173,49 @@ def moe_down_weighted_kernel(
 
 ROUTER_TOPK_MAX_EXPERTS = routing.MAX_EXPERTS  # one program holds a token's whole score row
 
+# The expert weights a row block reads. With shared experts, an expert id past the routed ones (E_ROUTED) is
+# a slice of the shared MLP: the shared MLP of intermediate S*I is S experts of intermediate I, every token
+# routed to each with weight 1, and its gate, up and down tensors are read where they are.
+_POINTERS = {
+    "gate_up": """\
+g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+u_ptrs = g_ptrs + N * stride_wn""",
+    "gate_up_shared": """\
+if expert < E_ROUTED:
+    g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    u_ptrs = g_ptrs + N * stride_wn
+else:  # a shared expert: its N rows of the shared MLP's gate and up weights
+    rows = (expert - E_ROUTED) * N + offs_n[None, :]
+    g_ptrs = SharedGate + rows * stride_sn + offs_k[:, None] * stride_wk
+    u_ptrs = SharedUp + rows * stride_sn + offs_k[:, None] * stride_wk""",
+    "down": "b_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk",
+    "down_shared": """\
+if expert < E_ROUTED:
+    b_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+else:  # a shared expert: its K columns of the shared MLP's down weights
+    b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + offs_k[:, None]) * stride_wk""",
+}
+
 _generated = memo()
 
 
-def kernels_for(dtype: torch.dtype, activation: str, origin: str = ""):
+def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: bool = False):
     if activation not in ACTIVATIONS:
         raise ValueError(f"moe: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    key = (str(cache_dir()), dtype, activation)
+    key = (str(cache_dir()), dtype, activation, shared)
     if key not in _generated:
-        spec = {"dtype": str(dtype), "activation": activation}
+        spec = {"dtype": str(dtype), "activation": activation, **({"shared_experts": True} if shared else {})}
         header = (
-            "Pattern family: moe (routed experts).\n"
+            "Pattern family: moe (routed experts" + (" and shared experts" if shared else "") + ").\n"
             f"Computes: out = sum_j w_j * down_e(act(gate_e(x)) * up_e(x)) with act = {activation}, over tokens\n"
             "sorted into block-aligned per-expert segments; gate and up share the A tile, the routing weight\n"
-            "scales the fp32 accumulator of the down projection.\n" + (f"First generated for: {origin}" if origin else "")
+            "scales the fp32 accumulator of the down projection.\n"
+            + ("The shared MLP runs as always-chosen experts (weight 1) in the same launches.\n" if shared else "")
+            + (f"First generated for: {origin}" if origin else "")
         )
-        slots = {"activation": ACTIVATIONS[activation], "dtype": TRITON_DTYPES[dtype]}
+        slots = {"activation": ACTIVATIONS[activation], "dtype": TRITON_DTYPES[dtype],
+                 "gate_up_pointers": _POINTERS["gate_up_shared" if shared else "gate_up"],
+                 "down_pointers": _POINTERS["down_shared" if shared else "down"]}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
 
@@ -241,12 +267,14 @@ CANDIDATES = [
 ]
 
 
-def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, device, activation="silu") -> dict:
+def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, device, activation="silu",
+         shared: int = 0) -> dict:
     """The fastest candidate for this shape's token bucket on this GPU (cached on disk), timed on random
-    routing over real-shaped random weights. Off the GPU: the tile table."""
+    routing over real-shaped random weights (and ``shared`` shared experts of the same size). Off the GPU: the
+    tile table."""
     if torch.device(device).type != "cuda":
-        return config_for(tokens * k, experts)
-    gen = kernels_for(dtype, activation)
+        return config_for(tokens * (k + shared), experts + shared)
+    gen = kernels_for(dtype, activation, shared=shared > 0)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     # Several routings, run back to back: at decode sizes one routing's experts would sit in L2 after the first
     # run, and L2 is not where a model's next layer finds its weights.
@@ -255,12 +283,17 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
     weights = torch.rand(tokens, k, device=device)
     w_gate_up = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
     w_down = torch.randn(experts, hidden, inter, device=device, dtype=dtype) / inter**0.5
+    shared_weights = None
+    if shared:
+        shared_weights = (torch.randn(shared * inter, hidden, device=device, dtype=dtype) / hidden**0.5,
+                          torch.randn(shared * inter, hidden, device=device, dtype=dtype) / hidden**0.5,
+                          torch.randn(hidden, shared * inter, device=device, dtype=dtype) / inter**0.5)
 
     def run(cfg):
         for ids in routings:
-            moe_experts(x, ids, weights, w_gate_up, w_down, activation, config=cfg)
+            moe_experts(x, ids, weights, w_gate_up, w_down, activation, config=cfg, shared=shared_weights)
 
-    key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}"
+    key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
     return autotune.choose(key, tokens, CANDIDATES, run, torch.device(device))
 
 
@@ -322,16 +355,29 @@ def moe_experts(
     config: Optional[dict] = None,
     origin: str = "",
     deterministic: bool = True,
+    shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """x [T, H], topk_ids/topk_weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H] in x.dtype.
     ``deterministic``: the k contributions of a token are summed in a fixed order (True), or atomically
     added into an fp32 buffer by the down kernel (False: no per-slot buffer or sum pass; order not fixed).
+    ``shared``: a shared MLP's (gate [S*I, H], up [S*I, H], down [H, S*I]) weights, added to every token's
+    output: S more experts every token is routed to with weight 1, in the same launches.
 
     Traceable: under make_fx the launches become Inductor's user-defined-Triton-kernel nodes."""
-    _check(x, topk_ids, topk_weights, w_gate_up, w_down)
+    _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared)
     t, hidden = x.shape
-    num_experts, two_i, _ = w_gate_up.shape
+    routed, two_i, _ = w_gate_up.shape
     inter = two_i // 2
+    if shared is not None:
+        n_shared = shared[0].shape[0] // inter
+        topk_ids = torch.cat([topk_ids, torch.arange(routed, routed + n_shared, device=x.device,
+                                                     dtype=topk_ids.dtype).expand(t, n_shared)], dim=1)
+        topk_weights = torch.cat([topk_weights.to(torch.float32),
+                                  torch.ones((t, n_shared), dtype=torch.float32, device=x.device)], dim=1)
+        shared_gate, shared_up, shared_down = (w if w.stride(-1) == 1 else w.contiguous() for w in shared)
+        if shared_gate.stride(0) != shared_up.stride(0):
+            shared_gate, shared_up = shared_gate.contiguous(), shared_up.contiguous()
+    num_experts = routed + (n_shared if shared is not None else 0)
     k = topk_ids.shape[1]
     num_slots = t * k
     cfg = dict(config or config_for(num_slots, num_experts))
@@ -350,7 +396,9 @@ def moe_experts(
         sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
     capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
-    gen = kernels_for(x.dtype, activation, origin)
+    gen = kernels_for(x.dtype, activation, origin, shared=shared is not None)
+    if shared is None:  # never read: the kernels take these pointers only for shared experts
+        shared_gate = shared_up = shared_down = w_down
     gate_up = gen.function("moe_gate_up_act_kernel", interpret=interpret)
     down = gen.function("moe_down_weighted_kernel", interpret=interpret)
     if not interpret:
@@ -360,9 +408,9 @@ def moe_experts(
         return (n_tiles, capacity // bm) if n_fastest else (capacity // bm, n_tiles)
 
     gate_up[grid(triton.cdiv(inter, bn))](
-        x, w_gate_up, inter_out, sorted_slots, block_expert, num_padded,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), inter_out.stride(0),
-        num_slots, N=inter, K=hidden,
+        x, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), shared_gate.stride(0),
+        inter_out.stride(0), num_slots, routed, N=inter, K=hidden,
         TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, **launch_opts,
     )
     if deterministic:
@@ -370,9 +418,9 @@ def moe_experts(
     else:
         out = torch.zeros((t, hidden), dtype=torch.float32, device=x.device)
     down[grid(triton.cdiv(hidden, bn_down))](
-        inter_out, w_down, out, sorted_slots, block_expert, num_padded, weights,
-        inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), out.stride(0),
-        num_slots, N=hidden, K=inter, TOP_K=k, ATOMIC=not deterministic,
+        inter_out, w_down, shared_down, out, sorted_slots, block_expert, num_padded, weights,
+        inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), shared_down.stride(0),
+        out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ATOMIC=not deterministic,
         BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest, **launch_opts,
     )
     if not deterministic:
@@ -381,7 +429,7 @@ def moe_experts(
     return out.view(t, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
-def _check(x, topk_ids, topk_weights, w_gate_up, w_down):
+def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None):
     if x.dim() != 2:
         raise ValueError(f"moe: x must be [tokens, hidden], got {tuple(x.shape)}")
     if x.dtype not in TRITON_DTYPES or w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
@@ -393,10 +441,20 @@ def _check(x, topk_ids, topk_weights, w_gate_up, w_down):
                          f"hidden size {x.shape[1]}")
     if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
         raise ValueError("moe: topk_ids and topk_weights must both be [tokens, k]")
+    if shared is not None:
+        gate, up, down = shared
+        si = gate.shape[0]
+        if (tuple(up.shape) != (si, h) or tuple(gate.shape) != (si, h) or tuple(down.shape) != (h, si)
+                or si % (two_i // 2) or si == 0):
+            raise ValueError(f"moe: shared expert weights {tuple(gate.shape)} / {tuple(up.shape)} / "
+                             f"{tuple(down.shape)} are not gate/up [S*I, H] and down [H, S*I] for I={two_i // 2}")
+        if any(w.dtype != x.dtype for w in shared):
+            raise TypeError("moe: shared expert weights must share x's dtype")
 
 
-def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu") -> torch.Tensor:
-    """Plain torch, one expert at a time, as the models write it (fp32 accumulation of the k slots)."""
+def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu", shared=None) -> torch.Tensor:
+    """Plain torch, one expert at a time, as the models write it (fp32 accumulation of the k slots), plus the
+    shared MLP (gate, up, down weights) if given."""
     t, hidden = x.shape
     act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
            "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
@@ -409,4 +467,8 @@ def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "s
         gate, up = torch.nn.functional.linear(x[token], w_gate_up[e].to(x.dtype)).chunk(2, dim=-1)
         y = torch.nn.functional.linear(act(gate) * up, w_down[e].to(x.dtype))
         out.index_add_(0, token, y.to(acc) * topk_weights[token, slot, None].to(acc))
+    if shared is not None:
+        gate, up, down = (w.to(x.dtype) for w in shared)
+        out += torch.nn.functional.linear(act(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up),
+                                          down).to(acc)
     return out.to(x.dtype)
