@@ -84,9 +84,10 @@ def test_hf_deepseek_v2_moe_block_is_fused_on_gpu():
         ref = block(x)
     moes = [m for m in report.matches if m.family == "moe"]
     assert len(moes) == 1 and moes[0].impl == "triton" and moes[0].params["top_k"] == 4, str(report)
+    assert moes[0].params["shared_experts"] == "fused: 1 always-chosen experts of 256", moes[0].params
     assert rel_err(out, ref) < 2e-2
     db = json.loads((deepfuse.codegen.cache_dir() / "autotune.json").read_text())
-    assert any("-E16-H512-I256-k4|" in key for key in db)  # tuned at compile time, cached per GPU and bucket
+    assert any("-E16-H512-I256-k4-S1|" in key for key in db)  # tuned at compile time, cached per GPU and bucket
 
 
 def test_bundled_moe_with_cuda_graphs():
