@@ -114,8 +114,8 @@ def _rel(a, b):
 def bench_moe_block(tokens, bandwidth, rounds, flops_peak):
     """One DeepSeek-V2-Lite MoE block (router, 64 routed experts top-6 of size 1408, 2 shared experts), bf16:
     Hugging Face transformers' DeepseekV2Moe with grouped_mm experts, eager, under Inductor, and under
-    deepfuse (which finds the experts in the graph and runs its kernels; router and shared experts stay with
-    Inductor)."""
+    deepfuse (which finds the MoE in the graph: the router after its matmul as one kernel, the routed and shared
+    experts in the same grouped launches)."""
     from transformers import DeepseekV2Config
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
