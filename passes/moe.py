@@ -586,6 +586,10 @@ def _shared_experts(graph, region, out, inputs, params) -> Union[dict[str, Any],
             or tuple(hint(d) for d in iv.shape) != tuple(hint(d) for d in av.shape) or hint(iv.shape[-1]) != hidden
             or hint(iv.numel()) != hint(xv.numel())):
         return "the shared MLP's input is not the experts' hidden states in their dtype and shape"
+    tokens = hint(xv.shape[0])
+    if tokens > kernel.SHARED_FUSED_MAX_TOKENS:
+        return (f"{tokens} tokens: past {kernel.SHARED_FUSED_MAX_TOKENS}, cuBLAS runs the shared MLP faster than the "
+                "grouped launches")
     roles = _verify_shared(shared, other, inp, mats, hidden, inter, params["activation"], xv)
     if isinstance(roles, str):
         return roles

@@ -298,6 +298,10 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
 
 
 ALIGN_FUSED_MAX_SLOTS = 1024  # measured on H100: T=1..64 (k=6) faster fused, T=512 and up slower
+# Shared experts in the grouped launches, up to this many tokens; beyond, cuBLAS's dense GEMMs run the shared
+# MLP faster than the grouped kernels do. Measured on H100 (V2-Lite block, bench/RESULTS.md): T=1 0.089 ms fused
+# against 0.101 unfused, T=64 and T=512 even, T=4096 1.77 against 1.63 ms.
+SHARED_FUSED_MAX_TOKENS = 512
 
 
 def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False):
