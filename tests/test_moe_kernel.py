@@ -103,6 +103,16 @@ def test_fused_align_kernel_equals_torch_align(t, k, e, bm):
     assert torch.equal(got[1][: used // bm], want[1][: used // bm])
 
 
+@pytest.mark.parametrize("t,k,e,shared,bm", [(4, 2, 5, 2, 4), (1, 6, 64, 2, 16), (33, 3, 7, 1, 16), (0, 2, 4, 1, 16)])
+def test_fused_align_makes_the_shared_slots_itself(t, k, e, shared, bm):
+    """With shared experts the kernel reads only the routed ids: the same as aligning every token's routed ids
+    followed by the shared ones."""
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
+    got = moe.align_fused(ids, e + shared, bm, interpret=True, shared=shared)
+    want = moe.align(torch.cat([ids, torch.arange(e, e + shared).expand(t, shared)], dim=1), e + shared, bm)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_align_segments_are_block_aligned_and_complete():
     ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2]])
     slots, block_expert, num_padded = moe.align(ids, 5, 4)

@@ -43,18 +43,23 @@ import triton.language as tl
 @triton.jit
 def moe_align_kernel(
     Ids, SortedSlots, BlockExpert, NumPadded,
-    num_slots, capacity,
+    num_routed, num_tokens, capacity,
     E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SLOT_CHUNK: tl.constexpr,
+    ROUTED_K: tl.constexpr, SHARED: tl.constexpr,
 ):
     """One program: count slots per expert, pad each expert's segment to BLOCK_M rows, and write every slot
-    to its place (stable: slots of one expert keep their order); padding rows hold num_slots. The slots are
-    walked SLOT_CHUNK at a time (their pairwise comparison is SLOT_CHUNK^2), the row buffers CHUNK at a time."""
+    to its place (stable: slots of one expert keep their order); padding rows hold the slot count. A token's
+    slots are t * (ROUTED_K + SHARED) + j: its ROUTED_K choices in Ids (num_routed of them in all), then the
+    SHARED shared experts (the last ids below E), which every token takes and which need no sorting. The routed
+    slots are walked SLOT_CHUNK at a time (their pairwise comparison is SLOT_CHUNK^2), the rest CHUNK at a time."""
+    k_all = ROUTED_K + SHARED
+    num_slots = num_tokens * k_all
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     slot_lanes = tl.arange(0, SLOT_CHUNK)
-    counts = tl.zeros((E_POW2,), dtype=tl.int32)
-    for c0 in range(0, num_slots, SLOT_CHUNK):
-        ids = tl.load(Ids + c0 + slot_lanes, mask=c0 + slot_lanes < num_slots, other=E_POW2)
+    counts = tl.where((experts >= E - SHARED) & (experts < E), num_tokens, 0).to(tl.int32)
+    for c0 in range(0, num_routed, SLOT_CHUNK):
+        ids = tl.load(Ids + c0 + slot_lanes, mask=c0 + slot_lanes < num_routed, other=E_POW2)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_end = tl.cumsum(padded, axis=0)
@@ -69,15 +74,21 @@ def moe_align_kernel(
         tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E - 1), mask=b0 + lanes < capacity // BLOCK_M)
     tl.debug_barrier()  # the padding fill above must land before the slots below overwrite it
     seen = tl.zeros((E_POW2,), dtype=tl.int32)
-    for c0 in range(0, num_slots, SLOT_CHUNK):
-        ok = c0 + slot_lanes < num_slots
-        ids = tl.load(Ids + c0 + slot_lanes, mask=ok, other=E_POW2)
+    for c0 in range(0, num_routed, SLOT_CHUNK):
+        routed = c0 + slot_lanes
+        ok = routed < num_routed
+        ids = tl.load(Ids + routed, mask=ok, other=E_POW2)
         match = ids[:, None] == experts[None, :]
         earlier = (ids[:, None] == ids[None, :]) & (slot_lanes[None, :] < slot_lanes[:, None])
         rank = tl.sum(earlier.to(tl.int32), axis=1) + tl.sum(tl.where(match, seen[None, :], 0), axis=1)
         start = tl.sum(tl.where(match, padded_start[None, :], 0), axis=1)
-        tl.store(SortedSlots + start + rank, c0 + slot_lanes, mask=ok)
+        tl.store(SortedSlots + start + rank, routed // ROUTED_K * k_all + routed % ROUTED_K, mask=ok)
         seen += tl.sum(match.to(tl.int32), axis=0)
+    for j in tl.static_range(SHARED):  # shared expert j: every token, in token order
+        start = tl.sum(tl.where(experts == E - SHARED + j, padded_start, 0), axis=0)
+        for t0 in range(0, num_tokens, CHUNK):
+            token = t0 + lanes
+            tl.store(SortedSlots + start + token, token * k_all + ROUTED_K + j, mask=token < num_tokens)
 
 
 @triton.jit
@@ -304,10 +315,14 @@ ALIGN_FUSED_MAX_SLOTS = 1024  # measured on H100: T=1..64 (k=6) faster fused, T=
 SHARED_FUSED_MAX_TOKENS = 512
 
 
-def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False):
-    """``align`` as one generated kernel launch (same outputs)."""
+def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False, shared: int = 0):
+    """``align`` as one generated kernel launch (same outputs). With ``shared`` experts (the last ids below
+    ``num_experts``), ``topk_ids`` holds the routed choices alone: ``align`` of them with the shared ids
+    appended to every token's row."""
     flat = topk_ids.reshape(-1).to(torch.int32)
-    num_slots = flat.shape[0]
+    tokens, k = topk_ids.shape
+    num_routed = flat.shape[0]
+    num_slots = tokens * (k + shared)
     capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
     sorted_slots = torch.empty((capacity,), dtype=torch.int32, device=flat.device)
     block_expert = torch.empty((capacity // block_m,), dtype=torch.int32, device=flat.device)
@@ -315,9 +330,9 @@ def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpre
     fn = kernels_for(torch.float32, "silu").function("moe_align_kernel", interpret=interpret)
     if not interpret:
         fn = torch.library.wrap_triton(fn)
-    fn[(1,)](flat, sorted_slots, block_expert, num_padded, num_slots, capacity,
+    fn[(1,)](flat, sorted_slots, block_expert, num_padded, num_routed, tokens, capacity,
              E=num_experts, E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m, CHUNK=128,
-             SLOT_CHUNK=min(128, max(16, triton.next_power_of_2(size_hint(num_slots)))))
+             SLOT_CHUNK=min(128, max(16, triton.next_power_of_2(size_hint(num_routed)))), ROUTED_K=k, SHARED=shared)
     return sorted_slots, block_expert, num_padded
 
 
@@ -372,17 +387,16 @@ def moe_experts(
     t, hidden = x.shape
     routed, two_i, _ = w_gate_up.shape
     inter = two_i // 2
+    n_shared = 0
     if shared is not None:
         n_shared = shared[0].shape[0] // inter
-        topk_ids = torch.cat([topk_ids, torch.arange(routed, routed + n_shared, device=x.device,
-                                                     dtype=topk_ids.dtype).expand(t, n_shared)], dim=1)
         topk_weights = torch.cat([topk_weights.to(torch.float32),
                                   torch.ones((t, n_shared), dtype=torch.float32, device=x.device)], dim=1)
         shared_gate, shared_up, shared_down = (w if w.stride(-1) == 1 else w.contiguous() for w in shared)
         if shared_gate.stride(0) != shared_up.stride(0):
             shared_gate, shared_up = shared_gate.contiguous(), shared_up.contiguous()
-    num_experts = routed + (n_shared if shared is not None else 0)
-    k = topk_ids.shape[1]
+    num_experts = routed + n_shared
+    k = topk_ids.shape[1] + n_shared  # slots per token
     num_slots = t * k
     cfg = dict(config or config_for(num_slots, num_experts))
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
@@ -395,8 +409,11 @@ def moe_experts(
     # The fused align is one program walking the slots: a few microseconds at decode sizes, where the ~10
     # launches of the torch form dominate, but serial; beyond that the torch form (parallel kernels) wins.
     if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
-        sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret=interpret)
+        sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret, n_shared)
     else:
+        if n_shared:  # the shared experts' slots, after each token's routed ones
+            topk_ids = torch.cat([topk_ids, torch.arange(routed, num_experts, device=x.device,
+                                                         dtype=topk_ids.dtype).expand(t, n_shared)], dim=1)
         sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
     capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
