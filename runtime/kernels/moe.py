@@ -49,29 +49,33 @@ def moe_align_kernel(
 ):
     """One program: count slots per expert, pad each expert's segment to BLOCK_M rows, and write every slot
     to its place (stable: slots of one expert keep their order); padding rows hold the slot count. A token's
-    slots are t * (ROUTED_K + SHARED) + j: its ROUTED_K choices in Ids (num_routed of them in all), then the
-    SHARED shared experts (the last ids below E), which every token takes and which need no sorting. The routed
-    slots are walked SLOT_CHUNK at a time (their pairwise comparison is SLOT_CHUNK^2), the rest CHUNK at a time."""
+    slots are t * (ROUTED_K + SHARED) + j: its ROUTED_K choices among the E routed experts (in Ids, num_routed
+    of them in all), then the SHARED shared experts E .. E + SHARED - 1, which every token takes: their segments
+    follow the routed ones, in token order, and never enter the per-expert lanes. The routed slots are walked
+    SLOT_CHUNK at a time (their pairwise comparison is SLOT_CHUNK^2), the row buffers CHUNK at a time."""
     k_all = ROUTED_K + SHARED
     num_slots = num_tokens * k_all
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     slot_lanes = tl.arange(0, SLOT_CHUNK)
-    counts = tl.where((experts >= E - SHARED) & (experts < E), num_tokens, 0).to(tl.int32)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
     for c0 in range(0, num_routed, SLOT_CHUNK):
         ids = tl.load(Ids + c0 + slot_lanes, mask=c0 + slot_lanes < num_routed, other=E_POW2)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_end = tl.cumsum(padded, axis=0)
     padded_start = padded_end - padded
-    total = tl.sum(padded, axis=0)
-    tl.store(NumPadded, total)
+    routed_rows = tl.sum(padded, axis=0)
+    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # each shared expert's segment
+    tl.store(NumPadded, routed_rows + SHARED * shared_rows)
     for r0 in range(0, capacity, CHUNK):
         tl.store(SortedSlots + r0 + lanes, num_slots, mask=r0 + lanes < capacity)
     for b0 in range(0, capacity // BLOCK_M, CHUNK):
         rows = (b0 + lanes) * BLOCK_M
         owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
-        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E - 1), mask=b0 + lanes < capacity // BLOCK_M)
+        if SHARED > 0:
+            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
+        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
     tl.debug_barrier()  # the padding fill above must land before the slots below overwrite it
     seen = tl.zeros((E_POW2,), dtype=tl.int32)
     for c0 in range(0, num_routed, SLOT_CHUNK):
@@ -85,7 +89,7 @@ def moe_align_kernel(
         tl.store(SortedSlots + start + rank, routed // ROUTED_K * k_all + routed % ROUTED_K, mask=ok)
         seen += tl.sum(match.to(tl.int32), axis=0)
     for j in tl.static_range(SHARED):  # shared expert j: every token, in token order
-        start = tl.sum(tl.where(experts == E - SHARED + j, padded_start, 0), axis=0)
+        start = routed_rows + j * shared_rows
         for t0 in range(0, num_tokens, CHUNK):
             token = t0 + lanes
             tl.store(SortedSlots + start + token, token * k_all + ROUTED_K + j, mask=token < num_tokens)
@@ -330,8 +334,9 @@ def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpre
     fn = kernels_for(torch.float32, "silu").function("moe_align_kernel", interpret=interpret)
     if not interpret:
         fn = torch.library.wrap_triton(fn)
+    routed = num_experts - shared
     fn[(1,)](flat, sorted_slots, block_expert, num_padded, num_routed, tokens, capacity,
-             E=num_experts, E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m, CHUNK=128,
+             E=routed, E_POW2=triton.next_power_of_2(routed), BLOCK_M=block_m, CHUNK=128,
              SLOT_CHUNK=min(128, max(16, triton.next_power_of_2(size_hint(num_routed)))), ROUTED_K=k, SHARED=shared)
     return sorted_slots, block_expert, num_padded
 
