@@ -15,7 +15,9 @@ down [E, H, I], either layout). So the pass:
 Then the router, from its logits to the (weights, ids) the experts read, is checked the same way against the
 routing kernel's space (``RoutingSpec``: scoring, bias, groups, renormalization, scale; candidates read off
 its nodes, each run on random logits) and becomes one ``deepfuse::moe_routing``; one outside that space keeps
-its aten ops but for the final top-k. The router matmul and the shared experts stay with Inductor.
+its aten ops but for the final top-k. A shared MLP added to the routed output (checked by running it too)
+runs as always-chosen experts in the same launches, up to ``SHARED_FUSED_MAX_TOKENS`` tokens. The router
+matmul stays with Inductor.
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ class MoEPass:
                                                       f"{where[1] or '?'} ({where[0]})").path)
                                if impl != "reference" else None)
             else:
-                shared = _shared_experts(graph, region, out, inputs, params)
+                shared = _shared_experts(graph, out, inputs, params)
                 kernel_file = False
                 if isinstance(shared, dict):
                     kernel_file = self._rewrite(graph, list(region) + shared["region"], inputs, shared["out"],
@@ -540,7 +542,7 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
           torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 
 
-def _shared_experts(graph, region, out, inputs, params) -> Union[dict[str, Any], str, None]:
+def _shared_experts(graph, out, inputs, params) -> Union[dict[str, Any], str, None]:
     """A shared MLP added to the routed output: down(act(gate(x)) * up(x)) on the same hidden states, with the
     routed experts' activation and an intermediate size a multiple of theirs, so it runs as that many more
     experts every token is routed to. None if the routed output meets no such addition; a reason if it meets
@@ -581,6 +583,8 @@ def _shared_experts(graph, region, out, inputs, params) -> Union[dict[str, Any],
     if len(acts) != 1 or len(mats) != 3:
         return f"the shared MLP reads {len(acts)} activations and {len(mats)} weight matrices, expected 1 and 3"
     inp = acts[0]
+    if inp not in _view_sources(x):  # the fused launch feeds the shared experts the routed experts' x
+        return "the shared MLP reads other hidden states than the routed experts"
     iv, av = value(inp), value(add)
     if (iv is None or av is None or iv.dtype != xv.dtype or av.dtype != xv.dtype
             or tuple(hint(d) for d in iv.shape) != tuple(hint(d) for d in av.shape) or hint(iv.shape[-1]) != hidden
@@ -595,6 +599,16 @@ def _shared_experts(graph, region, out, inputs, params) -> Union[dict[str, Any],
         return roles
     roles.update(region=views + shared + [add], out=add, input=inp)
     return roles
+
+
+def _view_sources(node: fx.Node) -> set[fx.Node]:
+    """``node`` and the nodes it is a view of (same values, other shape)."""
+    seen = {node}
+    while node.op == "call_function" and node.target in (aten.view.default, aten.reshape.default,
+                                                          aten._unsafe_view.default):
+        node = node.args[0]
+        seen.add(node)
+    return seen
 
 
 def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv) -> Union[dict[str, Any], str]:

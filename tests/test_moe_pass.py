@@ -160,9 +160,9 @@ class ReluExperts(torch.nn.Module):
 class SharedMLP(torch.nn.Module):
     """Routed experts plus a shared MLP whose activation or size the fused launch cannot take."""
 
-    def __init__(self, act=F.silu, shared_inter=16):
+    def __init__(self, act=F.silu, shared_inter=16, routed_input_scale=1.0):
         super().__init__()
-        self.act = act
+        self.act, self.scale = act, routed_input_scale
         self.router = torch.nn.Linear(32, 4, bias=False)
         self.w1 = torch.nn.Parameter(torch.randn(4, 32, 32) / 32 ** 0.5)  # gate+up: I = 16
         self.w2 = torch.nn.Parameter(torch.randn(4, 32, 16) / 4)
@@ -170,12 +170,13 @@ class SharedMLP(torch.nn.Module):
         self.up = torch.nn.Linear(32, shared_inter, bias=False)
         self.down = torch.nn.Linear(shared_inter, 32, bias=False)
 
-    def forward(self, x):
+    def forward(self, h):
+        x = h * self.scale if self.scale != 1.0 else h  # the routed experts' input; the shared MLP reads h
         weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
         gate, up = torch.bmm(self.w1[ids.flatten()], x.repeat_interleave(2, 0).unsqueeze(-1)).squeeze(-1).chunk(2, -1)
         out = torch.bmm(self.w2[ids.flatten()], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
         routed = (out * weights.flatten()[:, None]).view(x.shape[0], 2, -1).sum(1)
-        return routed + self.down(self.act(self.gate(x)) * self.up(x))
+        return routed + self.down(self.act(self.gate(h)) * self.up(h))
 
 
 @pytest.mark.parametrize("variant,want", [
@@ -184,6 +185,7 @@ class SharedMLP(torch.nn.Module):
     ({"shared_inter": 48}, "fused: 3 always-chosen experts of 16"),
     ({"act": F.relu}, "with Inductor (the value added to the experts is not a gated MLP with the experts' activation"),
     ({"shared_inter": 24}, "with Inductor (the shared intermediate size 24 is not a multiple of the experts' 16)"),
+    ({"routed_input_scale": 2.0}, "with Inductor (the shared MLP reads other hidden states than the routed experts"),
 ])
 def test_shared_experts_fused_only_when_checked(variant, want):
     variant = dict(variant)
