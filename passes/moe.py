@@ -778,13 +778,12 @@ def _region_module(region, placeholders, outputs):
 
 
 def _real_constant(node: fx.Node) -> Optional[torch.Tensor]:
-    """The value of a one-element tensor the router reads (a lifted constant, an eps), where it can be had."""
-    from deepfuse.pipeline import real_input
-
-    if node.op == "get_attr" and node.graph.owning_module is not None:
-        real = getattr(node.graph.owning_module, node.target, None)
-    else:
-        real = real_input(node)
+    """The value of a one-element constant tensor a region reads (a scalar Inductor lifted, an eps). Only the
+    graph's own constants: a graph input (a buffer, say) can hold another value at the next call, and the fused
+    kernel would keep the one it was checked with."""
+    if node.op != "get_attr" or node.graph.owning_module is None:
+        return None
+    real = getattr(node.graph.owning_module, node.target, None)
     return real if isinstance(real, torch.Tensor) and real.numel() == 1 else None
 
 

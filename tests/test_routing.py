@@ -72,9 +72,10 @@ def test_invalid_routing_is_a_clear_error(spec, experts, message):
 class _Router(torch.nn.Module):
     """A router and the experts as a gathered-weights product: what the pass sees in any model."""
 
-    def __init__(self, squash=False, per_token=False, e=8, h=16, i=8, k=2):
+    def __init__(self, squash=False, per_token=False, scale_buffer=False, e=8, h=16, i=8, k=2):
         super().__init__()
         self.squash, self.per_token, self.k = squash, per_token, k
+        self.scale = torch.nn.Buffer(torch.tensor(2.0)) if scale_buffer else None
         self.gate = torch.nn.Linear(h, e, bias=False)
         self.w1 = torch.nn.Parameter(torch.randn(e, 2 * i, h) / h ** 0.5)
         self.w2 = torch.nn.Parameter(torch.randn(e, h, i) / i ** 0.5)
@@ -86,6 +87,8 @@ class _Router(torch.nn.Module):
             weights = weights * weights
         if self.per_token:  # reads the hidden states: not a function of the logits alone
             weights = weights * x[:, :1].sigmoid()
+        if self.scale is not None:  # a scale held in a buffer: a graph input, not a constant
+            weights = weights * self.scale
         gate, up = torch.bmm(self.w1[ids.flatten()], x.repeat_interleave(self.k, 0).unsqueeze(-1)).squeeze(-1).chunk(2, -1)
         out = torch.bmm(self.w2[ids.flatten()], (torch.nn.functional.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
         return (out * weights.flatten()[:, None]).view(x.shape[0], self.k, -1).sum(1)
@@ -103,6 +106,19 @@ def test_pass_fuses_a_router_only_once_checked(variant, reason):
         assert m.params["routing"] == "kernel: softmax, top-2", m.params
     else:  # the top-k alone runs as a kernel; the rest stays with Inductor, and the output is still right
         assert m.params["routing"].startswith("top-k kernel (") and reason in m.params["routing"], m.params
+
+
+def test_a_router_scale_held_in_a_buffer_is_not_baked_in():
+    """A scale the model keeps in a tensor is an input of the graph: it can change between calls, so the router is
+    not fused (the check cannot take its value as a constant) and the new value is used."""
+    model, x = _Router(scale_buffer=True), torch.randn(4, 16)
+    report = compile_and_compare(model, (x,), 1e-5, interpret=True)
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert m.params["routing"].startswith("top-k kernel (the router reads a value the check cannot make"), m.params
+    compiled = torch.compile(model, backend="deepfuse", options={"interpret": True})
+    with torch.no_grad():
+        model.scale.fill_(3.0)
+        assert torch.allclose(compiled(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_routing_falls_back_to_aten_in_reference_mode():
