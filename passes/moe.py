@@ -536,10 +536,10 @@ def _routing_params(topk: fx.Node) -> dict[str, Any]:
 
 # -- shared experts -------------------------------------------------------------------------------------------
 
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 # What may stand between the routed output and the addition of the shared MLP: views, and a cast to the
 # model's dtype (the fused launch sums both in fp32 and rounds once).
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-          torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+_VIEWS_AND_CASTS = _VIEWS + (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 
 
 def _shared_experts(graph, out, inputs, params) -> Union[dict[str, Any], str, None]:
@@ -548,7 +548,7 @@ def _shared_experts(graph, out, inputs, params) -> Union[dict[str, Any], str, No
     experts every token is routed to. None if the routed output meets no such addition; a reason if it meets
     one it cannot take. Checked by running it on random inputs, like the experts."""
     node, views = out, []
-    while len(node.users) == 1 and next(iter(node.users)).target in _VIEWS:
+    while len(node.users) == 1 and next(iter(node.users)).target in _VIEWS_AND_CASTS:
         node = next(iter(node.users))
         views.append(node)
     add = next(iter(node.users)) if len(node.users) == 1 else None
@@ -604,8 +604,7 @@ def _shared_experts(graph, out, inputs, params) -> Union[dict[str, Any], str, No
 def _view_sources(node: fx.Node) -> set[fx.Node]:
     """``node`` and the nodes it is a view of (same values, other shape)."""
     seen = {node}
-    while node.op == "call_function" and node.target in (aten.view.default, aten.reshape.default,
-                                                          aten._unsafe_view.default):
+    while node.op == "call_function" and node.target in _VIEWS:
         node = node.args[0]
         seen.add(node)
     return seen
@@ -625,12 +624,11 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv) -> Uni
     si = sizes.pop()
     if si % inter:
         return f"the shared intermediate size {si} is not a multiple of the experts' {inter}"
-    module, _ = _region_module(shared, [inp] + mats, [out])
+    module, _ = _region_module(shared, [inp] + mats, [out], "the shared MLP")
     if isinstance(module, str):
         return module
     device, dtype = xv.device, xv.dtype
-    act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
-           "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
+    act = kernel.TORCH_ACTIVATIONS[activation]
     with unset_fake_temporarily(), torch.no_grad():
         gen = torch.Generator(device="cpu").manual_seed(99)
         rows = max(hint(xv.shape[0]), 1)
@@ -699,7 +697,8 @@ def _verify_routing(region, logits, bias, weights, ids) -> Union[routing.Routing
     k = hint(idv.shape[1])
     if rows == 0:
         return "the traced router sees no tokens, so it cannot be checked"
-    module, consts = _region_module(region, [logits] + ([bias] if bias is not None else []), [weights, ids])
+    module, consts = _region_module(region, [logits] + ([bias] if bias is not None else []), [weights, ids],
+                                    "the router")
     if isinstance(module, str):
         return module
     out_dtype = value(weights).dtype
@@ -746,9 +745,10 @@ def _distinct_logits(rows: int, e: int, dtype: torch.dtype, gen: torch.Generator
     return (grid - span / 2) * (8 / span)
 
 
-def _region_module(region, placeholders, outputs):
+def _region_module(region, placeholders, outputs, what: str):
     """The region as a runnable module over ``placeholders``, sizes and scalar constants baked in; also the
-    Python float constants its nodes use (candidate scales and fills)."""
+    Python float constants its nodes use (candidate scales and fills). ``what`` names the region in the reason
+    it cannot be run."""
     sub = fx.Graph()
     env = {n: sub.placeholder(f"in{i}") for i, n in enumerate(placeholders)}
     consts: list[float] = []
@@ -763,7 +763,7 @@ def _region_module(region, placeholders, outputs):
                 continue
             real = _real_constant(a)
             if real is None:
-                return f"the router reads a value the check cannot make ({a.name})", consts
+                return f"{what} reads a value the check cannot make ({a.name})", consts
             env[a] = sub.get_attr(f"const{len(consts_t)}")
             consts_t.append(real)
             if real.is_floating_point():

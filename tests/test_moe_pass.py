@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import deepfuse
 from deepfuse.models import DeepSeekForCausalLM, get_config
-from conftest import compile_and_compare as _compile_check, rel_err
+from conftest import compile_and_compare as _compile_check, gathered_experts, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -152,9 +152,7 @@ class ReluExperts(torch.nn.Module):
 
     def forward(self, x):
         weights, ids = self.router(x).softmax(-1).topk(self.k, dim=-1)
-        gate, up = torch.bmm(self.w1[ids.flatten()], x.repeat_interleave(self.k, 0).unsqueeze(-1)).squeeze(-1).chunk(2, -1)
-        out = torch.bmm(self.w2[ids.flatten()], (F.relu(gate) * up).unsqueeze(-1)).squeeze(-1)
-        return (out * weights.flatten()[:, None]).view(x.shape[0], self.k, -1).sum(1)
+        return gathered_experts(x, ids, weights, self.w1, self.w2, F.relu)
 
 
 class SharedMLP(torch.nn.Module):
@@ -173,9 +171,7 @@ class SharedMLP(torch.nn.Module):
     def forward(self, h):
         x = h * self.scale if self.scale != 1.0 else h  # the routed experts' input; the shared MLP reads h
         weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
-        gate, up = torch.bmm(self.w1[ids.flatten()], x.repeat_interleave(2, 0).unsqueeze(-1)).squeeze(-1).chunk(2, -1)
-        out = torch.bmm(self.w2[ids.flatten()], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
-        routed = (out * weights.flatten()[:, None]).view(x.shape[0], 2, -1).sum(1)
+        routed = gathered_experts(x, ids, weights, self.w1, self.w2, F.silu)
         return routed + self.down(self.act(self.gate(h)) * self.up(h))
 
 

@@ -3,10 +3,9 @@ before handing it to the kernel."""
 import pytest
 import torch
 
-import deepfuse
 from deepfuse.runtime.kernels import routing
 from deepfuse.runtime.kernels.routing import RoutingSpec
-from conftest import compile_and_compare
+from conftest import compile_and_compare, gathered_experts
 
 SPECS = [
     RoutingSpec(2),  # Mixtral without renormalization
@@ -89,9 +88,7 @@ class _Router(torch.nn.Module):
             weights = weights * x[:, :1].sigmoid()
         if self.scale is not None:  # a scale held in a buffer: a graph input, not a constant
             weights = weights * self.scale
-        gate, up = torch.bmm(self.w1[ids.flatten()], x.repeat_interleave(self.k, 0).unsqueeze(-1)).squeeze(-1).chunk(2, -1)
-        out = torch.bmm(self.w2[ids.flatten()], (torch.nn.functional.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
-        return (out * weights.flatten()[:, None]).view(x.shape[0], self.k, -1).sum(1)
+        return gathered_experts(x, ids, weights, self.w1, self.w2, torch.nn.functional.silu)
 
 
 @pytest.mark.parametrize("variant,reason", [

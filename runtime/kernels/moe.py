@@ -15,6 +15,7 @@ that even a single token keeps the machine busy.
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Optional
 
 import torch
@@ -31,6 +32,13 @@ ACTIVATIONS = {
     "gelu": "0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))",
     # tanh(u) = 2 * sigmoid(2u) - 1, so the tanh approximation needs no libdevice call
     "gelu_tanh": "gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))",
+}
+
+# The same activations in torch, for the references and the pass's checks.
+TORCH_ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
 }
 
 TEMPLATE = KernelTemplate(
@@ -191,25 +199,30 @@ ROUTER_TOPK_MAX_EXPERTS = routing.MAX_EXPERTS  # one program holds a token's who
 # The expert weights a row block reads. With shared experts, an expert id past the routed ones (E_ROUTED) is
 # a slice of the shared MLP: the shared MLP of intermediate S*I is S experts of intermediate I, every token
 # routed to each with weight 1, and its gate, up and down tensors are read where they are.
-_POINTERS = {
+_ROUTED_POINTERS = {
     "gate_up": """\
 g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
 u_ptrs = g_ptrs + N * stride_wn""",
-    "gate_up_shared": """\
-if expert < E_ROUTED:
-    g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    u_ptrs = g_ptrs + N * stride_wn
-else:  # a shared expert: its N rows of the shared MLP's gate and up weights
-    rows = (expert - E_ROUTED) * N + offs_n[None, :]
-    g_ptrs = SharedGate + rows * stride_sn + offs_k[:, None] * stride_wk
-    u_ptrs = SharedUp + rows * stride_sn + offs_k[:, None] * stride_wk""",
     "down": "b_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk",
-    "down_shared": """\
-if expert < E_ROUTED:
-    b_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-else:  # a shared expert: its K columns of the shared MLP's down weights
-    b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + offs_k[:, None]) * stride_wk""",
 }
+_SHARED_POINTERS = {
+    "gate_up": """\
+# a shared expert: its N rows of the shared MLP's gate and up weights
+rows = (expert - E_ROUTED) * N + offs_n[None, :]
+g_ptrs = SharedGate + rows * stride_sn + offs_k[:, None] * stride_wk
+u_ptrs = SharedUp + rows * stride_sn + offs_k[:, None] * stride_wk""",
+    "down": """\
+# a shared expert: its K columns of the shared MLP's down weights
+b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + offs_k[:, None]) * stride_wk""",
+}
+
+
+def _pointers(kind: str, shared: bool) -> str:
+    if not shared:
+        return _ROUTED_POINTERS[kind]
+    return ("if expert < E_ROUTED:\n" + textwrap.indent(_ROUTED_POINTERS[kind], "    ")
+            + "\nelse:\n" + textwrap.indent(_SHARED_POINTERS[kind], "    "))
+
 
 _generated = memo()
 
@@ -229,8 +242,7 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
             + (f"First generated for: {origin}" if origin else "")
         )
         slots = {"activation": ACTIVATIONS[activation], "dtype": TRITON_DTYPES[dtype],
-                 "gate_up_pointers": _POINTERS["gate_up_shared" if shared else "gate_up"],
-                 "down_pointers": _POINTERS["down_shared" if shared else "down"]}
+                 "gate_up_pointers": _pointers("gate_up", shared), "down_pointers": _pointers("down", shared)}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
 
@@ -482,8 +494,7 @@ def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "s
     """Plain torch, one expert at a time, as the models write it (fp32 accumulation of the k slots), plus the
     shared MLP (gate, up, down weights) if given."""
     t, hidden = x.shape
-    act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
-           "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[activation]
+    act = TORCH_ACTIVATIONS[activation]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.zeros(t, hidden, dtype=acc, device=x.device)
     for e in range(w_gate_up.shape[0]):
