@@ -87,6 +87,24 @@ def test_interpreted_shared_experts_in_the_same_launches(case, shared, determini
            config=DECODE_CANDIDATES[0])
 
 
+@pytest.mark.parametrize("shared", [0, 2])
+def test_interpreted_routing_outputs_taken_as_given(shared):
+    """int32 ids and fp16 weights in a non-contiguous [T, k] view are read as they are (no cast launches),
+    with shared experts' slots weighted 1 by the down kernel itself."""
+    t, hidden, inter, experts, k = 6, 32, 16, 8, 3
+    x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, torch.float32, "cpu")
+    weights_t = torch.empty(k, t, dtype=torch.float16).copy_(weights.t()).t()  # [T, k], strides (1, T)
+    assert not weights_t.is_contiguous()
+    sh = None
+    if shared:
+        sh = tuple(torch.randn(*shape) / shape[1] ** 0.5
+                   for shape in [(shared * inter, hidden), (shared * inter, hidden), (hidden, shared * inter)])
+    out = moe.moe_experts(x, ids.to(torch.int32), weights_t, wgu, wd, interpret=True, shared=sh)
+    ref = moe.reference(x.double(), ids, weights_t.double(), wgu.double(), wd.double(), "silu",
+                        None if sh is None else tuple(w.double() for w in sh))
+    assert rel_err(out, ref) < 1e-4
+
+
 def test_interpreted_all_tokens_to_one_expert_and_noncontiguous_input():
     _check(40, 32, 32, 8, 2, torch.float16, "cpu", interpret=True, route="one_expert", noncontig=True)
 

@@ -153,11 +153,13 @@ def moe_down_weighted_kernel(
     H, W, SharedDown, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights,
     stride_hm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
-    TOP_K: tl.constexpr, ATOMIC: tl.constexpr,
+    TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
-    straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order)."""
+    straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
+    TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
+    experts, weight 1 (no ones concatenated in front of the launch)."""
     if N_FASTEST:
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -183,9 +185,11 @@ def moe_down_weighted_kernel(
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wk
-    weight = tl.load(TopkWeights + slot, mask=valid, other=0.0).to(tl.float32)
+    token = (slot // TOP_K).to(tl.int64)
+    choice = slot % TOP_K
+    weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
+    weight = tl.where(valid, weight.to(tl.float32), 0.0)
     if ATOMIC:
-        token = (slot // TOP_K).to(tl.int64)
         tl.atomic_add(Out + token[:, None] * stride_om + offs_n[None, :], acc * weight[:, None],
                       mask=valid[:, None] & n_ok)
     else:
@@ -335,7 +339,7 @@ def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpre
     """``align`` as one generated kernel launch (same outputs). With ``shared`` experts (the last ids below
     ``num_experts``), ``topk_ids`` holds the routed choices alone: ``align`` of them with the shared ids
     appended to every token's row."""
-    flat = topk_ids.reshape(-1).to(torch.int32)
+    flat = topk_ids.reshape(-1)  # int32 or int64, read as it is (a cast would be one more launch per layer)
     tokens, k = topk_ids.shape
     num_routed = flat.shape[0]
     num_slots = tokens * (k + shared)
@@ -407,8 +411,6 @@ def moe_experts(
     n_shared = 0
     if shared is not None:
         n_shared = shared[0].shape[0] // inter
-        topk_weights = torch.cat([topk_weights.to(torch.float32),
-                                  torch.ones((t, n_shared), dtype=torch.float32, device=x.device)], dim=1)
         shared_gate, shared_up, shared_down = (w if w.stride(-1) == 1 else w.contiguous() for w in shared)
         if shared_gate.stride(0) != shared_up.stride(0):
             shared_gate, shared_up = shared_gate.contiguous(), shared_up.contiguous()
@@ -422,7 +424,8 @@ def moe_experts(
     x = x if x.stride(-1) == 1 else x.contiguous()
     w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
     w_down = w_down if w_down.stride(-1) == 1 else w_down.contiguous()
-    weights = topk_weights.reshape(-1).to(torch.float32)
+    routed_k = topk_ids.shape[1]
+    weights = topk_weights.reshape(-1)  # read in its own dtype by the down kernel
     # The fused align is one program walking the slots: a few microseconds at decode sizes, where the ~10
     # launches of the torch form dominate, but serial; beyond that the torch form (parallel kernels) wins.
     if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
@@ -458,7 +461,7 @@ def moe_experts(
     down[grid(triton.cdiv(hidden, bn_down))](
         inter_out, w_down, shared_down, out, sorted_slots, block_expert, num_padded, weights,
         inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), shared_down.stride(0),
-        out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ATOMIC=not deterministic,
+        out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k, ATOMIC=not deterministic,
         BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest, **launch_opts,
     )
     if not deterministic:
