@@ -67,6 +67,21 @@ def test_absorbed_and_expanded_agree_on_one_query_many_splits():
     assert rel_err(a, e) < 1e-5
 
 
+@pytest.mark.parametrize("b,s,h,dv,c", [(3, 7, 2, 40, 96), (1, 1, 20, 16, 32), (0, 1, 4, 16, 32)], ids=str)
+def test_absorbed_query_and_output_tiles(b, s, h, dv, c):
+    """The absorptions' tiles: more queries than one 16-row block, a latent width that is no multiple of its
+    64-wide slices, output heads off the 32-wide slices, heads past one head block, no queries at all; and
+    kv_b_proj's weight stored transposed (its rows not unit-strided)."""
+    dn, r, t = 16, 8, 45
+    q_nope, q_pe, c_kv, k_pe, _ = _inputs(b, s, t, h, dn, r, dv, c, torch.float32)
+    w = (torch.randn(c, h * (dn + dv)) / c ** 0.5).t()  # [H*(DN+DV), C] with strides (1, H*(DN+DV))
+    ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.2, True)
+    out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.2, True, path="absorbed", interpret=True)
+    assert out.shape == (b, s, h, dv)
+    if b:
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-5
+
+
 def test_decode_never_reads_the_blocks_its_mask_hides():
     """A static cache's decode step: 300 positions allocated, 41 written, the rest masked. The unwritten tail
     (every 16-key block past position 47) holds NaN: a kernel that read it would return NaN."""

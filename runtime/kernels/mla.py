@@ -7,9 +7,10 @@ The cache holds, per token, only c_kv [C] and the head-shared roped key k_pe [R]
 
 * absorbed (decode, short queries): W_UK moves to the query side (q_lat = q_nope W_UK, [H, C]) and W_UV to
   the output side, so attention runs directly over the latent: every head of a query reads the same c_kv
-  row, and each latent byte is read once per (query, head block). ``mla_decode_partial_kernel`` splits the
-  context across programs (flash-decoding), ``mla_decode_reduce_kernel`` merges the splits by their
-  log-sum-exp. The cache is never expanded.
+  row, and each latent byte is read once per (query, head block). Three launches:
+  ``mla_absorb_query_kernel`` (q_lat), ``mla_decode_partial_kernel`` (the context split across programs,
+  flash-decoding) and ``mla_decode_merge_uv_kernel`` (the splits merged by their log-sum-exp and W_UV applied
+  in the same pass). The cache is never expanded; the merged latent rows never reach memory.
 * expanded (prefill): k_nope and v come from one matmul of the latent with kv_b_proj; the flash-attention
   kernel ``mla_prefill_kernel`` takes the nope and rope parts of q and k as separate operands, so the
   [.., 192] key is never concatenated, and k_pe is read once per key block for every head.
@@ -33,6 +34,33 @@ TEMPLATE = KernelTemplate(
     '''
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def mla_absorb_query_kernel(
+    QNope, W, QLat, stride_qb, stride_qs, stride_qh, stride_wh, stride_wd, stride_wc, S, BS,
+    DN: tl.constexpr, DN_POW2: tl.constexpr, C: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """W_UK into the query: QLat[q, h, c-block] = q_nope[q, h] . W_UK[h][:, c-block] for a block of queries
+    (tensor-core tile of BLOCK_Q rows). One program per (query block, head, latent block): at one query the
+    head's 2 MB of W_UK is spread over H * C / BLOCK_C programs, each reading its slice once."""
+    pid_q = tl.program_id(0)
+    h = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    r_ok = rows < BS
+    b = (rows // S).to(tl.int64)
+    s = rows % S
+    offs_d = tl.arange(0, DN_POW2)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    q = tl.load(QNope + b[:, None] * stride_qb + s[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
+                mask=r_ok[:, None] & (offs_d[None, :] < DN), other=0.0)
+    w_uk = tl.load(W + h * stride_wh + offs_d[:, None] * stride_wd + offs_c[None, :] * stride_wc,
+                   mask=(offs_d[:, None] < DN) & (offs_c[None, :] < C), other=0.0)
+    q_lat = tl.dot(q, w_uk, input_precision=${precision})
+    tl.store(QLat + (rows[:, None].to(tl.int64) * tl.num_programs(1) + h) * C + offs_c[None, :], q_lat.to(${dtype}),
+             mask=r_ok[:, None] & (offs_c[None, :] < C))
 
 
 @triton.jit
@@ -104,26 +132,44 @@ def mla_decode_partial_kernel(
 
 
 @triton.jit
-def mla_decode_reduce_kernel(
-    PartOut, PartLse, Out, H, stride_ob, stride_os, stride_oh, S,
-    C: tl.constexpr, C_POW2: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+def mla_decode_merge_uv_kernel(
+    PartOut, PartLse, W, Out, H, stride_wh, stride_wd, stride_wc, stride_ob, stride_os, stride_oh, S, BS,
+    DN: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, C_POW2: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Merge the context splits of one (query, head): weights exp(lse_split - lse_max), renormalized."""
-    pid_bs = tl.program_id(0)
+    """The splits' merge and W_UV in one pass: Out[q, h, dv-block] = (sum_split w_split * part_split) . W_UV[h]^T,
+    w_split = exp(lse_split - lse_max) / sum. The merged latent row is rounded to the model's dtype (as the
+    unfused merge stored it) and multiplied in BLOCK_C slices, so it never goes back to memory."""
+    pid_q = tl.program_id(0)
     h = tl.program_id(1)
-    row = pid_bs.to(tl.int64) * H + h
-    splits = tl.arange(0, SPLITS_POW2)
-    offs_c = tl.arange(0, C_POW2)
-    lse = tl.load(PartLse + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    w = tl.exp(lse - m)
-    part = tl.load(PartOut + (row * NUM_SPLITS + splits[:, None]) * C_POW2 + offs_c[None, :],
-                   mask=splits[:, None] < NUM_SPLITS, other=0.0)
-    out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
-    b = pid_bs // S
-    s = pid_bs % S
-    tl.store(Out + b.to(tl.int64) * stride_ob + s * stride_os + h * stride_oh + offs_c, out.to(${dtype}),
-             mask=offs_c < C)
+    pid_dv = tl.program_id(2)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    r_ok = rows < BS
+    part_row = (rows.to(tl.int64) * H + h) * NUM_SPLITS
+    m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    for sp in range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(PartLse + part_row + sp, mask=r_ok, other=float("-inf")))
+    total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for sp in range(NUM_SPLITS):
+        total += tl.exp(tl.load(PartLse + part_row + sp, mask=r_ok, other=float("-inf")) - m)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    acc = tl.zeros((BLOCK_Q, BLOCK_DV), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c_ok = c0 + offs_c < C
+        latent = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+        for sp in range(NUM_SPLITS):
+            w = tl.exp(tl.load(PartLse + part_row + sp, mask=r_ok, other=float("-inf")) - m) / total
+            part = tl.load(PartOut + (part_row + sp)[:, None] * C_POW2 + c0 + offs_c[None, :],
+                           mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+            latent += tl.where(r_ok, w, 0.0)[:, None] * part
+        w_uv = tl.load(W + h * stride_wh + (DN + offs_dv[None, :]) * stride_wd + (c0 + offs_c[:, None]) * stride_wc,
+                       mask=c_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = tl.dot(latent.to(${dtype}), w_uv, acc, input_precision=${precision})
+    b = (rows // S).to(tl.int64)
+    s = rows % S
+    tl.store(Out + b[:, None] * stride_ob + s[:, None] * stride_os + h * stride_oh + offs_dv[None, :], acc.to(${dtype}),
+             mask=r_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -219,6 +265,15 @@ def kernels_for(dtype: torch.dtype, origin: str = ""):
 
 ABSORB_MAX_QUERIES = 16  # queries per sequence up to which the absorbed path runs (decode, speculative steps)
 
+DECODE_CONFIG = {"BLOCK_H": 16, "num_warps": 4, "num_stages": 2}  # and BLOCK_T by the latent width
+# The absorptions around the split attention: queries in tensor-core tiles of 16 rows (the smallest tl.dot
+# takes), W_UK in latent slices and W_UV in output slices small enough that a single decode query still spreads
+# each head's weights over several programs (V2-Lite, one query: 16 x 8 programs for W_UK, 16 x 4 for W_UV).
+ABSORB_BLOCK_Q = 16
+ABSORB_BLOCK_C = 64
+MERGE_BLOCK_C = 64
+MERGE_BLOCK_DV = 32
+
 
 def choose_path(queries: int) -> str:
     return "absorbed" if size_hint(queries) <= ABSORB_MAX_QUERIES else "expanded"
@@ -282,25 +337,35 @@ def mla_attention(
     c_kv, k_pe = _unit_last(c_kv), _unit_last(k_pe)
     q_pe = _unit_last(q_pe)
     if path == "absorbed":
-        cfg = dict(config or {"BLOCK_H": 16, "BLOCK_T": 32 if c > 256 else 64, "num_warps": 4, "num_stages": 2})
+        cfg = dict(config or {**DECODE_CONFIG, "BLOCK_T": 32 if c > 256 else 64})
         bh, bt = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_T")
         launch_opts = {} if interpret else cfg
+        queries = b * s
+        q_blocks = triton.cdiv(queries, ABSORB_BLOCK_Q)
+        dn_pow2, c_pow2, r_pow2 = (max(16, triton.next_power_of_2(n)) for n in (dn, c, r))
+        absorb = gen.function("mla_absorb_query_kernel", interpret=interpret)
+        partial = gen.function("mla_decode_partial_kernel", interpret=interpret)
+        merge = gen.function("mla_decode_merge_uv_kernel", interpret=interpret)
+        if not interpret:
+            absorb, partial, merge = (torch.library.wrap_triton(f) for f in (absorb, partial, merge))
+        w = w.to(dtype)
         # W_UK absorbed into the query: q_lat[b, s, h] = q_nope[b, s, h] @ W_UK[h]  ([DN] x [DN, C])
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w[:, :dn].to(dtype))
+        q_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
+        if queries:
+            absorb[(q_blocks, h, triton.cdiv(c, ABSORB_BLOCK_C))](
+                q_nope, w, q_lat, q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), *w.stride(), s, queries, DN=dn, DN_POW2=dn_pow2, C=c, BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_C=ABSORB_BLOCK_C,
+            )
         head_blocks = triton.cdiv(h, bh)
         # Enough programs to fill the GPU twice over. Fewer, longer splits move fewer fp32 partials but were
         # slower: batch 1, context 2048 on H100, 16 splits of 128 rows took 16.7 + 2.4 us per layer (partial +
         # reduce) against 10.2 + 4.2 us for 64 splits of 32 (a660f1c against fd3e370).
-        splits = max(1, min(64, triton.cdiv(2 * _sm_count(q_nope.device), size_hint(b * s) * head_blocks)))
-        c_pow2, r_pow2 = max(16, triton.next_power_of_2(c)), max(16, triton.next_power_of_2(r))
-        part_out = torch.empty((b * s * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
-        part_lse = torch.empty((b * s * h * splits,), dtype=torch.float32, device=q_nope.device)
-        out_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
-        partial = gen.function("mla_decode_partial_kernel", interpret=interpret)
-        reduce = gen.function("mla_decode_reduce_kernel", interpret=interpret)
-        if not interpret:
-            partial, reduce = torch.library.wrap_triton(partial), torch.library.wrap_triton(reduce)
-        partial[(b * s, head_blocks, splits)](
+        splits = max(1, min(64, triton.cdiv(2 * _sm_count(q_nope.device), max(1, size_hint(queries)) * head_blocks)))
+        part_out = torch.empty((queries * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
+        part_lse = torch.empty((queries * h * splits,), dtype=torch.float32, device=q_nope.device)
+        out = torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)
+        if not queries:
+            return out
+        partial[(queries, head_blocks, splits)](
             q_lat, q_pe, c_kv, k_pe, mask_ptr, part_out, part_lse,
             q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
             c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), *m_args,
@@ -308,12 +373,13 @@ def mla_attention(
             C=c, C_POW2=c_pow2, R=r, R_POW2=r_pow2, BLOCK_H=bh, BLOCK_T=bt, NUM_SPLITS=splits,
             HAS_MASK=has_mask, CAUSAL=causal, **launch_opts,
         )
-        reduce[(b * s, h)](
-            part_out, part_lse, out_lat, h, out_lat.stride(0), out_lat.stride(1), out_lat.stride(2), s,
-            C=c, C_POW2=c_pow2, NUM_SPLITS=splits, SPLITS_POW2=max(2, triton.next_power_of_2(splits)),
+        # The splits merged and W_UV absorbed into the output: out[b, s, h] = merged[b, s, h] @ W_UV[h]^T
+        merge[(q_blocks, h, triton.cdiv(dv, MERGE_BLOCK_DV))](
+            part_out, part_lse, w, out, h, *w.stride(), out.stride(0), out.stride(1), out.stride(2),
+            s, queries, DN=dn, DV=dv, C=c, C_POW2=c_pow2, NUM_SPLITS=splits,
+            BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_C=MERGE_BLOCK_C, BLOCK_DV=MERGE_BLOCK_DV,
         )
-        # W_UV absorbed into the output: out[b, s, h] = out_lat[b, s, h] @ W_UV[h]^T  ([C] x [C, DV])
-        return torch.einsum("bshc,hdc->bshd", out_lat, w[:, dn:].to(dtype))
+        return out
     if path != "expanded":
         raise ValueError(f"mla: path must be 'auto', 'absorbed' or 'expanded', got {path!r}")
     cfg = dict(config or PREFILL_CONFIG)
