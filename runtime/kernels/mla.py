@@ -339,7 +339,6 @@ def mla_attention(
     if path == "absorbed":
         cfg = dict(config or {**DECODE_CONFIG, "BLOCK_T": 32 if c > 256 else 64})
         bh, bt = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_T")
-        launch_opts = {} if interpret else cfg
         queries = b * s
         q_blocks = triton.cdiv(queries, ABSORB_BLOCK_Q)
         dn_pow2, c_pow2, r_pow2 = (max(16, triton.next_power_of_2(n)) for n in (dn, c, r))
@@ -353,13 +352,16 @@ def mla_attention(
         q_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
         if queries:
             absorb[(q_blocks, h, triton.cdiv(c, ABSORB_BLOCK_C))](
-                q_nope, w, q_lat, q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), *w.stride(), s, queries, DN=dn, DN_POW2=dn_pow2, C=c, BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_C=ABSORB_BLOCK_C,
+                q_nope, w, q_lat, q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), *w.stride(), s, queries,
+                DN=dn, DN_POW2=dn_pow2, C=c, BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_C=ABSORB_BLOCK_C,
             )
         head_blocks = triton.cdiv(h, bh)
         # Enough programs to fill the GPU twice over. Fewer, longer splits move fewer fp32 partials but were
         # slower: batch 1, context 2048 on H100, 16 splits of 128 rows took 16.7 + 2.4 us per layer (partial +
         # reduce) against 10.2 + 4.2 us for 64 splits of 32 (a660f1c against fd3e370).
-        splits = max(1, min(64, triton.cdiv(2 * _sm_count(q_nope.device), max(1, size_hint(queries)) * head_blocks)))
+        splits = cfg.pop("SPLITS", None) or max(
+            1, min(64, triton.cdiv(2 * _sm_count(q_nope.device), max(1, size_hint(queries)) * head_blocks)))
+        launch_opts = {} if interpret else cfg
         part_out = torch.empty((queries * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
         part_lse = torch.empty((queries * h * splits,), dtype=torch.float32, device=q_nope.device)
         out = torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)

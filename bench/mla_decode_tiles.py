@@ -1,0 +1,68 @@
+"""The absorbed MLA decode step's launches at V2-Lite dims, timed per tile configuration (each replayed as a
+CUDA graph, as decode steps run), beside the three launches' HBM floor. It chooses the defaults in
+runtime/kernels/mla.py (DECODE_CONFIG and the split count); prints a table, writes JSON with --out.
+
+    python3 bench/mla_decode_tiles.py --out DIR [--batches 1,32] [--context 2048]
+"""
+import argparse
+import itertools
+import json
+import os
+
+import torch
+
+from deepfuse.runtime import autotune
+from deepfuse.runtime.kernels import mla
+
+H, DN, R, DV, C = 16, 128, 64, 128, 512
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s the floor is computed at")
+    args = parser.parse_args()
+    dev, dtype, t = "cuda", torch.bfloat16, args.context
+    rows = []
+    for b in (int(x) for x in args.batches.split(",")):
+        # Several caches and weights, rotated: one set would sit in L2 from the second replay on.
+        sets = []
+        for _ in range(4):
+            q = torch.randn(b, 1, H, DN + R, device=dev, dtype=dtype)
+            latent = torch.randn(b, t, C + R, device=dev, dtype=dtype)
+            w = torch.randn(H * (DN + DV), C, device=dev, dtype=dtype) / C ** 0.5
+            sets.append((q[..., :DN], q[..., DN:], latent[..., :C], latent[..., C:], w))
+        ref = mla.reference(*(x.double() for x in sets[0]), 0.1, True)
+        floor_us = (b * t * (C + R) + H * (DN + DV) * C) * 2 / args.bandwidth * 1e6
+        configs = [None] + [
+            {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": st, "SPLITS": sp}
+            for bt, nw, st, sp in itertools.product((16, 32, 64), (4, 8), (2,), (None, 32, 128))
+        ]
+        for cfg in configs:
+            def run():
+                for s in sets:
+                    mla.mla_attention(*s, 0.1, True, path="absorbed", config=cfg)
+            try:
+                out = mla.mla_attention(*sets[0], 0.1, True, path="absorbed", config=cfg)
+                err = float((out.double() - ref).norm() / ref.norm())
+                us = autotune._time(run) * 1e3 / len(sets)
+            except Exception as e:  # a tile the chip rejects
+                print(f"b{b} {cfg}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            rows.append({"batch": b, "context": t, "config": cfg or "default", "us": us, "floor_us": floor_us,
+                         "rel_err": err})
+            print(f"b{b:<3} {str(cfg or 'default'):<90} {us:7.2f} us  ({us / floor_us:4.2f}x floor)  err {err:.1e}",
+                  flush=True)
+        best = min((r for r in rows if r["batch"] == b), key=lambda r: r["us"])
+        print(f"best b{b}: {best['config']} {best['us']:.2f} us, floor {floor_us:.2f} us")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "mla_decode_tiles.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "commit": os.environ.get("DEEPFUSE_COMMIT", "?"), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
