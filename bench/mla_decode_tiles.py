@@ -36,8 +36,8 @@ def main():
             sets.append((q[..., :DN], q[..., DN:], latent[..., :C], latent[..., C:], w))
         ref = mla.reference(*(x.double() for x in sets[0]), 0.1, True)
         floor_us = (b * t * (C + R) + H * (DN + DV) * C) * 2 / args.bandwidth * 1e6
-        # The default, each merge form forced, then tiles and split counts (each with the default merge form).
-        configs = [None] + [{**mla.DECODE_CONFIG, "BLOCK_T": 32, "MERGE_UV": m} for m in (True, False)] + [
+        # The default, then tiles and split counts.
+        configs = [None] + [
             {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": 2, "SPLITS": sp}
             for bt, nw, sp in itertools.product((32, 64), (4, 8), (None, 16, 32, 128)) if b == 1
         ]  # the tile sweep at batch 1 only, where the split count matters most

@@ -9,9 +9,8 @@ The cache holds, per token, only c_kv [C] and the head-shared roped key k_pe [R]
   the output side, so attention runs directly over the latent: every head of a query reads the same c_kv
   row, and each latent byte is read once per (query, head block). Three launches:
   ``mla_absorb_query_kernel`` (q_lat), ``mla_decode_partial_kernel`` (the context split across programs,
-  flash-decoding) and, at a few queries, ``mla_decode_merge_uv_kernel`` (the splits merged by their
-  log-sum-exp and W_UV applied in the same pass, so the merged latent rows never reach memory); at more
-  queries ``mla_decode_reduce_kernel`` merges and W_UV is one batched GEMM. The cache is never expanded.
+  flash-decoding) and ``mla_decode_reduce_kernel`` (the splits merged by their log-sum-exp); W_UV is then one
+  batched GEMM. The cache is never expanded.
 * expanded (prefill): k_nope and v come from one matmul of the latent with kv_b_proj; the flash-attention
   kernel ``mla_prefill_kernel`` takes the nope and rope parts of q and k as separate operands, so the
   [.., 192] key is never concatenated, and k_pe is read once per key block for every head.
@@ -156,41 +155,6 @@ def mla_decode_reduce_kernel(
 
 
 @triton.jit
-def mla_decode_merge_uv_kernel(
-    PartOut, PartLse, W, Out, H, stride_wh, stride_wd, stride_wc, stride_ob, stride_os, stride_oh, S,
-    DN: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, C_POW2: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """The splits' merge and W_UV in one pass, for one (query, head, output slice): Out[q, h, dv-slice] =
-    merged . W_UV[h][dv-slice]^T with merged = sum_split w_split * part_split, w = softmax of the splits' LSEs.
-    The merged latent row is rounded to the model's dtype (as the unfused merge stored it) and used in BLOCK_C
-    slices straight from registers; the latent slices are unrolled so their loads are in flight together."""
-    pid_bs = tl.program_id(0)
-    h = tl.program_id(1)
-    pid_dv = tl.program_id(2)
-    row = pid_bs.to(tl.int64) * H + h
-    splits = tl.arange(0, SPLITS_POW2)
-    s_ok = splits < NUM_SPLITS
-    lse = tl.load(PartLse + row * NUM_SPLITS + splits, mask=s_ok, other=float("-inf"))
-    w = tl.exp(lse - tl.max(lse, axis=0))
-    w = w / tl.sum(w, axis=0)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    acc = tl.zeros((BLOCK_DV,), dtype=tl.float32)
-    for c0 in tl.static_range(0, C, BLOCK_C):
-        c_ok = c0 + offs_c < C
-        part = tl.load(PartOut + (row * NUM_SPLITS + splits[:, None]) * C_POW2 + c0 + offs_c[None, :],
-                       mask=s_ok[:, None] & c_ok[None, :], other=0.0)
-        latent = tl.sum(part * w[:, None], axis=0).to(${dtype}).to(tl.float32)
-        w_uv = tl.load(W + h * stride_wh + (DN + offs_dv[:, None]) * stride_wd + (c0 + offs_c[None, :]) * stride_wc,
-                       mask=(offs_dv[:, None] < DV) & c_ok[None, :], other=0.0)
-        acc += tl.sum(w_uv.to(tl.float32) * latent[None, :], axis=1)
-    b = (pid_bs // S).to(tl.int64)
-    s = pid_bs % S
-    tl.store(Out + b * stride_ob + s * stride_os + h * stride_oh + offs_dv, acc.to(${dtype}), mask=offs_dv < DV)
-
-
-@triton.jit
 def mla_prefill_kernel(
     QN, QP, KN, KP, V, Mask, Out,
     stride_qnb, stride_qns, stride_qnh, stride_qpb, stride_qps, stride_qph,
@@ -289,13 +253,6 @@ DECODE_CONFIG = {"BLOCK_H": 16, "num_warps": 4, "num_stages": 2}  # and BLOCK_T 
 # heads x 8 programs).
 ABSORB_BLOCK_Q = 16
 ABSORB_BLOCK_C = 64
-# The splits' merge with W_UV in the same launch, one program per (query, head, 32 output values): each
-# program reads its head's partials and a W_UV slice, so W_UV is read once per query. That pays at a few
-# queries, where the unfused form is two latency-bound launches; past MERGE_UV_MAX_QUERIES the merged rows go
-# through memory and W_UV is one batched GEMM (each head's W_UV read once for all queries).
-MERGE_UV_MAX_QUERIES = 4
-MERGE_BLOCK_C = 128
-MERGE_BLOCK_DV = 32
 
 
 def choose_path(queries: int) -> str:
@@ -361,18 +318,18 @@ def mla_attention(
     q_pe = _unit_last(q_pe)
     if path == "absorbed":
         cfg = dict(config or {**DECODE_CONFIG, "BLOCK_T": 32 if c > 256 else 64})
-        bh, bt, merge_uv = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_T"), cfg.pop("MERGE_UV", None)
+        bh, bt = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_T")
         queries = b * s
         q_blocks = triton.cdiv(queries, ABSORB_BLOCK_Q)
         dn_pow2, c_pow2, r_pow2 = (max(16, triton.next_power_of_2(n)) for n in (dn, c, r))
         absorb = gen.function("mla_absorb_query_kernel", interpret=interpret)
         partial = gen.function("mla_decode_partial_kernel", interpret=interpret)
-        merge = gen.function("mla_decode_merge_uv_kernel", interpret=interpret)
         reduce = gen.function("mla_decode_reduce_kernel", interpret=interpret)
         if not interpret:
-            absorb, partial, merge, reduce = (torch.library.wrap_triton(f) for f in (absorb, partial, merge, reduce))
+            absorb, partial, reduce = (torch.library.wrap_triton(f) for f in (absorb, partial, reduce))
         w = w.to(dtype)
-        # W_UK absorbed into the query: q_lat[b, s, h] = q_nope[b, s, h] @ W_UK[h]  ([DN] x [DN, C])
+        # W_UK absorbed into the query: q_lat[b, s, h] = q_nope[b, s, h] @ W_UK[h]  ([DN] x [DN, C]). At one query
+        # this kernel took 3.2 us per layer where cuBLAS's batched GEMV took 3.5 (H200, bench/RESULTS.md).
         q_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
         if queries:
             absorb[(q_blocks, h, triton.cdiv(c, ABSORB_BLOCK_C))](
@@ -399,23 +356,14 @@ def mla_attention(
             C=c, C_POW2=c_pow2, R=r, R_POW2=r_pow2, BLOCK_H=bh, BLOCK_T=bt, NUM_SPLITS=splits,
             HAS_MASK=has_mask, CAUSAL=causal, **launch_opts,
         )
-        splits_pow2 = max(2, triton.next_power_of_2(splits))
-        if merge_uv is None:
-            merge_uv = size_hint(queries) <= MERGE_UV_MAX_QUERIES
-        if merge_uv:  # the splits merged and W_UV absorbed into the output in one launch
-            merge[(queries, h, triton.cdiv(dv, MERGE_BLOCK_DV))](
-                part_out, part_lse, w, out, h, *w.stride(), out.stride(0), out.stride(1), out.stride(2), s,
-                DN=dn, DV=dv, C=c, C_POW2=c_pow2, NUM_SPLITS=splits, SPLITS_POW2=splits_pow2,
-                BLOCK_C=MERGE_BLOCK_C, BLOCK_DV=MERGE_BLOCK_DV,
-            )
-            return out
-        # Many queries: merged latent rows, then W_UV as one batched GEMM (each head's W_UV read once, not once
-        # per query as the one-pass merge reads it)
         out_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
         reduce[(queries, h)](
             part_out, part_lse, out_lat, h, out_lat.stride(0), out_lat.stride(1), out_lat.stride(2), s,
-            C=c, C_POW2=c_pow2, NUM_SPLITS=splits, SPLITS_POW2=splits_pow2,
+            C=c, C_POW2=c_pow2, NUM_SPLITS=splits, SPLITS_POW2=max(2, triton.next_power_of_2(splits)),
         )
+        # W_UV absorbed into the output: out[b, s, h] = out_lat[b, s, h] @ W_UV[h]^T  ([C] x [C, DV]). A one-pass
+        # merge with W_UV (one program per query, head and 32 outputs) measured slower even at one query: 11.0
+        # against 4.3 + 3.2 us per layer (H200, batch 1, context 2048; bench/RESULTS.md).
         return torch.einsum("bshc,hdc->bshd", out_lat, w[:, dn:])
     if path != "expanded":
         raise ValueError(f"mla: path must be 'auto', 'absorbed' or 'expanded', got {path!r}")
