@@ -329,7 +329,8 @@ def mla_attention(
             absorb, partial, reduce = (torch.library.wrap_triton(f) for f in (absorb, partial, reduce))
         w = w.to(dtype)
         # W_UK absorbed into the query: q_lat[b, s, h] = q_nope[b, s, h] @ W_UK[h]  ([DN] x [DN, C]). At one query
-        # this kernel took 3.2 us per layer where cuBLAS's batched GEMV took 3.5 (H200, bench/RESULTS.md).
+        # this kernel takes 3.1 us per layer, cuBLAS's batched GEMV took 3.2 (H200, bench/RESULTS.md): even, but
+        # the launch is ours to fuse into (the rope of q_pe, the scale) where cuBLAS's is not.
         q_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
         if queries:
             absorb[(q_blocks, h, triton.cdiv(c, ABSORB_BLOCK_C))](
@@ -363,7 +364,7 @@ def mla_attention(
         )
         # W_UV absorbed into the output: out[b, s, h] = out_lat[b, s, h] @ W_UV[h]^T  ([C] x [C, DV]). A one-pass
         # merge with W_UV (one program per query, head and 32 outputs) measured slower even at one query: 11.0
-        # against 4.3 + 3.2 us per layer (H200, batch 1, context 2048; bench/RESULTS.md).
+        # against 4.3 + 3.5 us per layer (H200, batch 1, context 2048; bench/RESULTS.md).
         return torch.einsum("bshc,hdc->bshd", out_lat, w[:, dn:])
     if path != "expanded":
         raise ValueError(f"mla: path must be 'auto', 'absorbed' or 'expanded', got {path!r}")
