@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+from deepfuse.passes.linear import DecodeLinearPass
 from deepfuse.passes.mla import MLAPass
 from deepfuse.passes.moe import MoEPass
 from deepfuse.passes.quant import QuantPass
@@ -14,4 +15,5 @@ PASSES = {
     "mla": MLAPass,
     "quant": QuantPass,
     "rms_norm": RMSNormPass,
+    "linear": DecodeLinearPass,  # last: the matmuls other families fuse are theirs
 }

@@ -186,6 +186,20 @@ def _(x, w, scale, bias, fmt, act_quant, block_n, block_k, out_dtype, impl):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op("deepfuse::decode_linear", mutates_args=())
+def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], impl: str) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T (+ bias) -> [M, N] in x's dtype, the weight read in its own float dtype."""
+    _check_impl(impl)
+    if impl == "reference":
+        return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return _quant.decode_linear(x, w, bias, interpret=impl == "interpret")
+
+
+@decode_linear.register_fake
+def _(x, w, bias, impl):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
 @torch.library.custom_op("deepfuse::moe_experts_ep", mutates_args=())
 def moe_experts_ep(
     x: torch.Tensor,

@@ -146,6 +146,9 @@ ${w_scales}
 acc += tl.dot(x, w.to(x.dtype), input_precision=${precision}) * scales""",
     # int8 values are exact in bf16/fp16/fp32; the per-channel scale waits for the epilogue.
     "int8_weight_only": "acc = tl.dot(x, w.to(x.dtype), acc, input_precision=${precision})",
+    # a float weight (no scales), widened to the activation dtype in registers when the graph casts it (a bf16
+    # router weight multiplied in fp32): the cast copy is never made.
+    "dense": "acc = tl.dot(x, w.to(x.dtype), acc, input_precision=${precision})",
 }
 # The weight's block scale for this K tile (times the activation's, when there is one). When BLOCK_N divides the
 # scale block, the whole tile shares one weight scale: a scalar load, and one FMA per accumulator element.
@@ -176,16 +179,19 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
     """The generated module for this mode and activation dtype; its GEMM is named ``<mode>_matmul_kernel``."""
     key = (str(cache_dir()), mode, x_dtype)
     if key not in _generated:
-        name = f"{'fp8_block_' if mode in ('quantize', 'prequantized') else ''}{mode}_matmul_kernel"
+        name = ("decode_linear_kernel" if mode == "dense"
+                else f"{'fp8_block_' if mode in ('quantize', 'prequantized') else ''}{mode}_matmul_kernel")
         what = {
             "quantize": "FP8 x FP8 block-scaled GEMM, activations quantized per token and 128-wide K tile in the K loop",
             "prequantized": "FP8 x FP8 block-scaled GEMM over activations quantized by act_quant_kernel",
             "fp8_weight_only": "GEMM over FP8 block-scaled weights, activations in their own dtype",
             "int8_weight_only": "GEMM over int8 weights with per-output-channel scales, activations in their own dtype",
+            "dense": "a decode-sized GEMM over a float weight read as stored, K split across programs",
         }[mode]
+        family = "linear (decode-sized matmul)" if mode == "dense" else "quant (quantized matmul)"
         header = (
-            "Pattern family: quant (quantized matmul).\n"
-            f"Computes: y = x @ dequant(w)^T (+ bias): {what}; fp32 accumulation.\n"
+            f"Pattern family: {family}.\n"
+            f"Computes: y = x @ {'w' if mode == 'dense' else 'dequant(w)'}^T (+ bias): {what}; fp32 accumulation.\n"
             + (f"First generated for: {origin}" if origin else "")
         )
         consts = {"amax_floor": repr(AMAX_FLOOR), "fp8_max": repr(FP8_MAX),
@@ -212,6 +218,11 @@ DECODE_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
     {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 2, "num_stages": 6},
     {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 2, "num_stages": 4},
+]
+# Float weights at decode sizes (deepfuse.passes.linear): the same tiles, and narrow N tiles over the whole K in
+# one program (SPLIT_K 1), which need no second pass to add fp32 partial sums.
+DENSE_DECODE_CONFIGS = DECODE_CONFIGS + [
+    {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4} for bn in (16, 32)
 ]
 SMALL_MAX_M = 128
 SMALL_CONFIGS = [
@@ -327,37 +338,73 @@ def quant_matmul(
     configs = _configs(m, fmt, act_quant, block)
 
     def launch(cfg: dict) -> torch.Tensor:
-        cfg = dict(cfg)
-        bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-        splits = _splits(m, n, k, {"BLOCK_N": bn, "BLOCK_K": bk}, x.device)
-        k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
-        splits = triton.cdiv(k, k_per_split)
-        y = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else out_dtype, device=x.device)
-        if not (isinstance(m, int) and m == 0):
-            gemm[(triton.cdiv(m, bm) * triton.cdiv(n, bn), splits)](
-                x2, xs, w, scale, bias if bias is not None else scale, y,
-                m, n, k,
-                x2.stride(0), x2.stride(1), xs.stride(0), xs.stride(-1),
-                w.stride(0), w.stride(1), scale.stride(0), scale.stride(-1),
-                y.stride(0), y.stride(1), y.stride(2),
-                k_per_split,
-                SCALE_BLOCK_N=bn_s, SCALE_BLOCK_K=bk_s, HAS_BIAS=bias is not None and splits == 1,
-                EVEN_K=k % bk == 0, EXACT_FP8_ROUNDING=interpret,
-                UNIFORM_W_SCALE=bn_s % bn == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                **({} if interpret else cfg),
-            )
-        if splits == 1:
-            return y[0]
-        out = y.sum(0)  # the K splits in a fixed order
-        if bias is not None:
-            out = out + bias.float()
-        return out.to(out_dtype)
+        return _launch(gemm, x2, xs, w, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
 
     if config is None:
         config = autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs, launch, x.device,
                                  enabled=not interpret)
     else:
         config = _fit(config, fmt, act_quant, block)
+    return launch(config).view(*x.shape[:-1], n)
+
+
+def _launch(gemm, x2, xs, w, scale, bias, out_dtype, scale_block, cfg: dict, interpret: bool) -> torch.Tensor:
+    """One launch of a generated GEMM over x2 [M, K] and w [N, K] (K split across programs at decode sizes, the
+    fp32 partial sums then added in a fixed order) -> [M, N] in ``out_dtype``."""
+    m, k = x2.shape
+    n = w.shape[0]
+    cfg = dict(cfg)
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    bn_s, bk_s = scale_block
+    splits = cfg.pop("SPLIT_K", None) or _splits(m, n, k, {"BLOCK_N": bn, "BLOCK_K": bk}, x2.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+    splits = triton.cdiv(k, k_per_split)
+    y = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else out_dtype, device=x2.device)
+    if not (isinstance(m, int) and m == 0):
+        gemm[(triton.cdiv(m, bm) * triton.cdiv(n, bn), splits)](
+            x2, xs, w, scale, bias if bias is not None else scale, y,
+            m, n, k,
+            x2.stride(0), x2.stride(1), xs.stride(0), xs.stride(-1),
+            w.stride(0), w.stride(1), scale.stride(0), scale.stride(-1),
+            y.stride(0), y.stride(1), y.stride(2),
+            k_per_split,
+            SCALE_BLOCK_N=bn_s, SCALE_BLOCK_K=bk_s, HAS_BIAS=bias is not None and splits == 1,
+            EVEN_K=k % bk == 0, EXACT_FP8_ROUNDING=interpret,
+            UNIFORM_W_SCALE=bn_s % bn == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            **({} if interpret else cfg),
+        )
+    if splits == 1:
+        return y[0]
+    out = y.sum(0)  # the K splits in a fixed order
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  interpret: bool = False, config: Optional[dict] = None, origin: str = "") -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T (+ bias) -> [..., N] in x's dtype, for decode-sized M (<= DECODE_MAX_M rows):
+    the weight read as stored (any float dtype, widened to x's in registers), K split across programs so every
+    SM streams weight bytes, fp32 accumulation. ``config`` None: autotune now (real tensors). Traceable."""
+    if x.dtype not in TRITON_DTYPES or w.dtype not in TRITON_DTYPES:
+        raise TypeError(f"decode_linear: x and w must be float16, bfloat16 or float32, got {x.dtype}, {w.dtype}")
+    if w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"decode_linear: x [..., {x.shape[-1]}] and w {tuple(w.shape)} do not chain (w is [N, K])")
+    if bias is not None and tuple(bias.shape) != (w.shape[0],):
+        raise ValueError(f"decode_linear: bias shape {tuple(bias.shape)} should be ({w.shape[0]},)")
+    n, k = w.shape
+    x2 = x.reshape(-1, k)
+    gen, name = kernels_for("dense", x.dtype, origin)
+    gemm = gen.function(name, interpret=interpret)
+    if not interpret:
+        gemm = torch.library.wrap_triton(gemm)
+
+    def launch(cfg: dict) -> torch.Tensor:
+        return _launch(gemm, x2, w, w, w, bias, x.dtype, (1, 1), cfg, interpret)  # no scales: w stands in
+
+    if config is None:
+        config = autotune.choose(f"{gen.key}|{n}x{k}|{w.dtype}", size_hint(x2.shape[0]), DENSE_DECODE_CONFIGS,
+                                 launch, x.device, enabled=not interpret)
     return launch(config).view(*x.shape[:-1], n)
 
 
