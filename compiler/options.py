@@ -22,7 +22,8 @@ class Options:
     #: Which implementation a deepfuse op runs: "triton" (generated kernels), "reference" (the op's plain
     #: torch reference), or "auto": Triton on CUDA tensors (or with ``interpret``), reference otherwise.
     kernels: str = "auto"
-    #: Pattern families to run, by name (see ``deepfuse.passes.PASSES``); ``None`` runs all of them.
+    #: Pattern families to run, by name (see ``deepfuse.passes.PASSES``); ``None`` runs all of them but the
+    #: opt-in ones (``deepfuse.passes.OPT_IN``).
     passes: Optional[tuple[str, ...]] = None
     #: Hand the rewritten graph to Inductor (True) or run it as plain aten ops (False, for debugging).
     inductor: bool = True
@@ -120,7 +121,11 @@ class Options:
         return "reference"
 
     def enabled(self, family: str) -> bool:
-        return self.passes is None or family in self.passes
+        if self.passes is None:
+            from deepfuse.passes import OPT_IN
+
+            return family not in OPT_IN
+        return family in self.passes
 
     def fingerprint(self) -> str:
         """What changes the rewritten graph; part of Inductor's FX-graph cache key."""

@@ -1,6 +1,7 @@
 """One module per pattern family: its patterns, the parameters it reads off the graph, its rewrite.
 
-``PASSES`` lists them in the order they run: later families see the graph earlier ones rewrote.
+``PASSES`` lists them in the order they run: later families see the graph earlier ones rewrote. Those in
+``OPT_IN`` run only when ``options["passes"]`` names them.
 """
 from __future__ import annotations
 
@@ -17,3 +18,7 @@ PASSES = {
     "rms_norm": RMSNormPass,
     "linear": DecodeLinearPass,  # last: the matmuls other families fuse are theirs
 }
+
+# Families that run only when options["passes"] names them. linear: on H200 its kernel was no faster than cuBLAS
+# at V2-Lite's decode projections and its compile-time timing added 12 s per shape (bench/RESULTS.md).
+OPT_IN = frozenset({"linear"})
