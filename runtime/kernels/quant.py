@@ -176,7 +176,8 @@ def _mode(fmt: str, act_quant: bool, prequantized: bool) -> str:
 
 
 def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
-    """The generated module for this mode and activation dtype; its GEMM is named ``<mode>_matmul_kernel``."""
+    """The generated module for this mode and activation dtype and its GEMM's name: ``<mode>_matmul_kernel``
+    (``fp8_block_`` in front for the FP8 x FP8 modes), ``decode_linear_kernel`` for ``dense``."""
     key = (str(cache_dir()), mode, x_dtype)
     if key not in _generated:
         name = ("decode_linear_kernel" if mode == "dense"
