@@ -35,7 +35,6 @@ from deepfuse.shapes import value
 
 aten = torch.ops.aten
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 CUBLAS = {"CUBLAS": True}  # the autotune candidate that keeps the graph's matmul
 
 
@@ -89,30 +88,40 @@ def _operands(mm: fx.Node) -> Optional[dict]:
         return None  # a symbolic row count may be large at run time; prefill sizes are compute-bound
     if bias is not None and (value(bias) is None or value(bias).dim() != 1):
         return None
+    stored = stored_weight(w_t)
+    if stored is None:
+        return None
+    w, cast, weight_nodes = stored
+    return {"x": x, "w": w, "bias": bias, "cast": cast, "interior": [mm] + weight_nodes}
+
+
+def stored_weight(w_t: fx.Node) -> Optional[tuple[fx.Node, Optional[fx.Node], list[fx.Node]]]:
+    """A matmul's [K, N] operand seen as a weight the model holds: (the graph input w [N, K], the dtype cast
+    between them or None, the transpose and cast nodes only the matmul uses), or None if it is anything else."""
     transposed = (w_t.target == aten.t.default
                   or (w_t.target == aten.permute.default and list(w_t.args[1]) == [1, 0])
                   or (w_t.target == aten.transpose.int and sorted(a % 2 for a in w_t.args[1:3]) == [0, 1]))
     if not transposed:
         return None
     w, cast = w_t.args[0], None
-    if w.target in CASTS and _is_plain_cast(w):
+    if is_plain_cast(w):
         w, cast = w.args[0], w
     wv = value(w)
     if w.op not in ("placeholder", "get_attr") or wv is None or wv.dim() != 2 or wv.dtype not in FLOATS:
         return None
-    interior = [mm]
-    if all(u is mm for u in w_t.users):
-        interior.append(w_t)
+    nodes = []
+    if len(w_t.users) == 1:
+        nodes.append(w_t)
         if cast is not None and all(u is w_t for u in cast.users):
-            interior.append(cast)
-    return {"x": x, "w": w, "bias": bias, "cast": cast, "interior": interior}
+            nodes.append(cast)
+    return w, cast, nodes
 
 
-def _is_plain_cast(node: fx.Node) -> bool:
+def is_plain_cast(node: fx.Node) -> bool:
     """A dtype conversion and nothing else (no device move, no layout change)."""
     if node.target == aten._to_copy.default:
         return set(node.kwargs) <= {"dtype"} and len(node.args) == 1
-    return len(node.args) == 2
+    return node.target == torch.ops.prims.convert_element_type.default and len(node.args) == 2
 
 
 def _tuned(mm: fx.Node, found: dict) -> dict:

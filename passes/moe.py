@@ -16,8 +16,9 @@ Then the router, from its logits to the (weights, ids) the experts read, is chec
 routing kernel's space (``RoutingSpec``: scoring, bias, groups, renormalization, scale; candidates read off
 its nodes, each run on random logits) and becomes one ``deepfuse::moe_routing``; one outside that space keeps
 its aten ops but for the final top-k. A shared MLP added to the routed output (checked by running it too)
-runs as always-chosen experts in the same launches, up to ``SHARED_FUSED_MAX_TOKENS`` tokens. The router
-matmul stays with Inductor.
+runs as always-chosen experts in the same launches, up to ``SHARED_FUSED_MAX_TOKENS`` tokens. At decode sizes
+(up to ``routing.ROUTER_MATMUL_MAX_TOKENS`` tokens, a static count) the router matmul itself runs in the routing
+kernel (``deepfuse::moe_router``), its operands read as the model holds them; beyond, it stays with Inductor.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.shapes import hint, value
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 from deepfuse.runtime.kernels import TRITON_DTYPES, moe as kernel, routing
+from deepfuse.passes.linear import is_plain_cast, stored_weight
 
 aten = torch.ops.aten
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -112,23 +114,39 @@ class MoEPass:
         region, logits, bias = found
         out_dtype = value(weights).dtype
         origin = f"{where[1] or '?'} ({where[0]})"
-        args = (logits, bias) if bias is not None else (logits,)
+        spec_args = (spec.top_k, spec.scoring, spec.groups, spec.topk_group, spec.group_score, spec.fill,
+                     spec.renormalize, spec.scale, out_dtype, impl)
+        matmul = _router_matmul(logits, region)
+        if isinstance(matmul, dict):  # the logits' matmul in the same launch
+            region = list(region) + matmul["nodes"]
+            mm_dtype = value(logits).dtype
+            args = (matmul["x"], matmul["w"]) + ((bias,) if bias is not None else ())
 
-        def launcher(logits_, bias_=None):
-            return routing.route(logits_, bias_, spec, out_dtype, origin=origin)
+            def launcher(x_, w_, bias_=None):
+                return routing.route_hidden(x_, w_, bias_, spec, out_dtype, mm_dtype, origin=origin)
 
-        op = torch.ops.deepfuse.moe_routing.default
+            op = torch.ops.deepfuse.moe_router.default
+
+            def op_args():
+                return (matmul["x"], matmul["w"], bias, mm_dtype, *spec_args)
+        else:
+            args = (logits, bias) if bias is not None else (logits,)
+
+            def launcher(logits_, bias_=None):
+                return routing.route(logits_, bias_, spec, out_dtype, origin=origin)
+
+            op = torch.ops.deepfuse.moe_routing.default
+
+            def op_args():
+                return (logits, bias, *spec_args)
         binding = RegionBinding(region, [weights, ids])
-
-        def op_args():
-            return (logits, bias, spec.top_k, spec.scoring, spec.groups, spec.topk_group, spec.group_score,
-                    spec.fill, spec.renormalize, spec.scale, out_dtype, impl)
-
         if impl == "triton" and inline:
             replace_region_inline_or_op(graph, binding, launcher, args, op, op_args, 2)
         else:
             replace_region(graph, binding, op, op_args(), 2)
-        return {"routing": f"kernel: {spec.describe()}", "renormalize": spec.renormalize,
+        return {"routing": f"kernel: {spec.describe()}",
+                "router_matmul": "in the routing kernel" if isinstance(matmul, dict) else f"with Inductor ({matmul})",
+                "renormalize": spec.renormalize,
                 "routed_scaling": spec.scale, **({"groups": f"best {spec.topk_group} of {spec.groups}"}
                                                  if spec.groups > 1 else {})}
 
@@ -685,6 +703,32 @@ def _routing_region(topk: fx.Node, weights: fx.Node, ids: fx.Node):
     if len(region) > 200:
         return f"the router region holds {len(region)} nodes: not a router"
     return sorted(region, key={n: i for i, n in enumerate(topk.graph.nodes)}.__getitem__), logits, bias
+
+
+def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
+    """The router's logits matmul as the routing kernel can take it: (hidden states x as stored, before a cast
+    only the matmul reads; the router weight w [E, H] as the model holds it; the cast and transpose nodes the
+    region then absorbs), or why not."""
+    if logits.target != aten.mm.default or logits.kwargs:
+        return f"the logits come from {logits.target}, not a plain matmul"
+    rows = value(logits).shape[0]
+    if not isinstance(rows, int) or rows > routing.ROUTER_MATMUL_MAX_TOKENS:
+        return (f"{rows} tokens: past the {routing.ROUTER_MATMUL_MAX_TOKENS} the fused router matmul takes"
+                if isinstance(rows, int) else "a token count known only at run time")
+    inside = set(region)
+    if any(u not in inside for u in logits.users):
+        return "the logits are read outside the router (returned for an auxiliary loss, say)"
+    stored = stored_weight(logits.args[1])
+    if stored is None:
+        return "the router weight is not a tensor the model holds (seen through a transpose and a cast)"
+    w, _, nodes = stored
+    x = logits.args[0]
+    if is_plain_cast(x) and len(x.users) == 1 and value(x.args[0]) is not None \
+            and value(x.args[0]).dtype in TRITON_DTYPES:
+        nodes, x = nodes + [x], x.args[0]  # the kernel casts in registers what the graph cast in memory
+    if value(x) is None or value(x).dim() != 2 or value(x).dtype not in TRITON_DTYPES:
+        return "the hidden states are not a [tokens, hidden] float matrix"
+    return {"x": x, "w": w, "nodes": [logits] + nodes}
 
 
 def _verify_routing(region, logits, bias, weights, ids) -> Union[routing.RoutingSpec, str]:

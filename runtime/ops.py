@@ -129,6 +129,28 @@ def _(logits, bias, top_k, scoring, groups, topk_group, group_score, fill, renor
     return logits.new_empty(shape, dtype=out_dtype), logits.new_empty(shape, dtype=torch.int64)
 
 
+@torch.library.custom_op("deepfuse::moe_router", mutates_args=())
+def moe_router(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tensor], mm_dtype: torch.dtype,
+               top_k: int, scoring: str, groups: int, topk_group: int, group_score: str, fill: float,
+               renormalize: bool, scale: float, out_dtype: torch.dtype, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe_routing`` of the logits ``x.to(mm_dtype) @ router_weight.to(mm_dtype).T`` (x [T, K], router_weight
+    [E, K]), the router matmul in the same launch."""
+    _check_impl(impl)
+    spec = _routing.RoutingSpec(top_k, scoring, bias is not None, groups, topk_group, group_score, fill,
+                                renormalize, scale)
+    if impl == "reference":
+        logits = torch.nn.functional.linear(x.to(mm_dtype), router_weight.to(mm_dtype))
+        return _routing.reference(logits.float(), None if bias is None else bias.float(), spec, out_dtype)
+    return _routing.route_hidden(x, router_weight, bias, spec, out_dtype, mm_dtype, interpret=impl == "interpret")
+
+
+@moe_router.register_fake
+def _(x, router_weight, bias, mm_dtype, top_k, scoring, groups, topk_group, group_score, fill, renormalize, scale,
+      out_dtype, impl):
+    shape = (x.shape[0], top_k)
+    return x.new_empty(shape, dtype=out_dtype), x.new_empty(shape, dtype=torch.int64)
+
+
 @torch.library.custom_op("deepfuse::mla_attention", mutates_args=())
 def mla_attention(
     q_nope: torch.Tensor,

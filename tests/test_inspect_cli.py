@@ -56,16 +56,18 @@ def test_cli_on_the_bundled_tiny_model(tmp_path):
     assert any(k.startswith("mla_attention_") for k in kernels)
     code = (out / "graphs" / "graph_0.py").read_text()
     assert "torch.ops.deepfuse.moe_experts.default" in code and "torch.ops.deepfuse.add_rms_norm.default" in code
-    assert "torch.ops.deepfuse.mla_attention.default" in code and "torch.ops.deepfuse.moe_routing.default" in code
+    # 8 tokens: the router's matmul runs in the routing kernel (moe_router rather than moe_routing)
+    assert "torch.ops.deepfuse.mla_attention.default" in code and "torch.ops.deepfuse.moe_router.default" in code
     model = onnx.load(str(out / "graphs" / "graph_0.onnx"))
     onnx.checker.check_model(model)
     custom = [n for n in model.graph.node if n.domain == "deepfuse"]
-    assert {n.op_type for n in custom} == {"moe_experts", "moe_routing", "mla_attention", "rms_norm", "add_rms_norm"}
+    assert {n.op_type for n in custom} == {"moe_experts", "moe_router", "mla_attention", "rms_norm", "add_rms_norm"}
     moe = next(n for n in custom if n.op_type == "moe_experts")
     assert {a.name for a in moe.attribute} >= {"activation", "impl"}
     assert len(moe.input) == 8  # x, ids, weights, the experts' two weights, the shared MLP's three
-    routing = next(n for n in custom if n.op_type == "moe_routing")
-    assert len(routing.output) == 2 and {a.name for a in routing.attribute} >= {"scoring", "top_k", "scale"}
+    routing = next(n for n in custom if n.op_type == "moe_router")
+    assert len(routing.output) == 2 and {a.name for a in routing.attribute} >= {"scoring", "top_k", "scale", "mm_dtype"}
+    assert len([i for i in routing.input if i]) == 2  # the hidden states and the router weight (no bias)
 
 
 def test_cli_on_a_user_factory(factory, tmp_path, capsys):

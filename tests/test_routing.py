@@ -19,6 +19,13 @@ SPECS = [
 ]
 
 
+MODEL_SPECS = [  # (spec, experts) of the real routers
+    (RoutingSpec(6, scale=1.0), 64),  # V2-Lite
+    (RoutingSpec(8, "sigmoid", bias=True, groups=8, topk_group=4, group_score="top2_sum", renormalize=True,
+                 scale=2.5), 256),  # V3
+]
+
+
 def _grid_logits(t, e, gen, span=2048):
     """Logits no two alike per row, held exactly by fp16 (span 2048) or bf16 (span 256): ties are tested on
     purpose, not met by rounding."""
@@ -71,16 +78,24 @@ def test_invalid_routing_is_a_clear_error(spec, experts, message):
 class _Router(torch.nn.Module):
     """A router and the experts as a gathered-weights product: what the pass sees in any model."""
 
-    def __init__(self, squash=False, per_token=False, scale_buffer=False, e=8, h=16, i=8, k=2):
+    def __init__(self, squash=False, per_token=False, scale_buffer=False, e=8, h=16, i=8, k=2, fp32_router=False,
+                 return_logits=False):
         super().__init__()
         self.squash, self.per_token, self.k = squash, per_token, k
+        self.fp32_router, self.return_logits = fp32_router, return_logits
         self.scale = torch.nn.Buffer(torch.tensor(2.0)) if scale_buffer else None
         self.gate = torch.nn.Linear(h, e, bias=False)
+        if fp32_router:  # DeepSeek's and HF's form: a half-precision router weight multiplied in fp32
+            self.gate.half()
         self.w1 = torch.nn.Parameter(torch.randn(e, 2 * i, h) / h ** 0.5)
         self.w2 = torch.nn.Parameter(torch.randn(e, h, i) / i ** 0.5)
 
     def forward(self, x):
-        scores = self.gate(x).softmax(-1)
+        if self.fp32_router:
+            logits = torch.nn.functional.linear(x.half().float(), self.gate.weight.float())
+        else:
+            logits = self.gate(x)
+        scores = logits.softmax(-1)
         weights, ids = scores.topk(self.k, dim=-1)
         if self.squash:  # outside the routing space: the weights squared
             weights = weights * weights
@@ -88,7 +103,8 @@ class _Router(torch.nn.Module):
             weights = weights * x[:, :1].sigmoid()
         if self.scale is not None:  # a scale held in a buffer: a graph input, not a constant
             weights = weights * self.scale
-        return gathered_experts(x, ids, weights, self.w1, self.w2, torch.nn.functional.silu)
+        y = gathered_experts(x, ids, weights, self.w1, self.w2, torch.nn.functional.silu)
+        return (y, logits) if self.return_logits else y
 
 
 @pytest.mark.parametrize("variant,reason", [
@@ -103,6 +119,46 @@ def test_pass_fuses_a_router_only_once_checked(variant, reason):
         assert m.params["routing"] == "kernel: softmax, top-2", m.params
     else:  # the top-k alone runs as a kernel; the rest stays with Inductor, and the output is still right
         assert m.params["routing"].startswith("top-k kernel (") and reason in m.params["routing"], m.params
+
+
+@pytest.mark.parametrize("variant,tokens,where", [
+    ({}, 6, "in the routing kernel"),
+    ({"fp32_router": True}, 6, "in the routing kernel"),  # both casts read through: the kernel casts in registers
+    ({}, 65, "past the 64"),
+    ({"return_logits": True}, 6, "read outside the router"),
+])
+def test_router_matmul_runs_in_the_routing_kernel_at_decode_sizes(variant, tokens, where):
+    """At a few tokens the logits' matmul joins the routing kernel, its operands read as stored (a half weight
+    and half-rounded hidden states multiplied in fp32 included); past the limit, or with the logits needed
+    elsewhere, it stays with Inductor and the routing kernel takes the logits. Outputs checked against eager."""
+    report = compile_and_compare(_Router(**variant), (torch.randn(tokens, 16),), 1e-5, interpret=True)
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert m.params["routing"] == "kernel: softmax, top-2", m.params
+    assert where in m.params["router_matmul"], m.params
+
+
+def test_interpreted_router_matmul_equals_float64():
+    """route_hidden against the matmul in float64 then the reference routing: mixed operand dtypes, a matmul
+    dtype that rounds (fp16), a hidden size off the K tile, a non-contiguous router weight, V3's routing."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    spec = SPECS[4]
+    for x_dtype, w_dtype, mm_dtype in [(torch.float16, torch.float16, torch.float32),
+                                       (torch.float32, torch.float16, torch.float16),
+                                       (torch.bfloat16, torch.bfloat16, torch.float32)]:
+        x = torch.randn(40, 200, generator=gen).to(x_dtype)
+        w = (torch.randn(200, 16, generator=gen) / 200 ** 0.5).to(w_dtype).t()  # [16, 200], strides (1, 16)
+        bias = torch.randn(16, generator=gen) * 0.1
+        logits = torch.nn.functional.linear(x.to(mm_dtype), w.to(mm_dtype))  # the graph's own rounding
+        want = routing.reference(logits.double(), bias.double(), spec)
+        got = routing.route_hidden(x, w, bias, spec, torch.float32, mm_dtype, interpret=True)
+        # Rows whose choices (sigmoid + bias) lie within a few of the matmul dtype's ulps of each other may rank
+        # those experts either way: the kernel's and torch's summation orders differ.
+        choice = logits.double().sigmoid() + bias.double()
+        gap = choice.sort(dim=-1).values.diff(dim=-1).min(dim=-1).values
+        rows = gap > torch.finfo(mm_dtype).eps * (1 + logits.double().abs().amax(dim=-1))
+        assert rows.sum() >= 4
+        assert routing.same_routing(tuple(v[rows] for v in got), tuple(v[rows] for v in want),
+                                    1e-5 if mm_dtype == torch.float32 else 2e-3), (x_dtype, mm_dtype)
 
 
 def test_a_router_scale_held_in_a_buffer_is_not_baked_in():
@@ -126,11 +182,7 @@ def test_routing_falls_back_to_aten_in_reference_mode():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64, 4096])
-@pytest.mark.parametrize("spec,experts", [
-    (RoutingSpec(6, scale=1.0), 64),  # V2-Lite
-    (RoutingSpec(8, "sigmoid", bias=True, groups=8, topk_group=4, group_score="top2_sum", renormalize=True,
-                 scale=2.5), 256),  # V3
-])
+@pytest.mark.parametrize("spec,experts", MODEL_SPECS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_routing_equals_float64(t, spec, experts, dtype):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
@@ -139,3 +191,24 @@ def test_gpu_routing_equals_float64(t, spec, experts, dtype):
     weights, ids = routing.route(logits, bias, spec, torch.float32)
     want = routing.reference(logits.double(), None if bias is None else bias.double(), spec)
     assert routing.same_routing((weights, ids), want, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 7, 64])
+@pytest.mark.parametrize("spec,experts", MODEL_SPECS)
+def test_gpu_router_matmul_equals_float64(t, spec, experts):
+    """The router matmul in the routing kernel at the model shapes: bf16 hidden states and router weight
+    multiplied in fp32 (DeepSeek's form), against the float64 matmul then the reference routing, on rows whose
+    k-th choice is clear of the next one by more than fp32 rounding of the logits moves it."""
+    x = torch.randn(t, 2048, device="cuda").bfloat16()
+    w = (torch.randn(experts, 2048, device="cuda") / 2048 ** 0.5).bfloat16()
+    bias = (torch.randn(experts, device="cuda") * 0.1) if spec.bias else None
+    logits = x.double() @ w.double().t()
+    got = routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32)
+    want = routing.reference(logits, None if bias is None else bias.double(), spec)
+    choice = (logits.sigmoid() if spec.scoring == "sigmoid" else logits.softmax(-1)) + (
+        0 if bias is None else bias.double())
+    ranked = choice.sort(dim=-1, descending=True).values
+    rows = (ranked[:, spec.top_k - 1] - ranked[:, spec.top_k] > 1e-5).cpu()  # the k-th choice clear of the next
+    got, want = tuple(v.cpu()[rows] for v in got), tuple(v.cpu()[rows] for v in want)
+    assert routing.same_routing(got, want, 1e-4)

@@ -24,6 +24,11 @@ from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime.kernels import TRITON_DTYPES
 
 MAX_EXPERTS = 1024
+# Tokens up to which the moe pass runs the router matmul inside the routing kernel (route_hidden): each program
+# reads the whole [E, H] router weight, which at decode sizes replaces a cast, a GEMV and the logits' round
+# trip (about 5 us per V2-Lite layer on H200, bench/RESULTS.md), and past a few dozen tokens costs more L2
+# traffic than one GEMM reading it once. 64 comes from that reasoning, not from a measurement (none yet).
+ROUTER_MATMUL_MAX_TOKENS = 64
 SCORINGS = ("softmax", "sigmoid", "none")
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -83,8 +88,9 @@ import triton.language as tl
 
 @triton.jit
 def moe_routing_kernel(
-    Logits, Bias, Weights, Ids,
+    ${logits_arg}, Bias, Weights, Ids,
     stride_l,
+    ${router_matmul_args}
     GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
     GROUPS_POW2: tl.constexpr, PER_GROUP_POW2: tl.constexpr, K_POW2: tl.constexpr, SCALE: tl.constexpr,
 ):
@@ -95,7 +101,7 @@ def moe_routing_kernel(
     member = tl.arange(0, PER_GROUP_POW2)
     expert = group[:, None] * PER_GROUP + member[None, :]
     valid = (group[:, None] < GROUPS) & (member[None, :] < PER_GROUP)
-    logits = tl.load(Logits + t * stride_l + expert, mask=valid, other=float("-inf")).to(tl.float32)
+    ${logits}
     ${scoring}
     ${choice}
     key = tl.where(choice != choice, float("inf"), choice)  # NaN counts as the largest, as in torch.topk
@@ -118,6 +124,22 @@ def moe_routing_kernel(
     tl.store(Ids + t * K + slot, ids, mask=slot < K)
 ''',
 )
+
+_LOAD_LOGITS = 'logits = tl.load(Logits + t * stride_l + expert, mask=valid, other=float("-inf")).to(tl.float32)'
+# The router's matmul in the same program: logits[e] = x[t] . RouterWeight[e], both operands read as stored and
+# rounded to the graph's matmul dtype (what its casts did), products accumulated in fp32 like cuBLAS's, the
+# result rounded to that dtype as the matmul's output is. One program reads the whole [E, K] weight: for a few
+# tokens (decode) it comes from L2 after the first, and the cast, GEMV and logits round trip are gone.
+_ROUTER_MATMUL = """\
+logits = tl.zeros([GROUPS_POW2, PER_GROUP_POW2], dtype=tl.float32)
+offs_k = tl.arange(0, BLOCK_K)
+for k0 in range(0, HIDDEN, BLOCK_K):
+    k_ok = k0 + offs_k < HIDDEN
+    xk = tl.load(X + t * stride_x + k0 + offs_k, mask=k_ok, other=0.0).to(${mm_dtype}).to(tl.float32)
+    wk = tl.load(RouterWeight + expert[:, :, None] * stride_l + (k0 + offs_k)[None, None, :] * stride_wk,
+                 mask=valid[:, :, None] & k_ok[None, None, :], other=0.0).to(${mm_dtype}).to(tl.float32)
+    logits += tl.sum(wk * xk[None, None, :], axis=2)
+logits = tl.where(valid, logits.to(${mm_dtype}).to(tl.float32), float("-inf"))"""
 
 _SCORING = {
     "softmax": """\
@@ -149,11 +171,14 @@ key = tl.where(valid, tl.where(kept[:, None], key, {fill}), float("-inf"))"""
 _generated = memo()
 
 
-def kernel_for(spec: RoutingSpec, origin: str = ""):
-    """The generated source for ``spec``'s structure (its sizes and scale are constexprs of the launch)."""
+def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torch.dtype] = None):
+    """The generated source for ``spec``'s structure (its sizes and scale are constexprs of the launch); with
+    ``router_matmul`` (the matmul's dtype) the kernel computes the logits itself from the hidden states and the
+    router weight."""
     structure = {"scoring": spec.scoring, "bias": spec.bias, "renormalize": spec.renormalize,
                  "group_score": spec.group_score if spec.groups > 1 else None,
-                 "fill": spec.fill if spec.groups > 1 else None}
+                 "fill": spec.fill if spec.groups > 1 else None,
+                 **({"router_matmul": str(router_matmul)} if router_matmul else {})}
     key = (str(cache_dir()), tuple(structure.items()))
     if key not in _generated:
         fill = "float(\"-inf\")" if spec.fill == float("-inf") else repr(float(spec.fill))
@@ -165,9 +190,14 @@ def kernel_for(spec: RoutingSpec, origin: str = ""):
             "group_selection": _GROUP_SELECTION.format(group_score=_GROUP_SCORE[spec.group_score], fill=fill)
             if spec.groups > 1 else "",
             "normalize": "weights = weights / (tl.sum(weights, axis=0) + 1e-20)" if spec.renormalize else "",
+            "logits_arg": "RouterWeight" if router_matmul else "Logits",
+            "router_matmul_args": "X, stride_x, stride_wk, HIDDEN, BLOCK_K: tl.constexpr," if router_matmul else "",
+            "logits": (_ROUTER_MATMUL.replace("${mm_dtype}", TRITON_DTYPES[router_matmul]) if router_matmul
+                       else _LOAD_LOGITS),
         }
+        what = "hidden states (the router matmul included)" if router_matmul else "logits"
         header = ("Pattern family: moe (router).\n"
-                  f"Computes: a router's logits to its top-k routing weights and expert ids: {spec.describe()}.\n"
+                  f"Computes: a router's {what} to its top-k routing weights and expert ids: {spec.describe()}.\n"
                   + (f"First generated for: {origin}" if origin else ""))
         _generated[key] = generate(TEMPLATE, structure, slots, header)
     return _generated[key]
@@ -178,23 +208,58 @@ def route(logits: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec,
     """(weights [T, k] in ``out_dtype``, int64 ids [T, k]) of ``spec`` over ``logits`` [T, E], in one launch.
     Slots come sorted by choice, descending. Traceable into a graph like the experts kernels."""
     t, e = logits.shape
+    _check(spec, e, logits.dtype, bias, out_dtype)
+    fn = kernel_for(spec, origin).function("moe_routing_kernel", interpret=interpret)
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    return _launch(fn, logits, (logits.stride(0),), {}, t, e, bias, spec, out_dtype, interpret)
+
+
+def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec,
+                 out_dtype: torch.dtype, mm_dtype: torch.dtype, interpret: bool = False,
+                 origin: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """``route`` of the logits ``x.to(mm_dtype) @ router_weight.to(mm_dtype).T`` (x [T, K], router_weight [E, K],
+    each in any float dtype; the product in ``mm_dtype`` as a matmul computes it: fp32 accumulation, the
+    result rounded to ``mm_dtype``), the matmul inside the same launch. For a few tokens: each program reads
+    the whole router weight."""
+    t, k = x.shape
+    e = router_weight.shape[0]
+    _check(spec, e, mm_dtype, bias, out_dtype)
+    if router_weight.dim() != 2 or router_weight.shape[1] != k:
+        raise ValueError(f"moe routing: hidden states [T, {k}] and router weight {tuple(router_weight.shape)} do "
+                         "not chain (the weight is [experts, hidden])")
+    if x.dtype not in TRITON_DTYPES or router_weight.dtype not in TRITON_DTYPES:
+        raise ValueError(f"moe routing: hidden states in {x.dtype} and router weight in {router_weight.dtype}: "
+                         "the kernel takes fp16, bf16 or fp32")
+    fn = kernel_for(spec, origin, router_matmul=mm_dtype).function("moe_routing_kernel", interpret=interpret)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    # A [GROUPS_POW2, PER_GROUP_POW2, BLOCK_K] weight tile of at most 8192 values per step.
+    e_pow2 = triton.next_power_of_2(spec.groups) * triton.next_power_of_2(e // spec.groups)
+    block_k = max(16, min(128, 8192 // e_pow2, triton.next_power_of_2(max(k, 1))))
+    matmul = {"X": x, "stride_x": x.stride(0), "stride_wk": router_weight.stride(1), "HIDDEN": k,
+              "BLOCK_K": block_k}
+    return _launch(fn, router_weight, (router_weight.stride(0),), matmul, t, e, bias, spec, out_dtype, interpret)
+
+
+def _check(spec: RoutingSpec, e: int, logits_dtype, bias, out_dtype) -> None:
     spec.check(e)
-    if logits.dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:
-        raise ValueError(f"moe routing: logits in {logits.dtype} to weights in {out_dtype}: "
+    if logits_dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:
+        raise ValueError(f"moe routing: logits in {logits_dtype} to weights in {out_dtype}: "
                          "the kernel takes fp16, bf16 or fp32")
     if spec.bias != (bias is not None) or (bias is not None and tuple(bias.shape) != (e,)):
         raise ValueError(f"moe routing: the spec {'takes' if spec.bias else 'has no'} a bias of shape ({e},), "
                          f"got {None if bias is None else tuple(bias.shape)}")
-    fn = kernel_for(spec, origin).function("moe_routing_kernel", interpret=interpret)
+
+
+def _launch(fn, source, strides, matmul: dict, t, e, bias, spec, out_dtype, interpret):
+    """One program per token over ``source`` (the logits, or the router weight with ``matmul``'s arguments)."""
     if not interpret:
         fn = torch.library.wrap_triton(fn)
-    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    bias = bias.contiguous() if bias is not None else logits  # never read without a bias
-    weights = torch.empty((t, spec.top_k), dtype=out_dtype, device=logits.device)
-    ids = torch.empty((t, spec.top_k), dtype=torch.int64, device=logits.device)
+    bias = bias.contiguous() if bias is not None else source  # never read without a bias
+    weights = torch.empty((t, spec.top_k), dtype=out_dtype, device=source.device)
+    ids = torch.empty((t, spec.top_k), dtype=torch.int64, device=source.device)
     if t:
         per_group = e // spec.groups
-        fn[(t,)](logits, bias, weights, ids, logits.stride(0),
+        fn[(t,)](source, bias, weights, ids, *strides, **matmul,
                  GROUPS=spec.groups, PER_GROUP=per_group, TOPK_GROUP=spec.topk_group, K=spec.top_k,
                  GROUPS_POW2=triton.next_power_of_2(spec.groups), PER_GROUP_POW2=triton.next_power_of_2(per_group),
                  K_POW2=triton.next_power_of_2(spec.top_k), SCALE=float(spec.scale))
