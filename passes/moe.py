@@ -17,7 +17,8 @@ routing kernel's space (``RoutingSpec``: scoring, bias, groups, renormalization,
 its nodes, each run on random logits) and becomes one ``deepfuse::moe_routing``; one outside that space keeps
 its aten ops but for the final top-k. A shared MLP added to the routed output (checked by running it too)
 runs as always-chosen experts in the same launches, up to ``SHARED_FUSED_MAX_TOKENS`` tokens. At decode sizes
-(up to ``routing.ROUTER_MATMUL_MAX_TOKENS`` tokens, a static count) the router matmul itself runs in the routing
+(up to ``routing.ROUTER_MATMUL_MAX_TOKENS`` tokens, a static count, and a router weight of at most
+``routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES``) the router matmul itself runs in the routing
 kernel (``deepfuse::moe_router``), its operands read as the model holds them; beyond, it stays with Inductor.
 """
 from __future__ import annotations
@@ -722,6 +723,10 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
     if stored is None:
         return "the router weight is not a tensor the model holds (seen through a transpose and a cast)"
     w, _, nodes = stored
+    size = value(w).numel() * value(w).element_size()
+    if size > routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES:
+        return (f"the router weight ({size >> 10} KiB) is more than one program per token should stream "
+                f"(at most {routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES >> 10} KiB)")
     x = logits.args[0]
     if is_plain_cast(x) and len(x.users) == 1 and value(x.args[0]) is not None \
             and value(x.args[0]).dtype in TRITON_DTYPES:

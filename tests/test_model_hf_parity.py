@@ -93,6 +93,12 @@ def test_generate_greedy_matches_hf(tmp_path):
     ours = load_checkpoint(tmp_path, dtype=torch.float32)
     prompt = torch.randint(0, COMMON["vocab_size"], (1, 6))
     with torch.no_grad():
-        ref = hf.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)[:, 6:]
+        gen = hf.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8, output_scores=True,
+                          return_dict_in_generate=True)
         out = generate(ours, prompt, 8)
-    assert torch.equal(out, ref)
+    ref = gen.sequences[:, 6:]
+    differ = (out != ref)[0].nonzero()
+    if len(differ):  # random weights can leave two fp32 logits within rounding: only such a near-tie may differ
+        j = int(differ[0])
+        scores = gen.scores[j][0]
+        assert (scores[ref[0, j]] - scores[out[0, j]]).abs() <= 1e-4 * scores.abs().max(), (out, ref)

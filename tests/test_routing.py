@@ -126,12 +126,14 @@ def test_pass_fuses_a_router_only_once_checked(variant, reason):
     ({"fp32_router": True}, 6, "in the routing kernel"),  # both casts read through: the kernel casts in registers
     ({}, 65, "past the 64"),
     ({"return_logits": True}, 6, "read outside the router"),
+    ({"e": 16, "h": 8200}, 2, "more than one program per token should stream"),  # a 525 KB fp32 router weight
 ])
 def test_router_matmul_runs_in_the_routing_kernel_at_decode_sizes(variant, tokens, where):
     """At a few tokens the logits' matmul joins the routing kernel, its operands read as stored (a half weight
     and half-rounded hidden states multiplied in fp32 included); past the limit, or with the logits needed
     elsewhere, it stays with Inductor and the routing kernel takes the logits. Outputs checked against eager."""
-    report = compile_and_compare(_Router(**variant), (torch.randn(tokens, 16),), 1e-5, interpret=True)
+    report = compile_and_compare(_Router(**variant), (torch.randn(tokens, variant.get("h", 16)),), 1e-5,
+                                 interpret=True)
     (m,) = [m for m in report.matches if m.family == "moe"]
     assert m.params["routing"] == "kernel: softmax, top-2", m.params
     assert where in m.params["router_matmul"], m.params

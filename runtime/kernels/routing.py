@@ -29,6 +29,9 @@ MAX_EXPERTS = 1024
 # trip (about 5 us per V2-Lite layer on H200, bench/RESULTS.md), and past a few dozen tokens costs more L2
 # traffic than one GEMM reading it once. 64 comes from that reasoning, not from a measurement (none yet).
 ROUTER_MATMUL_MAX_TOKENS = 64
+# And only for a router weight one program can stream quickly: V2-Lite's 64 x 2048 bf16 is 256 KiB; V3's
+# 256 x 7168 would keep one SM busy for tens of microseconds, where a GEMV spreads it over the chip.
+ROUTER_MATMUL_MAX_WEIGHT_BYTES = 512 << 10
 SCORINGS = ("softmax", "sigmoid", "none")
 GROUP_SCORES = ("max", "top2_sum")
 
