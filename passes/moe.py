@@ -19,7 +19,8 @@ its aten ops but for the final top-k. A shared MLP added to the routed output (c
 runs as always-chosen experts in the same launches, up to ``SHARED_FUSED_MAX_TOKENS`` tokens. At decode sizes
 (up to ``routing.ROUTER_MATMUL_MAX_TOKENS`` tokens, a static count, and a router weight of at most
 ``routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES``) the router matmul itself runs in the routing
-kernel (``deepfuse::moe_router``), its operands read as the model holds them; beyond, it stays with Inductor.
+kernel (``deepfuse::moe_router``), its operands read as the model holds them, where on a GPU it times faster
+than the graph's matmul followed by the routing kernel; otherwise the matmul stays with Inductor.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.shapes import hint, value
+from deepfuse.runtime import autotune
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 from deepfuse.runtime.kernels import TRITON_DTYPES, moe as kernel, routing
 from deepfuse.passes.linear import is_plain_cast, stored_weight
@@ -118,6 +120,9 @@ class MoEPass:
         spec_args = (spec.top_k, spec.scoring, spec.groups, spec.topk_group, spec.group_score, spec.fill,
                      spec.renormalize, spec.scale, out_dtype, impl)
         matmul = _router_matmul(logits, region)
+        if isinstance(matmul, dict) and impl == "triton" and not _fused_router_wins(matmul, logits, bias, spec,
+                                                                                    out_dtype):
+            matmul = "the graph's matmul then the routing kernel timed faster on this GPU"
         if isinstance(matmul, dict):  # the logits' matmul in the same launch
             region = list(region) + matmul["nodes"]
             mm_dtype = value(logits).dtype
@@ -734,6 +739,37 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
     if value(x) is None or value(x).dim() != 2 or value(x).dtype not in TRITON_DTYPES:
         return "the hidden states are not a [tokens, hidden] float matrix"
     return {"x": x, "w": w, "nodes": [logits] + nodes}
+
+
+def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[fx.Node], spec, out_dtype) -> bool:
+    """Does the router matmul in the routing kernel beat the graph's form (its casts, cuBLAS's matmul, then the
+    routing kernel) on this GPU? Timed at compile time on random tensors of the real shapes and strides, each
+    replayed as a CUDA graph over enough router-weight copies to pass twice the L2 (at most 256), cached per
+    GPU and token bucket like any autotune result. A fused kernel that fails to build loses."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    xv, wv = value(matmul["x"]), value(matmul["w"])
+    mm_dtype = value(logits).dtype
+    with unset_fake_temporarily():
+        device = torch.device(xv.device)
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+        copies = max(1, min(256, -(-2 * l2 // (wv.numel() * wv.element_size()))))
+        x = torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device)
+        ws = [torch.empty_strided(tuple(wv.shape), tuple(wv.stride()), dtype=wv.dtype, device=device).normal_()
+              for _ in range(copies)]
+        b = torch.randn(wv.shape[0], dtype=value(bias).dtype, device=device) if bias is not None else None
+
+        def run(cfg):
+            for w in ws:
+                if cfg["fused"]:
+                    routing.route_hidden(x, w, b, spec, out_dtype, mm_dtype)
+                else:
+                    routing.route(torch.mm(x.to(mm_dtype), w.to(mm_dtype).t()), b, spec, out_dtype)
+
+        key = (f"moe_router|{wv.shape[0]}x{wv.shape[1]}|{wv.dtype}|{xv.dtype}->{mm_dtype}|"
+               f"{routing.kernel_for(spec, router_matmul=mm_dtype).key}")
+        # The unfused form first: with autotuning off, the form already run on GPUs.
+        return autotune.choose(key, x.shape[0], [{"fused": False}, {"fused": True}], run, device)["fused"]
 
 
 def _verify_routing(region, logits, bias, weights, ids) -> Union[routing.RoutingSpec, str]:

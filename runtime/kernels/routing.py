@@ -24,10 +24,11 @@ from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime.kernels import TRITON_DTYPES
 
 MAX_EXPERTS = 1024
-# Tokens up to which the moe pass runs the router matmul inside the routing kernel (route_hidden): each program
+# Tokens up to which the moe pass tries the router matmul inside the routing kernel (route_hidden): each program
 # reads the whole [E, H] router weight, which at decode sizes replaces a cast, a GEMV and the logits' round
 # trip (about 5 us per V2-Lite layer on H200, bench/RESULTS.md), and past a few dozen tokens costs more L2
-# traffic than one GEMM reading it once. 64 comes from that reasoning, not from a measurement (none yet).
+# traffic than one GEMM reading it once. Within the limit the pass times both forms on the GPU at compile time
+# and keeps the faster; the limit itself comes from that reasoning, not from a measurement.
 ROUTER_MATMUL_MAX_TOKENS = 64
 # And only for a router weight one program can stream quickly: V2-Lite's 64 x 2048 bf16 is 256 KiB; V3's
 # 256 x 7168 would keep one SM busy for tens of microseconds, where a GEMV spreads it over the chip.
