@@ -121,7 +121,7 @@ class MoEPass:
                      spec.renormalize, spec.scale, out_dtype, impl)
         matmul = _router_matmul(logits, region)
         if isinstance(matmul, dict) and impl == "triton" and not _fused_router_wins(matmul, logits, bias, spec,
-                                                                                    out_dtype):
+                                                                                    out_dtype, origin):
             matmul = "the graph's matmul then the routing kernel timed faster on this GPU"
         if isinstance(matmul, dict):  # the logits' matmul in the same launch
             region = list(region) + matmul["nodes"]
@@ -741,7 +741,8 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
     return {"x": x, "w": w, "nodes": [logits] + nodes}
 
 
-def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[fx.Node], spec, out_dtype) -> bool:
+def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[fx.Node], spec, out_dtype,
+                       origin: str) -> bool:
     """Does the router matmul in the routing kernel beat the graph's form (its casts, cuBLAS's matmul, then the
     routing kernel) on this GPU? Timed at compile time on random tensors of the real shapes and strides, each
     replayed as a CUDA graph over enough router-weight copies to pass twice the L2 (at most 256), cached per
@@ -762,12 +763,12 @@ def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[f
         def run(cfg):
             for w in ws:
                 if cfg["fused"]:
-                    routing.route_hidden(x, w, b, spec, out_dtype, mm_dtype)
+                    routing.route_hidden(x, w, b, spec, out_dtype, mm_dtype, origin=origin)
                 else:
                     routing.route(torch.mm(x.to(mm_dtype), w.to(mm_dtype).t()), b, spec, out_dtype)
 
         key = (f"moe_router|{wv.shape[0]}x{wv.shape[1]}|{wv.dtype}|{xv.dtype}->{mm_dtype}|"
-               f"{routing.kernel_for(spec, router_matmul=mm_dtype).key}")
+               f"{routing.kernel_for(spec, origin, router_matmul=mm_dtype).key}")
         # The unfused form first: with autotuning off, the form already run on GPUs.
         return autotune.choose(key, x.shape[0], [{"fused": False}, {"fused": True}], run, device)["fused"]
 
