@@ -214,3 +214,35 @@ def test_gpu_router_matmul_equals_float64(t, spec, experts):
     rows = (ranked[:, spec.top_k - 1] - ranked[:, spec.top_k] > 1e-5).cpu()  # the k-th choice clear of the next
     got, want = tuple(v.cpu()[rows] for v in got), tuple(v.cpu()[rows] for v in want)
     assert routing.same_routing(got, want, 1e-4)
+
+
+def test_fused_router_timing_runs_both_forms(monkeypatch):
+    """The GPU-only compile-time timing of the fused router matmul against the graph's form, run on CPU tensors
+    with the GPU queries stubbed: both candidates execute (a Python-level slip in either would raise here) and
+    the choice is what autotune returns."""
+    import types
+
+    import torch.fx as fx
+    from deepfuse.passes import moe as moe_pass
+    from deepfuse.runtime import autotune
+
+    graph = fx.Graph()
+    nodes = {name: graph.placeholder(name) for name in ("x", "w", "logits", "bias")}
+    vals = {"x": torch.randn(3, 64).half(), "w": torch.randn(8, 64).half(), "logits": torch.randn(3, 8),
+            "bias": torch.randn(8)}
+    for name, node in nodes.items():
+        node.meta["val"] = vals[name]
+    ran = []
+
+    def choose(key, n, configs, run, device, enabled=True):
+        for cfg in configs:
+            run(cfg)
+            ran.append(cfg["fused"])
+        return configs[1]
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(L2_cache_size=1 << 14))
+    monkeypatch.setattr(autotune, "choose", choose)
+    spec = RoutingSpec(2, "sigmoid", bias=True)
+    matmul = {"x": nodes["x"], "w": nodes["w"]}
+    assert moe_pass._fused_router_wins(matmul, nodes["logits"], nodes["bias"], spec, torch.float32, "test")
+    assert ran == [False, True]
