@@ -134,13 +134,7 @@ def _tuned(mm: fx.Node, found: dict) -> dict:
     with unset_fake_temporarily():
         device = torch.device(xv.device)
         x = torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device)
-        # Copies of the weight, run back to back: a model's next projection finds its weight in HBM, and one
-        # weight timed alone sits in L2 after the first replay (a 12.6 MB q_proj fits an H200's 60 MB L2 four
-        # times over).
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-        copies = max(1, min(16, -(-2 * l2 // (wv.numel() * wv.element_size()))))
-        ws = [torch.empty_strided(tuple(wv.shape), tuple(wv.stride()), dtype=wv.dtype, device=device).normal_()
-              for _ in range(copies)]
+        ws = autotune.cold_copies(wv, device, cap=16)  # a 12.6 MB q_proj alone fits an H200's 60 MB L2 4 times
         bias = torch.randn(tuple(bv.shape), dtype=bv.dtype, device=device) if bv is not None else None
 
         def run(cfg):

@@ -753,11 +753,8 @@ def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[f
     mm_dtype = value(logits).dtype
     with unset_fake_temporarily():
         device = torch.device(xv.device)
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-        copies = max(1, min(256, -(-2 * l2 // (wv.numel() * wv.element_size()))))
         x = torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device)
-        ws = [torch.empty_strided(tuple(wv.shape), tuple(wv.stride()), dtype=wv.dtype, device=device).normal_()
-              for _ in range(copies)]
+        ws = autotune.cold_copies(wv, device, cap=256)
         b = torch.randn(wv.shape[0], dtype=value(bias).dtype, device=device) if bias is not None else None
 
         def run(cfg):

@@ -85,6 +85,16 @@ def choose(
     return configs[_memory[key]]
 
 
+def cold_copies(like: torch.Tensor, device: torch.device, cap: int) -> list[torch.Tensor]:
+    """Random tensors of ``like``'s shape, strides and dtype on ``device``, enough to pass twice the L2 (at most
+    ``cap``): a candidate timed over them back to back reads its operand from HBM, as a model's next layer
+    does, where one tensor timed alone sits in L2 after the first replay."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+    copies = max(1, min(cap, -(-2 * l2 // (like.numel() * like.element_size()))))
+    return [torch.empty_strided(tuple(like.shape), tuple(like.stride()), dtype=like.dtype, device=device).normal_()
+            for _ in range(copies)]
+
+
 _gpu_names: dict[int, str] = {}
 
 

@@ -320,6 +320,8 @@ def mla_attention(
         cfg = dict(config or {**DECODE_CONFIG, "BLOCK_T": 32 if c > 256 else 64})
         bh, bt = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_T")
         queries = b * s
+        if not queries:
+            return torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)
         q_blocks = triton.cdiv(queries, ABSORB_BLOCK_Q)
         dn_pow2, c_pow2, r_pow2 = (max(16, triton.next_power_of_2(n)) for n in (dn, c, r))
         absorb = gen.function("mla_absorb_query_kernel", interpret=interpret)
@@ -332,11 +334,10 @@ def mla_attention(
         # this kernel takes 3.1 us per layer, cuBLAS's batched GEMV took 3.2 (H200, bench/RESULTS.md): even, but
         # the launch is ours to fuse into (the rope of q_pe, the scale) where cuBLAS's is not.
         q_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
-        if queries:
-            absorb[(q_blocks, h, triton.cdiv(c, ABSORB_BLOCK_C))](
-                q_nope, w, q_lat, q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), *w.stride(), s, queries,
-                DN=dn, DN_POW2=dn_pow2, C=c, BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_C=ABSORB_BLOCK_C,
-            )
+        absorb[(q_blocks, h, triton.cdiv(c, ABSORB_BLOCK_C))](
+            q_nope, w, q_lat, q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), *w.stride(), s, queries,
+            DN=dn, DN_POW2=dn_pow2, C=c, BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_C=ABSORB_BLOCK_C,
+        )
         head_blocks = triton.cdiv(h, bh)
         # Enough programs to fill the GPU twice over. Fewer, longer splits move fewer fp32 partials but were
         # slower: batch 1, context 2048 on H100, 16 splits of 128 rows took 16.7 + 2.4 us per layer (partial +
@@ -346,9 +347,6 @@ def mla_attention(
         launch_opts = {} if interpret else cfg
         part_out = torch.empty((queries * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
         part_lse = torch.empty((queries * h * splits,), dtype=torch.float32, device=q_nope.device)
-        out = torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)
-        if not queries:
-            return out
         partial[(queries, head_blocks, splits)](
             q_lat, q_pe, c_kv, k_pe, mask_ptr, part_out, part_lse,
             q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
