@@ -18,9 +18,10 @@ its nodes, each run on random logits) and becomes one ``deepfuse::moe_routing``;
 its aten ops but for the final top-k. A shared MLP added to the routed output (checked by running it too)
 runs as always-chosen experts in the same launches, up to ``SHARED_FUSED_MAX_TOKENS`` tokens. At decode sizes
 (up to ``routing.ROUTER_MATMUL_MAX_TOKENS`` tokens, a static count, and a router weight of at most
-``routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES``) the router matmul itself runs in the routing
-kernel (``deepfuse::moe_router``), its operands read as the model holds them, where on a GPU it times faster
-than the graph's matmul followed by the routing kernel; otherwise the matmul stays with Inductor.
+``routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES``) the router matmul itself is deepfuse's (``deepfuse::moe_router``:
+one launch split over the hidden size, its operands read as the model holds them, whose partial sums the
+routing kernel adds up), where on a GPU it times faster than the graph's casts and matmul followed by the
+routing kernel; otherwise the matmul stays with Inductor.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ class MoEPass:
         if isinstance(matmul, dict) and impl == "triton" and not _fused_router_wins(matmul, logits, bias, spec,
                                                                                     out_dtype, origin):
             matmul = "the graph's matmul then the routing kernel timed faster on this GPU"
-        if isinstance(matmul, dict):  # the logits' matmul in the same launch
+        if isinstance(matmul, dict):  # the logits' matmul in deepfuse's launches
             region = list(region) + matmul["nodes"]
             mm_dtype = value(logits).dtype
             args = (matmul["x"], matmul["w"]) + ((bias,) if bias is not None else ())
@@ -151,7 +152,7 @@ class MoEPass:
         else:
             replace_region(graph, binding, op, op_args(), 2)
         return {"routing": f"kernel: {spec.describe()}",
-                "router_matmul": "in the routing kernel" if isinstance(matmul, dict) else f"with Inductor ({matmul})",
+                "router_matmul": "in deepfuse's router kernels" if isinstance(matmul, dict) else f"with Inductor ({matmul})",
                 "renormalize": spec.renormalize,
                 "routed_scaling": spec.scale, **({"groups": f"best {spec.topk_group} of {spec.groups}"}
                                                  if spec.groups > 1 else {})}
@@ -730,8 +731,8 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
     w, _, nodes = stored
     size = value(w).numel() * value(w).element_size()
     if size > routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES:
-        return (f"the router weight ({size >> 10} KiB) is more than one program per token should stream "
-                f"(at most {routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES >> 10} KiB)")
+        return (f"the router weight ({size >> 10} KiB) is past the {routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES >> 10} "
+                "KiB the fused router matmul has been timed at (every token reads all of it)")
     x = logits.args[0]
     if is_plain_cast(x) and len(x.users) == 1 and value(x.args[0]) is not None \
             and value(x.args[0]).dtype in TRITON_DTYPES:
@@ -743,7 +744,7 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
 
 def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[fx.Node], spec, out_dtype,
                        origin: str) -> bool:
-    """Does the router matmul in the routing kernel beat the graph's form (its casts, cuBLAS's matmul, then the
+    """Does deepfuse's router matmul (route_hidden) beat the graph's form (its casts, cuBLAS's matmul, then the
     routing kernel) on this GPU? Timed at compile time on random tensors of the real shapes and strides, each
     replayed as a CUDA graph over enough router-weight copies to pass twice the L2 (at most 256), cached per
     GPU and token bucket like any autotune result. A fused kernel that fails to build loses."""

@@ -56,7 +56,7 @@ def test_cli_on_the_bundled_tiny_model(tmp_path):
     assert any(k.startswith("mla_attention_") for k in kernels)
     code = (out / "graphs" / "graph_0.py").read_text()
     assert "torch.ops.deepfuse.moe_experts.default" in code and "torch.ops.deepfuse.add_rms_norm.default" in code
-    # 8 tokens: the router's matmul runs in the routing kernel (moe_router rather than moe_routing)
+    # 8 tokens: the router's matmul is deepfuse's (moe_router rather than moe_routing)
     assert "torch.ops.deepfuse.mla_attention.default" in code and "torch.ops.deepfuse.moe_router.default" in code
     model = onnx.load(str(out / "graphs" / "graph_0.onnx"))
     onnx.checker.check_model(model)

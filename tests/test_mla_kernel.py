@@ -95,16 +95,19 @@ def test_absorbed_merge_of_many_and_empty_splits(dtype):
         assert rel_err(out, ref) < TOL[dtype]
 
 
-def test_decode_never_reads_the_blocks_its_mask_hides():
+@pytest.mark.parametrize("splits", [1, 4, 19])
+def test_decode_never_lets_the_rows_its_mask_hides_in(splits):
     """A static cache's decode step: 300 positions allocated, 41 written, the rest masked. The unwritten tail
-    (every 16-key block past position 47) holds NaN: a kernel that read it would return NaN."""
+    holds NaN from position 41 on, inside a live 16-key block too: a kernel that let one of those rows into its
+    sums would return NaN. With 4 or 19 splits most splits lie in the tail, and their first blocks are loaded
+    before the mask is looked at."""
     b, t, filled = 2, 300, 41
     q_nope, q_pe, c_kv, k_pe, w = _inputs(b, 1, t, 4, 16, 8, 16, 32, torch.float32)
     ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv[:, :filled], k_pe[:, :filled], w)), 0.3, False)
-    c_kv[:, 48:], k_pe[:, 48:] = float("nan"), float("nan")
+    c_kv[:, filled:], k_pe[:, filled:] = float("nan"), float("nan")
     mask = torch.zeros(1, t).masked_fill(torch.arange(t)[None, :] >= filled, float("-inf"))
     out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.3, False, mask, path="absorbed", interpret=True,
-                            config={"BLOCK_H": 16, "BLOCK_T": 16})
+                            config={"BLOCK_H": 16, "BLOCK_T": 16, "SPLITS": splits})
     assert rel_err(out, ref) < 1e-5
 
 

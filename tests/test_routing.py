@@ -122,11 +122,11 @@ def test_pass_fuses_a_router_only_once_checked(variant, reason):
 
 
 @pytest.mark.parametrize("variant,tokens,where", [
-    ({}, 6, "in the routing kernel"),
-    ({"fp32_router": True}, 6, "in the routing kernel"),  # both casts read through: the kernel casts in registers
+    ({}, 6, "in deepfuse's router kernels"),
+    ({"fp32_router": True}, 6, "in deepfuse's router kernels"),  # both casts read through: the kernels cast in registers
     ({}, 65, "past the 64"),
     ({"return_logits": True}, 6, "read outside the router"),
-    ({"e": 16, "h": 8200}, 2, "more than one program per token should stream"),  # a 525 KB fp32 router weight
+    ({"e": 16, "h": 8200}, 2, "KiB the fused router matmul has been timed at"),  # a 525 KB fp32 router weight
 ])
 def test_router_matmul_runs_in_the_routing_kernel_at_decode_sizes(variant, tokens, where):
     """At a few tokens the logits' matmul joins the routing kernel, its operands read as stored (a half weight
@@ -199,7 +199,7 @@ def test_gpu_routing_equals_float64(t, spec, experts, dtype):
 @pytest.mark.parametrize("t", [1, 7, 64])
 @pytest.mark.parametrize("spec,experts", MODEL_SPECS)
 def test_gpu_router_matmul_equals_float64(t, spec, experts):
-    """The router matmul in the routing kernel at the model shapes: bf16 hidden states and router weight
+    """deepfuse's router matmul (split over the hidden size) at the model shapes: bf16 hidden states and router weight
     multiplied in fp32 (DeepSeek's form), against the float64 matmul then the reference routing, on rows whose
     k-th choice is clear of the next one by more than fp32 rounding of the logits moves it."""
     x = torch.randn(t, 2048, device="cuda").bfloat16()

@@ -64,6 +64,23 @@ def mla_absorb_query_kernel(
 
 
 @triton.jit
+def mla_attend_rows(q_lat, q_pe, kv, k_pe, madd, t_ok, m_i, l_i, acc, scale, HAS_MASK: tl.constexpr):
+    """One block of latent rows folded into a head block's running softmax (max m_i, sum l_i, output acc)."""
+    scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
+    scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
+    if HAS_MASK:
+        scores += madd
+    scores = tl.where(t_ok[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
+    return m_new, l_i, acc
+
+
+@triton.jit
 def mla_decode_partial_kernel(
     QLat, QPe, KV, KPe, Mask, PartOut, PartLse,
     stride_qlb, stride_qls, stride_qlh, stride_qpb, stride_qps, stride_qph,
@@ -99,31 +116,46 @@ def mla_decode_partial_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, C_POW2), dtype=tl.float32)
-    for t0 in range(t_lo, t_hi, BLOCK_T):
+    c_ok = offs_c[None, :] < C
+    r_ok = offs_r[None, :] < R
+    # The split's first block: its rows load together with its mask, not after the mask's verdict (at decode a
+    # split is often a single block, and that wait would stand between its two loads). Rows no head attends to
+    # read as zeros (here and below), so an unwritten cache row holding NaN cannot reach the sums; a static
+    # cache's dead tail costs at most this one block per split.
+    if t_lo < t_hi:
+        offs_t0 = t_lo + tl.arange(0, BLOCK_T)
+        t_ok0 = offs_t0 < t_hi
+        kv0 = tl.load(KV + b * stride_kvb + offs_t0[:, None] * stride_kvt + offs_c[None, :],
+                      mask=t_ok0[:, None] & c_ok, other=0.0)
+        k_pe0 = tl.load(KPe + b * stride_kpb + offs_t0[:, None] * stride_kpt + offs_r[None, :],
+                        mask=t_ok0[:, None] & r_ok, other=0.0)
+        madd0 = 0.0
+        if HAS_MASK:
+            madd0 = tl.load(Mask + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
+                            + offs_t0[None, :] * stride_mt, mask=h_ok[:, None] & t_ok0[None, :], other=float("-inf"))
+            seen = tl.max(madd0, axis=0) > float("-inf")
+            kv0 = tl.where(seen[:, None], kv0, tl.zeros_like(kv0))
+            k_pe0 = tl.where(seen[:, None], k_pe0, tl.zeros_like(k_pe0))
+        m_i, l_i, acc = mla_attend_rows(q_lat, q_pe, kv0, k_pe0, madd0, t_ok0, m_i, l_i, acc, scale, HAS_MASK)
+    for t0 in range(t_lo + BLOCK_T, t_hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < t_hi
         live = True
+        madd = 0.0
         if HAS_MASK:  # a block the mask hides entirely (a static cache's unwritten tail) is never read
             madd = tl.load(Mask + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
                            + offs_t[None, :] * stride_mt, mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
             live = tl.max(tl.max(madd, axis=1), axis=0) > float("-inf")
         if live:
             kv = tl.load(KV + b * stride_kvb + offs_t[:, None] * stride_kvt + offs_c[None, :],
-                         mask=t_ok[:, None] & (offs_c[None, :] < C), other=0.0)
+                         mask=t_ok[:, None] & c_ok, other=0.0)
             k_pe = tl.load(KPe + b * stride_kpb + offs_t[:, None] * stride_kpt + offs_r[None, :],
-                           mask=t_ok[:, None] & (offs_r[None, :] < R), other=0.0)
-            scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
-            scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
+                           mask=t_ok[:, None] & r_ok, other=0.0)
             if HAS_MASK:
-                scores += madd
-            scores = tl.where(t_ok[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(scores - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
-            m_i = m_new
+                seen = tl.max(madd, axis=0) > float("-inf")
+                kv = tl.where(seen[:, None], kv, tl.zeros_like(kv))
+                k_pe = tl.where(seen[:, None], k_pe, tl.zeros_like(k_pe))
+            m_i, l_i, acc = mla_attend_rows(q_lat, q_pe, kv, k_pe, madd, t_ok, m_i, l_i, acc, scale, HAS_MASK)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
     row = pid_bs.to(tl.int64) * H + heads
@@ -135,13 +167,15 @@ def mla_decode_partial_kernel(
 def mla_decode_reduce_kernel(
     PartOut, PartLse, Out, H, stride_ob, stride_os, stride_oh, S,
     C: tl.constexpr, C_POW2: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """Merge the context splits of one (query, head): weights exp(lse_split - lse_max), renormalized."""
+    """Merge the context splits of one (query, head, latent slice): weights exp(lse_split - lse_max),
+    renormalized. The slices spread one query's partials over more programs."""
     pid_bs = tl.program_id(0)
     h = tl.program_id(1)
     row = pid_bs.to(tl.int64) * H + h
     splits = tl.arange(0, SPLITS_POW2)
-    offs_c = tl.arange(0, C_POW2)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     lse = tl.load(PartLse + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
     m = tl.max(lse, axis=0)
     w = tl.exp(lse - m)
@@ -252,6 +286,9 @@ DECODE_CONFIG = {"BLOCK_H": 16, "num_warps": 4, "num_stages": 2}  # and BLOCK_T 
 # slices small enough that one decode query still spreads each head's W_UK over several programs (V2-Lite: 16
 # heads x 8 programs).
 ABSORB_BLOCK_Q = 16
+# The split merge's latent slice: one query's 16 heads x 64 splits x 512 fp32 partials (2 MB) took 4.2 us per
+# layer in 16 programs (H200, batch 1); slices of 128 give each program a quarter of a head's partials.
+REDUCE_BLOCK_C = 128
 ABSORB_BLOCK_C = 64
 
 
@@ -356,9 +393,11 @@ def mla_attention(
             HAS_MASK=has_mask, CAUSAL=causal, **launch_opts,
         )
         out_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
-        reduce[(queries, h)](
+        block_c = min(REDUCE_BLOCK_C, c_pow2)
+        reduce[(queries, h, c_pow2 // block_c)](
             part_out, part_lse, out_lat, h, out_lat.stride(0), out_lat.stride(1), out_lat.stride(2), s,
             C=c, C_POW2=c_pow2, NUM_SPLITS=splits, SPLITS_POW2=max(2, triton.next_power_of_2(splits)),
+            BLOCK_C=block_c,
         )
         # W_UV absorbed into the output: out[b, s, h] = out_lat[b, s, h] @ W_UV[h]^T  ([C] x [C, DV]). A one-pass
         # merge with W_UV (one program per query, head and 32 outputs) measured slower even at one query: 11.0

@@ -328,6 +328,9 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
     return autotune.choose(key, tokens, CANDIDATES, run, torch.device(device))
 
 
+# The fused align's tiles: SLOT_CHUNK routed slots compared pairwise per step (a SLOT_CHUNK^2 tile in registers),
+# CHUNK rows of the outputs written per step, over num_warps warps.
+ALIGN_TILING = {"SLOT_CHUNK": 128, "CHUNK": 128, "num_warps": 4}
 ALIGN_FUSED_MAX_SLOTS = 1024  # measured on H100: T=1..64 (k=6) faster fused, T=512 and up slower
 # Shared experts in the grouped launches, up to this many tokens; beyond, cuBLAS's dense GEMMs run the shared
 # MLP faster than the grouped kernels do. Measured on H100 (V2-Lite block, bench/RESULTS.md): T=1 0.089 ms fused
@@ -335,10 +338,11 @@ ALIGN_FUSED_MAX_SLOTS = 1024  # measured on H100: T=1..64 (k=6) faster fused, T=
 SHARED_FUSED_MAX_TOKENS = 512
 
 
-def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False, shared: int = 0):
+def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False, shared: int = 0,
+                tiling: Optional[dict] = None):
     """``align`` as one generated kernel launch (same outputs). With ``shared`` experts (the last ids below
     ``num_experts``), ``topk_ids`` holds the routed choices alone: ``align`` of them with the shared ids
-    appended to every token's row."""
+    appended to every token's row. ``tiling`` overrides ``ALIGN_TILING`` (bench/moe_align.py sweeps it)."""
     flat = topk_ids.reshape(-1)  # int32 or int64, read as it is (a cast would be one more launch per layer)
     tokens, k = topk_ids.shape
     num_routed = flat.shape[0]
@@ -351,9 +355,12 @@ def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpre
     if not interpret:
         fn = torch.library.wrap_triton(fn)
     routed = num_experts - shared
+    tile = {**ALIGN_TILING, **(tiling or {})}
+    slot_chunk = min(tile["SLOT_CHUNK"], max(16, triton.next_power_of_2(size_hint(num_routed))))
     fn[(1,)](flat, sorted_slots, block_expert, num_padded, num_routed, tokens, capacity,
-             E=routed, E_POW2=triton.next_power_of_2(routed), BLOCK_M=block_m, CHUNK=128,
-             SLOT_CHUNK=min(128, max(16, triton.next_power_of_2(size_hint(num_routed)))), ROUTED_K=k, SHARED=shared)
+             E=routed, E_POW2=triton.next_power_of_2(routed), BLOCK_M=block_m, CHUNK=tile["CHUNK"],
+             SLOT_CHUNK=slot_chunk, ROUTED_K=k, SHARED=shared,
+             **({} if interpret else {"num_warps": tile["num_warps"]}))
     return sorted_slots, block_expert, num_padded
 
 

@@ -24,15 +24,20 @@ from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime.kernels import TRITON_DTYPES
 
 MAX_EXPERTS = 1024
-# Tokens up to which the moe pass tries the router matmul inside the routing kernel (route_hidden): each program
-# reads the whole [E, H] router weight, which at decode sizes replaces a cast, a GEMV and the logits' round
-# trip (about 5 us per V2-Lite layer on H200, bench/RESULTS.md), and past a few dozen tokens costs more L2
-# traffic than one GEMM reading it once. Within the limit the pass times both forms on the GPU at compile time
-# and keeps the faster; the limit itself comes from that reasoning, not from a measurement.
+# Tokens up to which the moe pass tries the router matmul beside the routing kernel (route_hidden): every token
+# reads the whole [E, H] router weight (from L2 after the first), which at decode sizes replaces a weight cast, a
+# GEMV, its reduction and the logits' round trip (about 5 us per V2-Lite layer on H200, bench/RESULTS.md), and
+# past a few dozen tokens costs more L2 traffic than one GEMM reading it once. Within the limit the pass times
+# both forms on the GPU at compile time and keeps the faster; the limit itself comes from that reasoning, not
+# from a measurement.
 ROUTER_MATMUL_MAX_TOKENS = 64
-# And only for a router weight one program can stream quickly: V2-Lite's 64 x 2048 bf16 is 256 KiB; V3's
-# 256 x 7168 would keep one SM busy for tens of microseconds, where a GEMV spreads it over the chip.
+# And only for a router weight of the size that timing has run at: V2-Lite's 64 x 2048 bf16 is 256 KiB. V3's
+# 256 x 7168 (3.5 MiB) is read once per token too: at 64 tokens 224 MiB of L2 traffic, where a GEMM reads it once.
 ROUTER_MATMUL_MAX_WEIGHT_BYTES = 512 << 10
+# The router matmul's split over the hidden size: programs per token, each reading a [E, BLOCK_K] weight tile
+# per step. One program streaming all of V2-Lite's 256 KiB took 15.5 us per layer at 32 tokens (H200, in the
+# decode step), more than cuBLAS's two launches.
+ROUTER_MAX_SPLITS = 64
 SCORINGS = ("softmax", "sigmoid", "none")
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -90,6 +95,7 @@ import triton
 import triton.language as tl
 
 
+${partial_kernel}
 @triton.jit
 def moe_routing_kernel(
     ${logits_arg}, Bias, Weights, Ids,
@@ -130,20 +136,40 @@ def moe_routing_kernel(
 )
 
 _LOAD_LOGITS = 'logits = tl.load(Logits + t * stride_l + expert, mask=valid, other=float("-inf")).to(tl.float32)'
-# The router's matmul in the same program: logits[e] = x[t] . RouterWeight[e], both operands read as stored and
-# rounded to the graph's matmul dtype (what its casts did), products accumulated in fp32 like cuBLAS's, the
-# result rounded to that dtype as the matmul's output is. One program reads the whole [E, K] weight: for a few
-# tokens (decode) it comes from L2 after the first, and the cast, GEMV and logits round trip are gone.
-_ROUTER_MATMUL = """\
-logits = tl.zeros([GROUPS_POW2, PER_GROUP_POW2], dtype=tl.float32)
-offs_k = tl.arange(0, BLOCK_K)
-for k0 in range(0, HIDDEN, BLOCK_K):
-    k_ok = k0 + offs_k < HIDDEN
-    xk = tl.load(X + t * stride_x + k0 + offs_k, mask=k_ok, other=0.0).to(${mm_dtype}).to(tl.float32)
-    wk = tl.load(RouterWeight + expert[:, :, None] * stride_l + (k0 + offs_k)[None, None, :] * stride_wk,
-                 mask=valid[:, :, None] & k_ok[None, None, :], other=0.0).to(${mm_dtype}).to(tl.float32)
-    logits += tl.sum(wk * xk[None, None, :], axis=2)
-logits = tl.where(valid, logits.to(${mm_dtype}).to(tl.float32), float("-inf"))"""
+# The router's matmul split over the hidden size, one launch before the routing: both operands read as stored
+# and rounded to the graph's matmul dtype (what its casts did), products accumulated in fp32 like cuBLAS's.
+_ROUTER_PARTIAL_KERNEL = """
+@triton.jit
+def moe_router_partial_kernel(
+    X, RouterWeight, Partials, stride_x, stride_we, stride_wk, HIDDEN, E, PER_SPLIT,
+    E_POW2: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    \"\"\"Partials[t, split, e] = sum over the split's PER_SPLIT hidden columns of x[t, k] * RouterWeight[e, k], in
+    fp32 of operands rounded to ${mm_dtype}: a decode token's router weight read is spread over the splits'
+    programs, and the routing kernel sums the splits in a fixed order.\"\"\"
+    t = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    experts = tl.arange(0, E_POW2)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([E_POW2], dtype=tl.float32)
+    k_end = tl.minimum(split * PER_SPLIT + PER_SPLIT, HIDDEN)
+    for k0 in range(split * PER_SPLIT, k_end, BLOCK_K):
+        k_ok = k0 + offs_k < k_end
+        xk = tl.load(X + t * stride_x + k0 + offs_k, mask=k_ok, other=0.0).to(${mm_dtype}).to(tl.float32)
+        wk = tl.load(RouterWeight + experts[:, None] * stride_we + (k0 + offs_k)[None, :] * stride_wk,
+                     mask=(experts[:, None] < E) & k_ok[None, :], other=0.0).to(${mm_dtype}).to(tl.float32)
+        acc += tl.sum(wk * xk[None, :], axis=1)
+    tl.store(Partials + (t * tl.num_programs(1) + split) * E + experts, acc, mask=experts < E)
+
+
+# The routing, over the sum of the splits above.
+"""
+# The routing kernel then takes the logits as the splits' sum, rounded to the matmul dtype as its output is.
+_SUM_PARTIALS = """\
+splits = tl.arange(0, SPLITS_POW2)
+partials = tl.load(Partials + t * stride_l + splits[:, None, None] * (GROUPS * PER_GROUP) + expert[None, :, :],
+                   mask=(splits[:, None, None] < NUM_SPLITS) & valid[None, :, :], other=0.0)
+logits = tl.where(valid, tl.sum(partials, axis=0).to(${mm_dtype}).to(tl.float32), float("-inf"))"""
 
 _SCORING = {
     "softmax": """\
@@ -194,10 +220,12 @@ def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torc
             "group_selection": _GROUP_SELECTION.format(group_score=_GROUP_SCORE[spec.group_score], fill=fill)
             if spec.groups > 1 else "",
             "normalize": "weights = weights / (tl.sum(weights, axis=0) + 1e-20)" if spec.renormalize else "",
-            "logits_arg": "RouterWeight" if router_matmul else "Logits",
-            "router_matmul_args": "X, stride_x, stride_wk, HIDDEN, BLOCK_K: tl.constexpr," if router_matmul else "",
-            "logits": (_ROUTER_MATMUL.replace("${mm_dtype}", TRITON_DTYPES[router_matmul]) if router_matmul
+            "logits_arg": "Partials" if router_matmul else "Logits",
+            "router_matmul_args": "NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr," if router_matmul else "",
+            "logits": (_SUM_PARTIALS.replace("${mm_dtype}", TRITON_DTYPES[router_matmul]) if router_matmul
                        else _LOAD_LOGITS),
+            "partial_kernel": (_ROUTER_PARTIAL_KERNEL.replace("${mm_dtype}", TRITON_DTYPES[router_matmul])
+                               if router_matmul else ""),
         }
         what = "hidden states (the router matmul included)" if router_matmul else "logits"
         header = ("Pattern family: moe (router).\n"
@@ -223,8 +251,8 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
                  origin: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """``route`` of the logits ``x.to(mm_dtype) @ router_weight.to(mm_dtype).T`` (x [T, K], router_weight [E, K],
     each in any float dtype; the product in ``mm_dtype`` as a matmul computes it: fp32 accumulation, the
-    result rounded to ``mm_dtype``), the matmul inside the same launch. For a few tokens: each program reads
-    the whole router weight."""
+    result rounded to ``mm_dtype``): the matmul split over K in one launch, whose partial sums the routing
+    kernel adds up. For a few tokens: every token reads the whole router weight."""
     t, k = x.shape
     e = router_weight.shape[0]
     _check(spec, e, mm_dtype, bias, out_dtype)
@@ -234,14 +262,24 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
     if x.dtype not in TRITON_DTYPES or router_weight.dtype not in TRITON_DTYPES:
         raise ValueError(f"moe routing: hidden states in {x.dtype} and router weight in {router_weight.dtype}: "
                          "the kernel takes fp16, bf16 or fp32")
-    fn = kernel_for(spec, origin, router_matmul=mm_dtype).function("moe_routing_kernel", interpret=interpret)
+    gen = kernel_for(spec, origin, router_matmul=mm_dtype)
+    fn = gen.function("moe_routing_kernel", interpret=interpret)
+    partial = gen.function("moe_router_partial_kernel", interpret=interpret)
+    if not interpret:
+        partial = torch.library.wrap_triton(partial)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    # A [GROUPS_POW2, PER_GROUP_POW2, BLOCK_K] weight tile of at most 8192 values per step.
-    e_pow2 = triton.next_power_of_2(spec.groups) * triton.next_power_of_2(e // spec.groups)
+    # A [E_POW2, BLOCK_K] weight tile of at most 8192 values per step, and as many splits as tiles (at most
+    # ROUTER_MAX_SPLITS): V2-Lite's router is 16 programs per token of one 64 x 128 tile each.
+    e_pow2 = triton.next_power_of_2(e)
     block_k = max(16, min(128, 8192 // e_pow2, triton.next_power_of_2(max(k, 1))))
-    matmul = {"X": x, "stride_x": x.stride(0), "stride_wk": router_weight.stride(1), "HIDDEN": k,
-              "BLOCK_K": block_k}
-    return _launch(fn, router_weight, (router_weight.stride(0),), matmul, t, e, bias, spec, out_dtype, interpret)
+    per_split = triton.cdiv(triton.cdiv(k, min(ROUTER_MAX_SPLITS, triton.cdiv(k, block_k) or 1)), block_k) * block_k
+    splits = max(1, triton.cdiv(k, per_split))
+    partials = torch.empty((t, splits, e), dtype=torch.float32, device=x.device)
+    if t:
+        partial[(t, splits)](x, router_weight, partials, x.stride(0), router_weight.stride(0), router_weight.stride(1),
+                             k, e, per_split, E_POW2=e_pow2, BLOCK_K=block_k)
+    matmul = {"NUM_SPLITS": splits, "SPLITS_POW2": triton.next_power_of_2(splits)}
+    return _launch(fn, partials, (splits * e,), matmul, t, e, bias, spec, out_dtype, interpret)
 
 
 def _check(spec: RoutingSpec, e: int, logits_dtype, bias, out_dtype) -> None:
@@ -255,7 +293,8 @@ def _check(spec: RoutingSpec, e: int, logits_dtype, bias, out_dtype) -> None:
 
 
 def _launch(fn, source, strides, matmul: dict, t, e, bias, spec, out_dtype, interpret):
-    """One program per token over ``source`` (the logits, or the router weight with ``matmul``'s arguments)."""
+    """One program per token over ``source`` (the logits, or the router matmul's partial sums with ``matmul``'s
+    split counts)."""
     if not interpret:
         fn = torch.library.wrap_triton(fn)
     bias = bias.contiguous() if bias is not None else source  # never read without a bias

@@ -1,0 +1,54 @@
+"""The MoE align step (slots sorted by expert into padded segments) at V2-Lite's routing, per tiling of the fused
+kernel and in its torch form, each replayed as a CUDA graph. It chooses ``ALIGN_TILING`` and
+``ALIGN_FUSED_MAX_SLOTS`` in runtime/kernels/moe.py; prints a table, writes JSON with --out.
+
+    python3 bench/moe_align.py --out DIR [--tokens 1,8,32,64,128] [--experts 64] [--top-k 6] [--shared 2]
+"""
+import argparse
+import itertools
+import json
+import os
+
+import torch
+
+from deepfuse.runtime import autotune
+from deepfuse.runtime.kernels import moe
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tokens", default="1,8,32,64,128")
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--shared", type=int, default=2)
+    args = parser.parse_args()
+    e, k, shared = args.experts, args.top_k, args.shared
+    rows = []
+    for t in (int(x) for x in args.tokens.split(",")):
+        ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)])
+        bm = moe.config_for(t * (k + shared), e + shared)["BLOCK_M"]
+        every = torch.cat([ids, torch.arange(e, e + shared, device="cuda").expand(t, shared)], dim=1)
+        want = moe.align(every, e + shared, bm)
+        tilings = [None] + [{"SLOT_CHUNK": sc, "CHUNK": c, "num_warps": w}
+                            for sc, c, w in itertools.product((16, 32, 64, 128), (32, 128), (1, 2, 4, 8))]
+        candidates = [("torch", lambda: moe.align(every, e + shared, bm))] + [
+            (str(tl or "default"), lambda tl=tl: moe.align_fused(ids, e + shared, bm, shared=shared, tiling=tl))
+            for tl in tilings]
+        for name, fn in candidates:
+            got = fn()
+            same = all(torch.equal(a, b) for a, b in zip(got, want))
+            us = autotune._time(fn) * 1e3
+            rows.append({"tokens": t, "block_m": bm, "form": name, "us": us, "same_as_torch": same})
+            print(f"T={t:<4} bm={bm:<3} {name:<55} {us:7.2f} us  {'ok' if same else 'DIFFERS'}", flush=True)
+        best = min((r for r in rows if r["tokens"] == t), key=lambda r: r["us"])
+        print(f"best T={t}: {best['form']} {best['us']:.2f} us")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "moe_align.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "commit": os.environ.get("DEEPFUSE_COMMIT", "?"), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
