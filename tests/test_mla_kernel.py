@@ -99,8 +99,7 @@ def test_absorbed_merge_of_many_and_empty_splits(dtype):
 def test_decode_never_lets_the_rows_its_mask_hides_in(splits):
     """A static cache's decode step: 300 positions allocated, 41 written, the rest masked. The unwritten tail
     holds NaN from position 41 on, inside a live 16-key block too: a kernel that let one of those rows into its
-    sums would return NaN. With 4 or 19 splits most splits lie in the tail, and their first blocks are loaded
-    before the mask is looked at."""
+    sums would return NaN. With 4 or 19 splits most splits lie wholly in the tail."""
     b, t, filled = 2, 300, 41
     q_nope, q_pe, c_kv, k_pe, w = _inputs(b, 1, t, 4, 16, 8, 16, 32, torch.float32)
     ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv[:, :filled], k_pe[:, :filled], w)), 0.3, False)

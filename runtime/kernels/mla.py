@@ -64,23 +64,6 @@ def mla_absorb_query_kernel(
 
 
 @triton.jit
-def mla_attend_rows(q_lat, q_pe, kv, k_pe, madd, t_ok, m_i, l_i, acc, scale, HAS_MASK: tl.constexpr):
-    """One block of latent rows folded into a head block's running softmax (max m_i, sum l_i, output acc)."""
-    scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
-    scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
-    if HAS_MASK:
-        scores += madd
-    scores = tl.where(t_ok[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(scores - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
-    return m_new, l_i, acc
-
-
-@triton.jit
 def mla_decode_partial_kernel(
     QLat, QPe, KV, KPe, Mask, PartOut, PartLse,
     stride_qlb, stride_qls, stride_qlh, stride_qpb, stride_qps, stride_qph,
@@ -118,30 +101,10 @@ def mla_decode_partial_kernel(
     acc = tl.zeros((BLOCK_H, C_POW2), dtype=tl.float32)
     c_ok = offs_c[None, :] < C
     r_ok = offs_r[None, :] < R
-    # The split's first block: its rows load together with its mask, not after the mask's verdict (at decode a
-    # split is often a single block, and that wait would stand between its two loads). Rows no head attends to
-    # read as zeros (here and below), so an unwritten cache row holding NaN cannot reach the sums; a static
-    # cache's dead tail costs at most this one block per split.
-    if t_lo < t_hi:
-        offs_t0 = t_lo + tl.arange(0, BLOCK_T)
-        t_ok0 = offs_t0 < t_hi
-        kv0 = tl.load(KV + b * stride_kvb + offs_t0[:, None] * stride_kvt + offs_c[None, :],
-                      mask=t_ok0[:, None] & c_ok, other=0.0)
-        k_pe0 = tl.load(KPe + b * stride_kpb + offs_t0[:, None] * stride_kpt + offs_r[None, :],
-                        mask=t_ok0[:, None] & r_ok, other=0.0)
-        madd0 = 0.0
-        if HAS_MASK:
-            madd0 = tl.load(Mask + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
-                            + offs_t0[None, :] * stride_mt, mask=h_ok[:, None] & t_ok0[None, :], other=float("-inf"))
-            seen = tl.max(madd0, axis=0) > float("-inf")
-            kv0 = tl.where(seen[:, None], kv0, tl.zeros_like(kv0))
-            k_pe0 = tl.where(seen[:, None], k_pe0, tl.zeros_like(k_pe0))
-        m_i, l_i, acc = mla_attend_rows(q_lat, q_pe, kv0, k_pe0, madd0, t_ok0, m_i, l_i, acc, scale, HAS_MASK)
-    for t0 in range(t_lo + BLOCK_T, t_hi, BLOCK_T):
+    for t0 in range(t_lo, t_hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < t_hi
         live = True
-        madd = 0.0
         if HAS_MASK:  # a block the mask hides entirely (a static cache's unwritten tail) is never read
             madd = tl.load(Mask + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
                            + offs_t[None, :] * stride_mt, mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
@@ -151,11 +114,22 @@ def mla_decode_partial_kernel(
                          mask=t_ok[:, None] & c_ok, other=0.0)
             k_pe = tl.load(KPe + b * stride_kpb + offs_t[:, None] * stride_kpt + offs_r[None, :],
                            mask=t_ok[:, None] & r_ok, other=0.0)
-            if HAS_MASK:
+            if HAS_MASK:  # rows no head attends to read as zeros: an unwritten row's NaN never reaches the sums
                 seen = tl.max(madd, axis=0) > float("-inf")
                 kv = tl.where(seen[:, None], kv, tl.zeros_like(kv))
                 k_pe = tl.where(seen[:, None], k_pe, tl.zeros_like(k_pe))
-            m_i, l_i, acc = mla_attend_rows(q_lat, q_pe, kv, k_pe, madd, t_ok, m_i, l_i, acc, scale, HAS_MASK)
+            scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
+            scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
+            if HAS_MASK:
+                scores += madd
+            scores = tl.where(t_ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
+            m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
     row = pid_bs.to(tl.int64) * H + heads

@@ -329,8 +329,11 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
 
 
 # The fused align's tiles: SLOT_CHUNK routed slots compared pairwise per step (a SLOT_CHUNK^2 tile in registers),
-# CHUNK rows of the outputs written per step, over num_warps warps.
-ALIGN_TILING = {"SLOT_CHUNK": 128, "CHUNK": 128, "num_warps": 4}
+# CHUNK rows of the outputs written per step, over num_warps warps. The best of a 32-point sweep
+# (bench/moe_align.py, H200, V2-Lite routing with 2 shared experts): at 32 tokens 14.7 us against 25.0 for the
+# former 128/128/4 warps, at 128 tokens 39.0 against 56.3, even at 1 and 8 (timed as a one-launch CUDA graph,
+# about 8 us of it the replay's own).
+ALIGN_TILING = {"SLOT_CHUNK": 32, "CHUNK": 128, "num_warps": 1}
 ALIGN_FUSED_MAX_SLOTS = 1024  # measured on H100: T=1..64 (k=6) faster fused, T=512 and up slower
 # Shared experts in the grouped launches, up to this many tokens; beyond, cuBLAS's dense GEMMs run the shared
 # MLP faster than the grouped kernels do. Measured on H100 (V2-Lite block, bench/RESULTS.md): T=1 0.089 ms fused
