@@ -110,14 +110,13 @@ def mla_decode_partial_kernel(
                            + offs_t[None, :] * stride_mt, mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
             live = tl.max(tl.max(madd, axis=1), axis=0) > float("-inf")
         if live:
+            rows_ok = t_ok
+            if HAS_MASK:  # rows no head attends to are not read (zeros): an unwritten row's NaN never enters
+                rows_ok = t_ok & (tl.max(madd, axis=0) > float("-inf"))
             kv = tl.load(KV + b * stride_kvb + offs_t[:, None] * stride_kvt + offs_c[None, :],
-                         mask=t_ok[:, None] & c_ok, other=0.0)
+                         mask=rows_ok[:, None] & c_ok, other=0.0)
             k_pe = tl.load(KPe + b * stride_kpb + offs_t[:, None] * stride_kpt + offs_r[None, :],
-                           mask=t_ok[:, None] & r_ok, other=0.0)
-            if HAS_MASK:  # rows no head attends to read as zeros: an unwritten row's NaN never reaches the sums
-                seen = tl.max(madd, axis=0) > float("-inf")
-                kv = tl.where(seen[:, None], kv, tl.zeros_like(kv))
-                k_pe = tl.where(seen[:, None], k_pe, tl.zeros_like(k_pe))
+                           mask=rows_ok[:, None] & r_ok, other=0.0)
             scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
             scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
             if HAS_MASK:
