@@ -86,8 +86,10 @@ class MoEPass:
                 if isinstance(shared, dict):
                     kernel_file = self._rewrite(graph, list(region) + shared["region"], inputs, shared["out"],
                                                 params, impl, where, options.inline, shared)
+                    gated = (f", weighted per token by {shared['scale'].name} (a gated shared MLP)"
+                             if shared["scale"] is not None else "")
                     params["shared_experts"] = (f"fused: {shared['count']} always-chosen experts of "
-                                                f"{params['intermediate']}" if kernel_file is not False else
+                                                f"{params['intermediate']}{gated}" if kernel_file is not False else
                                                 "with Inductor (the fused launch could not be traced in)")
                 elif shared is not None:
                     params["shared_experts"] = f"with Inductor ({shared})"
@@ -230,19 +232,20 @@ class MoEPass:
                 return (a.transpose(1, 2) if t1 else a, b.transpose(1, 2) if t2 else b,
                         *(m.t() if flips[n] else m for n, m in zip(("gate", "up", "down"), (g, u, d))))
 
-            def via_kernel(x_, ids_, w_, a, b, g, u, d, inp):
+            def via_kernel(x_, ids_, w_, a, b, g, u, d, inp, scale=None):
                 a, b, g, u, d = canonical(a, b, g, u, d)
                 y = kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
-                                       shared=(g, u, d))
+                                       shared=(g, u, d), shared_scale=None if scale is None else scale.reshape(-1))
                 return (y.to(out_dtype).view(inp.shape),)
 
-            def via_op(x_, ids_, w_, a, b, g, u, d, inp):
+            def via_op(x_, ids_, w_, a, b, g, u, d, inp, scale=None):
                 a, b, g, u, d = canonical(a, b, g, u, d)
                 y = torch.ops.deepfuse.moe_experts(x_, ids_, w_, a, b, act, out_dtype, impl, params["deterministic"],
-                                                   g, u, d)
+                                                   g, u, d, None if scale is None else scale.reshape(-1))
                 return (y.view(inp.shape),)
 
-            args = (x, ids, weights, w1, w2, shared["gate"], shared["up"], shared["down"], shared["input"])
+            args = (x, ids, weights, w1, w2, shared["gate"], shared["up"], shared["down"], shared["input"]) + (
+                (shared["scale"],) if shared["scale"] is not None else ())
             launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
             if not replace_region_first_traced(graph, binding, launchers, args, "MoE with shared experts"):
                 return False
@@ -584,14 +587,20 @@ def _shared_experts(graph, out, inputs, params) -> Union[dict[str, Any], str, No
         return None
     x = inputs["x"]
     before_x = ancestors([x])
-    shared = ancestors([other], blocked=before_x) - before_x
+    # A gated shared MLP (Qwen-MoE: sigmoid(x . w_gate) * mlp(x)): the per-token factor stays in the graph and
+    # the fused launch weighs the shared slots by it; the product is part of the region.
+    mlp_out, scale = _gated(other, value(node))
+    shared = ancestors([mlp_out], blocked=before_x) - before_x
     shared = {n for n in shared if n.op not in ("placeholder", "get_attr")}
+    if scale is not None and (scale in ancestors([mlp_out]) or ancestors([scale]) & shared):
+        mlp_out, scale = other, None  # not a factor of its own: the product is the shared value itself
+        shared = {n for n in ancestors([other], blocked=before_x) - before_x if n.op not in ("placeholder", "get_attr")}
     mms = [n for n in shared if n.target in (aten.mm.default, aten.addmm.default)]
     if len(mms) != 3:
         return None if not mms else f"the value added to the experts holds {len(mms)} matmuls, not a gated MLP's 3"
     order = {n: i for i, n in enumerate(graph.nodes)}
     shared = sorted(shared, key=order.__getitem__)
-    reason = escape_reason(shared, [other])
+    reason = escape_reason(shared + ([other] if scale is not None else []), [other])
     if reason:
         return f"shared experts: {reason}"
     acts, mats = [], []
@@ -619,11 +628,30 @@ def _shared_experts(graph, out, inputs, params) -> Union[dict[str, Any], str, No
     if tokens > kernel.SHARED_FUSED_MAX_TOKENS:
         return (f"{tokens} tokens: past {kernel.SHARED_FUSED_MAX_TOKENS}, cuBLAS runs the shared MLP faster than the "
                 "grouped launches")
-    roles = _verify_shared(shared, other, inp, mats, hidden, inter, params["activation"], xv)
+    if scale is not None:
+        shared.append(other)
+    roles = _verify_shared(shared, other, inp, mats, hidden, inter, params["activation"], xv, scale)
     if isinstance(roles, str):
         return roles
-    roles.update(region=views + shared + [add], out=add, input=inp)
+    roles.update(region=views + shared + [add], out=add, input=inp, scale=scale)
     return roles
+
+
+def _gated(other: fx.Node, routed) -> tuple[fx.Node, Optional[fx.Node]]:
+    """(the shared MLP's output, its per-token factor) when ``other`` is their product, the factor shaped like
+    the routed output but for a last dim of 1; else (``other``, None). Whether it is a shared MLP is for the
+    caller to check."""
+    if other.target != aten.mul.Tensor or len(other.args) != 2 or other.kwargs:
+        return other, None
+    for factor, rest in (other.args, other.args[::-1]):
+        fv, rv = value(factor) if isinstance(factor, fx.Node) else None, value(rest) if isinstance(rest, fx.Node) else None
+        if fv is None or rv is None or routed is None or fv.dim() != rv.dim() or fv.dim() < 2:
+            continue
+        shape, want = tuple(hint(d) for d in fv.shape), tuple(hint(d) for d in rv.shape)
+        if shape[-1] == 1 and shape[:-1] == want[:-1] and want == tuple(hint(d) for d in routed.shape) \
+                and fv.dtype.is_floating_point:
+            return rest, factor
+    return other, None
 
 
 def _view_sources(node: fx.Node) -> set[fx.Node]:
@@ -635,9 +663,10 @@ def _view_sources(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv) -> Union[dict[str, Any], str]:
+def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=None) -> Union[dict[str, Any], str]:
     """Which of ``mats`` is gate, up and down (and which are stored transposed): the assignment under which the
-    region equals down(act(gate(x)) * up(x)) on random inputs, with the routed experts' activation."""
+    region equals down(act(gate(x)) * up(x)) on random inputs, with the routed experts' activation; times the
+    per-token factor ``scale`` (an input of the region) when given."""
     import itertools
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -649,7 +678,7 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv) -> Uni
     si = sizes.pop()
     if si % inter:
         return f"the shared intermediate size {si} is not a multiple of the experts' {inter}"
-    module, _ = _region_module(shared, [inp] + mats, [out], "the shared MLP")
+    module, _ = _region_module(shared, [inp] + mats + ([scale] if scale is not None else []), [out], "the shared MLP")
     if isinstance(module, str):
         return module
     device, dtype = xv.device, xv.dtype
@@ -659,8 +688,11 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv) -> Uni
         rows = max(hint(xv.shape[0]), 1)
         x = torch.randn(rows, hidden, generator=gen).to(device, dtype)
         real = {m: (torch.randn(shapes[m], generator=gen) / hidden ** 0.5).to(device, dtype) for m in mats}
+        factor = torch.rand(rows, 1, generator=gen) + 0.5  # away from 1, so an ignored factor shows
+        extra = [] if scale is None else [factor.to(device, value(scale).dtype).view(tuple(hint(d) for d in value(scale).shape))]
         try:
-            got = module(x.view(tuple(hint(d) for d in value(inp).shape)), *(real[m] for m in mats))[0].reshape(rows, hidden)
+            got = module(x.view(tuple(hint(d) for d in value(inp).shape)), *(real[m] for m in mats),
+                         *extra)[0].reshape(rows, hidden)
         except Exception as err:
             return f"the shared MLP could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
         tol = 1e-3 if dtype == torch.float32 else 3e-2
@@ -671,7 +703,8 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv) -> Uni
                 if w[0].shape != (si, hidden) or w[1].shape != (si, hidden) or w[2].shape != (hidden, si):
                     continue
                 g, u, d = (t.to(acc) for t in w)
-                want = torch.nn.functional.linear(act(x.to(acc) @ g.t()) * (x.to(acc) @ u.t()), d).float()
+                want = torch.nn.functional.linear(act(x.to(acc) @ g.t()) * (x.to(acc) @ u.t()), d)
+                want = (want if scale is None else want * extra[0].reshape(rows, 1).to(acc)).float()
                 err = ((got.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
                 if err < tol:
                     return {"gate": gate, "up": up, "down": down, "count": si // inter,

@@ -76,20 +76,24 @@ def moe_experts(
     shared_gate: Optional[torch.Tensor] = None,
     shared_up: Optional[torch.Tensor] = None,
     shared_down: Optional[torch.Tensor] = None,
+    shared_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The routed experts: x [T, H], ids/weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H];
-    plus the shared MLP (gate/up [S*I, H], down [H, S*I]) when given."""
+    plus the shared MLP (gate/up [S*I, H], down [H, S*I]) when given, times shared_scale [T] or [T, 1] per
+    token when given (a gated shared expert)."""
     _check_impl(impl)
     shared = (shared_gate, shared_up, shared_down) if shared_gate is not None else None
     if impl == "reference":
-        return _moe.reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation, shared).to(out_dtype)
+        return _moe.reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation, shared,
+                              shared_scale).to(out_dtype)
     return _moe.moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, activation,
-                            interpret=impl == "interpret", deterministic=deterministic, shared=shared).to(out_dtype)
+                            interpret=impl == "interpret", deterministic=deterministic, shared=shared,
+                            shared_scale=shared_scale).to(out_dtype)
 
 
 @moe_experts.register_fake
 def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation, out_dtype, impl, deterministic=True,
-      shared_gate=None, shared_up=None, shared_down=None):
+      shared_gate=None, shared_up=None, shared_down=None, shared_scale=None):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 

@@ -22,7 +22,7 @@ def _inputs(t, hidden, inter, experts, k, dtype, device, route="random", gen=Non
 
 
 def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random", activation="silu", noncontig=False,
-           deterministic=True, config=None, shared=0):
+           deterministic=True, config=None, shared=0, gated=False):
     x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
     if noncontig:
         x = torch.cat([x, x], dim=1)[:, ::2]
@@ -31,10 +31,13 @@ def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random
     if shared:  # a shared MLP of intermediate shared * inter, as Linear layers store it
         sh = tuple((torch.randn(*shape) / shape[1] ** 0.5).to(device, dtype)
                    for shape in [(shared * inter, hidden), (shared * inter, hidden), (hidden, shared * inter)])
+    # a gated shared MLP's per-token factor ([T, 1], as sigmoid(Linear(H, 1)) returns it), in a strided view
+    scale = torch.rand(t, 2).to(device, dtype)[:, :1] if gated else None
     out = moe.moe_experts(x, ids, weights, wgu, wd, activation=activation, interpret=interpret,
-                          deterministic=deterministic, config=config, shared=sh)
+                          deterministic=deterministic, config=config, shared=sh, shared_scale=scale)
     ref = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double(), activation,
-                        None if sh is None else tuple(w.double() for w in sh))
+                        None if sh is None else tuple(w.double() for w in sh),
+                        None if scale is None else scale.double())
     assert out.shape == (t, hidden) and out.dtype == dtype
     if t:
         assert torch.isfinite(out).all()
@@ -85,6 +88,26 @@ def test_interpreted_shared_experts_in_the_same_launches(case, shared, determini
     _check(*case, torch.float32, "cpu", interpret=True, deterministic=deterministic, shared=shared)
     _check(*case, torch.float16, "cpu", interpret=True, deterministic=deterministic, shared=shared,
            config=DECODE_CANDIDATES[0])
+
+
+@pytest.mark.parametrize("case,shared", [((5, 64, 32, 8, 2), 2), ((1, 32, 16, 4, 3), 1), ((0, 32, 32, 4, 2), 1)],
+                         ids=str)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_interpreted_gated_shared_experts(case, shared, deterministic):
+    """A shared MLP whose output each token scales by its own factor (Qwen-MoE's sigmoid gate): the shared
+    slots take that factor as their weight in the down kernel."""
+    _check(*case, torch.float32, "cpu", interpret=True, deterministic=deterministic, shared=shared, gated=True)
+    _check(*case, torch.float16, "cpu", interpret=True, deterministic=deterministic, shared=shared, gated=True,
+           config=DECODE_CANDIDATES[0])
+
+
+def test_shared_scale_misuse_is_a_clear_error():
+    x, ids, weights, wgu, wd = _inputs(3, 32, 16, 4, 2, torch.float32, "cpu", "random")
+    sh = (torch.randn(16, 32), torch.randn(16, 32), torch.randn(32, 16))
+    with pytest.raises(ValueError, match="without shared expert weights"):
+        moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, shared_scale=torch.rand(3))
+    with pytest.raises(ValueError, match=r"shared_scale must be \[tokens\]"):
+        moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, shared=sh, shared_scale=torch.rand(3, 2))
 
 
 @pytest.mark.parametrize("shared", [0, 2])
@@ -172,6 +195,12 @@ def test_gpu_experts_atomic_combine(t):
 @pytest.mark.parametrize("t", [1, 64, 4096])
 def test_gpu_experts_with_shared_v2_lite_shape(t):
     _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, shared=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64])
+def test_gpu_experts_with_gated_shared_v2_lite_shape(t):
+    _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, shared=2, gated=True)
 
 
 @pytest.mark.gpu

@@ -61,6 +61,10 @@ def _hf(kind, impl):
                                             v_head_dim=16, q_lora_rank=24, n_routed_experts=8, n_shared_experts=1,
                                             num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1)
         cls = transformers.DeepseekV3ForCausalLM
+    elif kind == "qwen2_moe":  # a shared expert of twice the experts' size, behind a sigmoid gate
+        cfg = transformers.Qwen2MoeConfig(**HF_COMMON, shared_expert_intermediate_size=64, num_experts=8,
+                                          num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
+        cls = transformers.Qwen2MoeForCausalLM
     else:
         cfg = transformers.MixtralConfig(**HF_COMMON, num_local_experts=8, num_experts_per_tok=2)
         cls = transformers.MixtralForCausalLM
@@ -68,7 +72,7 @@ def _hf(kind, impl):
     return cls(cfg).eval()
 
 
-@pytest.mark.parametrize("kind", ["deepseek_v2", "deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("kind", ["deepseek_v2", "deepseek_v3", "mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_hf_moe_models_are_recognized(kind, impl):
     model = _hf(kind, impl)
@@ -84,9 +88,12 @@ def test_hf_moe_models_are_recognized(kind, impl):
     routing = {"deepseek_v2": "kernel: softmax, top-2",  # HF's V2 router multiplies by a scale of 1.0
                "deepseek_v3": "kernel: sigmoid, score-correction bias, best 1 of 2 groups by top2_sum (others -> "
                               "-inf), top-2, renormalized, x 2.5",
-               "mixtral": "kernel: softmax, top-2, renormalized"}[kind]
+               "mixtral": "kernel: softmax, top-2, renormalized", "qwen2_moe": "kernel: softmax, top-2"}[kind]
+    shared = {"mixtral": None, "qwen2_moe": "fused: 2 always-chosen experts of 32, weighted per token by sigmoid"}
     for m in moes:
-        assert m.params.get("shared_experts") == (None if kind == "mixtral" else "fused: 1 always-chosen experts of 32")
+        want = shared.get(kind, "fused: 1 always-chosen experts of 32")
+        assert (m.params.get("shared_experts") or "").startswith(want or "") and (want or m.params.get(
+            "shared_experts") is None), m.params
     for m in moes:  # bf16 on the CPU runs the reference ops (the interpreter's bf16 dots are wrong)
         assert m.params["routing"] == (routing if m.impl != "reference" else "aten (reference kernels)"), m.params
 
@@ -111,7 +118,7 @@ def _bf16_against_float64(model, kind, ids):
 
 
 @pytest.mark.parametrize("kind,dtype", [("deepseek_v2", "float32"), ("deepseek_v3", "float32"),
-                                        ("mixtral", "float32"), ("deepseek_v2", "bfloat16")])
+                                        ("mixtral", "float32"), ("qwen2_moe", "float32"), ("deepseek_v2", "bfloat16")])
 def test_hf_eager_experts_loop_is_fused_through_the_canonical_form(kind, dtype):
     """transformers' default experts implementation, a per-expert Python loop Dynamo breaks the graph in: while
     deepfuse compiles, the module runs transformers' own traceable form of the same function (batched_mm in
@@ -158,9 +165,10 @@ class ReluExperts(torch.nn.Module):
 class SharedMLP(torch.nn.Module):
     """Routed experts plus a shared MLP whose activation or size the fused launch cannot take."""
 
-    def __init__(self, act=F.silu, shared_inter=16, routed_input_scale=1.0):
+    def __init__(self, act=F.silu, shared_inter=16, routed_input_scale=1.0, gate=None):
         super().__init__()
-        self.act, self.scale = act, routed_input_scale
+        self.act, self.scale, self.gate_kind = act, routed_input_scale, gate
+        self.shared_gate = torch.nn.Linear(32, 32 if gate == "per_channel" else 1, bias=False)
         self.router = torch.nn.Linear(32, 4, bias=False)
         self.w1 = torch.nn.Parameter(torch.randn(4, 32, 32) / 32 ** 0.5)  # gate+up: I = 16
         self.w2 = torch.nn.Parameter(torch.randn(4, 32, 16) / 4)
@@ -172,7 +180,12 @@ class SharedMLP(torch.nn.Module):
         x = h * self.scale if self.scale != 1.0 else h  # the routed experts' input; the shared MLP reads h
         weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
         routed = gathered_experts(x, ids, weights, self.w1, self.w2, F.silu)
-        return routed + self.down(self.act(self.gate(h)) * self.up(h))
+        shared = self.down(self.act(self.gate(h)) * self.up(h))
+        if self.gate_kind in ("sigmoid", "per_channel"):  # Qwen-MoE's gate, or one factor per channel
+            shared = torch.sigmoid(self.shared_gate(h)) * shared
+        elif self.gate_kind == "of_itself":  # a factor computed from the shared output: not a gate of the input
+            shared = shared * torch.sigmoid(shared.sum(-1, keepdim=True))
+        return routed + shared
 
 
 @pytest.mark.parametrize("variant,want", [
@@ -182,6 +195,10 @@ class SharedMLP(torch.nn.Module):
     ({"act": F.relu}, "with Inductor (the value added to the experts is not a gated MLP with the experts' activation"),
     ({"shared_inter": 24}, "with Inductor (the shared intermediate size 24 is not a multiple of the experts' 16)"),
     ({"routed_input_scale": 2.0}, "with Inductor (the shared MLP reads other hidden states than the routed experts"),
+    ({"gate": "sigmoid"}, "fused: 1 always-chosen experts of 16, weighted per token by sigmoid (a gated shared MLP)"),
+    ({"gate": "sigmoid", "shared_inter": 48}, "fused: 3 always-chosen experts of 16, weighted per token by"),
+    ({"gate": "per_channel"}, "with Inductor (the value added to the experts holds 4 matmuls"),
+    ({"gate": "of_itself"}, "with Inductor (the value added to the experts is not a gated MLP"),
 ])
 def test_shared_experts_fused_only_when_checked(variant, want):
     variant = dict(variant)

@@ -150,16 +150,17 @@ def moe_gate_up_act_kernel(
 
 @triton.jit
 def moe_down_weighted_kernel(
-    H, W, SharedDown, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights,
+    H, W, SharedDown, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights, SharedScale,
     stride_hm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
-    TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr,
+    TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
     straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
     TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
-    experts, weight 1 (no ones concatenated in front of the launch)."""
+    experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
+    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate)."""
     if N_FASTEST:
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -188,7 +189,11 @@ def moe_down_weighted_kernel(
     token = (slot // TOP_K).to(tl.int64)
     choice = slot % TOP_K
     weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
-    weight = tl.where(valid, weight.to(tl.float32), 0.0)
+    weight = weight.to(tl.float32)
+    if SHARED_SCALED:
+        scale = tl.load(SharedScale + token, mask=valid & (choice >= ROUTED_K), other=1.0)
+        weight = tl.where(choice < ROUTED_K, weight, scale.to(tl.float32))
+    weight = tl.where(valid, weight, 0.0)
     if ATOMIC:
         tl.atomic_add(Out + token[:, None] * stride_om + offs_n[None, :], acc * weight[:, None],
                       mask=valid[:, None] & n_ok)
@@ -406,15 +411,18 @@ def moe_experts(
     origin: str = "",
     deterministic: bool = True,
     shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    shared_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """x [T, H], topk_ids/topk_weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H] in x.dtype.
     ``deterministic``: the k contributions of a token are summed in a fixed order (True), or atomically
     added into an fp32 buffer by the down kernel (False: no per-slot buffer or sum pass; order not fixed).
     ``shared``: a shared MLP's (gate [S*I, H], up [S*I, H], down [H, S*I]) weights, added to every token's
     output: S more experts every token is routed to with weight 1, in the same launches.
+    ``shared_scale``: [T] or [T, 1], the shared MLP's output multiplied by it per token instead (a gated shared
+    expert, as Qwen-MoE's sigmoid(x . w_gate)).
 
     Traceable: under make_fx the launches become Inductor's user-defined-Triton-kernel nodes."""
-    _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared)
+    _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale)
     t, hidden = x.shape
     routed, two_i, _ = w_gate_up.shape
     inter = two_i // 2
@@ -436,6 +444,9 @@ def moe_experts(
     w_down = w_down if w_down.stride(-1) == 1 else w_down.contiguous()
     routed_k = topk_ids.shape[1]
     weights = topk_weights.reshape(-1)  # read in its own dtype by the down kernel
+    if shared_scale is not None:
+        shared_scale = shared_scale.reshape(-1)
+        shared_scale = shared_scale if shared_scale.stride(0) == 1 else shared_scale.contiguous()
     # The fused align is one program walking the slots: a few microseconds at decode sizes, where the ~10
     # launches of the torch form dominate, but serial; beyond that the torch form (parallel kernels) wins.
     if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
@@ -470,9 +481,11 @@ def moe_experts(
         out = torch.zeros((t, hidden), dtype=torch.float32, device=x.device)
     down[grid(triton.cdiv(hidden, bn_down))](
         inter_out, w_down, shared_down, out, sorted_slots, block_expert, num_padded, weights,
+        weights if shared_scale is None else shared_scale,
         inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), shared_down.stride(0),
         out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k, ATOMIC=not deterministic,
-        BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest, **launch_opts,
+        SHARED_SCALED=shared_scale is not None, BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest,
+        **launch_opts,
     )
     if not deterministic:
         return out.to(x.dtype)
@@ -480,7 +493,7 @@ def moe_experts(
     return out.view(t, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
-def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None):
+def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_scale=None):
     if x.dim() != 2:
         raise ValueError(f"moe: x must be [tokens, hidden], got {tuple(x.shape)}")
     if x.dtype not in TRITON_DTYPES or w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
@@ -501,11 +514,20 @@ def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None):
                              f"{tuple(down.shape)} are not gate/up [S*I, H] and down [H, S*I] for I={two_i // 2}")
         if any(w.dtype != x.dtype for w in shared):
             raise TypeError("moe: shared expert weights must share x's dtype")
+    if shared_scale is not None:
+        if shared is None:
+            raise ValueError("moe: a shared_scale without shared expert weights")
+        if shared_scale.numel() != x.shape[0] or shared_scale.dim() not in (1, 2) or shared_scale.shape[0] != x.shape[0]:
+            raise ValueError(f"moe: shared_scale must be [tokens] or [tokens, 1], got {tuple(shared_scale.shape)} for "
+                             f"{x.shape[0]} tokens")
+        if shared_scale.dtype not in TRITON_DTYPES:
+            raise TypeError(f"moe: shared_scale in {shared_scale.dtype}: fp16, bf16 or fp32")
 
 
-def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu", shared=None) -> torch.Tensor:
+def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu", shared=None,
+              shared_scale=None) -> torch.Tensor:
     """Plain torch, one expert at a time, as the models write it (fp32 accumulation of the k slots), plus the
-    shared MLP (gate, up, down weights) if given."""
+    shared MLP (gate, up, down weights) if given, times ``shared_scale`` per token if given."""
     t, hidden = x.shape
     act = TORCH_ACTIVATIONS[activation]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -519,6 +541,7 @@ def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "s
         out.index_add_(0, token, y.to(acc) * topk_weights[token, slot, None].to(acc))
     if shared is not None:
         gate, up, down = (w.to(x.dtype) for w in shared)
-        out += torch.nn.functional.linear(act(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up),
-                                          down).to(acc)
+        y = torch.nn.functional.linear(act(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up),
+                                       down).to(acc)
+        out += y if shared_scale is None else y * shared_scale.reshape(-1, 1).to(acc)
     return out.to(x.dtype)
