@@ -765,7 +765,7 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
     size = value(w).numel() * value(w).element_size()
     if size > routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES:
         return (f"the router weight ({size >> 10} KiB) is past the {routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES >> 10} "
-                "KiB the fused router matmul has been timed at (every token reads all of it)")
+                "KiB up to which the fused router matmul is tried (every token reads all of it)")
     x = logits.args[0]
     if is_plain_cast(x) and len(x.users) == 1 and value(x.args[0]) is not None \
             and value(x.args[0]).dtype in TRITON_DTYPES:

@@ -126,7 +126,7 @@ def test_pass_fuses_a_router_only_once_checked(variant, reason):
     ({"fp32_router": True}, 6, "in deepfuse's router kernels"),  # both casts read through: the kernels cast in registers
     ({}, 65, "past the 64"),
     ({"return_logits": True}, 6, "read outside the router"),
-    ({"e": 16, "h": 8200}, 2, "KiB the fused router matmul has been timed at"),  # a 525 KB fp32 router weight
+    ({"e": 256, "h": 4100}, 2, "KiB up to which the fused router matmul is tried"),  # a 4100 KiB fp32 router weight
 ])
 def test_router_matmul_runs_in_the_routing_kernel_at_decode_sizes(variant, tokens, where):
     """At a few tokens the logits' matmul joins the routing kernel, its operands read as stored (a half weight
@@ -161,6 +161,23 @@ def test_interpreted_router_matmul_equals_float64():
         assert rows.sum() >= 4
         assert routing.same_routing(tuple(v[rows] for v in got), tuple(v[rows] for v in want),
                                     1e-5 if mm_dtype == torch.float32 else 2e-3), (x_dtype, mm_dtype)
+
+
+def test_interpreted_router_matmul_of_many_experts_and_splits():
+    """V3's router (256 experts in 8 groups, sigmoid, bias) at a hidden size of 1000: 16 splits (the routing
+    kernel's cap on splits x experts) of two 256 x 32 weight tiles each, the last split ragged."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    spec, e = MODEL_SPECS[1]
+    x = torch.randn(5, 1000, generator=gen).half()
+    w = (torch.randn(e, 1000, generator=gen) / 1000 ** 0.5).half()
+    bias = torch.randn(e, generator=gen) * 0.1
+    logits = torch.nn.functional.linear(x.float(), w.float())
+    want = routing.reference(logits.double(), bias.double(), spec)
+    got = routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32, interpret=True)
+    choice = (logits.double().sigmoid() + bias.double()).sort(dim=-1, descending=True).values
+    rows = choice[:, spec.top_k - 1] - choice[:, spec.top_k] > 1e-5  # the k-th choice clear of the next
+    assert rows.sum() >= 2
+    assert routing.same_routing(tuple(v[rows] for v in got), tuple(v[rows] for v in want), 1e-5)
 
 
 def test_a_router_scale_held_in_a_buffer_is_not_baked_in():

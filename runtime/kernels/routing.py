@@ -31,13 +31,15 @@ MAX_EXPERTS = 1024
 # both forms on the GPU at compile time and keeps the faster; the limit itself comes from that reasoning, not
 # from a measurement.
 ROUTER_MATMUL_MAX_TOKENS = 64
-# And only for a router weight of the size that timing has run at: V2-Lite's 64 x 2048 bf16 is 256 KiB. V3's
-# 256 x 7168 (3.5 MiB) is read once per token too: at 64 tokens 224 MiB of L2 traffic, where a GEMM reads it once.
-ROUTER_MATMUL_MAX_WEIGHT_BYTES = 512 << 10
+# And for a router weight up to V3's 256 x 7168 bf16 (3.5 MiB; V2-Lite's 64 x 2048 is 256 KiB): every token reads
+# it all, at 64 tokens 224 MiB of L2 traffic where a GEMM reads it once, so the compile-time timing decides.
+ROUTER_MATMUL_MAX_WEIGHT_BYTES = 4 << 20
 # The router matmul's split over the hidden size: programs per token, each reading a [E, BLOCK_K] weight tile
 # per step. One program streaming all of V2-Lite's 256 KiB took 15.5 us per layer at 32 tokens (H200, in the
-# decode step), more than cuBLAS's two launches.
+# decode step), more than cuBLAS's two launches. The routing kernel then holds splits x experts partial sums:
+# at most ROUTER_SUM_VALUES of them (V2-Lite 16 x 64, V3 16 x 256).
 ROUTER_MAX_SPLITS = 64
+ROUTER_SUM_VALUES = 4096
 SCORINGS = ("softmax", "sigmoid", "none")
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -268,11 +270,12 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
     if not interpret:
         partial = torch.library.wrap_triton(partial)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    # A [E_POW2, BLOCK_K] weight tile of at most 8192 values per step, and as many splits as tiles (at most
-    # ROUTER_MAX_SPLITS): V2-Lite's router is 16 programs per token of one 64 x 128 tile each.
+    # A [E_POW2, BLOCK_K] weight tile of at most 8192 values per step, and as many splits as tiles within the
+    # limits: V2-Lite's router is 16 programs per token of one 64 x 128 tile each, V3's 16 of 14 256 x 32 tiles.
     e_pow2 = triton.next_power_of_2(e)
     block_k = max(16, min(128, 8192 // e_pow2, triton.next_power_of_2(max(k, 1))))
-    per_split = triton.cdiv(triton.cdiv(k, min(ROUTER_MAX_SPLITS, triton.cdiv(k, block_k) or 1)), block_k) * block_k
+    max_splits = max(1, min(ROUTER_MAX_SPLITS, ROUTER_SUM_VALUES // e_pow2, triton.cdiv(k, block_k)))
+    per_split = triton.cdiv(triton.cdiv(k, max_splits), block_k) * block_k
     splits = max(1, triton.cdiv(k, per_split))
     partials = torch.empty((t, splits, e), dtype=torch.float32, device=x.device)
     if t:
