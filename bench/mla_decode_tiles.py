@@ -6,13 +6,13 @@ runtime/kernels/mla.py (DECODE_CONFIG and the split count); prints a table, writ
 """
 import argparse
 import itertools
-import json
-import os
 
 import torch
 
 from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import mla
+
+from sweep_out import write_rows  # bench/, the scripts' own directory
 
 H, DN, R, DV, C = 16, 128, 64, 128, 512
 
@@ -59,10 +59,7 @@ def main():
         best = min((r for r in rows if r["batch"] == b), key=lambda r: r["us"])
         print(f"best b{b}: {best['config']} {best['us']:.2f} us, floor {floor_us:.2f} us")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "mla_decode_tiles.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "commit": os.environ.get("DEEPFUSE_COMMIT", "?"), "rows": rows}, f, indent=1)
+        write_rows(args.out, "mla_decode_tiles", rows)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ kernel and in its torch form, each replayed as a CUDA graph. It chooses ``ALIGN_
 """
 import argparse
 import itertools
-import json
-import os
 
 import torch
 
 from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import moe
+
+from sweep_out import write_rows  # bench/, the scripts' own directory
 
 
 def main():
@@ -44,10 +44,7 @@ def main():
         best = min((r for r in rows if r["tokens"] == t), key=lambda r: r["us"])
         print(f"best T={t}: {best['form']} {best['us']:.2f} us")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "moe_align.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "commit": os.environ.get("DEEPFUSE_COMMIT", "?"), "rows": rows}, f, indent=1)
+        write_rows(args.out, "moe_align", rows)
 
 
 if __name__ == "__main__":

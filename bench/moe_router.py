@@ -7,13 +7,13 @@ size, summed in the routing kernel), each replayed as a CUDA graph over router-w
     python3 bench/moe_router.py --out DIR [--tokens 1,8,32,64]
 """
 import argparse
-import json
-import os
 
 import torch
 
 from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import routing
+
+from sweep_out import write_rows  # bench/, the scripts' own directory
 
 ROUTERS = {  # name: (spec, experts, hidden)
     "v2-lite": (routing.RoutingSpec(6, scale=1.0), 64, 2048),
@@ -45,10 +45,7 @@ def main():
             print(f"{name:<8} T={t:<3} graph {us['graph']:7.2f} us  fused {us['fused']:7.2f} us  "
                   f"({len(ws)} weight copies)", flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "moe_router.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "commit": os.environ.get("DEEPFUSE_COMMIT", "?"), "rows": rows}, f, indent=1)
+        write_rows(args.out, "moe_router", rows)
 
 
 if __name__ == "__main__":
