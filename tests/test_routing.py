@@ -164,12 +164,12 @@ def test_interpreted_router_matmul_equals_float64():
 
 
 def test_interpreted_router_matmul_of_many_experts_and_splits():
-    """V3's router (256 experts in 8 groups, sigmoid, bias) at a hidden size of 1000: 16 splits (the routing
-    kernel's cap on splits x experts) of two 256 x 32 weight tiles each, the last split ragged."""
+    """V3's router (256 experts in 8 groups, sigmoid, bias) at a hidden size of 2100: 17 splits x 4 expert blocks
+    of one 64 x 128 weight tile each, the last split ragged, summed by the routing kernel 16 splits at a time."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     spec, e = MODEL_SPECS[1]
-    x = torch.randn(5, 1000, generator=gen).half()
-    w = (torch.randn(e, 1000, generator=gen) / 1000 ** 0.5).half()
+    x = torch.randn(5, 2100, generator=gen).half()
+    w = (torch.randn(e, 2100, generator=gen) / 2100 ** 0.5).half()
     bias = torch.randn(e, generator=gen) * 0.1
     logits = torch.nn.functional.linear(x.float(), w.float())
     want = routing.reference(logits.double(), bias.double(), spec)

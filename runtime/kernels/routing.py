@@ -36,8 +36,8 @@ ROUTER_MATMUL_MAX_TOKENS = 64
 ROUTER_MATMUL_MAX_WEIGHT_BYTES = 4 << 20
 # The router matmul's split over the hidden size: programs per token, each reading a [E, BLOCK_K] weight tile
 # per step. One program streaming all of V2-Lite's 256 KiB took 15.5 us per layer at 32 tokens (H200, in the
-# decode step), more than cuBLAS's two launches. The routing kernel then holds splits x experts partial sums:
-# at most ROUTER_SUM_VALUES of them (V2-Lite 16 x 64, V3 16 x 256).
+# decode step), more than cuBLAS's two launches. The routing kernel then adds the splits' partial sums up,
+# ROUTER_SUM_VALUES at a time (V2-Lite 16 splits x 64 experts at once, V3 16 x 256 per step).
 ROUTER_MAX_SPLITS = 64
 ROUTER_SUM_VALUES = 4096
 SCORINGS = ("softmax", "sigmoid", "none")
@@ -144,16 +144,17 @@ _ROUTER_PARTIAL_KERNEL = """
 @triton.jit
 def moe_router_partial_kernel(
     X, RouterWeight, Partials, stride_x, stride_we, stride_wk, HIDDEN, E, PER_SPLIT,
-    E_POW2: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    \"\"\"Partials[t, split, e] = sum over the split's PER_SPLIT hidden columns of x[t, k] * RouterWeight[e, k], in
-    fp32 of operands rounded to ${mm_dtype}: a decode token's router weight read is spread over the splits'
-    programs, and the routing kernel sums the splits in a fixed order.\"\"\"
+    \"\"\"Partials[t, split, e] = sum over the split's PER_SPLIT hidden columns of x[t, k] * RouterWeight[e, k] for
+    the BLOCK_E experts of program_id(2), in fp32 of operands rounded to ${mm_dtype}: a decode token's router
+    weight read is spread over splits x expert blocks programs, and the routing kernel sums the splits in a
+    fixed order.\"\"\"
     t = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    experts = tl.arange(0, E_POW2)
+    experts = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([E_POW2], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
     k_end = tl.minimum(split * PER_SPLIT + PER_SPLIT, HIDDEN)
     for k0 in range(split * PER_SPLIT, k_end, BLOCK_K):
         k_ok = k0 + offs_k < k_end
@@ -166,12 +167,17 @@ def moe_router_partial_kernel(
 
 # The routing, over the sum of the splits above.
 """
-# The routing kernel then takes the logits as the splits' sum, rounded to the matmul dtype as its output is.
+# The routing kernel then takes the logits as the splits' sum (SPLIT_CHUNK splits at a time, in order), rounded
+# to the matmul dtype as its output is.
 _SUM_PARTIALS = """\
-splits = tl.arange(0, SPLITS_POW2)
-partials = tl.load(Partials + t * stride_l + splits[:, None, None] * (GROUPS * PER_GROUP) + expert[None, :, :],
-                   mask=(splits[:, None, None] < NUM_SPLITS) & valid[None, :, :], other=0.0)
-logits = tl.where(valid, tl.sum(partials, axis=0).to(${mm_dtype}).to(tl.float32), float("-inf"))"""
+logits = tl.zeros([GROUPS_POW2, PER_GROUP_POW2], dtype=tl.float32)
+splits = tl.arange(0, SPLIT_CHUNK)
+for s0 in tl.static_range(0, NUM_SPLITS, SPLIT_CHUNK):
+    partials = tl.load(Partials + t * stride_l + (s0 + splits)[:, None, None] * (GROUPS * PER_GROUP)
+                       + expert[None, :, :], mask=(s0 + splits < NUM_SPLITS)[:, None, None] & valid[None, :, :],
+                       other=0.0)
+    logits += tl.sum(partials, axis=0)
+logits = tl.where(valid, logits.to(${mm_dtype}).to(tl.float32), float("-inf"))"""
 
 _SCORING = {
     "softmax": """\
@@ -223,7 +229,7 @@ def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torc
             if spec.groups > 1 else "",
             "normalize": "weights = weights / (tl.sum(weights, axis=0) + 1e-20)" if spec.renormalize else "",
             "logits_arg": "Partials" if router_matmul else "Logits",
-            "router_matmul_args": "NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr," if router_matmul else "",
+            "router_matmul_args": "NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr," if router_matmul else "",
             "logits": (_SUM_PARTIALS.replace("${mm_dtype}", TRITON_DTYPES[router_matmul]) if router_matmul
                        else _LOAD_LOGITS),
             "partial_kernel": (_ROUTER_PARTIAL_KERNEL.replace("${mm_dtype}", TRITON_DTYPES[router_matmul])
@@ -270,18 +276,20 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
     if not interpret:
         partial = torch.library.wrap_triton(partial)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    # A [E_POW2, BLOCK_K] weight tile of at most 8192 values per step, and as many splits as tiles within the
-    # limits: V2-Lite's router is 16 programs per token of one 64 x 128 tile each, V3's 16 of 14 256 x 32 tiles.
-    e_pow2 = triton.next_power_of_2(e)
-    block_k = max(16, min(128, 8192 // e_pow2, triton.next_power_of_2(max(k, 1))))
-    max_splits = max(1, min(ROUTER_MAX_SPLITS, ROUTER_SUM_VALUES // e_pow2, triton.cdiv(k, block_k)))
+    # One [BLOCK_E, BLOCK_K] weight tile of 8192 values per program and step: V2-Lite's router is 16 programs per
+    # token of one 64 x 128 tile each, V3's 56 splits x 4 expert blocks of one tile each.
+    block_e = min(64, triton.next_power_of_2(e))
+    block_k = max(16, min(8192 // block_e, triton.next_power_of_2(max(k, 1))))
+    max_splits = max(1, min(ROUTER_MAX_SPLITS, triton.cdiv(k, block_k)))
     per_split = triton.cdiv(triton.cdiv(k, max_splits), block_k) * block_k
     splits = max(1, triton.cdiv(k, per_split))
     partials = torch.empty((t, splits, e), dtype=torch.float32, device=x.device)
     if t:
-        partial[(t, splits)](x, router_weight, partials, x.stride(0), router_weight.stride(0), router_weight.stride(1),
-                             k, e, per_split, E_POW2=e_pow2, BLOCK_K=block_k)
-    matmul = {"NUM_SPLITS": splits, "SPLITS_POW2": triton.next_power_of_2(splits)}
+        partial[(t, splits, triton.cdiv(e, block_e))](
+            x, router_weight, partials, x.stride(0), router_weight.stride(0), router_weight.stride(1), k, e,
+            per_split, BLOCK_E=block_e, BLOCK_K=block_k)
+    chunk = min(triton.next_power_of_2(splits), max(1, ROUTER_SUM_VALUES // triton.next_power_of_2(e)))
+    matmul = {"NUM_SPLITS": splits, "SPLIT_CHUNK": chunk}
     return _launch(fn, partials, (splits * e,), matmul, t, e, bias, spec, out_dtype, interpret)
 
 
