@@ -101,6 +101,62 @@ def test_interpreted_gated_shared_experts(case, shared, deterministic):
            config=DECODE_CANDIDATES[0])
 
 
+def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="random", deterministic=True,
+               outliers=False, config=None):
+    """FP8 experts (weights quantized in 128 x 128 blocks, activations per row and 128-wide tile in the
+    kernels) against the same quantization written out in float64; and, as a bound on what quantization
+    costs, against the float weights."""
+    x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
+    if outliers:  # a few values 100x the rest, in the activations and in some weight blocks
+        x.view(-1)[:: 97] *= 100
+        wgu.view(-1)[:: 1013] *= 100
+        wd.view(-1)[:: 1009] *= 100
+    (q1, s1), (q2, s2) = moe.quantize_experts(wgu), moe.quantize_experts(wd)
+    out = moe.moe_experts(x, ids, weights, q1, q2, interpret=interpret, deterministic=deterministic,
+                          weight_scales=(s1, s2), config=config)
+    assert out.shape == (t, hidden) and out.dtype == dtype
+    if not t:
+        return
+    want = moe.reference_fp8(x, ids, weights, q1, q2, (s1, s2))
+    assert torch.isfinite(out).all()
+    assert rel_err(out, want) < {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    exact = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double())
+    assert rel_err(out, exact) < 0.15  # two e4m3 roundings of each operand pair: a few percent
+
+
+FP8_CASES = [  # (tokens, hidden, inter, experts, k)
+    (5, 256, 128, 4, 2),
+    (3, 200, 72, 5, 3),    # hidden and intermediate off the 128 blocks: ragged last scale blocks
+    (9, 128, 128, 8, 8),   # k = 8 = every expert
+    (0, 128, 128, 4, 2),   # no tokens
+]
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_fp8_experts_equal_their_float64_form(case, dtype):
+    _check_fp8(*case, dtype, "cpu", interpret=True)
+
+
+def test_interpreted_fp8_experts_edges():
+    """Outliers per block, every token's first choice one expert, the atomic combine, a decode tile."""
+    _check_fp8(6, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, outliers=True)
+    _check_fp8(7, 128, 128, 6, 2, torch.float16, "cpu", interpret=True, route="one_expert", deterministic=False)
+    _check_fp8(1, 256, 256, 8, 2, torch.float16, "cpu", interpret=True, config=DECODE_CANDIDATES[0])
+
+
+def test_fp8_experts_misuse_is_a_clear_error():
+    x, ids, weights, wgu, wd = _inputs(3, 128, 128, 4, 2, torch.float32, "cpu", "random")
+    (q1, s1), (q2, s2) = moe.quantize_experts(wgu), moe.quantize_experts(wd)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, weight_scales=(s1, s2))
+    with pytest.raises(ValueError, match="one per 128 x 128 block"):
+        moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s1))
+    with pytest.raises(ValueError, match="no shared experts"):
+        moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s2),
+                        shared=(torch.randn(128, 128), torch.randn(128, 128), torch.randn(128, 128)))
+
+
 def test_shared_scale_misuse_is_a_clear_error():
     x, ids, weights, wgu, wd = _inputs(3, 32, 16, 4, 2, torch.float32, "cpu", "random")
     sh = (torch.randn(16, 32), torch.randn(16, 32), torch.randn(32, 16))
@@ -201,6 +257,12 @@ def test_gpu_experts_with_shared_v2_lite_shape(t):
 @pytest.mark.parametrize("t", [1, 64])
 def test_gpu_experts_with_gated_shared_v2_lite_shape(t):
     _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, shared=2, gated=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 4096])
+def test_gpu_fp8_experts_v2_lite_shape(t):
+    _check_fp8(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, outliers=t == 64)
 
 
 @pytest.mark.gpu

@@ -24,6 +24,7 @@ import triton
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
 from deepfuse.runtime import autotune
+from deepfuse.runtime.kernels import quant as quant_kernels
 from deepfuse.runtime.kernels import routing
 
 
@@ -48,6 +49,7 @@ import triton
 import triton.language as tl
 
 
+${helpers}
 @triton.jit
 def moe_align_kernel(
     Ids, SortedSlots, BlockExpert, NumPadded,
@@ -110,6 +112,7 @@ def moe_gate_up_act_kernel(
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     N_FASTEST: tl.constexpr,
+    ${weight_scale_args}
 ):
     """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block."""
     if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
@@ -137,8 +140,7 @@ def moe_gate_up_act_kernel(
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
         u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
-        acc_gate = tl.dot(a, g, acc_gate)
-        acc_up = tl.dot(a, u, acc_up)
+        ${gate_up_product}
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
@@ -155,6 +157,7 @@ def moe_down_weighted_kernel(
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
+    ${weight_scale_args}
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
     straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
@@ -183,7 +186,7 @@ def moe_down_weighted_kernel(
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
-        acc = tl.dot(a, b, acc)
+        ${down_product}
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wk
     token = (slot // TOP_K).to(tl.int64)
@@ -226,6 +229,52 @@ b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + o
 }
 
 
+# The K-loop product, by the experts' weight format. FP8 (e4m3 weights with fp32 scales per 128 x 128 block,
+# DeepSeek-V3's recipe): the activation tile (BLOCK_K = 128 wide) is quantized per row in registers, the FP8
+# dot accumulates in fp32 and both scales multiply its result, one weight scale per output column's block.
+_PRODUCTS = {
+    "float": {"gate_up": "acc_gate = tl.dot(a, g, acc_gate)\nacc_up = tl.dot(a, u, acc_up)",
+              "down": "acc = tl.dot(a, b, acc)"},
+    "fp8-block": {
+        "gate_up": """\
+aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
+g_scale = tl.load(gs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+u_scale = tl.load(us_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+acc_gate += tl.dot(aq, g) * (a_scale[:, None] * g_scale[None, :])
+acc_up += tl.dot(aq, u) * (a_scale[:, None] * u_scale[None, :])""",
+        "down": """\
+aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
+b_scale = tl.load(bs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+acc += tl.dot(aq, b) * (a_scale[:, None] * b_scale[None, :])""",
+    },
+}
+_SCALE_POINTERS = {  # the weight scales of this program's output columns: [E, rows / 128, K / 128]
+    "gate_up": """\
+gs_ptrs = WScale + expert * stride_sse + (offs_n // 128) * stride_ssn
+us_ptrs = WScale + expert * stride_sse + ((N + offs_n) // 128) * stride_ssn""",
+    "down": "bs_ptrs = WScale + expert * stride_sse + (offs_n // 128) * stride_ssn",
+}
+_FP8_HELPERS = f"""\
+{quant_kernels.ROUND_TO_E4M3}
+
+@triton.jit
+def quantize_rows_e4m3(a, EXACT_FP8_ROUNDING: tl.constexpr):
+    \"\"\"A [rows, 128] tile as FP8 values and one fp32 scale per row, s = max|a| / {quant_kernels.FP8_MAX!r}
+    (DeepSeek-V3's 1 x 128 activation tiles).\"\"\"
+    af = a.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(af), axis=1), {quant_kernels.AMAX_FLOOR!r}) / {quant_kernels.FP8_MAX!r}
+    q = af / scale[:, None]
+    if EXACT_FP8_ROUNDING:
+        q = round_to_e4m3(q)
+    return q.to(tl.float8e4nv), scale
+
+
+# The experts' kernels.
+"""
+WEIGHT_FORMATS = tuple(_PRODUCTS)
+FP8_BLOCK = 128  # the weight scale block (both dims) and the activation tile: BLOCK_K is 128 for FP8 weights
+
+
 def _pointers(kind: str, shared: bool) -> str:
     if not shared:
         return _ROUTED_POINTERS[kind]
@@ -236,22 +285,36 @@ def _pointers(kind: str, shared: bool) -> str:
 _generated = memo()
 
 
-def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: bool = False):
+def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: bool = False,
+                weight_format: str = "float"):
     if activation not in ACTIVATIONS:
         raise ValueError(f"moe: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    key = (str(cache_dir()), dtype, activation, shared)
+    if weight_format not in _PRODUCTS or (shared and weight_format != "float"):
+        raise ValueError(f"moe: expert weight format {weight_format!r}{' with shared experts' if shared else ''} "
+                         f"is not supported (formats: {', '.join(WEIGHT_FORMATS)}; shared experts in float only)")
+    key = (str(cache_dir()), dtype, activation, shared, weight_format)
     if key not in _generated:
-        spec = {"dtype": str(dtype), "activation": activation, **({"shared_experts": True} if shared else {})}
+        fp8 = weight_format == "fp8-block"
+        spec = {"dtype": str(dtype), "activation": activation, **({"shared_experts": True} if shared else {}),
+                **({"weight_format": weight_format} if fp8 else {})}
         header = (
             "Pattern family: moe (routed experts" + (" and shared experts" if shared else "") + ").\n"
             f"Computes: out = sum_j w_j * down_e(act(gate_e(x)) * up_e(x)) with act = {activation}, over tokens\n"
             "sorted into block-aligned per-expert segments; gate and up share the A tile, the routing weight\n"
             "scales the fp32 accumulator of the down projection.\n"
-            + ("The shared MLP runs as always-chosen experts (weight 1) in the same launches.\n" if shared else "")
+            + ("The shared MLP runs as always-chosen experts (weight 1, or the token's gate factor) in the same "
+               "launches.\n" if shared else "")
+            + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block); activations quantized per row and\n"
+               "128-wide K tile in the K loop, FP8 dots accumulated in fp32 with both scales applied.\n" if fp8 else "")
             + (f"First generated for: {origin}" if origin else "")
         )
         slots = {"activation": ACTIVATIONS[activation], "dtype": TRITON_DTYPES[dtype],
-                 "gate_up_pointers": _pointers("gate_up", shared), "down_pointers": _pointers("down", shared)}
+                 "gate_up_pointers": _pointers("gate_up", shared) + ("\n" + _SCALE_POINTERS["gate_up"] if fp8 else ""),
+                 "down_pointers": _pointers("down", shared) + ("\n" + _SCALE_POINTERS["down"] if fp8 else ""),
+                 "gate_up_product": _PRODUCTS[weight_format]["gate_up"], "down_product": _PRODUCTS[weight_format]["down"],
+                 "weight_scale_args": ("WScale, stride_sse, stride_ssn, stride_ssk, EXACT_FP8_ROUNDING: tl.constexpr,"
+                                       if fp8 else ""),
+                 "helpers": _FP8_HELPERS if fp8 else ""}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
 
@@ -412,6 +475,7 @@ def moe_experts(
     deterministic: bool = True,
     shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     shared_scale: Optional[torch.Tensor] = None,
+    weight_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """x [T, H], topk_ids/topk_weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H] in x.dtype.
     ``deterministic``: the k contributions of a token are summed in a fixed order (True), or atomically
@@ -420,9 +484,13 @@ def moe_experts(
     output: S more experts every token is routed to with weight 1, in the same launches.
     ``shared_scale``: [T] or [T, 1], the shared MLP's output multiplied by it per token instead (a gated shared
     expert, as Qwen-MoE's sigmoid(x . w_gate)).
+    ``weight_scales``: the experts' weights are FP8 (float8_e4m3fn, from ``quantize_experts``) and these their
+    fp32 scales per 128 x 128 block, [E, 2I/128, H/128] and [E, H/128, I/128] (rounded up); activations are
+    quantized per row and 128-wide K tile inside the K loops. No shared experts with them.
 
     Traceable: under make_fx the launches become Inductor's user-defined-Triton-kernel nodes."""
-    _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale)
+    _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale, weight_scales)
+    fp8 = weight_scales is not None
     t, hidden = x.shape
     routed, two_i, _ = w_gate_up.shape
     inter = two_i // 2
@@ -436,6 +504,8 @@ def moe_experts(
     k = topk_ids.shape[1] + n_shared  # slots per token
     num_slots = t * k
     cfg = dict(config or config_for(num_slots, num_experts))
+    if fp8:  # the activation tile is the quantization group
+        cfg["BLOCK_K"] = FP8_BLOCK
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
     launch_opts = {} if interpret else cfg
@@ -458,9 +528,17 @@ def moe_experts(
         sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
     capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
-    gen = kernels_for(x.dtype, activation, origin, shared=shared is not None)
+    gen = kernels_for(x.dtype, activation, origin, shared=shared is not None,
+                      weight_format="fp8-block" if fp8 else "float")
     if shared is None:  # never read: the kernels take these pointers only for shared experts
         shared_gate = shared_up = shared_down = w_down
+
+    def scale_args(i):  # the FP8 kernels' weight-scale arguments
+        if not fp8:
+            return {}
+        ws = weight_scales[i]
+        return {"WScale": ws, "stride_sse": ws.stride(0), "stride_ssn": ws.stride(1), "stride_ssk": ws.stride(2),
+                "EXACT_FP8_ROUNDING": interpret}
     gate_up = gen.function("moe_gate_up_act_kernel", interpret=interpret)
     down = gen.function("moe_down_weighted_kernel", interpret=interpret)
     if not interpret:
@@ -473,7 +551,7 @@ def moe_experts(
         x, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), shared_gate.stride(0),
         inter_out.stride(0), num_slots, routed, N=inter, K=hidden,
-        TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, **launch_opts,
+        TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, **scale_args(0), **launch_opts,
     )
     if deterministic:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
@@ -485,7 +563,7 @@ def moe_experts(
         inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), shared_down.stride(0),
         out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k, ATOMIC=not deterministic,
         SHARED_SCALED=shared_scale is not None, BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest,
-        **launch_opts,
+        **scale_args(1), **launch_opts,
     )
     if not deterministic:
         return out.to(x.dtype)
@@ -493,13 +571,23 @@ def moe_experts(
     return out.view(t, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
-def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_scale=None):
+def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_scale=None, weight_scales=None):
     if x.dim() != 2:
         raise ValueError(f"moe: x must be [tokens, hidden], got {tuple(x.shape)}")
-    if x.dtype not in TRITON_DTYPES or w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
-        raise TypeError(f"moe: x and expert weights must share a float dtype (x {x.dtype}, "
-                        f"gate_up {w_gate_up.dtype}, down {w_down.dtype})")
+    w_dtype, w_what = ((torch.float8_e4m3fn, "float8_e4m3fn (FP8 experts)") if weight_scales is not None
+                       else (x.dtype, "in x's float dtype"))
+    if x.dtype not in TRITON_DTYPES or w_gate_up.dtype != w_dtype or w_down.dtype != w_dtype:
+        raise TypeError(f"moe: expert weights must be {w_what} (x {x.dtype}, gate_up {w_gate_up.dtype}, "
+                        f"down {w_down.dtype})")
     e, two_i, h = w_gate_up.shape
+    if weight_scales is not None:
+        if shared is not None:
+            raise ValueError("moe: FP8 experts take no shared experts in their launches")
+        want = ((e, -(-two_i // FP8_BLOCK), -(-h // FP8_BLOCK)), (e, -(-h // FP8_BLOCK), -(-(two_i // 2) // FP8_BLOCK)))
+        got = tuple(tuple(s.shape) for s in weight_scales)
+        if got != want or any(s.dtype != torch.float32 for s in weight_scales):
+            raise ValueError(f"moe: FP8 weight scales must be fp32 {want[0]} and {want[1]} (one per 128 x 128 "
+                             f"block), got {got}")
     if h != x.shape[1] or two_i % 2 or tuple(w_down.shape) != (e, h, two_i // 2):
         raise ValueError(f"moe: expert weight shapes {tuple(w_gate_up.shape)} / {tuple(w_down.shape)} do not fit "
                          f"hidden size {x.shape[1]}")
@@ -522,6 +610,36 @@ def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_sca
                              f"{x.shape[0]} tokens")
         if shared_scale.dtype not in TRITON_DTYPES:
             raise TypeError(f"moe: shared_scale in {shared_scale.dtype}: fp16, bf16 or fp32")
+
+
+def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked expert weights [E, N, K] -> (float8_e4m3fn [E, N, K], fp32 scales [E, N/128, K/128] rounded up):
+    each expert's matrix in 128 x 128 blocks, as ``quant.quantize_weight`` does a linear's."""
+    parts = [quant_kernels.quantize_weight(w[e], "fp8-block", (FP8_BLOCK, FP8_BLOCK)) for e in range(w.shape[0])]
+    return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
+
+
+def reference_fp8(x, topk_ids, topk_weights, w_gate_up, w_down, weight_scales, activation: str = "silu",
+                  compute: torch.dtype = torch.float64) -> torch.Tensor:
+    """The FP8 experts written out in ``compute``: both projections' inputs quantized per row and 128-wide tile
+    (the intermediate first rounded to x's dtype, as the kernels store it), weights dequantized, then the
+    routed experts as ``reference`` sums them."""
+    act = TORCH_ACTIVATIONS[activation]
+    dq = lambda w, s: torch.stack([quant_kernels.dequantize_weight(w[e], s[e], "fp8-block", (FP8_BLOCK, FP8_BLOCK),  # noqa: E731
+                                                                   compute) for e in range(w.shape[0])])
+    fake_quant = lambda v: quant_kernels.dequantize_activation(  # noqa: E731
+        *quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK, compute)
+    w1, w2 = dq(w_gate_up, weight_scales[0]), dq(w_down, weight_scales[1])
+    xq = fake_quant(x)
+    out = torch.zeros(x.shape, dtype=compute, device=x.device)
+    for e in range(w1.shape[0]):
+        token, slot = torch.where(topk_ids == e)
+        if token.numel() == 0:
+            continue
+        gate, up = (xq[token] @ w1[e].t()).chunk(2, dim=-1)
+        h = fake_quant((act(gate) * up).to(x.dtype))
+        out.index_add_(0, token, (h @ w2[e].t()) * topk_weights[token, slot, None].to(compute))
+    return out.to(x.dtype)
 
 
 def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu", shared=None,

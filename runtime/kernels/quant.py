@@ -37,6 +37,18 @@ INT8_MAX = 127.0
 AMAX_FLOOR = 1e-12
 DEFAULT_BLOCK = (128, 128)
 
+# The interpreter's fp32 -> fp8 cast is off; kernels that quantize in registers round through this first (the MoE
+# experts' FP8 kernels take it too).
+ROUND_TO_E4M3 = '''\
+@triton.jit
+def round_to_e4m3(v):
+    \"\"\"v rounded (to nearest even) onto the float8_e4m3fn grid, in fp32. Only the interpreter needs it: its
+    fp32 -> fp8 cast rounds half up and drops the carry into the exponent (124.3 becomes 64, not 128).\"\"\"
+    ulp = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.abs(v) + 1e-30)), -6.0) - 3.0)
+    magic = ulp * 12582912.0  # 1.5 * 2**23 ulps: adding and subtracting it rounds to a multiple of ulp
+    return (v + magic) - magic
+'''
+
 TEMPLATE = KernelTemplate(
     "quant_matmul",
     '''
@@ -44,13 +56,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def round_to_e4m3(v):
-    """v rounded (to nearest even) onto the float8_e4m3fn grid, in fp32. Only the interpreter needs it: its
-    fp32 -> fp8 cast rounds half up and drops the carry into the exponent (124.3 becomes 64, not 128)."""
-    ulp = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.abs(v) + 1e-30)), -6.0) - 3.0)
-    magic = ulp * 12582912.0  # 1.5 * 2**23 ulps: adding and subtracting it rounds to a multiple of ulp
-    return (v + magic) - magic
+${round_to_e4m3}
 
 
 @triton.jit
@@ -202,6 +208,7 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
             .replace("${scales}", _SCALES.replace("${x_scale}", "x_scale[:, None] * ")) \
             .replace("${w_scales}", _SCALES.replace("${x_scale}", ""))  # noqa: E731
         slots = {
+            "round_to_e4m3": ROUND_TO_E4M3,
             "kernel_name": name,
             "tile_product": fill(_PRODUCTS[mode]),
             "epilogue": _EPILOGUES.get(mode, "# the scales were applied per K tile"),
