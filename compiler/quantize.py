@@ -17,7 +17,8 @@ the graph reads nowhere else, is freed (resized to 0 bytes), so the process hold
 After that the model runs only through the compiled module: its eager forward would read freed weights.
 
 Not converted: weights used other than as a linear's weight (tied embeddings, say), non-float or non-2-D
-weights, and the routed experts' stacked weights (their FP8 grouped kernels are not built yet).
+weights, and the routed experts' stacked weights (the FP8 grouped kernels, ``moe.moe_experts`` with
+``weight_scales``, exist; no pass feeds them yet).
 """
 from __future__ import annotations
 
