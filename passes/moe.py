@@ -592,8 +592,8 @@ def _shared_experts(graph, out, inputs, params) -> Union[dict[str, Any], str, No
     mlp_out, scale = _gated(other, value(node))
     shared = ancestors([mlp_out], blocked=before_x) - before_x
     shared = {n for n in shared if n.op not in ("placeholder", "get_attr")}
-    if scale is not None and (scale in ancestors([mlp_out]) or ancestors([scale]) & shared):
-        mlp_out, scale = other, None  # not a factor of its own: the product is the shared value itself
+    if scale is not None and (scale in ancestors([mlp_out]) or ancestors([scale]) & (shared | {node})):
+        mlp_out, scale = other, None  # not a factor of the input's: the product is the shared value itself
         shared = {n for n in ancestors([other], blocked=before_x) - before_x if n.op not in ("placeholder", "get_attr")}
     mms = [n for n in shared if n.target in (aten.mm.default, aten.addmm.default)]
     if len(mms) != 3:
