@@ -102,7 +102,7 @@ def test_interpreted_gated_shared_experts(case, shared, deterministic):
 
 
 def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="random", deterministic=True,
-               outliers=False, config=None):
+               outliers=False, config=None, act_quant=True):
     """FP8 experts (weights quantized in 128 x 128 blocks, activations per row and 128-wide tile in the
     kernels) against the same quantization written out in float64; and, as a bound on what quantization
     costs, against the float weights."""
@@ -113,11 +113,11 @@ def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="ra
         wd.view(-1)[:: 1009] *= 100
     (q1, s1), (q2, s2) = moe.quantize_experts(wgu), moe.quantize_experts(wd)
     out = moe.moe_experts(x, ids, weights, q1, q2, interpret=interpret, deterministic=deterministic,
-                          weight_scales=(s1, s2), config=config)
+                          weight_scales=(s1, s2), config=config, act_quant=act_quant)
     assert out.shape == (t, hidden) and out.dtype == dtype
     if not t:
         return
-    want = moe.reference_fp8(x, ids, weights, q1, q2, (s1, s2))
+    want = moe.reference_fp8(x, ids, weights, q1, q2, (s1, s2), act_quant=act_quant)
     assert torch.isfinite(out).all()
     assert rel_err(out, want) < {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     exact = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double())
@@ -134,8 +134,9 @@ FP8_CASES = [  # (tokens, hidden, inter, experts, k)
 
 @pytest.mark.parametrize("case", FP8_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_interpreted_fp8_experts_equal_their_float64_form(case, dtype):
-    _check_fp8(*case, dtype, "cpu", interpret=True)
+@pytest.mark.parametrize("act_quant", [True, False], ids=["w8a8", "w8a16"])
+def test_interpreted_fp8_experts_equal_their_float64_form(case, dtype, act_quant):
+    _check_fp8(*case, dtype, "cpu", interpret=True, act_quant=act_quant)
 
 
 def test_interpreted_fp8_experts_edges():
@@ -143,6 +144,8 @@ def test_interpreted_fp8_experts_edges():
     _check_fp8(6, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, outliers=True)
     _check_fp8(7, 128, 128, 6, 2, torch.float16, "cpu", interpret=True, route="one_expert", deterministic=False)
     _check_fp8(1, 256, 256, 8, 2, torch.float16, "cpu", interpret=True, config=DECODE_CANDIDATES[0])
+    _check_fp8(6, 256, 128, 4, 2, torch.float16, "cpu", interpret=True, outliers=True, act_quant=False,
+               deterministic=False)
 
 
 def test_fp8_experts_misuse_is_a_clear_error():
@@ -261,8 +264,9 @@ def test_gpu_experts_with_gated_shared_v2_lite_shape(t):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64, 4096])
-def test_gpu_fp8_experts_v2_lite_shape(t):
-    _check_fp8(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, outliers=t == 64)
+@pytest.mark.parametrize("act_quant", [True, False], ids=["w8a8", "w8a16"])
+def test_gpu_fp8_experts_v2_lite_shape(t, act_quant):
+    _check_fp8(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, outliers=t == 64, act_quant=act_quant)
 
 
 @pytest.mark.gpu

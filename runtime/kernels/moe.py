@@ -230,8 +230,11 @@ b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + o
 
 
 # The K-loop product, by the experts' weight format. FP8 (e4m3 weights with fp32 scales per 128 x 128 block,
-# DeepSeek-V3's recipe): the activation tile (BLOCK_K = 128 wide) is quantized per row in registers, the FP8
-# dot accumulates in fp32 and both scales multiply its result, one weight scale per output column's block.
+# DeepSeek-V3's recipe): in "fp8-block" (W8A8) the activation tile (BLOCK_K = 128 wide) is quantized per row in
+# registers, the FP8 dot accumulates in fp32 and both scales multiply its result, one weight scale per output
+# column's block; in "fp8-block-weight" (W8A16: what a graph that dequantizes its expert weights computes) the
+# FP8 tile is widened to the activations' dtype (exactly: e4m3 fits in fp16 and bf16) and its block scale
+# multiplies the tile's fp32 product.
 _PRODUCTS = {
     "float": {"gate_up": "acc_gate = tl.dot(a, g, acc_gate)\nacc_up = tl.dot(a, u, acc_up)",
               "down": "acc = tl.dot(a, b, acc)"},
@@ -246,6 +249,16 @@ acc_up += tl.dot(aq, u) * (a_scale[:, None] * u_scale[None, :])""",
 aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
 b_scale = tl.load(bs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
 acc += tl.dot(aq, b) * (a_scale[:, None] * b_scale[None, :])""",
+    },
+    "fp8-block-weight": {
+        "gate_up": """\
+g_scale = tl.load(gs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+u_scale = tl.load(us_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+acc_gate += tl.dot(a, g.to(a.dtype), input_precision=${precision}) * g_scale[None, :]
+acc_up += tl.dot(a, u.to(a.dtype), input_precision=${precision}) * u_scale[None, :]""",
+        "down": """\
+b_scale = tl.load(bs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+acc += tl.dot(a, b.to(a.dtype), input_precision=${precision}) * b_scale[None, :]""",
     },
 }
 _SCALE_POINTERS = {  # the weight scales of this program's output columns: [E, rows / 128, K / 128]
@@ -294,7 +307,8 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                          f"is not supported (formats: {', '.join(WEIGHT_FORMATS)}; shared experts in float only)")
     key = (str(cache_dir()), dtype, activation, shared, weight_format)
     if key not in _generated:
-        fp8 = weight_format == "fp8-block"
+        fp8 = weight_format != "float"
+        w8a8 = weight_format == "fp8-block"
         spec = {"dtype": str(dtype), "activation": activation, **({"shared_experts": True} if shared else {}),
                 **({"weight_format": weight_format} if fp8 else {})}
         header = (
@@ -305,16 +319,20 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
             + ("The shared MLP runs as always-chosen experts (weight 1, or the token's gate factor) in the same "
                "launches.\n" if shared else "")
             + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block); activations quantized per row and\n"
-               "128-wide K tile in the K loop, FP8 dots accumulated in fp32 with both scales applied.\n" if fp8 else "")
+               "128-wide K tile in the K loop, FP8 dots accumulated in fp32 with both scales applied.\n" if w8a8 else "")
+            + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block), widened in registers; activations in\n"
+               "their own dtype; each K tile's product scaled by its weight block's scale.\n" if fp8 and not w8a8 else "")
             + (f"First generated for: {origin}" if origin else "")
         )
+        precision = '"ieee"' if dtype == torch.float32 else "None"  # fp32 activations: fp32 products
         slots = {"activation": ACTIVATIONS[activation], "dtype": TRITON_DTYPES[dtype],
                  "gate_up_pointers": _pointers("gate_up", shared) + ("\n" + _SCALE_POINTERS["gate_up"] if fp8 else ""),
                  "down_pointers": _pointers("down", shared) + ("\n" + _SCALE_POINTERS["down"] if fp8 else ""),
-                 "gate_up_product": _PRODUCTS[weight_format]["gate_up"], "down_product": _PRODUCTS[weight_format]["down"],
+                 "gate_up_product": _PRODUCTS[weight_format]["gate_up"].replace("${precision}", precision),
+                 "down_product": _PRODUCTS[weight_format]["down"].replace("${precision}", precision),
                  "weight_scale_args": ("WScale, stride_sse, stride_ssn, stride_ssk, EXACT_FP8_ROUNDING: tl.constexpr,"
                                        if fp8 else ""),
-                 "helpers": _FP8_HELPERS if fp8 else ""}
+                 "helpers": _FP8_HELPERS if w8a8 else ""}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
 
@@ -476,6 +494,7 @@ def moe_experts(
     shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     shared_scale: Optional[torch.Tensor] = None,
     weight_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    act_quant: bool = True,
 ) -> torch.Tensor:
     """x [T, H], topk_ids/topk_weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H] in x.dtype.
     ``deterministic``: the k contributions of a token are summed in a fixed order (True), or atomically
@@ -486,7 +505,9 @@ def moe_experts(
     expert, as Qwen-MoE's sigmoid(x . w_gate)).
     ``weight_scales``: the experts' weights are FP8 (float8_e4m3fn, from ``quantize_experts``) and these their
     fp32 scales per 128 x 128 block, [E, 2I/128, H/128] and [E, H/128, I/128] (rounded up); activations are
-    quantized per row and 128-wide K tile inside the K loops. No shared experts with them.
+    quantized per row and 128-wide K tile inside the K loops (W8A8), or with ``act_quant=False`` left in their
+    dtype, the FP8 tiles widened to it (W8A16: a dequantize-then-matmul graph's math). No shared experts with
+    them.
 
     Traceable: under make_fx the launches become Inductor's user-defined-Triton-kernel nodes."""
     _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale, weight_scales)
@@ -529,7 +550,7 @@ def moe_experts(
     capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None,
-                      weight_format="fp8-block" if fp8 else "float")
+                      weight_format=("fp8-block" if act_quant else "fp8-block-weight") if fp8 else "float")
     if shared is None:  # never read: the kernels take these pointers only for shared experts
         shared_gate = shared_up = shared_down = w_down
 
@@ -620,15 +641,15 @@ def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_fp8(x, topk_ids, topk_weights, w_gate_up, w_down, weight_scales, activation: str = "silu",
-                  compute: torch.dtype = torch.float64) -> torch.Tensor:
+                  compute: torch.dtype = torch.float64, act_quant: bool = True) -> torch.Tensor:
     """The FP8 experts written out in ``compute``: both projections' inputs quantized per row and 128-wide tile
-    (the intermediate first rounded to x's dtype, as the kernels store it), weights dequantized, then the
-    routed experts as ``reference`` sums them."""
+    (the intermediate first rounded to x's dtype, as the kernels store it; with ``act_quant`` only), weights
+    dequantized, then the routed experts as ``reference`` sums them."""
     act = TORCH_ACTIVATIONS[activation]
     dq = lambda w, s: torch.stack([quant_kernels.dequantize_weight(w[e], s[e], "fp8-block", (FP8_BLOCK, FP8_BLOCK),  # noqa: E731
                                                                    compute) for e in range(w.shape[0])])
     fake_quant = lambda v: quant_kernels.dequantize_activation(  # noqa: E731
-        *quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK, compute)
+        *quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK, compute) if act_quant else v.to(compute)
     w1, w2 = dq(w_gate_up, weight_scales[0]), dq(w_down, weight_scales[1])
     xq = fake_quant(x)
     out = torch.zeros(x.shape, dtype=compute, device=x.device)
