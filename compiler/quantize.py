@@ -16,12 +16,18 @@ the user passes ``release_float_weights=True``; then the storage of every weight
 the graph reads nowhere else, is freed (resized to 0 bytes), so the process holds only the quantized copies.
 After that the model runs only through the compiled module: its eager forward would read freed weights.
 
-Not converted: weights used other than as a linear's weight (tied embeddings, say), non-float or non-2-D
-weights, and the routed experts' stacked weights (the FP8 grouped kernels, ``moe.moe_experts`` with
-``weight_scales``, exist; no pass feeds them yet).
+With ``fp8-block``, stacked expert weights are converted too: a 3-D float parameter [E, N, K] that the graph
+only multiplies with (through indexing, transposes and views, into bmm, matmul, einsum or a grouped matmul)
+is stored as FP8 in 128 x 128 blocks and read through ``deepfuse::fp8_block_dequantize``: the graph computes
+with the FP8 weights dequantized (W8A16), and the moe pass runs those experts as its FP8 kernels (weights
+widened in registers, the same math), reading the FP8 bytes: half of bf16's at decode.
+
+Not converted: weights used other than as a linear's weight or a stacked matrix (tied embeddings, say), and
+non-float weights.
 """
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import Callable
 
@@ -58,7 +64,7 @@ _FORMS: dict[str, Callable] = {"fp8-block": fp8_block_linear, "int8-channel": in
 
 
 def _quantized(weight: torch.Tensor, fmt: str):
-    from deepfuse.runtime.kernels import quant
+    from deepfuse.runtime.kernels import moe, quant
 
     entry = _copies.get(id(weight))
     if entry is None or entry[0]() is not weight:
@@ -66,8 +72,74 @@ def _quantized(weight: torch.Tensor, fmt: str):
         _copies[id(weight)] = entry
     per_param = entry[1]
     if fmt not in per_param:
-        per_param[fmt] = quant.quantize_weight(weight.detach(), fmt)
+        per_param[fmt] = (moe.quantize_experts(weight.detach()) if weight.dim() == 3
+                          else quant.quantize_weight(weight.detach(), fmt))
     return per_param[fmt]
+
+
+# What a stacked weight may pass through on its way into a matmul, and the matmuls (Dynamo-graph targets).
+_VIEW_METHODS = {"transpose", "permute", "view", "reshape", "contiguous", "t", "unsqueeze", "squeeze", "expand",
+                 "__getitem__", "to"}
+_VIEW_FUNCS = {operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze}
+_MATMUL_FUNCS = {torch.bmm, torch.matmul, operator.matmul, torch.einsum, F.linear, torch._C._nn.linear,
+                 getattr(torch, "_grouped_mm", None)} - {None}
+
+
+def _only_multiplied(node: fx.Node) -> bool:
+    """Does every use of ``node`` reach a matmul (bmm, matmul, einsum, linear, a grouped matmul) through
+    view-like steps only?"""
+    stack, seen = list(node.users), set()
+    while stack:
+        use = stack.pop()
+        if use in seen:
+            continue
+        seen.add(use)
+        target = use.target
+        if use.op == "call_function" and (target in _MATMUL_FUNCS or "grouped_mm" in str(target)):
+            continue
+        if use.op == "call_method" and target in ("bmm", "matmul"):
+            continue
+        if (use.op == "call_function" and target in _VIEW_FUNCS) or (use.op == "call_method" and target in _VIEW_METHODS):
+            if not use.users:
+                return False
+            stack.extend(use.users)
+            continue
+        return False
+    return bool(seen)
+
+
+def _register(gm: fx.GraphModule, name: str, t: torch.Tensor) -> None:
+    gm.register_buffer(name, t)
+    if hasattr(gm, "_param_name_to_source"):  # AOTAutograd matches Dynamo's lifted params to sources
+        from torch._dynamo.source import ConstantSource
+
+        gm._param_name_to_source[name] = ConstantSource(name)
+
+
+def quantize_experts(gm: fx.GraphModule, real: dict, release: bool) -> tuple[int, list]:
+    """Stacked expert weights to FP8 blocks read through ``deepfuse::fp8_block_dequantize``; returns how many
+    were converted and the float parameters now unread."""
+    import deepfuse.runtime.ops  # noqa: F401  (registers deepfuse::fp8_block_dequantize)
+
+    converted, released = 0, []
+    first = next((n for n in gm.graph.nodes if n.op != "placeholder"), None)
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+        weight = real.get(node)
+        if (not isinstance(weight, torch.nn.Parameter) or weight.dim() != 3 or weight.shape[0] < 2
+                or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not _only_multiplied(node)):
+            continue
+        q, s = _quantized(weight, "fp8-block")
+        names = [f"_deepfuse_fp8_block_experts_{part}_{converted}" for part in ("weight", "scale")]
+        for name, t in zip(names, (q, s)):
+            _register(gm, name, t)
+        with gm.graph.inserting_before(first):
+            q_node, s_node = gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
+            deq = gm.graph.call_function(torch.ops.deepfuse.fp8_block_dequantize.default, (q_node, s_node, weight.dtype))
+        node.replace_all_uses_with(deq)
+        converted += 1
+        if release:
+            released.append(weight)
+    return converted, released
 
 
 def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release: bool) -> int:
@@ -89,11 +161,7 @@ def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release
         names = []
         for part, t in (("weight", q), ("scale", s)):
             name = f"_deepfuse_{fmt.replace('-', '_')}_{part}_{converted}"
-            gm.register_buffer(name, t)
-            if hasattr(gm, "_param_name_to_source"):  # AOTAutograd matches Dynamo's lifted params to sources
-                from torch._dynamo.source import ConstantSource
-
-                gm._param_name_to_source[name] = ConstantSource(name)
+            _register(gm, name, t)
             names.append(name)
         with gm.graph.inserting_before(node):
             q_node, s_node = gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
@@ -105,11 +173,16 @@ def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release
         converted += 1
         if release and not w.users:
             released.append(weight)
+    experts = 0
+    if fmt == "fp8-block":
+        experts, more = quantize_experts(gm, real, release)
+        released += more
     gm.graph.lint()
     gm.recompile()
     for weight in released:
         weight.data.untyped_storage().resize_(0)
-    if converted:
-        log.info("quantize=%r: %d linear weights converted%s", fmt, converted,
+    if converted or experts:
+        log.info("quantize=%r: %d linear weights%s converted%s", fmt, converted,
+                 f" and {experts} stacked expert weights" if experts else "",
                  f", {len(released)} float copies released" if release else "")
-    return converted
+    return converted + experts

@@ -83,6 +83,15 @@ class MoEPass:
             else:
                 shared = _shared_experts(graph, out, inputs, params)
                 kernel_file = False
+                fp8 = _fp8_experts(inputs)
+                if fp8 is not None:
+                    if isinstance(shared, dict):
+                        shared = "the routed experts are FP8: shared experts join float experts' launches only"
+                    kernel_file = self._rewrite_fp8(graph, region, inputs, out, params, impl, where, options.inline,
+                                                    fp8)
+                    params["expert_weights"] = ("fp8-block: read as stored (128 x 128 block scales), activations as "
+                                                "they are" if kernel_file is not False else
+                                                "dequantized from fp8 (the FP8 launch could not be traced in)")
                 if isinstance(shared, dict):
                     kernel_file = self._rewrite(graph, list(region) + shared["region"], inputs, shared["out"],
                                                 params, impl, where, options.inline, shared)
@@ -265,6 +274,38 @@ class MoEPass:
         return str(gen.path) if gen is not None else None
 
 
+    def _rewrite_fp8(self, graph, region, inputs, out, params, impl, where, inline, fp8):
+        """The routed experts over FP8 weights read as stored (``fp8``: their (weight, scale) nodes, those of the
+        graph's ``fp8_block_dequantize``): the kernel file (None for the reference), or False if it could not
+        be traced in."""
+        (q1, s1), (q2, s2) = fp8
+        x, ids, weights = (inputs[k] for k in ("x", "ids", "weights"))
+        act, t1, t2 = params["activation"], params["gate_up_transposed"], params["down_transposed"]
+        out_dtype = value(out).dtype
+        origin = f"{where[1] or '?'} ({where[0]})"
+        gen = (kernel.kernels_for(value(x).dtype, act, origin, weight_format="fp8-block-weight")
+               if impl != "reference" else None)
+
+        def canonical(q1_, s1_, q2_, s2_):  # the scale blocks transpose with their weights
+            flip = lambda t, f: t.transpose(1, 2) if f else t  # noqa: E731
+            return flip(q1_, t1), flip(s1_, t1), flip(q2_, t2), flip(s2_, t2)
+
+        def via_kernel(x_, ids_, w_, q1_, s1_, q2_, s2_):
+            a, sa, b, sb = canonical(q1_, s1_, q2_, s2_)
+            return (kernel.moe_experts(x_, ids_, w_, a, b, act, deterministic=params["deterministic"],
+                                       weight_scales=(sa, sb), act_quant=False).to(out_dtype),)
+
+        def via_op(x_, ids_, w_, q1_, s1_, q2_, s2_):
+            a, sa, b, sb = canonical(q1_, s1_, q2_, s2_)
+            return (torch.ops.deepfuse.moe_experts(x_, ids_, w_, a, b, act, out_dtype, impl, params["deterministic"],
+                                                   None, None, None, None, sa, sb),)
+
+        launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
+        if not replace_region_first_traced(graph, RegionBinding(region, out), launchers,
+                                           (x, ids, weights, q1, s1, q2, s2), "FP8 MoE experts"):
+            return False
+        return str(gen.path) if gen is not None else None
+
     def _rewrite_expert_parallel(self, graph, region, inputs, out, params, impl, micro_batches,
                                  exchange) -> Optional[str]:
         """Shard the layer's real expert parameters over the ranks (this rank keeps its share, the full tensors
@@ -364,8 +405,8 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
         grew = False
         for n in list(region):
             for a in n.all_input_nodes:
-                if a in region or a in (ids, weights) or a.op in ("placeholder", "get_attr"):
-                    continue
+                if a in region or a in (ids, weights) or a.op in ("placeholder", "get_attr") or _is_dequantized(a):
+                    continue  # a dequantized weight is an input, as the stored weight would be
                 if a in routing:
                     continue
                 if all(u in region for u in a.users) and not _is_x_like(a, t):
@@ -652,6 +693,25 @@ def _gated(other: fx.Node, routed) -> tuple[fx.Node, Optional[fx.Node]]:
                 and fv.dtype.is_floating_point:
             return rest, factor
     return other, None
+
+
+def _is_dequantized(node: fx.Node) -> bool:
+    dequantize = getattr(torch.ops.deepfuse, "fp8_block_dequantize", None)
+    return dequantize is not None and node.target is dequantize.default
+
+
+def _fp8_experts(inputs) -> Optional[tuple[tuple[fx.Node, fx.Node], tuple[fx.Node, fx.Node]]]:
+    """((gate_up weight, scale), (down weight, scale)) when both expert weights are FP8 read through
+    ``deepfuse::fp8_block_dequantize`` (``options={"quantize": "fp8-block"}``) into the model's dtype; else None."""
+    found = []
+    for w in (inputs["w_gate_up"], inputs["w_down"]):
+        if not _is_dequantized(w):
+            return None
+        q, s = w.args[0], w.args[1]
+        if value(q) is None or value(q).dtype != torch.float8_e4m3fn or value(w).dtype != value(inputs["x"]).dtype:
+            return None
+        found.append((q, s))
+    return tuple(found)
 
 
 def _view_sources(node: fx.Node) -> set[fx.Node]:

@@ -77,24 +77,48 @@ def moe_experts(
     shared_up: Optional[torch.Tensor] = None,
     shared_down: Optional[torch.Tensor] = None,
     shared_scale: Optional[torch.Tensor] = None,
+    gate_up_scale: Optional[torch.Tensor] = None,
+    down_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The routed experts: x [T, H], ids/weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H];
     plus the shared MLP (gate/up [S*I, H], down [H, S*I]) when given, times shared_scale [T] or [T, 1] per
-    token when given (a gated shared expert)."""
+    token when given (a gated shared expert). With gate_up_scale and down_scale the expert weights are FP8 with
+    those fp32 scales per 128 x 128 block, multiplied as dequantized (activations in their dtype: W8A16)."""
     _check_impl(impl)
     shared = (shared_gate, shared_up, shared_down) if shared_gate is not None else None
+    scales = (gate_up_scale, down_scale) if gate_up_scale is not None else None
     if impl == "reference":
+        if scales is not None:
+            w_gate_up, w_down = (fp8_block_dequantize(w, s, x.dtype) for w, s in ((w_gate_up, gate_up_scale),
+                                                                                    (w_down, down_scale)))
         return _moe.reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation, shared,
                               shared_scale).to(out_dtype)
     return _moe.moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, activation,
                             interpret=impl == "interpret", deterministic=deterministic, shared=shared,
-                            shared_scale=shared_scale).to(out_dtype)
+                            shared_scale=shared_scale, weight_scales=scales, act_quant=False).to(out_dtype)
 
 
 @moe_experts.register_fake
 def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation, out_dtype, impl, deterministic=True,
-      shared_gate=None, shared_up=None, shared_down=None, shared_scale=None):
+      shared_gate=None, shared_up=None, shared_down=None, shared_scale=None, gate_up_scale=None, down_scale=None):
     return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("deepfuse::fp8_block_dequantize", mutates_args=())
+def fp8_block_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 weights [..., N, K] with fp32 scales [..., N/128, K/128] (one per 128 x 128 block, rounded up) ->
+    ``dtype``: the plain form of a weight ``options={"quantize": "fp8-block"}`` stored in FP8 (stacked expert
+    weights), which the moe pass reads through to run the FP8 experts kernels."""
+    from deepfuse.runtime.kernels import quant
+
+    flat_q, flat_s = q.reshape(-1, *q.shape[-2:]), scale.reshape(-1, *scale.shape[-2:])
+    parts = [quant.dequantize_weight(a, b, "fp8-block", dtype=torch.float32) for a, b in zip(flat_q, flat_s)]
+    return torch.stack(parts).to(dtype).reshape(q.shape)
+
+
+@fp8_block_dequantize.register_fake
+def _(q, scale, dtype):
+    return q.new_empty(q.shape, dtype=dtype)
 
 
 @torch.library.custom_op("deepfuse::router_topk", mutates_args=())
