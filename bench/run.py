@@ -5,7 +5,10 @@
 Workloads (DeepSeek-V2-Lite shapes, bf16), at decode and prefill token counts:
 - add_rms_norm: the decoder's residual add + RMSNorm (twice per layer), beside eager and Inductor;
 - moe_block: one MoE layer (router, routed and shared experts), Hugging Face's DeepseekV2Moe with grouped_mm
-  experts, eager, under Inductor, and under deepfuse (which finds the experts in that graph).
+  experts, eager, under Inductor, and under deepfuse (which finds the experts in that graph);
+- moe_block_fp8: the same layer under deepfuse in bf16 and with options={"quantize": "fp8-block"} (routed
+  experts in FP8 blocks, run as the FP8 grouped kernels), each against its own floor, the FP8 one's error
+  against bf16 printed.
 Each is timed two ways with CUDA events (triton.testing.do_bench, median of many runs): "launched", calling
 it from Python as a user would (host overhead included), and "graph", replaying a CUDA graph of the same
 call (GPU time alone, what a captured decode step pays). Both are set against the physical floor: the
@@ -111,7 +114,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def bench_moe_block(tokens, bandwidth, rounds, flops_peak):
+def bench_moe_block(tokens, bandwidth, rounds, flops_peak, fp8=False):
     """One DeepSeek-V2-Lite MoE block (router, 64 routed experts top-6 of size 1408, 2 shared experts), bf16:
     Hugging Face transformers' DeepseekV2Moe with grouped_mm experts, eager, under Inductor, and under
     deepfuse (which finds the MoE in the graph: the router after its matmul as one kernel, the routed and shared
@@ -141,6 +144,18 @@ def bench_moe_block(tokens, bandwidth, rounds, flops_peak):
         floor_ms, note = (mem_ms, f"{(weight_bytes + act_bytes) / 1e6:.0f} MB") if mem_ms >= math_ms else \
             (math_ms, f"{flops / 1e9:.0f} GFLOP")
         torch._dynamo.reset()
+        if fp8:  # the routed experts' bytes halve (FP8 plus one fp32 scale per 128 x 128 block); the rest is bf16
+            fp8_bytes = weight_bytes - active * routed * (2 - 1 - 4 / 128 ** 2)
+            fp8_ms = (fp8_bytes + act_bytes) / bandwidth * 1e3
+            bf16 = torch.compile(block, backend="deepfuse")
+            quantized = torch.compile(block, backend="deepfuse", options={"quantize": "fp8-block"})
+            rows += measure("moe_block_fp8", t, {"deepfuse": bf16}, sets, floor_ms, note, _rel)
+            rows += measure("moe_block_fp8", t, {"deepfuse fp8-block": quantized}, sets, max(fp8_ms, math_ms),
+                            f"{(fp8_bytes + act_bytes) / 1e6:.0f} MB" if fp8_ms >= math_ms else note, _rel)
+            with torch.no_grad():
+                print(f"moe_block_fp8 T={t}: fp8-block against bf16 deepfuse, relative error "
+                      f"{_rel(quantized(*sets[0]), bf16(*sets[0])):.3e}")
+            continue
         impls = {
             "hf_grouped_mm": block,
             "hf_grouped_mm+inductor": torch.compile(block),
@@ -438,6 +453,8 @@ def main():
         rows += bench_rms_norm([int(t) for t in args.tokens.split(",")], bandwidth, args.rounds)
     if "moe_block" in workloads:
         rows += bench_moe_block([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
+    if "moe_block_fp8" in workloads:
+        rows += bench_moe_block([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak, fp8=True)
     if "mla_decode" in workloads:
         rows += bench_mla_decode([int(b) for b in args.mla_batches.split(",")],
                                  [int(t) for t in args.mla_contexts.split(",")], bandwidth, args.rounds)
