@@ -126,12 +126,14 @@ def test_pass_fuses_a_router_only_once_checked(variant, reason):
     ({"fp32_router": True}, 6, "in deepfuse's router kernels"),  # both casts read through: the kernels cast in registers
     ({}, 65, "past the 64"),
     ({"return_logits": True}, 6, "read outside the router"),
-    ({"e": 256, "h": 4100}, 2, "KiB up to which the fused router matmul is tried"),  # a 4100 KiB fp32 router weight
+    ({"e": 16, "h": 8200}, 2, "KiB up to which the fused router matmul is tried"),  # 512 KiB fp32, past a 256 KiB limit
 ])
-def test_router_matmul_runs_in_the_routing_kernel_at_decode_sizes(variant, tokens, where):
+def test_router_matmul_runs_in_the_routing_kernel_at_decode_sizes(variant, tokens, where, monkeypatch):
     """At a few tokens the logits' matmul joins the routing kernel, its operands read as stored (a half weight
-    and half-rounded hidden states multiplied in fp32 included); past the limit, or with the logits needed
-    elsewhere, it stays with Inductor and the routing kernel takes the logits. Outputs checked against eager."""
+    and half-rounded hidden states multiplied in fp32 included); past the limits (the weight one lowered here, so
+    that the interpreter runs a small model), or with the logits needed elsewhere, it stays with Inductor and
+    the routing kernel takes the logits. Outputs checked against eager."""
+    monkeypatch.setattr(routing, "ROUTER_MATMUL_MAX_WEIGHT_BYTES", 256 << 10)
     report = compile_and_compare(_Router(**variant), (torch.randn(tokens, variant.get("h", 16)),), 1e-5,
                                  interpret=True)
     (m,) = [m for m in report.matches if m.family == "moe"]
