@@ -68,8 +68,10 @@ def test_escaping_interior_is_reported():
     assert escape_reason(b.interior, b.outputs) is None
 
 
-def test_engine_is_fast_on_a_27_layer_graph():
-    """The RMSNorm patterns over the aten graph of a 27-layer decoder (4 norms a layer): well under 1 s."""
+def test_engine_scales_linearly_to_a_27_layer_graph():
+    """The RMSNorm patterns over the aten graph of a 27-layer decoder (4 norms a layer) cost about 9 times the
+    3-layer graph's (linear in the graph), not 81 (quadratic). A ratio of CPU times in one process, so the
+    machine's speed and load cancel; the absolute bound only catches a pathological slowdown."""
     from deepfuse.passes.rms_norm import RMSNormPass
 
     class Layer(torch.nn.Module):
@@ -90,19 +92,25 @@ def test_engine_is_fast_on_a_27_layer_graph():
                 x = x + lin(torch.nn.functional.silu(gate) * val)
             return x
 
-    model = torch.nn.Sequential(*[Layer() for _ in range(27)]).half()
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with torch.no_grad():
-        graph = make_fx(model, tracing_mode="real")(torch.randn(3, 32).half()).graph
-    assert len(graph.nodes) > 2400
-    # CPU time of this process: the bound is on the engine's work, not on what else the machine is doing.
-    start = time.process_time()
-    host = HostGraph(graph)
-    bindings = [b for p in RMSNormPass.patterns for b in p.match(host, set())]
-    elapsed = time.process_time() - start
-    assert len([b for b in bindings if b.pattern.family == "add_rms_norm"]) >= 27 * 4 - 1
-    assert elapsed < 1.0, f"matching took {elapsed:.2f}s"
+    def matching(layers: int) -> float:
+        model = torch.nn.Sequential(*[Layer() for _ in range(layers)]).half()
+        with torch.no_grad():
+            graph = make_fx(model, tracing_mode="real")(torch.randn(3, 32).half()).graph
+        assert len(graph.nodes) > 90 * layers
+        times = []
+        for _ in range(2):  # the faster of two: CPU time of this process, the engine's work alone
+            start = time.process_time()
+            host = HostGraph(graph)
+            bindings = [b for p in RMSNormPass.patterns for b in p.match(host, set())]
+            times.append(time.process_time() - start)
+        assert len([b for b in bindings if b.pattern.family == "add_rms_norm"]) >= layers * 4 - 1
+        return min(times)
+
+    small, large = matching(3), matching(27)
+    assert large < 20 * small, f"27 layers took {large:.2f}s, 3 layers {small:.3f}s: worse than linear"
+    assert large < 5.0, f"matching took {large:.2f}s"
 
 
 def test_pattern_validation():

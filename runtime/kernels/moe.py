@@ -11,7 +11,9 @@ Three steps, no host synchronization anywhere (CUDA-graph safe):
    no atomics).
 Every expert weight byte is read once per row block that uses it: at decode sizes an active expert has one
 block, so the weights are read once, which is the bandwidth floor; the grid splits N across programs so
-that even a single token keeps the machine busy.
+that even a single token keeps the machine busy. Expert weights may be FP8 (e4m3 in 128 x 128 blocks with fp32
+scales): the same kernels read them as stored, the activations either quantized per 1 x 128 tile in registers
+(W8A8) or left in their dtype with the FP8 tiles widened (W8A16).
 """
 from __future__ import annotations
 
