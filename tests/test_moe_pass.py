@@ -91,9 +91,8 @@ def test_hf_moe_models_are_recognized(kind, impl):
                "mixtral": "kernel: softmax, top-2, renormalized", "qwen2_moe": "kernel: softmax, top-2"}[kind]
     shared = {"mixtral": None, "qwen2_moe": "fused: 2 always-chosen experts of 32, weighted per token by sigmoid"}
     for m in moes:
-        want = shared.get(kind, "fused: 1 always-chosen experts of 32")
-        assert (m.params.get("shared_experts") or "").startswith(want or "") and (want or m.params.get(
-            "shared_experts") is None), m.params
+        want, got = shared.get(kind, "fused: 1 always-chosen experts of 32"), m.params.get("shared_experts")
+        assert got is None if want is None else got.startswith(want), m.params
     for m in moes:  # bf16 on the CPU runs the reference ops (the interpreter's bf16 dots are wrong)
         assert m.params["routing"] == (routing if m.impl != "reference" else "aten (reference kernels)"), m.params
 
