@@ -285,7 +285,10 @@ def test_hugging_face_fp8_linear_is_found_under_deepfuse():
     out, report = _compile(model, x, interpret=True)
     rows = _quant(report)
     assert len(rows) == 2 and all(r.params["act_quant"] and r.params["block"] == [128, 128] for r in rows)
-    assert rel_err(out, ref) < 1e-5
+    # The second layer quantizes relu(h) again, and h differs from the reference's by fp32 rounding, which now
+    # and then moves an element across an e4m3 rounding boundary (one full-suite run: 3.4e-5). Activations left
+    # unquantized, or a wrong scale, miss by 1e-2 and more.
+    assert rel_err(out, ref) < 1e-3
     assert len(_quant(deepfuse.explain(model, x))) == 2
     from deepfuse.canonical import compiling_with_deepfuse
 
