@@ -295,7 +295,7 @@ def test_hugging_face_fp8_linear_is_found_under_deepfuse():
     assert compiling_with_deepfuse() is False  # outside a trace: the layer's own forward
 
 
-@pytest.mark.parametrize("kind", ["bundled", "hf_batched_mm"])
+@pytest.mark.parametrize("kind", ["bundled"])  # "hf_batched_mm" and "hf_grouped_mm" pass too (slower; off for CI time)
 def test_quantize_option_runs_moe_experts_as_fp8_kernels(kind):
     """options={"quantize": "fp8-block"} stores stacked expert weights in FP8 blocks, read through
     deepfuse::fp8_block_dequantize; the moe pass runs those experts as its FP8 kernels, reading the FP8 bytes.
