@@ -630,12 +630,14 @@ def _shared_experts(graph, out, inputs, params) -> Union[dict[str, Any], str, No
     before_x = ancestors([x])
     # A gated shared MLP (Qwen-MoE: sigmoid(x . w_gate) * mlp(x)): the per-token factor stays in the graph and
     # the fused launch weighs the shared slots by it; the product is part of the region.
+    def computed_after_x(v: fx.Node) -> set[fx.Node]:  # what computes v from x, graph inputs aside
+        return {n for n in ancestors([v], blocked=before_x) - before_x if n.op not in ("placeholder", "get_attr")}
+
     mlp_out, scale = _gated(other, value(node))
-    shared = ancestors([mlp_out], blocked=before_x) - before_x
-    shared = {n for n in shared if n.op not in ("placeholder", "get_attr")}
+    shared = computed_after_x(mlp_out)
     if scale is not None and (scale in ancestors([mlp_out]) or ancestors([scale]) & (shared | {node})):
         mlp_out, scale = other, None  # not a factor of the input's: the product is the shared value itself
-        shared = {n for n in ancestors([other], blocked=before_x) - before_x if n.op not in ("placeholder", "get_attr")}
+        shared = computed_after_x(other)
     mms = [n for n in shared if n.target in (aten.mm.default, aten.addmm.default)]
     if len(mms) != 3:
         return None if not mms else f"the value added to the experts holds {len(mms)} matmuls, not a gated MLP's 3"

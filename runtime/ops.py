@@ -109,11 +109,7 @@ def fp8_block_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     """FP8 weights [..., N, K] with fp32 scales [..., N/128, K/128] (one per 128 x 128 block, rounded up) ->
     ``dtype``: the plain form of a weight ``options={"quantize": "fp8-block"}`` stored in FP8 (stacked expert
     weights), which the moe pass reads through to run the FP8 experts kernels."""
-    from deepfuse.runtime.kernels import quant
-
-    flat_q, flat_s = q.reshape(-1, *q.shape[-2:]), scale.reshape(-1, *scale.shape[-2:])
-    parts = [quant.dequantize_weight(a, b, "fp8-block", dtype=torch.float32) for a, b in zip(flat_q, flat_s)]
-    return torch.stack(parts).to(dtype).reshape(q.shape)
+    return _moe.dequantize_experts(q, scale, torch.float32).to(dtype)
 
 
 @fp8_block_dequantize.register_fake

@@ -642,17 +642,24 @@ def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
 
 
+def dequantize_experts(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``quantize_experts`` inverted: FP8 weights [..., N, K] and their block scales [..., N/128, K/128] ->
+    ``dtype``, each matrix as ``quant.dequantize_weight`` does a linear's."""
+    flat_q, flat_s = q.reshape(-1, *q.shape[-2:]), scale.reshape(-1, *scale.shape[-2:])
+    parts = [quant_kernels.dequantize_weight(a, b, "fp8-block", (FP8_BLOCK, FP8_BLOCK), dtype)
+             for a, b in zip(flat_q, flat_s)]
+    return torch.stack(parts).reshape(q.shape)
+
+
 def reference_fp8(x, topk_ids, topk_weights, w_gate_up, w_down, weight_scales, activation: str = "silu",
                   compute: torch.dtype = torch.float64, act_quant: bool = True) -> torch.Tensor:
     """The FP8 experts written out in ``compute``: both projections' inputs quantized per row and 128-wide tile
     (the intermediate first rounded to x's dtype, as the kernels store it; with ``act_quant`` only), weights
     dequantized, then the routed experts as ``reference`` sums them."""
     act = TORCH_ACTIVATIONS[activation]
-    dq = lambda w, s: torch.stack([quant_kernels.dequantize_weight(w[e], s[e], "fp8-block", (FP8_BLOCK, FP8_BLOCK),  # noqa: E731
-                                                                   compute) for e in range(w.shape[0])])
     fake_quant = lambda v: quant_kernels.dequantize_activation(  # noqa: E731
         *quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK, compute) if act_quant else v.to(compute)
-    w1, w2 = dq(w_gate_up, weight_scales[0]), dq(w_down, weight_scales[1])
+    w1, w2 = dequantize_experts(w_gate_up, weight_scales[0], compute), dequantize_experts(w_down, weight_scales[1], compute)
     xq = fake_quant(x)
     out = torch.zeros(x.shape, dtype=compute, device=x.device)
     for e in range(w1.shape[0]):
