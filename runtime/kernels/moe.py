@@ -386,14 +386,32 @@ CANDIDATES = [
 ]
 
 
+# The FP8 experts' candidates: BLOCK_K is the 128-wide scale block; the FP8 tiles take half a bf16 tile's shared
+# memory, so wider N tiles and more stages fit.
+FP8_CANDIDATES = [
+    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": FP8_BLOCK, "num_warps": w, "num_stages": st}
+    for bm, bn, w, st in [
+        (16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3),
+        (64, 128, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 256, 8, 3),
+    ]
+] + [
+    {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_N_DOWN": bnd, "BLOCK_K": FP8_BLOCK, "N_FASTEST": True, "num_warps": w,
+     "num_stages": st}
+    for bn, bnd, w, st in [(64, 32, 4, 4), (32, 32, 4, 4), (64, 16, 4, 4), (128, 64, 4, 4), (64, 32, 2, 4)]
+]
+
+
 def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, device, activation="silu",
-         shared: int = 0) -> dict:
+         shared: int = 0, weight_format: str = "float") -> dict:
     """The fastest candidate for this shape's token bucket on this GPU (cached on disk), timed on random
-    routing over real-shaped random weights (and ``shared`` shared experts of the same size). Off the GPU: the
+    routing over real-shaped random weights (and ``shared`` shared experts of the same size), in the experts'
+    ``weight_format`` ("float", or FP8 as "fp8-block" W8A8 and "fp8-block-weight" W8A16). Off the GPU: the
     tile table."""
+    fp8 = weight_format != "float"
     if torch.device(device).type != "cuda":
-        return config_for(tokens * (k + shared), experts + shared)
-    gen = kernels_for(dtype, activation, shared=shared > 0)
+        cfg = config_for(tokens * (k + shared), experts + shared)
+        return {**cfg, "BLOCK_K": FP8_BLOCK} if fp8 else cfg
+    gen = kernels_for(dtype, activation, shared=shared > 0, weight_format=weight_format)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     # Several routings, run back to back: at decode sizes one routing's experts would sit in L2 after the first
     # run, and L2 is not where a model's next layer finds its weights.
@@ -402,6 +420,10 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
     weights = torch.rand(tokens, k, device=device)
     w_gate_up = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
     w_down = torch.randn(experts, hidden, inter, device=device, dtype=dtype) / inter**0.5
+    scales = None
+    if fp8:
+        (w_gate_up, s1), (w_down, s2) = quantize_experts(w_gate_up), quantize_experts(w_down)
+        scales = (s1, s2)
     shared_weights = None
     if shared:
         shared_weights = (torch.randn(shared * inter, hidden, device=device, dtype=dtype) / hidden**0.5,
@@ -410,10 +432,11 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
 
     def run(cfg):
         for ids in routings:
-            moe_experts(x, ids, weights, w_gate_up, w_down, activation, config=cfg, shared=shared_weights)
+            moe_experts(x, ids, weights, w_gate_up, w_down, activation, config=cfg, shared=shared_weights,
+                        weight_scales=scales, act_quant=weight_format == "fp8-block")
 
     key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
-    return autotune.choose(key, tokens, CANDIDATES, run, torch.device(device))
+    return autotune.choose(key, tokens, FP8_CANDIDATES if fp8 else CANDIDATES, run, torch.device(device))
 
 
 # The fused align's tiles: SLOT_CHUNK routed slots compared pairwise per step (a SLOT_CHUNK^2 tile in registers),

@@ -1,0 +1,67 @@
+"""The routed experts' kernels at V2-Lite's MoE shape in their three weight formats: bf16, FP8 weights widened
+in registers (W8A16, "fp8-block-weight") and FP8 weights with activations quantized per row and 128-wide tile
+(W8A8, "fp8-block"), every tile candidate of each replayed as a CUDA graph over several routings back to back
+(what ``moe.tune`` times at compile time). Prints each candidate and the best per format; writes JSON with --out.
+It backs ``FP8_CANDIDATES`` in runtime/kernels/moe.py and the FP8 MoE rows of bench/RESULTS.md.
+
+    python3 bench/moe_fp8.py --out DIR [--tokens 1,8,64,512,4096] [--experts 64] [--top-k 6]
+"""
+import argparse
+
+import torch
+
+from deepfuse.runtime import autotune
+from deepfuse.runtime.kernels import moe
+
+from sweep_out import write_rows  # bench/, the scripts' own directory
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tokens", default="1,8,64,512,4096")
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=1408)
+    args = parser.parse_args()
+    e, k, h, inter = args.experts, args.top_k, args.hidden, args.intermediate
+    dev = torch.device("cuda")
+    w1 = torch.randn(e, 2 * inter, h, device=dev, dtype=torch.bfloat16) / h**0.5
+    w2 = torch.randn(e, h, inter, device=dev, dtype=torch.bfloat16) / inter**0.5
+    (q1, s1), (q2, s2) = moe.quantize_experts(w1), moe.quantize_experts(w2)
+    formats = {"bf16": (w1, w2, None, False, moe.CANDIDATES),
+               "fp8 W8A16": (q1, q2, (s1, s2), False, moe.FP8_CANDIDATES),
+               "fp8 W8A8": (q1, q2, (s1, s2), True, moe.FP8_CANDIDATES)}
+    rows = []
+    for t in (int(v) for v in args.tokens.split(",")):
+        x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
+        routings = [torch.rand(t, e, device=dev).argsort(dim=-1)[:, :k] for _ in range(max(1, min(8, e // (t * k))))]
+        weights = torch.rand(t, k, device=dev)
+        want = moe.moe_experts(x, routings[0], weights, w1, w2).float()
+        for name, (a, b, scales, act_quant, candidates) in formats.items():
+            for cfg in candidates:
+                def run(cfg=cfg):
+                    for ids in routings:
+                        moe.moe_experts(x, ids, weights, a, b, config=cfg, weight_scales=scales, act_quant=act_quant)
+                try:
+                    us = autotune._time(run) * 1e3 / len(routings)
+                except Exception as err:  # a tile the hardware rejects
+                    print(f"T={t:<5} {name:<10} {cfg} failed: {type(err).__name__}")
+                    continue
+                got = moe.moe_experts(x, routings[0], weights, a, b, config=cfg, weight_scales=scales,
+                                      act_quant=act_quant).float()
+                err = ((got - want).norm() / want.norm()).item()
+                rows.append({"tokens": t, "format": name, "config": cfg, "us": us, "rel_err_vs_bf16": err})
+                print(f"T={t:<5} {name:<10} {us:9.2f} us  err {err:.3e}  {cfg}", flush=True)
+        for name in formats:
+            mine = [r for r in rows if r["tokens"] == t and r["format"] == name]
+            if mine:
+                best = min(mine, key=lambda r: r["us"])
+                print(f"best T={t} {name}: {best['us']:.2f} us {best['config']}", flush=True)
+    if args.out:
+        write_rows(args.out, "moe_fp8", rows)
+
+
+if __name__ == "__main__":
+    main()
