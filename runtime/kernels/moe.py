@@ -243,61 +243,32 @@ _PRODUCTS = {
     "fp8-block": {
         "gate_up": """\
 aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
-g_scale = weight_scales(gs_ptrs, gs_all, k0, stride_ssk, offs_n < N, SCALE_BLOCKS)
-u_scale = weight_scales(us_ptrs, us_all, k0, stride_ssk, offs_n < N, SCALE_BLOCKS)
+g_scale = tl.load(gs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+u_scale = tl.load(us_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
 acc_gate += tl.dot(aq, g) * (a_scale[:, None] * g_scale[None, :])
 acc_up += tl.dot(aq, u) * (a_scale[:, None] * u_scale[None, :])""",
         "down": """\
 aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
-b_scale = weight_scales(bs_ptrs, bs_all, k0, stride_ssk, offs_n < N, SCALE_BLOCKS)
+b_scale = tl.load(bs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
 acc += tl.dot(aq, b) * (a_scale[:, None] * b_scale[None, :])""",
     },
     "fp8-block-weight": {
         "gate_up": """\
-g_scale = weight_scales(gs_ptrs, gs_all, k0, stride_ssk, offs_n < N, SCALE_BLOCKS)
-u_scale = weight_scales(us_ptrs, us_all, k0, stride_ssk, offs_n < N, SCALE_BLOCKS)
+g_scale = tl.load(gs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+u_scale = tl.load(us_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
 acc_gate += tl.dot(a, g.to(a.dtype), input_precision=${precision}) * g_scale[None, :]
 acc_up += tl.dot(a, u.to(a.dtype), input_precision=${precision}) * u_scale[None, :]""",
         "down": """\
-b_scale = weight_scales(bs_ptrs, bs_all, k0, stride_ssk, offs_n < N, SCALE_BLOCKS)
+b_scale = tl.load(bs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
 acc += tl.dot(a, b.to(a.dtype), input_precision=${precision}) * b_scale[None, :]""",
     },
 }
 _SCALE_POINTERS = {  # the weight scales of this program's output columns: [E, rows / 128, K / 128]
     "gate_up": """\
 gs_ptrs = WScale + expert * stride_sse + (offs_n // 128) * stride_ssn
-us_ptrs = WScale + expert * stride_sse + ((N + offs_n) // 128) * stride_ssn
-gs_all = preload_weight_scales(gs_ptrs, stride_ssk, offs_n < N, K, SCALE_BLOCKS)
-us_all = preload_weight_scales(us_ptrs, stride_ssk, offs_n < N, K, SCALE_BLOCKS)""",
-    "down": """\
-bs_ptrs = WScale + expert * stride_sse + (offs_n // 128) * stride_ssn
-bs_all = preload_weight_scales(bs_ptrs, stride_ssk, offs_n < N, K, SCALE_BLOCKS)""",
+us_ptrs = WScale + expert * stride_sse + ((N + offs_n) // 128) * stride_ssn""",
+    "down": "bs_ptrs = WScale + expert * stride_sse + (offs_n // 128) * stride_ssn",
 }
-# The scale loads, off the K loop's critical path: with SCALE_BLOCKS > 0 (a power of two >= K / 128) a program
-# loads all its columns' scales, [SCALE_BLOCKS, BLOCK_N], before the loop and each step selects its row; a
-# scale load inside the loop is not pipelined with the weight tiles and its latency stalls every step, which
-# at decode (a few rows, bandwidth-bound) left the FP8 kernels as slow as bf16's (bench/moe_fp8.py).
-_SCALE_HELPERS = """\
-@triton.jit
-def preload_weight_scales(ptrs, stride_k, n_ok, K: tl.constexpr, SCALE_BLOCKS: tl.constexpr):
-    if SCALE_BLOCKS > 0:
-        kb = tl.arange(0, SCALE_BLOCKS)
-        return tl.load(ptrs[None, :] + kb[:, None] * stride_k, mask=(kb[:, None] < (K + 127) // 128) & n_ok[None, :],
-                       other=0.0)
-    else:
-        return tl.zeros((1, 1), dtype=tl.float32)
-
-
-@triton.jit
-def weight_scales(ptrs, preloaded, k0, stride_k, n_ok, SCALE_BLOCKS: tl.constexpr):
-    \"\"\"The [BLOCK_N] weight scales of the K tile at k0: selected from the preloaded ones, or loaded.\"\"\"
-    if SCALE_BLOCKS > 0:
-        kb = tl.arange(0, SCALE_BLOCKS)
-        return tl.sum(tl.where(kb[:, None] == k0 // 128, preloaded, 0.0), axis=0)
-    else:
-        return tl.load(ptrs + (k0 // 128) * stride_k, mask=n_ok, other=0.0)
-
-"""
 _FP8_HELPERS = f"""\
 {quant_kernels.ROUND_TO_E4M3}
 
@@ -317,9 +288,6 @@ def quantize_rows_e4m3(a, EXACT_FP8_ROUNDING: tl.constexpr):
 """
 WEIGHT_FORMATS = tuple(_PRODUCTS)
 FP8_BLOCK = 128  # the weight scale block (both dims) and the activation tile: BLOCK_K is 128 for FP8 weights
-# The most scales a program preloads ([K / 128 rounded up to a power of two, BLOCK_N] fp32): decode tiles always
-# (V3's K = 7168 at BLOCK_N 64: 4096), prefill tiles, whose registers hold big accumulators, only at small K.
-SCALE_PRELOAD_MAX = 4096
 
 
 def _pointers(kind: str, shared: bool) -> str:
@@ -365,8 +333,8 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "gate_up_product": _PRODUCTS[weight_format]["gate_up"].replace("${precision}", precision),
                  "down_product": _PRODUCTS[weight_format]["down"].replace("${precision}", precision),
                  "weight_scale_args": ("WScale, stride_sse, stride_ssn, stride_ssk, EXACT_FP8_ROUNDING: tl.constexpr,"
-                                       " SCALE_BLOCKS: tl.constexpr," if fp8 else ""),
-                 "helpers": (_SCALE_HELPERS if fp8 else "") + (_FP8_HELPERS if w8a8 else "")}
+                                       if fp8 else ""),
+                 "helpers": _FP8_HELPERS if w8a8 else ""}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
 
@@ -615,10 +583,8 @@ def moe_experts(
         if not fp8:
             return {}
         ws = weight_scales[i]
-        blocks = triton.next_power_of_2(ws.shape[2])
-        preload = blocks * (bn if i == 0 else bn_down) <= SCALE_PRELOAD_MAX
         return {"WScale": ws, "stride_sse": ws.stride(0), "stride_ssn": ws.stride(1), "stride_ssk": ws.stride(2),
-                "EXACT_FP8_ROUNDING": interpret, "SCALE_BLOCKS": blocks if preload else 0}
+                "EXACT_FP8_ROUNDING": interpret}
     gate_up = gen.function("moe_gate_up_act_kernel", interpret=interpret)
     down = gen.function("moe_down_weighted_kernel", interpret=interpret)
     if not interpret:
