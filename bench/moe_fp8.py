@@ -4,7 +4,7 @@ in registers (W8A16, "fp8-block-weight") and FP8 weights with activations quanti
 (what ``moe.tune`` times at compile time). Prints each candidate and the best per format; writes JSON with --out.
 It backs ``FP8_CANDIDATES`` in runtime/kernels/moe.py and the FP8 MoE rows of bench/RESULTS.md.
 
-    python3 bench/moe_fp8.py --out DIR [--tokens 1,8,64,512,4096] [--experts 64] [--top-k 6]
+    python3 bench/moe_fp8.py --out DIR [--tokens 1,8,64,512,4096] [--experts 64] [--top-k 6] [--formats 'bf16,fp8 W8A16,fp8 W8A8']
 """
 import argparse
 
@@ -24,6 +24,7 @@ def main():
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=1408)
+    parser.add_argument("--formats", default="bf16,fp8 W8A16,fp8 W8A8")
     args = parser.parse_args()
     e, k, h, inter = args.experts, args.top_k, args.hidden, args.intermediate
     dev = torch.device("cuda")
@@ -33,6 +34,7 @@ def main():
     formats = {"bf16": (w1, w2, None, False, moe.CANDIDATES),
                "fp8 W8A16": (q1, q2, (s1, s2), False, moe.FP8_CANDIDATES),
                "fp8 W8A8": (q1, q2, (s1, s2), True, moe.FP8_CANDIDATES)}
+    formats = {name: formats[name] for name in args.formats.split(",")}
     rows = []
     for t in (int(v) for v in args.tokens.split(",")):
         x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)

@@ -397,7 +397,10 @@ FP8_CANDIDATES = [
 ] + [
     {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_N_DOWN": bnd, "BLOCK_K": FP8_BLOCK, "N_FASTEST": True, "num_warps": w,
      "num_stages": st}
-    for bn, bnd, w, st in [(64, 32, 4, 4), (32, 32, 4, 4), (64, 16, 4, 4), (128, 64, 4, 4), (64, 32, 2, 4)]
+    for bn, bnd, w, st in [(64, 32, 4, 4), (32, 32, 4, 4), (64, 16, 4, 4), (128, 64, 4, 4), (64, 32, 2, 4),
+                           # deeper pipelines: an FP8 tile is half a bf16 one, so a decode program needs more of
+                           # them in flight to cover the memory latency
+                           (32, 32, 4, 6), (32, 32, 4, 8), (64, 32, 4, 6), (64, 64, 4, 8), (32, 16, 4, 8)]
 ]
 
 
