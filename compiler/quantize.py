@@ -18,9 +18,11 @@ After that the model runs only through the compiled module: its eager forward wo
 
 With ``fp8-block``, stacked expert weights are converted too: a 3-D float parameter [E, N, K] that the graph
 only multiplies with (through indexing, transposes and views, into bmm, matmul, einsum or a grouped matmul)
-is stored as FP8 in 128 x 128 blocks and read through ``deepfuse::fp8_block_dequantize``: the graph computes
-with the FP8 weights dequantized (W8A16), and the moe pass runs those experts as its FP8 kernels (weights
-widened in registers, the same math), reading the FP8 bytes: half of bf16's at decode.
+is stored as FP8 in 128 x 128 blocks and read through ``deepfuse::fp8_block_dequantize``, and the other
+operand of each of those matmuls is quantized per token and 128-wide K tile (``fp8_fake_quantize``): the
+graph computes the linears' W8A8 recipe, and the moe pass runs those experts as its FP8 kernels (the same
+math: activations quantized in registers, FP8 dots), reading the FP8 bytes, half of bf16's at decode. A
+stacked weight in a matmul whose K axis is unclear (an einsum contracting two indices, say) stays float.
 
 Not converted: weights used other than as a linear's weight or a stacked matrix (tied embeddings, say), and
 non-float weights.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 import torch.fx as fx
@@ -85,27 +87,67 @@ _MATMUL_FUNCS = {torch.bmm, torch.matmul, operator.matmul, torch.einsum, F.linea
                  getattr(torch, "_grouped_mm", None)} - {None}
 
 
-def _only_multiplied(node: fx.Node) -> bool:
-    """Does every use of ``node`` reach a matmul (bmm, matmul, einsum, linear, a grouped matmul) through
-    view-like steps only?"""
-    stack, seen = list(node.users), set()
+def _matmul_uses(node: fx.Node) -> Union[list[tuple[fx.Node, int]], str]:
+    """The matmuls (bmm, matmul, einsum, linear, a grouped matmul) every use of ``node`` reaches through
+    view-like steps only, each with the position of the operand that carries it; or why not."""
+    stack, seen, found = [(use, node) for use in node.users], set(), []
     while stack:
-        use = stack.pop()
+        use, via = stack.pop()
         if use in seen:
             continue
         seen.add(use)
         target = use.target
-        if use.op == "call_function" and (target in _MATMUL_FUNCS or "grouped_mm" in str(target)):
-            continue
-        if use.op == "call_method" and target in ("bmm", "matmul"):
+        if ((use.op == "call_function" and (target in _MATMUL_FUNCS or "grouped_mm" in str(target)))
+                or (use.op == "call_method" and target in ("bmm", "matmul"))):
+            operands = use.args[1:] if target is torch.einsum else use.args
+            if isinstance(operands[0], (list, tuple)):  # einsum(eq, [a, b])
+                operands = operands[0]
+            found.append((use, [i for i, a in enumerate(operands) if a is via]))
             continue
         if (use.op == "call_function" and target in _VIEW_FUNCS) or (use.op == "call_method" and target in _VIEW_METHODS):
             if not use.users:
-                return False
-            stack.extend(use.users)
+                return f"{use.name} is unused"
+            stack.extend((u, use) for u in use.users)
             continue
-        return False
-    return bool(seen)
+        return f"it is used by {use.name} ({target if isinstance(target, str) else getattr(target, '__name__', target)})"
+    if not found:
+        return "it is not used"
+    if any(len(positions) != 1 for _, positions in found):
+        return "a matmul takes it as both operands"
+    return [(use, positions[0]) for use, positions in found]
+
+
+def _activation_operand(matmul: fx.Node, weight_at: int) -> Union[tuple[int, int], str]:
+    """(position of the activation operand, its K axis) in a matmul whose operand ``weight_at`` is an expert
+    weight (or a view of one): for x @ W the activations' last axis, for W @ x their next-to-last; for einsum
+    the one index the two operands contract."""
+    if matmul.target is torch.einsum:
+        operands = matmul.args[1:]
+        if isinstance(operands[0], (list, tuple)) or len(operands) != 2:
+            return "an einsum not of two operands"
+        equation = matmul.args[0].replace(" ", "")
+        if "..." in equation or "->" not in equation:
+            return f"einsum {equation!r} (an ellipsis or an implicit output)"
+        ins, out = equation.split("->")
+        subs = ins.split(",")
+        act = 1 - weight_at
+        contracted = [c for c in subs[act] if c in subs[weight_at] and c not in out]
+        if len(contracted) != 1:
+            return f"einsum {equation!r} contracts {len(contracted)} indices"
+        return act + 1, subs[act].index(contracted[0])  # args[0] is the equation
+    if matmul.target in (F.linear, torch._C._nn.linear):
+        return (0, -1) if weight_at == 1 else "a linear taking it as its input"
+    return (0, -1) if weight_at == 1 else (1, -2)
+
+
+def fp8_fake_quantize(v: torch.Tensor, axis: int) -> torch.Tensor:
+    """``v`` quantized to e4m3 per 128-wide tile along ``axis`` (one fp32 scale per tile and every other index:
+    per token), then dequantized to its dtype: the activations of an FP8 W8A8 matmul, written out."""
+    from deepfuse.runtime.kernels import quant
+
+    moved = v.movedim(axis, -1)
+    q, scale = quant.quantize_activation(moved, quant.DEFAULT_BLOCK[1])
+    return quant.dequantize_activation(q, scale, quant.DEFAULT_BLOCK[1]).to(v.dtype).movedim(-1, axis)
 
 
 def _register(gm: fx.GraphModule, name: str, t: torch.Tensor) -> None:
@@ -117,7 +159,8 @@ def _register(gm: fx.GraphModule, name: str, t: torch.Tensor) -> None:
 
 
 def quantize_experts(gm: fx.GraphModule, real: dict, release: bool) -> tuple[int, list]:
-    """Stacked expert weights to FP8 blocks read through ``deepfuse::fp8_block_dequantize``; returns how many
+    """Stacked expert weights to FP8 blocks read through ``deepfuse::fp8_block_dequantize``, the activations of
+    every matmul they enter quantized per token and 128-wide K tile (W8A8, as the linears); returns how many
     were converted and the float parameters now unread."""
     import deepfuse.runtime.ops  # noqa: F401  (registers deepfuse::fp8_block_dequantize)
 
@@ -126,7 +169,14 @@ def quantize_experts(gm: fx.GraphModule, real: dict, release: bool) -> tuple[int
     for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
         weight = real.get(node)
         if (not isinstance(weight, torch.nn.Parameter) or weight.dim() != 3 or weight.shape[0] < 2
-                or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not _only_multiplied(node)):
+                or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
+            continue
+        uses = _matmul_uses(node)
+        acts = [_activation_operand(*use) for use in uses] if not isinstance(uses, str) else [uses]
+        why = next((a for a in acts if isinstance(a, str)), None)
+        if why is not None:
+            if isinstance(uses, list):  # a stacked weight that is multiplied, in a form whose K axis is unclear
+                log.info("quantize='fp8-block': stacked weight %s stays %s: %s", node.name, weight.dtype, why)
             continue
         q, s = _quantized(weight, "fp8-block")
         names = [f"_deepfuse_fp8_block_experts_{part}_{converted}" for part in ("weight", "scale")]
@@ -136,6 +186,11 @@ def quantize_experts(gm: fx.GraphModule, real: dict, release: bool) -> tuple[int
             q_node, s_node = gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
             deq = gm.graph.call_function(torch.ops.deepfuse.fp8_block_dequantize.default, (q_node, s_node, weight.dtype))
         node.replace_all_uses_with(deq)
+        for (matmul, _), (position, axis) in zip(uses, acts):
+            operand = matmul.args[position]
+            with gm.graph.inserting_before(matmul):
+                fq = gm.graph.call_function(fp8_fake_quantize, (operand, axis))
+            matmul.update_arg(position, fq)
         converted += 1
         if release:
             released.append(weight)

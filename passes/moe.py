@@ -66,12 +66,22 @@ class MoEPass:
                 self._decline(report, params, where)
                 continue
             params.update(_routing_params(topk))
+            fp8 = _fp8_experts(inputs)
+            act_quant = params.pop("act_quant")
+            if fp8 is not None:
+                params["act_quant"] = act_quant
+            elif act_quant:
+                self._decline(report, "the experts quantize their activations to FP8 but their weights are not FP8 "
+                              "in 128 x 128 blocks (read through deepfuse::fp8_block_dequantize)", where)
+                continue
             device = value(out).device.type
             impl = options.kernel_impl(device)
             params["deterministic"] = options.deterministic
             op_name = "deepfuse::moe_experts"
             if options.expert_parallel and _distributed():
-                reason = self._rewrite_expert_parallel(graph, region, inputs, out, params, impl,
+                reason = ("FP8 experts are not sharded over ranks (expert parallel runs float experts)"
+                          if fp8 is not None else None)
+                reason = reason or self._rewrite_expert_parallel(graph, region, inputs, out, params, impl,
                                                        options.micro_batches, options.expert_parallel_exchange)
                 if reason:
                     self._decline(report, reason, where)
@@ -83,14 +93,15 @@ class MoEPass:
             else:
                 shared = _shared_experts(graph, out, inputs, params)
                 kernel_file = False
-                fp8 = _fp8_experts(inputs)
                 if fp8 is not None:
                     if isinstance(shared, dict):
                         shared = "the routed experts are FP8: shared experts join float experts' launches only"
                     kernel_file = self._rewrite_fp8(graph, region, inputs, out, params, impl, where, options.inline,
                                                     fp8)
-                    params["expert_weights"] = ("fp8-block: read as stored (128 x 128 block scales), activations as "
-                                                "they are" if kernel_file is not False else
+                    acts = ("quantized per row and 128-wide tile (W8A8)" if params["act_quant"]
+                            else "as they are (W8A16)")
+                    params["expert_weights"] = (f"fp8-block: read as stored (128 x 128 block scales), activations "
+                                                f"{acts}" if kernel_file is not False else
                                                 "dequantized from fp8 (the FP8 launch could not be traced in)")
                 if isinstance(shared, dict):
                     kernel_file = self._rewrite(graph, list(region) + shared["region"], inputs, shared["out"],
@@ -283,8 +294,20 @@ class MoEPass:
         act, t1, t2 = params["activation"], params["gate_up_transposed"], params["down_transposed"]
         out_dtype = value(out).dtype
         origin = f"{where[1] or '?'} ({where[0]})"
-        gen = (kernel.kernels_for(value(x).dtype, act, origin, weight_format="fp8-block-weight")
+        act_quant = params["act_quant"]
+        gen = (kernel.kernels_for(value(x).dtype, act, origin,
+                                  weight_format="fp8-block" if act_quant else "fp8-block-weight")
                if impl != "reference" else None)
+
+        config = None
+        if impl == "triton" and inline:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            xv = value(x)
+            with unset_fake_temporarily():
+                config = kernel.tune(hint(xv.shape[0]), params["hidden"], params["intermediate"], params["experts"],
+                                     params["top_k"], xv.dtype, xv.device, act,
+                                     weight_format="fp8-block" if act_quant else "fp8-block-weight")
 
         def canonical(q1_, s1_, q2_, s2_):  # the scale blocks transpose with their weights
             flip = lambda t, f: t.transpose(1, 2) if f else t  # noqa: E731
@@ -292,13 +315,13 @@ class MoEPass:
 
         def via_kernel(x_, ids_, w_, q1_, s1_, q2_, s2_):
             a, sa, b, sb = canonical(q1_, s1_, q2_, s2_)
-            return (kernel.moe_experts(x_, ids_, w_, a, b, act, deterministic=params["deterministic"],
-                                       weight_scales=(sa, sb), act_quant=False).to(out_dtype),)
+            return (kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
+                                       weight_scales=(sa, sb), act_quant=act_quant).to(out_dtype),)
 
         def via_op(x_, ids_, w_, q1_, s1_, q2_, s2_):
             a, sa, b, sb = canonical(q1_, s1_, q2_, s2_)
             return (torch.ops.deepfuse.moe_experts(x_, ids_, w_, a, b, act, out_dtype, impl, params["deterministic"],
-                                                   None, None, None, None, sa, sb),)
+                                                   None, None, None, None, sa, sb, act_quant),)
 
         launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
         if not replace_region_first_traced(graph, RegionBinding(region, out), launchers,
@@ -535,18 +558,16 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
 
     mats = inputs["mats"]
     placeholders = [inputs["x"], inputs["ids"], inputs["weights"], mats[0], mats[1]]
-    sub = fx.Graph()
-    env = {n: sub.placeholder(f"in{i}") for i, n in enumerate(placeholders)}
-    for n in region:
-        for a in n.all_input_nodes:
-            if a not in env and a not in region:
-                v = a.meta.get("val")
-                if not isinstance(v, torch.SymInt):
-                    return f"the experts region reads a value the check cannot make ({a.name})"
-                env[a] = hint(v)
-        env[n] = sub.node_copy(n, lambda a: env[a])
-    sub.output(env[out])
-    module = fx.GraphModule(torch.nn.Module(), sub)
+    # Casts to FP8 inside the region: its activations are quantized (an FP8 W8A8 MoE). Then the region must be
+    # the MoE with those casts made identities (what it computes apart from the rounding), and, casts and all,
+    # the MoE with both projections' inputs quantized per row and 128-wide tile.
+    quantized = any(n.op == "call_function" and _is_fp8(n) for n in region)  # (its casts and their views)
+    modules = []
+    for keep_casts in (True, False) if quantized else (True,):
+        module, _ = _region_module(region, placeholders, [out], "the experts region", keep_casts)
+        if isinstance(module, str):
+            return module
+        modules.append(module)
 
     xv, idv, wv = value(inputs["x"]), value(inputs["ids"]), value(inputs["weights"])
     hidden, k = hint(xv.shape[1]), hint(idv.shape[1])
@@ -570,23 +591,37 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
             w = torch.randn(shape, generator=weight_gen, device=device, dtype=torch.float32)
             real[m] = (w / hidden ** 0.5).to(value(m).dtype)
         try:
-            got = module(x, ids, weights, real[mats[0]], real[mats[1]]).float()
+            got = [m(x, ids, weights, real[mats[0]], real[mats[1]])[0].float() for m in modules]
         except Exception as err:
             return f"the experts region could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
         tol = 1e-3 if xv.dtype == torch.float32 else 3e-2
+        # Quantized: the graph's intermediate and the reference's differ by rounding, and now and then one
+        # crosses an e4m3 rounding boundary (an eighth of the value); unquantized inputs miss by several percent.
+        quant_tol = 1e-3 if xv.dtype == torch.float32 else 5e-2
         acc = torch.float64 if device.type == "cpu" else torch.float32
+
+        def rel(have, want):
+            return ((have - want).norm() / want.norm().clamp_min(1e-30)).item()
+
         for gate_up, down, t1, t2, inter in layouts:
             a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
             b = real[down].transpose(1, 2) if t2 else real[down]
             for act in ACTIVATIONS:
-                want = kernel.reference(x.to(acc), ids, weights.to(acc), a, b, act).float()
-                err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-                if err < tol:
-                    inputs["w_gate_up"], inputs["w_down"] = gate_up, down
-                    return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
-                            "gate_up_transposed": t1, "down_transposed": t2,
-                            "dtype": str(xv.dtype).replace("torch.", "")}
+                if rel(got[-1], kernel.reference(x.to(acc), ids, weights.to(acc), a, b, act).float()) >= tol:
+                    continue
+                if quantized and rel(got[0], kernel.reference_act_quant(x, ids, weights, a, b, act, acc).float()) >= quant_tol:
+                    return ("the region quantizes activations to FP8, but not both projections' inputs per row "
+                            "and 128-wide tile (checked on random inputs)")
+                inputs["w_gate_up"], inputs["w_down"] = gate_up, down
+                return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
+                        "gate_up_transposed": t1, "down_transposed": t2, "act_quant": quantized,
+                        "dtype": str(xv.dtype).replace("torch.", "")}
     return "the region downstream of the router is not the routed-experts computation (checked on random inputs)"
+
+
+def _is_fp8(node: fx.Node) -> bool:
+    v = node.meta.get("val")
+    return isinstance(v, torch.Tensor) and v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _routing_params(topk: fx.Node) -> dict[str, Any]:
@@ -924,10 +959,10 @@ def _distinct_logits(rows: int, e: int, dtype: torch.dtype, gen: torch.Generator
     return (grid - span / 2) * (8 / span)
 
 
-def _region_module(region, placeholders, outputs, what: str):
+def _region_module(region, placeholders, outputs, what: str, keep_fp8_casts: bool = True):
     """The region as a runnable module over ``placeholders``, sizes and scalar constants baked in; also the
     Python float constants its nodes use (candidate scales and fills). ``what`` names the region in the reason
-    it cannot be run."""
+    it cannot be run. Without ``keep_fp8_casts`` each cast to FP8 passes its input through instead."""
     sub = fx.Graph()
     env = {n: sub.placeholder(f"in{i}") for i, n in enumerate(placeholders)}
     consts: list[float] = []
@@ -948,6 +983,9 @@ def _region_module(region, placeholders, outputs, what: str):
             if real.is_floating_point():
                 consts.append(float(real.item()))  # a scalar Inductor lifted into a tensor (the scale, say)
         consts.extend(float(c) for c in (*n.args, *n.kwargs.values()) if isinstance(c, float))
+        if not keep_fp8_casts and _is_fp8(n) and n.args and isinstance(n.args[0], fx.Node) and not _is_fp8(n.args[0]):
+            env[n] = env[n.args[0]]  # a cast to FP8 (views of its result stay: they work on floats alike)
+            continue
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(tuple(env[o] for o in outputs))
     root = torch.nn.Module()

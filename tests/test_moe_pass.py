@@ -229,3 +229,64 @@ def test_moe_pass_can_be_switched_off():
     model = DeepSeekForCausalLM.from_config(get_config("tiny"), seed=0)
     report = deepfuse.explain(model, torch.randint(0, 512, (1, 4)), passes=["rms_norm"])
     assert not [m for m in report.matches if m.family == "moe"] and report.matches
+
+
+class FP8Experts(torch.nn.Module):
+    """Routed experts over FP8 weights (``fp8`` True: 128 x 128 blocks read through
+    deepfuse::fp8_block_dequantize) whose projections' inputs the model quantizes itself: ``quantize`` names
+    which ("both", "x": the first only, "none")."""
+
+    def __init__(self, fp8=True, quantize="both", e=4, h=64, i=32):
+        super().__init__()
+        import deepfuse.runtime.ops  # noqa: F401  (registers deepfuse::fp8_block_dequantize)
+        from deepfuse.runtime.kernels import moe
+
+        self.router = torch.nn.Linear(h, e, bias=False)
+        w1, w2 = torch.randn(e, 2 * i, h) / h**0.5, torch.randn(e, h, i) / i**0.5
+        if fp8:
+            for name, w in (("w1", w1), ("w2", w2)):
+                q, s = moe.quantize_experts(w)
+                self.register_buffer(f"{name}_q", q)
+                self.register_buffer(f"{name}_s", s)
+        else:
+            self.w1_f, self.w2_f = torch.nn.Parameter(w1), torch.nn.Parameter(w2)
+        self.fp8, self.quantize = fp8, quantize
+
+    def forward(self, x):
+        from deepfuse.quantize import fp8_fake_quantize
+
+        if self.fp8:
+            w1 = torch.ops.deepfuse.fp8_block_dequantize(self.w1_q, self.w1_s, x.dtype)
+            w2 = torch.ops.deepfuse.fp8_block_dequantize(self.w2_q, self.w2_s, x.dtype)
+        else:
+            w1, w2 = self.w1_f, self.w2_f
+        weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
+        k = ids.shape[1]
+        xs = x.repeat_interleave(k, 0)
+        if self.quantize in ("both", "x"):
+            xs = fp8_fake_quantize(xs, -1)
+        gate, up = torch.bmm(w1[ids.flatten()], xs.unsqueeze(-1)).squeeze(-1).chunk(2, -1)
+        h = F.silu(gate) * up
+        if self.quantize == "both":
+            h = fp8_fake_quantize(h, -1)
+        out = torch.bmm(w2[ids.flatten()], h.unsqueeze(-1)).squeeze(-1)
+        return (out * weights.flatten()[:, None]).view(x.shape[0], k, -1).sum(1)
+
+
+@pytest.mark.parametrize("fp8,quantize,want", [
+    (True, "both", "activations quantized per row and 128-wide tile (W8A8)"),
+    (True, "none", "activations as they are (W8A16)"),
+    (True, "x", "not both projections' inputs per row and 128-wide tile"),
+    (False, "both", "their weights are not FP8"),
+])
+def test_fp8_experts_are_matched_by_their_activations_quantization(fp8, quantize, want):
+    """Experts whose graph quantizes both projections' inputs run as the W8A8 kernels, those that quantize
+    none as W8A16; a graph quantizing one of them, or float weights with quantized activations, is declined
+    with the reason (no kernel computes it). Against the graph itself, fp32, through the interpreter."""
+    torch.manual_seed(int(torch.randint(0, 1000, ())))
+    report = _compile_check(FP8Experts(fp8, quantize), (torch.randn(7, 64),), 1e-4, interpret=True)
+    moes = [m for m in report.matches if m.family == "moe"]
+    if want.startswith("activations"):
+        assert len(moes) == 1 and moes[0].params["expert_weights"].endswith(want), str(report)
+    else:
+        assert not moes and any(want in d.reason for d in report.declined if d.family == "moe"), str(report)

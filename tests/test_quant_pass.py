@@ -298,9 +298,10 @@ def test_hugging_face_fp8_linear_is_found_under_deepfuse():
 @pytest.mark.parametrize("kind", ["bundled"])  # "hf_batched_mm" and "hf_grouped_mm" pass too (slower; off for CI time)
 def test_quantize_option_runs_moe_experts_as_fp8_kernels(kind):
     """options={"quantize": "fp8-block"} stores stacked expert weights in FP8 blocks, read through
-    deepfuse::fp8_block_dequantize; the moe pass runs those experts as its FP8 kernels, reading the FP8 bytes.
-    Against the same quantized graph with the moe pass off (the dequantized weights through the model's own
-    expert code: the same W8A16 math), in fp32 through the interpreter; and the float copies released."""
+    deepfuse::fp8_block_dequantize, and quantizes the activations of their matmuls per token and 128-wide
+    tile; the moe pass runs those experts as its W8A8 FP8 kernels, reading the FP8 bytes. Against the same
+    quantized graph with the moe pass off (the model's own expert code on dequantized weights and fake-quantized
+    activations: the same math), in fp32 through the interpreter; and the float copies released."""
     from test_moe_pass import _hf
 
     torch.manual_seed(int(torch.randint(0, 1000, ())))
@@ -317,10 +318,49 @@ def test_quantize_option_runs_moe_experts_as_fp8_kernels(kind):
     fused, report = _compile(model, ids, release_float_weights=True, **opts)  # the quantized copies are cached
     torch._dynamo.reset()
     moes = [m for m in report.matches if m.family == "moe"]
-    assert moes and all(m.params["expert_weights"].startswith("fp8-block: read as stored") for m in moes), str(report)
-    assert all("weight_format = 'fp8-block-weight'" in open(m.kernel_file).read()
-               for m in moes if m.kernel_file)
+    assert moes and all(m.params["expert_weights"].startswith("fp8-block: read as stored") and
+                        m.params["expert_weights"].endswith("(W8A8)") for m in moes), str(report)
+    assert all("weight_format = 'fp8-block'" in open(m.kernel_file).read() for m in moes if m.kernel_file)
     assert rel_err(get(fused), get(plain)) < 1e-4
     assert 0 < rel_err(get(fused), eager) < 0.2  # FP8 rounding of every weight moved the logits, but not far
     assert all(e.gate_up_proj.untyped_storage().size() == 0 and e.down_proj.untyped_storage().size() == 0
                for e in experts)
+
+
+@pytest.mark.parametrize("form,converted", [
+    ("einsum_w_first", True),   # einsum("enk,ek->en", W, x): x's K is its axis 1
+    ("einsum_x_first", True),   # einsum("tk,enk->etn", x, W)
+    ("bmm_w_left", True),       # bmm(W, x[E, K, T]): x's K is its axis -2
+    ("linear", True),           # linear(x, W[e])
+    ("einsum_two_contracted", False),  # no single K axis: the weight stays float
+])
+def test_stacked_weights_quantize_their_matmuls_activations_along_k(form, converted):
+    """quantize="fp8-block" on a stacked weight: FP8 blocks through deepfuse::fp8_block_dequantize, and the
+    other operand of each matmul it enters quantized per 128-wide tile along that matmul's K axis."""
+    import torch.fx as fx
+    from deepfuse.quantize import fp8_fake_quantize, quantize_experts
+    from deepfuse.runtime.kernels import moe
+
+    forms = {
+        "einsum_w_first": (lambda x, w: torch.einsum("enk,ek->en", w, x), (2, 256), 1),
+        "einsum_x_first": (lambda x, w: torch.einsum("tk,enk->etn", x, w), (3, 256), 1),
+        "bmm_w_left": (lambda x, w: torch.bmm(w, x), (2, 256, 3), 1),
+        "linear": (lambda x, w: F.linear(x, w[1]), (3, 256), 1),
+        "einsum_two_contracted": (lambda x, w: torch.einsum("enk,enk->e", w, x), (2, 128, 256), 1),
+    }
+    fn, x_shape, axis = forms[form]
+    weight = torch.nn.Parameter(torch.randn(2, 128, 256))
+    x = torch.randn(*x_shape)
+    gm = fx.symbolic_trace(fn)
+    w_node = [n for n in gm.graph.nodes if n.op == "placeholder"][1]
+    count, _ = quantize_experts(gm, {w_node: weight}, release=False)
+    gm.recompile()
+    assert count == int(converted)
+    if not converted:
+        assert torch.equal(gm(x, weight), fn(x, weight))
+        return
+    q, s = moe.quantize_experts(weight.detach())
+    k_axis = {"einsum_w_first": 1, "einsum_x_first": 1, "bmm_w_left": -2, "linear": -1}[form]
+    want = fn(fp8_fake_quantize(x, k_axis), moe.dequantize_experts(q, s))
+    assert torch.allclose(gm(x, weight), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fn(x, weight), want, rtol=1e-3, atol=1e-3)  # the quantization is really there

@@ -679,13 +679,21 @@ def dequantize_experts(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 def reference_fp8(x, topk_ids, topk_weights, w_gate_up, w_down, weight_scales, activation: str = "silu",
                   compute: torch.dtype = torch.float64, act_quant: bool = True) -> torch.Tensor:
-    """The FP8 experts written out in ``compute``: both projections' inputs quantized per row and 128-wide tile
-    (the intermediate first rounded to x's dtype, as the kernels store it; with ``act_quant`` only), weights
-    dequantized, then the routed experts as ``reference`` sums them."""
+    """The FP8 experts written out in ``compute``: weights dequantized, then ``reference_act_quant`` (both
+    projections' inputs quantized with ``act_quant``, as they are without)."""
+    w1, w2 = dequantize_experts(w_gate_up, weight_scales[0], compute), dequantize_experts(w_down, weight_scales[1], compute)
+    return reference_act_quant(x, topk_ids, topk_weights, w1, w2, activation, compute, act_quant)
+
+
+def reference_act_quant(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu",
+                        compute: torch.dtype = torch.float64, act_quant: bool = True) -> torch.Tensor:
+    """The routed experts in ``compute`` with both projections' inputs quantized per row and 128-wide tile
+    (the intermediate first rounded to x's dtype, as the kernels store it; with ``act_quant`` only), summed as
+    ``reference`` sums them."""
     act = TORCH_ACTIVATIONS[activation]
     fake_quant = lambda v: quant_kernels.dequantize_activation(  # noqa: E731
         *quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK, compute) if act_quant else v.to(compute)
-    w1, w2 = dequantize_experts(w_gate_up, weight_scales[0], compute), dequantize_experts(w_down, weight_scales[1], compute)
+    w1, w2 = w_gate_up.to(compute), w_down.to(compute)
     xq = fake_quant(x)
     out = torch.zeros(x.shape, dtype=compute, device=x.device)
     for e in range(w1.shape[0]):
