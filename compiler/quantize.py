@@ -145,9 +145,7 @@ def fp8_fake_quantize(v: torch.Tensor, axis: int) -> torch.Tensor:
     per token), then dequantized to its dtype: the activations of an FP8 W8A8 matmul, written out."""
     from deepfuse.runtime.kernels import quant
 
-    moved = v.movedim(axis, -1)
-    q, scale = quant.quantize_activation(moved, quant.DEFAULT_BLOCK[1])
-    return quant.dequantize_activation(q, scale, quant.DEFAULT_BLOCK[1]).to(v.dtype).movedim(-1, axis)
+    return quant.fake_quantize_activation(v, quant.DEFAULT_BLOCK[1], axis)
 
 
 def _register(gm: fx.GraphModule, name: str, t: torch.Tensor) -> None:

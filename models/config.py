@@ -88,6 +88,13 @@ class DeepSeekConfig:
         return tuple(qc.get("weight_block_size") or (128, 128)) if qc else None
 
     @property
+    def fp8_experts(self) -> bool:
+        """Routed experts stored in FP8 too: a quantized config whose 128 x 128 blocks tile the expert matrices
+        (gate and up are stacked, so the intermediate size must be whole blocks; other configs keep float
+        experts, dequantized at load)."""
+        return self.fp8_block == (128, 128) and self.moe_intermediate_size % 128 == 0
+
+    @property
     def latent_cache_width(self) -> int:
         """Values stored per token and layer in the latent KV cache: c_kv and the roped k_pe."""
         return self.kv_lora_rank + self.qk_rope_head_dim

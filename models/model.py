@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import deepfuse.runtime.ops  # noqa: F401  (registers deepfuse::fp8_block_dequantize, which FP8 experts read through)
 from deepfuse.runtime.kernels import quant
 from deepfuse.runtime.latent_cache import LatentKVCache, LayerCache
 from .config import DeepSeekConfig
@@ -36,6 +37,20 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def _apply_keeping_formats(module: nn.Module, names, apply, fn, recurse):
+    """``module._apply(fn)`` with the parameters ``names`` (FP8 weights and their fp32 scales) moved to fn's
+    device but kept in their dtypes: device moves apply to them, dtype casts (model.bfloat16()) do not."""
+    kept = {name: module._parameters.pop(name) for name in names}
+    try:
+        apply(fn, recurse)
+    finally:
+        target = fn(torch.empty(0, device=next(iter(kept.values())).device)).device
+        for name, p in kept.items():
+            data = torch.empty_like(p, device=target) if p.is_meta else p.data.to(target)
+            module._parameters[name] = nn.Parameter(data, requires_grad=False)
+    return module
 
 
 class Linear(nn.Module):
@@ -78,18 +93,9 @@ class Linear(nn.Module):
         self.weight.data, self.weight_scale_inv.data = q.to(self.weight.device), s.to(self.weight.device)
 
     def _apply(self, fn, recurse=True):
-        # Device moves apply to the FP8 weight and its scales; dtype casts (model.bfloat16()) do not.
         if self.block is None:
             return super()._apply(fn, recurse)
-        kept = {name: self._parameters.pop(name) for name in ("weight", "weight_scale_inv")}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            target = fn(torch.empty(0, device=kept["weight"].device)).device
-            for name, p in kept.items():
-                data = torch.empty_like(p, device=target) if p.is_meta else p.data.to(target)
-                self._parameters[name] = nn.Parameter(data, requires_grad=False)
-        return self
+        return _apply_keeping_formats(self, ("weight", "weight_scale_inv"), super()._apply, fn, recurse)
 
     def extra_repr(self) -> str:
         fmt = f", fp8 blocks {self.block}" if self.block else ""
@@ -261,13 +267,54 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts, stacked: y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])."""
+    """The routed experts, stacked: y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t]).
+
+    With ``config.fp8_experts`` (a V3-style FP8 config whose 128 x 128 blocks tile the expert matrices) the
+    stacked weights are float8_e4m3fn with fp32 block scales ``*_scale_inv`` [E, N/128, K/128], read through
+    ``deepfuse::fp8_block_dequantize``, and both projections' inputs are quantized per token and 128-wide tile:
+    the W8A8 math of the FP8 ``Linear`` layers."""
 
     def __init__(self, config: DeepSeekConfig):
         super().__init__()
         e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.fp8 = config.fp8_experts
+        if not self.fp8:
+            self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+            self.down_proj = nn.Parameter(torch.empty(e, h, i))
+            return
+        fp8, blocks = torch.float8_e4m3fn, lambda n: -(-n // 128)  # noqa: E731
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h, dtype=fp8), requires_grad=False)
+        self.gate_up_proj_scale_inv = nn.Parameter(torch.empty(e, blocks(2 * i), blocks(h)), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(e, h, i, dtype=fp8), requires_grad=False)
+        self.down_proj_scale_inv = nn.Parameter(torch.empty(e, blocks(h), blocks(i)), requires_grad=False)
+
+    _FP8_NAMES = ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv")
+
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E, 2I, H], down [E, H, I]) to multiply with in ``dtype``: FP8 ones dequantized."""
+        if not self.fp8:
+            return self.gate_up_proj, self.down_proj
+        dequantize = torch.ops.deepfuse.fp8_block_dequantize
+        return (dequantize(self.gate_up_proj, self.gate_up_proj_scale_inv, dtype),
+                dequantize(self.down_proj, self.down_proj_scale_inv, dtype))
+
+    def projection_input(self, v: torch.Tensor) -> torch.Tensor:
+        """A projection's input: FP8 experts quantize it per token and 128-wide tile (V3's activations)."""
+        return quant.fake_quantize_activation(v) if self.fp8 else v
+
+    @torch.no_grad()
+    def quantize_(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Store float ``gate_up`` [E, 2I, H] and ``down`` [E, H, I] in the FP8 format."""
+        from deepfuse.runtime.kernels import moe
+
+        for name, w in (("gate_up_proj", gate_up), ("down_proj", down)):
+            q, s = moe.quantize_experts(w.float())
+            getattr(self, name).data, getattr(self, f"{name}_scale_inv").data = q, s
+
+    def _apply(self, fn, recurse=True):
+        if not self.fp8:
+            return super()._apply(fn, recurse)
+        return _apply_keeping_formats(self, self._FP8_NAMES, super()._apply, fn, recurse)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # Both forms trace whole under Dynamo. torch._grouped_mm takes bf16 only (its shape function says
@@ -281,13 +328,15 @@ class Experts(nn.Module):
         """The (token, slot) pairs sorted by expert; each expert's rows are one segment of two grouped GEMMs.
         No data-dependent shapes, so Dynamo traces it whole."""
         tokens, k = indices.shape
-        experts = self.gate_up_proj.shape[0]
+        w_gate_up, w_down = self.weights(x.dtype)
+        experts = w_gate_up.shape[0]
         expert_of_pair, order = indices.flatten().sort(stable=True)
         token_of_pair = order // k
         rows_per_expert = torch.histc(expert_of_pair.float(), bins=experts, min=0, max=experts - 1)
         offsets = rows_per_expert.cumsum(0).to(torch.int32)
-        gate, up = torch._grouped_mm(x[token_of_pair], self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, -1)
-        out = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        gate, up = torch._grouped_mm(self.projection_input(x[token_of_pair]), w_gate_up.transpose(1, 2),
+                                     offs=offsets).chunk(2, -1)
+        out = torch._grouped_mm(self.projection_input(F.silu(gate) * up), w_down.transpose(1, 2), offs=offsets)
         out = out * weights.flatten()[order, None]  # fp32: the routing weights are
         unsorted = torch.empty_like(out).index_copy_(0, order, out)
         return unsorted.view(tokens, k, -1).sum(dim=1).to(x.dtype)
@@ -295,21 +344,24 @@ class Experts(nn.Module):
     def forward_gathered(self, x, indices, weights):
         """Each (token, slot) pair multiplies by its own expert's weights, gathered: batched matrix-vector."""
         tokens, k = indices.shape
+        w_gate_up, w_down = self.weights(x.dtype)
         expert_of_pair = indices.flatten()
-        x_of_pair = x.repeat_interleave(k, dim=0)
-        gate_up = torch.bmm(self.gate_up_proj[expert_of_pair], x_of_pair.unsqueeze(-1)).squeeze(-1)
+        x_of_pair = self.projection_input(x.repeat_interleave(k, dim=0))
+        gate_up = torch.bmm(w_gate_up[expert_of_pair], x_of_pair.unsqueeze(-1)).squeeze(-1)
         gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.bmm(self.down_proj[expert_of_pair], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        h = self.projection_input(F.silu(gate) * up)
+        out = torch.bmm(w_down[expert_of_pair], h.unsqueeze(-1)).squeeze(-1)
         out = out * weights.flatten()[:, None]
         return out.view(tokens, k, -1).sum(dim=1).to(x.dtype)
 
     def forward_per_expert(self, x, indices, weights):
         """The same sum, one expert at a time (data-dependent shapes: Dynamo breaks its graph here)."""
         y = torch.zeros_like(x)
-        for e in range(self.gate_up_proj.shape[0]):
+        w_gate_up, w_down = self.weights(x.dtype)
+        for e in range(w_gate_up.shape[0]):
             token, slot = torch.where(indices == e)
-            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
-            out = F.linear(F.silu(gate) * up, self.down_proj[e])
+            gate, up = F.linear(self.projection_input(x[token]), w_gate_up[e]).chunk(2, dim=-1)
+            out = F.linear(self.projection_input(F.silu(gate) * up), w_down[e])
             y.index_add_(0, token, (out * weights[token, slot, None]).to(x.dtype))
         return y
 
@@ -403,11 +455,16 @@ class DeepSeekForCausalLM(nn.Module):
         std = self.config.initializer_range
         fp8 = {f"{name}.{p}" for name, m in self.named_modules() if isinstance(m, Linear) and m.block
                for p in ("weight", "weight_scale_inv")}
+        fp8 |= {f"{name}.{p}" for name, m in self.named_modules() if isinstance(m, Experts) and m.fp8
+                for p in Experts._FP8_NAMES}
+        draw = lambda p: torch.empty(p.shape, device=p.device).normal_(0.0, std, generator=gen)  # noqa: E731
         for name, p in self.named_parameters():
-            if name in fp8:
-                if name.endswith(".weight"):  # drawn in fp32, then stored in the layer's FP8 format
-                    layer = self.get_submodule(name[: -len(".weight")])
-                    layer.quantize_(torch.empty(p.shape, device=p.device).normal_(0.0, std, generator=gen))
+            if name in fp8:  # drawn in fp32, then stored in the layer's FP8 format
+                if name.endswith(".weight"):
+                    self.get_submodule(name[: -len(".weight")]).quantize_(draw(p))
+                elif name.endswith("experts.gate_up_proj"):
+                    experts = self.get_submodule(name[: -len(".gate_up_proj")])
+                    experts.quantize_(draw(p), draw(experts.down_proj))
             elif name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith("e_score_correction_bias"):

@@ -43,8 +43,8 @@ def test_fp8_quantization_error_against_bf16():
 
 
 def test_bundled_fp8_model_on_gpu_with_cuda_graphs():
-    """The bundled model in DeepSeek-V3's FP8 format, bf16 activations: every FP8 projection runs the generated
-    W8A8 kernel, under CUDA graphs. Measured against the same model in float64 beside bf16 eager's error: the
+    """The bundled model in DeepSeek-V3's FP8 format, bf16 activations: every FP8 projection and the FP8 routed
+    experts run the generated W8A8 kernels, under CUDA graphs. Measured against the same model in float64 beside bf16 eager's error: the
     activation quantization is a step function, so upstream rounding differences (Inductor keeps fused
     intermediates in fp32) move some values one FP8 step, in eager as in compiled code."""
     import deepfuse
@@ -69,6 +69,9 @@ def test_bundled_fp8_model_on_gpu_with_cuda_graphs():
     weight_only = [m for m in rows if not m.params["act_quant"]]
     assert all(m.params["in_features"] == cfg.kv_lora_rank for m in weight_only), str(report)
     assert len(rows) - len(weight_only) == 7 * cfg.num_hidden_layers, str(report)  # q_a, q_b, kv_a, o, 3 MLP
+    # v3-small's experts are whole 128-blocks: stored in FP8, run as the W8A8 expert kernels
+    moes = [m for m in report.matches if m.family == "moe"]
+    assert cfg.fp8_experts and moes and all(m.params["expert_weights"].endswith("(W8A8)") for m in moes), str(report)
     ours, eager = fp64_errors(model, ids, out)
     assert ours < max(3e-2, 1.5 * eager), (ours, eager)
     assert rel_err(ref, out) < 0.2  # the same model, not another one

@@ -149,10 +149,12 @@ def test_float_linears_get_no_row():
     assert not [r for r in report.matches + report.declined if r.family == "quant"]
 
 
-@pytest.mark.parametrize("config", ["v3-tiny", "v2-tiny"])
-def test_bundled_fp8_model_prefill_and_decode(config):
-    """Every FP8 projection is found (W8A8), and MLA and MoE still match around them."""
-    cfg = get_config(config, quantization_config=FP8_CONFIG)
+@pytest.mark.parametrize("config,overrides", [("v3-tiny", {"moe_intermediate_size": 128}), ("v2-tiny", {})],
+                         ids=["v3-tiny-fp8-experts", "v2-tiny"])
+def test_bundled_fp8_model_prefill_and_decode(config, overrides):
+    """Every FP8 projection is found (W8A8), and MLA and MoE still match around them; experts stored in FP8
+    (an intermediate size of whole 128-blocks) run as the W8A8 expert kernels."""
+    cfg = get_config(config, quantization_config=FP8_CONFIG, **overrides)
     model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
     ids = torch.randint(0, cfg.vocab_size, (2, 6))
     with torch.no_grad():
@@ -174,6 +176,8 @@ def test_bundled_fp8_model_prefill_and_decode(config):
     families = {m.family for m in report.matches}
     assert {"mla", "moe"} <= families, str(report)
     assert not [d for d in report.declined if d.family in ("quant", "mla")], str(report)
+    moes = [m for m in report.matches if m.family == "moe"]
+    assert all(m.params.get("expert_weights", "").endswith("(W8A8)") == cfg.fp8_experts for m in moes), str(report)
 
 
 def test_v3_style_fp8_checkpoint_loads(tmp_path):
@@ -202,6 +206,29 @@ def test_v3_style_fp8_checkpoint_loads(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(deepfuse.DeepfuseError, match="without weight_scale_inv"):
         load_checkpoint(tmp_path)
+
+
+def test_v3_style_fp8_experts_load_as_stored(tmp_path):
+    """With 128 x 128 blocks that tile the experts, per-expert FP8 weights and their weight_scale_inv stack as
+    stored into FP8 Experts (no dequantization at load), save back per expert, and compute what they did."""
+    from safetensors.torch import load_file
+
+    from deepfuse.models.loader import load_checkpoint, save_checkpoint
+
+    cfg = get_config("v3-tiny", quantization_config=FP8_CONFIG, moe_intermediate_size=128)
+    model = DeepSeekForCausalLM.from_config(cfg, dtype=torch.bfloat16, seed=int(torch.randint(0, 1000, ())))
+    save_checkpoint(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert tensors["model.layers.1.mlp.experts.3.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert tuple(tensors["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"].shape) == (1, 1)
+    loaded = load_checkpoint(tmp_path)
+    ours, theirs = model.model.layers[1].mlp.experts, loaded.model.layers[1].mlp.experts
+    for name in ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv"):
+        assert getattr(theirs, name).dtype == getattr(ours, name).dtype
+        assert torch.equal(getattr(theirs, name).float(), getattr(ours, name).float()), name
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).float(), model(ids).float())
 
 
 def test_fp8_config_is_validated():

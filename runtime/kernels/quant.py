@@ -498,6 +498,13 @@ def dequantize_activation(q: torch.Tensor, s: torch.Tensor, group: int = DEFAULT
     return q.to(dtype) * s.to(dtype).repeat_interleave(group, -1)[..., :k]
 
 
+def fake_quantize_activation(x: torch.Tensor, group: int = DEFAULT_BLOCK[1], axis: int = -1) -> torch.Tensor:
+    """``x`` quantized per token and ``group``-wide tile along ``axis``, then dequantized to its own dtype:
+    the activations of a W8A8 matmul, written out in plain torch."""
+    moved = x.movedim(axis, -1)
+    return dequantize_activation(*quantize_activation(moved, group), group).to(x.dtype).movedim(-1, axis)
+
+
 def reference(x, w, scale, bias, fmt: str, act_quant: bool, block=DEFAULT_BLOCK, out_dtype=None,
               compute: torch.dtype = torch.float32) -> torch.Tensor:
     """The quantized matmul in ``compute`` precision (float64 in the tests): dequantized operands, then matmul."""
