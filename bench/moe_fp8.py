@@ -1,6 +1,7 @@
 """The routed experts' kernels at V2-Lite's MoE shape in their three weight formats: bf16, FP8 weights widened
 in registers (W8A16, "fp8-block-weight") and FP8 weights with activations quantized per row and 128-wide tile
-(W8A8, "fp8-block"), every tile candidate of each replayed as a CUDA graph over several routings back to back
+(W8A8, "fp8-block"; the PREQUANT candidates quantize x in a pre-kernel and the intermediate in the gate/up
+epilogue), every tile candidate of each replayed as a CUDA graph over several routings back to back
 (what ``moe.tune`` times at compile time). Prints each candidate and the best per format; writes JSON with --out.
 It backs ``FP8_CANDIDATES`` in runtime/kernels/moe.py and the FP8 MoE rows of bench/RESULTS.md.
 
@@ -32,7 +33,7 @@ def main():
     w2 = torch.randn(e, h, inter, device=dev, dtype=torch.bfloat16) / inter**0.5
     (q1, s1), (q2, s2) = moe.quantize_experts(w1), moe.quantize_experts(w2)
     formats = {"bf16": (w1, w2, None, False, moe.CANDIDATES),
-               "fp8 W8A16": (q1, q2, (s1, s2), False, moe.FP8_CANDIDATES),
+               "fp8 W8A16": (q1, q2, (s1, s2), False, [c for c in moe.FP8_CANDIDATES if not c.get("PREQUANT")]),
                "fp8 W8A8": (q1, q2, (s1, s2), True, moe.FP8_CANDIDATES)}
     formats = {name: formats[name] for name in args.formats.split(",")}
     rows = []

@@ -134,11 +134,17 @@ FP8_CASES = [  # (tokens, hidden, inter, experts, k)
 ]
 
 
+# W8A8 with the activations quantized once: x by the pre-kernel, the intermediate by the gate/up epilogue
+PREQUANT = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PREQUANT": True, "num_warps": 4, "num_stages": 3}
+FP8_FORMS = {"w8a8": (True, None), "w8a8-prequant": (True, PREQUANT), "w8a16": (False, None)}
+
+
 @pytest.mark.parametrize("case", FP8_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("act_quant", [True, False], ids=["w8a8", "w8a16"])
-def test_interpreted_fp8_experts_equal_their_float64_form(case, dtype, act_quant):
-    _check_fp8(*case, dtype, "cpu", interpret=True, act_quant=act_quant)
+@pytest.mark.parametrize("form", FP8_FORMS)
+def test_interpreted_fp8_experts_equal_their_float64_form(case, dtype, form):
+    act_quant, config = FP8_FORMS[form]
+    _check_fp8(*case, dtype, "cpu", interpret=True, act_quant=act_quant, config=config)
 
 
 def test_interpreted_fp8_experts_edges():
@@ -148,6 +154,8 @@ def test_interpreted_fp8_experts_edges():
     _check_fp8(1, 256, 256, 8, 2, torch.float16, "cpu", interpret=True, config=DECODE_CANDIDATES[0])
     _check_fp8(6, 256, 128, 4, 2, torch.float16, "cpu", interpret=True, outliers=True, act_quant=False,
                deterministic=False)
+    _check_fp8(6, 256, 128, 4, 2, torch.float16, "cpu", interpret=True, outliers=True, config=PREQUANT,
+               route="one_expert", deterministic=False)
 
 
 def test_fp8_experts_misuse_is_a_clear_error():
@@ -160,6 +168,9 @@ def test_fp8_experts_misuse_is_a_clear_error():
     with pytest.raises(ValueError, match="no shared experts"):
         moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s2),
                         shared=(torch.randn(128, 128), torch.randn(128, 128), torch.randn(128, 128)))
+    with pytest.raises(ValueError, match="PREQUANT takes BLOCK_N = 128"):
+        moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s2),
+                        config={**PREQUANT, "BLOCK_N": 64})
 
 
 def test_shared_scale_misuse_is_a_clear_error():
@@ -266,9 +277,13 @@ def test_gpu_experts_with_gated_shared_v2_lite_shape(t):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64, 4096])
-@pytest.mark.parametrize("act_quant", [True, False], ids=["w8a8", "w8a16"])
-def test_gpu_fp8_experts_v2_lite_shape(t, act_quant):
-    _check_fp8(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, outliers=t == 64, act_quant=act_quant)
+@pytest.mark.parametrize("form", FP8_FORMS)
+def test_gpu_fp8_experts_v2_lite_shape(t, form):
+    act_quant, config = FP8_FORMS[form]
+    if config is not None and t == 4096:  # the prefill tile the candidates hold
+        config = {**config, "BLOCK_M": 128, "num_warps": 8}
+    _check_fp8(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, outliers=t == 64, act_quant=act_quant,
+               config=config)
 
 
 @pytest.mark.gpu

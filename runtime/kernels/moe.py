@@ -114,7 +114,7 @@ def moe_gate_up_act_kernel(
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     N_FASTEST: tl.constexpr,
-    ${weight_scale_args}
+    ${gate_up_scale_args}
 ):
     """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block."""
     if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
@@ -149,7 +149,7 @@ def moe_gate_up_act_kernel(
     gate = acc_gate
     act = ${activation}
     out = (act * acc_up).to(${dtype})
-    tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
+    ${gate_up_store}
 
 
 @triton.jit
@@ -159,7 +159,7 @@ def moe_down_weighted_kernel(
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
-    ${weight_scale_args}
+    ${down_scale_args}
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
     straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
@@ -252,6 +252,18 @@ aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
 b_scale = tl.load(bs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
 acc += tl.dot(aq, b) * (a_scale[:, None] * b_scale[None, :])""",
     },
+    "fp8-block-prequant": {  # the A tiles FP8 already, with their per-row scales: one load each, no quantizing
+        "gate_up": """\
+a_scale = tl.load(AScale + token * stride_asm + k0 // 128, mask=valid, other=0.0)
+g_scale = tl.load(gs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+u_scale = tl.load(us_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+acc_gate += tl.dot(a, g) * (a_scale[:, None] * g_scale[None, :])
+acc_up += tl.dot(a, u) * (a_scale[:, None] * u_scale[None, :])""",
+        "down": """\
+a_scale = tl.load(AScale + offs_m.to(tl.int64) * stride_asm + k0 // 128, mask=valid, other=0.0)
+b_scale = tl.load(bs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])""",
+    },
     "fp8-block-weight": {
         "gate_up": """\
 g_scale = tl.load(gs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
@@ -268,6 +280,15 @@ _SCALE_POINTERS = {  # the weight scales of this program's output columns: [E, r
 gs_ptrs = WScale + expert * stride_sse + (offs_n // 128) * stride_ssn
 us_ptrs = WScale + expert * stride_sse + ((N + offs_n) // 128) * stride_ssn""",
     "down": "bs_ptrs = WScale + expert * stride_sse + (offs_n // 128) * stride_ssn",
+}
+# The intermediate's store: as it is, or (prequantized W8A8) in FP8 with one scale per row of this program's
+# 128 columns, which are exactly one 128-wide tile of the down projection's K.
+_GATE_UP_STORES = {
+    "plain": "tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)",
+    "fp8": """\
+hq, h_scale = quantize_rows_e4m3(out, EXACT_FP8_ROUNDING)
+tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], hq, mask=valid[:, None] & n_ok)
+tl.store(OutScale + offs_m.to(tl.int64) * stride_osm + pid_n, h_scale, mask=valid)""",
 }
 _FP8_HELPERS = f"""\
 {quant_kernels.ROUND_TO_E4M3}
@@ -290,6 +311,13 @@ WEIGHT_FORMATS = tuple(_PRODUCTS)
 FP8_BLOCK = 128  # the weight scale block (both dims) and the activation tile: BLOCK_K is 128 for FP8 weights
 
 
+def _scale_args(fp8: bool, prequant: bool, out_scales: bool) -> str:
+    if not fp8:
+        return ""
+    return ("WScale, stride_sse, stride_ssn, stride_ssk, EXACT_FP8_ROUNDING: tl.constexpr,"
+            + (" AScale, stride_asm," if prequant else "") + (" OutScale, stride_osm," if out_scales else ""))
+
+
 def _pointers(kind: str, shared: bool) -> str:
     if not shared:
         return _ROUTED_POINTERS[kind]
@@ -310,7 +338,8 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
     key = (str(cache_dir()), dtype, activation, shared, weight_format)
     if key not in _generated:
         fp8 = weight_format != "float"
-        w8a8 = weight_format == "fp8-block"
+        prequant = weight_format == "fp8-block-prequant"
+        w8a8 = weight_format in ("fp8-block", "fp8-block-prequant")
         spec = {"dtype": str(dtype), "activation": activation, **({"shared_experts": True} if shared else {}),
                 **({"weight_format": weight_format} if fp8 else {})}
         header = (
@@ -321,7 +350,11 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
             + ("The shared MLP runs as always-chosen experts (weight 1, or the token's gate factor) in the same "
                "launches.\n" if shared else "")
             + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block); activations quantized per row and\n"
-               "128-wide K tile in the K loop, FP8 dots accumulated in fp32 with both scales applied.\n" if w8a8 else "")
+               "128-wide K tile in the K loop, FP8 dots accumulated in fp32 with both scales applied.\n"
+               if w8a8 and not prequant else "")
+            + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block); x quantized per row and 128-wide tile\n"
+               "by a pre-kernel, the intermediate written in FP8 with its 1 x 128 scales by the gate/up epilogue;\n"
+               "FP8 dots accumulated in fp32 with both scales applied.\n" if prequant else "")
             + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block), widened in registers; activations in\n"
                "their own dtype; each K tile's product scaled by its weight block's scale.\n" if fp8 and not w8a8 else "")
             + (f"First generated for: {origin}" if origin else "")
@@ -332,8 +365,9 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "down_pointers": _pointers("down", shared) + ("\n" + _SCALE_POINTERS["down"] if fp8 else ""),
                  "gate_up_product": _PRODUCTS[weight_format]["gate_up"].replace("${precision}", precision),
                  "down_product": _PRODUCTS[weight_format]["down"].replace("${precision}", precision),
-                 "weight_scale_args": ("WScale, stride_sse, stride_ssn, stride_ssk, EXACT_FP8_ROUNDING: tl.constexpr,"
-                                       if fp8 else ""),
+                 "gate_up_scale_args": _scale_args(fp8, prequant, out_scales=prequant),
+                 "down_scale_args": _scale_args(fp8, prequant, out_scales=False),
+                 "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
                  "helpers": _FP8_HELPERS if w8a8 else ""}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
@@ -401,6 +435,11 @@ FP8_CANDIDATES = [
                            # deeper pipelines: an FP8 tile is half a bf16 one, so a decode program needs more of
                            # them in flight to cover the memory latency
                            (32, 32, 4, 6), (32, 32, 4, 8), (64, 32, 4, 6), (64, 64, 4, 8), (32, 16, 4, 8)]
+] + [  # W8A8 with the activations quantized once (x by a pre-kernel, the intermediate by the gate/up epilogue)
+    {"BLOCK_M": bm, "BLOCK_N": FP8_BLOCK, "BLOCK_N_DOWN": bnd, "BLOCK_K": FP8_BLOCK, "PREQUANT": True,
+     "num_warps": w, "num_stages": st}
+    for bm, bnd, w, st in [(64, 128, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
+                           (16, 128, 4, 4), (32, 128, 4, 4)]
 ]
 
 
@@ -439,7 +478,9 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
                         weight_scales=scales, act_quant=weight_format == "fp8-block")
 
     key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
-    return autotune.choose(key, tokens, FP8_CANDIDATES if fp8 else CANDIDATES, run, torch.device(device))
+    candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not c.get("PREQUANT")] if fp8
+                  else CANDIDATES)
+    return autotune.choose(key, tokens, candidates, run, torch.device(device))
 
 
 # The fused align's tiles: SLOT_CHUNK routed slots compared pairwise per step (a SLOT_CHUNK^2 tile in registers),
@@ -555,6 +596,13 @@ def moe_experts(
     cfg = dict(config or config_for(num_slots, num_experts))
     if fp8:  # the activation tile is the quantization group
         cfg["BLOCK_K"] = FP8_BLOCK
+    # PREQUANT (W8A8 only): x quantized by a pre-kernel and the intermediate written in FP8 by the gate/up
+    # epilogue, one 128-wide scale tile per program (BLOCK_N 128), instead of every N-tile program quantizing its
+    # A tiles again in the K loop.
+    prequant = cfg.pop("PREQUANT", False) and fp8 and act_quant
+    if prequant and cfg["BLOCK_N"] != FP8_BLOCK:
+        raise ValueError(f"moe: PREQUANT takes BLOCK_N = {FP8_BLOCK} (one scale tile of the intermediate), "
+                         f"got {cfg['BLOCK_N']}")
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
     launch_opts = {} if interpret else cfg
@@ -578,7 +626,12 @@ def moe_experts(
     capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None,
-                      weight_format=("fp8-block" if act_quant else "fp8-block-weight") if fp8 else "float")
+                      weight_format=("fp8-block-prequant" if prequant else "fp8-block" if act_quant
+                                     else "fp8-block-weight") if fp8 else "float")
+    a, a_scales, h_scales = x, None, None  # the gate/up kernel's A operand
+    if prequant:
+        a, a_scales = quant_kernels.prequantize_activations(x, FP8_BLOCK, interpret)
+        h_scales = torch.empty((capacity, triton.cdiv(inter, FP8_BLOCK)), dtype=torch.float32, device=x.device)
     if shared is None:  # never read: the kernels take these pointers only for shared experts
         shared_gate = shared_up = shared_down = w_down
 
@@ -586,19 +639,25 @@ def moe_experts(
         if not fp8:
             return {}
         ws = weight_scales[i]
-        return {"WScale": ws, "stride_sse": ws.stride(0), "stride_ssn": ws.stride(1), "stride_ssk": ws.stride(2),
+        args = {"WScale": ws, "stride_sse": ws.stride(0), "stride_ssn": ws.stride(1), "stride_ssk": ws.stride(2),
                 "EXACT_FP8_ROUNDING": interpret}
+        if prequant:  # the A operand's scales: x's for gate/up, the intermediate's for down (which gate/up writes)
+            scales = a_scales if i == 0 else h_scales
+            args.update({"AScale": scales, "stride_asm": scales.stride(0)})
+            if i == 0:
+                args.update({"OutScale": h_scales, "stride_osm": h_scales.stride(0)})
+        return args
     gate_up = gen.function("moe_gate_up_act_kernel", interpret=interpret)
     down = gen.function("moe_down_weighted_kernel", interpret=interpret)
     if not interpret:
         gate_up, down = torch.library.wrap_triton(gate_up), torch.library.wrap_triton(down)
-    inter_out = torch.empty((capacity, inter), dtype=x.dtype, device=x.device)
+    inter_out = torch.empty((capacity, inter), dtype=torch.float8_e4m3fn if prequant else x.dtype, device=x.device)
     def grid(n_tiles):
         return (n_tiles, capacity // bm) if n_fastest else (capacity // bm, n_tiles)
 
     gate_up[grid(triton.cdiv(inter, bn))](
-        x, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), shared_gate.stride(0),
+        a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
+        a.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), shared_gate.stride(0),
         inter_out.stride(0), num_slots, routed, N=inter, K=hidden,
         TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, **scale_args(0), **launch_opts,
     )
@@ -681,7 +740,7 @@ def reference_fp8(x, topk_ids, topk_weights, w_gate_up, w_down, weight_scales, a
                   compute: torch.dtype = torch.float64, act_quant: bool = True) -> torch.Tensor:
     """The FP8 experts written out in ``compute``: weights dequantized, then ``reference_act_quant`` (both
     projections' inputs quantized with ``act_quant``, as they are without)."""
-    w1, w2 = dequantize_experts(w_gate_up, weight_scales[0], compute), dequantize_experts(w_down, weight_scales[1], compute)
+    w1, w2 = (dequantize_experts(w, s, compute) for w, s in ((w_gate_up, weight_scales[0]), (w_down, weight_scales[1])))
     return reference_act_quant(x, topk_ids, topk_weights, w1, w2, activation, compute, act_quant)
 
 

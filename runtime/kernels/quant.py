@@ -332,15 +332,7 @@ def quant_matmul(
     bn_s, bk_s = block if fmt == "fp8-block" else (1, 1)
     xs = scale  # placeholder pointer where the mode reads no activation scales
     if mode == "prequantized":
-        quant = gen.function("act_quant_kernel", interpret=interpret)
-        if not interpret:
-            quant = torch.library.wrap_triton(quant)
-        xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-        xs = torch.empty((m, triton.cdiv(k, bk_s)), dtype=torch.float32, device=x.device)
-        if not (isinstance(m, int) and m == 0):
-            quant[(m, triton.cdiv(k, bk_s))](x2, xq, xs, k, x2.stride(0), x2.stride(1), xq.stride(0), xs.stride(0),
-                                              GROUP_K=bk_s, EXACT_FP8_ROUNDING=interpret)
-        x2 = xq
+        x2, xs = prequantize_activations(x2, bk_s, interpret, gen)
     if not interpret:
         gemm = torch.library.wrap_triton(gemm)
     configs = _configs(m, fmt, act_quant, block)
@@ -354,6 +346,23 @@ def quant_matmul(
     else:
         config = _fit(config, fmt, act_quant, block)
     return launch(config).view(*x.shape[:-1], n)
+
+
+def prequantize_activations(x2: torch.Tensor, group: int = DEFAULT_BLOCK[1], interpret: bool = False,
+                            gen=None):
+    """The activation pre-kernel: x2 [M, K] -> (float8_e4m3fn [M, K], fp32 scales [M, K/group] rounded up), per
+    token and ``group``-wide tile (``quantize_activation``'s math, one launch)."""
+    m, k = x2.shape
+    gen = gen or kernels_for("prequantized", x2.dtype)[0]
+    quant = gen.function("act_quant_kernel", interpret=interpret)
+    if not interpret:
+        quant = torch.library.wrap_triton(quant)
+    xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2.device)
+    xs = torch.empty((m, triton.cdiv(k, group)), dtype=torch.float32, device=x2.device)
+    if not (isinstance(m, int) and m == 0):
+        quant[(m, triton.cdiv(k, group))](x2, xq, xs, k, x2.stride(0), x2.stride(1), xq.stride(0), xs.stride(0),
+                                          GROUP_K=group, EXACT_FP8_ROUNDING=interpret)
+    return xq, xs
 
 
 def _launch(gemm, x2, xs, w, scale, bias, out_dtype, scale_block, cfg: dict, interpret: bool) -> torch.Tensor:
