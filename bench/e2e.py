@@ -3,7 +3,7 @@ deepfuse, beside the bundled model in eager and Hugging Face transformers' Deeps
 experts) in eager and under torch.compile's default, on the same prompt, in one process on one GPU.
 
     python bench/e2e.py --out DIR [--layers 27] [--prefill 2048] [--context 2048] [--batches 1,32]
-                        [--impls bundled,deepfuse,hf,hf_inductor]
+                        [--impls bundled,deepfuse,hf,hf_inductor] [--fp8]
 
 Measured (CUDA events, median; every call launched from Python as a user would):
 - prefill of one sequence of --prefill tokens;
@@ -21,8 +21,9 @@ Measured (CUDA events, median; every call launched from Python as a user would):
 - greedy generation of --gen-tokens tokens after the prompt, deepfuse against the bundled model in eager bf16:
   how many tokens agree before the first divergence (bf16 under a different fusion order can flip near-ties);
   the yardstick is eager bf16 against itself with the other attention form (naive vs absorb).
-Floors: decode, the bytes one step must read (weights it touches and the latent cache) over the measured HBM
-bandwidth; prefill, its matmul and attention FLOPs over the measured bf16 matmul rate. Writes e2e_results.json
+Floors: decode, the bytes one step must read (weights it touches, in their stored format, and the latent cache)
+over the measured HBM bandwidth; prefill, its matmul and attention FLOPs over the measured bf16 matmul rate (with
+--fp8, twice that: FP8's tensor-core rate on Hopper). Writes e2e_results.json
 and e2e.png to --out.
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ def decode_bytes(cfg, params: dict, batch: int, context: int) -> float:
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     touched = e * (1 - (1 - k / e) ** batch)
     moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    expert = params["expert_bytes"]
     cache = batch * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers
     return params["dense_bytes"] + moe_layers * touched * expert + cache
 
@@ -75,7 +76,9 @@ def weight_figures(model, cfg) -> dict:
     dense = [p for n, p in model.named_parameters() if ".experts." not in n and p is not model.model.embed_tokens.weight]
     moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
     expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    return {"dense_bytes": sum(p.numel() * p.element_size() for p in dense),
+    experts = next(m for m in model.modules() if type(m).__name__ == "Experts")  # FP8 ones with their block scales
+    expert_bytes = sum(p.numel() * p.element_size() for p in experts.parameters()) / cfg.n_routed_experts
+    return {"dense_bytes": sum(p.numel() * p.element_size() for p in dense), "expert_bytes": expert_bytes,
             "active_per_token": sum(p.numel() for p in dense) + moe_layers * cfg.num_experts_per_tok * expert_params}
 
 
@@ -280,6 +283,9 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="write the GPU kernels of deepfuse's decode steps to profile_decode_b{B}.txt")
     parser.add_argument("--impls", default="bundled,deepfuse,hf,hf_inductor")
+    parser.add_argument("--fp8", action="store_true",
+                        help="the bundled model in DeepSeek-V3's FP8 format (128 x 128 blocks, W8A8): its linears and "
+                             "routed experts in FP8; bundled and deepfuse only")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.deepfuse_batches = [int(b) for b in args.deepfuse_batches.split(",")] if args.deepfuse_batches else args.batches
@@ -289,10 +295,16 @@ def main():
     from deepfuse.models import get_config
 
     os.makedirs(args.out, exist_ok=True)
-    cfg = get_config("v2-lite", num_hidden_layers=args.layers)
+    fp8 = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": [128, 128]}} if args.fp8 else {}
+    if args.fp8:
+        args.impls = [i for i in args.impls if not i.startswith("hf")]
+    cfg = get_config("v2-lite", num_hidden_layers=args.layers, **fp8)
     bandwidth, peak = hbm_bandwidth(), matmul_peak()
+    if args.fp8:  # the prefill floor at the FP8 tensor-core rate, taken as twice the measured bf16 one
+        peak *= 2
     print(f"{'impl':<22}{'what':<9}{'batch':>6}{'ms':>11}{'floor':>10}{'x floor':>8}{'tokens/s':>12}", flush=True)
-    rows, notes = [], {}
+    rows, notes = [], ({"fp8": "bundled model in V3's FP8 format (linears and routed experts)"} if args.fp8 else {})
     figures, prefill_floor = bench_bundled(args, cfg, bandwidth, peak, rows, notes)
     torch._dynamo.reset()  # drops the compiled model and its CUDA graphs before the HF model is built
     gc.collect()
