@@ -121,7 +121,13 @@ def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="ra
         return
     want = moe.reference_fp8(x, ids, weights, q1, q2, (s1, s2), act_quant=act_quant)
     assert torch.isfinite(out).all()
-    assert rel_err(out, want) < {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    if outliers and act_quant:
+        # The kernel's intermediate and the float64 one differ by rounding, and now and then an outlier crosses an
+        # e4m3 rounding boundary: one FP8 step of a 100x value (once 2.3e-3 in fp32). Unquantized activations
+        # miss by 3e-2, a wrong scale by far more.
+        tol = max(tol, 5e-3 if dtype == torch.float32 else 1e-2)
+    assert rel_err(out, want) < tol
     exact = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double())
     assert rel_err(out, exact) < 0.15  # two e4m3 roundings of each operand pair: a few percent
 
