@@ -5,7 +5,8 @@
 Workloads (DeepSeek-V2-Lite shapes, bf16), at decode and prefill token counts:
 - add_rms_norm: the decoder's residual add + RMSNorm (twice per layer), beside eager and Inductor;
 - moe_block: one MoE layer (router, routed and shared experts), Hugging Face's DeepseekV2Moe with grouped_mm
-  experts, eager, under Inductor, and under deepfuse (which finds the experts in that graph);
+  experts, eager, under Inductor, and under deepfuse (which finds the experts in that graph); with --moe-atomic
+  also deepfuse's atomic combine (options={"deterministic": False});
 - moe_block_fp8: the same layer under deepfuse in bf16 and with options={"quantize": "fp8-block"} (routed
   experts in FP8 blocks, run as the FP8 grouped kernels), each against its own floor, the FP8 one's error
   against bf16 printed.
@@ -114,7 +115,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def bench_moe_block(tokens, bandwidth, rounds, flops_peak, fp8=False):
+def bench_moe_block(tokens, bandwidth, rounds, flops_peak, fp8=False, atomic=False):
     """One DeepSeek-V2-Lite MoE block (router, 64 routed experts top-6 of size 1408, 2 shared experts), bf16:
     Hugging Face transformers' DeepseekV2Moe with grouped_mm experts, eager, under Inductor, and under
     deepfuse (which finds the MoE in the graph: the router after its matmul as one kernel, the routed and shared
@@ -164,6 +165,8 @@ def bench_moe_block(tokens, bandwidth, rounds, flops_peak, fp8=False):
             "hf_grouped_mm+inductor": torch.compile(block),
             "deepfuse": torch.compile(block, backend="deepfuse"),
         }
+        if atomic:  # the down kernel adding each slot's row into the token's fp32 row (no fixed order)
+            impls["deepfuse atomic"] = torch.compile(block, backend="deepfuse", options={"deterministic": False})
         rows += measure("moe_block", t, impls, sets, floor_ms, note, _rel)
     return rows
 
@@ -441,6 +444,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--workloads", default="add_rms_norm,moe_block")
     parser.add_argument("--moe-tokens", default="1,8,64,512,4096")
+    parser.add_argument("--moe-atomic", action="store_true",
+                        help="moe_block: also deepfuse with options={'deterministic': False} (the atomic combine)")
     parser.add_argument("--mla-batches", default="1,64")
     parser.add_argument("--mla-contexts", default="4096,32768")
     parser.add_argument("--mla-prefill-tokens", default="1024,4096")
@@ -455,7 +460,8 @@ def main():
     if "add_rms_norm" in workloads:
         rows += bench_rms_norm([int(t) for t in args.tokens.split(",")], bandwidth, args.rounds)
     if "moe_block" in workloads:
-        rows += bench_moe_block([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
+        rows += bench_moe_block([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak,
+                                atomic=args.moe_atomic)
     if "moe_block_fp8" in workloads:
         rows += bench_moe_block([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak, fp8=True)
     if "mla_decode" in workloads:
