@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from deepfuse.runtime.kernels import moe
+from deepfuse.runtime.kernels import moe, quant
 from conftest import rel_err
 
 
@@ -102,11 +102,17 @@ def test_interpreted_gated_shared_experts(case, shared, deterministic):
 
 
 def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="random", deterministic=True,
-               outliers=False, config=None, act_quant=True):
+               outliers=False, config=None, act_quant=True, shared=0):
     """FP8 experts (weights quantized in 128 x 128 blocks, activations per row and 128-wide tile in the
-    kernels) against the same quantization written out in float64; and, as a bound on what quantization
-    costs, against the float weights."""
+    kernels), with ``shared`` FP8 shared experts in the same launches, against the same quantization written
+    out in float64; and, as a bound on what quantization costs, against the float weights."""
     x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
+    sh = sh_q = sh_s = None
+    if shared:  # a shared MLP of intermediate shared * inter, as FP8 Linear layers store it
+        sh = tuple((torch.randn(*shape) / shape[1] ** 0.5).to(device, dtype)
+                   for shape in [(shared * inter, hidden), (shared * inter, hidden), (hidden, shared * inter)])
+        parts = [quant.quantize_weight(w, "fp8-block") for w in sh]
+        sh_q, sh_s = tuple(q for q, _ in parts), tuple(s_ for _, s_ in parts)
     if outliers:  # a few values 100x the rest, in the activations and in some weight blocks
         if dtype == torch.float16:  # an activation outlier meeting a weight outlier must not overflow fp16
             x /= 16
@@ -115,11 +121,11 @@ def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="ra
         wd.view(-1)[:: 1009] *= 100
     (q1, s1), (q2, s2) = moe.quantize_experts(wgu), moe.quantize_experts(wd)
     out = moe.moe_experts(x, ids, weights, q1, q2, interpret=interpret, deterministic=deterministic,
-                          weight_scales=(s1, s2), config=config, act_quant=act_quant)
+                          weight_scales=(s1, s2), config=config, act_quant=act_quant, shared=sh_q, shared_scales=sh_s)
     assert out.shape == (t, hidden) and out.dtype == dtype
     if not t:
         return
-    want = moe.reference_fp8(x, ids, weights, q1, q2, (s1, s2), act_quant=act_quant)
+    want = moe.reference_fp8(x, ids, weights, q1, q2, (s1, s2), act_quant=act_quant, shared=sh_q, shared_scales=sh_s)
     assert torch.isfinite(out).all()
     tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     if outliers and act_quant:
@@ -128,7 +134,8 @@ def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="ra
         # miss by 3e-2, a wrong scale by far more.
         tol = max(tol, 5e-3 if dtype == torch.float32 else 1e-2)
     assert rel_err(out, want) < tol
-    exact = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double())
+    exact = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double(),
+                          shared=None if sh is None else tuple(w.double() for w in sh))
     assert rel_err(out, exact) < 0.15  # two e4m3 roundings of each operand pair: a few percent
 
 
@@ -153,6 +160,13 @@ def test_interpreted_fp8_experts_equal_their_float64_form(case, dtype, form):
     _check_fp8(*case, dtype, "cpu", interpret=True, act_quant=act_quant, config=config)
 
 
+@pytest.mark.parametrize("form", FP8_FORMS)
+def test_interpreted_fp8_experts_with_fp8_shared_experts(form):
+    """An FP8 shared MLP (intermediate 2 x 128, ragged hidden) in the FP8 routed experts' launches."""
+    act_quant, config = FP8_FORMS[form]
+    _check_fp8(5, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, act_quant=act_quant, config=config, shared=2)
+
+
 def test_interpreted_fp8_experts_edges():
     """Outliers per block, every token's first choice one expert, the atomic combine, a decode tile."""
     _check_fp8(6, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, outliers=True)
@@ -171,9 +185,15 @@ def test_fp8_experts_misuse_is_a_clear_error():
         moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, weight_scales=(s1, s2))
     with pytest.raises(ValueError, match="one per 128 x 128 block"):
         moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s1))
-    with pytest.raises(ValueError, match="no shared experts"):
-        moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s2),
-                        shared=(torch.randn(128, 128), torch.randn(128, 128), torch.randn(128, 128)))
+    sh = (torch.randn(128, 128), torch.randn(128, 128), torch.randn(128, 128))
+    sh_parts = [quant.quantize_weight(w, "fp8-block") for w in sh]
+    sh_q, sh_s = tuple(q for q, _ in sh_parts), tuple(s_ for _, s_ in sh_parts)
+    with pytest.raises(ValueError, match="pass their shared_scales"):
+        moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s2), shared=sh_q)
+    with pytest.raises(ValueError, match="shared_scales without FP8 routed experts"):
+        moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, shared=sh, shared_scales=sh_s)
+    with pytest.raises(TypeError, match="FP8 shared experts must be float8_e4m3fn"):
+        moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s2), shared=sh, shared_scales=sh_s)
     with pytest.raises(ValueError, match="PREQUANT takes BLOCK_N = 128"):
         moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s2),
                         config={**PREQUANT, "BLOCK_N": 64})
@@ -284,12 +304,19 @@ def test_gpu_experts_with_gated_shared_v2_lite_shape(t):
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64, 4096])
 @pytest.mark.parametrize("form", FP8_FORMS)
-def test_gpu_fp8_experts_v2_lite_shape(t, form):
+def test_gpu_fp8_experts_v2_lite_shape(t, form, shared=0):
     act_quant, config = FP8_FORMS[form]
     if config is not None and t == 4096:  # the prefill tile the candidates hold
         config = {**config, "BLOCK_M": 128, "num_warps": 8}
     _check_fp8(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, outliers=t == 64, act_quant=act_quant,
-               config=config)
+               config=config, shared=shared)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64])
+@pytest.mark.parametrize("form", ["w8a8", "w8a8-prequant"])
+def test_gpu_fp8_experts_with_fp8_shared_v2_lite_shape(t, form):
+    test_gpu_fp8_experts_v2_lite_shape(t, form, shared=2)
 
 
 @pytest.mark.gpu

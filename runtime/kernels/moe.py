@@ -243,35 +243,35 @@ _PRODUCTS = {
     "fp8-block": {
         "gate_up": """\
 aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
-g_scale = tl.load(gs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
-u_scale = tl.load(us_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+g_scale = tl.load(gs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
+u_scale = tl.load(us_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
 acc_gate += tl.dot(aq, g) * (a_scale[:, None] * g_scale[None, :])
 acc_up += tl.dot(aq, u) * (a_scale[:, None] * u_scale[None, :])""",
         "down": """\
 aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
-b_scale = tl.load(bs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+b_scale = tl.load(bs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
 acc += tl.dot(aq, b) * (a_scale[:, None] * b_scale[None, :])""",
     },
     "fp8-block-prequant": {  # the A tiles FP8 already, with their per-row scales: one load each, no quantizing
         "gate_up": """\
 a_scale = tl.load(AScale + token * stride_asm + k0 // 128, mask=valid, other=0.0)
-g_scale = tl.load(gs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
-u_scale = tl.load(us_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+g_scale = tl.load(gs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
+u_scale = tl.load(us_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
 acc_gate += tl.dot(a, g) * (a_scale[:, None] * g_scale[None, :])
 acc_up += tl.dot(a, u) * (a_scale[:, None] * u_scale[None, :])""",
         "down": """\
 a_scale = tl.load(AScale + offs_m.to(tl.int64) * stride_asm + k0 // 128, mask=valid, other=0.0)
-b_scale = tl.load(bs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+b_scale = tl.load(bs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
 acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])""",
     },
     "fp8-block-weight": {
         "gate_up": """\
-g_scale = tl.load(gs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
-u_scale = tl.load(us_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+g_scale = tl.load(gs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
+u_scale = tl.load(us_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
 acc_gate += tl.dot(a, g.to(a.dtype), input_precision=${precision}) * g_scale[None, :]
 acc_up += tl.dot(a, u.to(a.dtype), input_precision=${precision}) * u_scale[None, :]""",
         "down": """\
-b_scale = tl.load(bs_ptrs + (k0 // 128) * stride_ssk, mask=offs_n < N, other=0.0)
+b_scale = tl.load(bs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
 acc += tl.dot(a, b.to(a.dtype), input_precision=${precision}) * b_scale[None, :]""",
     },
 }
@@ -280,6 +280,14 @@ _SCALE_POINTERS = {  # the weight scales of this program's output columns: [E, r
 gs_ptrs = WScale + expert * stride_sse + (offs_n // 128) * stride_ssn
 us_ptrs = WScale + expert * stride_sse + ((N + offs_n) // 128) * stride_ssn""",
     "down": "bs_ptrs = WScale + expert * stride_sse + (offs_n // 128) * stride_ssn",
+}
+# FP8 shared experts: the shared MLP's own scale grids, gate/up [S*I / 128, H / 128] and down [H / 128, S*I / 128]
+# (I a multiple of 128, so a shared expert's K columns start on a scale block).
+_SHARED_SCALE_POINTERS = {
+    "gate_up": """\
+gs_ptrs = SharedGateScale + (((expert - E_ROUTED) * N + offs_n) // 128) * stride_shn
+us_ptrs = SharedUpScale + (((expert - E_ROUTED) * N + offs_n) // 128) * stride_shn""",
+    "down": "bs_ptrs = SharedDownScale + (offs_n // 128) * stride_shn + ((expert - E_ROUTED) * K // 128) * stride_shk",
 }
 # The intermediate's store: as it is, or (prequantized W8A8) in FP8 with one scale per row of this program's
 # 128 columns, which are exactly one 128-wide tile of the down projection's K.
@@ -311,18 +319,27 @@ WEIGHT_FORMATS = tuple(_PRODUCTS)
 FP8_BLOCK = 128  # the weight scale block (both dims) and the activation tile: BLOCK_K is 128 for FP8 weights
 
 
-def _scale_args(fp8: bool, prequant: bool, out_scales: bool) -> str:
+def _scale_args(kind: str, fp8: bool, prequant: bool, shared: bool) -> str:
     if not fp8:
         return ""
+    shared_scales = {"gate_up": " SharedGateScale, SharedUpScale,", "down": " SharedDownScale,"}[kind]
     return ("WScale, stride_sse, stride_ssn, stride_ssk, EXACT_FP8_ROUNDING: tl.constexpr,"
-            + (" AScale, stride_asm," if prequant else "") + (" OutScale, stride_osm," if out_scales else ""))
+            + (" AScale, stride_asm," if prequant else "")
+            + (" OutScale, stride_osm," if prequant and kind == "gate_up" else "")
+            + (f"{shared_scales} stride_shn, stride_shk," if shared else ""))
 
 
-def _pointers(kind: str, shared: bool) -> str:
+def _pointers(kind: str, shared: bool, fp8: bool) -> str:
+    """The weight (and FP8 scale) pointers of the program's expert; ``scale_k`` the scales' K stride."""
+    routed = _ROUTED_POINTERS[kind] + (f"\n{_SCALE_POINTERS[kind]}\nscale_k = stride_ssk" if fp8 else "")
     if not shared:
-        return _ROUTED_POINTERS[kind]
-    return ("if expert < E_ROUTED:\n" + textwrap.indent(_ROUTED_POINTERS[kind], "    ")
-            + "\nelse:\n" + textwrap.indent(_SHARED_POINTERS[kind], "    "))
+        return routed
+    if fp8:  # both branches assign scale_k a run-time scalar (a stride of 1 alone would be a constant)
+        routed = routed.replace("scale_k = stride_ssk", "scale_k = expert * 0 + stride_ssk")
+    own = _SHARED_POINTERS[kind] + (f"\n{_SHARED_SCALE_POINTERS[kind]}\nscale_k = expert * 0 + stride_shk"
+                                    if fp8 else "")
+    return ("if expert < E_ROUTED:\n" + textwrap.indent(routed, "    ")
+            + "\nelse:\n" + textwrap.indent(own, "    "))
 
 
 _generated = memo()
@@ -332,9 +349,9 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                 weight_format: str = "float"):
     if activation not in ACTIVATIONS:
         raise ValueError(f"moe: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
-    if weight_format not in _PRODUCTS or (shared and weight_format != "float"):
-        raise ValueError(f"moe: expert weight format {weight_format!r}{' with shared experts' if shared else ''} "
-                         f"is not supported (formats: {', '.join(WEIGHT_FORMATS)}; shared experts in float only)")
+    if weight_format not in _PRODUCTS:
+        raise ValueError(f"moe: expert weight format {weight_format!r} is not supported "
+                         f"(formats: {', '.join(WEIGHT_FORMATS)})")
     key = (str(cache_dir()), dtype, activation, shared, weight_format)
     if key not in _generated:
         fp8 = weight_format != "float"
@@ -348,7 +365,8 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
             "sorted into block-aligned per-expert segments; gate and up share the A tile, the routing weight\n"
             "scales the fp32 accumulator of the down projection.\n"
             + ("The shared MLP runs as always-chosen experts (weight 1, or the token's gate factor) in the same "
-               "launches.\n" if shared else "")
+               "launches" + (", its FP8 weights read with their own block scales" if fp8 else "") + ".\n"
+               if shared else "")
             + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block); activations quantized per row and\n"
                "128-wide K tile in the K loop, FP8 dots accumulated in fp32 with both scales applied.\n"
                if w8a8 and not prequant else "")
@@ -361,12 +379,12 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
         )
         precision = '"ieee"' if dtype == torch.float32 else "None"  # fp32 activations: fp32 products
         slots = {"activation": ACTIVATIONS[activation], "dtype": TRITON_DTYPES[dtype],
-                 "gate_up_pointers": _pointers("gate_up", shared) + ("\n" + _SCALE_POINTERS["gate_up"] if fp8 else ""),
-                 "down_pointers": _pointers("down", shared) + ("\n" + _SCALE_POINTERS["down"] if fp8 else ""),
+                 "gate_up_pointers": _pointers("gate_up", shared, fp8),
+                 "down_pointers": _pointers("down", shared, fp8),
                  "gate_up_product": _PRODUCTS[weight_format]["gate_up"].replace("${precision}", precision),
                  "down_product": _PRODUCTS[weight_format]["down"].replace("${precision}", precision),
-                 "gate_up_scale_args": _scale_args(fp8, prequant, out_scales=prequant),
-                 "down_scale_args": _scale_args(fp8, prequant, out_scales=False),
+                 "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared),
+                 "down_scale_args": _scale_args("down", fp8, prequant, shared),
                  "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
                  "helpers": _FP8_HELPERS if w8a8 else ""}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
@@ -564,6 +582,7 @@ def moe_experts(
     shared_scale: Optional[torch.Tensor] = None,
     weight_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     act_quant: bool = True,
+    shared_scales: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """x [T, H], topk_ids/topk_weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H] in x.dtype.
     ``deterministic``: the k contributions of a token are summed in a fixed order (True), or atomically
@@ -575,11 +594,12 @@ def moe_experts(
     ``weight_scales``: the experts' weights are FP8 (float8_e4m3fn, from ``quantize_experts``) and these their
     fp32 scales per 128 x 128 block, [E, 2I/128, H/128] and [E, H/128, I/128] (rounded up); activations are
     quantized per row and 128-wide K tile inside the K loops (W8A8), or with ``act_quant=False`` left in their
-    dtype, the FP8 tiles widened to it (W8A16: a dequantize-then-matmul graph's math). No shared experts with
-    them.
+    dtype, the FP8 tiles widened to it (W8A16: a dequantize-then-matmul graph's math). Shared experts next to
+    FP8 ones are FP8 too: ``shared`` in float8_e4m3fn and ``shared_scales`` their fp32 block scales, gate/up
+    [S*I/128, H/128] and down [H/128, S*I/128] (the intermediate a multiple of 128), in the same math.
 
     Traceable: under make_fx the launches become Inductor's user-defined-Triton-kernel nodes."""
-    _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale, weight_scales)
+    _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale, weight_scales, shared_scales)
     fp8 = weight_scales is not None
     t, hidden = x.shape
     routed, two_i, _ = w_gate_up.shape
@@ -641,6 +661,10 @@ def moe_experts(
         ws = weight_scales[i]
         args = {"WScale": ws, "stride_sse": ws.stride(0), "stride_ssn": ws.stride(1), "stride_ssk": ws.stride(2),
                 "EXACT_FP8_ROUNDING": interpret}
+        if shared is not None:  # the shared MLP's own scale grids
+            own = shared_scales[:2] if i == 0 else shared_scales[2:]
+            args.update(dict(zip(("SharedGateScale", "SharedUpScale") if i == 0 else ("SharedDownScale",), own)))
+            args.update({"stride_shn": own[0].stride(0), "stride_shk": own[0].stride(1)})
         if prequant:  # the A operand's scales: x's for gate/up, the intermediate's for down (which gate/up writes)
             scales = a_scales if i == 0 else h_scales
             args.update({"AScale": scales, "stride_asm": scales.stride(0)})
@@ -679,7 +703,8 @@ def moe_experts(
     return out.view(t, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
-def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_scale=None, weight_scales=None):
+def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_scale=None, weight_scales=None,
+           shared_scales=None):
     if x.dim() != 2:
         raise ValueError(f"moe: x must be [tokens, hidden], got {tuple(x.shape)}")
     w_dtype, w_what = ((torch.float8_e4m3fn, "float8_e4m3fn (FP8 experts)") if weight_scales is not None
@@ -689,8 +714,8 @@ def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_sca
                         f"down {w_down.dtype})")
     e, two_i, h = w_gate_up.shape
     if weight_scales is not None:
-        if shared is not None:
-            raise ValueError("moe: FP8 experts take no shared experts in their launches")
+        if shared is not None and shared_scales is None:
+            raise ValueError("moe: shared experts next to FP8 experts are FP8 too: pass their shared_scales")
         want = ((e, -(-two_i // FP8_BLOCK), -(-h // FP8_BLOCK)), (e, -(-h // FP8_BLOCK), -(-(two_i // 2) // FP8_BLOCK)))
         got = tuple(tuple(s.shape) for s in weight_scales)
         if got != want or any(s.dtype != torch.float32 for s in weight_scales):
@@ -708,8 +733,20 @@ def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_sca
                 or si % (two_i // 2) or si == 0):
             raise ValueError(f"moe: shared expert weights {tuple(gate.shape)} / {tuple(up.shape)} / "
                              f"{tuple(down.shape)} are not gate/up [S*I, H] and down [H, S*I] for I={two_i // 2}")
-        if any(w.dtype != x.dtype for w in shared):
+        if weight_scales is None and shared_scales is not None:
+            raise ValueError("moe: shared_scales without FP8 routed experts (weight_scales)")
+        if shared_scales is None and any(w.dtype != x.dtype for w in shared):
             raise TypeError("moe: shared expert weights must share x's dtype")
+        if shared_scales is not None:
+            inter, blocks = two_i // 2, lambda n: -(-n // FP8_BLOCK)  # noqa: E731
+            want = ((blocks(si), blocks(h)), (blocks(si), blocks(h)), (blocks(h), blocks(si)))
+            got = tuple(tuple(s.shape) for s in shared_scales)
+            if any(w.dtype != torch.float8_e4m3fn for w in shared) or inter % FP8_BLOCK:
+                raise TypeError(f"moe: FP8 shared experts must be float8_e4m3fn with an intermediate size a multiple "
+                                f"of {FP8_BLOCK} (got {[str(w.dtype) for w in shared]}, I={inter})")
+            if got != want or any(s.dtype != torch.float32 for s in shared_scales):
+                raise ValueError(f"moe: FP8 shared expert scales must be fp32 {want} (one per 128 x 128 block), "
+                                 f"got {got}")
     if shared_scale is not None:
         if shared is None:
             raise ValueError("moe: a shared_scale without shared expert weights")
@@ -737,18 +774,23 @@ def dequantize_experts(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 
 def reference_fp8(x, topk_ids, topk_weights, w_gate_up, w_down, weight_scales, activation: str = "silu",
-                  compute: torch.dtype = torch.float64, act_quant: bool = True) -> torch.Tensor:
-    """The FP8 experts written out in ``compute``: weights dequantized, then ``reference_act_quant`` (both
-    projections' inputs quantized with ``act_quant``, as they are without)."""
+                  compute: torch.dtype = torch.float64, act_quant: bool = True, shared=None,
+                  shared_scales=None) -> torch.Tensor:
+    """The FP8 experts written out in ``compute``: weights dequantized (and the FP8 shared MLP's, ``shared``
+    with ``shared_scales``), then ``reference_act_quant`` (both projections' inputs quantized with
+    ``act_quant``, as they are without)."""
     w1, w2 = (dequantize_experts(w, s, compute) for w, s in ((w_gate_up, weight_scales[0]), (w_down, weight_scales[1])))
-    return reference_act_quant(x, topk_ids, topk_weights, w1, w2, activation, compute, act_quant)
+    if shared is not None:
+        shared = tuple(quant_kernels.dequantize_weight(w, s, "fp8-block", (FP8_BLOCK, FP8_BLOCK), compute)
+                       for w, s in zip(shared, shared_scales))
+    return reference_act_quant(x, topk_ids, topk_weights, w1, w2, activation, compute, act_quant, shared)
 
 
 def reference_act_quant(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu",
-                        compute: torch.dtype = torch.float64, act_quant: bool = True) -> torch.Tensor:
+                        compute: torch.dtype = torch.float64, act_quant: bool = True, shared=None) -> torch.Tensor:
     """The routed experts in ``compute`` with both projections' inputs quantized per row and 128-wide tile
     (the intermediate first rounded to x's dtype, as the kernels store it; with ``act_quant`` only), summed as
-    ``reference`` sums them."""
+    ``reference`` sums them; plus the shared MLP (gate, up, down weights) if given, quantized alike."""
     act = TORCH_ACTIVATIONS[activation]
     fake_quant = lambda v: quant_kernels.dequantize_activation(  # noqa: E731
         *quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK, compute) if act_quant else v.to(compute)
@@ -762,6 +804,9 @@ def reference_act_quant(x, topk_ids, topk_weights, w_gate_up, w_down, activation
         gate, up = (xq[token] @ w1[e].t()).chunk(2, dim=-1)
         h = fake_quant((act(gate) * up).to(x.dtype))
         out.index_add_(0, token, (h @ w2[e].t()) * topk_weights[token, slot, None].to(compute))
+    if shared is not None:
+        gate, up, down = (w.to(compute) for w in shared)
+        out += fake_quant((act(xq @ gate.t()) * (xq @ up.t())).to(x.dtype)) @ down.t()
     return out.to(x.dtype)
 
 
