@@ -171,13 +171,16 @@ def test_bundled_fp8_model_prefill_and_decode(config, overrides):
         assert rel_err(o, r) < 2e-2
     fp8_layers = sum(1 for m in model.modules() if getattr(m, "block", None))
     quant_rows = _quant(report)
-    assert len(quant_rows) == 2 * (fp8_layers - cfg.num_hidden_layers), str(report)  # kv_b_proj is inside MLA
+    moes = [m for m in report.matches if m.family == "moe"]
+    # kv_b_proj is inside MLA; FP8 experts take an FP8 shared MLP's three linears into their launches
+    fused_shared = sum(3 for m in moes if m.params.get("shared_experts", "").startswith("fused"))
+    assert len(quant_rows) == 2 * (fp8_layers - cfg.num_hidden_layers) - fused_shared, str(report)
     assert all(m.params["act_quant"] and m.params["format"] == "fp8-block" for m in quant_rows)
     families = {m.family for m in report.matches}
     assert {"mla", "moe"} <= families, str(report)
     assert not [d for d in report.declined if d.family in ("quant", "mla")], str(report)
-    moes = [m for m in report.matches if m.family == "moe"]
     assert all(m.params.get("expert_weights", "").endswith("(W8A8)") == cfg.fp8_experts for m in moes), str(report)
+    assert fused_shared == (6 * (cfg.num_hidden_layers - cfg.first_k_dense_replace) if cfg.fp8_experts else 0)
 
 
 def test_v3_style_fp8_checkpoint_loads(tmp_path):
@@ -328,11 +331,13 @@ def test_quantize_option_runs_moe_experts_as_fp8_kernels(kind):
     deepfuse::fp8_block_dequantize, and quantizes the activations of their matmuls per token and 128-wide
     tile; the moe pass runs those experts as its W8A8 FP8 kernels, reading the FP8 bytes. Against the same
     quantized graph with the moe pass off (the model's own expert code on dequantized weights and fake-quantized
-    activations: the same math), in fp32 through the interpreter; and the float copies released."""
+    activations: the same math), in fp32 through the interpreter; and the float copies released. The shared
+    MLP's FP8 linears run in the experts' launches."""
     from test_moe_pass import _hf
 
     torch.manual_seed(int(torch.randint(0, 1000, ())))
-    model = (DeepSeekForCausalLM.from_config(get_config("tiny")) if kind == "bundled"
+    # the bundled model's experts of 128 (whole scale blocks): its FP8 shared MLP joins the experts' launches
+    model = (DeepSeekForCausalLM.from_config(get_config("tiny", moe_intermediate_size=128)) if kind == "bundled"
              else _hf("deepseek_v2", kind.split("_", 1)[1]))
     ids = torch.randint(0, 256, (2, 5))
     experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
@@ -348,6 +353,8 @@ def test_quantize_option_runs_moe_experts_as_fp8_kernels(kind):
     assert moes and all(m.params["expert_weights"].startswith("fp8-block: read as stored") and
                         m.params["expert_weights"].endswith("(W8A8)") for m in moes), str(report)
     assert all("weight_format = 'fp8-block'" in open(m.kernel_file).read() for m in moes if m.kernel_file)
+    if kind == "bundled":
+        assert all(m.params["shared_experts"].startswith("fused: 1 always-chosen FP8 experts") for m in moes), str(report)
     assert rel_err(get(fused), get(plain)) < 1e-4
     assert 0 < rel_err(get(fused), eager) < 0.2  # FP8 rounding of every weight moved the logits, but not far
     assert all(e.gate_up_proj.untyped_storage().size() == 0 and e.down_proj.untyped_storage().size() == 0

@@ -775,7 +775,7 @@ def dequantize_experts(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 def reference_fp8(x, topk_ids, topk_weights, w_gate_up, w_down, weight_scales, activation: str = "silu",
                   compute: torch.dtype = torch.float64, act_quant: bool = True, shared=None,
-                  shared_scales=None) -> torch.Tensor:
+                  shared_scales=None, shared_scale=None) -> torch.Tensor:
     """The FP8 experts written out in ``compute``: weights dequantized (and the FP8 shared MLP's, ``shared``
     with ``shared_scales``), then ``reference_act_quant`` (both projections' inputs quantized with
     ``act_quant``, as they are without)."""
@@ -783,14 +783,17 @@ def reference_fp8(x, topk_ids, topk_weights, w_gate_up, w_down, weight_scales, a
     if shared is not None:
         shared = tuple(quant_kernels.dequantize_weight(w, s, "fp8-block", (FP8_BLOCK, FP8_BLOCK), compute)
                        for w, s in zip(shared, shared_scales))
-    return reference_act_quant(x, topk_ids, topk_weights, w1, w2, activation, compute, act_quant, shared)
+    return reference_act_quant(x, topk_ids, topk_weights, w1, w2, activation, compute, act_quant, shared,
+                               shared_scale)
 
 
 def reference_act_quant(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu",
-                        compute: torch.dtype = torch.float64, act_quant: bool = True, shared=None) -> torch.Tensor:
+                        compute: torch.dtype = torch.float64, act_quant: bool = True, shared=None,
+                        shared_scale=None) -> torch.Tensor:
     """The routed experts in ``compute`` with both projections' inputs quantized per row and 128-wide tile
     (the intermediate first rounded to x's dtype, as the kernels store it; with ``act_quant`` only), summed as
-    ``reference`` sums them; plus the shared MLP (gate, up, down weights) if given, quantized alike."""
+    ``reference`` sums them; plus the shared MLP (gate, up, down weights) if given, quantized alike, times
+    ``shared_scale`` per token if given."""
     act = TORCH_ACTIVATIONS[activation]
     fake_quant = lambda v: quant_kernels.dequantize_activation(  # noqa: E731
         *quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK, compute) if act_quant else v.to(compute)
@@ -805,9 +808,25 @@ def reference_act_quant(x, topk_ids, topk_weights, w_gate_up, w_down, activation
         h = fake_quant((act(gate) * up).to(x.dtype))
         out.index_add_(0, token, (h @ w2[e].t()) * topk_weights[token, slot, None].to(compute))
     if shared is not None:
-        gate, up, down = (w.to(compute) for w in shared)
-        out += fake_quant((act(xq @ gate.t()) * (xq @ up.t())).to(x.dtype)) @ down.t()
+        out += _shared_act_quant(x, xq, shared, act, fake_quant, compute, shared_scale)
     return out.to(x.dtype)
+
+
+def _shared_act_quant(x, xq, shared, act, fake_quant, compute, shared_scale=None):
+    """The shared MLP of ``reference_act_quant``: its inputs as the routed experts' (``xq``), the intermediate
+    rounded to x's dtype and quantized, times ``shared_scale`` per token if given; in ``compute``."""
+    gate, up, down = (w.to(compute) for w in shared)
+    y = fake_quant((act(xq @ gate.t()) * (xq @ up.t())).to(x.dtype)) @ down.t()
+    return y if shared_scale is None else y * shared_scale.reshape(-1, 1).to(compute)
+
+
+def reference_shared_act_quant(x, gate, up, down, activation: str = "silu", compute: torch.dtype = torch.float64,
+                               shared_scale=None) -> torch.Tensor:
+    """A shared MLP alone, as ``reference_act_quant`` adds it (W8A8 activations), in ``compute``."""
+    fake_quant = lambda v: quant_kernels.dequantize_activation(  # noqa: E731
+        *quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK, compute)
+    return _shared_act_quant(x, fake_quant(x), (gate, up, down), TORCH_ACTIVATIONS[activation], fake_quant, compute,
+                             shared_scale)
 
 
 def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu", shared=None,
