@@ -484,16 +484,19 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
     if fp8:
         (w_gate_up, s1), (w_down, s2) = quantize_experts(w_gate_up), quantize_experts(w_down)
         scales = (s1, s2)
-    shared_weights = None
+    shared_weights = shared_scales = None
     if shared:
         shared_weights = (torch.randn(shared * inter, hidden, device=device, dtype=dtype) / hidden**0.5,
                           torch.randn(shared * inter, hidden, device=device, dtype=dtype) / hidden**0.5,
                           torch.randn(hidden, shared * inter, device=device, dtype=dtype) / inter**0.5)
+        if fp8:  # FP8 shared experts beside FP8 routed ones, as the moe pass runs them
+            parts = [quant_kernels.quantize_weight(w, "fp8-block") for w in shared_weights]
+            shared_weights, shared_scales = tuple(q for q, _ in parts), tuple(s for _, s in parts)
 
     def run(cfg):
         for ids in routings:
             moe_experts(x, ids, weights, w_gate_up, w_down, activation, config=cfg, shared=shared_weights,
-                        weight_scales=scales, act_quant=weight_format == "fp8-block")
+                        weight_scales=scales, act_quant=weight_format == "fp8-block", shared_scales=shared_scales)
 
     key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
     candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not c.get("PREQUANT")] if fp8
