@@ -331,15 +331,13 @@ def _scale_args(kind: str, fp8: bool, prequant: bool, shared: bool) -> str:
 
 def _pointers(kind: str, shared: bool, fp8: bool) -> str:
     """The weight (and FP8 scale) pointers of the program's expert; ``scale_k`` the scales' K stride."""
-    routed = _ROUTED_POINTERS[kind] + (f"\n{_SCALE_POINTERS[kind]}\nscale_k = stride_ssk" if fp8 else "")
     if not shared:
-        return routed
-    if fp8:  # both branches assign scale_k a run-time scalar (a stride of 1 alone would be a constant)
-        routed = routed.replace("scale_k = stride_ssk", "scale_k = expert * 0 + stride_ssk")
-    own = _SHARED_POINTERS[kind] + (f"\n{_SHARED_SCALE_POINTERS[kind]}\nscale_k = expert * 0 + stride_shk"
-                                    if fp8 else "")
-    return ("if expert < E_ROUTED:\n" + textwrap.indent(routed, "    ")
-            + "\nelse:\n" + textwrap.indent(own, "    "))
+        return _ROUTED_POINTERS[kind] + (f"\n{_SCALE_POINTERS[kind]}\nscale_k = stride_ssk" if fp8 else "")
+    routed = _ROUTED_POINTERS[kind] + (f"\n{_SCALE_POINTERS[kind]}" if fp8 else "")
+    own = _SHARED_POINTERS[kind] + (f"\n{_SHARED_SCALE_POINTERS[kind]}" if fp8 else "")
+    return ("if expert < E_ROUTED:\n" + textwrap.indent(routed, "    ") + "\nelse:\n" + textwrap.indent(own, "    ")
+            + ("\nscale_k = tl.where(expert < E_ROUTED, stride_ssk, stride_shk)  # the routed or the shared grid's"
+               if fp8 else ""))
 
 
 _generated = memo()
