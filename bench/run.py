@@ -20,6 +20,7 @@ chart per workload to --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -326,7 +327,8 @@ def bench_quant_matmul(tokens, bandwidth, flops_peak, square=8192):
 def bench_fp8_model(prompts=8, length=256):
     """The bundled model (v3-small config: 8 layers, hidden 1024, 64 experts) in bf16 and with its linear layers
     and its routed experts quantized to FP8 by options["quantize"] (W8A8, 128x128 blocks): the logits' top-1
-    agreement and KL(bf16 || fp8) over random prompts, and the prefill time of both under deepfuse."""
+    agreement and KL(bf16 || fp8) over random prompts, beside the same figures for fp32 against bf16 (eager, the
+    same weights: a yardstick for near-flat random-weight logits), and the prefill time of both under deepfuse."""
     from deepfuse.models import DeepSeekForCausalLM, get_config
 
     from triton.testing import do_bench
@@ -345,15 +347,25 @@ def bench_fp8_model(prompts=8, length=256):
         fp8 = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block"})
         out = fp8(ids).float()
         ms_fp8 = do_bench(lambda: fp8(ids), warmup=5, rep=50, return_mode="median")
-    logp, logq = ref.log_softmax(-1), out.log_softmax(-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
-    agree = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
+        # The yardstick: bf16 against the same weights in fp32 (eager), so top-1 agreement on near-flat
+        # random-weight logits has something to be read against.
+        torch._dynamo.reset()
+        fp32 = copy.deepcopy(model).float()(ids).float()
+
+    def compare(p, q):  # (top-1 agreement, KL(p || q) in nats per token)
+        logp, logq = p.log_softmax(-1), q.log_softmax(-1)
+        return (p.argmax(-1) == q.argmax(-1)).float().mean().item(), (logp.exp() * (logp - logq)).sum(-1).mean().item()
+
+    agree, kl = compare(ref, out)
+    agree32, kl32 = compare(fp32, ref)
     for impl, ms in (("deepfuse_bf16", ms_bf16), ("deepfuse_fp8", ms_fp8)):
         rows.append({"workload": "fp8_model", "T": prompts * length, "impl": impl, "ms": ms, "graph_ms": ms,
                      "floor_ms": float("nan"), "x_floor": float("nan"), "floor": "n/a",
-                     "top1_agreement": agree, "kl_bf16_fp8": kl})
+                     "top1_agreement": agree, "kl_bf16_fp8": kl, "top1_agreement_fp32_bf16": agree32,
+                     "kl_fp32_bf16": kl32})
     print(f"fp8_model: v3-small, {prompts} prompts x {length} tokens: top-1 agreement {agree:.4f}, "
-          f"KL(bf16||fp8) {kl:.2e} nats/token; prefill {ms_bf16:.2f} ms bf16, {ms_fp8:.2f} ms fp8")
+          f"KL(bf16||fp8) {kl:.2e} nats/token (yardstick fp32 against bf16: {agree32:.4f}, {kl32:.2e}); "
+          f"prefill {ms_bf16:.2f} ms bf16, {ms_fp8:.2f} ms fp8")
     return rows
 
 
