@@ -6,10 +6,10 @@ deepfuse, captured as a CUDA graph and replayed 50 times under the profiler; pri
 import argparse
 
 import torch
-import transformers
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
 import deepfuse  # noqa: F401  (the backend)
+
+from run import v2_lite_moe_block  # bench/, the scripts' own directory
 
 
 def main():
@@ -18,13 +18,7 @@ def main():
     parser.add_argument("--quantize", default="fp8-block", help="'none' for the bf16 block")
     parser.add_argument("--replays", type=int, default=50)
     args = parser.parse_args()
-    cfg = transformers.DeepseekV2Config(hidden_size=2048, moe_intermediate_size=1408, n_routed_experts=64,
-                                        num_experts_per_tok=6, n_shared_experts=2, topk_method="greedy")
-    cfg._experts_implementation = "grouped_mm"
-    block = DeepseekV2Moe(cfg).cuda().bfloat16().eval()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, p.shape[-1] ** -0.5)
+    block = v2_lite_moe_block()
     x = torch.randn(1, args.tokens, 2048, device="cuda", dtype=torch.bfloat16)
     options = {} if args.quantize == "none" else {"quantize": args.quantize}
     f = torch.compile(block, backend="deepfuse", options=options)

@@ -116,22 +116,29 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+def v2_lite_moe_block():
+    """Hugging Face's DeepseekV2Moe at DeepSeek-V2-Lite's shape (64 routed experts top-6 of 1408, 2 shared),
+    grouped_mm experts, bf16 on the GPU, random weights of std 1/sqrt(fan-in)."""
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    cfg = DeepseekV2Config(hidden_size=HIDDEN, moe_intermediate_size=1408, n_routed_experts=64,
+                           num_experts_per_tok=6, n_shared_experts=2, topk_method="greedy")
+    cfg._experts_implementation = "grouped_mm"
+    block = DeepseekV2Moe(cfg).cuda().bfloat16().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    return block
+
+
 def bench_moe_block(tokens, bandwidth, rounds, flops_peak, fp8=False, atomic=False):
     """One DeepSeek-V2-Lite MoE block (router, 64 routed experts top-6 of size 1408, 2 shared experts), bf16:
     Hugging Face transformers' DeepseekV2Moe with grouped_mm experts, eager, under Inductor, and under
     deepfuse (which finds the MoE in the graph: the router after its matmul as one kernel, the routed and shared
     experts in the same grouped launches)."""
-    from transformers import DeepseekV2Config
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
-
-    experts, k, inter, shared = 64, 6, 1408, 2
-    cfg = DeepseekV2Config(hidden_size=HIDDEN, moe_intermediate_size=inter, n_routed_experts=experts,
-                           num_experts_per_tok=k, n_shared_experts=shared, topk_method="greedy")
-    cfg._experts_implementation = "grouped_mm"
-    block = DeepseekV2Moe(cfg).cuda().bfloat16().eval()
-    with torch.no_grad():
-        for name, p in block.named_parameters():
-            p.normal_(0, p.shape[-1] ** -0.5)
+    block = v2_lite_moe_block()
+    experts, k, inter = 64, 6, 1408
     routed = block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel()
     shared_params = sum(p.numel() for p in block.shared_experts.parameters())
     rows = []

@@ -851,16 +851,15 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
         rows = max(hint(xv.shape[0]), 1)
         x = torch.randn(rows, hidden, generator=gen).to(device, dtype)
         real = {m: (torch.randn(shapes[m], generator=gen) / hidden ** 0.5).to(device, dtype) for m in mats}
-        real_scales = []
-        if fp8:  # FP8 blocks of those draws; the check multiplies by what they dequantize to
+        stored, real_scales = dict(real), []  # what the region reads: the draws, or their FP8 blocks and scales
+        if fp8:  # the check multiplies by what the FP8 blocks dequantize to
             for m in mats:
-                q, s_ = quant_kernels.quantize_weight(real[m].float(), "fp8-block")
-                real[m] = quant_kernels.dequantize_weight(q, s_, "fp8-block").to(dtype)
+                stored[m], s_ = quant_kernels.quantize_weight(real[m].float(), "fp8-block")
+                real[m] = quant_kernels.dequantize_weight(stored[m], s_, "fp8-block").to(dtype)
                 real_scales.append(s_)
-                real[("q", m)] = q
         factor = torch.rand(rows, 1, generator=gen) + 0.5  # away from 1, so an ignored factor shows
         extra = [] if scale is None else [factor.to(device, value(scale).dtype).view(tuple(hint(d) for d in value(scale).shape))]
-        weights_in = [real[("q", m)] if fp8 else real[m] for m in mats] + real_scales
+        weights_in = [stored[m] for m in mats] + real_scales
         try:
             got = [module(x.view(tuple(hint(d) for d in value(inp).shape)), *weights_in, *extra)[0].reshape(rows, hidden)
                    for module in modules]

@@ -796,8 +796,7 @@ def reference_act_quant(x, topk_ids, topk_weights, w_gate_up, w_down, activation
     ``reference`` sums them; plus the shared MLP (gate, up, down weights) if given, quantized alike, times
     ``shared_scale`` per token if given."""
     act = TORCH_ACTIVATIONS[activation]
-    fake_quant = lambda v: quant_kernels.dequantize_activation(  # noqa: E731
-        *quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK, compute) if act_quant else v.to(compute)
+    fake_quant = _fake_quant(compute) if act_quant else (lambda v: v.to(compute))
     w1, w2 = w_gate_up.to(compute), w_down.to(compute)
     xq = fake_quant(x)
     out = torch.zeros(x.shape, dtype=compute, device=x.device)
@@ -813,6 +812,12 @@ def reference_act_quant(x, topk_ids, topk_weights, w_gate_up, w_down, activation
     return out.to(x.dtype)
 
 
+def _fake_quant(compute: torch.dtype):
+    """Activations quantized per row and 128-wide tile, dequantized into ``compute`` (the references' form)."""
+    return lambda v: quant_kernels.dequantize_activation(*quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK,
+                                                         compute)
+
+
 def _shared_act_quant(x, xq, shared, act, fake_quant, compute, shared_scale=None):
     """The shared MLP of ``reference_act_quant``: its inputs as the routed experts' (``xq``), the intermediate
     rounded to x's dtype and quantized, times ``shared_scale`` per token if given; in ``compute``."""
@@ -824,8 +829,7 @@ def _shared_act_quant(x, xq, shared, act, fake_quant, compute, shared_scale=None
 def reference_shared_act_quant(x, gate, up, down, activation: str = "silu", compute: torch.dtype = torch.float64,
                                shared_scale=None) -> torch.Tensor:
     """A shared MLP alone, as ``reference_act_quant`` adds it (W8A8 activations), in ``compute``."""
-    fake_quant = lambda v: quant_kernels.dequantize_activation(  # noqa: E731
-        *quant_kernels.quantize_activation(v, FP8_BLOCK), FP8_BLOCK, compute)
+    fake_quant = _fake_quant(compute)
     return _shared_act_quant(x, fake_quant(x), (gate, up, down), TORCH_ACTIVATIONS[activation], fake_quant, compute,
                              shared_scale)
 
