@@ -9,7 +9,10 @@ Workloads (DeepSeek-V2-Lite shapes, bf16), at decode and prefill token counts:
   also deepfuse's atomic combine (options={"deterministic": False});
 - moe_block_fp8: the same layer under deepfuse in bf16 and with options={"quantize": "fp8-block"} (routed
   experts in FP8 blocks, run as the FP8 grouped kernels), each against its own floor, the FP8 one's error
-  against bf16 printed.
+  against bf16 printed;
+- mla_decode, mla_decode_fp8: one decode step of the bundled model's attention over a bf16 latent cache, or
+  over the FP8 one (c_kv in FP8 with per-token scales), eager, under Inductor and under deepfuse;
+- mla_prefill, quant_matmul, fp8_model: see their functions.
 Each is timed two ways with CUDA events (triton.testing.do_bench, median of many runs): "launched", calling
 it from Python as a user would (host overhead included), and "graph", replaying a CUDA graph of the same
 call (GPU time alone, what a captured decode step pays). Both are set against the physical floor: the
@@ -179,13 +182,14 @@ def bench_moe_block(tokens, bandwidth, rounds, flops_peak, fp8=False, atomic=Fal
     return rows
 
 
-def bench_mla_decode(batches, contexts, bandwidth, rounds):
+def bench_mla_decode(batches, contexts, bandwidth, rounds, fp8=False):
     """One decode step of V2-Lite attention (16 heads, kv rank 512, rope 64, nope 128, v 128; q without LoRA)
     over a latent cache filled to ``context`` tokens, bf16: the bundled model's MLA module (absorbed form,
     writing its cache in place) eager, under Inductor, under deepfuse. Floor: the latent cache plus the
-    attention weights, read once, at the measured HBM bandwidth."""
+    attention weights, read once, at the measured HBM bandwidth. ``fp8``: the FP8 latent cache (c_kv in FP8
+    with a scale per token, k_pe bf16: 644 bytes per token against 1152), the same three beside each other."""
     from deepfuse.models import get_config
-    from deepfuse.runtime.latent_cache import LatentKVCache
+    from deepfuse.runtime.latent_cache import LatentKVCache, quantize_latent
     from deepfuse.models.model import MLA, rope_cos_sin
 
     cfg = get_config("v2-lite")
@@ -198,12 +202,16 @@ def bench_mla_decode(batches, contexts, bandwidth, rounds):
     rows = []
     for b in batches:
         for t in contexts:
-            cache = LatentKVCache(cfg, b, t, torch.bfloat16, "cuda").layers[0]  # the one layer's part
-            cache.kv.normal_()
+            cache = LatentKVCache(cfg, b, t, torch.bfloat16, "cuda", fp8=fp8).layers[0]  # the one layer's part
             cache.pe.normal_()
+            if fp8:
+                cache.kv[:], cache.kv_scale[:] = quantize_latent(torch.randn(cache.kv.shape, device="cuda"))
+            else:
+                cache.kv.normal_()
             cos, sin = rope_cos_sin(cfg, torch.tensor([t - 1], device="cuda"))
             sets = [(torch.randn(b, 1, HIDDEN, device="cuda", dtype=torch.bfloat16),) for _ in range(rounds)]
-            latent = b * t * cfg.latent_cache_width * 2
+            latent = b * t * sum(x.shape[-1] * x.element_size() for x in (cache.kv, cache.pe, cache.kv_scale)
+                                 if x is not None)
             floor_ms = (latent + weight_bytes) / bandwidth * 1e3
             torch._dynamo.reset()
 
@@ -215,7 +223,8 @@ def bench_mla_decode(batches, contexts, bandwidth, rounds):
                 "bundled+inductor": step(torch.compile(attn)),
                 "deepfuse": step(torch.compile(attn, backend="deepfuse")),
             }
-            rows += measure(f"mla_decode_b{b}", t, impls, sets, floor_ms, f"{latent / 1e6:.0f} MB latent", _rel)
+            rows += measure(f"mla_decode{'_fp8' if fp8 else ''}_b{b}", t, impls, sets, floor_ms,
+                            f"{latent / 1e6:.0f} MB latent", _rel)
     return rows
 
 
@@ -486,6 +495,9 @@ def main():
     if "mla_decode" in workloads:
         rows += bench_mla_decode([int(b) for b in args.mla_batches.split(",")],
                                  [int(t) for t in args.mla_contexts.split(",")], bandwidth, args.rounds)
+    if "mla_decode_fp8" in workloads:
+        rows += bench_mla_decode([int(b) for b in args.mla_batches.split(",")],
+                                 [int(t) for t in args.mla_contexts.split(",")], bandwidth, args.rounds, fp8=True)
     if "mla_prefill" in workloads:
         rows += bench_mla_prefill([int(t) for t in args.mla_prefill_tokens.split(",")], args.rounds, peak)
     if "quant_matmul" in workloads:

@@ -444,9 +444,11 @@ class DeepSeekForCausalLM(nn.Module):
             h = layer(h, start_pos, cos, sin, mask, cache.layers[i] if cache is not None else None)
         return self.lm_head(self.model.norm(h)).float()
 
-    def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None) -> LatentKVCache:
+    def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None,
+                  fp8: bool = False) -> LatentKVCache:
+        """A preallocated latent cache; ``fp8``: c_kv in FP8 with per-token scales (see ``LatentKVCache``)."""
         p = self.lm_head.weight
-        return LatentKVCache(self.config, batch, max_len, dtype or p.dtype, p.device)
+        return LatentKVCache(self.config, batch, max_len, dtype or p.dtype, p.device, fp8=fp8)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> "DeepSeekForCausalLM":
@@ -496,6 +498,7 @@ def generate(
     forward=None,
     static_cache: bool = False,
     cuda_graph: bool = False,
+    fp8_cache: bool = False,
 ) -> torch.Tensor:
     """Greedy (temperature 0) or sampled generation over the latent cache; returns [B, max_new_tokens].
 
@@ -505,7 +508,8 @@ def generate(
     ``mode="reduce-overhead"``.
     ``cuda_graph`` (needs ``static_cache``): the decode steps run as one captured CUDA graph
     (``deepfuse.runtime.cuda_graph.CapturedStep``), for a model compiled block by block without
-    ``mode="reduce-overhead"``; the prefill runs as is."""
+    ``mode="reduce-overhead"``; the prefill runs as is.
+    ``fp8_cache``: the latent cache holds c_kv in FP8 with per-token scales (``model.new_cache(fp8=True)``)."""
     forward = model if forward is None else forward
     if cuda_graph and not static_cache:
         raise ValueError("generate(cuda_graph=True) needs static_cache=True: a captured step must keep its shapes")
@@ -515,7 +519,7 @@ def generate(
 
         decode = CapturedStep(forward)
     bsz, plen = prompt.shape
-    cache = model.new_cache(bsz, plen + max_new_tokens)
+    cache = model.new_cache(bsz, plen + max_new_tokens, fp8=fp8_cache)
     position = torch.tensor(0, device=prompt.device) if static_cache else 0
     logits = forward(prompt, position, cache)[:, -1]
     out = []

@@ -61,6 +61,8 @@ LAYOUT = {
     aten.alias.default, torch.ops.prims.convert_element_type.default, aten._to_copy.default,
 }
 SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+ROLES = ("q", "q_nope", "q_pe", "c_kv", "k_pe", "w", "mask", "kv_scale")  # the region's inputs, in call order
+FP8 = torch.float8_e4m3fn
 
 
 class MLAPass:
@@ -83,7 +85,14 @@ class MLAPass:
                 self._decline(report, params, where)
                 continue
             impl = options.kernel_impl(value(found["out"]).device.type)
+            dequantized = found["roles"]["c_kv"]
+            fp8 = _fp8_latent(dequantized)
+            if fp8 is not None:  # the kernels read the FP8 rows and their scales, not the dequantized copy
+                found["roles"] = {**found["roles"], "c_kv": fp8[0], "kv_scale": fp8[1]}
+                params.update(_fp8_params(params, found["roles"]))
             kernel_file = self._rewrite(graph, found, params, impl, where, options.inline)
+            if fp8 is not None and kernel_file is not False:
+                _erase_if_unused(dequantized)
             if kernel_file is False:
                 self._decline(report, "the rewrite could not be traced into the graph (see the warning)", where)
                 continue
@@ -103,9 +112,9 @@ class MLAPass:
         """The kernel file (None for the reference), or False if neither form could be traced in."""
         roles, out = found["roles"], found["out"]
         origin = f"{where[1] or '?'} ({where[0]})"
-        names = [k for k in ("q", "q_nope", "q_pe", "c_kv", "k_pe", "w", "mask") if roles.get(k) is not None]
+        names = [k for k in ROLES if roles.get(k) is not None]
         args = tuple(roles[k] for k in names)
-        gen = kernel.kernels_for(value(roles["c_kv"]).dtype, origin) if impl != "reference" else None
+        gen = kernel.kernels_for(params["_dtype"], origin) if impl != "reference" else None
         out_val = value(out)
 
         def canonical(*tensors):
@@ -119,14 +128,14 @@ class MLAPass:
             return (o.reshape(_output_shape(out_val, b, s)).to(out_val.dtype),)
 
         def via_op(*tensors):
-            q_nope, q_pe, c_kv, k_pe, w, mask = canonical(*tensors)
+            q_nope, q_pe, c_kv, k_pe, w, mask, kv_scale = canonical(*tensors)
             return finish(torch.ops.deepfuse.mla_attention(q_nope, q_pe, c_kv, k_pe, w, mask, params["scale"],
-                                                           params["causal"], impl), tensors)
+                                                           params["causal"], impl, kv_scale), tensors)
 
         def via_kernel(*tensors):
-            q_nope, q_pe, c_kv, k_pe, w, mask = canonical(*tensors)
+            q_nope, q_pe, c_kv, k_pe, w, mask, kv_scale = canonical(*tensors)
             return finish(kernel.mla_attention(q_nope, q_pe, c_kv, k_pe, w, params["scale"], params["causal"],
-                                               mask, origin=origin), tensors)
+                                               mask, kv_scale, origin=origin), tensors)
 
         launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
         if not replace_region_first_traced(graph, RegionBinding(found["region"], out), launchers, args, "MLA"):
@@ -463,7 +472,8 @@ def _scale_candidates(anchor, region, qk_dim) -> list[float]:
 
 
 def _canonical_inputs(t: dict, params: dict):
-    """The region's inputs as the op takes them: q_nope/q_pe [B, S, H, d], c_kv [B, T, C], k_pe [B, T, R]."""
+    """The region's inputs as the op takes them: q_nope/q_pe [B, S, H, d], c_kv [B, T, C], k_pe [B, T, R], the
+    mask, and an FP8 latent's scales [B, T] (else None)."""
     b, s, tt = (_tracked(params[k], t.values()) for k in ("_batch", "_queries", "_context"))
     h, dn, r = params["heads"], params["qk_nope_head_dim"], params["qk_rope_head_dim"]
 
@@ -481,11 +491,16 @@ def _canonical_inputs(t: dict, params: dict):
     k_pe = t["k_pe"].reshape(b, tt, r)
     # The region's own casts (a rope computed in fp32, cast back) happen here: the op runs in one dtype.
     dtype = params["_dtype"]
-    q_nope, q_pe, c_kv, k_pe = (x.to(dtype) for x in (q_nope, q_pe, c_kv, k_pe))
+    q_nope, q_pe, k_pe = (x.to(dtype) for x in (q_nope, q_pe, k_pe))
+    kv_scale = t.get("kv_scale")
+    if kv_scale is None:
+        c_kv = c_kv.to(dtype)
+    else:
+        kv_scale = kv_scale.reshape(b, tt).to(torch.float32)
     mask = t.get("mask")
     if mask is not None:
         mask = _mask_bhst(mask, params["_mask_layout"], b, s, params["heads"], tt)
-    return q_nope, q_pe, c_kv, k_pe, t["w"], mask
+    return q_nope, q_pe, c_kv, k_pe, t["w"], mask, kv_scale
 
 
 def _expr(n):
@@ -545,7 +560,7 @@ def _verify(found) -> Union[dict[str, Any], str]:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     roles, region, out, dims = found["roles"], found["region"], found["out"], dict(found["dims"])
-    names = [k for k in ("q", "q_nope", "q_pe", "c_kv", "k_pe", "w", "mask") if roles.get(k) is not None]
+    names = [k for k in ROLES if roles.get(k) is not None]
     sub = fx.Graph()
     env = {roles[k]: sub.placeholder(k) for k in names}
     for n in region:
@@ -639,6 +654,69 @@ def _params(found, dims, scale, causal, heads_first, out_heads_first, mask_layou
         "_queries": _expr(value(found["out"]).numel() // ((bt // t_sym) * dims["heads"] * dims["v_head_dim"])),
     })
     return params
+
+
+# -- an FP8 latent cache ---------------------------------------------------------------------------------------
+
+CASTS = {torch.ops.prims.convert_element_type.default, aten._to_copy.default}
+
+
+# Ops that keep a tensor's values in row-major order: a latent read through them is the same rows.
+REORDERLESS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+               aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims, aten.clone.default, aten.alias.default}
+
+
+def _through_casts(node: fx.Node, also=frozenset()) -> fx.Node:
+    while node.op == "call_function" and node.target in CASTS | also and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _fp8_latent(c_kv: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(FP8 rows [.., T, C], per-token scales [.., T, 1]) if the latent is an FP8 cache dequantized per token:
+    a cast of float8_e4m3fn rows times a float tensor of their shape with a last dim of 1 (casts either side
+    of the product, reshapes that keep the rows' order after it): what ``deepfuse.runtime.latent_cache`` returns for ``fp8=True``. That is the whole of
+    its meaning, so the form is matched exactly; any other dequantization (per-tile scales, say) is left as a
+    float latent the attention reads, slower and still right."""
+    product = _through_casts(c_kv, REORDERLESS)
+    if product.op != "call_function" or product.target != aten.mul.Tensor:
+        return None
+    shape = [_expr(d) for d in value(product).shape]
+    if shape[-1] != _expr(value(c_kv).shape[-1]):
+        return None  # the rows were reshaped across the latent's width: not a latent of these rows
+    for x, s in (product.args[:2], product.args[1::-1]):
+        if not (isinstance(x, fx.Node) and isinstance(s, fx.Node)):
+            continue
+        rows, sv = _through_casts(x), value(s)
+        rv = value(rows)
+        if rows is x or rv is None or sv is None or rv.dtype != FP8 or not sv.dtype.is_floating_point:
+            continue
+        if [_expr(d) for d in rv.shape] == shape and [_expr(d) for d in sv.shape] == shape[:-1] + [1]:
+            log.debug("mla: the latent %s is FP8 rows %s dequantized by per-token scales %s", c_kv.name,
+                      rows.name, s.name)
+            return rows, s
+    return None
+
+
+def _fp8_params(params: dict, roles: dict) -> dict[str, Any]:
+    """The explain row of an attention over an FP8 latent: its format and bytes per token."""
+    c, r = params["kv_lora_rank"], params["qk_rope_head_dim"]
+    scale_bytes = value(roles["kv_scale"]).element_size()
+    return {"latent_format": "float8_e4m3fn, one scale per token",
+            "latent_bytes_per_token": c + scale_bytes + r * value(roles["k_pe"]).element_size()}
+
+
+def _erase_if_unused(node: fx.Node) -> None:
+    """Erase a dequantization nothing reads any more, and the casts and products it was made of."""
+    graph = node.graph
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op != "call_function" or n.target not in CASTS | REORDERLESS | {aten.mul.Tensor}:
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        stack.extend(inputs)
 
 
 def _context_size(found):

@@ -205,20 +205,22 @@ def mla_attention(
     scale: float,
     causal: bool,
     impl: str,
+    kv_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """MLA over the latent: q_nope [B, S, H, DN], q_pe [B, S, H, R], c_kv [B, T, C], k_pe [B, T, R],
     w_kv_b (kv_b_proj.weight) [H*(DN+DV), C], an optional additive or bool mask broadcastable to
-    [B, H, S, T] -> [B, S, H, DV]."""
+    [B, H, S, T] -> [B, S, H, DV]. An FP8 latent cache: c_kv float8_e4m3fn and kv_scale [B, T] fp32."""
     _check_impl(impl)
     if impl == "reference":
-        out = _mla.reference(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale, causal, mask)
+        out = _mla.reference(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale, causal, mask, kv_scale)
     else:
-        out = _mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale, causal, mask, interpret=impl == "interpret")
+        out = _mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale, causal, mask, kv_scale,
+                                 interpret=impl == "interpret")
     return out.contiguous()  # the layout the fake promises
 
 
 @mla_attention.register_fake
-def _(q_nope, q_pe, c_kv, k_pe, w_kv_b, mask, scale, causal, impl):
+def _(q_nope, q_pe, c_kv, k_pe, w_kv_b, mask, scale, causal, impl, kv_scale=None):
     b, s, h, dn = q_nope.shape
     return q_nope.new_empty((b, s, h, w_kv_b.shape[0] // h - dn))
 

@@ -44,6 +44,47 @@ def test_mla_padding_mask_variable_lengths_bf16():
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("b,s,t", [(1, 1, 4097), (64, 1, 1000), (2, 4, 333), (1, 300, 300)])
+@pytest.mark.parametrize("path", ["absorbed", "expanded"])
+def test_fp8_latent_kernels_match_float64(b, s, t, path):
+    """bf16 queries over an FP8 latent (per-token scales, as the FP8 cache stores it), against float64 over
+    the dequantized latent."""
+    from deepfuse.runtime.latent_cache import dequantize_latent, quantize_latent
+
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, torch.bfloat16)
+    kv8, kv_scale = quantize_latent(c_kv * torch.logspace(-2, 1, t, device="cuda")[None, :, None])
+    exact = dequantize_latent(kv8, kv_scale.double(), torch.float64)
+    ref = mla.reference(q_nope.double(), q_pe.double(), exact, k_pe.double(), w.double(), 192 ** -0.5, True)
+    out = mla.mla_attention(q_nope, q_pe, kv8, k_pe, w, 192 ** -0.5, True, kv_scale=kv_scale, path=path)
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_bundled_model_over_an_fp8_cache_with_cuda_graphs():
+    """Prefill and three decode steps over the FP8 latent cache, CUDA graphs on, against the same weights in
+    float64 over an FP8 cache of their own (the bound as in the bf16-cache test above: twice bf16 eager's error
+    or 5e-2). The kernels read the FP8 rows where eager dequantizes them first."""
+    cfg = get_config("v2-tiny")
+    model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16,
+                                            seed=int(torch.randint(0, 1000, ())))
+    exact = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.float64)
+    exact.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    ids = torch.randint(0, cfg.vocab_size, (3, 40), device="cuda")
+
+    def run(m, cache):
+        return [m(ids, 0, cache).clone()] + [m(ids[:, i:i + 1], 40 + i, cache).clone() for i in range(3)]
+
+    torch._dynamo.reset()
+    report = deepfuse.Report()
+    with torch.no_grad(), deepfuse.collect(report):
+        ref = run(exact, exact.new_cache(3, 48, fp8=True))
+        eager = run(model, model.new_cache(3, 48, fp8=True))
+        out = run(torch.compile(model, backend="deepfuse", mode="reduce-overhead"), model.new_cache(3, 48, fp8=True))
+    for o, e, r in zip(out, eager, ref):
+        assert rel_err(o, r) < max(2 * rel_err(e, r), 5e-2)
+    mlas = [m for m in report.matches if m.family == "mla"]
+    assert len(mlas) >= 2 * cfg.num_hidden_layers and all("latent_format" in m.params for m in mlas), str(report)
+
+
 @pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
 def test_bundled_model_mla_on_gpu_with_cuda_graphs(attn_impl):
     """Prefill and three decode steps, CUDA graphs on, against the same weights in float64. bf16 eager is

@@ -5,6 +5,7 @@ import torch
 
 from conftest import rel_err
 from deepfuse.runtime.kernels import mla
+from deepfuse.runtime.latent_cache import FP8, dequantize_latent, quantize_latent
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -123,6 +124,61 @@ def test_prefill_never_computes_the_tiles_its_mask_hides():
     out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.3, False, mask, path="expanded", interpret=True,
                             config={"BLOCK_M": 16, "BLOCK_N": 16})
     assert rel_err(out, ref) < 1e-5
+
+
+def _fp8_latent(c_kv):
+    """c_kv quantized per token as the FP8 cache stores it, rows of very different sizes and one all zero."""
+    rows = c_kv * torch.logspace(-2, 1, c_kv.shape[1], dtype=c_kv.dtype)[None, :, None]
+    rows[:, min(1, rows.shape[1] - 1)] = 0
+    return quantize_latent(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path", ["absorbed", "expanded"])
+@pytest.mark.parametrize("shape", [CASES[1], CASES[2], CASES[4]], ids=["decode", "speculative", "chunked"])
+def test_fp8_latent_matches_float64(dtype, path, shape):
+    """An FP8 latent with per-token scales: the kernels' result equals float64 attention over the dequantized
+    cache (the FP8 values are the inputs here; what FP8 loses against the original latent is the cache's
+    business, tested with it)."""
+    b, s, t, h, dn, r, dv, c = shape
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, h, dn, r, dv, c, dtype)
+    kv8, kv_scale = _fp8_latent(c_kv.float())
+    exact = dequantize_latent(kv8, kv_scale.double(), torch.float64)
+    ref = mla.reference(*(x.double() for x in (q_nope, q_pe)), exact, k_pe.double(), w.double(), 0.2, True)
+    assert rel_err(mla.reference(q_nope.double(), q_pe.double(), kv8, k_pe.double(), w.double(), 0.2, True,
+                                 kv_scale=kv_scale), ref) < 1e-12
+    scales = kv_scale if path == "absorbed" else kv_scale[..., 0]  # [B, T, 1] as the cache holds it, or [B, T]
+    out = mla.mla_attention(q_nope, q_pe, kv8, k_pe, w, 0.2, True, kv_scale=scales, path=path, interpret=True)
+    assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+
+
+def test_fp8_latent_decode_never_reads_the_masked_tail():
+    """A static FP8 cache's step: the unwritten tail's scales are NaN (a reused buffer), the mask hides it."""
+    b, t, filled = 2, 120, 23
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(b, 1, t, 4, 16, 8, 16, 32, torch.float32)
+    kv8, kv_scale = quantize_latent(c_kv)
+    exact = dequantize_latent(kv8, kv_scale.double(), torch.float64)
+    ref = mla.reference(q_nope.double(), q_pe.double(), exact[:, :filled], k_pe[:, :filled].double(), w.double(),
+                        0.3, False)
+    kv_scale[:, filled:] = float("nan")
+    mask = torch.zeros(1, t).masked_fill(torch.arange(t)[None, :] >= filled, float("-inf"))
+    out = mla.mla_attention(q_nope, q_pe, kv8, k_pe, w, 0.3, False, mask, kv_scale=kv_scale, path="absorbed",
+                            interpret=True, config={"BLOCK_H": 16, "BLOCK_T": 16, "SPLITS": 3})
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_fp8_latent_bad_inputs_are_clear_errors():
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(1, 1, 4, 2, 16, 8, 16, 32, torch.float32)
+    kv8, kv_scale = quantize_latent(c_kv)
+    with pytest.raises(TypeError, match="kv_scale"):
+        mla.mla_attention(q_nope, q_pe, kv8, k_pe, w, 1.0, True, interpret=True)
+    with pytest.raises(TypeError, match="kv_scale"):
+        mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 1.0, True, kv_scale=kv_scale, interpret=True)
+    with pytest.raises(ValueError, match="kv_scale"):
+        mla.mla_attention(q_nope, q_pe, kv8, k_pe, w, 1.0, True, kv_scale=kv_scale[:, :2], interpret=True)
+    with pytest.raises(ValueError, match="kv_scale"):
+        mla.mla_attention(q_nope, q_pe, kv8, k_pe, w, 1.0, True, kv_scale=kv_scale.half(), interpret=True)
+    assert kv8.dtype == FP8
 
 
 def test_bad_shapes_are_clear_errors():

@@ -47,6 +47,48 @@ def test_bundled_model_prefill_and_decode(attn_impl, config, options):
         assert m.module.endswith("self_attn")
 
 
+@pytest.mark.parametrize("attn_impl,kernels", [("absorb", {"interpret": True}), ("naive", {"kernels": "reference"})],
+                         ids=["absorb-interpret", "naive-reference"])
+def test_fp8_latent_cache_is_read_in_fp8(attn_impl, kernels, monkeypatch):
+    """The bundled model over its FP8 latent cache (c_kv in FP8, one scale per token): the cache returns the
+    latent dequantized in plain torch, and the pass hands the kernels the FP8 rows and their scales instead,
+    so the dequantized copy is never made. Prefill and a static-cache decode step, against eager over the same
+    kind of cache."""
+    from deepfuse.runtime.kernels import mla as kernel
+
+    latents = []
+    for name in ("mla_attention", "reference"):
+        real = getattr(kernel, name)
+
+        def spy(q_nope, q_pe, c_kv, *args, real=real, **kwargs):
+            if q_nope.dtype != torch.float64:  # not the pass's own check of the region, in float64
+                latents.append(c_kv.dtype)
+            return real(q_nope, q_pe, c_kv, *args, **kwargs)
+
+        monkeypatch.setattr(kernel, name, spy)
+    cfg = get_config("v2-tiny", num_hidden_layers=1)  # one layer: the compile is most of the time
+    model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())), attn_impl=attn_impl)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref_cache, cache = model.new_cache(2, 12, fp8=True), model.new_cache(2, 12, fp8=True)
+        ref = [model(ids, torch.tensor(0), ref_cache), model(ids[:, :1], torch.tensor(7), ref_cache)]
+        latents.clear()
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            compiled = torch.compile(model, backend="deepfuse", options={"passes": ["mla"], **kernels})
+            out = [compiled(ids, torch.tensor(0), cache), compiled(ids[:, :1], torch.tensor(7), cache)]
+    assert all(rel_err(o, r) < 1e-4 for o, r in zip(out, ref))
+    torch.testing.assert_close(cache.layers[0].kv_scale, ref_cache.layers[0].kv_scale)
+    matches = _mla_matches(report)
+    assert len(matches) == 2 * cfg.num_hidden_layers and not report.declined, str(report)
+    assert latents and set(latents) == {torch.float8_e4m3fn}, latents
+    c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    for m in matches:  # FP8 rows, an fp32 scale, an fp32 rope key (the model is fp32)
+        assert m.params["latent_format"].startswith("float8_e4m3fn")
+        assert m.params["latent_bytes_per_token"] == c + 4 + 4 * r
+
+
 @pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
 def test_batch_of_one_as_inductor_rewrites_it_on_gpus(attn_impl, monkeypatch):
     """At batch 1 on a GPU, Inductor's joint-graph pass turns every bmm of batch 1 into an mm (squeeze, mm,

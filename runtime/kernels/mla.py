@@ -27,6 +27,7 @@ import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
+from deepfuse.runtime.latent_cache import FP8, dequantize_latent
 
 
 TEMPLATE = KernelTemplate(
@@ -65,17 +66,20 @@ def mla_absorb_query_kernel(
 
 @triton.jit
 def mla_decode_partial_kernel(
-    QLat, QPe, KV, KPe, Mask, PartOut, PartLse,
+    QLat, QPe, KV, KVScale, KPe, Mask, PartOut, PartLse,
     stride_qlb, stride_qls, stride_qlh, stride_qpb, stride_qps, stride_qph,
-    stride_kvb, stride_kvt, stride_kpb, stride_kpt,
+    stride_kvb, stride_kvt, stride_ksb, stride_kst, stride_kpb, stride_kpt,
     stride_mb, stride_mh, stride_ms, stride_mt,
     S, T, H, scale, causal_offset,
     C: tl.constexpr, C_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """One (query, head block, context split): attention over the latent rows of the split, all heads of the
-    block together (each c_kv row is loaded once for them). Writes the split's normalized output and LSE."""
+    block together (each c_kv row is loaded once for them). Writes the split's normalized output and LSE.
+    KV_FP8: the latent rows are float8_e4m3fn with one fp32 scale per token (KVScale [B, T]); a tile is
+    dequantized in registers, in fp32 and rounded to the queries' dtype as the model's own dequantization does,
+    so the cache is read at a byte per value."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid_bs = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -115,6 +119,9 @@ def mla_decode_partial_kernel(
                 rows_ok = t_ok & (tl.max(madd, axis=0) > float("-inf"))
             kv = tl.load(KV + b * stride_kvb + offs_t[:, None] * stride_kvt + offs_c[None, :],
                          mask=rows_ok[:, None] & c_ok, other=0.0)
+            if KV_FP8:
+                kv_scale = tl.load(KVScale + b * stride_ksb + offs_t * stride_kst, mask=rows_ok, other=0.0)
+                kv = (kv.to(tl.float32) * kv_scale[:, None]).to(q_lat.dtype)
             k_pe = tl.load(KPe + b * stride_kpb + offs_t[:, None] * stride_kpt + offs_r[None, :],
                            mask=rows_ok[:, None] & r_ok, other=0.0)
             scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
@@ -302,6 +309,7 @@ def mla_attention(
     scale: float,
     causal: bool,
     mask: Optional[torch.Tensor] = None,
+    kv_scale: Optional[torch.Tensor] = None,
     path: str = "auto",
     interpret: bool = False,
     config: Optional[dict] = None,
@@ -309,8 +317,9 @@ def mla_attention(
 ) -> torch.Tensor:
     """q_nope [B, S, H, DN], q_pe [B, S, H, R], c_kv [B, T, C], k_pe [B, T, R], w_kv_b [H*(DN+DV), C]
     (kv_b_proj.weight) -> [B, S, H, DV] in q's dtype. Any strides with a unit last dim; traceable (the
-    launches become Inductor user-kernel nodes under make_fx)."""
-    _check(q_nope, q_pe, c_kv, k_pe, w_kv_b)
+    launches become Inductor user-kernel nodes under make_fx). An FP8 latent cache: c_kv float8_e4m3fn with
+    ``kv_scale`` [B, T] or [B, T, 1] fp32, one scale per token (``deepfuse.runtime.latent_cache``)."""
+    _check(q_nope, q_pe, c_kv, k_pe, w_kv_b, kv_scale)
     b, s, h, dn = q_nope.shape
     t, c = c_kv.shape[1], c_kv.shape[2]
     r = q_pe.shape[-1]
@@ -326,6 +335,9 @@ def mla_attention(
     mask_ptr = mask4 if has_mask else q_nope
     c_kv, k_pe = _unit_last(c_kv), _unit_last(k_pe)
     q_pe = _unit_last(q_pe)
+    fp8 = kv_scale is not None
+    if fp8:
+        kv_scale = kv_scale.reshape(b, t)
     if path == "absorbed":
         cfg = dict(config or {**DECODE_CONFIG, "BLOCK_T": 32 if c > 256 else 64})
         bh, bt = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_T")
@@ -358,12 +370,12 @@ def mla_attention(
         part_out = torch.empty((queries * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
         part_lse = torch.empty((queries * h * splits,), dtype=torch.float32, device=q_nope.device)
         partial[(queries, head_blocks, splits)](
-            q_lat, q_pe, c_kv, k_pe, mask_ptr, part_out, part_lse,
+            q_lat, q_pe, c_kv, kv_scale if fp8 else q_lat, k_pe, mask_ptr, part_out, part_lse,
             q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
-            c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), *m_args,
-            s, t, h, scale, t - s,
+            c_kv.stride(0), c_kv.stride(1), *(kv_scale.stride() if fp8 else (0, 0)), k_pe.stride(0), k_pe.stride(1),
+            *m_args, s, t, h, scale, t - s,
             C=c, C_POW2=c_pow2, R=r, R_POW2=r_pow2, BLOCK_H=bh, BLOCK_T=bt, NUM_SPLITS=splits,
-            HAS_MASK=has_mask, CAUSAL=causal, **launch_opts,
+            HAS_MASK=has_mask, CAUSAL=causal, KV_FP8=fp8, **launch_opts,
         )
         out_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
         block_c = min(REDUCE_BLOCK_C, c_pow2)
@@ -381,6 +393,8 @@ def mla_attention(
     cfg = dict(config or PREFILL_CONFIG)
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     launch_opts = {} if interpret else cfg
+    if fp8:  # the prefill expands the latent anyway: dequantized first, as the model's own code does
+        c_kv = dequantize_latent(c_kv, kv_scale[..., None], dtype)
     kv = torch.matmul(c_kv, w_kv_b.to(dtype).t()).view(b, t, h, dn + dv)  # k_nope | v for every head
     k_nope, v = kv[..., :dn], kv[..., dn:]
     out = torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)
@@ -405,7 +419,7 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check(q_nope, q_pe, c_kv, k_pe, w_kv_b):
+def _check(q_nope, q_pe, c_kv, k_pe, w_kv_b, kv_scale=None):
     if q_nope.dim() != 4 or q_pe.dim() != 4 or q_nope.shape[:3] != q_pe.shape[:3]:
         raise ValueError(f"mla: q_nope and q_pe must be [B, S, H, d], got {tuple(q_nope.shape)}, {tuple(q_pe.shape)}")
     b, _, h, dn = q_nope.shape
@@ -417,15 +431,28 @@ def _check(q_nope, q_pe, c_kv, k_pe, w_kv_b):
     if w_kv_b.dim() != 2 or w_kv_b.shape[1] != c_kv.shape[-1] or w_kv_b.shape[0] % h or w_kv_b.shape[0] // h <= dn:
         raise ValueError(f"mla: w_kv_b {tuple(w_kv_b.shape)} is not [H*(DN+DV), C] for H={h}, DN={dn}, "
                          f"C={c_kv.shape[-1]}")
-    if q_nope.dtype not in TRITON_DTYPES or any(x.dtype != q_nope.dtype for x in (q_pe, c_kv, k_pe)):
-        raise TypeError("mla: q, c_kv and k_pe must share one float dtype")
+    if (c_kv.dtype == FP8) != (kv_scale is not None):
+        raise TypeError(f"mla: an FP8 c_kv needs kv_scale (one fp32 scale per token), and only an FP8 one takes "
+                        f"it; got c_kv {c_kv.dtype} and kv_scale {None if kv_scale is None else kv_scale.dtype}")
+    if kv_scale is not None:
+        if kv_scale.dtype != torch.float32 or kv_scale.shape not in (c_kv.shape[:2], (*c_kv.shape[:2], 1)):
+            raise ValueError(f"mla: kv_scale must be fp32 [B, T] or [B, T, 1] for c_kv {tuple(c_kv.shape)}, got "
+                             f"{kv_scale.dtype} {tuple(kv_scale.shape)}")
+    latent_dtype = q_nope.dtype if kv_scale is None else FP8
+    if q_nope.dtype not in TRITON_DTYPES or any(x.dtype != q_nope.dtype for x in (q_pe, k_pe)) \
+            or c_kv.dtype != latent_dtype:
+        raise TypeError("mla: q, c_kv and k_pe must share one float dtype (or c_kv be FP8, with its scales)")
 
 
-def reference(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale: float, causal: bool, mask=None) -> torch.Tensor:
-    """Plain torch, the cache expanded per head (the naive form); accumulates in q's dtype's accumulator."""
+def reference(q_nope, q_pe, c_kv, k_pe, w_kv_b, scale: float, causal: bool, mask=None,
+              kv_scale=None) -> torch.Tensor:
+    """Plain torch, the cache expanded per head (the naive form); accumulates in q's dtype's accumulator. An
+    FP8 c_kv is dequantized with its per-token ``kv_scale`` in that accumulator's dtype."""
     b, s, h, dn = q_nope.shape
     t = c_kv.shape[1]
     acc = torch.float64 if q_nope.dtype == torch.float64 else torch.float32
+    if kv_scale is not None:
+        c_kv = dequantize_latent(c_kv, kv_scale.reshape(b, t, 1).to(acc), acc)
     w = w_kv_b.to(acc).view(h, -1, c_kv.shape[-1])
     k_nope = torch.einsum("btc,hdc->bthd", c_kv.to(acc), w[:, :dn])
     v = torch.einsum("btc,hdc->bthd", c_kv.to(acc), w[:, dn:])
