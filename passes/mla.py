@@ -20,6 +20,11 @@ So the pass:
 5. runs the region on random inputs against the canonical formula above, over the possible layouts, the
    scale constants found in the region and causal or not; it is rewritten only if one matches, and
    declined with the reason if none does.
+Then two things about its inputs are settled by running how they are made:
+- a mask built in the graph from sizes alone that is the bottom-right causal one becomes the kernels' own
+  causality (no mask read, hidden tiles skipped); any other mask stays one the kernels read;
+- a latent that is FP8 rows times per-token scales (the FP8 latent cache) is handed to the kernels as those
+  rows and scales, never as the dequantized copy.
 An attention where no weight and latent lead to a region of that shape (a plain MHA) gets no report row;
 the debug log says why.
 The projections, norms, rope and cache writes around it stay with Inductor.
@@ -72,6 +77,7 @@ class MLAPass:
         _dedupe_views(graph)
         changed = 0
         anchors = _anchors(graph)
+        causal_masks: dict[fx.Node, bool] = {}  # one mask serves every layer: checked once
         log.debug("mla: %d softmax anchor(s): %s", len(anchors), [a.name for a in anchors])
         for anchor in anchors:
             if anchor not in _live(graph):
@@ -84,6 +90,13 @@ class MLAPass:
             if isinstance(params, str):
                 self._decline(report, params, where)
                 continue
+            mask = found["roles"]["mask"]
+            if mask is not None:
+                if mask not in causal_masks:
+                    causal_masks[mask] = _is_causal_mask(mask, params)
+                if causal_masks[mask]:  # the kernels skip what causality hides and read no mask at all
+                    found["roles"] = {**found["roles"], "mask": None}
+                    params.update(causal=True, mask=False, mask_form="causal (recognized; not read)")
             impl = options.kernel_impl(value(found["out"]).device.type)
             dequantized = found["roles"]["c_kv"]
             fp8 = _fp8_latent(dequantized)
@@ -654,6 +667,97 @@ def _params(found, dims, scale, causal, heads_first, out_heads_first, mask_layou
         "_queries": _expr(value(found["out"]).numel() // ((bt // t_sym) * dims["heads"] * dims["v_head_dim"])),
     })
     return params
+
+
+# -- a causal mask built in the graph ---------------------------------------------------------------------------
+
+
+def _is_causal_mask(mask: fx.Node, params: dict) -> bool:
+    """Is the mask the bottom-right causal one (query i of S sees keys 0 .. T - S + i), built in the graph from
+    sizes alone (an arange compared with positions, say)? Then the kernels apply causality themselves: they
+    skip the hidden tiles and read no mask. Checked by running how the mask is built: at the traced sizes, and,
+    where those are symbols, at other values of them too (the expected S and T follow from the same symbols).
+    A value at or below half the dtype's lowest counts as hidden (HF's eager masks use finfo.min); any other
+    nonzero value (a bias) is not causal. A mask read from an input (padding, a position tensor) is never
+    recognized: it stays a mask the kernels read."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    built_from = ancestors([mask])
+    if any(n.op == "get_attr" or (n.op == "placeholder" and not isinstance(n.meta.get("val"), (int, torch.SymInt)))
+           for n in built_from):
+        return False
+    if any(n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload)
+           and getattr(n.target, "__module__", None) != "_operator" for n in built_from):
+        return False  # a call the check cannot copy faithfully (aten ops and size arithmetic it can)
+    position = {n: i for i, n in enumerate(mask.graph.nodes)}
+    order = sorted(built_from, key=position.__getitem__)
+    sub, env = fx.Graph(), {}
+    symbols = []
+    for n in order:
+        if n.op == "placeholder":
+            env[n] = sub.placeholder(n.name)
+            symbols.append(n)
+        else:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(env[mask])
+    module = fx.GraphModule(torch.nn.Module(), sub)
+    exprs = [sympy.sympify(params[k]) for k in ("_batch", "_queries", "_context")]
+    traced = [params[k] for k in ("batch", "queries", "context")]
+    for moved, values in enumerate(_symbol_assignments(symbols)):
+        if not moved:
+            b, s, t = traced
+        else:
+            symbolic = [(n.meta["val"], v) for n, v in zip(symbols, values) if isinstance(n.meta["val"], torch.SymInt)]
+            shape_env = symbolic[0][0].node.shape_env
+            subs = {sym.node.expr: v for sym, v in symbolic}
+            try:
+                b, s, t = (_evaluate(e, subs, shape_env) for e in exprs)
+            except (KeyError, TypeError):
+                return False  # a size no traced value fixes
+            if not 0 < s <= t or b <= 0:
+                continue
+        with unset_fake_temporarily(), torch.no_grad():
+            try:
+                m = module(*values)
+                view = _mask_bhst(m, params["_mask_layout"], b, s, params["heads"], t)
+            except Exception:  # noqa: BLE001  (a mask that does not build or broadcast at these sizes)
+                return False
+            for dim in (0, 1):  # a mask broadcast over batch or heads is checked once for them
+                if view.stride(dim) == 0:
+                    view = view.narrow(dim, 0, 1)
+            if m.dtype == torch.bool:
+                seen = view
+            else:
+                if torch.isnan(view).any():
+                    return False
+                seen = view > torch.finfo(m.dtype).min / 2
+                if (view[seen] != 0).any():
+                    return False
+            keys = torch.arange(t, device=m.device)
+            causal = keys[None, :] <= (t - s) + torch.arange(s, device=m.device)[:, None]
+            if not torch.equal(seen, causal.expand_as(seen)):
+                return False
+    log.debug("mla: mask %s is the causal mask, built in the graph: not read", mask.name)
+    return True
+
+
+def _evaluate(expr, subs: dict, shape_env) -> int:
+    """A size expression at the given symbol values; symbols not given keep their traced values."""
+    expr = expr.subs(subs)
+    return int(expr.subs({sym: shape_env.var_to_val[sym] for sym in expr.free_symbols}))
+
+
+def _symbol_assignments(symbols: list[fx.Node]):
+    """The traced values of the mask's size inputs, then each symbolic one moved (up and down) alone."""
+    traced = [hint(n.meta["val"]) for n in symbols]
+    yield traced
+    for i, n in enumerate(symbols):
+        if isinstance(n.meta["val"], torch.SymInt):
+            for delta in (1, 5, -1):
+                moved = list(traced)
+                moved[i] = traced[i] + delta
+                if moved[i] >= 0:
+                    yield moved
 
 
 # -- an FP8 latent cache ---------------------------------------------------------------------------------------

@@ -194,9 +194,9 @@ class LatentAttention(torch.nn.Module):
     expanded values before P.V: the identity makes it MLA; a nonlinearity makes a look-alike that shares W
     and c_kv on both sides but computes something else, which the check on random inputs must refuse."""
 
-    def __init__(self, values=lambda v: v, h=2, dn=8, r=8, dv=8, c=16, hidden=32):
+    def __init__(self, values=lambda v: v, h=2, dn=8, r=8, dv=8, c=16, hidden=32, mask=None):
         super().__init__()
-        self.values, self.h, self.dn, self.r = values, h, dn, r
+        self.values, self.h, self.dn, self.r, self.mask = values, h, dn, r, mask
         self.q = torch.nn.Linear(hidden, h * (dn + r), bias=False)
         self.kv_a = torch.nn.Linear(hidden, c + r, bias=False)
         self.kv_b = torch.nn.Linear(c, h * (dn + dv), bias=False)
@@ -209,7 +209,10 @@ class LatentAttention(torch.nn.Module):
         kv = self.kv_b(c_kv).view(b, s, self.h, -1).transpose(1, 2)
         k_nope, v = kv.split([self.dn, kv.shape[-1] - self.dn], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None].expand(b, self.h, s, self.r)], dim=-1)
-        probs = (q @ k.transpose(-1, -2) * 0.3).softmax(dim=-1)
+        scores = q @ k.transpose(-1, -2) * 0.3
+        if self.mask is not None:  # a mask the forward builds from the sizes: mask(s, device) -> [s, s]
+            scores = scores + self.mask(s, x.device)
+        probs = scores.softmax(dim=-1)
         return self.o((probs @ self.values(v)).transpose(1, 2).reshape(b, s, -1))
 
 
@@ -235,3 +238,63 @@ def test_a_hand_written_mla_matches_too():
     assert rel_err(out, ref) < 1e-5
     (m,) = _mla_matches(report)
     assert m.params["causal"] is False and m.params["scale"] == pytest.approx(0.3)
+
+
+def _causal(s, device):
+    keys = torch.arange(s, device=device)
+    return torch.zeros(s, s, device=device).masked_fill(keys[None, :] > keys[:, None], float("-inf"))
+
+
+def _causal_finfo_min(s, device):  # HF's eager masks: finfo.min where hidden
+    return _causal(s, device).clamp_min(torch.finfo(torch.float32).min)
+
+
+def _sliding_window(s, device):  # causal and at most 3 keys back
+    keys = torch.arange(s, device=device)
+    return _causal(s, device).masked_fill(keys[None, :] < keys[:, None] - 2, float("-inf"))
+
+
+def _causal_with_bias(s, device):  # causal plus an ALiBi-like slope
+    keys = torch.arange(s, device=device)
+    return _causal(s, device) - 0.1 * (keys[:, None] - keys[None, :]).clamp_min(0)
+
+
+@pytest.mark.parametrize("mask,causal", [(_causal, True), (_causal_finfo_min, True), (_sliding_window, False),
+                                         (_causal_with_bias, False)],
+                         ids=["causal", "causal-finfo-min", "sliding-window", "causal-bias"])
+def test_a_causal_mask_built_in_the_graph_is_recognized(mask, causal):
+    """A mask the forward builds from sizes alone is run at compile time: the causal one (-inf or finfo.min
+    where hidden) becomes the kernels' own causality, no mask read; a sliding window or a bias added to the
+    causal mask stays a mask the kernels read. Both ways the result is the module's. Two lengths: the second
+    compiles with a symbolic length, where the check runs the mask at other lengths too."""
+    model = LatentAttention(mask=mask).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="deepfuse", options={"passes": ["mla"], "kernels": "reference"})
+    for s in (5, 8):
+        x = torch.randn(2, s, 32)
+        report = deepfuse.Report()
+        with torch.no_grad(), deepfuse.collect(report):
+            out, ref = compiled(x), model(x)
+        assert rel_err(out, ref) < 1e-5
+        (m,) = _mla_matches(report)
+        assert m.params["mask"] is not causal and m.params["causal"] is causal
+        assert ("mask_form" in m.params) is causal
+
+
+def test_a_mask_from_an_input_is_read_as_a_mask():
+    """A padding mask passed in is data, whatever it holds (here: causal): never taken for causality."""
+    class Masked(LatentAttention):
+        def forward(self, x, mask):
+            self.mask = lambda s, device: mask
+            return super().forward(x)
+
+    model = Masked().eval()
+    x = torch.randn(2, 6, 32)
+    report = deepfuse.Report()
+    with torch.no_grad(), deepfuse.collect(report):
+        out = torch.compile(model, backend="deepfuse", options={"passes": ["mla"], "kernels": "reference"})(
+            x, _causal(6, "cpu"))
+        ref = model(x, _causal(6, "cpu"))
+    assert rel_err(out, ref) < 1e-5
+    (m,) = _mla_matches(report)
+    assert m.params["mask"] is True and "mask_form" not in m.params
