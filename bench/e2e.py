@@ -43,21 +43,29 @@ from run import environment, floor_chart, hbm_bandwidth, matmul_peak, median_cal
 
 
 def fill_cache(cache, context: int) -> None:
-    """Random latents in positions 0 .. context-1 (normalized c_kv and roped k_pe are O(1))."""
+    """Random latents in positions 0 .. context-1 (normalized c_kv and roped k_pe are O(1)); an FP8 cache
+    stores them quantized per token, as its update would."""
+    from deepfuse.runtime.latent_cache import quantize_latent
+
     gen = torch.Generator(device="cuda").manual_seed(7)
     for layer in cache.layers:
-        layer.kv[:, :context].normal_(generator=gen)
         layer.pe[:, :context].normal_(generator=gen)
+        if layer.kv_scale is None:
+            layer.kv[:, :context].normal_(generator=gen)
+        else:
+            rows = torch.randn(layer.kv[:, :context].shape, device="cuda", generator=gen)
+            layer.kv[:, :context], layer.kv_scale[:, :context] = quantize_latent(rows)
 
 
-def decode_bytes(cfg, params: dict, batch: int, context: int) -> float:
+def decode_bytes(cfg, params: dict, batch: int, context: int, cache_bytes_per_token: int) -> float:
     """Bytes one decode step reads at least: every weight but the routed experts and the embedding table, the
-    routed experts the batch's tokens are expected to touch (uniform routing), and the latent cache."""
+    routed experts the batch's tokens are expected to touch (uniform routing), and the latent cache
+    (``cache_bytes_per_token`` per token and layer)."""
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     touched = e * (1 - (1 - k / e) ** batch)
     moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
     expert = params["expert_bytes"]
-    cache = batch * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers
+    cache = batch * context * cache_bytes_per_token * cfg.num_hidden_layers
     return params["dense_bytes"] + moe_layers * touched * expert + cache
 
 
@@ -112,14 +120,14 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
     max_len = max(p, ctx + 1) + args.gen_tokens  # a decode step writes position ctx
     with torch.no_grad():
         if "bundled" in args.impls:
-            cache = model.new_cache(1, max_len)
+            cache = model.new_cache(1, max_len, fp8=args.fp8_cache)
             row("bundled eager", "prefill", 1, median_ms(lambda: model(prompt, 0, cache), 5), prefill_floor)
             for b in args.batches:
-                cache = model.new_cache(b, max_len)
+                cache = model.new_cache(b, max_len, fp8=args.fp8_cache)
                 fill_cache(cache, ctx)
                 tok = torch.randint(0, cfg.vocab_size, (b, 1), device="cuda")
                 row("bundled eager", "decode", b, median_ms(lambda: model(tok, ctx, cache), 10),
-                    decode_bytes(cfg, figures, b, ctx) / bandwidth * 1e3)
+                    decode_bytes(cfg, figures, b, ctx, cache.bytes_per_token_per_layer()) / bandwidth * 1e3)
         if "deepfuse" in args.impls:
             # dynamic=False: one graph per batch size (each its own CUDA graph); the context never changes a shape
             if args.compile == "blocks":  # regional: one graph per kind of block (dense, MoE), reused by every layer;
@@ -138,7 +146,7 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 # no matches.
                 return contextlib.nullcontext() if args.no_collect else deepfuse.collect(report)
             if not args.deepfuse_decode_only:
-                cache = model.new_cache(1, max_len)
+                cache = model.new_cache(1, max_len, fp8=args.fp8_cache)
                 with collecting(report):
                     start = time.perf_counter()
                     compiled(prompt, torch.tensor(0, device="cuda"), cache)
@@ -148,7 +156,7 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 row("deepfuse", "prefill", 1,
                     median_ms(lambda: compiled(prompt, torch.tensor(0, device="cuda"), cache), 5), prefill_floor)
             for b in args.deepfuse_batches:
-                cache = model.new_cache(b, max_len)
+                cache = model.new_cache(b, max_len, fp8=args.fp8_cache)
                 fill_cache(cache, ctx)
                 tok = torch.randint(0, cfg.vocab_size, (b, 1), device="cuda")
                 with collecting(report):
@@ -163,14 +171,14 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 print(f"deepfuse compile, decode batch {b}: {notes[f'deepfuse_compile_s_decode_b{b}']:.1f} s; "
                       f"matches so far {families}, declined {[d.reason for d in report.declined]}", flush=True)
                 row("deepfuse", "decode", b, median_ms(lambda: step(tok, pos, cache), 30, warmup=3),
-                    decode_bytes(cfg, figures, b, ctx) / bandwidth * 1e3)
+                    decode_bytes(cfg, figures, b, ctx, cache.bytes_per_token_per_layer()) / bandwidth * 1e3)
                 if args.profile:
                     profile(lambda: step(tok, pos, cache), os.path.join(args.out, f"profile_decode_b{b}.txt"))
             notes["deepfuse_matches"] = families
             notes["deepfuse_declined"] = [f"{d.family}: {d.reason}" for d in report.declined]
             if args.gen_tokens and not args.deepfuse_decode_only:
                 with torch.compiler.set_stance("force_eager"):  # --compile blocks compiled the layers in place
-                    eager_tokens = generate(model, prompt, args.gen_tokens)
+                    eager_tokens = generate(model, prompt, args.gen_tokens, fp8_cache=args.fp8_cache)
                     # The yardstick: eager bf16 against itself with the other attention form (naive expands the
                     # latent, absorb folds kv_b_proj into q and out), the same math in another summation order.
                     attns = [layer.self_attn for layer in model.model.layers]
@@ -179,12 +187,12 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                     try:
                         for a in attns:
                             a.attn_impl = other
-                        naive_tokens = generate(model, prompt, args.gen_tokens)
+                        naive_tokens = generate(model, prompt, args.gen_tokens, fp8_cache=args.fp8_cache)
                     finally:  # the compiled graphs were traced with the model's own form
                         for a in attns:
                             a.attn_impl = impl
                 fused = generate(model, prompt, args.gen_tokens, forward=compiled, static_cache=True,
-                                 cuda_graph=args.compile == "blocks")
+                                 cuda_graph=args.compile == "blocks", fp8_cache=args.fp8_cache)
 
                 def agreement(a, b):
                     same = (a == b)[0].int()
@@ -233,6 +241,7 @@ def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
                 param.normal_(0.0, cfg.initializer_range, generator=gen)
     p, ctx = args.prefill, args.context
     prompt = the_prompt(cfg, p)
+    latent_bf16 = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2  # the floor's cache: what MLA needs, not HF's
 
     def row(impl, what, batch, ms, floor_ms):
         add_row(rows, impl, what, batch, ms, floor_ms, p)
@@ -248,7 +257,7 @@ def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
                 hf(tok, past_key_values=past, use_cache=True)
 
             row("hf eager", "decode", 1, median_ms(step, 10),
-                decode_bytes(cfg, figures, 1, ctx) / bandwidth * 1e3)
+                decode_bytes(cfg, figures, 1, ctx, latent_bf16) / bandwidth * 1e3)
         if "hf_inductor" in args.impls:
             compiled = torch.compile(hf)
             start = time.perf_counter()
@@ -283,6 +292,8 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="write the GPU kernels of deepfuse's decode steps to profile_decode_b{B}.txt")
     parser.add_argument("--impls", default="bundled,deepfuse,hf,hf_inductor")
+    parser.add_argument("--fp8-cache", action="store_true",
+                        help="the bundled model's latent cache in FP8 (c_kv with a scale per token); bundled and deepfuse")
     parser.add_argument("--fp8", action="store_true",
                         help="the bundled model in DeepSeek-V3's FP8 format (128 x 128 blocks, W8A8): its linears and "
                              "routed experts in FP8; bundled and deepfuse only")
@@ -305,6 +316,8 @@ def main():
         peak *= 2
     print(f"{'impl':<22}{'what':<9}{'batch':>6}{'ms':>11}{'floor':>10}{'x floor':>8}{'tokens/s':>12}", flush=True)
     rows, notes = [], ({"fp8": "bundled model in V3's FP8 format (linears and routed experts)"} if args.fp8 else {})
+    if args.fp8_cache:
+        notes["fp8_cache"] = "the bundled model's latent cache in FP8 (c_kv, one scale per token; k_pe bf16)"
     figures, prefill_floor = bench_bundled(args, cfg, bandwidth, peak, rows, notes)
     torch._dynamo.reset()  # drops the compiled model and its CUDA graphs before the HF model is built
     gc.collect()

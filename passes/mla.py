@@ -779,9 +779,9 @@ def _through_casts(node: fx.Node, also=frozenset()) -> fx.Node:
 def _fp8_latent(c_kv: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
     """(FP8 rows [.., T, C], per-token scales [.., T, 1]) if the latent is an FP8 cache dequantized per token:
     a cast of float8_e4m3fn rows times a float tensor of their shape with a last dim of 1 (casts either side
-    of the product, reshapes that keep the rows' order after it): what ``deepfuse.runtime.latent_cache`` returns for ``fp8=True``. That is the whole of
-    its meaning, so the form is matched exactly; any other dequantization (per-tile scales, say) is left as a
-    float latent the attention reads, slower and still right."""
+    of the product, reshapes that keep the rows' order after it): what ``deepfuse.runtime.latent_cache``
+    returns for ``fp8=True``. That form is its whole meaning, so it is matched exactly; any other
+    dequantization (per-tile scales, say) is left as a float latent the attention reads, slower and right."""
     product = _through_casts(c_kv, REORDERLESS)
     if product.op != "call_function" or product.target != aten.mul.Tensor:
         return None

@@ -81,7 +81,8 @@ class LayerCache:
 class LatentKVCache:
     """Preallocated; ``layers[i]`` is layer i's part, which its block writes in place and reads. Each layer's
     buffers are their own allocations, not views of one: a model compiled whole then takes 2 * layers distinct
-    static inputs (3 * layers in FP8), where views of one buffer would be aliased inputs that AOTAutograd rebuilds from a copy."""
+    static inputs (3 * layers in FP8), where views of one buffer would be aliased inputs that AOTAutograd
+    rebuilds from a copy."""
 
     def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device, fp8: bool = False):
         def buffer(width, dtype=dtype):

@@ -68,10 +68,12 @@ def test_fp8_cache_stores_each_token_at_its_own_scale():
 
 
 def test_compiled_greedy_generation_is_one_decode_graph_and_equals_eager():
-    """64 greedy tokens through the generated kernels (Triton's interpreter): the tokens eager float32 picks, and
-    two graphs in all (prefill, and one decode step for every context length)."""
+    """64 greedy tokens at batch 1 through the generated kernels (Triton's interpreter): the tokens eager float32
+    picks, and two graphs in all (prefill, and one decode step for every context length). Batch 1 keeps the
+    interpreter's share of the suite down (118 s against 184 at batch 2); batched decode steps are checked
+    against eager in test_static_cache_steps_equal_prefix_steps and the mla pass tests."""
     model, cfg = _model()
-    prompt = torch.randint(0, cfg.vocab_size, (2, 7))
+    prompt = torch.randint(0, cfg.vocab_size, (1, 7))
     torch._dynamo.reset()
     counters.clear()
     report = deepfuse.Report()
