@@ -503,8 +503,8 @@ def generate(
     """Greedy (temperature 0) or sampled generation over the latent cache; returns [B, max_new_tokens].
 
     ``forward`` is what runs each step (default: the model itself; pass a torch.compile'd model).
-    ``static_cache``: positions go in as device tensors and every step attends over the whole preallocated cache
-    (masked), so all decode steps share one compiled graph and one CUDA graph; use it with
+    ``static_cache``: the decode steps' positions go in as device tensors and every step attends over the whole
+    preallocated cache (masked), so all decode steps share one compiled graph and one CUDA graph; use it with
     ``mode="reduce-overhead"``.
     ``cuda_graph`` (needs ``static_cache``): the decode steps run as one captured CUDA graph
     (``deepfuse.runtime.cuda_graph.CapturedStep``), for a model compiled block by block without
@@ -520,15 +520,17 @@ def generate(
         decode = CapturedStep(forward)
     bsz, plen = prompt.shape
     cache = model.new_cache(bsz, plen + max_new_tokens, fp8=fp8_cache)
-    position = torch.tensor(0, device=prompt.device) if static_cache else 0
-    logits = forward(prompt, position, cache)[:, -1]
+    # The prefill addresses the cache's prefix (a Python position) either way: it runs once, and its mask is
+    # then the plain causal one, which deepfuse's kernels apply without reading a mask.
+    logits = forward(prompt, 0, cache)[:, -1]
+    position = torch.tensor(plen, device=prompt.device) if static_cache else plen
     out = []
     for i in range(max_new_tokens):
         token = _sample(logits, temperature, top_k, generator)
         out.append(token)
         if i + 1 < max_new_tokens:
-            position = position + (plen if i == 0 else 1) if static_cache else plen + i
             logits = decode(token[:, None], position, cache)[:, -1]
+            position = position + 1
     return torch.stack(out, dim=1)
 
 
