@@ -210,8 +210,7 @@ def bench_mla_decode(batches, contexts, bandwidth, rounds, fp8=False):
                 cache.kv.normal_()
             cos, sin = rope_cos_sin(cfg, torch.tensor([t - 1], device="cuda"))
             sets = [(torch.randn(b, 1, HIDDEN, device="cuda", dtype=torch.bfloat16),) for _ in range(rounds)]
-            latent = b * t * sum(x.shape[-1] * x.element_size() for x in (cache.kv, cache.pe, cache.kv_scale)
-                                 if x is not None)
+            latent = b * t * cache.bytes_per_token()
             floor_ms = (latent + weight_bytes) / bandwidth * 1e3
             torch._dynamo.reset()
 

@@ -57,6 +57,10 @@ class LayerCache:
         for buffer in (kv, pe) if kv_scale is None else (kv, pe, kv_scale):
             torch._dynamo.mark_static_address(buffer, guard=False)
 
+    def bytes_per_token(self) -> int:
+        """What one token costs in this layer: its latent row and rope key (and, in FP8, its scale)."""
+        return sum(x.shape[-1] * x.element_size() for x in (self.kv, self.pe, self.kv_scale) if x is not None)
+
     def update(self, start_pos, c_kv: torch.Tensor, k_pe: torch.Tensor):
         """Write the new positions; return what attention reads (see the module docstring)."""
         bsz, seqlen = c_kv.shape[:2]
@@ -108,9 +112,4 @@ class LatentKVCache:
         return torch.stack([layer.pe for layer in self.layers])
 
     def bytes_per_token_per_layer(self) -> int:
-        """What one token costs in one layer: its latent row and rope key (and, in FP8, its scale)."""
-        return sum(x.shape[-1] * x.element_size() for x in self._buffers(self.layers[0]))
-
-    @staticmethod
-    def _buffers(layer: LayerCache):
-        return [x for x in (layer.kv, layer.pe, layer.kv_scale) if x is not None]
+        return self.layers[0].bytes_per_token()
