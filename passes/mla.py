@@ -43,7 +43,7 @@ from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reaso
                              replace_region_first_traced)
 from deepfuse.log import log
 from deepfuse.options import Options
-from deepfuse.passes.quant import activation_source, is_dequantized_weight
+from deepfuse.passes.quant import _subgraph, activation_source, is_dequantized_weight
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 from deepfuse.runtime.kernels import mla as kernel
@@ -196,8 +196,9 @@ def _is_weight(node: fx.Node) -> bool:
     return is_dequantized_weight(node)
 
 
-def _through_layout(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in LAYOUT and node.args and isinstance(node.args[0], fx.Node):
+def _through_layout(node: fx.Node, ops=LAYOUT) -> fx.Node:
+    """The first input of ``node`` that is not one of ``ops`` applied to the next."""
+    while node.op == "call_function" and node.target in ops and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 
@@ -690,17 +691,8 @@ def _is_causal_mask(mask: fx.Node, params: dict) -> bool:
            and getattr(n.target, "__module__", None) != "_operator" for n in built_from):
         return False  # a call the check cannot copy faithfully (aten ops and size arithmetic it can)
     position = {n: i for i, n in enumerate(mask.graph.nodes)}
-    order = sorted(built_from, key=position.__getitem__)
-    sub, env = fx.Graph(), {}
-    symbols = []
-    for n in order:
-        if n.op == "placeholder":
-            env[n] = sub.placeholder(n.name)
-            symbols.append(n)
-        else:
-            env[n] = sub.node_copy(n, lambda a: env[a])
-    sub.output(env[mask])
-    module = fx.GraphModule(torch.nn.Module(), sub)
+    symbols = sorted((n for n in built_from if n.op == "placeholder"), key=position.__getitem__)
+    module = _subgraph(built_from, symbols, mask)  # the sizes it is built from are its inputs
     exprs = [sympy.sympify(params[k]) for k in ("_batch", "_queries", "_context")]
     traced = [params[k] for k in ("batch", "queries", "context")]
     for moved, values in enumerate(_symbol_assignments(symbols)):
@@ -770,19 +762,13 @@ REORDERLESS = {aten.view.default, aten.reshape.default, aten._unsafe_view.defaul
                aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims, aten.clone.default, aten.alias.default}
 
 
-def _through_casts(node: fx.Node, also=frozenset()) -> fx.Node:
-    while node.op == "call_function" and node.target in CASTS | also and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 def _fp8_latent(c_kv: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
     """(FP8 rows [.., T, C], per-token scales [.., T, 1]) if the latent is an FP8 cache dequantized per token:
     a cast of float8_e4m3fn rows times a float tensor of their shape with a last dim of 1 (casts either side
     of the product, reshapes that keep the rows' order after it): what ``deepfuse.runtime.latent_cache``
     returns for ``fp8=True``. That form is its whole meaning, so it is matched exactly; any other
     dequantization (per-tile scales, say) is left as a float latent the attention reads, slower and right."""
-    product = _through_casts(c_kv, REORDERLESS)
+    product = _through_layout(c_kv, CASTS | REORDERLESS)
     if product.op != "call_function" or product.target != aten.mul.Tensor:
         return None
     shape = [_expr(d) for d in value(product).shape]
@@ -791,7 +777,7 @@ def _fp8_latent(c_kv: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
     for x, s in (product.args[:2], product.args[1::-1]):
         if not (isinstance(x, fx.Node) and isinstance(s, fx.Node)):
             continue
-        rows, sv = _through_casts(x), value(s)
+        rows, sv = _through_layout(x, CASTS), value(s)
         rv = value(rows)
         if rows is x or rv is None or sv is None or rv.dtype != FP8 or not sv.dtype.is_floating_point:
             continue

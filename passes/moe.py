@@ -43,6 +43,7 @@ from deepfuse.runtime import autotune
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 from deepfuse.runtime.kernels import TRITON_DTYPES, moe as kernel, routing
 from deepfuse.passes.linear import is_plain_cast, stored_weight
+from deepfuse.passes.quant import _rel, _weight_side
 
 aten = torch.ops.aten
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -656,10 +657,6 @@ def _check_tolerances(dtype: torch.dtype) -> tuple[float, float]:
     return (1e-3, 1e-3) if dtype == torch.float32 else (3e-2, 5e-2)
 
 
-def _rel(have: torch.Tensor, want: torch.Tensor) -> float:
-    return ((have.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
 def _is_fp8(node: fx.Node) -> bool:
     v = node.meta.get("val")
     return isinstance(v, torch.Tensor) and v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -727,8 +724,6 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
         return f"shared experts: {reason}"
     fp8_scales = None
     if fp8_acts:  # each matmul's weight dequantized from one FP8 tensor and its fp32 scales (the quant pass's view)
-        from deepfuse.passes.quant import _weight_side
-
         sides = [_weight_side(mm) for mm in mms]
         if not all(isinstance(side, dict) for side in sides):
             return "the shared MLP next to FP8 experts does not read FP8 weights"
