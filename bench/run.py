@@ -112,6 +112,9 @@ def measure(workload, t, impls, sets, floor_ms, floor_note, check):
             graph_ms = do_bench(lambda: graphs[next(it) % rounds].replay(), warmup=25, rep=300, return_mode="median")
             rows.append({"workload": workload, "T": t, "impl": name, "ms": ms, "graph_ms": graph_ms,
                          "floor_ms": floor_ms, "floor": floor_note, "x_floor": graph_ms / floor_ms})
+            # as it is measured, so a run cut short by a time limit still says what it got
+            print(f"measured {workload} T={t} {name}: launched {ms:.4f} ms, graph {graph_ms:.4f} ms, "
+                  f"{graph_ms / floor_ms:.2f} x floor", flush=True)
     return rows
 
 
