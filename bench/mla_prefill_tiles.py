@@ -1,0 +1,81 @@
+"""The expanded (prefill) MLA path at V2-Lite dims, causal, batch 1, timed per tile configuration, beside
+PyTorch's scaled_dot_product_attention over the same expanded keys and values (the kv_b_proj expansion is in
+both times). It chooses PREFILL_CONFIG in runtime/kernels/mla.py; prints a table, writes JSON with --out.
+
+    python3 bench/mla_prefill_tiles.py --out DIR [--tokens 1024,4096]
+"""
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from deepfuse.runtime import autotune
+from deepfuse.runtime.kernels import mla
+
+from sweep_out import write_rows  # bench/, the scripts' own directory
+
+H, DN, R, DV, C = 16, 128, 64, 128, 512
+
+
+def _sdpa(q_nope, q_pe, c_kv, k_pe, w, scale):
+    """The same attention as PyTorch runs it: k and v expanded, the rope key broadcast to every head."""
+    b, t = c_kv.shape[:2]
+    kv = (c_kv @ w.t()).view(b, t, H, DN + DV)
+    k = torch.cat([kv[..., :DN], k_pe[:, :, None, :].expand(b, t, H, R)], dim=-1)
+    q = torch.cat([q_nope, q_pe], dim=-1)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), kv[..., DN:].transpose(1, 2),
+                                       is_causal=True, scale=scale)
+    return o.transpose(1, 2)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tokens", default="1024,4096")
+    parser.add_argument("--tflops", type=float, default=680.0, help="bf16 rate the floor is computed at")
+    args = parser.parse_args()
+    dev, dtype, scale = "cuda", torch.bfloat16, (DN + R) ** -0.5
+    rows = []
+    for t in (int(x) for x in args.tokens.split(",")):
+        sets = []
+        for _ in range(3):
+            q = torch.randn(1, t, H, DN + R, device=dev, dtype=dtype)
+            latent = torch.randn(1, t, C + R, device=dev, dtype=dtype)
+            w = torch.randn(H * (DN + DV), C, device=dev, dtype=dtype) / C ** 0.5
+            sets.append((q[..., :DN], q[..., DN:], latent[..., :C], latent[..., C:], w))
+        ref = mla.reference(*(x.double() for x in sets[0]), scale, True)
+        flops = mla.flops(1, t, t, H, DN, R, DV, causal=True) + 2 * t * C * H * (DN + DV)
+        floor_us = flops / (args.tflops * 1e12) * 1e6
+        configs = [None, "sdpa"] + [
+            {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": st}
+            for bm, bn, nw, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+        ]
+        for cfg in configs:
+            def one(s):
+                if cfg == "sdpa":
+                    return _sdpa(*s, scale)
+                return mla.mla_attention(*s, scale, True, path="expanded", config=cfg)
+
+            def run():
+                for s in sets:
+                    one(s)
+            try:
+                out = one(sets[0])
+                err = float((out.double() - ref).norm() / ref.norm())
+                us = autotune._time(run) * 1e3 / len(sets)
+            except Exception as e:  # a tile the chip rejects (shared memory, registers)
+                print(f"T={t} {cfg}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            name = cfg if isinstance(cfg, str) else (cfg or "default")
+            rows.append({"tokens": t, "config": name, "us": us, "floor_us": floor_us, "rel_err": err})
+            print(f"T={t:<5} {str(name):<70} {us:8.1f} us  ({us / floor_us:4.2f}x floor)  err {err:.1e}",
+                  flush=True)
+        best = min((r for r in rows if r["tokens"] == t and r["config"] != "sdpa"), key=lambda r: r["us"])
+        print(f"best T={t}: {best['config']} {best['us']:.1f} us, floor {floor_us:.1f} us")
+    if args.out:
+        write_rows(args.out, "mla_prefill_tiles", rows)
+
+
+if __name__ == "__main__":
+    main()
