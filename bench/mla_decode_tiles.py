@@ -1,8 +1,10 @@
 """The absorbed MLA decode step's launches at V2-Lite dims, timed per tile configuration (each replayed as a
 CUDA graph, as decode steps run), beside the three launches' HBM floor. It chooses the defaults in
-runtime/kernels/mla.py (DECODE_CONFIG and the split count); prints a table, writes JSON with --out.
+runtime/kernels/mla.py (DECODE_CONFIG and the split count); prints a table, writes JSON with --out. ``--fp8``:
+over an FP8 latent (c_kv float8_e4m3fn with a scale per token, as ``LatentKVCache(fp8=True)`` stores it), the
+tile, warp, stage and split sweep at every batch.
 
-    python3 bench/mla_decode_tiles.py --out DIR [--batches 1,4,8,32] [--context 2048]
+    python3 bench/mla_decode_tiles.py --out DIR [--batches 1,4,8,32] [--context 2048] [--fp8]
 """
 import argparse
 import itertools
@@ -11,6 +13,7 @@ import torch
 
 from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import mla
+from deepfuse.runtime.latent_cache import dequantize_latent, quantize_latent
 
 from sweep_out import write_rows  # bench/, the scripts' own directory
 
@@ -23,6 +26,7 @@ def main():
     parser.add_argument("--batches", default="1,4,8,32")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s the floor is computed at")
+    parser.add_argument("--fp8", action="store_true", help="an FP8 latent with per-token scales")
     args = parser.parse_args()
     dev, dtype, t = "cuda", torch.bfloat16, args.context
     rows = []
@@ -33,33 +37,47 @@ def main():
             q = torch.randn(b, 1, H, DN + R, device=dev, dtype=dtype)
             latent = torch.randn(b, t, C + R, device=dev, dtype=dtype)
             w = torch.randn(H * (DN + DV), C, device=dev, dtype=dtype) / C ** 0.5
-            sets.append((q[..., :DN], q[..., DN:], latent[..., :C], latent[..., C:], w))
-        ref = mla.reference(*(x.double() for x in sets[0]), 0.1, True)
-        floor_us = (b * t * (C + R) + H * (DN + DV) * C) * 2 / args.bandwidth * 1e6
+            c_kv, kv_scale = latent[..., :C], {}
+            if args.fp8:
+                c_kv, scale = quantize_latent(c_kv)
+                kv_scale = {"kv_scale": scale}
+            sets.append(((q[..., :DN], q[..., DN:], c_kv, latent[..., C:], w), kv_scale))
+        (q_nope, q_pe, c_kv, k_pe, w), kv_scale = sets[0]
+        if args.fp8:
+            c_kv = dequantize_latent(c_kv, kv_scale["kv_scale"].double(), torch.float64)
+        ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.1, True)
+        token_bytes = (C + 4 + 2 * R) if args.fp8 else 2 * (C + R)
+        floor_us = (b * t * token_bytes + H * (DN + DV) * C * 2) / args.bandwidth * 1e6
         # The default, then tiles and split counts.
-        configs = [None] + [
-            {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": 2, "SPLITS": sp}
-            for bt, nw, sp in itertools.product((32, 64), (4, 8), (None, 16, 32, 128)) if b == 1
-        ]  # the tile sweep at batch 1 only, where the split count matters most
+        if args.fp8:
+            configs = [None] + [
+                {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": st, "SPLITS": sp}
+                for bt, nw, st, sp in itertools.product((16, 32, 64), (4, 8), (2, 3, 4), (None, 64))
+            ]
+        else:
+            configs = [None] + [
+                {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": 2, "SPLITS": sp}
+                for bt, nw, sp in itertools.product((32, 64), (4, 8), (None, 16, 32, 128)) if b == 1
+            ]  # the tile sweep at batch 1 only, where the split count matters most
         for cfg in configs:
             def run():
-                for s in sets:
-                    mla.mla_attention(*s, 0.1, True, path="absorbed", config=cfg)
+                for s, kw in sets:
+                    mla.mla_attention(*s, 0.1, True, path="absorbed", config=cfg, **kw)
             try:
-                out = mla.mla_attention(*sets[0], 0.1, True, path="absorbed", config=cfg)
+                out = mla.mla_attention(*sets[0][0], 0.1, True, path="absorbed", config=cfg, **sets[0][1])
                 err = float((out.double() - ref).norm() / ref.norm())
                 us = autotune._time(run) * 1e3 / len(sets)
             except Exception as e:  # a tile the chip rejects
                 print(f"b{b} {cfg}: {type(e).__name__}: {str(e)[:100]}")
                 continue
-            rows.append({"batch": b, "context": t, "config": cfg or "default", "us": us, "floor_us": floor_us,
-                         "rel_err": err})
+            rows.append({"batch": b, "context": t, "fp8": args.fp8, "config": cfg or "default", "us": us,
+                         "floor_us": floor_us, "rel_err": err})
             print(f"b{b:<3} {str(cfg or 'default'):<90} {us:7.2f} us  ({us / floor_us:4.2f}x floor)  err {err:.1e}",
                   flush=True)
         best = min((r for r in rows if r["batch"] == b), key=lambda r: r["us"])
         print(f"best b{b}: {best['config']} {best['us']:.2f} us, floor {floor_us:.2f} us")
     if args.out:
-        write_rows(args.out, "mla_decode_tiles", rows)
+        write_rows(args.out, "mla_decode_tiles_fp8" if args.fp8 else "mla_decode_tiles", rows)
 
 
 if __name__ == "__main__":
