@@ -230,15 +230,11 @@ def bench_mla_decode(batches, contexts, bandwidth, rounds, fp8=False):
     return rows
 
 
-def bench_mla_prefill(tokens, rounds, flops_peak):
-    """Prefill of one V2-Lite attention layer (causal, batch 1), bf16: Hugging Face transformers'
-    DeepseekV2Attention (SDPA) eager, under Inductor, under deepfuse (attention core fused; projections,
-    norm and rope with Inductor). Floor: the attention's causal FLOPs plus the projections', at cuBLAS's
-    measured bf16 rate."""
+def v2_lite_attention():
+    """Hugging Face's DeepseekV2Attention at DeepSeek-V2-Lite's shape (16 heads, kv rank 512, q without LoRA),
+    SDPA, bf16 on the GPU, random weights of std 1/sqrt(fan-in); and its rotary embedding."""
     from transformers import DeepseekV2Config
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention, DeepseekV2RotaryEmbedding
-
-    from deepfuse.runtime.kernels import mla
 
     cfg = DeepseekV2Config(hidden_size=HIDDEN, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512,
                            q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
@@ -247,7 +243,17 @@ def bench_mla_prefill(tokens, rounds, flops_peak):
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0, p.shape[-1] ** -0.5)
-    rope = DeepseekV2RotaryEmbedding(cfg).cuda()
+    return attn, DeepseekV2RotaryEmbedding(cfg).cuda()
+
+
+def bench_mla_prefill(tokens, rounds, flops_peak):
+    """Prefill of one V2-Lite attention layer (causal, batch 1), bf16: Hugging Face transformers'
+    DeepseekV2Attention (SDPA) eager, under Inductor, under deepfuse (attention core fused; projections,
+    norm and rope with Inductor). Floor: the attention's causal FLOPs plus the projections', at cuBLAS's
+    measured bf16 rate."""
+    from deepfuse.runtime.kernels import mla
+
+    attn, rope = v2_lite_attention()
     proj = sum(p.numel() for n, p in attn.named_parameters() if p.dim() == 2)
     rows = []
     for t in tokens:
