@@ -17,7 +17,7 @@ from .log import log
 from .options import Options
 from .pattern import Binding, HostGraph, Pattern
 from .report import Declined, Match, Report, module_path, source_line
-from .shapes import value
+from .shapes import hint, value
 
 
 class FusionPass:
@@ -111,6 +111,37 @@ def escape_reason(interior: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> Op
     users = sorted({u.name for n in escaping for u in n.users if u.op == "output"})
     why = " (an output of the graph: saved for backward in a training graph?)" if users else ""
     return f"intermediate value {escaping[0].name} is used outside the region{why}"
+
+
+def region_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], out: fx.Node) -> fx.GraphModule:
+    """``nodes`` of one graph as a runnable module of ``inputs`` (its placeholders, in order) returning ``out``,
+    for a pass to check what a region computes by running it. The nodes are copied in graph order; a size
+    symbol the region reads or holds becomes its traced example value. Raises ValueError naming the first
+    other value it reads, which the check cannot make."""
+    order = {n: i for i, n in enumerate(out.graph.nodes)}
+    sub = fx.Graph()
+    env = {n: sub.placeholder(f"in{i}") for i, n in enumerate(inputs)}
+    for n in sorted(nodes, key=order.__getitem__):
+        if n in env:
+            continue
+        if n.op in ("placeholder", "get_attr") and isinstance(n.meta.get("val"), (torch.SymInt, int)):
+            env[n] = hint(n.meta["val"])  # a size symbol: its traced example value
+            continue
+        for a in n.all_input_nodes:
+            if a not in env and a not in nodes:
+                v = a.meta.get("val")
+                if not isinstance(v, (torch.SymInt, int)):
+                    raise ValueError(f"reads {a.name}, which the check cannot make")
+                env[a] = hint(v)
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(env[out])
+    return fx.GraphModule(torch.nn.Module(), sub)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64: how the passes compare a region's result with a kernel's reference."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def replace_region(graph: fx.Graph, binding: Binding, target: Callable, args: tuple, n_outputs: int) -> list[fx.Node]:

@@ -39,11 +39,11 @@ import sympy
 import torch
 import torch.fx as fx
 
-from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates,
-                             replace_region_first_traced)
+from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates, region_module,
+                             rel_err, replace_region_first_traced)
 from deepfuse.log import log
 from deepfuse.options import Options
-from deepfuse.passes.quant import _subgraph, activation_source, is_dequantized_weight
+from deepfuse.passes.quant import activation_source, is_dequantized_weight
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 from deepfuse.runtime.kernels import mla as kernel
@@ -575,18 +575,10 @@ def _verify(found) -> Union[dict[str, Any], str]:
 
     roles, region, out, dims = found["roles"], found["region"], found["out"], dict(found["dims"])
     names = [k for k in ROLES if roles.get(k) is not None]
-    sub = fx.Graph()
-    env = {roles[k]: sub.placeholder(k) for k in names}
-    for n in region:
-        for a in n.all_input_nodes:
-            if a not in env and a not in region:
-                v = a.meta.get("val")
-                if not isinstance(v, (torch.SymInt, int)):
-                    return f"the attention region reads a value the check cannot make ({a.name})"
-                env[a] = hint(v)
-        env[n] = sub.node_copy(n, lambda a: env[a])
-    sub.output(env[out])
-    module = fx.GraphModule(torch.nn.Module(), sub)
+    try:
+        module = region_module(region, [roles[k] for k in names], out)
+    except ValueError as err:
+        return f"the attention region {err}"
 
     b, s, h, t = dims["batch"], dims["queries"], dims["heads"], dims["context"]
     c, dn, r, dv = dims["kv_lora_rank"], dims["qk_nope_head_dim"], dims["qk_rope_head_dim"], dims["v_head_dim"]
@@ -640,8 +632,7 @@ def _verify(found) -> Union[dict[str, Any], str]:
                 for out_heads_first in (False, True):
                     o = want.transpose(1, 2) if out_heads_first else want
                     o = o.reshape(got.shape).to(got.device)
-                    err = ((got - o).norm() / o.norm().clamp_min(1e-30)).item()
-                    if err < tol:
+                    if rel_err(got, o) < tol:
                         return _params(found, dims, scale, causal, heads_first, out_heads_first, mask_layout)
     return "the attention over the latent is not the MLA computation (checked on random inputs)"
 
@@ -692,7 +683,7 @@ def _is_causal_mask(mask: fx.Node, params: dict) -> bool:
         return False  # a call the check cannot copy faithfully (aten ops and size arithmetic it can)
     position = {n: i for i, n in enumerate(mask.graph.nodes)}
     symbols = sorted((n for n in built_from if n.op == "placeholder"), key=position.__getitem__)
-    module = _subgraph(built_from, symbols, mask)  # the sizes it is built from are its inputs
+    module = region_module(built_from, symbols, mask)  # the sizes it is built from are its inputs
     exprs = [sympy.sympify(params[k]) for k in ("_batch", "_queries", "_context")]
     traced = [params[k] for k in ("batch", "queries", "context")]
     for moved, values in enumerate(_symbol_assignments(symbols)):

@@ -33,7 +33,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates,
+from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates, rel_err,
                              replace_region, replace_region_first_traced, replace_region_inline_or_op)
 from deepfuse.log import log
 from deepfuse.options import Options
@@ -43,7 +43,7 @@ from deepfuse.runtime import autotune
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 from deepfuse.runtime.kernels import TRITON_DTYPES, moe as kernel, routing
 from deepfuse.passes.linear import is_plain_cast, stored_weight
-from deepfuse.passes.quant import _rel, _weight_side
+from deepfuse.passes.quant import weight_side
 
 aten = torch.ops.aten
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -625,10 +625,10 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
             a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
             b = real[down].transpose(1, 2) if t2 else real[down]
             for act in ACTIVATIONS:
-                if _rel(got[-1], kernel.reference(x.to(acc), ids, weights.to(acc), a, b, act).float()) >= tol:
+                if rel_err(got[-1], kernel.reference(x.to(acc), ids, weights.to(acc), a, b, act).float()) >= tol:
                     continue
                 quantized_want = kernel.reference_act_quant(x, ids, weights, a, b, act, acc) if quantized else None
-                if quantized and _rel(got[0], quantized_want.float()) >= quant_tol:
+                if quantized and rel_err(got[0], quantized_want.float()) >= quant_tol:
                     return ("the region quantizes activations to FP8, but not both projections' inputs per row "
                             "and 128-wide tile (checked on random inputs)")
                 inputs["w_gate_up"], inputs["w_down"] = gate_up, down
@@ -724,7 +724,7 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
         return f"shared experts: {reason}"
     fp8_scales = None
     if fp8_acts:  # each matmul's weight dequantized from one FP8 tensor and its fp32 scales (the quant pass's view)
-        sides = [_weight_side(mm) for mm in mms]
+        sides = [weight_side(mm) for mm in mms]
         if not all(isinstance(side, dict) for side in sides):
             return "the shared MLP next to FP8 experts does not read FP8 weights"
         fp8_scales = {side["q"]: side["s"] for side in sides}
@@ -871,12 +871,12 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
                 g, u, d = (t.to(acc) for t in w)
                 want = torch.nn.functional.linear(act(x.to(acc) @ g.t()) * (x.to(acc) @ u.t()), d)
                 want = (want if scale is None else want * extra[0].reshape(rows, 1).to(acc)).float()
-                if _rel(got[-1], want) >= tol:
+                if rel_err(got[-1], want) >= tol:
                     continue
                 if fp8:
                     quantized = kernel.reference_shared_act_quant(x, g, u, d, activation, acc,
                                                                   None if scale is None else extra[0])
-                    if _rel(got[0], quantized.float()) >= quant_tol:
+                    if rel_err(got[0], quantized.float()) >= quant_tol:
                         return ("the shared MLP quantizes activations to FP8, but not every matmul's input per row "
                                 "and 128-wide tile (checked on random inputs)")
                 return {"gate": gate, "up": up, "down": down, "count": si // inter,

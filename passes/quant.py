@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import triton
 
-from deepfuse.fusion import RegionBinding, ancestors, replace_region_first_traced
+from deepfuse.fusion import RegionBinding, ancestors, region_module, rel_err, replace_region_first_traced
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
@@ -46,7 +46,7 @@ class QuantPass:
     def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
         changed = 0
         for mm in [n for n in graph.nodes if n.target in (aten.mm.default, aten.addmm.default)]:
-            found = _weight_side(mm)
+            found = weight_side(mm)
             if found is None:
                 continue  # a float weight: not a quantized matmul, nothing to say
             where = (source_line(mm), module_path(mm))
@@ -107,7 +107,7 @@ def is_dequantized_weight(node: fx.Node, limit: int = 64) -> bool:
     return len(leaves) == 2 and any(value(a).dtype in QUANTIZED for a in leaves) and "torch.float32" in dtypes
 
 
-def _weight_side(mm: fx.Node) -> Union[dict, str, None]:
+def weight_side(mm: fx.Node) -> Union[dict, str, None]:
     """The quantized tensor and scale the weight operand is computed from, or None for a float weight (or a
     str: the reason a quantized-looking weight cannot be taken)."""
     w_op = _operands(mm)[2]
@@ -178,32 +178,6 @@ def _block_candidates(n: int, k: int, scale_shape: tuple) -> list[tuple[int, int
 # -- checking what they compute ------------------------------------------------------------------------------
 
 
-def _subgraph(nodes: set, inputs: list[fx.Node], out: fx.Node) -> fx.GraphModule:
-    order = {n: i for i, n in enumerate(out.graph.nodes)}
-    sub = fx.Graph()
-    env = {n: sub.placeholder(f"in{i}") for i, n in enumerate(inputs)}
-    for n in sorted(nodes, key=order.__getitem__):
-        if n in env:
-            continue
-        if _is_leaf(n) and isinstance(n.meta.get("val"), (torch.SymInt, int)):
-            env[n] = hint(n.meta["val"])  # a size symbol: its traced example value
-            continue
-        for a in n.all_input_nodes:
-            if a not in env and a not in nodes:
-                v = a.meta.get("val")
-                if not isinstance(v, (torch.SymInt, int)):
-                    raise ValueError(f"reads {a.name}, which the check cannot make")
-                env[a] = hint(v)
-        env[n] = sub.node_copy(n, lambda a: env[a])
-    sub.output(env[out])
-    return fx.GraphModule(torch.nn.Module(), sub)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _verify(mm: fx.Node, found: dict) -> Union[dict[str, Any], str]:
     """Run the weight (and activation) subgraphs on random values; accept the first format, block and weight
     orientation they compute, with the activation quantization they compute."""
@@ -213,7 +187,7 @@ def _verify(mm: fx.Node, found: dict) -> Union[dict[str, Any], str]:
     qv, sv, wv = value(q), value(s), value(w_op)
     k, n = (hint(d) for d in wv.shape)  # the matmul's weight operand is [K, N]
     try:
-        w_module = _subgraph(found["w_nodes"] | {w_op}, [q, s], w_op)
+        w_module = region_module(found["w_nodes"] | {w_op}, [q, s], w_op)
     except ValueError as err:
         return f"the weight dequantization {err}"
     q_shape, s_shape = tuple(hint(d) for d in qv.shape), tuple(hint(d) for d in sv.shape)
@@ -247,7 +221,7 @@ def _verify(mm: fx.Node, found: dict) -> Union[dict[str, Any], str]:
         for fmt, block, transposed in candidates:
             qq, ss = (q_rand.t(), s_rand.t() if s_rand.dim() == 2 else s_rand) if transposed else (q_rand, s_rand)
             want = kernel.dequantize_weight(qq, ss.reshape(-1) if fmt == "int8-channel" else ss, fmt, block)
-            if got.shape == (k, n) and _rel(got, want.t()) < TOL[wv.dtype]:
+            if got.shape == (k, n) and rel_err(got, want.t()) < TOL[wv.dtype]:
                 match = (fmt, block, transposed)
                 break
         if match is None:
@@ -297,7 +271,7 @@ def _verify_act(x_src: fx.Node, x_nodes: set, mm: fx.Node, group: int) -> Option
     x_op = _operands(mm)[1]
     xv = value(x_src)
     try:
-        module = _subgraph(x_nodes | {x_op}, [x_src], x_op)
+        module = region_module(x_nodes | {x_op}, [x_src], x_op)
     except ValueError as err:
         return f"the activation quantization {err}"
     gen = torch.Generator(device="cpu").manual_seed(7)

@@ -102,12 +102,13 @@ def moe_experts(
             return _moe.reference_fp8(x, topk_ids, topk_weights, w_gate_up, w_down, scales, activation, compute,
                                       act_quant=True, shared=shared, shared_scales=shared_scales,
                                       shared_scale=shared_scale).to(out_dtype)
+        def dequantized(w, s):  # in fp32, then x's dtype: as fp8_block_dequantize (the model's own form) does
+            return _moe.dequantize_experts(w, s, torch.float32).to(x.dtype)
+
         if scales is not None:
-            w_gate_up, w_down = (fp8_block_dequantize(w, s, x.dtype) for w, s in ((w_gate_up, gate_up_scale),
-                                                                                    (w_down, down_scale)))
+            w_gate_up, w_down = dequantized(w_gate_up, gate_up_scale), dequantized(w_down, down_scale)
         if shared_scales is not None:
-            shared = tuple(_quant.dequantize_weight(w, s, "fp8-block", dtype=x.dtype)
-                           for w, s in zip(shared, shared_scales))
+            shared = tuple(dequantized(w, s) for w, s in zip(shared, shared_scales))
         return _moe.reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation, shared,
                               shared_scale).to(out_dtype)
     return _moe.moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, activation,
