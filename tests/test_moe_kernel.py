@@ -167,6 +167,23 @@ def test_interpreted_fp8_experts_with_fp8_shared_experts(form):
     _check_fp8(5, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, act_quant=act_quant, config=config, shared=2)
 
 
+def test_interpreted_one_token_reads_the_router_ids_directly(monkeypatch):
+    """At one token no align runs (it would fail here): each slot is its own row block, its expert read from
+    the router's ids or, past them, a shared expert. Every form at T=1: float with plain, shared and gated
+    shared experts, the atomic combine, FP8 W8A8 (in-loop and prequantized), W8A16 and FP8 shared experts."""
+    def no_align(*args, **kwargs):
+        raise AssertionError("align ran at one token")
+
+    monkeypatch.setattr(moe, "align", no_align)
+    monkeypatch.setattr(moe, "align_fused", no_align)
+    _check(1, 64, 32, 8, 3, torch.float32, "cpu", interpret=True)
+    _check(1, 64, 32, 8, 3, torch.float16, "cpu", interpret=True, shared=2, deterministic=False)
+    _check(1, 48, 16, 5, 2, torch.float32, "cpu", interpret=True, shared=1, gated=True)
+    _check_fp8(1, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, shared=2)
+    _check_fp8(1, 256, 128, 4, 2, torch.float16, "cpu", interpret=True, config=PREQUANT, deterministic=False)
+    _check_fp8(1, 256, 128, 4, 4, torch.float32, "cpu", interpret=True, act_quant=False)
+
+
 def test_interpreted_fp8_experts_edges():
     """Outliers per block, every token's first choice one expert, the atomic combine, a decode tile."""
     _check_fp8(6, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, outliers=True)

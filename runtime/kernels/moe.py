@@ -3,7 +3,8 @@
 Three steps, no host synchronization anywhere (CUDA-graph safe):
 1. ``align``: the T*k (token, slot) pairs are sorted by expert into segments padded to BLOCK_M rows, so every
    row block of the grouped GEMMs belongs to one expert. Plain torch with static shapes (the padded length is
-   bounded by T*k + E*(BLOCK_M-1)); Inductor compiles it.
+   bounded by T*k + E*(BLOCK_M-1)); Inductor compiles it. At one token (decode at batch 1) there is no align:
+   the token's experts are distinct, so each slot is its own row block and the kernels read the router's ids.
 2. ``moe_gate_up_act_kernel``: per row block, the expert's gate and up projections as two accumulators over the
    same A tile, and act(gate) * up in the epilogue: the [rows, 2I] intermediate never exists.
 3. ``moe_down_weighted_kernel``: the down projection, the routing weight applied to the fp32 accumulator,
@@ -112,23 +113,20 @@ def moe_gate_up_act_kernel(
     X, W, SharedGate, SharedUp, Out, SortedSlots, BlockExpert, NumPadded,
     stride_xm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    N_FASTEST: tl.constexpr,
+    TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr,
     ${gate_up_scale_args}
 ):
-    """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block."""
+    """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block.
+    DIRECT: row block b is slot b alone (one token: its slots' experts are distinct), its expert read from
+    the router's ids (BlockExpert holds them), so no align launch comes first."""
     if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
     else:  # prefill: the row blocks of one weight tile launch together (the tile stays in L2)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(NumPadded):
-        return
-    expert = tl.load(BlockExpert + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(SortedSlots + offs_m)
-    valid = slot < num_slots
+    ${block_rows}
     token = (slot // TOP_K).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -159,25 +157,21 @@ def moe_down_weighted_kernel(
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
+    DIRECT: tl.constexpr,
     ${down_scale_args}
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
     straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
     TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
     experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
-    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate)."""
+    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT: as in the gate/up kernel."""
     if N_FASTEST:
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
     else:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(NumPadded):
-        return
-    expert = tl.load(BlockExpert + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(SortedSlots + offs_m)
-    valid = slot < num_slots
+    ${block_rows}
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = H + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
@@ -207,6 +201,23 @@ def moe_down_weighted_kernel(
         tl.store(Out + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
 ''',
 )
+
+# A row block's expert and slots. Aligned: what the align launch wrote (SortedSlots, BlockExpert, NumPadded).
+# DIRECT (one token): block b is slot b in its first row, the other rows idle; a routed slot's expert is the
+# router's id (BlockExpert is topk_ids), shared slot j past ROUTED_K is shared expert E_ROUTED + j - ROUTED_K.
+_BLOCK_ROWS = """\
+offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+if DIRECT:
+    choice = pid_m % TOP_K
+    routed_id = tl.load(BlockExpert + (pid_m // TOP_K) * ROUTED_K + tl.minimum(choice, ROUTED_K - 1))
+    expert = tl.where(choice < ROUTED_K, routed_id.to(tl.int64), E_ROUTED + choice - ROUTED_K).to(tl.int64)
+    slot = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_slots)
+else:
+    if pid_m * BLOCK_M >= tl.load(NumPadded):
+        return
+    expert = tl.load(BlockExpert + pid_m).to(tl.int64)
+    slot = tl.load(SortedSlots + offs_m)
+valid = slot < num_slots"""
 
 ROUTER_TOPK_MAX_EXPERTS = routing.MAX_EXPERTS  # one program holds a token's whole score row
 
@@ -384,6 +395,7 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared),
                  "down_scale_args": _scale_args("down", fp8, prequant, shared),
                  "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
+                 "block_rows": _BLOCK_ROWS,
                  "helpers": _FP8_HELPERS if w8a8 else ""}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
@@ -635,16 +647,23 @@ def moe_experts(
     if shared_scale is not None:
         shared_scale = shared_scale.reshape(-1)
         shared_scale = shared_scale if shared_scale.stride(0) == 1 else shared_scale.contiguous()
+    # One token (decode at batch 1): its slots' experts are distinct, so each slot is its own row block and
+    # the kernels read the router's ids themselves (no align launch, no dependent launch before gate/up).
     # The fused align is one program walking the slots: a few microseconds at decode sizes, where the ~10
     # launches of the torch form dominate, but serial; beyond that the torch form (parallel kernels) wins.
-    if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
+    direct = isinstance(t, int) and t == 1
+    if direct:
+        flat_ids = topk_ids.reshape(-1)
+        sorted_slots, block_expert, num_padded = flat_ids, flat_ids, flat_ids  # only BlockExpert is read
+        capacity_rows = num_slots * bm
+    elif size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
         sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret, n_shared)
     else:
         if n_shared:  # the shared experts' slots, after each token's routed ones
             topk_ids = torch.cat([topk_ids, torch.arange(routed, num_experts, device=x.device,
                                                          dtype=topk_ids.dtype).expand(t, n_shared)], dim=1)
         sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
-    capacity = sorted_slots.shape[0]
+    capacity = capacity_rows if direct else sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None,
                       weight_format=("fp8-block-prequant" if prequant else "fp8-block" if act_quant
@@ -683,8 +702,8 @@ def moe_experts(
     gate_up[grid(triton.cdiv(inter, bn))](
         a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
         a.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), shared_gate.stride(0),
-        inter_out.stride(0), num_slots, routed, N=inter, K=hidden,
-        TOP_K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, **scale_args(0), **launch_opts,
+        inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, **scale_args(0), **launch_opts,
     )
     if deterministic:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
@@ -696,7 +715,7 @@ def moe_experts(
         inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), shared_down.stride(0),
         out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k, ATOMIC=not deterministic,
         SHARED_SCALED=shared_scale is not None, BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest,
-        **scale_args(1), **launch_opts,
+        DIRECT=direct, **scale_args(1), **launch_opts,
     )
     if not deterministic:
         return out.to(x.dtype)
