@@ -102,6 +102,7 @@ def moe_experts(
             return _moe.reference_fp8(x, topk_ids, topk_weights, w_gate_up, w_down, scales, activation, compute,
                                       act_quant=True, shared=shared, shared_scales=shared_scales,
                                       shared_scale=shared_scale).to(out_dtype)
+
         def dequantized(w, s):  # in fp32, then x's dtype: as fp8_block_dequantize (the model's own form) does
             return _moe.dequantize_experts(w, s, torch.float32).to(x.dtype)
 
