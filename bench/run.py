@@ -12,6 +12,8 @@ Workloads (DeepSeek-V2-Lite shapes, bf16), at decode and prefill token counts:
   against bf16 printed;
 - mla_decode, mla_decode_fp8: one decode step of the bundled model's attention over a bf16 latent cache, or
   over the FP8 one (c_kv in FP8 with per-token scales), eager, under Inductor and under deepfuse;
+- mla_decode_hf: one decode step of HF's DeepseekV2Attention over its own (latent) DynamicCache, the same
+  three, to set deepfuse's step against the HF eager step a user would otherwise run;
 - mla_prefill, quant_matmul, fp8_model: see their functions.
 Each is timed two ways with CUDA events (triton.testing.do_bench, median of many runs): "launched", calling
 it from Python as a user would (host overhead included), and "graph", replaying a CUDA graph of the same
@@ -227,6 +229,52 @@ def bench_mla_decode(batches, contexts, bandwidth, rounds, fp8=False):
             }
             rows += measure(f"mla_decode{'_fp8' if fp8 else ''}_b{b}", t, impls, sets, floor_ms,
                             f"{latent / 1e6:.0f} MB latent", _rel)
+    return rows
+
+
+def bench_mla_decode_hf(batches, contexts, bandwidth, rounds):
+    """One decode step of Hugging Face's DeepseekV2Attention (V2-Lite dims, SDPA) over its DynamicCache, which
+    holds the latent (c_kv | k_pe) and grows by concatenation: HF eager (which re-expands every cached token
+    into per-head keys and values each step), under Inductor, and under deepfuse (whose mla pass finds the
+    attention over the latent HF's cache returns). The cache holds ``context - 1`` random tokens before every
+    call (its tensors are put back, no copy), the step writes the last one. The floor is mla_decode's: the
+    latent and the attention weights read once."""
+    from transformers import DynamicCache
+
+    attn, rope = v2_lite_attention()
+    cfg = attn.config
+    c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    weight_bytes = sum(p.numel() for p in attn.parameters()) * 2
+    rows = []
+    for b in batches:
+        for t in contexts:
+            prefix = (torch.randn(b, 1, t - 1, c, device="cuda", dtype=torch.bfloat16),
+                      torch.randn(b, 1, t - 1, r, device="cuda", dtype=torch.bfloat16))
+            cache = DynamicCache()
+            cache.update(*prefix, 0)
+            layer = cache.layers[0]
+            pos = rope(prefix[0], torch.full((b, 1), t - 1, device="cuda"))
+            # HF's expanded keys and values are [B, heads, T, 192 + 128] per call; each input set is captured in
+            # a CUDA graph of its own, so past 8 GiB of them one set is timed, not ``rounds``
+            expanded = b * cfg.num_attention_heads * t * (192 + 128) * 2
+            sets = [(torch.randn(b, 1, HIDDEN, device="cuda", dtype=torch.bfloat16),)
+                    for _ in range(rounds if expanded * rounds <= 8 << 30 else 1)]
+            latent = b * t * (c + r) * 2
+            floor_ms = (latent + weight_bytes) / bandwidth * 1e3
+            torch._dynamo.reset()
+
+            def step(module):
+                def call(x):
+                    layer.keys, layer.values = prefix  # the same t - 1 tokens before every step
+                    return module(x, None, cache, pos)[0]
+                return call
+
+            impls = {
+                "hf_sdpa_eager": step(attn),
+                "hf_sdpa+inductor": step(torch.compile(attn)),
+                "deepfuse": step(torch.compile(attn, backend="deepfuse")),
+            }
+            rows += measure(f"mla_decode_hf_b{b}", t, impls, sets, floor_ms, f"{latent / 1e6:.0f} MB latent", _rel)
     return rows
 
 
@@ -506,6 +554,9 @@ def main():
     if "mla_decode_fp8" in workloads:
         rows += bench_mla_decode([int(b) for b in args.mla_batches.split(",")],
                                  [int(t) for t in args.mla_contexts.split(",")], bandwidth, args.rounds, fp8=True)
+    if "mla_decode_hf" in workloads:
+        rows += bench_mla_decode_hf([int(b) for b in args.mla_batches.split(",")],
+                                    [int(t) for t in args.mla_contexts.split(",")], bandwidth, args.rounds)
     if "mla_prefill" in workloads:
         rows += bench_mla_prefill([int(t) for t in args.mla_prefill_tokens.split(",")], args.rounds, peak)
     if "quant_matmul" in workloads:
