@@ -3,7 +3,8 @@ in registers (W8A16, "fp8-block-weight") and FP8 weights with activations quanti
 (W8A8, "fp8-block"; the PREQUANT candidates quantize x in a pre-kernel and the intermediate in the gate/up
 epilogue), every tile candidate of each replayed as a CUDA graph over several routings back to back
 (what ``moe.tune`` times at compile time). Prints each candidate and the best per format; writes JSON with --out.
-It backs ``FP8_CANDIDATES`` in runtime/kernels/moe.py and the FP8 MoE rows of bench/RESULTS.md.
+It backs ``FP8_CANDIDATES`` in runtime/kernels/moe.py and the FP8 MoE rows of bench/RESULTS.md. At one token
+each tile is also timed with the align launch the kernels skip there (``"DIRECT": False``).
 
     python3 bench/moe_fp8.py --out DIR [--tokens 1,8,64,512,4096] [--experts 64] [--top-k 6] [--formats 'bf16,fp8 W8A16,fp8 W8A8']
 """
@@ -43,6 +44,8 @@ def main():
         weights = torch.rand(t, k, device=dev)
         want = moe.moe_experts(x, routings[0], weights, w1, w2).float()
         for name, (a, b, scales, act_quant, candidates) in formats.items():
+            if t == 1:  # one token runs without align; each tile also aligned, to see what that saves
+                candidates = candidates + [{**c, "DIRECT": False} for c in candidates]
             for cfg in candidates:
                 def run(cfg=cfg):
                     for ids in routings:
@@ -62,6 +65,10 @@ def main():
             if mine:
                 best = min(mine, key=lambda r: r["us"])
                 print(f"best T={t} {name}: {best['us']:.2f} us {best['config']}", flush=True)
+            aligned = [r for r in mine if r["config"].get("DIRECT") is False]
+            if aligned:
+                best = min(aligned, key=lambda r: r["us"])
+                print(f"best T={t} {name}, aligned: {best['us']:.2f} us {best['config']}", flush=True)
     if args.out:
         write_rows(args.out, "moe_fp8", rows)
 

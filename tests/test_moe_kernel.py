@@ -184,6 +184,21 @@ def test_interpreted_one_token_reads_the_router_ids_directly(monkeypatch):
     _check_fp8(1, 256, 128, 4, 4, torch.float32, "cpu", interpret=True, act_quant=False)
 
 
+def test_interpreted_one_token_aligned_on_request(monkeypatch):
+    """``"DIRECT": False`` in the tile config aligns even one token (what bench/moe_fp8.py compares against)."""
+    calls = []
+    real = moe.align_fused
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moe, "align_fused", counted)
+    _check(1, 64, 32, 8, 3, torch.float16, "cpu", interpret=True, shared=2,
+           config={**DECODE_CANDIDATES[0], "DIRECT": False})
+    assert calls
+
+
 def test_interpreted_fp8_experts_edges():
     """Outliers per block, every token's first choice one expert, the atomic combine, a decode tile."""
     _check_fp8(6, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, outliers=True)

@@ -638,6 +638,7 @@ def moe_experts(
                          f"got {cfg['BLOCK_N']}")
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
+    may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
     launch_opts = {} if interpret else cfg
     x = x if x.stride(-1) == 1 else x.contiguous()
     w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
@@ -651,7 +652,7 @@ def moe_experts(
     # the kernels read the router's ids themselves (no align launch, no dependent launch before gate/up).
     # The fused align is one program walking the slots: a few microseconds at decode sizes, where the ~10
     # launches of the torch form dominate, but serial; beyond that the torch form (parallel kernels) wins.
-    direct = isinstance(t, int) and t == 1
+    direct = may_skip_align and isinstance(t, int) and t == 1
     if direct:
         flat_ids = topk_ids.reshape(-1)
         sorted_slots, block_expert, num_padded = flat_ids, flat_ids, flat_ids  # only BlockExpert is read
