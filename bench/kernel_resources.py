@@ -1,0 +1,100 @@
+"""Registers, spills and shared memory of deepfuse's generated kernels per tile configuration, compiled for a
+Hopper GPU (sm_90a) on any machine: Triton lowers the kernel to PTX without a GPU and its bundled ptxas reports
+what one thread uses. No timing: a spill-free tile is not necessarily the fastest (occupancy falls as registers
+rise), but spills are a cost the timing sweeps (bench/mla_decode_tiles.py, bench/mla_prefill_tiles.py) can then
+explain. Prints a table, writes JSON with --out.
+
+    python3 bench/kernel_resources.py [--kernels mla_decode,mla_decode_fp8,mla_prefill] [--out DIR]
+"""
+import argparse
+import inspect
+import itertools
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from deepfuse.runtime.kernels import mla
+
+# V2-Lite attention: kv rank 512, rope 64, nope 128, v 128, 16 heads
+C, R, DN, DV = 512, 64, 128, 128
+
+
+def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: int, num_stages: int,
+              arch: int = 90) -> dict:
+    """Compile the ``@triton.jit`` ``fn`` for ``sm_{arch}a``: pointer arguments typed by ``pointers``
+    ("*bf16", ...), scalar ones by ``scalars`` (default i32), the rest the ``constexprs``; ptxas -v's counts."""
+    sig = {}
+    for p in inspect.signature(fn.fn).parameters:
+        sig[p] = pointers.get(p) or ("constexpr" if p in constexprs else scalars.get(p, "i32"))
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    try:
+        info = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2)),
+            "shared_bytes": kernel.metadata.shared}
+
+
+def mla_decode(fp8: bool):
+    fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_decode_partial_kernel")
+    pointers = {"QLat": "*bf16", "QPe": "*bf16", "KV": "*fp8e4nv" if fp8 else "*bf16",
+                "KVScale": "*fp32" if fp8 else "*bf16", "KPe": "*bf16", "Mask": "*bf16", "PartOut": "*fp32",
+                "PartLse": "*fp32"}
+    for bt, warps, stages in itertools.product((16, 32, 64), (4, 8), (2, 3)):
+        constexprs = {"C": C, "C_POW2": C, "R": R, "R_POW2": R, "BLOCK_H": 16, "BLOCK_T": bt, "NUM_SPLITS": 8,
+                      "HAS_MASK": False, "CAUSAL": True, "KV_FP8": fp8}
+        yield {"BLOCK_T": bt, "num_warps": warps, "num_stages": stages}, fn, pointers, {"scale": "fp32"}, constexprs
+
+
+def mla_prefill(fp8: bool = False):
+    fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_prefill_kernel")
+    pointers = {name: "*bf16" for name in ("QN", "QP", "KN", "KP", "V", "Mask", "Out")}
+    for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+        constexprs = {"DN": DN, "DN_POW2": DN, "R": R, "R_POW2": R, "DV": DV, "DV_POW2": DV, "BLOCK_M": bm,
+                      "BLOCK_N": bn, "HAS_MASK": False, "CAUSAL": True}
+        yield ({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}, fn, pointers,
+               {"scale": "fp32"}, constexprs)
+
+
+KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: mla_decode(True),
+           "mla_prefill": mla_prefill}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = []
+    for name in args.kernels.split(","):
+        for config, fn, pointers, scalars, constexprs in KERNELS[name]():
+            try:
+                got = resources(fn, pointers, scalars, constexprs, config["num_warps"], config["num_stages"])
+            except Exception as err:  # a tile past the chip's shared memory, say
+                print(f"{name:<15} {str(config):<70} {type(err).__name__}: {str(err).splitlines()[0][:80]}")
+                continue
+            rows.append({"kernel": name, "config": config, **got})
+            print(f"{name:<15} {str(config):<70} {got['registers']:>4} regs  spills {got['spill_stores']:>5} / "
+                  f"{got['spill_loads']:>5} B  shared {got['shared_bytes']:>6} B", flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernel_resources.json"), "w") as f:
+            json.dump({"triton": triton.__version__, "arch": "sm_90a", "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
