@@ -1,12 +1,14 @@
 """Registers, spills and shared memory of deepfuse's generated kernels per tile configuration, compiled for a
 Hopper GPU (sm_90a) on any machine: Triton lowers the kernel to PTX without a GPU and its bundled ptxas reports
-what one thread uses. No timing: a spill-free tile is not necessarily the fastest (occupancy falls as registers
+what one thread uses. Pointers and stride arguments are taken as 16-divisible, as Triton specializes a launch
+at V2-Lite's shapes; the count of asynchronous global-to-shared copies says whether the loop is pipelined. No timing: a spill-free tile is not necessarily the fastest (occupancy falls as registers
 rise), but spills are a cost the timing sweeps (bench/mla_decode_tiles.py, bench/mla_prefill_tiles.py) can then
 explain. Prints a table, writes JSON with --out.
 
-    python3 bench/kernel_resources.py [--kernels mla_decode,mla_decode_fp8,mla_prefill] [--out DIR]
+    python3 bench/kernel_resources.py [--kernels mla_decode,mla_decode_fp8,mla_prefill] [--sass] [--out DIR]
 """
 import argparse
+import collections
 import inspect
 import itertools
 import json
@@ -26,6 +28,19 @@ from deepfuse.runtime.kernels import mla
 C, R, DN, DV = 512, 64, 128, 128
 
 
+def sass_counts(cubin: bytes) -> collections.Counter:
+    """Instructions of the kernel's SASS by opcode (static counts: the loop body's make up most of them)."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    return collections.Counter(m.group(1) for m in re.finditer(
+        r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M))
+
+
 def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: int, num_stages: int,
               arch: int = 90) -> dict:
     """Compile the ``@triton.jit`` ``fn`` for ``sm_{arch}a``: pointer arguments typed by ``pointers``
@@ -33,7 +48,13 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
     sig = {}
     for p in inspect.signature(fn.fn).parameters:
         sig[p] = pointers.get(p) or ("constexpr" if p in constexprs else scalars.get(p, "i32"))
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+    # What a launch specializes on: torch's pointers are 16-byte aligned and Triton marks integer arguments
+    # divisible by 16 as such. Without it no load is known to be aligned, none becomes an asynchronous copy, and
+    # the loops are not pipelined at all (the shared memory then reads the same at every num_stages).
+    names = list(sig)
+    attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in names
+             if p in pointers or p.startswith("stride_")}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -46,7 +67,9 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
     regs = re.search(r"Used (\d+) registers", info)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2)),
-            "shared_bytes": kernel.metadata.shared}
+            "shared_bytes": kernel.metadata.shared,
+            "async_copies": len(re.findall(r"async_copy_global_to_local", kernel.asm["ttgir"])),
+            "sass": dict(sass_counts(kernel.asm["cubin"]).most_common(12))}
 
 
 def mla_decode(fp8: bool):
@@ -78,6 +101,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--kernels", default=",".join(KERNELS))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sass", action="store_true", help="also print each one's most frequent SASS opcodes")
     args = parser.parse_args()
     rows = []
     for name in args.kernels.split(","):
@@ -89,7 +113,10 @@ def main():
                 continue
             rows.append({"kernel": name, "config": config, **got})
             print(f"{name:<15} {str(config):<70} {got['registers']:>4} regs  spills {got['spill_stores']:>5} / "
-                  f"{got['spill_loads']:>5} B  shared {got['shared_bytes']:>6} B", flush=True)
+                  f"{got['spill_loads']:>5} B  shared {got['shared_bytes']:>6} B  async copies {got['async_copies']}",
+                  flush=True)
+            if args.sass:
+                print("    " + ", ".join(f"{op} {n}" for op, n in got["sass"].items()))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kernel_resources.json"), "w") as f:
