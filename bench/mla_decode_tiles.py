@@ -2,7 +2,7 @@
 CUDA graph, as decode steps run), beside the three launches' HBM floor. It chooses the defaults in
 runtime/kernels/mla.py (DECODE_CONFIG and the split count); prints a table, writes JSON with --out. ``--fp8``:
 over an FP8 latent (c_kv float8_e4m3fn with a scale per token, as ``LatentKVCache(fp8=True)`` stores it), the
-tile, warp, stage and split sweep at every batch.
+tile, warp, stage and split sweep at every batch, and the tiles again widened to fp16 (``FP8_AS_FP16``).
 
     python3 bench/mla_decode_tiles.py --out DIR [--batches 1,4,8,32] [--context 2048] [--fp8]
 """
@@ -49,10 +49,13 @@ def main():
         token_bytes = (C + 4 + 2 * R) if args.fp8 else 2 * (C + R)
         floor_us = (b * t * token_bytes + H * (DN + DV) * C * 2) / args.bandwidth * 1e6
         # The default, then tiles and split counts.
-        if args.fp8:
+        if args.fp8:  # and the candidate widening to fp16 (FP8_AS_FP16) at the default split count
             configs = [None] + [
                 {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": st, "SPLITS": sp}
                 for bt, nw, st, sp in itertools.product((16, 32, 64), (4, 8), (2, 3, 4), (None, 64))
+            ] + [
+                {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": st, "FP8_AS_FP16": True}
+                for bt, nw, st in itertools.product((16, 32, 64), (4, 8), (2, 3))
             ]
         else:
             configs = [None] + [

@@ -152,6 +152,28 @@ def test_fp8_latent_matches_float64(dtype, path, shape):
     assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e5])
+def test_fp8_latent_widened_to_fp16_matches_float64(dtype, magnitude):
+    """The FP8_AS_FP16 candidate: queries of any magnitude (3e5 is past fp16's range once absorbed, 1e-6 deep
+    in its subnormals) enter the fp16 score dot scaled per head, so the result stays within fp16 products'
+    rounding of float64 over the dequantized cache. fp16 queries cannot hold 3e5 themselves; bf16 ones can
+    (the case the scaling is for), which the interpreter cannot run: fp32 queries stand in for them."""
+    if dtype == torch.float16 and magnitude > 6e4:
+        pytest.skip("fp16 queries cannot hold this magnitude")
+    b, s, t, h, dn, r, dv, c = CASES[2]
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, h, dn, r, dv, c, torch.float32)
+    q_nope, q_pe = (q_nope * magnitude).to(dtype), (q_pe * magnitude).to(dtype)
+    k_pe, w = k_pe.to(dtype), w.to(dtype)
+    scale = 0.2 / magnitude ** 2 if magnitude > 1 else 0.2  # scores of a size softmax can still tell apart
+    kv8, kv_scale = _fp8_latent(c_kv)
+    exact = dequantize_latent(kv8, kv_scale.double(), torch.float64)
+    ref = mla.reference(q_nope.double(), q_pe.double(), exact, k_pe.double(), w.double(), scale, True)
+    out = mla.mla_attention(q_nope, q_pe, kv8, k_pe, w, scale, True, kv_scale=kv_scale, path="absorbed",
+                            interpret=True, config={"BLOCK_H": 16, "BLOCK_T": 16, "FP8_AS_FP16": True})
+    assert out.dtype == dtype and torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
+
+
 def test_fp8_latent_decode_never_reads_the_masked_tail():
     """A static FP8 cache's step: the unwritten tail's scales are NaN (a reused buffer), the mask hides it."""
     b, t, filled = 2, 120, 23

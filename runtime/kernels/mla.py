@@ -73,7 +73,7 @@ def mla_decode_partial_kernel(
     S, T, H, scale, causal_offset,
     C: tl.constexpr, C_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_FP8: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_FP8: tl.constexpr, FP8_AS_FP16: tl.constexpr,
 ):
     """One (query, head block, context split): attention over the latent rows of the split, all heads of the
     block together (each c_kv row is loaded once for them). Writes the split's normalized output and LSE.
@@ -82,7 +82,11 @@ def mla_decode_partial_kernel(
     its scales are applied outside the products, to the fp32 scores and to the probabilities before P.V:
     q.(s_t kv_t) = s_t (q.kv_t) and sum_t p_t (s_t kv_t) = sum_t (p_t s_t) kv_t. That is 16% faster than
     dequantizing the tile in fp32 (BLOCK_T x C fp32 values in registers) at batch 64, context 32768 on an H200,
-    but the FP8 cache is still 2.2x slower than bf16's there (bench/RESULTS.md, 4605532): open."""
+    but the FP8 cache is still 2.2x slower than bf16's there (bench/RESULTS.md, 4605532): open.
+    FP8_AS_FP16 (a candidate, off by default): the tile is widened to fp16 instead, one hardware unpack with no
+    fp16 -> bf16 conversion after it (256 per thread and tile at 32 x 512, bench/kernel_resources.py --sass).
+    The queries enter the score dot as fp16 scaled by a power of two per head, their largest value brought to
+    2^14, so fp16's range holds any bf16 query; P.V reads the tile times its scales in fp16 and P unscaled."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid_bs = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -97,6 +101,11 @@ def mla_decode_partial_kernel(
                     mask=h_ok[:, None] & (offs_c[None, :] < C), other=0.0)
     q_pe = tl.load(QPe + b * stride_qpb + s * stride_qps + heads[:, None] * stride_qph + offs_r[None, :],
                    mask=h_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+    if FP8_AS_FP16:  # q * 2^k in fp16, its largest value per head near 2^14; 2^-k comes back on the scores
+        q_max = tl.maximum(tl.max(tl.abs(q_lat.to(tl.float32)), axis=1), 1e-30)
+        q_pow2 = tl.exp2(14.0 - tl.floor(tl.log2(q_max)))
+        q16 = (q_lat.to(tl.float32) * q_pow2[:, None]).to(tl.float16)
+        q_unscale = 1.0 / q_pow2
     t_end = T
     if CAUSAL:
         t_end = tl.minimum(T, causal_offset + s + 1)
@@ -126,8 +135,13 @@ def mla_decode_partial_kernel(
                            mask=rows_ok[:, None] & r_ok, other=0.0)
             if KV_FP8:
                 kv_scale = tl.load(KVScale + b * stride_ksb + offs_t * stride_kst, mask=rows_ok, other=0.0)
-                kv = kv.to(q_lat.dtype)
-                scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision}) * kv_scale[None, :]
+                if FP8_AS_FP16:
+                    kv = kv.to(tl.float16)
+                    scores = (tl.dot(q16, tl.trans(kv), input_precision=${precision})
+                              * (q_unscale[:, None] * kv_scale[None, :]))
+                else:
+                    kv = kv.to(q_lat.dtype)
+                    scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision}) * kv_scale[None, :]
             else:
                 scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
             scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
@@ -139,9 +153,13 @@ def mla_decode_partial_kernel(
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if KV_FP8:
-                p = p * kv_scale[None, :]
-            acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
+            if KV_FP8 and FP8_AS_FP16:  # the latent's own magnitude in fp16; P <= 1 stays clear of underflow
+                acc = tl.dot(p.to(tl.float16), kv * kv_scale.to(tl.float16)[:, None], acc * alpha[:, None],
+                             input_precision=${precision})
+            else:
+                if KV_FP8:
+                    p = p * kv_scale[None, :]
+                acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
             m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
@@ -349,6 +367,7 @@ def mla_attention(
     if path == "absorbed":
         cfg = dict(config or {**DECODE_CONFIG, "BLOCK_T": 32 if c > 256 else 64})
         bh, bt = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_T")
+        as_fp16 = cfg.pop("FP8_AS_FP16", False)  # an FP8 latent's candidate widening (see the partial kernel)
         queries = b * s
         if not queries:
             return torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)
@@ -383,7 +402,7 @@ def mla_attention(
             c_kv.stride(0), c_kv.stride(1), *(kv_scale.stride() if fp8 else (0, 0)), k_pe.stride(0), k_pe.stride(1),
             *m_args, s, t, h, scale, t - s,
             C=c, C_POW2=c_pow2, R=r, R_POW2=r_pow2, BLOCK_H=bh, BLOCK_T=bt, NUM_SPLITS=splits,
-            HAS_MASK=has_mask, CAUSAL=causal, KV_FP8=fp8, **launch_opts,
+            HAS_MASK=has_mask, CAUSAL=causal, KV_FP8=fp8, FP8_AS_FP16=fp8 and as_fp16, **launch_opts,
         )
         out_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
         block_c = min(REDUCE_BLOCK_C, c_pow2)
