@@ -86,7 +86,9 @@ def mla_decode_partial_kernel(
     FP8_AS_FP16 (a candidate, off by default): the tile is widened to fp16 instead, one hardware unpack with no
     fp16 -> bf16 conversion after it (256 per thread and tile at 32 x 512, bench/kernel_resources.py --sass).
     The queries enter the score dot as fp16 scaled by a power of two per head, their largest value brought to
-    2^14, so fp16's range holds any bf16 query; P.V reads the tile times its scales in fp16 and P unscaled."""
+    2^14, so fp16's range holds any bf16 query; P.V reads the tile times its scales in fp16 and P unscaled, so
+    the latent's own values must fit fp16 (|c_kv| < 65504, as an RMS-normed latent's do): before this becomes
+    a default, the pass has to know that bound holds."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid_bs = tl.program_id(0)
     pid_h = tl.program_id(1)
