@@ -5,7 +5,8 @@ at V2-Lite's shapes; the count of asynchronous global-to-shared copies says whet
 rise), but spills are a cost the timing sweeps (bench/mla_decode_tiles.py, bench/mla_prefill_tiles.py) can then
 explain. Prints a table, writes JSON with --out.
 
-    python3 bench/kernel_resources.py [--kernels mla_decode,mla_decode_fp8,mla_prefill] [--sass] [--out DIR]
+    python3 bench/kernel_resources.py [--kernels mla_decode,mla_decode_fp8,mla_prefill,moe_gate_up,...] [--sass]
+        [--out DIR]
 """
 import argparse
 import collections
@@ -48,8 +49,8 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
     sig = {}
     for p in inspect.signature(fn.fn).parameters:
         sig[p] = pointers.get(p) or ("constexpr" if p in constexprs else scalars.get(p, "i32"))
-    # What a launch specializes on: torch's pointers are 16-byte aligned and Triton marks integer arguments
-    # divisible by 16 as such. Without it no load is known to be aligned, none becomes an asynchronous copy, and
+    # What a launch specializes on: torch's pointers are 16-byte aligned, Triton marks integer arguments
+    # divisible by 16 as such and makes a 1 a constant (callers pass those in ``constexprs``). Without it no load is known to be aligned, none becomes an asynchronous copy, and
     # the loops are not pipelined at all (the shared memory then reads the same at every num_stages).
     names = list(sig)
     attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in names
@@ -93,8 +94,33 @@ def mla_prefill(fp8: bool = False):
                {"scale": "fp32"}, constexprs)
 
 
+def moe_gate_up(weight_format: str):
+    """The experts' gate/up kernel at V2-Lite's MoE (hidden 2048, intermediate 1408, top-6 of 64 plus 2 shared
+    experts in the same launch), one token (DIRECT), over each decode tile candidate of its format."""
+    from deepfuse.runtime.kernels import moe
+
+    fp8 = weight_format != "float"
+    fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py", shared=True,
+                         weight_format=weight_format).function("moe_gate_up_act_kernel")
+    w = "*fp8e4nv" if fp8 else "*bf16"
+    pointers = {"X": "*bf16", "W": w, "SharedGate": w, "SharedUp": w, "Out": "*bf16", "SortedSlots": "*i64",
+                "BlockExpert": "*i64", "NumPadded": "*i64", "WScale": "*fp32", "SharedGateScale": "*fp32",
+                "SharedUpScale": "*fp32"}
+    candidates = moe.FP8_CANDIDATES if fp8 else moe.CANDIDATES
+    for c in (c for c in candidates if c.get("N_FASTEST") and not c.get("PREQUANT")):
+        # stride_wk is 1 (K innermost, as the pass hands the weights over): a launch specializes a 1 as a constant
+        constexprs = {"N": 1408, "K": 2048, "TOP_K": 8, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
+                      "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "EXACT_FP8_ROUNDING": False,
+                      "stride_wk": 1}
+        constexprs = {k: v for k, v in constexprs.items() if k in inspect.signature(fn.fn).parameters}
+        config = {k: c[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+        yield config, fn, pointers, {}, constexprs
+
+
 KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: mla_decode(True),
-           "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill}
+           "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill,
+           "moe_gate_up": lambda: moe_gate_up("float"), "moe_gate_up_w8a8": lambda: moe_gate_up("fp8-block"),
+           "moe_gate_up_w8a16": lambda: moe_gate_up("fp8-block-weight")}
 
 
 def main():
