@@ -1,9 +1,11 @@
 """Registers, spills and shared memory of deepfuse's generated kernels per tile configuration, compiled for a
 Hopper GPU (sm_90a) on any machine: Triton lowers the kernel to PTX without a GPU and its bundled ptxas reports
 what one thread uses. Pointers and stride arguments are taken as 16-divisible, as Triton specializes a launch
-at V2-Lite's shapes; the count of asynchronous global-to-shared copies says whether the loop is pipelined. No timing: a spill-free tile is not necessarily the fastest (occupancy falls as registers
-rise), but spills are a cost the timing sweeps (bench/mla_decode_tiles.py, bench/mla_prefill_tiles.py) can then
-explain. Prints a table, writes JSON with --out.
+at V2-Lite's shapes; the count of asynchronous global-to-shared copies says whether the loop is pipelined, and
+--sass counts the instructions by opcode (nvdisasm). No timing: a spill-free tile is not necessarily the
+fastest (occupancy falls as registers rise), but spills and conversions are costs the timing sweeps
+(bench/mla_decode_tiles.py, bench/mla_prefill_tiles.py, bench/moe_fp8.py) can then explain. Prints a table,
+writes JSON with --out.
 
     python3 bench/kernel_resources.py [--kernels mla_decode,mla_decode_fp8,mla_prefill,moe_gate_up,...] [--sass]
         [--out DIR]
@@ -50,13 +52,15 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
     for p in inspect.signature(fn.fn).parameters:
         sig[p] = pointers.get(p) or ("constexpr" if p in constexprs else scalars.get(p, "i32"))
     # What a launch specializes on: torch's pointers are 16-byte aligned, Triton marks integer arguments
-    # divisible by 16 as such and makes a 1 a constant (callers pass those in ``constexprs``). Without it no load is known to be aligned, none becomes an asynchronous copy, and
-    # the loops are not pipelined at all (the shared memory then reads the same at every num_stages).
+    # divisible by 16 as such and makes a 1 a constant (callers pass those in ``constexprs``). Without it no load
+    # is known to be aligned, none becomes an asynchronous copy, and no loop is pipelined (the shared memory
+    # then reads the same at every num_stages).
     names = list(sig)
     attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in names
              if p in pointers or p.startswith("stride_")}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
