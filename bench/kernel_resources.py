@@ -98,33 +98,38 @@ def mla_prefill(fp8: bool = False):
                {"scale": "fp32"}, constexprs)
 
 
-def moe_gate_up(weight_format: str):
-    """The experts' gate/up kernel at V2-Lite's MoE (hidden 2048, intermediate 1408, top-6 of 64 plus 2 shared
-    experts in the same launch), one token (DIRECT), over each decode tile candidate of its format."""
+def moe_experts(weight_format: str, kind: str = "gate_up"):
+    """The experts' gate/up (or down) kernel at V2-Lite's MoE (hidden 2048, intermediate 1408, top-6 of 64 plus
+    2 shared experts in the same launch), one token (DIRECT), over each decode tile candidate of its format."""
     from deepfuse.runtime.kernels import moe
 
     fp8 = weight_format != "float"
+    name = "moe_gate_up_act_kernel" if kind == "gate_up" else "moe_down_weighted_kernel"
     fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py", shared=True,
-                         weight_format=weight_format).function("moe_gate_up_act_kernel")
+                         weight_format=weight_format).function(name)
     w = "*fp8e4nv" if fp8 else "*bf16"
-    pointers = {"X": "*bf16", "W": w, "SharedGate": w, "SharedUp": w, "Out": "*bf16", "SortedSlots": "*i64",
-                "BlockExpert": "*i64", "NumPadded": "*i64", "WScale": "*fp32", "SharedGateScale": "*fp32",
-                "SharedUpScale": "*fp32"}
+    pointers = {"X": "*bf16", "H": "*bf16", "W": w, "SharedGate": w, "SharedUp": w, "SharedDown": w,
+                "Out": "*bf16", "SortedSlots": "*i64", "BlockExpert": "*i64", "NumPadded": "*i64",
+                "TopkWeights": "*fp32", "SharedScale": "*fp32", "WScale": "*fp32", "SharedGateScale": "*fp32",
+                "SharedUpScale": "*fp32", "SharedDownScale": "*fp32"}
+    n, k = (1408, 2048) if kind == "gate_up" else (2048, 1408)
     candidates = moe.FP8_CANDIDATES if fp8 else moe.CANDIDATES
     for c in (c for c in candidates if c.get("N_FASTEST") and not c.get("PREQUANT")):
+        bn = c["BLOCK_N"] if kind == "gate_up" else c.get("BLOCK_N_DOWN", c["BLOCK_N"])
         # stride_wk is 1 (K innermost, as the pass hands the weights over): a launch specializes a 1 as a constant
-        constexprs = {"N": 1408, "K": 2048, "TOP_K": 8, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
+        constexprs = {"N": n, "K": k, "TOP_K": 8, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn,
                       "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "EXACT_FP8_ROUNDING": False,
-                      "stride_wk": 1}
-        constexprs = {k: v for k, v in constexprs.items() if k in inspect.signature(fn.fn).parameters}
-        config = {k: c[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+                      "ATOMIC": False, "SHARED_SCALED": False, "stride_wk": 1}
+        constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
+        config = {"BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": c["num_stages"]}
         yield config, fn, pointers, {}, constexprs
 
 
 KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: mla_decode(True),
            "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill,
-           "moe_gate_up": lambda: moe_gate_up("float"), "moe_gate_up_w8a8": lambda: moe_gate_up("fp8-block"),
-           "moe_gate_up_w8a16": lambda: moe_gate_up("fp8-block-weight")}
+           **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
+              for kind in ("gate_up", "down")
+              for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))}}
 
 
 def main():
