@@ -31,13 +31,18 @@ from deepfuse.runtime.kernels import mla
 C, R, DN, DV = 512, 64, 128, 128
 
 
+def _nvidia_tool(name: str) -> str:
+    """A CUDA tool Triton ships (ptxas, nvdisasm): the versions that build its kernels."""
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
 def sass_counts(cubin: bytes) -> collections.Counter:
     """Instructions of the kernel's SASS by opcode (static counts: the loop body's make up most of them)."""
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
     finally:
         os.unlink(f.name)
     return collections.Counter(m.group(1) for m in re.finditer(
@@ -61,11 +66,10 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     try:
-        info = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+        info = subprocess.run([_nvidia_tool("ptxas"), "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
                               capture_output=True, text=True, check=True).stderr
     finally:
         os.unlink(f.name)
@@ -88,7 +92,7 @@ def mla_decode(fp8: bool, as_fp16: bool = False):
         yield {"BLOCK_T": bt, "num_warps": warps, "num_stages": stages}, fn, pointers, {"scale": "fp32"}, constexprs
 
 
-def mla_prefill(fp8: bool = False):
+def mla_prefill():
     fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_prefill_kernel")
     pointers = {name: "*bf16" for name in ("QN", "QP", "KN", "KP", "V", "Mask", "Out")}
     for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):

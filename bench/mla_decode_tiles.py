@@ -13,7 +13,7 @@ import torch
 
 from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import mla
-from deepfuse.runtime.latent_cache import dequantize_latent, quantize_latent
+from deepfuse.runtime.latent_cache import bytes_per_token, dequantize_latent, quantize_latent
 
 from sweep_out import write_rows  # bench/, the scripts' own directory
 
@@ -43,10 +43,10 @@ def main():
                 kv_scale = {"kv_scale": scale}
             sets.append(((q[..., :DN], q[..., DN:], c_kv, latent[..., C:], w), kv_scale))
         (q_nope, q_pe, c_kv, k_pe, w), kv_scale = sets[0]
+        token_bytes = bytes_per_token(c_kv, k_pe, kv_scale.get("kv_scale"))
         if args.fp8:
             c_kv = dequantize_latent(c_kv, kv_scale["kv_scale"].double(), torch.float64)
         ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.1, True)
-        token_bytes = (C + 4 + 2 * R) if args.fp8 else 2 * (C + R)
         floor_us = (b * t * token_bytes + H * (DN + DV) * C * 2) / args.bandwidth * 1e6
         # The default, then tiles and split counts.
         if args.fp8:  # and the candidate widening to fp16 (FP8_AS_FP16) at the default split count

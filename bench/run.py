@@ -241,6 +241,8 @@ def bench_mla_decode_hf(batches, contexts, bandwidth, rounds):
     latent and the attention weights read once."""
     from transformers import DynamicCache
 
+    from deepfuse.runtime.latent_cache import bytes_per_token
+
     attn, rope = v2_lite_attention()
     cfg = attn.config
     c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
@@ -259,7 +261,7 @@ def bench_mla_decode_hf(batches, contexts, bandwidth, rounds):
             expanded = b * cfg.num_attention_heads * t * (192 + 128) * 2
             sets = [(torch.randn(b, 1, HIDDEN, device="cuda", dtype=torch.bfloat16),)
                     for _ in range(rounds if expanded * rounds <= 8 << 30 else 1)]
-            latent = b * t * (c + r) * 2
+            latent = b * t * bytes_per_token(*prefix)
             floor_ms = (latent + weight_bytes) / bandwidth * 1e3
             torch._dynamo.reset()
 

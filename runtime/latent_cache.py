@@ -42,6 +42,12 @@ def dequantize_latent(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
     return (q.float() * scale).to(dtype)
 
 
+def bytes_per_token(kv: torch.Tensor, pe: torch.Tensor, kv_scale: Optional[torch.Tensor] = None) -> int:
+    """What one token costs in one layer: its latent row and rope key (and, in FP8, its scale), from the
+    buffers' (or any tensors of their layout's) last dims and dtypes."""
+    return sum(x.shape[-1] * x.element_size() for x in (kv, pe, kv_scale) if x is not None)
+
+
 class LayerCache:
     """One layer's part of a ``LatentKVCache``: c_kv [B, T, kv_lora_rank] and k_pe [B, T, rope]. A decoder block
     takes its layer's part, so the blocks' code never reads a layer index: one compiled graph serves every block
@@ -58,8 +64,7 @@ class LayerCache:
             torch._dynamo.mark_static_address(buffer, guard=False)
 
     def bytes_per_token(self) -> int:
-        """What one token costs in this layer: its latent row and rope key (and, in FP8, its scale)."""
-        return sum(x.shape[-1] * x.element_size() for x in (self.kv, self.pe, self.kv_scale) if x is not None)
+        return bytes_per_token(self.kv, self.pe, self.kv_scale)
 
     def update(self, start_pos, c_kv: torch.Tensor, k_pe: torch.Tensor):
         """Write the new positions; return what attention reads (see the module docstring)."""

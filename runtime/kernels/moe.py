@@ -656,15 +656,16 @@ def moe_experts(
     if direct:
         flat_ids = topk_ids.reshape(-1)
         sorted_slots, block_expert, num_padded = flat_ids, flat_ids, flat_ids  # only BlockExpert is read
-        capacity_rows = num_slots * bm
-    elif size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
-        sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret, n_shared)
+        capacity = num_slots * bm  # a row block per slot
     else:
-        if n_shared:  # the shared experts' slots, after each token's routed ones
-            topk_ids = torch.cat([topk_ids, torch.arange(routed, num_experts, device=x.device,
-                                                         dtype=topk_ids.dtype).expand(t, n_shared)], dim=1)
-        sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
-    capacity = capacity_rows if direct else sorted_slots.shape[0]
+        if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
+            sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret, n_shared)
+        else:
+            if n_shared:  # the shared experts' slots, after each token's routed ones
+                topk_ids = torch.cat([topk_ids, torch.arange(routed, num_experts, device=x.device,
+                                                             dtype=topk_ids.dtype).expand(t, n_shared)], dim=1)
+            sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
+        capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None,
                       weight_format=("fp8-block-prequant" if prequant else "fp8-block" if act_quant
