@@ -2,7 +2,9 @@
 CUDA graph, as decode steps run), beside the three launches' HBM floor. It chooses the defaults in
 runtime/kernels/mla.py (DECODE_CONFIG and the split count); prints a table, writes JSON with --out. ``--fp8``:
 over an FP8 latent (c_kv float8_e4m3fn with a scale per token, as ``LatentKVCache(fp8=True)`` stores it), the
-tile, warp, stage and split sweep at every batch, and the tiles again widened to fp16 (``FP8_AS_FP16``).
+tile, warp, stage and split sweep at every batch, with the tiles widened to bf16 and to fp16 (``FP8_AS_FP16``).
+Over a bf16 latent: the tile and split sweep at one query, and at larger batches the default split count beside
+the fill rule alone and 128 splits.
 
     python3 bench/mla_decode_tiles.py --out DIR [--batches 1,4,8,32] [--context 2048] [--fp8]
 """
@@ -48,20 +50,24 @@ def main():
             c_kv = dequantize_latent(c_kv, kv_scale["kv_scale"].double(), torch.float64)
         ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.1, True)
         floor_us = (b * t * token_bytes + H * (DN + DV) * C * 2) / args.bandwidth * 1e6
-        # The default, then tiles and split counts.
-        if args.fp8:  # and the candidate widening to fp16 (FP8_AS_FP16) at the default split count
+        # The default, then tiles and split counts. A split count of None is mla.decode_splits's.
+        if args.fp8:  # both widenings (bf16, and the FP8_AS_FP16 candidate) at the default and 128 splits
             configs = [None] + [
-                {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": st, "SPLITS": sp}
-                for bt, nw, st, sp in itertools.product((16, 32, 64), (4, 8), (2, 3, 4), (None, 64))
-            ] + [
-                {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": st, "FP8_AS_FP16": True}
-                for bt, nw, st in itertools.product((16, 32, 64), (4, 8), (2, 3))
+                {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": st, "SPLITS": sp,
+                 **({"FP8_AS_FP16": True} if as_fp16 else {})}
+                for as_fp16, bt, nw, st, sp in itertools.product((False, True), (32, 64), (4, 8), (2, 3), (None, 128))
             ]
-        else:
+        elif b == 1:  # the split count matters most at one query
             configs = [None] + [
                 {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": 2, "SPLITS": sp}
-                for bt, nw, sp in itertools.product((32, 64), (4, 8), (None, 16, 32, 128)) if b == 1
-            ]  # the tile sweep at batch 1 only, where the split count matters most
+                for bt, nw, sp in itertools.product((32, 64), (4, 8), (None, 16, 32, 128))
+            ]
+        else:  # and beside the fill rule alone (the split count before decode_splits bounded a split's rows)
+            fill = -(-2 * torch.cuda.get_device_properties(0).multi_processor_count // b)
+            configs = [None] + [
+                {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": 2, "SPLITS": sp}
+                for bt, nw, sp in itertools.product((32, 64), (4, 8), (None, min(64, fill), 128))
+            ]
         for cfg in configs:
             def run():
                 for s, kw in sets:

@@ -96,6 +96,17 @@ def test_absorbed_merge_of_many_and_empty_splits(dtype):
         assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("queries, context, want", [
+    (1, 2048, 64),      # one query: the fill rule wants 264 programs, capped at 64 splits
+    (32, 2048, 9),      # fill: 32 queries x 9 splits >= 2 x 132 programs; 2048 rows need only 4
+    (64, 32768, 64),    # a long context: splits of at most 512 rows, not the fill rule's 5 of 6554
+    (64, 100, 5),       # a short one: the fill rule alone
+    (1024, 1, 1),       # never below one split
+])
+def test_decode_split_count_fills_the_gpu_and_bounds_the_split(queries, context, want):
+    assert mla.decode_splits(queries, 1, context, 132) == want
+
+
 @pytest.mark.parametrize("splits", [1, 4, 19])
 def test_decode_never_lets_the_rows_its_mask_hides_in(splits):
     """A static cache's decode step: 300 positions allocated, 41 written, the rest masked. The unwritten tail

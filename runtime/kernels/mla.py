@@ -300,6 +300,22 @@ REDUCE_BLOCK_C = 128
 ABSORB_BLOCK_C = 64
 
 
+MAX_SPLITS = 64
+SPLIT_MIN_ROWS = 512
+
+
+def decode_splits(queries, head_blocks: int, context, sm_count: int) -> int:
+    """The absorbed decode's split count over the context: enough programs to fill the GPU twice over, and
+    splits of at most SPLIT_MIN_ROWS rows once the context is long, up to MAX_SPLITS.
+
+    Fewer, longer splits move fewer fp32 partials but were slower. Batch 1, context 2048 on H100: 16 splits of
+    128 rows took 16.7 + 2.4 us per layer (partial + reduce) against 10.2 + 4.2 us for 64 splits of 32
+    (a660f1c against fd3e370). Batch 64, context 32768 on H200 (FP8 latent, bench/mla_decode_tiles.py): the
+    fill rule's 5 splits (320 programs, 2.4 waves) took 1479 us against 1130 for 64 splits of 512 rows."""
+    fill = triton.cdiv(2 * sm_count, max(1, size_hint(queries)) * head_blocks)
+    return max(1, min(MAX_SPLITS, max(fill, triton.cdiv(size_hint(context), SPLIT_MIN_ROWS))))
+
+
 def choose_path(queries: int) -> str:
     return "absorbed" if size_hint(queries) <= ABSORB_MAX_QUERIES else "expanded"
 
@@ -390,11 +406,7 @@ def mla_attention(
             DN=dn, DN_POW2=dn_pow2, C=c, BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_C=ABSORB_BLOCK_C,
         )
         head_blocks = triton.cdiv(h, bh)
-        # Enough programs to fill the GPU twice over. Fewer, longer splits move fewer fp32 partials but were
-        # slower: batch 1, context 2048 on H100, 16 splits of 128 rows took 16.7 + 2.4 us per layer (partial +
-        # reduce) against 10.2 + 4.2 us for 64 splits of 32 (a660f1c against fd3e370).
-        splits = cfg.pop("SPLITS", None) or max(
-            1, min(64, triton.cdiv(2 * _sm_count(q_nope.device), max(1, size_hint(queries)) * head_blocks)))
+        splits = cfg.pop("SPLITS", None) or decode_splits(queries, head_blocks, t, _sm_count(q_nope.device))
         launch_opts = {} if interpret else cfg
         part_out = torch.empty((queries * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
         part_lse = torch.empty((queries * h * splits,), dtype=torch.float32, device=q_nope.device)
