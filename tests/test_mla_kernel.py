@@ -97,14 +97,15 @@ def test_absorbed_merge_of_many_and_empty_splits(dtype):
 
 
 @pytest.mark.parametrize("queries, context, want", [
-    (1, 2048, 64),      # one query: the fill rule wants 264 programs, capped at 64 splits
+    (1, 2048, 64),      # one query: the fill rule wants 264 programs; no split shorter than a 32-row tile
+    (1, 32768, 128),    # ... capped at 128 splits
     (32, 2048, 9),      # fill: 32 queries x 9 splits >= 2 x 132 programs; 2048 rows need only 4
     (64, 32768, 64),    # a long context: splits of at most 512 rows, not the fill rule's 5 of 6554
-    (64, 100, 5),       # a short one: the fill rule alone
+    (64, 100, 4),       # a short one: the fill rule's 5, but 100 rows hold only 4 tiles
     (1024, 1, 1),       # never below one split
 ])
 def test_decode_split_count_fills_the_gpu_and_bounds_the_split(queries, context, want):
-    assert mla.decode_splits(queries, 1, context, 132) == want
+    assert mla.decode_splits(queries, 1, context, 132, 32) == want
 
 
 @pytest.mark.parametrize("splits", [1, 4, 19])
@@ -166,7 +167,7 @@ def test_fp8_latent_matches_float64(dtype, path, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e5])
 def test_fp8_latent_widened_to_fp16_matches_float64(dtype, magnitude):
-    """The FP8_AS_FP16 candidate: queries of any magnitude (3e5 is past fp16's range once absorbed, 1e-6 deep
+    """The FP8_AS_FP16 widening (the default under bf16 queries): queries of any magnitude (3e5 is past fp16's range once absorbed, 1e-6 deep
     in its subnormals) enter the fp16 score dot scaled per head, so the result stays within fp16 products'
     rounding of float64 over the dequantized cache. fp16 queries cannot hold 3e5 themselves; bf16 ones can
     (the case the scaling is for), which the interpreter cannot run: fp32 queries stand in for them."""
@@ -183,6 +184,24 @@ def test_fp8_latent_widened_to_fp16_matches_float64(dtype, magnitude):
     out = mla.mla_attention(q_nope, q_pe, kv8, k_pe, w, scale, True, kv_scale=kv_scale, path="absorbed",
                             interpret=True, config={"BLOCK_H": 16, "BLOCK_T": 16, "FP8_AS_FP16": True})
     assert out.dtype == dtype and torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("magnitude, scaled", [(1e6, slice(40, 90)), (1.0, slice(None)), (1e-9, slice(None))])
+def test_fp8_latent_in_fp16_falls_back_per_tile_past_fp16s_range(magnitude, scaled):
+    """Under FP8_AS_FP16 P.V reads the tile's values times their scales in fp16; a latent past fp16's range
+    (1e6: rows 40-89 alone, so one call has tiles on both sides of the branch) or below its subnormals (1e-9,
+    which fp16 would flush to zero) must take the queries' dtype there, tile by tile, and stay right."""
+    b, s, t, h, dn, r, dv, c = CASES[4]
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, h, dn, r, dv, c, torch.float32)
+    rows = c_kv.clone()
+    rows[:, scaled] *= magnitude
+    kv8, kv_scale = quantize_latent(rows)
+    exact = dequantize_latent(kv8, kv_scale.double(), torch.float64)
+    scale = 0.2 / max(magnitude, 1.0)  # scores of a size softmax can still tell apart
+    ref = mla.reference(q_nope.double(), q_pe.double(), exact, k_pe.double(), w.double(), scale, True)
+    out = mla.mla_attention(q_nope, q_pe, kv8, k_pe, w, scale, True, kv_scale=kv_scale, path="absorbed",
+                            interpret=True, config={"BLOCK_H": 16, "BLOCK_T": 16, "SPLITS": 2, "FP8_AS_FP16": True})
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
 
 
 def test_fp8_latent_decode_never_reads_the_masked_tail():

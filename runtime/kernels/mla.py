@@ -83,12 +83,13 @@ def mla_decode_partial_kernel(
     q.(s_t kv_t) = s_t (q.kv_t) and sum_t p_t (s_t kv_t) = sum_t (p_t s_t) kv_t. That is 16% faster than
     dequantizing the tile in fp32 (BLOCK_T x C fp32 values in registers) at batch 64, context 32768 on an H200,
     but the FP8 cache is still 2.2x slower than bf16's there (bench/RESULTS.md, 4605532): open.
-    FP8_AS_FP16 (a candidate, off by default): the tile is widened to fp16 instead, one hardware unpack with no
-    fp16 -> bf16 conversion after it (256 per thread and tile at 32 x 512, bench/kernel_resources.py --sass).
-    The queries enter the score dot as fp16 scaled by a power of two per head, their largest value brought to
-    2^14, so fp16's range holds any bf16 query; P.V reads the tile times its scales in fp16 and P unscaled, so
-    the latent's own values must fit fp16 (|c_kv| < 65504, as an RMS-normed latent's do): before this becomes
-    a default, the pass has to know that bound holds."""
+    FP8_AS_FP16 (the default under bf16 queries): the tile is widened to fp16 instead, one hardware unpack with
+    no fp16 -> bf16 conversion after it (256 per thread and tile at 32 x 512, bench/kernel_resources.py --sass);
+    6-9% faster at the default tile (H200, context 32768, batches 1 and 64; bench/RESULTS.md). The queries
+    enter the score dot as fp16 scaled by a power of two per head, their largest value brought to 2^14, so
+    fp16's range holds any bf16 query. P.V reads the tile times its scales in fp16 and P unscaled, which needs
+    each row's values within fp16's range: a tile whose scales say otherwise takes the queries' dtype for P.V
+    (a branch per tile, uniform over the program)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid_bs = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -138,8 +139,12 @@ def mla_decode_partial_kernel(
             if KV_FP8:
                 kv_scale = tl.load(KVScale + b * stride_ksb + offs_t * stride_kst, mask=rows_ok, other=0.0)
                 if FP8_AS_FP16:
-                    kv = kv.to(tl.float16)
-                    scores = (tl.dot(q16, tl.trans(kv), input_precision=${precision})
+                    # P.V in fp16 takes the tile's values times their scales: only if every row's largest (448
+                    # s, e4m3's largest value times the scale) fits fp16 (65504 / 448 = 146.2) and fp16's
+                    # subnormal step (2^-24) is within that largest's own rounding (2^-14 / 448 = 1.36e-7)
+                    in_fp16 = ((tl.max(tl.where(rows_ok, kv_scale, 0.0), axis=0) < 146.0)
+                               & (tl.min(tl.where(rows_ok, kv_scale, float("inf")), axis=0) > 1.4e-7))
+                    scores = (tl.dot(q16, tl.trans(kv.to(tl.float16)), input_precision=${precision})
                               * (q_unscale[:, None] * kv_scale[None, :]))
                 else:
                     kv = kv.to(q_lat.dtype)
@@ -155,9 +160,13 @@ def mla_decode_partial_kernel(
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if KV_FP8 and FP8_AS_FP16:  # the latent's own magnitude in fp16; P <= 1 stays clear of underflow
-                acc = tl.dot(p.to(tl.float16), kv * kv_scale.to(tl.float16)[:, None], acc * alpha[:, None],
-                             input_precision=${precision})
+            if KV_FP8 and FP8_AS_FP16:
+                if in_fp16:  # the latent's own magnitude in fp16; P <= 1 stays clear of underflow
+                    acc = tl.dot(p.to(tl.float16), kv.to(tl.float16) * kv_scale.to(tl.float16)[:, None],
+                                 acc * alpha[:, None], input_precision=${precision})
+                else:
+                    acc = tl.dot((p * kv_scale[None, :]).to(q_lat.dtype), kv.to(q_lat.dtype), acc * alpha[:, None],
+                                 input_precision=${precision})
             else:
                 if KV_FP8:
                     p = p * kv_scale[None, :]
@@ -300,20 +309,23 @@ REDUCE_BLOCK_C = 128
 ABSORB_BLOCK_C = 64
 
 
-MAX_SPLITS = 64
-SPLIT_MIN_ROWS = 512
+MAX_SPLITS = 128
+SPLIT_MAX_ROWS = 512
 
 
-def decode_splits(queries, head_blocks: int, context, sm_count: int) -> int:
+def decode_splits(queries, head_blocks: int, context, sm_count: int, block_t: int) -> int:
     """The absorbed decode's split count over the context: enough programs to fill the GPU twice over, and
-    splits of at most SPLIT_MIN_ROWS rows once the context is long, up to MAX_SPLITS.
+    splits of at most SPLIT_MAX_ROWS rows once the context is long; at most MAX_SPLITS, and no split shorter
+    than a tile of block_t rows.
 
     Fewer, longer splits move fewer fp32 partials but were slower. Batch 1, context 2048 on H100: 16 splits of
     128 rows took 16.7 + 2.4 us per layer (partial + reduce) against 10.2 + 4.2 us for 64 splits of 32
     (a660f1c against fd3e370). Batch 64, context 32768 on H200 (FP8 latent, bench/mla_decode_tiles.py): the
-    fill rule's 5 splits (320 programs, 2.4 waves) took 1479 us against 1130 for 64 splits of 512 rows."""
+    fill rule's 5 splits (320 programs, 2.4 waves) took 1479 us against 1130 for 64 splits of 512 rows, and
+    128 splits 1205. Batch 1 there (bf16 latent): 64 splits took 55.0 us, 128 splits 37.9 (BLOCK_T 32)."""
     fill = triton.cdiv(2 * sm_count, max(1, size_hint(queries)) * head_blocks)
-    return max(1, min(MAX_SPLITS, max(fill, triton.cdiv(size_hint(context), SPLIT_MIN_ROWS))))
+    rows = size_hint(context)
+    return max(1, min(MAX_SPLITS, triton.cdiv(rows, block_t), max(fill, triton.cdiv(rows, SPLIT_MAX_ROWS))))
 
 
 def choose_path(queries: int) -> str:
@@ -385,7 +397,7 @@ def mla_attention(
     if path == "absorbed":
         cfg = dict(config or {**DECODE_CONFIG, "BLOCK_T": 32 if c > 256 else 64})
         bh, bt = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_T")
-        as_fp16 = cfg.pop("FP8_AS_FP16", False)  # an FP8 latent's candidate widening (see the partial kernel)
+        as_fp16 = cfg.pop("FP8_AS_FP16", dtype == torch.bfloat16)  # an FP8 latent's widening (the partial kernel)
         queries = b * s
         if not queries:
             return torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)
@@ -406,7 +418,7 @@ def mla_attention(
             DN=dn, DN_POW2=dn_pow2, C=c, BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_C=ABSORB_BLOCK_C,
         )
         head_blocks = triton.cdiv(h, bh)
-        splits = cfg.pop("SPLITS", None) or decode_splits(queries, head_blocks, t, _sm_count(q_nope.device))
+        splits = cfg.pop("SPLITS", None) or decode_splits(queries, head_blocks, t, _sm_count(q_nope.device), bt)
         launch_opts = {} if interpret else cfg
         part_out = torch.empty((queries * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
         part_lse = torch.empty((queries * h * splits,), dtype=torch.float32, device=q_nope.device)
