@@ -167,7 +167,7 @@ def test_fp8_latent_matches_float64(dtype, path, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e5])
 def test_fp8_latent_widened_to_fp16_matches_float64(dtype, magnitude):
-    """The FP8_AS_FP16 widening (the default under bf16 queries): queries of any magnitude (3e5 is past fp16's range once absorbed, 1e-6 deep
+    """The FP8_AS_FP16 candidate: queries of any magnitude (3e5 is past fp16's range once absorbed, 1e-6 deep
     in its subnormals) enter the fp16 score dot scaled per head, so the result stays within fp16 products'
     rounding of float64 over the dequantized cache. fp16 queries cannot hold 3e5 themselves; bf16 ones can
     (the case the scaling is for), which the interpreter cannot run: fp32 queries stand in for them."""

@@ -83,13 +83,14 @@ def mla_decode_partial_kernel(
     q.(s_t kv_t) = s_t (q.kv_t) and sum_t p_t (s_t kv_t) = sum_t (p_t s_t) kv_t. That is 16% faster than
     dequantizing the tile in fp32 (BLOCK_T x C fp32 values in registers) at batch 64, context 32768 on an H200,
     but the FP8 cache is still 2.2x slower than bf16's there (bench/RESULTS.md, 4605532): open.
-    FP8_AS_FP16 (the default under bf16 queries): the tile is widened to fp16 instead, one hardware unpack with
-    no fp16 -> bf16 conversion after it (256 per thread and tile at 32 x 512, bench/kernel_resources.py --sass);
-    6-9% faster at the default tile (H200, context 32768, batches 1 and 64; bench/RESULTS.md). The queries
-    enter the score dot as fp16 scaled by a power of two per head, their largest value brought to 2^14, so
-    fp16's range holds any bf16 query. P.V reads the tile times its scales in fp16 and P unscaled, which needs
-    each row's values within fp16's range: a tile whose scales say otherwise takes the queries' dtype for P.V
-    (a branch per tile, uniform over the program)."""
+    FP8_AS_FP16 (a candidate, off by default): the tile is widened to fp16 instead, one hardware unpack with no
+    fp16 -> bf16 conversion after it (256 per thread and tile at 32 x 512, bench/kernel_resources.py --sass).
+    The queries enter the score dot as fp16 scaled by a power of two per head, their largest value brought to
+    2^14, so fp16's range holds any bf16 query. P.V reads the tile times its scales in fp16 and P unscaled,
+    which needs each row's values within fp16's range: a tile whose scales say otherwise takes the queries'
+    dtype for P.V (a branch per tile, uniform over the program). Without that branch the widening was 6% faster
+    than bf16's at the default tile (batch 64, context 32768, H200: 1073 against 1148 us); with it, 3% slower
+    (1171 against 1138), so it stays a candidate (bench/RESULTS.md)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid_bs = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -397,7 +398,7 @@ def mla_attention(
     if path == "absorbed":
         cfg = dict(config or {**DECODE_CONFIG, "BLOCK_T": 32 if c > 256 else 64})
         bh, bt = cfg.pop("BLOCK_H"), cfg.pop("BLOCK_T")
-        as_fp16 = cfg.pop("FP8_AS_FP16", dtype == torch.bfloat16)  # an FP8 latent's widening (the partial kernel)
+        as_fp16 = cfg.pop("FP8_AS_FP16", False)  # an FP8 latent's candidate widening (see the partial kernel)
         queries = b * s
         if not queries:
             return torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)
