@@ -99,13 +99,25 @@ def test_absorbed_merge_of_many_and_empty_splits(dtype):
 @pytest.mark.parametrize("queries, context, want", [
     (1, 2048, 64),      # one query: the fill rule wants 264 programs; no split shorter than a 32-row tile
     (1, 32768, 128),    # ... capped at 128 splits
-    (32, 2048, 9),      # fill: 32 queries x 9 splits >= 2 x 132 programs; 2048 rows need only 4
+    (32, 2048, 8),      # fill: 32 queries x 9 splits >= 2 x 132 programs; 9 splits of whole tiles leave one empty
+    (1, 2049, 65),      # a static cache's 2049 rows: 65 tiles, a split each
     (64, 32768, 64),    # a long context: splits of at most 512 rows, not the fill rule's 5 of 6554
     (64, 100, 4),       # a short one: the fill rule's 5, but 100 rows hold only 4 tiles
     (1024, 1, 1),       # never below one split
 ])
 def test_decode_split_count_fills_the_gpu_and_bounds_the_split(queries, context, want):
     assert mla.decode_splits(queries, 1, context, 132, 32) == want
+
+
+@pytest.mark.parametrize("block_t", [16, 32, 64])
+def test_decode_splits_all_hold_rows(block_t):
+    """The partial kernel rounds a split up to whole tiles (cdiv(cdiv(T, splits), BLOCK_T) tiles): every split
+    the count launches must start inside the context, and together they must cover it."""
+    for queries in (1, 3, 32, 64, 500):
+        for context in (1, 15, 16, 17, 100, 2048, 2049, 4097, 32768, 100_003):
+            splits = mla.decode_splits(queries, 1, context, 132, block_t)
+            per_split = -(-(-(-context // splits)) // block_t) * block_t
+            assert (splits - 1) * per_split < context <= splits * per_split, (queries, context, splits)
 
 
 @pytest.mark.parametrize("splits", [1, 4, 19])

@@ -325,8 +325,11 @@ def decode_splits(queries, head_blocks: int, context, sm_count: int, block_t: in
     fill rule's 5 splits (320 programs, 2.4 waves) took 1479 us against 1130 for 64 splits of 512 rows, and
     128 splits 1205. Batch 1 there (bf16 latent): 64 splits took 55.0 us, 128 splits 37.9 (BLOCK_T 32)."""
     fill = triton.cdiv(2 * sm_count, max(1, size_hint(queries)) * head_blocks)
-    rows = size_hint(context)
-    return max(1, min(MAX_SPLITS, triton.cdiv(rows, block_t), max(fill, triton.cdiv(rows, SPLIT_MAX_ROWS))))
+    tiles = max(1, triton.cdiv(size_hint(context), block_t))
+    want = max(1, min(MAX_SPLITS, tiles, max(fill, triton.cdiv(size_hint(context), SPLIT_MAX_ROWS))))
+    # A split is a whole number of tiles: launch only the splits that hold rows. 64 splits over 2049 rows of
+    # 32 are 64-row splits, 33 of them holding rows; the split count is 33 then, not 64.
+    return triton.cdiv(tiles, triton.cdiv(tiles, want))
 
 
 def choose_path(queries: int) -> str:
