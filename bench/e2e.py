@@ -155,6 +155,8 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 print(f"deepfuse compile, prefill: {notes['deepfuse_compile_s_prefill']:.1f} s", flush=True)
                 row("deepfuse", "prefill", 1,
                     median_ms(lambda: compiled(prompt, 0, cache), 5), prefill_floor)
+                if args.profile:
+                    profile(lambda: compiled(prompt, 0, cache), os.path.join(args.out, "profile_prefill.txt"), 3)
             for b in args.deepfuse_batches:
                 cache = model.new_cache(b, max_len, fp8=args.fp8_cache)
                 fill_cache(cache, ctx)
@@ -290,7 +292,8 @@ def main():
     parser.add_argument("--no-collect", action="store_true",
                         help="no match report: Inductor's caches stay on, so a second run measures a warm compile")
     parser.add_argument("--profile", action="store_true",
-                        help="write the GPU kernels of deepfuse's decode steps to profile_decode_b{B}.txt")
+                        help="write the GPU kernels of deepfuse's decode steps to profile_decode_b{B}.txt (and of "
+                             "its prefill, unless --deepfuse-decode-only, to profile_prefill.txt)")
     parser.add_argument("--impls", default="bundled,deepfuse,hf,hf_inductor")
     parser.add_argument("--fp8-cache", action="store_true",
                         help="the bundled model's latent cache in FP8 (c_kv with a scale per token); bundled and deepfuse")
