@@ -86,11 +86,13 @@ def mla_decode_partial_kernel(
     FP8_AS_FP16 (a candidate, off by default): the tile is widened to fp16 instead, one hardware unpack with no
     fp16 -> bf16 conversion after it (256 per thread and tile at 32 x 512, bench/kernel_resources.py --sass).
     The queries enter the score dot as fp16 scaled by a power of two per head, their largest value brought to
-    2^14, so fp16's range holds any bf16 query. P.V reads the tile times its scales in fp16 and P unscaled,
-    which needs each row's values within fp16's range: a tile whose scales say otherwise takes the queries'
-    dtype for P.V (a branch per tile, uniform over the program). Without that branch the widening was 6% faster
-    than bf16's at the default tile (batch 64, context 32768, H200: 1073 against 1148 us); with it, 3% slower
-    (1171 against 1138), so it stays a candidate (bench/RESULTS.md)."""
+    2^14, so fp16's range holds any bf16 query. P.V reads the tile's rows times their scales over the tile's
+    largest scale in fp16 (at most 448) and P unscaled, and scales the product back in fp32: no overflow at any
+    latent size. A row whose scale is below about 3e-8 of its tile's largest loses precision to fp16's
+    subnormals (more than bf16's rounding), never range. Timed on an H200 at batch 64, context 32768 and the
+    default tile: the first form, which read tile x scales in fp16 unguarded, took 1073 us against 1148 for
+    the bf16 widening; a form with a per-tile branch to the queries' dtype took 1171 against 1138 (it spilled
+    and halved the async copies, bench/kernel_resources.py). This form is not timed yet (bench/RESULTS.md)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid_bs = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -140,12 +142,8 @@ def mla_decode_partial_kernel(
             if KV_FP8:
                 kv_scale = tl.load(KVScale + b * stride_ksb + offs_t * stride_kst, mask=rows_ok, other=0.0)
                 if FP8_AS_FP16:
-                    # P.V in fp16 takes the tile's values times their scales: only if every row's largest (448
-                    # s, e4m3's largest value times the scale) fits fp16 (65504 / 448 = 146.2) and fp16's
-                    # subnormal step (2^-24) is within that largest's own rounding (2^-14 / 448 = 1.36e-7)
-                    in_fp16 = ((tl.max(tl.where(rows_ok, kv_scale, 0.0), axis=0) < 146.0)
-                               & (tl.min(tl.where(rows_ok, kv_scale, float("inf")), axis=0) > 1.4e-7))
-                    scores = (tl.dot(q16, tl.trans(kv.to(tl.float16)), input_precision=${precision})
+                    kv16 = kv.to(tl.float16)
+                    scores = (tl.dot(q16, tl.trans(kv16), input_precision=${precision})
                               * (q_unscale[:, None] * kv_scale[None, :]))
                 else:
                     kv = kv.to(q_lat.dtype)
@@ -162,12 +160,11 @@ def mla_decode_partial_kernel(
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if KV_FP8 and FP8_AS_FP16:
-                if in_fp16:  # the latent's own magnitude in fp16; P <= 1 stays clear of underflow
-                    acc = tl.dot(p.to(tl.float16), kv.to(tl.float16) * kv_scale.to(tl.float16)[:, None],
-                                 acc * alpha[:, None], input_precision=${precision})
-                else:
-                    acc = tl.dot((p * kv_scale[None, :]).to(q_lat.dtype), kv.to(q_lat.dtype), acc * alpha[:, None],
-                                 input_precision=${precision})
+                # Each row times its scale over the tile's largest scale (a power of two), so every value is
+                # at most 448 in fp16, whatever the latent's size; the dot's result is scaled back in fp32.
+                s_ref = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(kv_scale, axis=0), 1e-30))))
+                v16 = kv16 * (kv_scale / s_ref).to(tl.float16)[:, None]
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16, input_precision=${precision}) * s_ref
             else:
                 if KV_FP8:
                     p = p * kv_scale[None, :]
