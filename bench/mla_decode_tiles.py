@@ -17,7 +17,7 @@ from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import mla
 from deepfuse.runtime.latent_cache import bytes_per_token, dequantize_latent, quantize_latent
 
-from sweep_out import write_rows  # bench/, the scripts' own directory
+from sweep_out import Rows  # bench/, the scripts' own directory
 
 H, DN, R, DV, C = 16, 128, 64, 128, 512
 
@@ -31,7 +31,7 @@ def main():
     parser.add_argument("--fp8", action="store_true", help="an FP8 latent with per-token scales")
     args = parser.parse_args()
     dev, dtype, t = "cuda", torch.bfloat16, args.context
-    rows = []
+    rows = Rows(args.out, "mla_decode_tiles_fp8" if args.fp8 else "mla_decode_tiles")  # written as it grows
     for b in (int(x) for x in args.batches.split(",")):
         # Several caches and weights, rotated: one set would sit in L2 from the second replay on.
         sets = []
@@ -86,8 +86,6 @@ def main():
                   flush=True)
         best = min((r for r in rows if r["batch"] == b), key=lambda r: r["us"])
         print(f"best b{b}: {best['config']} {best['us']:.2f} us, floor {floor_us:.2f} us")
-    if args.out:
-        write_rows(args.out, "mla_decode_tiles_fp8" if args.fp8 else "mla_decode_tiles", rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import mla
 
-from sweep_out import write_rows  # bench/, the scripts' own directory
+from sweep_out import Rows  # bench/, the scripts' own directory
 
 H, DN, R, DV, C = 16, 128, 64, 128, 512
 
@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--tflops", type=float, default=680.0, help="bf16 rate the floor is computed at")
     args = parser.parse_args()
     dev, dtype, scale = "cuda", torch.bfloat16, (DN + R) ** -0.5
-    rows = []
+    rows = Rows(args.out, "mla_prefill_tiles")  # written as it grows
     for t in (int(x) for x in args.tokens.split(",")):
         sets = []
         for _ in range(3):
@@ -73,8 +73,6 @@ def main():
                   flush=True)
         best = min((r for r in rows if r["tokens"] == t and r["config"] != "sdpa"), key=lambda r: r["us"])
         print(f"best T={t}: {best['config']} {best['us']:.1f} us, floor {floor_us:.1f} us")
-    if args.out:
-        write_rows(args.out, "mla_prefill_tiles", rows)
 
 
 if __name__ == "__main__":

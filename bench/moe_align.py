@@ -12,7 +12,7 @@ import torch
 from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import moe
 
-from sweep_out import write_rows  # bench/, the scripts' own directory
+from sweep_out import Rows  # bench/, the scripts' own directory
 
 
 def main():
@@ -24,7 +24,7 @@ def main():
     parser.add_argument("--shared", type=int, default=2)
     args = parser.parse_args()
     e, k, shared = args.experts, args.top_k, args.shared
-    rows = []
+    rows = Rows(args.out, "moe_align")  # written as it grows
     for t in (int(x) for x in args.tokens.split(",")):
         ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)])
         bm = moe.config_for(t * (k + shared), e + shared)["BLOCK_M"]
@@ -43,8 +43,6 @@ def main():
             print(f"T={t:<4} bm={bm:<3} {name:<55} {us:7.2f} us  {'ok' if same else 'DIFFERS'}", flush=True)
         best = min((r for r in rows if r["tokens"] == t), key=lambda r: r["us"])
         print(f"best T={t}: {best['form']} {best['us']:.2f} us")
-    if args.out:
-        write_rows(args.out, "moe_align", rows)
 
 
 if __name__ == "__main__":

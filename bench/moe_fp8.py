@@ -15,7 +15,7 @@ import torch
 from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import moe
 
-from sweep_out import write_rows  # bench/, the scripts' own directory
+from sweep_out import Rows  # bench/, the scripts' own directory
 
 
 def main():
@@ -37,7 +37,7 @@ def main():
                "fp8 W8A16": (q1, q2, (s1, s2), False, [c for c in moe.FP8_CANDIDATES if not c.get("PREQUANT")]),
                "fp8 W8A8": (q1, q2, (s1, s2), True, moe.FP8_CANDIDATES)}
     formats = {name: formats[name] for name in args.formats.split(",")}
-    rows = []
+    rows = Rows(args.out, "moe_fp8")  # written as it grows
     for t in (int(v) for v in args.tokens.split(",")):
         x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
         routings = [torch.rand(t, e, device=dev).argsort(dim=-1)[:, :k] for _ in range(max(1, min(8, e // (t * k))))]
@@ -69,8 +69,6 @@ def main():
             if aligned:
                 best = min(aligned, key=lambda r: r["us"])
                 print(f"best T={t} {name}, aligned: {best['us']:.2f} us {best['config']}", flush=True)
-    if args.out:
-        write_rows(args.out, "moe_fp8", rows)
 
 
 if __name__ == "__main__":

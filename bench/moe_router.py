@@ -13,7 +13,7 @@ import torch
 from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import routing
 
-from sweep_out import write_rows  # bench/, the scripts' own directory
+from sweep_out import Rows  # bench/, the scripts' own directory
 
 ROUTERS = {  # name: (spec, experts, hidden)
     "v2-lite": (routing.RoutingSpec(6, scale=1.0), 64, 2048),
@@ -27,7 +27,7 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--tokens", default="1,8,32,64")
     args = parser.parse_args()
-    device, rows = torch.device("cuda"), []
+    device, rows = torch.device("cuda"), Rows(args.out, "moe_router")  # written as it grows
     for name, (spec, e, h) in ROUTERS.items():
         ws = autotune.cold_copies(torch.empty(e, h, dtype=torch.bfloat16), device, cap=256)
         for w in ws:
@@ -44,8 +44,6 @@ def main():
             rows.append({"router": name, "experts": e, "hidden": h, "tokens": t, "copies": len(ws), **us})
             print(f"{name:<8} T={t:<3} graph {us['graph']:7.2f} us  fused {us['fused']:7.2f} us  "
                   f"({len(ws)} weight copies)", flush=True)
-    if args.out:
-        write_rows(args.out, "moe_router", rows)
 
 
 if __name__ == "__main__":
