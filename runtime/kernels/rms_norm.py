@@ -33,12 +33,15 @@ def ${kernel_name}(
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    # the weight loaded before the reduction: compiled for sm_90a its loads then issue during the row's
+    # reduction, where written after it they issued behind both of its barriers, a second memory round trip at
+    # one row (a decode step), where the kernel is all latency
+    w = tl.load(W + cols, mask=mask, other=0.0)
     ${prologue}
     xf = x.to(tl.float32)
     # mean of squares over the true N (masked lanes contribute 0), accumulated in fp32
     variance = tl.sum(xf * xf, axis=0) / N
     normed = xf * tl.rsqrt(variance + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0)
     ${epilogue}
     tl.store(Y + row * stride_y + cols, y.to(${out_dtype}), mask=mask)
 ''',
