@@ -40,12 +40,14 @@ import triton.language as tl
 @triton.jit
 def mla_absorb_query_kernel(
     QNope, W, QLat, stride_qb, stride_qs, stride_qh, stride_wh, stride_wd, stride_wc, S, BS,
-    DN: tl.constexpr, DN_POW2: tl.constexpr, C: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    DN: tl.constexpr, C: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """W_UK into the query: QLat[q, h, c-block] = q_nope[q, h] . W_UK[h][:, c-block] for a block of queries
     (tensor-core tile of BLOCK_Q rows). One program per (query block, head, latent block): at one query the
-    head's 2 MB of W_UK is spread over H * C / BLOCK_C programs, each reading its slice once."""
+    head's 2 MB of W_UK is spread over H * C / BLOCK_C programs, each reading its slice once. The slice is read
+    in BLOCK_D-row steps of a pipelined loop, so its loads are asynchronous copies all in flight together; read
+    whole, sm_90a's SASS issued them as three dependent groups of loads and shared-memory stores."""
     pid_q = tl.program_id(0)
     h = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -53,13 +55,15 @@ def mla_absorb_query_kernel(
     r_ok = rows < BS
     b = (rows // S).to(tl.int64)
     s = rows % S
-    offs_d = tl.arange(0, DN_POW2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    q = tl.load(QNope + b[:, None] * stride_qb + s[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
-                mask=r_ok[:, None] & (offs_d[None, :] < DN), other=0.0)
-    w_uk = tl.load(W + h * stride_wh + offs_d[:, None] * stride_wd + offs_c[None, :] * stride_wc,
-                   mask=(offs_d[:, None] < DN) & (offs_c[None, :] < C), other=0.0)
-    q_lat = tl.dot(q, w_uk, input_precision=${precision})
+    q_lat = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+    for d0 in range(0, DN, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        q = tl.load(QNope + b[:, None] * stride_qb + s[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
+                    mask=r_ok[:, None] & (offs_d[None, :] < DN), other=0.0)
+        w_uk = tl.load(W + h * stride_wh + offs_d[:, None] * stride_wd + offs_c[None, :] * stride_wc,
+                       mask=(offs_d[:, None] < DN) & (offs_c[None, :] < C), other=0.0)
+        q_lat = tl.dot(q, w_uk, q_lat, input_precision=${precision})
     tl.store(QLat + (rows[:, None].to(tl.int64) * tl.num_programs(1) + h) * C + offs_c[None, :], q_lat.to(${dtype}),
              mask=r_ok[:, None] & (offs_c[None, :] < C))
 
@@ -308,6 +312,10 @@ ABSORB_BLOCK_Q = 16
 # layer in 16 programs (H200, batch 1); slices of 128 give each program a quarter of a head's partials.
 REDUCE_BLOCK_C = 128
 ABSORB_BLOCK_C = 64
+# W_UK's slice in 32-row steps, all four of V2's (nope 128) in flight at once: num_stages 5 prefetches four
+# before the first wait (sm_90a SASS; at 4 the fourth issued only once the first had landed).
+ABSORB_BLOCK_D = 32
+ABSORB_STAGES = 5
 
 
 MAX_SPLITS = 128
@@ -419,7 +427,8 @@ def mla_attention(
         q_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
         absorb[(q_blocks, h, triton.cdiv(c, ABSORB_BLOCK_C))](
             q_nope, w, q_lat, q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), *w.stride(), s, queries,
-            DN=dn, DN_POW2=dn_pow2, C=c, BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_C=ABSORB_BLOCK_C,
+            DN=dn, C=c, BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_C=ABSORB_BLOCK_C, BLOCK_D=min(ABSORB_BLOCK_D, dn_pow2),
+            **({} if interpret else {"num_stages": ABSORB_STAGES}),
         )
         head_blocks = triton.cdiv(h, bh)
         splits = cfg.pop("SPLITS", None) or decode_splits(queries, head_blocks, t, _sm_count(q_nope.device), bt)
