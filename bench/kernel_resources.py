@@ -49,10 +49,33 @@ def sass_counts(cubin: bytes) -> collections.Counter:
         r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M))
 
 
+# The instructions whose order says how many memory round trips a kernel waits for: global loads and stores,
+# asynchronous copies and their waits, shared-memory stores and loads, shuffles and barriers.
+ORDER_OPS = re.compile(r"^(LDG|STG|LDGSTS|LDGDEPBAR|DEPBAR|BAR|SHFL|STS|LDS|LDSM)(\.|$)")
+
+
+def sass_order(cubin: bytes) -> str:
+    """The kernel's memory and barrier instructions in program order, runs counted: "LDG.E.128 x2, SHFL.BFLY x5,
+    BAR.SYNC.DEFER_BLOCKING, ...". A load listed after a barrier or a shuffle of loaded data issues only once
+    that wait is over: a second memory round trip."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+    ops = [m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M)
+           if ORDER_OPS.match(m.group(1))]
+    return ", ".join(op if n == 1 else f"{op} x{n}" for op, n in
+                     ((op, len(list(run))) for op, run in itertools.groupby(ops)))
+
+
 def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: int, num_stages: int,
-              arch: int = 90) -> dict:
+              arch: int = 90, divisible: tuple = ()) -> dict:
     """Compile the ``@triton.jit`` ``fn`` for ``sm_{arch}a``: pointer arguments typed by ``pointers``
-    ("*bf16", ...), scalar ones by ``scalars`` (default i32), the rest the ``constexprs``; ptxas -v's counts."""
+    ("*bf16", ...), scalar ones by ``scalars`` (default i32), the rest the ``constexprs``; ptxas -v's counts.
+    Integer arguments named in ``divisible`` are taken as 16-divisible (a size a launch specializes so)."""
     sig = {}
     for p in inspect.signature(fn.fn).parameters:
         sig[p] = pointers.get(p) or ("constexpr" if p in constexprs else scalars.get(p, "i32"))
@@ -62,7 +85,7 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
     # then reads the same at every num_stages).
     names = list(sig)
     attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in names
-             if p in pointers or p.startswith("stride_")}
+             if p in pointers or (p.startswith("stride_") and p not in constexprs) or p in divisible}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
@@ -78,7 +101,7 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
     return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2)),
             "shared_bytes": kernel.metadata.shared,
             "async_copies": len(re.findall(r"async_copy_global_to_local", kernel.asm["ttgir"])),
-            "sass": dict(sass_counts(kernel.asm["cubin"]).most_common(12))}
+            "sass": dict(sass_counts(kernel.asm["cubin"]).most_common(12)), "order": sass_order(kernel.asm["cubin"])}
 
 
 def mla_decode(fp8: bool, as_fp16: bool = False):
@@ -129,8 +152,41 @@ def moe_experts(weight_format: str, kind: str = "gate_up"):
         yield config, fn, pointers, {}, constexprs
 
 
+def rms_norm(residual: bool):
+    """The RMSNorm kernel over V2-Lite's hidden size (2048, bf16), one row per program, at each warp count."""
+    from deepfuse.runtime.kernels import rms_norm as kernels
+
+    gen, name = kernels.kernel_for(2048, torch.bfloat16, torch.bfloat16, torch.bfloat16, residual, True)
+    pointers = {p: "*bf16" for p in ("X", "R", "W", "Y", "H")}
+    for warps in (1, 2, 4, 8):
+        yield ({"num_warps": warps, "num_stages": 1}, gen.function(name), pointers, {"eps": "fp32"},
+               {"BLOCK_N": 2048}, ("N",))
+
+
+def mla_reduce():
+    """The MLA decode's split merge at V2's latent (512, slices of REDUCE_BLOCK_C) over 64, 65 and 128 splits."""
+    fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_decode_reduce_kernel")
+    pointers = {"PartOut": "*fp32", "PartLse": "*fp32", "Out": "*bf16"}
+    for splits in (64, 65, 128):
+        constexprs = {"C": C, "C_POW2": C, "NUM_SPLITS": splits, "SPLITS_POW2": triton.next_power_of_2(splits),
+                      "BLOCK_C": mla.REDUCE_BLOCK_C}
+        yield {"NUM_SPLITS": splits, "num_warps": 4, "num_stages": 1}, fn, pointers, {}, constexprs, ("H",)
+
+
+def mla_absorb():
+    """W_UK into the query at V2 dims (nope 128, latent 512), one query block, at the launch's and fewer stages."""
+    fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_absorb_query_kernel")
+    pointers = {"QNope": "*bf16", "W": "*bf16", "QLat": "*bf16"}
+    constexprs = {"stride_wc": 1, "DN": DN, "C": C, "BLOCK_Q": mla.ABSORB_BLOCK_Q, "BLOCK_C": mla.ABSORB_BLOCK_C,
+                  "BLOCK_D": mla.ABSORB_BLOCK_D}
+    for stages in sorted({1, 4, mla.ABSORB_STAGES}):
+        yield {"num_warps": 4, "num_stages": stages}, fn, pointers, {}, constexprs
+
+
 KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: mla_decode(True),
            "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill,
+           "mla_reduce": mla_reduce, "mla_absorb": mla_absorb,
+           "rms_norm": lambda: rms_norm(False), "add_rms_norm": lambda: rms_norm(True),
            **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
               for kind in ("gate_up", "down")
               for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))}}
@@ -141,12 +197,15 @@ def main():
     parser.add_argument("--kernels", default=",".join(KERNELS))
     parser.add_argument("--out", default=None)
     parser.add_argument("--sass", action="store_true", help="also print each one's most frequent SASS opcodes")
+    parser.add_argument("--order", action="store_true",
+                        help="also print each one's memory and barrier instructions in program order")
     args = parser.parse_args()
     rows = []
     for name in args.kernels.split(","):
-        for config, fn, pointers, scalars, constexprs in KERNELS[name]():
+        for config, fn, pointers, scalars, constexprs, *divisible in KERNELS[name]():
             try:
-                got = resources(fn, pointers, scalars, constexprs, config["num_warps"], config["num_stages"])
+                got = resources(fn, pointers, scalars, constexprs, config["num_warps"], config["num_stages"],
+                                divisible=divisible[0] if divisible else ())
             except Exception as err:  # a tile past the chip's shared memory, say
                 print(f"{name:<15} {str(config):<70} {type(err).__name__}: {str(err).splitlines()[0][:80]}")
                 continue
@@ -156,6 +215,8 @@ def main():
                   flush=True)
             if args.sass:
                 print("    " + ", ".join(f"{op} {n}" for op, n in got["sass"].items()))
+            if args.order:
+                print("    order: " + got["order"])
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kernel_resources.json"), "w") as f:
