@@ -36,8 +36,8 @@ def _nvidia_tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def sass_counts(cubin: bytes) -> collections.Counter:
-    """Instructions of the kernel's SASS by opcode (static counts: the loop body's make up most of them)."""
+def sass_opcodes(cubin: bytes) -> list[str]:
+    """The kernel's SASS instructions' opcodes in program order (nvdisasm), predicates left out."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
@@ -45,8 +45,7 @@ def sass_counts(cubin: bytes) -> collections.Counter:
                               check=True).stdout
     finally:
         os.unlink(f.name)
-    return collections.Counter(m.group(1) for m in re.finditer(
-        r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M))
+    return [m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M)]
 
 
 # The instructions whose order says how many memory round trips a kernel waits for: global loads and stores,
@@ -54,19 +53,11 @@ def sass_counts(cubin: bytes) -> collections.Counter:
 ORDER_OPS = re.compile(r"^(LDG|STG|LDGSTS|LDGDEPBAR|DEPBAR|BAR|SHFL|STS|LDS|LDSM)(\.|$)")
 
 
-def sass_order(cubin: bytes) -> str:
-    """The kernel's memory and barrier instructions in program order, runs counted: "LDG.E.128 x2, SHFL.BFLY x5,
-    BAR.SYNC.DEFER_BLOCKING, ...". A load listed after a barrier or a shuffle of loaded data issues only once
-    that wait is over: a second memory round trip."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    finally:
-        os.unlink(f.name)
-    ops = [m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M)
-           if ORDER_OPS.match(m.group(1))]
+def sass_order(opcodes: list[str]) -> str:
+    """The memory and barrier instructions among ``opcodes`` in program order, runs counted: "LDG.E.128 x2,
+    SHFL.BFLY x5, BAR.SYNC.DEFER_BLOCKING, ...". A load listed after a barrier or a shuffle of loaded data issues
+    only once that wait is over: a second memory round trip."""
+    ops = [op for op in opcodes if ORDER_OPS.match(op)]
     return ", ".join(op if n == 1 else f"{op} x{n}" for op, n in
                      ((op, len(list(run))) for op, run in itertools.groupby(ops)))
 
@@ -96,12 +87,13 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
                               capture_output=True, text=True, check=True).stderr
     finally:
         os.unlink(f.name)
+    opcodes = sass_opcodes(kernel.asm["cubin"])  # static counts: the loop body's make up most of them
     regs = re.search(r"Used (\d+) registers", info)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2)),
             "shared_bytes": kernel.metadata.shared,
             "async_copies": len(re.findall(r"async_copy_global_to_local", kernel.asm["ttgir"])),
-            "sass": dict(sass_counts(kernel.asm["cubin"]).most_common(12)), "order": sass_order(kernel.asm["cubin"])}
+            "sass": dict(collections.Counter(opcodes).most_common(12)), "order": sass_order(opcodes)}
 
 
 def mla_decode(fp8: bool, as_fp16: bool = False):

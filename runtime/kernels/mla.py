@@ -334,7 +334,7 @@ def decode_splits(queries, head_blocks: int, context, sm_count: int, block_t: in
     128 splits 1205. Batch 1 there (bf16 latent): 64 splits took 55.0 us, 128 splits 37.9 (BLOCK_T 32)."""
     fill = triton.cdiv(2 * sm_count, max(1, size_hint(queries)) * head_blocks)
     tiles = max(1, triton.cdiv(size_hint(context), block_t))
-    want = max(1, min(MAX_SPLITS, tiles, max(fill, triton.cdiv(size_hint(context), SPLIT_MAX_ROWS))))
+    want = min(MAX_SPLITS, tiles, max(fill, triton.cdiv(size_hint(context), SPLIT_MAX_ROWS)))  # all >= 1
     # A split is a whole number of tiles: launch only the splits that hold rows. 64 splits over 2049 rows of
     # 32 are 64-row splits, 33 of them holding rows; the split count is 33 then, not 64.
     return triton.cdiv(tiles, triton.cdiv(tiles, want))
