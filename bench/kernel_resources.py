@@ -175,10 +175,23 @@ def mla_absorb():
         yield {"num_warps": 4, "num_stages": stages}, fn, pointers, {}, constexprs
 
 
+def linear_group():
+    """The grouped decode projections at V2-Lite's q_proj + kv_a_proj (K 2048), each candidate tile."""
+    from deepfuse.runtime.kernels import linear_group as kernels
+
+    fn = kernels.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("linear_group_kernel")
+    pointers = {p: "*bf16" for p in ("X", "W0", "W1", "W2", "W3", "Y0", "Y1", "Y2", "Y3")}
+    for c in kernels.CONFIGS:
+        c = dict(c)
+        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), **c}
+        constexprs = {"GROUPS": 2, "EVEN_K": True, **c}
+        yield config, fn, pointers, {}, constexprs, ("K",)
+
+
 KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: mla_decode(True),
            "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill,
            "mla_reduce": mla_reduce, "mla_absorb": mla_absorb,
-           "rms_norm": lambda: rms_norm(False), "add_rms_norm": lambda: rms_norm(True),
+           "rms_norm": lambda: rms_norm(False), "add_rms_norm": lambda: rms_norm(True), "linear_group": linear_group,
            **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
               for kind in ("gate_up", "down")
               for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))}}

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from deepfuse.passes.linear import DecodeLinearPass
+from deepfuse.passes.linear_group import LinearGroupPass
 from deepfuse.passes.mla import MLAPass
 from deepfuse.passes.moe import MoEPass
 from deepfuse.passes.quant import QuantPass
@@ -16,6 +17,7 @@ PASSES = {
     "mla": MLAPass,
     "quant": QuantPass,
     "rms_norm": RMSNormPass,
+    "linear_group": LinearGroupPass,  # after the families that fuse matmuls of their own
     "linear": DecodeLinearPass,  # last: the matmuls other families fuse are theirs
 }
 

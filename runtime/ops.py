@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from deepfuse.runtime.kernels import linear_group as _linear_group
 from deepfuse.runtime.kernels import mla as _mla
 from deepfuse.runtime.kernels import moe as _moe
 from deepfuse.runtime.kernels import quant as _quant
@@ -267,6 +268,22 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
 @decode_linear.register_fake
 def _(x, w, bias, impl):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("deepfuse::linear_group", mutates_args=())
+def linear_group(x: torch.Tensor, weights: list[torch.Tensor], impl: str) -> list[torch.Tensor]:
+    """[x @ w^T for w in weights]: decode-sized projections of one input in one launch, each weight [N_g, K]
+    contiguous in x's dtype (``deepfuse.runtime.kernels.linear_group``)."""
+    _check_impl(impl)
+    _linear_group.check(x, weights)
+    if impl == "reference":
+        return _linear_group.reference(x, weights)
+    return _linear_group.linear_group(x, weights, interpret=impl == "interpret")
+
+
+@linear_group.register_fake
+def _(x, weights, impl):
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
 
 
 @torch.library.custom_op("deepfuse::moe_experts_ep", mutates_args=())

@@ -1,0 +1,192 @@
+"""Decode-sized projections that read the same input, in one launch.
+
+    y_g = x @ W_g^T   for g < G (G <= MAX_GROUPS), x [M, K], W_g [N_g, K], y_g [M, N_g]
+
+At a few rows these matmuls are bandwidth-bound and short: V2-Lite's q_proj and kv_a_proj_with_mqa read 12.6 and
+2.4 MB per layer and decode step, and cuBLAS took 6.8 and 6.1 us for them one after the other, 7.2 us as one
+matmul over the two weights stacked (H200, ``bench/decode_projections.py``). Stacking the weights would need a
+copy of them that goes stale when the model's own are updated; this kernel reads each weight where it lies. Its
+column tiles run over the weights one after the other: program_id(0) picks the weight (and its output) by where
+it falls among the weights' tile counts, so a single launch streams every weight byte once, the whole K per
+program (no split-K partial sums, no second launch), fp32 accumulation.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+
+from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
+from deepfuse.runtime import autotune
+from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
+
+MAX_GROUPS = 4
+MAX_M = 16  # decode sizes: one BLOCK_M tile of rows covers them
+
+TEMPLATE = KernelTemplate(
+    "linear_group",
+    '''
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "stride_ym0", "stride_ym1", "stride_ym2", "stride_ym3"])
+def linear_group_kernel(
+    X, W0, W1, W2, W3, Y0, Y1, Y2, Y3,
+    M, K, N0, N1, N2, N3,
+    stride_xm, stride_ym0, stride_ym1, stride_ym2, stride_ym3,
+    GROUPS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of y_g = x @ W_g^T over the whole K, for the weight g whose column tiles
+    hold program_id(0): weight 0's tiles come first, then weight 1's, and so on. Each W_g is [N_g, K] and y_g
+    [M, N_g], both contiguous along their last dim, as is x."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    tiles0 = tl.cdiv(N0, BLOCK_N)
+    tiles1 = tl.cdiv(N1, BLOCK_N)
+    tiles2 = tl.cdiv(N2, BLOCK_N)
+    W = W0
+    Y = Y0
+    n_w = N0
+    stride_ym = stride_ym0
+    tile = pid_n
+    if GROUPS > 1:
+        if pid_n >= tiles0:
+            W = W1
+            Y = Y1
+            n_w = N1
+            stride_ym = stride_ym1
+            tile = pid_n - tiles0
+    if GROUPS > 2:
+        if pid_n >= tiles0 + tiles1:
+            W = W2
+            Y = Y2
+            n_w = N2
+            stride_ym = stride_ym2
+            tile = pid_n - tiles0 - tiles1
+    if GROUPS > 3:
+        if pid_n >= tiles0 + tiles1 + tiles2:
+            W = W3
+            Y = Y3
+            n_w = N3
+            stride_ym = stride_ym3
+            tile = pid_n - tiles0 - tiles1 - tiles2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < n_w
+    x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = W + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K innermost in memory
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + offs_k) < K
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=${precision})
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+''',
+)
+
+# Narrow column tiles: V2-Lite's q_proj + kv_a_proj (3648 columns) make 228 programs of 16, V3's q_a_proj +
+# kv_a_proj (2112 columns) 132; deep K tiles keep each program's loads in flight. The first is the untuned default.
+CONFIGS = [
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 6},
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+]
+
+_generated = memo()
+
+
+def kernels_for(dtype: torch.dtype, origin: str = ""):
+    """The generated module for this dtype (``linear_group_kernel``)."""
+    key = (str(cache_dir()), dtype)
+    if key not in _generated:
+        header = (
+            "Pattern family: linear_group (decode-sized projections of one input).\n"
+            "Computes: y_g = x @ W_g^T for up to 4 weights read in one launch; fp32 accumulation.\n"
+            + (f"First generated for: {origin}" if origin else "")
+        )
+        slots = {"precision": '"ieee"' if dtype == torch.float32 else "None"}
+        _generated[key] = generate(TEMPLATE, {"dtype": str(dtype)}, slots, header)
+    return _generated[key]
+
+
+def check(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> None:
+    """A clear error for operands the kernel does not take."""
+    if not 1 <= len(weights) <= MAX_GROUPS:
+        raise ValueError(f"linear_group: 1 to {MAX_GROUPS} weights, got {len(weights)}")
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"linear_group: x must be float16, bfloat16 or float32, got {x.dtype}")
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != x.shape[-1]:
+            raise ValueError(f"linear_group: x [..., {x.shape[-1]}] and weight {i} {tuple(w.shape)} do not chain "
+                             "(each weight is [N, K])")
+        if w.dtype != x.dtype:
+            raise TypeError(f"linear_group: weight {i} is {w.dtype}, x is {x.dtype}: the weights are read in x's "
+                            "dtype")
+        if w.stride(1) != 1 or (w.shape[0] > 1 and w.stride(0) != w.shape[1]):
+            raise ValueError(f"linear_group: weight {i} must be contiguous [N, K], got strides {w.stride()}")
+        if w.device != x.device:
+            raise ValueError(f"linear_group: weight {i} is on {w.device}, x on {x.device}")
+
+
+def reference(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.nn.functional.linear(x, w) for w in weights]
+
+
+def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bool = False,
+                 config: Optional[dict] = None, out: Optional[Sequence[torch.Tensor]] = None,
+                 origin: str = "") -> list[torch.Tensor]:
+    """[x @ w^T for w in weights], x [..., K] with at most ``MAX_M`` rows, each w [N_g, K] contiguous in x's dtype
+    -> [..., N_g] each, one launch. ``out``: contiguous tensors to write into (tests poison them). ``config``
+    None: autotune now (real tensors). Traceable: the launch becomes an Inductor user-kernel node."""
+    check(x, weights)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()  # a few rows: the copy is small
+    m = x2.shape[0]
+    if isinstance(m, int) and m > MAX_M:
+        raise ValueError(f"linear_group: decode sizes only (at most {MAX_M} rows), got {m}")
+    ns = [w.shape[0] for w in weights]
+    ys = list(out) if out is not None else [x2.new_empty((m, n)) for n in ns]
+    gen = kernels_for(x.dtype, origin)
+    fn = gen.function("linear_group_kernel", interpret=interpret)
+    if not interpret:
+        fn = torch.library.wrap_triton(fn)
+    pad = MAX_GROUPS - len(weights)
+    w_args = list(weights) + [weights[0]] * pad
+    y_args = ys + [ys[0]] * pad
+    n_args = ns + [0] * pad
+
+    def launch(cfg: dict) -> list[torch.Tensor]:
+        cfg = dict(cfg)
+        bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+        if not (isinstance(m, int) and m == 0):
+            fn[(sum(triton.cdiv(n, bn) for n in ns), triton.cdiv(m, bm))](
+                x2, *w_args, *y_args, m, k, *n_args, x2.stride(0), *(y.stride(0) for y in y_args),
+                GROUPS=len(weights), EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                **({} if interpret else cfg),
+            )
+        return ys
+
+    if config is None:
+        shapes = "+".join(f"{n}" for n in ns)
+        config = autotune.choose(f"{gen.key}|{shapes}x{k}", size_hint(m), CONFIGS, launch, x.device,
+                                 enabled=not interpret)
+    launch(config)
+    return [y.view(*x.shape[:-1], n) for y, n in zip(ys, ns)]
