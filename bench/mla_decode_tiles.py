@@ -6,7 +6,7 @@ tile, warp, stage and split sweep at every batch, with the tiles widened to bf16
 Over a bf16 latent: the tile and split sweep at one query, and at larger batches the default split count beside
 the fill rule alone and 128 splits.
 
-    python3 bench/mla_decode_tiles.py --out DIR [--batches 1,4,8,32] [--context 2048] [--fp8]
+    python3 bench/mla_decode_tiles.py --out DIR [--batches 1,4,8,32] [--context 2048] [--fp8] [--sets 4]
 """
 import argparse
 import itertools
@@ -30,13 +30,15 @@ def main():
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s the floor is computed at")
     parser.add_argument("--fp8", action="store_true", help="an FP8 latent with per-token scales")
+    parser.add_argument("--sets", type=int, default=4,
+                        help="caches and weights rotated through (enough that they pass the L2 together)")
     args = parser.parse_args()
     dev, dtype, t = "cuda", torch.bfloat16, args.context
     rows = Rows(args.out, "mla_decode_tiles_fp8" if args.fp8 else "mla_decode_tiles")  # written as it grows
     for b in (int(x) for x in args.batches.split(",")):
         # Several caches and weights, rotated: one set would sit in L2 from the second replay on.
         sets = []
-        for _ in range(4):
+        for _ in range(args.sets):
             q = torch.randn(b, 1, H, DN + R, device=dev, dtype=dtype)
             latent = torch.randn(b, t, C + R, device=dev, dtype=dtype)
             w = torch.randn(H * (DN + DV), C, device=dev, dtype=dtype) / C ** 0.5
