@@ -175,23 +175,6 @@ def mla_absorb():
         yield {"num_warps": 4, "num_stages": stages}, fn, pointers, {}, constexprs
 
 
-def moe_down_summed():
-    """One token's down projection with its 8 slots (6 routed, 2 shared) summed in the launch, V2-Lite's MoE
-    (hidden 2048, intermediate 1408), over the SUM_DOWN candidates."""
-    from deepfuse.runtime.kernels import moe
-
-    fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py", shared=True).function(
-        "moe_down_summed_kernel")
-    pointers = {"H": "*bf16", "W": "*bf16", "SharedDown": "*bf16", "Out": "*bf16", "TopkIds": "*i64",
-                "TopkWeights": "*fp32", "SharedScale": "*fp32"}
-    for c in (c for c in moe.CANDIDATES if c.get("SUM_DOWN")):
-        constexprs = {"N": 2048, "K": 1408, "TOP_K": 8, "TOP_K_POW2": 8, "ROUTED_K": 6, "SHARED_SCALED": False,
-                      "BLOCK_N": c["BLOCK_N_DOWN"], "BLOCK_K": c["BLOCK_K"], "stride_wk": 1}
-        config = {"BLOCK_N_DOWN": c["BLOCK_N_DOWN"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"],
-                  "num_stages": c["num_stages"]}
-        yield config, fn, pointers, {}, constexprs
-
-
 def linear_group():
     """The grouped decode projections at V2-Lite's q_proj + kv_a_proj (K 2048), each candidate tile."""
     from deepfuse.runtime.kernels import linear_group as kernels
@@ -209,7 +192,6 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
            "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill,
            "mla_reduce": mla_reduce, "mla_absorb": mla_absorb,
            "rms_norm": lambda: rms_norm(False), "add_rms_norm": lambda: rms_norm(True), "linear_group": linear_group,
-           "moe_down_summed": moe_down_summed,
            **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
               for kind in ("gate_up", "down")
               for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))}}

@@ -73,8 +73,7 @@ def test_interpreted_atomic_combine(case):
 DECODE_CANDIDATES = [c for c in moe.CANDIDATES if c.get("N_FASTEST")]
 
 
-@pytest.mark.parametrize("config", DECODE_CANDIDATES, ids=lambda c: f"n{c['BLOCK_N']}-d{c['BLOCK_N_DOWN']}-k{c['BLOCK_K']}"
-                         + ("-sum" if c.get("SUM_DOWN") else ""))
+@pytest.mark.parametrize("config", DECODE_CANDIDATES, ids=lambda c: f"n{c['BLOCK_N']}-d{c['BLOCK_N_DOWN']}-k{c['BLOCK_K']}")
 def test_interpreted_decode_tiles(config):
     """The decode candidates (down kernel's own N tile, N-fastest program order) at one and three tokens."""
     _check(1, 64, 48, 8, 3, torch.float32, "cpu", interpret=True, config=config)
@@ -183,30 +182,6 @@ def test_interpreted_one_token_reads_the_router_ids_directly(monkeypatch):
     _check_fp8(1, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, shared=2)
     _check_fp8(1, 256, 128, 4, 2, torch.float16, "cpu", interpret=True, config=PREQUANT, deterministic=False)
     _check_fp8(1, 256, 128, 4, 4, torch.float32, "cpu", interpret=True, act_quant=False)
-
-
-SUM_DOWN = [c for c in moe.CANDIDATES if c.get("SUM_DOWN")]
-
-
-@pytest.mark.parametrize("config", SUM_DOWN, ids=lambda c: f"d{c['BLOCK_N_DOWN']}-k{c['BLOCK_K']}-s{c['num_stages']}")
-def test_interpreted_one_token_slots_summed_in_the_down_launch(config, monkeypatch):
-    """SUM_DOWN at one token: the down launch adds the k slots itself (no per-slot rows, no sum after it), over
-    k = 1, k = 8 of 8, shared and gated shared experts, a strided x, hidden off the N tile and the intermediate
-    off the K tile; the per-slot down kernel never launched."""
-    from deepfuse.codegen import GeneratedKernel
-
-    launched, real_function = [], GeneratedKernel.function
-
-    def recorded(self, name, *args, **kwargs):
-        launched.append(name)
-        return real_function(self, name, *args, **kwargs)
-
-    monkeypatch.setattr(GeneratedKernel, "function", recorded)
-    _check(1, 64, 48, 8, 3, torch.float32, "cpu", interpret=True, config=config)
-    _check(1, 40, 160, 8, 1, torch.float16, "cpu", interpret=True, config=config, noncontig=True)
-    _check(1, 48, 16, 8, 8, torch.float32, "cpu", interpret=True, config=config, shared=2)
-    _check(1, 48, 16, 5, 2, torch.float16, "cpu", interpret=True, config=config, shared=1, gated=True)
-    assert "moe_down_summed_kernel" in launched and "moe_down_weighted_kernel" not in launched, launched
 
 
 def test_interpreted_one_token_aligned_on_request(monkeypatch):

@@ -199,59 +199,8 @@ def moe_down_weighted_kernel(
     else:
         out = (acc * weight[:, None]).to(${dtype})
         tl.store(Out + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
-${summed_down_kernel}
 ''',
 )
-
-# One token's down projection with its k slots summed inside the launch (float experts; SUM_DOWN candidates):
-# the (slot, K tile) pairs are one loop, so the pipeline runs across the slots' experts without draining.
-_SUMMED_DOWN_KERNEL = '''
-
-@triton.jit
-def moe_down_summed_kernel(
-    H, W, SharedDown, Out, TopkIds, TopkWeights, SharedScale,
-    stride_hm, stride_we, stride_wn, stride_wk, stride_sn,
-    E_ROUTED, N: tl.constexpr, K: tl.constexpr,
-    TOP_K: tl.constexpr, TOP_K_POW2: tl.constexpr, ROUTED_K: tl.constexpr, SHARED_SCALED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One token: Out[0, n] = sum over its TOP_K slots j, in slot order, of w_j * (H[j] . W[e_j, n]) for this
-    program's BLOCK_N columns, in fp32: the k contributions added in the kernel in a fixed order (no per-slot
-    rows, no sum launch after it). Slot j < ROUTED_K is the router's choice TopkIds[j] with weight
-    TopkWeights[j]; slot j past them is shared expert j - ROUTED_K, weight 1 (or SharedScale[0] with
-    SHARED_SCALED). H holds the gate/up kernel's rows, one per slot; row 0 of the [16, BLOCK_K] A tile is the
-    slot's, the tensor cores taking no fewer rows."""
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.arange(0, 16)
-    slots = tl.arange(0, TOP_K_POW2)
-    routed_ids = tl.load(TopkIds + tl.minimum(slots, ROUTED_K - 1)).to(tl.int64)
-    experts = tl.where(slots < ROUTED_K, routed_ids, E_ROUTED + slots - ROUTED_K)
-    weights = tl.load(TopkWeights + tl.minimum(slots, ROUTED_K - 1)).to(tl.float32)
-    if SHARED_SCALED:
-        weights = tl.where(slots < ROUTED_K, weights, tl.load(SharedScale).to(tl.float32))
-    else:
-        weights = tl.where(slots < ROUTED_K, weights, 1.0)
-    K_TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    for step in range(TOP_K * K_TILES):
-        j = step // K_TILES
-        k0 = (step % K_TILES) * BLOCK_K
-        expert = tl.sum(tl.where(slots == j, experts, 0), axis=0)
-        w_j = tl.sum(tl.where(slots == j, weights, 0.0), axis=0)
-        k_ok = offs_k < K - k0
-        a = tl.load(H + j * stride_hm + k0 + offs_k[None, :] + rows[:, None] * 0,
-                    mask=(rows == 0)[:, None] & k_ok[None, :], other=0.0)
-        routed_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None] * stride_wk
-        # a shared expert: its K columns of the shared MLP's down weights
-        shared_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + k0 + offs_k[:, None]) * stride_wk
-        b = tl.load(tl.where(expert < E_ROUTED, routed_ptrs, shared_ptrs), mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0)
-        acc += tl.dot(a, b, input_precision=${precision}) * w_j
-    tl.store(Out + offs_n[None, :] + rows[:, None] * 0, acc.to(${dtype}), mask=(rows == 0)[:, None] & n_ok[None, :])
-'''
 
 # A row block's expert and slots. Aligned: what the align launch wrote (SortedSlots, BlockExpert, NumPadded).
 # DIRECT (one token): block b is slot b in its first row, the other rows idle; a routed slot's expert is the
@@ -447,8 +396,6 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "down_scale_args": _scale_args("down", fp8, prequant, shared),
                  "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
                  "block_rows": _BLOCK_ROWS,
-                 "summed_down_kernel": "" if fp8 else _SUMMED_DOWN_KERNEL.replace("${precision}", precision)
-                 .replace("${dtype}", TRITON_DTYPES[dtype]),
                  "helpers": _FP8_HELPERS if w8a8 else ""}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
@@ -498,10 +445,6 @@ CANDIDATES = [
     {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_N_DOWN": bnd, "BLOCK_K": bk, "N_FASTEST": True, "num_warps": 4,
      "num_stages": st}
     for bn, bnd, bk, st in [(64, 32, 128, 4), (32, 32, 128, 4), (64, 16, 128, 4), (32, 16, 256, 3), (64, 64, 128, 4)]
-] + [  # one token: the down launch adds the k slots up itself (SUM_DOWN), over hidden / BLOCK_N_DOWN programs
-    {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_N_DOWN": bnd, "BLOCK_K": bk, "N_FASTEST": True, "SUM_DOWN": True,
-     "num_warps": 4, "num_stages": st}
-    for bn, bnd, bk, st in [(64, 16, 128, 4), (64, 16, 256, 3), (64, 32, 128, 4), (32, 16, 128, 6)]
 ]
 
 
@@ -568,8 +511,6 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
     key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
     candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not c.get("PREQUANT")] if fp8
                   else CANDIDATES)
-    if tokens != 1:  # SUM_DOWN applies to one token alone: elsewhere its candidates repeat others
-        candidates = [c for c in candidates if not c.get("SUM_DOWN")]
     return autotune.choose(key, tokens, candidates, run, torch.device(device))
 
 
@@ -698,7 +639,6 @@ def moe_experts(
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
     may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
-    sum_down = cfg.pop("SUM_DOWN", False)  # one token: its k slots summed by the down launch (float experts)
     launch_opts = {} if interpret else cfg
     x = x if x.stride(-1) == 1 else x.contiguous()
     w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
@@ -754,8 +694,9 @@ def moe_experts(
                 args.update({"OutScale": h_scales, "stride_osm": h_scales.stride(0)})
         return args
     gate_up = gen.function("moe_gate_up_act_kernel", interpret=interpret)
+    down = gen.function("moe_down_weighted_kernel", interpret=interpret)
     if not interpret:
-        gate_up = torch.library.wrap_triton(gate_up)
+        gate_up, down = torch.library.wrap_triton(gate_up), torch.library.wrap_triton(down)
     inter_out = torch.empty((capacity, inter), dtype=torch.float8_e4m3fn if prequant else x.dtype, device=x.device)
     def grid(n_tiles):
         return (n_tiles, capacity // bm) if n_fastest else (capacity // bm, n_tiles)
@@ -766,21 +707,6 @@ def moe_experts(
         inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, **scale_args(0), **launch_opts,
     )
-    if sum_down and direct and deterministic and not fp8:
-        summed = gen.function("moe_down_summed_kernel", interpret=interpret)
-        if not interpret:
-            summed = torch.library.wrap_triton(summed)
-        out = torch.empty((1, hidden), dtype=x.dtype, device=x.device)
-        summed[(triton.cdiv(hidden, bn_down),)](
-            inter_out, w_down, shared_down, out, flat_ids, weights, weights if shared_scale is None else shared_scale,
-            bm * inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), shared_down.stride(0),
-            routed, N=hidden, K=inter, TOP_K=k, TOP_K_POW2=max(2, triton.next_power_of_2(k)), ROUTED_K=routed_k,
-            SHARED_SCALED=shared_scale is not None, BLOCK_N=bn_down, BLOCK_K=bk, **launch_opts,
-        )  # slot j's intermediate row is row block j's first
-        return out
-    down = gen.function("moe_down_weighted_kernel", interpret=interpret)
-    if not interpret:
-        down = torch.library.wrap_triton(down)
     if deterministic:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     else:
