@@ -3,6 +3,9 @@ kernel and in its torch form, each replayed as a CUDA graph. It chooses ``ALIGN_
 ``ALIGN_FUSED_MAX_SLOTS`` in runtime/kernels/moe.py; prints a table, writes JSON with --out.
 
     python3 bench/moe_align.py --out DIR [--tokens 1,8,32,64,128] [--experts 64] [--top-k 6] [--shared 2]
+                               [--torch-only]
+
+The torch form is timed with its sort on the narrowest key (the default) and on int64 ids ("torch, int64 key").
 """
 import argparse
 import itertools
@@ -22,6 +25,7 @@ def main():
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--shared", type=int, default=2)
+    parser.add_argument("--torch-only", action="store_true", help="the torch form alone (prefill sizes)")
     args = parser.parse_args()
     e, k, shared = args.experts, args.top_k, args.shared
     rows = Rows(args.out, "moe_align")  # written as it grows
@@ -32,7 +36,9 @@ def main():
         want = moe.align(every, e + shared, bm)
         tilings = [None] + [{"SLOT_CHUNK": sc, "CHUNK": c, "num_warps": w}
                             for sc, c, w in itertools.product((16, 32, 64, 128), (32, 128), (1, 2, 4, 8))]
-        candidates = [("torch", lambda: moe.align(every, e + shared, bm))] + [
+        candidates = [("torch", lambda: moe.align(every, e + shared, bm)),
+                      ("torch, int64 key", lambda: moe.align(every, e + shared, bm, sort_key=torch.int64))]
+        candidates += [] if args.torch_only else [
             (str(tl or "default"), lambda tl=tl: moe.align_fused(ids, e + shared, bm, shared=shared, tiling=tl))
             for tl in tilings]
         for name, fn in candidates:

@@ -297,6 +297,24 @@ def test_align_segments_are_block_aligned_and_complete():
         assert (ids.flatten()[rows.long()] == block_expert[b]).all()
 
 
+@pytest.mark.parametrize("e", [8, 256, 257, 300])
+def test_align_sorts_on_a_narrow_key_stably(e):
+    """The sort key is uint8 up to 256 experts and int16 past them: every slot lands once, in its expert's block,
+    in slot order within the expert (the stable order an int64 sort gives)."""
+    t, k, bm = 500, 4, 16
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    ids[::7, 0] = e - 1  # the largest id, often: it must not wrap in the narrow key
+    slots, block_expert, num_padded = moe.align(ids, e, bm)
+    flat, used = ids.flatten(), int(num_padded)
+    real = slots[:used][slots[:used] < flat.numel()].long()
+    assert sorted(real.tolist()) == list(range(flat.numel()))
+    assert torch.equal(real, torch.argsort(flat, stable=True))  # experts ascending, slots ascending within
+    for b in range(used // bm):
+        rows = slots[b * bm:(b + 1) * bm]
+        rows = rows[rows < flat.numel()].long()
+        assert (flat[rows] == block_expert[b]).all()
+
+
 def test_bad_shapes_are_clear_errors():
     x, ids, w, wgu, wd = _inputs(2, 32, 16, 4, 2, torch.float32, "cpu")
     with pytest.raises(ValueError, match="do not fit"):
