@@ -8,7 +8,8 @@ matmul over the two weights stacked (H200, ``bench/decode_projections.py``). Sta
 copy of them that goes stale when the model's own are updated; this kernel reads each weight where it lies. Its
 column tiles run over the weights one after the other: program_id(0) picks the weight (and its output) by where
 it falls among the weights' tile counts, so a single launch streams every weight byte once, the whole K per
-program (no split-K partial sums, no second launch), fp32 accumulation.
+program (no split-K partial sums, no second launch), fp32 accumulation. Measured there: 8.3 us for the V2-Lite
+pair (against 12.5 for the two cuBLAS launches), 16.1 for V3's q_a_proj + kv_a_proj (19.2).
 """
 from __future__ import annotations
 
