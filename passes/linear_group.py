@@ -140,7 +140,7 @@ def _tuned(group: list[dict]) -> dict:
         device = torch.device(xv.device)
         x = torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device)
         total = sum(w.numel() for w in wvs)
-        stacked = autotune.cold_copies(torch.empty(total, dtype=xv.dtype), device, cap=16)
+        stacked = autotune.cold_copies(torch.empty(total, dtype=xv.dtype, device="meta"), device, cap=16)
         sets = [list(torch.split(s, [w.numel() for w in wvs])) for s in stacked]
         sets = [[part.view(tuple(w.shape)) for part, w in zip(parts, wvs)] for parts in sets]
 
