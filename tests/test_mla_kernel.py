@@ -150,6 +150,19 @@ def test_prefill_never_computes_the_tiles_its_mask_hides():
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("s,t,causal", [(50, 50, True), (9, 77, True), (33, 70, False), (40, 200, True)], ids=str)
+def test_prefill_interior_and_edge_tiles(s, t, causal):
+    """Small tiles, so query blocks have several interior key tiles (read unmasked) before their edge ones: square
+    and chunked causal prefill (a short chunk over a long context too), a context off the tile, non-causal."""
+    b, h, dn, r, dv, c = 2, 2, 16, 8, 16, 32
+    for dtype in (torch.float32, torch.float16):
+        q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, h, dn, r, dv, c, dtype, noncontig=True)
+        ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.25, causal)
+        out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.25, causal, path="expanded", interpret=True,
+                                config={"BLOCK_M": 16, "BLOCK_N": 16})
+        assert rel_err(out, ref) < TOL[dtype]
+
+
 def _fp8_latent(c_kv):
     """c_kv quantized per token as the FP8 cache stores it, rows of very different sizes and one all zero."""
     rows = c_kv * torch.logspace(-2, 1, c_kv.shape[1], dtype=c_kv.dtype)[None, :, None]

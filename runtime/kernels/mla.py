@@ -210,6 +210,56 @@ def mla_decode_reduce_kernel(
 
 
 @triton.jit
+def mla_prefill_tile(
+    acc, m_i, l_i, q_nope, q_pe, KN, KP, V, Mask, rows, r_ok, t0, t_end, scale, causal_offset,
+    stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
+    DN: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EDGE: tl.constexpr,
+):
+    """One key tile [t0, t0 + BLOCK_N) of the online softmax. KN, KP, V, Mask point at this (batch, head)'s
+    rows (Mask: one pointer per query row, [BLOCK_M, 1]). EDGE: the tile may hold keys past t_end or, causally, past a row's own position, so those are masked;
+    an interior tile (every key visible to every row) is read and used without a mask."""
+    offs_t = t0 + tl.arange(0, BLOCK_N)
+    t_ok = offs_t < t_end
+    live = True
+    if HAS_MASK:  # a tile the mask hides entirely (a causal mask's upper triangle, say) is never computed
+        madd = tl.load(Mask + offs_t[None, :] * stride_mt, mask=r_ok[:, None] & t_ok[None, :], other=float("-inf"))
+        live = tl.max(tl.max(madd, axis=1), axis=0) > float("-inf")
+    if live:
+        if EDGE:
+            k_nope = tl.load(KN + offs_t[None, :] * stride_knt + offs_dn[:, None],
+                             mask=t_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
+            k_pe = tl.load(KP + offs_t[None, :] * stride_kpt + offs_r[:, None],
+                           mask=t_ok[None, :] & (offs_r[:, None] < R), other=0.0)
+        else:
+            k_nope = tl.load(KN + offs_t[None, :] * stride_knt + offs_dn[:, None], mask=offs_dn[:, None] < DN,
+                             other=0.0)
+            k_pe = tl.load(KP + offs_t[None, :] * stride_kpt + offs_r[:, None], mask=offs_r[:, None] < R, other=0.0)
+        scores = tl.dot(q_nope, k_nope, input_precision=${precision})
+        scores = tl.dot(q_pe, k_pe, scores, input_precision=${precision}) * scale
+        if HAS_MASK:
+            scores += madd * 1.4426950408889634
+        if EDGE:
+            keep = t_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_t[None, :] <= causal_offset + rows[:, None])
+            scores = tl.where(keep, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if EDGE:
+            v = tl.load(V + offs_t[:, None] * stride_vt + offs_dv[None, :],
+                        mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        else:
+            v = tl.load(V + offs_t[:, None] * stride_vt + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=${precision})
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def mla_prefill_kernel(
     QN, QP, KN, KP, V, Mask, Out,
     stride_qnb, stride_qns, stride_qnh, stride_qpb, stride_qps, stride_qph,
@@ -223,7 +273,9 @@ def mla_prefill_kernel(
 ):
     """Flash attention for one (query block, batch, head): scores = q_nope . k_nope + q_pe . k_pe (two dots,
     no concatenated key), online softmax in base 2 (the scale carries log2(e): exp2 is the hardware's), P . V;
-    the fp32 accumulator is normalized once at the end."""
+    the fp32 accumulator is normalized once at the end. Two loops over the key tiles: first the interior ones,
+    which every row of the block sees whole (below the causal diagonal, inside T), with no masking; then the
+    edge ones (the diagonal, T's last partial tile) with it. With an additive mask every tile is an edge tile."""
     scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Python floats come as fp64; log2(e) folded in
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -238,42 +290,31 @@ def mla_prefill_kernel(
                      mask=r_ok[:, None] & (offs_dn[None, :] < DN), other=0.0)
     q_pe = tl.load(QP + b * stride_qpb + rows[:, None] * stride_qps + h * stride_qph + offs_r[None, :],
                    mask=r_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+    kn = KN + b * stride_knb + h * stride_knh
+    kp = KP + b * stride_kpb
+    vv = V + b * stride_vb + h * stride_vh
+    mk = Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_ms  # [BLOCK_M, 1] row pointers
     t_end = T
+    t_interior = T  # keys every row of this block sees: the first row's causal reach, inside T
     if CAUSAL:
         t_end = tl.minimum(T, causal_offset + (pid_m + 1) * BLOCK_M)
+        t_interior = tl.minimum(T, causal_offset + pid_m * BLOCK_M + 1)
+    t_interior = tl.maximum(t_interior, 0) // BLOCK_N * BLOCK_N
+    if HAS_MASK:
+        t_interior = 0
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, DV_POW2), dtype=tl.float32)
-    for t0 in range(0, t_end, BLOCK_N):
-        offs_t = t0 + tl.arange(0, BLOCK_N)
-        t_ok = offs_t < t_end
-        live = True
-        if HAS_MASK:  # a tile the mask hides entirely (a causal mask's upper triangle, say) is never computed
-            madd = tl.load(Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_ms
-                           + offs_t[None, :] * stride_mt, mask=r_ok[:, None] & t_ok[None, :], other=float("-inf"))
-            live = tl.max(tl.max(madd, axis=1), axis=0) > float("-inf")
-        if live:
-            k_nope = tl.load(KN + b * stride_knb + offs_t[None, :] * stride_knt + h * stride_knh + offs_dn[:, None],
-                             mask=t_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
-            k_pe = tl.load(KP + b * stride_kpb + offs_t[None, :] * stride_kpt + offs_r[:, None],
-                           mask=t_ok[None, :] & (offs_r[:, None] < R), other=0.0)
-            scores = tl.dot(q_nope, k_nope, input_precision=${precision})
-            scores = tl.dot(q_pe, k_pe, scores, input_precision=${precision}) * scale
-            if HAS_MASK:
-                scores += madd * 1.4426950408889634
-            keep = t_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_t[None, :] <= causal_offset + rows[:, None])
-            scores = tl.where(keep, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(scores - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + b * stride_vb + offs_t[:, None] * stride_vt + h * stride_vh + offs_dv[None, :],
-                        mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=${precision})
-            m_i = m_new
+    for t0 in range(0, t_interior, BLOCK_N):
+        acc, m_i, l_i = mla_prefill_tile(
+            acc, m_i, l_i, q_nope, q_pe, kn, kp, vv, mk, rows, r_ok, t0, t_end, scale, causal_offset,
+            stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
+            DN, R, DV, BLOCK_N, HAS_MASK, CAUSAL, False)
+    for t0 in range(t_interior, t_end, BLOCK_N):
+        acc, m_i, l_i = mla_prefill_tile(
+            acc, m_i, l_i, q_nope, q_pe, kn, kp, vv, mk, rows, r_ok, t0, t_end, scale, causal_offset,
+            stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
+            DN, R, DV, BLOCK_N, HAS_MASK, CAUSAL, True)
     out = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + offs_dv[None, :], out.to(${dtype}),
              mask=r_ok[:, None] & (offs_dv[None, :] < DV))
