@@ -4,8 +4,9 @@ q_a_proj 7168 -> 1536 and kv_a_proj_with_mqa 7168 -> 576) each timed alone with 
 and once as one matmul over the two weights stacked (the bound a horizontal fusion could reach with cuBLAS's
 kernels), plus deepfuse's decode_linear kernel per projection and its linear_group kernel (one launch over both
 weights where they lie, each tile). Each form replayed as a CUDA graph over weight copies past twice the L2
-(as the linear pass's compile-time timing does). Prints a table, writes JSON with --out. The 63415ab batch-1 profile had the three attention projections at 5.83, 5.83 and 5.65 us per layer
-although kv_a_proj reads only 2.4 MB (bench/RESULTS.md).
+(as the linear pass's compile-time timing does). Prints a table, writes JSON with --out. The 63415ab batch-1
+profile had the three attention projections at 5.83, 5.83 and 5.65 us per layer although kv_a_proj reads only
+2.4 MB (bench/RESULTS.md).
 
     python3 bench/decode_projections.py --out DIR [--tokens 1,4,16] [--bandwidth 4.3e12]
 """
@@ -45,7 +46,7 @@ def main():
                 "decode_linear, both": lambda: [(quant.decode_linear(x, a), quant.decode_linear(x, b))
                                                 for a, b in zip(firsts, seconds)],
             }
-            for i, cfg in enumerate(linear_group.CONFIGS):  # one launch over both weights where they lie
+            for cfg in linear_group.CONFIGS:  # one launch over both weights where they lie
                 forms[f"linear_group {cfg['BLOCK_N']}/{cfg['BLOCK_K']}/{cfg['num_warps']}w{cfg['num_stages']}s"] = (
                     lambda cfg=cfg: [linear_group.linear_group(x, [a, b], config=cfg) for a, b in zip(firsts, seconds)])
             floor_us = (n1 + n2) * k * 2 / bandwidth * 1e6

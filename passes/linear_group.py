@@ -28,7 +28,7 @@ import torch.fx as fx
 from deepfuse.fusion import RegionBinding, replace_region_first_traced
 from deepfuse.log import log
 from deepfuse.options import Options
-from deepfuse.passes.linear import stored_weight
+from deepfuse.passes.linear import CUBLAS, FLOATS, stored_weight
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.runtime import autotune
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
@@ -36,9 +36,7 @@ from deepfuse.runtime.kernels import linear_group as kernel
 from deepfuse.shapes import value
 
 aten = torch.ops.aten
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-CUBLAS = {"CUBLAS": True}  # the autotune candidate that keeps the graph's matmuls
 
 
 class LinearGroupPass:
@@ -60,7 +58,7 @@ class LinearGroupPass:
             first = group[0]["mm"]
             where = (source_line(first), module_path(first))
             config = _tuned(group) if impl == "triton" and options.inline else None
-            if config is CUBLAS:
+            if config is CUBLAS:  # the graph's own matmuls timed faster
                 reason = (f"cuBLAS timed faster, one matmul after another, than one launch over the "
                           f"{len(group)} weights at this shape on this GPU")
                 report.declined.append(Declined(self.family, reason, *where))
@@ -141,8 +139,8 @@ def _tuned(group: list[dict]) -> dict:
         x = torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device)
         total = sum(w.numel() for w in wvs)
         stacked = autotune.cold_copies(torch.empty(total, dtype=xv.dtype, device="meta"), device, cap=16)
-        sets = [list(torch.split(s, [w.numel() for w in wvs])) for s in stacked]
-        sets = [[part.view(tuple(w.shape)) for part, w in zip(parts, wvs)] for parts in sets]
+        sets = [[part.view(tuple(w.shape)) for part, w in zip(torch.split(s, [w.numel() for w in wvs]), wvs)]
+                for s in stacked]
 
         def run(cfg):
             for ws in sets:

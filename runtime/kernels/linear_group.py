@@ -174,7 +174,7 @@ def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bo
     y_args = ys + [ys[0]] * pad
     n_args = ns + [0] * pad
 
-    def launch(cfg: dict) -> list[torch.Tensor]:
+    def launch(cfg: dict) -> None:
         cfg = dict(cfg)
         bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
         if not (isinstance(m, int) and m == 0):
@@ -183,11 +183,9 @@ def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bo
                 GROUPS=len(weights), EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                 **({} if interpret else cfg),
             )
-        return ys
 
     if config is None:
-        shapes = "+".join(f"{n}" for n in ns)
-        config = autotune.choose(f"{gen.key}|{shapes}x{k}", size_hint(m), CONFIGS, launch, x.device,
+        config = autotune.choose(f"{gen.key}|{'+'.join(map(str, ns))}x{k}", size_hint(m), CONFIGS, launch, x.device,
                                  enabled=not interpret)
     launch(config)
     return [y.view(*x.shape[:-1], n) for y, n in zip(ys, ns)]

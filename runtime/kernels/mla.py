@@ -217,8 +217,9 @@ def mla_prefill_tile(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EDGE: tl.constexpr,
 ):
     """One key tile [t0, t0 + BLOCK_N) of the online softmax. KN, KP, V, Mask point at this (batch, head)'s
-    rows (Mask: one pointer per query row, [BLOCK_M, 1]). EDGE: the tile may hold keys past t_end or, causally, past a row's own position, so those are masked;
-    an interior tile (every key visible to every row) is read and used without a mask."""
+    rows (Mask: one pointer per query row, [BLOCK_M, 1]). EDGE: the tile may hold keys past t_end or, causally,
+    past a row's own position, so those are masked; an interior tile (every key visible to every row) is read
+    and used without a mask."""
     offs_t = t0 + tl.arange(0, BLOCK_N)
     t_ok = offs_t < t_end
     live = True
