@@ -1,8 +1,10 @@
 """The expanded (prefill) MLA path at V2-Lite dims, causal, batch 1, timed per tile configuration, beside
 PyTorch's scaled_dot_product_attention over the same expanded keys and values (the kv_b_proj expansion is in
 both times). It chooses PREFILL_CONFIG in runtime/kernels/mla.py; prints a table, writes JSON with --out.
+``--mask-input`` adds, at the default tile, the same causal attention given as an additive [T, T] mask the
+kernel reads (what a layer compiled on its own receives from the model around it) instead of the causal flag.
 
-    python3 bench/mla_prefill_tiles.py --out DIR [--tokens 1024,4096]
+    python3 bench/mla_prefill_tiles.py --out DIR [--tokens 1024,4096] [--mask-input]
 """
 import argparse
 import itertools
@@ -35,6 +37,7 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--tokens", default="1024,4096")
     parser.add_argument("--tflops", type=float, default=680.0, help="bf16 rate the floor is computed at")
+    parser.add_argument("--mask-input", action="store_true", help="also the causal mask as a read input")
     args = parser.parse_args()
     dev, dtype, scale = "cuda", torch.bfloat16, (DN + R) ** -0.5
     rows = Rows(args.out, "mla_prefill_tiles")  # written as it grows
@@ -48,7 +51,9 @@ def main():
         ref = mla.reference(*(x.double() for x in sets[0]), scale, True)
         flops = mla.flops(1, t, t, H, DN, R, DV, causal=True) + 2 * t * C * H * (DN + DV)
         floor_us = flops / (args.tflops * 1e12) * 1e6
-        configs = [None, "sdpa"] + [
+        keys = torch.arange(t, device=dev)
+        causal_mask = torch.zeros(t, t, device=dev).masked_fill(keys[None, :] > keys[:, None], float("-inf"))
+        configs = [None, "sdpa"] + (["mask input"] if args.mask_input else []) + [
             {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": st}
             for bm, bn, nw, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
         ]
@@ -56,6 +61,8 @@ def main():
             def one(s):
                 if cfg == "sdpa":
                     return _sdpa(*s, scale)
+                if cfg == "mask input":
+                    return mla.mla_attention(*s, scale, False, causal_mask, path="expanded")
                 return mla.mla_attention(*s, scale, True, path="expanded", config=cfg)
 
             def run():
@@ -72,7 +79,8 @@ def main():
             rows.append({"tokens": t, "config": name, "us": us, "floor_us": floor_us, "rel_err": err})
             print(f"T={t:<5} {str(name):<70} {us:8.1f} us  ({us / floor_us:4.2f}x floor)  err {err:.1e}",
                   flush=True)
-        best = min((r for r in rows if r["tokens"] == t and r["config"] != "sdpa"), key=lambda r: r["us"])
+        best = min((r for r in rows if r["tokens"] == t and r["config"] not in ("sdpa", "mask input")),
+                   key=lambda r: r["us"])
         print(f"best T={t}: {best['config']} {best['us']:.1f} us, floor {floor_us:.1f} us")
 
 

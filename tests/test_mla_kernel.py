@@ -150,6 +150,75 @@ def test_prefill_never_computes_the_tiles_its_mask_hides():
     assert rel_err(out, ref) < 1e-5
 
 
+def _prefill_masks(b, s, t):
+    """Masks a prefill meets as inputs (a regionally compiled model's): causal (bottom-right), a sliding
+    window of 30 keys, per-row padding (bool, keys past each batch row's length), causal with a bias of
+    ones in the first 8 keys (visible everywhere, never zero), and random values with -inf holes."""
+    q_pos = torch.arange(s)[:, None] + t - s
+    keys = torch.arange(t)[None, :]
+    causal = torch.zeros(s, t).masked_fill(keys > q_pos, float("-inf"))
+    window = causal.masked_fill(keys <= q_pos - 30, float("-inf"))
+    lengths = torch.randint(1, t + 1, (b,))
+    padding = (keys[None] < lengths[:, None, None]).expand(b, s, t)[:, None]  # [B, 1, S, T] bool
+    bias = causal.clone()
+    bias[:, :8] += 1.0
+    holes = torch.randn(s, t).masked_fill(torch.rand(s, t) < 0.3, float("-inf"))
+    holes[:, 0] = 0.0  # every row sees a key
+    return {"causal": causal, "window": window, "padding": padding, "bias": bias, "holes": holes}
+
+
+@pytest.mark.parametrize("kind", ["causal", "window", "padding", "bias", "holes"])
+@pytest.mark.parametrize("bm,bn", [(16, 8), (8, 4)])
+def test_mask_tile_ranges_hold_what_each_tile_is(kind, bm, bn):
+    """Per query block: no key visible outside [first, end); every key of [i_start, i_end) visible with an
+    additive 0 for every row (inside S) and the tiles wholly inside T; first <= i_start <= i_end <= end."""
+    b, h, s, t = 2, 3, 45, 70
+    mask4 = mla._mask_4d(_prefill_masks(b, s, t)[kind], b, h, s, t)
+    ranges = mla.mask_tile_ranges(mask4, bm, bn)
+    interior = 0
+    assert ranges.shape == (b, h, triton_cdiv(s, bm), 4) and ranges.dtype == torch.int32
+    for bi in range(b):
+        for hi in range(h):
+            for mi in range(ranges.shape[2]):
+                first, i_start, i_end, end = (int(v) * bn for v in ranges[bi, hi, mi])
+                rows = mask4[bi, hi, mi * bm:(mi + 1) * bm]
+                assert first <= i_start <= i_end <= max(end, i_start)
+                outside = torch.cat([rows[:, :first], rows[:, end:]], dim=1)
+                assert (outside == float("-inf")).all()
+                assert (rows[:, i_start:i_end] == 0).all()
+                assert i_start == i_end or i_end <= t // bn * bn
+                interior += i_end - i_start
+    assert interior > 0 or kind == "holes"  # the masks with zeros have interior tiles at these sizes
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("kind", ["causal", "window", "padding", "bias", "holes"])
+@pytest.mark.parametrize("also_causal", [False, True])
+def test_prefill_with_a_mask_input(kind, also_causal):
+    """The prefill kernel over a mask it reads (what a layer compiled on its own receives): its hidden tiles
+    skipped, its all-zero tiles read unmasked, the rest masked; with the causal flag as well, both apply. Key
+    tiles no row sees hold NaN: a kernel that computed a hidden tile would return NaN."""
+    b, h, s, t = 2, 2, 45, 70
+    mask = _prefill_masks(b, s, t)[kind]
+    if also_causal and kind in ("padding", "holes"):  # rows whose every visible key is causally hidden: NaN
+        pytest.skip("the mask and causality together hide whole rows")
+    for dtype in (torch.float32, torch.float16):
+        q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, h, 16, 8, 16, 32, dtype, noncontig=True)
+        ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.25, also_causal, mask)
+        mask4 = mla._mask_4d(mask, b, h, s, t)
+        hidden = (mask4 == float("-inf")).all(dim=2).all(dim=1)  # [B, T]: keys no row of any head sees
+        hidden = torch.nn.functional.pad(hidden, (0, -t % 4), value=True).view(b, -1, 4).all(dim=-1)
+        hidden = hidden.repeat_interleave(4, dim=1)[:, :t]  # ... whose whole 4-key tile no row sees
+        c_kv, k_pe = c_kv.clone(), k_pe.clone()
+        c_kv[hidden], k_pe[hidden] = float("nan"), float("nan")
+        out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.25, also_causal, mask, path="expanded",
+                                interpret=True, config={"BLOCK_M": 8, "BLOCK_N": 4})
+        assert rel_err(out, ref) < TOL[dtype], (kind, dtype)
+
+
 @pytest.mark.parametrize("s,t,causal", [(50, 50, True), (9, 77, True), (33, 70, False), (40, 200, True)], ids=str)
 def test_prefill_interior_and_edge_tiles(s, t, causal):
     """Small tiles, so query blocks have several interior key tiles (read unmasked) before their edge ones: square

@@ -262,11 +262,11 @@ def mla_prefill_tile(
 
 @triton.jit
 def mla_prefill_kernel(
-    QN, QP, KN, KP, V, Mask, Out,
+    QN, QP, KN, KP, V, Mask, TileRanges, Out,
     stride_qnb, stride_qns, stride_qnh, stride_qpb, stride_qps, stride_qph,
     stride_knb, stride_knt, stride_knh, stride_kpb, stride_kpt,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_os, stride_oh,
-    stride_mb, stride_mh, stride_ms, stride_mt,
+    stride_mb, stride_mh, stride_ms, stride_mt, stride_rb, stride_rh, stride_rm,
     S, T, H, scale, causal_offset,
     DN: tl.constexpr, DN_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
     DV: tl.constexpr, DV_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -274,9 +274,12 @@ def mla_prefill_kernel(
 ):
     """Flash attention for one (query block, batch, head): scores = q_nope . k_nope + q_pe . k_pe (two dots,
     no concatenated key), online softmax in base 2 (the scale carries log2(e): exp2 is the hardware's), P . V;
-    the fp32 accumulator is normalized once at the end. Two loops over the key tiles: first the interior ones,
-    which every row of the block sees whole (below the causal diagonal, inside T), with no masking; then the
-    edge ones (the diagonal, T's last partial tile) with it. With an additive mask every tile is an edge tile."""
+    the fp32 accumulator is normalized once at the end. The key tiles run in loops of two kinds: interior
+    ones, which every row of the block sees whole (below the causal diagonal, inside T), with no masking, and
+    edge ones (the diagonal, T's last partial tile) with it. With an additive mask, TileRanges holds this
+    query block's (first visible, first interior, end of interior, end of visible) key tiles, read off the
+    mask by ``mask_tile_ranges``: the tiles it hides are skipped, its all-zero ones are interior (no mask
+    read), the others are edge tiles that read it."""
     scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Python floats come as fp64; log2(e) folded in
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -301,17 +304,29 @@ def mla_prefill_kernel(
         t_end = tl.minimum(T, causal_offset + (pid_m + 1) * BLOCK_M)
         t_interior = tl.minimum(T, causal_offset + pid_m * BLOCK_M + 1)
     t_interior = tl.maximum(t_interior, 0) // BLOCK_N * BLOCK_N
-    if HAS_MASK:
-        t_interior = 0
+    t_start = 0  # the first key tile any row sees
+    i_start = 0  # the interior tiles: [i_start, t_interior)
+    if HAS_MASK:  # the mask's own ranges, within the causal ones
+        ranges = TileRanges + b * stride_rb + h * stride_rh + pid_m * stride_rm
+        t_start = tl.load(ranges) * BLOCK_N
+        i_start = tl.load(ranges + 1) * BLOCK_N
+        t_interior = tl.maximum(tl.minimum(tl.load(ranges + 2) * BLOCK_N, t_interior), i_start)
+        t_end = tl.minimum(tl.load(ranges + 3) * BLOCK_N, t_end)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, DV_POW2), dtype=tl.float32)
-    for t0 in range(0, t_interior, BLOCK_N):
+    if HAS_MASK:  # the mask's edge tiles before its interior ones (a sliding window's or a padding's start)
+        for t0 in range(t_start, tl.minimum(i_start, t_end), BLOCK_N):
+            acc, m_i, l_i = mla_prefill_tile(
+                acc, m_i, l_i, q_nope, q_pe, kn, kp, vv, mk, rows, r_ok, t0, t_end, scale, causal_offset,
+                stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
+                DN, R, DV, BLOCK_N, True, CAUSAL, True)
+    for t0 in range(i_start, t_interior, BLOCK_N):
         acc, m_i, l_i = mla_prefill_tile(
             acc, m_i, l_i, q_nope, q_pe, kn, kp, vv, mk, rows, r_ok, t0, t_end, scale, causal_offset,
             stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
-            DN, R, DV, BLOCK_N, HAS_MASK, CAUSAL, False)
-    for t0 in range(t_interior, t_end, BLOCK_N):
+            DN, R, DV, BLOCK_N, False, CAUSAL, False)
+    for t0 in range(tl.maximum(t_interior, t_start), t_end, BLOCK_N):
         acc, m_i, l_i = mla_prefill_tile(
             acc, m_i, l_i, q_nope, q_pe, kn, kp, vv, mk, rows, r_ok, t0, t_end, scale, causal_offset,
             stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
@@ -408,6 +423,40 @@ def _mask_4d(mask: Optional[torch.Tensor], b, h, s, t):
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     return mask.to(torch.float32).expand(b, h, s, t)
+
+
+def mask_tile_ranges(mask4: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """What an additive mask [B, H, S, T] (``_mask_4d``'s) leaves of each (query block, key tile) of the
+    prefill kernel, as int32 [B', H', S / block_m, 4] (B', H' 1 where the mask is broadcast, strides 0 there
+    when read): per query block the first key tile with a visible key, the first interior tile (every key
+    visible to every row with an additive 0: read without the mask) at or after it, the end of the interior
+    run from there, and the end of the visible tiles. Tiles outside the visible range are hidden from every
+    row, so skipping them is exact; the others are read with the mask. Computed from the mask's values on
+    every call: a regionally compiled model's mask is an input, and no shape says it is causal. A NaN in the
+    mask is visible and not zero, so it reaches the scores as it would unfused."""
+    b, h, s, t = mask4.shape
+    m = mask4[:1] if mask4.stride(0) == 0 else mask4
+    m = m[:, :1] if mask4.stride(1) == 0 else m
+    n_m, n_t = triton.cdiv(s, block_m), triton.cdiv(t, block_n)
+    pad = (0, n_t * block_n - t, 0, n_m * block_m - s)
+    tiles = (m.shape[0], m.shape[1], n_m, block_m, n_t, block_n)
+    # Rows past S count as hidden (for the visible range) and as zero (for the interior): they are never
+    # stored. Keys past T are hidden and not zero: T's partial last tile is never interior (read unbounded).
+    visible = torch.nn.functional.pad((m != float("-inf")).to(torch.uint8), pad, value=0)
+    visible = visible.view(tiles).amax(dim=(3, 5)) > 0
+    zero = torch.nn.functional.pad((m == 0).to(torch.uint8), (0, pad[1], 0, 0), value=0)
+    zero = torch.nn.functional.pad(zero, (0, 0, 0, pad[3]), value=1)
+    zero = zero.view(tiles).amin(dim=(3, 5)) > 0
+    index = torch.arange(n_t, device=m.device)
+    any_visible = visible.any(dim=-1)
+    first = torch.where(any_visible, visible.to(torch.int32).argmax(dim=-1), 0)
+    end = torch.where(any_visible, n_t - visible.flip(-1).to(torch.int32).argmax(dim=-1), 0)
+    inside = zero & (index >= first[..., None]) & (index < end[..., None])
+    i_start = torch.where(inside.any(dim=-1), inside.to(torch.int32).argmax(dim=-1), end)
+    broken = (index >= i_start[..., None]) & ~zero  # the first tile past the interior run
+    i_end = torch.minimum(torch.where(broken.any(dim=-1), broken.to(torch.int32).argmax(dim=-1), n_t), end)
+    ranges = torch.stack([first, i_start, i_end, end], dim=-1).to(torch.int32)
+    return ranges.expand(b, h, n_m, 4)
 
 
 def mla_attention(
@@ -510,11 +559,16 @@ def mla_attention(
     prefill = gen.function("mla_prefill_kernel", interpret=interpret)
     if not interpret:
         prefill = torch.library.wrap_triton(prefill)
+    if has_mask:
+        ranges = mask_tile_ranges(mask4, bm, bn)
+        r_args = (ranges.stride(0), ranges.stride(1), ranges.stride(2))
+    else:
+        ranges, r_args = q_nope, (0, 0, 0)
     prefill[(triton.cdiv(s, bm), b * h)](
-        q_nope, q_pe, k_nope, k_pe, v, mask_ptr, out,
+        q_nope, q_pe, k_nope, k_pe, v, mask_ptr, ranges, out,
         q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         k_nope.stride(0), k_nope.stride(1), k_nope.stride(2), k_pe.stride(0), k_pe.stride(1),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *m_args,
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *m_args, *r_args,
         s, t, h, scale, t - s,
         DN=dn, DN_POW2=max(16, triton.next_power_of_2(dn)), R=r, R_POW2=max(16, triton.next_power_of_2(r)),
         DV=dv, DV_POW2=max(16, triton.next_power_of_2(dv)), BLOCK_M=bm, BLOCK_N=bn,
