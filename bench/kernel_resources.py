@@ -129,7 +129,7 @@ def moe_experts(weight_format: str, kind: str = "gate_up"):
     w = "*fp8e4nv" if fp8 else "*bf16"
     pointers = {"X": "*bf16", "H": "*bf16", "W": w, "SharedGate": w, "SharedUp": w, "SharedDown": w,
                 "Out": "*bf16", "SortedSlots": "*i64", "BlockExpert": "*i64", "NumPadded": "*i64",
-                "BlockStart": "*i32", "TopkWeights": "*fp32", "SharedScale": "*fp32", "WScale": "*fp32", "SharedGateScale": "*fp32",
+                "TopkWeights": "*fp32", "SharedScale": "*fp32", "WScale": "*fp32", "SharedGateScale": "*fp32",
                 "SharedUpScale": "*fp32", "SharedDownScale": "*fp32"}
     n, k = (1408, 2048) if kind == "gate_up" else (2048, 1408)
     candidates = moe.FP8_CANDIDATES if fp8 else moe.CANDIDATES
@@ -137,8 +137,7 @@ def moe_experts(weight_format: str, kind: str = "gate_up"):
         bn = c["BLOCK_N"] if kind == "gate_up" else c.get("BLOCK_N_DOWN", c["BLOCK_N"])
         # stride_wk is 1 (K innermost, as the pass hands the weights over): a launch specializes a 1 as a constant
         constexprs = {"N": n, "K": k, "TOP_K": 8, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn,
-                      "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "BLOCK_TABLE": False,
-                      "EXACT_FP8_ROUNDING": False,
+                      "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "EXACT_FP8_ROUNDING": False,
                       "ATOMIC": False, "SHARED_SCALED": False, "stride_wk": 1}
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         config = {"BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": c["num_stages"]}

@@ -5,8 +5,6 @@ Three steps, no host synchronization anywhere (CUDA-graph safe):
    row block of the grouped GEMMs belongs to one expert. Plain torch with static shapes (the padded length is
    bounded by T*k + E*(BLOCK_M-1)); Inductor compiles it. At one token (decode at batch 1) there is no align:
    the token's experts are distinct, so each slot is its own row block and the kernels read the router's ids.
-   In prefill (``align_split``, the HALF_BLOCKS candidates) the segments are padded to BLOCK_M / 2 instead,
-   and each expert's last half block runs in a second launch of each kernel with that tile.
 2. ``moe_gate_up_act_kernel``: per row block, the expert's gate and up projections as two accumulators over the
    same A tile, and act(gate) * up in the epilogue: the [rows, 2I] intermediate never exists.
 3. ``moe_down_weighted_kernel``: the down projection, the routing weight applied to the fp32 accumulator,
@@ -112,18 +110,16 @@ def moe_align_kernel(
 
 @triton.jit
 def moe_gate_up_act_kernel(
-    X, W, SharedGate, SharedUp, Out, SortedSlots, BlockExpert, NumPadded, BlockStart,
+    X, W, SharedGate, SharedUp, Out, SortedSlots, BlockExpert, NumPadded,
     stride_xm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr, BLOCK_TABLE: tl.constexpr,
+    BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr,
     ${gate_up_scale_args}
 ):
     """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block.
     DIRECT: row block b is slot b alone (one token: its slots' experts are distinct), its expert read from
-    the router's ids (BlockExpert holds them), so no align launch comes first. BLOCK_TABLE: row block b's
-    first sorted row is BlockStart[b] and NumPadded holds the number of blocks (row blocks of two sizes, each
-    size its own launch: ``align_split``)."""
+    the router's ids (BlockExpert holds them), so no align launch comes first."""
     if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -156,20 +152,19 @@ def moe_gate_up_act_kernel(
 
 @triton.jit
 def moe_down_weighted_kernel(
-    H, W, SharedDown, Out, SortedSlots, BlockExpert, NumPadded, BlockStart, TopkWeights, SharedScale,
+    H, W, SharedDown, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights, SharedScale,
     stride_hm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
-    DIRECT: tl.constexpr, BLOCK_TABLE: tl.constexpr,
+    DIRECT: tl.constexpr,
     ${down_scale_args}
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
     straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
     TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
     experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
-    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT, BLOCK_TABLE: as in the gate/up
-    kernel."""
+    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT: as in the gate/up kernel."""
     if N_FASTEST:
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -207,10 +202,9 @@ def moe_down_weighted_kernel(
 ''',
 )
 
-# A row block's expert and slots. Aligned: what the align launch wrote (SortedSlots, BlockExpert, NumPadded;
-# with BLOCK_TABLE, BlockStart too). DIRECT (one token): block b is slot b in its first row, the other rows idle;
-# a routed slot's expert is the router's id (BlockExpert is topk_ids), shared slot j past ROUTED_K is shared
-# expert E_ROUTED + j - ROUTED_K.
+# A row block's expert and slots. Aligned: what the align launch wrote (SortedSlots, BlockExpert, NumPadded).
+# DIRECT (one token): block b is slot b in its first row, the other rows idle; a routed slot's expert is the
+# router's id (BlockExpert is topk_ids), shared slot j past ROUTED_K is shared expert E_ROUTED + j - ROUTED_K.
 _BLOCK_ROWS = """\
 offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 if DIRECT:
@@ -219,13 +213,8 @@ if DIRECT:
     expert = tl.where(choice < ROUTED_K, routed_id.to(tl.int64), E_ROUTED + choice - ROUTED_K).to(tl.int64)
     slot = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_slots)
 else:
-    if BLOCK_TABLE:
-        if pid_m >= tl.load(NumPadded):
-            return
-        offs_m = tl.load(BlockStart + pid_m) + tl.arange(0, BLOCK_M)
-    else:
-        if pid_m * BLOCK_M >= tl.load(NumPadded):
-            return
+    if pid_m * BLOCK_M >= tl.load(NumPadded):
+        return
     expert = tl.load(BlockExpert + pid_m).to(tl.int64)
     slot = tl.load(SortedSlots + offs_m)
 valid = slot < num_slots"""
@@ -462,12 +451,6 @@ CANDIDATES = [
     # against 708 for the 8-warp, 3-stage 128 / 128 / 64 tile these did not beat before.
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_N_DOWN": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-] + [
-    # prefill, segments padded to 64 rows and run as 128-row blocks plus one 64-row block (align_split): a
-    # uniform 192 rows per expert (V2-Lite at 2048 tokens) computes 192 rows, not 256
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "HALF_BLOCKS": True},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_N_DOWN": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4,
-     "HALF_BLOCKS": True},
 ]
 
 
@@ -576,16 +559,19 @@ def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpre
     return sorted_slots, block_expert, num_padded
 
 
-def _sort_into_segments(topk_ids: torch.Tensor, num_experts: int, granule: int, sort_key: Optional[torch.dtype]):
-    """The (token, slot) pairs sorted by expert into segments padded to ``granule`` rows: ``sorted_slots`` [P] (a
-    slot index t*k + j, or T*k for padding; P = the static bound T*k + E*(granule - 1), rounded up to granule),
-    each expert's padded segment length [E] and where the segments end [E]."""
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, sort_key: Optional[torch.dtype] = None):
+    """Sort the (token, slot) pairs by expert into segments padded to ``block_m``. ``sort_key``: the dtype the
+    ids are sorted in (default the narrowest that holds them; bench/moe_align.py compares int64's).
+
+    Returns ``sorted_slots`` [P] (a slot index t*k + j, or T*k for padding), ``block_expert`` [P / block_m]
+    and ``num_padded`` [1] (rows in use). P = the static bound T*k + E*(block_m - 1), rounded up to block_m.
+    """
     flat = topk_ids.reshape(-1)
     num_slots = flat.shape[0]
     device = flat.device
     ids = flat.to(torch.int64)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, ids, torch.ones_like(ids))
-    padded = (counts + granule - 1) // granule * granule
+    padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded
     start = torch.cumsum(counts, 0) - counts
@@ -597,54 +583,13 @@ def _sort_into_segments(topk_ids: torch.Tensor, num_experts: int, granule: int, 
     order = torch.argsort(key, stable=True)
     sorted_expert = ids[order]
     rank = torch.arange(num_slots, device=device) - start[sorted_expert]
-    capacity = (num_slots + num_experts * (granule - 1) + granule - 1) // granule * granule
+    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
     sorted_slots = torch.full((capacity,), num_slots, dtype=torch.int32, device=device)
     sorted_slots = sorted_slots.scatter(0, padded_start[sorted_expert] + rank, order.to(torch.int32))
-    return sorted_slots, padded, padded_end
-
-
-def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, sort_key: Optional[torch.dtype] = None):
-    """Sort the (token, slot) pairs by expert into segments padded to ``block_m``. ``sort_key``: the dtype the
-    ids are sorted in (default the narrowest that holds them; bench/moe_align.py compares int64's).
-
-    Returns ``sorted_slots`` [P] (a slot index t*k + j, or T*k for padding), ``block_expert`` [P / block_m]
-    and ``num_padded`` [1] (rows in use). P = the static bound T*k + E*(block_m - 1), rounded up to block_m.
-    """
-    sorted_slots, _, padded_end = _sort_into_segments(topk_ids, num_experts, block_m, sort_key)
-    block_start = torch.arange(0, sorted_slots.shape[0], block_m, device=sorted_slots.device)
+    block_start = torch.arange(0, capacity, block_m, device=device)
     block_expert = torch.searchsorted(padded_end, block_start, right=True).clamp_(max=num_experts - 1)
     num_padded = padded_end[-1:].to(torch.int32)
     return sorted_slots, block_expert.to(torch.int32), num_padded
-
-
-def _block_table(first_row: torch.Tensor, blocks: torch.Tensor, block_rows: int, bound: int):
-    """Expert e's ``blocks[e]`` row blocks of ``block_rows`` from its ``first_row[e]``, every expert's after the
-    one before: (first sorted row [bound], expert [bound], number of blocks [1]); entries past it unused."""
-    ends = torch.cumsum(blocks, 0)
-    index = torch.arange(bound, device=blocks.device)
-    expert = torch.searchsorted(ends, index, right=True).clamp_(max=blocks.shape[0] - 1)
-    start = first_row[expert] + (index - (ends - blocks)[expert]) * block_rows
-    return start.to(torch.int32), expert.to(torch.int32), ends[-1:].to(torch.int32)
-
-
-def align_split(topk_ids: torch.Tensor, num_experts: int, block_m: int, sort_key: Optional[torch.dtype] = None):
-    """``align`` with segments padded to ``block_m // 2`` rows, each cut into row blocks of ``block_m`` and, where
-    its length is an odd number of halves, one last block of ``block_m // 2``: padding to block_m wastes up to
-    block_m - 1 rows of tensor-core work per expert (V2-Lite's 192 rows per expert at 2048 tokens ran as 256),
-    to block_m // 2 at most half that. Each block size is its own launch (the tile is a kernel constant).
-
-    Returns ``sorted_slots`` and two block tables, the full blocks' and the half blocks', each (first sorted row,
-    expert, number of blocks [1]); the full table has room for (T*k + E*(block_m // 2 - 1)) // block_m blocks,
-    the half one for E."""
-    half = block_m // 2
-    sorted_slots, padded, padded_end = _sort_into_segments(topk_ids, num_experts, half, sort_key)
-    padded_start = padded_end - padded
-    full_blocks = padded // block_m
-    num_slots = topk_ids.numel()
-    full = _block_table(padded_start, full_blocks, block_m,
-                        max(1, (num_slots + num_experts * (half - 1)) // block_m))
-    halves = _block_table(padded_start + full_blocks * block_m, (padded % block_m) // half, half, num_experts)
-    return sorted_slots, full, halves
 
 
 def moe_experts(
@@ -706,9 +651,6 @@ def moe_experts(
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
     may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
-    # HALF_BLOCKS: segments padded to BLOCK_M / 2 and run as BLOCK_M blocks plus at most one half block per
-    # expert, the half blocks in their own launches with HALF_WARPS warps (align_split).
-    half_blocks, half_warps = cfg.pop("HALF_BLOCKS", False), cfg.pop("HALF_WARPS", 4)
     launch_opts = {} if interpret else cfg
     x = x if x.stride(-1) == 1 else x.contiguous()
     w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
@@ -723,31 +665,18 @@ def moe_experts(
     # The fused align is one program walking the slots: a few microseconds at decode sizes, where the ~10
     # launches of the torch form dominate, but serial; beyond that the torch form (parallel kernels) wins.
     direct = may_skip_align and isinstance(t, int) and t == 1
-    # The launches of each kernel: (block table: expert, NumPadded, BlockStart; blocks on the grid, BLOCK_M,
-    # launch options); one, or with HALF_BLOCKS the full blocks' and the half blocks'.
-    plans = []
     if direct:
         flat_ids = topk_ids.reshape(-1)
-        sorted_slots = flat_ids  # only BlockExpert is read
+        sorted_slots, block_expert, num_padded = flat_ids, flat_ids, flat_ids  # only BlockExpert is read
         capacity = num_slots * bm  # a row block per slot
-        plans.append(((flat_ids, flat_ids, flat_ids, False), num_slots, bm, launch_opts))
     else:
-        if half_blocks or size_hint(num_slots) > ALIGN_FUSED_MAX_SLOTS:
+        if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
+            sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret, n_shared)
+        else:
             if n_shared:  # the shared experts' slots, after each token's routed ones
                 topk_ids = torch.cat([topk_ids, torch.arange(routed, num_experts, device=x.device,
                                                              dtype=topk_ids.dtype).expand(t, n_shared)], dim=1)
-        if half_blocks:
-            sorted_slots, full, halves = align_split(topk_ids, num_experts, bm)
-            plans.append(((full[1], full[2], full[0], True), full[0].shape[0], bm, launch_opts))
-            plans.append(((halves[1], halves[2], halves[0], True), num_experts, bm // 2,
-                          launch_opts and {**launch_opts, "num_warps": half_warps}))
-        else:
-            if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
-                sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret, n_shared)
-            else:
-                sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
-            plans.append(((block_expert, num_padded, sorted_slots, False), sorted_slots.shape[0] // bm, bm,
-                          launch_opts))
+            sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
         capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None,
@@ -781,30 +710,27 @@ def moe_experts(
     if not interpret:
         gate_up, down = torch.library.wrap_triton(gate_up), torch.library.wrap_triton(down)
     inter_out = torch.empty((capacity, inter), dtype=torch.float8_e4m3fn if prequant else x.dtype, device=x.device)
-    def grid(n_tiles, blocks):
-        return (n_tiles, blocks) if n_fastest else (blocks, n_tiles)
+    def grid(n_tiles):
+        return (n_tiles, capacity // bm) if n_fastest else (capacity // bm, n_tiles)
 
-    for (block_expert, num_padded, block_start, table), blocks, rows, opts in plans:
-        gate_up[grid(triton.cdiv(inter, bn), blocks)](
-            a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded, block_start,
-            a.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), shared_gate.stride(0),
-            inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
-            BLOCK_M=rows, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, BLOCK_TABLE=table,
-            **scale_args(0), **opts,
-        )
+    gate_up[grid(triton.cdiv(inter, bn))](
+        a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
+        a.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), shared_gate.stride(0),
+        inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, **scale_args(0), **launch_opts,
+    )
     if deterministic:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     else:
         out = torch.zeros((t, hidden), dtype=torch.float32, device=x.device)
-    for (block_expert, num_padded, block_start, table), blocks, rows, opts in plans:
-        down[grid(triton.cdiv(hidden, bn_down), blocks)](
-            inter_out, w_down, shared_down, out, sorted_slots, block_expert, num_padded, block_start, weights,
-            weights if shared_scale is None else shared_scale,
-            inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), shared_down.stride(0),
-            out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k,
-            ATOMIC=not deterministic, SHARED_SCALED=shared_scale is not None, BLOCK_M=rows, BLOCK_N=bn_down,
-            BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, BLOCK_TABLE=table, **scale_args(1), **opts,
-        )
+    down[grid(triton.cdiv(hidden, bn_down))](
+        inter_out, w_down, shared_down, out, sorted_slots, block_expert, num_padded, weights,
+        weights if shared_scale is None else shared_scale,
+        inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), shared_down.stride(0),
+        out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k, ATOMIC=not deterministic,
+        SHARED_SCALED=shared_scale is not None, BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest,
+        DIRECT=direct, **scale_args(1), **launch_opts,
+    )
     if not deterministic:
         return out.to(x.dtype)
     # The k contributions of a token, summed in slot order in fp32: deterministic, no atomics.
