@@ -129,7 +129,7 @@ def moe_experts(weight_format: str, kind: str = "gate_up"):
     w = "*fp8e4nv" if fp8 else "*bf16"
     pointers = {"X": "*bf16", "H": "*bf16", "W": w, "SharedGate": w, "SharedUp": w, "SharedDown": w,
                 "Out": "*bf16", "SortedSlots": "*i64", "BlockExpert": "*i64", "NumPadded": "*i64",
-                "BlockStart": "*i32", "BlockRows": "*i32", "TopkWeights": "*fp32", "SharedScale": "*fp32", "WScale": "*fp32", "SharedGateScale": "*fp32",
+                "TopkWeights": "*fp32", "SharedScale": "*fp32", "WScale": "*fp32", "SharedGateScale": "*fp32",
                 "SharedUpScale": "*fp32", "SharedDownScale": "*fp32"}
     n, k = (1408, 2048) if kind == "gate_up" else (2048, 1408)
     candidates = moe.FP8_CANDIDATES if fp8 else moe.CANDIDATES
@@ -137,34 +137,10 @@ def moe_experts(weight_format: str, kind: str = "gate_up"):
         bn = c["BLOCK_N"] if kind == "gate_up" else c.get("BLOCK_N_DOWN", c["BLOCK_N"])
         # stride_wk is 1 (K innermost, as the pass hands the weights over): a launch specializes a 1 as a constant
         constexprs = {"N": n, "K": k, "TOP_K": 8, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn,
-                      "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "BLOCK_TABLE": False,
-                      "EXACT_FP8_ROUNDING": False,
+                      "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "EXACT_FP8_ROUNDING": False,
                       "ATOMIC": False, "SHARED_SCALED": False, "stride_wk": 1}
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         config = {"BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": c["num_stages"]}
-        yield config, fn, pointers, {}, constexprs
-
-
-def moe_prefill(kind: str = "gate_up"):
-    """The bf16 experts' gate/up (or down) kernel at V2-Lite's MoE in prefill (routed experts alone, past
-    SHARED_FUSED_MAX_TOKENS), over the 128-row candidates; HALF_BLOCKS ones compile both tile paths."""
-    from deepfuse.runtime.kernels import moe
-
-    name = "moe_gate_up_act_kernel" if kind == "gate_up" else "moe_down_weighted_kernel"
-    fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py").function(name)
-    pointers = {p: "*bf16" for p in ("X", "H", "W", "SharedGate", "SharedUp", "SharedDown", "Out")}
-    pointers.update({"SortedSlots": "*i32", "BlockExpert": "*i32", "NumPadded": "*i32", "BlockStart": "*i32",
-                     "BlockRows": "*i32", "TopkWeights": "*bf16", "SharedScale": "*bf16"})
-    n, k = (1408, 2048) if kind == "gate_up" else (2048, 1408)
-    for c in (c for c in moe.CANDIDATES if c["BLOCK_M"] == 128):
-        bn = c["BLOCK_N"] if kind == "gate_up" else c.get("BLOCK_N_DOWN", c["BLOCK_N"])
-        constexprs = {"N": n, "K": k, "TOP_K": 6, "ROUTED_K": 6, "BLOCK_M": 128, "BLOCK_N": bn,
-                      "BLOCK_K": c["BLOCK_K"], "N_FASTEST": False, "DIRECT": False,
-                      "BLOCK_TABLE": c.get("HALF_BLOCKS", False), "ATOMIC": False, "SHARED_SCALED": False,
-                      "stride_wk": 1}
-        constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
-        config = {"BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": c["num_stages"],
-                  **({"HALF_BLOCKS": True} if c.get("HALF_BLOCKS") else {})}
         yield config, fn, pointers, {}, constexprs
 
 
@@ -218,8 +194,7 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
            "rms_norm": lambda: rms_norm(False), "add_rms_norm": lambda: rms_norm(True), "linear_group": linear_group,
            **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
               for kind in ("gate_up", "down")
-              for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))},
-           "moe_prefill_gate_up": lambda: moe_prefill("gate_up"), "moe_prefill_down": lambda: moe_prefill("down")}
+              for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))}}
 
 
 def main():

@@ -6,9 +6,9 @@ epilogue), every tile candidate of each replayed as a CUDA graph over several ro
 It backs ``FP8_CANDIDATES`` in runtime/kernels/moe.py and the FP8 MoE rows of bench/RESULTS.md. At one token
 each tile is also timed with the align launch the kernels skip there (``"DIRECT": False``).
 ``--grid prefill`` times, instead of the candidate lists, a product of the prefill-sized bf16 tiles (row
-blocks of 64 and 128, N and K tiles, warps and stages that fit in shared memory); ``--grid half-blocks`` the
-128-row ones with and without HALF_BLOCKS. ``--split`` adds each kernel's own time (gate/up and down, from the
-profiler) to every row, so the two kernels' best tiles can be told apart.
+blocks of 64 and 128, every N, K, warps and stages that fits in shared memory); ``--split`` adds each
+kernel's own time (gate/up and down, from the profiler) to every row, so the two kernels' best tiles can be
+told apart.
 
     python3 bench/moe_fp8.py --out DIR [--tokens 1,8,64,512,4096] [--experts 64] [--top-k 6] [--formats 'bf16,fp8 W8A16,fp8 W8A8']
     python3 bench/moe_fp8.py --out DIR --tokens 2048 --formats bf16 --grid prefill --split
@@ -41,13 +41,6 @@ def prefill_grid() -> list:
     return grid
 
 
-def half_blocks_grid() -> list:
-    """The 128-row, 8-warp tiles of ``prefill_grid`` at 64-wide K, each as it is and with HALF_BLOCKS (segments
-    padded to 64 rows, an expert's last 64-row block through the kernels' 64-row tile path): paired."""
-    grid = [c for c in prefill_grid() if c["BLOCK_M"] == 128 and c["BLOCK_K"] == 64 and c["num_warps"] == 8]
-    return [v for c in grid for v in (c, {**c, "HALF_BLOCKS": True})]
-
-
 def kernel_times(run, runs: int = 5) -> dict:
     """Microseconds per call of each MoE kernel in ``run()``, from the profiler (eager launches)."""
     run()
@@ -75,7 +68,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=1408)
     parser.add_argument("--formats", default="bf16,fp8 W8A16,fp8 W8A8")
-    parser.add_argument("--grid", choices=("candidates", "prefill", "half-blocks"), default="candidates")
+    parser.add_argument("--grid", choices=("candidates", "prefill"), default="candidates")
     parser.add_argument("--split", action="store_true", help="each kernel's own time too (profiler)")
     args = parser.parse_args()
     e, k, h, inter = args.experts, args.top_k, args.hidden, args.intermediate
@@ -87,10 +80,10 @@ def main():
                "fp8 W8A16": (q1, q2, (s1, s2), False, [c for c in moe.FP8_CANDIDATES if not c.get("PREQUANT")]),
                "fp8 W8A8": (q1, q2, (s1, s2), True, moe.FP8_CANDIDATES)}
     formats = {name: formats[name] for name in args.formats.split(",")}
-    if args.grid != "candidates":
+    if args.grid == "prefill":
         if set(formats) != {"bf16"}:
-            raise SystemExit(f"--grid {args.grid} is a bf16 grid: pass --formats bf16")
-        formats["bf16"] = (w1, w2, None, False, prefill_grid() if args.grid == "prefill" else half_blocks_grid())
+            raise SystemExit("--grid prefill is a bf16 grid: pass --formats bf16")
+        formats["bf16"] = (w1, w2, None, False, prefill_grid())
     rows = Rows(args.out, "moe_fp8")  # written as it grows
     for t in (int(v) for v in args.tokens.split(",")):
         x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)

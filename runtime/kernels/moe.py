@@ -5,8 +5,6 @@ Three steps, no host synchronization anywhere (CUDA-graph safe):
    row block of the grouped GEMMs belongs to one expert. Plain torch with static shapes (the padded length is
    bounded by T*k + E*(BLOCK_M-1)); Inductor compiles it. At one token (decode at batch 1) there is no align:
    the token's experts are distinct, so each slot is its own row block and the kernels read the router's ids.
-   In prefill (``align_mixed``, the HALF_BLOCKS candidates) the segments are padded to BLOCK_M / 2 instead,
-   and each expert's last half block takes a BLOCK_M / 2 tile path of the same launch.
 2. ``moe_gate_up_act_kernel``: per row block, the expert's gate and up projections as two accumulators over the
    same A tile, and act(gate) * up in the epilogue: the [rows, 2I] intermediate never exists.
 3. ``moe_down_weighted_kernel``: the down projection, the routing weight applied to the fp32 accumulator,
@@ -111,19 +109,31 @@ def moe_align_kernel(
 
 
 @triton.jit
-def moe_gate_up_rows(
-    ${gate_up_rows_params}
-    pid_m, pid_n, row0, expert, ROWS: tl.constexpr,
+def moe_gate_up_act_kernel(
+    X, W, SharedGate, SharedUp, Out, SortedSlots, BlockExpert, NumPadded,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
+    num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
+    TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr,
+    ${gate_up_scale_args}
 ):
-    """The gate/up kernel's product for the ROWS sorted rows from row0, all of them the expert's."""
-    ${block_slots}
+    """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block.
+    DIRECT: row block b is slot b alone (one token: its slots' experts are distinct), its expert read from
+    the router's ids (BlockExpert holds them), so no align launch comes first."""
+    if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:  # prefill: the row blocks of one weight tile launch together (the tile stays in L2)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    ${block_rows}
     token = (slot // TOP_K).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = X + token[:, None] * stride_xm + offs_k[None, :]
     ${gate_up_pointers}
-    acc_gate = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n_ok = offs_n[None, :] < N
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
@@ -141,42 +151,33 @@ def moe_gate_up_rows(
 
 
 @triton.jit
-def moe_gate_up_act_kernel(
-    X, W, SharedGate, SharedUp, Out, SortedSlots, BlockExpert, NumPadded, BlockStart, BlockRows,
-    stride_xm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
+def moe_down_weighted_kernel(
+    H, W, SharedDown, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights, SharedScale,
+    stride_hm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
-    TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr, BLOCK_TABLE: tl.constexpr,
-    ${gate_up_scale_args}
+    TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
+    DIRECT: tl.constexpr,
+    ${down_scale_args}
 ):
-    """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block.
-    DIRECT: row block b is slot b alone (one token: its slots' experts are distinct), its expert read from
-    the router's ids (BlockExpert holds them), so no align launch comes first. BLOCK_TABLE: row block b
-    starts at sorted row BlockStart[b] and holds BlockRows[b] rows, BLOCK_M or BLOCK_M / 2 (an expert's last
-    block, ``align_mixed``), each size its own tile path; NumPadded holds the number of blocks."""
-    if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
+    """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
+    straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
+    TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
+    experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
+    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT: as in the gate/up kernel."""
+    if N_FASTEST:
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
-    else:  # prefill: the row blocks of one weight tile launch together (the tile stays in L2)
+    else:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-    ${block_expert}
-    ${gate_up_dispatch}
-
-
-@triton.jit
-def moe_down_rows(
-    ${down_rows_params}
-    pid_m, pid_n, row0, expert, ROWS: tl.constexpr,
-):
-    """The down kernel's product and weighted store for the ROWS sorted rows from row0, all the expert's."""
-    ${block_slots}
+    ${block_rows}
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = H + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
     ${down_pointers}
     n_ok = offs_n[None, :] < N
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
@@ -198,96 +199,25 @@ def moe_down_rows(
     else:
         out = (acc * weight[:, None]).to(${dtype})
         tl.store(Out + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
-
-
-@triton.jit
-def moe_down_weighted_kernel(
-    H, W, SharedDown, Out, SortedSlots, BlockExpert, NumPadded, BlockStart, BlockRows, TopkWeights, SharedScale,
-    stride_hm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
-    num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
-    TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
-    DIRECT: tl.constexpr, BLOCK_TABLE: tl.constexpr,
-    ${down_scale_args}
-):
-    """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
-    straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
-    TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
-    experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
-    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT, BLOCK_TABLE: as in the gate/up
-    kernel."""
-    if N_FASTEST:
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-    else:
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-    ${block_expert}
-    ${down_dispatch}
 ''',
 )
 
-# A row block's expert and first sorted row. Aligned: what the align launch wrote (BlockExpert, NumPadded; with
-# BLOCK_TABLE, BlockStart too). DIRECT (one token): block b is slot b in its first row, the other rows idle; a
-# routed slot's expert is the router's id (BlockExpert is topk_ids), shared slot j past ROUTED_K is shared
-# expert E_ROUTED + j - ROUTED_K.
-_BLOCK_EXPERT = """\
-row0 = pid_m * BLOCK_M
+# A row block's expert and slots. Aligned: what the align launch wrote (SortedSlots, BlockExpert, NumPadded).
+# DIRECT (one token): block b is slot b in its first row, the other rows idle; a routed slot's expert is the
+# router's id (BlockExpert is topk_ids), shared slot j past ROUTED_K is shared expert E_ROUTED + j - ROUTED_K.
+_BLOCK_ROWS = """\
+offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 if DIRECT:
     choice = pid_m % TOP_K
     routed_id = tl.load(BlockExpert + (pid_m // TOP_K) * ROUTED_K + tl.minimum(choice, ROUTED_K - 1))
     expert = tl.where(choice < ROUTED_K, routed_id.to(tl.int64), E_ROUTED + choice - ROUTED_K).to(tl.int64)
+    slot = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_slots)
 else:
-    if BLOCK_TABLE:
-        if pid_m >= tl.load(NumPadded):
-            return
-        row0 = tl.load(BlockStart + pid_m)
-    else:
-        if pid_m * BLOCK_M >= tl.load(NumPadded):
-            return
-    expert = tl.load(BlockExpert + pid_m).to(tl.int64)"""
-# The block's rows and their slots (DIRECT: the block's slot in its first row, the other rows idle).
-_BLOCK_SLOTS = """\
-offs_m = row0 + tl.arange(0, ROWS)
-if DIRECT:
-    slot = tl.where(tl.arange(0, ROWS) == 0, pid_m, num_slots)
-else:
+    if pid_m * BLOCK_M >= tl.load(NumPadded):
+        return
+    expert = tl.load(BlockExpert + pid_m).to(tl.int64)
     slot = tl.load(SortedSlots + offs_m)
 valid = slot < num_slots"""
-# What the row helpers take from their kernel, beside the block (names as the kernels' own parameters).
-_ROWS_PARAMS = {
-    "gate_up": "X, W, SharedGate, SharedUp, Out, SortedSlots, stride_xm, stride_we, stride_wn, stride_wk, stride_sn, "
-               "stride_om, num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr, TOP_K: tl.constexpr, "
-               "BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DIRECT: tl.constexpr,",
-    "down": "H, W, SharedDown, Out, SortedSlots, TopkWeights, SharedScale, stride_hm, stride_we, stride_wn, "
-            "stride_wk, stride_sn, stride_om, num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr, "
-            "TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr, "
-            "BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DIRECT: tl.constexpr,",
-}
-
-
-def _dispatch(helper: str, args: str) -> str:
-    """A kernel's call of its row helper: the BLOCK_M tile, or with BLOCK_TABLE the half tile for a half block."""
-    def call(rows, indent):
-        return f"{indent}{helper}(\n" + textwrap.indent(args, indent + "    ") + \
-            f"\n{indent}    pid_m, pid_n, row0, expert, {rows})"
-    return (f"if BLOCK_TABLE:\n    if tl.load(BlockRows + pid_m) <= BLOCK_M // 2:  # an expert's last half block\n"
-            f"{call('BLOCK_M // 2', '        ')}\n    else:\n{call('BLOCK_M', '        ')}\n"
-            f"else:\n{call('BLOCK_M', '    ')}")
-
-
-def _rows_params(kind: str, scale_args: str) -> tuple[str, str]:
-    """The row helper's parameter list and the kernel's call arguments for it, each wrapped between items."""
-    params = [p.strip() for p in (_ROWS_PARAMS[kind] + " " + scale_args).split(",") if p.strip()]
-
-    def wrap(items):
-        lines = [""]
-        for item in items:
-            if lines[-1] and len(lines[-1]) + len(item) > 100:
-                lines.append("")
-            lines[-1] += item + ", "
-        return "\n".join(line.rstrip() for line in lines)
-    return wrap(params), wrap(p.split(":")[0].strip() for p in params)
 
 ROUTER_TOPK_MAX_EXPERTS = routing.MAX_EXPERTS  # one program holds a token's whole score row
 
@@ -457,7 +387,6 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
             + (f"First generated for: {origin}" if origin else "")
         )
         precision = '"ieee"' if dtype == torch.float32 else "None"  # fp32 activations: fp32 products
-        rows = {kind: _rows_params(kind, _scale_args(kind, fp8, prequant, shared)) for kind in ("gate_up", "down")}
         slots = {"activation": ACTIVATIONS[activation], "dtype": TRITON_DTYPES[dtype],
                  "gate_up_pointers": _pointers("gate_up", shared, fp8),
                  "down_pointers": _pointers("down", shared, fp8),
@@ -466,10 +395,7 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared),
                  "down_scale_args": _scale_args("down", fp8, prequant, shared),
                  "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
-                 "block_expert": _BLOCK_EXPERT, "block_slots": _BLOCK_SLOTS,
-                 "gate_up_rows_params": rows["gate_up"][0], "down_rows_params": rows["down"][0],
-                 "gate_up_dispatch": _dispatch("moe_gate_up_rows", rows["gate_up"][1]),
-                 "down_dispatch": _dispatch("moe_down_rows", rows["down"][1]),
+                 "block_rows": _BLOCK_ROWS,
                  "helpers": _FP8_HELPERS if w8a8 else ""}
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
@@ -525,12 +451,6 @@ CANDIDATES = [
     # against 708 for the 8-warp, 3-stage 128 / 128 / 64 tile these did not beat before.
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_N_DOWN": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-] + [
-    # prefill, segments padded to 64 rows and run as 128-row blocks plus one 64-row block (align_mixed): a
-    # uniform 192 rows per expert (V2-Lite at 2048 tokens) computes 192 rows, not 256
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4, "HALF_BLOCKS": True},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_N_DOWN": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4,
-     "HALF_BLOCKS": True},
 ]
 
 
@@ -639,16 +559,19 @@ def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpre
     return sorted_slots, block_expert, num_padded
 
 
-def _sort_into_segments(topk_ids: torch.Tensor, num_experts: int, granule: int, sort_key: Optional[torch.dtype]):
-    """The (token, slot) pairs sorted by expert into segments padded to ``granule`` rows: ``sorted_slots`` [P] (a
-    slot index t*k + j, or T*k for padding; P = the static bound T*k + E*(granule - 1), rounded up to granule),
-    each expert's padded segment length [E] and where the segments end [E]."""
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, sort_key: Optional[torch.dtype] = None):
+    """Sort the (token, slot) pairs by expert into segments padded to ``block_m``. ``sort_key``: the dtype the
+    ids are sorted in (default the narrowest that holds them; bench/moe_align.py compares int64's).
+
+    Returns ``sorted_slots`` [P] (a slot index t*k + j, or T*k for padding), ``block_expert`` [P / block_m]
+    and ``num_padded`` [1] (rows in use). P = the static bound T*k + E*(block_m - 1), rounded up to block_m.
+    """
     flat = topk_ids.reshape(-1)
     num_slots = flat.shape[0]
     device = flat.device
     ids = flat.to(torch.int64)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, ids, torch.ones_like(ids))
-    padded = (counts + granule - 1) // granule * granule
+    padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded
     start = torch.cumsum(counts, 0) - counts
@@ -660,48 +583,13 @@ def _sort_into_segments(topk_ids: torch.Tensor, num_experts: int, granule: int, 
     order = torch.argsort(key, stable=True)
     sorted_expert = ids[order]
     rank = torch.arange(num_slots, device=device) - start[sorted_expert]
-    capacity = (num_slots + num_experts * (granule - 1) + granule - 1) // granule * granule
+    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
     sorted_slots = torch.full((capacity,), num_slots, dtype=torch.int32, device=device)
     sorted_slots = sorted_slots.scatter(0, padded_start[sorted_expert] + rank, order.to(torch.int32))
-    return sorted_slots, padded, padded_end
-
-
-def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, sort_key: Optional[torch.dtype] = None):
-    """Sort the (token, slot) pairs by expert into segments padded to ``block_m``. ``sort_key``: the dtype the
-    ids are sorted in (default the narrowest that holds them; bench/moe_align.py compares int64's).
-
-    Returns ``sorted_slots`` [P] (a slot index t*k + j, or T*k for padding), ``block_expert`` [P / block_m]
-    and ``num_padded`` [1] (rows in use). P = the static bound T*k + E*(block_m - 1), rounded up to block_m.
-    """
-    sorted_slots, _, padded_end = _sort_into_segments(topk_ids, num_experts, block_m, sort_key)
-    block_start = torch.arange(0, sorted_slots.shape[0], block_m, device=sorted_slots.device)
+    block_start = torch.arange(0, capacity, block_m, device=device)
     block_expert = torch.searchsorted(padded_end, block_start, right=True).clamp_(max=num_experts - 1)
     num_padded = padded_end[-1:].to(torch.int32)
     return sorted_slots, block_expert.to(torch.int32), num_padded
-
-
-def align_mixed(topk_ids: torch.Tensor, num_experts: int, block_m: int, sort_key: Optional[torch.dtype] = None):
-    """``align`` with segments padded to ``block_m // 2`` rows, each run as row blocks of ``block_m`` and, where
-    its length is an odd number of halves, one last block of ``block_m // 2`` right after them: padding to
-    block_m computes up to block_m - 1 rows of nothing per expert (V2-Lite's ~192 rows per expert at 2048
-    tokens ran as 256), to block_m // 2 at most half that. One launch takes both sizes (a tile path each), so
-    an expert's blocks still run side by side and share its weight tiles in L2.
-
-    Returns ``sorted_slots`` and the block table: first sorted row, expert and rows (block_m or block_m // 2)
-    per block [B], and the number of blocks [1]. B = the static bound (T*k + E*(block_m // 2 - 1)) // block_m
-    + E; entries past the number of blocks are unused."""
-    half = block_m // 2
-    sorted_slots, padded, padded_end = _sort_into_segments(topk_ids, num_experts, half, sort_key)
-    blocks = (padded + block_m - 1) // block_m  # the full blocks and the half one
-    ends = torch.cumsum(blocks, 0)
-    bound = (topk_ids.numel() + num_experts * (half - 1)) // block_m + num_experts
-    index = torch.arange(bound, device=blocks.device)
-    expert = torch.searchsorted(ends, index, right=True).clamp_(max=num_experts - 1)
-    offset = (index - (ends - blocks)[expert]) * block_m  # within the expert's segment
-    start = padded_end[expert] - padded[expert] + offset
-    rows = torch.clamp(padded[expert] - offset, min=0, max=block_m)
-    return (sorted_slots, start.to(torch.int32), expert.to(torch.int32), rows.to(torch.int32),
-            ends[-1:].to(torch.int32))
 
 
 def moe_experts(
@@ -763,9 +651,6 @@ def moe_experts(
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
     may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
-    # HALF_BLOCKS: segments padded to BLOCK_M / 2 and run as BLOCK_M blocks plus at most one half block per
-    # expert, which takes the kernels' BLOCK_M / 2 tile path (align_mixed).
-    half_blocks = cfg.pop("HALF_BLOCKS", False)
     launch_opts = {} if interpret else cfg
     x = x if x.stride(-1) == 1 else x.contiguous()
     w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
@@ -780,27 +665,18 @@ def moe_experts(
     # The fused align is one program walking the slots: a few microseconds at decode sizes, where the ~10
     # launches of the torch form dominate, but serial; beyond that the torch form (parallel kernels) wins.
     direct = may_skip_align and isinstance(t, int) and t == 1
-    # The row blocks: (BlockExpert, NumPadded, BlockStart, BlockRows, BLOCK_TABLE) and their number on the grid.
     if direct:
         flat_ids = topk_ids.reshape(-1)
-        sorted_slots = flat_ids  # only BlockExpert is read
+        sorted_slots, block_expert, num_padded = flat_ids, flat_ids, flat_ids  # only BlockExpert is read
         capacity = num_slots * bm  # a row block per slot
-        blocks, n_blocks = (flat_ids, flat_ids, flat_ids, flat_ids, False), num_slots
     else:
-        if half_blocks or size_hint(num_slots) > ALIGN_FUSED_MAX_SLOTS:
+        if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
+            sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret, n_shared)
+        else:
             if n_shared:  # the shared experts' slots, after each token's routed ones
                 topk_ids = torch.cat([topk_ids, torch.arange(routed, num_experts, device=x.device,
                                                              dtype=topk_ids.dtype).expand(t, n_shared)], dim=1)
-        if half_blocks:
-            sorted_slots, block_start, block_expert, block_rows, num_blocks = align_mixed(topk_ids, num_experts, bm)
-            blocks, n_blocks = (block_expert, num_blocks, block_start, block_rows, True), block_start.shape[0]
-        else:
-            if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
-                sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret, n_shared)
-            else:
-                sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
-            blocks = (block_expert, num_padded, sorted_slots, sorted_slots, False)  # no table: never read
-            n_blocks = sorted_slots.shape[0] // bm
+            sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
         capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None,
@@ -834,29 +710,26 @@ def moe_experts(
     if not interpret:
         gate_up, down = torch.library.wrap_triton(gate_up), torch.library.wrap_triton(down)
     inter_out = torch.empty((capacity, inter), dtype=torch.float8_e4m3fn if prequant else x.dtype, device=x.device)
-    block_expert, num_padded, block_start, block_rows, table = blocks
-
     def grid(n_tiles):
-        return (n_tiles, n_blocks) if n_fastest else (n_blocks, n_tiles)
+        return (n_tiles, capacity // bm) if n_fastest else (capacity // bm, n_tiles)
 
     gate_up[grid(triton.cdiv(inter, bn))](
-        a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded, block_start,
-        block_rows, a.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), shared_gate.stride(0),
+        a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
+        a.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), shared_gate.stride(0),
         inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, BLOCK_TABLE=table,
-        **scale_args(0), **launch_opts,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, **scale_args(0), **launch_opts,
     )
     if deterministic:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
     else:
         out = torch.zeros((t, hidden), dtype=torch.float32, device=x.device)
     down[grid(triton.cdiv(hidden, bn_down))](
-        inter_out, w_down, shared_down, out, sorted_slots, block_expert, num_padded, block_start, block_rows,
-        weights, weights if shared_scale is None else shared_scale,
+        inter_out, w_down, shared_down, out, sorted_slots, block_expert, num_padded, weights,
+        weights if shared_scale is None else shared_scale,
         inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), shared_down.stride(0),
         out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k, ATOMIC=not deterministic,
         SHARED_SCALED=shared_scale is not None, BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest,
-        DIRECT=direct, BLOCK_TABLE=table, **scale_args(1), **launch_opts,
+        DIRECT=direct, **scale_args(1), **launch_opts,
     )
     if not deterministic:
         return out.to(x.dtype)
