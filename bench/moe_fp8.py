@@ -6,7 +6,7 @@ epilogue), every tile candidate of each replayed as a CUDA graph over several ro
 It backs ``FP8_CANDIDATES`` in runtime/kernels/moe.py and the FP8 MoE rows of bench/RESULTS.md. At one token
 each tile is also timed with the align launch the kernels skip there (``"DIRECT": False``).
 ``--grid prefill`` times, instead of the candidate lists, a product of the prefill-sized bf16 tiles (row
-blocks of 64 and 128, every N, K, warps and stages that fits in shared memory); ``--split`` adds each
+blocks of 64 and 128, N and K tiles, warps and stages that fit in shared memory); ``--split`` adds each
 kernel's own time (gate/up and down, from the profiler) to every row, so the two kernels' best tiles can be
 told apart.
 
@@ -49,13 +49,12 @@ def kernel_times(run, runs: int = 5) -> dict:
         for _ in range(runs):
             run()
         torch.cuda.synchronize()
+    names = {"moe_gate_up_act_kernel": "gate_up", "moe_down_weighted_kernel": "down"}
     times = {}
     for evt in prof.key_averages():
-        name = evt.key
-        if name in ("moe_gate_up_act_kernel", "moe_down_weighted_kernel"):
+        if evt.key in names:
             total = getattr(evt, "device_time_total", None)
-            times[name.split("_")[1] + ("_up" if "gate" in name else "")] = (
-                total if total is not None else evt.cuda_time_total) / runs
+            times[names[evt.key]] = (total if total is not None else evt.cuda_time_total) / runs
     return times
 
 
@@ -107,7 +106,7 @@ def main():
                 err = ((got - want).norm() / want.norm()).item()
                 row = {"tokens": t, "format": name, "config": cfg, "us": us, "rel_err_vs_bf16": err}
                 if args.split:
-                    row.update(kernel_times(lambda: run()))
+                    row.update(kernel_times(run))
                 rows.append(row)
                 split = "".join(f"  {key} {row[key]:8.2f}" for key in ("gate_up", "down") if key in row)
                 print(f"T={t:<5} {name:<10} {us:9.2f} us{split}  err {err:.3e}  {cfg}", flush=True)

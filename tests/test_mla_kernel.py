@@ -2,6 +2,7 @@
 float64 math, on fresh random inputs; shapes small enough for the interpreter."""
 import pytest
 import torch
+import triton
 
 from conftest import rel_err
 from deepfuse.runtime.kernels import mla
@@ -176,7 +177,7 @@ def test_mask_tile_ranges_hold_what_each_tile_is(kind, bm, bn):
     mask4 = mla._mask_4d(_prefill_masks(b, s, t)[kind], b, h, s, t)
     ranges = mla.mask_tile_ranges(mask4, bm, bn)
     interior = 0
-    assert ranges.shape == (b, h, triton_cdiv(s, bm), 4) and ranges.dtype == torch.int32
+    assert ranges.shape == (b, h, triton.cdiv(s, bm), 4) and ranges.dtype == torch.int32
     for bi in range(b):
         for hi in range(h):
             for mi in range(ranges.shape[2]):
@@ -189,10 +190,6 @@ def test_mask_tile_ranges_hold_what_each_tile_is(kind, bm, bn):
                 assert i_start == i_end or i_end <= t // bn * bn
                 interior += i_end - i_start
     assert interior > 0 or kind == "holes"  # the masks with zeros have interior tiles at these sizes
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 @pytest.mark.parametrize("kind", ["causal", "window", "padding", "bias", "holes"])

@@ -427,8 +427,8 @@ def _mask_4d(mask: Optional[torch.Tensor], b, h, s, t):
 
 def mask_tile_ranges(mask4: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
     """What an additive mask [B, H, S, T] (``_mask_4d``'s) leaves of each (query block, key tile) of the
-    prefill kernel, as int32 [B', H', S / block_m, 4] (B', H' 1 where the mask is broadcast, strides 0 there
-    when read): per query block the first key tile with a visible key, the first interior tile (every key
+    prefill kernel, as int32 [B, H, S / block_m, 4] (computed once over a broadcast batch or head dim and
+    expanded there, stride 0): per query block the first key tile with a visible key, the first interior tile (every key
     visible to every row with an additive 0: read without the mask) at or after it, the end of the interior
     run from there, and the end of the visible tiles. Tiles outside the visible range are hidden from every
     row, so skipping them is exact; the others are read with the mask. Computed from the mask's values on
