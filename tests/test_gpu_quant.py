@@ -33,6 +33,25 @@ def test_quant_matmul_bf16_on_gpu(mode, shape):
         assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("cfg", quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS,
+                         ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}/{c['HALVES']}/s{c['num_stages']}")
+@pytest.mark.parametrize("shape", [(4096, 2048, 2048), (333, 1000, 1024), (130, 21888, 2048)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_descriptor_fed_fp8_gemm_bf16_on_gpu(cfg, shape):
+    """Each tile of the descriptor-fed (TMA) prequantized GEMM, compiled for the GPU, in bf16 with outliers."""
+    m, n, k = shape
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x.view(-1)[torch.randint(0, x.numel(), (m * k // 300 + 1,), device="cuda")] *= 100
+    w = torch.randn(n, k, device="cuda") / k ** 0.5
+    wq, scale = quant.quantize_weight(w, "fp8-block")
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    xq, _ = quant.prequantize_activations(x)
+    assert quant._tma_fits(xq, wq, cfg, quant.DEFAULT_BLOCK)
+    out = quant.quant_matmul(x, wq, scale, bias, "fp8-block", True, prequantize=True, config=cfg)
+    ref = quant.reference(x.double(), wq, scale, bias.double(), "fp8-block", True, compute=torch.float64)
+    assert rel_err(out, ref) < 1e-2
+
+
 def test_fp8_quantization_error_against_bf16():
     """W8A8 block FP8 against the unquantized bf16 product: the error the format itself costs (~3%)."""
     x = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16)

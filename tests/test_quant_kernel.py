@@ -67,6 +67,51 @@ def test_fp8_scale_blocks_narrower_than_the_tile(act_quant):
     assert rel_err(out, ref) < 1e-5
 
 
+TMA_CONFIGS = quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS
+
+
+@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}/{c['HALVES']}")
+@pytest.mark.parametrize("shape", [(140, 300, 256), (37, 130, 384), (300, 512, 128)], ids=lambda s: "x".join(map(str, s)))
+def test_descriptor_fed_fp8_gemm_matches_float64(cfg, shape):
+    """Every tile of the descriptor-fed prequantized GEMM, edges in M and N (the copy engine's zero fill past them;
+    a 256-wide tile whose second half is partly or wholly past N), bias, fp16 out."""
+    m, n, k = shape
+    x = _activations(m, k, torch.float16)
+    w, scale = _weights(n, k, "fp8-block")
+    bias = torch.randn(n, dtype=torch.float16)
+    xq, xs = quant.prequantize_activations(x, interpret=True)
+    assert quant._tma_fits(xq, w, cfg, quant.DEFAULT_BLOCK)
+    out = quant.quant_matmul(x, w, scale, bias, "fp8-block", True, prequantize=True, interpret=True, config=cfg)
+    ref = quant.reference(x.double(), w, scale, bias.double(), "fp8-block", True, compute=torch.float64)
+    assert out.shape == (m, n) and out.dtype == torch.float16
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_descriptor_fed_tiles_fall_back_where_descriptors_do_not_fit():
+    """K not a multiple of 16 (rows not 16-byte aligned), a weight view off the 16-byte grid, or 64-row weight-scale
+    blocks under a 128-wide half: the same tile runs pointer-fed, still right."""
+    cfg = quant.TMA_LARGE_CONFIGS[0]
+    cases = [(300, (128, 128), 0), (256, (64, 128), 0), (256, (128, 128), 8)]
+    for k, block, offset in cases:
+        x = _activations(20, k, torch.float32)
+        w, scale = quant.quantize_weight(torch.randn(200, k) / k ** 0.5, "fp8-block", block)
+        if offset:  # the same weight, stored 8 bytes into a buffer
+            buf = torch.empty(w.numel() + offset, dtype=w.dtype)
+            buf[offset:] = w.view(-1)
+            w = buf[offset:].view(w.shape)
+        xq, _ = quant.prequantize_activations(x, interpret=True)
+        assert not quant._tma_fits(xq, w, cfg, block)
+        out = quant.quant_matmul(x, w, scale, None, "fp8-block", True, block, prequantize=True, interpret=True,
+                                 config=cfg)
+        ref = quant.reference(x.double(), w, scale, None, "fp8-block", True, block, compute=torch.float64)
+        assert rel_err(out, ref) < 1e-5
+
+
+def test_descriptor_fed_tiles_are_candidates_only_for_prequantized_fp8():
+    assert all(c.get("TMA") for c in quant.configs_for(4096, tma=True)[-len(quant.TMA_LARGE_CONFIGS):])
+    assert not any(c.get("TMA") for c in quant.configs_for(4096) + quant.configs_for(8, tma=True))
+
+
 def test_leading_dims_out_dtype_and_no_bias():
     x = torch.randn(2, 3, 256)
     w, scale = _weights(48, 256, "fp8-block")

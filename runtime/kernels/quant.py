@@ -109,6 +109,9 @@ def ${kernel_name}(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+${tma_kernel}
+
+
 @triton.jit
 def act_quant_kernel(
     X, XQ, XS, K, stride_xm, stride_xk, stride_qm, stride_sm,
@@ -156,6 +159,64 @@ acc += tl.dot(x, w.to(x.dtype), input_precision=${precision}) * scales""",
     # router weight multiplied in fp32): the cast copy is never made.
     "dense": "acc = tl.dot(x, w.to(x.dtype), acc, input_precision=${precision})",
 }
+# The prequantized GEMM with its operand tiles brought in by Hopper's tensor-memory copies: descriptors over the
+# FP8 activations and weight (both K-contiguous), no per-element address arithmetic or masks in the K loop (the
+# copy engine zero-fills past the edges). The N tile is HALVES halves, each inside one weight-scale block, so each
+# half takes a scalar weight scale per K tile and has its own accumulator: a 128 x 256 tile with the scales the
+# 128-wide tile has. bench/fp8_gemm_tma.py has what it measured.
+_TMA_KERNEL = """\
+@triton.jit
+def fp8_block_prequantized_matmul_tma_kernel(
+    X, XS, W, WS, Bias, Y,
+    M, N, K,
+    stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
+    SCALE_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HALVES: tl.constexpr,
+):
+    \"\"\"One [BLOCK_M, BLOCK_N] tile of y = (x_q . w_q^T) with x's per-token and w's per-block scales on each
+    BLOCK_K tile's product; X [M, K] and W [N, K] FP8, contiguous, read through tensor descriptors.\"\"\"
+    HALF: tl.constexpr = BLOCK_N // HALVES
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[HALF, BLOCK_K])
+    acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    ws0_ptr = WS + (n0 // SCALE_BLOCK_N) * stride_wsn
+    ws1_ptr = WS + ((n0 + HALF) // SCALE_BLOCK_N) * stride_wsn
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = kt * BLOCK_K
+        x = x_desc.load([m0, k0])
+        x_scale = tl.load(XS + offs_m * stride_xsm + kt * stride_xsk, mask=m_ok, other=0.0)[:, None]
+        w0 = w_desc.load([n0, k0])
+        acc0 += tl.dot(x, w0.T) * (x_scale * tl.load(ws0_ptr + kt * stride_wsk))
+        if HALVES == 2:
+            w1 = w_desc.load([n0 + HALF, k0])
+            acc1 += tl.dot(x, w1.T) * (x_scale * tl.load(ws1_ptr + kt * stride_wsk, mask=n0 + HALF < N, other=0.0))
+    y_rows = Y + offs_m[:, None].to(tl.int64) * stride_ym
+    offs_n = n0 + tl.arange(0, HALF)
+    if HAS_BIAS:
+        acc0 += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_rows + offs_n[None, :] * stride_yn, acc0.to(Y.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
+    if HALVES == 2:
+        offs_n += HALF
+        if HAS_BIAS:
+            acc1 += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_rows + offs_n[None, :] * stride_yn, acc1.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_n < N)[None, :])
+"""
+
 # The weight's block scale for this K tile (times the activation's, when there is one). When BLOCK_N divides the
 # scale block, the whole tile shares one weight scale: a scalar load, and one FMA per accumulator element.
 _SCALES = """\
@@ -211,6 +272,7 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
             "round_to_e4m3": ROUND_TO_E4M3,
             "kernel_name": name,
             "tile_product": fill(_PRODUCTS[mode]),
+            "tma_kernel": _TMA_KERNEL if mode == "prequantized" else "# (the descriptor-fed GEMM serves the prequantized mode only)",
             "epilogue": _EPILOGUES.get(mode, "# the scales were applied per K tile"),
             **consts,
         }
@@ -249,9 +311,28 @@ LARGE_CONFIGS = [  # BLOCK_N 128 keeps a tile inside one weight scale block (a s
 ]
 
 
-def configs_for(m: int) -> list[dict]:
+# The descriptor-fed GEMM (prequantized FP8 x FP8 only; see _TMA_KERNEL): appended to the candidates above, so the
+# compile-time timing keeps the pointer-fed tiles wherever they are faster. HALVES 2 takes a 256-wide N tile as two
+# 128-wide halves, each inside one weight-scale block.
+TMA_SMALL_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "TMA": True, "HALVES": 1},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True, "HALVES": 1},
+]
+TMA_LARGE_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3, "TMA": True, "HALVES": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True, "HALVES": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True, "HALVES": 1},
+]
+
+
+def configs_for(m: int, tma: bool = False) -> list[dict]:
+    """Candidate tiles for ``m`` rows; ``tma``: with the descriptor-fed GEMM's (the prequantized mode's)."""
     m = size_hint(m)
-    return DECODE_CONFIGS if m <= DECODE_MAX_M else SMALL_CONFIGS if m <= SMALL_MAX_M else LARGE_CONFIGS
+    if m <= DECODE_MAX_M:
+        return DECODE_CONFIGS
+    if m <= SMALL_MAX_M:
+        return SMALL_CONFIGS + (TMA_SMALL_CONFIGS if tma else [])
+    return LARGE_CONFIGS + (TMA_LARGE_CONFIGS if tma else [])
 
 
 def _sm_count(device: torch.device) -> int:
@@ -333,11 +414,19 @@ def quant_matmul(
     xs = scale  # placeholder pointer where the mode reads no activation scales
     if mode == "prequantized":
         x2, xs = prequantize_activations(x2, bk_s, interpret, gen)
+    tma_gemm = gen.function("fp8_block_prequantized_matmul_tma_kernel", interpret=interpret) \
+        if mode == "prequantized" else None
     if not interpret:
         gemm = torch.library.wrap_triton(gemm)
-    configs = _configs(m, fmt, act_quant, block)
+        if tma_gemm is not None:
+            tma_gemm = torch.library.wrap_triton(tma_gemm)
+    configs = _configs(m, fmt, act_quant, block, tma=mode == "prequantized")
 
     def launch(cfg: dict) -> torch.Tensor:
+        if cfg.get("TMA"):
+            if tma_gemm is not None and _tma_fits(x2, w, cfg, (bn_s, bk_s)):
+                return _launch_tma(tma_gemm, x2, xs, w, scale, bias, out_dtype, bn_s, cfg, interpret)
+            cfg = {key: v for key, v in cfg.items() if key not in ("TMA", "HALVES")}  # the same tile, pointer-fed
         return _launch(gemm, x2, xs, w, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
 
     if config is None:
@@ -398,6 +487,61 @@ def _launch(gemm, x2, xs, w, scale, bias, out_dtype, scale_block, cfg: dict, int
     return out.to(out_dtype)
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether ``t`` starts on a 16-byte boundary, as a tensor descriptor needs: its data pointer when it has one;
+    under tracing (fake tensors) its offset into a storage the caching allocator aligned."""
+    try:
+        return t.data_ptr() % 16 == 0
+    except Exception:  # a fake tensor has no data pointer
+        return t.storage_offset() * t.element_size() % 16 == 0
+
+
+def _tma_fits(x2: torch.Tensor, w: torch.Tensor, cfg: dict, scale_block) -> bool:
+    """Whether the descriptor-fed GEMM takes these operands and this tile: X [M, K] and W [N, K] contiguous FP8 with
+    16-byte rows (K a multiple of 16) and starts, each N half inside one weight-scale block, a K tile that is
+    one scale block."""
+    k = w.shape[1]
+    half = cfg["BLOCK_N"] // cfg["HALVES"]
+    return (k % 16 == 0 and x2.stride() == (k, 1) and w.stride() == (k, 1) and _aligned(x2) and _aligned(w)
+            and scale_block[0] % half == 0 and cfg["BLOCK_K"] == scale_block[1])
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """A tensor descriptor made in a kernel lives in global scratch memory that Triton asks an allocator for at
+    launch. Inductor sets one before each of its launches; for launches of ours (autotuning, the eager op) this
+    sets a torch one, unless the user has set their own."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def _launch_tma(gemm, xq, xs, w, scale, bias, out_dtype, scale_block_n: int, cfg: dict, interpret: bool):
+    """One launch of the descriptor-fed prequantized GEMM (``_TMA_KERNEL``) -> [M, N] in ``out_dtype``."""
+    m, k = xq.shape
+    n = w.shape[0]
+    cfg = dict(cfg)
+    bm, bn, bk, halves = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("HALVES")
+    cfg.pop("TMA")
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if not (isinstance(m, int) and m == 0):
+        if not interpret:
+            _ensure_allocator()
+        gemm[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
+            xq, xs, w, scale, bias if bias is not None else scale, y,
+            m, n, k,
+            xs.stride(0), xs.stride(-1), scale.stride(0), scale.stride(-1), y.stride(0), y.stride(1),
+            SCALE_BLOCK_N=scale_block_n, HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, HALVES=halves,
+            **({} if interpret else cfg),
+        )
+    return y
+
+
 def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   interpret: bool = False, config: Optional[dict] = None, origin: str = "") -> torch.Tensor:
     """x [..., K] @ w [N, K]^T (+ bias) -> [..., N] in x's dtype, for decode-sized M (<= DECODE_MAX_M rows):
@@ -434,8 +578,8 @@ def _fit(cfg: dict, fmt: str, act_quant: bool, block) -> dict:
     return cfg
 
 
-def _configs(m, fmt: str, act_quant: bool, block) -> list[dict]:
-    return [_fit(c, fmt, act_quant, block) for c in configs_for(m)]
+def _configs(m, fmt: str, act_quant: bool, block, tma: bool = False) -> list[dict]:
+    return [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma)]
 
 
 def _tune_key(kernel_key: str, n: int, k: int, fmt: str) -> str:
@@ -445,13 +589,14 @@ def _tune_key(kernel_key: str, n: int, k: int, fmt: str) -> str:
 def tune(m: int, n: int, k: int, fmt: str, act_quant: bool, block, x_dtype, device, has_bias: bool) -> dict:
     """The autotuned config at this size (compile time, on random tensors of the real shapes)."""
     device = torch.device(device)
-    configs = _configs(m, fmt, act_quant, block)
+    mode = _mode(fmt, act_quant, size_hint(m) > DECODE_MAX_M)
+    configs = _configs(m, fmt, act_quant, block, tma=mode == "prequantized")
     if device.type != "cuda":
         return configs[0]
     x = torch.randn((max(size_hint(m), 1), k), dtype=x_dtype, device=device)
     w, scale = quantize_weight(torch.randn((n, k), device=device), fmt, block)
     bias = torch.zeros(n, dtype=x_dtype, device=device) if has_bias else None
-    gen, _ = kernels_for(_mode(fmt, act_quant, size_hint(m) > DECODE_MAX_M), x_dtype)
+    gen, _ = kernels_for(mode, x_dtype)
     return autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs,
                            lambda cfg: quant_matmul(x, w, scale, bias, fmt, act_quant, block, config=cfg), device)
 
