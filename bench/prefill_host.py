@@ -57,16 +57,7 @@ def graph_ms(call, iters: int = 10):
         step()
     except Exception as e:  # a synchronization inside the call (or another capture error)
         return None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), None
+    return median_call_ms(step, iters, warmup=1), None  # a replay per call: no Python inside the graph
 
 
 def syncs(call) -> list[str]:

@@ -60,6 +60,19 @@ ${round_to_e4m3}
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of program_id(0) in grouped order: GROUP_M row blocks sweep the column blocks
+    together, so programs that share weight columns run together and reuse the weight tile from L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
 def ${kernel_name}(
     X, XS, W, WS, Bias, Y,
     M, N, K,
@@ -73,16 +86,8 @@ def ${kernel_name}(
 ):
     """One [BLOCK_M, BLOCK_N] tile of y over the K range of split program_id(1); the K loop reads the weight
     in its stored (quantized) form."""
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    # Grouped order: programs that share weight columns run together, so the weight tile is reused from L2.
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit: M * K may pass 2**31
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -177,14 +182,7 @@ def fp8_block_prequantized_matmul_tma_kernel(
     \"\"\"One [BLOCK_M, BLOCK_N] tile of y = (x_q . w_q^T) with x's per-token and w's per-block scales on each
     BLOCK_K tile's product; X [M, K] and W [N, K] FP8, contiguous, read through tensor descriptors.\"\"\"
     HALF: tl.constexpr = BLOCK_N // HALVES
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     offs_m = m0 + tl.arange(0, BLOCK_M)
