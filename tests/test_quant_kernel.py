@@ -107,8 +107,12 @@ def test_descriptor_fed_tiles_fall_back_where_descriptors_do_not_fit():
         assert rel_err(out, ref) < 1e-5
 
 
-def test_descriptor_fed_tiles_are_candidates_only_for_prequantized_fp8():
+def test_descriptor_fed_tiles_are_candidates_only_for_prequantized_fp8(monkeypatch):
+    monkeypatch.delenv("DEEPFUSE_FP8_TMA", raising=False)
+    assert not any(c.get("TMA") for c in quant.configs_for(4096, tma=True))  # opt-in until timed on a GPU
+    monkeypatch.setenv("DEEPFUSE_FP8_TMA", "1")
     assert all(c.get("TMA") for c in quant.configs_for(4096, tma=True)[-len(quant.TMA_LARGE_CONFIGS):])
+    assert all(c.get("TMA") for c in quant.configs_for(100, tma=True)[-len(quant.TMA_SMALL_CONFIGS):])
     assert not any(c.get("TMA") for c in quant.configs_for(4096) + quant.configs_for(8, tma=True))
 
 

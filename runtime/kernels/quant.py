@@ -20,6 +20,7 @@ streams weight bytes, and the fp32 partial sums are added in a fixed order (dete
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -323,8 +324,17 @@ TMA_LARGE_CONFIGS = [
 ]
 
 
+def tma_candidates() -> bool:
+    """Whether the descriptor-fed tiles join the compile-time timing: only with DEEPFUSE_FP8_TMA=1 until they
+    have run on a GPU (their interpreter tests pass; a fault in a candidate would take the CUDA context down with
+    it, which the timing's error handling cannot undo)."""
+    return os.environ.get("DEEPFUSE_FP8_TMA") == "1"
+
+
 def configs_for(m: int, tma: bool = False) -> list[dict]:
-    """Candidate tiles for ``m`` rows; ``tma``: with the descriptor-fed GEMM's (the prequantized mode's)."""
+    """Candidate tiles for ``m`` rows; ``tma``: with the descriptor-fed GEMM's (the prequantized mode's, where
+    ``tma_candidates()``)."""
+    tma = tma and tma_candidates()
     m = size_hint(m)
     if m <= DECODE_MAX_M:
         return DECODE_CONFIGS
