@@ -39,7 +39,6 @@ def main():
         raise SystemExit("bench/fp8_gemm_tiles.py measures the GPU: it needs CUDA")
     from triton.testing import do_bench
 
-    os.environ.setdefault("DEEPFUSE_FP8_TMA", "1")  # the descriptor-fed tiles among the candidates timed
     from deepfuse.runtime.kernels import quant
 
     rows = Rows(args.out, "fp8_gemm_tiles")

@@ -34,7 +34,7 @@ def test_quant_matmul_bf16_on_gpu(mode, shape):
 
 
 @pytest.mark.parametrize("cfg", quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS,
-                         ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}/{c['HALVES']}/s{c['num_stages']}")
+                         ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}/w{c['num_warps']}/s{c['num_stages']}")
 @pytest.mark.parametrize("shape", [(4096, 2048, 2048), (333, 1000, 1024), (130, 21888, 2048)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_descriptor_fed_fp8_gemm_bf16_on_gpu(cfg, shape):

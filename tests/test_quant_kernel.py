@@ -70,11 +70,11 @@ def test_fp8_scale_blocks_narrower_than_the_tile(act_quant):
 TMA_CONFIGS = quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS
 
 
-@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}/{c['HALVES']}")
+@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}/s{c['num_stages']}")
 @pytest.mark.parametrize("shape", [(140, 300, 256), (37, 130, 384), (300, 512, 128)], ids=lambda s: "x".join(map(str, s)))
 def test_descriptor_fed_fp8_gemm_matches_float64(cfg, shape):
-    """Every tile of the descriptor-fed prequantized GEMM, edges in M and N (the copy engine's zero fill past them;
-    a 256-wide tile whose second half is partly or wholly past N), bias, fp16 out."""
+    """Every tile of the descriptor-fed prequantized GEMM, edges in M and N (the copy engine's zero fill past them),
+    bias, fp16 out."""
     m, n, k = shape
     x = _activations(m, k, torch.float16)
     w, scale = _weights(n, k, "fp8-block")
@@ -89,7 +89,7 @@ def test_descriptor_fed_fp8_gemm_matches_float64(cfg, shape):
 
 def test_descriptor_fed_tiles_fall_back_where_descriptors_do_not_fit():
     """K not a multiple of 16 (rows not 16-byte aligned), a weight view off the 16-byte grid, or 64-row weight-scale
-    blocks under a 128-wide half: the same tile runs pointer-fed, still right."""
+    blocks under a 128-wide tile: the same tile runs pointer-fed, still right."""
     cfg = quant.TMA_LARGE_CONFIGS[0]
     cases = [(300, (128, 128), 0), (256, (64, 128), 0), (256, (128, 128), 8)]
     for k, block, offset in cases:
@@ -108,12 +108,13 @@ def test_descriptor_fed_tiles_fall_back_where_descriptors_do_not_fit():
 
 
 def test_descriptor_fed_tiles_are_candidates_only_for_prequantized_fp8(monkeypatch):
-    monkeypatch.delenv("DEEPFUSE_FP8_TMA", raising=False)
-    assert not any(c.get("TMA") for c in quant.configs_for(4096, tma=True))  # opt-in until timed on a GPU
-    monkeypatch.setenv("DEEPFUSE_FP8_TMA", "1")
     assert all(c.get("TMA") for c in quant.configs_for(4096, tma=True)[-len(quant.TMA_LARGE_CONFIGS):])
     assert all(c.get("TMA") for c in quant.configs_for(100, tma=True)[-len(quant.TMA_SMALL_CONFIGS):])
     assert not any(c.get("TMA") for c in quant.configs_for(4096) + quant.configs_for(8, tma=True))
+    assert quant.tma_available(torch.device("cpu"), interpret=True)
+    assert not quant.tma_available(torch.device("cpu"))  # no copy engine to describe tiles to
+    monkeypatch.setenv("DEEPFUSE_FP8_TMA", "0")
+    assert not quant.tma_available(torch.device("cpu"), interpret=True)
 
 
 def test_leading_dims_out_dtype_and_no_bias():

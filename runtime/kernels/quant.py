@@ -167,9 +167,10 @@ acc += tl.dot(x, w.to(x.dtype), input_precision=${precision}) * scales""",
 }
 # The prequantized GEMM with its operand tiles brought in by Hopper's tensor-memory copies: descriptors over the
 # FP8 activations and weight (both K-contiguous), no per-element address arithmetic or masks in the K loop (the
-# copy engine zero-fills past the edges). The N tile is HALVES halves, each inside one weight-scale block, so each
-# half takes a scalar weight scale per K tile and has its own accumulator: a 128 x 256 tile with the scales the
-# 128-wide tile has. bench/fp8_gemm_tma.py has what it measured.
+# copy engine zero-fills past the edges). On H100 at 8192^3: 681 TFLOP/s against 622 for the pointer-fed loop at
+# the same tile; at 4096 x 21888 x 2048 629 against 644 (bench/fp8_gemm_tiles.py, bench/RESULTS.md), so both
+# forms are candidates. A 256-wide N tile as two 128-wide halves (each with its scalar weight scale) lost at both
+# (540 and 528 TFLOP/s) and is not kept.
 _TMA_KERNEL = """\
 @triton.jit
 def fp8_block_prequantized_matmul_tma_kernel(
@@ -178,42 +179,30 @@ def fp8_block_prequantized_matmul_tma_kernel(
     stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
     SCALE_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HALVES: tl.constexpr,
 ):
     \"\"\"One [BLOCK_M, BLOCK_N] tile of y = (x_q . w_q^T) with x's per-token and w's per-block scales on each
-    BLOCK_K tile's product; X [M, K] and W [N, K] FP8, contiguous, read through tensor descriptors.\"\"\"
-    HALF: tl.constexpr = BLOCK_N // HALVES
+    BLOCK_K tile's product (BLOCK_N inside one weight-scale block: one scalar weight scale per K tile); X [M, K]
+    and W [N, K] FP8, contiguous, read through tensor descriptors.\"\"\"
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
+    n_ok = offs_n < N
     x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[HALF, BLOCK_K])
-    acc0 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-    ws0_ptr = WS + (n0 // SCALE_BLOCK_N) * stride_wsn
-    ws1_ptr = WS + ((n0 + HALF) // SCALE_BLOCK_N) * stride_wsn
+    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    w_scales = WS + (n0 // SCALE_BLOCK_N) * stride_wsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k0 = kt * BLOCK_K
-        x = x_desc.load([m0, k0])
-        x_scale = tl.load(XS + offs_m * stride_xsm + kt * stride_xsk, mask=m_ok, other=0.0)[:, None]
-        w0 = w_desc.load([n0, k0])
-        acc0 += tl.dot(x, w0.T) * (x_scale * tl.load(ws0_ptr + kt * stride_wsk))
-        if HALVES == 2:
-            w1 = w_desc.load([n0 + HALF, k0])
-            acc1 += tl.dot(x, w1.T) * (x_scale * tl.load(ws1_ptr + kt * stride_wsk, mask=n0 + HALF < N, other=0.0))
-    y_rows = Y + offs_m[:, None].to(tl.int64) * stride_ym
-    offs_n = n0 + tl.arange(0, HALF)
+        x = x_desc.load([m0, kt * BLOCK_K])
+        w = w_desc.load([n0, kt * BLOCK_K])
+        x_scale = tl.load(XS + offs_m * stride_xsm + kt * stride_xsk, mask=m_ok, other=0.0)
+        acc += tl.dot(x, w.T) * (x_scale[:, None] * tl.load(w_scales + kt * stride_wsk))
     if HAS_BIAS:
-        acc0 += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_rows + offs_n[None, :] * stride_yn, acc0.to(Y.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
-    if HALVES == 2:
-        offs_n += HALF
-        if HAS_BIAS:
-            acc1 += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_rows + offs_n[None, :] * stride_yn, acc1.to(Y.dtype.element_ty),
-                 mask=m_ok[:, None] & (offs_n < N)[None, :])
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
 """
 
 # The weight's block scale for this K tile (times the activation's, when there is one). When BLOCK_N divides the
@@ -311,30 +300,28 @@ LARGE_CONFIGS = [  # BLOCK_N 128 keeps a tile inside one weight scale block (a s
 
 
 # The descriptor-fed GEMM (prequantized FP8 x FP8 only; see _TMA_KERNEL): appended to the candidates above, so the
-# compile-time timing keeps the pointer-fed tiles wherever they are faster. HALVES 2 takes a 256-wide N tile as two
-# 128-wide halves, each inside one weight-scale block.
+# compile-time timing keeps the pointer-fed tiles wherever they are faster.
 TMA_SMALL_CONFIGS = [
-    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "TMA": True, "HALVES": 1},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True, "HALVES": 1},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "TMA": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True},
 ]
 TMA_LARGE_CONFIGS = [
-    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3, "TMA": True, "HALVES": 2},
-    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True, "HALVES": 2},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True, "HALVES": 1},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3, "TMA": True},
 ]
 
 
-def tma_candidates() -> bool:
-    """Whether the descriptor-fed tiles join the compile-time timing: only with DEEPFUSE_FP8_TMA=1 until they
-    have run on a GPU (their interpreter tests pass; a fault in a candidate would take the CUDA context down with
-    it, which the timing's error handling cannot undo)."""
-    return os.environ.get("DEEPFUSE_FP8_TMA") == "1"
+def tma_available(device: torch.device, interpret: bool = False) -> bool:
+    """Tensor descriptors in the copy engine: Hopper (compute capability 9.0) and later, or the interpreter;
+    DEEPFUSE_FP8_TMA=0 leaves the descriptor-fed tiles out everywhere."""
+    if os.environ.get("DEEPFUSE_FP8_TMA") == "0":
+        return False
+    return interpret or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def configs_for(m: int, tma: bool = False) -> list[dict]:
     """Candidate tiles for ``m`` rows; ``tma``: with the descriptor-fed GEMM's (the prequantized mode's, where
-    ``tma_candidates()``)."""
-    tma = tma and tma_candidates()
+    ``tma_available``)."""
     m = size_hint(m)
     if m <= DECODE_MAX_M:
         return DECODE_CONFIGS
@@ -428,13 +415,13 @@ def quant_matmul(
         gemm = torch.library.wrap_triton(gemm)
         if tma_gemm is not None:
             tma_gemm = torch.library.wrap_triton(tma_gemm)
-    configs = _configs(m, fmt, act_quant, block, tma=mode == "prequantized")
+    configs = _configs(m, fmt, act_quant, block, tma=mode == "prequantized" and tma_available(x.device, interpret))
 
     def launch(cfg: dict) -> torch.Tensor:
         if cfg.get("TMA"):
             if tma_gemm is not None and _tma_fits(x2, w, cfg, (bn_s, bk_s)):
                 return _launch_tma(tma_gemm, x2, xs, w, scale, bias, out_dtype, bn_s, cfg, interpret)
-            cfg = {key: v for key, v in cfg.items() if key not in ("TMA", "HALVES")}  # the same tile, pointer-fed
+            cfg = {key: v for key, v in cfg.items() if key != "TMA"}  # the same tile, pointer-fed
         return _launch(gemm, x2, xs, w, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
 
     if config is None:
@@ -506,12 +493,11 @@ def _aligned(t: torch.Tensor) -> bool:
 
 def _tma_fits(x2: torch.Tensor, w: torch.Tensor, cfg: dict, scale_block) -> bool:
     """Whether the descriptor-fed GEMM takes these operands and this tile: X [M, K] and W [N, K] contiguous FP8 with
-    16-byte rows (K a multiple of 16) and starts, each N half inside one weight-scale block, a K tile that is
-    one scale block."""
+    16-byte rows (K a multiple of 16) and starts, the N tile inside one weight-scale block, a K tile that is one
+    scale block."""
     k = w.shape[1]
-    half = cfg["BLOCK_N"] // cfg["HALVES"]
     return (k % 16 == 0 and x2.stride() == (k, 1) and w.stride() == (k, 1) and _aligned(x2) and _aligned(w)
-            and scale_block[0] % half == 0 and cfg["BLOCK_K"] == scale_block[1])
+            and scale_block[0] % cfg["BLOCK_N"] == 0 and cfg["BLOCK_K"] == scale_block[1])
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -533,7 +519,7 @@ def _launch_tma(gemm, xq, xs, w, scale, bias, out_dtype, scale_block_n: int, cfg
     m, k = xq.shape
     n = w.shape[0]
     cfg = dict(cfg)
-    bm, bn, bk, halves = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("HALVES")
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     cfg.pop("TMA")
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if not (isinstance(m, int) and m == 0):
@@ -544,7 +530,7 @@ def _launch_tma(gemm, xq, xs, w, scale, bias, out_dtype, scale_block_n: int, cfg
             m, n, k,
             xs.stride(0), xs.stride(-1), scale.stride(0), scale.stride(-1), y.stride(0), y.stride(1),
             SCALE_BLOCK_N=scale_block_n, HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, HALVES=halves,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
             **({} if interpret else cfg),
         )
     return y
@@ -598,7 +584,7 @@ def tune(m: int, n: int, k: int, fmt: str, act_quant: bool, block, x_dtype, devi
     """The autotuned config at this size (compile time, on random tensors of the real shapes)."""
     device = torch.device(device)
     mode = _mode(fmt, act_quant, size_hint(m) > DECODE_MAX_M)
-    configs = _configs(m, fmt, act_quant, block, tma=mode == "prequantized")
+    configs = _configs(m, fmt, act_quant, block, tma=mode == "prequantized" and tma_available(device))
     if device.type != "cuda":
         return configs[0]
     x = torch.randn((max(size_hint(m), 1), k), dtype=x_dtype, device=device)
