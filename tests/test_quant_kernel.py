@@ -111,10 +111,11 @@ def test_descriptor_fed_tiles_are_candidates_only_for_prequantized_fp8(monkeypat
     assert all(c.get("TMA") for c in quant.configs_for(4096, tma=True)[-len(quant.TMA_LARGE_CONFIGS):])
     assert all(c.get("TMA") for c in quant.configs_for(100, tma=True)[-len(quant.TMA_SMALL_CONFIGS):])
     assert not any(c.get("TMA") for c in quant.configs_for(4096) + quant.configs_for(8, tma=True))
+    monkeypatch.delenv("DEEPFUSE_FP8_TMA", raising=False)
+    assert not quant.tma_available(torch.device("cpu"), interpret=True)  # opt-in (see tma_available)
+    monkeypatch.setenv("DEEPFUSE_FP8_TMA", "1")
     assert quant.tma_available(torch.device("cpu"), interpret=True)
     assert not quant.tma_available(torch.device("cpu"))  # no copy engine to describe tiles to
-    monkeypatch.setenv("DEEPFUSE_FP8_TMA", "0")
-    assert not quant.tma_available(torch.device("cpu"), interpret=True)
 
 
 def test_leading_dims_out_dtype_and_no_bias():

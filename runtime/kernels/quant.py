@@ -171,8 +171,8 @@ acc += tl.dot(x, w.to(x.dtype), input_precision=${precision}) * scales""",
 # FP8 activations and weight (both K-contiguous), no per-element address arithmetic or masks in the K loop (the
 # copy engine zero-fills past the edges). On H100 at 8192^3: 681 TFLOP/s against 622 for the pointer-fed loop at
 # the same tile; at 4096 x 21888 x 2048 629 against 644 (bench/fp8_gemm_tiles.py, bench/RESULTS.md), so both
-# forms are candidates. A 256-wide N tile as two 128-wide halves (each with its scalar weight scale) lost at both
-# (540 and 528 TFLOP/s) and is not kept.
+# forms are candidates (the descriptor-fed ones opt-in for now: tma_available). A 256-wide N tile as two 128-wide
+# halves (each with its scalar weight scale) lost at both (540 and 528 TFLOP/s) and is not kept.
 _TMA_KERNEL = """\
 @triton.jit
 def fp8_block_prequantized_matmul_tma_kernel(
@@ -314,9 +314,12 @@ TMA_LARGE_CONFIGS = [
 
 
 def tma_available(device: torch.device, interpret: bool = False) -> bool:
-    """Tensor descriptors in the copy engine: Hopper (compute capability 9.0) and later, or the interpreter;
-    DEEPFUSE_FP8_TMA=0 leaves the descriptor-fed tiles out everywhere."""
-    if os.environ.get("DEEPFUSE_FP8_TMA") == "0":
+    """Whether the descriptor-fed tiles join the candidates: with DEEPFUSE_FP8_TMA=1, where the copy engine has
+    tensor descriptors (Hopper, compute capability 9.0, and later) or in the interpreter. Opt-in until a model
+    compiled with them has run on a GPU: the kernel, its tiles and the autotuner's timing of them have (H100,
+    bench/RESULTS.md), a launch from Inductor's compiled code (which must hand the kernel an allocator for the
+    descriptors' scratch memory) has not."""
+    if os.environ.get("DEEPFUSE_FP8_TMA") != "1":
         return False
     return interpret or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
