@@ -188,10 +188,45 @@ def linear_group():
         yield config, fn, pointers, {}, constexprs, ("K",)
 
 
+def fp8_gemm():
+    """The prequantized block-scaled FP8 GEMM (quant_matmul past 16 rows) at its large-M tiles: the pointer-fed
+    loop and the descriptor-fed one (tensor-memory copies; its descriptors' TMA loads count as no async copy)."""
+    from deepfuse.runtime.kernels import quant
+
+    gen, name = quant.kernels_for("prequantized", torch.bfloat16, "bench/kernel_resources.py")
+    pointers = {"X": "*fp8e4nv", "XS": "*fp32", "W": "*fp8e4nv", "WS": "*fp32", "Bias": "*bf16", "Y": "*bf16"}
+    for c in quant.LARGE_CONFIGS + quant.TMA_LARGE_CONFIGS:
+        c = dict(c)
+        tma = c.pop("TMA", False)
+        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), "TMA": tma, **c}
+        # the unit strides (scales' K tile, y's columns) a launch specializes as constants
+        constexprs = {"SCALE_BLOCK_N": 128, "HAS_BIAS": False, "GROUP_M": 8, "stride_xsk": 1, "stride_wsk": 1,
+                      "stride_yn": 1, **c}
+        if tma:
+            yield config, gen.function("fp8_block_prequantized_matmul_tma_kernel"), pointers, {}, constexprs, \
+                ("M", "N", "K")
+        else:  # K innermost in both operands: a launch specializes those unit strides as constants
+            constexprs.update(SCALE_BLOCK_K=128, EVEN_K=True, EXACT_FP8_ROUNDING=False,
+                              UNIFORM_W_SCALE=c["BLOCK_N"] <= 128, stride_xk=1, stride_wk=1)
+            yield config, gen.function(name), pointers, {}, constexprs, ("M", "N", "K", "k_per_split")
+
+
+def act_quant():
+    """The activation pre-kernel (per token and 128-wide tile), bf16 in, at its launch's tile."""
+    from deepfuse.runtime.kernels import quant
+
+    gen, _ = quant.kernels_for("prequantized", torch.bfloat16, "bench/kernel_resources.py")
+    pointers = {"X": "*bf16", "XQ": "*fp8e4nv", "XS": "*fp32"}
+    constexprs = {"GROUP_K": 128, "BLOCK_R": quant.ACT_QUANT_ROWS, "EXACT_FP8_ROUNDING": False, "stride_xk": 1}
+    yield {"BLOCK_R": quant.ACT_QUANT_ROWS, "num_warps": 4, "num_stages": 1}, gen.function("act_quant_kernel"), \
+        pointers, {}, constexprs, ("M", "K")
+
+
 KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: mla_decode(True),
            "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill,
            "mla_reduce": mla_reduce, "mla_absorb": mla_absorb,
            "rms_norm": lambda: rms_norm(False), "add_rms_norm": lambda: rms_norm(True), "linear_group": linear_group,
+           "fp8_gemm": fp8_gemm, "act_quant": act_quant,
            **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
               for kind in ("gate_up", "down")
               for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))}}
