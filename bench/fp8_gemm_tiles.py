@@ -34,7 +34,8 @@ def tile_name(cfg: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--shapes", default="8192x8192x8192,4096x21888x2048,4096x3072x2048,4096x2048x2048,128x3072x2048")
+    parser.add_argument("--shapes",
+                        default="8192x8192x8192,4096x21888x2048,4096x3072x2048,4096x2048x2048,128x3072x2048")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/fp8_gemm_tiles.py measures the GPU: it needs CUDA")

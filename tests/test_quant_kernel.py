@@ -71,7 +71,8 @@ TMA_CONFIGS = quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS
 
 
 @pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}/s{c['num_stages']}")
-@pytest.mark.parametrize("shape", [(140, 300, 256), (37, 130, 384), (300, 512, 128)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(140, 300, 256), (37, 130, 384), (300, 512, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_descriptor_fed_fp8_gemm_matches_float64(cfg, shape):
     """Every tile of the descriptor-fed prequantized GEMM, edges in M and N (the copy engine's zero fill past them),
     bias, fp16 out."""

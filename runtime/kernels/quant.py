@@ -203,8 +203,8 @@ def fp8_block_prequantized_matmul_tma_kernel(
         acc += tl.dot(x, w.T) * (x_scale[:, None] * tl.load(w_scales + kt * stride_wsk))
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 """
 
 # The weight's block scale for this K tile (times the activation's, when there is one). When BLOCK_N divides the
@@ -262,7 +262,8 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
             "round_to_e4m3": ROUND_TO_E4M3,
             "kernel_name": name,
             "tile_product": fill(_PRODUCTS[mode]),
-            "tma_kernel": _TMA_KERNEL if mode == "prequantized" else "# (the descriptor-fed GEMM serves the prequantized mode only)",
+            "tma_kernel": _TMA_KERNEL if mode == "prequantized"
+            else "# (the descriptor-fed GEMM serves the prequantized mode only)",
             "epilogue": _EPILOGUES.get(mode, "# the scales were applied per K tile"),
             **consts,
         }
