@@ -582,8 +582,18 @@ def _fit(cfg: dict, fmt: str, act_quant: bool, block) -> dict:
     return cfg
 
 
+# An FP8 tile's per-K-tile product is a second fp32 tile beside the accumulator (it is scaled before it is added),
+# so past 64 accumulator values per thread the FP8 forms spill on sm_90a (bench/kernel_resources.py: 128 x 128 on
+# 4 warps, 256 x 128 and 128 x 256 on 8, 360-1056 bytes) and ran 2-4x slower on H100 (bench/fp8_gemm_tiles.py).
+# The int8 form accumulates in place and spills at none of them.
+FP8_MAX_ACC_PER_THREAD = 64
+
+
 def _configs(m, fmt: str, act_quant: bool, block, tma: bool = False) -> list[dict]:
-    return [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma)]
+    configs = [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma)]
+    if fmt == "fp8-block":
+        configs = [c for c in configs if c["BLOCK_M"] * c["BLOCK_N"] <= FP8_MAX_ACC_PER_THREAD * 32 * c["num_warps"]]
+    return configs
 
 
 def _tune_key(kernel_key: str, n: int, k: int, fmt: str) -> str:
