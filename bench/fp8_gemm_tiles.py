@@ -42,6 +42,7 @@ def main():
     from triton.testing import do_bench
 
     os.environ.setdefault("DEEPFUSE_FP8_TMA", "1")  # the descriptor-fed tiles among what "autotuned" picks from
+    from deepfuse.fusion import rel_err
     from deepfuse.runtime.kernels import quant
 
     rows = Rows(args.out, "fp8_gemm_tiles")
@@ -56,7 +57,7 @@ def main():
         ref = quant.reference(x.double(), wq, scale, None, "fp8-block", True, compute=torch.float64)
 
         def record(name, ms, out=None):
-            err = None if out is None else ((out.double() - ref).norm() / ref.norm()).item()
+            err = None if out is None else rel_err(out, ref)
             rows.append({"shape": shape, "impl": name, "ms": ms, "tflops": flops / ms / 1e9, "rel_err": err})
             print(f"{shape:<16} {name:<28} {ms:8.4f} ms {flops / ms / 1e9:7.0f} TFLOP/s"
                   + ("" if err is None else f"  err {err:.1e}"), flush=True)

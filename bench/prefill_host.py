@@ -10,9 +10,11 @@ same call is timed four ways, each a median:
   costs; where it is near or above the GPU time, the prefill is host-bound and the launched time follows the CPU;
 - gpu: the same call captured once as a CUDA graph and replayed (deepfuse.runtime.cuda_graph.CapturedStep): the
   GPU's work with no host in it. A capture that fails says the call synchronizes with the host;
-- syncs: the synchronizing CUDA calls one call makes (torch.cuda.set_sync_debug_mode), with where they came from.
-Writes prefill_host_<tag>.json, compile_profile_<tag>.txt (cProfile of the first call, by cumulative time) and
-host_profile_<tag>.txt (cProfile of one steady call, by own time) to --out. Run it twice with the same caches to
+- syncs: the synchronizing CUDA calls one call makes (torch.cuda.set_sync_debug_mode), with the line each
+  warning names.
+Writes prefill_host_<tag>.json, compile_profile_<tag>.txt (cProfile of the first call, by cumulative time),
+second_call_profile_<tag>.txt (the second call's) and host_profile_<tag>.txt (cProfile of one steady call, by own
+time) to --out. Run it twice with the same caches to
 see a warm compile (the second process finds deepfuse's, Triton's and Inductor's caches on disk).
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from e2e import the_prompt  # noqa: E402
 from run import environment, median_call_ms  # noqa: E402
 
 
@@ -52,7 +55,7 @@ def graph_ms(call, iters: int = 10):
     """Median ms of the call replayed as one captured CUDA graph, or the reason it cannot be captured."""
     from deepfuse.runtime.cuda_graph import CapturedStep
 
-    step = CapturedStep(lambda: call())
+    step = CapturedStep(call)
     try:
         step()
     except Exception as e:  # a synchronization inside the call (or another capture error)
@@ -61,7 +64,7 @@ def graph_ms(call, iters: int = 10):
 
 
 def syncs(call) -> list[str]:
-    """The synchronizing CUDA operations of one call, each with the innermost frames outside torch that led to it."""
+    """The synchronizing CUDA operations of one call, each as the file and line its warning names."""
     found = []
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
@@ -115,8 +118,7 @@ def main():
         forward = model
     else:
         forward = torch.compile(model, backend="deepfuse", dynamic=False)
-    prompt = torch.randint(0, cfg.vocab_size, (1, args.prefill), device="cuda",
-                           generator=torch.Generator("cuda").manual_seed(1))
+    prompt = the_prompt(cfg, args.prefill)  # e2e.py's prompt
     cache = model.new_cache(1, args.prefill)
     result = {"environment": environment(), "layers": args.layers, "prefill": args.prefill, "compile": args.compile}
     with torch.no_grad():

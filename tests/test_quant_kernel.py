@@ -123,10 +123,12 @@ def test_descriptor_fed_tiles_are_candidates_only_for_prequantized_fp8(monkeypat
 def test_fp8_candidates_leave_out_tiles_that_spill(m):
     """FP8 tiles hold at most 64 accumulator values per thread (the scaled product needs a second such tile);
     int8 keeps every tile; every FP8 size bucket still has candidates, the untuned default first."""
-    fp8 = quant._configs(m, "fp8-block", True, quant.DEFAULT_BLOCK)
+    cpu = torch.device("cpu")
+    fp8 = quant._configs(m, "fp8-block", True, quant.DEFAULT_BLOCK, "prequantized", cpu)
     assert fp8 and all(c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"] for c in fp8)
     assert fp8[0] == quant._fit(quant.configs_for(m)[0], "fp8-block", True, quant.DEFAULT_BLOCK)
-    assert len(quant._configs(m, "int8-channel", False, quant.DEFAULT_BLOCK)) == len(quant.configs_for(m))
+    int8 = quant._configs(m, "int8-channel", False, quant.DEFAULT_BLOCK, "int8_weight_only", cpu)
+    assert len(int8) == len(quant.configs_for(m))
 
 
 def test_leading_dims_out_dtype_and_no_bias():

@@ -421,7 +421,7 @@ def quant_matmul(
         gemm = torch.library.wrap_triton(gemm)
         if tma_gemm is not None:
             tma_gemm = torch.library.wrap_triton(tma_gemm)
-    configs = _configs(m, fmt, act_quant, block, tma=mode == "prequantized" and tma_available(x.device, interpret))
+    configs = _configs(m, fmt, act_quant, block, mode, x.device, interpret)
 
     def launch(cfg: dict) -> torch.Tensor:
         if cfg.get("TMA"):
@@ -589,7 +589,10 @@ def _fit(cfg: dict, fmt: str, act_quant: bool, block) -> dict:
 FP8_MAX_ACC_PER_THREAD = 64
 
 
-def _configs(m, fmt: str, act_quant: bool, block, tma: bool = False) -> list[dict]:
+def _configs(m, fmt: str, act_quant: bool, block, mode: str, device: torch.device,
+             interpret: bool = False) -> list[dict]:
+    """The candidate tiles ``mode`` times at ``m`` rows on ``device``, fitted to the scale blocks."""
+    tma = mode == "prequantized" and tma_available(device, interpret)
     configs = [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma)]
     if fmt == "fp8-block":
         configs = [c for c in configs if c["BLOCK_M"] * c["BLOCK_N"] <= FP8_MAX_ACC_PER_THREAD * 32 * c["num_warps"]]
@@ -604,7 +607,7 @@ def tune(m: int, n: int, k: int, fmt: str, act_quant: bool, block, x_dtype, devi
     """The autotuned config at this size (compile time, on random tensors of the real shapes)."""
     device = torch.device(device)
     mode = _mode(fmt, act_quant, size_hint(m) > DECODE_MAX_M)
-    configs = _configs(m, fmt, act_quant, block, tma=mode == "prequantized" and tma_available(device))
+    configs = _configs(m, fmt, act_quant, block, mode, device)
     if device.type != "cuda":
         return configs[0]
     x = torch.randn((max(size_hint(m), 1), k), dtype=x_dtype, device=device)
