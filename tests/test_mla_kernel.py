@@ -218,16 +218,18 @@ def test_prefill_with_a_mask_input(kind, also_causal):
         assert rel_err(out, ref) < TOL[dtype], (kind, dtype)
 
 
+@pytest.mark.parametrize("heavy_first", [False, True], ids=["in_order", "heavy_first"])
 @pytest.mark.parametrize("s,t,causal", [(50, 50, True), (9, 77, True), (33, 70, False), (40, 200, True)], ids=str)
-def test_prefill_interior_and_edge_tiles(s, t, causal):
+def test_prefill_interior_and_edge_tiles(s, t, causal, heavy_first):
     """Small tiles, so query blocks have several interior key tiles (read unmasked) before their edge ones: square
-    and chunked causal prefill (a short chunk over a long context too), a context off the tile, non-causal."""
+    and chunked causal prefill (a short chunk over a long context too), a context off the tile, non-causal; the
+    query blocks in launch order and last to first (HEAVY_FIRST)."""
     b, h, dn, r, dv, c = 2, 2, 16, 8, 16, 32
     for dtype in (torch.float32, torch.float16):
         q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, h, dn, r, dv, c, dtype, noncontig=True)
         ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.25, causal)
         out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.25, causal, path="expanded", interpret=True,
-                                config={"BLOCK_M": 16, "BLOCK_N": 16})
+                                config={"BLOCK_M": 16, "BLOCK_N": 16, "HEAVY_FIRST": heavy_first})
         assert rel_err(out, ref) < TOL[dtype]
 
 
