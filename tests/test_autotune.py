@@ -1,0 +1,85 @@
+"""The autotuner's bookkeeping on the CPU machine: CUDA's device calls stubbed, the candidates' runs plain Python.
+Timing itself is the GPU tests' (test_gpu.py)."""
+import threading
+import time
+
+import pytest
+import torch
+
+from deepfuse import codegen
+from deepfuse.runtime import autotune
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """choose() on a "cuda" device with no GPU: device name, index and synchronize stubbed, the results stored
+    under a fresh cache directory; each test gives the candidates' times (autotune._time)."""
+    import contextlib
+
+    monkeypatch.setenv("DEEPFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(codegen, "_cache_dir_override", None)
+    monkeypatch.setattr(autotune, "_memory", {})
+    monkeypatch.setattr(autotune, "_gpu_names", {})
+
+
+def test_candidates_compile_side_by_side_then_the_fastest_wins(fake_gpu, monkeypatch):
+    """Every candidate runs once in the precompile, several at a time on several threads, before any is timed;
+    the timing then picks the fastest; a candidate that raises is skipped, not fatal."""
+    monkeypatch.setattr(autotune.os, "cpu_count", lambda: 4)
+    configs = [{"i": i} for i in range(6)]
+    first_runs, timed = {}, []
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def run(cfg):
+        if cfg["i"] not in first_runs:  # the precompile's run: where the kernels would compile
+            first_runs[cfg["i"]] = threading.current_thread().name
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+            if cfg["i"] == 2:
+                raise RuntimeError("out of shared memory")
+            return
+        if cfg["i"] == 2:
+            raise RuntimeError("out of shared memory")
+        timed.append(cfg["i"])
+
+    speed = {0: 3.0, 1: 2.0, 3: 0.5, 4: 1.0, 5: 4.0}
+    monkeypatch.setattr(autotune, "_time", lambda fn: (fn(), speed[timed[-1]])[1])
+    best = autotune.choose("kernel", 100, configs, run, torch.device("cuda"))
+    assert best == {"i": 3}
+    assert sorted(first_runs) == list(range(6))
+    assert all(name.startswith("deepfuse-precompile") for name in first_runs.values())
+    assert peak[0] >= 2  # side by side, not one after another
+    assert timed == [0, 1, 3, 4, 5]
+
+
+def test_a_choose_inside_a_precompile_run_takes_its_default_without_waiting(fake_gpu, monkeypatch):
+    """A candidate whose run tunes another kernel (with its own choose) must not wait on the tune that holds the
+    lock: in a precompile thread the inner choose returns its default (or a choice already made)."""
+    monkeypatch.setattr(autotune.os, "cpu_count", lambda: 2)
+    inner_choices = []
+
+    def inner_run(cfg):
+        raise AssertionError("an inner choose in a precompile thread must not time anything")
+
+    def run(cfg):
+        if threading.current_thread().name.startswith("deepfuse-precompile"):
+            inner_choices.append(autotune.choose("inner", 8, [{"j": 0}, {"j": 1}], inner_run, torch.device("cuda")))
+
+    monkeypatch.setattr(autotune, "_time", lambda fn: (fn(), 1.0)[1])
+    done = []
+    worker = threading.Thread(target=lambda: done.append(
+        autotune.choose("outer", 8, [{"i": 0}, {"i": 1}], run, torch.device("cuda"))))
+    worker.start()
+    worker.join(timeout=30)
+    assert done == [{"i": 0}], "the outer tune did not finish: the inner choose waited on its lock"
+    assert inner_choices == [{"j": 0}, {"j": 0}]
