@@ -109,7 +109,7 @@ def _key(kernel_key: str, n: int, device: torch.device) -> str:
 
 
 _worker = threading.local()
-PRECOMPILE_THREADS = 8  # at most; fewer where the machine has fewer cores
+PRECOMPILE_THREADS = 8  # at most; fewer where the machine has fewer cores; DEEPFUSE_AUTOTUNE_THREADS=N to choose
 
 
 def _precompile(configs: Sequence[dict], run: Callable[[dict], None], device: torch.device) -> None:
@@ -117,8 +117,10 @@ def _precompile(configs: Sequence[dict], run: Callable[[dict], None], device: to
     kernels, and Triton's compiler releases the GIL (its passes and ptxas: 2 threads compiled 6 MoE tiles for
     sm_90a in half the time of one, on a 2-core machine), so the candidates compile side by side instead of one
     after another (the MoE tune builds two kernels for each of its 18 candidates). The runs' results are not
-    used; a candidate that fails here fails again, and is skipped, when it is timed."""
-    workers = min(len(configs), PRECOMPILE_THREADS, os.cpu_count() or 1)
+    used; a candidate that fails here fails again, and is skipped, when it is timed. One thread (or
+    DEEPFUSE_AUTOTUNE_THREADS=1): no precompile, each candidate compiles when it is first timed."""
+    limit = os.environ.get("DEEPFUSE_AUTOTUNE_THREADS")
+    workers = min(len(configs), int(limit) if limit else min(PRECOMPILE_THREADS, os.cpu_count() or 1))
     if workers < 2:
         return
     index = device.index if device.index is not None else torch.cuda.current_device()  # a new thread's is 0

@@ -83,3 +83,13 @@ def test_a_choose_inside_a_precompile_run_takes_its_default_without_waiting(fake
     worker.join(timeout=30)
     assert done == [{"i": 0}], "the outer tune did not finish: the inner choose waited on its lock"
     assert inner_choices == [{"j": 0}, {"j": 0}]
+
+
+def test_one_thread_means_no_precompile(fake_gpu, monkeypatch):
+    """DEEPFUSE_AUTOTUNE_THREADS=1: each candidate compiles when it is first timed, on the calling thread."""
+    monkeypatch.setenv("DEEPFUSE_AUTOTUNE_THREADS", "1")
+    threads = []
+    monkeypatch.setattr(autotune, "_time", lambda fn: (fn(), 1.0)[1])
+    autotune.choose("kernel", 4, [{"i": 0}, {"i": 1}, {"i": 2}],
+                    lambda cfg: threads.append(threading.current_thread().name), torch.device("cuda"))
+    assert threads == [threading.current_thread().name] * 3
