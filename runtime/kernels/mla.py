@@ -282,7 +282,7 @@ def mla_prefill_kernel(
     read), the others are edge tiles that read it."""
     scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Python floats come as fp64; log2(e) folded in
     pid_m = tl.program_id(0)
-    if HEAVY_FIRST:  # causal: the last query blocks see the most keys; launched first, they leave no long tail
+    if HEAVY_FIRST:  # causal (flag or mask): the last query blocks see the most keys; first, they leave no tail
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -551,7 +551,7 @@ def mla_attention(
         raise ValueError(f"mla: path must be 'auto', 'absorbed' or 'expanded', got {path!r}")
     cfg = dict(config or PREFILL_CONFIG)
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    heavy_first = cfg.pop("HEAVY_FIRST", False) and causal
+    heavy_first = cfg.pop("HEAVY_FIRST", False)
     launch_opts = {} if interpret else cfg
     if fp8:  # the prefill expands the latent anyway: dequantized first, as the model's own code does
         c_kv = dequantize_latent(c_kv, kv_scale[..., None], dtype)
