@@ -3,8 +3,8 @@ PyTorch's scaled_dot_product_attention over the same expanded keys and values (t
 both times). It chooses PREFILL_CONFIG in runtime/kernels/mla.py; prints a table, writes JSON with --out.
 ``--mask-input`` adds, at the default tile, the same causal attention given as an additive [T, T] mask the
 kernel reads (what a layer compiled on its own receives from the model around it) instead of the causal flag.
-``--heavy-first`` times every tile a second time with HEAVY_FIRST: the causal kernel's query blocks launched in
-reverse, the ones that see the most keys first.
+``--heavy-first`` times every tile a second time, right after the first, with HEAVY_FIRST: the causal kernel's
+query blocks launched in reverse, the ones that see the most keys first.
 
     python3 bench/mla_prefill_tiles.py --out DIR [--tokens 1024,4096] [--mask-input] [--heavy-first]
 """
@@ -59,8 +59,8 @@ def main():
         causal_mask = torch.zeros(t, t, device=dev).masked_fill(keys[None, :] > keys[:, None], float("-inf"))
         tiles = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": st}
                  for bm, bn, nw, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
-        configs = [None, "sdpa"] + (["mask input"] if args.mask_input else []) + tiles + (
-            [dict(c, HEAVY_FIRST=True) for c in tiles] if args.heavy_first else [])
+        configs = [None, "sdpa"] + (["mask input"] if args.mask_input else []) + [
+            form for c in tiles for form in ([c, dict(c, HEAVY_FIRST=True)] if args.heavy_first else [c])]
         for cfg in configs:
             def one(s):
                 if cfg == "sdpa":
