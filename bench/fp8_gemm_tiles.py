@@ -10,7 +10,7 @@ Per shape M x N x K, on the same inputs (activations with outliers, a weight qua
 - every candidate of ``quant.configs_for(M, tma=True)`` through ``quant_matmul(..., prequantize=True,
   config=...)``: the pre-kernel and the GEMM, each checked against float64 math on the dequantized operands;
 - ``autotuned``: what ``quant_matmul`` picks (what the quant pass runs), the descriptor-fed tiles among its
-  candidates (DEEPFUSE_FP8_TMA=1, set here unless given).
+  candidates on Hopper (unless DEEPFUSE_FP8_TMA=0).
 Median ms of do_bench over one input set (at these sizes every operand is larger than L2 or reused within one
 call); TFLOP/s = 2MNK / time. Writes fp8_gemm_tiles.json to --out, a row at a time.
 """
@@ -41,7 +41,6 @@ def main():
         raise SystemExit("bench/fp8_gemm_tiles.py measures the GPU: it needs CUDA")
     from triton.testing import do_bench
 
-    os.environ.setdefault("DEEPFUSE_FP8_TMA", "1")  # the descriptor-fed tiles among what "autotuned" picks from
     from deepfuse.fusion import rel_err
     from deepfuse.runtime.kernels import quant
 

@@ -87,9 +87,12 @@ def test_bundled_fp8_model_on_gpu_with_cuda_graphs():
     # the model computes from the dequantized weight without quantizing activations, and so does deepfuse.
     weight_only = [m for m in rows if not m.params["act_quant"]]
     assert all(m.params["in_features"] == cfg.kv_lora_rank for m in weight_only), str(report)
-    assert len(rows) - len(weight_only) == 7 * cfg.num_hidden_layers, str(report)  # q_a, q_b, kv_a, o, 3 MLP
     # v3-small's experts are whole 128-blocks: stored in FP8, run as the W8A8 expert kernels
     moes = [m for m in report.matches if m.family == "moe"]
+    # q_a, q_b, kv_a, o and the 3 MLP linears per layer; FP8 experts take an FP8 shared MLP's three linears into
+    # their launches (as test_quant_pass.py's CPU form counts them)
+    fused_shared = sum(3 for m in moes if m.params.get("shared_experts", "").startswith("fused"))
+    assert len(rows) - len(weight_only) == 7 * cfg.num_hidden_layers - fused_shared, str(report)
     assert cfg.fp8_experts and moes and all(m.params["expert_weights"].endswith("(W8A8)") for m in moes), str(report)
     ours, eager = fp64_errors(model, ids, out)
     assert ours < max(3e-2, 1.5 * eager), (ours, eager)
@@ -154,3 +157,36 @@ def test_quantize_option_moe_block_on_gpu(tokens):
     err, cost = rel_err(out, ref), rel_err(out, plain)
     print(f"T={tokens}: against the quantized graph {err:.2e}, against bf16 {cost:.2e}")
     assert err < 3e-2 and 2e-2 < cost < 0.12
+
+
+def test_descriptor_fed_gemm_launched_by_inductor_under_cuda_graphs(monkeypatch):
+    """The descriptor-fed GEMM as the only candidate past decode sizes, in a model compiled with
+    options["quantize"], then captured as a CUDA graph and replayed: Inductor's code launches it and hands it the
+    descriptors' scratch memory, inside the captured graph, and it agrees with the same quantized form compiled by
+    Inductor alone."""
+    import deepfuse
+    from deepfuse.runtime.cuda_graph import CapturedStep
+
+    monkeypatch.delenv("DEEPFUSE_FP8_TMA", raising=False)  # on by default from compute capability 9
+    monkeypatch.setattr(quant, "SMALL_CONFIGS", [])
+    monkeypatch.setattr(quant, "SMALL_SPLIT_CONFIGS", [])
+
+    def pointer_fed(*args, **kwargs):
+        raise AssertionError("a descriptor-fed tile fell back to the pointer-fed GEMM")
+    monkeypatch.setattr(quant, "_launch", pointer_fed)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 3072, bias=False), torch.nn.SiLU(),
+                                torch.nn.Linear(3072, 2048, bias=False)).cuda().bfloat16()
+    x = torch.randn(100, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block", "passes": []})(x)
+        torch._dynamo.reset()
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            compiled = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block"})
+            outs = [compiled(x).clone()]
+        step = CapturedStep(lambda: compiled(x))
+        outs += [step().clone() for _ in range(3)]
+    assert quant.configs_for(100, tma=True) == quant.TMA_SMALL_CONFIGS
+    assert len([m for m in report.matches if m.family == "quant"]) == 2, str(report)
+    for out in outs:
+        assert rel_err(out, ref) < 1e-2

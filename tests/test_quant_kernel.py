@@ -128,10 +128,10 @@ def test_descriptor_fed_tiles_are_candidates_only_for_prequantized_fp8(monkeypat
     assert all(c.get("TMA") for c in quant.configs_for(100, tma=True)[-len(quant.TMA_SMALL_CONFIGS):])
     assert not any(c.get("TMA") for c in quant.configs_for(4096) + quant.configs_for(8, tma=True))
     monkeypatch.delenv("DEEPFUSE_FP8_TMA", raising=False)
-    assert not quant.tma_available(torch.device("cpu"), interpret=True)  # opt-in (see tma_available)
-    monkeypatch.setenv("DEEPFUSE_FP8_TMA", "1")
     assert quant.tma_available(torch.device("cpu"), interpret=True)
     assert not quant.tma_available(torch.device("cpu"))  # no copy engine to describe tiles to
+    monkeypatch.setenv("DEEPFUSE_FP8_TMA", "0")  # the user's way out
+    assert not quant.tma_available(torch.device("cpu"), interpret=True)
 
 
 @pytest.mark.parametrize("m", [1, 16, 100, 4096])
@@ -139,11 +139,20 @@ def test_fp8_candidates_leave_out_tiles_that_spill(m):
     """FP8 tiles hold at most 64 accumulator values per thread (the scaled product needs a second such tile);
     int8 keeps every tile; every FP8 size bucket still has candidates, the untuned default first."""
     cpu = torch.device("cpu")
-    fp8 = quant._configs(m, "fp8-block", True, quant.DEFAULT_BLOCK, "prequantized", cpu)
+    fp8 = quant._configs(m, 4096, "fp8-block", True, quant.DEFAULT_BLOCK, "prequantized", cpu)
     assert fp8 and all(c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"] for c in fp8)
     assert fp8[0] == quant._fit(quant.configs_for(m)[0], "fp8-block", True, quant.DEFAULT_BLOCK)
-    int8 = quant._configs(m, "int8-channel", False, quant.DEFAULT_BLOCK, "int8_weight_only", cpu)
+    int8 = quant._configs(m, 4096, "int8-channel", False, quant.DEFAULT_BLOCK, "int8_weight_only", cpu)
     assert len(int8) == len(quant.configs_for(m))
+
+
+@pytest.mark.parametrize("k,splits", [(512, []), (2048, [4]), (10944, [4, 8])])
+def test_split_candidates_keep_enough_k_tiles_per_range(k, splits):
+    """Past decode sizes K is split only where each range keeps SPLIT_MIN_K_TILES tiles of 128."""
+    cpu = torch.device("cpu")
+    got = [c["SPLIT_K"] for c in quant._configs(100, k, "int8-channel", False, quant.DEFAULT_BLOCK,
+                                                 "int8_weight_only", cpu) if c.get("SPLIT_K")]
+    assert got == splits
 
 
 def test_leading_dims_out_dtype_and_no_bias():

@@ -171,8 +171,8 @@ acc += tl.dot(x, w.to(x.dtype), input_precision=${precision}) * scales""",
 # FP8 activations and weight (both K-contiguous), no per-element address arithmetic or masks in the K loop (the
 # copy engine zero-fills past the edges). On H100 at 8192^3: 681 TFLOP/s against 622 for the pointer-fed loop at
 # the same tile; at 4096 x 21888 x 2048 629 against 644 (bench/fp8_gemm_tiles.py, bench/RESULTS.md), so both
-# forms are candidates (the descriptor-fed ones opt-in for now: tma_available). A 256-wide N tile as two 128-wide
-# halves (each with its scalar weight scale) lost at both (540 and 528 TFLOP/s) and is not kept.
+# forms are candidates (where tma_available). A 256-wide N tile as two 128-wide halves (each with its scalar weight
+# scale) lost at both (540 and 528 TFLOP/s) and is not kept.
 _TMA_KERNEL = """\
 @triton.jit
 def fp8_block_prequantized_matmul_tma_kernel(
@@ -293,9 +293,12 @@ SMALL_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
 ]
 # Up to SMALL_MAX_M rows a narrow output has fewer tiles than the GPU has SMs (V2-Lite's MLP down projection at
-# 128 tokens: 16 tiles of 64 x 128 over K = 10944, 43 us on H100 against cuBLAS bf16's 25): these split K as well,
-# the fp32 partial sums then added in a fixed order. Timed beside the unsplit tiles, so where the tiles already
-# fill the GPU the autotuner keeps those.
+# 128 tokens: 16 tiles of 64 x 128 over K = 10944): these split K as well, the fp32 partial sums then added in a
+# fixed order; 43 -> 28 us there on H100 (cuBLAS bf16 25, row-wise FP8 29). Timed beside the unsplit tiles, so
+# where the tiles already fill the GPU the autotuner keeps those; offered only where each range keeps at least
+# SPLIT_MIN_K_TILES K tiles (kv_b_proj's K = 512, four tiles in all, ran 6.3 -> 8.4 us with them among the
+# candidates, the cause not looked into).
+SPLIT_MIN_K_TILES = 4
 SMALL_SPLIT_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": splits, "num_warps": 4, "num_stages": 4}
     for splits in (4, 8)
@@ -323,12 +326,10 @@ TMA_LARGE_CONFIGS = [
 
 
 def tma_available(device: torch.device, interpret: bool = False) -> bool:
-    """Whether the descriptor-fed tiles join the candidates: with DEEPFUSE_FP8_TMA=1, where the copy engine has
-    tensor descriptors (Hopper, compute capability 9.0, and later) or in the interpreter. Opt-in until a model
-    compiled with them has run on a GPU: the kernel, its tiles and the autotuner's timing of them have (H100,
-    bench/RESULTS.md), a launch from Inductor's compiled code (which must hand the kernel an allocator for the
-    descriptors' scratch memory) has not."""
-    if os.environ.get("DEEPFUSE_FP8_TMA") != "1":
+    """Whether the descriptor-fed tiles join the candidates: where the copy engine has tensor descriptors (Hopper,
+    compute capability 9.0, and later) or in the interpreter, unless DEEPFUSE_FP8_TMA=0. Launched from Inductor's
+    compiled code inside a captured CUDA graph they run right (tests/test_gpu_quant.py, H100)."""
+    if os.environ.get("DEEPFUSE_FP8_TMA") == "0":
         return False
     return interpret or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
@@ -429,7 +430,7 @@ def quant_matmul(
         gemm = torch.library.wrap_triton(gemm)
         if tma_gemm is not None:
             tma_gemm = torch.library.wrap_triton(tma_gemm)
-    configs = _configs(m, fmt, act_quant, block, mode, x.device, interpret)
+    configs = _configs(m, k, fmt, act_quant, block, mode, x.device, interpret)
 
     def launch(cfg: dict) -> torch.Tensor:
         if cfg.get("TMA"):
@@ -597,11 +598,13 @@ def _fit(cfg: dict, fmt: str, act_quant: bool, block) -> dict:
 FP8_MAX_ACC_PER_THREAD = 64
 
 
-def _configs(m, fmt: str, act_quant: bool, block, mode: str, device: torch.device,
+def _configs(m, k: int, fmt: str, act_quant: bool, block, mode: str, device: torch.device,
              interpret: bool = False) -> list[dict]:
-    """The candidate tiles ``mode`` times at ``m`` rows on ``device``, fitted to the scale blocks."""
+    """The candidate tiles ``mode`` times at ``m`` rows over ``k`` on ``device``, fitted to the scale blocks."""
     tma = mode == "prequantized" and tma_available(device, interpret)
     configs = [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma)]
+    configs = [c for c in configs if not c.get("SPLIT_K") or c["SPLIT_K"] == 1
+               or triton.cdiv(k, c["BLOCK_K"]) >= SPLIT_MIN_K_TILES * c["SPLIT_K"]]
     if fmt == "fp8-block":
         configs = [c for c in configs if c["BLOCK_M"] * c["BLOCK_N"] <= FP8_MAX_ACC_PER_THREAD * 32 * c["num_warps"]]
     return configs
@@ -615,7 +618,7 @@ def tune(m: int, n: int, k: int, fmt: str, act_quant: bool, block, x_dtype, devi
     """The autotuned config at this size (compile time, on random tensors of the real shapes)."""
     device = torch.device(device)
     mode = _mode(fmt, act_quant, size_hint(m) > DECODE_MAX_M)
-    configs = _configs(m, fmt, act_quant, block, mode, device)
+    configs = _configs(m, k, fmt, act_quant, block, mode, device)
     if device.type != "cuda":
         return configs[0]
     x = torch.randn((max(size_hint(m), 1), k), dtype=x_dtype, device=device)
