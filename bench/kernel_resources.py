@@ -112,7 +112,7 @@ def mla_prefill():
     pointers = {name: "*bf16" for name in ("QN", "QP", "KN", "KP", "V", "Mask", "Out")}
     for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
         constexprs = {"DN": DN, "DN_POW2": DN, "R": R, "R_POW2": R, "DV": DV, "DV_POW2": DV, "BLOCK_M": bm,
-                      "BLOCK_N": bn, "HAS_MASK": False, "CAUSAL": True, "HEAVY_FIRST": False}
+                      "BLOCK_N": bn, "HAS_MASK": False, "CAUSAL": True}
         yield ({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}, fn, pointers,
                {"scale": "fp32"}, constexprs)
 

@@ -3,10 +3,8 @@ PyTorch's scaled_dot_product_attention over the same expanded keys and values (t
 both times). It chooses PREFILL_CONFIG in runtime/kernels/mla.py; prints a table, writes JSON with --out.
 ``--mask-input`` adds, at the default tile, the same causal attention given as an additive [T, T] mask the
 kernel reads (what a layer compiled on its own receives from the model around it) instead of the causal flag.
-``--heavy-first`` times every tile a second time, right after the first, with HEAVY_FIRST: the causal kernel's
-query blocks launched in reverse, the ones that see the most keys first.
 
-    python3 bench/mla_prefill_tiles.py --out DIR [--tokens 1024,4096] [--mask-input] [--heavy-first]
+    python3 bench/mla_prefill_tiles.py --out DIR [--tokens 1024,4096] [--mask-input]
 """
 import argparse
 import itertools
@@ -40,8 +38,6 @@ def main():
     parser.add_argument("--tokens", default="1024,4096")
     parser.add_argument("--tflops", type=float, default=680.0, help="bf16 rate the floor is computed at")
     parser.add_argument("--mask-input", action="store_true", help="also the causal mask as a read input")
-    parser.add_argument("--heavy-first", action="store_true",
-                        help="also every tile with its query blocks launched last to first (HEAVY_FIRST)")
     args = parser.parse_args()
     dev, dtype, scale = "cuda", torch.bfloat16, (DN + R) ** -0.5
     rows = Rows(args.out, "mla_prefill_tiles")  # written as it grows
@@ -57,10 +53,10 @@ def main():
         floor_us = flops / (args.tflops * 1e12) * 1e6
         keys = torch.arange(t, device=dev)
         causal_mask = torch.zeros(t, t, device=dev).masked_fill(keys[None, :] > keys[:, None], float("-inf"))
-        tiles = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": st}
-                 for bm, bn, nw, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
         configs = [None, "sdpa"] + (["mask input"] if args.mask_input else []) + [
-            form for c in tiles for form in ([c, dict(c, HEAVY_FIRST=True)] if args.heavy_first else [c])]
+            {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": st}
+            for bm, bn, nw, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+        ]
         for cfg in configs:
             def one(s):
                 if cfg == "sdpa":

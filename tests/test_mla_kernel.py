@@ -199,8 +199,7 @@ def test_mask_tile_ranges_hold_what_each_tile_is(kind, bm, bn):
 def test_prefill_with_a_mask_input(kind, also_causal):
     """The prefill kernel over a mask it reads (what a layer compiled on its own receives): its hidden tiles
     skipped, its all-zero tiles read unmasked, the rest masked; with the causal flag as well, both apply. Key
-    tiles no row sees hold NaN: a kernel that computed a hidden tile would return NaN. fp16 runs the query blocks
-    last to first (HEAVY_FIRST)."""
+    tiles no row sees hold NaN: a kernel that computed a hidden tile would return NaN."""
     b, h, s, t = 2, 2, 45, 70
     mask = _prefill_masks(b, s, t)[kind]
     if also_causal and kind in ("padding", "holes"):  # rows whose every visible key is causally hidden: NaN
@@ -215,23 +214,20 @@ def test_prefill_with_a_mask_input(kind, also_causal):
         c_kv, k_pe = c_kv.clone(), k_pe.clone()
         c_kv[hidden], k_pe[hidden] = float("nan"), float("nan")
         out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.25, also_causal, mask, path="expanded",
-                                interpret=True, config={"BLOCK_M": 8, "BLOCK_N": 4,
-                                                        "HEAVY_FIRST": dtype == torch.float16})
+                                interpret=True, config={"BLOCK_M": 8, "BLOCK_N": 4})
         assert rel_err(out, ref) < TOL[dtype], (kind, dtype)
 
 
-@pytest.mark.parametrize("heavy_first", [False, True], ids=["in_order", "heavy_first"])
 @pytest.mark.parametrize("s,t,causal", [(50, 50, True), (9, 77, True), (33, 70, False), (40, 200, True)], ids=str)
-def test_prefill_interior_and_edge_tiles(s, t, causal, heavy_first):
+def test_prefill_interior_and_edge_tiles(s, t, causal):
     """Small tiles, so query blocks have several interior key tiles (read unmasked) before their edge ones: square
-    and chunked causal prefill (a short chunk over a long context too), a context off the tile, non-causal; the
-    query blocks in launch order and last to first (HEAVY_FIRST)."""
+    and chunked causal prefill (a short chunk over a long context too), a context off the tile, non-causal."""
     b, h, dn, r, dv, c = 2, 2, 16, 8, 16, 32
     for dtype in (torch.float32, torch.float16):
         q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, h, dn, r, dv, c, dtype, noncontig=True)
         ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.25, causal)
         out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.25, causal, path="expanded", interpret=True,
-                                config={"BLOCK_M": 16, "BLOCK_N": 16, "HEAVY_FIRST": heavy_first})
+                                config={"BLOCK_M": 16, "BLOCK_N": 16})
         assert rel_err(out, ref) < TOL[dtype]
 
 

@@ -270,7 +270,7 @@ def mla_prefill_kernel(
     S, T, H, scale, causal_offset,
     DN: tl.constexpr, DN_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
     DV: tl.constexpr, DV_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     """Flash attention for one (query block, batch, head): scores = q_nope . k_nope + q_pe . k_pe (two dots,
     no concatenated key), online softmax in base 2 (the scale carries log2(e): exp2 is the hardware's), P . V;
@@ -282,8 +282,6 @@ def mla_prefill_kernel(
     read), the others are edge tiles that read it."""
     scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Python floats come as fp64; log2(e) folded in
     pid_m = tl.program_id(0)
-    if HEAVY_FIRST:  # causal (flag or mask): the last query blocks see the most keys; first, they leave no tail
-        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -551,7 +549,6 @@ def mla_attention(
         raise ValueError(f"mla: path must be 'auto', 'absorbed' or 'expanded', got {path!r}")
     cfg = dict(config or PREFILL_CONFIG)
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    heavy_first = cfg.pop("HEAVY_FIRST", False)
     launch_opts = {} if interpret else cfg
     if fp8:  # the prefill expands the latent anyway: dequantized first, as the model's own code does
         c_kv = dequantize_latent(c_kv, kv_scale[..., None], dtype)
@@ -575,7 +572,7 @@ def mla_attention(
         s, t, h, scale, t - s,
         DN=dn, DN_POW2=max(16, triton.next_power_of_2(dn)), R=r, R_POW2=max(16, triton.next_power_of_2(r)),
         DV=dv, DV_POW2=max(16, triton.next_power_of_2(dv)), BLOCK_M=bm, BLOCK_N=bn,
-        HAS_MASK=has_mask, CAUSAL=causal, HEAVY_FIRST=heavy_first, **launch_opts,
+        HAS_MASK=has_mask, CAUSAL=causal, **launch_opts,
     )
     return out
 
