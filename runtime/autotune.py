@@ -112,15 +112,24 @@ _worker = threading.local()
 PRECOMPILE_THREADS = 8  # at most; fewer where the machine has fewer cores; DEEPFUSE_AUTOTUNE_THREADS=N to choose
 
 
+def _threads() -> int:
+    limit = os.environ.get("DEEPFUSE_AUTOTUNE_THREADS")
+    if not limit:
+        return min(PRECOMPILE_THREADS, os.cpu_count() or 1)
+    if not limit.isdigit() or int(limit) < 1:
+        raise ValueError(f"DEEPFUSE_AUTOTUNE_THREADS must be a whole number of threads, 1 or more; got {limit!r}")
+    return int(limit)
+
+
 def _precompile(configs: Sequence[dict], run: Callable[[dict], None], device: torch.device) -> None:
     """Run every candidate once, in threads, before any is timed: the first run of a candidate compiles its
     kernels, and Triton's compiler releases the GIL (its passes and ptxas: 2 threads compiled 6 MoE tiles for
     sm_90a in half the time of one, on a 2-core machine), so the candidates compile side by side instead of one
     after another (the MoE tune builds two kernels for each of its 18 candidates). The runs' results are not
-    used; a candidate that fails here fails again, and is skipped, when it is timed. One thread (or
-    DEEPFUSE_AUTOTUNE_THREADS=1): no precompile, each candidate compiles when it is first timed."""
-    limit = os.environ.get("DEEPFUSE_AUTOTUNE_THREADS")
-    workers = min(len(configs), int(limit) if limit else min(PRECOMPILE_THREADS, os.cpu_count() or 1))
+    used; a candidate that fails here fails again, and is skipped, when it is timed. Each run holds its own
+    outputs, so the threads take that much more GPU memory at once. One thread (or DEEPFUSE_AUTOTUNE_THREADS=1):
+    no precompile, each candidate compiles when it is first timed."""
+    workers = min(len(configs), _threads())
     if workers < 2:
         return
     index = device.index if device.index is not None else torch.cuda.current_device()  # a new thread's is 0

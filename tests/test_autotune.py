@@ -93,3 +93,10 @@ def test_one_thread_means_no_precompile(fake_gpu, monkeypatch):
     autotune.choose("kernel", 4, [{"i": 0}, {"i": 1}, {"i": 2}],
                     lambda cfg: threads.append(threading.current_thread().name), torch.device("cuda"))
     assert threads == [threading.current_thread().name] * 3
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_thread_count_is_a_clear_error(fake_gpu, monkeypatch, value):
+    monkeypatch.setenv("DEEPFUSE_AUTOTUNE_THREADS", value)
+    with pytest.raises(ValueError, match="DEEPFUSE_AUTOTUNE_THREADS must be a whole number"):
+        autotune.choose("kernel", 4, [{"i": 0}, {"i": 1}], lambda cfg: None, torch.device("cuda"))

@@ -169,8 +169,8 @@ acc += tl.dot(x, w.to(x.dtype), input_precision=${precision}) * scales""",
 }
 # The prequantized GEMM with its operand tiles brought in by Hopper's tensor-memory copies: descriptors over the
 # FP8 activations and weight (both K-contiguous), no per-element address arithmetic or masks in the K loop (the
-# copy engine zero-fills past the edges). On H100 at 8192^3: 681 TFLOP/s against 622 for the pointer-fed loop at
-# the same tile; at 4096 x 21888 x 2048 629 against 644 (bench/fp8_gemm_tiles.py, bench/RESULTS.md), so both
+# copy engine zero-fills past the edges). On H100, pre-kernel included, at 8192^3: 808 TFLOP/s against 715 for the
+# best pointer-fed tile; at 4096 x 21888 x 2048 677 against 677 (bench/fp8_gemm_tiles.py, bench/RESULTS.md), so both
 # forms are candidates (where tma_available). A 256-wide N tile as two 128-wide halves (each with its scalar weight
 # scale) lost at both (540 and 528 TFLOP/s) and is not kept.
 _TMA_KERNEL = """\
