@@ -3,10 +3,12 @@ deepfuse, beside the bundled model in eager and Hugging Face transformers' Deeps
 experts) in eager and under torch.compile's default, on the same prompt, in one process on one GPU.
 
     python bench/e2e.py --out DIR [--layers 27] [--prefill 2048] [--context 2048] [--batches 1,32]
-                        [--impls bundled,deepfuse,hf,hf_inductor] [--fp8]
+                        [--impls bundled,deepfuse,hf,hf_inductor] [--fp8] [--last-logits]
 
 Measured (CUDA events, median; every call launched from Python as a user would):
-- prefill of one sequence of --prefill tokens;
+- prefill of one sequence of --prefill tokens (logits of every position; with --last-logits, of the last one
+  only, as a generating prefill needs: every implementation is asked for that, HF transformers through its own
+  ``logits_to_keep``, and the floor leaves out the output projection of the other positions);
 - one decode step of batch 1 at a context of --context tokens (ms per token), and of each batch in --batches
   (tokens/s). For decode timing the cache holds random latents up to the context (what is in it does not
   change the work); the step writes position `context` and attends over everything before it;
@@ -69,13 +71,15 @@ def decode_bytes(cfg, params: dict, batch: int, context: int, cache_bytes_per_to
     return params["dense_bytes"] + moe_layers * touched * expert + cache
 
 
-def prefill_flops(cfg, params: dict, tokens: int) -> float:
-    """Matmul FLOPs of a causal prefill: 2 * active weights per token, plus attention (expanded keys, causal)."""
+def prefill_flops(cfg, params: dict, tokens: int, logits_rows: int) -> float:
+    """Matmul FLOPs of a causal prefill: 2 * active weights per token, plus attention (expanded keys, causal),
+    less the output projection of the positions whose logits are not asked for (all but ``logits_rows``)."""
     from deepfuse.runtime.kernels import mla
 
     attn = mla.flops(1, tokens, tokens, cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                      cfg.v_head_dim, True) * cfg.num_hidden_layers
-    return 2 * tokens * params["active_per_token"] + attn
+    unasked = 2 * (tokens - logits_rows) * cfg.vocab_size * cfg.hidden_size
+    return 2 * tokens * params["active_per_token"] + attn - unasked
 
 
 def weight_figures(model, cfg) -> dict:
@@ -112,7 +116,8 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
     figures = weight_figures(model, cfg)
     p, ctx = args.prefill, args.context
     prompt = the_prompt(cfg, p)
-    prefill_floor = prefill_flops(cfg, figures, p) / peak * 1e3
+    prefill_floor = prefill_flops(cfg, figures, p, 1 if args.last_logits else p) / peak * 1e3
+    keep = {"logits_to_keep": 1} if args.last_logits else {}  # every prefill call below, HF's too
 
     def row(impl, what, batch, ms, floor_ms):
         add_row(rows, impl, what, batch, ms, floor_ms, p)
@@ -121,7 +126,8 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
     with torch.no_grad():
         if "bundled" in args.impls:
             cache = model.new_cache(1, max_len, fp8=args.fp8_cache)
-            row("bundled eager", "prefill", 1, median_ms(lambda: model(prompt, 0, cache), 5), prefill_floor)
+            row("bundled eager", "prefill", 1, median_ms(lambda: model(prompt, 0, cache, **keep), 5),
+                prefill_floor)
             for b in args.batches:
                 cache = model.new_cache(b, max_len, fp8=args.fp8_cache)
                 fill_cache(cache, ctx)
@@ -149,14 +155,15 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 cache = model.new_cache(1, max_len, fp8=args.fp8_cache)
                 with collecting(report):
                     start = time.perf_counter()
-                    compiled(prompt, 0, cache)  # as generate() prefills: the prefix, causal
+                    compiled(prompt, 0, cache, **keep)  # as generate() prefills: the prefix, causal
                     torch.cuda.synchronize()
                     notes["deepfuse_compile_s_prefill"] = time.perf_counter() - start
                 print(f"deepfuse compile, prefill: {notes['deepfuse_compile_s_prefill']:.1f} s", flush=True)
                 row("deepfuse", "prefill", 1,
-                    median_ms(lambda: compiled(prompt, 0, cache), 5), prefill_floor)
+                    median_ms(lambda: compiled(prompt, 0, cache, **keep), 5), prefill_floor)
                 if args.profile:
-                    profile(lambda: compiled(prompt, 0, cache), os.path.join(args.out, "profile_prefill.txt"), 3)
+                    profile(lambda: compiled(prompt, 0, cache, **keep), os.path.join(args.out, "profile_prefill.txt"),
+                            3)
             for b in args.deepfuse_batches:
                 cache = model.new_cache(b, max_len, fp8=args.fp8_cache)
                 fill_cache(cache, ctx)
@@ -243,6 +250,7 @@ def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
                 param.normal_(0.0, cfg.initializer_range, generator=gen)
     p, ctx = args.prefill, args.context
     prompt = the_prompt(cfg, p)
+    keep = {"logits_to_keep": 1} if args.last_logits else {}
     latent_bf16 = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2  # the floor's cache: what MLA needs, not HF's
 
     def row(impl, what, batch, ms, floor_ms):
@@ -250,7 +258,8 @@ def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
 
     with torch.no_grad():
         if "hf" in args.impls:
-            row("hf eager", "prefill", 1, median_ms(lambda: hf(prompt, use_cache=False).logits, 5), prefill_floor)
+            row("hf eager", "prefill", 1, median_ms(lambda: hf(prompt, use_cache=False, **keep).logits, 5),
+                prefill_floor)
             ctx_ids = torch.randint(0, cfg.vocab_size, (1, ctx), device="cuda")
             past = hf(ctx_ids, use_cache=True).past_key_values
             tok = torch.randint(0, cfg.vocab_size, (1, 1), device="cuda")
@@ -263,10 +272,10 @@ def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
         if "hf_inductor" in args.impls:
             compiled = torch.compile(hf)
             start = time.perf_counter()
-            compiled(prompt, use_cache=False)
+            compiled(prompt, use_cache=False, **keep)
             torch.cuda.synchronize()
             print(f"hf+inductor compile (prefill): {time.perf_counter() - start:.1f} s", flush=True)
-            row("hf+inductor", "prefill", 1, median_ms(lambda: compiled(prompt, use_cache=False).logits, 5),
+            row("hf+inductor", "prefill", 1, median_ms(lambda: compiled(prompt, use_cache=False, **keep).logits, 5),
                 prefill_floor)
 
 
@@ -295,6 +304,8 @@ def main():
                         help="write the GPU kernels of deepfuse's decode steps to profile_decode_b{B}.txt (and of "
                              "its prefill, unless --deepfuse-decode-only, to profile_prefill.txt)")
     parser.add_argument("--impls", default="bundled,deepfuse,hf,hf_inductor")
+    parser.add_argument("--last-logits", action="store_true",
+                        help="prefill: the last position's logits only (logits_to_keep=1), for every implementation")
     parser.add_argument("--fp8-cache", action="store_true",
                         help="the bundled model's latent cache in FP8 (c_kv with a scale per token); bundled and deepfuse")
     parser.add_argument("--fp8", action="store_true",
@@ -321,6 +332,8 @@ def main():
     rows, notes = [], ({"fp8": "bundled model in V3's FP8 format (linears and routed experts)"} if args.fp8 else {})
     if args.fp8_cache:
         notes["fp8_cache"] = "the bundled model's latent cache in FP8 (c_kv, one scale per token; k_pe bf16)"
+    if args.last_logits:
+        notes["last_logits"] = "prefill: the last position's logits only (logits_to_keep=1), every implementation"
     figures, prefill_floor = bench_bundled(args, cfg, bandwidth, peak, rows, notes)
     torch._dynamo.reset()  # drops the compiled model and its CUDA graphs before the HF model is built
     gc.collect()

@@ -421,12 +421,18 @@ class DeepSeekForCausalLM(nn.Module):
         self.model = DeepSeekModel(config, attn_impl)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, start_pos=0, cache: Optional[LatentKVCache] = None):
+    def forward(self, input_ids: torch.Tensor, start_pos=0, cache: Optional[LatentKVCache] = None,
+                logits_to_keep: int = 0):
         """Logits [B, S, vocab] (fp32) for tokens at positions start_pos .. start_pos + S - 1.
 
         ``start_pos`` a Python int: attention over the cache's filled prefix. ``start_pos`` a 0-d int64 tensor
         (with a cache): attention over the whole preallocated cache, the keys past each query masked, so every
-        decode step has the same shapes whatever the context (see ``LatentKVCache``; what CUDA graphs need)."""
+        decode step has the same shapes whatever the context (see ``LatentKVCache``; what CUDA graphs need).
+        ``logits_to_keep`` N > 0: the logits of the last N positions only ([B, min(N, S), vocab]; HF transformers'
+        argument of that name): a prefill that only samples its next token skips the output projection and the
+        fp32 cast of every other position (2048 x 102400 values for V2-Lite at 2048 tokens)."""
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
         bsz, seqlen = input_ids.shape
         device = input_ids.device
         static = isinstance(start_pos, torch.Tensor)
@@ -442,6 +448,8 @@ class DeepSeekForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, start_pos, cos, sin, mask, cache.layers[i] if cache is not None else None)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(h)).float()
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None,
@@ -522,7 +530,7 @@ def generate(
     cache = model.new_cache(bsz, plen + max_new_tokens, fp8=fp8_cache)
     # The prefill addresses the cache's prefix (a Python position) either way: it runs once, and its mask is
     # then the plain causal one, which deepfuse's kernels apply without reading a mask.
-    logits = forward(prompt, 0, cache)[:, -1]
+    logits = forward(prompt, 0, cache, logits_to_keep=1)[:, -1]
     position = torch.tensor(plen, device=prompt.device) if static_cache else plen
     out = []
     for i in range(max_new_tokens):

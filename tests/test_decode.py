@@ -32,6 +32,27 @@ def test_static_cache_steps_equal_prefix_steps():
     assert static.kv[:, :, 14:].abs().sum() == 0  # nothing written past the last position
 
 
+def test_logits_of_the_last_positions_only():
+    """logits_to_keep=N: the last N positions' logits, equal to those rows of the full output, eager and compiled
+    by deepfuse; more than the sequence gives every position; a negative count or a float is a clear error."""
+    model, cfg = _model()
+    prompt = torch.randint(0, cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        full = model(prompt, 0, model.new_cache(2, 8))
+        last = model(prompt, 0, model.new_cache(2, 8), logits_to_keep=1)
+        three = model(prompt, 0, model.new_cache(2, 8), logits_to_keep=3)
+        every = model(prompt, 0, model.new_cache(2, 8), logits_to_keep=50)
+        compiled = torch.compile(model, backend="deepfuse", options={"interpret": True})
+        compiled_last = compiled(prompt, 0, model.new_cache(2, 8), logits_to_keep=1)
+    assert last.shape == (2, 1, cfg.vocab_size) and three.shape == (2, 3, cfg.vocab_size)
+    assert rel_err(last, full[:, -1:]) < 1e-6 and rel_err(three, full[:, -3:]) < 1e-6
+    assert every.shape == full.shape and rel_err(every, full) < 1e-6
+    assert rel_err(compiled_last, full[:, -1:]) < 1e-5
+    for bad in (-1, 1.0):
+        with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+            model(prompt, 0, logits_to_keep=bad)
+
+
 def test_fp8_cache_stores_each_token_at_its_own_scale():
     """The FP8 latent cache: one fp32 scale per token (its row's amax / 448), the rows round-trip within e4m3's
     grid (2^-4 relative, or half a subnormal step below 2^-6 of the scale), an all-zero row stays zero; static
