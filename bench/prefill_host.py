@@ -1,10 +1,11 @@
 """Where a compiled prefill's time goes: the GPU's work, the host's, and what the first call spends compiling.
 
     python bench/prefill_host.py --out DIR [--layers 27] [--prefill 2048] [--compile blocks|whole] [--tag NAME]
-        [--profile-compile]
+        [--profile-compile] [--last-logits]
 
 The bundled DeepSeek-V2-Lite (random weights, bf16) compiled by deepfuse as bench/e2e.py compiles it, one prompt
-of --prefill tokens, batch 1. After the first call (its wall time is the compile; with --profile-compile profiled
+of --prefill tokens, batch 1 (with --last-logits the last position's logits only, as generate() prefills; else
+every position's). After the first call (its wall time is the compile; with --profile-compile profiled
 with cProfile, which slows the compile's Python and so lengthens that time), the same call is timed four ways,
 each a median:
 - launched: CUDA events around the call from Python (what bench/e2e.py reports);
@@ -107,6 +108,8 @@ def main():
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--compile", choices=("whole", "blocks"), default="blocks")
     parser.add_argument("--tag", default="run", help="suffix of the files written (cold, warm, ...)")
+    parser.add_argument("--last-logits", action="store_true",
+                        help="the last position's logits only (logits_to_keep=1), as generate() prefills")
     parser.add_argument("--profile-compile", action="store_true",
                         help="profile the first call (cProfile slows the compile's Python: its wall time grows)")
     args = parser.parse_args()
@@ -125,9 +128,11 @@ def main():
         forward = torch.compile(model, backend="deepfuse", dynamic=False)
     prompt = the_prompt(cfg, args.prefill)  # e2e.py's prompt
     cache = model.new_cache(1, args.prefill)
-    result = {"environment": environment(), "layers": args.layers, "prefill": args.prefill, "compile": args.compile}
+    result = {"environment": environment(), "layers": args.layers, "prefill": args.prefill, "compile": args.compile,
+              "last_logits": args.last_logits}
+    keep = {"logits_to_keep": 1} if args.last_logits else {}
     with torch.no_grad():
-        call = lambda: forward(prompt, 0, cache)  # noqa: E731
+        call = lambda: forward(prompt, 0, cache, **keep)  # noqa: E731
         if args.profile_compile:
             result["first_call_s"] = profiled(call, os.path.join(args.out, f"compile_profile_{args.tag}.txt"),
                                               "cumulative")
