@@ -114,8 +114,9 @@ PRECOMPILE_THREADS = 8  # at most; fewer where the machine has fewer cores; DEEP
 
 def _threads() -> int:
     limit = os.environ.get("DEEPFUSE_AUTOTUNE_THREADS")
-    if not limit:
-        return min(PRECOMPILE_THREADS, os.cpu_count() or 1)
+    if not limit:  # the cores this process may run on (a container's share, not the host's count)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(PRECOMPILE_THREADS, cores)
     if not limit.isdigit() or int(limit) < 1:
         raise ValueError(f"DEEPFUSE_AUTOTUNE_THREADS must be a whole number of threads, 1 or more; got {limit!r}")
     return int(limit)

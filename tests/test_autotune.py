@@ -30,7 +30,7 @@ def fake_gpu(monkeypatch, tmp_path):
 def test_candidates_compile_side_by_side_then_the_fastest_wins(fake_gpu, monkeypatch):
     """Every candidate runs once in the precompile, several at a time on several threads, before any is timed;
     the timing then picks the fastest; a candidate that raises is skipped, not fatal."""
-    monkeypatch.setattr(autotune.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(autotune, "_threads", lambda: 4)
     configs = [{"i": i} for i in range(6)]
     first_runs, timed = {}, []
     running, peak = [0], [0]
@@ -65,7 +65,7 @@ def test_candidates_compile_side_by_side_then_the_fastest_wins(fake_gpu, monkeyp
 def test_a_choose_inside_a_precompile_run_takes_its_default_without_waiting(fake_gpu, monkeypatch):
     """A candidate whose run tunes another kernel (with its own choose) must not wait on the tune that holds the
     lock: in a precompile thread the inner choose returns its default (or a choice already made)."""
-    monkeypatch.setattr(autotune.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(autotune, "_threads", lambda: 2)
     inner_choices = []
 
     def inner_run(cfg):
@@ -100,3 +100,11 @@ def test_a_bad_thread_count_is_a_clear_error(fake_gpu, monkeypatch, value):
     monkeypatch.setenv("DEEPFUSE_AUTOTUNE_THREADS", value)
     with pytest.raises(ValueError, match="DEEPFUSE_AUTOTUNE_THREADS must be a whole number"):
         autotune.choose("kernel", 4, [{"i": 0}, {"i": 1}], lambda cfg: None, torch.device("cuda"))
+
+
+def test_the_default_thread_count_is_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("DEEPFUSE_AUTOTUNE_THREADS", raising=False)
+    monkeypatch.setattr(autotune.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert autotune._threads() == 3
+    monkeypatch.setattr(autotune.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert autotune._threads() == autotune.PRECOMPILE_THREADS
