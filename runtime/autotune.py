@@ -88,14 +88,24 @@ def choose(
     return configs[_memory[key]]
 
 
+def copies_past_l2(like: torch.Tensor, device: torch.device, cap: int) -> int:
+    """How many tensors of ``like``'s size pass twice ``device``'s L2 (at least 1, at most ``cap``)."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+    return max(1, min(cap, -(-2 * l2 // max(like.numel() * like.element_size(), 1))))
+
+
 def cold_copies(like: torch.Tensor, device: torch.device, cap: int) -> list[torch.Tensor]:
     """Random tensors of ``like``'s shape, strides and dtype on ``device``, enough to pass twice the L2 (at most
     ``cap``): a candidate timed over them back to back reads its operand from HBM, as a model's next layer
     does, where one tensor timed alone sits in L2 after the first replay."""
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-    copies = max(1, min(cap, -(-2 * l2 // (like.numel() * like.element_size()))))
     return [torch.empty_strided(tuple(like.shape), tuple(like.stride()), dtype=like.dtype, device=device).normal_()
-            for _ in range(copies)]
+            for _ in range(copies_past_l2(like, device, cap))]
+
+
+def cold_clones(t: torch.Tensor, cap: int) -> list[torch.Tensor]:
+    """``t`` and clones of it, enough to pass twice the L2 (at most ``cap``): ``cold_copies`` for a tensor whose
+    values matter or whose dtype takes no random fill (an FP8 or int8 weight)."""
+    return [t] + [t.clone() for _ in range(copies_past_l2(t, t.device, cap) - 1)]
 
 
 _gpu_names: dict[int, str] = {}

@@ -108,3 +108,37 @@ def test_the_default_thread_count_is_the_cores_this_process_may_use(monkeypatch)
     assert autotune._threads() == 3
     monkeypatch.setattr(autotune.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert autotune._threads() == autotune.PRECOMPILE_THREADS
+
+
+def test_weight_clones_pass_twice_the_l2(monkeypatch):
+    """cold_clones: the tensor itself, then clones (same values, own memory) until twice the L2 is passed, at most
+    ``cap`` in all; one at least, however large the tensor."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=1000))
+    w = torch.arange(100, dtype=torch.int8)
+    clones = autotune.cold_clones(w, cap=16)
+    assert len(clones) == 16 and clones[0] is w
+    assert all(torch.equal(c, w) and c.data_ptr() != w.data_ptr() for c in clones[1:])
+    assert len(autotune.cold_clones(torch.zeros(300, dtype=torch.int8), cap=16)) == 7  # 2000 / 300, rounded up
+    assert len(autotune.cold_clones(torch.zeros(5000, dtype=torch.int8), cap=16)) == 1
+
+
+def test_quant_timing_runs_each_candidate_over_the_weight_clones(monkeypatch):
+    """quant_matmul's timing run launches a candidate once per weight clone, the clones made once (on the first
+    run, under a lock, as precompile threads may start it together)."""
+    from deepfuse.runtime.kernels import quant
+
+    made = []
+    monkeypatch.setattr(autotune, "cold_clones", lambda w, cap: made.append(cap) or [w, w.clone(), w.clone()])
+    w = torch.zeros(4, 4)
+    launched = []
+    run = quant._over_cold_weights(lambda cfg, weight: launched.append((cfg["i"], weight.data_ptr())), w)
+    threads = [threading.Thread(target=run, args=({"i": i},)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == [quant.TUNE_WEIGHT_COPIES]
+    assert sorted(i for i, _ in launched) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert len({ptr for _, ptr in launched}) == 3 and w.data_ptr() in {ptr for _, ptr in launched}
