@@ -450,8 +450,8 @@ def quant_matmul(
 
 # The weight copies a candidate is timed over: a weight read once per call, from HBM in a model (the next layer's
 # weight is not in L2), sits in L2 when one copy is replayed alone, and a tile that wins there can lose from HBM
-# (at 128 tokens a split-K tile won the timing of kv_b_proj's 2 MB weight, then ran 6.3 -> 8.4 us over weight
-# copies: bench/RESULTS.md).
+# (the likely cause of kv_b_proj at 128 tokens going 6.3 -> 8.4 us in bench/run.py, which rotates weight copies,
+# once split-K tiles were among its candidates: its 2 MB weight was timed alone; the pick was not recorded).
 TUNE_WEIGHT_COPIES = 16
 
 
