@@ -510,7 +510,8 @@ def generate(
 ) -> torch.Tensor:
     """Greedy (temperature 0) or sampled generation over the latent cache; returns [B, max_new_tokens].
 
-    ``forward`` is what runs each step (default: the model itself; pass a torch.compile'd model).
+    ``forward`` is what runs each step (default: the model itself; pass a torch.compile'd model); the prefill calls
+    it with ``logits_to_keep=1`` (only the last position's logits are sampled from).
     ``static_cache``: the decode steps' positions go in as device tensors and every step attends over the whole
     preallocated cache (masked), so all decode steps share one compiled graph and one CUDA graph; use it with
     ``mode="reduce-overhead"``.
