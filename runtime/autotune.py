@@ -111,8 +111,12 @@ def cold_clones(t: torch.Tensor, cap: int) -> list[torch.Tensor]:
 _gpu_names: dict[int, str] = {}
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _key(kernel_key: str, n: int, device: torch.device) -> str:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     if index not in _gpu_names:
         _gpu_names[index] = torch.cuda.get_device_name(index)
     return f"{kernel_key}|{_gpu_names[index]}|{bucket(n)}"
@@ -143,7 +147,7 @@ def _precompile(configs: Sequence[dict], run: Callable[[dict], None], device: to
     workers = min(len(configs), _threads())
     if workers < 2:
         return
-    index = device.index if device.index is not None else torch.cuda.current_device()  # a new thread's is 0
+    index = _index(device)  # the caller's: a new thread's current device is 0
 
     def warm(cfg):
         _worker.precompiling = True  # a choose() inside run() takes its default instead of timing (see choose)

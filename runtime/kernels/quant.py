@@ -298,7 +298,7 @@ SMALL_CONFIGS = [
 # fixed order; 43 -> 28 us there on H100 (cuBLAS bf16 25, row-wise FP8 29). Timed beside the unsplit tiles, so
 # where the tiles already fill the GPU the autotuner keeps those; offered only where each range keeps at least
 # SPLIT_MIN_K_TILES K tiles (kv_b_proj's K = 512, four tiles in all, ran 6.3 -> 8.4 us with them among the
-# candidates, the cause not looked into).
+# candidates; see TUNE_WEIGHT_COPIES for the likely cause).
 SPLIT_MIN_K_TILES = 4
 SMALL_SPLIT_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": splits, "num_warps": 4, "num_stages": 4}
@@ -457,7 +457,8 @@ TUNE_WEIGHT_COPIES = 16
 
 def _over_cold_weights(launch, w: torch.Tensor):
     """``launch(cfg, weight)`` for the timing, over ``w`` and clones of it past twice the L2, made on the first run
-    (``choose`` runs it only when it times, and its precompile threads run it side by side)."""
+    (``choose`` runs it only when it times, so a cached choice clones nothing; its precompile threads run it side
+    by side)."""
     copies, lock = [], threading.Lock()
 
     def run(cfg: dict) -> None:
@@ -626,8 +627,8 @@ def _configs(m, k: int, fmt: str, act_quant: bool, block, mode: str, device: tor
     """The candidate tiles ``mode`` times at ``m`` rows over ``k`` on ``device``, fitted to the scale blocks."""
     tma = mode == "prequantized" and tma_available(device, interpret)
     configs = [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma)]
-    configs = [c for c in configs if not c.get("SPLIT_K") or c["SPLIT_K"] == 1
-               or triton.cdiv(k, c["BLOCK_K"]) >= SPLIT_MIN_K_TILES * c["SPLIT_K"]]
+    configs = [c for c in configs
+               if c.get("SPLIT_K", 1) == 1 or triton.cdiv(k, c["BLOCK_K"]) >= SPLIT_MIN_K_TILES * c["SPLIT_K"]]
     if fmt == "fp8-block":
         configs = [c for c in configs if c["BLOCK_M"] * c["BLOCK_N"] <= FP8_MAX_ACC_PER_THREAD * 32 * c["num_warps"]]
     return configs
@@ -648,13 +649,12 @@ def tune(m: int, n: int, k: int, fmt: str, act_quant: bool, block, x_dtype, devi
     w, scale = quantize_weight(torch.randn((n, k), device=device), fmt, block)
     bias = torch.zeros(n, dtype=x_dtype, device=device) if has_bias else None
     gen, _ = kernels_for(mode, x_dtype)
-    weights = autotune.cold_clones(w, TUNE_WEIGHT_COPIES)  # each read from HBM, as in a model (TUNE_WEIGHT_COPIES)
 
-    def run(cfg: dict) -> None:
-        for weight in weights:
-            quant_matmul(x, weight, scale, bias, fmt, act_quant, block, config=cfg)
+    def launch(cfg: dict, weight: torch.Tensor) -> None:
+        quant_matmul(x, weight, scale, bias, fmt, act_quant, block, config=cfg)
 
-    return autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs, run, device)
+    return autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs, _over_cold_weights(launch, w),
+                           device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
