@@ -245,6 +245,7 @@ class MoEPass:
         out_dtype = value(out).dtype
         origin = f"{where[1] or '?'} ({where[0]})"
         xv = value(x)
+        gen = kernel.kernels_for(xv.dtype, act, origin, shared=shared is not None) if impl != "reference" else None
         binding = RegionBinding(region, out)
         config = None
         if impl == "triton" and inline:
@@ -254,11 +255,6 @@ class MoEPass:
                 config = kernel.tune(hint(xv.shape[0]), params["hidden"], params["intermediate"], params["experts"],
                                      params["top_k"], xv.dtype, xv.device, act,
                                      shared["count"] if shared is not None else 0)
-        # the file explain shows: the descriptor-fed one where the tuned tile is (the weights' fit is checked at
-        # the launch, which falls back to the same tile pointer-fed)
-        gen = (kernel.kernels_for(xv.dtype, act, origin, shared=shared is not None,
-                                  descriptors=bool(config and config.get("TMA")) and shared is None)
-               if impl != "reference" else None)
 
         if shared is not None:
             flips = shared["transposed"]

@@ -376,91 +376,10 @@ def test_gpu_experts_edge_routes():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 513, 4096])
-def test_gpu_every_descriptor_fed_candidate(t, descriptor_calls):
-    for config in moe.TMA_CANDIDATES:
-        _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, config=config)
-    _check(300, 512, 256, 16, 8, torch.bfloat16, "cuda", interpret=False, route="one_expert", noncontig=True,
-           config=moe.TMA_CANDIDATES[0], deterministic=False)
-    assert descriptor_calls and all(descriptor_calls)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64])
 def test_gpu_every_autotune_candidate(t):
     for config in moe.CANDIDATES:
         _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, config=config)
-
-
-TMA_SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_N_DOWN": 16, "TMA": True}
-
-
-@pytest.fixture
-def descriptor_calls(monkeypatch):
-    """The ``descriptors`` flag of every experts launch's kernels_for call (not the align's)."""
-    calls, real = [], moe.kernels_for
-
-    def recorded(*args, **kwargs):
-        if "weight_format" in kwargs:
-            calls.append(kwargs.get("descriptors", False))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(moe, "kernels_for", recorded)
-    return calls
-
-
-@pytest.mark.parametrize("case", [
-    (5, 80, 48, 7, 3),     # the intermediate off the N tile (a gate tile reads up rows), hidden off the K tile
-    (1, 64, 32, 8, 2),     # one token: no align, blocks from the router's ids
-    (0, 32, 32, 4, 2),     # no tokens
-    (40, 32, 48, 7, 3),    # many padding rows in the down kernel's A tiles
-    (9, 32, 32, 8, 8),     # k = every expert
-], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_interpreted_descriptor_fed_tiles(case, dtype, descriptor_calls):
-    """The weight tiles (and the down kernel's A tiles) through tensor descriptors: the same results."""
-    _check(*case, dtype, "cpu", interpret=True, config=TMA_SMALL)
-    _check(*case, dtype, "cpu", interpret=True, config=TMA_SMALL, deterministic=False)
-    assert descriptor_calls and all(descriptor_calls)
-
-
-def test_interpreted_descriptor_fed_edge_routes(descriptor_calls):
-    _check(30, 64, 32, 8, 3, torch.float16, "cpu", interpret=True, config=TMA_SMALL, route="one_expert",
-           noncontig=True)
-    assert all(descriptor_calls)
-
-
-def test_interpreted_descriptor_tile_falls_back_where_descriptors_do_not_fit(descriptor_calls):
-    """Rows of 36 fp16 values (72 bytes, not a multiple of 16), or shared experts in the launch: the same tile
-    pointer-fed, right."""
-    _check(5, 36, 32, 4, 2, torch.float16, "cpu", interpret=True, config=TMA_SMALL)
-    _check(5, 64, 32, 4, 2, torch.float16, "cpu", interpret=True, config=TMA_SMALL, shared=2)
-    assert descriptor_calls and not any(descriptor_calls)
-    with pytest.raises(ValueError, match="descriptor-fed"):
-        moe.kernels_for(torch.float16, "silu", shared=True, descriptors=True)
-
-
-def test_descriptor_fed_candidates_only_where_descriptors_run(monkeypatch):
-    """``tune`` offers the TMA tiles only for routed float experts on a GPU that has tensor descriptors."""
-    seen = {}
-
-    def choose(key, n, configs, run, device, enabled=True):
-        seen[key] = configs
-        return configs[0]
-
-    monkeypatch.setattr(moe.autotune, "choose", choose)
-    monkeypatch.setattr(moe, "descriptors_available", lambda device: True)
-    monkeypatch.setattr(moe, "moe_experts", lambda *a, **k: None)
-    real_zeros, real_randn, real_rand = torch.zeros, torch.randn, torch.rand
-    for fn in ("randn", "rand"):  # no CUDA here: the tuning inputs on the CPU
-        real = getattr(torch, fn)
-        monkeypatch.setattr(torch, fn, lambda *a, _real=real, device=None, **k: _real(*a, **k))
-    monkeypatch.setattr(moe.torch, "device", lambda d: type("D", (), {"type": "cuda"})())
-    moe.tune(4, 32, 16, 4, 2, torch.float16, "cuda")
-    moe.tune(4, 32, 16, 4, 2, torch.float16, "cuda", shared=1)
-    (plain_key, plain), (shared_key, with_shared) = seen.items()
-    assert plain_key.endswith("-tma") and [c for c in plain if c.get("TMA")] == moe.TMA_CANDIDATES
-    assert not any(c.get("TMA") for c in with_shared) and not shared_key.endswith("-tma")
 
 
 @pytest.mark.parametrize("t,e,k", [(5, 64, 6), (3, 7, 7), (1, 160, 1), (0, 8, 2), (4, 1024, 8)])

@@ -138,10 +138,12 @@ def moe_gate_up_act_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        ${gate_up_loads}
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
         ${gate_up_product}
         a_ptrs += BLOCK_K
-        ${gate_up_advance}
+        g_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
     gate = acc_gate
     act = ${activation}
     out = (act * acc_up).to(${dtype})
@@ -172,13 +174,17 @@ def moe_down_weighted_kernel(
     ${block_rows}
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = H + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
     ${down_pointers}
     n_ok = offs_n[None, :] < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ${down_loads}
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
         ${down_product}
-        ${down_advance}
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wk
     token = (slot // TOP_K).to(tl.int64)
     choice = slot % TOP_K
     weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
@@ -223,47 +229,6 @@ _ROUTED_POINTERS = {
 g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
 u_ptrs = g_ptrs + N * stride_wn""",
     "down": "b_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk",
-}
-# The K loop's tile loads and pointer steps ("pointers"), or (routed bf16/fp16/fp32 experts alone, contiguous) the
-# weight tiles, and the down kernel's A tiles, through tensor descriptors ("descriptors"): Hopper's tensor-memory
-# copies, no address arithmetic or masks in the loop, edges zero-filled. The stacked weights read as one
-# [E * rows, K] matrix: a tile past an expert's last row reads the next expert's, in output columns never
-# stored. The down kernel's A rows are the intermediate's in block order (padding rows included: their products
-# land in rows never stored); its row count is the grid's row blocks times BLOCK_M.
-_A_POINTERS_DOWN = "a_ptrs = H + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]"
-_LOADS = {
-    "pointers": {
-        "gate_up": ("""\
-g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
-u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)""", """\
-g_ptrs += BLOCK_K * stride_wk
-u_ptrs += BLOCK_K * stride_wk"""),
-        "down": ("""\
-k_ok = offs_k < K - k0
-a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)""", """\
-a_ptrs += BLOCK_K
-b_ptrs += BLOCK_K * stride_wk"""),
-    },
-    "descriptors": {
-        "gate_up": ("""\
-g = w_desc.load([gate_row, k0]).T
-u = w_desc.load([gate_row + N, k0]).T""", ""),
-        "down": ("""\
-a = h_desc.load([pid_m * BLOCK_M, k0])
-b = w_desc.load([down_row, k0]).T""", ""),
-    },
-}
-_DESCRIPTORS = {
-    "gate_up": """\
-w_desc = tl.make_tensor_descriptor(W, shape=[E_ROUTED * 2 * N, K], strides=[K, 1],
-                                  block_shape=[BLOCK_N, BLOCK_K])
-gate_row = (expert * 2 * N + pid_n * BLOCK_N).to(tl.int32)  # the up rows follow N rows later""",
-    "down": """\
-rows = tl.num_programs(1 if N_FASTEST else 0) * BLOCK_M
-h_desc = tl.make_tensor_descriptor(H, shape=[rows, K], strides=[stride_hm, 1], block_shape=[BLOCK_M, BLOCK_K])
-w_desc = tl.make_tensor_descriptor(W, shape=[E_ROUTED * N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
-down_row = (expert * N + pid_n * BLOCK_N).to(tl.int32)""",
 }
 _SHARED_POINTERS = {
     "gate_up": """\
@@ -375,17 +340,13 @@ def _scale_args(kind: str, fp8: bool, prequant: bool, shared: bool) -> str:
             + (f"{shared_scales} stride_shn, stride_shk," if shared else ""))
 
 
-def _pointers(kind: str, shared: bool, fp8: bool, descriptors: bool = False) -> str:
-    """The weight (and FP8 scale) pointers of the program's expert, ``scale_k`` the scales' K stride; or the
-    tensor descriptors the K loop loads from (``descriptors``: routed float experts alone)."""
-    if descriptors:
-        return _DESCRIPTORS[kind]
-    a = f"{_A_POINTERS_DOWN}\n" if kind == "down" else ""
+def _pointers(kind: str, shared: bool, fp8: bool) -> str:
+    """The weight (and FP8 scale) pointers of the program's expert; ``scale_k`` the scales' K stride."""
     if not shared:
-        return a + _ROUTED_POINTERS[kind] + (f"\n{_SCALE_POINTERS[kind]}\nscale_k = stride_ssk" if fp8 else "")
+        return _ROUTED_POINTERS[kind] + (f"\n{_SCALE_POINTERS[kind]}\nscale_k = stride_ssk" if fp8 else "")
     routed = _ROUTED_POINTERS[kind] + (f"\n{_SCALE_POINTERS[kind]}" if fp8 else "")
     own = _SHARED_POINTERS[kind] + (f"\n{_SHARED_SCALE_POINTERS[kind]}" if fp8 else "")
-    return (a + "if expert < E_ROUTED:\n" + textwrap.indent(routed, "    ") + "\nelse:\n" + textwrap.indent(own, "    ")
+    return ("if expert < E_ROUTED:\n" + textwrap.indent(routed, "    ") + "\nelse:\n" + textwrap.indent(own, "    ")
             + ("\nscale_k = tl.where(expert < E_ROUTED, stride_ssk, stride_shk)  # the routed or the shared grid's"
                if fp8 else ""))
 
@@ -394,25 +355,19 @@ _generated = memo()
 
 
 def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: bool = False,
-                weight_format: str = "float", descriptors: bool = False):
-    """The generated module of the experts' kernels for this specialization. ``descriptors``: the weight tiles
-    (and the down kernel's A tiles) loaded through tensor descriptors, for routed experts in a float format
-    alone."""
+                weight_format: str = "float"):
     if activation not in ACTIVATIONS:
         raise ValueError(f"moe: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
     if weight_format not in _PRODUCTS:
         raise ValueError(f"moe: expert weight format {weight_format!r} is not supported "
                          f"(formats: {', '.join(WEIGHT_FORMATS)})")
-    if descriptors and (shared or weight_format != "float"):
-        raise ValueError("moe: the descriptor-fed kernels take routed experts in a float format alone")
-    key = (str(cache_dir()), dtype, activation, shared, weight_format, descriptors)
+    key = (str(cache_dir()), dtype, activation, shared, weight_format)
     if key not in _generated:
         fp8 = weight_format != "float"
         prequant = weight_format == "fp8-block-prequant"
         w8a8 = weight_format in ("fp8-block", "fp8-block-prequant")
         spec = {"dtype": str(dtype), "activation": activation, **({"shared_experts": True} if shared else {}),
-                **({"weight_format": weight_format} if fp8 else {}),
-                **({"weight_tiles": "tensor descriptors"} if descriptors else {})}
+                **({"weight_format": weight_format} if fp8 else {})}
         header = (
             "Pattern family: moe (routed experts" + (" and shared experts" if shared else "") + ").\n"
             f"Computes: out = sum_j w_j * down_e(act(gate_e(x)) * up_e(x)) with act = {activation}, over tokens\n"
@@ -429,17 +384,12 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                "FP8 dots accumulated in fp32 with both scales applied.\n" if prequant else "")
             + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block), widened in registers; activations in\n"
                "their own dtype; each K tile's product scaled by its weight block's scale.\n" if fp8 and not w8a8 else "")
-            + ("Weight tiles (and the down projection's A tiles) through tensor descriptors: Hopper's tensor-memory\n"
-               "copies, no address arithmetic or masks in the K loops.\n" if descriptors else "")
             + (f"First generated for: {origin}" if origin else "")
         )
         precision = '"ieee"' if dtype == torch.float32 else "None"  # fp32 activations: fp32 products
         slots = {"activation": ACTIVATIONS[activation], "dtype": TRITON_DTYPES[dtype],
-                 "gate_up_pointers": _pointers("gate_up", shared, fp8, descriptors),
-                 "down_pointers": _pointers("down", shared, fp8, descriptors),
-                 **{f"{kind}_{part}": text for kind in ("gate_up", "down")
-                    for part, text in zip(("loads", "advance"),
-                                          _LOADS["descriptors" if descriptors else "pointers"][kind])},
+                 "gate_up_pointers": _pointers("gate_up", shared, fp8),
+                 "down_pointers": _pointers("down", shared, fp8),
                  "gate_up_product": _PRODUCTS[weight_format]["gate_up"].replace("${precision}", precision),
                  "down_product": _PRODUCTS[weight_format]["down"].replace("${precision}", precision),
                  "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared),
@@ -501,13 +451,6 @@ CANDIDATES = [
     # against 708 for the 8-warp, 3-stage 128 / 128 / 64 tile these did not beat before.
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_N_DOWN": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-]
-# The prefill tiles again, descriptor-fed (routed float experts without shared ones in the launch, where
-# ``descriptors_available``): as the FP8 GEMM's tiles gained from tensor-memory copies on H100.
-TMA_CANDIDATES = [
-    {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": w, "num_stages": st, "TMA": True,
-     **({"BLOCK_N_DOWN": bnd} if bnd else {})}
-    for bm, bnd, w, st in [(128, 256, 8, 4), (128, None, 8, 4), (128, None, 8, 3), (64, None, 4, 4)]
 ]
 
 
@@ -574,8 +517,6 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
     key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
     candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not c.get("PREQUANT")] if fp8
                   else CANDIDATES)
-    if not fp8 and not shared and descriptors_available(device):
-        candidates, key = candidates + TMA_CANDIDATES, key + "-tma"
     return autotune.choose(key, tokens, candidates, run, torch.device(device))
 
 
@@ -709,8 +650,6 @@ def moe_experts(
                          f"got {cfg['BLOCK_N']}")
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
-    # TMA: the descriptor-fed kernels, where they take these weights (otherwise the same tile, pointer-fed)
-    descriptors = cfg.pop("TMA", False) and shared is None and not fp8 and _descriptors_fit(w_gate_up, w_down)
     may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
     launch_opts = {} if interpret else cfg
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -742,9 +681,7 @@ def moe_experts(
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None,
                       weight_format=("fp8-block-prequant" if prequant else "fp8-block" if act_quant
-                                     else "fp8-block-weight") if fp8 else "float", descriptors=descriptors)
-    if descriptors and not interpret:
-        quant_kernels.ensure_allocator()
+                                     else "fp8-block-weight") if fp8 else "float")
     a, a_scales, h_scales = x, None, None  # the gate/up kernel's A operand
     if prequant:
         a, a_scales = quant_kernels.prequantize_activations(x, FP8_BLOCK, interpret)
@@ -798,19 +735,6 @@ def moe_experts(
         return out.to(x.dtype)
     # The k contributions of a token, summed in slot order in fp32: deterministic, no atomics.
     return out.view(t, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
-
-
-def descriptors_available(device: torch.device, interpret: bool = False) -> bool:
-    """Whether the descriptor-fed tiles (``"TMA": True``) join the candidates: as the FP8 GEMM's
-    (``quant.tma_available``: Hopper and later, or the interpreter, unless DEEPFUSE_FP8_TMA=0)."""
-    return quant_kernels.tma_available(torch.device(device), interpret)
-
-
-def _descriptors_fit(w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
-    """Whether the descriptor-fed kernels take these expert weights: contiguous, 16-byte rows and starts (the
-    intermediate the down kernel reads is allocated here, its rows as long as w_down's)."""
-    return all(w.is_contiguous() and w.shape[-1] * w.element_size() % 16 == 0 and quant_kernels.aligned(w)
-               for w in (w_gate_up, w_down))
 
 
 def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_scale=None, weight_scales=None,
