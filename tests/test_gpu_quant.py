@@ -52,6 +52,23 @@ def test_descriptor_fed_fp8_gemm_bf16_on_gpu(cfg, shape):
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("cfg", quant.DECODE_SWAP_CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}/s{c['num_stages']}")
+@pytest.mark.parametrize("shape", [(1, 3072, 2048), (16, 2048, 10944), (7, 4096, 512), (1, 21888, 2048),
+                                   (3, 1000, 1000)], ids=lambda s: "x".join(map(str, s)))
+def test_operand_swapped_decode_gemm_bf16_on_gpu(cfg, shape):
+    """Each tile of the operand-swapped decode GEMM (weight rows on the FP8 MMA's M side), compiled for the GPU,
+    bf16 with outliers, K split as the decode sizes split it."""
+    m, n, k = shape
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x.view(-1)[torch.randint(0, x.numel(), (m * k // 300 + 1,), device="cuda")] *= 100
+    w = torch.randn(n, k, device="cuda") / k ** 0.5
+    wq, scale = quant.quantize_weight(w, "fp8-block")
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    out = quant.quant_matmul(x, wq, scale, bias, "fp8-block", True, prequantize=False, config=cfg)
+    ref = quant.reference(x.double(), wq, scale, bias.double(), "fp8-block", True, compute=torch.float64)
+    assert out.shape == (m, n) and rel_err(out, ref) < 1e-2
+
+
 def test_fp8_quantization_error_against_bf16():
     """W8A8 block FP8 against the unquantized bf16 product: the error the format itself costs (~3%)."""
     x = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16)

@@ -134,6 +134,52 @@ def test_descriptor_fed_tiles_are_candidates_only_for_prequantized_fp8(monkeypat
     assert not quant.tma_available(torch.device("cpu"), interpret=True)
 
 
+@pytest.mark.parametrize("cfg", quant.DECODE_SWAP_CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}/s{c['num_stages']}")
+@pytest.mark.parametrize("shape", [(1, 200, 256), (16, 130, 1024), (5, 64, 300), (3, 256, 2048)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_operand_swapped_decode_gemm_matches_float64(cfg, shape, dtype):
+    """The decode GEMM computed as y^T = w . x^T (weight rows on the FP8 MMA's M side): edges in M (1 to 16 of the
+    16 token columns), N and K, K split across programs, bias, the transposed store."""
+    m, n, k = shape
+    x = _activations(m, k, dtype, noncontig=True)
+    w, scale = _weights(n, k, "fp8-block")
+    bias = torch.randn(n, dtype=dtype)
+    out = quant.quant_matmul(x, w, scale, bias, "fp8-block", True, interpret=True, config=cfg)
+    ref = quant.reference(x.double(), w, scale, bias.double(), "fp8-block", True, compute=torch.float64)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_operand_swapped_decode_gemm_with_narrow_scale_blocks():
+    """32-row weight blocks under a 64-row tile: a scale per weight row of the tile."""
+    x = _activations(3, 256, torch.float32)
+    w, scale = quant.quantize_weight(torch.randn(96, 256), "fp8-block", (32, 128))
+    out = quant.quant_matmul(x, w, scale, None, "fp8-block", True, (32, 128), interpret=True,
+                             config=quant.DECODE_SWAP_CONFIGS[0])
+    ref = quant.reference(x.double(), w, scale, None, "fp8-block", True, (32, 128), compute=torch.float64)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_operand_swapped_tiles_are_candidates_only_where_tokens_are_few_and_quantized_in_the_loop():
+    cpu = torch.device("cpu")
+
+    def swapped(m, mode, fmt="fp8-block", act_quant=True):
+        return [c for c in quant._configs(m, 2048, fmt, act_quant, quant.DEFAULT_BLOCK, mode, cpu) if c.get("SWAP")]
+
+    assert len(swapped(1, "quantize")) == len(quant.DECODE_SWAP_CONFIGS) == len(swapped(16, "quantize"))
+    assert not swapped(17, "quantize") and not swapped(1, "prequantized")
+    assert not swapped(1, "fp8_weight_only", act_quant=False)
+    assert not swapped(1, "int8_weight_only", "int8-channel", False)
+    # a SWAP tile handed to another mode runs as the same tile with the tokens on the M side
+    x = _activations(2, 256, torch.float32)
+    w, scale = _weights(64, 256, "fp8-block")
+    out = quant.quant_matmul(x, w, scale, None, "fp8-block", True, prequantize=True, interpret=True,
+                             config=quant.DECODE_SWAP_CONFIGS[0])
+    ref = quant.reference(x.double(), w, scale, None, "fp8-block", True, compute=torch.float64)
+    assert rel_err(out, ref) < 1e-5
+
+
 @pytest.mark.parametrize("m", [1, 16, 100, 4096])
 def test_fp8_candidates_leave_out_tiles_that_spill(m):
     """FP8 tiles hold at most 64 accumulator values per thread (the scaled product needs a second such tile);

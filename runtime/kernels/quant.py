@@ -119,6 +119,9 @@ def ${kernel_name}(
 ${tma_kernel}
 
 
+${swap_kernel}
+
+
 @triton.jit
 def act_quant_kernel(
     X, XQ, XS, M, K, stride_xm, stride_xk, stride_qm, stride_sm,
@@ -208,6 +211,68 @@ def fp8_block_prequantized_matmul_tma_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 """
 
+# The decode GEMM of the in-loop quantizing mode with the operands swapped: y^T = w . x^T. With the few tokens as
+# the MMA's M side, 16 rows are below the 64 of Hopper's FP8 warpgroup MMA, and Triton widens every FP8 weight tile
+# to fp16 for the older MMA (bench/kernel_resources.py: 72 conversions a tile); the weight rows as the M side (64 and
+# up) and the tokens as N (16) go to the FP8 MMA as loaded.
+_SWAP_KERNEL = """\
+@triton.jit
+def fp8_block_quantize_decode_kernel(
+    X, W, WS, Bias, Y,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_wsn, stride_wsk,
+    stride_ys, stride_ym, stride_yn,
+    k_per_split,
+    SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    EXACT_FP8_ROUNDING: tl.constexpr, UNIFORM_W_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    \"\"\"One [BLOCK_M, BLOCK_N] tile of y over the K range of split program_id(1), for a few tokens, computed
+    transposed: the weight tile's BLOCK_N rows are the FP8 MMA's M side, the BLOCK_M tokens its N side; the
+    activation tile quantized per token here, both scales on each K tile's fp32 product.\"\"\"
+    split = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        x_ptrs = X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
+        w_ptrs = W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        xf = x.to(tl.float32)
+        x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), ${amax_floor}) / ${fp8_max}
+        xq = xf / x_scale[:, None]
+        if EXACT_FP8_ROUNDING:
+            xq = round_to_e4m3(xq)
+        xq = xq.to(tl.float8e4nv)
+        if UNIFORM_W_SCALE:
+            w_scale = tl.load(WS + (pid_n * BLOCK_N // SCALE_BLOCK_N) * stride_wsn
+                              + (k0 // SCALE_BLOCK_K) * stride_wsk)
+            scales = w_scale * x_scale[None, :]
+        else:
+            w_scale = tl.load(WS + (offs_n // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk,
+                              mask=n_ok, other=0.0)
+            scales = w_scale[:, None] * x_scale[None, :]
+        acc += tl.dot(w, tl.trans(xq)) * scales
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = Y + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
+"""
+
 # The weight's block scale for this K tile (times the activation's, when there is one). When BLOCK_N divides the
 # scale block, the whole tile shares one weight scale: a scalar load, and one FMA per accumulator element.
 _SCALES = """\
@@ -265,6 +330,8 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
             "tile_product": fill(_PRODUCTS[mode]),
             "tma_kernel": _TMA_KERNEL if mode == "prequantized"
             else "# (the descriptor-fed GEMM serves the prequantized mode only)",
+            "swap_kernel": fill(_SWAP_KERNEL) if mode == "quantize"
+            else "# (the operand-swapped decode GEMM serves the in-loop quantizing mode only)",
             "epilogue": _EPILOGUES.get(mode, "# the scales were applied per K tile"),
             **consts,
         }
@@ -280,6 +347,12 @@ DECODE_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
     {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 2, "num_stages": 6},
     {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 2, "num_stages": 4},
+]
+# The operand-swapped decode GEMM (``_SWAP_KERNEL``, FP8 with activations quantized in the loop): BLOCK_N weight
+# rows, 64 or more, on the FP8 MMA's M side; appended to the candidates where that mode runs.
+DECODE_SWAP_CONFIGS = [
+    {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SWAP": True, "num_warps": 4, "num_stages": st}
+    for bn, st in [(64, 4), (64, 6), (128, 4)]
 ]
 # Float weights at decode sizes (deepfuse.passes.linear): the same tiles, and narrow N tiles over the whole K in
 # one program (SPLIT_K 1), which need no second pass to add fp32 partial sums.
@@ -427,10 +500,13 @@ def quant_matmul(
         x2, xs = prequantize_activations(x2, bk_s, interpret, gen)
     tma_gemm = gen.function("fp8_block_prequantized_matmul_tma_kernel", interpret=interpret) \
         if mode == "prequantized" else None
+    swap_gemm = gen.function("fp8_block_quantize_decode_kernel", interpret=interpret) if mode == "quantize" else None
     if not interpret:
         gemm = torch.library.wrap_triton(gemm)
         if tma_gemm is not None:
             tma_gemm = torch.library.wrap_triton(tma_gemm)
+        if swap_gemm is not None:
+            swap_gemm = torch.library.wrap_triton(swap_gemm)
     configs = _configs(m, k, fmt, act_quant, block, mode, x.device, interpret)
 
     def launch(cfg: dict, weight: torch.Tensor = w) -> torch.Tensor:
@@ -438,6 +514,10 @@ def quant_matmul(
             if tma_gemm is not None and _tma_fits(x2, weight, cfg, (bn_s, bk_s)):
                 return _launch_tma(tma_gemm, x2, xs, weight, scale, bias, out_dtype, bn_s, cfg, interpret)
             cfg = {key: v for key, v in cfg.items() if key != "TMA"}  # the same tile, pointer-fed
+        if cfg.get("SWAP"):
+            if swap_gemm is not None:
+                return _launch(swap_gemm, x2, xs, weight, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
+            cfg = {key: v for key, v in cfg.items() if key != "SWAP"}  # the same tile, tokens on the M side
         return _launch(gemm, x2, xs, weight, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
 
     if config is None:
@@ -499,22 +579,25 @@ def _launch(gemm, x2, xs, w, scale, bias, out_dtype, scale_block, cfg: dict, int
     n = w.shape[0]
     cfg = dict(cfg)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    swap = cfg.pop("SWAP", False)  # the operand-swapped decode GEMM: no activation scales, no grouped order
     bn_s, bk_s = scale_block
     splits = cfg.pop("SPLIT_K", None) or _splits(m, n, k, {"BLOCK_N": bn, "BLOCK_K": bk}, x2.device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
     splits = triton.cdiv(k, k_per_split)
     y = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else out_dtype, device=x2.device)
     if not (isinstance(m, int) and m == 0):
+        b = bias if bias is not None else scale
+        x_args = (x2.stride(0), x2.stride(1)) if swap else (x2.stride(0), x2.stride(1), xs.stride(0), xs.stride(-1))
         gemm[(triton.cdiv(m, bm) * triton.cdiv(n, bn), splits)](
-            x2, xs, w, scale, bias if bias is not None else scale, y,
+            *((x2, w, scale, b, y) if swap else (x2, xs, w, scale, b, y)),
             m, n, k,
-            x2.stride(0), x2.stride(1), xs.stride(0), xs.stride(-1),
+            *x_args,
             w.stride(0), w.stride(1), scale.stride(0), scale.stride(-1),
             y.stride(0), y.stride(1), y.stride(2),
             k_per_split,
             SCALE_BLOCK_N=bn_s, SCALE_BLOCK_K=bk_s, HAS_BIAS=bias is not None and splits == 1,
             EVEN_K=k % bk == 0, EXACT_FP8_ROUNDING=interpret,
-            UNIFORM_W_SCALE=bn_s % bn == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            UNIFORM_W_SCALE=bn_s % bn == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **({} if swap else {"GROUP_M": 8}),
             **({} if interpret else cfg),
         )
     if splits == 1:
@@ -626,7 +709,8 @@ def _configs(m, k: int, fmt: str, act_quant: bool, block, mode: str, device: tor
              interpret: bool = False) -> list[dict]:
     """The candidate tiles ``mode`` times at ``m`` rows over ``k`` on ``device``, fitted to the scale blocks."""
     tma = mode == "prequantized" and tma_available(device, interpret)
-    configs = [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma)]
+    swap = DECODE_SWAP_CONFIGS if mode == "quantize" and size_hint(m) <= DECODE_MAX_M else []
+    configs = [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma) + swap]
     configs = [c for c in configs
                if c.get("SPLIT_K", 1) == 1 or triton.cdiv(k, c["BLOCK_K"]) >= SPLIT_MIN_K_TILES * c["SPLIT_K"]]
     if fmt == "fp8-block":
