@@ -33,18 +33,22 @@ def test_quant_matmul_bf16_on_gpu(mode, shape):
         assert rel_err(out, ref) < 1e-2
 
 
+def _fp8_operands(m, n, k):
+    """bf16 activations with outliers, a weight in 128 x 128 FP8 blocks and its scales, a bf16 bias."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x.view(-1)[torch.randint(0, x.numel(), (m * k // 300 + 1,), device="cuda")] *= 100
+    w = torch.randn(n, k, device="cuda") / k ** 0.5
+    wq, scale = quant.quantize_weight(w, "fp8-block")
+    return x, wq, scale, torch.randn(n, device="cuda", dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("cfg", quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS,
                          ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}/w{c['num_warps']}/s{c['num_stages']}")
 @pytest.mark.parametrize("shape", [(4096, 2048, 2048), (333, 1000, 1024), (130, 21888, 2048)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_descriptor_fed_fp8_gemm_bf16_on_gpu(cfg, shape):
     """Each tile of the descriptor-fed (TMA) prequantized GEMM, compiled for the GPU, in bf16 with outliers."""
-    m, n, k = shape
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    x.view(-1)[torch.randint(0, x.numel(), (m * k // 300 + 1,), device="cuda")] *= 100
-    w = torch.randn(n, k, device="cuda") / k ** 0.5
-    wq, scale = quant.quantize_weight(w, "fp8-block")
-    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    x, wq, scale, bias = _fp8_operands(*shape)
     xq, _ = quant.prequantize_activations(x)
     assert quant._tma_fits(xq, wq, cfg, quant.DEFAULT_BLOCK)
     out = quant.quant_matmul(x, wq, scale, bias, "fp8-block", True, prequantize=True, config=cfg)
@@ -58,15 +62,10 @@ def test_descriptor_fed_fp8_gemm_bf16_on_gpu(cfg, shape):
 def test_operand_swapped_decode_gemm_bf16_on_gpu(cfg, shape):
     """Each tile of the operand-swapped decode GEMM (weight rows on the FP8 MMA's M side), compiled for the GPU,
     bf16 with outliers, K split as the decode sizes split it."""
-    m, n, k = shape
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    x.view(-1)[torch.randint(0, x.numel(), (m * k // 300 + 1,), device="cuda")] *= 100
-    w = torch.randn(n, k, device="cuda") / k ** 0.5
-    wq, scale = quant.quantize_weight(w, "fp8-block")
-    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    x, wq, scale, bias = _fp8_operands(*shape)
     out = quant.quant_matmul(x, wq, scale, bias, "fp8-block", True, prequantize=False, config=cfg)
     ref = quant.reference(x.double(), wq, scale, bias.double(), "fp8-block", True, compute=torch.float64)
-    assert out.shape == (m, n) and rel_err(out, ref) < 1e-2
+    assert out.shape == shape[:2] and rel_err(out, ref) < 1e-2
 
 
 def test_fp8_quantization_error_against_bf16():

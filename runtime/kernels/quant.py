@@ -21,6 +21,7 @@ streams weight bytes, and the fp32 partial sums are added in a fixed order (dete
 from __future__ import annotations
 
 import os
+import textwrap
 import threading
 from typing import Optional
 
@@ -144,16 +145,18 @@ def act_quant_kernel(
 ''',
 )
 
-# The per-K-tile product, by how the activation tile arrives.
-_PRODUCTS = {
-    # bf16/fp16 tile quantized here: row maxima, scale, cast to fp8, FP8 dot, both scales on the fp32 result.
-    "quantize": """\
+# A bf16/fp16 activation tile quantized in registers: row maxima, scale, cast to fp8.
+_QUANTIZE_X = """\
 xf = x.to(tl.float32)
 x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), ${amax_floor}) / ${fp8_max}
 xq = xf / x_scale[:, None]
 if EXACT_FP8_ROUNDING:
     xq = round_to_e4m3(xq)
-xq = xq.to(tl.float8e4nv)
+xq = xq.to(tl.float8e4nv)"""
+# The per-K-tile product, by how the activation tile arrives.
+_PRODUCTS = {
+    # the tile quantized here, FP8 dot, both scales on the fp32 result
+    "quantize": _QUANTIZE_X + """
 ${scales}
 acc += tl.dot(xq, w) * scales""",
     # fp8 tile and its per-token scales written by act_quant_kernel.
@@ -252,12 +255,7 @@ def fp8_block_quantize_decode_kernel(
         else:
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        xf = x.to(tl.float32)
-        x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), ${amax_floor}) / ${fp8_max}
-        xq = xf / x_scale[:, None]
-        if EXACT_FP8_ROUNDING:
-            xq = round_to_e4m3(xq)
-        xq = xq.to(tl.float8e4nv)
+        ${quantize_x}
         if UNIFORM_W_SCALE:
             w_scale = tl.load(WS + (pid_n * BLOCK_N // SCALE_BLOCK_N) * stride_wsn
                               + (k0 // SCALE_BLOCK_K) * stride_wsk)
@@ -330,7 +328,8 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
             "tile_product": fill(_PRODUCTS[mode]),
             "tma_kernel": _TMA_KERNEL if mode == "prequantized"
             else "# (the descriptor-fed GEMM serves the prequantized mode only)",
-            "swap_kernel": fill(_SWAP_KERNEL) if mode == "quantize"
+            "swap_kernel": fill(_SWAP_KERNEL.replace("        ${quantize_x}", textwrap.indent(_QUANTIZE_X, " " * 8)))
+            if mode == "quantize"
             else "# (the operand-swapped decode GEMM serves the in-loop quantizing mode only)",
             "epilogue": _EPILOGUES.get(mode, "# the scales were applied per K tile"),
             **consts,
