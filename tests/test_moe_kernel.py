@@ -149,7 +149,10 @@ FP8_CASES = [  # (tokens, hidden, inter, experts, k)
 
 # W8A8 with the activations quantized once: x by the pre-kernel, the intermediate by the gate/up epilogue
 PREQUANT = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PREQUANT": True, "num_warps": 4, "num_stages": 3}
-FP8_FORMS = {"w8a8": (True, None), "w8a8-prequant": (True, PREQUANT), "w8a16": (False, None)}
+# W8A8 with the products transposed (the weight tiles on the FP8 MMA's M side)
+SWAP_AB = next(c for c in moe.FP8_CANDIDATES if c.get("SWAP_AB"))
+FP8_FORMS = {"w8a8": (True, None), "w8a8-prequant": (True, PREQUANT), "w8a8-swap": (True, SWAP_AB),
+             "w8a16": (False, None)}
 
 
 @pytest.mark.parametrize("case", FP8_CASES, ids=str)
@@ -182,6 +185,9 @@ def test_interpreted_one_token_reads_the_router_ids_directly(monkeypatch):
     _check_fp8(1, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, shared=2)
     _check_fp8(1, 256, 128, 4, 2, torch.float16, "cpu", interpret=True, config=PREQUANT, deterministic=False)
     _check_fp8(1, 256, 128, 4, 4, torch.float32, "cpu", interpret=True, act_quant=False)
+    _check_fp8(1, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, config=SWAP_AB, shared=2)
+    _check_fp8(1, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, act_quant=False, config=SWAP_AB)
+    _check(1, 64, 32, 8, 3, torch.float32, "cpu", interpret=True, config=SWAP_AB)  # float experts: not swapped
 
 
 def test_interpreted_one_token_aligned_on_request(monkeypatch):

@@ -251,17 +251,27 @@ b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + o
 _PRODUCTS = {
     "float": {"gate_up": "acc_gate = tl.dot(a, g, acc_gate)\nacc_up = tl.dot(a, u, acc_up)",
               "down": "acc = tl.dot(a, b, acc)"},
+    # SWAP_AB: the product taken transposed, (w^T . a^T)^T, so the weight tile's BLOCK_N columns are the FP8 MMA's M
+    # side: with BLOCK_M rows (16 at decode) on it, Hopper's FP8 warpgroup MMA (64 rows) is out of reach and every
+    # weight tile is widened to fp16 for the older one.
     "fp8-block": {
         "gate_up": """\
 aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
 g_scale = tl.load(gs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
 u_scale = tl.load(us_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
-acc_gate += tl.dot(aq, g) * (a_scale[:, None] * g_scale[None, :])
-acc_up += tl.dot(aq, u) * (a_scale[:, None] * u_scale[None, :])""",
+if SWAP_AB:
+    acc_gate += tl.trans(tl.dot(tl.trans(g), tl.trans(aq))) * (a_scale[:, None] * g_scale[None, :])
+    acc_up += tl.trans(tl.dot(tl.trans(u), tl.trans(aq))) * (a_scale[:, None] * u_scale[None, :])
+else:
+    acc_gate += tl.dot(aq, g) * (a_scale[:, None] * g_scale[None, :])
+    acc_up += tl.dot(aq, u) * (a_scale[:, None] * u_scale[None, :])""",
         "down": """\
 aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
 b_scale = tl.load(bs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
-acc += tl.dot(aq, b) * (a_scale[:, None] * b_scale[None, :])""",
+if SWAP_AB:
+    acc += tl.trans(tl.dot(tl.trans(b), tl.trans(aq))) * (a_scale[:, None] * b_scale[None, :])
+else:
+    acc += tl.dot(aq, b) * (a_scale[:, None] * b_scale[None, :])""",
     },
     "fp8-block-prequant": {  # the A tiles FP8 already, with their per-row scales: one load each, no quantizing
         "gate_up": """\
@@ -330,12 +340,12 @@ WEIGHT_FORMATS = tuple(_PRODUCTS)
 FP8_BLOCK = 128  # the weight scale block (both dims) and the activation tile: BLOCK_K is 128 for FP8 weights
 
 
-def _scale_args(kind: str, fp8: bool, prequant: bool, shared: bool) -> str:
+def _scale_args(kind: str, fp8: bool, prequant: bool, shared: bool, w8a8: bool) -> str:
     if not fp8:
         return ""
     shared_scales = {"gate_up": " SharedGateScale, SharedUpScale,", "down": " SharedDownScale,"}[kind]
     return ("WScale, stride_sse, stride_ssn, stride_ssk, EXACT_FP8_ROUNDING: tl.constexpr,"
-            + (" AScale, stride_asm," if prequant else "")
+            + (" AScale, stride_asm," if prequant else " SWAP_AB: tl.constexpr," if w8a8 else "")
             + (" OutScale, stride_osm," if prequant and kind == "gate_up" else "")
             + (f"{shared_scales} stride_shn, stride_shk," if shared else ""))
 
@@ -392,8 +402,8 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "down_pointers": _pointers("down", shared, fp8),
                  "gate_up_product": _PRODUCTS[weight_format]["gate_up"].replace("${precision}", precision),
                  "down_product": _PRODUCTS[weight_format]["down"].replace("${precision}", precision),
-                 "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared),
-                 "down_scale_args": _scale_args("down", fp8, prequant, shared),
+                 "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared, w8a8),
+                 "down_scale_args": _scale_args("down", fp8, prequant, shared, w8a8),
                  "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
                  "block_rows": _BLOCK_ROWS,
                  "helpers": _FP8_HELPERS if w8a8 else ""}
@@ -469,6 +479,10 @@ FP8_CANDIDATES = [
                            # deeper pipelines: an FP8 tile is half a bf16 one, so a decode program needs more of
                            # them in flight to cover the memory latency
                            (32, 32, 4, 6), (32, 32, 4, 8), (64, 32, 4, 6), (64, 64, 4, 8), (32, 16, 4, 8)]
+] + [  # W8A8 at decode sizes with the products transposed (SWAP_AB): N tiles of 64 and up on the FP8 MMA's M side
+    {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_N_DOWN": bnd, "BLOCK_K": FP8_BLOCK, "N_FASTEST": True, "SWAP_AB": True,
+     "num_warps": 4, "num_stages": st}
+    for bn, bnd, st in [(64, 64, 4), (64, 64, 6), (128, 64, 4), (64, 128, 4)]
 ] + [  # W8A8 with the activations quantized once (x by a pre-kernel, the intermediate by the gate/up epilogue)
     {"BLOCK_M": bm, "BLOCK_N": FP8_BLOCK, "BLOCK_N_DOWN": bnd, "BLOCK_K": FP8_BLOCK, "PREQUANT": True,
      "num_warps": w, "num_stages": st}
@@ -515,8 +529,9 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
                         weight_scales=scales, act_quant=weight_format == "fp8-block", shared_scales=shared_scales)
 
     key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
-    candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not c.get("PREQUANT")] if fp8
-                  else CANDIDATES)
+    w8a8_only = ("PREQUANT", "SWAP_AB")  # W8A16 takes neither: its tiles are these tiles without them
+    candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not any(c.get(f) for f in w8a8_only)]
+                  if fp8 else CANDIDATES)
     return autotune.choose(key, tokens, candidates, run, torch.device(device))
 
 
@@ -645,6 +660,9 @@ def moe_experts(
     # epilogue, one 128-wide scale tile per program (BLOCK_N 128), instead of every N-tile program quantizing its
     # A tiles again in the K loop.
     prequant = cfg.pop("PREQUANT", False) and fp8 and act_quant
+    # SWAP_AB (W8A8 quantizing in the K loop only): the products taken transposed, the weight tile on the FP8 MMA's
+    # M side; elsewhere the same tile as it is
+    swap_ab = cfg.pop("SWAP_AB", False) and fp8 and act_quant and not prequant
     if prequant and cfg["BLOCK_N"] != FP8_BLOCK:
         raise ValueError(f"moe: PREQUANT takes BLOCK_N = {FP8_BLOCK} (one scale tile of the intermediate), "
                          f"got {cfg['BLOCK_N']}")
@@ -694,7 +712,7 @@ def moe_experts(
             return {}
         ws = weight_scales[i]
         args = {"WScale": ws, "stride_sse": ws.stride(0), "stride_ssn": ws.stride(1), "stride_ssk": ws.stride(2),
-                "EXACT_FP8_ROUNDING": interpret}
+                "EXACT_FP8_ROUNDING": interpret, **({"SWAP_AB": swap_ab} if act_quant and not prequant else {})}
         if shared is not None:  # the shared MLP's own scale grids
             own = shared_scales[:2] if i == 0 else shared_scales[2:]
             args.update(dict(zip(("SharedGateScale", "SharedUpScale") if i == 0 else ("SharedDownScale",), own)))
