@@ -56,19 +56,32 @@ def test_quant_matmul_matches_float64(dtype, mode, shape):
         assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("mode", MODES, ids=["fp8-fused-quant", "fp8-prequant", "fp8-weight-only", "int8"])
-@pytest.mark.parametrize("cfg", quant.SMALL_SPLIT_CONFIGS, ids=lambda c: f"split{c['SPLIT_K']}")
-def test_small_tiles_split_along_k(mode, cfg):
-    """The split-K candidates past decode sizes: K cut into SPLIT_K ranges (the last one short, and at K of
-    three tiles fewer ranges than asked), each range's fp32 partial sum added in a fixed order, then the bias."""
+def _check_tile(mode, cfg, shapes):
+    """``cfg`` in ``mode`` at each (m, n, k), fp16 with a bias, against float64."""
     fmt, act_quant, pre = mode
-    for m, n, k in [(17, 200, 1000), (100, 64, 384)]:
+    for m, n, k in shapes:
         x = _activations(m, k, torch.float16, noncontig=True)
         w, scale = _weights(n, k, fmt)
         bias = torch.randn(n, dtype=torch.float16)
         out = quant.quant_matmul(x, w, scale, bias, fmt, act_quant, prequantize=pre, interpret=True, config=cfg)
         ref = quant.reference(x.double(), w, scale, bias.double(), fmt, act_quant, compute=torch.float64)
         assert out.shape == (m, n) and rel_err(out, ref) < TOL[torch.float16], (m, n, k)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["fp8-fused-quant", "fp8-prequant", "fp8-weight-only", "int8"])
+@pytest.mark.parametrize("cfg", quant.SMALL_SPLIT_CONFIGS, ids=lambda c: f"split{c['SPLIT_K']}")
+def test_small_tiles_split_along_k(mode, cfg):
+    """The split-K candidates past decode sizes: K cut into SPLIT_K ranges (the last one short, and at K of
+    three tiles fewer ranges than asked), each range's fp32 partial sum added in a fixed order, then the bias."""
+    _check_tile(mode, cfg, [(17, 200, 1000), (100, 64, 384)])
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["fp8-fused-quant", "fp8-prequant", "fp8-weight-only", "int8"])
+@pytest.mark.parametrize("cfg", quant.DECODE_UNSPLIT_CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}")
+def test_decode_tiles_over_the_whole_k(mode, cfg):
+    """The unsplit decode candidates of every format: one program per N tile over all of K (K off the tile too)."""
+    assert cfg in quant.configs_for(4)
+    _check_tile(mode, cfg, [(1, 200, 1000), (16, 48, 384)])
 
 
 @pytest.mark.parametrize("act_quant", [True, False])

@@ -353,11 +353,13 @@ DECODE_SWAP_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SWAP": True, "num_warps": 4, "num_stages": st}
     for bn, st in [(64, 4), (64, 6), (128, 4)]
 ]
-# Float weights at decode sizes (deepfuse.passes.linear): the same tiles, and narrow N tiles over the whole K in
-# one program (SPLIT_K 1), which need no second pass to add fp32 partial sums.
-DENSE_DECODE_CONFIGS = DECODE_CONFIGS + [
+# Narrow N tiles over the whole K in one program (SPLIT_K 1): no second pass to add fp32 partial sums, which the
+# split tiles above need (one more launch: on the 2-13 MB V2-Lite projections the FP8 decode GEMM ran below cuBLAS
+# bf16, bench/RESULTS.md). Candidates for every weight format.
+DECODE_UNSPLIT_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4} for bn in (16, 32)
 ]
+DENSE_DECODE_CONFIGS = DECODE_CONFIGS + DECODE_UNSPLIT_CONFIGS  # float weights (deepfuse.passes.linear)
 SMALL_MAX_M = 128
 SMALL_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
@@ -412,7 +414,7 @@ def configs_for(m: int, tma: bool = False) -> list[dict]:
     ``tma_available``)."""
     m = size_hint(m)
     if m <= DECODE_MAX_M:
-        return DECODE_CONFIGS
+        return DECODE_CONFIGS + DECODE_UNSPLIT_CONFIGS
     if m <= SMALL_MAX_M:
         return SMALL_CONFIGS + SMALL_SPLIT_CONFIGS + (TMA_SMALL_CONFIGS if tma else [])
     return LARGE_CONFIGS + (TMA_LARGE_CONFIGS if tma else [])
