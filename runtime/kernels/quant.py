@@ -216,8 +216,9 @@ def fp8_block_prequantized_matmul_tma_kernel(
 
 # The decode GEMM of the in-loop quantizing mode with the operands swapped: y^T = w . x^T. With the few tokens as
 # the MMA's M side, 16 rows are below the 64 of Hopper's FP8 warpgroup MMA, and Triton widens every FP8 weight tile
-# to fp16 for the older MMA (bench/kernel_resources.py: 72 conversions a tile); the weight rows as the M side (64 and
-# up) and the tokens as N (16) go to the FP8 MMA as loaded.
+# to fp16 for the older MMA (bench/kernel_resources.py counted 72 such conversions a tile in the MoE experts' 16-row
+# FP8 tile); the weight rows as the M side (64 and up) and the tokens as N (16) go to the FP8 MMA as loaded. On H100
+# at V2-Lite's decode shapes: 3-7% faster than the best tile before (bench/fp8_decode_tiles.py, bench/RESULTS.md).
 _SWAP_KERNEL = """\
 @triton.jit
 def fp8_block_quantize_decode_kernel(
