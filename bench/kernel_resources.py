@@ -138,9 +138,10 @@ def moe_experts(weight_format: str, kind: str = "gate_up"):
         # stride_wk is 1 (K innermost, as the pass hands the weights over): a launch specializes a 1 as a constant
         constexprs = {"N": n, "K": k, "TOP_K": 8, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn,
                       "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "EXACT_FP8_ROUNDING": False,
-                      "ATOMIC": False, "SHARED_SCALED": False, "stride_wk": 1}
+                      "ATOMIC": False, "SHARED_SCALED": False, "SWAP_AB": c.get("SWAP_AB", False), "stride_wk": 1}
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
-        config = {"BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": c["num_stages"]}
+        config = {"BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": c["num_stages"],
+                  **({"SWAP_AB": True} if c.get("SWAP_AB") else {})}
         yield config, fn, pointers, {}, constexprs
 
 
@@ -211,6 +212,26 @@ def fp8_gemm():
             yield config, gen.function(name), pointers, {}, constexprs, ("M", "N", "K", "k_per_split")
 
 
+def fp8_decode():
+    """The FP8 GEMM at decode sizes, activations quantized in the K loop (quant_matmul up to 16 rows), at V2-Lite's
+    MLP gate+up (K 2048): every decode tile, the operand-swapped kernel's among them (weight rows on the MMA's M
+    side). HGMMA in --sass is Hopper's warpgroup MMA; F2FP the FP8 -> fp16 widening the 16-row tiles need."""
+    from deepfuse.runtime.kernels import quant
+
+    gen, name = quant.kernels_for("quantize", torch.bfloat16, "bench/kernel_resources.py")
+    pointers = {"X": "*bf16", "XS": "*fp32", "W": "*fp8e4nv", "WS": "*fp32", "Bias": "*bf16", "Y": "*fp32"}
+    for c in quant.configs_for(1) + quant.DECODE_SWAP_CONFIGS:
+        c = {key: v for key, v in c.items() if key != "SPLIT_K"}
+        swap = c.pop("SWAP", False)
+        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), "SWAP": swap, **c}
+        constexprs = {"SCALE_BLOCK_N": 128, "SCALE_BLOCK_K": 128, "HAS_BIAS": False, "EVEN_K": True,
+                      "EXACT_FP8_ROUNDING": False, "UNIFORM_W_SCALE": c["BLOCK_N"] <= 128, "stride_xk": 1,
+                      "stride_wk": 1, "stride_wsk": 1, "stride_yn": 1, **c, **({} if swap else {"GROUP_M": 8})}
+        fn = gen.function("fp8_block_quantize_decode_kernel" if swap else name)
+        constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
+        yield config, fn, pointers, {}, constexprs, ("N", "K", "k_per_split")
+
+
 def act_quant():
     """The activation pre-kernel (per token and 128-wide tile), bf16 in, at its launch's tile."""
     from deepfuse.runtime.kernels import quant
@@ -226,7 +247,7 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
            "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill,
            "mla_reduce": mla_reduce, "mla_absorb": mla_absorb,
            "rms_norm": lambda: rms_norm(False), "add_rms_norm": lambda: rms_norm(True), "linear_group": linear_group,
-           "fp8_gemm": fp8_gemm, "act_quant": act_quant,
+           "fp8_gemm": fp8_gemm, "fp8_decode": fp8_decode, "act_quant": act_quant,
            **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
               for kind in ("gate_up", "down")
               for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))}}
