@@ -133,11 +133,15 @@ def _tuned(mm: fx.Node, found: dict) -> dict:
     bv = value(found["bias"]) if found["bias"] is not None else None
     with unset_fake_temporarily():
         device = torch.device(xv.device)
-        x = torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device)
-        ws = autotune.cold_copies(wv, device, cap=16)  # a 12.6 MB q_proj alone fits an H200's 60 MB L2 4 times
-        bias = torch.randn(tuple(bv.shape), dtype=bv.dtype, device=device) if bv is not None else None
+
+        @autotune.once
+        def inputs():  # made only if the choice is timed
+            return (torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device),
+                    autotune.cold_copies(wv, device, cap=16),  # a 12.6 MB q_proj fits an H200's 60 MB L2 4 times
+                    torch.randn(tuple(bv.shape), dtype=bv.dtype, device=device) if bv is not None else None)
 
         def run(cfg):
+            x, ws, bias = inputs()
             for w in ws:
                 if cfg is CUBLAS:
                     w_t = w.to(x.dtype).t()
@@ -146,8 +150,8 @@ def _tuned(mm: fx.Node, found: dict) -> dict:
                     kernel.decode_linear(x, w, bias, config=cfg)
 
         key = (f"decode_linear|{wv.shape[0]}x{wv.shape[1]}|{wv.dtype}->{xv.dtype}"
-               + ("|bias" if bias is not None else ""))
-        return autotune.choose(key, x.shape[0], kernel.DENSE_DECODE_CONFIGS + [CUBLAS], run, device)
+               + ("|bias" if bv is not None else ""))
+        return autotune.choose(key, xv.shape[0], kernel.DENSE_DECODE_CONFIGS + [CUBLAS], run, device)
 
 
 def _rewrite(graph, mm, found, impl, inline, config, origin) -> Union[str, None, bool]:

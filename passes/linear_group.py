@@ -136,13 +136,17 @@ def _tuned(group: list[dict]) -> dict:
     wvs = [value(m["w"]) for m in group]
     with unset_fake_temporarily():
         device = torch.device(xv.device)
-        x = torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device)
-        total = sum(w.numel() for w in wvs)
-        stacked = autotune.cold_copies(torch.empty(total, dtype=xv.dtype, device="meta"), device, cap=16)
-        sets = [[part.view(tuple(w.shape)) for part, w in zip(torch.split(s, [w.numel() for w in wvs]), wvs)]
+
+        @autotune.once
+        def inputs():  # made only if the choice is timed
+            total = sum(w.numel() for w in wvs)
+            stacked = autotune.cold_copies(torch.empty(total, dtype=xv.dtype, device="meta"), device, cap=16)
+            return torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device), [
+                [part.view(tuple(w.shape)) for part, w in zip(torch.split(s, [w.numel() for w in wvs]), wvs)]
                 for s in stacked]
 
         def run(cfg):
+            x, sets = inputs()
             for ws in sets:
                 if cfg is CUBLAS:
                     for w in ws:
@@ -151,7 +155,7 @@ def _tuned(group: list[dict]) -> dict:
                     kernel.linear_group(x, ws, config=cfg)
 
         key = f"linear_group|{'+'.join(str(w.shape[0]) for w in wvs)}x{wvs[0].shape[1]}|{xv.dtype}"
-        return autotune.choose(key, x.shape[0], kernel.CONFIGS + [CUBLAS], run, device)
+        return autotune.choose(key, xv.shape[0], kernel.CONFIGS + [CUBLAS], run, device)
 
 
 def _rewrite(graph, group, impl, inline, config, origin) -> Union[str, None, bool]:

@@ -959,11 +959,15 @@ def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[f
     mm_dtype = value(logits).dtype
     with unset_fake_temporarily():
         device = torch.device(xv.device)
-        x = torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device)
-        ws = autotune.cold_copies(wv, device, cap=256)
-        b = torch.randn(wv.shape[0], dtype=value(bias).dtype, device=device) if bias is not None else None
+
+        @autotune.once
+        def inputs():  # made only if the choice is timed
+            return (torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device),
+                    autotune.cold_copies(wv, device, cap=256),
+                    torch.randn(wv.shape[0], dtype=value(bias).dtype, device=device) if bias is not None else None)
 
         def run(cfg):
+            x, ws, b = inputs()
             for w in ws:
                 if cfg["fused"]:
                     routing.route_hidden(x, w, b, spec, out_dtype, mm_dtype, origin=origin)
@@ -973,7 +977,7 @@ def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[f
         key = (f"moe_router|{wv.shape[0]}x{wv.shape[1]}|{wv.dtype}|{xv.dtype}->{mm_dtype}|"
                f"{routing.kernel_for(spec, origin, router_matmul=mm_dtype).key}")
         # The unfused form first: with autotuning off, the form already run on GPUs.
-        return autotune.choose(key, x.shape[0], [{"fused": False}, {"fused": True}], run, device)["fused"]
+        return autotune.choose(key, xv.shape[0], [{"fused": False}, {"fused": True}], run, device)["fused"]
 
 
 def _verify_routing(region, logits, bias, weights, ids) -> Union[routing.RoutingSpec, str]:

@@ -12,12 +12,14 @@ import os
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
 from deepfuse.codegen import cache_dir
 from deepfuse.log import log
+
+T = TypeVar("T")
 
 _lock = threading.Lock()
 _memory: dict[str, int] = {}
@@ -86,6 +88,21 @@ def choose(
                 _store(key, _memory[key])
                 log.info("autotuned %s bucket %d: %s", kernel_key, bucket(n), configs[_memory[key]])
     return configs[_memory[key]]
+
+
+def once(make: Callable[[], T]) -> Callable[[], T]:
+    """A getter of ``make()``'s result, made on its first call (under a lock: a tune's precompile threads call it
+    side by side). A tune's inputs made this way exist only when it times: a cached choice makes none (at a warm
+    compile the MoE tune made a gigabyte of random expert weights for nothing)."""
+    lock, made = threading.Lock(), []
+
+    def get() -> T:
+        with lock:
+            if not made:
+                made.append(make())
+        return made[0]
+
+    return get
 
 
 def copies_past_l2(like: torch.Tensor, device: torch.device, cap: int) -> int:

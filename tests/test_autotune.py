@@ -133,7 +133,7 @@ def test_quant_timing_runs_each_candidate_over_the_weight_clones(monkeypatch):
     monkeypatch.setattr(autotune, "cold_clones", lambda w, cap: made.append(cap) or [w, w.clone(), w.clone()])
     w = torch.zeros(4, 4)
     launched = []
-    run = quant._over_cold_weights(lambda cfg, weight: launched.append((cfg["i"], weight.data_ptr())), w)
+    run = quant._over_cold_weights(lambda cfg, weight: launched.append((cfg["i"], weight.data_ptr())), lambda: w)
     threads = [threading.Thread(target=run, args=({"i": i},)) for i in range(4)]
     for t in threads:
         t.start()
@@ -142,3 +142,53 @@ def test_quant_timing_runs_each_candidate_over_the_weight_clones(monkeypatch):
     assert made == [quant.TUNE_WEIGHT_COPIES]
     assert sorted(i for i, _ in launched) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert len({ptr for _, ptr in launched}) == 3 and w.data_ptr() in {ptr for _, ptr in launched}
+
+
+def test_once_makes_its_value_once_across_threads():
+    made = []
+
+    @autotune.once
+    def value():
+        time.sleep(0.02)  # long enough for the other threads to arrive while it is being made
+        made.append(1)
+        return object()
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(value())) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == [1] and len(got) == 6 and all(g is got[0] for g in got)
+
+
+@pytest.mark.parametrize("timed", [False, True])
+def test_tunes_make_their_inputs_only_when_they_time(monkeypatch, timed):
+    """moe.tune and quant.tune build random inputs (V2-Lite's experts: a gigabyte) only inside the timing run: a
+    cached choice (``choose`` returning without running) makes none; a timing makes them once for all candidates."""
+    from deepfuse.runtime.kernels import moe, quant
+
+    made = []
+    for name in ("randn", "rand"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, device=None, **k: made.append(1) or _real(*a, **k))
+    runs = []
+
+    def choose(key, n, configs, run, device, enabled=True):
+        if timed:
+            monkeypatch.setattr(moe, "moe_experts", lambda *a, **k: runs.append("moe"))
+            monkeypatch.setattr(quant, "quant_matmul", lambda *a, **k: runs.append("quant"))
+            monkeypatch.setattr(autotune, "cold_clones", lambda w, cap: [w])
+            for cfg in configs[:2]:
+                run(cfg)
+        return configs[0]
+
+    monkeypatch.setattr(autotune, "choose", choose)
+    moe.tune(4, 32, 16, 4, 2, torch.float16, "cuda")
+    moe_made, made[:] = len(made), []
+    quant.tune(1, 64, 128, "fp8-block", True, quant.DEFAULT_BLOCK, torch.float16, "cuda", has_bias=False)
+    if not timed:
+        assert moe_made == 0 and made == [] and runs == []
+    else:  # x, one routing (4 tokens x 2 of 4 experts), its weights and two expert weights; x and the weight
+        assert moe_made == 1 + 1 + 1 + 2 and len(made) == 2
+        assert runs.count("quant") == 2 and runs.count("moe") == 2

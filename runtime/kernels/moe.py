@@ -503,28 +503,33 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
         cfg = config_for(tokens * (k + shared), experts + shared)
         return {**cfg, "BLOCK_K": FP8_BLOCK} if fp8 else cfg
     gen = kernels_for(dtype, activation, shared=shared > 0, weight_format=weight_format)
-    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    # Several routings, run back to back: at decode sizes one routing's experts would sit in L2 after the first
-    # run, and L2 is not where a model's next layer finds its weights.
-    routings = [torch.rand(tokens, experts, device=device).argsort(dim=-1)[:, :k]
-                for _ in range(max(1, min(8, experts // max(tokens * k, 1))))]
-    weights = torch.rand(tokens, k, device=device)
-    w_gate_up = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
-    w_down = torch.randn(experts, hidden, inter, device=device, dtype=dtype) / inter**0.5
-    scales = None
-    if fp8:
-        (w_gate_up, s1), (w_down, s2) = quantize_experts(w_gate_up), quantize_experts(w_down)
-        scales = (s1, s2)
-    shared_weights = shared_scales = None
-    if shared:
-        shared_weights = (torch.randn(shared * inter, hidden, device=device, dtype=dtype) / hidden**0.5,
-                          torch.randn(shared * inter, hidden, device=device, dtype=dtype) / hidden**0.5,
-                          torch.randn(hidden, shared * inter, device=device, dtype=dtype) / inter**0.5)
-        if fp8:  # FP8 shared experts beside FP8 routed ones, as the moe pass runs them
-            parts = [quant_kernels.quantize_weight(w, "fp8-block") for w in shared_weights]
-            shared_weights, shared_scales = tuple(q for q, _ in parts), tuple(s for _, s in parts)
+
+    @autotune.once
+    def inputs():  # made only if the choice is timed: V2-Lite's experts are a gigabyte of random weights
+        x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+        # Several routings, run back to back: at decode sizes one routing's experts would sit in L2 after the
+        # first run, and L2 is not where a model's next layer finds its weights.
+        routings = [torch.rand(tokens, experts, device=device).argsort(dim=-1)[:, :k]
+                    for _ in range(max(1, min(8, experts // max(tokens * k, 1))))]
+        weights = torch.rand(tokens, k, device=device)
+        w_gate_up = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
+        w_down = torch.randn(experts, hidden, inter, device=device, dtype=dtype) / inter**0.5
+        scales = None
+        if fp8:
+            (w_gate_up, s1), (w_down, s2) = quantize_experts(w_gate_up), quantize_experts(w_down)
+            scales = (s1, s2)
+        shared_weights = shared_scales = None
+        if shared:
+            shared_weights = (torch.randn(shared * inter, hidden, device=device, dtype=dtype) / hidden**0.5,
+                              torch.randn(shared * inter, hidden, device=device, dtype=dtype) / hidden**0.5,
+                              torch.randn(hidden, shared * inter, device=device, dtype=dtype) / inter**0.5)
+            if fp8:  # FP8 shared experts beside FP8 routed ones, as the moe pass runs them
+                parts = [quant_kernels.quantize_weight(w, "fp8-block") for w in shared_weights]
+                shared_weights, shared_scales = tuple(q for q, _ in parts), tuple(s for _, s in parts)
+        return x, routings, weights, w_gate_up, w_down, scales, shared_weights, shared_scales
 
     def run(cfg):
+        x, routings, weights, w_gate_up, w_down, scales, shared_weights, shared_scales = inputs()
         for ids in routings:
             moe_experts(x, ids, weights, w_gate_up, w_down, activation, config=cfg, shared=shared_weights,
                         weight_scales=scales, act_quant=weight_format == "fp8-block", shared_scales=shared_scales)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import textwrap
-import threading
 from typing import Optional
 
 import torch
@@ -523,7 +522,8 @@ def quant_matmul(
         return _launch(gemm, x2, xs, weight, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
 
     if config is None:
-        config = autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs, _over_cold_weights(launch, w),
+        config = autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs,
+                                 _over_cold_weights(launch, lambda: w),
                                  x.device, enabled=not interpret)
     else:
         config = _fit(config, fmt, act_quant, block)
@@ -537,18 +537,14 @@ def quant_matmul(
 TUNE_WEIGHT_COPIES = 16
 
 
-def _over_cold_weights(launch, w: torch.Tensor):
-    """``launch(cfg, weight)`` for the timing, over ``w`` and clones of it past twice the L2, made on the first run
-    (``choose`` runs it only when it times, so a cached choice clones nothing; its precompile threads run it side
-    by side)."""
-    copies, lock = [], threading.Lock()
+def _over_cold_weights(launch, weight):
+    """``launch(cfg, w)`` for the timing, over the weight (``weight()``) and clones of it past twice the L2, made on
+    the first run (``choose`` runs it only when it times, so a cached choice clones nothing)."""
+    copies = autotune.once(lambda: autotune.cold_clones(weight(), TUNE_WEIGHT_COPIES))
 
     def run(cfg: dict) -> None:
-        with lock:
-            if not copies:
-                copies.extend(autotune.cold_clones(w, TUNE_WEIGHT_COPIES))
-        for weight in copies:
-            launch(cfg, weight)
+        for w in copies():
+            launch(cfg, w)
 
     return run
 
@@ -731,16 +727,20 @@ def tune(m: int, n: int, k: int, fmt: str, act_quant: bool, block, x_dtype, devi
     configs = _configs(m, k, fmt, act_quant, block, mode, device)
     if device.type != "cuda":
         return configs[0]
-    x = torch.randn((max(size_hint(m), 1), k), dtype=x_dtype, device=device)
-    w, scale = quantize_weight(torch.randn((n, k), device=device), fmt, block)
-    bias = torch.zeros(n, dtype=x_dtype, device=device) if has_bias else None
     gen, _ = kernels_for(mode, x_dtype)
 
+    @autotune.once
+    def inputs():  # made only if the choice is timed
+        x = torch.randn((max(size_hint(m), 1), k), dtype=x_dtype, device=device)
+        w, scale = quantize_weight(torch.randn((n, k), device=device), fmt, block)
+        return x, w, scale, torch.zeros(n, dtype=x_dtype, device=device) if has_bias else None
+
     def launch(cfg: dict, weight: torch.Tensor) -> None:
+        x, _, scale, bias = inputs()
         quant_matmul(x, weight, scale, bias, fmt, act_quant, block, config=cfg)
 
-    return autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs, _over_cold_weights(launch, w),
-                           device)
+    return autotune.choose(_tune_key(gen.key, n, k, fmt), size_hint(m), configs,
+                           _over_cold_weights(launch, lambda: inputs()[1]), device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
