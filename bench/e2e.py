@@ -106,6 +106,12 @@ def add_row(rows: list, impl: str, what: str, batch: int, ms: float, floor_ms: f
           f"{rows[-1]['tokens_per_s']:>12.0f}", flush=True)
 
 
+def prefill_kwargs(args) -> dict:
+    """What every prefill call takes, the bundled model's and HF's: with --last-logits the last position's logits
+    only (HF's ``logits_to_keep``)."""
+    return {"logits_to_keep": 1} if args.last_logits else {}
+
+
 def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
     import deepfuse
     from deepfuse.models import DeepSeekForCausalLM
@@ -117,7 +123,7 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
     p, ctx = args.prefill, args.context
     prompt = the_prompt(cfg, p)
     prefill_floor = prefill_flops(cfg, figures, p, 1 if args.last_logits else p) / peak * 1e3
-    keep = {"logits_to_keep": 1} if args.last_logits else {}  # every prefill call below, HF's too
+    keep = prefill_kwargs(args)
 
     def row(impl, what, batch, ms, floor_ms):
         add_row(rows, impl, what, batch, ms, floor_ms, p)
@@ -250,7 +256,7 @@ def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
                 param.normal_(0.0, cfg.initializer_range, generator=gen)
     p, ctx = args.prefill, args.context
     prompt = the_prompt(cfg, p)
-    keep = {"logits_to_keep": 1} if args.last_logits else {}
+    keep = prefill_kwargs(args)
     latent_bf16 = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2  # the floor's cache: what MLA needs, not HF's
 
     def row(impl, what, batch, ms, floor_ms):
