@@ -108,12 +108,14 @@ def mla_decode(fp8: bool, as_fp16: bool = False):
 
 
 def mla_prefill():
+    """The expanded (prefill) flash kernel at V2-Lite dims over its tiles, the key and value tiles pointer-fed and
+    through tensor descriptors (TMA: their loads count as no asynchronous copy)."""
     fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_prefill_kernel")
     pointers = {name: "*bf16" for name in ("QN", "QP", "KN", "KP", "V", "Mask", "Out")}
-    for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+    for tma, bm, bn, warps, stages in itertools.product((False, True), (64, 128), (32, 64, 128), (4, 8), (2, 3)):
         constexprs = {"DN": DN, "DN_POW2": DN, "R": R, "R_POW2": R, "DV": DV, "DV_POW2": DV, "BLOCK_M": bm,
-                      "BLOCK_N": bn, "HAS_MASK": False, "CAUSAL": True}
-        yield ({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}, fn, pointers,
+                      "BLOCK_N": bn, "HAS_MASK": False, "CAUSAL": True, "TMA": tma}
+        yield ({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "TMA": tma}, fn, pointers,
                {"scale": "fp32"}, constexprs)
 
 

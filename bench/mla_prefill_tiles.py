@@ -3,8 +3,10 @@ PyTorch's scaled_dot_product_attention over the same expanded keys and values (t
 both times). It chooses PREFILL_CONFIG in runtime/kernels/mla.py; prints a table, writes JSON with --out.
 ``--mask-input`` adds, at the default tile, the same causal attention given as an additive [T, T] mask the
 kernel reads (what a layer compiled on its own receives from the model around it) instead of the causal flag.
+``--tma`` times every tile twice: pointer-fed and with its key and value tiles through tensor descriptors
+(``"TMA": True``); ``--tiles`` limits the sweep to some tiles, BLOCK_M x BLOCK_N x warps x stages.
 
-    python3 bench/mla_prefill_tiles.py --out DIR [--tokens 1024,4096] [--mask-input]
+    python3 bench/mla_prefill_tiles.py --out DIR [--tokens 1024,4096] [--mask-input] [--tma] [--tiles 64x64x4x2,...]
 """
 import argparse
 import itertools
@@ -38,7 +40,11 @@ def main():
     parser.add_argument("--tokens", default="1024,4096")
     parser.add_argument("--tflops", type=float, default=680.0, help="bf16 rate the floor is computed at")
     parser.add_argument("--mask-input", action="store_true", help="also the causal mask as a read input")
+    parser.add_argument("--tma", action="store_true", help="each tile also with descriptor-fed key and value tiles")
+    parser.add_argument("--tiles", default=None, help="BLOCK_M x BLOCK_N x warps x stages, comma-separated")
     args = parser.parse_args()
+    tiles = ([tuple(int(v) for v in tile.split("x")) for tile in args.tiles.split(",")] if args.tiles
+             else list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))))
     dev, dtype, scale = "cuda", torch.bfloat16, (DN + R) ** -0.5
     rows = Rows(args.out, "mla_prefill_tiles")  # written as it grows
     for t in (int(x) for x in args.tokens.split(",")):
@@ -54,8 +60,8 @@ def main():
         keys = torch.arange(t, device=dev)
         causal_mask = torch.zeros(t, t, device=dev).masked_fill(keys[None, :] > keys[:, None], float("-inf"))
         configs = [None, "sdpa"] + (["mask input"] if args.mask_input else []) + [
-            {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": st}
-            for bm, bn, nw, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+            {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": st, **({"TMA": True} if tma else {})}
+            for (bm, bn, nw, st), tma in itertools.product(tiles, (False, True) if args.tma else (False,))
         ]
         for cfg in configs:
             def one(s):

@@ -37,6 +37,21 @@ def test_mla_kernels_match_float64(dtype, b, s, t, path):
     assert out.shape == (b, s, 16, 128) and rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("b,s,t", [(1, 300, 300), (1, 4096, 4096), (2, 77, 1100)], ids=str)
+@pytest.mark.parametrize("tile", [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)], ids=str)
+def test_descriptor_fed_prefill_bf16_on_gpu(b, s, t, tile):
+    """The prefill kernel with its key and value tiles through tensor descriptors, compiled for the GPU, in bf16:
+    square and chunked causal prefill, a context off the tiles."""
+    bm, bn, warps, stages = tile
+    inputs = _inputs(b, s, t, torch.bfloat16)
+    assert mla._descriptors_fit(inputs[3])  # the rope key: a slice of the latent rows, 1152 bytes apart
+    scale = 192 ** -0.5
+    ref = mla.reference(*(x.double() for x in inputs), scale, True)
+    config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "TMA": True}
+    out = mla.mla_attention(*inputs, scale, True, path="expanded", config=config)
+    assert rel_err(out, ref) < 1e-2
+
+
 def test_mla_padding_mask_variable_lengths_bf16():
     b, s, t = 4, 1, 700
     inputs = _inputs(b, s, t, torch.bfloat16)

@@ -231,6 +231,54 @@ def test_prefill_interior_and_edge_tiles(s, t, causal):
         assert rel_err(out, ref) < TOL[dtype]
 
 
+TMA_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "TMA": True}
+
+
+@pytest.fixture
+def descriptor_fits(monkeypatch):
+    """What each prefill launch's ``_descriptors_fit`` answered."""
+    answers, real = [], mla._descriptors_fit
+    monkeypatch.setattr(mla, "_descriptors_fit", lambda *t: answers.append(real(*t)) or answers[-1])
+    return answers
+
+
+@pytest.mark.parametrize("shape,causal", [((2, 50, 50, 2, 16, 8, 16, 32), True), ((1, 9, 77, 3, 16, 16, 24, 64), True),
+                                          ((2, 33, 70, 2, 32, 8, 32, 32), False), ((1, 1, 19, 2, 16, 8, 16, 32), True)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_descriptor_fed_prefill_matches_float64(shape, causal, dtype, descriptor_fits):
+    """The prefill's key and value tiles through tensor descriptors (TMA): square and chunked causal prefill, a
+    context off the tile (the copy engine's zero fill), dv != dn (a value tile wider than its rows), non-causal."""
+    b, s, t, h, dn, r, dv, c = shape
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, h, dn, r, dv, c, dtype)
+    ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.25, causal)
+    out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.25, causal, path="expanded", interpret=True,
+                            config=TMA_TILE)
+    assert out.shape == (b, s, h, dv) and rel_err(out, ref) < TOL[dtype]
+    assert descriptor_fits == [True]
+
+
+@pytest.mark.parametrize("kind", ["causal", "window", "bias"])
+def test_descriptor_fed_prefill_with_a_mask_input(kind, descriptor_fits):
+    b, h, s, t = 2, 2, 45, 70
+    mask = _prefill_masks(b, s, t)[kind]
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(b, s, t, h, 16, 8, 16, 32, torch.float32)
+    ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.25, False, mask)
+    out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.25, False, mask, path="expanded", interpret=True,
+                            config=TMA_TILE)
+    assert rel_err(out, ref) < TOL[torch.float32] and descriptor_fits == [True]
+
+
+def test_descriptor_fed_prefill_falls_back_where_descriptors_do_not_fit(descriptor_fits):
+    """A rope key whose rows are 43 fp32 values apart (172 bytes, not a multiple of 16): the same tile with
+    pointers, right."""
+    q_nope, q_pe, c_kv, k_pe, w = _inputs(1, 20, 20, 2, 16, 8, 16, 32, torch.float32, noncontig=True)
+    ref = mla.reference(*(x.double() for x in (q_nope, q_pe, c_kv, k_pe, w)), 0.25, True)
+    out = mla.mla_attention(q_nope, q_pe, c_kv, k_pe, w, 0.25, True, path="expanded", interpret=True,
+                            config=TMA_TILE)
+    assert rel_err(out, ref) < TOL[torch.float32] and descriptor_fits == [False]
+
+
 def _fp8_latent(c_kv):
     """c_kv quantized per token as the FP8 cache stores it, rows of very different sizes and one all zero."""
     rows = c_kv * torch.logspace(-2, 1, c_kv.shape[1], dtype=c_kv.dtype)[None, :, None]

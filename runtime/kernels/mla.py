@@ -27,6 +27,7 @@ import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
+from deepfuse.runtime.kernels import quant as quant_kernels
 from deepfuse.runtime.latent_cache import FP8, dequantize_latent
 
 
@@ -214,10 +215,11 @@ def mla_prefill_tile(
     acc, m_i, l_i, q_nope, q_pe, KN, KP, V, Mask, rows, r_ok, t0, t_end, scale, causal_offset,
     stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
     DN: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EDGE: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, EDGE: tl.constexpr, TMA: tl.constexpr,
 ):
     """One key tile [t0, t0 + BLOCK_N) of the online softmax. KN, KP, V, Mask point at this (batch, head)'s
-    rows (Mask: one pointer per query row, [BLOCK_M, 1]). EDGE: the tile may hold keys past t_end or, causally,
+    rows (Mask: one pointer per query row, [BLOCK_M, 1]); with TMA, KN, KP and V are tensor descriptors over
+    them instead (the copy engine zero-fills keys past T). EDGE: the tile may hold keys past t_end or, causally,
     past a row's own position, so those are masked; an interior tile (every key visible to every row) is read
     and used without a mask."""
     offs_t = t0 + tl.arange(0, BLOCK_N)
@@ -227,7 +229,10 @@ def mla_prefill_tile(
         madd = tl.load(Mask + offs_t[None, :] * stride_mt, mask=r_ok[:, None] & t_ok[None, :], other=float("-inf"))
         live = tl.max(tl.max(madd, axis=1), axis=0) > float("-inf")
     if live:
-        if EDGE:
+        if TMA:
+            k_nope = KN.load([t0, 0]).T
+            k_pe = KP.load([t0, 0]).T
+        elif EDGE:
             k_nope = tl.load(KN + offs_t[None, :] * stride_knt + offs_dn[:, None],
                              mask=t_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
             k_pe = tl.load(KP + offs_t[None, :] * stride_kpt + offs_r[:, None],
@@ -250,7 +255,9 @@ def mla_prefill_tile(
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if EDGE:
+        if TMA:
+            v = V.load([t0, 0])
+        elif EDGE:
             v = tl.load(V + offs_t[:, None] * stride_vt + offs_dv[None, :],
                         mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         else:
@@ -270,7 +277,7 @@ def mla_prefill_kernel(
     S, T, H, scale, causal_offset,
     DN: tl.constexpr, DN_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
     DV: tl.constexpr, DV_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr,
 ):
     """Flash attention for one (query block, batch, head): scores = q_nope . k_nope + q_pe . k_pe (two dots,
     no concatenated key), online softmax in base 2 (the scale carries log2(e): exp2 is the hardware's), P . V;
@@ -279,7 +286,8 @@ def mla_prefill_kernel(
     edge ones (the diagonal, T's last partial tile) with it. With an additive mask, TileRanges holds this
     query block's (first visible, first interior, end of interior, end of visible) key tiles, read off the
     mask by ``mask_tile_ranges``: the tiles it hides are skipped, its all-zero ones are interior (no mask
-    read), the others are edge tiles that read it."""
+    read), the others are edge tiles that read it. TMA: the key and value tiles through tensor descriptors over
+    this (batch, head)'s rows (no per-element addresses in registers; the copy engine zero-fills past T)."""
     scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Python floats come as fp64; log2(e) folded in
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -297,6 +305,10 @@ def mla_prefill_kernel(
     kn = KN + b * stride_knb + h * stride_knh
     kp = KP + b * stride_kpb
     vv = V + b * stride_vb + h * stride_vh
+    if TMA:
+        kn = tl.make_tensor_descriptor(kn, shape=[T, DN], strides=[stride_knt, 1], block_shape=[BLOCK_N, DN_POW2])
+        kp = tl.make_tensor_descriptor(kp, shape=[T, R], strides=[stride_kpt, 1], block_shape=[BLOCK_N, R_POW2])
+        vv = tl.make_tensor_descriptor(vv, shape=[T, DV], strides=[stride_vt, 1], block_shape=[BLOCK_N, DV_POW2])
     mk = Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_ms  # [BLOCK_M, 1] row pointers
     t_end = T
     t_interior = T  # keys every row of this block sees: the first row's causal reach, inside T
@@ -320,17 +332,17 @@ def mla_prefill_kernel(
             acc, m_i, l_i = mla_prefill_tile(
                 acc, m_i, l_i, q_nope, q_pe, kn, kp, vv, mk, rows, r_ok, t0, t_end, scale, causal_offset,
                 stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
-                DN, R, DV, BLOCK_N, True, CAUSAL, True)
+                DN, R, DV, BLOCK_N, True, CAUSAL, True, TMA)
     for t0 in range(i_start, t_interior, BLOCK_N):
         acc, m_i, l_i = mla_prefill_tile(
             acc, m_i, l_i, q_nope, q_pe, kn, kp, vv, mk, rows, r_ok, t0, t_end, scale, causal_offset,
             stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
-            DN, R, DV, BLOCK_N, False, CAUSAL, False)
+            DN, R, DV, BLOCK_N, False, CAUSAL, False, TMA)
     for t0 in range(tl.maximum(t_interior, t_start), t_end, BLOCK_N):
         acc, m_i, l_i = mla_prefill_tile(
             acc, m_i, l_i, q_nope, q_pe, kn, kp, vv, mk, rows, r_ok, t0, t_end, scale, causal_offset,
             stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
-            DN, R, DV, BLOCK_N, HAS_MASK, CAUSAL, True)
+            DN, R, DV, BLOCK_N, HAS_MASK, CAUSAL, True, TMA)
     out = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + rows[:, None] * stride_os + h * stride_oh + offs_dv[None, :], out.to(${dtype}),
              mask=r_ok[:, None] & (offs_dv[None, :] < DV))
@@ -404,6 +416,9 @@ def choose_path(queries: int) -> str:
 # The prefill tile: the best of a 24-point sweep (BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2/3 stages) of
 # this kernel alone at V2-Lite dims, T=4096, H100: 0.40 ms. Autotuning it per query bucket at compile time
 # measured slower end to end (0.68 vs 0.62 ms per layer), so it is fixed until the kernel itself improves.
+# "TMA": True (not timed yet, so not the default) brings the key and value tiles in through tensor descriptors:
+# compiled for sm_90a this tile then holds 141 registers a thread, not 255 (bench/kernel_resources.py; time it
+# with bench/mla_prefill_tiles.py --tma).
 PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
@@ -549,6 +564,7 @@ def mla_attention(
         raise ValueError(f"mla: path must be 'auto', 'absorbed' or 'expanded', got {path!r}")
     cfg = dict(config or PREFILL_CONFIG)
     bm, bn = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    tma = cfg.pop("TMA", False)  # the key and value tiles through tensor descriptors, where these tensors allow
     launch_opts = {} if interpret else cfg
     if fp8:  # the prefill expands the latent anyway: dequantized first, as the model's own code does
         c_kv = dequantize_latent(c_kv, kv_scale[..., None], dtype)
@@ -556,9 +572,12 @@ def mla_attention(
     k_nope, v = kv[..., :dn], kv[..., dn:]
     out = torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)
     q_nope = _unit_last(q_nope)
+    tma = tma and _descriptors_fit(k_nope, k_pe, v)
     prefill = gen.function("mla_prefill_kernel", interpret=interpret)
     if not interpret:
         prefill = torch.library.wrap_triton(prefill)
+        if tma:
+            quant_kernels.ensure_allocator()
     if has_mask:
         ranges = mask_tile_ranges(mask4, bm, bn)
         r_args = (ranges.stride(0), ranges.stride(1), ranges.stride(2))
@@ -572,9 +591,16 @@ def mla_attention(
         s, t, h, scale, t - s,
         DN=dn, DN_POW2=max(16, triton.next_power_of_2(dn)), R=r, R_POW2=max(16, triton.next_power_of_2(r)),
         DV=dv, DV_POW2=max(16, triton.next_power_of_2(dv)), BLOCK_M=bm, BLOCK_N=bn,
-        HAS_MASK=has_mask, CAUSAL=causal, **launch_opts,
+        HAS_MASK=has_mask, CAUSAL=causal, TMA=tma, **launch_opts,
     )
     return out
+
+
+def _descriptors_fit(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors take these [B, T, (H,) D] keys and values: unit last stride, 16-byte strides and
+    starts (a (batch, head)'s rows start where the descriptor's base does)."""
+    return all(t.stride(-1) == 1 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+               and quant_kernels.aligned(t) for t in tensors)
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:

@@ -606,7 +606,7 @@ def _launch(gemm, x2, xs, w, scale, bias, out_dtype, scale_block, cfg: dict, int
     return out.to(out_dtype)
 
 
-def _aligned(t: torch.Tensor) -> bool:
+def aligned(t: torch.Tensor) -> bool:
     """Whether ``t`` starts on a 16-byte boundary, as a tensor descriptor needs: its data pointer when it has one;
     under tracing (fake tensors) its offset into a storage the caching allocator aligned."""
     try:
@@ -620,7 +620,7 @@ def _tma_fits(x2: torch.Tensor, w: torch.Tensor, cfg: dict, scale_block) -> bool
     16-byte rows (K a multiple of 16) and starts, the N tile inside one weight-scale block, a K tile that is one
     scale block."""
     k = w.shape[1]
-    return (k % 16 == 0 and x2.stride() == (k, 1) and w.stride() == (k, 1) and _aligned(x2) and _aligned(w)
+    return (k % 16 == 0 and x2.stride() == (k, 1) and w.stride() == (k, 1) and aligned(x2) and aligned(w)
             and scale_block[0] % cfg["BLOCK_N"] == 0 and cfg["BLOCK_K"] == scale_block[1])
 
 
@@ -628,7 +628,7 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_allocator() -> None:
+def ensure_allocator() -> None:
     """A tensor descriptor made in a kernel lives in global scratch memory that Triton asks an allocator for at
     launch. Inductor sets one before each of its launches; for launches of ours (autotuning, the eager op) this
     sets a torch one, unless the user has set their own."""
@@ -648,7 +648,7 @@ def _launch_tma(gemm, xq, xs, w, scale, bias, out_dtype, scale_block_n: int, cfg
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if not (isinstance(m, int) and m == 0):
         if not interpret:
-            _ensure_allocator()
+            ensure_allocator()
         gemm[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
             xq, xs, w, scale, bias if bias is not None else scale, y,
             m, n, k,
