@@ -38,7 +38,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from e2e import the_prompt  # noqa: E402
+from e2e import prefill_kwargs, the_prompt  # noqa: E402
 from run import environment, median_call_ms  # noqa: E402
 
 
@@ -130,7 +130,7 @@ def main():
     cache = model.new_cache(1, args.prefill)
     result = {"environment": environment(), "layers": args.layers, "prefill": args.prefill, "compile": args.compile,
               "last_logits": args.last_logits}
-    keep = {"logits_to_keep": 1} if args.last_logits else {}
+    keep = prefill_kwargs(args)  # e2e.py's, for its --last-logits
     with torch.no_grad():
         call = lambda: forward(prompt, 0, cache, **keep)  # noqa: E731
         if args.profile_compile:

@@ -56,16 +56,16 @@ def test_quant_matmul_matches_float64(dtype, mode, shape):
         assert rel_err(out, ref) < TOL[dtype]
 
 
-def _check_tile(mode, cfg, shapes):
-    """``cfg`` in ``mode`` at each (m, n, k), fp16 with a bias, against float64."""
+def _check_tile(mode, cfg, shapes, dtype=torch.float16):
+    """``cfg`` in ``mode`` at each (m, n, k), in ``dtype`` with a bias, against float64."""
     fmt, act_quant, pre = mode
     for m, n, k in shapes:
-        x = _activations(m, k, torch.float16, noncontig=True)
+        x = _activations(m, k, dtype, noncontig=True)
         w, scale = _weights(n, k, fmt)
-        bias = torch.randn(n, dtype=torch.float16)
+        bias = torch.randn(n, dtype=dtype)
         out = quant.quant_matmul(x, w, scale, bias, fmt, act_quant, prequantize=pre, interpret=True, config=cfg)
         ref = quant.reference(x.double(), w, scale, bias.double(), fmt, act_quant, compute=torch.float64)
-        assert out.shape == (m, n) and rel_err(out, ref) < TOL[torch.float16], (m, n, k)
+        assert out.shape == (m, n) and out.dtype == dtype and rel_err(out, ref) < TOL[dtype], (m, n, k)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=["fp8-fused-quant", "fp8-prequant", "fp8-weight-only", "int8"])
@@ -154,14 +154,7 @@ def test_descriptor_fed_tiles_are_candidates_only_for_prequantized_fp8(monkeypat
 def test_operand_swapped_decode_gemm_matches_float64(cfg, shape, dtype):
     """The decode GEMM computed as y^T = w . x^T (weight rows on the FP8 MMA's M side): edges in M (1 to 16 of the
     16 token columns), N and K, K split across programs, bias, the transposed store."""
-    m, n, k = shape
-    x = _activations(m, k, dtype, noncontig=True)
-    w, scale = _weights(n, k, "fp8-block")
-    bias = torch.randn(n, dtype=dtype)
-    out = quant.quant_matmul(x, w, scale, bias, "fp8-block", True, interpret=True, config=cfg)
-    ref = quant.reference(x.double(), w, scale, bias.double(), "fp8-block", True, compute=torch.float64)
-    assert out.shape == (m, n) and out.dtype == dtype
-    assert rel_err(out, ref) < TOL[dtype]
+    _check_tile(MODES[0], cfg, [shape], dtype)
 
 
 def test_operand_swapped_decode_gemm_with_narrow_scale_blocks():

@@ -666,9 +666,11 @@ def moe_experts(
     # epilogue, one 128-wide scale tile per program (BLOCK_N 128), instead of every N-tile program quantizing its
     # A tiles again in the K loop.
     prequant = cfg.pop("PREQUANT", False) and fp8 and act_quant
+    weight_format = ("fp8-block-prequant" if prequant else "fp8-block" if act_quant
+                     else "fp8-block-weight") if fp8 else "float"
     # SWAP_AB (W8A8 quantizing in the K loop only): the products taken transposed, the weight tile on the FP8 MMA's
     # M side; elsewhere the same tile as it is
-    swap_ab = cfg.pop("SWAP_AB", False) and fp8 and act_quant and not prequant
+    swap_ab = cfg.pop("SWAP_AB", False) and weight_format == "fp8-block"
     if prequant and cfg["BLOCK_N"] != FP8_BLOCK:
         raise ValueError(f"moe: PREQUANT takes BLOCK_N = {FP8_BLOCK} (one scale tile of the intermediate), "
                          f"got {cfg['BLOCK_N']}")
@@ -703,9 +705,7 @@ def moe_experts(
             sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
         capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
-    gen = kernels_for(x.dtype, activation, origin, shared=shared is not None,
-                      weight_format=("fp8-block-prequant" if prequant else "fp8-block" if act_quant
-                                     else "fp8-block-weight") if fp8 else "float")
+    gen = kernels_for(x.dtype, activation, origin, shared=shared is not None, weight_format=weight_format)
     a, a_scales, h_scales = x, None, None  # the gate/up kernel's A operand
     if prequant:
         a, a_scales = quant_kernels.prequantize_activations(x, FP8_BLOCK, interpret)
@@ -718,7 +718,7 @@ def moe_experts(
             return {}
         ws = weight_scales[i]
         args = {"WScale": ws, "stride_sse": ws.stride(0), "stride_ssn": ws.stride(1), "stride_ssk": ws.stride(2),
-                "EXACT_FP8_ROUNDING": interpret, **({"SWAP_AB": swap_ab} if act_quant and not prequant else {})}
+                "EXACT_FP8_ROUNDING": interpret, **({"SWAP_AB": swap_ab} if weight_format == "fp8-block" else {})}
         if shared is not None:  # the shared MLP's own scale grids
             own = shared_scales[:2] if i == 0 else shared_scales[2:]
             args.update(dict(zip(("SharedGateScale", "SharedUpScale") if i == 0 else ("SharedDownScale",), own)))

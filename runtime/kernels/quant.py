@@ -256,14 +256,7 @@ def fp8_block_quantize_decode_kernel(
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         ${quantize_x}
-        if UNIFORM_W_SCALE:
-            w_scale = tl.load(WS + (pid_n * BLOCK_N // SCALE_BLOCK_N) * stride_wsn
-                              + (k0 // SCALE_BLOCK_K) * stride_wsk)
-            scales = w_scale * x_scale[None, :]
-        else:
-            w_scale = tl.load(WS + (offs_n // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk,
-                              mask=n_ok, other=0.0)
-            scales = w_scale[:, None] * x_scale[None, :]
+        ${scales}
         acc += tl.dot(w, tl.trans(xq)) * scales
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -279,7 +272,14 @@ if UNIFORM_W_SCALE:
     scales = ${x_scale}w_scale
 else:
     w_scale = tl.load(WS + (offs_n // SCALE_BLOCK_N) * stride_wsn + (k0 // SCALE_BLOCK_K) * stride_wsk, mask=n_ok, other=0.0)
-    scales = ${x_scale}w_scale[None, :]"""
+    scales = ${x_scale}w_scale${w_axis}"""
+
+
+def _scales(x_scale: str, w_axis: str = "[None, :]") -> str:
+    """``_SCALES`` with the activation's scale factor in front (``x_scale``, "" for none) and a weight scale per
+    output column laid along ``w_axis`` of the tile (``[:, None]`` in the swapped kernel, whose rows are y's
+    columns)."""
+    return _SCALES.replace("${x_scale}", x_scale).replace("${w_axis}", w_axis)
 
 _EPILOGUES = {
     "int8_weight_only": "acc *= tl.load(WS + offs_n * stride_wsn, mask=n_ok, other=0.0)[None, :]",
@@ -320,15 +320,16 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
                   "precision": '"ieee"' if x_dtype == torch.float32 else "None"}
         fill = lambda s: s.replace("${amax_floor}", consts["amax_floor"]).replace("${fp8_max}", consts["fp8_max"]) \
             .replace("${precision}", consts["precision"])\
-            .replace("${scales}", _SCALES.replace("${x_scale}", "x_scale[:, None] * ")) \
-            .replace("${w_scales}", _SCALES.replace("${x_scale}", ""))  # noqa: E731
+            .replace("${scales}", _scales("x_scale[:, None] * ")).replace("${w_scales}", _scales(""))  # noqa: E731
         slots = {
             "round_to_e4m3": ROUND_TO_E4M3,
             "kernel_name": name,
             "tile_product": fill(_PRODUCTS[mode]),
             "tma_kernel": _TMA_KERNEL if mode == "prequantized"
             else "# (the descriptor-fed GEMM serves the prequantized mode only)",
-            "swap_kernel": fill(_SWAP_KERNEL.replace("        ${quantize_x}", textwrap.indent(_QUANTIZE_X, " " * 8)))
+            "swap_kernel": fill(_SWAP_KERNEL.replace("        ${quantize_x}", textwrap.indent(_QUANTIZE_X, " " * 8))
+                                .replace("        ${scales}",
+                                         textwrap.indent(_scales("x_scale[None, :] * ", "[:, None]"), " " * 8)))
             if mode == "quantize"
             else "# (the operand-swapped decode GEMM serves the in-loop quantizing mode only)",
             "epilogue": _EPILOGUES.get(mode, "# the scales were applied per K tile"),
