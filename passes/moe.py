@@ -149,6 +149,11 @@ class MoEPass:
             log.info("moe routing at %s (%s) stays unfused but for its top-k: %s", where[1] or "?", where[0], spec)
             return {"routing": f"{self._rewrite_router_topk(graph, topk, impl, inline, where)} ({spec})"}
         region, logits, bias = found
+        if bias is not None and value(bias).dim() != 1:  # the kernels take it flat: [1, E] viewed as [E]
+            with graph.inserting_before(logits):
+                flat = graph.call_function(aten.view.default, (bias, [value(bias).shape[-1]]))
+            flat.meta["val"] = value(bias).reshape(-1)
+            bias = flat
         out_dtype = value(weights).dtype
         origin = f"{where[1] or '?'} ({where[0]})"
         spec_args = (spec.top_k, spec.scoring, spec.groups, spec.topk_group, spec.group_score, spec.fill,
@@ -545,7 +550,9 @@ def _classify(boundary, ids, weights, t, k, region, out):
     if inputs["ids"] is None or inputs["weights"] is None:
         return "the experts region does not read the router's top-k ids and weights directly"
     if others:
-        return f"the experts region reads tensors it should not ({', '.join(o.name for o in others[:3])})"
+        seen = ", ".join(f"{o.name} {list(value(o).shape) if value(o) is not None else '?'}" for o in others[:3])
+        return ("the experts region reads tensors besides the tokens, the router's ids and weights and the [experts, "
+                f"rows, cols] weights of a gated MLP (per-expert biases?): {seen}")
     if len(xs) != 1:
         return f"the experts region reads {len(xs)} [tokens, hidden] inputs, expected the hidden states alone"
     if len(mats) != 2:
@@ -908,8 +915,9 @@ def _routing_region(topk: fx.Node, weights: fx.Node, ids: fx.Node):
         val = value(n)
         if val is None or val.numel() == 1:
             continue  # a scalar constant; the check runs it as it is
-        if bias is None and val.dtype.is_floating_point and tuple(hint(d) for d in val.shape) == (e,):
-            bias = n
+        shape = tuple(hint(d) for d in val.shape)
+        if bias is None and val.dtype.is_floating_point and shape[-1:] == (e,) and all(d == 1 for d in shape[:-1]):
+            bias = n  # [E], or [1, E] as Ernie 4.5 holds it (read through a squeeze)
             continue
         return f"the router reads a tensor besides its logits and an [experts] bias ({n.name})"
     if len(region) > 200:
@@ -1003,12 +1011,13 @@ def _verify_routing(region, logits, bias, weights, ids) -> Union[routing.Routing
         for _ in range(max(4, -(-64 // rows))):
             x = _distinct_logits(rows, e, lv.dtype, gen).to(lv.dtype)
             b = None if bias is None else (torch.randn(e, generator=gen, dtype=torch.float64) * 0.5)
-            inputs = [x.to(device)] + ([b.to(device, value(bias).dtype)] if b is not None else [])
+            inputs = [x.to(device)] + ([b.to(device, value(bias).dtype).view(value(bias).shape)] if b is not None
+                                       else [])
             try:
                 got = module(*inputs)
             except Exception as err:
                 return f"the router could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
-            draws.append((x.double(), None if b is None else inputs[1].double().cpu(),
+            draws.append((x.double(), None if b is None else inputs[1].double().cpu().reshape(e),
                           (got[0].cpu(), got[1].cpu())))
         for spec in _routing_candidates(region, consts, e, k, bias is not None):
             try:
