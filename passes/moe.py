@@ -265,6 +265,8 @@ class MoEPass:
             flips = shared["transposed"]
 
             def canonical(a, b, g, u, d):
+                if "fused" in shared:  # gate and up are the halves of one weight
+                    g, u = fused_halves(g, flips["gate"], shared["fused"])
                 return (a.transpose(1, 2) if t1 else a, b.transpose(1, 2) if t2 else b,
                         *(m.t() if flips[n] else m for n, m in zip(("gate", "up", "down"), (g, u, d))))
 
@@ -722,8 +724,11 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
         mlp_out, scale = other, None  # not a factor of the input's: the product is the shared value itself
         shared = computed_after_x(other)
     mms = [n for n in shared if n.target in (aten.mm.default, aten.addmm.default)]
-    if len(mms) != 3:
-        return None if not mms else f"the value added to the experts holds {len(mms)} matmuls, not a gated MLP's 3"
+    if len(mms) not in (2, 3):  # 2: gate and up as one matmul whose output is halved (Granite's input_linear)
+        return None if not mms else (f"the value added to the experts holds {len(mms)} matmuls, not a gated MLP's "
+                                     "3 (or 2, gate and up in one)")
+    if len(mms) == 2 and fp8_acts:
+        return "the shared MLP next to FP8 experts computes gate and up in one matmul: it joins only as three"
     order = {n: i for i, n in enumerate(graph.nodes)}
     shared = sorted(shared, key=order.__getitem__)
     reason = escape_reason(shared + ([other] if scale is not None else []), [other])
@@ -746,8 +751,9 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
             (acts if a in before_x or val is None or val.dim() != 2 else mats).append(a)
     hidden, inter = params["hidden"], params["intermediate"]
     xv = value(x)
-    if len(acts) != 1 or len(mats) != 3:
-        return f"the shared MLP reads {len(acts)} activations and {len(mats)} weight matrices, expected 1 and 3"
+    if len(acts) != 1 or len(mats) != len(mms):
+        return (f"the shared MLP reads {len(acts)} activations and {len(mats)} weight matrices, expected 1 and "
+                f"{len(mms)}")
     inp = acts[0]
     if inp not in _view_sources(x):  # the fused launch feeds the shared experts the routed experts' x
         return "the shared MLP reads other hidden states than the routed experts"
@@ -833,6 +839,8 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
     from deepfuse.runtime.kernels import quant as quant_kernels
 
     shapes = {m: tuple(hint(d) for d in value(m).shape) for m in mats}
+    if len(mats) == 2:
+        return _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activation, xv, scale)
     sizes = {d for m in mats for d in shapes[m] if d != hidden} or {hidden}
     if len(sizes) != 1:
         return f"shared expert weight shapes {list(shapes.values())} do not share one intermediate size"
@@ -889,6 +897,68 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
                 return {"gate": gate, "up": up, "down": down, "count": si // inter,
                         "transposed": dict(zip(("gate", "up", "down"), flips))}
     return "the value added to the experts is not a gated MLP with the experts' activation (checked on random inputs)"
+
+
+def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activation, xv,
+                         scale=None) -> Union[dict[str, Any], str]:
+    """``_verify_shared`` for a shared MLP whose gate and up are one matmul, its output halved: which of the two
+    ``mats`` is that [2 * I, H] weight (or [H, 2 * I], stored transposed), which half is the gate, and how the down
+    weight is stored. Roles as ``_verify_shared``'s, gate and up the same node, with ``fused``: "gate first" or
+    "up first" (the gate's half of the fused weight)."""
+    import itertools
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    modules = _checked_forms(shared, [inp] + list(mats) + ([scale] if scale is not None else []), out,
+                             "the shared MLP", False)
+    if isinstance(modules, str):
+        return modules
+    module = modules[0]
+    device, dtype = xv.device, xv.dtype
+    act = kernel.TORCH_ACTIVATIONS[activation]
+    acc = torch.float64 if device.type == "cpu" else torch.float32
+    tol = _check_tolerances(dtype)[0]
+    with unset_fake_temporarily(), torch.no_grad():
+        gen = torch.Generator(device="cpu").manual_seed(98)
+        rows = max(hint(xv.shape[0]), 1)
+        x = torch.randn(rows, hidden, generator=gen).to(device, dtype)
+        factor = torch.rand(rows, 1, generator=gen) + 0.5
+        extra = [] if scale is None else [factor.to(device, value(scale).dtype).view(
+            tuple(hint(d) for d in value(scale).shape))]
+        for (fused, down), t_in, t_down, order in itertools.product(
+                itertools.permutations(mats), (False, True), (False, True), ("gate first", "up first")):
+            si = shapes[fused][1 if t_in else 0] // 2
+            if shapes[fused] != ((hidden, 2 * si) if t_in else (2 * si, hidden)) or si == 0 \
+                    or shapes[down] != ((si, hidden) if t_down else (hidden, si)):
+                continue
+            if si % inter:
+                return f"the shared intermediate size {si} is not a multiple of the experts' {inter}"
+            g, u, d = (torch.randn(shape, generator=gen) / hidden ** 0.5
+                       for shape in ((si, hidden), (si, hidden), (hidden, si)))
+            halves = (g, u) if order == "gate first" else (u, g)
+            w_in = torch.cat(halves).to(dtype)
+            stored = {fused: w_in.t().contiguous() if t_in else w_in,
+                      down: (d.t().contiguous() if t_down else d).to(dtype)}
+            try:
+                got = module(x.view(tuple(hint(n) for n in value(inp).shape)), *(stored[m] for m in mats),
+                             *extra)[0].reshape(rows, hidden)
+            except Exception as err:
+                return f"the shared MLP could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
+            g, u, d = (t.to(dtype).to(device, acc) for t in (g, u, d))
+            want = torch.nn.functional.linear(act(x.to(acc) @ g.t()) * (x.to(acc) @ u.t()), d)
+            want = (want if scale is None else want * extra[0].reshape(rows, 1).to(acc)).float()
+            if rel_err(got, want) < tol:
+                return {"gate": fused, "up": fused, "down": down, "count": si // inter, "fused": order,
+                        "transposed": {"gate": t_in, "up": t_in, "down": t_down}}
+    return "the value added to the experts is not a gated MLP with the experts' activation (checked on random inputs)"
+
+
+def fused_halves(w: torch.Tensor, transposed: bool, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) as views of a shared MLP's fused gate-and-up weight, stored [2 * I, H] (or [H, 2 * I] with
+    ``transposed``), its gate half first or second (``order``)."""
+    half = w.shape[1 if transposed else 0] // 2
+    first, second = (w[:, :half], w[:, half:]) if transposed else (w[:half], w[half:])
+    return (first, second) if order == "gate first" else (second, first)
 
 
 # -- the router ------------------------------------------------------------------------------------------------

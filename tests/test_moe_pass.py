@@ -117,6 +117,9 @@ UNSEEN = {
     "ExaoneMoe": (dict(num_experts=8, num_experts_per_tok=2), "sigmoid, score-correction bias, top-2, renormalized, "
                   "x 2.5", "fused: 1 always-chosen experts of 32"),
     "GraniteMoe": (dict(num_local_experts=8, num_experts_per_tok=2), "softmax, top-2, renormalized", None),
+    # its shared MLP computes gate and up in one matmul, the output halved
+    "GraniteMoeShared": (dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=192),
+                         "softmax, top-2, renormalized", "fused: 2 always-chosen experts of 96"),
     "Lfm2Moe": (dict(num_experts=8, num_experts_per_tok=2, num_dense_layers=0, layer_types=["full_attention"] * 2),
                 "sigmoid, score-correction bias, top-2, renormalized", None),
     "Qwen3_5MoeText": (dict(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32,
@@ -221,9 +224,9 @@ class ReluExperts(torch.nn.Module):
 class SharedMLP(torch.nn.Module):
     """Routed experts plus a shared MLP whose activation or size the fused launch cannot take."""
 
-    def __init__(self, act=F.silu, shared_inter=16, routed_input_scale=1.0, gate=None):
+    def __init__(self, act=F.silu, shared_inter=16, routed_input_scale=1.0, gate=None, fused=None):
         super().__init__()
-        self.act, self.scale, self.gate_kind = act, routed_input_scale, gate
+        self.act, self.scale, self.gate_kind, self.fused = act, routed_input_scale, gate, fused
         self.shared_gate = torch.nn.Linear(32, 32 if gate == "per_channel" else 1, bias=False)
         self.router = torch.nn.Linear(32, 4, bias=False)
         self.w1 = torch.nn.Parameter(torch.randn(4, 32, 32) / 32 ** 0.5)  # gate+up: I = 16
@@ -231,12 +234,20 @@ class SharedMLP(torch.nn.Module):
         self.gate = torch.nn.Linear(32, shared_inter, bias=False)
         self.up = torch.nn.Linear(32, shared_inter, bias=False)
         self.down = torch.nn.Linear(shared_inter, 32, bias=False)
+        # gate and up as one weight (Granite's input_linear), [2I, H] as Linear holds it or [H, 2I]
+        self.gate_up = torch.nn.Parameter(torch.randn(2 * shared_inter, 32) / 32 ** 0.5)
+        self.gate_up_t = torch.nn.Parameter(torch.randn(32, 2 * shared_inter) / 32 ** 0.5)
 
     def forward(self, h):
         x = h * self.scale if self.scale != 1.0 else h  # the routed experts' input; the shared MLP reads h
         weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
         routed = gathered_experts(x, ids, weights, self.w1, self.w2, F.silu)
-        shared = self.down(self.act(self.gate(h)) * self.up(h))
+        if self.fused:
+            both = h @ self.gate_up_t if self.fused.endswith("transposed") else F.linear(h, self.gate_up)
+            gate, up = both.chunk(2, dim=-1) if self.fused.startswith("gate") else both.chunk(2, dim=-1)[::-1]
+            shared = self.down(self.act(gate) * up)
+        else:
+            shared = self.down(self.act(self.gate(h)) * self.up(h))
         if self.gate_kind in ("sigmoid", "per_channel"):  # Qwen-MoE's gate, or one factor per channel
             shared = torch.sigmoid(self.shared_gate(h)) * shared
         elif self.gate_kind == "of_itself":  # a factor computed from the shared output: not a gate of the input
@@ -258,6 +269,10 @@ class SharedMLP(torch.nn.Module):
     ({"gate": "per_channel"}, "with Inductor (the value added to the experts holds 4 matmuls"),
     ({"gate": "of_itself"}, "with Inductor (the value added to the experts is not a gated MLP"),
     ({"gate": "of_the_routed"}, None),  # the routed output read twice: no shared MLP is looked for
+    ({"fused": "gate first"}, "fused: 1 always-chosen experts of 16"),
+    ({"fused": "up first", "shared_inter": 32}, "fused: 2 always-chosen experts of 16"),
+    ({"fused": "gate first, transposed", "gate": "sigmoid"}, "fused: 1 always-chosen experts of 16, weighted"),
+    ({"fused": "up first", "act": F.relu}, "with Inductor (the value added to the experts is not a gated MLP"),
 ])
 def test_shared_experts_fused_only_when_checked(variant, want):
     variant = dict(variant)
