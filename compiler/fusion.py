@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
+from .errors import DeepfuseError
 from .log import log
 from .options import Options
 from .pattern import Binding, HostGraph, Pattern
@@ -165,7 +166,15 @@ def replace_region(graph: fx.Graph, binding: Binding, target: Callable, args: tu
 
 
 def _take_over(graph: fx.Graph, binding, outs: list[fx.Node], order: dict) -> None:
-    """The new outputs take the region's uses; the region is erased; the graph is put back in order."""
+    """The new outputs take the region's uses; the region is erased; the graph is put back in order. A new
+    output of another dtype or rank than the value it replaces is a bug in the rewrite: an error, never a graph
+    that computes something else."""
+    for old, new in zip(binding.outputs, outs):
+        was, now = old.meta.get("val"), new.meta.get("val")
+        if isinstance(was, torch.Tensor) and isinstance(now, torch.Tensor) and (
+                was.dtype != now.dtype or was.dim() != now.dim()):
+            raise DeepfuseError(f"deepfuse internal error: the rewrite of {old.name} returns {now.dtype} "
+                                f"{list(now.shape)} where the graph had {was.dtype} {list(was.shape)}")
     for old, new in zip(binding.outputs, outs):
         old.replace_all_uses_with(new)
     for node in sorted(binding.interior, key=order.__getitem__, reverse=True):

@@ -310,7 +310,7 @@ class MoEPass:
         (q1, s1), (q2, s2) = fp8
         x, ids, weights = (inputs[k] for k in ("x", "ids", "weights"))
         act, t1, t2 = params["activation"], params["gate_up_transposed"], params["down_transposed"]
-        out_dtype = value(out).dtype
+        out_dtype = value(shared["out"] if shared is not None else out).dtype  # what the replaced region returns
         origin = f"{where[1] or '?'} ({where[0]})"
         act_quant = params["act_quant"]
         gen = (kernel.kernels_for(value(x).dtype, act, origin, shared=shared is not None,

@@ -361,6 +361,25 @@ def test_quantize_option_runs_moe_experts_as_fp8_kernels(kind):
                for e in experts)
 
 
+def test_fp8_checkpoint_model_in_bf16_keeps_its_dtype_through_the_fused_shared_experts():
+    """A V3-style FP8 model in bf16 (experts of 128: FP8 too), its FP8 shared MLP in the experts' launches. The
+    experts' own sum is fp32 and the MoE's output, after the shared MLP's add, bf16: the fused launch must return
+    bf16 (it once returned the fp32 sum's dtype, and the next layer's matmul failed on it). Reference kernels on
+    the CPU, against the model in eager."""
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    cfg = get_config("tiny", moe_intermediate_size=128, quantization_config=fp8)
+    assert cfg.fp8_experts
+    model = DeepSeekForCausalLM.from_config(cfg, dtype=torch.bfloat16, seed=int(torch.randint(0, 1000, ())))
+    ids = torch.randint(0, cfg.vocab_size, (1, 6))
+    with torch.no_grad():
+        eager = model(ids)
+    out, report = _compile(model, ids)
+    moes = [m for m in report.matches if m.family == "moe"]
+    assert moes and all(m.params["shared_experts"].startswith("fused: 1 always-chosen FP8 experts") for m in moes), \
+        str(report)
+    assert rel_err(out, eager) < 0.1  # bf16 and FP8 roundings in another order; a wrong rewrite misses by ~1
+
+
 @pytest.mark.parametrize("form,converted", [
     ("einsum_w_first", True),   # einsum("enk,ek->en", W, x): x's K is its axis 1
     ("einsum_x_first", True),   # einsum("tk,enk->etn", x, W)

@@ -355,8 +355,10 @@ DECODE_SWAP_CONFIGS = [
     for bn, st in [(64, 4), (64, 6), (128, 4)]
 ]
 # Narrow N tiles over the whole K in one program (SPLIT_K 1): no second pass to add fp32 partial sums, which the
-# split tiles above need (one more launch: on the 2-13 MB V2-Lite projections the FP8 decode GEMM ran below cuBLAS
-# bf16, bench/RESULTS.md). Candidates for every weight format.
+# split tiles above need. Candidates for float weights only: for FP8 (in-loop quantizing, M = 1, H100) they were
+# never the fastest at any V2-Lite projection, even timed with the split tiles' sum as a separate launch (q_proj
+# 9.90 against 9.61 us for the swapped tile, MLP down 42.7 against 16.6; bench/RESULTS.md), and each costs a
+# compile per shape.
 DECODE_UNSPLIT_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 4} for bn in (16, 32)
 ]
@@ -415,7 +417,7 @@ def configs_for(m: int, tma: bool = False) -> list[dict]:
     ``tma_available``)."""
     m = size_hint(m)
     if m <= DECODE_MAX_M:
-        return DECODE_CONFIGS + DECODE_UNSPLIT_CONFIGS
+        return list(DECODE_CONFIGS)
     if m <= SMALL_MAX_M:
         return SMALL_CONFIGS + SMALL_SPLIT_CONFIGS + (TMA_SMALL_CONFIGS if tma else [])
     return LARGE_CONFIGS + (TMA_LARGE_CONFIGS if tma else [])
