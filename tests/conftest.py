@@ -57,13 +57,28 @@ def compile_and_compare(model, inputs, tol, **options):
     return report
 
 
-def fp64_errors(model, ids, out):
-    """(deepfuse's, eager's) relative error against the same bundled model in float64 (on the GPU)."""
+def _fp64_logits(model, ids):
+    """(eager logits, the same bundled model's in float64), on the GPU."""
     from deepfuse.models import DeepSeekForCausalLM
 
     with torch.no_grad():
         eager = model(ids)
         ref = DeepSeekForCausalLM.from_config(model.config, device="cuda", dtype=torch.float64)
         ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-        exact = ref(ids)
+        return eager, ref(ids)
+
+
+def fp64_errors(model, ids, out):
+    """(deepfuse's, eager's) relative error against the same bundled model in float64 (on the GPU)."""
+    eager, exact = _fp64_logits(model, ids)
     return rel_err(out, exact), rel_err(eager, exact)
+
+
+def fp64_tokens_outside(model, ids, out, floor: float = 2e-2) -> list:
+    """The (sequence, token, error, bound) whose logits miss float64 by more than twice eager's error or ``floor``.
+    A bf16 router near a tie may send one token to another expert than float64 does, which moves that token's
+    logits far; a wrong kernel moves every token's."""
+    eager, exact = _fp64_logits(model, ids)
+    return [(b, s, round(rel_err(out[b, s], exact[b, s]), 4), round(bound, 4))
+            for b in range(out.shape[0]) for s in range(out.shape[1])
+            if rel_err(out[b, s], exact[b, s]) >= (bound := max(2 * rel_err(eager[b, s], exact[b, s]), floor))]

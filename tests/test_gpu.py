@@ -7,7 +7,7 @@ import torch
 import deepfuse
 from deepfuse.models import DeepSeekForCausalLM, get_config
 from deepfuse.runtime.kernels import rms_norm as kernel
-from conftest import fp64_errors, rel_err
+from conftest import fp64_errors, fp64_tokens_outside, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -97,8 +97,8 @@ def test_bundled_moe_with_cuda_graphs():
         compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead")
         for _ in range(3):
             out = compiled(ids).clone()
-    ours, eager = fp64_errors(model, ids, out)
-    assert ours < max(2e-2, 1.5 * eager), (ours, eager)
+    outside = fp64_tokens_outside(model, ids, out)  # token by token: a router near-tie once failed the whole
+    assert len(outside) <= 1, outside  # output's comparison (H100, 4678a29), passing when rerun
 
 
 def test_dynamic_shapes_on_gpu():
