@@ -55,7 +55,18 @@ class MoEPass:
 
     def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
         changed = 0
-        for topk in _final_topks(graph):
+        topks = _final_topks(graph)
+        if not topks:  # stacked experts chosen some other way are not fused: explain says so, not nothing
+            modules = set()
+            for weight, user in _stacked_expert_weights(graph):
+                if module_path(user) in modules:
+                    continue  # one line per experts module
+                modules.add(module_path(user))
+                self._decline(report, f"stacked expert weights {weight.name} {list(value(weight).shape)} are "
+                              "multiplied, but no torch.topk in this graph chooses their experts: the matcher starts "
+                              "at the router's top-k (a router across a graph break, or one choosing by other means "
+                              "as PhiMoE's sparsemixer, is not recognized)", (source_line(user), module_path(user)))
+        for topk in topks:
             found = _experts_region(graph, topk)
             where = (source_line(topk), module_path(topk))
             if isinstance(found, str):
@@ -419,6 +430,41 @@ def _final_topks(graph: fx.Graph) -> list[fx.Node]:
     topks = [n for n in graph.nodes if n.target == aten.topk.default]
     inner = {t for other in topks for t in _router(other) if t is not other and t.target == aten.topk.default}
     return [t for t in topks if t not in inner]
+
+
+_EXPERT_PRODUCTS = (aten.bmm.default, aten.index.Tensor, aten.index_select.default)  # batched, or experts gathered
+
+
+def _stacked_expert_weights(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """(weight, the node that multiplies or indexes it) for each 3-D float or FP8 tensor the graph holds (a
+    placeholder or attribute of [experts, rows, cols], E >= 2) that reaches a batched or grouped matmul (any
+    grouped_mm op: transformers has its own on the CPU) or an expert gather, through casts and transposes that keep
+    the experts' dim: what stacked expert weights look like. At most one entry per weight."""
+    grouped = getattr(aten, "_grouped_mm", None)
+    products = _EXPERT_PRODUCTS + ((grouped.default,) if grouped is not None else ())
+    dequantize = getattr(torch.ops.deepfuse, "fp8_block_dequantize", None)
+    passing = (torch.ops.prims.convert_element_type.default, aten._to_copy.default, aten.transpose.int) + (
+        (dequantize.default,) if dequantize is not None else ())  # each keeps the experts' dim
+    found = []
+    for w in graph.nodes:
+        v = w.meta.get("val")
+        if w.op not in ("placeholder", "get_attr") or not isinstance(v, torch.Tensor) or v.dim() != 3 \
+                or not (v.dtype.is_floating_point or _is_fp8(w)) or hint(v.shape[0]) < 2:
+            continue
+        frontier, seen = [w], {w}
+        while frontier:
+            n = frontier.pop()
+            hit = next((u for u in n.users if u.target in products or "grouped_mm" in str(u.target)), None)
+            if hit is not None:
+                found.append((w, hit))
+                break
+            for u in n.users:
+                if (u.target in passing and u not in seen
+                        and not (u.target == aten.transpose.int and 0 in (u.args[1] % 3, u.args[2] % 3))) \
+                        or (u.target == aten.permute.default and u.args[1][0] % 3 == 0 and u not in seen):
+                    seen.add(u)
+                    frontier.append(u)
+    return found
 
 
 def _getitem(node: fx.Node, i: int) -> Optional[fx.Node]:

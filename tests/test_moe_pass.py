@@ -127,6 +127,8 @@ UNSEEN = {
                        "fused: 1 always-chosen experts of 32, weighted per token by sigmoid"),
     # experts with biases and a clamped SwiGLU: not the gated MLP the kernels compute, so declined
     "GptOss": (dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention"] * 2), None, None),
+    # a sparsemixer router (no top-k): the stacked experts are declined with why, not left without a word
+    "Phimoe": (dict(num_local_experts=8, num_experts_per_tok=2), None, None),
     # the routing weight scales the experts' input, not their output: declined
     "Llama4Text": (dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size_mlp=96,
                         interleave_moe_layer_step=1), None, None),
