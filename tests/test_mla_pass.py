@@ -181,6 +181,38 @@ def test_hf_deepseek_attention_prefill_and_decode(kind, attn, q_lora_rank, yarn)
     assert all(abs(m.params["scale"] - attn_module.scaling) < 1e-6 for m in matches)
 
 
+# Latent attention in families the matcher was not written against (transformers 5.17, tiny, random): found by
+# what it computes, prefill and decode over their own cache objects.
+UNSEEN = {
+    "Glm4MoeLite": dict(q_lora_rank=24, n_group=1, topk_group=1),
+    "LongcatFlash": dict(q_lora_rank=24, moe_topk=2, zero_expert_num=2, ffn_hidden_size=96, expert_ffn_hidden_size=32,
+                         num_layers=1, head_dim=8),  # two attentions a layer
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNSEEN))
+def test_mla_in_families_it_was_not_written_against(family):
+    if not hasattr(transformers, family + "Config"):
+        pytest.skip(f"this transformers has no {family}")
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    cfg = getattr(transformers, family + "Config")(**{**HF_COMMON, **UNSEEN[family]})
+    model = getattr(transformers, family + "ForCausalLM")(cfg).eval()
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        past = model(ids, use_cache=True).past_key_values
+        ref_step = model(ids[:, :1], past_key_values=past, use_cache=True).logits
+        ref_prefill = model(ids).logits
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            compiled = torch.compile(model, backend="deepfuse", options={"passes": ["mla"], "interpret": True})
+            prefill = compiled(ids, use_cache=True)
+            step = compiled(ids[:, :1], past_key_values=prefill.past_key_values, use_cache=True).logits
+    assert rel_err(prefill.logits, ref_prefill) < 1e-4 and rel_err(step, ref_step) < 1e-4
+    matches = _mla_matches(report)
+    assert sorted({m.params["queries"] for m in matches}) == [1, 6] and len(matches) >= 4, str(report)
+    assert all(m.params["v_head_dim"] == 24 and m.params["kv_lora_rank"] == 32 for m in matches), str(report)
+
+
 def test_plain_mha_is_left_alone_silently():
     cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
