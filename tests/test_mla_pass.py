@@ -153,16 +153,9 @@ def _hf(kind, attn, q_lora_rank, yarn):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind,attn,q_lora_rank,yarn", [
-    ("v2", "sdpa", None, False),
-    ("v2", "eager", 24, True),
-    ("v3", "sdpa", 24, True),
-    ("v3", "eager", None, False),
-])
-def test_hf_deepseek_attention_prefill_and_decode(kind, attn, q_lora_rank, yarn):
-    torch.manual_seed(int(torch.randint(0, 2**31, ())))
-    model = _hf(kind, attn, q_lora_rank, yarn)
-    ids = torch.randint(0, 256, (2, 6))
+def _prefill_and_decode_against_eager(model, ids):
+    """An HF model's prefill, then one decode step over the cache it returned, compiled with the mla pass (through
+    the interpreter) against eager's; the report."""
     with torch.no_grad():
         past = model(ids, use_cache=True).past_key_values
         ref_step = model(ids[:, :1], past_key_values=past, use_cache=True).logits
@@ -173,6 +166,20 @@ def test_hf_deepseek_attention_prefill_and_decode(kind, attn, q_lora_rank, yarn)
             prefill = compiled(ids, use_cache=True)
             step = compiled(ids[:, :1], past_key_values=prefill.past_key_values, use_cache=True).logits
     assert rel_err(prefill.logits, ref_prefill) < 1e-4 and rel_err(step, ref_step) < 1e-4
+    return report
+
+
+@pytest.mark.parametrize("kind,attn,q_lora_rank,yarn", [
+    ("v2", "sdpa", None, False),
+    ("v2", "eager", 24, True),
+    ("v3", "sdpa", 24, True),
+    ("v3", "eager", None, False),
+])
+def test_hf_deepseek_attention_prefill_and_decode(kind, attn, q_lora_rank, yarn):
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = _hf(kind, attn, q_lora_rank, yarn)
+    ids = torch.randint(0, 256, (2, 6))
+    report = _prefill_and_decode_against_eager(model, ids)
     matches = _mla_matches(report)
     assert sorted(m.params["queries"] for m in matches) == [1, 1, 6, 6], str(report)
     assert all(m.params["context"] == (7 if m.params["queries"] == 1 else 6) for m in matches)
@@ -198,16 +205,7 @@ def test_mla_in_families_it_was_not_written_against(family):
     cfg = getattr(transformers, family + "Config")(**{**HF_COMMON, **UNSEEN[family]})
     model = getattr(transformers, family + "ForCausalLM")(cfg).eval()
     ids = torch.randint(0, 256, (2, 6))
-    with torch.no_grad():
-        past = model(ids, use_cache=True).past_key_values
-        ref_step = model(ids[:, :1], past_key_values=past, use_cache=True).logits
-        ref_prefill = model(ids).logits
-        report = deepfuse.Report()
-        with deepfuse.collect(report):
-            compiled = torch.compile(model, backend="deepfuse", options={"passes": ["mla"], "interpret": True})
-            prefill = compiled(ids, use_cache=True)
-            step = compiled(ids[:, :1], past_key_values=prefill.past_key_values, use_cache=True).logits
-    assert rel_err(prefill.logits, ref_prefill) < 1e-4 and rel_err(step, ref_step) < 1e-4
+    report = _prefill_and_decode_against_eager(model, ids)
     matches = _mla_matches(report)
     assert sorted({m.params["queries"] for m in matches}) == [1, 6] and len(matches) >= 4, str(report)
     assert all(m.params["v_head_dim"] == 24 and m.params["kv_lora_rank"] == 32 for m in matches), str(report)
