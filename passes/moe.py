@@ -474,8 +474,12 @@ def _getitem(node: fx.Node, i: int) -> Optional[fx.Node]:
 def _experts_region(graph: fx.Graph, topk: fx.Node):
     ids = _getitem(topk, 1)
     scores = value(topk.args[0])
-    if ids is None or scores is None or scores.dim() != 2:
-        return "router top-k is not over a [tokens, experts] score matrix"
+    if ids is None:
+        return "a top-k whose indices nothing reads: no experts follow it"
+    if scores is None or scores.dim() != 2:
+        shape = list(scores.shape) if scores is not None else "?"
+        return (f"a top-k over {shape}, not a router's [tokens, experts] scores (an attention indexer's, say): no "
+                "experts follow it")
     t, k = value(ids).shape
     hidden = _router_hidden(topk)
     if hidden is None:
