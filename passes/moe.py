@@ -443,8 +443,16 @@ def _stacked_expert_weights(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
     grouped = getattr(aten, "_grouped_mm", None)
     products = _EXPERT_PRODUCTS + ((grouped.default,) if grouped is not None else ())
     dequantize = getattr(torch.ops.deepfuse, "fp8_block_dequantize", None)
-    passing = (torch.ops.prims.convert_element_type.default, aten._to_copy.default, aten.transpose.int) + (
-        (dequantize.default,) if dequantize is not None else ())  # each keeps the experts' dim
+    casts = (torch.ops.prims.convert_element_type.default, aten._to_copy.default) + (
+        (dequantize.default,) if dequantize is not None else ())
+
+    def keeps_experts_dim(u: fx.Node) -> bool:  # a cast, or a transpose or permute that leaves dim 0 in place
+        if u.target == aten.transpose.int:
+            return 0 not in (u.args[1] % 3, u.args[2] % 3)
+        if u.target == aten.permute.default:
+            return u.args[1][0] % 3 == 0
+        return u.target in casts
+
     found = []
     for w in graph.nodes:
         v = w.meta.get("val")
@@ -459,9 +467,7 @@ def _stacked_expert_weights(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
                 found.append((w, hit))
                 break
             for u in n.users:
-                if (u.target in passing and u not in seen
-                        and not (u.target == aten.transpose.int and 0 in (u.args[1] % 3, u.args[2] % 3))) \
-                        or (u.target == aten.permute.default and u.args[1][0] % 3 == 0 and u not in seen):
+                if u not in seen and keeps_experts_dim(u):
                     seen.add(u)
                     frontier.append(u)
     return found
@@ -986,9 +992,9 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
             g, u, d = (torch.randn(shape, generator=gen) / hidden ** 0.5
                        for shape in ((si, hidden), (si, hidden), (hidden, si)))
             halves = (g, u) if order == "gate first" else (u, g)
-            w_in = torch.cat(halves).to(dtype)
+            w_in = torch.cat(halves).to(device, dtype)
             stored = {fused: w_in.t().contiguous() if t_in else w_in,
-                      down: (d.t().contiguous() if t_down else d).to(dtype)}
+                      down: (d.t().contiguous() if t_down else d).to(device, dtype)}
             try:
                 got = module(x.view(tuple(hint(n) for n in value(inp).shape)), *(stored[m] for m in mats),
                              *extra)[0].reshape(rows, hidden)

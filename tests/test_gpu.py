@@ -90,6 +90,26 @@ def test_hf_deepseek_v2_moe_block_is_fused_on_gpu():
     assert any("-E16-H512-I256-k4-S1|" in key for key in db)  # tuned at compile time, cached per GPU and bucket
 
 
+@pytest.mark.parametrize("fused", ["gate first", "up first, transposed"])
+def test_shared_mlp_with_gate_and_up_in_one_matmul_on_gpu(fused):
+    """Granite's form of the shared MLP (one matmul, its output halved) checked on the GPU (its check's weights
+    drawn on the model's device) and run in the experts' launches, against eager bf16 and float64."""
+    from test_moe_pass import SharedMLP
+
+    model = SharedMLP(fused=fused, shared_inter=32).cuda().eval()
+    x = torch.randn(5, 32, device="cuda")
+    with torch.no_grad():
+        exact = model.double()(x.double()).float()
+        model = model.bfloat16()
+        eager = model(x.bfloat16())
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse")(x.bfloat16())
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert m.impl == "triton" and m.params["shared_experts"] == "fused: 2 always-chosen experts of 16", m.params
+    assert rel_err(out, exact) < max(2e-2, 2 * rel_err(eager, exact))
+
+
 def test_bundled_moe_with_cuda_graphs():
     model = DeepSeekForCausalLM.from_config(get_config("v3-tiny"), device="cuda", dtype=torch.bfloat16, seed=5)
     ids = torch.randint(0, 512, (1, 16), device="cuda")
