@@ -10,6 +10,9 @@ Workloads (DeepSeek-V2-Lite shapes, bf16), at decode and prefill token counts:
 - moe_block_fp8: the same layer under deepfuse in bf16 and with options={"quantize": "fp8-block"} (routed
   experts in FP8 blocks, run as the FP8 grouped kernels), each against its own floor, the FP8 one's error
   against bf16 printed;
+- llama4_moe: Hugging Face's Llama4TextMoe at Llama-4-Scout's shape (16 experts top-1 of 8192, hidden 5120),
+  whose forward runs every expert on every token (rows scaled by 0 for the unchosen), eager and under Inductor,
+  beside deepfuse running the chosen experts only (--moe-tokens), against the sparse work's floor;
 - mla_decode, mla_decode_fp8: one decode step of the bundled model's attention over a bf16 latent cache, or
   over the FP8 one (c_kv in FP8 with per-token scales), eager, under Inductor and under deepfuse;
 - mla_decode_hf: one decode step of HF's DeepseekV2Attention over its own (latent) DynamicCache, the same
@@ -184,6 +187,48 @@ def bench_moe_block(tokens, bandwidth, rounds, flops_peak, fp8=False, atomic=Fal
         if atomic:  # the down kernel adding each slot's row into the token's fp32 row (no fixed order)
             impls["deepfuse atomic"] = torch.compile(block, backend="deepfuse", options={"deterministic": False})
         rows += measure("moe_block", t, impls, sets, floor_ms, note, _rel)
+    return rows
+
+
+def llama4_moe_block():
+    """Hugging Face's Llama4TextMoe at Llama-4-Scout's shape (hidden 5120, 16 routed experts top-1 of 8192, one
+    shared expert of 8192), bf16 on the GPU, random weights of std 1/sqrt(fan-in). Its forward runs every expert
+    on every token, each on the rows scaled by its sigmoid score (0 for the unchosen)."""
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    cfg = Llama4TextConfig(hidden_size=5120, intermediate_size=8192, num_local_experts=16, num_experts_per_tok=1)
+    block = Llama4TextMoe(cfg).cuda().bfloat16().eval()
+    with torch.no_grad():
+        for p in block.parameters():  # stacked experts [E, in, out], Linear weights [out, in]
+            p.normal_(0, p.shape[-2 if p.dim() == 3 else -1] ** -0.5)
+    return block
+
+
+def bench_llama4_moe(tokens, bandwidth, rounds, flops_peak):
+    """One Llama-4-Scout MoE block: Hugging Face transformers' dense form (every expert on every token) eager and
+    under Inductor, and under deepfuse, which finds the routed experts by what they compute and runs the chosen
+    ones only. Floor: the sparse work (the chosen experts' and the shared expert's bytes, or their FLOPs)."""
+    block = llama4_moe_block()
+    hidden, inter, experts, k = 5120, 8192, 16, 1
+    expert_params = 3 * hidden * inter
+    rows = []
+    for t in tokens:
+        sets = [(torch.randn(1, t, hidden, device="cuda", dtype=torch.bfloat16),) for _ in range(rounds)]
+        with torch.no_grad():
+            active = max(int(torch.unique(block.router(s[0].view(-1, hidden))[1].topk(k, dim=-1).indices).numel())
+                         for s in sets)
+        weight_bytes = (active * expert_params + expert_params + experts * hidden) * 2
+        act_bytes = 2 * t * hidden * 2 + t * (k + 1) * (inter * 2 * 2 + hidden * 2 * 2)
+        flops = 2 * t * ((k + 1) * expert_params + experts * hidden)
+        mem_ms, math_ms = (weight_bytes + act_bytes) / bandwidth * 1e3, flops / flops_peak * 1e3
+        floor_ms, note = (mem_ms, f"{(weight_bytes + act_bytes) / 1e6:.0f} MB") if mem_ms >= math_ms else \
+            (math_ms, f"{flops / 1e9:.0f} GFLOP")
+        torch._dynamo.reset()
+        inductor, fused = torch.compile(block), torch.compile(block, backend="deepfuse")
+        impls = {"hf_dense": lambda x: block(x)[0], "hf_dense+inductor": lambda x: inductor(x)[0],
+                 "deepfuse": lambda x: fused(x)[0]}
+        rows += measure("llama4_moe", t, impls, sets, floor_ms, note, _rel)
     return rows
 
 
@@ -552,6 +597,8 @@ def main():
     if "moe_block" in workloads:
         rows += bench_moe_block([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak,
                                 atomic=args.moe_atomic)
+    if "llama4_moe" in workloads:
+        rows += bench_llama4_moe([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
     if "moe_block_fp8" in workloads:
         rows += bench_moe_block([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak, fp8=True)
     if "mla_decode" in workloads:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
-from .errors import DeepfuseError
+from .errors import RewriteError
 from .log import log
 from .options import Options
 from .pattern import Binding, HostGraph, Pattern
@@ -167,14 +167,18 @@ def replace_region(graph: fx.Graph, binding: Binding, target: Callable, args: tu
 
 def _take_over(graph: fx.Graph, binding, outs: list[fx.Node], order: dict) -> None:
     """The new outputs take the region's uses; the region is erased; the graph is put back in order. A new
-    output of another dtype or rank than the value it replaces is a bug in the rewrite: an error, never a graph
-    that computes something else."""
+    output of another dtype or rank than the value it replaces is a bug in the rewrite: the nodes it added (those
+    not in ``order``) are erased, the region stays, and RewriteError says why: never a graph that computes
+    something else."""
     for old, new in zip(binding.outputs, outs):
         was, now = old.meta.get("val"), new.meta.get("val")
         if isinstance(was, torch.Tensor) and isinstance(now, torch.Tensor) and (
                 was.dtype != now.dtype or was.dim() != now.dim()):
-            raise DeepfuseError(f"deepfuse internal error: the rewrite of {old.name} returns {now.dtype} "
-                                f"{list(now.shape)} where the graph had {was.dtype} {list(was.shape)}")
+            for node in reversed([n for n in graph.nodes if n not in order]):
+                if not node.users:
+                    graph.erase_node(node)
+            raise RewriteError(f"the rewrite of {old.name} returns {now.dtype} {list(now.shape)} where the graph "
+                               f"had {was.dtype} {list(was.shape)} (a deepfuse bug; the region stays unfused)")
     for old, new in zip(binding.outputs, outs):
         old.replace_all_uses_with(new)
     for node in sorted(binding.interior, key=order.__getitem__, reverse=True):

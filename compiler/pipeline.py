@@ -20,7 +20,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .codegen import set_cache_dir, versions
 from .log import log
 from .options import Options
-from .report import Report
+from .errors import RewriteError
+from .report import Declined, Report
 
 _collectors: list[Report] = []
 _real_inputs: list[list] = []  # the Dynamo graph's real inputs while it compiles (parameters among them)
@@ -69,7 +70,13 @@ def run_passes(graph: fx.Graph, options: Options, report: Report) -> None:
     log.debug("graph before deepfuse passes:\n%s", graph)
     for name, cls in PASSES.items():
         if options.enabled(name):
-            if cls().run(graph, options, report):
+            try:
+                changed = cls().run(graph, options, report)
+            except RewriteError as err:  # the region it was rewriting is as it was; what the pass did before stays
+                log.warning("deepfuse %s pass stopped: %s", name, err)
+                report.declined.append(Declined(name, f"internal: {err}", "", ""))
+                changed = True
+            if changed:
                 log.debug("graph after %s:\n%s", name, graph)
     graph.lint()
 

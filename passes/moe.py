@@ -26,6 +26,7 @@ routing kernel; otherwise the matmul stays with Inductor.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import operator
 from typing import Any, Optional, Union
@@ -79,6 +80,10 @@ class MoEPass:
                 continue
             params.update(_routing_params(topk))
             fp8 = _fp8_experts(inputs)
+            if params.get("input_weighted") and (fp8 is not None or options.expert_parallel and _distributed()):
+                self._decline(report, "routing weights that scale the experts' input run with float experts on "
+                              "one device only (not FP8 ones, not expert parallel)", where)
+                continue
             act_quant = params.pop("act_quant")
             if fp8 is not None:
                 params["act_quant"] = act_quant
@@ -104,6 +109,8 @@ class MoEPass:
                                if impl != "reference" else None)
             else:
                 shared = _shared_experts(graph, out, inputs, params, fp8_acts=fp8 is not None and act_quant)
+                if isinstance(shared, dict) and params.get("input_weighted"):
+                    shared = "the routing weights scale the experts' input: only the routed experts join the launches"
                 kernel_file = False
                 if fp8 is not None:
                     if isinstance(shared, dict) and "scales" not in shared:
@@ -137,6 +144,12 @@ class MoEPass:
                     params["shared_experts"] = f"with Inductor ({shared})"
                 if kernel_file is False:
                     kernel_file = self._rewrite(graph, region, inputs, out, params, impl, where, options.inline)
+                if kernel_file is False:  # no form of the launch could be traced in
+                    self._decline(report, "the experts launch could not be traced into the graph", where)
+                    continue
+            if params.get("input_weighted") is not None:
+                params["routing_weights"] = (f"scale the experts' input ({params.pop('input_weighted')}); the model "
+                                             "runs every expert densely, here only the chosen ones")
             params.update(self._rewrite_routing(graph, topk, inputs["weights"], inputs["ids"], impl, options.inline,
                                                 where))
             report.matches.append(Match(self.family, op_name, params, *where, impl=impl, kernel_file=kernel_file))
@@ -267,10 +280,11 @@ class MoEPass:
         if impl == "triton" and inline:
             from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+            scaled = params.get("input_weighted") is not None  # launched over T * k rows, each its own token
             with unset_fake_temporarily():
-                config = kernel.tune(hint(xv.shape[0]), params["hidden"], params["intermediate"], params["experts"],
-                                     params["top_k"], xv.dtype, xv.device, act,
-                                     shared["count"] if shared is not None else 0)
+                config = kernel.tune(hint(xv.shape[0]) * (params["top_k"] if scaled else 1), params["hidden"],
+                                     params["intermediate"], params["experts"], 1 if scaled else params["top_k"],
+                                     xv.dtype, xv.device, act, shared["count"] if shared is not None else 0)
 
         if shared is not None:
             flips = shared["transposed"]
@@ -297,6 +311,24 @@ class MoEPass:
                 (shared["scale"],) if shared["scale"] is not None else ())
             launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
             if not replace_region_first_traced(graph, binding, launchers, args, "MoE with shared experts"):
+                return False
+        elif params.get("input_weighted") is not None:
+            scale, deterministic = params["input_weighted"], params["deterministic"]
+
+            def via_kernel(x_, ids_, w_, a, b):
+                a, b = (a.transpose(1, 2) if t1 else a), (b.transpose(1, 2) if t2 else b)
+                return (input_weighted(kernel.moe_experts, x_, ids_, w_, scale, a, b, act, config=config,
+                                       deterministic=deterministic).to(out_dtype),)
+
+            def via_op(x_, ids_, w_, a, b):
+                a, b = (a.transpose(1, 2) if t1 else a), (b.transpose(1, 2) if t2 else b)
+                op = torch.ops.deepfuse.moe_experts
+                return (input_weighted(lambda *ins: op(*ins, act, out_dtype, impl, deterministic), x_, ids_, w_, scale,
+                                       a, b).to(out_dtype),)
+
+            launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
+            if not replace_region_first_traced(graph, binding, launchers, (x, ids, weights, w1, w2),
+                                               "MoE whose routing weights scale its input"):
                 return False
         elif impl == "triton" and inline:
             def launcher(x_, ids_, w_, a, b):
@@ -522,8 +554,8 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
                     continue  # a dequantized weight is an input, as the stored weight would be
                 if a in routing:
                     continue
-                if all(u in region for u in a.users) and not _is_x_like(a, t):
-                    region.add(a)
+                if all(u in region for u in a.users) and (not _is_x_like(a, t) or _is_fill(a)):
+                    region.add(a)  # (a fill is made from sizes alone: Llama 4's -inf scores before the scatter)
                     grew = True
     region = sorted(region, key=order.__getitem__)
     reason = escape_reason(region, [out])
@@ -579,6 +611,10 @@ def _is(node, shape, floating) -> bool:
     val = value(node)
     return (val is not None and val.dim() == len(shape) and val.dtype.is_floating_point == floating
             and all(hint(a) == hint(b) for a, b in zip(val.shape, shape)))
+
+
+def _is_fill(node) -> bool:
+    return node.op == "call_function" and node.target in (aten.full.default, aten.zeros.default, aten.ones.default)
 
 
 def _is_x_like(node, t) -> bool:
@@ -700,7 +736,35 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
                 return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
                         "gate_up_transposed": t1, "down_transposed": t2, "act_quant": quantized,
                         "dtype": str(xv.dtype).replace("torch.", "")}
+        if not quantized:  # the routing weights may scale the experts' input instead (Llama 4), after a sigmoid
+            for (gate_up, down, t1, t2, inter), act, scale in itertools.product(layouts, ACTIVATIONS, INPUT_SCALES):
+                a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
+                b = real[down].transpose(1, 2) if t2 else real[down]
+                want = input_weighted(kernel.reference, x.to(acc), ids, weights, scale, a, b, act)
+                if rel_err(got[-1], want.float()) < tol:
+                    inputs["w_gate_up"], inputs["w_down"] = gate_up, down
+                    return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
+                            "gate_up_transposed": t1, "down_transposed": t2, "act_quant": False,
+                            "dtype": str(xv.dtype).replace("torch.", ""), "input_weighted": scale}
     return "the region downstream of the router is not the routed-experts computation (checked on random inputs)"
+
+
+# How routing weights that scale the experts' input reach it: as they are, or through a sigmoid (Llama 4 scatters
+# its top-k logits into -inf scores, so every other expert's input is scaled by sigmoid(-inf) = 0: computing them
+# all, densely, adds nothing to the sparse sum, since a gated MLP without biases maps 0 to 0).
+INPUT_SCALES = {"as they are": lambda w: w, "sigmoid": lambda w: torch.sigmoid(w.float()).to(w.dtype)}
+
+
+def input_weighted(experts, x, ids, weights, scale: str, *args, **kwargs) -> torch.Tensor:
+    """sum_j expert_{ids[t, j]}(x[t] * s(weights[t, j])), with ``experts`` (the kernels' launcher or their
+    reference, over [T, H], [T, k] ids and weights, then ``args``) run on the T * k scaled rows, each its own token
+    routed to one expert with weight 1."""
+    t, k = ids.shape
+    scaled = INPUT_SCALES[scale](weights).to(x.dtype)
+    rows = (x[:, None, :] * scaled[:, :, None]).reshape(t * k, x.shape[-1])
+    ones = torch.ones((t * k, 1), dtype=weights.dtype, device=weights.device)
+    out = experts(rows, ids.reshape(t * k, 1), ones, *args, **kwargs)
+    return out.view(t, k, -1).sum(dim=1, dtype=torch.promote_types(out.dtype, torch.float32))
 
 
 def _checked_forms(region, placeholders, out, what: str, quantized: bool):

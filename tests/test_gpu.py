@@ -110,6 +110,25 @@ def test_shared_mlp_with_gate_and_up_in_one_matmul_on_gpu(fused):
     assert rel_err(out, exact) < max(2e-2, 2 * rel_err(eager, exact))
 
 
+def test_routing_weights_scaling_the_input_on_gpu():
+    """Llama 4's form (every expert run densely on rows scaled by sigmoid scores, 0 for the unchosen) as the sparse
+    launches over the T * k scaled rows, bf16, against float64."""
+    from test_moe_pass import InputScaled
+
+    model = InputScaled().cuda().eval()
+    x = torch.randn(9, 32, device="cuda")
+    with torch.no_grad():
+        exact = model.double()(x.double()).float()
+        model = model.bfloat16()
+        eager = model(x.bfloat16())
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse")(x.bfloat16())
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert m.impl == "triton" and m.params["routing_weights"].startswith("scale the experts' input (sigmoid)")
+    assert rel_err(out, exact) < max(2e-2, 2 * rel_err(eager, exact))
+
+
 def test_bundled_moe_with_cuda_graphs():
     model = DeepSeekForCausalLM.from_config(get_config("v3-tiny"), device="cuda", dtype=torch.bfloat16, seed=5)
     ids = torch.randint(0, 512, (1, 16), device="cuda")

@@ -129,9 +129,11 @@ UNSEEN = {
     "GptOss": (dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention"] * 2), None, None),
     # a sparsemixer router (no top-k): the stacked experts are declined with why, not left without a word
     "Phimoe": (dict(num_local_experts=8, num_experts_per_tok=2), None, None),
-    # the routing weight scales the experts' input, not their output: declined
-    "Llama4Text": (dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size_mlp=96,
-                        interleave_moe_layer_step=1), None, None),
+    # the routing weights scale the experts' input, through a sigmoid, and every expert runs densely on the scaled
+    # rows (0 for the unchosen): fused as the sparse sum; the shared MLP stays with Inductor
+    "Llama4Text": (dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size_mlp=96,
+                        interleave_moe_layer_step=1), "scores as given, top-2",
+                   "with Inductor (the routing weights scale the experts' input"),
 }
 
 
@@ -155,6 +157,8 @@ def test_unseen_hf_moe_families_are_fused_or_declined_and_right(family):
     assert moes and not [d for d in report.declined if d.family == "moe"], str(report)
     for m in moes:
         assert m.params["activation"] == "silu" and m.params["routing"] == f"kernel: {routing}", m.params
+        assert m.params.get("routing_weights", "").startswith("scale the experts' input (sigmoid)") == (
+            family == "Llama4Text"), m.params
         got = m.params.get("shared_experts")
         assert got is None if shared is None else got.startswith(shared), m.params  # (a gate names its node)
 
@@ -282,6 +286,38 @@ def test_shared_experts_fused_only_when_checked(variant, want):
     report = _compile_check(SharedMLP(**variant), (torch.randn(tokens, 32),), 1e-5, interpret=True)
     (m,) = [m for m in report.matches if m.family == "moe"]
     assert m.params["shared_experts"].startswith(want) if want else "shared_experts" not in m.params, m.params
+
+
+class InputScaled(torch.nn.Module):
+    """Experts whose routing weights scale their input, Llama 4's dense form: every expert runs on x times its
+    score, the scores sigmoid(top-k logits) at the chosen experts and sigmoid(-inf) = 0 elsewhere; or, with
+    ``softmax``, scores no kernel form computes."""
+
+    def __init__(self, softmax=False):
+        super().__init__()
+        self.softmax = softmax
+        self.router = torch.nn.Linear(32, 4, bias=False)
+        self.gate_up = torch.nn.Parameter(torch.randn(4, 32, 32) / 32 ** 0.5)  # [E, H, 2I], I = 16
+        self.down = torch.nn.Parameter(torch.randn(4, 16, 32) / 4)
+
+    def forward(self, x):
+        logits = self.router(x)
+        values, ids = logits.topk(2, dim=-1)
+        scores = torch.full_like(logits, float("-inf")).scatter(1, ids, values)
+        scores = scores.softmax(-1) if self.softmax else torch.sigmoid(scores)
+        rows = x.repeat(4, 1) * scores.t().reshape(-1, 1)
+        gate, up = torch.bmm(rows.view(4, -1, 32), self.gate_up).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.down).sum(dim=0)
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_routing_weights_that_scale_the_input(softmax):
+    report = _compile_check(InputScaled(softmax), (torch.randn(6, 32),), 1e-5, interpret=True)
+    moes = [m for m in report.matches if m.family == "moe"]
+    if softmax:  # softmax over the scattered scores: the chosen experts' weights depend on each other
+        assert not moes and [d for d in report.declined if d.family == "moe"], str(report)
+    else:
+        assert len(moes) == 1 and moes[0].params["routing_weights"].startswith("scale the experts' input (sigmoid)")
 
 
 def test_unsupported_activation_is_declined_not_approximated():

@@ -120,3 +120,57 @@ def test_pattern_validation():
         Pattern("bad", {"a": Op((aten.relu.default,), ("zz",))}, outputs=("a",))
     with pytest.raises(ValueError, match="optional node"):
         Pattern("bad", {"x": Input(), "y": Input(), "a": Op((aten.add.Tensor,), ("x", "y"), optional=True)}, outputs=("a",))
+
+
+def test_a_rewrite_of_another_dtype_is_refused_and_the_region_kept():
+    """A replacement whose output dtype differs from the value it replaces (a pass's bug) raises RewriteError and
+    leaves the graph as it was; the pipeline logs it as a decline and goes on with the next pass."""
+    import pytest
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import deepfuse
+    from deepfuse import passes, pipeline
+    from deepfuse.errors import RewriteError
+    from deepfuse.fusion import RegionBinding, replace_region
+    from deepfuse.options import Options
+
+    def traced():
+        graph = fx.Graph()
+        x = graph.placeholder("x")
+        y = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+        z = graph.call_function(torch.ops.aten.add.Tensor, (y, 1.0))
+        graph.output(z)
+        with FakeTensorMode() as mode:
+            x.meta["val"] = mode.from_tensor(torch.randn(3, 4, dtype=torch.bfloat16))
+            y.meta["val"] = x.meta["val"] * 2.0
+            z.meta["val"] = y.meta["val"] + 1.0
+        return graph, y, z
+
+    graph, y, z = traced()
+    before = [(n.op, n.target) for n in graph.nodes]
+    with pytest.raises(RewriteError, match="returns torch.float32"):  # the op's fake output is fp32
+        replace_region(graph, RegionBinding([y, z], z), torch.ops.prims.convert_element_type.default,
+                       (y.args[0], torch.float32), 1)
+    graph.lint()
+    assert [(n.op, n.target) for n in graph.nodes] == before
+
+    class Buggy:  # a pass whose rewrite returns the wrong dtype
+        def run(self, graph, options, report):
+            y = next(n for n in graph.nodes if n.target == torch.ops.aten.mul.Tensor)
+            z = next(iter(y.users))
+            return replace_region(graph, RegionBinding([y, z], z), torch.ops.prims.convert_element_type.default,
+                                  (y.args[0], torch.float32), 1)
+
+    graph, _, _ = traced()
+    report = deepfuse.Report()
+    original = dict(passes.PASSES)
+    try:
+        passes.PASSES.clear()
+        passes.PASSES["buggy"] = Buggy
+        pipeline.run_passes(graph, Options(passes=("buggy",)), report)
+    finally:
+        passes.PASSES.clear()
+        passes.PASSES.update(original)
+    assert [(n.op, n.target) for n in graph.nodes] == before
+    assert [d.family for d in report.declined] == ["buggy"] and "returns torch.float32" in report.declined[0].reason
