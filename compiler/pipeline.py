@@ -18,9 +18,9 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .codegen import set_cache_dir, versions
+from .errors import RewriteError
 from .log import log
 from .options import Options
-from .errors import RewriteError
 from .report import Declined, Report
 
 _collectors: list[Report] = []
