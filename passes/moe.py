@@ -295,19 +295,19 @@ class MoEPass:
                 return (a.transpose(1, 2) if t1 else a, b.transpose(1, 2) if t2 else b,
                         *(m.t() if flips[n] else m for n, m in zip(("gate", "up", "down"), (g, u, d))))
 
-            def via_kernel(x_, ids_, w_, a, b, g, u, d, inp, scale=None):
+            def via_kernel(x_, ids_, w_, a, b, g, u, d, like, scale=None):  # like: a value of the sum's shape
                 a, b, g, u, d = canonical(a, b, g, u, d)
                 y = kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
                                        shared=(g, u, d), shared_scale=None if scale is None else scale.reshape(-1))
-                return (y.to(out_dtype).view(inp.shape),)
+                return (y.to(out_dtype).view(like.shape),)
 
-            def via_op(x_, ids_, w_, a, b, g, u, d, inp, scale=None):
+            def via_op(x_, ids_, w_, a, b, g, u, d, like, scale=None):
                 a, b, g, u, d = canonical(a, b, g, u, d)
                 y = torch.ops.deepfuse.moe_experts(x_, ids_, w_, a, b, act, out_dtype, impl, params["deterministic"],
                                                    g, u, d, None if scale is None else scale.reshape(-1))
-                return (y.view(inp.shape),)
+                return (y.view(like.shape),)
 
-            args = (x, ids, weights, w1, w2, shared["gate"], shared["up"], shared["down"], shared["input"]) + (
+            args = (x, ids, weights, w1, w2, shared["gate"], shared["up"], shared["down"], shared["like"]) + (
                 (shared["scale"],) if shared["scale"] is not None else ())
             launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
             if not replace_region_first_traced(graph, binding, launchers, args, "MoE with shared experts"):
@@ -375,31 +375,31 @@ class MoEPass:
             flip = lambda t, f: t.transpose(1, 2) if f else t  # noqa: E731
             return flip(q1_, t1), flip(s1_, t1), flip(q2_, t2), flip(s2_, t2)
 
-        def shared_parts(rest):  # (gate, up, down), their scales, the shared MLP's input, its per-token factor
+        def shared_parts(rest):  # (gate, up, down), their scales, what the sum's shape is read off, the factor
             if not rest:
                 return None, None, None, None
             return rest[0:6:2], rest[1:6:2], rest[6], (rest[7].reshape(-1) if len(rest) > 7 else None)
 
         def via_kernel(x_, ids_, w_, q1_, s1_, q2_, s2_, *rest):
             a, sa, b, sb = canonical(q1_, s1_, q2_, s2_)
-            sh, sh_scales, inp, factor = shared_parts(rest)
+            sh, sh_scales, like, factor = shared_parts(rest)
             y = kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
                                    weight_scales=(sa, sb), act_quant=act_quant, shared=sh, shared_scales=sh_scales,
                                    shared_scale=factor).to(out_dtype)
-            return (y if inp is None else y.view(inp.shape),)
+            return (y if like is None else y.view(like.shape),)
 
         def via_op(x_, ids_, w_, q1_, s1_, q2_, s2_, *rest):
             a, sa, b, sb = canonical(q1_, s1_, q2_, s2_)
-            sh, sh_scales, inp, factor = shared_parts(rest)
+            sh, sh_scales, like, factor = shared_parts(rest)
             y = torch.ops.deepfuse.moe_experts(x_, ids_, w_, a, b, act, out_dtype, impl, params["deterministic"],
                                                *(sh or (None,) * 3), factor, sa, sb, act_quant,
                                                *(sh_scales or (None,) * 3))
-            return (y if inp is None else y.view(inp.shape),)
+            return (y if like is None else y.view(like.shape),)
 
         args, binding, what = (x, ids, weights, q1, s1, q2, s2), RegionBinding(region, out), "FP8 MoE experts"
         if shared is not None:
             args += tuple(n for role in ("gate", "up", "down") for n in (shared[role], shared["scales"][role]))
-            args += (shared["input"],) + ((shared["scale"],) if shared["scale"] is not None else ())
+            args += (shared["like"],) + ((shared["scale"],) if shared["scale"] is not None else ())
             binding, what = RegionBinding(list(region) + shared["region"], shared["out"]), "FP8 MoE with shared experts"
         launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
         if not replace_region_first_traced(graph, binding, launchers, args, what):
@@ -878,9 +878,13 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
     if inp not in _view_sources(x):  # the fused launch feeds the shared experts the routed experts' x
         return "the shared MLP reads other hidden states than the routed experts"
     iv, av = value(inp), value(add)
-    if (iv is None or av is None or iv.dtype != xv.dtype or av.dtype != xv.dtype
-            or tuple(hint(d) for d in iv.shape) != tuple(hint(d) for d in av.shape) or hint(iv.shape[-1]) != hidden
-            or hint(iv.numel()) != hint(xv.numel())):
+    shape = lambda v: tuple(hint(d) for d in v.shape)  # noqa: E731
+    # the sum's shape, taken at run time from the input or what it is a view of (AFMoE adds [B, S, H] values
+    # computed from the flattened [T, H] hidden states)
+    like = next((n for n in [inp, *_view_sources(inp)] if value(n) is not None and av is not None
+                 and shape(value(n)) == shape(av)), None)
+    if (iv is None or av is None or iv.dtype != xv.dtype or av.dtype != xv.dtype or like is None
+            or hint(iv.shape[-1]) != hidden or hint(iv.numel()) != hint(xv.numel())):
         return "the shared MLP's input is not the experts' hidden states in their dtype and shape"
     tokens = hint(xv.shape[0])
     if tokens > kernel.SHARED_FUSED_MAX_TOKENS:
@@ -893,7 +897,7 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
     roles = _verify_shared(shared, other, inp, mats, hidden, inter, params["activation"], xv, scale, fp8_scales)
     if isinstance(roles, str):
         return roles
-    roles.update(region=views + shared + [add], out=add, input=inp, scale=scale)
+    roles.update(region=views + shared + [add], out=add, like=like, scale=scale)
     if fp8_scales is not None:
         roles["scales"] = {role: fp8_scales[roles[role]] for role in ("gate", "up", "down")}
     return roles

@@ -120,6 +120,9 @@ UNSEEN = {
     # its shared MLP computes gate and up in one matmul, the output halved
     "GraniteMoeShared": (dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=192),
                          "softmax, top-2, renormalized", "fused: 2 always-chosen experts of 96"),
+    # its shared MLP reads the flattened [T, H] hidden states and is added as [B, S, H]
+    "Afmoe": (dict(num_experts=8, num_experts_per_tok=2), "sigmoid, score-correction bias, top-2, renormalized",
+              "fused: 2 always-chosen experts of 32"),
     "Lfm2Moe": (dict(num_experts=8, num_experts_per_tok=2, num_dense_layers=0, layer_types=["full_attention"] * 2),
                 "sigmoid, score-correction bias, top-2, renormalized", None),
     "Qwen3_5MoeText": (dict(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32,
