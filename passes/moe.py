@@ -843,6 +843,8 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
     if scale is not None and (scale in ancestors([mlp_out]) or ancestors([scale]) & (shared | {node})):
         mlp_out, scale = other, None  # not a factor of the input's: the product is the shared value itself
         shared = computed_after_x(other)
+    if any("softmax" in str(n.target) or "scaled_dot_product" in str(n.target) for n in shared):
+        return None  # an attention (Cohere's parallel block adds the MoE's output to it): no shared MLP here
     mms = [n for n in shared if n.target in (aten.mm.default, aten.addmm.default)]
     if len(mms) not in (2, 3):  # 2: gate and up as one matmul whose output is halved (Granite's input_linear)
         return None if not mms else (f"the value added to the experts holds {len(mms)} matmuls, not a gated MLP's "

@@ -128,6 +128,8 @@ UNSEEN = {
     "Qwen3_5MoeText": (dict(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32,
                             layer_types=["full_attention"] * 2), "softmax, top-2, renormalized",
                        "fused: 1 always-chosen experts of 32, weighted per token by sigmoid"),
+    # a parallel block: the MoE's output is added to the attention's, which is no shared MLP
+    "Cohere2Moe": (dict(num_experts=8, num_experts_per_tok=2), "softmax, top-2, renormalized", None),
     # experts with biases and a clamped SwiGLU: not the gated MLP the kernels compute, so declined
     "GptOss": (dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention"] * 2), None, None),
     # a sparsemixer router (no top-k): the stacked experts are declined with why, not left without a word
