@@ -722,6 +722,12 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
         tol, quant_tol = _check_tolerances(xv.dtype)
         acc = torch.float64 if device.type == "cpu" else torch.float32
 
+        def found(gate_up, down, t1, t2, inter, act, **form):  # the checked layout and activation as params
+            inputs["w_gate_up"], inputs["w_down"] = gate_up, down
+            return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
+                    "gate_up_transposed": t1, "down_transposed": t2, "dtype": str(xv.dtype).replace("torch.", ""),
+                    **form}
+
         for gate_up, down, t1, t2, inter in layouts:
             a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
             b = real[down].transpose(1, 2) if t2 else real[down]
@@ -732,20 +738,14 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
                 if quantized and rel_err(got[0], quantized_want.float()) >= quant_tol:
                     return ("the region quantizes activations to FP8, but not both projections' inputs per row "
                             "and 128-wide tile (checked on random inputs)")
-                inputs["w_gate_up"], inputs["w_down"] = gate_up, down
-                return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
-                        "gate_up_transposed": t1, "down_transposed": t2, "act_quant": quantized,
-                        "dtype": str(xv.dtype).replace("torch.", "")}
+                return found(gate_up, down, t1, t2, inter, act, act_quant=quantized)
         if not quantized:  # the routing weights may scale the experts' input instead (Llama 4), after a sigmoid
             for (gate_up, down, t1, t2, inter), act, scale in itertools.product(layouts, ACTIVATIONS, INPUT_SCALES):
                 a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
                 b = real[down].transpose(1, 2) if t2 else real[down]
                 want = input_weighted(kernel.reference, x.to(acc), ids, weights, scale, a, b, act)
                 if rel_err(got[-1], want.float()) < tol:
-                    inputs["w_gate_up"], inputs["w_down"] = gate_up, down
-                    return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
-                            "gate_up_transposed": t1, "down_transposed": t2, "act_quant": False,
-                            "dtype": str(xv.dtype).replace("torch.", ""), "input_weighted": scale}
+                    return found(gate_up, down, t1, t2, inter, act, act_quant=False, input_weighted=scale)
     return "the region downstream of the router is not the routed-experts computation (checked on random inputs)"
 
 
@@ -1010,8 +1010,7 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
                 if w[0].shape != (si, hidden) or w[1].shape != (si, hidden) or w[2].shape != (hidden, si):
                     continue
                 g, u, d = (t.to(acc) for t in w)
-                want = torch.nn.functional.linear(act(x.to(acc) @ g.t()) * (x.to(acc) @ u.t()), d)
-                want = (want if scale is None else want * extra[0].reshape(rows, 1).to(acc)).float()
+                want = _gated_mlp(x.to(acc), g, u, d, act, None if scale is None else extra[0].reshape(rows, 1))
                 if rel_err(got[-1], want) >= tol:
                     continue
                 if fp8:
@@ -1023,6 +1022,13 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
                 return {"gate": gate, "up": up, "down": down, "count": si // inter,
                         "transposed": dict(zip(("gate", "up", "down"), flips))}
     return "the value added to the experts is not a gated MLP with the experts' activation (checked on random inputs)"
+
+
+def _gated_mlp(x, gate, up, down, act, factor=None) -> torch.Tensor:
+    """down(act(x . gate^T) * (x . up^T)) in x's dtype, times the per-token ``factor`` [T, 1] when given; fp32 out:
+    what the shared-MLP checks compare a region with."""
+    y = torch.nn.functional.linear(act(x @ gate.t()) * (x @ up.t()), down)
+    return (y if factor is None else y * factor.to(x.dtype)).float()
 
 
 def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activation, xv,
@@ -1071,8 +1077,7 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
             except Exception as err:
                 return f"the shared MLP could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
             g, u, d = (t.to(dtype).to(device, acc) for t in (g, u, d))
-            want = torch.nn.functional.linear(act(x.to(acc) @ g.t()) * (x.to(acc) @ u.t()), d)
-            want = (want if scale is None else want * extra[0].reshape(rows, 1).to(acc)).float()
+            want = _gated_mlp(x.to(acc), g, u, d, act, None if scale is None else extra[0].reshape(rows, 1))
             if rel_err(got, want) < tol:
                 return {"gate": fused, "up": fused, "down": down, "count": si // inter, "fused": order,
                         "transposed": {"gate": t_in, "up": t_in, "down": t_down}}

@@ -79,6 +79,6 @@ def fp64_tokens_outside(model, ids, out, floor: float = 2e-2) -> list:
     A bf16 router near a tie may send one token to another expert than float64 does, which moves that token's
     logits far; a wrong kernel moves every token's."""
     eager, exact = _fp64_logits(model, ids)
-    return [(b, s, round(rel_err(out[b, s], exact[b, s]), 4), round(bound, 4))
-            for b in range(out.shape[0]) for s in range(out.shape[1])
-            if rel_err(out[b, s], exact[b, s]) >= (bound := max(2 * rel_err(eager[b, s], exact[b, s]), floor))]
+    errors = [(b, s, rel_err(out[b, s], exact[b, s]), max(2 * rel_err(eager[b, s], exact[b, s]), floor))
+              for b in range(out.shape[0]) for s in range(out.shape[1])]
+    return [(b, s, round(err, 4), round(bound, 4)) for b, s, err, bound in errors if err >= bound]

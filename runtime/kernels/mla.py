@@ -416,9 +416,10 @@ def choose_path(queries: int) -> str:
 # The prefill tile: the best of a 24-point sweep (BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2/3 stages) of
 # this kernel alone at V2-Lite dims, T=4096, H100: 0.40 ms. Autotuning it per query bucket at compile time
 # measured slower end to end (0.68 vs 0.62 ms per layer), so it is fixed until the kernel itself improves.
-# "TMA": True (not timed yet, so not the default) brings the key and value tiles in through tensor descriptors:
-# compiled for sm_90a this tile then holds 141 registers a thread, not 255 (bench/kernel_resources.py; time it
-# with bench/mla_prefill_tiles.py --tma).
+# "TMA": True brings the key and value tiles in through tensor descriptors: compiled for sm_90a this tile then
+# holds 141 registers a thread, not 255 (bench/kernel_resources.py), but on H100 it ran 4% slower at T=4096 (291.1
+# against 280.7 us) and slower at every tile but the 8-warp 64 / 64 (bench/mla_prefill_tiles.py --tma,
+# bench/RESULTS.md), so it is an option, not the default.
 PREFILL_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
