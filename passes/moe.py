@@ -284,7 +284,8 @@ class MoEPass:
             with unset_fake_temporarily():
                 config = kernel.tune(hint(xv.shape[0]) * (params["top_k"] if scaled else 1), params["hidden"],
                                      params["intermediate"], params["experts"], 1 if scaled else params["top_k"],
-                                     xv.dtype, xv.device, act, shared["count"] if shared is not None else 0)
+                                     xv.dtype, xv.device, act, shared["count"] if shared is not None else 0,
+                                     transposed=(t1, t2))
 
         if shared is not None:
             flips = shared["transposed"]
@@ -369,7 +370,8 @@ class MoEPass:
                 config = kernel.tune(hint(xv.shape[0]), params["hidden"], params["intermediate"], params["experts"],
                                      params["top_k"], xv.dtype, xv.device, act,
                                      shared["count"] if shared is not None else 0,
-                                     weight_format="fp8-block" if act_quant else "fp8-block-weight")
+                                     weight_format="fp8-block" if act_quant else "fp8-block-weight",
+                                     transposed=(t1, t2))
 
         def canonical(q1_, s1_, q2_, s2_):  # the scale blocks transpose with their weights
             flip = lambda t, f: t.transpose(1, 2) if f else t  # noqa: E731

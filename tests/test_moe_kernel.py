@@ -21,8 +21,13 @@ def _inputs(t, hidden, inter, experts, k, dtype, device, route="random", gen=Non
     return x, ids.to(device), weights.to(device), w_gate_up, w_down
 
 
+def _stored_transposed(w: torch.Tensor) -> torch.Tensor:
+    """The same values, the last two dims stored the other way round (Llama 4's [E, H, 2I] experts)."""
+    return w.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random", activation="silu", noncontig=False,
-           deterministic=True, config=None, shared=0, gated=False):
+           deterministic=True, config=None, shared=0, gated=False, transposed=False):
     x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
     if noncontig:
         x = torch.cat([x, x], dim=1)[:, ::2]
@@ -31,6 +36,9 @@ def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random
     if shared:  # a shared MLP of intermediate shared * inter, as Linear layers store it
         sh = tuple((torch.randn(*shape) / shape[1] ** 0.5).to(device, dtype)
                    for shape in [(shared * inter, hidden), (shared * inter, hidden), (hidden, shared * inter)])
+    if transposed:  # the routed experts stored the other way round, and the shared MLP as its transposes
+        wgu, wd = _stored_transposed(wgu), _stored_transposed(wd)
+        sh = None if sh is None else tuple(_stored_transposed(w) for w in sh)
     # a gated shared MLP's per-token factor ([T, 1], as sigmoid(Linear(H, 1)) returns it), in a strided view
     scale = torch.rand(t, 2).to(device, dtype)[:, :1] if gated else None
     out = moe.moe_experts(x, ids, weights, wgu, wd, activation=activation, interpret=interpret,
@@ -101,8 +109,42 @@ def test_interpreted_gated_shared_experts(case, shared, deterministic):
            config=DECODE_CANDIDATES[0])
 
 
+class _Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """The clones (``.contiguous()`` of a strided tensor) of ``numels`` elements: copies of a weight. (The
+    interpreter's own write-back of the kernels' arguments is a ``copy_``, not counted.)"""
+
+    def __init__(self, numels):
+        super().__init__()
+        self.numels, self.seen = set(numels), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._opname == "clone" and out.numel() in self.numels:
+            self.seen.append(func._opname)
+        return out
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("case", [(1, 64, 32, 8, 2), (7, 48, 16, 5, 3)], ids=str)
+def test_interpreted_weights_stored_transposed(case, shared):
+    """Experts stored [E, H, 2I] / [E, I, H] (Llama 4) and a shared MLP stored as its transposes: read through
+    their strides, the same result, and no weight copied on the way (a copy would move every expert's bytes twice
+    per call)."""
+    _check(*case, torch.float32, "cpu", interpret=True, shared=shared, transposed=True)
+    _check(*case, torch.float16, "cpu", interpret=True, shared=shared, transposed=True, config=DECODE_CANDIDATES[0],
+           deterministic=False)
+    t, hidden, inter, experts, k = case
+    x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, torch.float32, "cpu")
+    sh = tuple(_stored_transposed(torch.randn(*shape)) for shape in
+               [(shared * inter, hidden), (shared * inter, hidden), (hidden, shared * inter)]) if shared else None
+    wgu, wd = _stored_transposed(wgu), _stored_transposed(wd)
+    with _Copies([w.numel() for w in (wgu, wd, *(sh or ()))]) as copies:
+        moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, shared=sh)
+    assert copies.seen == []
+
+
 def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="random", deterministic=True,
-               outliers=False, config=None, act_quant=True, shared=0):
+               outliers=False, config=None, act_quant=True, shared=0, transposed=False):
     """FP8 experts (weights quantized in 128 x 128 blocks, activations per row and 128-wide tile in the
     kernels), with ``shared`` FP8 shared experts in the same launches, against the same quantization written
     out in float64; and, as a bound on what quantization costs, against the float weights."""
@@ -120,6 +162,8 @@ def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="ra
         wgu.view(-1)[:: 1013] *= 100
         wd.view(-1)[:: 1009] *= 100
     (q1, s1), (q2, s2) = moe.quantize_experts(wgu), moe.quantize_experts(wd)
+    if transposed:  # the FP8 experts and their scale grids stored the other way round
+        q1, s1, q2, s2 = (_stored_transposed(w) for w in (q1, s1, q2, s2))
     out = moe.moe_experts(x, ids, weights, q1, q2, interpret=interpret, deterministic=deterministic,
                           weight_scales=(s1, s2), config=config, act_quant=act_quant, shared=sh_q, shared_scales=sh_s)
     assert out.shape == (t, hidden) and out.dtype == dtype
@@ -203,6 +247,14 @@ def test_interpreted_one_token_aligned_on_request(monkeypatch):
     _check(1, 64, 32, 8, 3, torch.float16, "cpu", interpret=True, shared=2,
            config={**DECODE_CANDIDATES[0], "DIRECT": False})
     assert calls
+
+
+@pytest.mark.parametrize("form", FP8_FORMS)
+def test_interpreted_fp8_experts_stored_transposed(form):
+    """FP8 experts and their block scales stored [E, H, 2I] / [E, I, H], read through their strides."""
+    act_quant, config = FP8_FORMS[form]
+    _check_fp8(3, 256, 128, 4, 2, torch.float16, "cpu", interpret=True, act_quant=act_quant, config=config,
+               transposed=True)
 
 
 def test_interpreted_fp8_experts_edges():
@@ -373,6 +425,16 @@ def test_gpu_fp8_experts_v2_lite_shape(t, form, shared=0):
 @pytest.mark.parametrize("form", ["w8a8", "w8a8-prequant"])
 def test_gpu_fp8_experts_with_fp8_shared_v2_lite_shape(t, form):
     test_gpu_fp8_experts_v2_lite_shape(t, form, shared=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 2048])
+def test_gpu_experts_stored_transposed(t):
+    """Experts stored [E, H, 2I] / [E, I, H] as Llama 4 stores them (with a transposed shared MLP beside them, and
+    as FP8), read through their strides at decode and prefill sizes."""
+    _check(t, 2048, 1408, 16, 1, torch.bfloat16, "cuda", interpret=False, transposed=True)
+    _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, transposed=True, shared=2)
+    _check_fp8(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, transposed=True)
 
 
 @pytest.mark.gpu

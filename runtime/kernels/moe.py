@@ -111,7 +111,7 @@ def moe_align_kernel(
 @triton.jit
 def moe_gate_up_act_kernel(
     X, W, SharedGate, SharedUp, Out, SortedSlots, BlockExpert, NumPadded,
-    stride_xm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
+    stride_xm, stride_we, stride_wn, stride_wk, stride_sn, stride_sk, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr,
@@ -142,8 +142,8 @@ def moe_gate_up_act_kernel(
         u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
         ${gate_up_product}
         a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K * stride_wk
-        u_ptrs += BLOCK_K * stride_wk
+        g_ptrs += BLOCK_K * step_k
+        u_ptrs += BLOCK_K * step_k
     gate = acc_gate
     act = ${activation}
     out = (act * acc_up).to(${dtype})
@@ -153,7 +153,7 @@ def moe_gate_up_act_kernel(
 @triton.jit
 def moe_down_weighted_kernel(
     H, W, SharedDown, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights, SharedScale,
-    stride_hm, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
+    stride_hm, stride_we, stride_wn, stride_wk, stride_sn, stride_sk, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
@@ -184,7 +184,7 @@ def moe_down_weighted_kernel(
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
         ${down_product}
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wk
+        b_ptrs += BLOCK_K * step_k
     token = (slot // TOP_K).to(tl.int64)
     choice = slot % TOP_K
     weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
@@ -234,11 +234,11 @@ _SHARED_POINTERS = {
     "gate_up": """\
 # a shared expert: its N rows of the shared MLP's gate and up weights
 rows = (expert - E_ROUTED) * N + offs_n[None, :]
-g_ptrs = SharedGate + rows * stride_sn + offs_k[:, None] * stride_wk
-u_ptrs = SharedUp + rows * stride_sn + offs_k[:, None] * stride_wk""",
+g_ptrs = SharedGate + rows * stride_sn + offs_k[:, None] * stride_sk
+u_ptrs = SharedUp + rows * stride_sn + offs_k[:, None] * stride_sk""",
     "down": """\
 # a shared expert: its K columns of the shared MLP's down weights
-b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + offs_k[:, None]) * stride_wk""",
+b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + offs_k[:, None]) * stride_sk""",
 }
 
 
@@ -351,12 +351,15 @@ def _scale_args(kind: str, fp8: bool, prequant: bool, shared: bool, w8a8: bool) 
 
 
 def _pointers(kind: str, shared: bool, fp8: bool) -> str:
-    """The weight (and FP8 scale) pointers of the program's expert; ``scale_k`` the scales' K stride."""
+    """The weight (and FP8 scale) pointers of the program's expert; ``step_k`` the weights' K stride, ``scale_k``
+    the scales'."""
     if not shared:
-        return _ROUTED_POINTERS[kind] + (f"\n{_SCALE_POINTERS[kind]}\nscale_k = stride_ssk" if fp8 else "")
+        return (_ROUTED_POINTERS[kind] + "\nstep_k = stride_wk"
+                + (f"\n{_SCALE_POINTERS[kind]}\nscale_k = stride_ssk" if fp8 else ""))
     routed = _ROUTED_POINTERS[kind] + (f"\n{_SCALE_POINTERS[kind]}" if fp8 else "")
     own = _SHARED_POINTERS[kind] + (f"\n{_SHARED_SCALE_POINTERS[kind]}" if fp8 else "")
     return ("if expert < E_ROUTED:\n" + textwrap.indent(routed, "    ") + "\nelse:\n" + textwrap.indent(own, "    ")
+            + "\nstep_k = tl.where(expert < E_ROUTED, stride_wk, stride_sk)  # the routed or the shared weights'"
             + ("\nscale_k = tl.where(expert < E_ROUTED, stride_ssk, stride_shk)  # the routed or the shared grid's"
                if fp8 else ""))
 
@@ -493,10 +496,11 @@ FP8_CANDIDATES = [
 
 
 def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, device, activation="silu",
-         shared: int = 0, weight_format: str = "float") -> dict:
+         shared: int = 0, weight_format: str = "float", transposed: tuple[bool, bool] = (False, False)) -> dict:
     """The fastest candidate for this shape's token bucket on this GPU (cached on disk), timed on random
     routing over real-shaped random weights (and ``shared`` shared experts of the same size), in the experts'
-    ``weight_format`` ("float", or FP8 as "fp8-block" W8A8 and "fp8-block-weight" W8A16). Off the GPU: the
+    ``weight_format`` ("float", or FP8 as "fp8-block" W8A8 and "fp8-block-weight" W8A16) and stored layout
+    (``transposed``: gate/up stored [E, H, 2I], down [E, I, H]; the tiles read those along N). Off the GPU: the
     tile table."""
     fp8 = weight_format != "float"
     if torch.device(device).type != "cuda":
@@ -518,6 +522,9 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
         if fp8:
             (w_gate_up, s1), (w_down, s2) = quantize_experts(w_gate_up), quantize_experts(w_down)
             scales = (s1, s2)
+        # stored transposed: the same values, each expert's matrix kept the other way round
+        w_gate_up, w_down = (w.transpose(1, 2).contiguous().transpose(1, 2) if flip else w
+                             for w, flip in zip((w_gate_up, w_down), transposed))
         shared_weights = shared_scales = None
         if shared:
             shared_weights = (torch.randn(shared * inter, hidden, device=device, dtype=dtype) / hidden**0.5,
@@ -534,7 +541,8 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
             moe_experts(x, ids, weights, w_gate_up, w_down, activation, config=cfg, shared=shared_weights,
                         weight_scales=scales, act_quant=weight_format == "fp8-block", shared_scales=shared_scales)
 
-    key = f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
+    key = (f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
+           + "".join(f"-{name}T" for name, flip in zip(("gate_up", "down"), transposed) if flip))
     w8a8_only = ("PREQUANT", "SWAP_AB")  # W8A16 takes neither: its tiles are these tiles without them
     candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not any(c.get(f) for f in w8a8_only)]
                   if fp8 else CANDIDATES)
@@ -653,8 +661,8 @@ def moe_experts(
     n_shared = 0
     if shared is not None:
         n_shared = shared[0].shape[0] // inter
-        shared_gate, shared_up, shared_down = (w if w.stride(-1) == 1 else w.contiguous() for w in shared)
-        if shared_gate.stride(0) != shared_up.stride(0):
+        shared_gate, shared_up, shared_down = shared  # read where they are, in either layout
+        if shared_gate.stride() != shared_up.stride():  # the kernel steps through both with one pair of strides
             shared_gate, shared_up = shared_gate.contiguous(), shared_up.contiguous()
     num_experts = routed + n_shared
     k = topk_ids.shape[1] + n_shared  # slots per token
@@ -679,8 +687,8 @@ def moe_experts(
     may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
     launch_opts = {} if interpret else cfg
     x = x if x.stride(-1) == 1 else x.contiguous()
-    w_gate_up = w_gate_up if w_gate_up.stride(-1) == 1 else w_gate_up.contiguous()
-    w_down = w_down if w_down.stride(-1) == 1 else w_down.contiguous()
+    # The weights are read through their strides, never copied: a model storing its experts [E, H, 2I] (Llama 4)
+    # passes transposed views here, and a copy would move every expert's bytes twice per call.
     routed_k = topk_ids.shape[1]
     weights = topk_weights.reshape(-1)  # read in its own dtype by the down kernel
     if shared_scale is not None:
@@ -710,8 +718,8 @@ def moe_experts(
     if prequant:
         a, a_scales = quant_kernels.prequantize_activations(x, FP8_BLOCK, interpret)
         h_scales = torch.empty((capacity, triton.cdiv(inter, FP8_BLOCK)), dtype=torch.float32, device=x.device)
-    if shared is None:  # never read: the kernels take these pointers only for shared experts
-        shared_gate = shared_up = shared_down = w_down
+    if shared is None:  # never read: the kernels take these pointers (and strides) only for shared experts
+        shared_gate = shared_up = shared_down = w_down[0]
 
     def scale_args(i):  # the FP8 kernels' weight-scale arguments
         if not fp8:
@@ -739,7 +747,7 @@ def moe_experts(
 
     gate_up[grid(triton.cdiv(inter, bn))](
         a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
-        a.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), shared_gate.stride(0),
+        a.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *shared_gate.stride(),
         inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, **scale_args(0), **launch_opts,
     )
@@ -750,7 +758,7 @@ def moe_experts(
     down[grid(triton.cdiv(hidden, bn_down))](
         inter_out, w_down, shared_down, out, sorted_slots, block_expert, num_padded, weights,
         weights if shared_scale is None else shared_scale,
-        inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), shared_down.stride(0),
+        inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), *shared_down.stride(),
         out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k, ATOMIC=not deterministic,
         SHARED_SCALED=shared_scale is not None, BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest,
         DIRECT=direct, **scale_args(1), **launch_opts,
