@@ -13,6 +13,8 @@ Workloads (DeepSeek-V2-Lite shapes, bf16), at decode and prefill token counts:
 - llama4_moe: Hugging Face's Llama4TextMoe at Llama-4-Scout's shape (16 experts top-1 of 8192, hidden 5120),
   whose forward runs every expert on every token (rows scaled by 0 for the unchosen), eager and under Inductor,
   beside deepfuse running the chosen experts only (--moe-tokens), against the sparse work's floor;
+- gpt_oss_moe: Hugging Face's GptOssMLP at gpt-oss-20b's shape (32 experts top-4 of 2880, hidden 2880: biases,
+  interleaved gate/up rows, clamped SwiGLU) with grouped_mm experts, eager and under Inductor, beside deepfuse;
 - mla_decode, mla_decode_fp8: one decode step of the bundled model's attention over a bf16 latent cache, or
   over the FP8 one (c_kv in FP8 with per-token scales), eager, under Inductor and under deepfuse;
 - mla_decode_hf: one decode step of HF's DeepseekV2Attention over its own (latent) DynamicCache, the same
@@ -229,6 +231,46 @@ def bench_llama4_moe(tokens, bandwidth, rounds, flops_peak):
         impls = {"hf_dense": lambda x: block(x)[0], "hf_dense+inductor": lambda x: inductor(x)[0],
                  "deepfuse": lambda x: fused(x)[0]}
         rows += measure("llama4_moe", t, impls, sets, floor_ms, note, _rel)
+    return rows
+
+
+def gpt_oss_moe_block():
+    """Hugging Face's GptOssMLP at gpt-oss-20b's shape (hidden 2880, 32 experts top-4 of 2880), grouped_mm experts,
+    bf16 on the GPU, random weights of std 1/sqrt(fan-in) and biases of std 0.1 (the checkpoint's are MXFP4;
+    transformers dequantizes them to bf16 without the MXFP4 kernels, which is the form timed here)."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    cfg = GptOssConfig(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4)
+    cfg._experts_implementation = "grouped_mm"
+    block = GptOssMLP(cfg).cuda().bfloat16().eval()
+    with torch.no_grad():
+        for name, p in block.named_parameters():  # stacked experts [E, in, out], biases [E, out], router [E, H]
+            p.normal_(0, 0.1 if name.endswith("bias") else p.shape[-2 if p.dim() == 3 else -1] ** -0.5)
+    return block
+
+
+def bench_gpt_oss_moe(tokens, bandwidth, rounds, flops_peak):
+    """One gpt-oss-20b MoE block: Hugging Face's grouped_mm experts eager and under Inductor, and deepfuse, which
+    reads the biases, the interleaved gate/up rows and the clamped SwiGLU off the graph."""
+    block = gpt_oss_moe_block()
+    hidden, inter, experts, k = 2880, 2880, 32, 4
+    expert_params = 3 * hidden * inter + 2 * inter + hidden
+    rows = []
+    for t in tokens:
+        sets = [(torch.randn(1, t, hidden, device="cuda", dtype=torch.bfloat16),) for _ in range(rounds)]
+        with torch.no_grad():
+            active = max(int(torch.unique(block.router(s[0].view(-1, hidden))[2]).numel()) for s in sets)
+        weight_bytes = (active * expert_params + experts * (hidden + 1)) * 2
+        act_bytes = 2 * t * hidden * 2 + t * k * (inter * 2 * 2 + hidden * 2 * 2)
+        flops = 2 * t * (k * 3 * hidden * inter + experts * hidden)
+        mem_ms, math_ms = (weight_bytes + act_bytes) / bandwidth * 1e3, flops / flops_peak * 1e3
+        floor_ms, note = (mem_ms, f"{(weight_bytes + act_bytes) / 1e6:.0f} MB") if mem_ms >= math_ms else \
+            (math_ms, f"{flops / 1e9:.0f} GFLOP")
+        torch._dynamo.reset()
+        impls = {"hf_grouped_mm": lambda x: block(x)[0], "hf_grouped_mm+inductor": torch.compile(lambda x: block(x)[0]),
+                 "deepfuse": torch.compile(lambda x: block(x)[0], backend="deepfuse")}
+        rows += measure("gpt_oss_moe", t, impls, sets, floor_ms, note, _rel)
     return rows
 
 
@@ -597,6 +639,8 @@ def main():
     if "moe_block" in workloads:
         rows += bench_moe_block([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak,
                                 atomic=args.moe_atomic)
+    if "gpt_oss_moe" in workloads:
+        rows += bench_gpt_oss_moe([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
     if "llama4_moe" in workloads:
         rows += bench_llama4_moe([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
     if "moe_block_fp8" in workloads:

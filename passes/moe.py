@@ -97,7 +97,9 @@ class MoEPass:
             op_name = "deepfuse::moe_experts"
             if options.expert_parallel and _distributed():
                 reason = ("FP8 experts are not sharded over ranks (expert parallel runs float experts)"
-                          if fp8 is not None else None)
+                          if fp8 is not None else
+                          "experts with biases, interleaved gate/up rows or a clamped SwiGLU are not sharded over "
+                          "ranks" if _gpt_oss_form(params) else None)
                 reason = reason or self._rewrite_expert_parallel(graph, region, inputs, out, params, impl,
                                                        options.micro_batches, options.expert_parallel_exchange)
                 if reason:
@@ -108,7 +110,8 @@ class MoEPass:
                                                       f"{where[1] or '?'} ({where[0]})").path)
                                if impl != "reference" else None)
             else:
-                shared = _shared_experts(graph, out, inputs, params, fp8_acts=fp8 is not None and act_quant)
+                shared = (_shared_experts(graph, out, inputs, params, fp8_acts=fp8 is not None and act_quant)
+                          if not _gpt_oss_form(params) else None)  # (GPT-OSS has no shared MLP)
                 if isinstance(shared, dict) and params.get("input_weighted"):
                     shared = "the routing weights scale the experts' input: only the routed experts join the launches"
                 kernel_file = False
@@ -256,25 +259,31 @@ class MoEPass:
         return "top-k kernel"
 
     @staticmethod
-    def _op_args(graph, out, x, ids, weights, w1, w2, params, impl) -> tuple:
+    def _op_args(graph, out, x, ids, weights, w1, w2, params, impl, biases=(None, None)) -> tuple:
         """Arguments of ``deepfuse::moe_experts``, which takes the canonical layouts (transposed views are free)."""
         with graph.inserting_before(out):
-            a = graph.call_function(aten.transpose.int, (w1, 1, 2)) if params["gate_up_transposed"] else w1
-            b = graph.call_function(aten.transpose.int, (w2, 1, 2)) if params["down_transposed"] else w2
+            # (a permute: Inductor lowers the decomposed graph, where aten.transpose has no lowering of its own)
+            a = graph.call_function(aten.permute.default, (w1, [0, 2, 1])) if params["gate_up_transposed"] else w1
+            b = graph.call_function(aten.permute.default, (w2, [0, 2, 1])) if params["down_transposed"] else w2
         for node, src in ((a, w1), (b, w2)):
             if node is not src:
                 node.meta["val"] = value(src).transpose(1, 2)
-        return (x, ids, weights, a, b, params["activation"], value(out).dtype, impl, params["deterministic"])
+        # past the shared MLP's and the FP8 scales' arguments (None, act_quant False): the biases, the row order
+        extra = ((None,) * 6 + (False,) + (None,) * 3 + (*biases, "gate_up_rows" in params)
+                 if biases[0] is not None or "gate_up_rows" in params else ())
+        return (x, ids, weights, a, b, params["activation"], value(out).dtype, impl, params["deterministic"], *extra)
 
     def _rewrite(self, graph, region, inputs, out, params, impl, where, inline, shared=None):
         """The kernel file (None for the reference); False if the region with shared experts could not be
         traced in (the graph is then untouched)."""
         x, ids, weights, w1, w2 = (inputs[k] for k in ("x", "ids", "weights", "w_gate_up", "w_down"))
         act, t1, t2 = params["activation"], params["gate_up_transposed"], params["down_transposed"]
+        biases, interleaved = (inputs.get("b_gate_up"), inputs.get("b_down")), "gate_up_rows" in params
         out_dtype = value(out).dtype
         origin = f"{where[1] or '?'} ({where[0]})"
         xv = value(x)
-        gen = kernel.kernels_for(xv.dtype, act, origin, shared=shared is not None) if impl != "reference" else None
+        gen = (kernel.kernels_for(xv.dtype, act, origin, shared=shared is not None, biases=biases[0] is not None)
+               if impl != "reference" else None)
         binding = RegionBinding(region, out)
         config = None
         if impl == "triton" and inline:
@@ -285,7 +294,7 @@ class MoEPass:
                 config = kernel.tune(hint(xv.shape[0]) * (params["top_k"] if scaled else 1), params["hidden"],
                                      params["intermediate"], params["experts"], 1 if scaled else params["top_k"],
                                      xv.dtype, xv.device, act, shared["count"] if shared is not None else 0,
-                                     transposed=(t1, t2))
+                                     transposed=(t1, t2), biases=biases[0] is not None, interleaved=interleaved)
 
         if shared is not None:
             flips = shared["transposed"]
@@ -332,17 +341,19 @@ class MoEPass:
                                                "MoE whose routing weights scale its input"):
                 return False
         elif impl == "triton" and inline:
-            def launcher(x_, ids_, w_, a, b):
+            def launcher(x_, ids_, w_, a, b, *bias):
                 a = a.transpose(1, 2) if t1 else a
                 b = b.transpose(1, 2) if t2 else b
-                return (kernel.moe_experts(x_, ids_, w_, a, b, act, config=config,
-                                           deterministic=params["deterministic"]).to(out_dtype),)
+                return (kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
+                                           biases=bias or None, interleaved=interleaved).to(out_dtype),)
 
-            replace_region_inline_or_op(graph, binding, launcher, (x, ids, weights, w1, w2),
+            held = tuple(b for b in biases if b is not None)
+            replace_region_inline_or_op(graph, binding, launcher, (x, ids, weights, w1, w2, *held),
                                         torch.ops.deepfuse.moe_experts.default,
-                                        lambda: self._op_args(graph, out, x, ids, weights, w1, w2, params, impl), 1)
+                                        lambda: self._op_args(graph, out, x, ids, weights, w1, w2, params, impl,
+                                                              biases), 1)
         else:
-            op_args = self._op_args(graph, out, x, ids, weights, w1, w2, params, impl)
+            op_args = self._op_args(graph, out, x, ids, weights, w1, w2, params, impl, biases)
             replace_region(graph, binding, torch.ops.deepfuse.moe_experts.default, op_args, 1)
         return str(gen.path) if gen is not None else None
 
@@ -626,7 +637,7 @@ def _is_x_like(node, t) -> bool:
 
 def _classify(boundary, ids, weights, t, k, region, out):
     inputs: dict[str, Any] = {"ids": None, "weights": None}
-    xs, mats, others = [], [], []
+    xs, mats, biases, others = [], [], [], []
     for b in boundary:
         val = value(b)
         if b is ids:
@@ -639,6 +650,8 @@ def _classify(boundary, ids, weights, t, k, region, out):
             mats.append(b)
         elif val is not None and val.dim() == 2 and hint(val.shape[0]) == hint(t) and val.dtype.is_floating_point:
             xs.append(b)
+        elif val is not None and val.dim() == 2 and val.dtype.is_floating_point and b.op in ("placeholder", "get_attr"):
+            biases.append(b)  # [experts, n] held by the model: per-expert biases (GPT-OSS), if the check agrees
         elif val is not None and val.numel() == 1:
             continue  # a scalar (eps, a constant tensor)
         else:
@@ -649,6 +662,11 @@ def _classify(boundary, ids, weights, t, k, region, out):
         seen = ", ".join(f"{o.name} {list(value(o).shape) if value(o) is not None else '?'}" for o in others[:3])
         return ("the experts region reads tensors besides the tokens, the router's ids and weights and the [experts, "
                 f"rows, cols] weights of a gated MLP (per-expert biases?): {seen}")
+    if len(xs) > 1:  # as many tokens as experts: a bias held by the model is no input the router reads
+        routing_side = ancestors([ids])
+        held = [b for b in xs if b.op in ("placeholder", "get_attr") and b not in routing_side]
+        if len(held) < len(xs):
+            xs, biases = [b for b in xs if b not in held], biases + held
     if len(xs) != 1:
         return f"the experts region reads {len(xs)} [tokens, hidden] inputs, expected the hidden states alone"
     if len(mats) != 2:
@@ -657,6 +675,11 @@ def _classify(boundary, ids, weights, t, k, region, out):
     if hint(value(mats[0]).shape[0]) != hint(value(mats[1]).shape[0]):
         return "expert weights disagree on the number of experts"
     inputs["mats"] = mats
+    experts = hint(value(mats[0]).shape[0])
+    if len(biases) > 2 or any(hint(value(b).shape[0]) != experts for b in biases):
+        seen = ", ".join(f"{b.name} {list(value(b).shape)}" for b in biases[:3])
+        return f"the experts region reads 2-D tensors that are not one bias per expert and projection: {seen}"
+    inputs["biases"] = biases
     return region, inputs, out
 
 
@@ -686,12 +709,14 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
     activation. Random weights of the real shapes: what is checked is the function, not these values."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    mats = inputs["mats"]
-    placeholders = [inputs["x"], inputs["ids"], inputs["weights"], mats[0], mats[1]]
+    mats, biases = inputs["mats"], inputs.get("biases", [])
+    placeholders = [inputs["x"], inputs["ids"], inputs["weights"], mats[0], mats[1], *biases]
     # Casts to FP8 inside the region: its activations are quantized (an FP8 W8A8 MoE). Then the region must be
     # the MoE with those casts made identities (what it computes apart from the rounding), and, casts and all,
     # the MoE with both projections' inputs quantized per row and 128-wide tile.
     quantized = any(n.op == "call_function" and _is_fp8(n) for n in region)  # (its casts and their views)
+    if quantized and biases:
+        return "FP8 experts with biases are not fused (the FP8 kernels take no expert biases)"
     modules = _checked_forms(region, placeholders, out, "the experts region", quantized)
     if isinstance(modules, str):
         return modules
@@ -705,9 +730,12 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
         shapes = [tuple(hint(d) for d in value(m).shape) for m in mats]
         return f"expert weight shapes {shapes} are not gate+up [E, 2I, H] and down [E, H, I] (in either layout)"
     device = xv.device
+    activations = list(ACTIVATIONS) + _clamped_swiglus(region)
     with unset_fake_temporarily(), torch.no_grad():
         gen = torch.Generator(device="cpu").manual_seed(1234)
         x = torch.randn(t, hidden, generator=gen).to(device, xv.dtype)
+        if len(activations) > len(ACTIVATIONS):  # a clamping activation: values past its limits too
+            x = x * 5
         ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]).to(device, idv.dtype)
         weights = torch.rand(t, k, generator=gen).to(device, wv.dtype)
         # The weights are the big draw (about 1 GB at V2-Lite shape): drawn where they live, not copied there.
@@ -717,31 +745,43 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
             shape = tuple(hint(d) for d in value(m).shape)
             w = torch.randn(shape, generator=weight_gen, device=device, dtype=torch.float32)
             real[m] = (w / hidden ** 0.5).to(value(m).dtype)
+        for b in biases:
+            real[b] = torch.randn(tuple(hint(d) for d in value(b).shape), generator=gen).to(device, value(b).dtype)
         try:
-            got = [m(x, ids, weights, real[mats[0]], real[mats[1]])[0].float() for m in modules]
+            got = [m(x, ids, weights, *(real[w] for w in mats), *(real[b] for b in biases))[0].float()
+                   for m in modules]
         except Exception as err:
             return f"the experts region could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
         tol, quant_tol = _check_tolerances(xv.dtype)
         acc = torch.float64 if device.type == "cpu" else torch.float32
 
-        def found(gate_up, down, t1, t2, inter, act, **form):  # the checked layout and activation as params
+        def found(gate_up, down, t1, t2, inter, act, bias=None, interleaved=False, **form):  # the checked form
             inputs["w_gate_up"], inputs["w_down"] = gate_up, down
+            inputs["b_gate_up"], inputs["b_down"] = bias or (None, None)
             return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
                     "gate_up_transposed": t1, "down_transposed": t2, "dtype": str(xv.dtype).replace("torch.", ""),
-                    **form}
+                    **({"gate_up_rows": "interleaved (gate 0::2, up 1::2)"} if interleaved else {}),
+                    **({"biases": f"gate/up {bias[0].name}, down {bias[1].name}"} if bias else {}), **form}
 
         for gate_up, down, t1, t2, inter in layouts:
             a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
             b = real[down].transpose(1, 2) if t2 else real[down]
-            for act in ACTIVATIONS:
-                if rel_err(got[-1], kernel.reference(x.to(acc), ids, weights.to(acc), a, b, act).float()) >= tol:
+            # biases and interleaved gate/up rows (GPT-OSS) are float forms only, tried after the plain ones
+            forms = [(None, False)] if quantized else [
+                (bias, interleaved) for interleaved in (False, True) for bias in _bias_orders(biases, inter, hidden)]
+            for (bias, interleaved), act in itertools.product(forms, activations if not quantized else ACTIVATIONS):
+                want = kernel.reference(x.to(acc), ids, weights.to(acc), a, b, act, biases=bias and tuple(
+                    real[n].to(acc) for n in bias), interleaved=interleaved)
+                if rel_err(got[-1], want.float()) >= tol:
                     continue
+                if bias or interleaved or act not in ACTIVATIONS:
+                    return found(gate_up, down, t1, t2, inter, act, bias, interleaved, act_quant=False)
                 quantized_want = kernel.reference_act_quant(x, ids, weights, a, b, act, acc) if quantized else None
                 if quantized and rel_err(got[0], quantized_want.float()) >= quant_tol:
                     return ("the region quantizes activations to FP8, but not both projections' inputs per row "
                             "and 128-wide tile (checked on random inputs)")
                 return found(gate_up, down, t1, t2, inter, act, act_quant=quantized)
-        if not quantized:  # the routing weights may scale the experts' input instead (Llama 4), after a sigmoid
+        if not quantized and not biases:  # the routing weights may scale the experts' input (Llama 4), after a sigmoid
             for (gate_up, down, t1, t2, inter), act, scale in itertools.product(layouts, ACTIVATIONS, INPUT_SCALES):
                 a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
                 b = real[down].transpose(1, 2) if t2 else real[down]
@@ -749,6 +789,40 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
                 if rel_err(got[-1], want.float()) < tol:
                     return found(gate_up, down, t1, t2, inter, act, act_quant=False, input_weighted=scale)
     return "the region downstream of the router is not the routed-experts computation (checked on random inputs)"
+
+
+def _gpt_oss_form(params: dict) -> bool:
+    """Experts with biases, interleaved gate/up rows or a clamped SwiGLU: the routed kernels alone run them."""
+    return "biases" in params or "gate_up_rows" in params or params["activation"] not in ACTIVATIONS
+
+
+def _bias_orders(biases: list, inter: int, hidden: int) -> list:
+    """The (gate/up bias, down bias) pairs the region's [E, n] tensors may be: [None] without any (a region with
+    one bias is not a form the kernels know: no pair)."""
+    if not biases:
+        return [None]
+    if len(biases) != 2:
+        return []
+    n = [hint(value(b).shape[1]) for b in biases]
+    return [(g, d) for g, d, ng, nd in ((biases[0], biases[1], n[0], n[1]), (biases[1], biases[0], n[1], n[0]))
+            if ng == 2 * inter and nd == hidden]
+
+
+def _clamped_swiglus(region) -> list[str]:
+    """Clamped SwiGLU activations (GPT-OSS's) the region's constants allow: each limit a clamp takes from above,
+    with each constant the region multiplies by as alpha. None without a clamp."""
+    limits, alphas = set(), set()
+    for n in region:
+        if n.op != "call_function":
+            continue
+        if n.target in (aten.clamp.default, aten.clamp_max.default):
+            top = n.args[2] if n.target == aten.clamp.default and len(n.args) > 2 else (
+                n.args[1] if n.target == aten.clamp_max.default else n.kwargs.get("max"))
+            if isinstance(top, (int, float)):
+                limits.add(float(top))
+        elif n.target in (aten.mul.Tensor, aten.mul.Scalar):
+            alphas.update(float(a) for a in n.args[1:] if isinstance(a, float))
+    return [kernel.clamped_swiglu(a, lim) for lim in sorted(limits) for a in sorted(alphas) if lim > 0]
 
 
 # How routing weights that scale the experts' input reach it: as they are, or through a sigmoid (Llama 4 scatters

@@ -125,6 +125,16 @@ def test_routing_weights_scaling_the_input_on_gpu():
     assert m.params["routing_weights"].startswith("scale the experts' input (sigmoid)"), m.params
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_gpt_oss_experts_on_gpu(interleaved):
+    """GPT-OSS's experts' form (biases, interleaved or halved gate/up rows stored [E, H, 2I], clamped SwiGLU) through
+    the generated kernels in bf16, against float64 (the clamps' limits crossed: x scaled up)."""
+    from test_moe_pass import BiasedExperts
+
+    m = _one_moe_in_bf16_against_float64(BiasedExperts(interleaved=interleaved), 3 * torch.randn(70, 32))
+    assert m.params["activation"] == "swiglu_clamped(alpha=1.5, limit=5.0)", m.params
+
+
 def test_bundled_moe_with_cuda_graphs():
     model = DeepSeekForCausalLM.from_config(get_config("v3-tiny"), device="cuda", dtype=torch.bfloat16, seed=5)
     ids = torch.randint(0, 512, (1, 16), device="cuda")

@@ -27,8 +27,14 @@ def _stored_transposed(w: torch.Tensor) -> torch.Tensor:
 
 
 def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random", activation="silu", noncontig=False,
-           deterministic=True, config=None, shared=0, gated=False, transposed=False):
+           deterministic=True, config=None, shared=0, gated=False, transposed=False, biases=False,
+           interleaved=False):
     x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
+    if activation.startswith("swiglu_clamped"):  # gate and up values past the clamps' limit (7) too
+        x *= 5
+    bias = None
+    if biases:  # GPT-OSS's per-expert biases, of the size of the projections' outputs
+        bias = tuple(torch.randn(experts, n).to(device, dtype) for n in (2 * inter, hidden))
     if noncontig:
         x = torch.cat([x, x], dim=1)[:, ::2]
         assert t == 0 or not x.is_contiguous()
@@ -42,10 +48,12 @@ def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random
     # a gated shared MLP's per-token factor ([T, 1], as sigmoid(Linear(H, 1)) returns it), in a strided view
     scale = torch.rand(t, 2).to(device, dtype)[:, :1] if gated else None
     out = moe.moe_experts(x, ids, weights, wgu, wd, activation=activation, interpret=interpret,
-                          deterministic=deterministic, config=config, shared=sh, shared_scale=scale)
+                          deterministic=deterministic, config=config, shared=sh, shared_scale=scale, biases=bias,
+                          interleaved=interleaved)
     ref = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double(), activation,
                         None if sh is None else tuple(w.double() for w in sh),
-                        None if scale is None else scale.double())
+                        None if scale is None else scale.double(),
+                        None if bias is None else tuple(b.double() for b in bias), interleaved)
     assert out.shape == (t, hidden) and out.dtype == dtype
     if t:
         assert torch.isfinite(out).all()
@@ -107,6 +115,41 @@ def test_interpreted_gated_shared_experts(case, shared, deterministic):
     _check(*case, torch.float32, "cpu", interpret=True, deterministic=deterministic, shared=shared, gated=True)
     _check(*case, torch.float16, "cpu", interpret=True, deterministic=deterministic, shared=shared, gated=True,
            config=DECODE_CANDIDATES[0])
+
+
+GPT_OSS = moe.clamped_swiglu(1.702, 7.0)
+
+
+@pytest.mark.parametrize("case", [(1, 64, 32, 8, 2), (7, 48, 16, 5, 3), (33, 64, 32, 16, 4), (0, 32, 32, 4, 2)],
+                         ids=str)
+def test_interpreted_gpt_oss_experts(case):
+    """GPT-OSS's experts: stored [E, H, 2I] with gate and up rows interleaved, a bias on each projection, the
+    clamped SwiGLU (values past its limits included)."""
+    gpt_oss = dict(activation=GPT_OSS, transposed=True, biases=True, interleaved=True)
+    _check(*case, torch.float32, "cpu", interpret=True, **gpt_oss)
+    _check(*case, torch.float16, "cpu", interpret=True, config=DECODE_CANDIDATES[0], deterministic=False, **gpt_oss)
+    _check(*case, torch.float32, "cpu", interpret=True, biases=True)  # the parts one at a time
+    _check(*case, torch.float32, "cpu", interpret=True, interleaved=True)
+    _check(*case, torch.float32, "cpu", interpret=True, activation=GPT_OSS)
+
+
+def test_clamped_swiglu_is_what_gpt_oss_computes():
+    """``moe.glu`` for the clamped SwiGLU against transformers' own GptOssExperts._apply_gate."""
+    gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+    config = pytest.importorskip("transformers").GptOssConfig(hidden_size=8, intermediate_size=8, num_local_experts=2)
+    experts = gpt_oss.GptOssExperts(config)
+    both = torch.randn(5, 16, dtype=torch.float64) * 6
+    want = experts._apply_gate(both)
+    got = moe.glu(moe.clamped_swiglu(experts.alpha, experts.limit), both[:, 0::2], both[:, 1::2])
+    assert torch.equal(got, want)
+
+
+def test_bad_biases_are_clear_errors():
+    x, ids, w, wgu, wd = _inputs(2, 32, 16, 4, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="expert biases must be"):
+        moe.moe_experts(x, ids, w, wgu, wd, interpret=True, biases=(torch.zeros(4, 16), torch.zeros(4, 32)))
+    with pytest.raises(ValueError, match="unsupported activation"):
+        moe.moe_experts(x, ids, w, wgu, wd, activation="swiglu_clamped(alpha=1.7)", interpret=True)
 
 
 class _Copies(torch.utils._python_dispatch.TorchDispatchMode):
@@ -435,6 +478,14 @@ def test_gpu_experts_stored_transposed(t):
     _check(t, 2048, 1408, 16, 1, torch.bfloat16, "cuda", interpret=False, transposed=True)
     _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, transposed=True, shared=2)
     _check_fp8(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, transposed=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 2048])
+def test_gpu_gpt_oss_experts(t):
+    """GPT-OSS-20B's experts (hidden and intermediate 2880, 32 experts, top-4) as the model stores them."""
+    _check(t, 2880, 2880, 32, 4, torch.bfloat16, "cuda", interpret=False, activation=GPT_OSS, transposed=True,
+           biases=True, interleaved=True)
 
 
 @pytest.mark.gpu

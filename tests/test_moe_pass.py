@@ -130,8 +130,9 @@ UNSEEN = {
                        "fused: 1 always-chosen experts of 32, weighted per token by sigmoid"),
     # a parallel block: the MoE's output is added to the attention's, which is no shared MLP
     "Cohere2Moe": (dict(num_experts=8, num_experts_per_tok=2), "softmax, top-2, renormalized", None),
-    # experts with biases and a clamped SwiGLU: not the gated MLP the kernels compute, so declined
-    "GptOss": (dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention"] * 2), None, None),
+    # experts stored [E, H, 2I] with gate and up rows interleaved, a bias per expert and projection, a clamped SwiGLU
+    "GptOss": (dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention"] * 2),
+               "softmax, top-2, renormalized", None),
     # a sparsemixer router (no top-k): the stacked experts are declined with why, not left without a word
     "Phimoe": (dict(num_local_experts=8, num_experts_per_tok=2), None, None),
     # the routing weights scale the experts' input, through a sigmoid, and every expert runs densely on the scaled
@@ -160,8 +161,10 @@ def test_unseen_hf_moe_families_are_fused_or_declined_and_right(family):
         assert not moes and [d for d in report.declined if d.family == "moe"], str(report)
         return
     assert moes and not [d for d in report.declined if d.family == "moe"], str(report)
+    activation = "swiglu_clamped(alpha=1.702, limit=7.0)" if family == "GptOss" else "silu"
     for m in moes:
-        assert m.params["activation"] == "silu" and m.params["routing"] == f"kernel: {routing}", m.params
+        assert m.params["activation"] == activation and m.params["routing"] == f"kernel: {routing}", m.params
+        assert ("biases" in m.params and "gate_up_rows" in m.params) == (family == "GptOss"), m.params
         assert m.params.get("routing_weights", "").startswith("scale the experts' input (sigmoid)") == (
             family == "Llama4Text"), m.params
         got = m.params.get("shared_experts")
@@ -323,6 +326,77 @@ def test_routing_weights_that_scale_the_input(softmax):
         assert not moes and [d for d in report.declined if d.family == "moe"], str(report)
     else:
         assert len(moes) == 1 and moes[0].params["routing_weights"].startswith("scale the experts' input (sigmoid)")
+
+
+class BiasedExperts(torch.nn.Module):
+    """GPT-OSS-like experts written by hand: biases on both projections, gate/up as halves or interleaved rows, the
+    SwiGLU clamped at ``limit`` with ``alpha`` (or plain SiLU); ``one_bias`` drops the down bias, ``swapped``
+    clamps the up value from above only (a clamped SwiGLU the kernels do not compute)."""
+
+    def __init__(self, limit=5.0, alpha=1.5, interleaved=True, clamped=True, one_bias=False, swapped=False):
+        super().__init__()
+        self.limit, self.alpha, self.interleaved, self.clamped = limit, alpha, interleaved, clamped
+        self.one_bias, self.swapped = one_bias, swapped
+        self.router = torch.nn.Linear(32, 6)
+        self.gate_up = torch.nn.Parameter(torch.randn(6, 32, 32) / 32 ** 0.5)  # [E, H, 2I], I = 16
+        self.gate_up_bias = torch.nn.Parameter(torch.randn(6, 32))
+        self.down = torch.nn.Parameter(torch.randn(6, 16, 32) / 4)
+        self.down_bias = torch.nn.Parameter(torch.randn(6, 32))
+
+    def forward(self, x):
+        values, ids = self.router(x).topk(2, dim=-1)
+        weights = values.softmax(dim=-1)
+        out = torch.zeros_like(x)
+        for j in range(2):
+            e = ids[:, j]
+            both = torch.bmm(x[:, None], self.gate_up[e])[:, 0] + self.gate_up_bias[e]
+            gate, up = (both[:, 0::2], both[:, 1::2]) if self.interleaved else both.chunk(2, dim=-1)
+            if self.clamped:
+                gate = gate.clamp(max=self.limit)
+                up = up.clamp(max=self.limit) if self.swapped else up.clamp(-self.limit, self.limit)
+                h = (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+            else:
+                h = F.silu(gate) * up
+            y = torch.bmm(h[:, None], self.down[e])[:, 0] + (0 if self.one_bias else self.down_bias[e])
+            out = out + y * weights[:, j, None]
+        return out
+
+
+@pytest.mark.parametrize("form,want", [
+    (dict(), "swiglu_clamped(alpha=1.5, limit=5.0)"),
+    (dict(interleaved=False, limit=3.0, alpha=2.0), "swiglu_clamped(alpha=2.0, limit=3.0)"),
+    (dict(clamped=False), "silu"),
+    (dict(one_bias=True), None),  # a gate/up bias without a down bias: no form the kernels know
+    (dict(swapped=True), None),   # up clamped from above only
+], ids=str)
+def test_expert_biases_interleaved_rows_and_clamped_swiglu_read_off_the_graph(form, want):
+    """The constants of a clamped SwiGLU, the gate/up row order and the biases are read off the graph and checked;
+    a form that differs anywhere is declined, never approximated."""
+    report = _compile_check(BiasedExperts(**form), (torch.randn(9, 32),), 1e-5, interpret=True)
+    moes = [m for m in report.matches if m.family == "moe"]
+    if want is None:
+        assert not moes and [d for d in report.declined if d.family == "moe"], str(report)
+        return
+    assert len(moes) == 1 and moes[0].params["activation"] == want, str(report)
+    assert "biases" in moes[0].params
+    assert ("gate_up_rows" in moes[0].params) == form.get("interleaved", True), moes[0].params
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_gpt_oss_experts_in_each_transformers_implementation(impl):
+    """GPT-OSS's experts as transformers runs them: its per-expert loop (through the canonical form), grouped_mm
+    and batched_mm, fused and equal to eager."""
+    cfg = transformers.GptOssConfig(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16}, num_local_experts=8,
+                                    num_experts_per_tok=2, layer_types=["full_attention"] * 2)
+    cfg._experts_implementation = impl
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # (its routers and biases start at zero)
+            if not p.abs().any() and "norm" not in name:
+                p.normal_(0, 0.5)
+    report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
+    moes = [m for m in report.matches if m.family == "moe"]
+    assert len(moes) == 2 and all(m.params["activation"].startswith("swiglu_clamped") for m in moes), str(report)
 
 
 def test_unsupported_activation_is_declined_not_approximated():

@@ -18,6 +18,7 @@ scales): the same kernels read them as stored, the activations either quantized 
 """
 from __future__ import annotations
 
+import re
 import textwrap
 from typing import Optional
 
@@ -44,6 +45,48 @@ TORCH_ACTIVATIONS = {
     "gelu": torch.nn.functional.gelu,
     "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
 }
+
+# GPT-OSS's gated unit: the gate clamped from above, the up value both ways, then
+# (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit). Its two constants are part of
+# the activation's name ("swiglu_clamped(alpha=1.702, limit=7.0)"), so each pair is its own generated kernel.
+CLAMPED_SWIGLU = re.compile(r"swiglu_clamped\(alpha=([-+.e\d]+), limit=([-+.e\d]+)\)")
+
+
+def clamped_swiglu(alpha: float, limit: float) -> str:
+    """The activation name of GPT-OSS's clamped SwiGLU with these constants."""
+    return f"swiglu_clamped(alpha={float(alpha)!r}, limit={float(limit)!r})"
+
+
+def _clamped(activation: str) -> Optional[tuple[float, float]]:
+    m = CLAMPED_SWIGLU.fullmatch(activation)
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS and _clamped(activation) is None:
+        raise ValueError(f"moe: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}, "
+                         "swiglu_clamped(alpha=A, limit=L)")
+
+
+def glu(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated unit in torch (the references' and the pass's checks' form): act(gate) * up."""
+    clamped = _clamped(activation)
+    if clamped is None:
+        return TORCH_ACTIVATIONS[activation](gate) * up
+    alpha, limit = clamped
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def _glu_source(activation: str) -> str:
+    """Triton lines computing ``glu`` from the fp32 accumulators ``gate`` and ``up``."""
+    clamped = _clamped(activation)
+    if clamped is None:
+        return f"glu = ({ACTIVATIONS[activation]}) * up"
+    alpha, limit = clamped
+    return (f"gate = tl.minimum(gate, {limit!r})\n"
+            f"up = tl.minimum(tl.maximum(up, {-limit!r}), {limit!r})\n"
+            f"glu = (up + 1.0) * (gate * tl.sigmoid({alpha!r} * gate))")
 
 TEMPLATE = KernelTemplate(
     "moe_experts",
@@ -111,13 +154,15 @@ def moe_align_kernel(
 @triton.jit
 def moe_gate_up_act_kernel(
     X, W, SharedGate, SharedUp, Out, SortedSlots, BlockExpert, NumPadded,
-    stride_xm, stride_we, stride_wn, stride_wk, stride_sn, stride_sk, stride_om,
+    stride_xm, stride_we, stride_gn, up_offset, stride_wk, stride_sn, stride_sk, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr,
-    ${gate_up_scale_args}
+    ${gate_up_scale_args}${gate_up_bias_args}
 ):
-    """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block.
+    """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block (the
+    up rows up_offset elements after the gate rows, each stride_gn apart: the halves, or GPT-OSS's interleaved
+    rows).
     DIRECT: row block b is slot b alone (one token: its slots' experts are distinct), its expert read from
     the router's ids (BlockExpert holds them), so no align launch comes first."""
     if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
@@ -144,9 +189,11 @@ def moe_gate_up_act_kernel(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K * step_k
         u_ptrs += BLOCK_K * step_k
+    ${gate_up_bias}
     gate = acc_gate
-    act = ${activation}
-    out = (act * acc_up).to(${dtype})
+    up = acc_up
+    ${glu}
+    out = glu.to(${dtype})
     ${gate_up_store}
 
 
@@ -158,7 +205,7 @@ def moe_down_weighted_kernel(
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
     DIRECT: tl.constexpr,
-    ${down_scale_args}
+    ${down_scale_args}${down_bias_args}
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
     straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
@@ -185,6 +232,7 @@ def moe_down_weighted_kernel(
         ${down_product}
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * step_k
+    ${down_bias}
     token = (slot // TOP_K).to(tl.int64)
     choice = slot % TOP_K
     weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
@@ -226,8 +274,8 @@ ROUTER_TOPK_MAX_EXPERTS = routing.MAX_EXPERTS  # one program holds a token's who
 # routed to each with weight 1, and its gate, up and down tensors are read where they are.
 _ROUTED_POINTERS = {
     "gate_up": """\
-g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-u_ptrs = g_ptrs + N * stride_wn""",
+g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_gn + offs_k[:, None] * stride_wk
+u_ptrs = g_ptrs + up_offset""",
     "down": "b_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk",
 }
 _SHARED_POINTERS = {
@@ -312,6 +360,17 @@ us_ptrs = SharedUpScale + (((expert - E_ROUTED) * N + offs_n) // 128) * stride_s
 }
 # The intermediate's store: as it is, or (prequantized W8A8) in FP8 with one scale per row of this program's
 # 128 columns, which are exactly one 128-wide tile of the down projection's K.
+# Per-expert biases (GPT-OSS), added to the fp32 accumulators before the activation and before the routing weight:
+# the gate/up bias [E, 2I] laid out as the weight rows are (halves or interleaved), the down bias [E, H].
+_BIASES = {
+    "gate_up": """\
+bias_ptrs = GateUpBias + expert * stride_gbe + offs_n * stride_gbn
+acc_gate += tl.load(bias_ptrs, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+acc_up += tl.load(bias_ptrs + bias_up_offset, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]""",
+    "down": """\
+acc += tl.load(DownBias + expert * stride_dbe + offs_n * stride_dbn, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]""",
+}
+
 _GATE_UP_STORES = {
     "plain": "tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)",
     "fp8": """\
@@ -368,22 +427,27 @@ _generated = memo()
 
 
 def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: bool = False,
-                weight_format: str = "float"):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"moe: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+                weight_format: str = "float", biases: bool = False):
+    """The generated experts kernels of this specialization. ``biases``: each expert's gate/up and down biases
+    ([E, 2I] and [E, H], GPT-OSS) are added to the fp32 accumulators (float weights, no shared experts)."""
+    check_activation(activation)
+    if biases and (shared or weight_format != "float"):
+        raise ValueError("moe: expert biases are supported with float weights and no shared experts")
     if weight_format not in _PRODUCTS:
         raise ValueError(f"moe: expert weight format {weight_format!r} is not supported "
                          f"(formats: {', '.join(WEIGHT_FORMATS)})")
-    key = (str(cache_dir()), dtype, activation, shared, weight_format)
+    key = (str(cache_dir()), dtype, activation, shared, weight_format, biases)
     if key not in _generated:
         fp8 = weight_format != "float"
         prequant = weight_format == "fp8-block-prequant"
         w8a8 = weight_format in ("fp8-block", "fp8-block-prequant")
         spec = {"dtype": str(dtype), "activation": activation, **({"shared_experts": True} if shared else {}),
-                **({"weight_format": weight_format} if fp8 else {})}
+                **({"weight_format": weight_format} if fp8 else {}), **({"biases": True} if biases else {})}
         header = (
             "Pattern family: moe (routed experts" + (" and shared experts" if shared else "") + ").\n"
             f"Computes: out = sum_j w_j * down_e(act(gate_e(x)) * up_e(x)) with act = {activation}, over tokens\n"
+            + ("(each projection plus its expert's bias), " if biases else "")
+            + 
             "sorted into block-aligned per-expert segments; gate and up share the A tile, the routing weight\n"
             "scales the fp32 accumulator of the down projection.\n"
             + ("The shared MLP runs as always-chosen experts (weight 1, or the token's gate factor) in the same "
@@ -401,7 +465,10 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
             + (f"First generated for: {origin}" if origin else "")
         )
         precision = '"ieee"' if dtype == torch.float32 else "None"  # fp32 activations: fp32 products
-        slots = {"activation": ACTIVATIONS[activation], "dtype": TRITON_DTYPES[dtype],
+        slots = {"glu": _glu_source(activation), "dtype": TRITON_DTYPES[dtype],
+                 "gate_up_bias": _BIASES["gate_up"] if biases else "", "down_bias": _BIASES["down"] if biases else "",
+                 "gate_up_bias_args": "GateUpBias, stride_gbe, stride_gbn, bias_up_offset," if biases else "",
+                 "down_bias_args": "DownBias, stride_dbe, stride_dbn," if biases else "",
                  "gate_up_pointers": _pointers("gate_up", shared, fp8),
                  "down_pointers": _pointers("down", shared, fp8),
                  "gate_up_product": _PRODUCTS[weight_format]["gate_up"].replace("${precision}", precision),
@@ -496,17 +563,18 @@ FP8_CANDIDATES = [
 
 
 def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, device, activation="silu",
-         shared: int = 0, weight_format: str = "float", transposed: tuple[bool, bool] = (False, False)) -> dict:
+         shared: int = 0, weight_format: str = "float", transposed: tuple[bool, bool] = (False, False),
+         biases: bool = False, interleaved: bool = False) -> dict:
     """The fastest candidate for this shape's token bucket on this GPU (cached on disk), timed on random
     routing over real-shaped random weights (and ``shared`` shared experts of the same size), in the experts'
     ``weight_format`` ("float", or FP8 as "fp8-block" W8A8 and "fp8-block-weight" W8A16) and stored layout
-    (``transposed``: gate/up stored [E, H, 2I], down [E, I, H]; the tiles read those along N). Off the GPU: the
-    tile table."""
+    (``transposed``: gate/up stored [E, H, 2I], down [E, I, H]; the tiles read those along N), with expert
+    ``biases`` and ``interleaved`` gate/up rows as the model has them. Off the GPU: the tile table."""
     fp8 = weight_format != "float"
     if torch.device(device).type != "cuda":
         cfg = config_for(tokens * (k + shared), experts + shared)
         return {**cfg, "BLOCK_K": FP8_BLOCK} if fp8 else cfg
-    gen = kernels_for(dtype, activation, shared=shared > 0, weight_format=weight_format)
+    gen = kernels_for(dtype, activation, shared=shared > 0, weight_format=weight_format, biases=biases)
 
     @autotune.once
     def inputs():  # made only if the choice is timed: V2-Lite's experts are a gigabyte of random weights
@@ -533,16 +601,20 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
             if fp8:  # FP8 shared experts beside FP8 routed ones, as the moe pass runs them
                 parts = [quant_kernels.quantize_weight(w, "fp8-block") for w in shared_weights]
                 shared_weights, shared_scales = tuple(q for q, _ in parts), tuple(s for _, s in parts)
-        return x, routings, weights, w_gate_up, w_down, scales, shared_weights, shared_scales
+        bias = (torch.zeros(experts, 2 * inter, device=device, dtype=dtype),
+                torch.zeros(experts, hidden, device=device, dtype=dtype)) if biases else None
+        return x, routings, weights, w_gate_up, w_down, scales, shared_weights, shared_scales, bias
 
     def run(cfg):
-        x, routings, weights, w_gate_up, w_down, scales, shared_weights, shared_scales = inputs()
+        x, routings, weights, w_gate_up, w_down, scales, shared_weights, shared_scales, bias = inputs()
         for ids in routings:
             moe_experts(x, ids, weights, w_gate_up, w_down, activation, config=cfg, shared=shared_weights,
-                        weight_scales=scales, act_quant=weight_format == "fp8-block", shared_scales=shared_scales)
+                        weight_scales=scales, act_quant=weight_format == "fp8-block", shared_scales=shared_scales,
+                        biases=bias, interleaved=interleaved)
 
     key = (f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
-           + "".join(f"-{name}T" for name, flip in zip(("gate_up", "down"), transposed) if flip))
+           + "".join(f"-{name}T" for name, flip in zip(("gate_up", "down"), transposed) if flip)
+           + ("-interleaved" if interleaved else ""))
     w8a8_only = ("PREQUANT", "SWAP_AB")  # W8A16 takes neither: its tiles are these tiles without them
     candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not any(c.get(f) for f in w8a8_only)]
                   if fp8 else CANDIDATES)
@@ -637,6 +709,8 @@ def moe_experts(
     weight_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     act_quant: bool = True,
     shared_scales: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    biases: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    interleaved: bool = False,
 ) -> torch.Tensor:
     """x [T, H], topk_ids/topk_weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H] in x.dtype.
     ``deterministic``: the k contributions of a token are summed in a fixed order (True), or atomically
@@ -651,9 +725,13 @@ def moe_experts(
     dtype, the FP8 tiles widened to it (W8A16: a dequantize-then-matmul graph's math). Shared experts next to
     FP8 ones are FP8 too: ``shared`` in float8_e4m3fn and ``shared_scales`` their fp32 block scales, gate/up
     [S*I/128, H/128] and down [H/128, S*I/128] (the intermediate a multiple of 128), in the same math.
+    ``interleaved``: w_gate_up's rows alternate gate, up (GPT-OSS: gate = rows 0::2, up = rows 1::2), not gate
+    then up halves. ``biases``: each expert's (gate/up [E, 2I], in w_gate_up's row order, and down [E, H])
+    biases, added before the activation and before the routing weight (float weights, no shared experts).
 
     Traceable: under make_fx the launches become Inductor's user-defined-Triton-kernel nodes."""
-    _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale, weight_scales, shared_scales)
+    _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale, weight_scales, shared_scales, biases,
+           interleaved)
     fp8 = weight_scales is not None
     t, hidden = x.shape
     routed, two_i, _ = w_gate_up.shape
@@ -713,7 +791,8 @@ def moe_experts(
             sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
         capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
-    gen = kernels_for(x.dtype, activation, origin, shared=shared is not None, weight_format=weight_format)
+    gen = kernels_for(x.dtype, activation, origin, shared=shared is not None, weight_format=weight_format,
+                      biases=biases is not None)
     a, a_scales, h_scales = x, None, None  # the gate/up kernel's A operand
     if prequant:
         a, a_scales = quant_kernels.prequantize_activations(x, FP8_BLOCK, interpret)
@@ -737,6 +816,17 @@ def moe_experts(
             if i == 0:
                 args.update({"OutScale": h_scales, "stride_osm": h_scales.stride(0)})
         return args
+    def gate_up_rows(stride):  # (the gate rows' stride, the up rows' offset from them), in elements
+        return (2 * stride, stride) if interleaved else (stride, inter * stride)
+
+    def bias_args(i):  # the biased kernels' bias arguments
+        if biases is None:
+            return {}
+        b = biases[i]
+        if i == 0:
+            row, up = gate_up_rows(b.stride(1))
+            return {"GateUpBias": b, "stride_gbe": b.stride(0), "stride_gbn": row, "bias_up_offset": up}
+        return {"DownBias": b, "stride_dbe": b.stride(0), "stride_dbn": b.stride(1)}
     gate_up = gen.function("moe_gate_up_act_kernel", interpret=interpret)
     down = gen.function("moe_down_weighted_kernel", interpret=interpret)
     if not interpret:
@@ -747,9 +837,10 @@ def moe_experts(
 
     gate_up[grid(triton.cdiv(inter, bn))](
         a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
-        a.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), *shared_gate.stride(),
-        inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, **scale_args(0), **launch_opts,
+        a.stride(0), w_gate_up.stride(0), *gate_up_rows(w_gate_up.stride(1)), w_gate_up.stride(2),
+        *shared_gate.stride(), inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, **scale_args(0), **bias_args(0),
+        **launch_opts,
     )
     if deterministic:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
@@ -761,7 +852,7 @@ def moe_experts(
         inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), *shared_down.stride(),
         out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k, ATOMIC=not deterministic,
         SHARED_SCALED=shared_scale is not None, BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest,
-        DIRECT=direct, **scale_args(1), **launch_opts,
+        DIRECT=direct, **scale_args(1), **bias_args(1), **launch_opts,
     )
     if not deterministic:
         return out.to(x.dtype)
@@ -770,9 +861,18 @@ def moe_experts(
 
 
 def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_scale=None, weight_scales=None,
-           shared_scales=None):
+           shared_scales=None, biases=None, interleaved=False):
     if x.dim() != 2:
         raise ValueError(f"moe: x must be [tokens, hidden], got {tuple(x.shape)}")
+    if (biases is not None or interleaved) and (weight_scales is not None or shared is not None):
+        raise ValueError("moe: expert biases and interleaved gate/up rows are supported with float weights and no "
+                         "shared experts")
+    if biases is not None:
+        e, two_i, h = w_gate_up.shape
+        got = tuple(tuple(b.shape) for b in biases)
+        if got != ((e, two_i), (e, h)) or any(b.dtype != x.dtype for b in biases):
+            raise ValueError(f"moe: expert biases must be [{e}, {two_i}] (gate/up) and [{e}, {h}] (down) in x's "
+                             f"dtype, got {got} ({', '.join(str(b.dtype) for b in biases)})")
     w_dtype, w_what = ((torch.float8_e4m3fn, "float8_e4m3fn (FP8 experts)") if weight_scales is not None
                        else (x.dtype, "in x's float dtype"))
     if x.dtype not in TRITON_DTYPES or w_gate_up.dtype != w_dtype or w_down.dtype != w_dtype:
@@ -900,23 +1000,26 @@ def reference_shared_act_quant(x, gate, up, down, activation: str = "silu", comp
 
 
 def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu", shared=None,
-              shared_scale=None) -> torch.Tensor:
+              shared_scale=None, biases=None, interleaved: bool = False) -> torch.Tensor:
     """Plain torch, one expert at a time, as the models write it (fp32 accumulation of the k slots), plus the
-    shared MLP (gate, up, down weights) if given, times ``shared_scale`` per token if given."""
+    shared MLP (gate, up, down weights) if given, times ``shared_scale`` per token if given; each projection plus
+    its expert's bias with ``biases`` (gate/up [E, 2I], down [E, H]), gate and up rows alternating with
+    ``interleaved``."""
     t, hidden = x.shape
-    act = TORCH_ACTIVATIONS[activation]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.zeros(t, hidden, dtype=acc, device=x.device)
     for e in range(w_gate_up.shape[0]):
         token, slot = torch.where(topk_ids == e)
         if token.numel() == 0:
             continue
-        gate, up = torch.nn.functional.linear(x[token], w_gate_up[e].to(x.dtype)).chunk(2, dim=-1)
-        y = torch.nn.functional.linear(act(gate) * up, w_down[e].to(x.dtype))
+        b1, b2 = (None, None) if biases is None else (b[e].to(x.dtype) for b in biases)
+        both = torch.nn.functional.linear(x[token], w_gate_up[e].to(x.dtype), b1)
+        gate, up = (both[:, 0::2], both[:, 1::2]) if interleaved else both.chunk(2, dim=-1)
+        y = torch.nn.functional.linear(glu(activation, gate, up), w_down[e].to(x.dtype), b2)
         out.index_add_(0, token, y.to(acc) * topk_weights[token, slot, None].to(acc))
     if shared is not None:
         gate, up, down = (w.to(x.dtype) for w in shared)
-        y = torch.nn.functional.linear(act(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up),
-                                       down).to(acc)
+        y = torch.nn.functional.linear(glu(activation, torch.nn.functional.linear(x, gate),
+                                           torch.nn.functional.linear(x, up)), down).to(acc)
         out += y if shared_scale is None else y * shared_scale.reshape(-1, 1).to(acc)
     return out.to(x.dtype)
