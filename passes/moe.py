@@ -57,16 +57,19 @@ class MoEPass:
     def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
         changed = 0
         topks = _final_topks(graph)
-        if not topks:  # stacked experts chosen some other way are not fused: explain says so, not nothing
-            modules = set()
-            for weight, user in _stacked_expert_weights(graph):
-                if module_path(user) in modules:
-                    continue  # one line per experts module
-                modules.add(module_path(user))
-                self._decline(report, f"stacked expert weights {weight.name} {list(value(weight).shape)} are "
-                              "multiplied, but no torch.topk in this graph chooses their experts: the matcher starts "
-                              "at the router's top-k (a router across a graph break, or one choosing by other means "
-                              "as PhiMoE's sparsemixer, is not recognized)", (source_line(user), module_path(user)))
+        # Stacked experts no top-k chooses are not fused: explain says so, not nothing. Those a top-k chooses are
+        # that top-k's to match or decline.
+        chosen = set().union(*(_chosen_by(topk) for topk in topks))
+        modules = set()
+        for weight, user in _stacked_expert_weights(graph):
+            if user in chosen or module_path(user) in modules:
+                continue  # one line per experts module
+            modules.add(module_path(user))
+            self._decline(report, f"stacked expert weights {weight.name} {list(value(weight).shape)} are multiplied, "
+                          "but no torch.topk in this graph chooses their experts: the matcher starts at the router's "
+                          "top-k (a router across a graph break, one choosing by other means as PhiMoE's "
+                          "sparsemixer, or a hash router's table lookup as DeepSeek-V4's first layers', is not "
+                          "recognized)", (source_line(user), module_path(user)))
         for topk in topks:
             found = _experts_region(graph, topk)
             where = (source_line(topk), module_path(topk))
@@ -98,8 +101,8 @@ class MoEPass:
             if options.expert_parallel and _distributed():
                 reason = ("FP8 experts are not sharded over ranks (expert parallel runs float experts)"
                           if fp8 is not None else
-                          "experts with biases, interleaved gate/up rows or a clamped SwiGLU are not sharded over "
-                          "ranks" if _gpt_oss_form(params) else None)
+                          "experts with biases, interleaved gate/up rows or a clamped gated unit are not sharded over "
+                          "ranks" if _gpt_oss_form(params) or params["activation"] not in ACTIVATIONS else None)
                 reason = reason or self._rewrite_expert_parallel(graph, region, inputs, out, params, impl,
                                                        options.micro_batches, options.expert_parallel_exchange)
                 if reason:
@@ -518,6 +521,24 @@ def _stacked_expert_weights(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
     return found
 
 
+def _chosen_by(topk: fx.Node) -> set[fx.Node]:
+    """What a top-k's expert ids reach up to the first [..., hidden] values on the way (the hidden states the
+    experts' sum joins, not gone through): the gathers and grouped products of the experts it chooses, and not
+    those of later layers."""
+    ids, hidden = _getitem(topk, 1), _router_hidden(topk)
+    seen, stack = set(), [ids] if ids is not None else []
+    while stack:
+        for u in stack.pop().users:
+            if u in seen:
+                continue
+            seen.add(u)
+            val = value(u)
+            if not (val is not None and val.dim() >= 1 and val.dtype.is_floating_point
+                    and hint(val.shape[-1]) == hidden):
+                stack.append(u)
+    return seen
+
+
 def _getitem(node: fx.Node, i: int) -> Optional[fx.Node]:
     return next((u for u in node.users if u.target is operator.getitem and u.args[1] == i), None)
 
@@ -730,12 +751,11 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
         shapes = [tuple(hint(d) for d in value(m).shape) for m in mats]
         return f"expert weight shapes {shapes} are not gate+up [E, 2I, H] and down [E, H, I] (in either layout)"
     device = xv.device
-    activations = list(ACTIVATIONS) + _clamped_swiglus(region)
+    activations = list(ACTIVATIONS) + _clamped_activations(region)
     with unset_fake_temporarily(), torch.no_grad():
         gen = torch.Generator(device="cpu").manual_seed(1234)
         x = torch.randn(t, hidden, generator=gen).to(device, xv.dtype)
-        if len(activations) > len(ACTIVATIONS):  # a clamping activation: values past its limits too
-            x = x * 5
+        x = x * _check_scale(region)  # a clamping activation's check: values past its limits too
         ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]).to(device, idv.dtype)
         weights = torch.rand(t, k, generator=gen).to(device, wv.dtype)
         # The weights are the big draw (about 1 GB at V2-Lite shape): drawn where they live, not copied there.
@@ -792,8 +812,9 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
 
 
 def _gpt_oss_form(params: dict) -> bool:
-    """Experts with biases, interleaved gate/up rows or a clamped SwiGLU: the routed kernels alone run them."""
-    return "biases" in params or "gate_up_rows" in params or params["activation"] not in ACTIVATIONS
+    """Experts with biases or interleaved gate/up rows: the routed kernels alone run them (no shared MLP in their
+    launches, not expert parallel)."""
+    return "biases" in params or "gate_up_rows" in params
 
 
 def _bias_orders(biases: list, inter: int, hidden: int) -> list:
@@ -808,21 +829,33 @@ def _bias_orders(biases: list, inter: int, hidden: int) -> list:
             if ng == 2 * inter and nd == hidden]
 
 
-def _clamped_swiglus(region) -> list[str]:
-    """Clamped SwiGLU activations (GPT-OSS's) the region's constants allow: each limit a clamp takes from above,
-    with each constant the region multiplies by as alpha. None without a clamp."""
-    limits, alphas = set(), set()
-    for n in region:
-        if n.op != "call_function":
-            continue
-        if n.target in (aten.clamp.default, aten.clamp_max.default):
+def _clamp_limits(nodes) -> list[float]:
+    """The positive upper limits the nodes' clamps take (a clamped gated unit's)."""
+    limits = set()
+    for n in nodes:
+        if n.op == "call_function" and n.target in (aten.clamp.default, aten.clamp_max.default):
             top = n.args[2] if n.target == aten.clamp.default and len(n.args) > 2 else (
                 n.args[1] if n.target == aten.clamp_max.default else n.kwargs.get("max"))
-            if isinstance(top, (int, float)):
+            if isinstance(top, (int, float)) and top > 0:
                 limits.add(float(top))
-        elif n.target in (aten.mul.Tensor, aten.mul.Scalar):
-            alphas.update(float(a) for a in n.args[1:] if isinstance(a, float))
-    return [kernel.clamped_swiglu(a, lim) for lim in sorted(limits) for a in sorted(alphas) if lim > 0]
+    return sorted(limits)
+
+
+def _clamped_activations(region) -> list[str]:
+    """The clamped gated units the region's constants allow: at each limit a clamp takes from above, DeepSeek-V4's
+    clamped SiLU, and GPT-OSS's clamped SwiGLU with each constant the region multiplies by as its alpha. None
+    without a clamp."""
+    alphas = {float(a) for n in region if n.op == "call_function" and n.target in (aten.mul.Tensor, aten.mul.Scalar)
+              for a in n.args[1:] if isinstance(a, float)}
+    return [name for lim in _clamp_limits(region)
+            for name in [kernel.clamped_silu(lim)] + [kernel.clamped_swiglu(a, lim) for a in sorted(alphas)]]
+
+
+def _check_scale(nodes) -> float:
+    """How much the checks scale their random hidden states: past the largest clamp limit among ``nodes`` for a
+    fair share of the values (a clamp that never bites would pass for no clamp), else 1."""
+    limits = _clamp_limits(nodes)
+    return max(1.0, 0.75 * limits[-1]) if limits else 1.0
 
 
 # How routing weights that scale the experts' input reach it: as they are, or through a sigmoid (Llama 4 scatters
@@ -1057,11 +1090,10 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
     if isinstance(modules, str):
         return modules
     device, dtype = xv.device, xv.dtype
-    act = kernel.TORCH_ACTIVATIONS[activation]
     with unset_fake_temporarily(), torch.no_grad():
         gen = torch.Generator(device="cpu").manual_seed(99)
         rows = max(hint(xv.shape[0]), 1)
-        x = torch.randn(rows, hidden, generator=gen).to(device, dtype)
+        x = (torch.randn(rows, hidden, generator=gen) * _check_scale(shared)).to(device, dtype)
         real = {m: (torch.randn(shapes[m], generator=gen) / hidden ** 0.5).to(device, dtype) for m in mats}
         stored, real_scales = dict(real), []  # what the region reads: the draws, or their FP8 blocks and scales
         if fp8:  # the check multiplies by what the FP8 blocks dequantize to
@@ -1086,7 +1118,7 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
                 if w[0].shape != (si, hidden) or w[1].shape != (si, hidden) or w[2].shape != (hidden, si):
                     continue
                 g, u, d = (t.to(acc) for t in w)
-                want = _gated_mlp(x.to(acc), g, u, d, act, None if scale is None else extra[0].reshape(rows, 1))
+                want = _gated_mlp(x.to(acc), g, u, d, activation, None if scale is None else extra[0].reshape(rows, 1))
                 if rel_err(got[-1], want) >= tol:
                     continue
                 if fp8:
@@ -1100,10 +1132,10 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
     return "the value added to the experts is not a gated MLP with the experts' activation (checked on random inputs)"
 
 
-def _gated_mlp(x, gate, up, down, act, factor=None) -> torch.Tensor:
+def _gated_mlp(x, gate, up, down, activation, factor=None) -> torch.Tensor:
     """down(act(x . gate^T) * (x . up^T)) in x's dtype, times the per-token ``factor`` [T, 1] when given; fp32 out:
     what the shared-MLP checks compare a region with."""
-    y = torch.nn.functional.linear(act(x @ gate.t()) * (x @ up.t()), down)
+    y = torch.nn.functional.linear(kernel.glu(activation, x @ gate.t(), x @ up.t()), down)
     return (y if factor is None else y * factor.to(x.dtype)).float()
 
 
@@ -1123,13 +1155,12 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
         return modules
     module = modules[0]
     device, dtype = xv.device, xv.dtype
-    act = kernel.TORCH_ACTIVATIONS[activation]
     acc = torch.float64 if device.type == "cpu" else torch.float32
     tol = _check_tolerances(dtype)[0]
     with unset_fake_temporarily(), torch.no_grad():
         gen = torch.Generator(device="cpu").manual_seed(98)
         rows = max(hint(xv.shape[0]), 1)
-        x = torch.randn(rows, hidden, generator=gen).to(device, dtype)
+        x = (torch.randn(rows, hidden, generator=gen) * _check_scale(shared)).to(device, dtype)
         factor = torch.rand(rows, 1, generator=gen) + 0.5
         extra = [] if scale is None else [factor.to(device, value(scale).dtype).view(
             tuple(hint(d) for d in value(scale).shape))]
@@ -1153,7 +1184,7 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
             except Exception as err:
                 return f"the shared MLP could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
             g, u, d = (t.to(dtype).to(device, acc) for t in (g, u, d))
-            want = _gated_mlp(x.to(acc), g, u, d, act, None if scale is None else extra[0].reshape(rows, 1))
+            want = _gated_mlp(x.to(acc), g, u, d, activation, None if scale is None else extra[0].reshape(rows, 1))
             if rel_err(got, want) < tol:
                 return {"gate": fused, "up": fused, "down": down, "count": si // inter, "fused": order,
                         "transposed": {"gate": t_in, "up": t_in, "down": t_down}}

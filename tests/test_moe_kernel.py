@@ -30,8 +30,8 @@ def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random
            deterministic=True, config=None, shared=0, gated=False, transposed=False, biases=False,
            interleaved=False):
     x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
-    if activation.startswith("swiglu_clamped"):  # gate and up values past the clamps' limit (7) too
-        x *= 5
+    if "_clamped" in activation:  # gate and up values past the clamps' limit too
+        x *= 0.75 * float(activation.split("limit=")[1].rstrip(")"))
     bias = None
     if biases:  # GPT-OSS's per-expert biases, of the size of the projections' outputs
         bias = tuple(torch.randn(experts, n).to(device, dtype) for n in (2 * inter, hidden))
@@ -131,6 +131,7 @@ def test_interpreted_gpt_oss_experts(case):
     _check(*case, torch.float32, "cpu", interpret=True, biases=True)  # the parts one at a time
     _check(*case, torch.float32, "cpu", interpret=True, interleaved=True)
     _check(*case, torch.float32, "cpu", interpret=True, activation=GPT_OSS)
+    _check(*case, torch.float32, "cpu", interpret=True, activation=moe.clamped_silu(3.0), shared=1)  # DeepSeek-V4's
 
 
 def test_clamped_swiglu_is_what_gpt_oss_computes():
@@ -142,6 +143,20 @@ def test_clamped_swiglu_is_what_gpt_oss_computes():
     want = experts._apply_gate(both)
     got = moe.glu(moe.clamped_swiglu(experts.alpha, experts.limit), both[:, 0::2], both[:, 1::2])
     assert torch.equal(got, want)
+
+
+def test_clamped_silu_is_what_deepseek_v4_computes():
+    """``moe.glu`` for the clamped SiLU unit against transformers' own DeepseekV4Experts._apply_gate."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV4Config"):
+        pytest.skip("this transformers has no DeepseekV4")
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
+
+    experts = DeepseekV4Experts(transformers.DeepseekV4Config(hidden_size=8, moe_intermediate_size=8,
+                                                              n_routed_experts=2))
+    both = torch.randn(5, 16, dtype=torch.float64) * 12
+    got = moe.glu(moe.clamped_silu(experts.limit), *both.chunk(2, dim=-1))
+    assert torch.equal(got, experts._apply_gate(both))
 
 
 def test_bad_biases_are_clear_errors():
@@ -486,6 +501,14 @@ def test_gpu_gpt_oss_experts(t):
     """GPT-OSS-20B's experts (hidden and intermediate 2880, 32 experts, top-4) as the model stores them."""
     _check(t, 2880, 2880, 32, 4, torch.bfloat16, "cuda", interpret=False, activation=GPT_OSS, transposed=True,
            biases=True, interleaved=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 2048])
+def test_gpu_clamped_silu_experts_with_shared(t):
+    """DeepSeek-V4's clamped SiLU unit (limit 10, crossed: x scaled up) at V2-Lite's expert shape, a shared expert in
+    the same launches."""
+    _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, activation=moe.clamped_silu(10.0), shared=1)
 
 
 @pytest.mark.gpu

@@ -399,6 +399,61 @@ def test_gpt_oss_experts_in_each_transformers_implementation(impl):
     assert len(moes) == 2 and all(m.params["activation"].startswith("swiglu_clamped") for m in moes), str(report)
 
 
+def test_deepseek_v4_moe_clamped_silu_and_hash_routed_layers():
+    """DeepSeek-V4 (transformers' DeepseekV4, tiny): its top-k layers' experts and shared MLP clamp the gate and up
+    values at swiglu_limit before SiLU, which the check must see (a random check whose values stay under the limit
+    took it for plain SiLU, a wrong answer wherever real values cross it); its first layers choose experts by a
+    token-id table (hash routing), declined with why."""
+    if not hasattr(transformers, "DeepseekV4Config"):
+        pytest.skip("this transformers has no DeepseekV4")
+    cfg = transformers.DeepseekV4Config(
+        vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, q_lora_rank=32, num_experts_per_tok=2, n_routed_experts=8,
+        n_shared_experts=1, o_groups=2, o_lora_rank=32, index_n_heads=2, index_head_dim=16, index_topk=4,
+        max_position_embeddings=256, sliding_window=8)
+    assert cfg.mlp_layer_types[:4] == ["hash_moe"] * 3 + ["moe"], cfg.mlp_layer_types
+    model = transformers.DeepseekV4ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.abs().any() and "norm" not in name:
+                p.normal_(0, 0.5)
+    report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert m.params["activation"] == f"silu_clamped(limit={float(cfg.swiglu_limit)})", m.params
+    assert m.params["shared_experts"] == "fused: 1 always-chosen experts of 32", m.params
+    hashed = [d for d in report.declined if d.family == "moe" and "hash router" in d.reason]
+    assert sorted(d.module for d in hashed) == [f"model.layers.{i}.mlp.experts" for i in range(3)], str(report)
+
+
+def test_clamp_limits_are_checked_past_the_limit():
+    """A clamped SiLU unit whose limit sits far above what unit-scale random values reach is still told apart
+    from plain SiLU, and its limit read exactly: the checks draw values past the largest limit."""
+    for limit in (10.0, 50.0):
+        report = _compile_check(ClampedExperts(limit), (torch.randn(9, 32),), 1e-5, interpret=True)
+        (m,) = [m for m in report.matches if m.family == "moe"]
+        assert m.params["activation"] == f"silu_clamped(limit={limit})", m.params
+
+
+class ClampedExperts(torch.nn.Module):
+    """Routed experts with DeepSeek-V4's clamped SiLU unit (no biases), stored [E, 2I, H] / [E, H, I]."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+        self.router = torch.nn.Linear(32, 4, bias=False)
+        self.w1 = torch.nn.Parameter(torch.randn(4, 32, 32) / 32 ** 0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(4, 32, 16) / 4)
+
+    def forward(self, x):
+        weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        for j in range(2):
+            gate, up = torch.bmm(x[:, None], self.w1[ids[:, j]].transpose(1, 2))[:, 0].chunk(2, dim=-1)
+            h = F.silu(gate.clamp(max=self.limit)) * up.clamp(-self.limit, self.limit)
+            out = out + torch.bmm(h[:, None], self.w2[ids[:, j]].transpose(1, 2))[:, 0] * weights[:, j, None]
+        return out
+
+
 def test_unsupported_activation_is_declined_not_approximated():
     report = _compile_check(ReluExperts(), (torch.randn(6, 32),), 1e-5)
     assert not [m for m in report.matches if m.family == "moe"]

@@ -46,10 +46,12 @@ TORCH_ACTIVATIONS = {
     "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
 }
 
-# GPT-OSS's gated unit: the gate clamped from above, the up value both ways, then
-# (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit). Its two constants are part of
-# the activation's name ("swiglu_clamped(alpha=1.702, limit=7.0)"), so each pair is its own generated kernel.
-CLAMPED_SWIGLU = re.compile(r"swiglu_clamped\(alpha=([-+.e\d]+), limit=([-+.e\d]+)\)")
+# Clamped gated units: the gate clamped from above and the up value both ways at a limit, then
+# - DeepSeek-V4's (swiglu_limit): silu(g) * u, "silu_clamped(limit=10.0)";
+# - GPT-OSS's: (u + 1) * g * sigmoid(alpha * g), "swiglu_clamped(alpha=1.702, limit=7.0)";
+# with g = min(gate, limit), u = clamp(up, -limit, limit). The constants are part of the activation's name, so each
+# is its own generated kernel.
+CLAMPED = re.compile(r"(silu|swiglu)_clamped\((?:alpha=([-+.e\d]+), )?limit=([-+.e\d]+)\)")
 
 
 def clamped_swiglu(alpha: float, limit: float) -> str:
@@ -57,15 +59,23 @@ def clamped_swiglu(alpha: float, limit: float) -> str:
     return f"swiglu_clamped(alpha={float(alpha)!r}, limit={float(limit)!r})"
 
 
-def _clamped(activation: str) -> Optional[tuple[float, float]]:
-    m = CLAMPED_SWIGLU.fullmatch(activation)
-    return (float(m.group(1)), float(m.group(2))) if m else None
+def clamped_silu(limit: float) -> str:
+    """The activation name of DeepSeek-V4's clamped SiLU unit (its swiglu_limit)."""
+    return f"silu_clamped(limit={float(limit)!r})"
+
+
+def _clamped(activation: str) -> Optional[tuple[Optional[float], float]]:
+    """(alpha, limit) of a clamped unit (alpha None for the SiLU one), or None."""
+    m = CLAMPED.fullmatch(activation)
+    if m is None or (m.group(1) == "swiglu") != (m.group(2) is not None):
+        return None
+    return (None if m.group(2) is None else float(m.group(2))), float(m.group(3))
 
 
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS and _clamped(activation) is None:
         raise ValueError(f"moe: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}, "
-                         "swiglu_clamped(alpha=A, limit=L)")
+                         "silu_clamped(limit=L), swiglu_clamped(alpha=A, limit=L)")
 
 
 def glu(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -75,6 +85,8 @@ def glu(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return TORCH_ACTIVATIONS[activation](gate) * up
     alpha, limit = clamped
     gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    if alpha is None:
+        return torch.nn.functional.silu(gate) * up
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
@@ -86,7 +98,8 @@ def _glu_source(activation: str) -> str:
     alpha, limit = clamped
     return (f"gate = tl.minimum(gate, {limit!r})\n"
             f"up = tl.minimum(tl.maximum(up, {-limit!r}), {limit!r})\n"
-            f"glu = (up + 1.0) * (gate * tl.sigmoid({alpha!r} * gate))")
+            + (f"glu = ({ACTIVATIONS['silu']}) * up" if alpha is None else
+               f"glu = (up + 1.0) * (gate * tl.sigmoid({alpha!r} * gate))"))
 
 TEMPLATE = KernelTemplate(
     "moe_experts",
