@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from typing import Any, Optional, Union
 
 import sympy
@@ -86,6 +87,9 @@ class MLAPass:
             found = _attention_region(graph, anchor)
             if found is None:
                 continue  # an attention that shares no latent: not MLA, nothing to say
+            if isinstance(found, str):  # keys and values projected from one latent, in a form not fused
+                self._decline(report, found, where)
+                continue
             params = _verify(found)
             if isinstance(params, str):
                 self._decline(report, params, where)
@@ -294,7 +298,7 @@ def _attention_region(graph: fx.Graph, anchor: fx.Node):
         uses = [u for u in descendants([w]) if u.target in MATMULS]
         return min((order[u] for u in uses), default=-1)
 
-    tried = []
+    tried, own = [], None
     for w in sorted(weights, key=first_matmul, reverse=True):
         c = hint(value(w).shape[1])
         from_w = descendants([w])
@@ -307,12 +311,45 @@ def _attention_region(graph: fx.Graph, anchor: fx.Node):
         if isinstance(found, dict):
             return found
         tried.append(found)
+        if own is None and _projects_keys_and_values(w, anchor, keys, values):
+            own = (w, found)
+    if own is not None:  # the keys and values are one weight's products of a latent: MLA, in a form not fused
+        return (f"keys and values both come from {own[0].name} {list(value(own[0]).shape)} applied to one latent "
+                f"(MLA), but the attention is not fused: {own[1]}")
     if tried:  # an attention, but nothing in it reads like a latent: not MLA (a plain MHA, say)
         log.debug("mla: attention at %s is not over a latent: %s", anchor.name, tried[0])
     else:
         log.debug("mla: softmax %s: no activation shared by keys and values has a weight's input width",
                   anchor.name)
     return None
+
+
+def _projects_keys_and_values(w: fx.Node, anchor: fx.Node, keys: set, values: set) -> bool:
+    """Is one product of ``w`` split, through layout ops alone, into part of the attention's keys and part of its
+    values? kv_b_proj's is (k_nope and v); in a plain attention the weights keys and values share are earlier
+    layers', and another layer's weight (an indexer's, say) feeds a mask or a score, not both operands."""
+    moves = LAYOUT | {operator.getitem, aten.split.Tensor, aten.split_with_sizes.default, aten.cat.default,
+                      aten.slice_scatter.default, aten.copy.default}
+    products = [u for u in _users_through_layout(w) if u.target in MATMULS]
+    for product in products:
+        seen, stack = {product}, [product]
+        while stack:
+            for u in stack.pop().users:
+                if u not in seen and u.target in moves:
+                    seen.add(u)
+                    stack.append(u)
+        if seen & keys and seen & (values - keys):  # (a score read past the softmax puts the keys in both)
+            return True
+    return False
+
+
+def _users_through_layout(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` and of the layout ops applied to it."""
+    out, stack = [], [node]
+    while stack:
+        for u in stack.pop().users:
+            (stack if u.target in LAYOUT else out).append(u)
+    return out
 
 
 def _last_dim(n: fx.Node) -> Optional[int]:

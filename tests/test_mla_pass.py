@@ -220,6 +220,33 @@ def test_plain_mha_is_left_alone_silently():
     assert not report.matches and not report.declined, str(report)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_deepseek_v32_sparse_attention(use_cache):
+    """DeepSeek-V3.2 (transformers' DeepseekV32, tiny): keys and values come from kv_b_proj over one latent, and
+    its indexer's top-k masks the keys each query may see. With transformers' cache, which holds the keys and values
+    expanded, it is declined, and explain says why at each layer's attention instead of nothing; without a cache,
+    the indexer's mask is read as the attention's mask, and the result is eager's."""
+    if not hasattr(transformers, "DeepseekV32Config"):
+        pytest.skip("this transformers has no DeepseekV32")
+    cfg = transformers.DeepseekV32Config(**{**HF_COMMON, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1},
+                                         q_lora_rank=24, index_n_heads=2, index_head_dim=16, index_topk=4)
+    model = transformers.DeepseekV32ForCausalLM(cfg).eval()
+    model.config.use_cache = use_cache
+    ids = torch.randint(0, 256, (1, 9))  # more tokens than the indexer keeps: a mask that hides some
+    report = deepfuse.Report()
+    with torch.no_grad(), deepfuse.collect(report):
+        out = torch.compile(model, backend="deepfuse", options={"passes": ["mla"], "interpret": True})(ids).logits
+        assert rel_err(out, model(ids).logits) < 1e-4
+    declined = [d for d in report.declined if d.family == "mla"]
+    if use_cache:
+        assert not _mla_matches(report) and len(declined) == 2, str(report)
+        assert all(d.reason.startswith("keys and values both come from") and "[160, 32]" in d.reason
+                   for d in declined), str(report)
+    else:
+        assert len(_mla_matches(report)) == 2 and not declined, str(report)
+        assert all(m.params["mask"] for m in _mla_matches(report)), str(report)
+
+
 class LatentAttention(torch.nn.Module):
     """A hand-written latent attention with no DeepSeek names and no cache. ``values`` is applied to the
     expanded values before P.V: the identity makes it MLA; a nonlinearity makes a look-alike that shares W
