@@ -302,8 +302,11 @@ def _attention_region(graph: fx.Graph, anchor: fx.Node):
     for w in sorted(weights, key=first_matmul, reverse=True):
         c = hint(value(w).shape[1])
         from_w = descendants([w])
-        latents = [n for n in common if n not in from_w and n.op != "placeholder" and _last_dim(n) == c
-                   and value(n).dtype.is_floating_point]
+        # the latent is what w multiplies: upstream of w's products (an indexer's value of the same width, which
+        # reaches keys and values only through the mask, is not)
+        into_w = ancestors([u for u in _users_through_layout(w) if u.target in MATMULS])
+        latents = [n for n in common if n not in from_w and n in into_w and n.op != "placeholder"
+                   and _last_dim(n) == c and value(n).dtype.is_floating_point]
         if not latents:
             continue
         c_kv = max(latents, key=order.__getitem__)

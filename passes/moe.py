@@ -57,26 +57,17 @@ class MoEPass:
     def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
         changed = 0
         topks = _final_topks(graph)
-        # Stacked experts no top-k chooses are not fused: explain says so, not nothing. Those a top-k chooses are
-        # that top-k's to match or decline.
-        chosen = set().union(*(_chosen_by(topk) for topk in topks))
-        modules = set()
-        for weight, user in _stacked_expert_weights(graph):
-            if user in chosen or module_path(user) in modules:
-                continue  # one line per experts module
-            modules.add(module_path(user))
-            self._decline(report, f"stacked expert weights {weight.name} {list(value(weight).shape)} are multiplied, "
-                          "but no torch.topk in this graph chooses their experts: the matcher starts at the router's "
-                          "top-k (a router across a graph break, one choosing by other means as PhiMoE's "
-                          "sparsemixer, or a hash router's table lookup as DeepSeek-V4's first layers', is not "
-                          "recognized)", (source_line(user), module_path(user)))
+        stacked = _stacked_expert_weights(graph)  # (before any rewrite takes their products away)
+        chosen = set()  # what the top-ks' experts regions hold: their stacked experts are theirs to fuse or decline
         for topk in topks:
             found = _experts_region(graph, topk)
             where = (source_line(topk), module_path(topk))
             if isinstance(found, str):
+                chosen |= _chosen_by(topk)
                 self._decline(report, found, where)
                 continue
             region, inputs, out = found
+            chosen |= set(region)
             params = _verify(graph, region, inputs, out)
             if isinstance(params, str):
                 self._decline(report, params, where)
@@ -161,6 +152,17 @@ class MoEPass:
             report.matches.append(Match(self.family, op_name, params, *where, impl=impl, kernel_file=kernel_file))
             log.info("matched moe -> deepfuse::moe_experts [%s] at %s (%s) %s", impl, where[1] or "?", where[0], params)
             changed += 1
+        # Stacked experts no top-k chooses are not fused: explain says so, not nothing.
+        modules = set()
+        for weight, user in stacked:
+            if user in chosen or module_path(user) in modules:
+                continue  # one line per experts module
+            modules.add(module_path(user))
+            self._decline(report, f"stacked expert weights {weight.name} {list(value(weight).shape)} are multiplied, "
+                          "but no torch.topk in this graph chooses their experts: the matcher starts at the router's "
+                          "top-k (a router across a graph break, one choosing by other means as PhiMoE's "
+                          "sparsemixer, or a hash router's table lookup as DeepSeek-V4's first layers', is not "
+                          "recognized)", (source_line(user), module_path(user)))
         return changed
 
     def _decline(self, report, reason, where):
@@ -523,8 +525,8 @@ def _stacked_expert_weights(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
 
 def _chosen_by(topk: fx.Node) -> set[fx.Node]:
     """What a top-k's expert ids reach up to the first [..., hidden] values on the way (the hidden states the
-    experts' sum joins, not gone through): the gathers and grouped products of the experts it chooses, and not
-    those of later layers."""
+    experts' sum joins, not gone through): the gathers and grouped products of the experts it chooses where its
+    experts region could not be found, and not those of later layers."""
     ids, hidden = _getitem(topk, 1), _router_hidden(topk)
     seen, stack = set(), [ids] if ids is not None else []
     while stack:
