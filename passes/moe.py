@@ -349,8 +349,9 @@ class MoEPass:
             def launcher(x_, ids_, w_, a, b, *bias):
                 a = a.transpose(1, 2) if t1 else a
                 b = b.transpose(1, 2) if t2 else b
-                return (kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
-                                           biases=bias or None, interleaved=interleaved).to(out_dtype),)
+                return (kernel.moe_experts(x_, ids_, w_, a, b, act, config=config,
+                                           deterministic=params["deterministic"], biases=bias or None,
+                                           interleaved=interleaved).to(out_dtype),)
 
             held = tuple(b for b in biases if b is not None)
             replace_region_inline_or_op(graph, binding, launcher, (x, ids, weights, w1, w2, *held),
@@ -1315,11 +1316,15 @@ def _verify_routing(region, logits, bias, weights, ids) -> Union[routing.Routing
     out_dtype = value(weights).dtype
     rtol = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 2e-3}.get(out_dtype, 1.6e-2)
     device = lv.device
+    # A clamp in the router bites only past its limit: half the draws are scaled (by a power of two, so the grid
+    # stays exact) past the largest one.
+    limits = _clamp_limits(region)
+    past = 2.0 ** math.ceil(math.log2(limits[-1] / 2)) if limits and limits[-1] > 2 else 1.0
     with unset_fake_temporarily(), torch.no_grad():
         gen = torch.Generator(device="cpu").manual_seed(4321)
         draws = []
-        for _ in range(max(4, -(-64 // rows))):
-            x = _distinct_logits(rows, e, lv.dtype, gen).to(lv.dtype)
+        for i in range(max(4, -(-64 // rows))):
+            x = (_distinct_logits(rows, e, lv.dtype, gen) * (past if i % 2 else 1.0)).to(lv.dtype)
             b = None if bias is None else (torch.randn(e, generator=gen, dtype=torch.float64) * 0.5)
             inputs = [x.to(device)] + ([b.to(device, value(bias).dtype).view(value(bias).shape)] if b is not None
                                        else [])

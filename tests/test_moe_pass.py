@@ -454,6 +454,36 @@ class ClampedExperts(torch.nn.Module):
         return out
 
 
+class ClampedRouter(torch.nn.Module):
+    """Experts behind a router whose logits are clamped at ``limit`` before the softmax: a clamp unit-scale random
+    logits never reach."""
+
+    def __init__(self, limit=10.0):
+        super().__init__()
+        self.limit = limit
+        self.router = torch.nn.Linear(32, 8, bias=False)
+        self.w1 = torch.nn.Parameter(torch.randn(8, 32, 32) / 32 ** 0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(8, 32, 16) / 4)
+
+    def forward(self, x):
+        weights, ids = self.router(x).clamp(max=self.limit).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        for j in range(2):
+            gate, up = torch.bmm(x[:, None], self.w1[ids[:, j]].transpose(1, 2))[:, 0].chunk(2, dim=-1)
+            out = out + torch.bmm((F.silu(gate) * up)[:, None], self.w2[ids[:, j]].transpose(1, 2))[:, 0] \
+                * weights[:, j, None]
+        return out
+
+
+def test_a_clamp_in_the_router_is_checked_past_its_limit():
+    """The routing kernel computes no clamp: a router with one keeps its own code (the experts are still fused),
+    where a check on logits under the limit took it for a plain softmax router. (Not compared end to end: past the
+    limit the clamped logits tie, and which tied expert a top-k picks is the known tie-order difference.)"""
+    report = deepfuse.explain(ClampedRouter(), torch.randn(9, 32), interpret=True)
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert m.params["routing"].startswith("top-k kernel (the router is not one the routing kernel computes"), m.params
+
+
 def test_unsupported_activation_is_declined_not_approximated():
     report = _compile_check(ReluExperts(), (torch.randn(6, 32),), 1e-5)
     assert not [m for m in report.matches if m.family == "moe"]

@@ -371,8 +371,6 @@ gs_ptrs = SharedGateScale + (((expert - E_ROUTED) * N + offs_n) // 128) * stride
 us_ptrs = SharedUpScale + (((expert - E_ROUTED) * N + offs_n) // 128) * stride_shn""",
     "down": "bs_ptrs = SharedDownScale + (offs_n // 128) * stride_shn + ((expert - E_ROUTED) * K // 128) * stride_shk",
 }
-# The intermediate's store: as it is, or (prequantized W8A8) in FP8 with one scale per row of this program's
-# 128 columns, which are exactly one 128-wide tile of the down projection's K.
 # Per-expert biases (GPT-OSS), added to the fp32 accumulators before the activation and before the routing weight:
 # the gate/up bias [E, 2I] laid out as the weight rows are (halves or interleaved), the down bias [E, H].
 _BIASES = {
@@ -381,9 +379,12 @@ bias_ptrs = GateUpBias + expert * stride_gbe + offs_n * stride_gbn
 acc_gate += tl.load(bias_ptrs, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
 acc_up += tl.load(bias_ptrs + bias_up_offset, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]""",
     "down": """\
-acc += tl.load(DownBias + expert * stride_dbe + offs_n * stride_dbn, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]""",
+bias = tl.load(DownBias + expert * stride_dbe + offs_n * stride_dbn, mask=offs_n < N, other=0.0)
+acc += bias.to(tl.float32)[None, :]""",
 }
 
+# The intermediate's store: as it is, or (prequantized W8A8) in FP8 with one scale per row of this program's
+# 128 columns, which are exactly one 128-wide tile of the down projection's K.
 _GATE_UP_STORES = {
     "plain": "tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)",
     "fp8": """\
@@ -460,8 +461,7 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
             "Pattern family: moe (routed experts" + (" and shared experts" if shared else "") + ").\n"
             f"Computes: out = sum_j w_j * down_e(act(gate_e(x)) * up_e(x)) with act = {activation}, over tokens\n"
             + ("(each projection plus its expert's bias), " if biases else "")
-            + 
-            "sorted into block-aligned per-expert segments; gate and up share the A tile, the routing weight\n"
+            + "sorted into block-aligned per-expert segments; gate and up share the A tile, the routing weight\n"
             "scales the fp32 accumulator of the down projection.\n"
             + ("The shared MLP runs as always-chosen experts (weight 1, or the token's gate factor) in the same "
                "launches" + (", its FP8 weights read with their own block scales" if fp8 else "") + ".\n"
