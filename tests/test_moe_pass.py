@@ -429,49 +429,34 @@ def test_clamp_limits_are_checked_past_the_limit():
     """A clamped SiLU unit whose limit sits far above what unit-scale random values reach is still told apart
     from plain SiLU, and its limit read exactly: the checks draw values past the largest limit."""
     for limit in (10.0, 50.0):
-        report = _compile_check(ClampedExperts(limit), (torch.randn(9, 32),), 1e-5, interpret=True)
+        report = _compile_check(ClampedMoE(limit), (torch.randn(9, 32),), 1e-5, interpret=True)
         (m,) = [m for m in report.matches if m.family == "moe"]
         assert m.params["activation"] == f"silu_clamped(limit={limit})", m.params
 
 
-class ClampedExperts(torch.nn.Module):
-    """Routed experts with DeepSeek-V4's clamped SiLU unit (no biases), stored [E, 2I, H] / [E, H, I]."""
+class ClampedMoE(torch.nn.Module):
+    """Routed experts stored [E, 2I, H] / [E, H, I] with DeepSeek-V4's clamped SiLU unit (gate and up clamped at
+    ``limit``), or plain SiLU experts behind a router whose logits are clamped at ``router_limit`` before the
+    softmax: clamps unit-scale random values never reach."""
 
-    def __init__(self, limit):
+    def __init__(self, limit=None, router_limit=None, experts=4):
         super().__init__()
-        self.limit = limit
-        self.router = torch.nn.Linear(32, 4, bias=False)
-        self.w1 = torch.nn.Parameter(torch.randn(4, 32, 32) / 32 ** 0.5)
-        self.w2 = torch.nn.Parameter(torch.randn(4, 32, 16) / 4)
+        self.limit, self.router_limit = limit, router_limit
+        self.router = torch.nn.Linear(32, experts, bias=False)
+        self.w1 = torch.nn.Parameter(torch.randn(experts, 32, 32) / 32 ** 0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(experts, 32, 16) / 4)
 
     def forward(self, x):
-        weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
+        logits = self.router(x)
+        logits = logits if self.router_limit is None else logits.clamp(max=self.router_limit)
+        weights, ids = logits.softmax(-1).topk(2, dim=-1)
         out = torch.zeros_like(x)
         for j in range(2):
             gate, up = torch.bmm(x[:, None], self.w1[ids[:, j]].transpose(1, 2))[:, 0].chunk(2, dim=-1)
-            h = F.silu(gate.clamp(max=self.limit)) * up.clamp(-self.limit, self.limit)
+            if self.limit is not None:
+                gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            h = F.silu(gate) * up
             out = out + torch.bmm(h[:, None], self.w2[ids[:, j]].transpose(1, 2))[:, 0] * weights[:, j, None]
-        return out
-
-
-class ClampedRouter(torch.nn.Module):
-    """Experts behind a router whose logits are clamped at ``limit`` before the softmax: a clamp unit-scale random
-    logits never reach."""
-
-    def __init__(self, limit=10.0):
-        super().__init__()
-        self.limit = limit
-        self.router = torch.nn.Linear(32, 8, bias=False)
-        self.w1 = torch.nn.Parameter(torch.randn(8, 32, 32) / 32 ** 0.5)
-        self.w2 = torch.nn.Parameter(torch.randn(8, 32, 16) / 4)
-
-    def forward(self, x):
-        weights, ids = self.router(x).clamp(max=self.limit).softmax(-1).topk(2, dim=-1)
-        out = torch.zeros_like(x)
-        for j in range(2):
-            gate, up = torch.bmm(x[:, None], self.w1[ids[:, j]].transpose(1, 2))[:, 0].chunk(2, dim=-1)
-            out = out + torch.bmm((F.silu(gate) * up)[:, None], self.w2[ids[:, j]].transpose(1, 2))[:, 0] \
-                * weights[:, j, None]
         return out
 
 
@@ -479,7 +464,7 @@ def test_a_clamp_in_the_router_is_checked_past_its_limit():
     """The routing kernel computes no clamp: a router with one keeps its own code (the experts are still fused),
     where a check on logits under the limit took it for a plain softmax router. (Not compared end to end: past the
     limit the clamped logits tie, and which tied expert a top-k picks is the known tie-order difference.)"""
-    report = deepfuse.explain(ClampedRouter(), torch.randn(9, 32), interpret=True)
+    report = deepfuse.explain(ClampedMoE(router_limit=10.0, experts=8), torch.randn(9, 32), interpret=True)
     (m,) = [m for m in report.matches if m.family == "moe"]
     assert m.params["routing"].startswith("top-k kernel (the router is not one the routing kernel computes"), m.params
 
