@@ -4,7 +4,8 @@ HF's grouped_mm, batched_mm, a model's own sort-and-grouped-GEMM or gather-and-b
 different aten graphs, but every one of them is a function of the same five values: the hidden states x
 [T, H], the top-k expert ids and routing weights [T, k], and the stacked expert weights (gate+up [E, 2I, H],
 down [E, H, I], either layout). So the pass:
-1. anchors at the router's last ``topk`` over the experts dim;
+1. anchors at the router's last ``topk`` over the experts dim (or at expert ids a token-id table holds: hash
+   routing, whose ids the router's scores are gathered at);
 2. takes the experts region: everything downstream of the top-k that flows into the first [T, H] value
    every path out of the router passes through (its post-dominator), minus the routing weights' own chain
    (gather, renormalization, scaling), plus what only the region uses (weight transposes, x gathers);
@@ -57,9 +58,10 @@ class MoEPass:
     def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
         changed = 0
         topks = _final_topks(graph)
+        hashed = _hash_routed_ids(graph)  # experts chosen by a token-id table (DeepSeek-V4's first layers)
         stacked = _stacked_expert_weights(graph)  # (before any rewrite takes their products away)
         chosen = set()  # what the top-ks' experts regions hold: their stacked experts are theirs to fuse or decline
-        for topk in topks:
+        for topk in topks + hashed:
             found = _experts_region(graph, topk)
             where = (source_line(topk), module_path(topk))
             if isinstance(found, str):
@@ -72,7 +74,8 @@ class MoEPass:
             if isinstance(params, str):
                 self._decline(report, params, where)
                 continue
-            params.update(_routing_params(topk))
+            params.update(_routing_params(topk) if topk.target == aten.topk.default else
+                          {"routing": "a token-id table's experts (hash routing), with Inductor"})
             fp8 = _fp8_experts(inputs)
             if params.get("input_weighted") and (fp8 is not None or options.expert_parallel and _distributed()):
                 self._decline(report, "routing weights that scale the experts' input run with float experts on "
@@ -147,8 +150,9 @@ class MoEPass:
             if params.get("input_weighted") is not None:
                 params["routing_weights"] = (f"scale the experts' input ({params.pop('input_weighted')}); the model "
                                              "runs every expert densely, here only the chosen ones")
-            params.update(self._rewrite_routing(graph, topk, inputs["weights"], inputs["ids"], impl, options.inline,
-                                                where))
+            if topk.target == aten.topk.default:
+                params.update(self._rewrite_routing(graph, topk, inputs["weights"], inputs["ids"], impl,
+                                                    options.inline, where))
             report.matches.append(Match(self.family, op_name, params, *where, impl=impl, kernel_file=kernel_file))
             log.info("matched moe -> deepfuse::moe_experts [%s] at %s (%s) %s", impl, where[1] or "?", where[0], params)
             changed += 1
@@ -160,9 +164,9 @@ class MoEPass:
             modules.add(module_path(user))
             self._decline(report, f"stacked expert weights {weight.name} {list(value(weight).shape)} are multiplied, "
                           "but no torch.topk in this graph chooses their experts: the matcher starts at the router's "
-                          "top-k (a router across a graph break, one choosing by other means as PhiMoE's "
-                          "sparsemixer, or a hash router's table lookup as DeepSeek-V4's first layers', is not "
-                          "recognized)", (source_line(user), module_path(user)))
+                          "top-k or a token-id table's lookup (a router across a graph break, or one choosing by "
+                          "other means as PhiMoE's sparsemixer, is not recognized)",
+                          (source_line(user), module_path(user)))
         return changed
 
     def _decline(self, report, reason, where):
@@ -524,11 +528,36 @@ def _stacked_expert_weights(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
     return found
 
 
+def _hash_routed_ids(graph: fx.Graph) -> list[fx.Node]:
+    """Expert ids read from a table by token id (hash routing, DeepSeek-V4's first layers): an integer [T, k]
+    gather of a [vocab, k] integer tensor the model holds, by a [T] integer index, that a router's scores are
+    gathered at (the routing weights). They stand where a router's top-k ids would."""
+    found = []
+    for n in graph.nodes:
+        v = n.meta.get("val")
+        if n.target != aten.index.Tensor or not isinstance(v, torch.Tensor) or v.dim() != 2 \
+                or v.dtype.is_floating_point or v.dtype == torch.bool:
+            continue
+        table, index = n.args[0], n.args[1][0] if len(n.args[1]) == 1 else None
+        tv, iv = value(table), value(index) if isinstance(index, fx.Node) else None
+        if table.op not in ("placeholder", "get_attr") or tv is None or tv.dim() != 2 or tv.dtype.is_floating_point \
+                or iv is None or iv.dim() != 1 or iv.dtype.is_floating_point:
+            continue
+        if any(u.target == aten.gather.default and u.args[2] is n and _router_hidden(u) is not None for u in n.users):
+            found.append(n)
+    return found
+
+
+def _topk_ids(anchor: fx.Node) -> Optional[fx.Node]:
+    """The expert ids of an anchor: a top-k's indices, or a hash router's ids themselves."""
+    return _getitem(anchor, 1) if anchor.target == aten.topk.default else anchor
+
+
 def _chosen_by(topk: fx.Node) -> set[fx.Node]:
     """What a top-k's expert ids reach up to the first [..., hidden] values on the way (the hidden states the
     experts' sum joins, not gone through): the gathers and grouped products of the experts it chooses where its
     experts region could not be found, and not those of later layers."""
-    ids, hidden = _getitem(topk, 1), _router_hidden(topk)
+    ids, hidden = _topk_ids(topk), _router_hidden(topk)
     seen, stack = set(), [ids] if ids is not None else []
     while stack:
         for u in stack.pop().users:
@@ -547,8 +576,10 @@ def _getitem(node: fx.Node, i: int) -> Optional[fx.Node]:
 
 
 def _experts_region(graph: fx.Graph, topk: fx.Node):
-    ids = _getitem(topk, 1)
-    scores = value(topk.args[0])
+    """The experts region a router's top-k (or a hash router's ids) chooses for: (region, inputs, out), or why
+    none is found."""
+    ids = _topk_ids(topk)
+    scores = value(topk.args[0]) if topk.target == aten.topk.default else value(ids)
     if ids is None:
         return "a top-k whose indices nothing reads: no experts follow it"
     if scores is None or scores.dim() != 2:
@@ -607,8 +638,9 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
 
 
 def _router_hidden(topk: fx.Node) -> Optional[int]:
-    """H, read off the router's [T, H] x [H, E] matmul."""
-    for n in _router(topk):
+    """H, read off the router's [T, H] x [H, E] matmul (a hash router's: the one whose scores its ids gather)."""
+    starts = [topk] if topk.target != aten.index.Tensor else [u for u in topk.users if u.target == aten.gather.default]
+    for n in set().union(*(_router(start) for start in starts)):
         if n.target in (aten.mm.default, aten.addmm.default):
             a = value(n.args[-2])
             if a is not None and a.dim() == 2:

@@ -400,10 +400,10 @@ def test_gpt_oss_experts_in_each_transformers_implementation(impl):
 
 
 def test_deepseek_v4_moe_clamped_silu_and_hash_routed_layers():
-    """DeepSeek-V4 (transformers' DeepseekV4, tiny): its top-k layers' experts and shared MLP clamp the gate and up
-    values at swiglu_limit before SiLU, which the check must see (a random check whose values stay under the limit
-    took it for plain SiLU, a wrong answer wherever real values cross it); its first layers choose experts by a
-    token-id table (hash routing), declined with why."""
+    """DeepSeek-V4 (transformers' DeepseekV4, tiny): its experts and shared MLP clamp the gate and up values at
+    swiglu_limit before SiLU, which the check must see (a random check whose values stay under the limit took it
+    for plain SiLU, a wrong answer wherever real values cross it); its first layers choose experts by a token-id
+    table (hash routing), whose ids stand where a top-k's would: every layer fused, equal to eager."""
     if not hasattr(transformers, "DeepseekV4Config"):
         pytest.skip("this transformers has no DeepseekV4")
     cfg = transformers.DeepseekV4Config(
@@ -418,11 +418,13 @@ def test_deepseek_v4_moe_clamped_silu_and_hash_routed_layers():
             if not p.abs().any() and "norm" not in name:
                 p.normal_(0, 0.5)
     report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
-    (m,) = [m for m in report.matches if m.family == "moe"]
-    assert m.params["activation"] == f"silu_clamped(limit={float(cfg.swiglu_limit)})", m.params
-    assert m.params["shared_experts"] == "fused: 1 always-chosen experts of 32", m.params
-    hashed = [d for d in report.declined if d.family == "moe" and "hash router" in d.reason]
-    assert sorted(d.module for d in hashed) == [f"model.layers.{i}.mlp.experts" for i in range(3)], str(report)
+    moes = sorted((m for m in report.matches if m.family == "moe"), key=lambda m: m.module)
+    assert [m.module for m in moes] == [f"model.layers.{i}.mlp.gate" for i in range(4)], str(report)
+    for m in moes:
+        assert m.params["activation"] == f"silu_clamped(limit={float(cfg.swiglu_limit)})", m.params
+        assert m.params["shared_experts"] == "fused: 1 always-chosen experts of 32", m.params
+    assert [m.params["routing"].startswith("a token-id table's experts") for m in moes] == [True] * 3 + [False]
+    assert not [d for d in report.declined if d.family == "moe" and "stacked" in d.reason], str(report)
 
 
 def test_clamp_limits_are_checked_past_the_limit():

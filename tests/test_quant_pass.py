@@ -99,7 +99,10 @@ def test_hand_written_quantized_layers_match(case, impl):
     p = matches[0].params
     assert (p["format"], p["act_quant"]) == (fmt, act_quant)
     assert p["weight_bytes"] < p["bf16_weight_bytes"]
-    assert rel_err(out, ref) < (2e-3 if dtype == torch.float16 else 1e-5)
+    # W8A8: the model's own activation quantization and the kernels' may round a value that sits on an e4m3
+    # boundary one step apart (x * (448 / amax) against x / (amax / 448)): seen once at 6.9e-4 in fp32 (fresh random
+    # inputs). Skipping the activations' quantization, or a wrong grouping, misses by several percent.
+    assert rel_err(out, ref) < (2e-3 if dtype == torch.float16 or act_quant else 1e-5)
 
 
 def test_a_weight_only_layer_after_a_w8a8_layer():
@@ -111,7 +114,7 @@ def test_a_weight_only_layer_after_a_w8a8_layer():
         ref = model(x)
     out, report = _compile(model, x, interpret=True)
     assert sorted(m.params["act_quant"] for m in _quant(report)) == [False, True], str(report)
-    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, ref) < 2e-3  # the W8A8 layer's boundary roundings, as above
 
 
 def test_per_token_activation_quantization_is_declined_and_stays_right():
