@@ -940,7 +940,9 @@ def _routing_params(topk: fx.Node) -> dict[str, Any]:
     upstream = _router(topk)
     targets = {getattr(n.target, "overloadpacket", n.target) for n in upstream}
     softmax = aten._softmax in targets or {aten.exp, aten.amax, aten.div} <= targets  # decomposed softmax
-    scoring = "softmax" if softmax else "sigmoid" if aten.sigmoid in targets else "other"
+    scoring = ("softmax" if softmax else "sigmoid" if aten.sigmoid in targets
+               else "sqrtsoftplus" if aten.sqrt in targets and (aten.softplus in targets or aten.log1p in targets)
+               else "other")  # (softplus decomposed: where(x > 20, x, log1p(exp(x))))
     e = hint(value(topk.args[0]).shape[-1])
     bias = any(
         n.target == aten.add.Tensor and any(_is(a, (e,), floating=True) for a in n.all_input_nodes) for n in upstream

@@ -424,6 +424,8 @@ def test_deepseek_v4_moe_clamped_silu_and_hash_routed_layers():
         assert m.params["activation"] == f"silu_clamped(limit={float(cfg.swiglu_limit)})", m.params
         assert m.params["shared_experts"] == "fused: 1 always-chosen experts of 32", m.params
     assert [m.params["routing"].startswith("a token-id table's experts") for m in moes] == [True] * 3 + [False]
+    want = f"kernel: sqrtsoftplus, score-correction bias, top-2, renormalized, x {cfg.routed_scaling_factor:g}"
+    assert moes[3].params["routing"] == want and moes[3].params["scoring"] == "sqrtsoftplus", moes[3].params
     assert not [d for d in report.declined if d.family == "moe" and "stacked" in d.reason], str(report)
 
 

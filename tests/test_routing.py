@@ -16,6 +16,7 @@ SPECS = [
                 scale=2.5),  # V3 noaux_tc
     RoutingSpec(1, "sigmoid", bias=True, groups=8, topk_group=1, group_score="top2_sum", fill=0.0),
     RoutingSpec(3, "none"),  # a bare top-k
+    RoutingSpec(2, "sqrtsoftplus", bias=True, renormalize=True, scale=1.5),  # DeepSeek-V4
 ]
 
 
@@ -23,6 +24,7 @@ MODEL_SPECS = [  # (spec, experts) of the real routers
     (RoutingSpec(6, scale=1.0), 64),  # V2-Lite
     (RoutingSpec(8, "sigmoid", bias=True, groups=8, topk_group=4, group_score="top2_sum", renormalize=True,
                  scale=2.5), 256),  # V3
+    (RoutingSpec(6, "sqrtsoftplus", bias=True, renormalize=True, scale=1.5), 256),  # V4
 ]
 
 
@@ -31,6 +33,16 @@ def _grid_logits(t, e, gen, span=2048):
     purpose, not met by rounding."""
     grid = torch.stack([torch.randperm(span, generator=gen)[:e] for _ in range(t)]) if t else torch.zeros(0, e)
     return (grid.double() - span / 2) * (8 / span)
+
+
+def test_sqrtsoftplus_scores_hold_far_below_zero():
+    """DeepSeek-V4's scoring at logits where log(1 + exp(x)) would round to 0 in fp32: the kernel's weights keep
+    their ratios (softplus(x) ~ exp(x) there), as torch's log1p form does."""
+    spec = RoutingSpec(2, "sqrtsoftplus", renormalize=True)
+    logits = torch.tensor([[-30.0, -31.0, -35.0, -40.0], [25.0, 3.0, -30.0, 0.5]])
+    got = routing.route(logits, None, spec, torch.float32, interpret=True)
+    want = routing.reference(logits.double(), None, spec)
+    assert routing.same_routing(got, want, 1e-5), (got, want)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
@@ -227,8 +239,7 @@ def test_gpu_router_matmul_equals_float64(t, spec, experts):
     logits = x.double() @ w.double().t()
     got = routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32)
     want = routing.reference(logits, None if bias is None else bias.double(), spec)
-    choice = (logits.sigmoid() if spec.scoring == "sigmoid" else logits.softmax(-1)) + (
-        0 if bias is None else bias.double())
+    choice = routing.reference_scores(logits, spec) + (0 if bias is None else bias.double())
     ranked = choice.sort(dim=-1, descending=True).values
     rows = (ranked[:, spec.top_k - 1] - ranked[:, spec.top_k] > 1e-5).cpu()  # the k-th choice clear of the next
     got, want = tuple(v.cpu()[rows] for v in got), tuple(v.cpu()[rows] for v in want)

@@ -1,7 +1,7 @@
 """MoE routing: a router's logits to the (weights, expert ids) the experts take, in one generated kernel.
 
 Every router deepfuse has seen is one point of this space (``RoutingSpec``):
-1. scores = softmax(logits) | sigmoid(logits) | logits itself (a bare top-k);
+1. scores = softmax(logits) | sigmoid(logits) | sqrt(softplus(logits)) (DeepSeek-V4) | logits itself (a bare top-k);
 2. choice = scores (+ a per-expert score-correction bias that steers the choice but not the weights);
 3. optionally group-limited: the experts split into ``groups``; each group scored by its best choice or the
    sum of its best two; the experts of all but the ``topk_group`` best groups set to ``fill`` (0 or -inf);
@@ -42,7 +42,7 @@ ROUTER_MATMUL_MAX_WEIGHT_BYTES = 4 << 20
 # ROUTER_SUM_VALUES at a time (V2-Lite 16 splits x 64 experts at once, V3 16 x 256 per step).
 ROUTER_MAX_SPLITS = 64
 ROUTER_SUM_VALUES = 4096
-SCORINGS = ("softmax", "sigmoid", "none")
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus", "none")  # sqrtsoftplus: sqrt(softplus(x)), DeepSeek-V4's
 GROUP_SCORES = ("max", "top2_sum")
 
 
@@ -187,6 +187,11 @@ top = tl.max(tl.max(logits, axis=1), axis=0)
 exps = tl.exp(logits - top)  # padding lanes: exp(-inf) = 0
 scores = exps / tl.sum(tl.sum(exps, axis=1), axis=0)""",
     "sigmoid": "scores = tl.sigmoid(logits)",
+    # torch's softplus: x itself past 20 (its threshold), else log1p(exp(x)), taken as u - u^2 / 2 for a small
+    # u = exp(x), where log(1 + u) would round to 0 in fp32; padding lanes (-inf) score 0
+    "sqrtsoftplus": """\
+u = tl.exp(logits)
+scores = tl.sqrt(tl.where(logits > 20.0, logits, tl.where(u < 1e-4, u * (1.0 - 0.5 * u), tl.log(1.0 + u))))""",
     "none": "scores = logits",
 }
 
@@ -322,17 +327,23 @@ def _launch(fn, source, strides, matmul: dict, t, e, bias, spec, out_dtype, inte
     return weights, ids
 
 
+def reference_scores(logits: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """The spec's scoring of [T, E] logits in plain torch."""
+    if spec.scoring == "softmax":
+        return logits.softmax(dim=-1)
+    if spec.scoring == "sigmoid":
+        return logits.sigmoid()
+    if spec.scoring == "sqrtsoftplus":
+        return torch.nn.functional.softplus(logits).sqrt()
+    return logits
+
+
 def reference(logits: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec,
               out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``spec`` in plain torch, in the logits' dtype (float64 in the checks). Ties: torch.topk's order."""
     t, e = logits.shape
     spec.check(e)
-    if spec.scoring == "softmax":
-        scores = logits.softmax(dim=-1)
-    elif spec.scoring == "sigmoid":
-        scores = logits.sigmoid()
-    else:
-        scores = logits
+    scores = reference_scores(logits, spec)
     choice = scores + bias.to(scores.dtype) if spec.bias else scores
     if spec.groups > 1:
         grouped = choice.view(t, spec.groups, e // spec.groups)
