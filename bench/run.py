@@ -125,6 +125,13 @@ def measure(workload, t, impls, sets, floor_ms, floor_note, check):
     return rows
 
 
+def _floor(bytes_moved, flops, bandwidth, flops_peak) -> tuple[float, str]:
+    """(ms, what bounds it): the larger of the bytes at the measured copy rate and the FLOPs at the measured
+    matmul rate."""
+    mem_ms, math_ms = bytes_moved / bandwidth * 1e3, flops / flops_peak * 1e3
+    return (mem_ms, f"{bytes_moved / 1e6:.0f} MB") if mem_ms >= math_ms else (math_ms, f"{flops / 1e9:.0f} GFLOP")
+
+
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
@@ -162,15 +169,13 @@ def bench_moe_block(tokens, bandwidth, rounds, flops_peak, fp8=False, atomic=Fal
         weight_bytes = (active * routed + shared_params + experts * HIDDEN) * 2
         act_bytes = 2 * t * HIDDEN * 2 + t * k * (inter * 2 * 2 + HIDDEN * 2 * 2)
         flops = 2 * t * (k * routed + shared_params + experts * HIDDEN)
-        mem_ms, math_ms = (weight_bytes + act_bytes) / bandwidth * 1e3, flops / flops_peak * 1e3
-        floor_ms, note = (mem_ms, f"{(weight_bytes + act_bytes) / 1e6:.0f} MB") if mem_ms >= math_ms else \
-            (math_ms, f"{flops / 1e9:.0f} GFLOP")
+        floor_ms, note = _floor(weight_bytes + act_bytes, flops, bandwidth, flops_peak)
         torch._dynamo.reset()
         if fp8:  # the routed and shared experts' bytes halve (FP8 plus one fp32 scale per 128 x 128 block); the
             # router stays bf16. The FP8 tensor-core rate taken as twice the measured bf16 one (Hopper's ratio).
             fp8_bytes = weight_bytes - (active * routed + shared_params) * (2 - 1 - 4 / 128 ** 2)
             fp8_ms = (fp8_bytes + act_bytes) / bandwidth * 1e3
-            math_ms = math_ms / 2
+            math_ms = flops / flops_peak * 1e3 / 2
             bf16 = torch.compile(block, backend="deepfuse")
             quantized = torch.compile(block, backend="deepfuse", options={"quantize": "fp8-block"})
             rows += measure("moe_block_fp8", t, {"deepfuse": bf16}, sets, floor_ms, note, _rel)
@@ -223,9 +228,7 @@ def bench_llama4_moe(tokens, bandwidth, rounds, flops_peak):
         weight_bytes = (active * expert_params + expert_params + experts * hidden) * 2
         act_bytes = 2 * t * hidden * 2 + t * (k + 1) * (inter * 2 * 2 + hidden * 2 * 2)
         flops = 2 * t * ((k + 1) * expert_params + experts * hidden)
-        mem_ms, math_ms = (weight_bytes + act_bytes) / bandwidth * 1e3, flops / flops_peak * 1e3
-        floor_ms, note = (mem_ms, f"{(weight_bytes + act_bytes) / 1e6:.0f} MB") if mem_ms >= math_ms else \
-            (math_ms, f"{flops / 1e9:.0f} GFLOP")
+        floor_ms, note = _floor(weight_bytes + act_bytes, flops, bandwidth, flops_peak)
         torch._dynamo.reset()
         inductor, fused = torch.compile(block), torch.compile(block, backend="deepfuse")
         impls = {"hf_dense": lambda x: block(x)[0], "hf_dense+inductor": lambda x: inductor(x)[0],
@@ -264,9 +267,7 @@ def bench_gpt_oss_moe(tokens, bandwidth, rounds, flops_peak):
         weight_bytes = (active * expert_params + experts * (hidden + 1)) * 2
         act_bytes = 2 * t * hidden * 2 + t * k * (inter * 2 * 2 + hidden * 2 * 2)
         flops = 2 * t * (k * 3 * hidden * inter + experts * hidden)
-        mem_ms, math_ms = (weight_bytes + act_bytes) / bandwidth * 1e3, flops / flops_peak * 1e3
-        floor_ms, note = (mem_ms, f"{(weight_bytes + act_bytes) / 1e6:.0f} MB") if mem_ms >= math_ms else \
-            (math_ms, f"{flops / 1e9:.0f} GFLOP")
+        floor_ms, note = _floor(weight_bytes + act_bytes, flops, bandwidth, flops_peak)
         torch._dynamo.reset()
         impls = {"hf_grouped_mm": lambda x: block(x)[0], "hf_grouped_mm+inductor": torch.compile(lambda x: block(x)[0]),
                  "deepfuse": torch.compile(lambda x: block(x)[0], backend="deepfuse")}

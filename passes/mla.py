@@ -304,7 +304,8 @@ def _attention_region(graph: fx.Graph, anchor: fx.Node):
         from_w = descendants([w])
         # the latent is what w multiplies: upstream of w's products (an indexer's value of the same width, which
         # reaches keys and values only through the mask, is not)
-        into_w = ancestors([u for u in _users_through_layout(w) if u.target in MATMULS])
+        products = [u for u in _users_through_layout(w) if u.target in MATMULS]
+        into_w = ancestors(products)
         latents = [n for n in common if n not in from_w and n in into_w and n.op != "placeholder"
                    and _last_dim(n) == c and value(n).dtype.is_floating_point]
         if not latents:
@@ -314,7 +315,7 @@ def _attention_region(graph: fx.Graph, anchor: fx.Node):
         if isinstance(found, dict):
             return found
         tried.append(found)
-        if own is None and _projects_keys_and_values(w, anchor, keys, values):
+        if own is None and _projects_keys_and_values(products, keys, values):
             own = (w, found)
     if own is not None:  # the keys and values are one weight's products of a latent: MLA, in a form not fused
         return (f"keys and values both come from {own[0].name} {list(value(own[0]).shape)} applied to one latent "
@@ -327,13 +328,12 @@ def _attention_region(graph: fx.Graph, anchor: fx.Node):
     return None
 
 
-def _projects_keys_and_values(w: fx.Node, anchor: fx.Node, keys: set, values: set) -> bool:
-    """Is one product of ``w`` split, through layout ops alone, into part of the attention's keys and part of its
-    values? kv_b_proj's is (k_nope and v); in a plain attention the weights keys and values share are earlier
-    layers', and another layer's weight (an indexer's, say) feeds a mask or a score, not both operands."""
+def _projects_keys_and_values(products: list[fx.Node], keys: set, values: set) -> bool:
+    """Is one of a weight's ``products`` split, through layout ops alone, into part of the attention's keys and
+    part of its values? kv_b_proj's is (k_nope and v); in a plain attention the weights keys and values share are
+    earlier layers', and another layer's weight (an indexer's, say) feeds a mask or a score, not both operands."""
     moves = LAYOUT | {operator.getitem, aten.split.Tensor, aten.split_with_sizes.default, aten.cat.default,
                       aten.slice_scatter.default, aten.copy.default}
-    products = [u for u in _users_through_layout(w) if u.target in MATMULS]
     for product in products:
         seen, stack = {product}, [product]
         while stack:

@@ -277,10 +277,14 @@ class MoEPass:
         for node, src in ((a, w1), (b, w2)):
             if node is not src:
                 node.meta["val"] = value(src).transpose(1, 2)
-        # past the shared MLP's and the FP8 scales' arguments (None, act_quant False): the biases, the row order
-        extra = ((None,) * 6 + (False,) + (None,) * 3 + (*biases, "gate_up_rows" in params)
-                 if biases[0] is not None or "gate_up_rows" in params else ())
-        return (x, ids, weights, a, b, params["activation"], value(out).dtype, impl, params["deterministic"], *extra)
+        args = (x, ids, weights, a, b, params["activation"], value(out).dtype, impl, params["deterministic"])
+        given = {"gate_up_bias": biases[0], "down_bias": biases[1], "interleaved": "gate_up_rows" in params}
+        if biases[0] is None and not given["interleaved"]:
+            return args
+        # the op's later arguments up to the last given one, by name: the others (shared MLP, FP8) at their defaults
+        schema = torch.ops.deepfuse.moe_experts.default._schema.arguments
+        last = max(i for i, a in enumerate(schema) if a.name in given)
+        return args + tuple(given.get(a.name, a.default_value) for a in schema[len(args):last + 1])
 
     def _rewrite(self, graph, region, inputs, out, params, impl, where, inline, shared=None):
         """The kernel file (None for the reference); False if the region with shared experts could not be
@@ -558,15 +562,22 @@ def _chosen_by(topk: fx.Node) -> set[fx.Node]:
     experts' sum joins, not gone through): the gathers and grouped products of the experts it chooses where its
     experts region could not be found, and not those of later layers."""
     ids, hidden = _topk_ids(topk), _router_hidden(topk)
-    seen, stack = set(), [ids] if ids is not None else []
+    if ids is None:
+        return set()
+    return _reached(ids, lambda val: val.dtype.is_floating_point and hint(val.shape[-1]) == hidden)
+
+
+def _reached(start: fx.Node, stops) -> set[fx.Node]:
+    """Every node downstream of ``start`` on paths that go through no node whose value ``stops`` (a predicate on
+    values of one dim or more): those are reached, not gone through."""
+    seen, stack = set(), [start]
     while stack:
         for u in stack.pop().users:
             if u in seen:
                 continue
             seen.add(u)
             val = value(u)
-            if not (val is not None and val.dim() >= 1 and val.dtype.is_floating_point
-                    and hint(val.shape[-1]) == hidden):
+            if not (val is not None and val.dim() >= 1 and stops(val)):
                 stack.append(u)
     return seen
 
@@ -650,17 +661,7 @@ def _router_hidden(topk: fx.Node) -> Optional[int]:
 
 def _reaches_output_directly(topk: fx.Node, hidden: int) -> bool:
     """Does a top-k result reach the graph output without meeting a [.., hidden] value on the way?"""
-    seen, stack = {topk}, [topk]
-    while stack:
-        for u in stack.pop().users:
-            if u.op == "output":
-                return True
-            val = value(u)
-            if u in seen or (val is not None and val.dim() >= 1 and hint(val.shape[-1]) == hidden):
-                continue
-            seen.add(u)
-            stack.append(u)
-    return False
+    return any(n.op == "output" for n in _reached(topk, lambda val: hint(val.shape[-1]) == hidden))
 
 
 def _post_dominator(graph, topk, down, t, hidden) -> Optional[fx.Node]:
