@@ -72,7 +72,16 @@ def _hf_experts_get_interface(original, moe):
 
     get_interface.__wrapped__ = original
     get_interface.__doc__ = original.__doc__
+    get_interface.deepfuse_canonical = True
     return get_interface
+
+
+def hf_experts_traced_whole() -> bool:
+    """Does transformers' experts interface run its traceable form under deepfuse now? (Then an experts loop
+    that still breaks Dynamo's graph is a model's own, not one of transformers' experts modules.)"""
+    hf_moe = sys.modules.get("transformers.integrations.moe")
+    interface = getattr(hf_moe, "ExpertsInterface", None)
+    return getattr(getattr(interface, "get_interface", None), "deepfuse_canonical", False)
 
 
 _PATCHES = {

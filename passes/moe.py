@@ -605,12 +605,7 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
     out = _post_dominator(graph, topk, down, t, hidden)
     if out is None:
         if _reaches_output_directly(topk, hidden):
-            return (
-                "the router's top-k leaves this graph: the experts run after a Dynamo graph break (a per-expert "
-                "Python loop?). Hugging Face experts modules are traced whole by deepfuse's canonical form; for an "
-                "older transformers set model.config._experts_implementation = 'grouped_mm' (or pass "
-                "experts_implementation='grouped_mm' to from_pretrained)"
-            )
+            return _graph_break_reason()
         return "no [tokens, hidden] value that every path from the router passes through"
     upstream = ancestors([out])
     candidates = [n for n in down & upstream if n is not out]
@@ -657,6 +652,23 @@ def _router_hidden(topk: fx.Node) -> Optional[int]:
             if a is not None and a.dim() == 2:
                 return hint(a.shape[1])
     return None
+
+
+def _graph_break_reason() -> str:
+    """Why experts after a graph break are not fused, and what makes them trace."""
+    from deepfuse.canonical import hf_experts_traced_whole
+
+    broken = ("the router's top-k leaves this graph: the experts run after a Dynamo graph break (a per-expert "
+              "Python loop?). ")
+    if hf_experts_traced_whole():  # so this loop is the model's own, which no setting changes
+        return broken + (
+            "It is not a transformers experts module (those deepfuse traces whole, whatever their "
+            "experts_implementation): write the experts over stacked weights, each token's k experts gathered "
+            "(or tokens sorted by expert into torch._grouped_mm), and deepfuse fuses them")
+    return broken + (
+        "Hugging Face experts modules are traced whole by deepfuse's canonical form; for an older transformers "
+        "set model.config._experts_implementation = 'grouped_mm' (or pass experts_implementation='grouped_mm' "
+        "to from_pretrained)")
 
 
 def _reaches_output_directly(topk: fx.Node, hidden: int) -> bool:

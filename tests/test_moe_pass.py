@@ -213,11 +213,33 @@ def test_experts_after_a_graph_break_decline_with_the_setting_that_fixes_it(monk
     """Without the canonical form (as with a transformers older than its experts interface), the eager loop
     breaks Dynamo's graph after the router: declined, with the one-line setting that makes the experts trace."""
     from transformers.integrations import moe as hf_moe
+    from deepfuse.canonical import install
 
+    install()  # (as loading the backend does; this test may run first)
     monkeypatch.setattr(hf_moe.ExpertsInterface, "get_interface", hf_moe.ExpertsInterface.get_interface.__wrapped__)
     report = deepfuse.explain(_hf("deepseek_v2", "eager"), torch.randint(0, 256, (1, 5)))
     assert not [m for m in report.matches if m.family == "moe"]
     assert any("grouped_mm" in d.reason for d in report.declined if d.family == "moe"), str(report)
+
+
+# Models whose own experts loop is no transformers experts module: no setting makes it trace, and the reason says so.
+OWN_LOOPS = {
+    "Dbrx": dict(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(moe_num_experts=8, moe_top_k=2, ffn_hidden_size=32)),
+    "JetMoe": dict(HF_COMMON, num_local_experts=8, num_experts_per_tok=2, kv_channels=16),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OWN_LOOPS))
+def test_a_models_own_experts_loop_is_declined_with_what_would_make_it_trace(family):
+    if not hasattr(transformers, family + "Config"):
+        pytest.skip(f"this transformers has no {family}")
+    model = getattr(transformers, family + "ForCausalLM")(getattr(transformers, family + "Config")(**OWN_LOOPS[family]))
+    report = deepfuse.explain(model.eval(), torch.randint(0, 256, (1, 5)))
+    declined = [d.reason for d in report.declined if d.family == "moe"]
+    assert declined and not [m for m in report.matches if m.family == "moe"], str(report)
+    assert all("not a transformers experts module" in r and "grouped_mm'" not in r for r in declined), declined
 
 
 class ReluExperts(torch.nn.Module):
