@@ -48,7 +48,7 @@ from deepfuse.passes.linear import is_plain_cast, stored_weight
 from deepfuse.passes.quant import weight_side
 
 aten = torch.ops.aten
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2")
 VERIFY_TOKENS = 8  # tokens in the semantic check when the traced size is symbolic
 
 
@@ -82,6 +82,10 @@ class MoEPass:
                               "one device only (not FP8 ones, not expert parallel)", where)
                 continue
             act_quant = params.pop("act_quant")
+            if fp8 is not None and "ungated" in params:
+                self._decline(report, "ungated experts over FP8 weights are not fused (the FP8 kernels are gated)",
+                              where)
+                continue
             if fp8 is not None:
                 params["act_quant"] = act_quant
             elif act_quant:
@@ -95,8 +99,9 @@ class MoEPass:
             if options.expert_parallel and _distributed():
                 reason = ("FP8 experts are not sharded over ranks (expert parallel runs float experts)"
                           if fp8 is not None else
-                          "experts with biases, interleaved gate/up rows or a clamped gated unit are not sharded over "
-                          "ranks" if _gpt_oss_form(params) or params["activation"] not in ACTIVATIONS else None)
+                          "experts with biases, interleaved gate/up rows, a clamped gated unit or no gate are not "
+                          "sharded over ranks" if _gpt_oss_form(params) or params["activation"] not in ACTIVATIONS
+                          or "ungated" in params else None)
                 reason = reason or self._rewrite_expert_parallel(graph, region, inputs, out, params, impl,
                                                        options.micro_batches, options.expert_parallel_exchange)
                 if reason:
@@ -278,8 +283,9 @@ class MoEPass:
             if node is not src:
                 node.meta["val"] = value(src).transpose(1, 2)
         args = (x, ids, weights, a, b, params["activation"], value(out).dtype, impl, params["deterministic"])
-        given = {"gate_up_bias": biases[0], "down_bias": biases[1], "interleaved": "gate_up_rows" in params}
-        if biases[0] is None and not given["interleaved"]:
+        given = {"gate_up_bias": biases[0], "down_bias": biases[1], "interleaved": "gate_up_rows" in params,
+                 "gated": "ungated" not in params}
+        if biases[0] is None and not given["interleaved"] and given["gated"]:
             return args
         # the op's later arguments up to the last given one, by name: the others (shared MLP, FP8) at their defaults
         schema = torch.ops.deepfuse.moe_experts.default._schema.arguments
@@ -292,11 +298,12 @@ class MoEPass:
         x, ids, weights, w1, w2 = (inputs[k] for k in ("x", "ids", "weights", "w_gate_up", "w_down"))
         act, t1, t2 = params["activation"], params["gate_up_transposed"], params["down_transposed"]
         biases, interleaved = (inputs.get("b_gate_up"), inputs.get("b_down")), "gate_up_rows" in params
+        gated = "ungated" not in params
         out_dtype = value(out).dtype
         origin = f"{where[1] or '?'} ({where[0]})"
         xv = value(x)
-        gen = (kernel.kernels_for(xv.dtype, act, origin, shared=shared is not None, biases=biases[0] is not None)
-               if impl != "reference" else None)
+        gen = (kernel.kernels_for(xv.dtype, act, origin, shared=shared is not None, biases=biases[0] is not None,
+                                  gated=gated) if impl != "reference" else None)
         binding = RegionBinding(region, out)
         config = None
         if impl == "triton" and inline:
@@ -307,7 +314,8 @@ class MoEPass:
                 config = kernel.tune(hint(xv.shape[0]) * (params["top_k"] if scaled else 1), params["hidden"],
                                      params["intermediate"], params["experts"], 1 if scaled else params["top_k"],
                                      xv.dtype, xv.device, act, shared["count"] if shared is not None else 0,
-                                     transposed=(t1, t2), biases=biases[0] is not None, interleaved=interleaved)
+                                     transposed=(t1, t2), biases=biases[0] is not None, interleaved=interleaved,
+                                     gated=gated)
 
         if shared is not None:
             flips = shared["transposed"]
@@ -315,22 +323,27 @@ class MoEPass:
             def canonical(a, b, g, u, d):
                 if "fused" in shared:  # gate and up are the halves of one weight
                     g, u = fused_halves(g, flips["gate"], shared["fused"])
+                if not gated:  # (ungated: the gate slot holds the up weight again, never read)
+                    g = None
                 return (a.transpose(1, 2) if t1 else a, b.transpose(1, 2) if t2 else b,
-                        *(m.t() if flips[n] else m for n, m in zip(("gate", "up", "down"), (g, u, d))))
+                        *(m.t() if m is not None and flips[n] else m for n, m in zip(("gate", "up", "down"), (g, u, d))))
 
             def via_kernel(x_, ids_, w_, a, b, g, u, d, like, scale=None):  # like: a value of the sum's shape
                 a, b, g, u, d = canonical(a, b, g, u, d)
                 y = kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
-                                       shared=(g, u, d), shared_scale=None if scale is None else scale.reshape(-1))
+                                       shared=(g, u, d), shared_scale=None if scale is None else scale.reshape(-1),
+                                       gated=gated)
                 return (y.to(out_dtype).view(like.shape),)
 
             def via_op(x_, ids_, w_, a, b, g, u, d, like, scale=None):
                 a, b, g, u, d = canonical(a, b, g, u, d)
                 y = torch.ops.deepfuse.moe_experts(x_, ids_, w_, a, b, act, out_dtype, impl, params["deterministic"],
-                                                   g, u, d, None if scale is None else scale.reshape(-1))
+                                                   g, u, d, None if scale is None else scale.reshape(-1),
+                                                   **({} if gated else {"gated": False}))
                 return (y.view(like.shape),)
 
-            args = (x, ids, weights, w1, w2, shared["gate"], shared["up"], shared["down"], shared["like"]) + (
+            gate = shared["gate"] if gated else shared["up"]
+            args = (x, ids, weights, w1, w2, gate, shared["up"], shared["down"], shared["like"]) + (
                 (shared["scale"],) if shared["scale"] is not None else ())
             launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
             if not replace_region_first_traced(graph, binding, launchers, args, "MoE with shared experts"):
@@ -359,7 +372,7 @@ class MoEPass:
                 b = b.transpose(1, 2) if t2 else b
                 return (kernel.moe_experts(x_, ids_, w_, a, b, act, config=config,
                                            deterministic=params["deterministic"], biases=bias or None,
-                                           interleaved=interleaved).to(out_dtype),)
+                                           interleaved=interleaved, gated=gated).to(out_dtype),)
 
             held = tuple(b for b in biases if b is not None)
             replace_region_inline_or_op(graph, binding, launcher, (x, ids, weights, w1, w2, *held),
@@ -595,8 +608,8 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
         return "a top-k whose indices nothing reads: no experts follow it"
     if scores is None or scores.dim() != 2:
         shape = list(scores.shape) if scores is not None else "?"
-        return (f"a top-k over {shape}, not a router's [tokens, experts] scores (an attention indexer's, say): no "
-                "experts follow it")
+        return (f"a top-k over {shape}, not over [tokens, experts] scores: an attention indexer's, or a router "
+                "choosing before its tokens are flattened (not matched)")
     t, k = value(ids).shape
     hidden = _router_hidden(topk)
     if hidden is None:
@@ -756,20 +769,18 @@ def _classify(boundary, ids, weights, t, k, region, out):
 
 
 def _layouts(mats, hidden):
-    """Every (gate_up, down, gate_up transposed, down transposed, I) the two weight shapes allow."""
+    """Every (gate_up, down, gate_up transposed, down transposed, I, gated) the two weight shapes allow: gate+up
+    [E, 2I, H] and down [E, H, I], or ungated experts' up [E, I, H] and down (each either way round)."""
     out = []
     for a, b in ((mats[0], mats[1]), (mats[1], mats[0])):
         sa = tuple(hint(d) for d in value(a).shape)
         sb = tuple(hint(d) for d in value(b).shape)
-        for t1 in (False, True):
-            two_i, h1 = (sa[2], sa[1]) if t1 else (sa[1], sa[2])
-            if h1 != hidden or two_i % 2:
-                continue
-            inter = two_i // 2
-            for t2 in (False, True):
-                h2, i2 = (sb[2], sb[1]) if t2 else (sb[1], sb[2])
-                if h2 == hidden and i2 == inter:
-                    out.append((a, b, t1, t2, inter))
+        for t1, t2, gated in itertools.product((False, True), (False, True), (True, False)):
+            rows, h1 = (sa[2], sa[1]) if t1 else (sa[1], sa[2])
+            h2, i2 = (sb[2], sb[1]) if t2 else (sb[1], sb[2])
+            inter = rows // 2 if gated else rows
+            if h1 == hidden and h2 == hidden and i2 == inter and (not gated or rows % 2 == 0):
+                out.append((a, b, t1, t2, inter, gated))
     return out
 
 
@@ -797,7 +808,8 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
     layouts = _layouts(mats, hidden)
     if not layouts:
         shapes = [tuple(hint(d) for d in value(m).shape) for m in mats]
-        return f"expert weight shapes {shapes} are not gate+up [E, 2I, H] and down [E, H, I] (in either layout)"
+        return (f"expert weight shapes {shapes} are not gate+up [E, 2I, H] (or an ungated up [E, I, H]) and down "
+                "[E, H, I], in either layout")
     device = xv.device
     activations = list(ACTIVATIONS) + _clamped_activations(region)
     with unset_fake_temporarily(), torch.no_grad():
@@ -823,39 +835,46 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
         tol, quant_tol = _check_tolerances(xv.dtype)
         acc = torch.float64 if device.type == "cpu" else torch.float32
 
-        def found(gate_up, down, t1, t2, inter, act, bias=None, interleaved=False, **form):  # the checked form
+        def found(gate_up, down, t1, t2, inter, gated, act, bias=None, interleaved=False, **form):  # the checked form
             inputs["w_gate_up"], inputs["w_down"] = gate_up, down
             inputs["b_gate_up"], inputs["b_down"] = bias or (None, None)
             return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
                     "gate_up_transposed": t1, "down_transposed": t2, "dtype": str(xv.dtype).replace("torch.", ""),
+                    **({} if gated else {"ungated": f"down(act(up(x))), no gate: up {gate_up.name}"}),
                     **({"gate_up_rows": "interleaved (gate 0::2, up 1::2)"} if interleaved else {}),
                     **({"biases": f"gate/up {bias[0].name}, down {bias[1].name}"} if bias else {}), **form}
 
-        for gate_up, down, t1, t2, inter in layouts:
+        for gate_up, down, t1, t2, inter, gated in layouts:
+            if quantized and not gated:
+                continue  # (the FP8 kernels are gated)
             a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
             b = real[down].transpose(1, 2) if t2 else real[down]
             # biases and interleaved gate/up rows (GPT-OSS) are float forms only, tried after the plain ones
             forms = [(None, False)] if quantized else [
-                (bias, interleaved) for interleaved in (False, True) for bias in _bias_orders(biases, inter, hidden)]
-            for (bias, interleaved), act in itertools.product(forms, activations if not quantized else ACTIVATIONS):
+                (bias, interleaved) for interleaved in ((False, True) if gated else (False,))
+                for bias in _bias_orders(biases, inter, hidden, gated)]
+            acts = [a_ for a_ in (activations if not quantized else ACTIVATIONS) if gated or a_ in ACTIVATIONS]
+            for (bias, interleaved), act in itertools.product(forms, acts):
                 want = kernel.reference(x.to(acc), ids, weights.to(acc), a, b, act, biases=bias and tuple(
-                    real[n].to(acc) for n in bias), interleaved=interleaved)
+                    real[n].to(acc) for n in bias), interleaved=interleaved, gated=gated)
                 if rel_err(got[-1], want.float()) >= tol:
                     continue
-                if bias or interleaved or act not in ACTIVATIONS:
-                    return found(gate_up, down, t1, t2, inter, act, bias, interleaved, act_quant=False)
+                if bias or interleaved or act not in ACTIVATIONS or not gated:
+                    return found(gate_up, down, t1, t2, inter, gated, act, bias, interleaved, act_quant=False)
                 quantized_want = kernel.reference_act_quant(x, ids, weights, a, b, act, acc) if quantized else None
                 if quantized and rel_err(got[0], quantized_want.float()) >= quant_tol:
                     return ("the region quantizes activations to FP8, but not both projections' inputs per row "
                             "and 128-wide tile (checked on random inputs)")
-                return found(gate_up, down, t1, t2, inter, act, act_quant=quantized)
+                return found(gate_up, down, t1, t2, inter, gated, act, act_quant=quantized)
         if not quantized and not biases:  # the routing weights may scale the experts' input (Llama 4), after a sigmoid
-            for (gate_up, down, t1, t2, inter), act, scale in itertools.product(layouts, ACTIVATIONS, INPUT_SCALES):
+            gated_layouts = [layout for layout in layouts if layout[-1]]
+            for (gate_up, down, t1, t2, inter, _), act, scale in itertools.product(gated_layouts, ACTIVATIONS,
+                                                                                   INPUT_SCALES):
                 a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
                 b = real[down].transpose(1, 2) if t2 else real[down]
                 want = input_weighted(kernel.reference, x.to(acc), ids, weights, scale, a, b, act)
                 if rel_err(got[-1], want.float()) < tol:
-                    return found(gate_up, down, t1, t2, inter, act, act_quant=False, input_weighted=scale)
+                    return found(gate_up, down, t1, t2, inter, True, act, act_quant=False, input_weighted=scale)
     return "the region downstream of the router is not the routed-experts computation (checked on random inputs)"
 
 
@@ -865,16 +884,16 @@ def _gpt_oss_form(params: dict) -> bool:
     return "biases" in params or "gate_up_rows" in params
 
 
-def _bias_orders(biases: list, inter: int, hidden: int) -> list:
-    """The (gate/up bias, down bias) pairs the region's [E, n] tensors may be: [None] without any (a region with
-    one bias is not a form the kernels know: no pair)."""
+def _bias_orders(biases: list, inter: int, hidden: int, gated: bool = True) -> list:
+    """The (gate/up bias, down bias) pairs the region's [E, n] tensors may be (the first [E, 2I], or [E, I] for
+    ungated experts): [None] without any (a region with one bias is not a form the kernels know: no pair)."""
     if not biases:
         return [None]
     if len(biases) != 2:
         return []
     n = [hint(value(b).shape[1]) for b in biases]
     return [(g, d) for g, d, ng, nd in ((biases[0], biases[1], n[0], n[1]), (biases[1], biases[0], n[1], n[0]))
-            if ng == 2 * inter and nd == hidden]
+            if ng == (2 if gated else 1) * inter and nd == hidden]
 
 
 def _clamp_limits(nodes) -> list[float]:
@@ -1055,7 +1074,8 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
         shared.append(other)
     if fp8_scales is not None and set(mats) != set(fp8_scales):
         return "the shared MLP next to FP8 experts reads weights other than its three FP8 ones"
-    roles = _verify_shared(shared, other, inp, mats, hidden, inter, params["activation"], xv, scale, fp8_scales)
+    roles = _verify_shared(shared, other, inp, mats, hidden, inter, params["activation"], xv, scale, fp8_scales,
+                           gated="ungated" not in params)
     if isinstance(roles, str):
         return roles
     roles.update(region=views + shared + [add], out=add, like=like, scale=scale)
@@ -1110,13 +1130,13 @@ def _view_sources(node: fx.Node) -> set[fx.Node]:
 
 
 def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=None,
-                   fp8_scales=None) -> Union[dict[str, Any], str]:
+                   fp8_scales=None, gated: bool = True) -> Union[dict[str, Any], str]:
     """Which of ``mats`` is gate, up and down (and which are stored transposed): the assignment under which the
     region equals down(act(gate(x)) * up(x)) on random inputs, with the routed experts' activation; times the
     per-token factor ``scale`` (an input of the region) when given. With ``fp8_scales`` ({FP8 weight: its scale
     node}) the weights are drawn as FP8 blocks and stored as Linear stores them, and the region must also equal
     that MLP with every matmul's input quantized per row and 128-wide tile (casts kept), as it equals the plain
-    one with its casts to FP8 made identities."""
+    one with its casts to FP8 made identities. Beside ``gated=False`` experts, down(act(up(x))) (two matrices)."""
     import itertools
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -1124,6 +1144,10 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
     from deepfuse.runtime.kernels import quant as quant_kernels
 
     shapes = {m: tuple(hint(d) for d in value(m).shape) for m in mats}
+    if not gated:
+        if len(mats) != 2:
+            return "a gated shared MLP beside ungated experts does not join their launches"
+        return _verify_ungated_shared(shared, out, inp, mats, shapes, hidden, inter, activation, xv, scale)
     if len(mats) == 2:
         return _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activation, xv, scale)
     sizes = {d for m in mats for d in shapes[m] if d != hidden} or {hidden}
@@ -1199,21 +1223,11 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    modules = _checked_forms(shared, [inp] + list(mats) + ([scale] if scale is not None else []), out,
-                             "the shared MLP", False)
-    if isinstance(modules, str):
-        return modules
-    module = modules[0]
-    device, dtype = xv.device, xv.dtype
-    acc = torch.float64 if device.type == "cpu" else torch.float32
-    tol = _check_tolerances(dtype)[0]
+    drawn = _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, 98)
+    if isinstance(drawn, str):
+        return drawn
+    (module, x, extra, gen, acc, tol), device, dtype, rows = drawn, xv.device, xv.dtype, hint(drawn[1].shape[0])
     with unset_fake_temporarily(), torch.no_grad():
-        gen = torch.Generator(device="cpu").manual_seed(98)
-        rows = max(hint(xv.shape[0]), 1)
-        x = (torch.randn(rows, hidden, generator=gen) * _check_scale(shared)).to(device, dtype)
-        factor = torch.rand(rows, 1, generator=gen) + 0.5
-        extra = [] if scale is None else [factor.to(device, value(scale).dtype).view(
-            tuple(hint(d) for d in value(scale).shape))]
         for (fused, down), t_in, t_down, order in itertools.product(
                 itertools.permutations(mats), (False, True), (False, True), ("gate first", "up first")):
             si = shapes[fused][1 if t_in else 0] // 2
@@ -1239,6 +1253,63 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
                 return {"gate": fused, "up": fused, "down": down, "count": si // inter, "fused": order,
                         "transposed": {"gate": t_in, "up": t_in, "down": t_down}}
     return "the value added to the experts is not a gated MLP with the experts' activation (checked on random inputs)"
+
+
+def _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, seed):
+    """What the checks of a two-matrix shared MLP run: (the region as a module, random hidden states [rows, hidden],
+    the per-token factor as the region reads it, in a list, if ``scale``; the generator that drew them, for the
+    weights; the reference's dtype and the tolerance), or why the region cannot be run."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    modules = _checked_forms(shared, [inp] + list(mats) + ([scale] if scale is not None else []), out,
+                             "the shared MLP", False)
+    if isinstance(modules, str):
+        return modules
+    with unset_fake_temporarily(), torch.no_grad():
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        rows = max(hint(xv.shape[0]), 1)
+        x = (torch.randn(rows, hidden, generator=gen) * _check_scale(shared)).to(xv.device, xv.dtype)
+        factor = torch.rand(rows, 1, generator=gen) + 0.5  # away from 1, so an ignored factor shows
+        extra = [] if scale is None else [factor.to(xv.device, value(scale).dtype).view(
+            tuple(hint(d) for d in value(scale).shape))]
+    acc = torch.float64 if xv.device.type == "cpu" else torch.float32
+    return modules[0], x, extra, gen, acc, _check_tolerances(xv.dtype)[0]
+
+
+def _verify_ungated_shared(shared, out, inp, mats, shapes, hidden, inter, activation, xv,
+                           scale=None) -> Union[dict[str, Any], str]:
+    """``_verify_shared`` beside ungated experts: which of the two ``mats`` is up [S*I, H] and which down [H, S*I]
+    (each either way round) under which the region equals down(act(up(x))), times ``scale`` when given. Roles as
+    ``_verify_shared``'s, the gate None."""
+    import itertools
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    drawn = _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, 97)
+    if isinstance(drawn, str):
+        return drawn
+    (module, x, extra, gen, acc, tol), device, dtype, rows = drawn, xv.device, xv.dtype, hint(drawn[1].shape[0])
+    with unset_fake_temporarily(), torch.no_grad():
+        real = {m: (torch.randn(shapes[m], generator=gen) / hidden ** 0.5).to(device, dtype) for m in mats}
+        try:
+            got = module(x.view(tuple(hint(n) for n in value(inp).shape)), *(real[m] for m in mats),
+                             *extra)[0].reshape(rows, hidden)
+        except Exception as err:
+            return f"the shared MLP could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
+        for (up, down), t_up, t_down in itertools.product(itertools.permutations(mats), (False, True), (False, True)):
+            u, d = (real[up].t() if t_up else real[up]), (real[down].t() if t_down else real[down])
+            si = u.shape[0]
+            if u.shape != (si, hidden) or d.shape != (hidden, si) or si == 0:
+                continue
+            y = torch.nn.functional.linear(kernel.glu(activation, None, x.to(acc) @ u.to(acc).t()), d.to(acc))
+            want = (y if scale is None else y * extra[0].reshape(rows, 1).to(acc)).float()
+            if rel_err(got, want) < tol:
+                if si % inter:
+                    return f"the shared intermediate size {si} is not a multiple of the experts' {inter}"
+                return {"gate": None, "up": up, "down": down, "count": si // inter,
+                        "transposed": {"gate": False, "up": t_up, "down": t_down}}
+    return ("the value added to the experts is not an ungated MLP with the experts' activation (checked on random "
+            "inputs)")
 
 
 def fused_halves(w: torch.Tensor, transposed: bool, order: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,6 +87,7 @@ def moe_experts(
     gate_up_bias: Optional[torch.Tensor] = None,
     down_bias: Optional[torch.Tensor] = None,
     interleaved: bool = False,
+    gated: bool = True,
 ) -> torch.Tensor:
     """The routed experts: x [T, H], ids/weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H];
     plus the shared MLP (gate/up [S*I, H], down [H, S*I]) when given, times shared_scale [T] or [T, 1] per
@@ -94,9 +95,10 @@ def moe_experts(
     those fp32 scales per 128 x 128 block, multiplied as dequantized: with ``act_quant`` both projections'
     inputs quantized per row and 128-wide tile (W8A8), else in their dtype (W8A16); FP8 shared weights come
     with their block scales (shared_*_scale). gate_up_bias [E, 2I] and down_bias [E, H]: per-expert biases, and
-    ``interleaved`` gate/up rows (GPT-OSS's experts; float weights, no shared MLP)."""
+    ``interleaved`` gate/up rows (GPT-OSS's experts; float weights, no shared MLP). ``gated=False``: ungated
+    experts, down(act(up(x))) (Nemotron-H's): w_gate_up is the up weights [E, I, H], a shared MLP's gate None."""
     _check_impl(impl)
-    shared = (shared_gate, shared_up, shared_down) if shared_gate is not None else None
+    shared = (shared_gate, shared_up, shared_down) if shared_down is not None else None
     scales = (gate_up_scale, down_scale) if gate_up_scale is not None else None
     biases = (gate_up_bias, down_bias) if gate_up_bias is not None else None
     shared_scales = (shared_gate_scale, shared_up_scale, shared_down_scale) if shared_gate_scale is not None else None
@@ -116,19 +118,23 @@ def moe_experts(
             w_gate_up, w_down = dequantized(w_gate_up, gate_up_scale), dequantized(w_down, down_scale)
         if shared_scales is not None:
             shared = tuple(dequantized(w, s) for w, s in zip(shared, shared_scales))
+        if not gated:
+            _moe._check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale, scales, shared_scales,
+                        biases, interleaved, gated)
         return _moe.reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation, shared,
-                              shared_scale, biases, interleaved).to(out_dtype)
+                              shared_scale, biases, interleaved, gated).to(out_dtype)
     return _moe.moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, activation,
                             interpret=impl == "interpret", deterministic=deterministic, shared=shared,
                             shared_scale=shared_scale, weight_scales=scales, act_quant=act_quant,
-                            shared_scales=shared_scales, biases=biases, interleaved=interleaved).to(out_dtype)
+                            shared_scales=shared_scales, biases=biases, interleaved=interleaved,
+                            gated=gated).to(out_dtype)
 
 
 @moe_experts.register_fake
 def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation, out_dtype, impl, deterministic=True,
       shared_gate=None, shared_up=None, shared_down=None, shared_scale=None, gate_up_scale=None, down_scale=None,
       act_quant=False, shared_gate_scale=None, shared_up_scale=None, shared_down_scale=None, gate_up_bias=None,
-      down_bias=None, interleaved=False):
+      down_bias=None, interleaved=False, gated=True):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 

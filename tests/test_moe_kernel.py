@@ -28,13 +28,15 @@ def _stored_transposed(w: torch.Tensor) -> torch.Tensor:
 
 def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random", activation="silu", noncontig=False,
            deterministic=True, config=None, shared=0, gated=False, transposed=False, biases=False,
-           interleaved=False):
+           interleaved=False, ungated=False):
     x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
+    if ungated:  # up [E, I, H] alone (Nemotron-H's experts)
+        wgu = wgu[:, :inter].contiguous()
     if "_clamped" in activation:  # gate and up values past the clamps' limit too
         x *= 0.75 * float(activation.split("limit=")[1].rstrip(")"))
     bias = None
     if biases:  # GPT-OSS's per-expert biases, of the size of the projections' outputs
-        bias = tuple(torch.randn(experts, n).to(device, dtype) for n in (2 * inter, hidden))
+        bias = tuple(torch.randn(experts, n).to(device, dtype) for n in ((1 if ungated else 2) * inter, hidden))
     if noncontig:
         x = torch.cat([x, x], dim=1)[:, ::2]
         assert t == 0 or not x.is_contiguous()
@@ -42,18 +44,19 @@ def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random
     if shared:  # a shared MLP of intermediate shared * inter, as Linear layers store it
         sh = tuple((torch.randn(*shape) / shape[1] ** 0.5).to(device, dtype)
                    for shape in [(shared * inter, hidden), (shared * inter, hidden), (hidden, shared * inter)])
+        sh = (None, *sh[1:]) if ungated else sh
     if transposed:  # the routed experts stored the other way round, and the shared MLP as its transposes
         wgu, wd = _stored_transposed(wgu), _stored_transposed(wd)
-        sh = None if sh is None else tuple(_stored_transposed(w) for w in sh)
+        sh = None if sh is None else tuple(w if w is None else _stored_transposed(w) for w in sh)
     # a gated shared MLP's per-token factor ([T, 1], as sigmoid(Linear(H, 1)) returns it), in a strided view
     scale = torch.rand(t, 2).to(device, dtype)[:, :1] if gated else None
     out = moe.moe_experts(x, ids, weights, wgu, wd, activation=activation, interpret=interpret,
                           deterministic=deterministic, config=config, shared=sh, shared_scale=scale, biases=bias,
-                          interleaved=interleaved)
+                          interleaved=interleaved, gated=not ungated)
     ref = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double(), activation,
-                        None if sh is None else tuple(w.double() for w in sh),
+                        None if sh is None else tuple(w if w is None else w.double() for w in sh),
                         None if scale is None else scale.double(),
-                        None if bias is None else tuple(b.double() for b in bias), interleaved)
+                        None if bias is None else tuple(b.double() for b in bias), interleaved, gated=not ungated)
     assert out.shape == (t, hidden) and out.dtype == dtype
     if t:
         assert torch.isfinite(out).all()
@@ -132,6 +135,29 @@ def test_interpreted_gpt_oss_experts(case):
     _check(*case, torch.float32, "cpu", interpret=True, interleaved=True)
     _check(*case, torch.float32, "cpu", interpret=True, activation=GPT_OSS)
     _check(*case, torch.float32, "cpu", interpret=True, activation=moe.clamped_silu(3.0), shared=1)  # DeepSeek-V4's
+
+
+@pytest.mark.parametrize("case", [(1, 64, 32, 8, 2), (7, 48, 16, 5, 3), (33, 64, 32, 16, 1), (0, 32, 32, 4, 2)],
+                         ids=str)
+def test_interpreted_ungated_experts(case):
+    """Ungated experts, down(relu(up(x))^2) (Nemotron-H's): the up rows alone, no gate accumulator; with an
+    ungated shared MLP in the same launches, stored transposed, with biases, and the other activations."""
+    ungated = dict(activation="relu2", ungated=True)
+    _check(*case, torch.float32, "cpu", interpret=True, **ungated)
+    _check(*case, torch.float16, "cpu", interpret=True, config=DECODE_CANDIDATES[0], deterministic=False, shared=2,
+           **ungated)
+    _check(*case, torch.float32, "cpu", interpret=True, transposed=True, shared=1, gated=True, **ungated)
+    _check(*case, torch.float32, "cpu", interpret=True, biases=True, **ungated)
+    _check(*case, torch.float32, "cpu", interpret=True, activation="gelu", ungated=True)
+
+
+def test_ungated_experts_source_has_no_gate():
+    """The generated ungated kernel computes what it says: no gate tile loaded, one accumulator."""
+    source = moe.kernels_for(torch.float16, "relu2", gated=False).path.read_text()
+    assert "acc_gate" not in source and "g_ptrs" not in source and "ungated" in source
+    assert "glu = tl.maximum(up, 0.0) * tl.maximum(up, 0.0)" in source
+    with pytest.raises(ValueError, match="ungated"):
+        moe.kernels_for(torch.float16, moe.clamped_silu(7.0), gated=False)
 
 
 def test_clamped_swiglu_is_what_gpt_oss_computes():
@@ -509,6 +535,14 @@ def test_gpu_clamped_silu_experts_with_shared(t):
     """DeepSeek-V4's clamped SiLU unit (limit 10, crossed: x scaled up) at V2-Lite's expert shape, a shared expert in
     the same launches."""
     _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, activation=moe.clamped_silu(10.0), shared=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 2048])
+def test_gpu_ungated_experts_with_shared(t):
+    """Nemotron-3-Nano's ungated experts (hidden 2688, 128 experts of 1856, top-6, squared ReLU), its ungated shared
+    MLP of 3712 (two experts' worth) in the same launches."""
+    _check(t, 2688, 1856, 128, 6, torch.bfloat16, "cuda", interpret=False, activation="relu2", ungated=True, shared=2)
 
 
 @pytest.mark.gpu

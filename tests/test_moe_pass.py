@@ -140,7 +140,12 @@ UNSEEN = {
     "Llama4Text": (dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size_mlp=96,
                         interleave_moe_layer_step=1), "scores as given, top-2",
                    "with Inductor (the routing weights scale the experts' input"),
+    # ungated experts and shared MLP, down(relu(up(x))^2): an attention layer, then the MoE layer
+    "NemotronH": (dict(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                       moe_shared_expert_intermediate_size=64, layers_block_type=["attention", "moe"]),
+                  "sigmoid, score-correction bias, top-2, renormalized", "fused: 2 always-chosen experts of 32"),
 }
+ACTIVATION = {"GptOss": "swiglu_clamped(alpha=1.702, limit=7.0)", "NemotronH": "relu2"}  # silu otherwise
 
 
 @pytest.mark.parametrize("family", sorted(UNSEEN))
@@ -161,9 +166,10 @@ def test_unseen_hf_moe_families_are_fused_or_declined_and_right(family):
         assert not moes and [d for d in report.declined if d.family == "moe"], str(report)
         return
     assert moes and not [d for d in report.declined if d.family == "moe"], str(report)
-    activation = "swiglu_clamped(alpha=1.702, limit=7.0)" if family == "GptOss" else "silu"
     for m in moes:
-        assert m.params["activation"] == activation and m.params["routing"] == f"kernel: {routing}", m.params
+        assert m.params["activation"] == ACTIVATION.get(family, "silu"), m.params
+        assert m.params["routing"] == f"kernel: {routing}", m.params
+        assert ("ungated" in m.params) == (family == "NemotronH"), m.params
         assert ("biases" in m.params and "gate_up_rows" in m.params) == (family == "GptOss"), m.params
         assert m.params.get("routing_weights", "").startswith("scale the experts' input (sigmoid)") == (
             family == "Llama4Text"), m.params
@@ -255,6 +261,55 @@ class ReluExperts(torch.nn.Module):
     def forward(self, x):
         weights, ids = self.router(x).softmax(-1).topk(self.k, dim=-1)
         return gathered_experts(x, ids, weights, self.w1, self.w2, F.relu)
+
+
+class UngatedExperts(torch.nn.Module):
+    """Ungated experts, down(act(up(x))), as a model nobody rewrote may write them (each slot's weights gathered,
+    two bmm), the up weights stored [E, I, H] or transposed, with a shared MLP ungated or gated, or none."""
+
+    def __init__(self, act, transposed=False, shared=None, e=6, h=32, i=16):
+        super().__init__()
+        self.act, self.transposed, self.shared = act, transposed, shared
+        self.router = torch.nn.Linear(h, e, bias=False)
+        up = torch.randn(e, i, h) / h ** 0.5
+        self.w_up = torch.nn.Parameter(up.transpose(1, 2).contiguous() if transposed else up)
+        self.w_down = torch.nn.Parameter(torch.randn(e, h, i) / i ** 0.5)
+        self.gate, self.up, self.down = (torch.nn.Linear(*shape, bias=False) for shape in ((h, 2 * i), (h, 2 * i),
+                                                                                           (2 * i, h)))
+
+    def forward(self, x):
+        weights, ids = self.router(x).sigmoid().topk(2, dim=-1)
+        w_up = self.w_up.transpose(1, 2) if self.transposed else self.w_up
+        k = ids.shape[1]
+        up = torch.bmm(w_up[ids.flatten()], x.repeat_interleave(k, 0).unsqueeze(-1)).squeeze(-1)
+        y = torch.bmm(self.w_down[ids.flatten()], self.act(up).unsqueeze(-1)).squeeze(-1)
+        out = (y * weights.flatten()[:, None]).view(x.shape[0], k, -1).sum(1)
+        if self.shared == "ungated":
+            out = out + self.down(self.act(self.up(x)))
+        elif self.shared == "gated":
+            out = out + self.down(self.act(self.gate(x)) * self.up(x))
+        return out
+
+
+def _relu2(v):
+    return torch.relu(v) ** 2
+
+
+@pytest.mark.parametrize("act,transposed,shared,want", [
+    (_relu2, False, None, None),
+    (_relu2, True, "ungated", "fused: 2 always-chosen experts of 16"),
+    (F.gelu, False, "ungated", "fused: 2 always-chosen experts of 16"),
+    (_relu2, False, "gated", "with Inductor (a gated shared MLP beside ungated experts does not join their launches)"),
+], ids=["relu2", "transposed-with-shared", "gelu-with-shared", "gated-shared"])
+def test_ungated_experts_are_fused(act, transposed, shared, want):
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = UngatedExperts(act, transposed, shared)
+    x = torch.randn(7, 32)
+    report = _compile_check(model, (x,), 1e-5, interpret=True)
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert m.params["activation"] == ("gelu" if act is F.gelu else "relu2") and "ungated" in m.params, m.params
+    assert m.params.get("shared_experts") == want or m.params["shared_experts"].startswith(want), m.params
+    assert m.params["gate_up_transposed"] == transposed
 
 
 class SharedMLP(torch.nn.Module):

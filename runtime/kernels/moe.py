@@ -37,6 +37,8 @@ ACTIVATIONS = {
     "gelu": "0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))",
     # tanh(u) = 2 * sigmoid(2u) - 1, so the tanh approximation needs no libdevice call
     "gelu_tanh": "gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))",
+    # squared ReLU (Nemotron-H's ungated experts)
+    "relu2": "tl.maximum(gate, 0.0) * tl.maximum(gate, 0.0)",
 }
 
 # The same activations in torch, for the references and the pass's checks.
@@ -44,6 +46,7 @@ TORCH_ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
     "gelu": torch.nn.functional.gelu,
     "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+    "relu2": lambda v: torch.relu(v).square(),
 }
 
 # Clamped gated units: the gate clamped from above and the up value both ways at a limit, then
@@ -78,8 +81,11 @@ def check_activation(activation: str) -> None:
                          "silu_clamped(limit=L), swiglu_clamped(alpha=A, limit=L)")
 
 
-def glu(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The gated unit in torch (the references' and the pass's checks' form): act(gate) * up."""
+def glu(activation: str, gate: Optional[torch.Tensor], up: torch.Tensor) -> torch.Tensor:
+    """The gated unit in torch (the references' and the pass's checks' form): act(gate) * up; act(up) for
+    ungated experts (no gate)."""
+    if gate is None:
+        return TORCH_ACTIVATIONS[activation](up)
     clamped = _clamped(activation)
     if clamped is None:
         return TORCH_ACTIVATIONS[activation](gate) * up
@@ -90,14 +96,17 @@ def glu(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-def _glu_source(activation: str) -> str:
-    """Triton lines computing ``glu`` from the fp32 accumulators ``gate`` and ``up``."""
+def _glu_source(activation: str, gated: bool = True) -> str:
+    """Triton lines computing ``glu`` from the fp32 accumulators ``acc_gate`` and ``acc_up`` (``acc_up`` alone,
+    its activation, for ungated experts)."""
+    if not gated:
+        return f"up = acc_up\nglu = {ACTIVATIONS[activation].replace('gate', 'up')}"
     clamped = _clamped(activation)
     if clamped is None:
-        return f"glu = ({ACTIVATIONS[activation]}) * up"
+        return f"gate = acc_gate\nup = acc_up\nglu = ({ACTIVATIONS[activation]}) * up"
     alpha, limit = clamped
-    return (f"gate = tl.minimum(gate, {limit!r})\n"
-            f"up = tl.minimum(tl.maximum(up, {-limit!r}), {limit!r})\n"
+    return (f"gate = tl.minimum(acc_gate, {limit!r})\n"
+            f"up = tl.minimum(tl.maximum(acc_up, {-limit!r}), {limit!r})\n"
             + (f"glu = ({ACTIVATIONS['silu']}) * up" if alpha is None else
                f"glu = (up + 1.0) * (gate * tl.sigmoid({alpha!r} * gate))"))
 
@@ -173,9 +182,7 @@ def moe_gate_up_act_kernel(
     BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr,
     ${gate_up_scale_args}${gate_up_bias_args}
 ):
-    """Out[r, n] = act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n]) for the rows r of one expert's block (the
-    up rows up_offset elements after the gate rows, each stride_gn apart: the halves, or GPT-OSS's interleaved
-    rows).
+    """Out[r, n] = ${computes} for the rows r of one expert's block${rows}.
     DIRECT: row block b is slot b alone (one token: its slots' experts are distinct), its expert read from
     the router's ids (BlockExpert holds them), so no align launch comes first."""
     if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
@@ -190,21 +197,19 @@ def moe_gate_up_act_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = X + token[:, None] * stride_xm + offs_k[None, :]
     ${gate_up_pointers}
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ${gate_zeros}
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     n_ok = offs_n[None, :] < N
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        ${gate_load}
         u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
         ${gate_up_product}
         a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K * step_k
+        ${gate_step}
         u_ptrs += BLOCK_K * step_k
     ${gate_up_bias}
-    gate = acc_gate
-    up = acc_up
     ${glu}
     out = glu.to(${dtype})
     ${gate_up_store}
@@ -289,6 +294,7 @@ _ROUTED_POINTERS = {
     "gate_up": """\
 g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_gn + offs_k[:, None] * stride_wk
 u_ptrs = g_ptrs + up_offset""",
+    "up": "u_ptrs = W + expert * stride_we + offs_n[None, :] * stride_gn + offs_k[:, None] * stride_wk",
     "down": "b_ptrs = W + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk",
 }
 _SHARED_POINTERS = {
@@ -297,6 +303,9 @@ _SHARED_POINTERS = {
 rows = (expert - E_ROUTED) * N + offs_n[None, :]
 g_ptrs = SharedGate + rows * stride_sn + offs_k[:, None] * stride_sk
 u_ptrs = SharedUp + rows * stride_sn + offs_k[:, None] * stride_sk""",
+    "up": """\
+# a shared expert: its N rows of the shared MLP's up weights
+u_ptrs = SharedUp + ((expert - E_ROUTED) * N + offs_n[None, :]) * stride_sn + offs_k[:, None] * stride_sk""",
     "down": """\
 # a shared expert: its K columns of the shared MLP's down weights
 b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + offs_k[:, None]) * stride_sk""",
@@ -311,7 +320,7 @@ b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + o
 # multiplies the tile's fp32 product.
 _PRODUCTS = {
     "float": {"gate_up": "acc_gate = tl.dot(a, g, acc_gate)\nacc_up = tl.dot(a, u, acc_up)",
-              "down": "acc = tl.dot(a, b, acc)"},
+              "up": "acc_up = tl.dot(a, u, acc_up)", "down": "acc = tl.dot(a, b, acc)"},
     # SWAP_AB: each dot taken transposed, (w^T . a^T)^T, so the weight tile's BLOCK_N columns take the FP8 MMA's M
     # side. With the BLOCK_M token rows there (16 at decode), below the 64 of Hopper's FP8 warpgroup MMA, every
     # weight tile is widened to fp16 for the older MMA. At one token on H100: 33.7 against 35.0 us (bench/RESULTS.md).
@@ -378,6 +387,9 @@ _BIASES = {
 bias_ptrs = GateUpBias + expert * stride_gbe + offs_n * stride_gbn
 acc_gate += tl.load(bias_ptrs, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
 acc_up += tl.load(bias_ptrs + bias_up_offset, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]""",
+    "up": """\
+bias_ptrs = GateUpBias + expert * stride_gbe + offs_n * stride_gbn
+acc_up += tl.load(bias_ptrs, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]""",
     "down": """\
 bias = tl.load(DownBias + expert * stride_dbe + offs_n * stride_dbn, mask=offs_n < N, other=0.0)
 acc += bias.to(tl.float32)[None, :]""",
@@ -441,28 +453,34 @@ _generated = memo()
 
 
 def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: bool = False,
-                weight_format: str = "float", biases: bool = False):
+                weight_format: str = "float", biases: bool = False, gated: bool = True):
     """The generated experts kernels of this specialization. ``biases``: each expert's gate/up and down biases
-    ([E, 2I] and [E, H], GPT-OSS) are added to the fp32 accumulators (float weights, no shared experts)."""
+    ([E, 2I] and [E, H], GPT-OSS) are added to the fp32 accumulators (float weights, no shared experts).
+    ``gated=False``: ungated experts, down(act(up(x))) (Nemotron-H's), in float weights."""
     check_activation(activation)
     if biases and (shared or weight_format != "float"):
         raise ValueError("moe: expert biases are supported with float weights and no shared experts")
     if weight_format not in _PRODUCTS:
         raise ValueError(f"moe: expert weight format {weight_format!r} is not supported "
                          f"(formats: {', '.join(WEIGHT_FORMATS)})")
-    key = (str(cache_dir()), dtype, activation, shared, weight_format, biases)
+    if not gated and (weight_format != "float" or _clamped(activation) is not None):
+        raise ValueError("moe: ungated experts take float weights and an unclamped activation")
+    key = (str(cache_dir()), dtype, activation, shared, weight_format, biases, gated)
     if key not in _generated:
         fp8 = weight_format != "float"
         prequant = weight_format == "fp8-block-prequant"
         w8a8 = weight_format in ("fp8-block", "fp8-block-prequant")
-        spec = {"dtype": str(dtype), "activation": activation, **({"shared_experts": True} if shared else {}),
+        spec = {"dtype": str(dtype), "activation": activation, **({} if gated else {"gated": False}),
+                **({"shared_experts": True} if shared else {}),
                 **({"weight_format": weight_format} if fp8 else {}), **({"biases": True} if biases else {})}
         header = (
             "Pattern family: moe (routed experts" + (" and shared experts" if shared else "") + ").\n"
-            f"Computes: out = sum_j w_j * down_e(act(gate_e(x)) * up_e(x)) with act = {activation}, over tokens\n"
+            f"Computes: out = sum_j w_j * down_e({'act(gate_e(x)) * up_e(x)' if gated else 'act(up_e(x))'}) with "
+            f"act = {activation}, over tokens\n"
             + ("(each projection plus its expert's bias), " if biases else "")
-            + "sorted into block-aligned per-expert segments; gate and up share the A tile, the routing weight\n"
-            "scales the fp32 accumulator of the down projection.\n"
+            + "sorted into block-aligned per-expert segments; "
+            + ("gate and up share the A tile, " if gated else "ungated experts (no gate projection), ")
+            + "the routing weight\nscales the fp32 accumulator of the down projection.\n"
             + ("The shared MLP runs as always-chosen experts (weight 1, or the token's gate factor) in the same "
                "launches" + (", its FP8 weights read with their own block scales" if fp8 else "") + ".\n"
                if shared else "")
@@ -478,13 +496,21 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
             + (f"First generated for: {origin}" if origin else "")
         )
         precision = '"ieee"' if dtype == torch.float32 else "None"  # fp32 activations: fp32 products
-        slots = {"glu": _glu_source(activation), "dtype": TRITON_DTYPES[dtype],
-                 "gate_up_bias": _BIASES["gate_up"] if biases else "", "down_bias": _BIASES["down"] if biases else "",
+        first = "gate_up" if gated else "up"  # the first projection's pointers, product and bias
+        slots = {"glu": _glu_source(activation, gated), "dtype": TRITON_DTYPES[dtype],
+                 "computes": ("act(x[tok(r)] . W[e, n]) * (x[tok(r)] . W[e, N + n])" if gated else
+                              "act(x[tok(r)] . W[e, n]) (ungated: W the up rows)"),
+                 "rows": (" (the up rows up_offset elements after the gate rows,\n    each stride_gn apart: the "
+                          "halves, or GPT-OSS's interleaved rows)" if gated else ""),
+                 "gate_zeros": "acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" if gated else "",
+                 "gate_load": "g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)" if gated else "",
+                 "gate_step": "g_ptrs += BLOCK_K * step_k" if gated else "",
+                 "gate_up_bias": _BIASES[first] if biases else "", "down_bias": _BIASES["down"] if biases else "",
                  "gate_up_bias_args": "GateUpBias, stride_gbe, stride_gbn, bias_up_offset," if biases else "",
                  "down_bias_args": "DownBias, stride_dbe, stride_dbn," if biases else "",
-                 "gate_up_pointers": _pointers("gate_up", shared, fp8),
+                 "gate_up_pointers": _pointers(first, shared, fp8),
                  "down_pointers": _pointers("down", shared, fp8),
-                 "gate_up_product": _PRODUCTS[weight_format]["gate_up"].replace("${precision}", precision),
+                 "gate_up_product": _PRODUCTS[weight_format][first].replace("${precision}", precision),
                  "down_product": _PRODUCTS[weight_format]["down"].replace("${precision}", precision),
                  "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared, w8a8),
                  "down_scale_args": _scale_args("down", fp8, prequant, shared, w8a8),
@@ -577,17 +603,19 @@ FP8_CANDIDATES = [
 
 def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, device, activation="silu",
          shared: int = 0, weight_format: str = "float", transposed: tuple[bool, bool] = (False, False),
-         biases: bool = False, interleaved: bool = False) -> dict:
+         biases: bool = False, interleaved: bool = False, gated: bool = True) -> dict:
     """The fastest candidate for this shape's token bucket on this GPU (cached on disk), timed on random
     routing over real-shaped random weights (and ``shared`` shared experts of the same size), in the experts'
     ``weight_format`` ("float", or FP8 as "fp8-block" W8A8 and "fp8-block-weight" W8A16) and stored layout
     (``transposed``: gate/up stored [E, H, 2I], down [E, I, H]; the tiles read those along N), with expert
-    ``biases`` and ``interleaved`` gate/up rows as the model has them. Off the GPU: the tile table."""
+    ``biases`` and ``interleaved`` gate/up rows as the model has them, or ungated (``gated=False``). Off the GPU: the
+    tile table."""
     fp8 = weight_format != "float"
     if torch.device(device).type != "cuda":
         cfg = config_for(tokens * (k + shared), experts + shared)
         return {**cfg, "BLOCK_K": FP8_BLOCK} if fp8 else cfg
-    gen = kernels_for(dtype, activation, shared=shared > 0, weight_format=weight_format, biases=biases)
+    gen = kernels_for(dtype, activation, shared=shared > 0, weight_format=weight_format, biases=biases, gated=gated)
+    rows = 2 * inter if gated else inter  # of the first projection
 
     @autotune.once
     def inputs():  # made only if the choice is timed: V2-Lite's experts are a gigabyte of random weights
@@ -597,7 +625,7 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
         routings = [torch.rand(tokens, experts, device=device).argsort(dim=-1)[:, :k]
                     for _ in range(max(1, min(8, experts // max(tokens * k, 1))))]
         weights = torch.rand(tokens, k, device=device)
-        w_gate_up = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
+        w_gate_up = torch.randn(experts, rows, hidden, device=device, dtype=dtype) / hidden**0.5
         w_down = torch.randn(experts, hidden, inter, device=device, dtype=dtype) / inter**0.5
         scales = None
         if fp8:
@@ -614,7 +642,9 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
             if fp8:  # FP8 shared experts beside FP8 routed ones, as the moe pass runs them
                 parts = [quant_kernels.quantize_weight(w, "fp8-block") for w in shared_weights]
                 shared_weights, shared_scales = tuple(q for q, _ in parts), tuple(s for _, s in parts)
-        bias = (torch.zeros(experts, 2 * inter, device=device, dtype=dtype),
+            if not gated:
+                shared_weights = (None, *shared_weights[1:])
+        bias = (torch.zeros(experts, rows, device=device, dtype=dtype),
                 torch.zeros(experts, hidden, device=device, dtype=dtype)) if biases else None
         return x, routings, weights, w_gate_up, w_down, scales, shared_weights, shared_scales, bias
 
@@ -623,7 +653,7 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
         for ids in routings:
             moe_experts(x, ids, weights, w_gate_up, w_down, activation, config=cfg, shared=shared_weights,
                         weight_scales=scales, act_quant=weight_format == "fp8-block", shared_scales=shared_scales,
-                        biases=bias, interleaved=interleaved)
+                        biases=bias, interleaved=interleaved, gated=gated)
 
     key = (f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
            + "".join(f"-{name}T" for name, flip in zip(("gate_up", "down"), transposed) if flip)
@@ -724,6 +754,7 @@ def moe_experts(
     shared_scales: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     biases: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     interleaved: bool = False,
+    gated: bool = True,
 ) -> torch.Tensor:
     """x [T, H], topk_ids/topk_weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H] in x.dtype.
     ``deterministic``: the k contributions of a token are summed in a fixed order (True), or atomically
@@ -741,18 +772,22 @@ def moe_experts(
     ``interleaved``: w_gate_up's rows alternate gate, up (GPT-OSS: gate = rows 0::2, up = rows 1::2), not gate
     then up halves. ``biases``: each expert's (gate/up [E, 2I], in w_gate_up's row order, and down [E, H])
     biases, added before the activation and before the routing weight (float weights, no shared experts).
+    ``gated=False``: ungated experts, down(act(up(x))) (Nemotron-H's): w_gate_up is the up weights [E, I, H] alone,
+    a shared MLP's gate None (float weights, an unclamped activation).
 
     Traceable: under make_fx the launches become Inductor's user-defined-Triton-kernel nodes."""
     _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale, weight_scales, shared_scales, biases,
-           interleaved)
+           interleaved, gated)
     fp8 = weight_scales is not None
     t, hidden = x.shape
     routed, two_i, _ = w_gate_up.shape
-    inter = two_i // 2
+    inter = two_i // 2 if gated else two_i
     n_shared = 0
     if shared is not None:
-        n_shared = shared[0].shape[0] // inter
+        n_shared = shared[1].shape[0] // inter
         shared_gate, shared_up, shared_down = shared  # read where they are, in either layout
+        if not gated:
+            shared_gate = shared_up  # (never read: no gate rows)
         if shared_gate.stride() != shared_up.stride():  # the kernel steps through both with one pair of strides
             shared_gate, shared_up = shared_gate.contiguous(), shared_up.contiguous()
     num_experts = routed + n_shared
@@ -805,7 +840,7 @@ def moe_experts(
         capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None, weight_format=weight_format,
-                      biases=biases is not None)
+                      biases=biases is not None, gated=gated)
     a, a_scales, h_scales = x, None, None  # the gate/up kernel's A operand
     if prequant:
         a, a_scales = quant_kernels.prequantize_activations(x, FP8_BLOCK, interpret)
@@ -830,6 +865,8 @@ def moe_experts(
                 args.update({"OutScale": h_scales, "stride_osm": h_scales.stride(0)})
         return args
     def gate_up_rows(stride):  # (the gate rows' stride, the up rows' offset from them), in elements
+        if not gated:  # the up rows alone
+            return stride, 0
         return (2 * stride, stride) if interleaved else (stride, inter * stride)
 
     def bias_args(i):  # the biased kernels' bias arguments
@@ -874,9 +911,12 @@ def moe_experts(
 
 
 def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_scale=None, weight_scales=None,
-           shared_scales=None, biases=None, interleaved=False):
+           shared_scales=None, biases=None, interleaved=False, gated=True):
     if x.dim() != 2:
         raise ValueError(f"moe: x must be [tokens, hidden], got {tuple(x.shape)}")
+    if not gated:
+        _check_ungated(x, w_gate_up, w_down, shared, weight_scales, biases, interleaved)
+        return _check_routing(x, topk_ids, topk_weights, shared, shared_scale)
     if (biases is not None or interleaved) and (weight_scales is not None or shared is not None):
         raise ValueError("moe: expert biases and interleaved gate/up rows are supported with float weights and no "
                          "shared experts")
@@ -903,8 +943,6 @@ def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_sca
     if h != x.shape[1] or two_i % 2 or tuple(w_down.shape) != (e, h, two_i // 2):
         raise ValueError(f"moe: expert weight shapes {tuple(w_gate_up.shape)} / {tuple(w_down.shape)} do not fit "
                          f"hidden size {x.shape[1]}")
-    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-        raise ValueError("moe: topk_ids and topk_weights must both be [tokens, k]")
     if shared is not None:
         gate, up, down = shared
         si = gate.shape[0]
@@ -926,6 +964,37 @@ def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_sca
             if got != want or any(s.dtype != torch.float32 for s in shared_scales):
                 raise ValueError(f"moe: FP8 shared expert scales must be fp32 {want} (one per 128 x 128 block), "
                                  f"got {got}")
+    _check_routing(x, topk_ids, topk_weights, shared, shared_scale)
+
+
+def _check_ungated(x, w_up, w_down, shared, weight_scales, biases, interleaved):
+    if weight_scales is not None or interleaved:
+        raise ValueError("moe: ungated experts take float weights (no FP8 scales) and no gate rows to interleave")
+    if x.dtype not in TRITON_DTYPES or w_up.dtype != x.dtype or w_down.dtype != x.dtype:
+        raise TypeError(f"moe: expert weights must be in x's float dtype (x {x.dtype}, up {w_up.dtype}, "
+                        f"down {w_down.dtype})")
+    e, inter, h = w_up.shape
+    if h != x.shape[1] or tuple(w_down.shape) != (e, h, inter):
+        raise ValueError(f"moe: ungated expert weight shapes {tuple(w_up.shape)} / {tuple(w_down.shape)} are not up "
+                         f"[E, I, H] and down [E, H, I] for hidden size {x.shape[1]}")
+    if biases is not None:
+        got = tuple(tuple(b.shape) for b in biases)
+        if shared is not None or got != ((e, inter), (e, h)) or any(b.dtype != x.dtype for b in biases):
+            raise ValueError(f"moe: ungated expert biases must be [{e}, {inter}] (up) and [{e}, {h}] (down) in x's "
+                             f"dtype, with no shared experts, got {got}")
+    if shared is not None:
+        gate, up, down = shared
+        si = up.shape[0]
+        if (gate is not None or tuple(up.shape) != (si, h) or tuple(down.shape) != (h, si) or si % inter
+                or si == 0 or up.dtype != x.dtype or down.dtype != x.dtype):
+            raise ValueError(f"moe: an ungated shared MLP is up [S*I, H] and down [H, S*I] in x's dtype for I={inter}, "
+                             f"no gate; got {None if gate is None else tuple(gate.shape)} / {tuple(up.shape)} / "
+                             f"{tuple(down.shape)}")
+
+
+def _check_routing(x, topk_ids, topk_weights, shared, shared_scale):
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError("moe: topk_ids and topk_weights must both be [tokens, k]")
     if shared_scale is not None:
         if shared is None:
             raise ValueError("moe: a shared_scale without shared expert weights")
@@ -1013,11 +1082,12 @@ def reference_shared_act_quant(x, gate, up, down, activation: str = "silu", comp
 
 
 def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu", shared=None,
-              shared_scale=None, biases=None, interleaved: bool = False) -> torch.Tensor:
+              shared_scale=None, biases=None, interleaved: bool = False, gated: bool = True) -> torch.Tensor:
     """Plain torch, one expert at a time, as the models write it (fp32 accumulation of the k slots), plus the
     shared MLP (gate, up, down weights) if given, times ``shared_scale`` per token if given; each projection plus
     its expert's bias with ``biases`` (gate/up [E, 2I], down [E, H]), gate and up rows alternating with
-    ``interleaved``."""
+    ``interleaved``; ungated experts (w_gate_up the up weights alone, a shared MLP's gate None) with
+    ``gated=False``."""
     t, hidden = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.zeros(t, hidden, dtype=acc, device=x.device)
@@ -1027,12 +1097,13 @@ def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "s
             continue
         b1, b2 = (None, None) if biases is None else (b[e].to(x.dtype) for b in biases)
         both = torch.nn.functional.linear(x[token], w_gate_up[e].to(x.dtype), b1)
-        gate, up = (both[:, 0::2], both[:, 1::2]) if interleaved else both.chunk(2, dim=-1)
+        gate, up = ((None, both) if not gated else (both[:, 0::2], both[:, 1::2]) if interleaved else
+                    both.chunk(2, dim=-1))
         y = torch.nn.functional.linear(glu(activation, gate, up), w_down[e].to(x.dtype), b2)
         out.index_add_(0, token, y.to(acc) * topk_weights[token, slot, None].to(acc))
     if shared is not None:
-        gate, up, down = (w.to(x.dtype) for w in shared)
-        y = torch.nn.functional.linear(glu(activation, torch.nn.functional.linear(x, gate),
+        gate, up, down = (None if w is None else w.to(x.dtype) for w in shared)
+        y = torch.nn.functional.linear(glu(activation, None if gate is None else torch.nn.functional.linear(x, gate),
                                            torch.nn.functional.linear(x, up)), down).to(acc)
         out += y if shared_scale is None else y * shared_scale.reshape(-1, 1).to(acc)
     return out.to(x.dtype)
