@@ -270,8 +270,24 @@ def _attention_output(graph: fx.Graph, anchor: fx.Node) -> Optional[fx.Node]:
             continue
         source = activation_source(m)  # before a quantize-dequantize, for an FP8 o_proj
         data = [source] if source in down else data
-        return data[0] if post_dominates(data[0], anchor) else None
+        out = _ungated(data[0], down)
+        return out if post_dominates(out, anchor) else None
     return None
+
+
+def _ungated(node: fx.Node, down: set) -> fx.Node:
+    """The attention's output before an output gate (A.X K2's attn * sigmoid(x . W_gate), which then stays with
+    Inductor): through layout ops and casts, the operand of a product whose other operand the softmax does not
+    reach; ``node`` itself without such a gate."""
+    seen = node
+    while seen.op == "call_function" and (seen.target in LAYOUT or seen.target in CASTS):
+        seen = seen.args[0]
+    if seen.target != aten.mul.Tensor or len(seen.args) != 2 or not all(isinstance(a, fx.Node) for a in seen.args):
+        return node
+    attn, gate = seen.args if seen.args[0] in down else seen.args[::-1]
+    if attn not in down or gate in down or value(attn) is None or value(gate) is None:
+        return node
+    return attn
 
 
 # -- the region ------------------------------------------------------------------------------------------------
@@ -379,6 +395,14 @@ def _region_for(graph, anchor, out, w, c_kv, order):
                     region.add(a)
                     grew = True
     region = sorted(region, key=order.__getitem__)
+    # a per-head key or value the graph returns: the model caches them expanded (transformers' DeepseekV32 does)
+    from_w = descendants([w])
+    cached = [n for n in region if n is not out and n in from_w and value(n) is not None and value(n).dim() == 4
+              and any(u.op == "output" for u in n.users)]
+    if cached:
+        return (f"{cached[0].name} {[hint(d) for d in value(cached[0]).shape]}, per-head keys or values made from the "
+                "latent, is an output of the graph: the model caches its keys and values expanded, which a latent "
+                "attention never forms (without that cache, use_cache=False, it is fused)")
     reason = escape_reason(region, [out])
     if reason:
         return reason

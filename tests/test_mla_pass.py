@@ -233,7 +233,15 @@ def test_deepseek_v32_sparse_attention(use_cache, v_head_dim):
     cfg = transformers.DeepseekV32Config(**{**HF_COMMON, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
                                             "v_head_dim": v_head_dim},
                                          q_lora_rank=24, index_n_heads=2, index_head_dim=16, index_topk=4)
-    model = transformers.DeepseekV32ForCausalLM(cfg).eval()
+    declined = _sparse_attention_checked(transformers.DeepseekV32ForCausalLM(cfg).eval(), use_cache)
+    assert all(d.reason.startswith("keys and values both come from") and f"[{4 * (16 + v_head_dim)}, 32]"
+               in d.reason for d in declined)
+
+
+def _sparse_attention_checked(model, use_cache: bool) -> list:
+    """``model`` (a sparse latent attention, two layers, an indexer keeping 4 keys) compiled on 9 tokens against
+    eager: without a cache both attentions fused, the indexer's mask read; with transformers' cache both declined
+    saying it holds the keys and values expanded. The declines."""
     model.config.use_cache = use_cache
     ids = torch.randint(0, 256, (1, 9))  # more tokens than the indexer keeps: a mask that hides some
     report = deepfuse.Report()
@@ -243,11 +251,29 @@ def test_deepseek_v32_sparse_attention(use_cache, v_head_dim):
     declined = [d for d in report.declined if d.family == "mla"]
     if use_cache:
         assert not _mla_matches(report) and len(declined) == 2, str(report)
-        assert all(d.reason.startswith("keys and values both come from") and f"[{4 * (16 + v_head_dim)}, 32]"
-                   in d.reason for d in declined), str(report)
+        assert all("caches its keys and values expanded" in d.reason and "use_cache=False" in d.reason
+                   for d in declined), str(report)
     else:
         assert len(_mla_matches(report)) == 2 and not declined, str(report)
         assert all(m.params["mask"] for m in _mla_matches(report)), str(report)
+    return declined
+
+
+# Sparse (DSA) latent attention in families the matcher was not written against: an indexer's top-k masks the keys.
+DSA = {"GlmMoeDsa": "glm_moe_dsa", "AXK2": "axk2"}
+
+
+@pytest.mark.parametrize("family", sorted(DSA))
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_sparse_latent_attention_in_families_it_was_not_written_against(family, use_cache):
+    """GLM-MoE-DSA and A.X K2 (transformers 5.17, tiny): without a cache, fused with the indexer's mask read as the
+    attention's (A.X K2's output gate, attn * sigmoid(x . W_gate), left after the fused attention); with
+    transformers' cache, which holds the keys and values expanded, declined saying so."""
+    if not hasattr(transformers, family + "Config"):
+        pytest.skip(f"this transformers has no {family}")
+    cfg = getattr(transformers, family + "Config")(**{**HF_COMMON, "first_k_dense_replace": 1, "head_dim": 8},
+                                                   q_lora_rank=24, index_n_heads=2, index_head_dim=16, index_topk=4)
+    _sparse_attention_checked(getattr(transformers, family + "ForCausalLM")(cfg).eval(), use_cache)
 
 
 class LatentAttention(torch.nn.Module):
