@@ -119,15 +119,16 @@ def mla_prefill():
                {"scale": "fp32"}, constexprs)
 
 
-def moe_experts(weight_format: str, kind: str = "gate_up"):
+def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True):
     """The experts' gate/up (or down) kernel at V2-Lite's MoE (hidden 2048, intermediate 1408, top-6 of 64 plus
-    2 shared experts in the same launch), one token (DIRECT), over each decode tile candidate of its format."""
+    2 shared experts in the same launch), one token (DIRECT), over each decode tile candidate of its format; with
+    ``gated=False`` the ungated experts' up kernel (squared ReLU) at the same shape."""
     from deepfuse.runtime.kernels import moe
 
     fp8 = weight_format != "float"
     name = "moe_gate_up_act_kernel" if kind == "gate_up" else "moe_down_weighted_kernel"
-    fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py", shared=True,
-                         weight_format=weight_format).function(name)
+    fn = moe.kernels_for(torch.bfloat16, "silu" if gated else "relu2", "bench/kernel_resources.py", shared=True,
+                         weight_format=weight_format, gated=gated).function(name)
     w = "*fp8e4nv" if fp8 else "*bf16"
     pointers = {"X": "*bf16", "H": "*bf16", "W": w, "SharedGate": w, "SharedUp": w, "SharedDown": w,
                 "Out": "*bf16", "SortedSlots": "*i64", "BlockExpert": "*i64", "NumPadded": "*i64",
@@ -137,14 +138,16 @@ def moe_experts(weight_format: str, kind: str = "gate_up"):
     candidates = moe.FP8_CANDIDATES if fp8 else moe.CANDIDATES
     for c in (c for c in candidates if c.get("N_FASTEST") and not c.get("PREQUANT")):
         bn = c["BLOCK_N"] if kind == "gate_up" else c.get("BLOCK_N_DOWN", c["BLOCK_N"])
-        # stride_wk is 1 (K innermost, as the pass hands the weights over): a launch specializes a 1 as a constant
+        # stride_wk and the shared weights' stride_sk are 1 (K innermost, as the pass hands the weights over): a
+        # launch specializes a 1 as a constant
         constexprs = {"N": n, "K": k, "TOP_K": 8, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn,
                       "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "EXACT_FP8_ROUNDING": False,
-                      "ATOMIC": False, "SHARED_SCALED": False, "SWAP_AB": c.get("SWAP_AB", False), "stride_wk": 1}
+                      "ATOMIC": False, "SHARED_SCALED": False, "SWAP_AB": c.get("SWAP_AB", False), "stride_wk": 1,
+                      "stride_sk": 1}
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         config = {"BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": c["num_stages"],
                   **({"SWAP_AB": True} if c.get("SWAP_AB") else {})}
-        yield config, fn, pointers, {}, constexprs
+        yield config, fn, pointers, {}, constexprs, ("up_offset",)  # (the up rows' offset: a multiple of 16)
 
 
 def rms_norm(residual: bool):
@@ -253,7 +256,8 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
            "fp8_gemm": fp8_gemm, "fp8_decode": fp8_decode, "act_quant": act_quant,
            **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
               for kind in ("gate_up", "down")
-              for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))}}
+              for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))},
+           "moe_up_ungated": lambda: moe_experts("float", "gate_up", gated=False)}
 
 
 def main():
