@@ -185,46 +185,61 @@ class MoEPass:
         if impl == "reference":
             return {"routing": "aten (reference kernels)"}
         found = _routing_region(topk, weights, ids)
-        spec = _verify_routing(*found, weights, ids) if not isinstance(found, str) else found
-        if isinstance(spec, str):
-            log.info("moe routing at %s (%s) stays unfused but for its top-k: %s", where[1] or "?", where[0], spec)
-            return {"routing": f"{self._rewrite_router_topk(graph, topk, impl, inline, where)} ({spec})"}
-        region, logits, bias = found
-        if bias is not None and value(bias).dim() != 1:  # the kernels take it flat: [1, E] viewed as [E]
+        checked = _verify_routing(*found, weights, ids) if not isinstance(found, str) else found
+        if isinstance(checked, str):
+            log.info("moe routing at %s (%s) stays unfused but for its top-k: %s", where[1] or "?", where[0], checked)
+            return {"routing": f"{self._rewrite_router_topk(graph, topk, impl, inline, where)} ({checked})"}
+        region, logits, _ = found
+        spec, bias, expert_scale = checked
+
+        def flat(vector):  # the kernels take [E]: a [1, E] (Ernie 4.5's bias) viewed as [E]
+            if vector is None or value(vector).dim() == 1:
+                return vector
             with graph.inserting_before(logits):
-                flat = graph.call_function(aten.view.default, (bias, [value(bias).shape[-1]]))
-            flat.meta["val"] = value(bias).reshape(-1)
-            bias = flat
+                node = graph.call_function(aten.view.default, (vector, [value(vector).shape[-1]]))
+            node.meta["val"] = value(vector).reshape(-1)
+            return node
+
+        bias, expert_scale = flat(bias), flat(expert_scale)
+        vectors = tuple(v for v in (bias, expert_scale) if v is not None)
+
+        def split(rest):  # (bias, expert scale) from the launchers' trailing tensors
+            rest = list(rest)
+            return (rest.pop(0) if bias is not None else None), (rest.pop(0) if expert_scale is not None else None)
         out_dtype = value(weights).dtype
         origin = f"{where[1] or '?'} ({where[0]})"
         spec_args = (spec.top_k, spec.scoring, spec.groups, spec.topk_group, spec.group_score, spec.fill,
                      spec.renormalize, spec.scale, out_dtype, impl)
         matmul = _router_matmul(logits, region)
         if isinstance(matmul, dict) and impl == "triton" and not _fused_router_wins(matmul, logits, bias, spec,
-                                                                                    out_dtype, origin):
+                                                                                    out_dtype, origin, expert_scale):
             matmul = "the graph's matmul then the routing kernel timed faster on this GPU"
         if isinstance(matmul, dict):  # the logits' matmul in deepfuse's launches
             region = list(region) + matmul["nodes"]
             mm_dtype = value(logits).dtype
-            args = (matmul["x"], matmul["w"]) + ((bias,) if bias is not None else ())
+            args = (matmul["x"], matmul["w"]) + vectors
 
-            def launcher(x_, w_, bias_=None):
-                return routing.route_hidden(x_, w_, bias_, spec, out_dtype, mm_dtype, origin=origin)
+            def launcher(x_, w_, *rest):
+                bias_, scale_ = split(rest)
+                return routing.route_hidden(x_, w_, bias_, spec, out_dtype, mm_dtype, origin=origin,
+                                            expert_scale=scale_)
 
             op = torch.ops.deepfuse.moe_router.default
 
             def op_args():
-                return (matmul["x"], matmul["w"], bias, mm_dtype, *spec_args)
+                return (matmul["x"], matmul["w"], bias, mm_dtype, *spec_args) + (
+                    (expert_scale,) if expert_scale is not None else ())
         else:
-            args = (logits, bias) if bias is not None else (logits,)
+            args = (logits,) + vectors
 
-            def launcher(logits_, bias_=None):
-                return routing.route(logits_, bias_, spec, out_dtype, origin=origin)
+            def launcher(logits_, *rest):
+                bias_, scale_ = split(rest)
+                return routing.route(logits_, bias_, spec, out_dtype, origin=origin, expert_scale=scale_)
 
             op = torch.ops.deepfuse.moe_routing.default
 
             def op_args():
-                return (logits, bias, *spec_args)
+                return (logits, bias, *spec_args) + ((expert_scale,) if expert_scale is not None else ())
         binding = RegionBinding(region, [weights, ids])
         if impl == "triton" and inline:
             replace_region_inline_or_op(graph, binding, launcher, args, op, op_args, 2)
@@ -620,6 +635,21 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
         if _reaches_output_directly(topk, hidden):
             return _graph_break_reason()
         return "no [tokens, hidden] value that every path from the router passes through"
+    found = _region_to(graph, topk, ids, t, k, down, out)
+    if isinstance(found, str):
+        # Experts over a latent (Nemotron-3-Super's: x projected to a narrower width before them, their sum
+        # projected back after): the region to the first [tokens, width] value the router's paths all pass
+        # through at another width, when that one takes in experts the check can then run.
+        for latent in _post_dominators(graph, topk, down, t, exclude=hidden):
+            at_latent = _region_to(graph, topk, ids, t, k, down, latent)
+            if not isinstance(at_latent, str) and hint(value(at_latent[1]["x"]).shape[1]) == hint(
+                    value(latent).shape[1]):
+                return at_latent
+    return found
+
+
+def _region_to(graph, topk, ids, t, k, down, out):
+    """``_experts_region`` once its output ``out`` is chosen."""
     upstream = ancestors([out])
     candidates = [n for n in down & upstream if n is not out]
     # The routing weights: the last [T, k] float value on the way (after gather / renormalize / scale).
@@ -690,16 +720,23 @@ def _reaches_output_directly(topk: fx.Node, hidden: int) -> bool:
 
 
 def _post_dominator(graph, topk, down, t, hidden) -> Optional[fx.Node]:
+    """The first [t, hidden] float value every path from ``topk`` to the outputs passes through."""
+    return next(_post_dominators(graph, topk, down, t, hidden=hidden), None)
+
+
+def _post_dominators(graph, topk, down, t, hidden=None, exclude=None):
+    """The [t, width] float values every path from ``topk`` to the outputs passes through, in graph order: of
+    width ``hidden`` if given, else of any width but ``exclude``."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for cand in sorted(down, key=order.__getitem__):
         val = value(cand)
         if val is None or val.dim() != 2 or not val.dtype.is_floating_point or cand is topk:
             continue
-        if hint(val.shape[0]) != hint(t) or hint(val.shape[1]) != hidden:
+        width = hint(val.shape[1])
+        if hint(val.shape[0]) != hint(t) or (width != hidden if hidden is not None else width == exclude):
             continue
         if post_dominates(cand, topk):  # every path from the router to the outputs passes through cand
-            return cand
-    return None
+            yield cand
 
 
 def _is(node, shape, floating) -> bool:
@@ -854,10 +891,14 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
                 (bias, interleaved) for interleaved in ((False, True) if gated else (False,))
                 for bias in _bias_orders(biases, inter, hidden, gated)]
             acts = [a_ for a_ in (activations if not quantized else ACTIVATIONS) if gated or a_ in ACTIVATIONS]
-            for (bias, interleaved), act in itertools.product(forms, acts):
-                want = kernel.reference(x.to(acc), ids, weights.to(acc), a, b, act, biases=bias and tuple(
-                    real[n].to(acc) for n in bias), interleaved=interleaved, gated=gated)
-                if rel_err(got[-1], want.float()) >= tol:
+            for bias, interleaved in forms:
+                # the activation nearest the region's, not the first within the tolerance: GELU's erf and tanh
+                # forms differ by less than a bf16 check tells apart, and the kernel then computes the other one
+                errors = {act: rel_err(got[-1], kernel.reference(
+                    x.to(acc), ids, weights.to(acc), a, b, act, biases=bias and tuple(real[n].to(acc) for n in bias),
+                    interleaved=interleaved, gated=gated).float()) for act in acts}
+                act = min(errors, key=errors.__getitem__)
+                if errors[act] >= tol:
                     continue
                 if bias or interleaved or act not in ACTIVATIONS or not gated:
                     return found(gate_up, down, t1, t2, inter, gated, act, bias, interleaved, act_quant=False)
@@ -868,12 +909,13 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
                 return found(gate_up, down, t1, t2, inter, gated, act, act_quant=quantized)
         if not quantized and not biases:  # the routing weights may scale the experts' input (Llama 4), after a sigmoid
             gated_layouts = [layout for layout in layouts if layout[-1]]
-            for (gate_up, down, t1, t2, inter, _), act, scale in itertools.product(gated_layouts, ACTIVATIONS,
-                                                                                   INPUT_SCALES):
+            for (gate_up, down, t1, t2, inter, _), scale in itertools.product(gated_layouts, INPUT_SCALES):
                 a = real[gate_up].transpose(1, 2) if t1 else real[gate_up]
                 b = real[down].transpose(1, 2) if t2 else real[down]
-                want = input_weighted(kernel.reference, x.to(acc), ids, weights, scale, a, b, act)
-                if rel_err(got[-1], want.float()) < tol:
+                errors = {act: rel_err(got[-1], input_weighted(kernel.reference, x.to(acc), ids, weights, scale, a, b,
+                                                               act).float()) for act in ACTIVATIONS}
+                act = min(errors, key=errors.__getitem__)  # (the nearest, as above)
+                if errors[act] < tol:
                     return found(gate_up, down, t1, t2, inter, True, act, act_quant=False, input_weighted=scale)
     return "the region downstream of the router is not the routed-experts computation (checked on random inputs)"
 
@@ -1324,8 +1366,9 @@ def fused_halves(w: torch.Tensor, transposed: bool, order: str) -> tuple[torch.T
 
 
 def _routing_region(topk: fx.Node, weights: fx.Node, ids: fx.Node):
-    """(region, logits, bias): what computes the experts' weights and ids from the router's logits, and the
-    [E] score-correction bias it reads if any; or why it cannot be taken whole."""
+    """(region, logits, vectors): what computes the experts' weights and ids from the router's logits, and the
+    [E] tensors it reads (up to two: a score-correction bias, a per-expert scale; which is which the check
+    tells); or why it cannot be taken whole."""
     mms = [n for n in _router(topk) if n.target in (aten.mm.default, aten.addmm.default, aten.bmm.default)]
     if len(mms) != 1:
         return f"{len(mms)} router matmuls feed the top-k, expected one"
@@ -1336,7 +1379,7 @@ def _routing_region(topk: fx.Node, weights: fx.Node, ids: fx.Node):
     e = hint(lv.shape[1])
     sizes = lambda n: isinstance(n.meta.get("val"), (torch.SymInt, int))  # noqa: E731  (constants in the check)
     region = ancestors([weights, ids], blocked={logits}, stop=sizes)
-    bias = None
+    vectors = []
     for n in list(region):
         if n.op not in ("placeholder", "get_attr"):
             continue
@@ -1345,13 +1388,14 @@ def _routing_region(topk: fx.Node, weights: fx.Node, ids: fx.Node):
         if val is None or val.numel() == 1:
             continue  # a scalar constant; the check runs it as it is
         shape = tuple(hint(d) for d in val.shape)
-        if bias is None and val.dtype.is_floating_point and shape[-1:] == (e,) and all(d == 1 for d in shape[:-1]):
-            bias = n  # [E], or [1, E] as Ernie 4.5 holds it (read through a squeeze)
+        if len(vectors) < 2 and val.dtype.is_floating_point and shape[-1:] == (e,) and all(d == 1 for d in shape[:-1]):
+            vectors.append(n)  # [E], or [1, E] as Ernie 4.5 holds its bias (read through a squeeze)
             continue
-        return f"the router reads a tensor besides its logits and an [experts] bias ({n.name})"
+        return f"the router reads a tensor besides its logits and [experts] vectors (a bias, a scale) ({n.name})"
     if len(region) > 200:
         return f"the router region holds {len(region)} nodes: not a router"
-    return sorted(region, key={n: i for i, n in enumerate(topk.graph.nodes)}.__getitem__), logits, bias
+    order = {n: i for i, n in enumerate(topk.graph.nodes)}
+    return sorted(region, key=order.__getitem__), logits, sorted(vectors, key=order.__getitem__)
 
 
 def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
@@ -1385,7 +1429,7 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
 
 
 def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[fx.Node], spec, out_dtype,
-                       origin: str) -> bool:
+                       origin: str, expert_scale: Optional[fx.Node] = None) -> bool:
     """Does deepfuse's router matmul (route_hidden) beat the graph's form (its casts, cuBLAS's matmul, then the
     routing kernel) on this GPU? Timed at compile time on random tensors of the real shapes and strides, each
     replayed as a CUDA graph over enough router-weight copies to pass twice the L2 (at most 256), cached per
@@ -1399,17 +1443,18 @@ def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[f
 
         @autotune.once
         def inputs():  # made only if the choice is timed
+            vector = lambda v: (None if v is None else  # noqa: E731
+                                torch.randn(wv.shape[0], dtype=value(v).dtype, device=device))
             return (torch.randn(tuple(xv.shape), dtype=xv.dtype, device=device),
-                    autotune.cold_copies(wv, device, cap=256),
-                    torch.randn(wv.shape[0], dtype=value(bias).dtype, device=device) if bias is not None else None)
+                    autotune.cold_copies(wv, device, cap=256), vector(bias), vector(expert_scale))
 
         def run(cfg):
-            x, ws, b = inputs()
+            x, ws, b, s = inputs()
             for w in ws:
                 if cfg["fused"]:
-                    routing.route_hidden(x, w, b, spec, out_dtype, mm_dtype, origin=origin)
+                    routing.route_hidden(x, w, b, spec, out_dtype, mm_dtype, origin=origin, expert_scale=s)
                 else:
-                    routing.route(torch.mm(x.to(mm_dtype), w.to(mm_dtype).t()), b, spec, out_dtype)
+                    routing.route(torch.mm(x.to(mm_dtype), w.to(mm_dtype).t()), b, spec, out_dtype, expert_scale=s)
 
         key = (f"moe_router|{wv.shape[0]}x{wv.shape[1]}|{wv.dtype}|{xv.dtype}->{mm_dtype}|"
                f"{routing.kernel_for(spec, origin, router_matmul=mm_dtype).key}")
@@ -1417,9 +1462,10 @@ def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[f
         return autotune.choose(key, xv.shape[0], [{"fused": False}, {"fused": True}], run, device)["fused"]
 
 
-def _verify_routing(region, logits, bias, weights, ids) -> Union[routing.RoutingSpec, str]:
-    """The ``RoutingSpec`` the region computes: candidates read off its nodes, each run against the region on
-    random logits (and biases), the first to route every token alike is it. Else why none is."""
+def _verify_routing(region, logits, vectors, weights, ids):
+    """(the ``RoutingSpec`` the region computes, its bias node, its per-expert scale node): candidates read off
+    its nodes, each with each role for the [E] ``vectors`` it reads, run against the region on random logits (and
+    vectors); the first to route every token alike is it. Else why none is."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     lv, idv = value(logits), value(ids)
@@ -1427,8 +1473,7 @@ def _verify_routing(region, logits, bias, weights, ids) -> Union[routing.Routing
     k = hint(idv.shape[1])
     if rows == 0:
         return "the traced router sees no tokens, so it cannot be checked"
-    module, consts = _region_module(region, [logits] + ([bias] if bias is not None else []), [weights, ids],
-                                    "the router")
+    module, consts = _region_module(region, [logits] + list(vectors), [weights, ids], "the router")
     if isinstance(module, str):
         return module
     out_dtype = value(weights).dtype
@@ -1443,29 +1488,36 @@ def _verify_routing(region, logits, bias, weights, ids) -> Union[routing.Routing
         draws = []
         for i in range(max(4, -(-64 // rows))):
             x = (_distinct_logits(rows, e, lv.dtype, gen) * (past if i % 2 else 1.0)).to(lv.dtype)
-            b = None if bias is None else (torch.randn(e, generator=gen, dtype=torch.float64) * 0.5)
-            inputs = [x.to(device)] + ([b.to(device, value(bias).dtype).view(value(bias).shape)] if b is not None
-                                       else [])
+            drawn = [(torch.randn(e, generator=gen, dtype=torch.float64) * 0.5).to(device, value(v).dtype).view(
+                value(v).shape) for v in vectors]
             try:
-                got = module(*inputs)
+                got = module(x.to(device), *drawn)
             except Exception as err:
                 return f"the router could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
-            draws.append((x.double(), None if b is None else inputs[1].double().cpu().reshape(e),
+            draws.append((x.double(), {v: d.double().cpu().reshape(e) for v, d in zip(vectors, drawn)},
                           (got[0].cpu(), got[1].cpu())))
-        for spec in _routing_candidates(region, consts, e, k, bias is not None):
-            try:
-                spec.check(e)
-            except ValueError:
-                continue
-            if not all(routing.same_routing(got, routing.reference(x, b, spec), 1e-12, ids_only=True)
-                       for x, b, got in draws):
-                continue
-            scale = _fitted_scale(draws, spec, consts)
-            if scale is None:
-                continue
-            spec = dataclasses.replace(spec, scale=scale)
-            if all(routing.same_routing(got, routing.reference(x, b, spec), rtol) for x, b, got in draws):
-                return spec
+        # which [E] vector is the bias (steering the choice) and which the per-expert scale (of the weights)
+        roles = ([(None, None)] if not vectors else [(vectors[0], None), (None, vectors[0])] if len(vectors) == 1
+                 else [(vectors[0], vectors[1]), (vectors[1], vectors[0])])
+        for bias, scale_vector in roles:
+            assigned = [(x, got_vectors.get(bias), got_vectors.get(scale_vector), got)
+                        for x, got_vectors, got in draws]
+            for spec in _routing_candidates(region, consts, e, k, bias is not None):
+                spec = dataclasses.replace(spec, expert_scale=scale_vector is not None)
+                try:
+                    spec.check(e)
+                except ValueError:
+                    continue
+                if not all(routing.same_routing(got, routing.reference(x, b, spec, expert_scale=sv), 1e-12,
+                                                ids_only=True) for x, b, sv, got in assigned):
+                    continue
+                scale = _fitted_scale(assigned, spec, consts)
+                if scale is None:
+                    continue
+                spec = dataclasses.replace(spec, scale=scale)
+                if all(routing.same_routing(got, routing.reference(x, b, spec, expert_scale=sv), rtol)
+                       for x, b, sv, got in assigned):
+                    return spec, bias, scale_vector
     return "the router is not one the routing kernel computes (checked on random logits)"
 
 
@@ -1547,8 +1599,8 @@ def _fitted_scale(draws, spec, consts) -> Optional[float]:
     """The constant the region's weights are the spec's unscaled weights times: a float the region multiplies
     (or divides) by, where one fits; else the least-squares value."""
     num = den = 0.0
-    for x, b, (w, i) in draws:
-        ref_w, ref_i = routing.reference(x, b, spec)
+    for x, b, expert_scale, (w, i) in draws:
+        ref_w, ref_i = routing.reference(x, b, spec, expert_scale=expert_scale)
         ours = w.double().gather(1, i.sort(dim=-1).indices)
         theirs = ref_w.gather(1, ref_i.sort(dim=-1).indices)
         num += float((ours * theirs).sum())

@@ -170,19 +170,22 @@ def _(scores, k, impl):
 @torch.library.custom_op("deepfuse::moe_routing", mutates_args=())
 def moe_routing(logits: torch.Tensor, bias: Optional[torch.Tensor], top_k: int, scoring: str, groups: int,
                 topk_group: int, group_score: str, fill: float, renormalize: bool, scale: float,
-                out_dtype: torch.dtype, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A router's logits [T, E] to (routing weights [T, top_k] in ``out_dtype``, int64 expert ids): see
-    ``deepfuse.runtime.kernels.routing``."""
+                out_dtype: torch.dtype, impl: str,
+                expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's logits [T, E] to (routing weights [T, top_k] in ``out_dtype``, int64 expert ids), the weights
+    times ``expert_scale`` [E] at their ids when given: see ``deepfuse.runtime.kernels.routing``."""
     _check_impl(impl)
     spec = _routing.RoutingSpec(top_k, scoring, bias is not None, groups, topk_group, group_score, fill,
-                                renormalize, scale)
+                                renormalize, scale, expert_scale is not None)
     if impl == "reference":
-        return _routing.reference(logits.float(), None if bias is None else bias.float(), spec, out_dtype)
-    return _routing.route(logits, bias, spec, out_dtype, interpret=impl == "interpret")
+        return _routing.reference(logits.float(), None if bias is None else bias.float(), spec, out_dtype,
+                                  None if expert_scale is None else expert_scale.float())
+    return _routing.route(logits, bias, spec, out_dtype, interpret=impl == "interpret", expert_scale=expert_scale)
 
 
 @moe_routing.register_fake
-def _(logits, bias, top_k, scoring, groups, topk_group, group_score, fill, renormalize, scale, out_dtype, impl):
+def _(logits, bias, top_k, scoring, groups, topk_group, group_score, fill, renormalize, scale, out_dtype, impl,
+      expert_scale=None):
     shape = (logits.shape[0], top_k)
     return logits.new_empty(shape, dtype=out_dtype), logits.new_empty(shape, dtype=torch.int64)
 
@@ -190,21 +193,24 @@ def _(logits, bias, top_k, scoring, groups, topk_group, group_score, fill, renor
 @torch.library.custom_op("deepfuse::moe_router", mutates_args=())
 def moe_router(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tensor], mm_dtype: torch.dtype,
                top_k: int, scoring: str, groups: int, topk_group: int, group_score: str, fill: float,
-               renormalize: bool, scale: float, out_dtype: torch.dtype, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+               renormalize: bool, scale: float, out_dtype: torch.dtype, impl: str,
+               expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``moe_routing`` of the logits ``x.to(mm_dtype) @ router_weight.to(mm_dtype).T`` (x [T, K], router_weight
     [E, K]), the router matmul in the same launch."""
     _check_impl(impl)
     spec = _routing.RoutingSpec(top_k, scoring, bias is not None, groups, topk_group, group_score, fill,
-                                renormalize, scale)
+                                renormalize, scale, expert_scale is not None)
     if impl == "reference":
         logits = torch.nn.functional.linear(x.to(mm_dtype), router_weight.to(mm_dtype))
-        return _routing.reference(logits.float(), None if bias is None else bias.float(), spec, out_dtype)
-    return _routing.route_hidden(x, router_weight, bias, spec, out_dtype, mm_dtype, interpret=impl == "interpret")
+        return _routing.reference(logits.float(), None if bias is None else bias.float(), spec, out_dtype,
+                                  None if expert_scale is None else expert_scale.float())
+    return _routing.route_hidden(x, router_weight, bias, spec, out_dtype, mm_dtype, interpret=impl == "interpret",
+                                 expert_scale=expert_scale)
 
 
 @moe_router.register_fake
 def _(x, router_weight, bias, mm_dtype, top_k, scoring, groups, topk_group, group_score, fill, renormalize, scale,
-      out_dtype, impl):
+      out_dtype, impl, expert_scale=None):
     shape = (x.shape[0], top_k)
     return x.new_empty(shape, dtype=out_dtype), x.new_empty(shape, dtype=torch.int64)
 

@@ -144,8 +144,13 @@ UNSEEN = {
     "NemotronH": (dict(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
                        moe_shared_expert_intermediate_size=64, layers_block_type=["attention", "moe"]),
                   "sigmoid, score-correction bias, top-2, renormalized", "fused: 2 always-chosen experts of 32"),
+    # a per-expert scale on the routing weights (the routing kernel's), tanh-GELU experts told from erf-GELU ones,
+    # and a dense MLP beside the experts, which is no shared MLP (it reads other hidden states)
+    "Gemma4Text": (dict(enable_moe_block=True, num_experts=8, top_k_experts=2, layer_types=["full_attention"] * 2,
+                        pad_token_id=0), "softmax, top-2, renormalized, x a per-expert scale", None),
 }
-ACTIVATION = {"GptOss": "swiglu_clamped(alpha=1.702, limit=7.0)", "NemotronH": "relu2"}  # silu otherwise
+ACTIVATION = {"GptOss": "swiglu_clamped(alpha=1.702, limit=7.0)", "NemotronH": "relu2",
+              "Gemma4Text": "gelu_tanh"}  # silu otherwise
 
 
 @pytest.mark.parametrize("family", sorted(UNSEEN))
@@ -310,6 +315,42 @@ def test_ungated_experts_are_fused(act, transposed, shared, want):
     assert m.params["activation"] == ("gelu" if act is F.gelu else "relu2") and "ungated" in m.params, m.params
     assert m.params.get("shared_experts") == want or m.params["shared_experts"].startswith(want), m.params
     assert m.params["gate_up_transposed"] == transposed
+
+
+class LatentExperts(torch.nn.Module):
+    """Routed experts over a latent: the router reads x, the experts a projection of x to a narrower width, and
+    their weighted sum is projected back (Nemotron-3-Super's MoE), plus a shared MLP on x."""
+
+    def __init__(self, h=32, latent=16, i=8, e=6):
+        super().__init__()
+        self.router = torch.nn.Linear(h, e, bias=False)
+        self.fc1, self.fc2 = torch.nn.Linear(h, latent, bias=False), torch.nn.Linear(latent, h, bias=False)
+        self.w1 = torch.nn.Parameter(torch.randn(e, 2 * i, latent) / latent ** 0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(e, latent, i) / i ** 0.5)
+        self.shared = torch.nn.Sequential(torch.nn.Linear(h, 2 * h), torch.nn.SiLU(), torch.nn.Linear(2 * h, h))
+
+    def forward(self, x):
+        weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
+        routed = gathered_experts(self.fc1(x), ids, weights / weights.sum(-1, keepdim=True), self.w1, self.w2, F.silu)
+        return self.fc2(routed) + self.shared(x)
+
+
+def test_experts_over_a_latent_are_fused():
+    """The experts region ends at the latent sum (the first value of its width every path from the router passes
+    through), the projections and the shared MLP staying with Inductor; Nemotron-H with its latent too."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    report = _compile_check(LatentExperts().eval(), (torch.randn(7, 32),), 1e-5, interpret=True)
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert (m.params["hidden"], m.params["intermediate"], m.params["activation"]) == (16, 8, "silu"), m.params
+    assert not [d for d in report.declined if d.family == "moe"], str(report)
+    cfg = transformers.NemotronHConfig(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16, **UNSEEN[
+        "NemotronH"][0], "moe_latent_size": 32, "layers_block_type": ["moe", "attention"]})
+    model = transformers.NemotronHForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[0].mixer.gate.weight.normal_()  # (initialized to zeros: every expert would tie)
+    report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert (m.params["hidden"], m.params["activation"]) == (32, "relu2") and "ungated" in m.params, m.params
 
 
 class SharedMLP(torch.nn.Module):

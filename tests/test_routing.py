@@ -1,5 +1,7 @@
 """MoE routing: the generated kernel against a float64 reference, and the pass that checks a graph's router
 before handing it to the kernel."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,6 +19,8 @@ SPECS = [
     RoutingSpec(1, "sigmoid", bias=True, groups=8, topk_group=1, group_score="top2_sum", fill=0.0),
     RoutingSpec(3, "none"),  # a bare top-k
     RoutingSpec(2, "sqrtsoftplus", bias=True, renormalize=True, scale=1.5),  # DeepSeek-V4
+    RoutingSpec(2, renormalize=True, expert_scale=True),  # Gemma 4: times each chosen expert's own scale
+    RoutingSpec(3, "sigmoid", bias=True, groups=4, topk_group=2, renormalize=True, scale=2.0, expert_scale=True),
 ]
 
 
@@ -25,7 +29,13 @@ MODEL_SPECS = [  # (spec, experts) of the real routers
     (RoutingSpec(8, "sigmoid", bias=True, groups=8, topk_group=4, group_score="top2_sum", renormalize=True,
                  scale=2.5), 256),  # V3
     (RoutingSpec(6, "sqrtsoftplus", bias=True, renormalize=True, scale=1.5), 256),  # V4
+    (RoutingSpec(8, renormalize=True, expert_scale=True), 128),  # Gemma 4 26B-A4B
 ]
+
+
+def _expert_scale(spec, e, gen, device="cpu"):
+    """A per-expert scale away from 1 (so an ignored one shows) when the spec takes one."""
+    return (torch.rand(e, generator=gen) + 0.5).to(device) if spec.expert_scale else None
 
 
 def _grid_logits(t, e, gen, span=2048):
@@ -54,8 +64,10 @@ def test_interpreted_routing_equals_float64(spec, dtype):
             continue
         logits = _grid_logits(t, 2 * e, gen)[:, ::2].to(dtype)  # non-contiguous rows
         bias = torch.randn(e, generator=gen) * 0.5 if spec.bias else None
-        weights, ids = routing.route(logits, bias, spec, dtype, interpret=True)
-        want = routing.reference(logits.double(), None if bias is None else bias.double(), spec)
+        scale = _expert_scale(spec, e, gen)
+        weights, ids = routing.route(logits, bias, spec, dtype, interpret=True, expert_scale=scale)
+        want = routing.reference(logits.double(), None if bias is None else bias.double(), spec,
+                                 expert_scale=None if scale is None else scale.double())
         assert weights.shape == ids.shape == (t, spec.top_k) and weights.dtype == dtype and ids.dtype == torch.int64
         assert routing.same_routing((weights, ids), want, 1e-5 if dtype == torch.float32 else 2e-3), spec
         assert all(len(set(row)) == spec.top_k for row in ids.tolist())  # each expert once per token
@@ -85,6 +97,17 @@ def test_interpreted_routing_ties_and_nan():
 def test_invalid_routing_is_a_clear_error(spec, experts, message):
     with pytest.raises(ValueError, match=message):
         routing.route(torch.randn(2, experts), None, spec, torch.float32, interpret=True)
+
+
+def test_a_per_expert_scale_must_match_the_spec():
+    with pytest.raises(ValueError, match="takes a per-expert scale of shape"):
+        routing.route(torch.randn(2, 8), None, RoutingSpec(2, expert_scale=True), torch.float32, interpret=True)
+    with pytest.raises(ValueError, match="has no per-expert scale"):
+        routing.route(torch.randn(2, 8), None, RoutingSpec(2), torch.float32, interpret=True,
+                      expert_scale=torch.ones(8))
+    with pytest.raises(ValueError, match=r"of shape \(8,\)"):
+        routing.route(torch.randn(2, 8), None, RoutingSpec(2, expert_scale=True), torch.float32, interpret=True,
+                      expert_scale=torch.ones(4))
 
 
 class _Router(torch.nn.Module):
@@ -167,6 +190,12 @@ def test_interpreted_router_matmul_equals_float64():
         logits = torch.nn.functional.linear(x.to(mm_dtype), w.to(mm_dtype))  # the graph's own rounding
         want = routing.reference(logits.double(), bias.double(), spec)
         got = routing.route_hidden(x, w, bias, spec, torch.float32, mm_dtype, interpret=True)
+        if mm_dtype == torch.float32:  # and with a per-expert scale on the weights (Gemma 4's)
+            scaled = dataclasses.replace(spec, expert_scale=True)
+            scale = torch.rand(16, generator=gen) + 0.5
+            got_scaled = routing.route_hidden(x, w, bias, scaled, torch.float32, mm_dtype, interpret=True,
+                                              expert_scale=scale)
+            assert torch.equal(got_scaled[1], got[1]) and torch.allclose(got_scaled[0], got[0] * scale[got[1]])
         # Rows whose choices (sigmoid + bias) lie within a few of the matmul dtype's ulps of each other may rank
         # those experts either way: the kernel's and torch's summation orders differ.
         choice = logits.double().sigmoid() + bias.double()
@@ -221,8 +250,10 @@ def test_gpu_routing_equals_float64(t, spec, experts, dtype):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     logits = _grid_logits(t, experts, gen, 256 if dtype == torch.bfloat16 else 2048).to("cuda", dtype)
     bias = (torch.randn(experts, generator=gen) * 0.5).cuda() if spec.bias else None
-    weights, ids = routing.route(logits, bias, spec, torch.float32)
-    want = routing.reference(logits.double(), None if bias is None else bias.double(), spec)
+    scale = _expert_scale(spec, experts, gen, "cuda")
+    weights, ids = routing.route(logits, bias, spec, torch.float32, expert_scale=scale)
+    want = routing.reference(logits.double(), None if bias is None else bias.double(), spec,
+                             expert_scale=None if scale is None else scale.double())
     assert routing.same_routing((weights, ids), want, 1e-5)
 
 
@@ -236,9 +267,11 @@ def test_gpu_router_matmul_equals_float64(t, spec, experts):
     x = torch.randn(t, 2048, device="cuda").bfloat16()
     w = (torch.randn(experts, 2048, device="cuda") / 2048 ** 0.5).bfloat16()
     bias = (torch.randn(experts, device="cuda") * 0.1) if spec.bias else None
+    scale = _expert_scale(spec, experts, torch.Generator().manual_seed(7), "cuda")
     logits = x.double() @ w.double().t()
-    got = routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32)
-    want = routing.reference(logits, None if bias is None else bias.double(), spec)
+    got = routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32, expert_scale=scale)
+    want = routing.reference(logits, None if bias is None else bias.double(), spec,
+                             expert_scale=None if scale is None else scale.double())
     choice = routing.reference_scores(logits, spec) + (0 if bias is None else bias.double())
     ranked = choice.sort(dim=-1, descending=True).values
     rows = (ranked[:, spec.top_k - 1] - ranked[:, spec.top_k] > 1e-5).cpu()  # the k-th choice clear of the next

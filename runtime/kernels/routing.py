@@ -6,7 +6,8 @@ Every router deepfuse has seen is one point of this space (``RoutingSpec``):
 3. optionally group-limited: the experts split into ``groups``; each group scored by its best choice or the
    sum of its best two; the experts of all but the ``topk_group`` best groups set to ``fill`` (0 or -inf);
 4. ids = the top-k of choice (ties to the lower index, NaN the largest, as torch.topk);
-5. weights = scores at ids, optionally renormalized to sum to one, times a scale.
+5. weights = scores at ids, optionally renormalized to sum to one, optionally times a per-expert scale at the ids
+   (Gemma 4's), times a scale.
 DeepSeek-V2 greedy and group-limited, V3's noaux_tc, Mixtral and Qwen-style routers are all here. The pass
 checks a graph's router against ``reference`` on random inputs before it uses the kernel.
 
@@ -57,6 +58,7 @@ class RoutingSpec:
     fill: float = float("-inf")
     renormalize: bool = False
     scale: float = 1.0
+    expert_scale: bool = False  # the weights times a learned [E] scale at their ids (Gemma 4's per_expert_scale)
 
     def check(self, experts: int) -> None:
         """A clear error for a configuration no router computes."""
@@ -87,6 +89,8 @@ class RoutingSpec:
         parts.append(f"top-{self.top_k}")
         if self.renormalize:
             parts.append("renormalized")
+        if self.expert_scale:
+            parts.append("x a per-expert scale")
         if self.scale != 1.0:
             parts.append(f"x {self.scale:g}")
         return ", ".join(parts)
@@ -102,7 +106,7 @@ import triton.language as tl
 ${partial_kernel}
 @triton.jit
 def moe_routing_kernel(
-    ${logits_arg}, Bias, Weights, Ids,
+    ${logits_arg}, Bias, ${expert_scale_arg}Weights, Ids,
     stride_l,
     ${router_matmul_args}
     GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
@@ -134,6 +138,7 @@ def moe_routing_kernel(
         ids = tl.where(slot == j, pick.to(tl.int64), ids)
         taken = taken | chosen
     ${normalize}
+    ${expert_scale}
     tl.store(Weights + t * K + slot, (weights * SCALE).to(Weights.dtype.element_ty), mask=slot < K)
     tl.store(Ids + t * K + slot, ids, mask=slot < K)
 ''',
@@ -221,6 +226,7 @@ def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torc
     ``router_matmul`` (the matmul's dtype) the kernel computes the logits itself from the hidden states and the
     router weight."""
     structure = {"scoring": spec.scoring, "bias": spec.bias, "renormalize": spec.renormalize,
+                 **({"expert_scale": True} if spec.expert_scale else {}),
                  "group_score": spec.group_score if spec.groups > 1 else None,
                  "fill": spec.fill if spec.groups > 1 else None,
                  **({"router_matmul": str(router_matmul)} if router_matmul else {})}
@@ -235,6 +241,9 @@ def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torc
             "group_selection": _GROUP_SELECTION.format(group_score=_GROUP_SCORE[spec.group_score], fill=fill)
             if spec.groups > 1 else "",
             "normalize": "weights = weights / (tl.sum(weights, axis=0) + 1e-20)" if spec.renormalize else "",
+            "expert_scale_arg": "ExpertScale, " if spec.expert_scale else "",
+            "expert_scale": ("weights = weights * tl.load(ExpertScale + ids, mask=slot < K, other=0.0).to(tl.float32)"
+                             "  # each chosen expert's own scale") if spec.expert_scale else "",
             "logits_arg": "Partials" if router_matmul else "Logits",
             "router_matmul_args": "NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr," if router_matmul else "",
             "logits": (_SUM_PARTIALS.replace("${mm_dtype}", TRITON_DTYPES[router_matmul]) if router_matmul
@@ -251,26 +260,28 @@ def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torc
 
 
 def route(logits: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec, out_dtype: torch.dtype,
-          interpret: bool = False, origin: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T, k] in ``out_dtype``, int64 ids [T, k]) of ``spec`` over ``logits`` [T, E], in one launch.
-    Slots come sorted by choice, descending. Traceable into a graph like the experts kernels."""
+          interpret: bool = False, origin: str = "",
+          expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] in ``out_dtype``, int64 ids [T, k]) of ``spec`` over ``logits`` [T, E], in one launch
+    (``expert_scale`` [E] with ``spec.expert_scale``). Slots come sorted by choice, descending. Traceable into a
+    graph like the experts kernels."""
     t, e = logits.shape
-    _check(spec, e, logits.dtype, bias, out_dtype)
+    _check(spec, e, logits.dtype, bias, out_dtype, expert_scale)
     fn = kernel_for(spec, origin).function("moe_routing_kernel", interpret=interpret)
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    return _launch(fn, logits, (logits.stride(0),), {}, t, e, bias, spec, out_dtype, interpret)
+    return _launch(fn, logits, (logits.stride(0),), {}, t, e, bias, spec, out_dtype, interpret, expert_scale)
 
 
 def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec,
-                 out_dtype: torch.dtype, mm_dtype: torch.dtype, interpret: bool = False,
-                 origin: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+                 out_dtype: torch.dtype, mm_dtype: torch.dtype, interpret: bool = False, origin: str = "",
+                 expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``route`` of the logits ``x.to(mm_dtype) @ router_weight.to(mm_dtype).T`` (x [T, K], router_weight [E, K],
     each in any float dtype; the product in ``mm_dtype`` as a matmul computes it: fp32 accumulation, the
     result rounded to ``mm_dtype``): the matmul split over K in one launch, whose partial sums the routing
     kernel adds up. For a few tokens: every token reads the whole router weight."""
     t, k = x.shape
     e = router_weight.shape[0]
-    _check(spec, e, mm_dtype, bias, out_dtype)
+    _check(spec, e, mm_dtype, bias, out_dtype, expert_scale)
     if router_weight.dim() != 2 or router_weight.shape[1] != k:
         raise ValueError(f"moe routing: hidden states [T, {k}] and router weight {tuple(router_weight.shape)} do "
                          "not chain (the weight is [experts, hidden])")
@@ -297,10 +308,10 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
             per_split, BLOCK_E=block_e, BLOCK_K=block_k)
     chunk = min(triton.next_power_of_2(splits), max(1, ROUTER_SUM_VALUES // triton.next_power_of_2(e)))
     matmul = {"NUM_SPLITS": splits, "SPLIT_CHUNK": chunk}
-    return _launch(fn, partials, (splits * e,), matmul, t, e, bias, spec, out_dtype, interpret)
+    return _launch(fn, partials, (splits * e,), matmul, t, e, bias, spec, out_dtype, interpret, expert_scale)
 
 
-def _check(spec: RoutingSpec, e: int, logits_dtype, bias, out_dtype) -> None:
+def _check(spec: RoutingSpec, e: int, logits_dtype, bias, out_dtype, expert_scale=None) -> None:
     spec.check(e)
     if logits_dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:
         raise ValueError(f"moe routing: logits in {logits_dtype} to weights in {out_dtype}: "
@@ -308,19 +319,25 @@ def _check(spec: RoutingSpec, e: int, logits_dtype, bias, out_dtype) -> None:
     if spec.bias != (bias is not None) or (bias is not None and tuple(bias.shape) != (e,)):
         raise ValueError(f"moe routing: the spec {'takes' if spec.bias else 'has no'} a bias of shape ({e},), "
                          f"got {None if bias is None else tuple(bias.shape)}")
+    if spec.expert_scale != (expert_scale is not None) or (expert_scale is not None and (
+            tuple(expert_scale.shape) != (e,) or expert_scale.dtype not in TRITON_DTYPES)):
+        raise ValueError(f"moe routing: the spec {'takes a' if spec.expert_scale else 'has no'} per-expert scale "
+                         f"of shape ({e},) in fp16/bf16/fp32, got "
+                         f"{None if expert_scale is None else (tuple(expert_scale.shape), expert_scale.dtype)}")
 
 
-def _launch(fn, source, strides, matmul: dict, t, e, bias, spec, out_dtype, interpret):
+def _launch(fn, source, strides, matmul: dict, t, e, bias, spec, out_dtype, interpret, expert_scale=None):
     """One program per token over ``source`` (the logits, or the router matmul's partial sums with ``matmul``'s
     split counts)."""
     if not interpret:
         fn = torch.library.wrap_triton(fn)
     bias = bias.contiguous() if bias is not None else source  # never read without a bias
+    scale_arg = (expert_scale.contiguous(),) if expert_scale is not None else ()
     weights = torch.empty((t, spec.top_k), dtype=out_dtype, device=source.device)
     ids = torch.empty((t, spec.top_k), dtype=torch.int64, device=source.device)
     if t:
         per_group = e // spec.groups
-        fn[(t,)](source, bias, weights, ids, *strides, **matmul,
+        fn[(t,)](source, bias, *scale_arg, weights, ids, *strides, **matmul,
                  GROUPS=spec.groups, PER_GROUP=per_group, TOPK_GROUP=spec.topk_group, K=spec.top_k,
                  GROUPS_POW2=triton.next_power_of_2(spec.groups), PER_GROUP_POW2=triton.next_power_of_2(per_group),
                  K_POW2=triton.next_power_of_2(spec.top_k), SCALE=float(spec.scale))
@@ -339,8 +356,10 @@ def reference_scores(logits: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
 
 
 def reference(logits: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec,
-              out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``spec`` in plain torch, in the logits' dtype (float64 in the checks). Ties: torch.topk's order."""
+              out_dtype: Optional[torch.dtype] = None,
+              expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``spec`` in plain torch, in the logits' dtype (float64 in the checks); ``expert_scale`` [E] with
+    ``spec.expert_scale``. Ties: torch.topk's order."""
     t, e = logits.shape
     spec.check(e)
     scores = reference_scores(logits, spec)
@@ -358,6 +377,8 @@ def reference(logits: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingS
     weights = scores.gather(1, ids)
     if spec.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if spec.expert_scale:
+        weights = weights * expert_scale.to(weights.dtype)[ids]
     weights = weights * spec.scale
     return weights.to(out_dtype or logits.dtype), ids
 
