@@ -194,6 +194,13 @@ UNSEEN = {
     "Glm4MoeLite": dict(q_lora_rank=24, n_group=1, topk_group=1),
     "LongcatFlash": dict(q_lora_rank=24, moe_topk=2, zero_expert_num=2, ffn_hidden_size=96, expert_ffn_hidden_size=32,
                          num_layers=1, head_dim=8),  # two attentions a layer
+    "Mistral4": dict(q_lora_rank=24, head_dim=8),
+    "MiniCPM3": dict(q_lora_rank=24),
+    "Youtu": dict(q_lora_rank=24, head_dim=8),
+    "AXK1": dict(q_lora_rank=24, head_dim=8),
+    # a hybrid: its linear-attention layers listed as none, every layer MLA
+    "KimiLinear": dict(q_lora_rank=24, head_dim=8, pad_token_id=0,
+                       linear_attn_config=dict(full_attn_layers=[1, 2], kda_layers=[])),
 }
 
 

@@ -144,6 +144,15 @@ UNSEEN = {
     "NemotronH": (dict(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
                        moe_shared_expert_intermediate_size=64, layers_block_type=["attention", "moe"]),
                   "sigmoid, score-correction bias, top-2, renormalized", "fused: 2 always-chosen experts of 32"),
+    "Dots1": (dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0, n_group=1,
+                   topk_group=1), "sigmoid, score-correction bias, top-2", "fused: 1 always-chosen experts of 32"),
+    "SolarOpen": (dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+                       n_group=1, topk_group=1), "sigmoid, score-correction bias, top-2, renormalized",
+                  "fused: 1 always-chosen experts of 32"),
+    "FlexOlmo": (dict(num_experts=8, num_experts_per_tok=2, pad_token_id=0), "softmax, top-2", None),
+    # a hybrid of Mamba and attention layers (here every layer attention), its MoE on each
+    "Jamba": (dict(num_experts=8, num_experts_per_tok=2, attn_layer_period=1, attn_layer_offset=0,
+                   expert_layer_period=1, expert_layer_offset=0), "softmax, top-2", None),
     # a per-expert scale on the routing weights (the routing kernel's), tanh-GELU experts told from erf-GELU ones,
     # and a dense MLP beside the experts, which is no shared MLP (it reads other hidden states)
     "Gemma4Text": (dict(enable_moe_block=True, num_experts=8, top_k_experts=2, layer_types=["full_attention"] * 2,
