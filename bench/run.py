@@ -15,6 +15,9 @@ Workloads (DeepSeek-V2-Lite shapes, bf16), at decode and prefill token counts:
   beside deepfuse running the chosen experts only (--moe-tokens), against the sparse work's floor;
 - gpt_oss_moe: Hugging Face's GptOssMLP at gpt-oss-20b's shape (32 experts top-4 of 2880, hidden 2880: biases,
   interleaved gate/up rows, clamped SwiGLU) with grouped_mm experts, eager and under Inductor, beside deepfuse;
+- nemotron_moe: Hugging Face's NemotronHMoE at Nemotron-3-Nano-30B-A3B's shape (128 ungated experts top-6 of
+  1856, squared ReLU, hidden 2688, an ungated shared MLP of 3712) with grouped_mm experts, eager and under
+  Inductor, beside deepfuse;
 - mla_decode, mla_decode_fp8: one decode step of the bundled model's attention over a bf16 latent cache, or
   over the FP8 one (c_kv in FP8 with per-token scales), eager, under Inductor and under deepfuse;
 - mla_decode_hf: one decode step of HF's DeepseekV2Attention over its own (latent) DynamicCache, the same
@@ -272,6 +275,47 @@ def bench_gpt_oss_moe(tokens, bandwidth, rounds, flops_peak):
         impls = {"hf_grouped_mm": lambda x: block(x)[0], "hf_grouped_mm+inductor": torch.compile(lambda x: block(x)[0]),
                  "deepfuse": torch.compile(lambda x: block(x)[0], backend="deepfuse")}
         rows += measure("gpt_oss_moe", t, impls, sets, floor_ms, note, _rel)
+    return rows
+
+
+def nemotron_moe_block():
+    """Hugging Face's NemotronHMoE at Nemotron-3-Nano-30B-A3B's shape (hidden 2688; 128 ungated experts top-6 of
+    1856, squared ReLU; sigmoid routing with a score-correction bias, renormalized, x 2.5; an ungated shared MLP
+    of 3712), grouped_mm experts, bf16 on the GPU, random weights of std 1/sqrt(fan-in)."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE
+
+    cfg = NemotronHConfig(hidden_size=2688, moe_intermediate_size=1856, n_routed_experts=128, num_experts_per_tok=6,
+                          moe_shared_expert_intermediate_size=3712, n_group=1, topk_group=1,
+                          routed_scaling_factor=2.5, norm_topk_prob=True)
+    cfg._experts_implementation = "grouped_mm"
+    block = NemotronHMoE(cfg).cuda().bfloat16().eval()
+    with torch.no_grad():
+        for name, p in block.named_parameters():  # stacked experts [E, out, in], Linear and router weights [out, in]
+            p.normal_(0, 0.1) if p.dim() == 1 else p.normal_(0, p.shape[-1] ** -0.5)
+    return block
+
+
+def bench_nemotron_moe(tokens, bandwidth, rounds, flops_peak):
+    """One Nemotron-3-Nano MoE block: Hugging Face's grouped_mm experts eager and under Inductor, and deepfuse, which
+    runs the ungated experts and the ungated shared MLP in the same launches. Floor: the chosen experts', the
+    shared MLP's and the router's bytes, or their FLOPs."""
+    block = nemotron_moe_block()
+    hidden, inter, shared, experts, k = 2688, 1856, 3712, 128, 6
+    expert_params = 2 * hidden * inter
+    rows = []
+    for t in tokens:
+        sets = [(torch.randn(1, t, hidden, device="cuda", dtype=torch.bfloat16),) for _ in range(rounds)]
+        with torch.no_grad():
+            active = max(int(torch.unique(block.gate(s[0])[2]).numel()) for s in sets)
+        weight_bytes = (active * expert_params + 2 * hidden * shared + experts * hidden) * 2
+        act_bytes = 2 * t * hidden * 2 + t * (k * (inter + hidden) + shared) * 2 * 2
+        flops = 2 * t * (k * expert_params + 2 * hidden * shared + experts * hidden)
+        floor_ms, note = _floor(weight_bytes + act_bytes, flops, bandwidth, flops_peak)
+        torch._dynamo.reset()
+        impls = {"hf_grouped_mm": block, "hf_grouped_mm+inductor": torch.compile(block),
+                 "deepfuse": torch.compile(block, backend="deepfuse")}
+        rows += measure("nemotron_moe", t, impls, sets, floor_ms, note, _rel)
     return rows
 
 
@@ -642,6 +686,8 @@ def main():
                                 atomic=args.moe_atomic)
     if "gpt_oss_moe" in workloads:
         rows += bench_gpt_oss_moe([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
+    if "nemotron_moe" in workloads:
+        rows += bench_nemotron_moe([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
     if "llama4_moe" in workloads:
         rows += bench_llama4_moe([int(t) for t in args.moe_tokens.split(",")], bandwidth, args.rounds, peak)
     if "moe_block_fp8" in workloads:
