@@ -74,6 +74,7 @@ class MoEPass:
             if isinstance(params, str):
                 self._decline(report, params, where)
                 continue
+            _flatten_ids(graph, inputs)
             params.update(_routing_params(topk) if topk.target == aten.topk.default else
                           {"routing": "a token-id table's experts (hash routing), with Inductor"})
             fp8 = _fp8_experts(inputs)
@@ -512,6 +513,27 @@ def _router(topk: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def _flatten_ids(graph: fx.Graph, inputs: dict) -> None:
+    """A router that chose before its tokens were flattened hands the experts [B, S, k] ids: the kernels (and the
+    routing kernel, whose outputs they then are) take them as [T, k], viewed so once."""
+    ids = inputs["ids"]
+    if value(ids).dim() == 2:
+        return
+    k = value(ids).shape[-1]
+    with graph.inserting_after(ids):
+        flat = graph.call_function(aten.view.default, (ids, [-1, k]))
+    flat.meta["val"] = value(ids).reshape(-1, k)
+    inputs["ids"] = flat
+
+
+def _chooses_among_weight_rows(topk: fx.Node) -> bool:
+    """Does the top-k choose among the rows of a weight the model holds: is its last dim the output width of a
+    router matmul with a stored weight ([tokens, H] x [H, E]), as a router's is and an indexer's q . k is not?"""
+    e = hint(value(topk.args[0]).shape[-1])
+    return any(n.target in (aten.mm.default, aten.addmm.default) and stored_weight(n.args[-1]) is not None
+               and hint(value(n).shape[-1]) == e for n in _router(topk))
+
+
 def _final_topks(graph: fx.Graph) -> list[fx.Node]:
     """The experts top-k of each router (a group-limited router first takes a top-k over groups)."""
     topks = [n for n in graph.nodes if n.target == aten.topk.default]
@@ -621,18 +643,29 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
     scores = value(topk.args[0]) if topk.target == aten.topk.default else value(ids)
     if ids is None:
         return "a top-k whose indices nothing reads: no experts follow it"
-    if scores is None or scores.dim() != 2:
+    dim = (topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)) if topk.target == aten.topk.default \
+        else -1
+    if scores is None or scores.dim() < 2 or dim not in (-1, scores.dim() - 1):
         shape = list(scores.shape) if scores is not None else "?"
-        return (f"a top-k over {shape}, not over [tokens, experts] scores: an attention indexer's, or a router "
-                "choosing before its tokens are flattened (not matched)")
-    t, k = value(ids).shape
+        return f"a top-k over {shape}, not over the last dim of [tokens, experts] scores: no router's"
+    if scores.dim() > 2 and not _chooses_among_weight_rows(topk):
+        return (f"a top-k over {list(scores.shape)}, not over a router matmul's [..., experts] output (an attention "
+                "indexer's, say): no experts follow it")
+    # a router may choose before its tokens are flattened ([batch, seq, experts]): its tokens are the leading dims
+    *lead, k = value(ids).shape
+    t = math.prod(lead)
     hidden = _router_hidden(topk)
     if hidden is None:
         return "the top-k scores do not come from a router matmul over the hidden states"
     down = descendants([topk])
     out = _post_dominator(graph, topk, down, t, hidden)
     if out is None:
-        if _reaches_output_directly(topk, hidden):
+        reached = _reached(topk, lambda val: hint(val.shape[-1]) == hidden)
+        if any(n.op == "output" for n in reached):
+            if any(n.op != "output" and value(n) is not None and value(n).dim() >= 1 and value(n).dtype.is_floating_point
+                   and hint(value(n).shape[-1]) == hidden for n in reached):  # experts here, and the routing returned
+                return ("the router's top-k results are also outputs of this graph (returned to the caller, or read "
+                        "after a graph break): the experts region has no single output to replace")
             return _graph_break_reason()
         return "no [tokens, hidden] value that every path from the router passes through"
     found = _region_to(graph, topk, ids, t, k, down, out)
@@ -712,11 +745,6 @@ def _graph_break_reason() -> str:
         "Hugging Face experts modules are traced whole by deepfuse's canonical form; for an older transformers "
         "set model.config._experts_implementation = 'grouped_mm' (or pass experts_implementation='grouped_mm' "
         "to from_pretrained)")
-
-
-def _reaches_output_directly(topk: fx.Node, hidden: int) -> bool:
-    """Does a top-k result reach the graph output without meeting a [.., hidden] value on the way?"""
-    return any(n.op == "output" for n in _reached(topk, lambda val: hint(val.shape[-1]) == hidden))
 
 
 def _post_dominator(graph, topk, down, t, hidden) -> Optional[fx.Node]:
@@ -839,9 +867,10 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
         return modules
 
     xv, idv, wv = value(inputs["x"]), value(inputs["ids"]), value(inputs["weights"])
-    hidden, k = hint(xv.shape[1]), hint(idv.shape[1])
+    hidden, k = hint(xv.shape[1]), hint(idv.shape[-1])
     e = hint(value(mats[0]).shape[0])
     t = max(hint(xv.shape[0]), 1)
+    ids_shape = (t, k) if idv.dim() == 2 else tuple(hint(d) for d in idv.shape)  # (a router's [B, S, k], read as is)
     layouts = _layouts(mats, hidden)
     if not layouts:
         shapes = [tuple(hint(d) for d in value(m).shape) for m in mats]
@@ -865,7 +894,7 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
         for b in biases:
             real[b] = torch.randn(tuple(hint(d) for d in value(b).shape), generator=gen).to(device, value(b).dtype)
         try:
-            got = [m(x, ids, weights, *(real[w] for w in mats), *(real[b] for b in biases))[0].float()
+            got = [m(x, ids.view(ids_shape), weights, *(real[w] for w in mats), *(real[b] for b in biases))[0].float()
                    for m in modules]
         except Exception as err:
             return f"the experts region could not be run for checking: {type(err).__name__}: {str(err)[:120]}"

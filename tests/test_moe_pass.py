@@ -362,6 +362,34 @@ def test_experts_over_a_latent_are_fused():
     assert (m.params["hidden"], m.params["activation"]) == (32, "relu2") and "ungated" in m.params, m.params
 
 
+class RoutedBeforeFlattening(torch.nn.Module):
+    """A router choosing over [batch, seq, experts] scores, its ids and weights flattened to [tokens, k] after the
+    top-k (as hand-written MoEs often are)."""
+
+    def __init__(self, h=32, e=6, i=16, k=2):
+        super().__init__()
+        self.router = torch.nn.Linear(h, e, bias=False)
+        self.w1 = torch.nn.Parameter(torch.randn(e, 2 * i, h) / h ** 0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(e, h, i) / i ** 0.5)
+        self.k = k
+
+    def forward(self, x):
+        b, s, h = x.shape
+        weights, ids = self.router(x).softmax(-1).topk(self.k, dim=-1)  # [B, S, k]
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = gathered_experts(x.reshape(-1, h), ids.reshape(-1, self.k), weights.reshape(-1, self.k), self.w1,
+                               self.w2, F.silu)
+        return out.view(b, s, h)
+
+
+def test_a_router_choosing_before_its_tokens_are_flattened():
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    report = _compile_check(RoutedBeforeFlattening().eval(), (torch.randn(2, 5, 32),), 1e-5, interpret=True)
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert m.params["routing"] == "kernel: softmax, top-2, renormalized" and m.params["top_k"] == 2, m.params
+    assert not report.declined, str(report)
+
+
 class SharedMLP(torch.nn.Module):
     """Routed experts plus a shared MLP whose activation or size the fused launch cannot take."""
 
