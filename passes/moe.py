@@ -662,8 +662,9 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
     if out is None:
         reached = _reached(topk, lambda val: hint(val.shape[-1]) == hidden)
         if any(n.op == "output" for n in reached):
-            if any(n.op != "output" and value(n) is not None and value(n).dim() >= 1 and value(n).dtype.is_floating_point
-                   and hint(value(n).shape[-1]) == hidden for n in reached):  # experts here, and the routing returned
+            floats = [value(n) for n in reached if n.op != "output" and value(n) is not None and value(n).dim() >= 1
+                      and value(n).dtype.is_floating_point]
+            if any(hint(v.shape[-1]) == hidden for v in floats):  # experts here, and the routing returned
                 return ("the router's top-k results are also outputs of this graph (returned to the caller, or read "
                         "after a graph break): the experts region has no single output to replace")
             return _graph_break_reason()

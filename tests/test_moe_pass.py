@@ -262,8 +262,8 @@ def test_a_models_own_experts_loop_is_declined_with_what_would_make_it_trace(fam
     assert all("not a transformers experts module" in r and "grouped_mm'" not in r for r in declined), declined
 
 
-class ReluExperts(torch.nn.Module):
-    """Routed experts with an activation the kernels do not implement: must be declined, never approximated."""
+class StackedExperts(torch.nn.Module):
+    """A router and stacked gated experts (gate+up [E, 2I, H], down [E, H, I]); subclasses say how they are run."""
 
     def __init__(self, e=4, h=32, i=16, k=2):
         super().__init__()
@@ -271,6 +271,10 @@ class ReluExperts(torch.nn.Module):
         self.w1 = torch.nn.Parameter(torch.randn(e, 2 * i, h) / h**0.5)
         self.w2 = torch.nn.Parameter(torch.randn(e, h, i) / i**0.5)
         self.k = k
+
+
+class ReluExperts(StackedExperts):
+    """Routed experts with an activation the kernels do not implement: must be declined, never approximated."""
 
     def forward(self, x):
         weights, ids = self.router(x).softmax(-1).topk(self.k, dim=-1)
@@ -362,16 +366,9 @@ def test_experts_over_a_latent_are_fused():
     assert (m.params["hidden"], m.params["activation"]) == (32, "relu2") and "ungated" in m.params, m.params
 
 
-class RoutedBeforeFlattening(torch.nn.Module):
+class RoutedBeforeFlattening(StackedExperts):
     """A router choosing over [batch, seq, experts] scores, its ids and weights flattened to [tokens, k] after the
     top-k (as hand-written MoEs often are)."""
-
-    def __init__(self, h=32, e=6, i=16, k=2):
-        super().__init__()
-        self.router = torch.nn.Linear(h, e, bias=False)
-        self.w1 = torch.nn.Parameter(torch.randn(e, 2 * i, h) / h ** 0.5)
-        self.w2 = torch.nn.Parameter(torch.randn(e, h, i) / i ** 0.5)
-        self.k = k
 
     def forward(self, x):
         b, s, h = x.shape
@@ -384,7 +381,7 @@ class RoutedBeforeFlattening(torch.nn.Module):
 
 def test_a_router_choosing_before_its_tokens_are_flattened():
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
-    report = _compile_check(RoutedBeforeFlattening().eval(), (torch.randn(2, 5, 32),), 1e-5, interpret=True)
+    report = _compile_check(RoutedBeforeFlattening(e=6).eval(), (torch.randn(2, 5, 32),), 1e-5, interpret=True)
     (m,) = [m for m in report.matches if m.family == "moe"]
     assert m.params["routing"] == "kernel: softmax, top-2, renormalized" and m.params["top_k"] == 2, m.params
     assert not report.declined, str(report)
