@@ -288,9 +288,10 @@ class LatentAttention(torch.nn.Module):
     expanded values before P.V: the identity makes it MLA; a nonlinearity makes a look-alike that shares W
     and c_kv on both sides but computes something else, which the check on random inputs must refuse."""
 
-    def __init__(self, values=lambda v: v, h=2, dn=8, r=8, dv=8, c=16, hidden=32, mask=None):
+    def __init__(self, values=lambda v: v, h=2, dn=8, r=8, dv=8, c=16, hidden=32, mask=None, temperature=1.0):
         super().__init__()
         self.values, self.h, self.dn, self.r, self.mask = values, h, dn, r, mask
+        self.temperature = temperature
         self.q = torch.nn.Linear(hidden, h * (dn + r), bias=False)
         self.kv_a = torch.nn.Linear(hidden, c + r, bias=False)
         self.kv_b = torch.nn.Linear(c, h * (dn + dv), bias=False)
@@ -304,6 +305,8 @@ class LatentAttention(torch.nn.Module):
         k_nope, v = kv.split([self.dn, kv.shape[-1] - self.dn], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None].expand(b, self.h, s, self.r)], dim=-1)
         scores = q @ k.transpose(-1, -2) * 0.3
+        if self.temperature != 1.0:  # a second factor: the scale is the product
+            scores = scores * self.temperature
         if self.mask is not None:  # a mask the forward builds from the sizes: mask(s, device) -> [s, s]
             scores = scores + self.mask(s, x.device)
         probs = scores.softmax(dim=-1)
@@ -318,6 +321,15 @@ def test_a_latent_attention_computing_something_else_is_declined():
     assert any("not the MLA computation" in d.reason for d in report.declined), str(report)
     with torch.no_grad():
         assert rel_err(torch.compile(model, backend="deepfuse")(x), model(x)) < 1e-5
+
+
+def test_the_nearest_scale_is_kept_not_the_first_within_tolerance():
+    """Scores scaled by 0.3 then by 0.99: in bf16 the check cannot tell 0.3 from the true 0.297 by its tolerance
+    alone; the nearest candidate is kept."""
+    model = LatentAttention(temperature=0.99).eval().bfloat16()
+    report = deepfuse.explain(model, torch.randn(2, 5, 32).bfloat16(), passes=["mla"])
+    (m,) = [m for m in report.matches if m.family == "mla"]
+    assert abs(m.params["scale"] - 0.297) < 1e-6, m.params
 
 
 def test_a_hand_written_mla_matches_too():
