@@ -656,6 +656,11 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
     t = math.prod(lead)
     hidden = _router_hidden(topk)
     if hidden is None:
+        e = hint(scores.shape[-1])
+        if any(a.op == "placeholder" and value(a) is not None and value(a).dtype.is_floating_point
+               and hint(value(a).shape[-1]) == e for n in _router(topk) for a in n.all_input_nodes):
+            return ("the router's logits are an input of this graph (computed outside it: before a Dynamo graph "
+                    "break, or passed in): the top-k cannot be tied to the hidden states the experts read")
         return "the top-k scores do not come from a router matmul over the hidden states"
     down = descendants([topk])
     out = _post_dominator(graph, topk, down, t, hidden)

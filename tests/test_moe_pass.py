@@ -379,6 +379,21 @@ class RoutedBeforeFlattening(StackedExperts):
         return out.view(b, s, h)
 
 
+class LogitsGiven(StackedExperts):
+    """Experts whose router logits come in as an input (computed before a graph break, say)."""
+
+    def forward(self, x, logits):
+        weights, ids = logits.softmax(-1).topk(self.k, dim=-1)
+        return gathered_experts(x, ids, weights, self.w1, self.w2, F.silu)
+
+
+def test_router_logits_from_outside_the_graph_are_declined_saying_so():
+    model = LogitsGiven().eval()
+    report = deepfuse.explain(model, torch.randn(5, 32), torch.randn(5, 4))
+    assert not [m for m in report.matches if m.family == "moe"], str(report)
+    assert any("logits are an input of this graph" in d.reason for d in report.declined), str(report)
+
+
 def test_a_router_choosing_before_its_tokens_are_flattened():
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
     report = _compile_check(RoutedBeforeFlattening(e=6).eval(), (torch.randn(2, 5, 32),), 1e-5, interpret=True)
