@@ -118,9 +118,6 @@ def moe_experts(
             w_gate_up, w_down = dequantized(w_gate_up, gate_up_scale), dequantized(w_down, down_scale)
         if shared_scales is not None:
             shared = tuple(dequantized(w, s) for w, s in zip(shared, shared_scales))
-        if not gated:
-            _moe._check(x, topk_ids, topk_weights, w_gate_up, w_down, shared, shared_scale, scales, shared_scales,
-                        biases, interleaved, gated)
         return _moe.reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation, shared,
                               shared_scale, biases, interleaved, gated).to(out_dtype)
     return _moe.moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, activation,

@@ -330,6 +330,14 @@ def test_ungated_experts_are_fused(act, transposed, shared, want):
     assert m.params["gate_up_transposed"] == transposed
 
 
+def test_ungated_experts_in_float64_run_the_reference():
+    """The reference kernels take any float dtype, gated or not (a float64 model compiles as a gated one does)."""
+    model = UngatedExperts(_relu2, shared="ungated").double().eval()
+    report = _compile_check(model, (torch.randn(7, 32, dtype=torch.float64),), 1e-12)
+    (m,) = [m for m in report.matches if m.family == "moe"]
+    assert m.impl == "reference" and "ungated" in m.params and m.params["shared_experts"].startswith("fused"), m.params
+
+
 class LatentExperts(torch.nn.Module):
     """Routed experts over a latent: the router reads x, the experts a projection of x to a narrower width, and
     their weighted sum is projected back (Nemotron-3-Super's MoE), plus a shared MLP on x."""
