@@ -270,12 +270,12 @@ def _attention_output(graph: fx.Graph, anchor: fx.Node) -> Optional[fx.Node]:
             continue
         source = activation_source(m)  # before a quantize-dequantize, for an FP8 o_proj
         data = [source] if source in down else data
-        out = _ungated(data[0], down)
+        out = _before_output_gate(data[0], down)
         return out if post_dominates(out, anchor) else None
     return None
 
 
-def _ungated(node: fx.Node, down: set) -> fx.Node:
+def _before_output_gate(node: fx.Node, down: set) -> fx.Node:
     """The attention's output before an output gate (A.X K2's attn * sigmoid(x . W_gate), which then stays with
     Inductor): through layout ops and casts, the operand of a product whose other operand the softmax does not
     reach; ``node`` itself without such a gate."""
@@ -378,7 +378,8 @@ def _last_dim(n: fx.Node) -> Optional[int]:
 
 def _region_for(graph, anchor, out, w, c_kv, order):
     upstream = ancestors([out])
-    region = ((descendants([w]) | descendants([c_kv]) | descendants([anchor])) & upstream) - {w, c_kv}
+    from_w = descendants([w])
+    region = ((from_w | descendants([c_kv]) | descendants([anchor])) & upstream) - {w, c_kv}
     region.add(out)
     grew = True
     while grew:
@@ -396,7 +397,6 @@ def _region_for(graph, anchor, out, w, c_kv, order):
                     grew = True
     region = sorted(region, key=order.__getitem__)
     # a per-head key or value the graph returns: the model caches them expanded (transformers' DeepseekV32 does)
-    from_w = descendants([w])
     cached = [n for n in region if n is not out and n in from_w and value(n) is not None and value(n).dim() == 4
               and any(u.op == "output" for u in n.users)]
     if cached:

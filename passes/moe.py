@@ -1303,7 +1303,8 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
     drawn = _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, 98)
     if isinstance(drawn, str):
         return drawn
-    (module, x, extra, gen, acc, tol), device, dtype, rows = drawn, xv.device, xv.dtype, hint(drawn[1].shape[0])
+    module, x, extra, gen, acc, tol = drawn
+    device, dtype, rows = xv.device, xv.dtype, x.shape[0]
     with unset_fake_temporarily(), torch.no_grad():
         for (fused, down), t_in, t_down, order in itertools.product(
                 itertools.permutations(mats), (False, True), (False, True), ("gate first", "up first")):
@@ -1365,7 +1366,8 @@ def _verify_ungated_shared(shared, out, inp, mats, shapes, hidden, inter, activa
     drawn = _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, 97)
     if isinstance(drawn, str):
         return drawn
-    (module, x, extra, gen, acc, tol), device, dtype, rows = drawn, xv.device, xv.dtype, hint(drawn[1].shape[0])
+    module, x, extra, gen, acc, tol = drawn
+    device, dtype, rows = xv.device, xv.dtype, x.shape[0]
     with unset_fake_temporarily(), torch.no_grad():
         real = {m: (torch.randn(shapes[m], generator=gen) / hidden ** 0.5).to(device, dtype) for m in mats}
         try:
@@ -1537,8 +1539,7 @@ def _verify_routing(region, logits, vectors, weights, ids):
         for bias, scale_vector in roles:
             assigned = [(x, got_vectors.get(bias), got_vectors.get(scale_vector), got)
                         for x, got_vectors, got in draws]
-            for spec in _routing_candidates(region, consts, e, k, bias is not None):
-                spec = dataclasses.replace(spec, expert_scale=scale_vector is not None)
+            for spec in _routing_candidates(region, consts, e, k, bias is not None, scale_vector is not None):
                 try:
                     spec.check(e)
                 except ValueError:
@@ -1612,9 +1613,10 @@ def _real_constant(node: fx.Node) -> Optional[torch.Tensor]:
     return real if isinstance(real, torch.Tensor) and real.numel() == 1 else None
 
 
-def _routing_candidates(region, consts, e, k, has_bias):
-    """The specs the region may compute: the scoring, group sizes, kept groups and fill read off its nodes;
-    the group score, renormalization and scale are told apart by the check."""
+def _routing_candidates(region, consts, e, k, has_bias, expert_scale=False):
+    """The specs the region may compute (with a bias, a per-expert scale as given): the scoring, group sizes,
+    kept groups and fill read off its nodes; the group score, renormalization and scale are told apart by the
+    check."""
     groups = {(1, 1)}
     for n in region:
         if n.target == aten.topk.default:
@@ -1627,7 +1629,8 @@ def _routing_candidates(region, consts, e, k, has_bias):
             for group_score in (routing.GROUP_SCORES if g > 1 else ("max",)):
                 for fill in (dict.fromkeys(fills) if g > 1 else (float("-inf"),)):
                     for renormalize in (False, True):
-                        yield routing.RoutingSpec(k, scoring, has_bias, g, tg, group_score, fill, renormalize)
+                        yield routing.RoutingSpec(k, scoring, has_bias, g, tg, group_score, fill, renormalize,
+                                                  expert_scale=expert_scale)
 
 
 def _fitted_scale(draws, spec, consts) -> Optional[float]:
