@@ -291,8 +291,8 @@ def nemotron_moe_block():
     cfg._experts_implementation = "grouped_mm"
     block = NemotronHMoE(cfg).cuda().bfloat16().eval()
     with torch.no_grad():
-        for name, p in block.named_parameters():  # stacked experts [E, out, in], Linear and router weights [out, in]
-            p.normal_(0, 0.1) if p.dim() == 1 else p.normal_(0, p.shape[-1] ** -0.5)
+        for p in block.parameters():  # stacked experts [E, out, in], Linear and router weights [out, in]
+            p.normal_(0, p.shape[-1] ** -0.5)
     return block
 
 
