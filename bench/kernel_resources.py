@@ -150,6 +150,30 @@ def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True):
         yield config, fn, pointers, {}, constexprs, ("up_offset",)  # (the up rows' offset: a multiple of 16)
 
 
+def moe_prefill(kind: str):
+    """The experts' gate/up (or down) kernel at V2-Lite's MoE in prefill (hidden 2048, intermediate 1408, top-6 of
+    64, aligned row blocks, no shared experts: past SHARED_FUSED_MAX_TOKENS they run apart), over each bf16
+    candidate of 64 rows and more, one tile a program or PERSISTENT (looping over the tiles)."""
+    from deepfuse.runtime.kernels import moe
+
+    name = "moe_gate_up_act_kernel" if kind == "gate_up" else "moe_down_weighted_kernel"
+    pointers = {"X": "*bf16", "H": "*bf16", "W": "*bf16", "SharedGate": "*bf16", "SharedUp": "*bf16",
+                "SharedDown": "*bf16", "Out": "*bf16", "SortedSlots": "*i32", "BlockExpert": "*i32",
+                "NumPadded": "*i32", "TopkWeights": "*bf16", "SharedScale": "*bf16"}
+    n, k = (1408, 2048) if kind == "gate_up" else (2048, 1408)
+    for c in (c for c in moe.CANDIDATES if c["BLOCK_M"] >= 64):
+        fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py",
+                             persistent=c.get("PERSISTENT", False)).function(name)
+        bn = c["BLOCK_N"] if kind == "gate_up" else c.get("BLOCK_N_DOWN", c["BLOCK_N"])
+        constexprs = {"N": n, "K": k, "TOP_K": 6, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn,
+                      "BLOCK_K": c["BLOCK_K"], "N_FASTEST": False, "DIRECT": False, "ATOMIC": False,
+                      "SHARED_SCALED": False, "stride_wk": 1, "stride_sk": 1}
+        constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
+        config = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"],
+                  "num_stages": c["num_stages"], **({"PERSISTENT": True} if c.get("PERSISTENT") else {})}
+        yield config, fn, pointers, {}, constexprs, ("up_offset",)
+
+
 def rms_norm(residual: bool):
     """The RMSNorm kernel over V2-Lite's hidden size (2048, bf16), one row per program, at each warp count."""
     from deepfuse.runtime.kernels import rms_norm as kernels
@@ -257,7 +281,8 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
            **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
               for kind in ("gate_up", "down")
               for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))},
-           "moe_up_ungated": lambda: moe_experts("float", "gate_up", gated=False)}
+           "moe_up_ungated": lambda: moe_experts("float", "gate_up", gated=False),
+           "moe_prefill_gate_up": lambda: moe_prefill("gate_up"), "moe_prefill_down": lambda: moe_prefill("down")}
 
 
 def main():
