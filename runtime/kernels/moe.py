@@ -932,8 +932,8 @@ def moe_experts(
         gate_up, down = torch.library.wrap_triton(gate_up), torch.library.wrap_triton(down)
     inter_out = torch.empty((capacity, inter), dtype=torch.float8_e4m3fn if prequant else x.dtype, device=x.device)
     def grid(n_tiles):
-        if persistent:  # a program per SM at most, each looping over the tiles of the row blocks in use
-            return (torch.sym_min(capacity // bm * n_tiles, _sm_count(x.device)),)
+        if persistent:  # a program per SM, each looping over its share of the tiles in use (maybe none)
+            return (_sm_count(x.device),)
         return (n_tiles, capacity // bm) if n_fastest else (capacity // bm, n_tiles)
 
     gate_up[grid(triton.cdiv(inter, bn))](
