@@ -256,6 +256,11 @@ def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="ra
     want = moe.reference_fp8(x, ids, weights, q1, q2, (s1, s2), act_quant=act_quant, shared=sh_q, shared_scales=sh_s)
     assert torch.isfinite(out).all()
     tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    if act_quant:
+        # The kernel's activation scales are fp32, the reference's float64: a value within an ulp of an e4m3
+        # rounding boundary rounds the other way now and then. In fp32 the error is ~1e-7 otherwise, and one such
+        # step reached 2.3e-4 in 600 runs of (9, 128, 128, 8, 8); a wrong or missing scale is off by 1e-2 and more.
+        tol = max(tol, 1e-3)
     if outliers and act_quant:
         # The kernel's intermediate and the float64 one differ by rounding, and now and then an outlier crosses an
         # e4m3 rounding boundary: one FP8 step of a 100x value (once 2.3e-3 in fp32). Unquantized activations

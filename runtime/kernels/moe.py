@@ -183,8 +183,8 @@ def moe_gate_up_act_kernel(
     ${gate_up_scale_args}${gate_up_bias_args}
 ):
     """Out[r, n] = ${computes} for the rows r of one expert's block${rows}.
-    DIRECT: row block b is slot b alone (one token: its slots' experts are distinct), its expert read from
-    the router's ids (BlockExpert holds them), so no align launch comes first."""
+    ${program_doc}
+    """
     ${gate_up_program}
 
 
@@ -202,7 +202,8 @@ def moe_down_weighted_kernel(
     straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
     TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
     experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
-    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT: as in the gate/up kernel."""
+    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). ${down_program_doc}
+    """
     ${down_program}
 ''',
 )
@@ -552,6 +553,12 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
                  "block_rows": _PERSISTENT_BLOCK_ROWS if persistent else _BLOCK_ROWS,
                  "helpers": _FP8_HELPERS if w8a8 else ""}
+        form = "PERSISTENT" if persistent else "DIRECT"
+        slots["program_doc"] = form + (
+            ": each program loops over tiles, the row blocks in use (NumPadded) times the N blocks." if persistent
+            else ": row block b is slot b alone (one token: its slots' experts are distinct), its expert read from\n"
+            "the router's ids (BlockExpert holds them), so no align launch comes first.")
+        slots["down_program_doc"] = f"{form}: as in the gate/up kernel."
         slots["gate_up_program"] = _program(_GATE_UP_TILE, slots, persistent)
         slots["down_program"] = _program(_DOWN_TILE, slots, persistent)
         _generated[key] = generate(TEMPLATE, spec, slots, header)
