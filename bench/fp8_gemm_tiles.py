@@ -7,9 +7,8 @@ Per shape M x N x K, on the same inputs (activations with outliers, a weight qua
 - cuBLAS bf16 ``torch.mm`` over the float weight, and cuBLAS row-wise FP8 ``torch._scaled_mm`` (one scale per row
   and per column, activations already quantized: its time has no quantization in it);
 - ``act_quant``: the activation pre-kernel alone;
-- every candidate of ``quant.configs_for(M, tma=True)`` (past SMALL_MAX_M rows also ``EXTRA_TILES``) through
-  ``quant_matmul(..., prequantize=True, config=...)``: the pre-kernel and the GEMM, each checked against float64
-  math on the dequantized operands;
+- every candidate of ``quant.configs_for(M, tma=True)`` through ``quant_matmul(..., prequantize=True,
+  config=...)``: the pre-kernel and the GEMM, each checked against float64 math on the dequantized operands;
 - ``autotuned``: what ``quant_matmul`` picks (what the quant pass runs), the descriptor-fed tiles among its
   candidates on Hopper (unless DEEPFUSE_FP8_TMA=0).
 Median ms of do_bench over one input set (at these sizes every operand is larger than L2 or reused within one
@@ -25,14 +24,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from sweep_out import Rows  # noqa: E402
-
-
-# Descriptor-fed tiles timed beside the candidates, not (yet) among them: 64 x 128 on one warpgroup takes 155
-# registers and 96 KB (4 stages) or 72 KB (3) of shared memory (bench/kernel_resources.py), so two or three programs
-# share an SM and one's tensor-core products can run while another applies its scales to its last product, which
-# one 8-warp program's two warpgroups wait for together.
-EXTRA_TILES = [{"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": st, "TMA": True}
-               for st in (3, 4)]
 
 
 def tile_name(cfg: dict) -> str:
@@ -77,7 +68,7 @@ def main():
         record("cublas fp8 row-wise", bench(lambda: torch._scaled_mm(xq_row, wq_row.T, scale_a=s_x, scale_b=s_w.T,
                                                                      out_dtype=torch.bfloat16)))
         record("act_quant", bench(lambda: quant.prequantize_activations(x)))
-        for cfg in quant.configs_for(m, tma=True) + [c for c in EXTRA_TILES if m > quant.SMALL_MAX_M]:
+        for cfg in quant.configs_for(m, tma=True):
             call = lambda: quant.quant_matmul(x, wq, scale, None, "fp8-block", True, prequantize=True,  # noqa: E731
                                               config=cfg)
             try:

@@ -153,7 +153,7 @@ def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True):
 def moe_prefill(kind: str):
     """The experts' gate/up (or down) kernel at V2-Lite's MoE in prefill (hidden 2048, intermediate 1408, top-6 of
     64, aligned row blocks, no shared experts: past SHARED_FUSED_MAX_TOKENS they run apart), over each bf16
-    candidate of 64 rows and more, one tile a program or PERSISTENT (looping over the tiles)."""
+    candidate of 64 rows and more."""
     from deepfuse.runtime.kernels import moe
 
     name = "moe_gate_up_act_kernel" if kind == "gate_up" else "moe_down_weighted_kernel"
@@ -161,16 +161,15 @@ def moe_prefill(kind: str):
                 "SharedDown": "*bf16", "Out": "*bf16", "SortedSlots": "*i32", "BlockExpert": "*i32",
                 "NumPadded": "*i32", "TopkWeights": "*bf16", "SharedScale": "*bf16"}
     n, k = (1408, 2048) if kind == "gate_up" else (2048, 1408)
+    fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py").function(name)
     for c in (c for c in moe.CANDIDATES if c["BLOCK_M"] >= 64):
-        fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py",
-                             persistent=c.get("PERSISTENT", False)).function(name)
         bn = c["BLOCK_N"] if kind == "gate_up" else c.get("BLOCK_N_DOWN", c["BLOCK_N"])
         constexprs = {"N": n, "K": k, "TOP_K": 6, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn,
                       "BLOCK_K": c["BLOCK_K"], "N_FASTEST": False, "DIRECT": False, "ATOMIC": False,
                       "SHARED_SCALED": False, "stride_wk": 1, "stride_sk": 1}
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         config = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"],
-                  "num_stages": c["num_stages"], **({"PERSISTENT": True} if c.get("PERSISTENT") else {})}
+                  "num_stages": c["num_stages"]}
         yield config, fn, pointers, {}, constexprs, ("up_offset",)
 
 

@@ -8,12 +8,10 @@ each tile is also timed with the align launch the kernels skip there (``"DIRECT"
 ``--grid prefill`` times, instead of the candidate lists, a product of the prefill-sized bf16 tiles (row
 blocks of 64 and 128, N and K tiles, warps and stages that fit in shared memory); ``--split`` adds each
 kernel's own time (gate/up and down, from the profiler) to every row, so the two kernels' best tiles can be
-told apart. ``--grid persistent`` times the 128-row prefill candidates each as it is and as persistent
-programs (``PERSISTENT``: a program per SM looping over the tiles).
+told apart.
 
     python3 bench/moe_fp8.py --out DIR [--tokens 1,8,64,512,4096] [--experts 64] [--top-k 6] [--formats 'bf16,fp8 W8A16,fp8 W8A8']
     python3 bench/moe_fp8.py --out DIR --tokens 2048 --formats bf16 --grid prefill --split
-    python3 bench/moe_fp8.py --out DIR --tokens 2048,4096 --formats bf16 --grid persistent --split
 """
 import argparse
 import itertools
@@ -43,12 +41,6 @@ def prefill_grid() -> list:
     return grid
 
 
-def persistent_grid() -> list:
-    """The prefill candidates of 128-row blocks, each as it is and as persistent programs (PERSISTENT)."""
-    tiles = [c for c in moe.CANDIDATES if c["BLOCK_M"] == 128 and not c.get("PERSISTENT")]
-    return tiles + [{**c, "PERSISTENT": True} for c in tiles]
-
-
 def kernel_times(run, runs: int = 5) -> dict:
     """Microseconds per call of each MoE kernel in ``run()``, from the profiler (eager launches)."""
     run()
@@ -75,7 +67,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=1408)
     parser.add_argument("--formats", default="bf16,fp8 W8A16,fp8 W8A8")
-    parser.add_argument("--grid", choices=("candidates", "prefill", "persistent"), default="candidates")
+    parser.add_argument("--grid", choices=("candidates", "prefill"), default="candidates")
     parser.add_argument("--split", action="store_true", help="each kernel's own time too (profiler)")
     args = parser.parse_args()
     e, k, h, inter = args.experts, args.top_k, args.hidden, args.intermediate
@@ -87,10 +79,10 @@ def main():
                "fp8 W8A16": (q1, q2, (s1, s2), False, [c for c in moe.FP8_CANDIDATES if not c.get("PREQUANT")]),
                "fp8 W8A8": (q1, q2, (s1, s2), True, moe.FP8_CANDIDATES)}
     formats = {name: formats[name] for name in args.formats.split(",")}
-    if args.grid != "candidates":
+    if args.grid == "prefill":
         if set(formats) != {"bf16"}:
-            raise SystemExit(f"--grid {args.grid} is a bf16 grid: pass --formats bf16")
-        formats["bf16"] = (w1, w2, None, False, prefill_grid() if args.grid == "prefill" else persistent_grid())
+            raise SystemExit("--grid prefill is a bf16 grid: pass --formats bf16")
+        formats["bf16"] = (w1, w2, None, False, prefill_grid())
     rows = Rows(args.out, "moe_fp8")  # written as it grows
     for t in (int(v) for v in args.tokens.split(",")):
         x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)

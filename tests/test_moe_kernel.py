@@ -303,41 +303,6 @@ def test_interpreted_fp8_experts_with_fp8_shared_experts(form):
     _check_fp8(5, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, act_quant=act_quant, config=config, shared=2)
 
 
-# The prefill tiles as persistent programs (4 in the interpreter), each looping over several tiles of 16 rows
-PERSISTENT = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "PERSISTENT": True}
-
-
-@pytest.mark.parametrize("case", CASES + [(40, 32, 48, 7, 3)], ids=str)
-def test_interpreted_persistent_tiles(case):
-    """Every aligned row block's tiles run, once each, whatever the programs' share: a token count with more
-    tiles than programs, fewer (one token runs DIRECT, not persistent), none, most experts empty."""
-    _check(*case, torch.float32, "cpu", interpret=True, config=PERSISTENT)
-    _check(*case, torch.float16, "cpu", interpret=True, config=PERSISTENT, deterministic=False, noncontig=True)
-
-
-def test_interpreted_persistent_tiles_in_every_form():
-    """The persistent loop around each specialization's tile: all tokens to one expert, a gated shared MLP in the
-    same launches, GPT-OSS's experts, ungated ones with an ungated shared MLP, FP8 weights (W8A8 and W8A16)."""
-    _check(37, 64, 32, 8, 3, torch.float16, "cpu", interpret=True, config=PERSISTENT, route="one_expert")
-    _check(9, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=PERSISTENT, shared=2, gated=True)
-    _check(9, 48, 16, 5, 3, torch.float32, "cpu", interpret=True, config=PERSISTENT, activation=GPT_OSS,
-           transposed=True, biases=True, interleaved=True)
-    _check(9, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=PERSISTENT, activation="relu2",
-           ungated=True, shared=2)
-    fp8 = {**PERSISTENT, "BLOCK_K": 128}
-    for act_quant in (True, False):
-        _check_fp8(9, 256, 128, 4, 2, torch.float16, "cpu", interpret=True, act_quant=act_quant, config=fp8)
-
-
-def test_persistent_source_loops_over_the_tiles():
-    """The generated persistent form: one loop over the tiles in use, flattened with the K loop, no DIRECT path."""
-    one = open(moe.kernels_for(torch.float16, "silu").path).read()
-    looped = open(moe.kernels_for(torch.float16, "silu", persistent=True).path).read()
-    loop = "for tile in tl.range(tl.program_id(0), row_blocks * tl.cdiv(N, BLOCK_N), tl.num_programs(0), flatten=True):"
-    assert loop not in one and "if DIRECT:" in one
-    assert looped.count(loop) == 2 and "if DIRECT:" not in looped and "persistent = True" in looped
-
-
 def test_interpreted_one_token_reads_the_router_ids_directly(monkeypatch):
     """At one token no align runs (it would fail here): each slot is its own row block, its expert read from
     the router's ids or, past them, a shared expert. Every form at T=1: float with plain, shared and gated
@@ -589,17 +554,6 @@ def test_gpu_ungated_experts_with_shared(t):
 def test_gpu_experts_edge_routes():
     _check(300, 512, 256, 16, 8, torch.bfloat16, "cuda", interpret=False, route="one_expert", noncontig=True)
     _check(3, 512, 256, 64, 1, torch.bfloat16, "cuda", interpret=False)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("t", [513, 4096])
-def test_gpu_persistent_prefill_tiles(t):
-    """The persistent candidates at V2-Lite's shape in bf16, routed alone and with the shared experts in the same
-    launches, and all tokens to one expert."""
-    for config in (c for c in moe.CANDIDATES if c.get("PERSISTENT")):
-        _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, config=config)
-        _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, config=config, shared=2)
-        _check(t, 512, 256, 16, 8, torch.bfloat16, "cuda", interpret=False, config=config, route="one_expert")
 
 
 @pytest.mark.gpu

@@ -183,9 +183,36 @@ def moe_gate_up_act_kernel(
     ${gate_up_scale_args}${gate_up_bias_args}
 ):
     """Out[r, n] = ${computes} for the rows r of one expert's block${rows}.
-    ${program_doc}
-    """
-    ${gate_up_program}
+    DIRECT: row block b is slot b alone (one token: its slots' experts are distinct), its expert read from
+    the router's ids (BlockExpert holds them), so no align launch comes first."""
+    if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:  # prefill: the row blocks of one weight tile launch together (the tile stays in L2)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    ${block_rows}
+    token = (slot // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = X + token[:, None] * stride_xm + offs_k[None, :]
+    ${gate_up_pointers}
+    ${gate_zeros}
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_ok = offs_n[None, :] < N
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        ${gate_load}
+        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        ${gate_up_product}
+        a_ptrs += BLOCK_K
+        ${gate_step}
+        u_ptrs += BLOCK_K * step_k
+    ${gate_up_bias}
+    ${glu}
+    out = glu.to(${dtype})
+    ${gate_up_store}
 
 
 @triton.jit
@@ -202,96 +229,44 @@ def moe_down_weighted_kernel(
     straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
     TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
     experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
-    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). ${down_program_doc}
-    """
-    ${down_program}
+    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT: as in the gate/up kernel."""
+    if N_FASTEST:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    ${block_rows}
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = H + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    ${down_pointers}
+    n_ok = offs_n[None, :] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
+        ${down_product}
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * step_k
+    ${down_bias}
+    token = (slot // TOP_K).to(tl.int64)
+    choice = slot % TOP_K
+    weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
+    weight = weight.to(tl.float32)
+    if SHARED_SCALED:
+        scale = tl.load(SharedScale + token, mask=valid & (choice >= ROUTED_K), other=1.0)
+        weight = tl.where(choice < ROUTED_K, weight, scale.to(tl.float32))
+    weight = tl.where(valid, weight, 0.0)
+    if ATOMIC:
+        tl.atomic_add(Out + token[:, None] * stride_om + offs_n[None, :], acc * weight[:, None],
+                      mask=valid[:, None] & n_ok)
+    else:
+        out = (acc * weight[:, None]).to(${dtype})
+        tl.store(Out + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
 ''',
 )
-
-# A kernel's program: one tile, its row block and N block from the program ids, or (PERSISTENT, prefill) a
-# loop over tiles. In the one-tile form the grid is [row blocks, N blocks] (N_FASTEST: [N blocks, row blocks]).
-_ONE_TILE = """\
-if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-else:  # prefill: the row blocks of one weight tile launch together (the tile stays in L2)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-"""
-# PERSISTENT: one program per SM walks the tiles in use, the row blocks of one weight tile together, as the one-tile
-# grid orders them; the loop is flattened with the K loop inside it, so the software pipeline loads the next tile's
-# first K steps while this tile's epilogue runs (a K loop of 22 to 32 steps otherwise starts and drains per tile).
-_TILE_LOOP = """\
-row_blocks = tl.load(NumPadded) // BLOCK_M
-for tile in tl.range(tl.program_id(0), row_blocks * tl.cdiv(N, BLOCK_N), tl.num_programs(0), flatten=True):
-    pid_m = tile % row_blocks
-    pid_n = tile // row_blocks
-"""
-_GATE_UP_TILE = """\
-${block_rows}
-token = (slot // TOP_K).to(tl.int64)
-offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-offs_k = tl.arange(0, BLOCK_K)
-a_ptrs = X + token[:, None] * stride_xm + offs_k[None, :]
-${gate_up_pointers}
-${gate_zeros}
-acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-n_ok = offs_n[None, :] < N
-for k0 in range(0, K, BLOCK_K):
-    k_ok = offs_k < K - k0
-    a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-    ${gate_load}
-    u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
-    ${gate_up_product}
-    a_ptrs += BLOCK_K
-    ${gate_step}
-    u_ptrs += BLOCK_K * step_k
-${gate_up_bias}
-${glu}
-out = glu.to(${dtype})
-${gate_up_store}
-"""
-_DOWN_TILE = """\
-${block_rows}
-offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-offs_k = tl.arange(0, BLOCK_K)
-a_ptrs = H + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
-${down_pointers}
-n_ok = offs_n[None, :] < N
-acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-for k0 in range(0, K, BLOCK_K):
-    k_ok = offs_k < K - k0
-    a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-    b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
-    ${down_product}
-    a_ptrs += BLOCK_K
-    b_ptrs += BLOCK_K * step_k
-${down_bias}
-token = (slot // TOP_K).to(tl.int64)
-choice = slot % TOP_K
-weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
-weight = weight.to(tl.float32)
-if SHARED_SCALED:
-    scale = tl.load(SharedScale + token, mask=valid & (choice >= ROUTED_K), other=1.0)
-    weight = tl.where(choice < ROUTED_K, weight, scale.to(tl.float32))
-weight = tl.where(valid, weight, 0.0)
-if ATOMIC:
-    tl.atomic_add(Out + token[:, None] * stride_om + offs_n[None, :], acc * weight[:, None],
-                  mask=valid[:, None] & n_ok)
-else:
-    out = (acc * weight[:, None]).to(${dtype})
-    tl.store(Out + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
-"""
-
-
-def _program(tile: str, slots: dict, persistent: bool) -> str:
-    """A kernel's body: ``tile`` (a tile's code, its ``${slot}`` pieces filled from ``slots``) run for this program's
-    tile, or, ``persistent``, for every tile of its loop."""
-    body = KernelTemplate("tile", tile).render(slots)
-    if persistent:
-        return _TILE_LOOP + textwrap.indent(body, "    ")
-    return _ONE_TILE + body
-
 
 # A row block's expert and slots. Aligned: what the align launch wrote (SortedSlots, BlockExpert, NumPadded).
 # DIRECT (one token): block b is slot b in its first row, the other rows idle; a routed slot's expert is the
@@ -308,12 +283,6 @@ else:
         return
     expert = tl.load(BlockExpert + pid_m).to(tl.int64)
     slot = tl.load(SortedSlots + offs_m)
-valid = slot < num_slots"""
-# PERSISTENT: the loop's tiles are all aligned row blocks in use.
-_PERSISTENT_BLOCK_ROWS = """\
-offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-expert = tl.load(BlockExpert + pid_m).to(tl.int64)
-slot = tl.load(SortedSlots + offs_m)
 valid = slot < num_slots"""
 
 ROUTER_TOPK_MAX_EXPERTS = routing.MAX_EXPERTS  # one program holds a token's whole score row
@@ -484,12 +453,10 @@ _generated = memo()
 
 
 def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: bool = False,
-                weight_format: str = "float", biases: bool = False, gated: bool = True, persistent: bool = False):
+                weight_format: str = "float", biases: bool = False, gated: bool = True):
     """The generated experts kernels of this specialization. ``biases``: each expert's gate/up and down biases
     ([E, 2I] and [E, H], GPT-OSS) are added to the fp32 accumulators (float weights, no shared experts).
-    ``gated=False``: ungated experts, down(act(up(x))) (Nemotron-H's), in float weights. ``persistent``: the
-    grouped GEMMs as persistent programs looping over the aligned tiles (``_TILE_LOOP``; no DIRECT one-token
-    form)."""
+    ``gated=False``: ungated experts, down(act(up(x))) (Nemotron-H's), in float weights."""
     check_activation(activation)
     if biases and (shared or weight_format != "float"):
         raise ValueError("moe: expert biases are supported with float weights and no shared experts")
@@ -498,15 +465,14 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                          f"(formats: {', '.join(WEIGHT_FORMATS)})")
     if not gated and (weight_format != "float" or _clamped(activation) is not None):
         raise ValueError("moe: ungated experts take float weights and an unclamped activation")
-    key = (str(cache_dir()), dtype, activation, shared, weight_format, biases, gated, persistent)
+    key = (str(cache_dir()), dtype, activation, shared, weight_format, biases, gated)
     if key not in _generated:
         fp8 = weight_format != "float"
         prequant = weight_format == "fp8-block-prequant"
         w8a8 = weight_format in ("fp8-block", "fp8-block-prequant")
         spec = {"dtype": str(dtype), "activation": activation, **({} if gated else {"gated": False}),
                 **({"shared_experts": True} if shared else {}),
-                **({"weight_format": weight_format} if fp8 else {}), **({"biases": True} if biases else {}),
-                **({"persistent": True} if persistent else {})}
+                **({"weight_format": weight_format} if fp8 else {}), **({"biases": True} if biases else {})}
         header = (
             "Pattern family: moe (routed experts" + (" and shared experts" if shared else "") + ").\n"
             f"Computes: out = sum_j w_j * down_e({'act(gate_e(x)) * up_e(x)' if gated else 'act(up_e(x))'}) with "
@@ -527,8 +493,6 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                "FP8 dots accumulated in fp32 with both scales applied.\n" if prequant else "")
             + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block), widened in registers; activations in\n"
                "their own dtype; each K tile's product scaled by its weight block's scale.\n" if fp8 and not w8a8 else "")
-            + ("Persistent: one program per SM loops over the tiles (flattened with the K loop, so the next tile's\n"
-               "loads overlap this one's epilogue).\n" if persistent else "")
             + (f"First generated for: {origin}" if origin else "")
         )
         precision = '"ieee"' if dtype == torch.float32 else "None"  # fp32 activations: fp32 products
@@ -551,16 +515,8 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared, w8a8),
                  "down_scale_args": _scale_args("down", fp8, prequant, shared, w8a8),
                  "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
-                 "block_rows": _PERSISTENT_BLOCK_ROWS if persistent else _BLOCK_ROWS,
+                 "block_rows": _BLOCK_ROWS,
                  "helpers": _FP8_HELPERS if w8a8 else ""}
-        form = "PERSISTENT" if persistent else "DIRECT"
-        slots["program_doc"] = form + (
-            ": each program loops over tiles, the row blocks in use (NumPadded) times the N blocks." if persistent
-            else ": row block b is slot b alone (one token: its slots' experts are distinct), its expert read from\n"
-            "the router's ids (BlockExpert holds them), so no align launch comes first.")
-        slots["down_program_doc"] = f"{form}: as in the gate/up kernel."
-        slots["gate_up_program"] = _program(_GATE_UP_TILE, slots, persistent)
-        slots["down_program"] = _program(_DOWN_TILE, slots, persistent)
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
 
@@ -615,12 +571,6 @@ CANDIDATES = [
     # against 708 for the 8-warp, 3-stage 128 / 128 / 64 tile these did not beat before.
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_N_DOWN": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
-] + [
-    # prefill, PERSISTENT: those tiles as a program per SM looping over them
-    # (a 256-wide down tile spills in this form: 120 B at 3 stages, bench/kernel_resources.py), timed where the
-    # token bucket gives each expert more than 16 rows (``tune``)
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": st, "PERSISTENT": True}
-    for st in (3, 4)
 ]
 
 
@@ -711,10 +661,6 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
     w8a8_only = ("PREQUANT", "SWAP_AB")  # W8A16 takes neither: its tiles are these tiles without them
     candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not any(c.get(f) for f in w8a8_only)]
                   if fp8 else CANDIDATES)
-    # the persistent tiles are a prefill form: decode buckets do not compile and time them (by the bucket, so that
-    # every size in it indexes the same list)
-    if autotune.bucket(tokens) * (k + shared) <= 16 * (experts + shared):
-        candidates = [c for c in candidates if not c.get("PERSISTENT")]
     return autotune.choose(key, tokens, candidates, run, torch.device(device))
 
 
@@ -865,7 +811,6 @@ def moe_experts(
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
     may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
-    persistent = cfg.pop("PERSISTENT", False)
     launch_opts = {} if interpret else cfg
     x = x if x.stride(-1) == 1 else x.contiguous()
     # The weights are read through their strides, never copied: a model storing its experts [E, H, 2I] (Llama 4)
@@ -894,9 +839,8 @@ def moe_experts(
             sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
         capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
-    persistent = persistent and not direct and not n_fastest  # a prefill form: aligned row blocks, row blocks first
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None, weight_format=weight_format,
-                      biases=biases is not None, gated=gated, persistent=persistent)
+                      biases=biases is not None, gated=gated)
     a, a_scales, h_scales = x, None, None  # the gate/up kernel's A operand
     if prequant:
         a, a_scales = quant_kernels.prequantize_activations(x, FP8_BLOCK, interpret)
@@ -939,8 +883,6 @@ def moe_experts(
         gate_up, down = torch.library.wrap_triton(gate_up), torch.library.wrap_triton(down)
     inter_out = torch.empty((capacity, inter), dtype=torch.float8_e4m3fn if prequant else x.dtype, device=x.device)
     def grid(n_tiles):
-        if persistent:  # a program per SM, each looping over its share of the tiles in use (maybe none)
-            return (_sm_count(x.device),)
         return (n_tiles, capacity // bm) if n_fastest else (capacity // bm, n_tiles)
 
     gate_up[grid(triton.cdiv(inter, bn))](
@@ -966,12 +908,6 @@ def moe_experts(
         return out.to(x.dtype)
     # The k contributions of a token, summed in slot order in fp32: deterministic, no atomics.
     return out.view(t, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
-
-
-def _sm_count(device: torch.device) -> int:
-    """The GPU's multiprocessors: a persistent launch's programs (4 in the interpreter, so its loops run several
-    tiles each)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_scale=None, weight_scales=None,
