@@ -338,6 +338,26 @@ def test_interpreted_one_token_aligned_on_request(monkeypatch):
     assert calls
 
 
+def test_interpreted_prefill_sizes_align_in_parallel(monkeypatch):
+    """Past ALIGN_FUSED_MAX_SLOTS the experts take align_parallel's segments (here past 16 slots, in chunks of 16):
+    routed alone, with shared experts, all to one expert, FP8."""
+    calls = []
+    real = moe.align_parallel
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moe, "ALIGN_FUSED_MAX_SLOTS", 16)
+    monkeypatch.setattr(moe, "ALIGN_CHUNK_SLOTS", 16)
+    monkeypatch.setattr(moe, "align_parallel", counted)
+    _check(40, 32, 48, 7, 3, torch.float32, "cpu", interpret=True)
+    _check(33, 64, 32, 8, 2, torch.float16, "cpu", interpret=True, shared=2, gated=True, deterministic=False)
+    _check(37, 64, 32, 8, 3, torch.float16, "cpu", interpret=True, route="one_expert")
+    _check_fp8(9, 256, 128, 4, 2, torch.float16, "cpu", interpret=True)
+    assert len(calls) == 4
+
+
 @pytest.mark.parametrize("form", FP8_FORMS)
 def test_interpreted_fp8_experts_stored_transposed(form):
     """FP8 experts and their block scales stored [E, H, 2I] / [E, I, H], read through their strides."""
@@ -429,6 +449,32 @@ def test_fused_align_makes_the_shared_slots_itself(t, k, e, shared, bm):
     got = moe.align_fused(ids, e + shared, bm, interpret=True, shared=shared)
     want = moe.align(torch.cat([ids, torch.arange(e, e + shared).expand(t, shared)], dim=1), e + shared, bm)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("t,k,e,shared,bm,chunk", [
+    (4, 2, 5, 2, 4, 16),      # a handful of slots, one chunk
+    (70, 3, 7, 0, 16, 16),    # 14 chunks, no shared experts
+    (150, 6, 64, 2, 16, 32),  # V2-Lite's routing: 29 chunks, more than CHUNK_ROWS chunk rows a step
+    (33, 3, 7, 1, 16, 96),    # chunks of 96 (3 steps of SLOT_CHUNK), 99 routed slots: a 3-slot last chunk
+    (64, 2, 4, 3, 32, 16),    # slots exactly 8 chunks (a ninth, empty, program), every expert padded
+    (0, 2, 4, 1, 16, 16),     # no tokens: the one program writes the padding and the owners alone
+    (1, 6, 64, 2, 16, 16),
+], ids=str)
+@pytest.mark.parametrize("route", ["random", "one_expert"])
+def test_parallel_align_equals_torch_align(t, k, e, shared, bm, chunk, route):
+    """align_parallel, its slots split over programs (CHUNK_SLOTS ``chunk``): the same three outputs as aligning
+    every token's routed ids followed by its shared ones, stable within each expert."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    ids = (torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]) if t
+           else torch.zeros(0, k, dtype=torch.long))
+    if route == "one_expert" and t:
+        ids[:, 0] = e - 1  # every token's first choice: one expert's segment spans every chunk
+        ids[:, 1:] = torch.stack([torch.randperm(e - 1, generator=gen)[: k - 1] for _ in range(t)])
+    got = moe.align_parallel(ids.to(torch.int32), e + shared, bm, interpret=True, shared=shared,
+                             tiling={"CHUNK_SLOTS": chunk, "SLOT_CHUNK": 16, "CHUNK": 32, "CHUNK_ROWS": 4})
+    every = torch.cat([ids, torch.arange(e, e + shared).expand(t, shared)], dim=1) if shared else ids
+    want = moe.align(every, e + shared, bm)
+    assert all(torch.equal(g, w.to(g.dtype)) for g, w in zip(got, want))
 
 
 def test_align_segments_are_block_aligned_and_complete():
@@ -554,6 +600,20 @@ def test_gpu_ungated_experts_with_shared(t):
 def test_gpu_experts_edge_routes():
     _check(300, 512, 256, 16, 8, torch.bfloat16, "cuda", interpret=False, route="one_expert", noncontig=True)
     _check(3, 512, 256, 64, 1, torch.bfloat16, "cuda", interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,k,e,shared,bm", [(513, 6, 64, 2, 64), (4096, 6, 64, 2, 128), (16384, 8, 256, 1, 128),
+                                             (4096, 6, 64, 0, 128)])
+def test_gpu_parallel_align_equals_torch_align(t, k, e, shared, bm):
+    """The parallel align on the GPU (programs running at once) at V2-Lite's and V3's routing, prefill sizes."""
+    ids = torch.rand(t, e, device="cuda").argsort(dim=-1)[:, :k]
+    ids[: t // 2, 0] = 3  # half the tokens' first choice one expert: a segment across many chunks
+    ids[: t // 2, 1:] = torch.where(ids[: t // 2, 1:] == 3, e - 1, ids[: t // 2, 1:])
+    got = moe.align_parallel(ids, e + shared, bm, shared=shared)
+    every = torch.cat([ids, torch.arange(e, e + shared, device="cuda").expand(t, shared)], dim=1)
+    want = moe.align(every, e + shared, bm)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 @pytest.mark.gpu

@@ -2,9 +2,11 @@
 
 Three steps, no host synchronization anywhere (CUDA-graph safe):
 1. ``align``: the T*k (token, slot) pairs are sorted by expert into segments padded to BLOCK_M rows, so every
-   row block of the grouped GEMMs belongs to one expert. Plain torch with static shapes (the padded length is
-   bounded by T*k + E*(BLOCK_M-1)); Inductor compiles it. At one token (decode at batch 1) there is no align:
-   the token's experts are distinct, so each slot is its own row block and the kernels read the router's ids.
+   row block of the grouped GEMMs belongs to one expert (static shapes: the padded length is bounded by
+   T*k + E*(BLOCK_M-1)). A generated kernel: one program walking the slots at decode sizes (``align_fused``),
+   two launches of a program per chunk of slots past that (``align_parallel``); ``align`` is the same in plain
+   torch. At one token (decode at batch 1) there is no align: the token's experts are distinct, so each slot is
+   its own row block and the kernels read the router's ids.
 2. ``moe_gate_up_act_kernel``: per row block, the expert's gate and up projections as two accumulators over the
    same A tile, and act(gate) * up in the epilogue: the [rows, 2I] intermediate never exists.
 3. ``moe_down_weighted_kernel``: the down projection, the routing weight applied to the fp32 accumulator,
@@ -119,6 +121,26 @@ import triton.language as tl
 
 ${helpers}
 @triton.jit
+def place_routed_slots(Ids, SortedSlots, first, end, seen, padded_start, E_POW2: tl.constexpr,
+                       SLOT_CHUNK: tl.constexpr, ROUTED_K: tl.constexpr, SHARED: tl.constexpr):
+    """Routed slots first .. end - 1 written to their rows, SLOT_CHUNK at a time (a pairwise comparison of
+    SLOT_CHUNK^2): each after ``seen``[e] earlier slots of its expert e and those before it here (stable), in e's
+    segment from padded_start[e]. Token t's routed choice j is slot t * (ROUTED_K + SHARED) + j."""
+    experts = tl.arange(0, E_POW2)
+    slot_lanes = tl.arange(0, SLOT_CHUNK)
+    for c0 in range(first, end, SLOT_CHUNK):
+        routed = c0 + slot_lanes
+        ok = routed < end
+        ids = tl.load(Ids + routed, mask=ok, other=E_POW2)
+        match = ids[:, None] == experts[None, :]
+        earlier = (ids[:, None] == ids[None, :]) & (slot_lanes[None, :] < slot_lanes[:, None])
+        rank = tl.sum(earlier.to(tl.int32), axis=1) + tl.sum(tl.where(match, seen[None, :], 0), axis=1)
+        start = tl.sum(tl.where(match, padded_start[None, :], 0), axis=1)
+        tl.store(SortedSlots + start + rank, routed // ROUTED_K * (ROUTED_K + SHARED) + routed % ROUTED_K, mask=ok)
+        seen += tl.sum(match.to(tl.int32), axis=0)
+
+
+@triton.jit
 def moe_align_kernel(
     Ids, SortedSlots, BlockExpert, NumPadded,
     num_routed, num_tokens, capacity,
@@ -155,22 +177,93 @@ def moe_align_kernel(
             owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
         tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
     tl.debug_barrier()  # the padding fill above must land before the slots below overwrite it
-    seen = tl.zeros((E_POW2,), dtype=tl.int32)
-    for c0 in range(0, num_routed, SLOT_CHUNK):
-        routed = c0 + slot_lanes
-        ok = routed < num_routed
-        ids = tl.load(Ids + routed, mask=ok, other=E_POW2)
-        match = ids[:, None] == experts[None, :]
-        earlier = (ids[:, None] == ids[None, :]) & (slot_lanes[None, :] < slot_lanes[:, None])
-        rank = tl.sum(earlier.to(tl.int32), axis=1) + tl.sum(tl.where(match, seen[None, :], 0), axis=1)
-        start = tl.sum(tl.where(match, padded_start[None, :], 0), axis=1)
-        tl.store(SortedSlots + start + rank, routed // ROUTED_K * k_all + routed % ROUTED_K, mask=ok)
-        seen += tl.sum(match.to(tl.int32), axis=0)
+    place_routed_slots(Ids, SortedSlots, 0, num_routed, tl.zeros((E_POW2,), dtype=tl.int32), padded_start, E_POW2,
+                       SLOT_CHUNK, ROUTED_K, SHARED)
     for j in tl.static_range(SHARED):  # shared expert j: every token, in token order
         start = routed_rows + j * shared_rows
         for t0 in range(0, num_tokens, CHUNK):
             token = t0 + lanes
             tl.store(SortedSlots + start + token, token * k_all + ROUTED_K + j, mask=token < num_tokens)
+
+
+@triton.jit
+def moe_align_count_kernel(
+    Ids, ChunkCounts, num_routed,
+    E_POW2: tl.constexpr, CHUNK_SLOTS: tl.constexpr, SLOT_CHUNK: tl.constexpr,
+):
+    """The parallel align's first launch: ChunkCounts[c, e] = how many of chunk c's routed slots (CHUNK_SLOTS of
+    them, from c * CHUNK_SLOTS on) chose expert e."""
+    c = tl.program_id(0)
+    experts = tl.arange(0, E_POW2)
+    slot_lanes = tl.arange(0, SLOT_CHUNK)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for s0 in range(c * CHUNK_SLOTS, tl.minimum(c * CHUNK_SLOTS + CHUNK_SLOTS, num_routed), SLOT_CHUNK):
+        ids = tl.load(Ids + s0 + slot_lanes, mask=s0 + slot_lanes < num_routed, other=E_POW2)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(ChunkCounts + c * E_POW2 + experts, counts)
+
+
+@triton.jit
+def moe_align_place_kernel(
+    Ids, ChunkCounts, SortedSlots, BlockExpert, NumPadded,
+    num_routed, num_tokens, capacity, num_chunks,
+    E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, CHUNK_SLOTS: tl.constexpr,
+    SLOT_CHUNK: tl.constexpr, CHUNK_ROWS: tl.constexpr, ROUTED_K: tl.constexpr, SHARED: tl.constexpr,
+):
+    """The parallel align's second launch, one program per chunk of routed slots: what moe_align_kernel writes,
+    every position written by exactly one program (no ordering between programs, no atomics). From all chunks'
+    counts each program knows every expert's segment and where its own chunk's slots of each expert start in it
+    (after the earlier chunks'); it places those, stably, and its share (every num_programs-th piece) of the
+    padding rows, the shared experts' token-order segments and the row blocks' owners."""
+    c = tl.program_id(0)
+    programs = tl.num_programs(0)
+    k_all = ROUTED_K + SHARED
+    num_slots = num_tokens * k_all
+    experts = tl.arange(0, E_POW2)
+    lanes = tl.arange(0, CHUNK)
+    chunk_rows = tl.arange(0, CHUNK_ROWS)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    before = tl.zeros((E_POW2,), dtype=tl.int32)  # this chunk's slots of an expert follow the earlier chunks'
+    for r0 in range(0, num_chunks, CHUNK_ROWS):
+        row = r0 + chunk_rows
+        part = tl.load(ChunkCounts + row[:, None] * E_POW2 + experts[None, :], mask=(row < num_chunks)[:, None],
+                       other=0)
+        counts += tl.sum(part, axis=0)
+        before += tl.sum(tl.where((row < c)[:, None], part, 0), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    routed_rows = tl.sum(padded, axis=0)
+    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # each shared expert's segment
+    rows_used = routed_rows + SHARED * shared_rows
+    if c == 0:
+        tl.store(NumPadded, rows_used)
+    place_routed_slots(Ids, SortedSlots, c * CHUNK_SLOTS, tl.minimum(c * CHUNK_SLOTS + CHUNK_SLOTS, num_routed),
+                       before, padded_start, E_POW2, SLOT_CHUNK, ROUTED_K, SHARED)
+    # the padding rows at the end of each segment (routed expert e, then shared expert j as segment E + j) hold the
+    # slot count; the program with e % programs == c writes segment e's
+    pad_lanes = tl.arange(0, BLOCK_M)
+    for e in range(c, E + SHARED, programs):
+        if e < E:
+            seg_end = tl.sum(tl.where(experts == e, padded_end, 0), axis=0)
+            filled = tl.sum(tl.where(experts == e, padded_start + counts, 0), axis=0)
+        else:
+            seg_end = routed_rows + (e - E + 1) * shared_rows
+            filled = seg_end - shared_rows + num_tokens
+        tl.store(SortedSlots + filled + pad_lanes, num_slots, mask=filled + pad_lanes < seg_end)
+    for r0 in range(rows_used + c * CHUNK, capacity, programs * CHUNK):  # past the rows in use
+        tl.store(SortedSlots + r0 + lanes, num_slots, mask=r0 + lanes < capacity)
+    for j in tl.static_range(SHARED):  # shared expert j: every token, in token order
+        start = routed_rows + j * shared_rows
+        for t0 in range(c * CHUNK, num_tokens, programs * CHUNK):
+            token = t0 + lanes
+            tl.store(SortedSlots + start + token, token * k_all + ROUTED_K + j, mask=token < num_tokens)
+    for b0 in range(c * CHUNK, capacity // BLOCK_M, programs * CHUNK):
+        rows = (b0 + lanes) * BLOCK_M
+        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+        if SHARED > 0:
+            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
+        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
 
 
 @triton.jit
@@ -670,7 +763,9 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
 # former 128/128/4 warps, at 128 tokens 39.0 against 56.3, even at 1 and 8 (timed as a one-launch CUDA graph,
 # about 8 us of it the replay's own).
 ALIGN_TILING = {"SLOT_CHUNK": 32, "CHUNK": 128, "num_warps": 1}
-ALIGN_FUSED_MAX_SLOTS = 1024  # measured on H100: T=1..64 (k=6) faster fused, T=512 and up slower
+# Up to this many slots the single-program align; past it the parallel one. Measured on H100 against the torch
+# form (which the parallel kernel replaced in 2026-12-07's session): T=1..64 (k=6) faster fused, T=512 and up slower.
+ALIGN_FUSED_MAX_SLOTS = 1024
 # Shared experts in the grouped launches, up to this many tokens; beyond, cuBLAS's dense GEMMs run the shared
 # MLP faster than the grouped kernels do. Measured on H100 (V2-Lite block, bench/RESULTS.md): T=1 0.089 ms fused
 # against 0.101 unfused, T=64 and T=512 even, T=4096 1.77 against 1.63 ms.
@@ -700,6 +795,50 @@ def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpre
              E=routed, E_POW2=triton.next_power_of_2(routed), BLOCK_M=block_m, CHUNK=tile["CHUNK"],
              SLOT_CHUNK=slot_chunk, ROUTED_K=k, SHARED=shared,
              **({} if interpret else {"num_warps": tile["num_warps"]}))
+    return sorted_slots, block_expert, num_padded
+
+
+# The parallel align: CHUNK_SLOTS routed slots a program, at least ALIGN_CHUNK_SLOTS and more where that would make
+# more than about ALIGN_PROGRAMS programs (each reads every chunk's counts); the tiles of the single-program kernel.
+ALIGN_CHUNK_SLOTS = 256
+ALIGN_PROGRAMS = 128
+ALIGN_PARALLEL_TILING = {"SLOT_CHUNK": 32, "CHUNK": 128, "CHUNK_ROWS": 16, "num_warps": 4}
+
+
+def align_parallel(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False, shared: int = 0,
+                   tiling: Optional[dict] = None):
+    """``align_fused``'s outputs in two launches of one program per chunk of routed slots: each chunk's count per
+    expert, then every slot placed (stably) by its chunk's program, which reads all chunks' counts; no program's
+    writes meet another's. For prefill sizes, where the single program of ``align_fused`` walks too many slots and
+    the torch form takes a sort and a dozen small launches. ``tiling`` overrides ``ALIGN_PARALLEL_TILING`` and may
+    set ``CHUNK_SLOTS``."""
+    flat = topk_ids.reshape(-1)  # int32 or int64, read as it is
+    tokens, k = topk_ids.shape
+    num_routed = flat.shape[0]
+    num_slots = tokens * (k + shared)
+    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
+    routed = num_experts - shared
+    e_pow2 = triton.next_power_of_2(routed)
+    tile = {**ALIGN_PARALLEL_TILING, **(tiling or {})}
+    chunk_slots = tile.pop("CHUNK_SLOTS", max(ALIGN_CHUNK_SLOTS,
+                                              triton.next_power_of_2(-(-size_hint(num_routed) // ALIGN_PROGRAMS))))
+    slot_chunk = min(tile["SLOT_CHUNK"], chunk_slots)
+    chunks = (num_routed + chunk_slots) // chunk_slots  # at least one program (no tokens: it writes the padding)
+    sorted_slots = torch.empty((capacity,), dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty((capacity // block_m,), dtype=torch.int32, device=flat.device)
+    num_padded = torch.empty((1,), dtype=torch.int32, device=flat.device)
+    chunk_counts = torch.empty((chunks, e_pow2), dtype=torch.int32, device=flat.device)
+    gen = kernels_for(torch.float32, "silu")
+    count, place = (gen.function(name, interpret=interpret)
+                    for name in ("moe_align_count_kernel", "moe_align_place_kernel"))
+    if not interpret:
+        count, place = torch.library.wrap_triton(count), torch.library.wrap_triton(place)
+    launch = {} if interpret else {"num_warps": tile["num_warps"]}
+    count[(chunks,)](flat, chunk_counts, num_routed, E_POW2=e_pow2, CHUNK_SLOTS=chunk_slots, SLOT_CHUNK=slot_chunk,
+                     **launch)
+    place[(chunks,)](flat, chunk_counts, sorted_slots, block_expert, num_padded, num_routed, tokens, capacity, chunks,
+                     E=routed, E_POW2=e_pow2, BLOCK_M=block_m, CHUNK=tile["CHUNK"], CHUNK_SLOTS=chunk_slots,
+                     SLOT_CHUNK=slot_chunk, CHUNK_ROWS=tile["CHUNK_ROWS"], ROUTED_K=k, SHARED=shared, **launch)
     return sorted_slots, block_expert, num_padded
 
 
@@ -830,13 +969,9 @@ def moe_experts(
         sorted_slots, block_expert, num_padded = flat_ids, flat_ids, flat_ids  # only BlockExpert is read
         capacity = num_slots * bm  # a row block per slot
     else:
-        if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS:
-            sorted_slots, block_expert, num_padded = align_fused(topk_ids, num_experts, bm, interpret, n_shared)
-        else:
-            if n_shared:  # the shared experts' slots, after each token's routed ones
-                topk_ids = torch.cat([topk_ids, torch.arange(routed, num_experts, device=x.device,
-                                                             dtype=topk_ids.dtype).expand(t, n_shared)], dim=1)
-            sorted_slots, block_expert, num_padded = align(topk_ids, num_experts, bm)
+        # one program walking the slots at decode sizes, a program per chunk of them past that
+        aligned = align_fused if size_hint(num_slots) <= ALIGN_FUSED_MAX_SLOTS else align_parallel
+        sorted_slots, block_expert, num_padded = aligned(topk_ids, num_experts, bm, interpret, n_shared)
         capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None, weight_format=weight_format,
