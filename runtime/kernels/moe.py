@@ -763,9 +763,11 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
 # former 128/128/4 warps, at 128 tokens 39.0 against 56.3, even at 1 and 8 (timed as a one-launch CUDA graph,
 # about 8 us of it the replay's own).
 ALIGN_TILING = {"SLOT_CHUNK": 32, "CHUNK": 128, "num_warps": 1}
-# Up to this many slots the single-program align; past it the parallel one. Measured on H100 against the torch
-# form (which the parallel kernel replaced in 2026-12-07's session): T=1..64 (k=6) faster fused, T=512 and up slower.
-ALIGN_FUSED_MAX_SLOTS = 1024
+# Up to this many slots the single-program align; past it the parallel one. bench/moe_align.py (V2-Lite routing with
+# 2 shared experts, 8 slots a token, CUDA-graph replays of ~8 us alone): the parallel form took 15.4 us at 64 tokens
+# on H100, 15.5 at 512, 18.1 at 2048, 21.5 at 4096 (the torch form it replaced 66-82); the single program took 14.7
+# at 32 tokens and 39.0 at 128 on H200 (2026-12-02), its walk growing with the slots.
+ALIGN_FUSED_MAX_SLOTS = 256
 # Shared experts in the grouped launches, up to this many tokens; beyond, cuBLAS's dense GEMMs run the shared
 # MLP faster than the grouped kernels do. Measured on H100 (V2-Lite block, bench/RESULTS.md): T=1 0.089 ms fused
 # against 0.101 unfused, T=64 and T=512 even, T=4096 1.77 against 1.63 ms.
@@ -799,10 +801,13 @@ def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpre
 
 
 # The parallel align: CHUNK_SLOTS routed slots a program, at least ALIGN_CHUNK_SLOTS and more where that would make
-# more than about ALIGN_PROGRAMS programs (each reads every chunk's counts); the tiles of the single-program kernel.
-ALIGN_CHUNK_SLOTS = 256
-ALIGN_PROGRAMS = 128
-ALIGN_PARALLEL_TILING = {"SLOT_CHUNK": 32, "CHUNK": 128, "CHUNK_ROWS": 16, "num_warps": 4}
+# more than about ALIGN_PROGRAMS programs (each reads every chunk's counts). The best of 12 tilings at 64 to 4096
+# tokens on H100 (bench/moe_align.py --parallel-only): 128 slots a chunk, 64 compared pairwise a step, 2 warps
+# (4 at 64 tokens: 15.4 against 16.7 us); 256 slots a chunk lost at every size (at 4096 tokens, 192 chunks of 128:
+# 21.5 us, 96 of 256: 22.4-23.2).
+ALIGN_CHUNK_SLOTS = 128
+ALIGN_PROGRAMS = 256
+ALIGN_PARALLEL_TILING = {"SLOT_CHUNK": 64, "CHUNK": 128, "CHUNK_ROWS": 16, "num_warps": 2}
 
 
 def align_parallel(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False, shared: int = 0,
