@@ -137,6 +137,23 @@ def test_interpreted_gpt_oss_experts(case):
     _check(*case, torch.float32, "cpu", interpret=True, activation=moe.clamped_silu(3.0), shared=1)  # DeepSeek-V4's
 
 
+def test_interleaved_columns_stored_contiguous_are_read_as_one_tile(monkeypatch):
+    """GPT-OSS's [E, H, 2I] gate/up (interleaved, contiguous along the rows of the [E, 2I, H] view): one
+    [BLOCK_K, 2 BLOCK_N] tile and one dot per K step, split into gate and up after the loop; interleaved rows stored
+    [E, 2I, H] keep the two tiles (each row contiguous along K already)."""
+    seen = []
+    real = moe.kernels_for
+    monkeypatch.setattr(moe, "kernels_for", lambda *a, **kw: ("paired" in kw and seen.append(kw["paired"]))
+                        or real(*a, **kw))  # (the align's calls name no experts' form)
+    _check(5, 32, 16, 4, 2, torch.float32, "cpu", interpret=True, interleaved=True, transposed=True)
+    _check(5, 32, 16, 4, 2, torch.float32, "cpu", interpret=True, interleaved=True)
+    assert seen == [True, False]
+    src = open(real(torch.float32, "silu", paired=True).path).read()
+    assert src.count("tl.dot(") == 2 and "tl.split(tl.reshape(acc_pair, (BLOCK_M, BLOCK_N, 2)))" in src
+    with pytest.raises(ValueError, match="paired"):
+        real(torch.float32, "silu", shared=True, paired=True)
+
+
 @pytest.mark.parametrize("case", [(1, 64, 32, 8, 2), (7, 48, 16, 5, 3), (33, 64, 32, 16, 1), (0, 32, 32, 4, 2)],
                          ids=str)
 def test_interpreted_ungated_experts(case):
