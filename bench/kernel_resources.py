@@ -173,6 +173,28 @@ def moe_prefill(kind: str):
         yield config, fn, pointers, {}, constexprs, ("up_offset",)
 
 
+def moe_gpt_oss_gate_up():
+    """GPT-OSS-20B's gate/up kernel (hidden 2880, intermediate 2880, top-4, biases, clamped SwiGLU) over its weight
+    as HF stores it, [E, H, 2I] with gate and up columns interleaved: read as two tiles of every other column (the
+    form before PAIRED) and as one tile of both (PAIRED), at a decode tile and two prefill tiles."""
+    from deepfuse.runtime.kernels import moe
+
+    pointers = {"X": "*bf16", "W": "*bf16", "SharedGate": "*bf16", "SharedUp": "*bf16", "Out": "*bf16",
+                "SortedSlots": "*i32", "BlockExpert": "*i32", "NumPadded": "*i32", "GateUpBias": "*bf16"}
+    for paired in (False, True):
+        fn = moe.kernels_for(torch.bfloat16, moe.clamped_swiglu(1.702, 7.0), "bench/kernel_resources.py", biases=True,
+                             paired=paired).function("moe_gate_up_act_kernel")
+        for bm, bn, bk, w, st, decode in [(16, 64, 128, 4, 4, True), (64, 128, 64, 4, 3, False),
+                                          (128, 128, 64, 8, 4, False)]:
+            # the [E, 2I, H] view of the [E, H, 2I] weight: rows 2 apart for the gate's, the up's one after each
+            constexprs = {"N": 2880, "K": 2880, "TOP_K": 4, "ROUTED_K": 4, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                          "N_FASTEST": decode, "DIRECT": decode, "stride_gn": 2, "up_offset": 1, "stride_gbn": 2,
+                          "bias_up_offset": 1}
+            constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
+            config = {"PAIRED": paired, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
+            yield config, fn, pointers, {}, constexprs, ("stride_wk",)
+
+
 def rms_norm(residual: bool):
     """The RMSNorm kernel over V2-Lite's hidden size (2048, bf16), one row per program, at each warp count."""
     from deepfuse.runtime.kernels import rms_norm as kernels
@@ -281,7 +303,8 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
               for kind in ("gate_up", "down")
               for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))},
            "moe_up_ungated": lambda: moe_experts("float", "gate_up", gated=False),
-           "moe_prefill_gate_up": lambda: moe_prefill("gate_up"), "moe_prefill_down": lambda: moe_prefill("down")}
+           "moe_prefill_gate_up": lambda: moe_prefill("gate_up"), "moe_prefill_down": lambda: moe_prefill("down"),
+           "moe_gpt_oss_gate_up": moe_gpt_oss_gate_up}
 
 
 def main():
