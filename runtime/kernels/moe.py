@@ -741,7 +741,7 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
         cfg = config_for(tokens * (k + shared), experts + shared)
         return {**cfg, "BLOCK_K": FP8_BLOCK} if fp8 else cfg
     gen = kernels_for(dtype, activation, shared=shared > 0, weight_format=weight_format, biases=biases, gated=gated,
-                      paired=interleaved and gated and not fp8 and transposed[0])
+                      paired=_paired(interleaved, gated, fp8, rows_contiguous=transposed[0]))
     rows = 2 * inter if gated else inter  # of the first projection
 
     @autotune.once
@@ -1014,7 +1014,8 @@ def moe_experts(
         capacity = sorted_slots.shape[0]
     n_fastest = n_fastest and size_hint(capacity) // bm < 65536  # the row blocks on the grid's y axis: its limit
     gen = kernels_for(x.dtype, activation, origin, shared=shared is not None, weight_format=weight_format,
-                      biases=biases is not None, gated=gated, paired=_paired(w_gate_up, interleaved, gated, fp8))
+                      biases=biases is not None, gated=gated,
+                      paired=_paired(interleaved, gated, fp8, rows_contiguous=w_gate_up.stride(1) == 1))
     a, a_scales, h_scales = x, None, None  # the gate/up kernel's A operand
     if prequant:
         a, a_scales = quant_kernels.prequantize_activations(x, FP8_BLOCK, interpret)
@@ -1084,10 +1085,10 @@ def moe_experts(
     return out.view(t, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
-def _paired(w_gate_up: torch.Tensor, interleaved: bool, gated: bool, fp8: bool) -> bool:
+def _paired(interleaved: bool, gated: bool, fp8: bool, rows_contiguous: bool) -> bool:
     """Whether the gate/up kernel reads each N block's gate and up columns as one tile (``_PAIRED``): float gated
     experts whose interleaved gate/up rows are stored contiguous (stride 1 along them: [E, H, 2I])."""
-    return interleaved and gated and not fp8 and w_gate_up.stride(1) == 1
+    return interleaved and gated and not fp8 and rows_contiguous
 
 
 def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_scale=None, weight_scales=None,
