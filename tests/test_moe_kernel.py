@@ -475,13 +475,13 @@ def test_fused_align_makes_the_shared_slots_itself(t, k, e, shared, bm):
     (33, 3, 7, 1, 16, 96),    # chunks of 96 (3 steps of SLOT_CHUNK), 99 routed slots: a 3-slot last chunk
     (64, 2, 4, 3, 32, 16),    # slots exactly 8 chunks (a ninth, empty, program), every expert padded
     (0, 2, 4, 1, 16, 16),     # no tokens: the one program writes the padding and the owners alone
-    (0, 5, 21, 2, 16, 32),
+    (0, 5, 21, 2, 16, 32),    # no tokens, two shared experts
     (1, 6, 64, 2, 16, 16),
 ], ids=str)
 @pytest.mark.parametrize("route", ["random", "one_expert"])
 def test_parallel_align_equals_torch_align(t, k, e, shared, bm, chunk, route):
-    """align_parallel, its slots split over programs (CHUNK_SLOTS ``chunk``): the same three outputs as aligning
-    every token's routed ids followed by its shared ones, stable within each expert."""
+    """align_parallel, its slots split over programs (CHUNK_SLOTS ``chunk``): the alignment of every token's routed ids
+    followed by its shared ones, stable within each expert (``_same_alignment``)."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     ids = (torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]) if t
            else torch.zeros(0, k, dtype=torch.long))
