@@ -1,6 +1,7 @@
 """The MoE align step (slots sorted by expert into padded segments) at V2-Lite's routing, per tiling of the fused
-kernel and in its torch form, each replayed as a CUDA graph. It chooses ``ALIGN_TILING`` and
-``ALIGN_FUSED_MAX_SLOTS`` in runtime/kernels/moe.py; prints a table, writes JSON with --out.
+kernel, of the parallel one and in its torch form, each replayed as a CUDA graph. It chooses ``ALIGN_TILING``,
+``ALIGN_PARALLEL_TILING`` (with ``ALIGN_CHUNK_SLOTS``) and ``ALIGN_FUSED_MAX_SLOTS`` in runtime/kernels/moe.py;
+prints a table, writes JSON with --out.
 
     python3 bench/moe_align.py --out DIR [--tokens 1,8,32,64,128] [--experts 64] [--top-k 6] [--shared 2]
                                [--torch-only] [--parallel-only]
