@@ -157,9 +157,14 @@ UNSEEN = {
     # and a dense MLP beside the experts, which is no shared MLP (it reads other hidden states)
     "Gemma4Text": (dict(enable_moe_block=True, num_experts=8, top_k_experts=2, layer_types=["full_attention"] * 2,
                         pad_token_id=0), "softmax, top-2, renormalized, x a per-expert scale", None),
+    # a token classifier (no causal mask): GPT-OSS's clamped SwiGLU over [E, H, 2I] gate and up halves with biases,
+    # a biased router whose top-k logits are softmaxed, then divided by k
+    "OpenAIPrivacyFilter": (dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, pad_token_id=0),
+                            "softmax, top-2, renormalized, x 0.5", None),
 }
-ACTIVATION = {"GptOss": "swiglu_clamped(alpha=1.702, limit=7.0)", "NemotronH": "relu2",
-              "Gemma4Text": "gelu_tanh"}  # silu otherwise
+ACTIVATION = {"GptOss": "swiglu_clamped(alpha=1.702, limit=7.0)", "NemotronH": "relu2", "Gemma4Text": "gelu_tanh",
+              "OpenAIPrivacyFilter": "swiglu_clamped(alpha=1.702, limit=7.0)"}  # silu otherwise
+MODEL_CLASS = {"OpenAIPrivacyFilter": "OpenAIPrivacyFilterForTokenClassification"}  # ...ForCausalLM otherwise
 
 
 @pytest.mark.parametrize("family", sorted(UNSEEN))
@@ -169,7 +174,7 @@ def test_unseen_hf_moe_families_are_fused_or_declined_and_right(family):
     kwargs, routing, shared = UNSEEN[family]
     cfg = getattr(transformers, family + "Config")(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16,
                                                       **kwargs})
-    model = getattr(transformers, family.removesuffix("Text") + "ForCausalLM")(cfg).eval()
+    model = getattr(transformers, MODEL_CLASS.get(family, family.removesuffix("Text") + "ForCausalLM"))(cfg).eval()
     with torch.no_grad():  # some initialize their routers and biases to zeros, where every expert ties
         for name, p in model.named_parameters():
             if not p.abs().any() and "norm" not in name:
