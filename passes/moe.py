@@ -1547,7 +1547,7 @@ def _verify_routing(region, logits, vectors, weights, ids):
                 if not all(routing.same_routing(got, routing.reference(x, b, spec, expert_scale=sv), 1e-12,
                                                 ids_only=True) for x, b, sv, got in assigned):
                     continue
-                scale = _fitted_scale(assigned, spec, consts)
+                scale = _fitted_scale(assigned, spec, consts + _int_constants(region))
                 if scale is None:
                     continue
                 spec = dataclasses.replace(spec, scale=scale)
@@ -1631,6 +1631,13 @@ def _routing_candidates(region, consts, e, k, has_bias, expert_scale=False):
                     for renormalize in (False, True):
                         yield routing.RoutingSpec(k, scoring, has_bias, g, tg, group_score, fill, renormalize,
                                                   expert_scale=expert_scale)
+
+
+def _int_constants(region) -> list[float]:
+    """The integers the region's nodes take (a division by top_k, say), as floats: more values a fitted scale may be
+    the reciprocal of. (Sizes and dims come along; a fit lands within 1e-6 of one only where the scale is it.)"""
+    return [float(c) for n in region for c in (*n.args, *n.kwargs.values())
+            if isinstance(c, int) and not isinstance(c, bool)]
 
 
 def _fitted_scale(draws, spec, consts) -> Optional[float]:

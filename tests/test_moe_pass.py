@@ -194,6 +194,8 @@ def test_unseen_hf_moe_families_are_fused_or_declined_and_right(family):
             family == "Llama4Text"), m.params
         got = m.params.get("shared_experts")
         assert got is None if shared is None else got.startswith(shared), m.params  # (a gate names its node)
+        if family == "OpenAIPrivacyFilter":  # a division by top_k (an int): its fitted scale is 1/2 exactly
+            assert m.params["routed_scaling"] == 0.5, m.params
 
 
 def _bf16_against_float64(model, kind, ids):
