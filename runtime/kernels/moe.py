@@ -141,6 +141,55 @@ def place_routed_slots(Ids, SortedSlots, first, end, seen, padded_start, E_POW2:
 
 
 @triton.jit
+def count_routed_slots(Ids, first, end, E_POW2: tl.constexpr, SLOT_CHUNK: tl.constexpr):
+    """How many of routed slots first .. end - 1 chose each expert, SLOT_CHUNK at a time."""
+    experts = tl.arange(0, E_POW2)
+    slot_lanes = tl.arange(0, SLOT_CHUNK)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for c0 in range(first, end, SLOT_CHUNK):
+        ids = tl.load(Ids + c0 + slot_lanes, mask=c0 + slot_lanes < end, other=E_POW2)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    return counts
+
+
+@triton.jit
+def expert_segments(counts, num_tokens, BLOCK_M: tl.constexpr):
+    """From the routed experts' slot counts: each expert's segment (start, end; padded to BLOCK_M rows), the
+    routed rows in all, and each shared expert's segment length (every token, padded)."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    return padded_end - padded, padded_end, tl.sum(padded, axis=0), shared_rows
+
+
+@triton.jit
+def write_block_owners(BlockExpert, first, step, capacity, padded_end, routed_rows, shared_rows, E: tl.constexpr,
+                       BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SHARED: tl.constexpr):
+    """BlockExpert[b] for the row blocks b of CHUNK-wide pieces first, first + step, ...: the routed expert whose
+    segment holds the block, or the shared expert's past the routed rows (the last expert past every segment)."""
+    lanes = tl.arange(0, CHUNK)
+    for b0 in range(first, capacity // BLOCK_M, step):
+        rows = (b0 + lanes) * BLOCK_M
+        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+        if SHARED > 0:
+            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
+        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
+
+
+@triton.jit
+def write_shared_slots(SortedSlots, first, step, num_tokens, routed_rows, shared_rows, CHUNK: tl.constexpr,
+                       ROUTED_K: tl.constexpr, SHARED: tl.constexpr):
+    """Shared expert j's segment after the routed rows: every token's slot for it, in token order, for the
+    CHUNK-token pieces first, first + step, ..."""
+    lanes = tl.arange(0, CHUNK)
+    for j in tl.static_range(SHARED):
+        start = routed_rows + j * shared_rows
+        for t0 in range(first, num_tokens, step):
+            token = t0 + lanes
+            tl.store(SortedSlots + start + token, token * (ROUTED_K + SHARED) + ROUTED_K + j, mask=token < num_tokens)
+
+
+@triton.jit
 def moe_align_kernel(
     Ids, SortedSlots, BlockExpert, NumPadded,
     num_routed, num_tokens, capacity,
@@ -153,37 +202,19 @@ def moe_align_kernel(
     of them in all), then the SHARED shared experts E .. E + SHARED - 1, which every token takes: their segments
     follow the routed ones, in token order, and never enter the per-expert lanes. The routed slots are walked
     SLOT_CHUNK at a time (their pairwise comparison is SLOT_CHUNK^2), the row buffers CHUNK at a time."""
-    k_all = ROUTED_K + SHARED
-    num_slots = num_tokens * k_all
-    experts = tl.arange(0, E_POW2)
+    num_slots = num_tokens * (ROUTED_K + SHARED)
     lanes = tl.arange(0, CHUNK)
-    slot_lanes = tl.arange(0, SLOT_CHUNK)
-    counts = tl.zeros((E_POW2,), dtype=tl.int32)
-    for c0 in range(0, num_routed, SLOT_CHUNK):
-        ids = tl.load(Ids + c0 + slot_lanes, mask=c0 + slot_lanes < num_routed, other=E_POW2)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    padded_end = tl.cumsum(padded, axis=0)
-    padded_start = padded_end - padded
-    routed_rows = tl.sum(padded, axis=0)
-    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # each shared expert's segment
+    counts = count_routed_slots(Ids, 0, num_routed, E_POW2, SLOT_CHUNK)
+    padded_start, padded_end, routed_rows, shared_rows = expert_segments(counts, num_tokens, BLOCK_M)
     tl.store(NumPadded, routed_rows + SHARED * shared_rows)
     for r0 in range(0, capacity, CHUNK):
         tl.store(SortedSlots + r0 + lanes, num_slots, mask=r0 + lanes < capacity)
-    for b0 in range(0, capacity // BLOCK_M, CHUNK):
-        rows = (b0 + lanes) * BLOCK_M
-        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
-        if SHARED > 0:
-            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
-        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
+    write_block_owners(BlockExpert, 0, CHUNK, capacity, padded_end, routed_rows, shared_rows, E, BLOCK_M, CHUNK,
+                       SHARED)
     tl.debug_barrier()  # the padding fill above must land before the slots below overwrite it
     place_routed_slots(Ids, SortedSlots, 0, num_routed, tl.zeros((E_POW2,), dtype=tl.int32), padded_start, E_POW2,
                        SLOT_CHUNK, ROUTED_K, SHARED)
-    for j in tl.static_range(SHARED):  # shared expert j: every token, in token order
-        start = routed_rows + j * shared_rows
-        for t0 in range(0, num_tokens, CHUNK):
-            token = t0 + lanes
-            tl.store(SortedSlots + start + token, token * k_all + ROUTED_K + j, mask=token < num_tokens)
+    write_shared_slots(SortedSlots, 0, CHUNK, num_tokens, routed_rows, shared_rows, CHUNK, ROUTED_K, SHARED)
 
 
 @triton.jit
@@ -194,13 +225,9 @@ def moe_align_count_kernel(
     """The parallel align's first launch: ChunkCounts[c, e] = how many of chunk c's routed slots (CHUNK_SLOTS of
     them, from c * CHUNK_SLOTS on) chose expert e."""
     c = tl.program_id(0)
-    experts = tl.arange(0, E_POW2)
-    slot_lanes = tl.arange(0, SLOT_CHUNK)
-    counts = tl.zeros((E_POW2,), dtype=tl.int32)
-    for s0 in range(c * CHUNK_SLOTS, tl.minimum(c * CHUNK_SLOTS + CHUNK_SLOTS, num_routed), SLOT_CHUNK):
-        ids = tl.load(Ids + s0 + slot_lanes, mask=s0 + slot_lanes < num_routed, other=E_POW2)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    tl.store(ChunkCounts + c * E_POW2 + experts, counts)
+    counts = count_routed_slots(Ids, c * CHUNK_SLOTS, tl.minimum(c * CHUNK_SLOTS + CHUNK_SLOTS, num_routed), E_POW2,
+                                SLOT_CHUNK)
+    tl.store(ChunkCounts + c * E_POW2 + tl.arange(0, E_POW2), counts)
 
 
 @triton.jit
@@ -217,8 +244,7 @@ def moe_align_place_kernel(
     padding rows, the shared experts' token-order segments and the row blocks' owners."""
     c = tl.program_id(0)
     programs = tl.num_programs(0)
-    k_all = ROUTED_K + SHARED
-    num_slots = num_tokens * k_all
+    num_slots = num_tokens * (ROUTED_K + SHARED)
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     chunk_rows = tl.arange(0, CHUNK_ROWS)
@@ -230,11 +256,7 @@ def moe_align_place_kernel(
                        other=0)
         counts += tl.sum(part, axis=0)
         before += tl.sum(tl.where((row < c)[:, None], part, 0), axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    padded_end = tl.cumsum(padded, axis=0)
-    padded_start = padded_end - padded
-    routed_rows = tl.sum(padded, axis=0)
-    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # each shared expert's segment
+    padded_start, padded_end, routed_rows, shared_rows = expert_segments(counts, num_tokens, BLOCK_M)
     rows_used = routed_rows + SHARED * shared_rows
     if c == 0:
         tl.store(NumPadded, rows_used)
@@ -253,17 +275,10 @@ def moe_align_place_kernel(
         tl.store(SortedSlots + filled + pad_lanes, num_slots, mask=filled + pad_lanes < seg_end)
     for r0 in range(rows_used + c * CHUNK, capacity, programs * CHUNK):  # past the rows in use
         tl.store(SortedSlots + r0 + lanes, num_slots, mask=r0 + lanes < capacity)
-    for j in tl.static_range(SHARED):  # shared expert j: every token, in token order
-        start = routed_rows + j * shared_rows
-        for t0 in range(c * CHUNK, num_tokens, programs * CHUNK):
-            token = t0 + lanes
-            tl.store(SortedSlots + start + token, token * k_all + ROUTED_K + j, mask=token < num_tokens)
-    for b0 in range(c * CHUNK, capacity // BLOCK_M, programs * CHUNK):
-        rows = (b0 + lanes) * BLOCK_M
-        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
-        if SHARED > 0:
-            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
-        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
+    write_shared_slots(SortedSlots, c * CHUNK, programs * CHUNK, num_tokens, routed_rows, shared_rows, CHUNK,
+                       ROUTED_K, SHARED)
+    write_block_owners(BlockExpert, c * CHUNK, programs * CHUNK, capacity, padded_end, routed_rows, shared_rows, E,
+                       BLOCK_M, CHUNK, SHARED)
 
 
 @triton.jit
@@ -808,19 +823,25 @@ ALIGN_FUSED_MAX_SLOTS = 256
 SHARED_FUSED_MAX_TOKENS = 512
 
 
+def _align_operands(topk_ids: torch.Tensor, num_experts: int, block_m: int, shared: int):
+    """What the generated aligns take and fill: the routed ids flat (int32 or int64, read as they are: a cast would be
+    one more launch per layer), the token count, k, the routed slots, the static row bound P (``align``'s), and the
+    outputs to fill, sorted_slots [P], block_expert [P / block_m] and num_padded [1]."""
+    flat = topk_ids.reshape(-1)
+    tokens, k = topk_ids.shape
+    capacity = (tokens * (k + shared) + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
+    outputs = tuple(torch.empty((n,), dtype=torch.int32, device=flat.device)
+                    for n in (capacity, capacity // block_m, 1))
+    return flat, tokens, k, flat.shape[0], capacity, outputs
+
+
 def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False, shared: int = 0,
                 tiling: Optional[dict] = None):
     """``align`` as one generated kernel launch (same outputs). With ``shared`` experts (the last ids below
     ``num_experts``), ``topk_ids`` holds the routed choices alone: ``align`` of them with the shared ids
     appended to every token's row. ``tiling`` overrides ``ALIGN_TILING`` (bench/moe_align.py sweeps it)."""
-    flat = topk_ids.reshape(-1)  # int32 or int64, read as it is (a cast would be one more launch per layer)
-    tokens, k = topk_ids.shape
-    num_routed = flat.shape[0]
-    num_slots = tokens * (k + shared)
-    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
-    sorted_slots = torch.empty((capacity,), dtype=torch.int32, device=flat.device)
-    block_expert = torch.empty((capacity // block_m,), dtype=torch.int32, device=flat.device)
-    num_padded = torch.empty((1,), dtype=torch.int32, device=flat.device)
+    flat, tokens, k, num_routed, capacity, (sorted_slots, block_expert, num_padded) = _align_operands(
+        topk_ids, num_experts, block_m, shared)
     fn = kernels_for(torch.float32, "silu").function("moe_align_kernel", interpret=interpret)
     if not interpret:
         fn = torch.library.wrap_triton(fn)
@@ -851,11 +872,8 @@ def align_parallel(topk_ids: torch.Tensor, num_experts: int, block_m: int, inter
     writes meet another's. For prefill sizes, where the single program of ``align_fused`` walks too many slots and
     the torch form takes a sort and a dozen small launches. ``tiling`` overrides ``ALIGN_PARALLEL_TILING`` and may
     set ``CHUNK_SLOTS``."""
-    flat = topk_ids.reshape(-1)  # int32 or int64, read as it is
-    tokens, k = topk_ids.shape
-    num_routed = flat.shape[0]
-    num_slots = tokens * (k + shared)
-    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
+    flat, tokens, k, num_routed, capacity, (sorted_slots, block_expert, num_padded) = _align_operands(
+        topk_ids, num_experts, block_m, shared)
     routed = num_experts - shared
     e_pow2 = triton.next_power_of_2(routed)
     tile = {**ALIGN_PARALLEL_TILING, **(tiling or {})}
@@ -863,9 +881,6 @@ def align_parallel(topk_ids: torch.Tensor, num_experts: int, block_m: int, inter
                                               triton.next_power_of_2(-(-size_hint(num_routed) // ALIGN_PROGRAMS))))
     slot_chunk = min(tile["SLOT_CHUNK"], chunk_slots)
     chunks = (num_routed + chunk_slots) // chunk_slots  # at least one program (no tokens: it writes the padding)
-    sorted_slots = torch.empty((capacity,), dtype=torch.int32, device=flat.device)
-    block_expert = torch.empty((capacity // block_m,), dtype=torch.int32, device=flat.device)
-    num_padded = torch.empty((1,), dtype=torch.int32, device=flat.device)
     chunk_counts = torch.empty((chunks, e_pow2), dtype=torch.int32, device=flat.device)
     gen = kernels_for(torch.float32, "silu")
     count, place = (gen.function(name, interpret=interpret)
