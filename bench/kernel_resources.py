@@ -150,6 +150,25 @@ def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True):
         yield config, fn, pointers, {}, constexprs, ("up_offset",)  # (the up rows' offset: a multiple of 16)
 
 
+def moe_fused():
+    """The one-launch experts (FUSED) at V2-Lite's MoE, one token (DIRECT): top-6 of 64 plus 2 shared experts,
+    hidden 2048, intermediate 1408, bf16, over each fused candidate."""
+    from deepfuse.runtime.kernels import moe
+
+    fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py", shared=True).function(
+        "moe_experts_fused_kernel")
+    pointers = {"X": "*bf16", "W": "*bf16", "SharedGate": "*bf16", "SharedUp": "*bf16", "WDown": "*bf16",
+                "SharedDown": "*bf16", "Partials": "*fp32", "SortedSlots": "*i64", "BlockExpert": "*i64",
+                "NumPadded": "*i64", "TopkWeights": "*bf16", "SharedScale": "*bf16"}
+    for c in moe.FUSED_CANDIDATES:
+        # K innermost in the routed and shared weights (stride 1), as the pass hands them over
+        constexprs = {"N": 1408, "K": 2048, "TOP_K": 8, "ROUTED_K": 6, "SHARED_SCALED": False,
+                      **{key: c[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_H")}, "N_FASTEST": True,
+                      "DIRECT": True, "stride_wk": 1, "stride_sk": 1, "stride_dk": 1, "stride_dsk": 1}
+        config = {key: c[key] for key in ("BLOCK_N", "BLOCK_H", "BLOCK_K", "num_warps", "num_stages")}
+        yield config, fn, pointers, {}, constexprs, ("up_offset",)
+
+
 def moe_prefill(kind: str):
     """The experts' gate/up (or down) kernel at V2-Lite's MoE in prefill (hidden 2048, intermediate 1408, top-6 of
     64, aligned row blocks, no shared experts: past SHARED_FUSED_MAX_TOKENS they run apart), over each bf16
@@ -304,7 +323,7 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
               for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))},
            "moe_up_ungated": lambda: moe_experts("float", "gate_up", gated=False),
            "moe_prefill_gate_up": lambda: moe_prefill("gate_up"), "moe_prefill_down": lambda: moe_prefill("down"),
-           "moe_gpt_oss_gate_up": moe_gpt_oss_gate_up}
+           "moe_gpt_oss_gate_up": moe_gpt_oss_gate_up, "moe_fused": moe_fused}
 
 
 def main():

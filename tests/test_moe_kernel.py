@@ -99,6 +99,34 @@ def test_interpreted_decode_tiles(config):
     _check(3, 96, 32, 16, 2, torch.float16, "cpu", interpret=True, config=config, deterministic=False)
 
 
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty's float tensors start as NaN, so an element a kernel leaves unwritten shows in the result."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("config", moe.FUSED_CANDIDATES,
+                         ids=lambda c: f"n{c['BLOCK_N']}-h{c['BLOCK_H']}-k{c['BLOCK_K']}-w{c['num_warps']}")
+def test_interpreted_fused_experts(config, poisoned_empty):
+    """Both projections in one launch (FUSED): at one token (each slot its own row block, the router's ids read
+    directly) and a few (aligned), the hidden size off BLOCK_H; with a shared MLP, a gated one, GPT-OSS's and
+    Nemotron's expert forms; past FUSED_MAX_TOKENS the two launches, from the same config."""
+    _check(1, 80, 48, 8, 3, torch.float32, "cpu", interpret=True, config=config)
+    _check(3, 96, 32, 16, 2, torch.float16, "cpu", interpret=True, config=config)
+    _check(1, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=config, shared=2)
+    _check(2, 64, 32, 8, 2, torch.float16, "cpu", interpret=True, config=config, shared=1, gated=True)
+    _check(1, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=config, activation=GPT_OSS, transposed=True,
+           biases=True, interleaved=True)
+    _check(4, 64, 32, 8, 2, torch.float16, "cpu", interpret=True, config=config, ungated=True, shared=1,
+           activation="relu2")
+    _check(moe.FUSED_MAX_TOKENS + 1, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=config, shared=1)
+
+
 @pytest.mark.parametrize("case,shared", [((5, 64, 32, 8, 2), 2), ((1, 32, 16, 4, 3), 1), ((0, 32, 32, 4, 2), 2),
                                          ((7, 48, 16, 5, 2), 3)], ids=str)
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -149,7 +177,8 @@ def test_interleaved_columns_stored_contiguous_are_read_as_one_tile(monkeypatch)
     _check(5, 32, 16, 4, 2, torch.float32, "cpu", interpret=True, interleaved=True)
     assert seen == [True, False]
     src = open(real(torch.float32, "silu", paired=True).path).read()
-    assert src.count("tl.dot(") == 2 and "tl.split(tl.reshape(acc_pair, (BLOCK_M, BLOCK_N, 2)))" in src
+    gate_up = src[src.index("def moe_gate_up_act_kernel"):src.index("def moe_down_weighted_kernel")]
+    assert gate_up.count("tl.dot(") == 1 and "tl.split(tl.reshape(acc_pair, (BLOCK_M, BLOCK_N, 2)))" in gate_up
     with pytest.raises(ValueError, match="paired"):
         real(torch.float32, "silu", shared=True, paired=True)
 
@@ -643,8 +672,16 @@ def test_gpu_parallel_align_equals_torch_align(t, k, e, shared, bm):
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64])
 def test_gpu_every_autotune_candidate(t):
-    for config in moe.CANDIDATES:
+    for config in moe.CANDIDATES + (moe.FUSED_CANDIDATES if t <= moe.FUSED_MAX_TOKENS else []):
         _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 2, 4])
+def test_gpu_fused_experts(t, poisoned_empty):
+    """The one-launch experts at V2-Lite's shape with its two shared experts, bf16, every fused candidate."""
+    for config in moe.FUSED_CANDIDATES:
+        _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, config=config, shared=2)
 
 
 @pytest.mark.parametrize("t,e,k", [(5, 64, 6), (3, 7, 7), (1, 160, 1), (0, 8, 2), (4, 1024, 8)])

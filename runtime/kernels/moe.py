@@ -282,6 +282,23 @@ def moe_align_place_kernel(
 
 
 @triton.jit
+def slot_weights(TopkWeights, SharedScale, slot, valid, TOP_K: tl.constexpr, ROUTED_K: tl.constexpr,
+                 SHARED_SCALED: tl.constexpr):
+    """The fp32 routing weight of each row's slot (0 for padding rows). TopkWeights is the router's [T, ROUTED_K]
+    in its own dtype; a token's slots past ROUTED_K are its shared experts, weight 1 (no ones concatenated in
+    front of the launch), or with SHARED_SCALED the token's SharedScale[T] (a gated shared MLP: Qwen-MoE's
+    sigmoid gate)."""
+    token = (slot // TOP_K).to(tl.int64)
+    choice = slot % TOP_K
+    weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
+    weight = weight.to(tl.float32)
+    if SHARED_SCALED:
+        scale = tl.load(SharedScale + token, mask=valid & (choice >= ROUTED_K), other=1.0)
+        weight = tl.where(choice < ROUTED_K, weight, scale.to(tl.float32))
+    return tl.where(valid, weight, 0.0)
+
+
+@triton.jit
 def moe_gate_up_act_kernel(
     X, W, SharedGate, SharedUp, Out, SortedSlots, BlockExpert, NumPadded,
     stride_xm, stride_we, stride_gn, up_offset, stride_wk, stride_sn, stride_sk, stride_om,
@@ -299,28 +316,7 @@ def moe_gate_up_act_kernel(
     else:  # prefill: the row blocks of one weight tile launch together (the tile stays in L2)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-    ${block_rows}
-    token = (slot // TOP_K).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = X + token[:, None] * stride_xm + offs_k[None, :]
-    ${gate_up_pointers}
-    ${gate_zeros}
-    ${up_zeros}
-    n_ok = offs_n[None, :] < N
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        ${gate_load}
-        ${up_load}
-        ${gate_up_product}
-        a_ptrs += BLOCK_K
-        ${gate_step}
-        ${up_step}
-    ${pair_split}
-    ${gate_up_bias}
-    ${glu}
-    out = glu.to(${dtype})
+    ${gate_up_body}
     ${gate_up_store}
 
 
@@ -335,10 +331,8 @@ def moe_down_weighted_kernel(
     ${down_scale_args}${down_bias_args}
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
-    straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
-    TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
-    experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
-    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT: as in the gate/up kernel."""
+    straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order); w as
+    ``slot_weights`` reads it. DIRECT: as in the gate/up kernel."""
     if N_FASTEST:
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -361,21 +355,108 @@ def moe_down_weighted_kernel(
         b_ptrs += BLOCK_K * step_k
     ${down_bias}
     token = (slot // TOP_K).to(tl.int64)
-    choice = slot % TOP_K
-    weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
-    weight = weight.to(tl.float32)
-    if SHARED_SCALED:
-        scale = tl.load(SharedScale + token, mask=valid & (choice >= ROUTED_K), other=1.0)
-        weight = tl.where(choice < ROUTED_K, weight, scale.to(tl.float32))
-    weight = tl.where(valid, weight, 0.0)
+    weight = slot_weights(TopkWeights, SharedScale, slot, valid, TOP_K, ROUTED_K, SHARED_SCALED)
     if ATOMIC:
         tl.atomic_add(Out + token[:, None] * stride_om + offs_n[None, :], acc * weight[:, None],
                       mask=valid[:, None] & n_ok)
     else:
         out = (acc * weight[:, None]).to(${dtype})
         tl.store(Out + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)
-''',
+
+
+${fused_kernel}''',
 )
+
+# The gate/up kernel's body, the fused kernel's first half: a row block's act(gate) * up in ``out``.
+_GATE_UP_BODY = KernelTemplate("moe_gate_up_body", '''
+${block_rows}
+token = (slot // TOP_K).to(tl.int64)
+offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+offs_k = tl.arange(0, BLOCK_K)
+a_ptrs = X + token[:, None] * stride_xm + offs_k[None, :]
+${gate_up_pointers}
+${gate_zeros}
+${up_zeros}
+n_ok = offs_n[None, :] < N
+for k0 in range(0, K, BLOCK_K):
+    k_ok = offs_k < K - k0
+    a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+    ${gate_load}
+    ${up_load}
+    ${gate_up_product}
+    a_ptrs += BLOCK_K
+    ${gate_step}
+    ${up_step}
+${pair_split}
+${gate_up_bias}
+${glu}
+out = glu.to(${dtype})
+''')
+
+# FUSED (a few tokens, float weights): both projections in one launch. Each program holds the act(gate) * up of its
+# BLOCK_N intermediate columns (the gate/up kernel's body) and takes them straight through the down projection:
+# their share of every hidden output, for its rows, written as fp32 partials that the caller sums in a fixed order
+# (deterministic). No intermediate round trip, no second launch: at one token the experts are two weight streams
+# behind a launch each, and the launch gap is what a fused step saves.
+_FUSED_KERNEL = KernelTemplate("moe_experts_fused", '''
+@triton.jit
+def moe_experts_fused_kernel(
+    X, W, SharedGate, SharedUp, WDown, SharedDown, Partials, SortedSlots, BlockExpert, NumPadded, TopkWeights,
+    SharedScale,
+    stride_xm, stride_we, stride_gn, up_offset, stride_wk, stride_sn, stride_sk,
+    stride_de, stride_dn, stride_dk, stride_dsn, stride_dsk, stride_pm,
+    num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
+    TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, SHARED_SCALED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    N_FASTEST: tl.constexpr, DIRECT: tl.constexpr,
+    ${gate_up_bias_args}${down_bias_args}
+):
+    """Partials[slot(r), pid_n, :] = w[slot(r)] * (h[r] . W_down[e, :, n]) over the program's BLOCK_N intermediate
+    columns n and the K hidden outputs (BLOCK_H at a time), where
+        h[r, n] = ${computes}.
+    Summed over a token's slots and the column blocks (its partial rows, in order), they are the token's output.
+    Rows and DIRECT: as in the gate/up kernel; w as ``slot_weights`` reads it."""
+    if N_FASTEST:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        num_blocks_n = tl.num_programs(0)
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        num_blocks_n = tl.num_programs(1)
+    ${gate_up_body}
+    weight = slot_weights(TopkWeights, SharedScale, slot, valid, TOP_K, ROUTED_K, SHARED_SCALED)
+    # the down projection: this program's intermediate columns are its K rows
+    offs_h = tl.arange(0, BLOCK_H)
+    ${fused_down_pointers}
+    p_ptrs = Partials + (slot[:, None].to(tl.int64) * num_blocks_n + pid_n) * stride_pm + offs_h[None, :]
+    i_ok = offs_n[:, None] < N
+    for h0 in range(0, K, BLOCK_H):
+        h_ok = offs_h[None, :] < K - h0
+        wd = tl.load(d_ptrs, mask=i_ok & h_ok, other=0.0)
+        part = tl.dot(out, wd)
+        ${fused_down_bias}
+        tl.store(p_ptrs, part * weight[:, None], mask=valid[:, None] & h_ok)
+        d_ptrs += BLOCK_H * step_h
+        p_ptrs += BLOCK_H
+''')
+_FUSED_DOWN_POINTERS = {
+    "routed": """\
+d_ptrs = WDown + expert * stride_de + offs_h[None, :] * stride_dn + offs_n[:, None] * stride_dk
+step_h = stride_dn""",
+    "shared": """\
+if expert < E_ROUTED:
+    d_ptrs = WDown + expert * stride_de + offs_h[None, :] * stride_dn + offs_n[:, None] * stride_dk
+    step_h = stride_dn
+else:  # a shared expert: its N columns of the shared MLP's down weights
+    d_ptrs = SharedDown + offs_h[None, :] * stride_dsn + ((expert - E_ROUTED) * N + offs_n[:, None]) * stride_dsk
+    step_h = stride_dsn""",
+}
+# The down bias, once per token and expert: in the first column block's partials.
+_FUSED_DOWN_BIAS = """\
+if pid_n == 0:
+    bias = tl.load(DownBias + expert * stride_dbe + (h0 + offs_h) * stride_dbn, mask=h0 + offs_h < K, other=0.0)
+    part += bias.to(tl.float32)[None, :]"""
 
 # A row block's expert and slots. Aligned: what the align launch wrote (SortedSlots, BlockExpert, NumPadded).
 # DIRECT (one token): block b is slot b in its first row, the other rows idle; a routed slot's expert is the
@@ -616,7 +697,9 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
             + ("gate and up share the A tile, " if gated and not paired else
                "gate and up columns interleaved, one tile and one dot for both, " if paired else
                "ungated experts (no gate projection), ")
-            + "the routing weight\nscales the fp32 accumulator of the down projection.\n"
+            + "the routing weight\nscales the fp32 accumulator of the down projection"
+            + ("; for a few tokens both projections also run in one launch\n(moe_experts_fused_kernel), "
+               "its fp32 partials summed in order by the caller.\n" if not fp8 else ".\n")
             + ("The shared MLP runs as always-chosen experts (weight 1, or the token's gate factor) in the same "
                "launches" + (", its FP8 weights read with their own block scales" if fp8 else "") + ".\n"
                if shared else "")
@@ -658,6 +741,10 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "block_rows": _BLOCK_ROWS,
                  "helpers": _FP8_HELPERS if w8a8 else "",
                  **(_PAIRED if paired else {})}
+        slots["gate_up_body"] = _GATE_UP_BODY.render(slots)
+        slots["fused_kernel"] = "" if fp8 else _FUSED_KERNEL.render({
+            **slots, "fused_down_pointers": _FUSED_DOWN_POINTERS["shared" if shared else "routed"],
+            "fused_down_bias": _FUSED_DOWN_BIAS if biases else ""})
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
 
@@ -712,6 +799,18 @@ CANDIDATES = [
     # against 708 for the 8-warp, 3-stage 128 / 128 / 64 tile these did not beat before.
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_N_DOWN": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+]
+
+
+# The one-launch experts (FUSED), timed beside CANDIDATES up to FUSED_MAX_TOKENS tokens (float weights): BLOCK_N
+# intermediate columns a program, its down projection BLOCK_H hidden outputs a step. Its fp32 partials grow with the
+# tokens (V2-Lite: 1.4 MB a token), and past a few tokens the separate down launch reads its weights in wider tiles.
+FUSED_MAX_TOKENS = 4
+FUSED_CANDIDATES = [
+    {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_H": bh, "BLOCK_K": bk, "N_FASTEST": True, "FUSED": True, "num_warps": w,
+     "num_stages": st}
+    for bn, bh, bk, w, st in [(64, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 64, 128, 4, 4), (32, 256, 128, 4, 3),
+                              (64, 128, 128, 8, 4), (32, 64, 256, 4, 3)]
 ]
 
 
@@ -802,7 +901,7 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
            + ("-interleaved" if interleaved else ""))
     w8a8_only = ("PREQUANT", "SWAP_AB")  # W8A16 takes neither: its tiles are these tiles without them
     candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not any(c.get(f) for f in w8a8_only)]
-                  if fp8 else CANDIDATES)
+                  if fp8 else CANDIDATES + (FUSED_CANDIDATES if tokens <= FUSED_MAX_TOKENS else []))
     return autotune.choose(key, tokens, candidates, run, torch.device(device))
 
 
@@ -1003,6 +1102,10 @@ def moe_experts(
                          f"got {cfg['BLOCK_N']}")
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
+    # FUSED (float weights, a few tokens of a static count): both projections in one launch, BLOCK_H hidden
+    # outputs at a time; its fp32 partials are T * (k + S) * I / BLOCK_N rows of the hidden size
+    block_h = cfg.pop("BLOCK_H", 128)
+    fused = (cfg.pop("FUSED", False) and not fp8 and isinstance(t, int) and 0 < t <= FUSED_MAX_TOKENS)
     may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
     launch_opts = {} if interpret else cfg
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -1071,10 +1174,25 @@ def moe_experts(
     down = gen.function("moe_down_weighted_kernel", interpret=interpret)
     if not interpret:
         gate_up, down = torch.library.wrap_triton(gate_up), torch.library.wrap_triton(down)
-    inter_out = torch.empty((capacity, inter), dtype=torch.float8_e4m3fn if prequant else x.dtype, device=x.device)
     def grid(n_tiles):
         return (n_tiles, capacity // bm) if n_fastest else (capacity // bm, n_tiles)
 
+    if fused:  # both projections in one launch; the partials summed in (slot, column block) order
+        experts_fn = gen.function("moe_experts_fused_kernel", interpret=interpret)
+        experts_fn = experts_fn if interpret else torch.library.wrap_triton(experts_fn)
+        blocks_n = triton.cdiv(inter, bn)
+        partials = torch.empty((num_slots, blocks_n, hidden), dtype=torch.float32, device=x.device)
+        experts_fn[grid(blocks_n)](
+            a, w_gate_up, shared_gate, shared_up, w_down, shared_down, partials, sorted_slots, block_expert,
+            num_padded, weights, weights if shared_scale is None else shared_scale,
+            a.stride(0), w_gate_up.stride(0), *gate_up_rows(w_gate_up.stride(1)), w_gate_up.stride(2),
+            *shared_gate.stride(), *w_down.stride(), *shared_down.stride(), partials.stride(1), num_slots, routed,
+            N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k, SHARED_SCALED=shared_scale is not None, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk, BLOCK_H=block_h, N_FASTEST=n_fastest, DIRECT=direct, **bias_args(0),
+            **bias_args(1), **launch_opts,
+        )
+        return partials.view(t, k * blocks_n, hidden).sum(dim=1).to(x.dtype)
+    inter_out = torch.empty((capacity, inter), dtype=torch.float8_e4m3fn if prequant else x.dtype, device=x.device)
     gate_up[grid(triton.cdiv(inter, bn))](
         a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
         a.stride(0), w_gate_up.stride(0), *gate_up_rows(w_gate_up.stride(1)), w_gate_up.stride(2),
