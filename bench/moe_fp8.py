@@ -4,7 +4,8 @@ in registers (W8A16, "fp8-block-weight") and FP8 weights with activations quanti
 epilogue), every tile candidate of each replayed as a CUDA graph over several routings back to back
 (what ``moe.tune`` times at compile time). Prints each candidate and the best per format; writes JSON with --out.
 It backs ``FP8_CANDIDATES`` in runtime/kernels/moe.py and the FP8 MoE rows of bench/RESULTS.md. At one token
-each tile is also timed with the align launch the kernels skip there (``"DIRECT": False``).
+each tile is also timed with the align launch the kernels skip there (``"DIRECT": False``); up to
+``FUSED_MAX_TOKENS`` the bf16 candidates include the one-launch ``FUSED_CANDIDATES``.
 ``--grid prefill`` times, instead of the candidate lists, a product of the prefill-sized bf16 tiles (row
 blocks of 64 and 128, N and K tiles, warps and stages that fit in shared memory); ``--split`` adds each
 kernel's own time (gate/up and down, from the profiler) to every row, so the two kernels' best tiles can be
@@ -49,7 +50,8 @@ def kernel_times(run, runs: int = 5) -> dict:
         for _ in range(runs):
             run()
         torch.cuda.synchronize()
-    names = {"moe_gate_up_act_kernel": "gate_up", "moe_down_weighted_kernel": "down"}
+    names = {"moe_gate_up_act_kernel": "gate_up", "moe_down_weighted_kernel": "down",
+             "moe_experts_fused_kernel": "fused"}
     times = {}
     for evt in prof.key_averages():
         if evt.key in names:
@@ -90,6 +92,8 @@ def main():
         weights = torch.rand(t, k, device=dev)
         want = moe.moe_experts(x, routings[0], weights, w1, w2).float()
         for name, (a, b, scales, act_quant, candidates) in formats.items():
+            if name == "bf16" and args.grid == "candidates" and t <= moe.FUSED_MAX_TOKENS:
+                candidates = candidates + moe.FUSED_CANDIDATES  # both projections in one launch, as tune times them
             if t == 1:  # one token runs without align; each tile also aligned, to see what that saves
                 candidates = candidates + [{**c, "DIRECT": False} for c in candidates]
             for cfg in candidates:
@@ -108,14 +112,14 @@ def main():
                 if args.split:
                     row.update(kernel_times(run))
                 rows.append(row)
-                split = "".join(f"  {key} {row[key]:8.2f}" for key in ("gate_up", "down") if key in row)
+                split = "".join(f"  {key} {row[key]:8.2f}" for key in ("gate_up", "down", "fused") if key in row)
                 print(f"T={t:<5} {name:<10} {us:9.2f} us{split}  err {err:.3e}  {cfg}", flush=True)
         for name in formats:
             mine = [r for r in rows if r["tokens"] == t and r["format"] == name]
             if mine:
                 best = min(mine, key=lambda r: r["us"])
                 print(f"best T={t} {name}: {best['us']:.2f} us {best['config']}", flush=True)
-                for key in ("gate_up", "down"):
+                for key in ("gate_up", "down", "fused"):
                     timed = [r for r in mine if key in r]
                     if timed:
                         best = min(timed, key=lambda r: r[key])
