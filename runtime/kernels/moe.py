@@ -141,55 +141,6 @@ def place_routed_slots(Ids, SortedSlots, first, end, seen, padded_start, E_POW2:
 
 
 @triton.jit
-def count_routed_slots(Ids, first, end, E_POW2: tl.constexpr, SLOT_CHUNK: tl.constexpr):
-    """How many of routed slots first .. end - 1 chose each expert, SLOT_CHUNK at a time."""
-    experts = tl.arange(0, E_POW2)
-    slot_lanes = tl.arange(0, SLOT_CHUNK)
-    counts = tl.zeros((E_POW2,), dtype=tl.int32)
-    for c0 in range(first, end, SLOT_CHUNK):
-        ids = tl.load(Ids + c0 + slot_lanes, mask=c0 + slot_lanes < end, other=E_POW2)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    return counts
-
-
-@triton.jit
-def expert_segments(counts, num_tokens, BLOCK_M: tl.constexpr):
-    """From the routed experts' slot counts: each expert's segment (start, end; padded to BLOCK_M rows), the
-    routed rows in all, and each shared expert's segment length (every token, padded)."""
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    padded_end = tl.cumsum(padded, axis=0)
-    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    return padded_end - padded, padded_end, tl.sum(padded, axis=0), shared_rows
-
-
-@triton.jit
-def write_block_owners(BlockExpert, first, step, capacity, padded_end, routed_rows, shared_rows, E: tl.constexpr,
-                       BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SHARED: tl.constexpr):
-    """BlockExpert[b] for the row blocks b of CHUNK-wide pieces first, first + step, ...: the routed expert whose
-    segment holds the block, or the shared expert's past the routed rows (the last expert past every segment)."""
-    lanes = tl.arange(0, CHUNK)
-    for b0 in range(first, capacity // BLOCK_M, step):
-        rows = (b0 + lanes) * BLOCK_M
-        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
-        if SHARED > 0:
-            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
-        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
-
-
-@triton.jit
-def write_shared_slots(SortedSlots, first, step, num_tokens, routed_rows, shared_rows, CHUNK: tl.constexpr,
-                       ROUTED_K: tl.constexpr, SHARED: tl.constexpr):
-    """Shared expert j's segment after the routed rows: every token's slot for it, in token order, for the
-    CHUNK-token pieces first, first + step, ..."""
-    lanes = tl.arange(0, CHUNK)
-    for j in tl.static_range(SHARED):
-        start = routed_rows + j * shared_rows
-        for t0 in range(first, num_tokens, step):
-            token = t0 + lanes
-            tl.store(SortedSlots + start + token, token * (ROUTED_K + SHARED) + ROUTED_K + j, mask=token < num_tokens)
-
-
-@triton.jit
 def moe_align_kernel(
     Ids, SortedSlots, BlockExpert, NumPadded,
     num_routed, num_tokens, capacity,
@@ -202,19 +153,37 @@ def moe_align_kernel(
     of them in all), then the SHARED shared experts E .. E + SHARED - 1, which every token takes: their segments
     follow the routed ones, in token order, and never enter the per-expert lanes. The routed slots are walked
     SLOT_CHUNK at a time (their pairwise comparison is SLOT_CHUNK^2), the row buffers CHUNK at a time."""
-    num_slots = num_tokens * (ROUTED_K + SHARED)
+    k_all = ROUTED_K + SHARED
+    num_slots = num_tokens * k_all
+    experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
-    counts = count_routed_slots(Ids, 0, num_routed, E_POW2, SLOT_CHUNK)
-    padded_start, padded_end, routed_rows, shared_rows = expert_segments(counts, num_tokens, BLOCK_M)
+    slot_lanes = tl.arange(0, SLOT_CHUNK)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for c0 in range(0, num_routed, SLOT_CHUNK):
+        ids = tl.load(Ids + c0 + slot_lanes, mask=c0 + slot_lanes < num_routed, other=E_POW2)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    routed_rows = tl.sum(padded, axis=0)
+    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # each shared expert's segment
     tl.store(NumPadded, routed_rows + SHARED * shared_rows)
     for r0 in range(0, capacity, CHUNK):
         tl.store(SortedSlots + r0 + lanes, num_slots, mask=r0 + lanes < capacity)
-    write_block_owners(BlockExpert, 0, CHUNK, capacity, padded_end, routed_rows, shared_rows, E, BLOCK_M, CHUNK,
-                       SHARED)
+    for b0 in range(0, capacity // BLOCK_M, CHUNK):
+        rows = (b0 + lanes) * BLOCK_M
+        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+        if SHARED > 0:
+            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
+        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
     tl.debug_barrier()  # the padding fill above must land before the slots below overwrite it
     place_routed_slots(Ids, SortedSlots, 0, num_routed, tl.zeros((E_POW2,), dtype=tl.int32), padded_start, E_POW2,
                        SLOT_CHUNK, ROUTED_K, SHARED)
-    write_shared_slots(SortedSlots, 0, CHUNK, num_tokens, routed_rows, shared_rows, CHUNK, ROUTED_K, SHARED)
+    for j in tl.static_range(SHARED):  # shared expert j: every token, in token order
+        start = routed_rows + j * shared_rows
+        for t0 in range(0, num_tokens, CHUNK):
+            token = t0 + lanes
+            tl.store(SortedSlots + start + token, token * k_all + ROUTED_K + j, mask=token < num_tokens)
 
 
 @triton.jit
@@ -225,9 +194,13 @@ def moe_align_count_kernel(
     """The parallel align's first launch: ChunkCounts[c, e] = how many of chunk c's routed slots (CHUNK_SLOTS of
     them, from c * CHUNK_SLOTS on) chose expert e."""
     c = tl.program_id(0)
-    counts = count_routed_slots(Ids, c * CHUNK_SLOTS, tl.minimum(c * CHUNK_SLOTS + CHUNK_SLOTS, num_routed), E_POW2,
-                                SLOT_CHUNK)
-    tl.store(ChunkCounts + c * E_POW2 + tl.arange(0, E_POW2), counts)
+    experts = tl.arange(0, E_POW2)
+    slot_lanes = tl.arange(0, SLOT_CHUNK)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for s0 in range(c * CHUNK_SLOTS, tl.minimum(c * CHUNK_SLOTS + CHUNK_SLOTS, num_routed), SLOT_CHUNK):
+        ids = tl.load(Ids + s0 + slot_lanes, mask=s0 + slot_lanes < num_routed, other=E_POW2)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(ChunkCounts + c * E_POW2 + experts, counts)
 
 
 @triton.jit
@@ -244,7 +217,8 @@ def moe_align_place_kernel(
     padding rows, the shared experts' token-order segments and the row blocks' owners."""
     c = tl.program_id(0)
     programs = tl.num_programs(0)
-    num_slots = num_tokens * (ROUTED_K + SHARED)
+    k_all = ROUTED_K + SHARED
+    num_slots = num_tokens * k_all
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     chunk_rows = tl.arange(0, CHUNK_ROWS)
@@ -256,7 +230,11 @@ def moe_align_place_kernel(
                        other=0)
         counts += tl.sum(part, axis=0)
         before += tl.sum(tl.where((row < c)[:, None], part, 0), axis=0)
-    padded_start, padded_end, routed_rows, shared_rows = expert_segments(counts, num_tokens, BLOCK_M)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    routed_rows = tl.sum(padded, axis=0)
+    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # each shared expert's segment
     rows_used = routed_rows + SHARED * shared_rows
     if c == 0:
         tl.store(NumPadded, rows_used)
@@ -275,27 +253,17 @@ def moe_align_place_kernel(
         tl.store(SortedSlots + filled + pad_lanes, num_slots, mask=filled + pad_lanes < seg_end)
     for r0 in range(rows_used + c * CHUNK, capacity, programs * CHUNK):  # past the rows in use
         tl.store(SortedSlots + r0 + lanes, num_slots, mask=r0 + lanes < capacity)
-    write_shared_slots(SortedSlots, c * CHUNK, programs * CHUNK, num_tokens, routed_rows, shared_rows, CHUNK,
-                       ROUTED_K, SHARED)
-    write_block_owners(BlockExpert, c * CHUNK, programs * CHUNK, capacity, padded_end, routed_rows, shared_rows, E,
-                       BLOCK_M, CHUNK, SHARED)
-
-
-@triton.jit
-def slot_weights(TopkWeights, SharedScale, slot, valid, TOP_K: tl.constexpr, ROUTED_K: tl.constexpr,
-                 SHARED_SCALED: tl.constexpr):
-    """The fp32 routing weight of each row's slot (0 for padding rows). TopkWeights is the router's [T, ROUTED_K]
-    in its own dtype; a token's slots past ROUTED_K are its shared experts, weight 1 (no ones concatenated in
-    front of the launch), or with SHARED_SCALED the token's SharedScale[T] (a gated shared MLP: Qwen-MoE's
-    sigmoid gate)."""
-    token = (slot // TOP_K).to(tl.int64)
-    choice = slot % TOP_K
-    weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
-    weight = weight.to(tl.float32)
-    if SHARED_SCALED:
-        scale = tl.load(SharedScale + token, mask=valid & (choice >= ROUTED_K), other=1.0)
-        weight = tl.where(choice < ROUTED_K, weight, scale.to(tl.float32))
-    return tl.where(valid, weight, 0.0)
+    for j in tl.static_range(SHARED):  # shared expert j: every token, in token order
+        start = routed_rows + j * shared_rows
+        for t0 in range(c * CHUNK, num_tokens, programs * CHUNK):
+            token = t0 + lanes
+            tl.store(SortedSlots + start + token, token * k_all + ROUTED_K + j, mask=token < num_tokens)
+    for b0 in range(c * CHUNK, capacity // BLOCK_M, programs * CHUNK):
+        rows = (b0 + lanes) * BLOCK_M
+        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+        if SHARED > 0:
+            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
+        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
 
 
 @triton.jit
@@ -331,8 +299,10 @@ def moe_down_weighted_kernel(
     ${down_scale_args}${down_bias_args}
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
-    straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order); w as
-    ``slot_weights`` reads it. DIRECT: as in the gate/up kernel."""
+    straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
+    TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
+    experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
+    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT: as in the gate/up kernel."""
     if N_FASTEST:
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -355,7 +325,7 @@ def moe_down_weighted_kernel(
         b_ptrs += BLOCK_K * step_k
     ${down_bias}
     token = (slot // TOP_K).to(tl.int64)
-    weight = slot_weights(TopkWeights, SharedScale, slot, valid, TOP_K, ROUTED_K, SHARED_SCALED)
+    ${slot_weights}
     if ATOMIC:
         tl.atomic_add(Out + token[:, None] * stride_om + offs_n[None, :], acc * weight[:, None],
                       mask=valid[:, None] & n_ok)
@@ -415,7 +385,7 @@ def moe_experts_fused_kernel(
     columns n and the K hidden outputs (BLOCK_H at a time), where
         h[r, n] = ${computes}.
     Summed over a token's slots and the column blocks (its partial rows, in order), they are the token's output.
-    Rows and DIRECT: as in the gate/up kernel; w as ``slot_weights`` reads it."""
+    Rows and DIRECT: as in the gate/up kernel; w as the down kernel reads it."""
     if N_FASTEST:
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -425,7 +395,7 @@ def moe_experts_fused_kernel(
         pid_n = tl.program_id(1)
         num_blocks_n = tl.num_programs(1)
     ${gate_up_body}
-    weight = slot_weights(TopkWeights, SharedScale, slot, valid, TOP_K, ROUTED_K, SHARED_SCALED)
+    ${slot_weights}
     # the down projection: this program's intermediate columns are its K rows
     offs_h = tl.arange(0, BLOCK_H)
     ${fused_down_pointers}
@@ -457,6 +427,18 @@ _FUSED_DOWN_BIAS = """\
 if pid_n == 0:
     bias = tl.load(DownBias + expert * stride_dbe + (h0 + offs_h) * stride_dbn, mask=h0 + offs_h < K, other=0.0)
     part += bias.to(tl.float32)[None, :]"""
+
+# The fp32 routing weight of each row's slot (0 for padding rows), in the down and the fused kernels. Written into
+# each rather than called: Inductor 2.11 failed to schedule a graph whose user-defined kernels call @triton.jit
+# helpers that read or write their pointer arguments (KeyError in Scheduler.compute_ancestors, H100, 2026-12-07).
+_SLOT_WEIGHTS = """\
+choice = slot % TOP_K
+weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
+weight = weight.to(tl.float32)
+if SHARED_SCALED:
+    scale = tl.load(SharedScale + token, mask=valid & (choice >= ROUTED_K), other=1.0)
+    weight = tl.where(choice < ROUTED_K, weight, scale.to(tl.float32))
+weight = tl.where(valid, weight, 0.0)"""
 
 # A row block's expert and slots. Aligned: what the align launch wrote (SortedSlots, BlockExpert, NumPadded).
 # DIRECT (one token): block b is slot b in its first row, the other rows idle; a routed slot's expert is the
@@ -738,7 +720,7 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared, w8a8),
                  "down_scale_args": _scale_args("down", fp8, prequant, shared, w8a8),
                  "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
-                 "block_rows": _BLOCK_ROWS,
+                 "block_rows": _BLOCK_ROWS, "slot_weights": _SLOT_WEIGHTS,
                  "helpers": _FP8_HELPERS if w8a8 else "",
                  **(_PAIRED if paired else {})}
         slots["gate_up_body"] = _GATE_UP_BODY.render(slots)
@@ -922,25 +904,19 @@ ALIGN_FUSED_MAX_SLOTS = 256
 SHARED_FUSED_MAX_TOKENS = 512
 
 
-def _align_operands(topk_ids: torch.Tensor, num_experts: int, block_m: int, shared: int):
-    """What the generated aligns take and fill: the routed ids flat (int32 or int64, read as they are: a cast would be
-    one more launch per layer), the token count, k, the routed slots, the static row bound P (``align``'s), and the
-    outputs to fill, sorted_slots [P], block_expert [P / block_m] and num_padded [1]."""
-    flat = topk_ids.reshape(-1)
-    tokens, k = topk_ids.shape
-    capacity = (tokens * (k + shared) + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
-    outputs = tuple(torch.empty((n,), dtype=torch.int32, device=flat.device)
-                    for n in (capacity, capacity // block_m, 1))
-    return flat, tokens, k, flat.shape[0], capacity, outputs
-
-
 def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False, shared: int = 0,
                 tiling: Optional[dict] = None):
     """``align`` as one generated kernel launch (same outputs). With ``shared`` experts (the last ids below
     ``num_experts``), ``topk_ids`` holds the routed choices alone: ``align`` of them with the shared ids
     appended to every token's row. ``tiling`` overrides ``ALIGN_TILING`` (bench/moe_align.py sweeps it)."""
-    flat, tokens, k, num_routed, capacity, (sorted_slots, block_expert, num_padded) = _align_operands(
-        topk_ids, num_experts, block_m, shared)
+    flat = topk_ids.reshape(-1)  # int32 or int64, read as it is (a cast would be one more launch per layer)
+    tokens, k = topk_ids.shape
+    num_routed = flat.shape[0]
+    num_slots = tokens * (k + shared)
+    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
+    sorted_slots = torch.empty((capacity,), dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty((capacity // block_m,), dtype=torch.int32, device=flat.device)
+    num_padded = torch.empty((1,), dtype=torch.int32, device=flat.device)
     fn = kernels_for(torch.float32, "silu").function("moe_align_kernel", interpret=interpret)
     if not interpret:
         fn = torch.library.wrap_triton(fn)
@@ -971,8 +947,11 @@ def align_parallel(topk_ids: torch.Tensor, num_experts: int, block_m: int, inter
     writes meet another's. For prefill sizes, where the single program of ``align_fused`` walks too many slots and
     the torch form takes a sort and a dozen small launches. ``tiling`` overrides ``ALIGN_PARALLEL_TILING`` and may
     set ``CHUNK_SLOTS``."""
-    flat, tokens, k, num_routed, capacity, (sorted_slots, block_expert, num_padded) = _align_operands(
-        topk_ids, num_experts, block_m, shared)
+    flat = topk_ids.reshape(-1)  # int32 or int64, read as it is
+    tokens, k = topk_ids.shape
+    num_routed = flat.shape[0]
+    num_slots = tokens * (k + shared)
+    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
     routed = num_experts - shared
     e_pow2 = triton.next_power_of_2(routed)
     tile = {**ALIGN_PARALLEL_TILING, **(tiling or {})}
@@ -980,6 +959,9 @@ def align_parallel(topk_ids: torch.Tensor, num_experts: int, block_m: int, inter
                                               triton.next_power_of_2(-(-size_hint(num_routed) // ALIGN_PROGRAMS))))
     slot_chunk = min(tile["SLOT_CHUNK"], chunk_slots)
     chunks = (num_routed + chunk_slots) // chunk_slots  # at least one program (no tokens: it writes the padding)
+    sorted_slots = torch.empty((capacity,), dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty((capacity // block_m,), dtype=torch.int32, device=flat.device)
+    num_padded = torch.empty((1,), dtype=torch.int32, device=flat.device)
     chunk_counts = torch.empty((chunks, e_pow2), dtype=torch.int32, device=flat.device)
     gen = kernels_for(torch.float32, "silu")
     count, place = (gen.function(name, interpret=interpret)
