@@ -169,32 +169,6 @@ def moe_fused():
         yield config, fn, pointers, {}, constexprs, ("up_offset",)
 
 
-def moe_router_one_launch():
-    """The routing kernel streaming the router weight itself (one launch, ``routing.ONE_LAUNCH_TILING``): V2-Lite's
-    router (64 experts, softmax, top-6, hidden 2048) and V3's (256 in 8 groups, sigmoid with a bias, top-8 of the 4
-    best groups, hidden 7168), bf16 operands multiplied in fp32, at the tiling and beside it."""
-    from deepfuse.runtime.kernels import routing
-
-    tile = routing.ONE_LAUNCH_TILING
-    for spec, e, hidden in [(routing.RoutingSpec(6, "softmax"), 64, 2048),
-                            (routing.RoutingSpec(8, "sigmoid", bias=True, groups=8, topk_group=4,
-                                                 group_score="top2_sum", fill=0.0, renormalize=True, scale=2.5), 256,
-                             7168)]:
-        fn = routing.kernel_for(spec, "bench/kernel_resources.py", router_matmul=torch.float32,
-                                one_launch=True).function("moe_routing_kernel")
-        pointers = {"X": "*bf16", "RouterWeight": "*bf16", "Bias": "*fp32", "Weights": "*fp32", "Ids": "*i64"}
-        per_group = e // spec.groups
-        for values, warps, stages in [(tile["VALUES"], tile["num_warps"], tile["num_stages"]), (8192, 4, 4),
-                                      (32768, 8, 3)]:
-            constexprs = {"BLOCK_K": values // e, "STAGES": stages, "HIDDEN": hidden, "stride_wk": 1,
-                          "GROUPS": spec.groups, "PER_GROUP": per_group, "TOPK_GROUP": spec.topk_group, "K": spec.top_k,
-                          "GROUPS_POW2": spec.groups, "PER_GROUP_POW2": per_group,
-                          "K_POW2": triton.next_power_of_2(spec.top_k),
-                          "SCALE": spec.scale}
-            config = {"experts": e, "BLOCK_K": values // e, "num_warps": warps, "num_stages": stages}
-            yield config, fn, pointers, {}, constexprs
-
-
 def moe_prefill(kind: str):
     """The experts' gate/up (or down) kernel at V2-Lite's MoE in prefill (hidden 2048, intermediate 1408, top-6 of
     64, aligned row blocks, no shared experts: past SHARED_FUSED_MAX_TOKENS they run apart), over each bf16
@@ -349,8 +323,7 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
               for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))},
            "moe_up_ungated": lambda: moe_experts("float", "gate_up", gated=False),
            "moe_prefill_gate_up": lambda: moe_prefill("gate_up"), "moe_prefill_down": lambda: moe_prefill("down"),
-           "moe_gpt_oss_gate_up": moe_gpt_oss_gate_up, "moe_fused": moe_fused,
-           "moe_router_one_launch": moe_router_one_launch}
+           "moe_gpt_oss_gate_up": moe_gpt_oss_gate_up, "moe_fused": moe_fused}
 
 
 def main():

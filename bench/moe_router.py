@@ -1,11 +1,10 @@
-"""The MoE router at decode sizes, deepfuse's three forms side by side: the graph's (casts, cuBLAS matmul in
-fp32, then the routing kernel), the fused one (``routing.route_hidden``: the matmul split over the hidden
-size, summed in the routing kernel) and the one-launch one (``one_launch``: each token's routing program
-streams the router weight itself, ``routing.ONE_LAUNCH_TILING``; with --tilings, each of a few), each replayed as a CUDA graph over router-weight copies past twice the L2
+"""The MoE router at decode sizes, deepfuse's two forms side by side: the graph's (casts, cuBLAS matmul in
+fp32, then the routing kernel) and the fused one (``routing.route_hidden``: the matmul split over the hidden
+size, summed in the routing kernel), each replayed as a CUDA graph over router-weight copies past twice the L2
 (what the pass's compile-time timing does). For the V2-Lite and V3 routers; prints a table, writes JSON with
 --out. It backs ``ROUTER_MATMUL_MAX_WEIGHT_BYTES`` in runtime/kernels/routing.py.
 
-    python3 bench/moe_router.py --out DIR [--tokens 1,8,32,64] [--tilings]
+    python3 bench/moe_router.py --out DIR [--tokens 1,8,32,64]
 """
 import argparse
 
@@ -27,7 +26,6 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--tokens", default="1,8,32,64")
-    parser.add_argument("--tilings", action="store_true", help="the one-launch form at several tilings")
     args = parser.parse_args()
     device, rows = torch.device("cuda"), Rows(args.out, "moe_router")  # written as it grows
     for name, (spec, e, h) in ROUTERS.items():
@@ -42,27 +40,10 @@ def main():
                                   for w in ws],
                 "fused": lambda: [routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32) for w in ws],
             }
-            for tiling in TILINGS if args.tilings else [routing.ONE_LAUNCH_TILING]:
-                label = "one launch" + ("" if tiling == routing.ONE_LAUNCH_TILING else
-                                        " {VALUES}/{num_warps}w/{num_stages}st".format(**tiling))
-                forms[label] = lambda tiling=tiling: _one_launch(x, ws, bias, spec, tiling)
             us = {f: autotune._time(fn) * 1e3 / len(ws) for f, fn in forms.items()}
             rows.append({"router": name, "experts": e, "hidden": h, "tokens": t, "copies": len(ws), **us})
-            print(f"{name:<8} T={t:<3} " + "  ".join(f"{f} {v:7.2f} us" for f, v in us.items())
-                  + f"  ({len(ws)} weight copies)", flush=True)
-
-
-TILINGS = [{"VALUES": v, "num_warps": w, "num_stages": st}
-           for v, w, st in [(16384, 8, 4), (8192, 4, 4), (8192, 8, 6), (32768, 8, 3), (32768, 16, 3), (16384, 16, 4)]]
-
-
-def _one_launch(x, ws, bias, spec, tiling):
-    saved = dict(routing.ONE_LAUNCH_TILING)
-    routing.ONE_LAUNCH_TILING.update(tiling)
-    try:
-        return [routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32, one_launch=True) for w in ws]
-    finally:
-        routing.ONE_LAUNCH_TILING.update(saved)
+            print(f"{name:<8} T={t:<3} graph {us['graph']:7.2f} us  fused {us['fused']:7.2f} us  "
+                  f"({len(ws)} weight copies)", flush=True)
 
 
 if __name__ == "__main__":

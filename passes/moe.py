@@ -212,21 +212,18 @@ class MoEPass:
         spec_args = (spec.top_k, spec.scoring, spec.groups, spec.topk_group, spec.group_score, spec.fill,
                      spec.renormalize, spec.scale, out_dtype, impl)
         matmul = _router_matmul(logits, region)
-        form = {"fused": True}  # off the GPU: the split form (nothing to time)
-        if isinstance(matmul, dict) and impl == "triton":
-            form = _fused_router_form(matmul, logits, bias, spec, out_dtype, origin, expert_scale)
-            if not form["fused"]:
-                matmul = "the graph's matmul then the routing kernel timed faster on this GPU"
+        if isinstance(matmul, dict) and impl == "triton" and not _fused_router_wins(matmul, logits, bias, spec,
+                                                                                    out_dtype, origin, expert_scale):
+            matmul = "the graph's matmul then the routing kernel timed faster on this GPU"
         if isinstance(matmul, dict):  # the logits' matmul in deepfuse's launches
             region = list(region) + matmul["nodes"]
             mm_dtype = value(logits).dtype
             args = (matmul["x"], matmul["w"]) + vectors
-            one_launch = form.get("one_launch", False) and inline  # (the deepfuse::moe_router op: the split form)
 
             def launcher(x_, w_, *rest):
                 bias_, scale_ = split(rest)
                 return routing.route_hidden(x_, w_, bias_, spec, out_dtype, mm_dtype, origin=origin,
-                                            expert_scale=scale_, one_launch=one_launch)
+                                            expert_scale=scale_)
 
             op = torch.ops.deepfuse.moe_router.default
 
@@ -250,10 +247,7 @@ class MoEPass:
         else:
             replace_region(graph, binding, op, op_args(), 2)
         return {"routing": f"kernel: {spec.describe()}",
-                "router_matmul": (("in the routing kernel's own program (one launch)" if form.get("one_launch")
-                                   and inline else
-                                   "in deepfuse's router kernels") if isinstance(matmul, dict)
-                                  else f"with Inductor ({matmul})"),
+                "router_matmul": "in deepfuse's router kernels" if isinstance(matmul, dict) else f"with Inductor ({matmul})",
                 "renormalize": spec.renormalize,
                 "routed_scaling": spec.scale, **({"groups": f"best {spec.topk_group} of {spec.groups}"}
                                                  if spec.groups > 1 else {})}
@@ -1471,14 +1465,12 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
     return {"x": x, "w": w, "nodes": [logits] + nodes}
 
 
-def _fused_router_form(matmul: dict[str, Any], logits: fx.Node, bias: Optional[fx.Node], spec, out_dtype,
-                       origin: str, expert_scale: Optional[fx.Node] = None) -> dict[str, bool]:
-    """The fastest on this GPU of the graph's form (its casts, cuBLAS's matmul, then the routing kernel: "fused"
-    False) and deepfuse's router matmul (route_hidden: split over the hidden size in a launch before the routing
-    kernel, or with "one_launch" in the routing kernel's own program). Timed at compile time on random tensors of
-    the real shapes and strides, each replayed as a CUDA graph over enough router-weight copies to pass twice the
-    L2 (at most 256), cached per GPU and token bucket like any autotune result. A fused kernel that fails to
-    build loses."""
+def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[fx.Node], spec, out_dtype,
+                       origin: str, expert_scale: Optional[fx.Node] = None) -> bool:
+    """Does deepfuse's router matmul (route_hidden) beat the graph's form (its casts, cuBLAS's matmul, then the
+    routing kernel) on this GPU? Timed at compile time on random tensors of the real shapes and strides, each
+    replayed as a CUDA graph over enough router-weight copies to pass twice the L2 (at most 256), cached per
+    GPU and token bucket like any autotune result. A fused kernel that fails to build loses."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     xv, wv = value(matmul["x"]), value(matmul["w"])
@@ -1497,17 +1489,14 @@ def _fused_router_form(matmul: dict[str, Any], logits: fx.Node, bias: Optional[f
             x, ws, b, s = inputs()
             for w in ws:
                 if cfg["fused"]:
-                    routing.route_hidden(x, w, b, spec, out_dtype, mm_dtype, origin=origin, expert_scale=s,
-                                         one_launch=cfg.get("one_launch", False))
+                    routing.route_hidden(x, w, b, spec, out_dtype, mm_dtype, origin=origin, expert_scale=s)
                 else:
                     routing.route(torch.mm(x.to(mm_dtype), w.to(mm_dtype).t()), b, spec, out_dtype, expert_scale=s)
 
         key = (f"moe_router|{wv.shape[0]}x{wv.shape[1]}|{wv.dtype}|{xv.dtype}->{mm_dtype}|"
                f"{routing.kernel_for(spec, origin, router_matmul=mm_dtype).key}")
-        # The unfused form first: with autotuning off, the form already run on GPUs. The one-launch form last, so
-        # that the indices cached before it keep their meaning.
-        forms = [{"fused": False}, {"fused": True}, {"fused": True, "one_launch": True}]
-        return autotune.choose(key, xv.shape[0], forms, run, device)
+        # The unfused form first: with autotuning off, the form already run on GPUs.
+        return autotune.choose(key, xv.shape[0], [{"fused": False}, {"fused": True}], run, device)["fused"]
 
 
 def _verify_routing(region, logits, vectors, weights, ids):

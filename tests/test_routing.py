@@ -190,7 +190,6 @@ def test_interpreted_router_matmul_equals_float64():
         logits = torch.nn.functional.linear(x.to(mm_dtype), w.to(mm_dtype))  # the graph's own rounding
         want = routing.reference(logits.double(), bias.double(), spec)
         got = routing.route_hidden(x, w, bias, spec, torch.float32, mm_dtype, interpret=True)
-        one = routing.route_hidden(x, w, bias, spec, torch.float32, mm_dtype, interpret=True, one_launch=True)
         if mm_dtype == torch.float32:  # and with a per-expert scale on the weights (Gemma 4's)
             scaled = dataclasses.replace(spec, expert_scale=True)
             scale = torch.rand(16, generator=gen) + 0.5
@@ -203,15 +202,13 @@ def test_interpreted_router_matmul_equals_float64():
         gap = choice.sort(dim=-1).values.diff(dim=-1).min(dim=-1).values
         rows = gap > torch.finfo(mm_dtype).eps * (1 + logits.double().abs().amax(dim=-1))
         assert rows.sum() >= 4
-        for form in (got, one):  # split over the hidden size, and in the routing kernel's own program
-            assert routing.same_routing(tuple(v[rows] for v in form), tuple(v[rows] for v in want),
-                                        1e-5 if mm_dtype == torch.float32 else 2e-3), (x_dtype, mm_dtype)
+        assert routing.same_routing(tuple(v[rows] for v in got), tuple(v[rows] for v in want),
+                                    1e-5 if mm_dtype == torch.float32 else 2e-3), (x_dtype, mm_dtype)
 
 
 def test_interpreted_router_matmul_of_many_experts_and_splits():
     """V3's router (256 experts in 8 groups, sigmoid, bias) at a hidden size of 2100: 17 splits x 4 expert blocks
-    of one 64 x 128 weight tile each, the last split ragged, summed by the routing kernel 16 splits at a time; and
-    in one launch, the [8, 32] expert rows times 64 hidden columns a step, the last step ragged."""
+    of one 64 x 128 weight tile each, the last split ragged, summed by the routing kernel 16 splits at a time."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     spec, e = MODEL_SPECS[1]
     x = torch.randn(5, 2100, generator=gen).half()
@@ -219,13 +216,11 @@ def test_interpreted_router_matmul_of_many_experts_and_splits():
     bias = torch.randn(e, generator=gen) * 0.1
     logits = torch.nn.functional.linear(x.float(), w.float())
     want = routing.reference(logits.double(), bias.double(), spec)
+    got = routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32, interpret=True)
     choice = (logits.double().sigmoid() + bias.double()).sort(dim=-1, descending=True).values
     rows = choice[:, spec.top_k - 1] - choice[:, spec.top_k] > 1e-5  # the k-th choice clear of the next
     assert rows.sum() >= 2
-    for one_launch in (False, True):
-        got = routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32, interpret=True,
-                                   one_launch=one_launch)
-        assert routing.same_routing(tuple(v[rows] for v in got), tuple(v[rows] for v in want), 1e-5)
+    assert routing.same_routing(tuple(v[rows] for v in got), tuple(v[rows] for v in want), 1e-5)
 
 
 def test_a_router_scale_held_in_a_buffer_is_not_baked_in():
@@ -266,30 +261,28 @@ def test_gpu_routing_equals_float64(t, spec, experts, dtype):
 @pytest.mark.parametrize("t", [1, 7, 64])
 @pytest.mark.parametrize("spec,experts", MODEL_SPECS)
 def test_gpu_router_matmul_equals_float64(t, spec, experts):
-    """deepfuse's router matmul (split over the hidden size, and in one launch) at the model shapes: bf16 hidden
-    states and router weight multiplied in fp32 (DeepSeek's form), against the float64 matmul then the reference
-    routing, on rows whose k-th choice is clear of the next one by more than fp32 rounding of the logits moves it."""
+    """deepfuse's router matmul (split over the hidden size) at the model shapes: bf16 hidden states and router weight
+    multiplied in fp32 (DeepSeek's form), against the float64 matmul then the reference routing, on rows whose
+    k-th choice is clear of the next one by more than fp32 rounding of the logits moves it."""
     x = torch.randn(t, 2048, device="cuda").bfloat16()
     w = (torch.randn(experts, 2048, device="cuda") / 2048 ** 0.5).bfloat16()
     bias = (torch.randn(experts, device="cuda") * 0.1) if spec.bias else None
     scale = _expert_scale(spec, experts, torch.Generator().manual_seed(7), "cuda")
     logits = x.double() @ w.double().t()
+    got = routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32, expert_scale=scale)
     want = routing.reference(logits, None if bias is None else bias.double(), spec,
                              expert_scale=None if scale is None else scale.double())
     choice = routing.reference_scores(logits, spec) + (0 if bias is None else bias.double())
     ranked = choice.sort(dim=-1, descending=True).values
     rows = (ranked[:, spec.top_k - 1] - ranked[:, spec.top_k] > 1e-5).cpu()  # the k-th choice clear of the next
-    want = tuple(v.cpu()[rows] for v in want)
-    for one_launch in (False, True):
-        got = routing.route_hidden(x, w, bias, spec, torch.float32, torch.float32, expert_scale=scale,
-                                   one_launch=one_launch)
-        assert routing.same_routing(tuple(v.cpu()[rows] for v in got), want, 1e-4), one_launch
+    got, want = tuple(v.cpu()[rows] for v in got), tuple(v.cpu()[rows] for v in want)
+    assert routing.same_routing(got, want, 1e-4)
 
 
-def test_fused_router_timing_runs_every_form(monkeypatch):
-    """The GPU-only compile-time timing of the fused router matmul (split, and in one launch) against the graph's
-    form, run on CPU tensors with the GPU queries stubbed: every candidate executes (a Python-level slip in one
-    would raise here) and the choice is what autotune returns."""
+def test_fused_router_timing_runs_both_forms(monkeypatch):
+    """The GPU-only compile-time timing of the fused router matmul against the graph's form, run on CPU tensors
+    with the GPU queries stubbed: both candidates execute (a Python-level slip in either would raise here) and
+    the choice is what autotune returns."""
     import types
 
     import torch.fx as fx
@@ -307,13 +300,12 @@ def test_fused_router_timing_runs_every_form(monkeypatch):
     def choose(key, n, configs, run, device, enabled=True):
         for cfg in configs:
             run(cfg)
-            ran.append(cfg)
-        return configs[2]
+            ran.append(cfg["fused"])
+        return configs[1]
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(L2_cache_size=1 << 14))
     monkeypatch.setattr(autotune, "choose", choose)
     spec = RoutingSpec(2, "sigmoid", bias=True)
     matmul = {"x": nodes["x"], "w": nodes["w"]}
-    form = moe_pass._fused_router_form(matmul, nodes["logits"], nodes["bias"], spec, torch.float32, "test")
-    assert form == {"fused": True, "one_launch": True}
-    assert ran == [{"fused": False}, {"fused": True}, {"fused": True, "one_launch": True}]
+    assert moe_pass._fused_router_wins(matmul, nodes["logits"], nodes["bias"], spec, torch.float32, "test")
+    assert ran == [False, True]

@@ -43,10 +43,6 @@ ROUTER_MATMUL_MAX_WEIGHT_BYTES = 4 << 20
 # ROUTER_SUM_VALUES at a time (V2-Lite 16 splits x 64 experts at once, V3 16 x 256 per step).
 ROUTER_MAX_SPLITS = 64
 ROUTER_SUM_VALUES = 4096
-# The one-launch router matmul's tiling: VALUES weight elements a step (V2-Lite's 64 experts: 256 hidden columns),
-# over num_warps warps, num_stages steps in flight. Chosen by reasoning (a program's 96 KiB in flight against the
-# memory latency), not yet measured.
-ONE_LAUNCH_TILING = {"VALUES": 16384, "num_warps": 8, "num_stages": 4}
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus", "none")  # sqrtsoftplus: sqrt(softplus(x)), DeepSeek-V4's
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -178,19 +174,6 @@ def moe_router_partial_kernel(
 
 # The routing, over the sum of the splits above.
 """
-# ONE_LAUNCH: no partial kernel; the routing kernel's program streams the token's whole router weight itself,
-# ROUTER_BLOCK_K hidden columns a step, its loads pipelined (asynchronous copies, ROUTER_STAGES deep). At one token
-# it replaces two launches and the gap between them by one program's read of the weight (V2-Lite's 256 KiB).
-_INLINE_MATMUL = """\
-logits = tl.zeros([GROUPS_POW2, PER_GROUP_POW2], dtype=tl.float32)
-offs_k = tl.arange(0, BLOCK_K)
-w_ptrs = RouterWeight + expert[:, :, None] * stride_we + offs_k[None, None, :] * stride_wk
-for k0 in tl.range(0, HIDDEN, BLOCK_K, num_stages=STAGES):
-    k_ok = k0 + offs_k < HIDDEN
-    xk = tl.load(X + t * stride_l + k0 + offs_k, mask=k_ok, other=0.0).to(${mm_dtype}).to(tl.float32)
-    wk = tl.load(w_ptrs + k0 * stride_wk, mask=valid[:, :, None] & k_ok[None, None, :], other=0.0)
-    logits += tl.sum(wk.to(${mm_dtype}).to(tl.float32) * xk[None, None, :], axis=2)
-logits = tl.where(valid, logits.to(${mm_dtype}).to(tl.float32), float("-inf"))"""
 # The routing kernel then takes the logits as the splits' sum (SPLIT_CHUNK splits at a time, in order), rounded
 # to the matmul dtype as its output is.
 _SUM_PARTIALS = """\
@@ -238,18 +221,15 @@ key = tl.where(valid, tl.where(kept[:, None], key, {fill}), float("-inf"))"""
 _generated = memo()
 
 
-def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torch.dtype] = None,
-               one_launch: bool = False):
+def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torch.dtype] = None):
     """The generated source for ``spec``'s structure (its sizes and scale are constexprs of the launch); with
     ``router_matmul`` (the matmul's dtype) the kernel computes the logits itself from the hidden states and the
-    router weight: from the partial kernel's split sums, or with ``one_launch`` in its own program."""
+    router weight."""
     structure = {"scoring": spec.scoring, "bias": spec.bias, "renormalize": spec.renormalize,
                  **({"expert_scale": True} if spec.expert_scale else {}),
                  "group_score": spec.group_score if spec.groups > 1 else None,
                  "fill": spec.fill if spec.groups > 1 else None,
-                 **({"router_matmul": str(router_matmul)} if router_matmul else {}),
-                 **({"one_launch": True} if router_matmul and one_launch else {})}
-    one_launch = bool(router_matmul) and one_launch
+                 **({"router_matmul": str(router_matmul)} if router_matmul else {})}
     key = (str(cache_dir()), tuple(structure.items()))
     if key not in _generated:
         fill = "float(\"-inf\")" if spec.fill == float("-inf") else repr(float(spec.fill))
@@ -264,18 +244,14 @@ def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torc
             "expert_scale_arg": "ExpertScale, " if spec.expert_scale else "",
             "expert_scale": ("weights = weights * tl.load(ExpertScale + ids, mask=slot < K, other=0.0).to(tl.float32)"
                              "  # each chosen expert's own scale") if spec.expert_scale else "",
-            "logits_arg": "X, RouterWeight" if one_launch else "Partials" if router_matmul else "Logits",
-            "router_matmul_args": ("stride_we, stride_wk, HIDDEN, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,"
-                                   if one_launch else
-                                   "NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr," if router_matmul else ""),
-            "logits": ((_INLINE_MATMUL if one_launch else _SUM_PARTIALS).replace("${mm_dtype}",
-                                                                                 TRITON_DTYPES[router_matmul])
-                       if router_matmul else _LOAD_LOGITS),
+            "logits_arg": "Partials" if router_matmul else "Logits",
+            "router_matmul_args": "NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr," if router_matmul else "",
+            "logits": (_SUM_PARTIALS.replace("${mm_dtype}", TRITON_DTYPES[router_matmul]) if router_matmul
+                       else _LOAD_LOGITS),
             "partial_kernel": (_ROUTER_PARTIAL_KERNEL.replace("${mm_dtype}", TRITON_DTYPES[router_matmul])
-                               if router_matmul and not one_launch else ""),
+                               if router_matmul else ""),
         }
-        what = ("hidden states (the router matmul included, in the token's own program)" if one_launch else
-                "hidden states (the router matmul included)" if router_matmul else "logits")
+        what = "hidden states (the router matmul included)" if router_matmul else "logits"
         header = ("Pattern family: moe (router).\n"
                   f"Computes: a router's {what} to its top-k routing weights and expert ids: {spec.describe()}.\n"
                   + (f"First generated for: {origin}" if origin else ""))
@@ -298,13 +274,11 @@ def route(logits: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec,
 
 def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec,
                  out_dtype: torch.dtype, mm_dtype: torch.dtype, interpret: bool = False, origin: str = "",
-                 expert_scale: Optional[torch.Tensor] = None,
-                 one_launch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``route`` of the logits ``x.to(mm_dtype) @ router_weight.to(mm_dtype).T`` (x [T, K], router_weight [E, K],
     each in any float dtype; the product in ``mm_dtype`` as a matmul computes it: fp32 accumulation, the
     result rounded to ``mm_dtype``): the matmul split over K in one launch, whose partial sums the routing
-    kernel adds up; with ``one_launch`` the routing kernel's program of each token streams the weight itself
-    (``ONE_LAUNCH_TILING``). For a few tokens: every token reads the whole router weight."""
+    kernel adds up. For a few tokens: every token reads the whole router weight."""
     t, k = x.shape
     e = router_weight.shape[0]
     _check(spec, e, mm_dtype, bias, out_dtype, expert_scale)
@@ -314,20 +288,12 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
     if x.dtype not in TRITON_DTYPES or router_weight.dtype not in TRITON_DTYPES:
         raise ValueError(f"moe routing: hidden states in {x.dtype} and router weight in {router_weight.dtype}: "
                          "the kernel takes fp16, bf16 or fp32")
-    gen = kernel_for(spec, origin, router_matmul=mm_dtype, one_launch=one_launch)
+    gen = kernel_for(spec, origin, router_matmul=mm_dtype)
     fn = gen.function("moe_routing_kernel", interpret=interpret)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    if one_launch:
-        tile = ONE_LAUNCH_TILING
-        block_k = max(16, min(tile["VALUES"] // _rows_pow2(spec, e), triton.next_power_of_2(max(k, 1))))
-        matmul = {"stride_we": router_weight.stride(0), "stride_wk": router_weight.stride(1), "HIDDEN": k,
-                  "BLOCK_K": block_k, "STAGES": tile["num_stages"], **({} if interpret else
-                                                                        {"num_warps": tile["num_warps"]})}
-        return _launch(fn, (x, router_weight), (x.stride(0),), matmul, t, e, bias, spec, out_dtype, interpret,
-                       expert_scale)
     partial = gen.function("moe_router_partial_kernel", interpret=interpret)
     if not interpret:
         partial = torch.library.wrap_triton(partial)
+    x = x if x.stride(-1) == 1 else x.contiguous()
     # One [BLOCK_E, BLOCK_K] weight tile of 8192 values per program and step: V2-Lite's router is 16 programs per
     # token of one 64 x 128 tile each, V3's 56 splits x 4 expert blocks of one tile each.
     block_e = min(64, triton.next_power_of_2(e))
@@ -360,25 +326,18 @@ def _check(spec: RoutingSpec, e: int, logits_dtype, bias, out_dtype, expert_scal
                          f"{None if expert_scale is None else (tuple(expert_scale.shape), expert_scale.dtype)}")
 
 
-def _rows_pow2(spec: RoutingSpec, e: int) -> int:
-    """The expert rows one program holds: [groups, per group], each padded to a power of two."""
-    return triton.next_power_of_2(spec.groups) * triton.next_power_of_2(e // spec.groups)
-
-
 def _launch(fn, source, strides, matmul: dict, t, e, bias, spec, out_dtype, interpret, expert_scale=None):
-    """One program per token over ``source`` (the logits; the router matmul's partial sums with ``matmul``'s
-    split counts; or the (hidden states, router weight) pair the one-launch form reads)."""
+    """One program per token over ``source`` (the logits, or the router matmul's partial sums with ``matmul``'s
+    split counts)."""
     if not interpret:
         fn = torch.library.wrap_triton(fn)
-    sources = source if isinstance(source, tuple) else (source,)
-    device = sources[0].device
-    bias = bias.contiguous() if bias is not None else sources[0]  # never read without a bias
+    bias = bias.contiguous() if bias is not None else source  # never read without a bias
     scale_arg = (expert_scale.contiguous(),) if expert_scale is not None else ()
-    weights = torch.empty((t, spec.top_k), dtype=out_dtype, device=device)
-    ids = torch.empty((t, spec.top_k), dtype=torch.int64, device=device)
+    weights = torch.empty((t, spec.top_k), dtype=out_dtype, device=source.device)
+    ids = torch.empty((t, spec.top_k), dtype=torch.int64, device=source.device)
     if t:
         per_group = e // spec.groups
-        fn[(t,)](*sources, bias, *scale_arg, weights, ids, *strides, **matmul,
+        fn[(t,)](source, bias, *scale_arg, weights, ids, *strides, **matmul,
                  GROUPS=spec.groups, PER_GROUP=per_group, TOPK_GROUP=spec.topk_group, K=spec.top_k,
                  GROUPS_POW2=triton.next_power_of_2(spec.groups), PER_GROUP_POW2=triton.next_power_of_2(per_group),
                  K_POW2=triton.next_power_of_2(spec.top_k), SCALE=float(spec.scale))
