@@ -113,18 +113,19 @@ def poisoned_empty(monkeypatch):
 @pytest.mark.parametrize("config", moe.FUSED_CANDIDATES,
                          ids=lambda c: f"n{c['BLOCK_N']}-h{c['BLOCK_H']}-k{c['BLOCK_K']}-w{c['num_warps']}")
 def test_interpreted_fused_experts(config, poisoned_empty):
-    """Both projections in one launch (FUSED): at one token (each slot its own row block, the router's ids read
-    directly) and a few (aligned), the hidden size off BLOCK_H; with a shared MLP, a gated one, GPT-OSS's and
-    Nemotron's expert forms; past FUSED_MAX_TOKENS the two launches, from the same config."""
-    _check(1, 80, 48, 8, 3, torch.float32, "cpu", interpret=True, config=config)
-    _check(3, 96, 32, 16, 2, torch.float16, "cpu", interpret=True, config=config)
-    _check(1, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=config, shared=2)
-    _check(2, 64, 32, 8, 2, torch.float16, "cpu", interpret=True, config=config, shared=1, gated=True)
-    _check(1, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=config, activation=GPT_OSS, transposed=True,
-           biases=True, interleaved=True)
-    _check(4, 64, 32, 8, 2, torch.float16, "cpu", interpret=True, config=config, ungated=True, shared=1,
-           activation="relu2")
-    _check(moe.FUSED_MAX_TOKENS + 1, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=config, shared=1)
+    """Both projections in one launch (FUSED) at one token: each slot its own row block (the router's ids read
+    directly) and aligned ("DIRECT": False); the hidden size off BLOCK_H; with a shared MLP, a gated one, GPT-OSS's
+    and Nemotron's expert forms. Past FUSED_MAX_TOKENS the same config runs the two launches."""
+    for cfg in (config, {**config, "DIRECT": False}):
+        _check(1, 80, 48, 8, 3, torch.float32, "cpu", interpret=True, config=cfg)
+        _check(1, 96, 32, 16, 2, torch.float16, "cpu", interpret=True, config=cfg)
+        _check(1, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=cfg, shared=2)
+        _check(1, 64, 32, 8, 2, torch.float16, "cpu", interpret=True, config=cfg, shared=1, gated=True)
+        _check(1, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=cfg, activation=GPT_OSS,
+               transposed=True, biases=True, interleaved=True)
+        _check(1, 64, 32, 8, 2, torch.float16, "cpu", interpret=True, config=cfg, ungated=True, shared=1,
+               activation="relu2")
+    _check(moe.FUSED_MAX_TOKENS + 2, 64, 32, 8, 2, torch.float32, "cpu", interpret=True, config=config, shared=1)
 
 
 @pytest.mark.parametrize("case,shared", [((5, 64, 32, 8, 2), 2), ((1, 32, 16, 4, 3), 1), ((0, 32, 32, 4, 2), 2),
@@ -677,11 +678,13 @@ def test_gpu_every_autotune_candidate(t):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 2, 4])
-def test_gpu_fused_experts(t, poisoned_empty):
-    """The one-launch experts at V2-Lite's shape with its two shared experts, bf16, every fused candidate."""
+@pytest.mark.parametrize("direct", [True, False])
+def test_gpu_fused_experts(direct, poisoned_empty):
+    """The one-launch experts at V2-Lite's shape with its two shared experts, bf16, every fused candidate, at one
+    token (each slot its own row block, and aligned)."""
     for config in moe.FUSED_CANDIDATES:
-        _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, config=config, shared=2)
+        _check(1, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, config={**config, "DIRECT": direct},
+               shared=2)
 
 
 @pytest.mark.parametrize("t,e,k", [(5, 64, 6), (3, 7, 7), (1, 160, 1), (0, 8, 2), (4, 1024, 8)])

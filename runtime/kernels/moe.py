@@ -785,14 +785,15 @@ CANDIDATES = [
 
 
 # The one-launch experts (FUSED), timed beside CANDIDATES up to FUSED_MAX_TOKENS tokens (float weights): BLOCK_N
-# intermediate columns a program, its down projection BLOCK_H hidden outputs a step. Its fp32 partials grow with the
-# tokens (V2-Lite: 1.4 MB a token), and past a few tokens the separate down launch reads its weights in wider tiles.
-FUSED_MAX_TOKENS = 4
+# intermediate columns a program, its down projection BLOCK_H hidden outputs a step. On H100 at V2-Lite's shape
+# (bench/moe_fp8.py, routed experts alone) it tied the two launches at one token (45.45 against 45.20 us: ~2 us less
+# kernel time, as much more to sum its fp32 partials, 1.1 MB of them) and lost at four (157.1 against 152.8); these
+# three of the six tiles timed came within 5%.
+FUSED_MAX_TOKENS = 1
 FUSED_CANDIDATES = [
-    {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_H": bh, "BLOCK_K": bk, "N_FASTEST": True, "FUSED": True, "num_warps": w,
-     "num_stages": st}
-    for bn, bh, bk, w, st in [(64, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 64, 128, 4, 4), (32, 256, 128, 4, 3),
-                              (64, 128, 128, 8, 4), (32, 64, 256, 4, 3)]
+    {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_H": bh, "BLOCK_K": 128, "N_FASTEST": True, "FUSED": True, "num_warps": w,
+     "num_stages": 4}
+    for bn, bh, w in [(64, 128, 4), (64, 128, 8), (64, 64, 4)]
 ]
 
 
@@ -1084,8 +1085,8 @@ def moe_experts(
                          f"got {cfg['BLOCK_N']}")
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
-    # FUSED (float weights, a few tokens of a static count): both projections in one launch, BLOCK_H hidden
-    # outputs at a time; its fp32 partials are T * (k + S) * I / BLOCK_N rows of the hidden size
+    # FUSED (float weights, a static token count up to FUSED_MAX_TOKENS): both projections in one launch, BLOCK_H
+    # hidden outputs at a time; its fp32 partials are T * (k + S) * I / BLOCK_N rows of the hidden size
     block_h = cfg.pop("BLOCK_H", 128)
     fused = (cfg.pop("FUSED", False) and not fp8 and isinstance(t, int) and 0 < t <= FUSED_MAX_TOKENS)
     may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
