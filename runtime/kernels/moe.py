@@ -120,6 +120,9 @@ import triton.language as tl
 
 
 ${helpers}
+# The align kernels' pieces stay written out in each kernel: moving them into @triton.jit helpers that read and
+# write their pointer arguments (2076a68) made Inductor 2.11 fail to schedule every compiled MoE block with an
+# align launch (KeyError in Scheduler.compute_ancestors, H100); this helper, older, was run there many times.
 @triton.jit
 def place_routed_slots(Ids, SortedSlots, first, end, seen, padded_start, E_POW2: tl.constexpr,
                        SLOT_CHUNK: tl.constexpr, ROUTED_K: tl.constexpr, SHARED: tl.constexpr):
