@@ -11,7 +11,8 @@ Three steps, no host synchronization anywhere (CUDA-graph safe):
    same A tile, and act(gate) * up in the epilogue: the [rows, 2I] intermediate never exists.
 3. ``moe_down_weighted_kernel``: the down projection, the routing weight applied to the fp32 accumulator,
    rows written back to slot order; the k slots of a token are then summed in a fixed order (deterministic,
-   no atomics).
+   no atomics). At one token steps 2 and 3 may also be one launch (``moe_experts_fused_kernel``, a candidate
+   the autotuning times beside them).
 Every expert weight byte is read once per row block that uses it: at decode sizes an active expert has one
 block, so the weights are read once, which is the bandwidth floor; the grid splits N across programs so
 that even a single token keeps the machine busy. Expert weights may be FP8 (e4m3 in 128 x 128 blocks with fp32
@@ -366,7 +367,7 @@ ${glu}
 out = glu.to(${dtype})
 ''')
 
-# FUSED (a few tokens, float weights): both projections in one launch. Each program holds the act(gate) * up of its
+# FUSED (one token, float weights): both projections in one launch. Each program holds the act(gate) * up of its
 # BLOCK_N intermediate columns (the gate/up kernel's body) and takes them straight through the down projection:
 # their share of every hidden output, for its rows, written as fp32 partials that the caller sums in a fixed order
 # (deterministic). No intermediate round trip, no second launch: at one token the experts are two weight streams
@@ -683,7 +684,7 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                "gate and up columns interleaved, one tile and one dot for both, " if paired else
                "ungated experts (no gate projection), ")
             + "the routing weight\nscales the fp32 accumulator of the down projection"
-            + ("; for a few tokens both projections also run in one launch\n(moe_experts_fused_kernel), "
+            + ("; at one token both projections may also run in one launch\n(moe_experts_fused_kernel), "
                "its fp32 partials summed in order by the caller.\n" if not fp8 else ".\n")
             + ("The shared MLP runs as always-chosen experts (weight 1, or the token's gate factor) in the same "
                "launches" + (", its FP8 weights read with their own block scales" if fp8 else "") + ".\n"
