@@ -246,16 +246,17 @@ def mla_absorb():
 
 
 def linear_group():
-    """The grouped decode projections at V2-Lite's q_proj + kv_a_proj (K 2048), each candidate tile."""
+    """The grouped decode projections at V2-Lite's q_proj + kv_a_proj (K 2048), each candidate tile, plain and with
+    the input's RMSNorm in the launch (NORM)."""
     from deepfuse.runtime.kernels import linear_group as kernels
 
     fn = kernels.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("linear_group_kernel")
-    pointers = {p: "*bf16" for p in ("X", "W0", "W1", "W2", "W3", "Y0", "Y1", "Y2", "Y3")}
-    for c in kernels.CONFIGS:
+    pointers = {p: "*bf16" for p in ("X", "W0", "W1", "W2", "W3", "Y0", "Y1", "Y2", "Y3", "NormW")}
+    for norm, c in itertools.product((False, True), kernels.CONFIGS):
         c = dict(c)
-        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), **c}
-        constexprs = {"GROUPS": 2, "EVEN_K": True, **c}
-        yield config, fn, pointers, {}, constexprs, ("K",)
+        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), **c, "NORM": norm}
+        constexprs = {"GROUPS": 2, "EVEN_K": True, "NORM": norm, **c}
+        yield config, fn, pointers, {"eps": "fp32"}, constexprs, ("K",)
 
 
 def fp8_gemm():

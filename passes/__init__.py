@@ -16,8 +16,8 @@ PASSES = {
     "moe": MoEPass,
     "mla": MLAPass,
     "quant": QuantPass,
+    "linear_group": LinearGroupPass,  # after the families that fuse matmuls of their own; takes in a norm before them
     "rms_norm": RMSNormPass,
-    "linear_group": LinearGroupPass,  # after the families that fuse matmuls of their own
     "linear": DecodeLinearPass,  # last: the matmuls other families fuse are theirs
 }
 

@@ -12,11 +12,14 @@ The pass:
 2. on a GPU, times the kernel's tiles against the graph's own matmuls one after another (cuBLAS), on tensors of
    the real shapes replayed as CUDA graphs over weight copies past the L2, and keeps the matmuls where they are
    faster (the choice is cached per GPU and shapes like any autotune result; explain gives the reason);
-3. rewrites each group it takes into one ``deepfuse::linear_group``, whose outputs replace the matmuls'.
+3. rewrites each group it takes into one ``deepfuse::linear_group``, whose outputs replace the matmuls'; when
+   their input is an RMSNorm's output that nothing else reads (a decoder layer's input_layernorm before q_proj and
+   kv_a_proj), the norm joins the launch: its kernel computes the squares' sum beside the dot and scales the
+   accumulator by the row's rsqrt, so the norm's launch and its output's round trip are gone.
 Without a GPU there is nothing to time: there it rewrites only when ``options["passes"]`` names it (to run the
 kernel through Triton's interpreter), and otherwise leaves the graph as it is (the debug log says so).
-It runs after the families that fuse matmuls of their own (a shared MLP in the MoE launches) and before
-``linear``, which takes what is left one matmul at a time.
+It runs after the families that fuse matmuls of their own (a shared MLP in the MoE launches), before ``rms_norm``
+(which takes the norms it leaves) and before ``linear``, which takes what is left one matmul at a time.
 """
 from __future__ import annotations
 
@@ -25,10 +28,12 @@ from typing import Optional, Union
 import torch
 import torch.fx as fx
 
-from deepfuse.fusion import RegionBinding, replace_region_first_traced
+from deepfuse.fusion import RegionBinding, escape_reason, replace_region_first_traced
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.passes.linear import CUBLAS, FLOATS, stored_weight
+from deepfuse.passes.rms_norm import RMSNormPass, rms_pattern
+from deepfuse.pattern import HostGraph
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.runtime import autotune
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
@@ -54,6 +59,7 @@ class LinearGroupPass:
                       "choose by (name the family in options['passes'] to rewrite them anyway)", len(groups), device)
             return 0
         changed = 0
+        norms = _norm_outputs(graph)
         for group in groups:
             first = group[0]["mm"]
             where = (source_line(first), module_path(first))
@@ -64,7 +70,12 @@ class LinearGroupPass:
                 report.declined.append(Declined(self.family, reason, *where))
                 log.info("declined linear_group at %s (%s): %s", where[1] or "?", where[0], reason)
                 continue
-            kernel_file = _rewrite(graph, group, impl, options.inline, config, f"{where[1] or '?'} ({where[0]})")
+            norm = _foldable_norm(group, norms)
+            if isinstance(norm, str):
+                log.debug("linear_group at %s: the input's RMSNorm stays apart: %s", where[1] or "?", norm)
+                norm = None
+            kernel_file = _rewrite(graph, group, impl, options.inline, config, f"{where[1] or '?'} ({where[0]})",
+                                   norm)
             if kernel_file is False:
                 reason = "the rewrite could not be traced into the graph (see the warning)"
                 report.declined.append(Declined(self.family, reason, *where))
@@ -72,7 +83,8 @@ class LinearGroupPass:
             ws = [value(m["w"]) for m in group]
             shown = {"rows": value(first).shape[0], "in_features": ws[0].shape[1],
                      "out_features": [w.shape[0] for w in ws], "dtype": str(ws[0].dtype).replace("torch.", ""),
-                     "projections": [module_path(m["mm"]) or m["mm"].name for m in group]}
+                     "projections": [module_path(m["mm"]) or m["mm"].name for m in group],
+                     **({"rms_norm": f"in the launch (eps={norm['eps']})"} if norm else {})}
             report.matches.append(Match(self.family, "deepfuse::linear_group", shown, *where, impl=impl,
                                         kernel_file=kernel_file))
             log.info("matched linear_group -> deepfuse::linear_group [%s] at %s (%s) %s", impl, where[1] or "?",
@@ -127,6 +139,44 @@ def _groups(graph: fx.Graph) -> list[list[dict]]:
     return out
 
 
+def _norm_outputs(graph: fx.Graph) -> dict:
+    """Each plain RMSNorm's output node (no residual add) -> its binding, as the rms_norm pass would match it."""
+    norm_pass = RMSNormPass()
+    found = {}
+    for binding in rms_pattern(residual=False).match(HostGraph(graph), set()):
+        reason = escape_reason(binding.interior, binding.outputs)
+        found[binding.outputs[0]] = (binding, reason or norm_pass.analyze(binding))
+    return found
+
+
+def _foldable_norm(group: list[dict], norms: dict) -> Union[dict, str, None]:
+    """The RMSNorm the group's input is the output of, when the launch can take it in (its input, weight, eps and
+    interior nodes), or why not; None when the input is no norm's output."""
+    x = group[0]["x"]
+    out = x.args[0] if x.op == "call_function" and x.target in VIEWS else x
+    if out not in norms:
+        return None
+    binding, params = norms[out]
+    if isinstance(params, str):
+        return params
+    if params["residual_add"]:
+        return "its residual add writes the next residual too"
+    h, xv, wv = value(binding["h"]), value(x), value(group[0]["w"])
+    if not (h.dtype == value(out).dtype == wv.dtype):
+        return f"the norm reads {h.dtype} and writes {value(out).dtype}: the launch reads and multiplies in {wv.dtype}"
+    if wv.dtype == torch.float16:
+        return "in fp16 the un-normalized x * norm weight the launch multiplies could pass fp16's range"
+    if xv.shape[-1] != h.shape[-1]:
+        return "the projections read the norm's output reshaped along the normalized dim"
+    mms = {m["mm"] for m in group}
+    views = [u for u in out.users if u.op == "call_function" and u.target in VIEWS]
+    if any(u not in mms and u not in views for u in out.users) or any(set(v.users) - mms for v in views):
+        return "the normalized values are read outside the projections"
+    if any(m["mm"].args[0] is not out and m["mm"].args[0] not in views for m in group):
+        return "the projections read the norm's output through different views"
+    return {"h": binding["h"], "w": binding["w"], "eps": params["eps"], "interior": binding.interior + views}
+
+
 def _tuned(group: list[dict]) -> dict:
     """The fastest of the kernel's tiles and the graph's own matmuls (``CUBLAS``) at these shapes, timed on random
     tensors of the real shapes and dtypes (compile time; cached per GPU)."""
@@ -158,18 +208,28 @@ def _tuned(group: list[dict]) -> dict:
         return autotune.choose(key, xv.shape[0], kernel.CONFIGS + [CUBLAS], run, device)
 
 
-def _rewrite(graph, group, impl, inline, config, origin) -> Union[str, None, bool]:
-    """The kernel file (None for the reference), or False if neither form could be traced in."""
+def _rewrite(graph, group, impl, inline, config, origin, norm=None) -> Union[str, None, bool]:
+    """The kernel file (None for the reference), or False if neither form could be traced in. With ``norm``
+    (``_foldable_norm``'s), the launch reads the norm's input and weight, and the norm's nodes are the region's."""
     x = group[0]["x"]
-    args = (x, *(m["w"] for m in group))
     interior = [n for m in group for n in m["interior"]]
     gen = kernel.kernels_for(value(x).dtype, origin) if impl != "reference" else None
+    if norm is None:
+        args, eps, rows = (x, *(m["w"] for m in group)), 0.0, None
+    else:  # the norm's input as the projections' rows (its last dim is the one normalized)
+        args, eps, rows = (norm["h"], norm["w"], *(m["w"] for m in group)), norm["eps"], tuple(value(x).shape)
+        interior += norm["interior"]
 
-    def via_kernel(x, *ws):
-        return tuple(kernel.linear_group(x, list(ws), config=config, origin=origin))
+    def split(x, rest):  # (the projections' rows, the norm weight or None, the weights)
+        return (x, None, rest) if rows is None else (x.reshape(rows), rest[0], rest[1:])
 
-    def via_op(x, *ws):
-        return tuple(torch.ops.deepfuse.linear_group(x, list(ws), impl))
+    def via_kernel(x, *rest):
+        x, g, ws = split(x, rest)
+        return tuple(kernel.linear_group(x, list(ws), config=config, origin=origin, norm_weight=g, eps=eps))
+
+    def via_op(x, *rest):
+        x, g, ws = split(x, rest)
+        return tuple(torch.ops.deepfuse.linear_group(x, list(ws), impl, g, eps))
 
     launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
     binding = RegionBinding(interior, [m["mm"] for m in group])

@@ -66,7 +66,7 @@ def _plain_add(n: fx.Node) -> bool:
     return len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) and not n.kwargs
 
 
-def _rms_pattern(residual: bool) -> Pattern:
+def rms_pattern(residual: bool) -> Pattern:
     convert = (prims.convert_element_type.default, aten._to_copy.default)
     nodes = {
         "w": Input(),
@@ -90,7 +90,7 @@ def _rms_pattern(residual: bool) -> Pattern:
 class RMSNormPass(FusionPass):
     family = "rms_norm"
     # The residual form first, so it claims the add before the plain form claims the norm alone.
-    patterns = (_rms_pattern(residual=True), _rms_pattern(residual=False))
+    patterns = (rms_pattern(residual=True), rms_pattern(residual=False))
 
     def analyze(self, b: Binding) -> Union[dict[str, Any], str]:
         x, w, y = value(b["h"]), value(b["w"]), value(b.outputs[0])

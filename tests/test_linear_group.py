@@ -32,6 +32,23 @@ def test_interpreted_linear_group_matches_float64(config, m, ns, k):
             assert rel_err(y, _ref(x, w)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("m,ns,k", [(1, [48, 16], 256), (5, [40, 7, 33], 200), (16, [5, 70], 130)], ids=str)
+def test_interpreted_linear_group_with_rms_norm_matches_float64(m, ns, k):
+    """RMSNorm(x) then the projections, in one launch (NORM): each tile, x with large rows (the rsqrt matters), the
+    norm weight in fp32 and in x's dtype, K off the K tile; outputs start as NaN."""
+    for config in lg.CONFIGS:
+        for dtype in (torch.float32, torch.float16):
+            x = (torch.randn(m, k) * torch.rand(m, 1) * 8).to(dtype)
+            ws = [(torch.randn(n, k) / k ** 0.5).to(dtype) for n in ns]
+            g = (torch.rand(k) + 0.5).to(dtype if config is lg.CONFIGS[0] else torch.float32)
+            out = [torch.full((m, n), float("nan"), dtype=dtype) for n in ns]
+            ys = lg.linear_group(x, ws, interpret=True, config=config, out=out, norm_weight=g, eps=1e-5)
+            xd = x.double()
+            normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()
+            for y, w in zip(ys, ws):
+                assert rel_err(y, normed @ w.double().t()) < TOL[dtype], (config, dtype)
+
+
 def test_interpreted_linear_group_one_weight_no_rows_and_strided_activations():
     w = torch.randn(24, 64) / 8
     x = torch.randn(2, 3, 128)[:, :, ::2]  # [2, 3, 64] with a stride-2 last dim: copied into rows
@@ -55,6 +72,8 @@ def test_linear_group_bad_input_is_a_clear_error():
         lg.linear_group(torch.randn(17, 8), [w], interpret=True)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         lg.linear_group(x.double(), [w.double()], interpret=True)
+    with pytest.raises(ValueError, match="norm weight must be"):
+        lg.linear_group(x, [w], interpret=True, norm_weight=torch.ones(9))
 
 
 class Block(nn.Module):
@@ -142,6 +161,48 @@ def test_prefill_sizes_single_matmuls_and_symbolic_rows_are_left_alone():
     assert not _groups(report)
 
 
+class NormedBlock(nn.Module):
+    """A decoder layer's start: RMSNorm (HF's form), then the projections of its output; with ``also_read`` the
+    normed values also leave the block."""
+
+    def __init__(self, hidden=64, also_read=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(hidden) + 0.5)
+        self.q = nn.Linear(hidden, 96, bias=False)
+        self.kv = nn.Linear(hidden, 40, bias=False)
+        self.also_read = also_read
+
+    def forward(self, x):
+        h = x.float()
+        h = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        out = self.q(h).sum(-1, keepdim=True) + self.kv(h)
+        return (out, h) if self.also_read else out
+
+
+def test_an_rms_norm_read_by_the_projections_alone_joins_their_launch():
+    """The norm's launch is gone: the group computes it (explain's ``rms_norm``), the rms_norm pass finds nothing
+    left; when the normed values are read elsewhere too, or in fp16, the norm stays its own kernel."""
+    x = torch.randn(1, 2, 64) * 4
+    model = NormedBlock()
+    out, report = _compile(model, x)
+    (found,) = _groups(report)
+    assert found.params["rms_norm"] == "in the launch (eps=1e-06)", found.params
+    assert not [m for m in report.matches if m.family == "rms_norm"], str(report)
+    with torch.no_grad():
+        assert rel_err(out, model(x)) < 1e-5
+    model = NormedBlock(also_read=True)
+    (out, h), report = _compile(model, x)
+    (found,) = _groups(report)
+    assert "rms_norm" not in found.params and [m for m in report.matches if m.family == "rms_norm"], str(report)
+    with torch.no_grad():
+        ref, ref_h = model(x)
+    assert rel_err(out, ref) < 1e-5 and rel_err(h, ref_h) < 1e-5
+    model = NormedBlock().half()  # fp16: x * weight before the normalization could overflow, so the norm stays
+    out, report = _compile(model, x.half())
+    (found,) = _groups(report)
+    assert "rms_norm" not in found.params and [m for m in report.matches if m.family == "rms_norm"], str(report)
+
+
 def test_on_cpu_the_family_waits_to_be_named():
     """By default it rewrites only what it timed faster on a GPU: on CPU the graph keeps its matmuls."""
     _, report = _compile(Block(), torch.randn(1, 64), passes=None)  # the default families
@@ -150,8 +211,8 @@ def test_on_cpu_the_family_waits_to_be_named():
 
 def test_bundled_decode_step_groups_the_projections_of_one_input():
     """The bundled tiny model's decode step (static cache, batch 2): each layer's q_a_proj (the tiny config has
-    V3's query LoRA) and kv_a_proj_with_mqa read the input norm's output and become one launch, as do the dense
-    layer's gate_proj and up_proj; the logits equal eager's."""
+    V3's query LoRA) and kv_a_proj_with_mqa read the input norm's output and become one launch with that norm, as
+    do the dense layer's gate_proj and up_proj; the logits equal eager's."""
     from deepfuse.models import DeepSeekForCausalLM, get_config
 
     cfg = get_config("tiny")
@@ -172,6 +233,9 @@ def test_bundled_decode_step_groups_the_projections_of_one_input():
     dense = cfg.first_k_dense_replace
     assert names == ([("gate_proj", "up_proj")] * dense
                      + [("q_a_proj", "kv_a_proj_with_mqa")] * cfg.num_hidden_layers), str(report)
+    # each group's input norm (input_layernorm, the dense MLP's post_attention_layernorm) in its launch; the
+    # residual adds in front of them stay with Inductor
+    assert all("rms_norm" in g.params for g in _groups(report)), str(report)
     assert rel_err(logits, expected) < 1e-5
 
 

@@ -34,15 +34,18 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "stride_ym0", "stride_ym1", "stride_ym2", "stride_ym3"])
 def linear_group_kernel(
-    X, W0, W1, W2, W3, Y0, Y1, Y2, Y3,
+    X, W0, W1, W2, W3, Y0, Y1, Y2, Y3, NormW,
     M, K, N0, N1, N2, N3,
-    stride_xm, stride_ym0, stride_ym1, stride_ym2, stride_ym3,
-    GROUPS: tl.constexpr, EVEN_K: tl.constexpr,
+    stride_xm, stride_ym0, stride_ym1, stride_ym2, stride_ym3, eps,
+    GROUPS: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of y_g = x @ W_g^T over the whole K, for the weight g whose column tiles
     hold program_id(0): weight 0's tiles come first, then weight 1's, and so on. Each W_g is [N_g, K] and y_g
-    [M, N_g], both contiguous along their last dim, as is x."""
+    [M, N_g], both contiguous along their last dim, as is x.
+    NORM: x is first RMS-normalized, x * rsqrt(mean(x^2) + eps) * NormW, which is rsqrt(..) * ((x * NormW) @ W^T):
+    the K loop multiplies each x tile by its NormW tile and sums the squares of x beside the dot, and the row's
+    rsqrt scales the accumulator at the end (no pass over x before the loop, no normalized x in memory)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     tiles0 = tl.cdiv(N0, BLOCK_N)
@@ -82,6 +85,7 @@ def linear_group_kernel(
     x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = W + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K innermost in memory
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
@@ -90,9 +94,16 @@ def linear_group_kernel(
             k_ok = (k0 + offs_k) < K
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            squares += tl.sum(xf * xf, axis=1)
+            g = tl.load(NormW + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
+            x = (xf * g[None, :]).to(w.dtype)
         acc = tl.dot(x, w, acc, input_precision=${precision})
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if NORM:
+        acc = acc * tl.rsqrt(squares / K + eps)[:, None]
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 ''',
@@ -118,7 +129,8 @@ def kernels_for(dtype: torch.dtype, origin: str = ""):
     if key not in _generated:
         header = (
             "Pattern family: linear_group (decode-sized projections of one input).\n"
-            "Computes: y_g = x @ W_g^T for up to 4 weights read in one launch; fp32 accumulation.\n"
+            "Computes: y_g = x @ W_g^T for up to 4 weights read in one launch; fp32 accumulation; x optionally\n"
+            "RMS-normalized in the same launch (NORM).\n"
             + (f"First generated for: {origin}" if origin else "")
         )
         slots = {"precision": '"ieee"' if dtype == torch.float32 else "None"}
@@ -145,17 +157,29 @@ def check(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> None:
             raise ValueError(f"linear_group: weight {i} is on {w.device}, x on {x.device}")
 
 
-def reference(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def reference(x: torch.Tensor, weights: Sequence[torch.Tensor], norm_weight: Optional[torch.Tensor] = None,
+              eps: float = 0.0) -> list[torch.Tensor]:
+    """The projections in torch; with ``norm_weight``, of x RMS-normalized first (in fp32, rounded to x's dtype)."""
+    if norm_weight is not None:
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(x.dtype)
     return [torch.nn.functional.linear(x, w) for w in weights]
 
 
 def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bool = False,
                  config: Optional[dict] = None, out: Optional[Sequence[torch.Tensor]] = None,
-                 origin: str = "") -> list[torch.Tensor]:
+                 origin: str = "", norm_weight: Optional[torch.Tensor] = None,
+                 eps: float = 0.0) -> list[torch.Tensor]:
     """[x @ w^T for w in weights], x [..., K] with at most ``MAX_M`` rows, each w [N_g, K] contiguous in x's dtype
-    -> [..., N_g] each, one launch. ``out``: contiguous tensors to write into (tests poison them). ``config``
-    None: autotune now (real tensors). Traceable: the launch becomes an Inductor user-kernel node."""
+    -> [..., N_g] each, one launch. With ``norm_weight`` [K] (any float dtype), of RMSNorm(x) instead:
+    x * rsqrt(mean(x^2) + eps) * norm_weight, computed in the same launch (``reference``'s math, summed in another
+    order). ``out``: contiguous tensors to write into (tests poison them). ``config`` None: autotune now (real
+    tensors). Traceable: the launch becomes an Inductor user-kernel node."""
     check(x, weights)
+    if norm_weight is not None and (tuple(norm_weight.shape) != (x.shape[-1],)
+                                    or norm_weight.dtype not in TRITON_DTYPES):
+        raise ValueError(f"linear_group: the norm weight must be [{x.shape[-1]}] in a float dtype, got "
+                         f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -169,6 +193,7 @@ def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bo
     fn = gen.function("linear_group_kernel", interpret=interpret)
     if not interpret:
         fn = torch.library.wrap_triton(fn)
+    norm = None if norm_weight is None else norm_weight.contiguous()
     pad = MAX_GROUPS - len(weights)
     w_args = list(weights) + [weights[0]] * pad
     y_args = ys + [ys[0]] * pad
@@ -179,13 +204,13 @@ def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bo
         bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
         if not (isinstance(m, int) and m == 0):
             fn[(sum(triton.cdiv(n, bn) for n in ns), triton.cdiv(m, bm))](
-                x2, *w_args, *y_args, m, k, *n_args, x2.stride(0), *(y.stride(0) for y in y_args),
-                GROUPS=len(weights), EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                **({} if interpret else cfg),
+                x2, *w_args, *y_args, x2 if norm is None else norm, m, k, *n_args, x2.stride(0),
+                *(y.stride(0) for y in y_args), float(eps), GROUPS=len(weights), EVEN_K=k % bk == 0,
+                NORM=norm is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **({} if interpret else cfg),
             )
 
     if config is None:
-        config = autotune.choose(f"{gen.key}|{'+'.join(map(str, ns))}x{k}", size_hint(m), CONFIGS, launch, x.device,
-                                 enabled=not interpret)
+        config = autotune.choose(f"{gen.key}|{'+'.join(map(str, ns))}x{k}{'|norm' if norm is not None else ''}",
+                                 size_hint(m), CONFIGS, launch, x.device, enabled=not interpret)
     launch(config)
     return [y.view(*x.shape[:-1], n) for y, n in zip(ys, ns)]
