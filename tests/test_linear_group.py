@@ -259,6 +259,23 @@ def test_gpu_linear_group_every_tile_matches_float64(m, ns, k, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m,k", [(1, 2048), (16, 7168)], ids=str)
+def test_gpu_linear_group_with_rms_norm_matches_float64(m, k):
+    """The input's RMSNorm in the launch, bf16, V2-Lite's and V3's widths, every tile; rows of very different
+    scales (the rsqrt per row)."""
+    x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 30).bfloat16()
+    g = (torch.rand(k, device="cuda") + 0.5).bfloat16()
+    ws = [(torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16() for n in (3072, 576)]
+    xd = x.double()
+    normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * g.double()
+    for config in lg.CONFIGS:
+        out = [torch.full((m, w.shape[0]), float("nan"), device="cuda", dtype=torch.bfloat16) for w in ws]
+        ys = lg.linear_group(x, ws, config=config, out=out, norm_weight=g, eps=1e-6)
+        for y, w in zip(ys, ws):
+            assert torch.isfinite(y).all() and rel_err(y, normed @ w.double().t()) < TOL[torch.bfloat16], config
+
+
+@pytest.mark.gpu
 def test_gpu_pass_times_the_group_and_keeps_what_is_faster():
     """On a GPU the group is timed against cuBLAS: either it becomes one launch with the eager result, or it is
     declined with the timing as the reason; never both, never silently."""
