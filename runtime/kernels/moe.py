@@ -121,9 +121,11 @@ import triton.language as tl
 
 
 ${helpers}
-# The align kernels' pieces stay written out in each kernel: moving them into @triton.jit helpers that read and
-# write their pointer arguments (2076a68) made Inductor 2.11 fail to schedule every compiled MoE block with an
-# align launch (KeyError in Scheduler.compute_ancestors, H100); this helper, older, was run there many times.
+# The align kernels' pieces stay written out in each kernel. Inductor's analysis of what a kernel writes follows a
+# helper's return value into every argument of the call: with the slots' counts returned by a helper that read Ids
+# (2076a68), the stores whose places came from them made Ids "written", and Inductor 2.11 then failed to schedule
+# every compiled MoE block with an align launch (KeyError in Scheduler.compute_ancestors, H100).
+# tests/test_inductor_writes.py checks each kernel against that analysis.
 @triton.jit
 def place_routed_slots(Ids, SortedSlots, first, end, seen, padded_start, E_POW2: tl.constexpr,
                        SLOT_CHUNK: tl.constexpr, ROUTED_K: tl.constexpr, SHARED: tl.constexpr):
@@ -433,8 +435,8 @@ if pid_n == 0:
     part += bias.to(tl.float32)[None, :]"""
 
 # The fp32 routing weight of each row's slot (0 for padding rows), in the down and the fused kernels. Written into
-# each rather than called: Inductor 2.11 failed to schedule a graph whose user-defined kernels call @triton.jit
-# helpers that read or write their pointer arguments (KeyError in Scheduler.compute_ancestors, H100, 2026-12-07).
+# each rather than returned by a helper that reads pointers (see the align kernels' comment on why such helpers
+# are avoided; tests/test_inductor_writes.py).
 _SLOT_WEIGHTS = """\
 choice = slot % TOP_K
 weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
