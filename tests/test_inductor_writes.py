@@ -10,8 +10,8 @@ The CPU suite ran the kernels through the interpreter and saw nothing.
 
 Here the kernels are launched through the interpreter to record their arguments, then compiled to TTIR for sm_90
 (a stand-in driver answers the target query) and analyzed as Inductor analyzes them: the pointers found written
-must be the kernel's outputs, no more, no fewer. Checked: the MoE, routing, linear_group, RMSNorm and MLA kernels
-and the FP8 activation pre-kernel; not yet the FP8 GEMMs (their launches want 128-multiple shapes).
+must be the kernel's outputs, no more, no fewer. Checked: the MoE, routing, linear_group, RMSNorm, MLA and quantized
+matmul kernels (the FP8 activation pre-kernel among them).
 """
 import json
 import os
@@ -43,6 +43,10 @@ OUTPUTS = {
     "mla_decode_reduce_kernel": {"Out"},
     "mla_prefill_kernel": {"Out"},
     "act_quant_kernel": {"XQ", "XS"},
+    "fp8_block_quantize_matmul_kernel": {"Y"},
+    "fp8_block_prequantized_matmul_kernel": {"Y"},
+    "fp8_weight_only_matmul_kernel": {"Y"},
+    "int8_weight_only_matmul_kernel": {"Y"},
 }
 
 
@@ -108,7 +112,7 @@ def _run_every_kernel():
     """The families' launches at small shapes: each MoE kernel (one token without align, a few tokens with the
     single-program align, more with the parallel one; shared experts; the one-launch form; FP8 experts), the
     routing kernels (logits, and the router matmul split in front), the projections group with its norm, both
-    RMSNorm kernels, MLA's decode and prefill kernels, the FP8 activation pre-kernel."""
+    RMSNorm kernels, MLA's decode and prefill kernels, the quantized matmuls of each format at one row and 37."""
     gen = torch.Generator().manual_seed(0)
     e, h, i = 8, 64, 32
     w1, w2 = torch.randn(e, 2 * i, h, generator=gen) / 8, torch.randn(e, h, i, generator=gen) / 6
@@ -138,7 +142,12 @@ def _run_every_kernel():
         mla.mla_attention(torch.randn(1, s, heads, dn, generator=gen), torch.randn(1, s, heads, r, generator=gen),
                           torch.randn(1, t, c, generator=gen), torch.randn(1, t, r, generator=gen),
                           torch.randn(heads * (dn + 16), c, generator=gen) / 6, 0.2, True, path=path, interpret=True)
-    quant.prequantize_activations(torch.randn(4, 256, generator=gen), interpret=True)
+    for fmt, act_quant, prequantize in [("fp8-block", True, False), ("fp8-block", True, True),
+                                        ("fp8-block", False, None), ("int8-channel", False, None)]:
+        w, scale = quant.quantize_weight(torch.randn(200, 256, generator=gen), fmt)
+        for m in (1, 37):  # the decode and the tiled forms
+            quant.quant_matmul(torch.randn(m, 256, generator=gen), w, scale, torch.randn(200, generator=gen), fmt,
+                               act_quant, prequantize=prequantize, interpret=True)
 
 
 def test_inductor_finds_each_kernel_writing_its_outputs_alone(launches):
