@@ -284,12 +284,7 @@ def moe_gate_up_act_kernel(
     """Out[r, n] = ${computes} for the rows r of one expert's block${rows}.
     DIRECT: row block b is slot b alone (one token: its slots' experts are distinct), its expert read from
     the router's ids (BlockExpert holds them), so no align launch comes first."""
-    if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-    else:  # prefill: the row blocks of one weight tile launch together (the tile stays in L2)
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+    ${program_ids}
     ${gate_up_body}
     ${gate_up_store}
 
@@ -309,12 +304,7 @@ def moe_down_weighted_kernel(
     TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
     experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
     SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT: as in the gate/up kernel."""
-    if N_FASTEST:
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-    else:
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+    ${program_ids}
     ${block_rows}
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -392,20 +382,13 @@ def moe_experts_fused_kernel(
         h[r, n] = ${computes}.
     Summed over a token's slots and the column blocks (its partial rows, in order), they are the token's output.
     Rows and DIRECT: as in the gate/up kernel; w as the down kernel reads it."""
-    if N_FASTEST:
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        num_blocks_n = tl.num_programs(0)
-    else:
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        num_blocks_n = tl.num_programs(1)
+    ${program_ids}
     ${gate_up_body}
     ${slot_weights}
     # the down projection: this program's intermediate columns are its K rows
     offs_h = tl.arange(0, BLOCK_H)
     ${fused_down_pointers}
-    p_ptrs = Partials + (slot[:, None].to(tl.int64) * num_blocks_n + pid_n) * stride_pm + offs_h[None, :]
+    p_ptrs = Partials + (slot[:, None].to(tl.int64) * tl.cdiv(N, BLOCK_N) + pid_n) * stride_pm + offs_h[None, :]
     i_ok = offs_n[:, None] < N
     for h0 in range(0, K, BLOCK_H):
         h_ok = offs_h[None, :] < K - h0
@@ -416,18 +399,13 @@ def moe_experts_fused_kernel(
         d_ptrs += BLOCK_H * step_h
         p_ptrs += BLOCK_H
 ''')
-_FUSED_DOWN_POINTERS = {
-    "routed": """\
+_FUSED_DOWN_POINTERS = """\
 d_ptrs = WDown + expert * stride_de + offs_h[None, :] * stride_dn + offs_n[:, None] * stride_dk
-step_h = stride_dn""",
-    "shared": """\
-if expert < E_ROUTED:
-    d_ptrs = WDown + expert * stride_de + offs_h[None, :] * stride_dn + offs_n[:, None] * stride_dk
-    step_h = stride_dn
-else:  # a shared expert: its N columns of the shared MLP's down weights
-    d_ptrs = SharedDown + offs_h[None, :] * stride_dsn + ((expert - E_ROUTED) * N + offs_n[:, None]) * stride_dsk
-    step_h = stride_dsn""",
-}
+step_h = stride_dn"""
+_FUSED_SHARED_DOWN_POINTERS = """\
+# a shared expert: its N columns of the shared MLP's down weights
+d_ptrs = SharedDown + offs_h[None, :] * stride_dsn + ((expert - E_ROUTED) * N + offs_n[:, None]) * stride_dsk
+step_h = stride_dsn"""
 # The down bias, once per token and expert: in the first column block's partials.
 _FUSED_DOWN_BIAS = """\
 if pid_n == 0:
@@ -445,6 +423,15 @@ if SHARED_SCALED:
     scale = tl.load(SharedScale + token, mask=valid & (choice >= ROUTED_K), other=1.0)
     weight = tl.where(choice < ROUTED_K, weight, scale.to(tl.float32))
 weight = tl.where(valid, weight, 0.0)"""
+
+# The program's row block and N block, by the grid's order.
+_PROGRAM_IDS = """\
+if N_FASTEST:  # decode: the active row blocks' programs launch first and spread over the SMs
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+else:  # prefill: the row blocks of one weight tile launch together (the tile stays in L2)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)"""
 
 # A row block's expert and slots. Aligned: what the align launch wrote (SortedSlots, BlockExpert, NumPadded).
 # DIRECT (one token): block b is slot b in its first row, the other rows idle; a routed slot's expert is the
@@ -726,12 +713,14 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared, w8a8),
                  "down_scale_args": _scale_args("down", fp8, prequant, shared, w8a8),
                  "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
-                 "block_rows": _BLOCK_ROWS, "slot_weights": _SLOT_WEIGHTS,
+                 "program_ids": _PROGRAM_IDS, "block_rows": _BLOCK_ROWS, "slot_weights": _SLOT_WEIGHTS,
                  "helpers": _FP8_HELPERS if w8a8 else "",
                  **(_PAIRED if paired else {})}
         slots["gate_up_body"] = _GATE_UP_BODY.render(slots)
         slots["fused_kernel"] = "" if fp8 else _FUSED_KERNEL.render({
-            **slots, "fused_down_pointers": _FUSED_DOWN_POINTERS["shared" if shared else "routed"],
+            **slots, "fused_down_pointers": _FUSED_DOWN_POINTERS if not shared else (
+                "if expert < E_ROUTED:\n" + textwrap.indent(_FUSED_DOWN_POINTERS, "    ") + "\nelse:\n"
+                + textwrap.indent(_FUSED_SHARED_DOWN_POINTERS, "    ")),
             "fused_down_bias": _FUSED_DOWN_BIAS if biases else ""})
         _generated[key] = generate(TEMPLATE, spec, slots, header)
     return _generated[key]
@@ -911,19 +900,25 @@ ALIGN_FUSED_MAX_SLOTS = 256
 SHARED_FUSED_MAX_TOKENS = 512
 
 
+def _align_operands(topk_ids: torch.Tensor, num_experts: int, block_m: int, shared: int):
+    """What the generated aligns take and fill: the routed ids flat (int32 or int64, read as they are: a cast would be
+    one more launch per layer), the token count, k, the routed slots, the static row bound P (``align``'s), and the
+    outputs to fill, sorted_slots [P], block_expert [P / block_m] and num_padded [1]."""
+    flat = topk_ids.reshape(-1)
+    tokens, k = topk_ids.shape
+    capacity = (tokens * (k + shared) + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
+    outputs = tuple(torch.empty((n,), dtype=torch.int32, device=flat.device)
+                    for n in (capacity, capacity // block_m, 1))
+    return flat, tokens, k, flat.shape[0], capacity, outputs
+
+
 def align_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int, interpret: bool = False, shared: int = 0,
                 tiling: Optional[dict] = None):
     """``align`` as one generated kernel launch (same outputs). With ``shared`` experts (the last ids below
     ``num_experts``), ``topk_ids`` holds the routed choices alone: ``align`` of them with the shared ids
     appended to every token's row. ``tiling`` overrides ``ALIGN_TILING`` (bench/moe_align.py sweeps it)."""
-    flat = topk_ids.reshape(-1)  # int32 or int64, read as it is (a cast would be one more launch per layer)
-    tokens, k = topk_ids.shape
-    num_routed = flat.shape[0]
-    num_slots = tokens * (k + shared)
-    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
-    sorted_slots = torch.empty((capacity,), dtype=torch.int32, device=flat.device)
-    block_expert = torch.empty((capacity // block_m,), dtype=torch.int32, device=flat.device)
-    num_padded = torch.empty((1,), dtype=torch.int32, device=flat.device)
+    flat, tokens, k, num_routed, capacity, (sorted_slots, block_expert, num_padded) = _align_operands(
+        topk_ids, num_experts, block_m, shared)
     fn = kernels_for(torch.float32, "silu").function("moe_align_kernel", interpret=interpret)
     if not interpret:
         fn = torch.library.wrap_triton(fn)
@@ -954,11 +949,8 @@ def align_parallel(topk_ids: torch.Tensor, num_experts: int, block_m: int, inter
     writes meet another's. For prefill sizes, where the single program of ``align_fused`` walks too many slots and
     the torch form takes a sort and a dozen small launches. ``tiling`` overrides ``ALIGN_PARALLEL_TILING`` and may
     set ``CHUNK_SLOTS``."""
-    flat = topk_ids.reshape(-1)  # int32 or int64, read as it is
-    tokens, k = topk_ids.shape
-    num_routed = flat.shape[0]
-    num_slots = tokens * (k + shared)
-    capacity = (num_slots + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
+    flat, tokens, k, num_routed, capacity, (sorted_slots, block_expert, num_padded) = _align_operands(
+        topk_ids, num_experts, block_m, shared)
     routed = num_experts - shared
     e_pow2 = triton.next_power_of_2(routed)
     tile = {**ALIGN_PARALLEL_TILING, **(tiling or {})}
@@ -966,9 +958,6 @@ def align_parallel(topk_ids: torch.Tensor, num_experts: int, block_m: int, inter
                                               triton.next_power_of_2(-(-size_hint(num_routed) // ALIGN_PROGRAMS))))
     slot_chunk = min(tile["SLOT_CHUNK"], chunk_slots)
     chunks = (num_routed + chunk_slots) // chunk_slots  # at least one program (no tokens: it writes the padding)
-    sorted_slots = torch.empty((capacity,), dtype=torch.int32, device=flat.device)
-    block_expert = torch.empty((capacity // block_m,), dtype=torch.int32, device=flat.device)
-    num_padded = torch.empty((1,), dtype=torch.int32, device=flat.device)
     chunk_counts = torch.empty((chunks, e_pow2), dtype=torch.int32, device=flat.device)
     gen = kernels_for(torch.float32, "silu")
     count, place = (gen.function(name, interpret=interpret)
