@@ -16,6 +16,12 @@ def _ref(x, w):
     return x.reshape(-1, x.shape[-1]).double() @ w.double().t()
 
 
+def _normed(x, g, eps):
+    """RMSNorm(x) with weight g, in float64."""
+    xd = x.double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+
+
 @pytest.mark.parametrize("config", lg.CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}-k{c['BLOCK_K']}")
 @pytest.mark.parametrize("m,ns,k", [(1, [48, 16], 256), (5, [40, 7, 33], 200), (16, [5, 16, 70, 64], 130)],
                          ids=str)
@@ -43,10 +49,8 @@ def test_interpreted_linear_group_with_rms_norm_matches_float64(m, ns, k):
             g = (torch.rand(k) + 0.5).to(dtype if config is lg.CONFIGS[0] else torch.float32)
             out = [torch.full((m, n), float("nan"), dtype=dtype) for n in ns]
             ys = lg.linear_group(x, ws, interpret=True, config=config, out=out, norm_weight=g, eps=1e-5)
-            xd = x.double()
-            normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double()
             for y, w in zip(ys, ws):
-                assert rel_err(y, normed @ w.double().t()) < TOL[dtype], (config, dtype)
+                assert rel_err(y, _ref(_normed(x, g, 1e-5), w)) < TOL[dtype], (config, dtype)
 
 
 def test_interpreted_linear_group_one_weight_no_rows_and_strided_activations():
@@ -266,13 +270,12 @@ def test_gpu_linear_group_with_rms_norm_matches_float64(m, k):
     x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 30).bfloat16()
     g = (torch.rand(k, device="cuda") + 0.5).bfloat16()
     ws = [(torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16() for n in (3072, 576)]
-    xd = x.double()
-    normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * g.double()
+    normed = _normed(x, g, 1e-6)
     for config in lg.CONFIGS:
         out = [torch.full((m, w.shape[0]), float("nan"), device="cuda", dtype=torch.bfloat16) for w in ws]
         ys = lg.linear_group(x, ws, config=config, out=out, norm_weight=g, eps=1e-6)
         for y, w in zip(ys, ws):
-            assert torch.isfinite(y).all() and rel_err(y, normed @ w.double().t()) < TOL[torch.bfloat16], config
+            assert torch.isfinite(y).all() and rel_err(y, _ref(normed, w)) < TOL[torch.bfloat16], config
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime import autotune
-from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
+from deepfuse.runtime.kernels import TRITON_DTYPES, rms_norm, size_hint
 
 MAX_GROUPS = 4
 MAX_M = 16  # decode sizes: one BLOCK_M tile of rows covers them
@@ -161,8 +161,7 @@ def reference(x: torch.Tensor, weights: Sequence[torch.Tensor], norm_weight: Opt
               eps: float = 0.0) -> list[torch.Tensor]:
     """The projections in torch; with ``norm_weight``, of x RMS-normalized first (in fp32, rounded to x's dtype)."""
     if norm_weight is not None:
-        xf = x.float()
-        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(x.dtype)
+        x, _ = rms_norm.reference(x, norm_weight, None, eps, False, x.dtype)
     return [torch.nn.functional.linear(x, w) for w in weights]
 
 
