@@ -28,7 +28,8 @@ from sweep_out import Rows  # noqa: E402
 
 def tile_name(cfg: dict) -> str:
     feed = "tma" if cfg.get("TMA") else "ptr"
-    return f"{feed} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+    forms = "".join(f" {f.lower()}" for f in ("RESCALE", "M_HALVES") if cfg.get(f))
+    return f"{feed} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}{forms}"
 
 
 def main():

@@ -45,6 +45,7 @@ OUTPUTS = {
     "act_quant_kernel": {"XQ", "XS"},
     "fp8_block_quantize_matmul_kernel": {"Y"},
     "fp8_block_prequantized_matmul_kernel": {"Y"},
+    "fp8_block_prequantized_matmul_tma_kernel": {"Y"},
     "fp8_weight_only_matmul_kernel": {"Y"},
     "int8_weight_only_matmul_kernel": {"Y"},
 }
@@ -112,7 +113,8 @@ def _run_every_kernel():
     """The families' launches at small shapes: each MoE kernel (one token without align, a few tokens with the
     single-program align, more with the parallel one; shared experts; the one-launch form; FP8 experts), the
     routing kernels (logits, and the router matmul split in front), the projections group with its norm, both
-    RMSNorm kernels, MLA's decode and prefill kernels, the quantized matmuls of each format at one row and 37."""
+    RMSNorm kernels, MLA's decode and prefill kernels, the quantized matmuls of each format at one row and 37,
+    and the descriptor-fed FP8 GEMM in its scaled-sum and RESCALE forms."""
     gen = torch.Generator().manual_seed(0)
     e, h, i = 8, 64, 32
     w1, w2 = torch.randn(e, 2 * i, h, generator=gen) / 8, torch.randn(e, h, i, generator=gen) / 6
@@ -148,6 +150,10 @@ def _run_every_kernel():
         for m in (1, 37):  # the decode and the tiled forms
             quant.quant_matmul(torch.randn(m, 256, generator=gen), w, scale, torch.randn(200, generator=gen), fmt,
                                act_quant, prequantize=prequantize, interpret=True)
+    w, scale = quant.quantize_weight(torch.randn(200, 256, generator=gen), "fp8-block")
+    for cfg in quant.TMA_LARGE_CONFIGS[0], next(c for c in quant.TMA_LARGE_CONFIGS if c.get("M_HALVES")):
+        quant.quant_matmul(torch.randn(37, 256, generator=gen), w, scale, torch.randn(200, generator=gen), "fp8-block",
+                           True, prequantize=True, interpret=True, config=cfg)
 
 
 def test_inductor_finds_each_kernel_writing_its_outputs_alone(launches):

@@ -99,7 +99,12 @@ def test_fp8_scale_blocks_narrower_than_the_tile(act_quant):
 TMA_CONFIGS = quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS
 
 
-@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}/s{c['num_stages']}")
+def _tile_id(c: dict) -> str:
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']}/w{c['num_warps']}/s{c['num_stages']}" + "".join(
+        f"/{f.lower()}" for f in ("RESCALE", "M_HALVES") if c.get(f))
+
+
+@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=_tile_id)
 @pytest.mark.parametrize("shape", [(140, 300, 256), (37, 130, 384), (300, 512, 128)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_descriptor_fed_fp8_gemm_matches_float64(cfg, shape):
@@ -115,6 +120,24 @@ def test_descriptor_fed_fp8_gemm_matches_float64(cfg, shape):
     ref = quant.reference(x.double(), w, scale, bias.double(), "fp8-block", True, compute=torch.float64)
     assert out.shape == (m, n) and out.dtype == torch.float16
     assert rel_err(out, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=_tile_id)
+def test_descriptor_fed_fp8_gemm_across_scales_far_apart(cfg):
+    """Scales 10^12 apart from one K tile to the next, the activations' one way and the weight's the other, so each
+    tile's product is about the same size and every one counts; rows 10^-8 to 10^8 apart, each checked at its own
+    size; a weight block whose scale is 0 (its codes nonzero: it must add nothing). The RESCALE form carries its
+    accumulator from one tile's scale to the next's: a ratio taken the wrong way round, or a scale applied twice,
+    shows here."""
+    m, n, k = 70, 256, 512
+    swing = (10 ** torch.tensor([6.0, -6.0, 3.0, -3.0])).repeat_interleave(128)
+    x = torch.randn(m, k) * swing * 10 ** (16 * torch.rand(m, 1) - 8)
+    w, scale = quant.quantize_weight(torch.randn(n, k) / k ** 0.5 / swing, "fp8-block")
+    scale[1, 2] = 0.0
+    out = quant.quant_matmul(x, w, scale, None, "fp8-block", True, prequantize=True, interpret=True, config=cfg)
+    ref = quant.reference(x.double(), w, scale, None, "fp8-block", True, compute=torch.float64)
+    row_err = (out.double() - ref).norm(dim=1) / ref.norm(dim=1)
+    assert row_err.max() < 1e-5
 
 
 def test_descriptor_fed_tiles_fall_back_where_descriptors_do_not_fit():

@@ -187,30 +187,77 @@ def fp8_block_prequantized_matmul_tma_kernel(
     stride_xsm, stride_xsk, stride_wsn, stride_wsk, stride_ym, stride_yn,
     SCALE_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    RESCALE: tl.constexpr, M_HALVES: tl.constexpr, STAGES: tl.constexpr,
 ):
     \"\"\"One [BLOCK_M, BLOCK_N] tile of y = (x_q . w_q^T) with x's per-token and w's per-block scales on each
     BLOCK_K tile's product (BLOCK_N inside one weight-scale block: one scalar weight scale per K tile); X [M, K]
-    and W [N, K] FP8, contiguous, read through tensor descriptors.\"\"\"
+    and W [N, K] FP8, contiguous, read through tensor descriptors.
+
+    RESCALE: the products accumulate in the MMA itself, the accumulator kept in units of the current K tile's
+    scale s_k (x's per row times w's): before tile k's product it is multiplied by s_(k-1) / s_k, and by the
+    last tile's scale at the end, so no second tile of unscaled product is held beside it (99 registers a thread
+    at 128 x 128 on 8 warps, where the scaled sum takes 156). The multiply waits on the tile's scales before the
+    MMA issues, so the loop is a tl.range with STAGES stages: its scale loads become asynchronous copies, issued
+    with the operand tiles' (a plain range pipelines only the loads that feed the dot directly). A weight scale
+    of 0 is taken as 2^-100 (a block whose scale is 0 adds ~1e-30 of its codes' product, not the 0 it should:
+    far below a bf16 output's resolution). M_HALVES (with RESCALE): the rows as two halves, one MMA each, for a
+    tile one warpgroup holds whole.\"\"\"
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
     n_ok = offs_n < N
-    x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     w_scales = WS + (n0 // SCALE_BLOCK_N) * stride_wsn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        x = x_desc.load([m0, kt * BLOCK_K])
-        w = w_desc.load([n0, kt * BLOCK_K])
-        x_scale = tl.load(XS + offs_m * stride_xsm + kt * stride_xsk, mask=m_ok, other=0.0)
-        acc += tl.dot(x, w.T) * (x_scale[:, None] * tl.load(w_scales + kt * stride_wsk))
+    ROWS: tl.constexpr = BLOCK_M // 2 if M_HALVES else BLOCK_M
+    x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[ROWS, BLOCK_K])
+    offs_m = m0 + tl.arange(0, ROWS)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    if RESCALE:
+        s_x = tl.full((ROWS,), 1.0, tl.float32)
+        s_w = tl.cast(1.0, tl.float32)
+        if M_HALVES:
+            offs_hi = offs_m + ROWS
+            acc_hi = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            s_x_hi = tl.full((ROWS,), 1.0, tl.float32)
+        for kt in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+            x = x_desc.load([m0, kt * BLOCK_K])
+            w = w_desc.load([n0, kt * BLOCK_K])
+            s_w_k = tl.maximum(tl.load(w_scales + kt * stride_wsk), 7.888609052210118e-31)
+            w_ratio = s_w / s_w_k
+            s_x_k = tl.load(XS + offs_m * stride_xsm + kt * stride_xsk, mask=offs_m < M, other=1.0)
+            acc = tl.dot(x, w.T, acc * (s_x / s_x_k * w_ratio)[:, None])
+            s_x = s_x_k
+            if M_HALVES:
+                x = x_desc.load([m0 + ROWS, kt * BLOCK_K])
+                s_x_k = tl.load(XS + offs_hi * stride_xsm + kt * stride_xsk, mask=offs_hi < M, other=1.0)
+                acc_hi = tl.dot(x, w.T, acc_hi * (s_x_hi / s_x_k * w_ratio)[:, None])
+                s_x_hi = s_x_k
+            s_w = s_w_k
+        # the last K tile's scales, loaded again: carried out of the loop, the rows' scales took a second layout
+        # and a second load in every iteration (TTGIR)
+        last = tl.cdiv(K, BLOCK_K) - 1
+        s_w = tl.maximum(tl.load(w_scales + last * stride_wsk), 7.888609052210118e-31)
+        acc = acc * (tl.load(XS + offs_m * stride_xsm + last * stride_xsk, mask=offs_m < M, other=1.0) * s_w)[:, None]
+        if M_HALVES:
+            acc_hi = acc_hi * (tl.load(XS + offs_hi * stride_xsm + last * stride_xsk, mask=offs_hi < M, other=1.0)
+                               * s_w)[:, None]
+    else:
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            x = x_desc.load([m0, kt * BLOCK_K])
+            w = w_desc.load([n0, kt * BLOCK_K])
+            x_scale = tl.load(XS + offs_m * stride_xsm + kt * stride_xsk, mask=offs_m < M, other=0.0)
+            acc += tl.dot(x, w.T) * (x_scale[:, None] * tl.load(w_scales + kt * stride_wsk))
     if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += bias
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+    if M_HALVES:
+        if HAS_BIAS:
+            acc_hi += bias
+        tl.store(y_ptrs + ROWS * stride_ym, acc_hi.to(Y.dtype.element_ty),
+                 mask=(offs_hi < M)[:, None] & n_ok[None, :])
 """
 
 # The decode GEMM of the in-loop quantizing mode with the operands swapped: y^T = w . x^T. With the few tokens as
@@ -397,10 +444,22 @@ TMA_SMALL_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4, "TMA": True},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True},
 ]
+# RESCALE (see _TMA_KERNEL) holds the accumulator alone: 99 registers a thread at 128 x 128 on 8 warps and 99 KB of
+# shared memory at 3 stages, so two tiles share an SM and one's scaling overlaps the other's MMA; on one warpgroup
+# (M_HALVES) 165 registers, and 178 for 256 x 128 on 8 warps (sm_90a, bench/kernel_resources.py). Not yet timed.
 TMA_LARGE_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True},
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3, "TMA": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3, "TMA": True, "RESCALE": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4, "TMA": True, "RESCALE": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "TMA": True, "RESCALE": True,
+     "M_HALVES": True},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3, "TMA": True, "RESCALE": True,
+     "M_HALVES": True},
 ]
+
+
+TMA_ONLY = ("TMA", "RESCALE", "M_HALVES")  # what a descriptor-fed tile's config names beyond the tile itself
 
 
 def tma_available(device: torch.device, interpret: bool = False) -> bool:
@@ -517,7 +576,7 @@ def quant_matmul(
         if cfg.get("TMA"):
             if tma_gemm is not None and _tma_fits(x2, weight, cfg, (bn_s, bk_s)):
                 return _launch_tma(tma_gemm, x2, xs, weight, scale, bias, out_dtype, bn_s, cfg, interpret)
-            cfg = {key: v for key, v in cfg.items() if key != "TMA"}  # the same tile, pointer-fed
+            cfg = {key: v for key, v in cfg.items() if key not in TMA_ONLY}  # the same tile, pointer-fed
         if cfg.get("SWAP"):
             if swap_gemm is not None:
                 return _launch(swap_gemm, x2, xs, weight, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
@@ -648,6 +707,7 @@ def _launch_tma(gemm, xq, xs, w, scale, bias, out_dtype, scale_block_n: int, cfg
     cfg = dict(cfg)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     cfg.pop("TMA")
+    rescale, halves = cfg.pop("RESCALE", False), cfg.pop("M_HALVES", False)
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if not (isinstance(m, int) and m == 0):
         if not interpret:
@@ -657,7 +717,8 @@ def _launch_tma(gemm, xq, xs, w, scale, bias, out_dtype, scale_block_n: int, cfg
             m, n, k,
             xs.stride(0), xs.stride(-1), scale.stride(0), scale.stride(-1), y.stride(0), y.stride(1),
             SCALE_BLOCK_N=scale_block_n, HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, RESCALE=rescale, M_HALVES=halves,
+            STAGES=cfg.get("num_stages", 3),
             **({} if interpret else cfg),
         )
     return y
@@ -702,8 +763,14 @@ def _fit(cfg: dict, fmt: str, act_quant: bool, block) -> dict:
 # An FP8 tile's per-K-tile product is a second fp32 tile beside the accumulator (it is scaled before it is added),
 # so past 64 accumulator values per thread the FP8 forms spill on sm_90a (bench/kernel_resources.py: 128 x 128 on
 # 4 warps, 256 x 128 and 128 x 256 on 8, 360-1056 bytes) and ran 2-4x slower on H100 (bench/fp8_gemm_tiles.py).
-# The int8 form accumulates in place and spills at none of them.
+# The int8 form accumulates in place and spills at none of them; so does the descriptor-fed GEMM's RESCALE form,
+# which may hold twice as many.
 FP8_MAX_ACC_PER_THREAD = 64
+
+
+def _fp8_tile_fits(cfg: dict) -> bool:
+    per_thread = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
+    return per_thread <= FP8_MAX_ACC_PER_THREAD * (2 if cfg.get("RESCALE") else 1)
 
 
 def _configs(m, k: int, fmt: str, act_quant: bool, block, mode: str, device: torch.device,
@@ -715,7 +782,7 @@ def _configs(m, k: int, fmt: str, act_quant: bool, block, mode: str, device: tor
     configs = [c for c in configs
                if c.get("SPLIT_K", 1) == 1 or triton.cdiv(k, c["BLOCK_K"]) >= SPLIT_MIN_K_TILES * c["SPLIT_K"]]
     if fmt == "fp8-block":
-        configs = [c for c in configs if c["BLOCK_M"] * c["BLOCK_N"] <= FP8_MAX_ACC_PER_THREAD * 32 * c["num_warps"]]
+        configs = [c for c in configs if _fp8_tile_fits(c)]
     return configs
 
 
