@@ -141,13 +141,16 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 row("bundled eager", "decode", b, median_ms(lambda: model(tok, ctx, cache), 10),
                     decode_bytes(cfg, figures, b, ctx, cache.bytes_per_token_per_layer()) / bandwidth * 1e3)
         if "deepfuse" in args.impls:
+            df_options = {} if args.deepfuse_passes is None else {"passes": tuple(args.deepfuse_passes.split(","))}
+            notes["deepfuse_options"] = df_options
             # dynamic=False: one graph per batch size (each its own CUDA graph); the context never changes a shape
             if args.compile == "blocks":  # regional: one graph per kind of block (dense, MoE), reused by every layer;
                 for layer in model.model.layers:  # a decode step is captured whole (CapturedStep), not per block
-                    layer.compile(backend="deepfuse", dynamic=False)
+                    layer.compile(backend="deepfuse", dynamic=False, options=df_options)
                 compiled, step = model, CapturedStep(model)
             else:
-                compiled = step = torch.compile(model, backend="deepfuse", mode="reduce-overhead", dynamic=False)
+                compiled = step = torch.compile(model, backend="deepfuse", mode="reduce-overhead", dynamic=False,
+                                                options=df_options)
             notes["compile"] = args.compile
             pos = torch.tensor(ctx, device="cuda")
             report, families = deepfuse.Report(), {}
@@ -302,6 +305,8 @@ def main():
     parser.add_argument("--deepfuse-batches", default=None, help="decode batches for deepfuse (default: --batches)")
     parser.add_argument("--compile", choices=("whole", "blocks"), default="whole",
                         help="deepfuse: the whole model as one graph, or each decoder block (regional)")
+    parser.add_argument("--deepfuse-passes", default=None,
+                        help="the families deepfuse runs, comma-separated (default: all but the opt-in ones)")
     parser.add_argument("--deepfuse-decode-only", action="store_true", help="skip deepfuse's prefill and greedy check")
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--no-collect", action="store_true",
