@@ -10,7 +10,9 @@ Per shape M x N x K, on the same inputs (activations with outliers, a weight qua
 - every candidate of ``quant.configs_for(M, tma=True)`` through ``quant_matmul(..., prequantize=True,
   config=...)``: the pre-kernel and the GEMM, each checked against float64 math on the dequantized operands;
 - ``autotuned``: what ``quant_matmul`` picks (what the quant pass runs), the descriptor-fed tiles among its
-  candidates on Hopper (unless DEEPFUSE_FP8_TMA=0).
+  candidates on Hopper (unless DEEPFUSE_FP8_TMA=0);
+- ``gemm alone``: each descriptor-fed tile without the pre-kernel (its output made once beforehand), as cuBLAS's
+  row-wise FP8 is timed.
 Median ms of do_bench over one input set (at these sizes every operand is larger than L2 or reused within one
 call); TFLOP/s = 2MNK / time. Writes fp8_gemm_tiles.json to --out, a row at a time.
 """
@@ -80,6 +82,20 @@ def main():
         call = lambda: quant.quant_matmul(x, wq, scale, None, "fp8-block", True)  # noqa: E731
         out = call()
         record("autotuned", bench(call), out)
+        # The GEMM alone, as cuBLAS's row-wise row above is timed: the pre-kernel's output made once and handed to
+        # every call (quant_matmul's own pre-kernel step replaced by it for these rows only).
+        pre = quant.prequantize_activations(x)
+        real = quant.prequantize_activations
+        quant.prequantize_activations = lambda *a, **kw: pre
+        try:
+            for cfg in quant.configs_for(m, tma=True):
+                if not cfg.get("TMA"):
+                    continue
+                call = lambda: quant.quant_matmul(x, wq, scale, None, "fp8-block", True,  # noqa: E731
+                                                  prequantize=True, config=cfg)
+                record("gemm alone " + tile_name(cfg), bench(call), call())
+        finally:
+            quant.prequantize_activations = real
 
 
 if __name__ == "__main__":
