@@ -8,7 +8,8 @@ Per shape M x N x K, on the same inputs (activations with outliers, a weight qua
   and per column, activations already quantized: its time has no quantization in it);
 - ``act_quant``: the activation pre-kernel alone;
 - every candidate of ``quant.configs_for(M, tma=True)`` through ``quant_matmul(..., prequantize=True,
-  config=...)``: the pre-kernel and the GEMM, each checked against float64 math on the dequantized operands;
+  config=...)``: the pre-kernel and the GEMM, each checked against float64 math on the dequantized operands
+  (with DEEPFUSE_FP8_RESCALE=1 the opt-in RESCALE tiles among them);
 - ``autotuned``: what ``quant_matmul`` picks (what the quant pass runs), the descriptor-fed tiles among its
   candidates on Hopper (unless DEEPFUSE_FP8_TMA=0);
 - ``gemm alone``: each descriptor-fed tile without the pre-kernel (its output made once beforehand), as cuBLAS's

@@ -62,11 +62,30 @@ def sass_order(opcodes: list[str]) -> str:
                      ((op, len(list(run))) for op, run in itertools.groupby(ops)))
 
 
+def loop_loads(ttgir: str) -> int:
+    """Synchronous global loads (``tt.load``) inside loops of the TTGIR: each one waits a memory round trip in every
+    iteration, where the pipelined ones (asynchronous copies) were issued stages ahead. A plain ``range`` pipelines
+    only the loads that feed a dot; a ``tl.range(..., num_stages=...)`` loop the others too, where their values are
+    at least 4 contiguous bytes a thread."""
+    depth, loops, count = 0, [], 0
+    for line in ttgir.splitlines():
+        if loops and re.search(r"= tt\.load ", line):
+            count += 1
+        if re.search(r"\bscf\.for\b", line):
+            loops.append(depth)
+        depth += line.count("{") - line.count("}")
+        while loops and depth <= loops[-1]:
+            loops.pop()
+    return count
+
+
 def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: int, num_stages: int,
               arch: int = 90, divisible: tuple = ()) -> dict:
     """Compile the ``@triton.jit`` ``fn`` for ``sm_{arch}a``: pointer arguments typed by ``pointers``
     ("*bf16", ...), scalar ones by ``scalars`` (default i32), the rest the ``constexprs``; ptxas -v's counts.
     Integer arguments named in ``divisible`` are taken as 16-divisible (a size a launch specializes so)."""
+    if "STAGES" in inspect.signature(fn.fn).parameters:  # a tl.range loop's stage count: the launch's, as launched
+        constexprs = {"STAGES": num_stages, **constexprs}
     sig = {}
     for p in inspect.signature(fn.fn).parameters:
         sig[p] = pointers.get(p) or ("constexpr" if p in constexprs else scalars.get(p, "i32"))
@@ -93,6 +112,7 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
     return {"registers": int(regs.group(1)), "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2)),
             "shared_bytes": kernel.metadata.shared,
             "async_copies": len(re.findall(r"async_copy_global_to_local", kernel.asm["ttgir"])),
+            "loop_loads": loop_loads(kernel.asm["ttgir"]),
             "sass": dict(collections.Counter(opcodes).most_common(12)), "order": sass_order(opcodes)}
 
 
@@ -266,7 +286,7 @@ def fp8_gemm():
 
     gen, name = quant.kernels_for("prequantized", torch.bfloat16, "bench/kernel_resources.py")
     pointers = {"X": "*fp8e4nv", "XS": "*fp32", "W": "*fp8e4nv", "WS": "*fp32", "Bias": "*bf16", "Y": "*bf16"}
-    for c in quant.LARGE_CONFIGS + quant.TMA_LARGE_CONFIGS:
+    for c in quant.LARGE_CONFIGS + quant.TMA_LARGE_CONFIGS + quant.RESCALE_CONFIGS:
         c = dict(c)
         tma = c.pop("TMA", False)
         config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), "TMA": tma, **c}
@@ -274,6 +294,7 @@ def fp8_gemm():
         constexprs = {"SCALE_BLOCK_N": 128, "HAS_BIAS": False, "GROUP_M": 8, "stride_xsk": 1, "stride_wsk": 1,
                       "stride_yn": 1, **c}
         if tma:
+            constexprs.update(RESCALE=constexprs.pop("RESCALE", False), M_HALVES=constexprs.pop("M_HALVES", False))
             yield config, gen.function("fp8_block_prequantized_matmul_tma_kernel"), pointers, {}, constexprs, \
                 ("M", "N", "K")
         else:  # K innermost in both operands: a launch specializes those unit strides as constants
@@ -346,7 +367,8 @@ def main():
                 continue
             rows.append({"kernel": name, "config": config, **got})
             print(f"{name:<15} {str(config):<70} {got['registers']:>4} regs  spills {got['spill_stores']:>5} / "
-                  f"{got['spill_loads']:>5} B  shared {got['shared_bytes']:>6} B  async copies {got['async_copies']}",
+                  f"{got['spill_loads']:>5} B  shared {got['shared_bytes']:>6} B  async copies {got['async_copies']}  "
+                  f"loads waited in loops {got['loop_loads']}",
                   flush=True)
             if args.sass:
                 print("    " + ", ".join(f"{op} {n}" for op, n in got["sass"].items()))

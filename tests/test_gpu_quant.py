@@ -42,7 +42,7 @@ def _fp8_operands(m, n, k):
     return x, wq, scale, torch.randn(n, device="cuda", dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("cfg", quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS,
+@pytest.mark.parametrize("cfg", quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS + quant.RESCALE_CONFIGS,
                          ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}/w{c['num_warps']}/s{c['num_stages']}")
 @pytest.mark.parametrize("shape", [(4096, 2048, 2048), (333, 1000, 1024), (130, 21888, 2048)],
                          ids=lambda s: "x".join(map(str, s)))

@@ -151,7 +151,7 @@ def _run_every_kernel():
             quant.quant_matmul(torch.randn(m, 256, generator=gen), w, scale, torch.randn(200, generator=gen), fmt,
                                act_quant, prequantize=prequantize, interpret=True)
     w, scale = quant.quantize_weight(torch.randn(200, 256, generator=gen), "fp8-block")
-    for cfg in quant.TMA_LARGE_CONFIGS[0], next(c for c in quant.TMA_LARGE_CONFIGS if c.get("M_HALVES")):
+    for cfg in quant.TMA_LARGE_CONFIGS[0], next(c for c in quant.RESCALE_CONFIGS if c.get("M_HALVES")):
         quant.quant_matmul(torch.randn(37, 256, generator=gen), w, scale, torch.randn(200, generator=gen), "fp8-block",
                            True, prequantize=True, interpret=True, config=cfg)
 

@@ -96,7 +96,7 @@ def test_fp8_scale_blocks_narrower_than_the_tile(act_quant):
     assert rel_err(out, ref) < 1e-5
 
 
-TMA_CONFIGS = quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS
+TMA_CONFIGS = quant.TMA_SMALL_CONFIGS + quant.TMA_LARGE_CONFIGS + quant.RESCALE_CONFIGS
 
 
 def _tile_id(c: dict) -> str:
@@ -169,6 +169,11 @@ def test_descriptor_fed_tiles_are_candidates_only_for_prequantized_fp8(monkeypat
     assert not quant.tma_available(torch.device("cpu"))  # no copy engine to describe tiles to
     monkeypatch.setenv("DEEPFUSE_FP8_TMA", "0")  # the user's way out
     assert not quant.tma_available(torch.device("cpu"), interpret=True)
+    # the RESCALE tiles trade the fp32 sum per K tile for speed: candidates only when asked for
+    monkeypatch.delenv("DEEPFUSE_FP8_RESCALE", raising=False)
+    assert not any(c.get("RESCALE") for c in quant.configs_for(4096, tma=True))
+    monkeypatch.setenv("DEEPFUSE_FP8_RESCALE", "1")
+    assert quant.configs_for(4096, tma=True)[-len(quant.RESCALE_CONFIGS):] == quant.RESCALE_CONFIGS
 
 
 @pytest.mark.parametrize("cfg", quant.DECODE_SWAP_CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}/s{c['num_stages']}")

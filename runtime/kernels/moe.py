@@ -278,7 +278,7 @@ def moe_gate_up_act_kernel(
     stride_xm, stride_we, stride_gn, up_offset, stride_wk, stride_sn, stride_sk, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr,
     ${gate_up_scale_args}${gate_up_bias_args}
 ):
     """Out[r, n] = ${computes} for the rows r of one expert's block${rows}.
@@ -296,7 +296,7 @@ def moe_down_weighted_kernel(
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, STAGES: tl.constexpr,
     ${down_scale_args}${down_bias_args}
 ):
     """Out[slot(r), n] = w[slot(r)] * (H[r] . W[e, n]), rows back in (token, slot) order; with ATOMIC, added
@@ -312,7 +312,7 @@ def moe_down_weighted_kernel(
     ${down_pointers}
     n_ok = offs_n[None, :] < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # the FP8 scales' loads pipelined too (see STAGES)
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
@@ -344,7 +344,7 @@ ${gate_up_pointers}
 ${gate_zeros}
 ${up_zeros}
 n_ok = offs_n[None, :] < N
-for k0 in range(0, K, BLOCK_K):
+for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # the FP8 scales' loads pipelined too (see STAGES)
     k_ok = offs_k < K - k0
     a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
     ${gate_load}
@@ -374,7 +374,7 @@ def moe_experts_fused_kernel(
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    N_FASTEST: tl.constexpr, DIRECT: tl.constexpr,
+    N_FASTEST: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr,
     ${gate_up_bias_args}${down_bias_args}
 ):
     """Partials[slot(r), pid_n, :] = w[slot(r)] * (h[r] . W_down[e, :, n]) over the program's BLOCK_N intermediate
@@ -1086,6 +1086,10 @@ def moe_experts(
     fused = (cfg.pop("FUSED", False) and not fp8 and isinstance(t, int) and 0 < t <= FUSED_MAX_TOKENS)
     may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
     launch_opts = {} if interpret else cfg
+    # The K loops are tl.range loops of the launch's stage count: a plain range pipelines only the loads feeding
+    # the dot, and the FP8 kernels' scale loads then waited a memory round trip in every K step (two a step in
+    # gate/up, one in down: bench/kernel_resources.py, "loads waited in loops").
+    stages = cfg.get("num_stages", 2)
     x = x if x.stride(-1) == 1 else x.contiguous()
     # The weights are read through their strides, never copied: a model storing its experts [E, H, 2I] (Llama 4)
     # passes transposed views here, and a copy would move every expert's bytes twice per call.
@@ -1166,8 +1170,8 @@ def moe_experts(
             a.stride(0), w_gate_up.stride(0), *gate_up_rows(w_gate_up.stride(1)), w_gate_up.stride(2),
             *shared_gate.stride(), *w_down.stride(), *shared_down.stride(), partials.stride(1), num_slots, routed,
             N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k, SHARED_SCALED=shared_scale is not None, BLOCK_M=bm,
-            BLOCK_N=bn, BLOCK_K=bk, BLOCK_H=block_h, N_FASTEST=n_fastest, DIRECT=direct, **bias_args(0),
-            **bias_args(1), **launch_opts,
+            BLOCK_N=bn, BLOCK_K=bk, BLOCK_H=block_h, N_FASTEST=n_fastest, DIRECT=direct, STAGES=stages,
+            **bias_args(0), **bias_args(1), **launch_opts,
         )
         return partials.view(t, k * blocks_n, hidden).sum(dim=1).to(x.dtype)
     inter_out = torch.empty((capacity, inter), dtype=torch.float8_e4m3fn if prequant else x.dtype, device=x.device)
@@ -1175,8 +1179,8 @@ def moe_experts(
         a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
         a.stride(0), w_gate_up.stride(0), *gate_up_rows(w_gate_up.stride(1)), w_gate_up.stride(2),
         *shared_gate.stride(), inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, **scale_args(0), **bias_args(0),
-        **launch_opts,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, STAGES=stages, **scale_args(0),
+        **bias_args(0), **launch_opts,
     )
     if deterministic:
         out = torch.empty((num_slots, hidden), dtype=x.dtype, device=x.device)
@@ -1188,7 +1192,7 @@ def moe_experts(
         inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), *shared_down.stride(),
         out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k, ATOMIC=not deterministic,
         SHARED_SCALED=shared_scale is not None, BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest,
-        DIRECT=direct, **scale_args(1), **bias_args(1), **launch_opts,
+        DIRECT=direct, STAGES=stages, **scale_args(1), **bias_args(1), **launch_opts,
     )
     if not deterministic:
         return out.to(x.dtype)
