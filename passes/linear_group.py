@@ -15,7 +15,10 @@ The pass:
 3. rewrites each group it takes into one ``deepfuse::linear_group``, whose outputs replace the matmuls'; when
    their input is an RMSNorm's output that nothing else reads (a decoder layer's input_layernorm before q_proj and
    kv_a_proj), the norm joins the launch: its kernel computes the squares' sum beside the dot and scales the
-   accumulator by the row's rsqrt, so the norm's launch and its output's round trip are gone.
+   accumulator by the row's rsqrt, so the norm's launch and its output's round trip are gone. Opt-in
+   (``DEEPFUSE_LINEAR_GROUP_NORM=1``): on H100 the launch with the norm took 17-18 us a layer against 9.2 for the
+   group and 1.5 for the norm's own kernel (bench/RESULTS.md), the x tile's trip through registers (times the
+   norm weight, then back into the dot's layout) in every K step being the likely cost.
 Without a GPU there is nothing to time: there it rewrites only when ``options["passes"]`` names it (to run the
 kernel through Triton's interpreter), and otherwise leaves the graph as it is (the debug log says so).
 It runs after the families that fuse matmuls of their own (a shared MLP in the MoE launches), before ``rms_norm``
@@ -23,6 +26,7 @@ It runs after the families that fuse matmuls of their own (a shared MLP in the M
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -44,6 +48,11 @@ aten = torch.ops.aten
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
+def fold_norms() -> bool:
+    """Whether an input RMSNorm joins the group's launch (see the module's docstring): opt-in, slower where timed."""
+    return os.environ.get("DEEPFUSE_LINEAR_GROUP_NORM") == "1"
+
+
 class LinearGroupPass:
     family = "linear_group"
 
@@ -59,7 +68,7 @@ class LinearGroupPass:
                       "choose by (name the family in options['passes'] to rewrite them anyway)", len(groups), device)
             return 0
         changed = 0
-        norms = _norm_outputs(graph)
+        norms = _norm_outputs(graph) if fold_norms() else {}
         for group in groups:
             first = group[0]["mm"]
             where = (source_line(first), module_path(first))

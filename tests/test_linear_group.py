@@ -183,11 +183,18 @@ class NormedBlock(nn.Module):
         return (out, h) if self.also_read else out
 
 
-def test_an_rms_norm_read_by_the_projections_alone_joins_their_launch():
-    """The norm's launch is gone: the group computes it (explain's ``rms_norm``), the rms_norm pass finds nothing
-    left; when the normed values are read elsewhere too, or in fp16, the norm stays its own kernel."""
+def test_an_rms_norm_read_by_the_projections_alone_joins_their_launch(monkeypatch):
+    """Asked for (DEEPFUSE_LINEAR_GROUP_NORM=1), the norm's launch is gone: the group computes it (explain's
+    ``rms_norm``), the rms_norm pass finds nothing left; when the normed values are read elsewhere too, or in fp16,
+    the norm stays its own kernel. Not asked for, it stays its own kernel."""
     x = torch.randn(1, 2, 64) * 4
     model = NormedBlock()
+    out, report = _compile(model, x)
+    (found,) = _groups(report)
+    assert "rms_norm" not in found.params and [m for m in report.matches if m.family == "rms_norm"], str(report)
+    with torch.no_grad():
+        assert rel_err(out, model(x)) < 1e-5
+    monkeypatch.setenv("DEEPFUSE_LINEAR_GROUP_NORM", "1")
     out, report = _compile(model, x)
     (found,) = _groups(report)
     assert found.params["rms_norm"] == "in the launch (eps=1e-06)", found.params
@@ -213,12 +220,13 @@ def test_on_cpu_the_family_waits_to_be_named():
     assert not _groups(report) and not [d for d in report.declined if d.family == "linear_group"]
 
 
-def test_bundled_decode_step_groups_the_projections_of_one_input():
+def test_bundled_decode_step_groups_the_projections_of_one_input(monkeypatch):
     """The bundled tiny model's decode step (static cache, batch 2): each layer's q_a_proj (the tiny config has
-    V3's query LoRA) and kv_a_proj_with_mqa read the input norm's output and become one launch with that norm, as
-    do the dense layer's gate_proj and up_proj; the logits equal eager's."""
+    V3's query LoRA) and kv_a_proj_with_mqa read the input norm's output and become one launch with that norm (the
+    fold asked for), as do the dense layer's gate_proj and up_proj; the logits equal eager's."""
     from deepfuse.models import DeepSeekForCausalLM, get_config
 
+    monkeypatch.setenv("DEEPFUSE_LINEAR_GROUP_NORM", "1")
     cfg = get_config("tiny")
     model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
     prompt, step = torch.randint(0, cfg.vocab_size, (2, 5)), torch.randint(0, cfg.vocab_size, (2, 1))
