@@ -119,12 +119,13 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
 def mla_decode(fp8: bool, as_fp16: bool = False):
     fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_decode_partial_kernel")
     pointers = {"QLat": "*bf16", "QPe": "*bf16", "KV": "*fp8e4nv" if fp8 else "*bf16",
-                "KVScale": "*fp32" if fp8 else "*bf16", "KPe": "*bf16", "Mask": "*bf16", "PartOut": "*fp32",
+                "KVScale": "*fp32" if fp8 else "*bf16", "KPe": "*bf16", "Mask": "*fp32", "PartOut": "*fp32",
                 "PartLse": "*fp32"}
-    for bt, warps, stages in itertools.product((16, 32, 64), (4, 8), (2, 3)):
+    for mask, bt, warps, stages in itertools.product((False, True), (16, 32, 64), (4, 8), (2, 3)):
         constexprs = {"C": C, "C_POW2": C, "R": R, "R_POW2": R, "BLOCK_H": 16, "BLOCK_T": bt, "NUM_SPLITS": 8,
-                      "HAS_MASK": False, "CAUSAL": True, "KV_FP8": fp8, "FP8_AS_FP16": as_fp16}
-        yield {"BLOCK_T": bt, "num_warps": warps, "num_stages": stages}, fn, pointers, {"scale": "fp32"}, constexprs
+                      "HAS_MASK": mask, "CAUSAL": True, "KV_FP8": fp8, "FP8_AS_FP16": as_fp16}
+        yield ({"BLOCK_T": bt, "num_warps": warps, "num_stages": stages, "HAS_MASK": mask}, fn, pointers,
+               {"scale": "fp32"}, constexprs)
 
 
 def mla_prefill():

@@ -79,6 +79,7 @@ def mla_decode_partial_kernel(
     C: tl.constexpr, C_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_FP8: tl.constexpr, FP8_AS_FP16: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """One (query, head block, context split): attention over the latent rows of the split, all heads of the
     block together (each c_kv row is loaded once for them). Writes the split's normalized output and LSE.
@@ -128,53 +129,57 @@ def mla_decode_partial_kernel(
     acc = tl.zeros((BLOCK_H, C_POW2), dtype=tl.float32)
     c_ok = offs_c[None, :] < C
     r_ok = offs_r[None, :] < R
-    for t0 in range(t_lo, t_hi, BLOCK_T):
+    for t0 in tl.range(t_lo, t_hi, BLOCK_T, num_stages=STAGES):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < t_hi
-        live = True
-        if HAS_MASK:  # a block the mask hides entirely (a static cache's unwritten tail) is never read
+        rows_ok = t_ok
+        if HAS_MASK:
+            # Rows no head attends to are not read (zeros): an unwritten row's NaN never enters, and a tile the
+            # mask hides entirely (a static cache's unwritten tail) reads nothing but its mask. Such a tile is
+            # not skipped by a branch: loads under one are not pipelined, and each then waited a memory round
+            # trip in every step (bench/kernel_resources.py, "loads waited in loops").
             madd = tl.load(Mask + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
                            + offs_t[None, :] * stride_mt, mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
-            live = tl.max(tl.max(madd, axis=1), axis=0) > float("-inf")
-        if live:
-            rows_ok = t_ok
-            if HAS_MASK:  # rows no head attends to are not read (zeros): an unwritten row's NaN never enters
-                rows_ok = t_ok & (tl.max(madd, axis=0) > float("-inf"))
-            kv = tl.load(KV + b * stride_kvb + offs_t[:, None] * stride_kvt + offs_c[None, :],
-                         mask=rows_ok[:, None] & c_ok, other=0.0)
-            k_pe = tl.load(KPe + b * stride_kpb + offs_t[:, None] * stride_kpt + offs_r[None, :],
-                           mask=rows_ok[:, None] & r_ok, other=0.0)
-            if KV_FP8:
-                kv_scale = tl.load(KVScale + b * stride_ksb + offs_t * stride_kst, mask=rows_ok, other=0.0)
-                if FP8_AS_FP16:
-                    kv16 = kv.to(tl.float16)
-                    scores = (tl.dot(q16, tl.trans(kv16), input_precision=${precision})
-                              * (q_unscale[:, None] * kv_scale[None, :]))
-                else:
-                    kv = kv.to(q_lat.dtype)
-                    scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision}) * kv_scale[None, :]
+            rows_ok = t_ok & (tl.max(madd, axis=0) > float("-inf"))
+        kv_ptrs = KV + b * stride_kvb + offs_t[:, None] * stride_kvt + offs_c[None, :]
+        kv = tl.load(kv_ptrs, mask=rows_ok[:, None] & c_ok, other=0.0)
+        k_pe = tl.load(KPe + b * stride_kpb + offs_t[:, None] * stride_kpt + offs_r[None, :],
+                       mask=rows_ok[:, None] & r_ok, other=0.0)
+        if KV_FP8:
+            kv_scale = tl.load(KVScale + b * stride_ksb + offs_t * stride_kst, mask=rows_ok, other=0.0)
+            # The tile again (from L2) for P.V: an FP8 tile widened in registers for both dots is not pipelined,
+            # one load for each dot is (bench/kernel_resources.py); the second read is not merged with the first.
+            kv_v = tl.load(kv_ptrs, mask=rows_ok[:, None] & c_ok, other=0.0, cache_modifier=".cg")
+            if FP8_AS_FP16:
+                kv16 = kv.to(tl.float16)
+                scores = (tl.dot(q16, tl.trans(kv16), input_precision=${precision})
+                          * (q_unscale[:, None] * kv_scale[None, :]))
             else:
-                scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
-            scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
-            if HAS_MASK:
-                scores += madd
-            scores = tl.where(t_ok[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(scores - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if KV_FP8 and FP8_AS_FP16:
-                # Each row times its scale over the tile's largest scale (a power of two), so every value is
-                # at most 448 in fp16, whatever the latent's size; the dot's result is scaled back in fp32.
-                s_ref = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(kv_scale, axis=0), 1e-30))))
-                v16 = kv16 * (kv_scale / s_ref).to(tl.float16)[:, None]
-                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16, input_precision=${precision}) * s_ref
-            else:
-                if KV_FP8:
-                    p = p * kv_scale[None, :]
-                acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
-            m_i = m_new
+                scores = (tl.dot(q_lat, tl.trans(kv.to(q_lat.dtype)), input_precision=${precision})
+                          * kv_scale[None, :])
+        else:
+            scores = tl.dot(q_lat, tl.trans(kv), input_precision=${precision})
+        scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=${precision}) * scale
+        if HAS_MASK:
+            scores += madd
+        scores = tl.where(t_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if KV_FP8 and FP8_AS_FP16:
+            # Each row times its scale over the tile's largest scale (a power of two), so every value is
+            # at most 448 in fp16, whatever the latent's size; the dot's result is scaled back in fp32.
+            s_ref = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(kv_scale, axis=0), 1e-30))))
+            v16 = kv_v.to(tl.float16) * (kv_scale / s_ref).to(tl.float16)[:, None]
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16, input_precision=${precision}) * s_ref
+        elif KV_FP8:
+            p = p * kv_scale[None, :]
+            acc = tl.dot(p.to(q_lat.dtype), kv_v.to(q_lat.dtype), acc * alpha[:, None], input_precision=${precision})
+        else:
+            acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=${precision})
+        m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
     row = pid_bs.to(tl.int64) * H + heads
@@ -540,6 +545,9 @@ def mla_attention(
         head_blocks = triton.cdiv(h, bh)
         splits = cfg.pop("SPLITS", None) or decode_splits(queries, head_blocks, t, _sm_count(q_nope.device), bt)
         launch_opts = {} if interpret else cfg
+        # the partial kernel's loop stages: a mask's tile is loaded a step before the rows it gates, so masked
+        # launches take 3 at least (at 2 the mask's load waited in every step; sm_90a, bench/kernel_resources.py)
+        stages = max(cfg.get("num_stages", 2), 3 if has_mask else 1)
         part_out = torch.empty((queries * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
         part_lse = torch.empty((queries * h * splits,), dtype=torch.float32, device=q_nope.device)
         partial[(queries, head_blocks, splits)](
@@ -548,7 +556,8 @@ def mla_attention(
             c_kv.stride(0), c_kv.stride(1), *(kv_scale.stride() if fp8 else (0, 0)), k_pe.stride(0), k_pe.stride(1),
             *m_args, s, t, h, scale, t - s,
             C=c, C_POW2=c_pow2, R=r, R_POW2=r_pow2, BLOCK_H=bh, BLOCK_T=bt, NUM_SPLITS=splits,
-            HAS_MASK=has_mask, CAUSAL=causal, KV_FP8=fp8, FP8_AS_FP16=fp8 and as_fp16, **launch_opts,
+            HAS_MASK=has_mask, CAUSAL=causal, KV_FP8=fp8, FP8_AS_FP16=fp8 and as_fp16,
+            STAGES=stages, **launch_opts,
         )
         out_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
         block_c = min(REDUCE_BLOCK_C, c_pow2)
