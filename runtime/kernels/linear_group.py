@@ -48,7 +48,9 @@ def linear_group_kernel(
     rsqrt scales the accumulator at the end (no pass over x before the loop, no normalized x in memory). The loop
     is a tl.range of STAGES stages so that NormW's tiles are pipelined too (a plain range pipelines only the loads
     feeding the dot). With NORM the launch still took 18.1 us on H100 against 9.2 without (V2-Lite's q_proj and
-    kv_a_proj): the pass folds the norm only when asked (``deepfuse.passes.linear_group``)."""
+    kv_a_proj): the pass folds the norm only when asked (``deepfuse.passes.linear_group``). Since then the squares
+    are summed along K once after the loop (their per-step sum took eight warp shuffles in every step, sm_90a
+    SASS); not yet timed."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     tiles0 = tl.cdiv(N0, BLOCK_N)
@@ -88,7 +90,7 @@ def linear_group_kernel(
     x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = W + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K innermost in memory
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # summed along K after the loop: no shuffles in it
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
@@ -99,7 +101,7 @@ def linear_group_kernel(
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if NORM:
             xf = x.to(tl.float32)
-            squares += tl.sum(xf * xf, axis=1)
+            squares += xf * xf
             # the weight's tile loaded as x's [BLOCK_M, BLOCK_K] (its rows the same): in x's layout each thread's
             # values are 16 contiguous bytes, which the pipeline copies asynchronously; a [BLOCK_K] load had 2
             g = tl.load(NormW + k0 + offs_k[None, :] + 0 * offs_m[:, None], mask=(k0 + offs_k < K)[None, :],
@@ -109,7 +111,7 @@ def linear_group_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if NORM:
-        acc = acc * tl.rsqrt(squares / K + eps)[:, None]
+        acc = acc * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 ''',
