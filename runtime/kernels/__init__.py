@@ -10,3 +10,11 @@ TRITON_DTYPES = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", tor
 def size_hint(n) -> int:
     """A launcher's concrete choice (a path, a tile) for a size that may be symbolic: the traced example."""
     return int(n.node.hint) if isinstance(n, torch.SymInt) and n.node.hint is not None else int(n)
+
+
+def loop_stages(cfg: dict) -> int:
+    """The stage count of a kernel's ``tl.range`` K loop (its STAGES argument): the launch's ``num_stages``, or
+    Triton's own default for CUDA launches (3) where the config names none, as a plain ``range`` loop had. The loops
+    are ``tl.range`` loops so that loads not feeding the dot (FP8 scales, a norm weight, a mask) are pipelined too:
+    a plain ``range`` pipelines only the dot's operands (tests/test_pipelined_loads.py)."""
+    return cfg.get("num_stages", 3)

@@ -20,7 +20,7 @@ import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime import autotune
-from deepfuse.runtime.kernels import TRITON_DTYPES, rms_norm, size_hint
+from deepfuse.runtime.kernels import TRITON_DTYPES, loop_stages, rms_norm, size_hint
 
 MAX_GROUPS = 4
 MAX_M = 16  # decode sizes: one BLOCK_M tile of rows covers them
@@ -213,7 +213,7 @@ def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bo
             fn[(sum(triton.cdiv(n, bn) for n in ns), triton.cdiv(m, bm))](
                 x2, *w_args, *y_args, x2 if norm is None else norm, m, k, *n_args, x2.stride(0),
                 *(y.stride(0) for y in y_args), float(eps), GROUPS=len(weights), EVEN_K=k % bk == 0,
-                NORM=norm is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=cfg.get("num_stages", 3),
+                NORM=norm is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=loop_stages(cfg),
                 **({} if interpret else cfg),
             )
 

@@ -26,7 +26,7 @@ import torch
 import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
-from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
+from deepfuse.runtime.kernels import TRITON_DTYPES, loop_stages, size_hint
 from deepfuse.runtime.kernels import quant as quant_kernels
 from deepfuse.runtime.latent_cache import FP8, dequantize_latent
 
@@ -547,7 +547,7 @@ def mla_attention(
         launch_opts = {} if interpret else cfg
         # the partial kernel's loop stages: a mask's tile is loaded a step before the rows it gates, so masked
         # launches take 3 at least (at 2 the mask's load waited in every step; sm_90a, bench/kernel_resources.py)
-        stages = max(cfg.get("num_stages", 2), 3 if has_mask else 1)
+        stages = max(loop_stages(cfg), 3 if has_mask else 1)
         part_out = torch.empty((queries * h * splits, c_pow2), dtype=torch.float32, device=q_nope.device)
         part_lse = torch.empty((queries * h * splits,), dtype=torch.float32, device=q_nope.device)
         partial[(queries, head_blocks, splits)](

@@ -29,7 +29,7 @@ import torch
 import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
-from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
+from deepfuse.runtime.kernels import TRITON_DTYPES, loop_stages, size_hint
 from deepfuse.runtime import autotune
 from deepfuse.runtime.kernels import quant as quant_kernels
 from deepfuse.runtime.kernels import routing
@@ -1086,10 +1086,7 @@ def moe_experts(
     fused = (cfg.pop("FUSED", False) and not fp8 and isinstance(t, int) and 0 < t <= FUSED_MAX_TOKENS)
     may_skip_align = cfg.pop("DIRECT", True)  # False: align even one token (what the benches compare against)
     launch_opts = {} if interpret else cfg
-    # The K loops are tl.range loops of the launch's stage count: a plain range pipelines only the loads feeding
-    # the dot, and the FP8 kernels' scale loads then waited a memory round trip in every K step (two a step in
-    # gate/up, one in down: bench/kernel_resources.py, "loads waited in loops").
-    stages = cfg.get("num_stages", 2)
+    stages = loop_stages(cfg)  # the FP8 kernels' scale loads pipelined with the tiles (loop_stages)
     x = x if x.stride(-1) == 1 else x.contiguous()
     # The weights are read through their strides, never copied: a model storing its experts [E, H, 2I] (Llama 4)
     # passes transposed views here, and a copy would move every expert's bytes twice per call.

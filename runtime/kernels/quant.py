@@ -29,7 +29,7 @@ import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime import autotune
-from deepfuse.runtime.kernels import TRITON_DTYPES, size_hint
+from deepfuse.runtime.kernels import TRITON_DTYPES, loop_stages, size_hint
 
 FORMATS = ("fp8-block", "int8-channel")
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -214,6 +214,7 @@ def fp8_block_prequantized_matmul_tma_kernel(
     offs_m = m0 + tl.arange(0, ROWS)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     if RESCALE:
+        W_SCALE_FLOOR: tl.constexpr = 7.888609052210118e-31  # 2^-100, a zero weight scale's stand-in
         s_x = tl.full((ROWS,), 1.0, tl.float32)
         s_w = tl.cast(1.0, tl.float32)
         if M_HALVES:
@@ -223,7 +224,7 @@ def fp8_block_prequantized_matmul_tma_kernel(
         for kt in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
             x = x_desc.load([m0, kt * BLOCK_K])
             w = w_desc.load([n0, kt * BLOCK_K])
-            s_w_k = tl.maximum(tl.load(w_scales + kt * stride_wsk), 7.888609052210118e-31)
+            s_w_k = tl.maximum(tl.load(w_scales + kt * stride_wsk), W_SCALE_FLOOR)
             w_ratio = s_w / s_w_k
             s_x_k = tl.load(XS + offs_m * stride_xsm + kt * stride_xsk, mask=offs_m < M, other=1.0)
             acc = tl.dot(x, w.T, acc * (s_x / s_x_k * w_ratio)[:, None])
@@ -237,7 +238,7 @@ def fp8_block_prequantized_matmul_tma_kernel(
         # the last K tile's scales, loaded again: carried out of the loop, the rows' scales took a second layout
         # and a second load in every iteration (TTGIR)
         last = tl.cdiv(K, BLOCK_K) - 1
-        s_w = tl.maximum(tl.load(w_scales + last * stride_wsk), 7.888609052210118e-31)
+        s_w = tl.maximum(tl.load(w_scales + last * stride_wsk), W_SCALE_FLOOR)
         acc = acc * (tl.load(XS + offs_m * stride_xsm + last * stride_xsk, mask=offs_m < M, other=1.0) * s_w)[:, None]
         if M_HALVES:
             acc_hi = acc_hi * (tl.load(XS + offs_hi * stride_xsm + last * stride_xsk, mask=offs_hi < M, other=1.0)
@@ -668,7 +669,7 @@ def _launch(gemm, x2, xs, w, scale, bias, out_dtype, scale_block, cfg: dict, int
             SCALE_BLOCK_N=bn_s, SCALE_BLOCK_K=bk_s, HAS_BIAS=bias is not None and splits == 1,
             EVEN_K=k % bk == 0, EXACT_FP8_ROUNDING=interpret,
             UNIFORM_W_SCALE=bn_s % bn == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **({} if swap else {"GROUP_M": 8}),
-            STAGES=cfg.get("num_stages", 2), **({} if interpret else cfg),
+            STAGES=loop_stages(cfg), **({} if interpret else cfg),
         )
     if splits == 1:
         return y[0]
@@ -728,7 +729,7 @@ def _launch_tma(gemm, xq, xs, w, scale, bias, out_dtype, scale_block_n: int, cfg
             xs.stride(0), xs.stride(-1), scale.stride(0), scale.stride(-1), y.stride(0), y.stride(1),
             SCALE_BLOCK_N=scale_block_n, HAS_BIAS=bias is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, RESCALE=rescale, M_HALVES=halves,
-            STAGES=cfg.get("num_stages", 3),
+            STAGES=loop_stages(cfg),
             **({} if interpret else cfg),
         )
     return y
