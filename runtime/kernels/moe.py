@@ -121,11 +121,11 @@ import triton.language as tl
 
 
 ${helpers}
-# The align kernels' pieces stay written out in each kernel. Inductor's analysis of what a kernel writes follows a
-# helper's return value into every argument of the call: with the slots' counts returned by a helper that read Ids
-# (2076a68), the stores whose places came from them made Ids "written", and Inductor 2.11 then failed to schedule
-# every compiled MoE block with an align launch (KeyError in Scheduler.compute_ancestors, H100).
-# tests/test_inductor_writes.py checks each kernel against that analysis.
+# The count of each expert's routed slots stays written out in each align kernel. Inductor's analysis of what a
+# kernel writes follows a helper's return value into every argument of the call: with the counts returned by a
+# helper that read Ids (2076a68), the stores whose places came from them made Ids "written", and Inductor 2.11 then
+# failed to schedule every compiled MoE block with an align launch (KeyError in Scheduler.compute_ancestors, H100).
+# The helpers below return nothing, or take no pointer; tests/test_inductor_writes.py checks each kernel.
 @triton.jit
 def place_routed_slots(Ids, SortedSlots, first, end, seen, padded_start, E_POW2: tl.constexpr,
                        SLOT_CHUNK: tl.constexpr, ROUTED_K: tl.constexpr, SHARED: tl.constexpr):
@@ -147,6 +147,43 @@ def place_routed_slots(Ids, SortedSlots, first, end, seen, padded_start, E_POW2:
 
 
 @triton.jit
+def expert_segments(counts, num_tokens, BLOCK_M: tl.constexpr):
+    """From the routed experts' slot counts: each expert's segment (start, end; padded to BLOCK_M rows), the
+    routed rows in all, and each shared expert's segment length (every token, padded)."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    return padded_end - padded, padded_end, tl.sum(padded, axis=0), shared_rows
+
+
+@triton.jit
+def write_block_owners(BlockExpert, first, step, capacity, padded_end, routed_rows, shared_rows, E: tl.constexpr,
+                       BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SHARED: tl.constexpr):
+    """BlockExpert[b] for the row blocks b of CHUNK-wide pieces first, first + step, ...: the routed expert whose
+    segment holds the block, or the shared expert's past the routed rows (the last expert past every segment)."""
+    lanes = tl.arange(0, CHUNK)
+    for b0 in range(first, capacity // BLOCK_M, step):
+        rows = (b0 + lanes) * BLOCK_M
+        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+        if SHARED > 0:
+            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
+        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
+
+
+@triton.jit
+def write_shared_slots(SortedSlots, first, step, num_tokens, routed_rows, shared_rows, CHUNK: tl.constexpr,
+                       ROUTED_K: tl.constexpr, SHARED: tl.constexpr):
+    """Shared expert j's segment after the routed rows: every token's slot for it, in token order, for the
+    CHUNK-token pieces first, first + step, ..."""
+    lanes = tl.arange(0, CHUNK)
+    for j in tl.static_range(SHARED):
+        start = routed_rows + j * shared_rows
+        for t0 in range(first, num_tokens, step):
+            token = t0 + lanes
+            tl.store(SortedSlots + start + token, token * (ROUTED_K + SHARED) + ROUTED_K + j, mask=token < num_tokens)
+
+
+@triton.jit
 def moe_align_kernel(
     Ids, SortedSlots, BlockExpert, NumPadded,
     num_routed, num_tokens, capacity,
@@ -159,8 +196,7 @@ def moe_align_kernel(
     of them in all), then the SHARED shared experts E .. E + SHARED - 1, which every token takes: their segments
     follow the routed ones, in token order, and never enter the per-expert lanes. The routed slots are walked
     SLOT_CHUNK at a time (their pairwise comparison is SLOT_CHUNK^2), the row buffers CHUNK at a time."""
-    k_all = ROUTED_K + SHARED
-    num_slots = num_tokens * k_all
+    num_slots = num_tokens * (ROUTED_K + SHARED)
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     slot_lanes = tl.arange(0, SLOT_CHUNK)
@@ -168,28 +204,16 @@ def moe_align_kernel(
     for c0 in range(0, num_routed, SLOT_CHUNK):
         ids = tl.load(Ids + c0 + slot_lanes, mask=c0 + slot_lanes < num_routed, other=E_POW2)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    padded_end = tl.cumsum(padded, axis=0)
-    padded_start = padded_end - padded
-    routed_rows = tl.sum(padded, axis=0)
-    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # each shared expert's segment
+    padded_start, padded_end, routed_rows, shared_rows = expert_segments(counts, num_tokens, BLOCK_M)
     tl.store(NumPadded, routed_rows + SHARED * shared_rows)
     for r0 in range(0, capacity, CHUNK):
         tl.store(SortedSlots + r0 + lanes, num_slots, mask=r0 + lanes < capacity)
-    for b0 in range(0, capacity // BLOCK_M, CHUNK):
-        rows = (b0 + lanes) * BLOCK_M
-        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
-        if SHARED > 0:
-            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
-        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
+    write_block_owners(BlockExpert, 0, CHUNK, capacity, padded_end, routed_rows, shared_rows, E, BLOCK_M, CHUNK,
+                       SHARED)
     tl.debug_barrier()  # the padding fill above must land before the slots below overwrite it
     place_routed_slots(Ids, SortedSlots, 0, num_routed, tl.zeros((E_POW2,), dtype=tl.int32), padded_start, E_POW2,
                        SLOT_CHUNK, ROUTED_K, SHARED)
-    for j in tl.static_range(SHARED):  # shared expert j: every token, in token order
-        start = routed_rows + j * shared_rows
-        for t0 in range(0, num_tokens, CHUNK):
-            token = t0 + lanes
-            tl.store(SortedSlots + start + token, token * k_all + ROUTED_K + j, mask=token < num_tokens)
+    write_shared_slots(SortedSlots, 0, CHUNK, num_tokens, routed_rows, shared_rows, CHUNK, ROUTED_K, SHARED)
 
 
 @triton.jit
@@ -223,8 +247,7 @@ def moe_align_place_kernel(
     padding rows, the shared experts' token-order segments and the row blocks' owners."""
     c = tl.program_id(0)
     programs = tl.num_programs(0)
-    k_all = ROUTED_K + SHARED
-    num_slots = num_tokens * k_all
+    num_slots = num_tokens * (ROUTED_K + SHARED)
     experts = tl.arange(0, E_POW2)
     lanes = tl.arange(0, CHUNK)
     chunk_rows = tl.arange(0, CHUNK_ROWS)
@@ -236,11 +259,7 @@ def moe_align_place_kernel(
                        other=0)
         counts += tl.sum(part, axis=0)
         before += tl.sum(tl.where((row < c)[:, None], part, 0), axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    padded_end = tl.cumsum(padded, axis=0)
-    padded_start = padded_end - padded
-    routed_rows = tl.sum(padded, axis=0)
-    shared_rows = (num_tokens + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # each shared expert's segment
+    padded_start, padded_end, routed_rows, shared_rows = expert_segments(counts, num_tokens, BLOCK_M)
     rows_used = routed_rows + SHARED * shared_rows
     if c == 0:
         tl.store(NumPadded, rows_used)
@@ -259,17 +278,10 @@ def moe_align_place_kernel(
         tl.store(SortedSlots + filled + pad_lanes, num_slots, mask=filled + pad_lanes < seg_end)
     for r0 in range(rows_used + c * CHUNK, capacity, programs * CHUNK):  # past the rows in use
         tl.store(SortedSlots + r0 + lanes, num_slots, mask=r0 + lanes < capacity)
-    for j in tl.static_range(SHARED):  # shared expert j: every token, in token order
-        start = routed_rows + j * shared_rows
-        for t0 in range(c * CHUNK, num_tokens, programs * CHUNK):
-            token = t0 + lanes
-            tl.store(SortedSlots + start + token, token * k_all + ROUTED_K + j, mask=token < num_tokens)
-    for b0 in range(c * CHUNK, capacity // BLOCK_M, programs * CHUNK):
-        rows = (b0 + lanes) * BLOCK_M
-        owner = tl.sum((padded_end[None, :] <= rows[:, None]).to(tl.int32), axis=1)
-        if SHARED > 0:
-            owner = tl.where(rows < routed_rows, owner, E + (rows - routed_rows) // tl.maximum(shared_rows, 1))
-        tl.store(BlockExpert + b0 + lanes, tl.minimum(owner, E + SHARED - 1), mask=b0 + lanes < capacity // BLOCK_M)
+    write_shared_slots(SortedSlots, c * CHUNK, programs * CHUNK, num_tokens, routed_rows, shared_rows, CHUNK,
+                       ROUTED_K, SHARED)
+    write_block_owners(BlockExpert, c * CHUNK, programs * CHUNK, capacity, padded_end, routed_rows, shared_rows, E,
+                       BLOCK_M, CHUNK, SHARED)
 
 
 @triton.jit
