@@ -6,7 +6,11 @@ tile, warp, stage and split sweep at every batch, with the tiles widened to bf16
 Over a bf16 latent: the tile and split sweep at one query, and at larger batches the default split count beside
 the fill rule alone and 128 splits.
 
+``--mask``: with an additive mask, as the bundled model's decode over its static cache passes one (HAS_MASK;
+``--tail N`` more cache rows past the context, hidden by it), and the one-query sweep over loop stages too.
+
     python3 bench/mla_decode_tiles.py --out DIR [--batches 1,4,8,32] [--context 2048] [--fp8] [--sets 4]
+        [--mask [--tail N]]
 """
 import argparse
 import itertools
@@ -32,9 +36,12 @@ def main():
     parser.add_argument("--fp8", action="store_true", help="an FP8 latent with per-token scales")
     parser.add_argument("--sets", type=int, default=4,
                         help="caches and weights rotated through (enough that they pass the L2 together)")
+    parser.add_argument("--mask", action="store_true", help="an additive mask over the cache (the e2e decode's)")
+    parser.add_argument("--tail", type=int, default=0, help="with --mask: cache rows past the context, masked")
     args = parser.parse_args()
-    dev, dtype, t = "cuda", torch.bfloat16, args.context
-    rows = Rows(args.out, "mla_decode_tiles_fp8" if args.fp8 else "mla_decode_tiles")  # written as it grows
+    dev, dtype, t = "cuda", torch.bfloat16, args.context + (args.tail if args.mask else 0)
+    name = "mla_decode_tiles" + ("_fp8" if args.fp8 else "") + ("_mask" if args.mask else "")
+    rows = Rows(args.out, name)  # written as it grows
     for b in (int(x) for x in args.batches.split(",")):
         # Several caches and weights, rotated: one set would sit in L2 from the second replay on.
         sets = []
@@ -46,13 +53,18 @@ def main():
             if args.fp8:
                 c_kv, scale = quantize_latent(c_kv)
                 kv_scale = {"kv_scale": scale}
+            if args.mask:  # the static cache's rows past the context hidden, as the model's decode mask does
+                mask = torch.zeros(b, 1, 1, t, device=dev)
+                mask[..., args.context:] = float("-inf")
+                kv_scale = {**kv_scale, "mask": mask}
             sets.append(((q[..., :DN], q[..., DN:], c_kv, latent[..., C:], w), kv_scale))
         (q_nope, q_pe, c_kv, k_pe, w), kv_scale = sets[0]
         token_bytes = bytes_per_token(c_kv, k_pe, kv_scale.get("kv_scale"))
         if args.fp8:
             c_kv = dequantize_latent(c_kv, kv_scale["kv_scale"].double(), torch.float64)
         ref = torch.cat([  # eight sequences at a time: batch 64's float64 keys at 32k would take 32 GiB at once
-            mla.reference(*(x[i:i + 8].double() for x in (q_nope, q_pe, c_kv, k_pe)), w.double(), 0.1, True)
+            mla.reference(*(x[i:i + 8].double() for x in (q_nope, q_pe, c_kv, k_pe)), w.double(), 0.1, True,
+                          **({"mask": kv_scale["mask"][i:i + 8]} if args.mask else {}))
             for i in range(0, b, 8)])
         floor_us = (b * t * token_bytes + H * (DN + DV) * C * 2) / args.bandwidth * 1e6
         # The default, then tiles and split counts. A split count of None is mla.decode_splits's.
@@ -60,6 +72,11 @@ def main():
             configs = [None] + [
                 {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": st, "SPLITS": sp, "FP8_AS_FP16": as_fp16}
                 for as_fp16, bt, nw, st, sp in itertools.product((False, True), (32, 64), (4, 8), (2, 3), (64, 128))
+            ]
+        elif b == 1 and args.mask:  # the split count and, since the loop's loads pipeline (f5cbaae), its stages
+            configs = [None] + [
+                {"BLOCK_H": 16, "BLOCK_T": bt, "num_warps": nw, "num_stages": st, "SPLITS": sp}
+                for bt, nw, st, sp in itertools.product((32, 64), (4, 8), (3, 4), (None, 8, 16, 32))
             ]
         elif b == 1:  # the split count matters most at one query
             configs = [None] + [
