@@ -190,26 +190,34 @@ def moe_fused():
         yield config, fn, pointers, {}, constexprs, ("up_offset",)
 
 
-def moe_prefill(kind: str):
+def moe_prefill(kind: str, prequant: bool = False):
     """The experts' gate/up (or down) kernel at V2-Lite's MoE in prefill (hidden 2048, intermediate 1408, top-6 of
     64, aligned row blocks, no shared experts: past SHARED_FUSED_MAX_TOKENS they run apart), over each bf16
-    candidate of 64 rows and more."""
+    candidate of 64 rows and more; with ``prequant`` the FP8 W8A8 kernels over activations quantized once
+    (PREQUANT: x by a pre-kernel, the intermediate by the gate/up epilogue), over each PREQUANT candidate."""
     from deepfuse.runtime.kernels import moe
 
     name = "moe_gate_up_act_kernel" if kind == "gate_up" else "moe_down_weighted_kernel"
-    pointers = {"X": "*bf16", "H": "*bf16", "W": "*bf16", "SharedGate": "*bf16", "SharedUp": "*bf16",
-                "SharedDown": "*bf16", "Out": "*bf16", "SortedSlots": "*i32", "BlockExpert": "*i32",
-                "NumPadded": "*i32", "TopkWeights": "*bf16", "SharedScale": "*bf16"}
+    w = "*fp8e4nv" if prequant else "*bf16"
+    a = "*fp8e4nv" if prequant else "*bf16"
+    pointers = {"X": a, "H": a, "W": w, "SharedGate": w, "SharedUp": w, "SharedDown": w,
+                "Out": "*fp8e4nv" if prequant and kind == "gate_up" else "*bf16", "SortedSlots": "*i32",
+                "BlockExpert": "*i32", "NumPadded": "*i32", "TopkWeights": "*bf16", "SharedScale": "*bf16",
+                "WScale": "*fp32", "AScale": "*fp32", "OutScale": "*fp32"}
     n, k = (1408, 2048) if kind == "gate_up" else (2048, 1408)
-    fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py").function(name)
-    for c in (c for c in moe.CANDIDATES if c["BLOCK_M"] >= 64):
+    fn = moe.kernels_for(torch.bfloat16, "silu", "bench/kernel_resources.py",
+                         weight_format="fp8-block-prequant" if prequant else "float").function(name)
+    candidates = ([c for c in moe.FP8_CANDIDATES if c.get("PREQUANT") and c["BLOCK_M"] >= 64] if prequant
+                  else [c for c in moe.CANDIDATES if c["BLOCK_M"] >= 64])
+    for c in candidates:
         bn = c["BLOCK_N"] if kind == "gate_up" else c.get("BLOCK_N_DOWN", c["BLOCK_N"])
         constexprs = {"N": n, "K": k, "TOP_K": 6, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn,
                       "BLOCK_K": c["BLOCK_K"], "N_FASTEST": False, "DIRECT": False, "ATOMIC": False,
-                      "SHARED_SCALED": False, "stride_wk": 1, "stride_sk": 1}
+                      "SHARED_SCALED": False, "EXACT_FP8_ROUNDING": False, "SPLIT_N": c.get("SPLIT_N", 1),
+                      "stride_wk": 1, "stride_sk": 1}
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         config = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"],
-                  "num_stages": c["num_stages"]}
+                  "num_stages": c["num_stages"], **({"SPLIT_N": c["SPLIT_N"]} if "SPLIT_N" in c else {})}
         yield config, fn, pointers, {}, constexprs, ("up_offset",)
 
 
@@ -346,6 +354,8 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
               for suffix, fmt in (("", "float"), ("_w8a8", "fp8-block"), ("_w8a16", "fp8-block-weight"))},
            "moe_up_ungated": lambda: moe_experts("float", "gate_up", gated=False),
            "moe_prefill_gate_up": lambda: moe_prefill("gate_up"), "moe_prefill_down": lambda: moe_prefill("down"),
+           "moe_prefill_gate_up_fp8": lambda: moe_prefill("gate_up", True),
+           "moe_prefill_down_fp8": lambda: moe_prefill("down", True),
            "moe_gpt_oss_gate_up": moe_gpt_oss_gate_up, "moe_fused": moe_fused}
 
 

@@ -13,6 +13,7 @@ told apart.
 
     python3 bench/moe_fp8.py --out DIR [--tokens 1,8,64,512,4096] [--experts 64] [--top-k 6] [--formats 'bf16,fp8 W8A16,fp8 W8A8']
     python3 bench/moe_fp8.py --out DIR --tokens 2048 --formats bf16 --grid prefill --split
+    python3 bench/moe_fp8.py --out DIR --tokens 4096 --formats "fp8 W8A8" --only PREQUANT --split
 """
 import argparse
 import itertools
@@ -71,6 +72,8 @@ def main():
     parser.add_argument("--formats", default="bf16,fp8 W8A16,fp8 W8A8")
     parser.add_argument("--grid", choices=("candidates", "prefill"), default="candidates")
     parser.add_argument("--split", action="store_true", help="each kernel's own time too (profiler)")
+    parser.add_argument("--only", default=None,
+                        help="only the candidates holding this key (PREQUANT, SWAP_AB, SPLIT_N, ...)")
     args = parser.parse_args()
     e, k, h, inter = args.experts, args.top_k, args.hidden, args.intermediate
     dev = torch.device("cuda")
@@ -94,6 +97,8 @@ def main():
         for name, (a, b, scales, act_quant, candidates) in formats.items():
             if name == "bf16" and args.grid == "candidates" and t <= moe.FUSED_MAX_TOKENS:
                 candidates = candidates + moe.FUSED_CANDIDATES  # both projections in one launch, as tune times them
+            if args.only:
+                candidates = [c for c in candidates if c.get(args.only)]
             if t == 1:  # one token runs without align; each tile also aligned, to see what that saves
                 candidates = candidates + [{**c, "DIRECT": False} for c in candidates]
             for cfg in candidates:

@@ -329,10 +329,12 @@ FP8_CASES = [  # (tokens, hidden, inter, experts, k)
 
 # W8A8 with the activations quantized once: x by the pre-kernel, the intermediate by the gate/up epilogue
 PREQUANT = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PREQUANT": True, "num_warps": 4, "num_stages": 3}
+# the same with each program's 128 intermediate columns computed as two column tiles of 64
+PREQUANT_SPLIT = {**PREQUANT, "BLOCK_N": 64, "SPLIT_N": 2}
 # W8A8 with the products transposed (the weight tiles on the FP8 MMA's M side)
 SWAP_AB = next(c for c in moe.FP8_CANDIDATES if c.get("SWAP_AB"))
-FP8_FORMS = {"w8a8": (True, None), "w8a8-prequant": (True, PREQUANT), "w8a8-swap": (True, SWAP_AB),
-             "w8a16": (False, None)}
+FP8_FORMS = {"w8a8": (True, None), "w8a8-prequant": (True, PREQUANT), "w8a8-prequant-split": (True, PREQUANT_SPLIT),
+             "w8a8-swap": (True, SWAP_AB), "w8a16": (False, None)}
 
 
 @pytest.mark.parametrize("case", FP8_CASES, ids=str)
@@ -440,9 +442,12 @@ def test_fp8_experts_misuse_is_a_clear_error():
         moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, shared=sh, shared_scales=sh_s)
     with pytest.raises(TypeError, match="FP8 shared experts must be float8_e4m3fn"):
         moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s2), shared=sh, shared_scales=sh_s)
-    with pytest.raises(ValueError, match="PREQUANT takes BLOCK_N = 128"):
+    with pytest.raises(ValueError, match=r"PREQUANT takes BLOCK_N \* SPLIT_N = 128"):
         moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s2),
                         config={**PREQUANT, "BLOCK_N": 64})
+    with pytest.raises(ValueError, match=r"PREQUANT takes BLOCK_N \* SPLIT_N = 128"):
+        moe.moe_experts(x, ids, weights, q1, q2, interpret=True, weight_scales=(s1, s2),
+                        config={**PREQUANT_SPLIT, "SPLIT_N": 4})
 
 
 def test_shared_scale_misuse_is_a_clear_error():

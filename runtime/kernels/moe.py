@@ -351,6 +351,10 @@ ${block_rows}
 token = (slot // TOP_K).to(tl.int64)
 offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 offs_k = tl.arange(0, BLOCK_K)
+${gate_up_tile}
+''')
+# act(gate) * up of the column tile offs_n over the whole K, in ``out`` (x's dtype) and ``n_ok``.
+_GATE_UP_TILE = KernelTemplate("moe_gate_up_tile", '''
 a_ptrs = X + token[:, None] * stride_xm + offs_k[None, :]
 ${gate_up_pointers}
 ${gate_zeros}
@@ -369,6 +373,41 @@ ${pair_split}
 ${gate_up_bias}
 ${glu}
 out = glu.to(${dtype})
+''')
+
+# The gate/up kernel's body and store with PREQUANT (W8A8, FP8 gated experts): the program's BLOCK_N * SPLIT_N
+# intermediate columns are one 128-wide scale tile of the down projection's K, computed as SPLIT_N column tiles
+# of BLOCK_N one after the other (a K loop each, the A tiles read again from L2), the earlier ones held in x's
+# dtype until the tile's row maxima are known. With SPLIT_N 2 a 128-row block's two fp32 accumulators and the
+# dots' results fit in registers: the 128 x 128 tiles spill (bench/kernel_resources.py --kernels
+# moe_prefill_gate_up_fp8), and the intermediate keeps DeepSeek-V3's 1 x 128 tiles.
+_PREQUANT_GATE_UP_BODY = KernelTemplate("moe_prequant_gate_up_body", '''
+${block_rows}
+token = (slot // TOP_K).to(tl.int64)
+offs_k = tl.arange(0, BLOCK_K)
+row_max = tl.zeros((BLOCK_M,), dtype=tl.float32)
+held = tl.zeros((BLOCK_M, BLOCK_N), dtype=${dtype})  # column tile 0's act(gate) * up (SPLIT_N 2)
+for part in tl.static_range(SPLIT_N):
+    offs_n = (pid_n * SPLIT_N + part) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ${gate_up_tile}
+    # (out is rounded to x's dtype before quantizing, as an unfused intermediate would be)
+    row_max = tl.maximum(row_max, tl.max(tl.where(n_ok, tl.abs(out.to(tl.float32)), 0.0), axis=1))
+    if SPLIT_N > 1 and part == 0:
+        held = out
+# one scale per row over the whole 128-column tile, then each column tile stored with it
+h_scale = tl.maximum(row_max, AMAX_FLOOR) / FP8_MAX
+if SPLIT_N > 1:
+    first_n = pid_n * SPLIT_N * BLOCK_N + tl.arange(0, BLOCK_N)
+    hq = held.to(tl.float32) / h_scale[:, None]
+    if EXACT_FP8_ROUNDING:
+        hq = round_to_e4m3(hq)
+    tl.store(Out + offs_m[:, None] * stride_om + first_n[None, :], hq.to(tl.float8e4nv),
+             mask=valid[:, None] & (first_n[None, :] < N))
+hq = out.to(tl.float32) / h_scale[:, None]
+if EXACT_FP8_ROUNDING:
+    hq = round_to_e4m3(hq)
+tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], hq.to(tl.float8e4nv), mask=valid[:, None] & n_ok)
+tl.store(OutScale + offs_m.to(tl.int64) * stride_osm + pid_n, h_scale, mask=valid)
 ''')
 
 # FUSED (one token, float weights): both projections in one launch. Each program holds the act(gate) * up of its
@@ -593,17 +632,12 @@ bias = tl.load(DownBias + expert * stride_dbe + offs_n * stride_dbn, mask=offs_n
 acc += bias.to(tl.float32)[None, :]""",
 }
 
-# The intermediate's store: as it is, or (prequantized W8A8) in FP8 with one scale per row of this program's
-# 128 columns, which are exactly one 128-wide tile of the down projection's K.
-_GATE_UP_STORES = {
-    "plain": "tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)",
-    "fp8": """\
-hq, h_scale = quantize_rows_e4m3(out, EXACT_FP8_ROUNDING)
-tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], hq, mask=valid[:, None] & n_ok)
-tl.store(OutScale + offs_m.to(tl.int64) * stride_osm + pid_n, h_scale, mask=valid)""",
-}
+# The intermediate's store (prequantized W8A8 stores it in FP8 in its own body, _PREQUANT_GATE_UP_BODY).
+_GATE_UP_STORE = "tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)"
 _FP8_HELPERS = f"""\
 {quant_kernels.ROUND_TO_E4M3}
+FP8_MAX = tl.constexpr({quant_kernels.FP8_MAX!r})
+AMAX_FLOOR = tl.constexpr({quant_kernels.AMAX_FLOOR!r})
 
 @triton.jit
 def quantize_rows_e4m3(a, EXACT_FP8_ROUNDING: tl.constexpr):
@@ -629,7 +663,7 @@ def _scale_args(kind: str, fp8: bool, prequant: bool, shared: bool, w8a8: bool) 
     shared_scales = {"gate_up": " SharedGateScale, SharedUpScale,", "down": " SharedDownScale,"}[kind]
     return ("WScale, stride_sse, stride_ssn, stride_ssk, EXACT_FP8_ROUNDING: tl.constexpr,"
             + (" AScale, stride_asm," if prequant else " SWAP_AB: tl.constexpr," if w8a8 else "")
-            + (" OutScale, stride_osm," if prequant and kind == "gate_up" else "")
+            + (" OutScale, stride_osm, SPLIT_N: tl.constexpr," if prequant and kind == "gate_up" else "")
             + (f"{shared_scales} stride_shn, stride_shk," if shared else ""))
 
 
@@ -724,11 +758,12 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "down_product": _PRODUCTS[weight_format]["down"].replace("${precision}", precision),
                  "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared, w8a8),
                  "down_scale_args": _scale_args("down", fp8, prequant, shared, w8a8),
-                 "gate_up_store": _GATE_UP_STORES["fp8" if prequant else "plain"],
+                 "gate_up_store": "" if prequant else _GATE_UP_STORE,
                  "program_ids": _PROGRAM_IDS, "block_rows": _BLOCK_ROWS, "slot_weights": _SLOT_WEIGHTS,
                  "helpers": _FP8_HELPERS if w8a8 else "",
                  **(_PAIRED if paired else {})}
-        slots["gate_up_body"] = _GATE_UP_BODY.render(slots)
+        slots["gate_up_tile"] = _GATE_UP_TILE.render(slots)
+        slots["gate_up_body"] = (_PREQUANT_GATE_UP_BODY if prequant else _GATE_UP_BODY).render(slots)
         slots["fused_kernel"] = "" if fp8 else _FUSED_KERNEL.render({
             **slots, "fused_down_pointers": _FUSED_DOWN_POINTERS if not shared else (
                 "if expert < E_ROUTED:\n" + textwrap.indent(_FUSED_DOWN_POINTERS, "    ") + "\nelse:\n"
@@ -828,6 +863,10 @@ FP8_CANDIDATES = [
      "num_warps": w, "num_stages": st}
     for bm, bnd, w, st in [(64, 128, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
                            (16, 128, 4, 4), (32, 128, 4, 4)]
+] + [  # the same, each program's 128 intermediate columns as two column tiles of 64 (SPLIT_N, fewer registers)
+    {"BLOCK_M": bm, "BLOCK_N": 64, "SPLIT_N": 2, "BLOCK_N_DOWN": bnd, "BLOCK_K": FP8_BLOCK, "PREQUANT": True,
+     "num_warps": w, "num_stages": st}
+    for bm, bnd, w, st in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)]
 ]
 
 
@@ -1079,17 +1118,19 @@ def moe_experts(
     if fp8:  # the activation tile is the quantization group
         cfg["BLOCK_K"] = FP8_BLOCK
     # PREQUANT (W8A8 only): x quantized by a pre-kernel and the intermediate written in FP8 by the gate/up
-    # epilogue, one 128-wide scale tile per program (BLOCK_N 128), instead of every N-tile program quantizing its
-    # A tiles again in the K loop.
+    # epilogue, one 128-wide scale tile per program (BLOCK_N * SPLIT_N columns: SPLIT_N column tiles one after
+    # the other), instead of every N-tile program quantizing its A tiles again in the K loop.
     prequant = cfg.pop("PREQUANT", False) and fp8 and act_quant
+    split_n = cfg.pop("SPLIT_N", 1)
+    split_n = split_n if prequant else 1
     weight_format = ("fp8-block-prequant" if prequant else "fp8-block" if act_quant
                      else "fp8-block-weight") if fp8 else "float"
     # SWAP_AB (W8A8 quantizing in the K loop only): the products taken transposed, the weight tile on the FP8 MMA's
     # M side; elsewhere the same tile as it is
     swap_ab = cfg.pop("SWAP_AB", False) and weight_format == "fp8-block"
-    if prequant and cfg["BLOCK_N"] != FP8_BLOCK:
-        raise ValueError(f"moe: PREQUANT takes BLOCK_N = {FP8_BLOCK} (one scale tile of the intermediate), "
-                         f"got {cfg['BLOCK_N']}")
+    if prequant and cfg["BLOCK_N"] * split_n != FP8_BLOCK:
+        raise ValueError(f"moe: PREQUANT takes BLOCK_N * SPLIT_N = {FP8_BLOCK} (one scale tile of the "
+                         f"intermediate), got BLOCK_N {cfg['BLOCK_N']}, SPLIT_N {split_n}")
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     bn_down, n_fastest = cfg.pop("BLOCK_N_DOWN", bn), cfg.pop("N_FASTEST", False)
     # FUSED (float weights, a static token count up to FUSED_MAX_TOKENS): both projections in one launch, BLOCK_H
@@ -1146,7 +1187,7 @@ def moe_experts(
             scales = a_scales if i == 0 else h_scales
             args.update({"AScale": scales, "stride_asm": scales.stride(0)})
             if i == 0:
-                args.update({"OutScale": h_scales, "stride_osm": h_scales.stride(0)})
+                args.update({"OutScale": h_scales, "stride_osm": h_scales.stride(0), "SPLIT_N": split_n})
         return args
     def gate_up_rows(stride):  # (the gate rows' stride, the up rows' offset from them), in elements
         if not gated:  # the up rows alone
@@ -1184,7 +1225,7 @@ def moe_experts(
         )
         return partials.view(t, k * blocks_n, hidden).sum(dim=1).to(x.dtype)
     inter_out = torch.empty((capacity, inter), dtype=torch.float8_e4m3fn if prequant else x.dtype, device=x.device)
-    gate_up[grid(triton.cdiv(inter, bn))](
+    gate_up[grid(triton.cdiv(inter, bn * split_n))](
         a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
         a.stride(0), w_gate_up.stride(0), *gate_up_rows(w_gate_up.stride(1)), w_gate_up.stride(2),
         *shared_gate.stride(), inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
