@@ -379,8 +379,10 @@ out = glu.to(${dtype})
 # intermediate columns are one 128-wide scale tile of the down projection's K, computed as SPLIT_N column tiles
 # of BLOCK_N one after the other (a K loop each, the A tiles read again from L2), the earlier ones held in x's
 # dtype until the tile's row maxima are known. With SPLIT_N 2 a 128-row block's two fp32 accumulators and the
-# dots' results fit in registers: the 128 x 128 tiles spill (bench/kernel_resources.py --kernels
-# moe_prefill_gate_up_fp8), and the intermediate keeps DeepSeek-V3's 1 x 128 tiles.
+# dots' results fit in registers where the 128 x 128 tiles spill (bench/kernel_resources.py --kernels
+# moe_prefill_gate_up_fp8), and the intermediate keeps DeepSeek-V3's 1 x 128 tiles. Timed on H100 at T=4096, the
+# spill was not what held the FP8 gate/up back: the best split tile (64 x 64, 4 warps) took 707 us, the best
+# unsplit one 771, bf16's 572 (bench/RESULTS.md).
 _PREQUANT_GATE_UP_BODY = KernelTemplate("moe_prequant_gate_up_body", '''
 ${block_rows}
 token = (slot // TOP_K).to(tl.int64)
@@ -863,10 +865,11 @@ FP8_CANDIDATES = [
      "num_warps": w, "num_stages": st}
     for bm, bnd, w, st in [(64, 128, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
                            (16, 128, 4, 4), (32, 128, 4, 4)]
-] + [  # the same, each program's 128 intermediate columns as two column tiles of 64 (SPLIT_N, fewer registers)
-    {"BLOCK_M": bm, "BLOCK_N": 64, "SPLIT_N": 2, "BLOCK_N_DOWN": bnd, "BLOCK_K": FP8_BLOCK, "PREQUANT": True,
-     "num_warps": w, "num_stages": st}
-    for bm, bnd, w, st in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4)]
+] + [  # the same, each program's 128 intermediate columns as two column tiles of 64 (SPLIT_N, fewer registers).
+    # At T=4096 on H100 its gate/up took 707 us against 771 for the best unsplit tile (64 x 128, 8 warps); the
+    # 128-row split tiles (825 us) were dropped (bench/RESULTS.md, d813223)
+    {"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_N": 2, "BLOCK_N_DOWN": 128, "BLOCK_K": FP8_BLOCK, "PREQUANT": True,
+     "num_warps": 4, "num_stages": 4}
 ]
 
 
