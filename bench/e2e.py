@@ -4,6 +4,7 @@ experts) in eager and under torch.compile's default, on the same prompt, in one 
 
     python bench/e2e.py --out DIR [--layers 27] [--prefill 2048] [--context 2048] [--batches 1,32]
                         [--impls bundled,deepfuse,hf,hf_inductor] [--fp8] [--last-logits]
+                        [--quantize fp8-block [--quantize-skip self_attn,lm_head]]
 
 Measured (CUDA events, median; every call launched from Python as a user would):
 - prefill of one sequence of --prefill tokens (logits of every position; with --last-logits, of the last one
@@ -25,7 +26,8 @@ Measured (CUDA events, median; every call launched from Python as a user would):
   the yardstick is eager bf16 against itself with the other attention form (naive vs absorb).
 Floors: decode, the bytes one step must read (weights it touches, in their stored format, and the latent cache)
 over the measured HBM bandwidth; prefill, its matmul and attention FLOPs over the measured bf16 matmul rate (with
---fp8, twice that: FP8's tensor-core rate on Hopper). Writes e2e_results.json
+--fp8, twice that: FP8's tensor-core rate on Hopper). With --quantize (deepfuse's own compile-time conversion of the
+bf16 model, --quantize-skip naming the modules left bf16) the floors stay the bf16 model's. Writes e2e_results.json
 and e2e.png to --out.
 """
 from __future__ import annotations
@@ -142,6 +144,9 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                     decode_bytes(cfg, figures, b, ctx, cache.bytes_per_token_per_layer()) / bandwidth * 1e3)
         if "deepfuse" in args.impls:
             df_options = {} if args.deepfuse_passes is None else {"passes": tuple(args.deepfuse_passes.split(","))}
+            if args.quantize:  # the bf16 model's weights converted while compiling, but those quantize_skip names
+                df_options.update(quantize=args.quantize,
+                                  quantize_skip=tuple(p for p in args.quantize_skip.split(",") if p))
             notes["deepfuse_options"] = df_options
             # dynamic=False: one graph per batch size (each its own CUDA graph); the context never changes a shape
             if args.compile == "blocks":  # regional: one graph per kind of block (dense, MoE), reused by every layer;
@@ -322,6 +327,11 @@ def main():
     parser.add_argument("--fp8", action="store_true",
                         help="the bundled model in DeepSeek-V3's FP8 format (128 x 128 blocks, W8A8): its linears and "
                              "routed experts in FP8; bundled and deepfuse only")
+    parser.add_argument("--quantize", default=None, choices=("fp8-block", "int8-weight"),
+                        help="deepfuse only: options['quantize'], the bf16 model's weights converted while compiling")
+    parser.add_argument("--quantize-skip", default="",
+                        help="with --quantize: options['quantize_skip'], comma-separated module-path patterns "
+                             "(e.g. 'self_attn' keeps the attention projections bf16)")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.deepfuse_batches = [int(b) for b in args.deepfuse_batches.split(",")] if args.deepfuse_batches else args.batches

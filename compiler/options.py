@@ -6,6 +6,7 @@ so a typo never silently turns a feature off.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -42,6 +43,11 @@ class Options:
     #: quantized per token and 128-wide tile: DeepSeek-V3's recipe) or "int8-weight" (int8 weights, one scale
     #: per output channel, activations untouched). None keeps the weights as they are. See deepfuse.quantize.
     quantize: Optional[str] = None
+    #: With ``quantize``: module-path patterns (regular expressions, ``re.search``) of the weights to leave as they
+    #: are, matched against the path ``explain`` shows ("layers.0.self_attn.q_proj"; a stacked expert weight by
+    #: the module that multiplies with it, "layers.1.mlp.experts"). Like Hugging Face's
+    #: ``modules_to_not_convert``: ``("self_attn", "lm_head")`` quantizes the MLPs and experts alone.
+    quantize_skip: tuple[str, ...] = ()
     #: With ``quantize``: free the float weights that were quantized (their storage is resized to 0 bytes), so
     #: the process holds only the quantized copies. The model then runs only through the compiled module.
     release_float_weights: bool = False
@@ -85,6 +91,10 @@ class Options:
             )
         if options.get("release_float_weights") and not options.get("quantize"):
             raise DeepfuseError("options['release_float_weights'] needs options['quantize']")
+        if "quantize_skip" in options:
+            options["quantize_skip"] = _patterns(options["quantize_skip"], "quantize_skip")
+            if options["quantize_skip"] and not options.get("quantize"):
+                raise DeepfuseError("options['quantize_skip'] needs options['quantize']")
         for key in ("interpret", "inductor", "autotune", "inline", "deterministic", "release_float_weights",
                     "expert_parallel"):
             if key in options and not isinstance(options[key], bool):
@@ -130,4 +140,17 @@ class Options:
     def fingerprint(self) -> str:
         """What changes the rewritten graph; part of Inductor's FX-graph cache key."""
         return repr((self.interpret, self.kernels, self.passes, self.inline, self.deterministic, self.quantize,
-                     self.expert_parallel, self.micro_batches, self.expert_parallel_exchange))
+                     self.quantize_skip, self.expert_parallel, self.micro_batches, self.expert_parallel_exchange))
+
+
+def _patterns(value: Any, key: str) -> tuple[str, ...]:
+    """A str or a sequence of str, each a valid regular expression, as a tuple."""
+    patterns = (value,) if isinstance(value, str) else value
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise DeepfuseError(f"options[{key!r}] must be a str or a list of str (module-path patterns), got {value!r}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise DeepfuseError(f"options[{key!r}]: {pattern!r} is not a regular expression ({e})") from None
+    return tuple(patterns)

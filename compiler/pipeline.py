@@ -115,7 +115,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     if options.quantize:
         from .quantize import quantize_linears
 
-        quantize_linears(gm, example_inputs, options.quantize, options.release_float_weights)
+        quantize_linears(gm, example_inputs, options.quantize, options.release_float_weights, options.quantize_skip)
     if options.inductor:
         from torch._inductor.compile_fx import compile_fx
 
@@ -191,5 +191,5 @@ def explain_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     if options.quantize:
         from .quantize import quantize_linears
 
-        quantize_linears(gm, example_inputs, options.quantize, release=False)
+        quantize_linears(gm, example_inputs, options.quantize, release=False, skip=options.quantize_skip)
     return _aot(gm, example_inputs, lambda g: run_passes(g, options, report), run_original=True)

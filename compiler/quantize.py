@@ -24,12 +24,14 @@ graph computes the linears' W8A8 recipe, and the moe pass runs those experts as 
 math: activations quantized in registers, FP8 dots), reading the FP8 bytes, half of bf16's at decode. A
 stacked weight in a matmul whose K axis is unclear (an einsum contracting two indices, say) stays float.
 
-Not converted: weights used other than as a linear's weight or a stacked matrix (tied embeddings, say), and
-non-float weights.
+Not converted: weights used other than as a linear's weight or a stacked matrix (tied embeddings, say),
+non-float weights, and those whose module path matches one of ``options["quantize_skip"]``'s patterns (a linear
+by its own module, "layers.0.self_attn.q_proj"; a stacked weight by the modules of the matmuls it enters).
 """
 from __future__ import annotations
 
 import operator
+import re
 import weakref
 from typing import Callable, Union
 
@@ -38,6 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .log import log
+from .report import module_path
 
 FORMATS = {"fp8-block": "fp8-block", "int8-weight": "int8-channel"}
 _LINEARS = (torch._C._nn.linear, F.linear)
@@ -156,10 +159,16 @@ def _register(gm: fx.GraphModule, name: str, t: torch.Tensor) -> None:
         gm._param_name_to_source[name] = ConstantSource(name)
 
 
-def quantize_experts(gm: fx.GraphModule, real: dict, release: bool) -> tuple[int, list]:
+def _skipped(paths: list[str], skip: tuple[str, ...]) -> str:
+    """The first of ``paths`` (module paths) that a ``skip`` pattern matches, or ''."""
+    return next((path for path in paths for pattern in skip if re.search(pattern, path)), "")
+
+
+def quantize_experts(gm: fx.GraphModule, real: dict, release: bool, skip: tuple[str, ...] = ()) -> tuple[int, list]:
     """Stacked expert weights to FP8 blocks read through ``deepfuse::fp8_block_dequantize``, the activations of
     every matmul they enter quantized per token and 128-wide K tile (W8A8, as the linears); returns how many
-    were converted and the float parameters now unread."""
+    were converted and the float parameters now unread. A weight entering a matmul of a module that a ``skip``
+    pattern matches stays float."""
     import deepfuse.runtime.ops  # noqa: F401  (registers deepfuse::fp8_block_dequantize)
 
     converted, released = 0, []
@@ -175,6 +184,11 @@ def quantize_experts(gm: fx.GraphModule, real: dict, release: bool) -> tuple[int
         if why is not None:
             if isinstance(uses, list):  # a stacked weight that is multiplied, in a form whose K axis is unclear
                 log.info("quantize='fp8-block': stacked weight %s stays %s: %s", node.name, weight.dtype, why)
+            continue
+        skipped = _skipped([module_path(matmul) for matmul, _ in uses], skip)
+        if skipped:
+            log.info("quantize='fp8-block': stacked weight %s of %s stays %s (quantize_skip)", node.name, skipped,
+                     weight.dtype)
             continue
         q, s = _quantized(weight, "fp8-block")
         names = [f"_deepfuse_fp8_block_experts_{part}_{converted}" for part in ("weight", "scale")]
@@ -195,11 +209,13 @@ def quantize_experts(gm: fx.GraphModule, real: dict, release: bool) -> tuple[int
     return converted, released
 
 
-def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release: bool) -> int:
-    """Rewrite ``gm``'s linear layers in place; returns how many were converted."""
+def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release: bool,
+                     skip: tuple[str, ...] = ()) -> int:
+    """Rewrite ``gm``'s linear layers in place, but those of modules a ``skip`` pattern matches (and with
+    ``fp8-block`` its stacked expert weights alike); returns how many weights were converted."""
     kernel_fmt = FORMATS[fmt]
     real = {n: t for n, t in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
-    converted, released = 0, []
+    converted, released, kept = 0, [], 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _LINEARS:
             continue
@@ -209,6 +225,9 @@ def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release
         if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2:
             continue
         if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            continue
+        if _skipped([module_path(node)], skip):
+            kept += 1
             continue
         q, s = _quantized(weight, kernel_fmt)
         names = []
@@ -228,14 +247,15 @@ def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release
             released.append(weight)
     experts = 0
     if fmt == "fp8-block":
-        experts, more = quantize_experts(gm, real, release)
+        experts, more = quantize_experts(gm, real, release, skip)
         released += more
     gm.graph.lint()
     gm.recompile()
     for weight in released:
         weight.data.untyped_storage().resize_(0)
-    if converted or experts:
-        log.info("quantize=%r: %d linear weights%s converted%s", fmt, converted,
+    if converted or experts or kept:
+        log.info("quantize=%r: %d linear weights%s converted%s%s", fmt, converted,
                  f" and {experts} stacked expert weights" if experts else "",
+                 f", {kept} linear weights kept (quantize_skip)" if kept else "",
                  f", {len(released)} float copies released" if release else "")
     return converted + experts

@@ -285,9 +285,57 @@ def test_quantize_option_keeps_weights_unless_asked():
 
 
 def test_quantize_option_errors():
-    for bad, match in ((dict(quantize="fp4"), "quantize"), (dict(release_float_weights=True), "needs")):
+    for bad, match in ((dict(quantize="fp4"), "quantize"), (dict(release_float_weights=True), "needs"),
+                       (dict(quantize_skip=["down"]), "needs options"),
+                       (dict(quantize="fp8-block", quantize_skip=["(down"]), "not a regular expression"),
+                       (dict(quantize="fp8-block", quantize_skip=[3]), "list of str")):
         with pytest.raises(deepfuse.DeepfuseError, match=match):
             deepfuse.Options.from_user(bad)
+    assert deepfuse.Options.from_user(dict(quantize="fp8-block", quantize_skip="down")).quantize_skip == ("down",)
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block", "int8-weight"])
+def test_quantize_skip_leaves_matching_modules_float(fmt):
+    """quantize_skip: the layers whose module path a pattern matches keep their float weights (and are not
+    released); the others are converted as without it."""
+    from deepfuse.quantize import fp8_block_linear, int8_weight_linear
+
+    model = TwoLayers()
+    ids = torch.randint(0, 16, (3, 5))
+    kernel_fmt = "fp8-block" if fmt == "fp8-block" else "int8-channel"
+    form = fp8_block_linear if fmt == "fp8-block" else int8_weight_linear
+    with torch.no_grad():  # up quantized, down as it is
+        ref = model.down(torch.relu(form(model.embed(ids), *quant.quantize_weight(model.up.weight, kernel_fmt),
+                                         model.up.bias)))
+    out, report = _compile(model, ids, interpret=True, quantize=fmt, quantize_skip=["^down$"],
+                           release_float_weights=True)
+    assert rel_err(out, ref) < (5e-3 if fmt == "fp8-block" else 1e-5)
+    rows = _quant(report)
+    assert [r.module for r in rows] == ["up"], str(report)
+    assert model.up.weight.untyped_storage().nbytes() == 0
+    assert model.down.weight.untyped_storage().nbytes() == 64 * 200 * 4
+
+
+def test_quantize_skip_keeps_attention_float_and_experts_fp8():
+    """The bundled model with quantize_skip=("self_attn",): its attention projections stay float (no quant row
+    under self_attn, the mla pass still matches), its stacked experts and MLP linears go FP8 (the moe pass runs
+    the FP8 kernels). Reference kernels: what is converted, not the kernels, is under test here."""
+    model = DeepSeekForCausalLM.from_config(get_config("tiny", moe_intermediate_size=128))
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        eager = model(ids)
+    out, report = _compile(model, ids, kernels="reference", quantize="fp8-block", quantize_skip=("self_attn",))
+    torch._dynamo.reset()
+    rows = _quant(report)
+    assert rows and not any("self_attn" in r.module for r in rows), str(report)
+    assert any(m.family == "mla" for m in report.matches), str(report)
+    moes = [m for m in report.matches if m.family == "moe"]
+    assert moes and all(m.params["expert_weights"].startswith("fp8-block") for m in moes), str(report)
+    assert 0 < rel_err(out, eager) < 0.2
+    full, full_report = _compile(model, ids, kernels="reference", quantize="fp8-block")
+    torch._dynamo.reset()
+    assert any("self_attn" in r.module for r in _quant(full_report)), str(full_report)
+    assert rel_err(out, full) > 0  # the attention's FP8 rounding is gone
 
 
 def test_hugging_face_fp8_linear_is_found_under_deepfuse():
