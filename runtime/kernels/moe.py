@@ -397,18 +397,13 @@ for part in tl.static_range(SPLIT_N):
     if SPLIT_N > 1 and part == 0:
         held = out
 # one scale per row over the whole 128-column tile, then each column tile stored with it
-h_scale = tl.maximum(row_max, AMAX_FLOOR) / FP8_MAX
+h_scale = row_scales_e4m3(row_max)
 if SPLIT_N > 1:
     first_n = pid_n * SPLIT_N * BLOCK_N + tl.arange(0, BLOCK_N)
-    hq = held.to(tl.float32) / h_scale[:, None]
-    if EXACT_FP8_ROUNDING:
-        hq = round_to_e4m3(hq)
-    tl.store(Out + offs_m[:, None] * stride_om + first_n[None, :], hq.to(tl.float8e4nv),
-             mask=valid[:, None] & (first_n[None, :] < N))
-hq = out.to(tl.float32) / h_scale[:, None]
-if EXACT_FP8_ROUNDING:
-    hq = round_to_e4m3(hq)
-tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], hq.to(tl.float8e4nv), mask=valid[:, None] & n_ok)
+    tl.store(Out + offs_m[:, None] * stride_om + first_n[None, :],
+             to_e4m3(held.to(tl.float32), h_scale, EXACT_FP8_ROUNDING), mask=valid[:, None] & (first_n[None, :] < N))
+tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], to_e4m3(out.to(tl.float32), h_scale, EXACT_FP8_ROUNDING),
+         mask=valid[:, None] & n_ok)
 tl.store(OutScale + offs_m.to(tl.int64) * stride_osm + pid_n, h_scale, mask=valid)
 ''')
 
@@ -638,19 +633,29 @@ acc += bias.to(tl.float32)[None, :]""",
 _GATE_UP_STORE = "tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=valid[:, None] & n_ok)"
 _FP8_HELPERS = f"""\
 {quant_kernels.ROUND_TO_E4M3}
-FP8_MAX = tl.constexpr({quant_kernels.FP8_MAX!r})
-AMAX_FLOOR = tl.constexpr({quant_kernels.AMAX_FLOOR!r})
+
+@triton.jit
+def row_scales_e4m3(amax):
+    \"\"\"The fp32 scale of each row whose largest magnitude is ``amax``: amax / {quant_kernels.FP8_MAX!r}.\"\"\"
+    return tl.maximum(amax, {quant_kernels.AMAX_FLOOR!r}) / {quant_kernels.FP8_MAX!r}
+
+
+@triton.jit
+def to_e4m3(af, scale, EXACT_FP8_ROUNDING: tl.constexpr):
+    \"\"\"An fp32 [rows, cols] tile divided by its rows' ``scale``, as FP8 values.\"\"\"
+    q = af / scale[:, None]
+    if EXACT_FP8_ROUNDING:
+        q = round_to_e4m3(q)
+    return q.to(tl.float8e4nv)
+
 
 @triton.jit
 def quantize_rows_e4m3(a, EXACT_FP8_ROUNDING: tl.constexpr):
     \"\"\"A [rows, 128] tile as FP8 values and one fp32 scale per row, s = max|a| / {quant_kernels.FP8_MAX!r}
     (DeepSeek-V3's 1 x 128 activation tiles).\"\"\"
     af = a.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(af), axis=1), {quant_kernels.AMAX_FLOOR!r}) / {quant_kernels.FP8_MAX!r}
-    q = af / scale[:, None]
-    if EXACT_FP8_ROUNDING:
-        q = round_to_e4m3(q)
-    return q.to(tl.float8e4nv), scale
+    scale = row_scales_e4m3(tl.max(tl.abs(af), axis=1))
+    return to_e4m3(af, scale, EXACT_FP8_ROUNDING), scale
 
 
 # The experts' kernels.
