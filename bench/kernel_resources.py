@@ -140,7 +140,7 @@ def mla_prefill():
                {"scale": "fp32"}, constexprs)
 
 
-def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True):
+def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True, uniform: bool = True):
     """The experts' gate/up (or down) kernel at V2-Lite's MoE (hidden 2048, intermediate 1408, top-6 of 64 plus
     2 shared experts in the same launch), one token (DIRECT), over each decode tile candidate of its format; with
     ``gated=False`` the ungated experts' up kernel (squared ReLU) at the same shape."""
@@ -163,6 +163,8 @@ def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True):
         # launch specializes a 1 as a constant
         constexprs = {"N": n, "K": k, "TOP_K": 8, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn,
                       "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "EXACT_FP8_ROUNDING": False,
+                      # V2-Lite's intermediate (11 x 128) and hidden: a tile that divides 128 has one scale
+                      "UNIFORM_W_SCALE": uniform and 128 % bn == 0,
                       "ATOMIC": False, "SHARED_SCALED": False, "SWAP_AB": c.get("SWAP_AB", False), "stride_wk": 1,
                       "stride_sk": 1}
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
@@ -190,7 +192,7 @@ def moe_fused():
         yield config, fn, pointers, {}, constexprs, ("up_offset",)
 
 
-def moe_prefill(kind: str, prequant: bool = False):
+def moe_prefill(kind: str, prequant: bool = False, uniform: bool = True):
     """The experts' gate/up (or down) kernel at V2-Lite's MoE in prefill (hidden 2048, intermediate 1408, top-6 of
     64, aligned row blocks, no shared experts: past SHARED_FUSED_MAX_TOKENS they run apart), over each bf16
     candidate of 64 rows and more; with ``prequant`` the FP8 W8A8 kernels over activations quantized once
@@ -214,6 +216,7 @@ def moe_prefill(kind: str, prequant: bool = False):
         constexprs = {"N": n, "K": k, "TOP_K": 6, "ROUTED_K": 6, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn,
                       "BLOCK_K": c["BLOCK_K"], "N_FASTEST": False, "DIRECT": False, "ATOMIC": False,
                       "SHARED_SCALED": False, "EXACT_FP8_ROUNDING": False, "SPLIT_N": c.get("SPLIT_N", 1),
+                      "UNIFORM_W_SCALE": uniform and 128 % bn == 0,
                       "stride_wk": 1, "stride_sk": 1}
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         config = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"],
@@ -356,6 +359,9 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
            "moe_prefill_gate_up": lambda: moe_prefill("gate_up"), "moe_prefill_down": lambda: moe_prefill("down"),
            "moe_prefill_gate_up_fp8": lambda: moe_prefill("gate_up", True),
            "moe_prefill_down_fp8": lambda: moe_prefill("down", True),
+           # the FP8 kernels with a weight scale per column (UNIFORM_W_SCALE off: what they ran before 2026-12-07)
+           "moe_prefill_gate_up_fp8_per_column": lambda: moe_prefill("gate_up", True, uniform=False),
+           "moe_gate_up_w8a8_per_column": lambda: moe_experts("fp8-block", "gate_up", uniform=False),
            "moe_gpt_oss_gate_up": moe_gpt_oss_gate_up, "moe_fused": moe_fused}
 
 

@@ -318,7 +318,8 @@ def moe_down_weighted_kernel(
     SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT: as in the gate/up kernel."""
     ${program_ids}
     ${block_rows}
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N  # the tile's first column
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = H + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
     ${down_pointers}
@@ -349,7 +350,8 @@ ${fused_kernel}''',
 _GATE_UP_BODY = KernelTemplate("moe_gate_up_body", '''
 ${block_rows}
 token = (slot // TOP_K).to(tl.int64)
-offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+n0 = pid_n * BLOCK_N  # the tile's first column
+offs_n = n0 + tl.arange(0, BLOCK_N)
 offs_k = tl.arange(0, BLOCK_K)
 ${gate_up_tile}
 ''')
@@ -390,7 +392,8 @@ offs_k = tl.arange(0, BLOCK_K)
 row_max = tl.zeros((BLOCK_M,), dtype=tl.float32)
 held = tl.zeros((BLOCK_M, BLOCK_N), dtype=${dtype})  # column tile 0's act(gate) * up (SPLIT_N 2)
 for part in tl.static_range(SPLIT_N):
-    offs_n = (pid_n * SPLIT_N + part) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = (pid_n * SPLIT_N + part) * BLOCK_N  # the column tile's first column
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     ${gate_up_tile}
     # (out is rounded to x's dtype before quantizing, as an unfused intermediate would be)
     row_max = tl.maximum(row_max, tl.max(tl.where(n_ok, tl.abs(out.to(tl.float32)), 0.0), axis=1))
@@ -546,6 +549,24 @@ step_k = stride_wk""",
 }
 
 
+def _per_tile_scales(per_column: str, kind: str) -> str:
+    """An FP8 product (``kind`` "product") or scale-pointer setup ("pointers") written with one weight scale per
+    output column, as the kernels read it in either case: with UNIFORM_W_SCALE (the tile's columns all in one
+    128-row scale block) one scalar load per K tile and one FMA per accumulator element, the row scales times it;
+    otherwise a scale per column, multiplied out as an outer product with the row scales. The scalar form is the
+    per-column text rewritten: the tile's first column ``n0`` for ``offs_n`` in the pointers, unmasked loads, and
+    ``(a[:, None] * w[None, :])`` as ``(a * w)[:, None]``, ``w[None, :]`` as ``w``."""
+    if kind == "pointers":
+        uniform = re.sub(r"\boffs_n\b", "n0", per_column)
+    else:
+        uniform = re.sub(r"tl\.load\((\w+) \+ \(k0 // 128\) \* scale_k, mask=offs_n < N, other=0\.0\)",
+                         r"tl.load(\1 + (k0 // 128) * scale_k)", per_column)
+        uniform = re.sub(r"\((\w+)\[:, None\] \* (\w+)\[None, :\]\)", r"(\1 * \2)[:, None]", uniform)
+        uniform = re.sub(r"(\w+_scale)\[None, :\]", r"\1", uniform)
+    return ("if UNIFORM_W_SCALE:  # the tile in one scale block: a scalar per K tile\n"
+            + textwrap.indent(uniform, "    ") + "\nelse:\n" + textwrap.indent(per_column, "    "))
+
+
 # The K-loop product, by the experts' weight format. FP8 (e4m3 weights with fp32 scales per 128 x 128 block,
 # DeepSeek-V3's recipe): in "fp8-block" (W8A8) the activation tile (BLOCK_K = 128 wide) is quantized per row in
 # registers, the FP8 dot accumulates in fp32 and both scales multiply its result, one weight scale per output
@@ -600,6 +621,10 @@ b_scale = tl.load(bs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
 acc += tl.dot(a, b.to(a.dtype), input_precision=${precision}) * b_scale[None, :]""",
     },
 }
+_PRODUCTS.update({fmt: {kind: _per_tile_scales(text, "product") for kind, text in forms.items()}
+                  for fmt, forms in _PRODUCTS.items() if fmt != "float"})
+
+
 _SCALE_POINTERS = {  # the weight scales of this program's output columns: [E, rows / 128, K / 128]
     "gate_up": """\
 gs_ptrs = WScale + expert * stride_sse + (offs_n // 128) * stride_ssn
@@ -614,6 +639,8 @@ gs_ptrs = SharedGateScale + (((expert - E_ROUTED) * N + offs_n) // 128) * stride
 us_ptrs = SharedUpScale + (((expert - E_ROUTED) * N + offs_n) // 128) * stride_shn""",
     "down": "bs_ptrs = SharedDownScale + (offs_n // 128) * stride_shn + ((expert - E_ROUTED) * K // 128) * stride_shk",
 }
+_SCALE_POINTERS = {kind: _per_tile_scales(text, "pointers") for kind, text in _SCALE_POINTERS.items()}
+_SHARED_SCALE_POINTERS = {kind: _per_tile_scales(text, "pointers") for kind, text in _SHARED_SCALE_POINTERS.items()}
 # Per-expert biases (GPT-OSS), added to the fp32 accumulators before the activation and before the routing weight:
 # the gate/up bias [E, 2I] laid out as the weight rows are (halves or interleaved), the down bias [E, H].
 _BIASES = {
@@ -669,6 +696,7 @@ def _scale_args(kind: str, fp8: bool, prequant: bool, shared: bool, w8a8: bool) 
         return ""
     shared_scales = {"gate_up": " SharedGateScale, SharedUpScale,", "down": " SharedDownScale,"}[kind]
     return ("WScale, stride_sse, stride_ssn, stride_ssk, EXACT_FP8_ROUNDING: tl.constexpr,"
+            " UNIFORM_W_SCALE: tl.constexpr,"
             + (" AScale, stride_asm," if prequant else " SWAP_AB: tl.constexpr," if w8a8 else "")
             + (" OutScale, stride_osm, SPLIT_N: tl.constexpr," if prequant and kind == "gate_up" else "")
             + (f"{shared_scales} stride_shn, stride_shk," if shared else ""))
@@ -1185,8 +1213,13 @@ def moe_experts(
         if not fp8:
             return {}
         ws = weight_scales[i]
+        # a column tile in one 128-row scale block: its width divides 128, and (gate/up) the up rows, N rows after
+        # the gate rows, and a shared expert's, start on a tile boundary too
+        tile = bn if i == 0 else bn_down
+        uniform = FP8_BLOCK % tile == 0 and (i == 1 or inter % tile == 0)
         args = {"WScale": ws, "stride_sse": ws.stride(0), "stride_ssn": ws.stride(1), "stride_ssk": ws.stride(2),
-                "EXACT_FP8_ROUNDING": interpret, **({"SWAP_AB": swap_ab} if weight_format == "fp8-block" else {})}
+                "EXACT_FP8_ROUNDING": interpret, "UNIFORM_W_SCALE": uniform,
+                **({"SWAP_AB": swap_ab} if weight_format == "fp8-block" else {})}
         if shared is not None:  # the shared MLP's own scale grids
             own = shared_scales[:2] if i == 0 else shared_scales[2:]
             args.update(dict(zip(("SharedGateScale", "SharedUpScale") if i == 0 else ("SharedDownScale",), own)))
