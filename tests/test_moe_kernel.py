@@ -415,6 +415,16 @@ def test_interpreted_fp8_experts_stored_transposed(form):
                transposed=True)
 
 
+@pytest.mark.parametrize("form", ["w8a8", "w8a8-prequant-split", "w8a16"])
+def test_interpreted_fp8_experts_up_rows_inside_a_scale_block(form):
+    """Intermediate 192 (1.5 scale blocks): the up rows begin halfway into a 128-row block, so a 64-column tile
+    still lies in one block (one scalar weight scale per K tile: UNIFORM_W_SCALE) though the intermediate is not
+    whole blocks."""
+    act_quant, config = FP8_FORMS[form]
+    config = {**(config or {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}), "BLOCK_N": 64}
+    _check_fp8(4, 256, 192, 4, 2, torch.float16, "cpu", interpret=True, act_quant=act_quant, config=config)
+
+
 def test_interpreted_fp8_experts_edges():
     """Outliers per block, every token's first choice one expert, the atomic combine, a decode tile."""
     _check_fp8(6, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, outliers=True)
