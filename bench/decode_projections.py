@@ -3,7 +3,8 @@ first projections of a decode step (V2-Lite: q_proj 2048 -> 3072 and kv_a_proj_w
 q_a_proj 7168 -> 1536 and kv_a_proj_with_mqa 7168 -> 576) each timed alone with cuBLAS, both back to back,
 and once as one matmul over the two weights stacked (the bound a horizontal fusion could reach with cuBLAS's
 kernels), plus deepfuse's decode_linear kernel per projection and its linear_group kernel (one launch over both
-weights where they lie, each tile). Each form replayed as a CUDA graph over weight copies past twice the L2
+weights where they lie, each tile), and both projections as FP8 W8A8 layers (``quant_matmul`` each, and one FP8
+linear_group launch). Each form replayed as a CUDA graph over weight copies past twice the L2
 (as the linear pass's compile-time timing does). Prints a table, writes JSON with --out. The 63415ab batch-1
 profile had the three attention projections at 5.83, 5.83 and 5.65 us per layer although kv_a_proj reads only
 2.4 MB (bench/RESULTS.md).
@@ -49,6 +50,15 @@ def main():
             for cfg in linear_group.CONFIGS:  # one launch over both weights where they lie
                 forms[f"linear_group {cfg['BLOCK_N']}/{cfg['BLOCK_K']}/{cfg['num_warps']}w{cfg['num_stages']}s"] = (
                     lambda cfg=cfg: [linear_group.linear_group(x, [a, b], config=cfg) for a, b in zip(firsts, seconds)])
+            # The same projections as FP8 W8A8 layers (128 x 128 blocks): quant_matmul per projection, then one
+            # linear_group launch over both FP8 weights.
+            fp8 = [[quant.quantize_weight(w, "fp8-block") for w in (a, b)] for a, b in zip(firsts, seconds)]
+            forms["fp8 quant_matmul, both"] = lambda: [
+                [quant.quant_matmul(x, q, sc, None, "fp8-block", True) for q, sc in pair] for pair in fp8]
+            for cfg in linear_group.FP8_CONFIGS:
+                forms[f"fp8 linear_group {cfg['BLOCK_N']}/{cfg['num_warps']}w{cfg['num_stages']}s"] = (
+                    lambda cfg=cfg: [linear_group.linear_group(x, [q for q, _ in pair], config=cfg,
+                                                               weight_scales=[sc for _, sc in pair]) for pair in fp8])
             floor_us = (n1 + n2) * k * 2 / bandwidth * 1e6
             for form, fn in forms.items():
                 us = autotune._time(fn) * 1e3 / len(stacked)

@@ -284,11 +284,16 @@ def linear_group():
 
     fn = kernels.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("linear_group_kernel")
     pointers = {p: "*bf16" for p in ("X", "W0", "W1", "W2", "W3", "Y0", "Y1", "Y2", "Y3", "NormW")}
-    for norm, c in itertools.product((False, True), kernels.CONFIGS):
+    pointers.update({f"S{g}": "*fp32" for g in range(4)})
+    forms = [(False, False, c) for c in kernels.CONFIGS] + [(True, False, c) for c in kernels.CONFIGS]
+    forms += [(False, True, c) for c in kernels.FP8_CONFIGS]  # FP8 W8A8 weights
+    for norm, fp8, c in forms:
         c = dict(c)
-        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), **c, "NORM": norm}
-        constexprs = {"GROUPS": 2, "EVEN_K": True, "NORM": norm, **c}
-        yield config, fn, pointers, {"eps": "fp32"}, constexprs, ("K",)
+        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), **c, "NORM": norm,
+                  **({"FP8": True} if fp8 else {})}
+        constexprs = {"GROUPS": 2, "EVEN_K": True, "NORM": norm, "FP8": fp8, "EXACT_FP8_ROUNDING": False, **c}
+        ptrs = {**pointers, **({f"W{g}": "*fp8e4nv" for g in range(4)} if fp8 else {})}
+        yield config, fn, ptrs, {"eps": "fp32"}, constexprs, ("K",)
 
 
 def fp8_gemm():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import deepfuse
 from conftest import TOL, rel_err
 from deepfuse.runtime.kernels import linear_group as lg
+from deepfuse.runtime.kernels import quant
 
 
 def _ref(x, w):
@@ -53,6 +54,37 @@ def test_interpreted_linear_group_with_rms_norm_matches_float64(m, ns, k):
                 assert rel_err(y, _ref(_normed(x, g, 1e-5), w)) < TOL[dtype], (config, dtype)
 
 
+def _fp8(ws):
+    """Each weight in FP8 128 x 128 blocks: (weights, scales)."""
+    parts = [quant.quantize_weight(w, "fp8-block") for w in ws]
+    return [q for q, _ in parts], [sc for _, sc in parts]
+
+
+def _w8a8_ref(x, qs, scales):
+    """The FP8 W8A8 layers in float64: x quantized per row and 128-wide tile, the weights dequantized."""
+    return [quant.reference(x, q, sc, None, "fp8-block", True, compute=torch.float64) for q, sc in zip(qs, scales)]
+
+
+@pytest.mark.parametrize("config", lg.FP8_CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}-s{c['num_stages']}")
+@pytest.mark.parametrize("m,ns,k", [(1, [48, 16], 256), (5, [40, 7, 200], 200), (3, [130, 64, 5, 16], 384)],
+                         ids=str)
+def test_interpreted_fp8_linear_group_matches_its_w8a8_layers(config, m, ns, k):
+    """FP8 weights in 128 x 128 blocks, one launch: each tile against the W8A8 layers in float64 (x quantized per
+    row and 128-wide tile), N off the tiles and the scale blocks, K off the scale block (a ragged last tile), a few
+    activations 100x the rest; outputs start as NaN."""
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(m, k)
+        x.view(-1)[::37] *= 100
+        x = x.to(dtype)
+        qs, scales = _fp8([torch.randn(n, k) / k ** 0.5 for n in ns])
+        out = [torch.full((m, n), float("nan"), dtype=dtype) for n in ns]
+        ys = lg.linear_group(x, qs, interpret=True, config=config, out=out, weight_scales=scales)
+        for y, want in zip(ys, _w8a8_ref(x, qs, scales)):
+            assert y.dtype == dtype and torch.isfinite(y).all()
+            # one e4m3 rounding step apart now and then (fp32 against float64 scales); a wrong scale is off by far more
+            assert rel_err(y, want) < max(TOL[dtype], 1e-3), (config, dtype)
+
+
 def test_interpreted_linear_group_one_weight_no_rows_and_strided_activations():
     w = torch.randn(24, 64) / 8
     x = torch.randn(2, 3, 128)[:, :, ::2]  # [2, 3, 64] with a stride-2 last dim: copied into rows
@@ -78,6 +110,17 @@ def test_linear_group_bad_input_is_a_clear_error():
         lg.linear_group(x.double(), [w.double()], interpret=True)
     with pytest.raises(ValueError, match="norm weight must be"):
         lg.linear_group(x, [w], interpret=True, norm_weight=torch.ones(9))
+    (q,), (sc,) = _fp8([torch.randn(4, 8)])
+    with pytest.raises(TypeError, match="read in x's dtype"):
+        lg.linear_group(x, [q], interpret=True)
+    with pytest.raises(TypeError, match="must be float8_e4m3fn"):
+        lg.linear_group(x, [w], interpret=True, weight_scales=[sc])
+    with pytest.raises(ValueError, match=r"scales must be fp32 \(1, 1\)"):
+        lg.linear_group(x, [q], interpret=True, weight_scales=[torch.ones(2, 1)])
+    with pytest.raises(ValueError, match="do not take a norm_weight"):
+        lg.linear_group(x, [q], interpret=True, weight_scales=[sc], norm_weight=torch.ones(8))
+    with pytest.raises(ValueError, match="FP8 tiles take BLOCK_K 128"):
+        lg.linear_group(x, [q], interpret=True, weight_scales=[sc], config=lg.CONFIGS[0])
 
 
 class Block(nn.Module):
@@ -268,6 +311,23 @@ def test_gpu_linear_group_every_tile_matches_float64(m, ns, k, dtype):
         for y, w in zip(ys, ws):
             assert y.dtype == dtype and torch.isfinite(y).all()
             assert rel_err(y, _ref(x, w)) < TOL[dtype], config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,ns,k", [(1, [3072, 576], 2048), (1, [2048], 2048), (16, [1536, 576], 7168)], ids=str)
+def test_gpu_fp8_linear_group_every_tile_matches_its_w8a8_layers(m, ns, k):
+    """FP8 W8A8 projections in one launch at V2-Lite's (q_proj + kv_a_proj; o_proj alone) and V3's shapes, bf16
+    activations with outliers, every FP8 tile, against the layers in float64."""
+    x = torch.randn(m, k, device="cuda")
+    x.view(-1)[::97] *= 100
+    x = x.bfloat16()
+    qs, scales = _fp8([torch.randn(n, k, device="cuda") / k ** 0.5 for n in ns])
+    want = _w8a8_ref(x, qs, scales)
+    for config in lg.FP8_CONFIGS:
+        out = [torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16) for n in ns]
+        ys = lg.linear_group(x, qs, config=config, out=out, weight_scales=scales)
+        for y, w in zip(ys, want):
+            assert torch.isfinite(y).all() and rel_err(y, w) < TOL[torch.bfloat16], config
 
 
 @pytest.mark.gpu
