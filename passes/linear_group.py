@@ -238,7 +238,7 @@ def _rewrite(graph, group, impl, inline, config, origin, norm=None) -> Union[str
 
     def via_op(x, *rest):
         x, g, ws = split(x, rest)
-        return tuple(torch.ops.deepfuse.linear_group(x, list(ws), impl, g, eps))
+        return tuple(torch.ops.deepfuse.linear_group(x, list(ws), impl, g, eps, []))
 
     launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
     binding = RegionBinding(interior, [m["mm"] for m in group])

@@ -15,6 +15,13 @@ So the pass:
    quantized, weight-only otherwise) and declines, with the reason, one whose weight comes from a quantized
    tensor but matches no format. A matmul of a float weight gets no row.
 The dequantized weight is no longer computed (unless something else reads it): the kernel reads q and s.
+
+Decode-sized FP8 W8A8 layers (128 x 128 blocks, at most ``linear_group.MAX_M`` rows, no bias) that quantize the
+same activation (a decode step's q_proj and kv_a_proj, a dense MLP's gate and up) may run as one
+``deepfuse::linear_group`` launch over their FP8 weights instead, up to four a launch, a layer alone too: on a GPU
+each such group is timed at compile time against its quant_matmuls one after another and kept only where it is
+faster (``explain`` shows a ``linear_group`` row for it); off the GPU only when ``options["passes"]`` names
+``linear_group``, and never when the ``linear_group`` family is off.
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
+from deepfuse.runtime import autotune
+from deepfuse.runtime.kernels import linear_group
 from deepfuse.runtime.kernels import quant as kernel
 from deepfuse.shapes import hint, value
 
@@ -44,7 +53,7 @@ class QuantPass:
     family = "quant"
 
     def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
-        changed = 0
+        matched = []
         for mm in [n for n in graph.nodes if n.target in (aten.mm.default, aten.addmm.default)]:
             found = weight_side(mm)
             if found is None:
@@ -55,6 +64,12 @@ class QuantPass:
                 report.declined.append(Declined(self.family, params, *where))
                 log.info("declined quant at %s (%s): %s", where[1] or "?", where[0], params)
                 continue
+            matched.append((mm, found, params))
+        changed, grouped = _fp8_groups(graph, matched, options, report)
+        for mm, found, params in matched:
+            if mm in grouped:
+                continue
+            where = (source_line(mm), module_path(mm))
             impl = options.kernel_impl(value(mm).device.type)
             kernel_file = _rewrite(graph, mm, found, params, impl, options.inline, f"{where[1] or '?'} ({where[0]})")
             if kernel_file is False:
@@ -68,6 +83,128 @@ class QuantPass:
                      shown)
             changed += 1
         return changed
+
+
+# -- FP8 layers of one activation in one launch ----------------------------------------------------------------
+
+QUANT_MATMULS = {"QUANT_MATMUL": True}  # the autotune candidate that keeps the layers as quant_matmuls
+
+
+def _groupable(mm: fx.Node, found: dict, params: dict) -> bool:
+    """A layer the FP8 linear_group launch computes: W8A8 in 128 x 128 blocks, its weight stored [N, K] contiguous
+    with its [N/128, K/128] scales, no bias, a static row count of at most MAX_M, the output in x's dtype."""
+    if (params["format"] != "fp8-block" or not params["act_quant"] or tuple(params["_block"]) != (128, 128)
+            or params["_transposed"] or params["_bias"] is not None):
+        return False
+    out, xv, qv, sv = value(mm), value(params["_x"]), value(found["q"]), value(found["s"])
+    rows = out.shape[0]
+    n, k = params["out_features"], params["in_features"]
+    return (isinstance(rows, int) and 0 < rows <= linear_group.MAX_M and out.dtype == xv.dtype
+            and qv.is_contiguous() and sv.is_contiguous()
+            and tuple(sv.shape) == (triton.cdiv(n, 128), triton.cdiv(k, 128)) and qv.device == xv.device)
+
+
+def _fp8_groups(graph: fx.Graph, matched: list, options: Options, report: Report) -> tuple[int, set]:
+    """Rewrite the groups of FP8 layers (``_groupable``) that quantize one activation into linear_group launches
+    where they are faster (module docstring); returns how many launches and which matmuls they took."""
+    by_x: dict = {}
+    for mm, found, params in matched:
+        if _groupable(mm, found, params):
+            by_x.setdefault(params["_x"], []).append((mm, found, params))
+    changed, taken = 0, set()
+    if not options.enabled("linear_group"):  # (the family that owns one launch over several weights)
+        return changed, taken
+    named = options.passes is not None and "linear_group" in options.passes
+    for members in by_x.values():
+        for i in range(0, len(members), linear_group.MAX_GROUPS):
+            group = members[i:i + linear_group.MAX_GROUPS]
+            first = group[0][0]
+            impl = options.kernel_impl(value(first).device.type)
+            if impl != "triton" and not named:
+                continue
+            where = (source_line(first), module_path(first))
+            config = _tuned_group(group) if impl == "triton" and options.inline else None
+            if config is QUANT_MATMULS:
+                log.info("linear_group at %s: the FP8 layers stay quant_matmuls (timed faster one after another)",
+                         where[1] or "?")
+                continue
+            kernel_file = _rewrite_group(graph, group, impl, options.inline, config, f"{where[1] or '?'} ({where[0]})")
+            if kernel_file is False:
+                continue  # (the layers go on as quant_matmuls)
+            shown = {"rows": value(first).shape[0], "in_features": group[0][2]["in_features"],
+                     "out_features": [p["out_features"] for _, _, p in group], "dtype": "float8_e4m3fn",
+                     "format": "fp8-block 128 x 128, activations quantized per row and 128-wide tile (W8A8)",
+                     "projections": [module_path(mm) or mm.name for mm, _, _ in group]}
+            report.matches.append(Match("linear_group", "deepfuse::linear_group", shown, *where, impl=impl,
+                                        kernel_file=kernel_file))
+            log.info("matched linear_group -> deepfuse::linear_group [%s] at %s (%s) %s", impl, where[1] or "?",
+                     where[0], shown)
+            taken.update(mm for mm, _, _ in group)
+            changed += 1
+    return changed, taken
+
+
+def _tuned_group(group: list) -> dict:
+    """The fastest of the FP8 linear_group tiles and the layers' own quant_matmuls one after another
+    (``QUANT_MATMULS``), timed on random tensors of the real shapes (compile time; cached per GPU)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    xv = value(group[0][2]["_x"])
+    rows, k = value(group[0][0]).shape[0], group[0][2]["in_features"]
+    ns = [p["out_features"] for _, _, p in group]
+    with unset_fake_temporarily():
+        device = torch.device(xv.device)
+
+        @autotune.once
+        def inputs():  # made only if the choice is timed: the layers' weights, and clones past twice the L2
+            x = torch.randn((rows, k), dtype=xv.dtype, device=device)
+            layers = [kernel.quantize_weight(torch.randn((n, k), device=device), "fp8-block") for n in ns]
+            total = torch.empty(sum(ns) * k, dtype=torch.float8_e4m3fn, device="meta")
+            sets = [[(q if i == 0 else q.clone(), sc) for q, sc in layers]
+                    for i in range(autotune.copies_past_l2(total, device, 16))]
+            return x, sets
+
+        quant_configs = [kernel.tune(rows, n, k, "fp8-block", True, (128, 128), xv.dtype, device, False) for n in ns]
+
+        def run(cfg):
+            x, sets = inputs()
+            for layers in sets:
+                if cfg is QUANT_MATMULS:
+                    for (q, sc), qc in zip(layers, quant_configs):
+                        kernel.quant_matmul(x, q, sc, None, "fp8-block", True, config=qc)
+                else:
+                    linear_group.linear_group(x, [q for q, _ in layers], config=cfg,
+                                              weight_scales=[sc for _, sc in layers])
+
+        key = f"linear_group_fp8|{'+'.join(map(str, ns))}x{k}|{xv.dtype}"
+        return autotune.choose(key, rows, linear_group.FP8_CONFIGS + [QUANT_MATMULS], run, device)
+
+
+def _rewrite_group(graph, group, impl, inline, config, origin) -> Union[str, None, bool]:
+    """One linear_group launch for the group's FP8 layers (the kernel file, None for the reference, or False if
+    neither form could be traced in)."""
+    x = group[0][2]["_x"]
+    ns = [p["out_features"] for _, _, p in group]
+    args = (x, *(f["q"] for _, f, _ in group), *(f["s"] for _, f, _ in group))
+    gen = linear_group.kernels_for(value(x).dtype, origin) if impl != "reference" else None
+
+    def via_kernel(x, *qs):
+        ys = linear_group.linear_group(x, list(qs[:len(ns)]), config=config, origin=origin,
+                                       weight_scales=list(qs[len(ns):]))
+        return tuple(y.reshape(-1, n) for y, n in zip(ys, ns))
+
+    def via_op(x, *qs):
+        ys = torch.ops.deepfuse.linear_group(x, list(qs[:len(ns)]), impl, None, 0.0, list(qs[len(ns):]))
+        return tuple(y.reshape(-1, n) for y, n in zip(ys, ns))
+
+    interior = set()
+    for mm, found, params in group:
+        interior |= {mm} | found["w_nodes"] | {found["w_op"]} | (params["_x_nodes"] or set())
+    launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
+    binding = RegionBinding(interior, [mm for mm, _, _ in group])
+    if not replace_region_first_traced(graph, binding, launchers, args, "FP8 layers of one activation"):
+        return False
+    return str(gen.path) if gen is not None else None
 
 
 # -- finding the parts ---------------------------------------------------------------------------------------

@@ -286,20 +286,23 @@ def _(x, w, bias, impl):
 
 
 @torch.library.custom_op("deepfuse::linear_group", mutates_args=())
-def linear_group(x: torch.Tensor, weights: list[torch.Tensor], impl: str, norm_weight: Optional[torch.Tensor] = None,
-                 eps: float = 0.0) -> list[torch.Tensor]:
+def linear_group(x: torch.Tensor, weights: list[torch.Tensor], impl: str, norm_weight: Optional[torch.Tensor],
+                 eps: float, weight_scales: list[torch.Tensor]) -> list[torch.Tensor]:
     """[x @ w^T for w in weights]: decode-sized projections of one input in one launch, each weight [N_g, K]
-    contiguous in x's dtype, x first RMS-normalized with ``norm_weight`` if given
+    contiguous in x's dtype, x first RMS-normalized with ``norm_weight`` if given; or, with ``weight_scales`` (one
+    per weight; empty for float weights), FP8 W8A8 layers in 128 x 128 blocks
     (``deepfuse.runtime.kernels.linear_group``)."""
     _check_impl(impl)
-    _linear_group.check(x, weights)
+    weight_scales = list(weight_scales) or None
+    _linear_group.check(x, weights, weight_scales)
     if impl == "reference":
-        return _linear_group.reference(x, weights, norm_weight, eps)
-    return _linear_group.linear_group(x, weights, interpret=impl == "interpret", norm_weight=norm_weight, eps=eps)
+        return _linear_group.reference(x, weights, norm_weight, eps, weight_scales)
+    return _linear_group.linear_group(x, weights, interpret=impl == "interpret", norm_weight=norm_weight, eps=eps,
+                                      weight_scales=weight_scales)
 
 
 @linear_group.register_fake
-def _(x, weights, impl, norm_weight=None, eps=0.0):
+def _(x, weights, impl, norm_weight, eps, weight_scales):
     return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
 
 

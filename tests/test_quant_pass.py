@@ -278,6 +278,57 @@ def test_quantize_option_converts_and_releases(fmt):
     assert model.embed.weight.untyped_storage().nbytes() > 0
 
 
+class FanOut(nn.Module):
+    """Three layers reading one input (one with a bias, which the quantized form adds after the matmul) and a
+    fourth reading one of their outputs."""
+
+    def __init__(self, k=256):
+        super().__init__()
+        self.a, self.b = nn.Linear(k, 200, bias=False), nn.Linear(k, 72, bias=False)
+        self.c = nn.Linear(k, 64)
+        self.d = nn.Linear(200, 64, bias=False)
+
+    def forward(self, x):
+        return self.d(self.a(x)) + self.c(x) + self.b(x)[..., :64]
+
+
+@pytest.mark.parametrize("rows", [3, 20])
+def test_fp8_layers_of_one_input_run_as_one_linear_group_launch(rows):
+    """quantize="fp8-block" with linear_group named (on CPU nothing is timed): at decode sizes the FP8 W8A8 layers
+    quantizing one activation run as one linear_group launch over their FP8 weights (a, c, b in graph order; d,
+    alone on its input, as a launch of one), past MAX_M rows as quant_matmuls; the same values as the quant_matmuls
+    alone (each x quantized the same way), in fp32 through the interpreter."""
+    model, x = FanOut(), torch.randn(1, rows, 256)
+    x.view(-1)[::31] *= 50
+    alone, alone_report = _compile(model, x, interpret=True, quantize="fp8-block", passes=["quant"])
+    torch._dynamo.reset()
+    grouped, report = _compile(model, x, interpret=True, quantize="fp8-block", passes=["quant", "linear_group"])
+    torch._dynamo.reset()
+    groups = [m.params["projections"] for m in report.matches if m.family == "linear_group"]
+    assert len(_quant(alone_report)) == 4
+    if rows <= 16:
+        assert groups == [["a", "c", "b"], ["d"]] and not _quant(report), str(report)
+        assert all(m.params["dtype"] == "float8_e4m3fn" for m in report.matches if m.family == "linear_group")
+    else:
+        assert not groups and len(_quant(report)) == 4, str(report)
+    # the same W8A8 math in another summation order: an element on an e4m3 rounding boundary can move one step
+    assert rel_err(grouped, alone) < 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_layers_of_one_input_are_timed_as_one_launch():
+    """On the GPU the group is timed against its quant_matmuls and kept only where faster: either way every layer
+    runs (in a linear_group row or a quant row) and the values are the quant_matmuls' (bf16)."""
+    model, x = FanOut(1024).cuda().bfloat16(), torch.randn(1, 1, 1024, device="cuda").bfloat16()
+    alone, _ = _compile(model, x, quantize="fp8-block", passes=["quant"])
+    torch._dynamo.reset()
+    out, report = _compile(model, x, quantize="fp8-block")
+    torch._dynamo.reset()
+    grouped = [p for m in report.matches if m.family == "linear_group" for p in m.params["projections"]]
+    assert sorted(grouped + [r.module for r in _quant(report)]) == ["a", "b", "c", "d"], str(report)
+    assert rel_err(out, alone) < 1e-2
+
+
 def test_quantize_option_keeps_weights_unless_asked():
     model = TwoLayers()
     _compile(model, torch.randint(0, 16, (2, 3)), quantize="int8-weight", kernels="reference")

@@ -14,8 +14,8 @@ pair (against 12.5 for the two cuBLAS launches), 16.1 for V3's q_a_proj + kv_a_p
 With FP8 weights (``weight_scales``: 128 x 128 blocks, W8A8 as ``quant.quant_matmul`` computes it) the same
 launch streams half the bytes. On H100 the FP8 decode GEMMs of the attention projections lost to cuBLAS bf16 one at
 a time (q_proj 9.8 against 7.9 us, bench/RESULTS.md), which is why ``quantize_skip=("self_attn",)`` was the faster
-decode; whether one FP8 launch over q_proj and kv_a_proj wins is for ``bench/decode_projections.py`` to say. No
-pass groups FP8 layers yet: that waits on the timing.
+decode. The quant pass offers FP8 W8A8 layers of one activation this launch, timed at compile time against their
+quant_matmuls (``deepfuse.passes.quant``); ``bench/decode_projections.py`` times both forms beside bf16's.
 """
 from __future__ import annotations
 
