@@ -315,6 +315,31 @@ def test_fp8_layers_of_one_input_run_as_one_linear_group_launch(rows):
     assert rel_err(grouped, alone) < 1e-4
 
 
+def test_bundled_decode_step_groups_its_fp8_projections():
+    """The bundled model's decode step quantized to FP8 with linear_group named: each layer's q_a_proj and
+    kv_a_proj_with_mqa (one input) run as one launch, the dense MLP's gate and up as another; the step's logits are
+    the quant_matmuls' (fp32, interpreter)."""
+    model = DeepSeekForCausalLM.from_config(get_config("tiny", moe_intermediate_size=128),
+                                            seed=int(torch.randint(0, 1000, ())))
+    ids, tok = torch.randint(0, 256, (1, 5)), torch.randint(0, 256, (1, 1))
+
+    def step(passes):
+        cache = model.new_cache(1, 8)
+        with torch.no_grad():
+            model(ids, 0, cache)  # the prompt, eager
+        out, report = _compile(model, tok, 5, cache, interpret=True, quantize="fp8-block", passes=passes)
+        torch._dynamo.reset()
+        return out, report
+
+    families = ["moe", "mla", "quant", "rms_norm"]
+    alone, _ = step(families)
+    grouped, report = step(families + ["linear_group"])
+    groups = [m.params["projections"] for m in report.matches if m.family == "linear_group"]
+    assert ["model.layers.0.self_attn.q_a_proj", "model.layers.0.self_attn.kv_a_proj_with_mqa"] in groups
+    assert ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"] in groups, groups
+    assert rel_err(grouped, alone) < 1e-4
+
+
 @pytest.mark.gpu
 def test_gpu_fp8_layers_of_one_input_are_timed_as_one_launch():
     """On the GPU the group is timed against its quant_matmuls and kept only where faster: either way every layer
