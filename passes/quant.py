@@ -107,13 +107,13 @@ def _groupable(mm: fx.Node, found: dict, params: dict) -> bool:
 def _fp8_groups(graph: fx.Graph, matched: list, options: Options, report: Report) -> tuple[int, set]:
     """Rewrite the groups of FP8 layers (``_groupable``) that quantize one activation into linear_group launches
     where they are faster (module docstring); returns how many launches and which matmuls they took."""
+    changed, taken = 0, set()
+    if not options.enabled("linear_group"):  # (the family that owns one launch over several weights)
+        return changed, taken
     by_x: dict = {}
     for mm, found, params in matched:
         if _groupable(mm, found, params):
             by_x.setdefault(params["_x"], []).append((mm, found, params))
-    changed, taken = 0, set()
-    if not options.enabled("linear_group"):  # (the family that owns one launch over several weights)
-        return changed, taken
     named = options.passes is not None and "linear_group" in options.passes
     for members in by_x.values():
         for i in range(0, len(members), linear_group.MAX_GROUPS):
