@@ -127,13 +127,9 @@ def linear_group_kernel(
                         other=0.0).to(tl.float32)
             x = (xf * g).to(w.dtype)
         if FP8:  # W8A8: the x tile quantized per row, the FP8 dot's fp32 result times both scales
-            xf = x.to(tl.float32)
-            x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), ${amax_floor}) / ${fp8_max}
-            xq = xf / x_scale[:, None]
-            if EXACT_FP8_ROUNDING:
-                xq = round_to_e4m3(xq)
+            ${quantize_x}
             w_scale = tl.load(s_ptr + k0 // 128)
-            acc += tl.dot(xq.to(tl.float8e4nv), w) * (x_scale * w_scale)[:, None]
+            acc += tl.dot(xq, w) * (x_scale * w_scale)[:, None]
         else:
             acc = tl.dot(x, w, acc, input_precision=${precision})
         x_ptrs += BLOCK_K
@@ -162,7 +158,7 @@ FP8_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "num_warps": 4, "num_stages": st}
     for bn, st in [(16, 6), (32, 6), (16, 8), (32, 8), (64, 6)]
 ]
-FP8_BLOCK = 128  # the weight scale block (both dims)
+FP8_BLOCK = quant.DEFAULT_BLOCK[0]  # the weight scale block (both dims)
 
 _generated = memo()
 
@@ -178,9 +174,11 @@ def kernels_for(dtype: torch.dtype, origin: str = ""):
             "128-wide tile (FP8, W8A8).\n"
             + (f"First generated for: {origin}" if origin else "")
         )
+        # the x tile's W8A8 quantization: quant_matmul's in-loop one (x -> xq, x_scale)
+        quantize_x = quant.QUANTIZE_X.replace("${amax_floor}", repr(quant.AMAX_FLOOR)).replace(
+            "${fp8_max}", repr(quant.FP8_MAX))
         slots = {"precision": '"ieee"' if dtype == torch.float32 else "None",
-                 "round_to_e4m3": quant.ROUND_TO_E4M3, "amax_floor": repr(quant.AMAX_FLOOR),
-                 "fp8_max": repr(quant.FP8_MAX)}
+                 "round_to_e4m3": quant.ROUND_TO_E4M3, "quantize_x": quantize_x}
         _generated[key] = generate(TEMPLATE, {"dtype": str(dtype)}, slots, header)
     return _generated[key]
 

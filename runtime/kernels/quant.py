@@ -144,8 +144,9 @@ def act_quant_kernel(
 ''',
 )
 
-# A bf16/fp16 activation tile quantized in registers: row maxima, scale, cast to fp8.
-_QUANTIZE_X = """\
+# A bf16/fp16 activation tile quantized in registers: row maxima, scale, cast to fp8 (the linear_group kernel takes
+# it for its FP8 weights too).
+QUANTIZE_X = """\
 xf = x.to(tl.float32)
 x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), ${amax_floor}) / ${fp8_max}
 xq = xf / x_scale[:, None]
@@ -155,7 +156,7 @@ xq = xq.to(tl.float8e4nv)"""
 # The per-K-tile product, by how the activation tile arrives.
 _PRODUCTS = {
     # the tile quantized here, FP8 dot, both scales on the fp32 result
-    "quantize": _QUANTIZE_X + """
+    "quantize": QUANTIZE_X + """
 ${scales}
 acc += tl.dot(xq, w) * scales""",
     # fp8 tile and its per-token scales written by act_quant_kernel.
@@ -375,7 +376,7 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
             "tile_product": fill(_PRODUCTS[mode]),
             "tma_kernel": _TMA_KERNEL if mode == "prequantized"
             else "# (the descriptor-fed GEMM serves the prequantized mode only)",
-            "swap_kernel": fill(_SWAP_KERNEL.replace("        ${quantize_x}", textwrap.indent(_QUANTIZE_X, " " * 8))
+            "swap_kernel": fill(_SWAP_KERNEL.replace("        ${quantize_x}", textwrap.indent(QUANTIZE_X, " " * 8))
                                 .replace("        ${scales}",
                                          textwrap.indent(_scales("x_scale[None, :] * ", "[:, None]"), " " * 8)))
             if mode == "quantize"
