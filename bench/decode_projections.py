@@ -55,8 +55,9 @@ def main():
             fp8 = [[quant.quantize_weight(w, "fp8-block") for w in (a, b)] for a, b in zip(firsts, seconds)]
             forms["fp8 quant_matmul, both"] = lambda: [
                 [quant.quant_matmul(x, q, sc, None, "fp8-block", True) for q, sc in pair] for pair in fp8]
-            for cfg in linear_group.FP8_CONFIGS:
-                forms[f"fp8 linear_group {cfg['BLOCK_N']}/{cfg['num_warps']}w{cfg['num_stages']}s"] = (
+            for cfg in linear_group.fp8_configs(t):
+                gemv = " gemv" if cfg.get("GEMV") else ""
+                forms[f"fp8 linear_group{gemv} {cfg['BLOCK_N']}/{cfg['num_warps']}w{cfg['num_stages']}s"] = (
                     lambda cfg=cfg: [linear_group.linear_group(x, [q for q, _ in pair], config=cfg,
                                                                weight_scales=[sc for _, sc in pair]) for pair in fp8])
             floor_us = (n1 + n2) * k * 2 / bandwidth * 1e6

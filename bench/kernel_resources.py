@@ -286,12 +286,13 @@ def linear_group():
     pointers = {p: "*bf16" for p in ("X", "W0", "W1", "W2", "W3", "Y0", "Y1", "Y2", "Y3", "NormW")}
     pointers.update({f"S{g}": "*fp32" for g in range(4)})
     forms = [(False, False, c) for c in kernels.CONFIGS] + [(True, False, c) for c in kernels.CONFIGS]
-    forms += [(False, True, c) for c in kernels.FP8_CONFIGS]  # FP8 W8A8 weights
+    forms += [(False, True, c) for c in kernels.FP8_CONFIGS + kernels.FP8_GEMV_CONFIGS]  # FP8 W8A8 weights
     for norm, fp8, c in forms:
         c = dict(c)
         config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), **c, "NORM": norm,
                   **({"FP8": True} if fp8 else {})}
-        constexprs = {"GROUPS": 2, "EVEN_K": True, "NORM": norm, "FP8": fp8, "EXACT_FP8_ROUNDING": False, **c}
+        constexprs = {"GROUPS": 2, "EVEN_K": True, "NORM": norm, "FP8": fp8, "EXACT_FP8_ROUNDING": False,
+                      "GEMV": False, **c}
         ptrs = {**pointers, **({f"W{g}": "*fp8e4nv" for g in range(4)} if fp8 else {})}
         yield config, fn, ptrs, {"eps": "fp32"}, constexprs, ("K",)
 
@@ -323,20 +324,23 @@ def fp8_gemm():
 def fp8_decode():
     """The FP8 GEMM at decode sizes, activations quantized in the K loop (quant_matmul up to 16 rows), at V2-Lite's
     MLP gate+up (K 2048): every decode tile, the operand-swapped kernel's among them (weight rows on the MMA's M
-    side). QGMMA in --sass is Hopper's FP8 warpgroup MMA; F2FP...UNPACK_B the FP8 -> fp16 widening the 16-row
+    side) and the CUDA-core ones (one token a program). QGMMA in --sass is Hopper's FP8 warpgroup MMA; F2FP...UNPACK_B the FP8 -> fp16 widening the 16-row
     tiles need."""
     from deepfuse.runtime.kernels import quant
 
     gen, name = quant.kernels_for("quantize", torch.bfloat16, "bench/kernel_resources.py")
     pointers = {"X": "*bf16", "XS": "*fp32", "W": "*fp8e4nv", "WS": "*fp32", "Bias": "*bf16", "Y": "*fp32"}
-    for c in quant.configs_for(1) + quant.DECODE_SWAP_CONFIGS:
+    for c in quant.configs_for(1) + quant.DECODE_SWAP_CONFIGS + quant.DECODE_GEMV_CONFIGS:
         c = {key: v for key, v in c.items() if key != "SPLIT_K"}
-        swap = c.pop("SWAP", False)
-        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), "SWAP": swap, **c}
+        swap, gemv = c.pop("SWAP", False), c.pop("GEMV", False)
+        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), "SWAP": swap, "GEMV": gemv,
+                  **c}
         constexprs = {"SCALE_BLOCK_N": 128, "SCALE_BLOCK_K": 128, "HAS_BIAS": False, "EVEN_K": True,
                       "EXACT_FP8_ROUNDING": False, "UNIFORM_W_SCALE": c["BLOCK_N"] <= 128, "stride_xk": 1,
-                      "stride_wk": 1, "stride_wsk": 1, "stride_yn": 1, **c, **({} if swap else {"GROUP_M": 8})}
-        fn = gen.function("fp8_block_quantize_decode_kernel" if swap else name)
+                      "stride_wk": 1, "stride_wsk": 1, "stride_yn": 1, **c,
+                      **({} if swap or gemv else {"GROUP_M": 8})}
+        fn = gen.function("fp8_block_quantize_decode_kernel" if swap else "fp8_block_quantize_gemv_kernel" if gemv
+                          else name)
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         yield config, fn, pointers, {}, constexprs, ("N", "K", "k_per_split")
 

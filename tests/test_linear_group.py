@@ -65,7 +65,8 @@ def _w8a8_ref(x, qs, scales):
     return [quant.reference(x, q, sc, None, "fp8-block", True, compute=torch.float64) for q, sc in zip(qs, scales)]
 
 
-@pytest.mark.parametrize("config", lg.FP8_CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}-s{c['num_stages']}")
+@pytest.mark.parametrize("config", lg.FP8_CONFIGS + lg.FP8_GEMV_CONFIGS,
+                         ids=lambda c: f"{'gemv-' if c.get('GEMV') else ''}n{c['BLOCK_N']}-s{c['num_stages']}")
 @pytest.mark.parametrize("m,ns,k", [(1, [48, 16], 256), (5, [40, 7, 200], 200), (3, [130, 64, 5, 16], 384)],
                          ids=str)
 def test_interpreted_fp8_linear_group_matches_its_w8a8_layers(config, m, ns, k):
@@ -83,6 +84,17 @@ def test_interpreted_fp8_linear_group_matches_its_w8a8_layers(config, m, ns, k):
             assert y.dtype == dtype and torch.isfinite(y).all()
             # one e4m3 rounding step apart now and then (fp32 against float64 scales); a wrong scale is off by far more
             assert rel_err(y, want) < max(TOL[dtype], 1e-3), (config, dtype)
+
+
+def test_cuda_core_tiles_are_fp8_candidates_at_few_rows_and_take_one_row_a_program():
+    assert all(c in lg.fp8_configs(1) for c in lg.FP8_GEMV_CONFIGS)
+    assert not any(c.get("GEMV") for c in lg.fp8_configs(quant.GEMV_MAX_M + 1))
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="GEMV tiles are for FP8 weights"):
+        lg.linear_group(x, [torch.randn(16, 128)], interpret=True, config=lg.FP8_GEMV_CONFIGS[0])
+    qs, scales = _fp8([torch.randn(16, 128)])
+    with pytest.raises(ValueError, match="one row a program"):
+        lg.linear_group(x, qs, interpret=True, config=dict(lg.FP8_GEMV_CONFIGS[0], BLOCK_M=16), weight_scales=scales)
 
 
 def test_interpreted_linear_group_one_weight_no_rows_and_strided_activations():
@@ -323,7 +335,7 @@ def test_gpu_fp8_linear_group_every_tile_matches_its_w8a8_layers(m, ns, k):
     x = x.bfloat16()
     qs, scales = _fp8([torch.randn(n, k, device="cuda") / k ** 0.5 for n in ns])
     want = _w8a8_ref(x, qs, scales)
-    for config in lg.FP8_CONFIGS:
+    for config in lg.fp8_configs(m):
         out = [torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16) for n in ns]
         ys = lg.linear_group(x, qs, config=config, out=out, weight_scales=scales)
         for y, w in zip(ys, want):

@@ -122,6 +122,9 @@ ${tma_kernel}
 ${swap_kernel}
 
 
+${gemv_kernel}
+
+
 @triton.jit
 def act_quant_kernel(
     X, XQ, XS, M, K, stride_xm, stride_xk, stride_qm, stride_sm,
@@ -313,6 +316,63 @@ def fp8_block_quantize_decode_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 """
 
+# The decode GEMM of the in-loop quantizing mode for one or a few tokens, on the CUDA cores: a token's product
+# with a [BLOCK_N, BLOCK_K] weight tile is BLOCK_N x BLOCK_K multiply-adds, too few to feed a tensor-core MMA of
+# 16 token rows (15 of them padding at batch 1) or to pay for its operands' trip through shared memory in every K
+# step. Each program takes one token: the token's x tile is quantized as in the MMA forms (its amax, a scale, the
+# cast to fp8), its fp8 values times both scales are multiplied into the weight tile widened to fp32, and the
+# products add up elementwise in a [BLOCK_N, BLOCK_K] fp32 tile, summed along K once after the loop (no
+# reduction across threads in the loop but the x tile's amax). The same math as the MMA forms, summed in another
+# order: sum_k w_q * (x_q * s_x * s_w) for sum_tiles s_x * s_w * (x_q . w_q).
+_GEMV_KERNEL = """\
+@triton.jit
+def fp8_block_quantize_gemv_kernel(
+    X, W, WS, Bias, Y,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_wsn, stride_wsk,
+    stride_ys, stride_ym, stride_yn,
+    k_per_split,
+    SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    EXACT_FP8_ROUNDING: tl.constexpr, UNIFORM_W_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    \"\"\"BLOCK_N outputs of one token (BLOCK_M is 1) over the K range of split program_id(1), as elementwise
+    fp32 products: w_q widened, times x_q and both scales; one sum along K after the loop.\"\"\"
+    tl.static_assert(BLOCK_M == 1, "one token a program")
+    split = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    # Both tiles in one register layout, so neither is shuffled into the other's in the loop: x's row is read as a
+    # [BLOCK_N, BLOCK_K] tile (the same 2 * BLOCK_K bytes for every row: one request a warp), and both tiles are
+    # read 8 elements a thread, as x's bf16 vectors are (left to itself the compiler laid the weight tile out as
+    # x's [1, BLOCK_K] one, a byte a thread, read back from shared memory a byte at a time).
+    offs_k = tl.max_contiguous(tl.arange(0, BLOCK_K), 8)
+    x_rows = X + pid_m.to(tl.int64) * stride_xm + 0 * offs_n[:, None]
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        k_ok = (k0 + offs_k) < K
+        x_ptrs = x_rows + (k0 + offs_k)[None, :] * stride_xk
+        w_ptrs = W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        ${quantize_x}
+        ${scales}
+        acc += tl.sum(w.to(tl.float32) * (xq.to(tl.float32) * scales), axis=1)
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(Y + split * stride_ys + pid_m * stride_ym + offs_n * stride_yn, y.to(Y.dtype.element_ty), mask=n_ok)
+"""
+
 # The weight's block scale for this K tile (times the activation's, when there is one). When BLOCK_N divides the
 # scale block, the whole tile shares one weight scale: a scalar load, and one FMA per accumulator element.
 _SCALES = """\
@@ -381,6 +441,11 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
                                          textwrap.indent(_scales("x_scale[None, :] * ", "[:, None]"), " " * 8)))
             if mode == "quantize"
             else "# (the operand-swapped decode GEMM serves the in-loop quantizing mode only)",
+            "gemv_kernel": fill(_GEMV_KERNEL.replace("        ${quantize_x}", textwrap.indent(QUANTIZE_X, " " * 8))
+                                .replace("        ${scales}",
+                                         textwrap.indent(_scales("x_scale[:, None] * ", "[:, None]"), " " * 8)))
+            if mode == "quantize"
+            else "# (the CUDA-core decode GEMM serves the in-loop quantizing mode only)",
             "epilogue": _EPILOGUES.get(mode, "# the scales were applied per K tile"),
             **consts,
         }
@@ -402,6 +467,16 @@ DECODE_CONFIGS = [
 DECODE_SWAP_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SWAP": True, "num_warps": 4, "num_stages": st}
     for bn, st in [(64, 4), (64, 6), (128, 4)]
+]
+# The CUDA-core decode GEMM (``_GEMV_KERNEL``, in-loop quantizing mode): one token a program, for at most
+# GEMV_MAX_M tokens (past that each weight tile is read once per token, from L2 at best). Narrow tiles, K split as
+# for the tiles above where the column tiles alone leave SMs idle, or whole-K programs with no partial-sum pass.
+GEMV_MAX_M = 4
+DECODE_GEMV_CONFIGS = [
+    {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "GEMV": True, "num_warps": 4, "num_stages": 6},
+    {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "GEMV": True, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "GEMV": True, "SPLIT_K": 1, "num_warps": 4, "num_stages": 8},
+    {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 128, "GEMV": True, "SPLIT_K": 1, "num_warps": 2, "num_stages": 8},
 ]
 # Narrow N tiles over the whole K in one program (SPLIT_K 1): no second pass to add fp32 partial sums, which the
 # split tiles above need. Candidates for float weights only: for FP8 (in-loop quantizing, M = 1, H100) they were
@@ -576,12 +651,11 @@ def quant_matmul(
     tma_gemm = gen.function("fp8_block_prequantized_matmul_tma_kernel", interpret=interpret) \
         if mode == "prequantized" else None
     swap_gemm = gen.function("fp8_block_quantize_decode_kernel", interpret=interpret) if mode == "quantize" else None
+    gemv_gemm = gen.function("fp8_block_quantize_gemv_kernel", interpret=interpret) if mode == "quantize" else None
     if not interpret:
         gemm = torch.library.wrap_triton(gemm)
-        if tma_gemm is not None:
-            tma_gemm = torch.library.wrap_triton(tma_gemm)
-        if swap_gemm is not None:
-            swap_gemm = torch.library.wrap_triton(swap_gemm)
+        tma_gemm, swap_gemm, gemv_gemm = (f if f is None else torch.library.wrap_triton(f)
+                                          for f in (tma_gemm, swap_gemm, gemv_gemm))
     configs = _configs(m, k, fmt, act_quant, block, mode, x.device, interpret)
 
     def launch(cfg: dict, weight: torch.Tensor = w) -> torch.Tensor:
@@ -593,6 +667,12 @@ def quant_matmul(
             if swap_gemm is not None:
                 return _launch(swap_gemm, x2, xs, weight, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
             cfg = {key: v for key, v in cfg.items() if key != "SWAP"}  # the same tile, tokens on the M side
+        if cfg.get("GEMV"):
+            if gemv_gemm is not None:
+                return _launch(gemv_gemm, x2, xs, weight, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
+            # another mode: an MMA tile of the same columns
+            cfg = {key: v for key, v in cfg.items() if key != "GEMV"}
+            cfg.update(BLOCK_M=16, BLOCK_N=max(16, cfg["BLOCK_N"]))
         return _launch(gemm, x2, xs, weight, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
 
     if config is None:
@@ -651,7 +731,8 @@ def _launch(gemm, x2, xs, w, scale, bias, out_dtype, scale_block, cfg: dict, int
     n = w.shape[0]
     cfg = dict(cfg)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    swap = cfg.pop("SWAP", False)  # the operand-swapped decode GEMM: no activation scales, no grouped order
+    # the operand-swapped and CUDA-core decode GEMMs: no activation scales, no grouped order
+    swap = cfg.pop("SWAP", False) | cfg.pop("GEMV", False)
     bn_s, bk_s = scale_block
     splits = cfg.pop("SPLIT_K", None) or _splits(m, n, k, {"BLOCK_N": bn, "BLOCK_K": bk}, x2.device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
@@ -781,7 +862,8 @@ FP8_MAX_ACC_PER_THREAD = 64
 
 
 def _fp8_tile_fits(cfg: dict) -> bool:
-    per_thread = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
+    rows = cfg["BLOCK_K"] if cfg.get("GEMV") else cfg["BLOCK_M"]  # the CUDA-core tile sums BLOCK_N x BLOCK_K
+    per_thread = rows * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
     return per_thread <= FP8_MAX_ACC_PER_THREAD * (2 if cfg.get("RESCALE") else 1)
 
 
@@ -790,7 +872,8 @@ def _configs(m, k: int, fmt: str, act_quant: bool, block, mode: str, device: tor
     """The candidate tiles ``mode`` times at ``m`` rows over ``k`` on ``device``, fitted to the scale blocks."""
     tma = mode == "prequantized" and tma_available(device, interpret)
     swap = DECODE_SWAP_CONFIGS if mode == "quantize" and size_hint(m) <= DECODE_MAX_M else []
-    configs = [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma) + swap]
+    gemv = DECODE_GEMV_CONFIGS if mode == "quantize" and size_hint(m) <= GEMV_MAX_M else []
+    configs = [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma) + swap + gemv]
     configs = [c for c in configs
                if c.get("SPLIT_K", 1) == 1 or triton.cdiv(k, c["BLOCK_K"]) >= SPLIT_MIN_K_TILES * c["SPLIT_K"]]
     if fmt == "fp8-block":
