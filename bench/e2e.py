@@ -23,7 +23,9 @@ Measured (CUDA events, median; every call launched from Python as a user would):
   (deepfuse's kernel and autotune caches and Triton's are on disk either way);
 - greedy generation of --gen-tokens tokens after the prompt, deepfuse against the bundled model in eager bf16:
   how many tokens agree before the first divergence (bf16 under a different fusion order can flip near-ties);
-  the yardstick is eager bf16 against itself with the other attention form (naive vs absorb).
+  the yardstick is eager bf16 against itself with the other attention form (naive vs absorb). With --quantize and
+  --compile blocks, also against the same quantized model compiled with no pattern pass (Inductor's plain
+  dequantize-then-matmul forms): the quantized model's own reference, which eager bf16 is not;
 Floors: decode, the bytes one step must read (weights it touches, in their stored format, and the latent cache)
 over the measured HBM bandwidth; prefill, its matmul and attention FLOPs over the measured bf16 matmul rate (with
 --fp8, twice that: FP8's tensor-core rate on Hopper). With --quantize (deepfuse's own compile-time conversion of the
@@ -226,6 +228,17 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 print(f"greedy {args.gen_tokens} tokens, equal before the first divergence (in all): deepfuse vs "
                       f"eager bf16 {notes['greedy']['deepfuse_vs_eager']}; eager naive vs eager absorb (the "
                       f"yardstick) {notes['greedy']['eager_naive_vs_eager_absorb']}", flush=True)
+                if args.quantize and args.compile == "blocks":
+                    # A quantized model's own reference: the same conversion with no pattern pass, so Inductor
+                    # runs the plain dequantize-then-matmul forms; greedy against the fused kernels' tokens.
+                    torch._dynamo.reset()
+                    for layer in model.model.layers:
+                        layer.compile(backend="deepfuse", dynamic=False, options={**df_options, "passes": ()})
+                    plain = generate(model, prompt, args.gen_tokens, forward=model, static_cache=True,
+                                     fp8_cache=args.fp8_cache)
+                    notes["greedy"]["deepfuse_vs_quantized_unfused"] = agreement(fused, plain)
+                    print(f"greedy: deepfuse vs the same quantized model unfused (no pattern pass) "
+                          f"{notes['greedy']['deepfuse_vs_quantized_unfused']}", flush=True)
     notes["weights"] = figures
     return figures, prefill_floor
 
