@@ -66,9 +66,9 @@ def linear_group_kernel(
     quantized per row in registers (every program again: x is a few rows), the FP8 dot accumulates in fp32 and
     both scales multiply it, the weight's one scalar per K tile (BLOCK_K 128, BLOCK_N dividing 128).
     GEMV (FP8 only, BLOCK_M 1: one row a program): the same W8A8 math on the CUDA cores, as quant_matmul's
-    fp8_block_quantize_gemv_kernel computes it: the weight tile widened to fp32 times x_q and both scales,
-    elementwise, the products summed along K once after the loop (at one row an MMA of 16 rows is 15 rows of
-    padding, and its operands pass through shared memory in every K step)."""
+    fp8_block_quantize_gemv_kernel computes it: the weight tile widened to fp32 times x_q and both scales, summed
+    along each K tile (at one row an MMA of 16 rows is 15 rows of padding, and its operands pass through shared
+    memory in every K step)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     tiles0 = tl.cdiv(N0, BLOCK_N)

@@ -320,10 +320,10 @@ def fp8_block_quantize_decode_kernel(
 # with a [BLOCK_N, BLOCK_K] weight tile is BLOCK_N x BLOCK_K multiply-adds, too few to feed a tensor-core MMA of
 # 16 token rows (15 of them padding at batch 1) or to pay for its operands' trip through shared memory in every K
 # step. Each program takes one token: the token's x tile is quantized as in the MMA forms (its amax, a scale, the
-# cast to fp8), its fp8 values times both scales are multiplied into the weight tile widened to fp32, and the
-# products add up elementwise in a [BLOCK_N, BLOCK_K] fp32 tile, summed along K once after the loop (no
-# reduction across threads in the loop but the x tile's amax). The same math as the MMA forms, summed in another
-# order: sum_k w_q * (x_q * s_x * s_w) for sum_tiles s_x * s_w * (x_q . w_q).
+# cast to fp8), its fp8 values times both scales are multiplied into the weight tile widened to fp32, and each
+# row's products are summed (8 values a thread, then across the 16 threads of a row: 4 shuffles a K step). The
+# same math as the MMA forms, summed in another order: sum_k w_q * (x_q * s_x * s_w) for
+# sum_tiles s_x * s_w * (x_q . w_q).
 _GEMV_KERNEL = """\
 @triton.jit
 def fp8_block_quantize_gemv_kernel(
@@ -336,8 +336,8 @@ def fp8_block_quantize_gemv_kernel(
     EXACT_FP8_ROUNDING: tl.constexpr, UNIFORM_W_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
-    \"\"\"BLOCK_N outputs of one token (BLOCK_M is 1) over the K range of split program_id(1), as elementwise
-    fp32 products: w_q widened, times x_q and both scales; one sum along K after the loop.\"\"\"
+    \"\"\"BLOCK_N outputs of one token (BLOCK_M is 1) over the K range of split program_id(1), as fp32
+    products: w_q widened, times x_q and both scales, summed along each K tile.\"\"\"
     tl.static_assert(BLOCK_M == 1, "one token a program")
     split = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
