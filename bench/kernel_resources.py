@@ -285,7 +285,8 @@ def linear_group():
     fn = kernels.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("linear_group_kernel")
     pointers = {p: "*bf16" for p in ("X", "W0", "W1", "W2", "W3", "Y0", "Y1", "Y2", "Y3", "NormW")}
     pointers.update({f"S{g}": "*fp32" for g in range(4)})
-    forms = [(False, False, c) for c in kernels.CONFIGS] + [(True, False, c) for c in kernels.CONFIGS]
+    forms = [(False, False, c) for c in kernels.CONFIGS + kernels.GEMV_CONFIGS]
+    forms += [(True, False, c) for c in kernels.CONFIGS]
     forms += [(False, True, c) for c in kernels.FP8_CONFIGS + kernels.FP8_GEMV_CONFIGS]  # FP8 W8A8 weights
     for norm, fp8, c in forms:
         c = dict(c)

@@ -65,10 +65,10 @@ def linear_group_kernel(
     stride_sn), and the layers are W8A8 (DeepSeek-V3's recipe, as ``quant_matmul`` computes them): each x tile is
     quantized per row in registers (every program again: x is a few rows), the FP8 dot accumulates in fp32 and
     both scales multiply it, the weight's one scalar per K tile (BLOCK_K 128, BLOCK_N dividing 128).
-    GEMV (FP8 only, BLOCK_M 1: one row a program): the same W8A8 math on the CUDA cores, as quant_matmul's
-    fp8_block_quantize_gemv_kernel computes it: the weight tile widened to fp32 times x_q and both scales, summed
-    along each K tile (at one row an MMA of 16 rows is 15 rows of padding, and its operands pass through shared
-    memory in every K step)."""
+    GEMV (BLOCK_M 1: one row a program, no NORM): the products on the CUDA cores, the weight tile widened to fp32
+    times x (FP8: times x_q and both scales, as quant_matmul's fp8_block_quantize_gemv_kernel computes them),
+    summed along each K tile: at one row an MMA of 16 rows is 15 rows of padding, and its operands pass through
+    shared memory in every K step."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     tiles0 = tl.cdiv(N0, BLOCK_N)
@@ -114,7 +114,7 @@ def linear_group_kernel(
     w_ptrs = W + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K innermost in memory
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # summed along K after the loop: no shuffles in it
-    if GEMV:  # FP8 on the CUDA cores, one row a program (BLOCK_M 1): fp32 products summed along each K tile
+    if GEMV:  # on the CUDA cores, one row a program (BLOCK_M 1): fp32 products summed along each K tile
         # x's row read as a [BLOCK_N, BLOCK_K] tile and both tiles 8 elements a thread: one register layout for
         # both (quant._GEMV_KERNEL says why)
         offs_k8 = tl.max_contiguous(tl.arange(0, BLOCK_K), 8)
@@ -129,9 +129,12 @@ def linear_group_kernel(
                 k_ok = (k0 + offs_k8) < K
                 x = tl.load(x_rows, mask=k_ok[None, :], other=0.0)
                 w = tl.load(w_rows, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            ${quantize_x}
-            w_scale = tl.load(s_ptr + k0 // 128)
-            y_row += tl.sum(w.to(tl.float32) * (xq.to(tl.float32) * (x_scale[:, None] * w_scale)), axis=1)
+            if FP8:
+                ${quantize_x}
+                w_scale = tl.load(s_ptr + k0 // 128)
+                y_row += tl.sum(w.to(tl.float32) * (xq.to(tl.float32) * (x_scale[:, None] * w_scale)), axis=1)
+            else:
+                y_row += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
             x_rows += BLOCK_K
             w_rows += BLOCK_K
         acc = y_row[None, :]
@@ -184,7 +187,11 @@ FP8_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "num_warps": 4, "num_stages": st}
     for bn, st in [(16, 6), (32, 6), (16, 8), (32, 8), (64, 6)]
 ]
-# The CUDA-core form (GEMV) for FP8 weights at up to quant.GEMV_MAX_M rows, one row a program.
+# The CUDA-core form (GEMV) at up to quant.GEMV_MAX_M rows, one row a program: float weights, then FP8 ones.
+GEMV_CONFIGS = [
+    {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV": True, "num_warps": 4, "num_stages": st}
+    for bn, bk, st in [(16, 128, 6), (8, 256, 6), (32, 128, 4)]
+]
 FP8_GEMV_CONFIGS = [
     {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": 128, "GEMV": True, "num_warps": nw, "num_stages": st}
     for bn, nw, st in [(16, 4, 8), (8, 2, 8), (32, 4, 6)]
@@ -192,9 +199,12 @@ FP8_GEMV_CONFIGS = [
 FP8_BLOCK = quant.DEFAULT_BLOCK[0]  # the weight scale block (both dims)
 
 
-def fp8_configs(m) -> list[dict]:
-    """The FP8 tiles timed at ``m`` rows: the MMA tiles, and the CUDA-core ones up to quant.GEMV_MAX_M rows."""
-    return FP8_CONFIGS + (FP8_GEMV_CONFIGS if size_hint(m) <= quant.GEMV_MAX_M else [])
+def configs_for(m, fp8: bool = False) -> list[dict]:
+    """The tiles timed at ``m`` rows: the MMA tiles, and the CUDA-core ones up to quant.GEMV_MAX_M rows."""
+    gemv = size_hint(m) <= quant.GEMV_MAX_M
+    if fp8:
+        return FP8_CONFIGS + (FP8_GEMV_CONFIGS if gemv else [])
+    return CONFIGS + (GEMV_CONFIGS if gemv else [])
 
 _generated = memo()
 
@@ -305,9 +315,9 @@ def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bo
         if fp8 and (bk != FP8_BLOCK or FP8_BLOCK % bn):
             raise ValueError(f"linear_group: FP8 tiles take BLOCK_K {FP8_BLOCK} and a BLOCK_N dividing it, got "
                              f"{bn} / {bk}")
-        if gemv and not (fp8 and bm == 1):
-            raise ValueError(f"linear_group: GEMV tiles are for FP8 weights, one row a program (BLOCK_M 1), got "
-                             f"{'FP8' if fp8 else x.dtype} weights, BLOCK_M {bm}")
+        if gemv and (bm != 1 or norm is not None):
+            raise ValueError(f"linear_group: GEMV tiles take one row a program (BLOCK_M 1) and no norm_weight, got "
+                             f"BLOCK_M {bm}{' and a norm_weight' if norm is not None else ''}")
         if not (isinstance(m, int) and m == 0):
             fn[(sum(triton.cdiv(n, bn) for n in ns), triton.cdiv(m, bm))](
                 x2, *w_args, *y_args, x2 if norm is None else norm, *s_args, m, k, *n_args, x2.stride(0),
@@ -320,6 +330,7 @@ def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bo
     if config is None:
         form = "|norm" if norm is not None else "|fp8" if fp8 else ""
         config = autotune.choose(f"{gen.key}|{'+'.join(map(str, ns))}x{k}{form}", size_hint(m),
-                                 fp8_configs(m) if fp8 else CONFIGS, launch, x.device, enabled=not interpret)
+                                 CONFIGS if norm is not None else configs_for(m, fp8), launch, x.device,
+                                 enabled=not interpret)
     launch(config)
     return [y.view(*x.shape[:-1], n) for y, n in zip(ys, ns)]
