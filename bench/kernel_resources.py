@@ -156,7 +156,7 @@ def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True, u
                 "TopkWeights": "*fp32", "SharedScale": "*fp32", "WScale": "*fp32", "SharedGateScale": "*fp32",
                 "SharedUpScale": "*fp32", "SharedDownScale": "*fp32"}
     n, k = (1408, 2048) if kind == "gate_up" else (2048, 1408)
-    candidates = moe.FP8_CANDIDATES if fp8 else moe.CANDIDATES
+    candidates = moe.fp8_candidates(1, weight_format) if fp8 else moe.CANDIDATES
     for c in (c for c in candidates if c.get("N_FASTEST") and not c.get("PREQUANT")):
         bn = c["BLOCK_N"] if kind == "gate_up" else c.get("BLOCK_N_DOWN", c["BLOCK_N"])
         # stride_wk and the shared weights' stride_sk are 1 (K innermost, as the pass hands the weights over): a
@@ -165,11 +165,11 @@ def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True, u
                       "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "EXACT_FP8_ROUNDING": False,
                       # V2-Lite's intermediate (11 x 128) and hidden: a tile that divides 128 has one scale
                       "UNIFORM_W_SCALE": uniform and 128 % bn == 0,
-                      "ATOMIC": False, "SHARED_SCALED": False, "SWAP_AB": c.get("SWAP_AB", False), "stride_wk": 1,
-                      "stride_sk": 1}
+                      "ATOMIC": False, "SHARED_SCALED": False, "SWAP_AB": c.get("SWAP_AB", False),
+                      "GEMV": c.get("GEMV", False), "stride_wk": 1, "stride_sk": 1}
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         config = {"BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": c["num_stages"],
-                  **({"SWAP_AB": True} if c.get("SWAP_AB") else {})}
+                  **({"SWAP_AB": True} if c.get("SWAP_AB") else {}), **({"GEMV": True} if c.get("GEMV") else {})}
         yield config, fn, pointers, {}, constexprs, ("up_offset",)  # (the up rows' offset: a multiple of 16)
 
 

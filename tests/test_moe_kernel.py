@@ -333,8 +333,11 @@ PREQUANT = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PREQUANT": True, "nu
 PREQUANT_SPLIT = {**PREQUANT, "BLOCK_N": 64, "SPLIT_N": 2}
 # W8A8 with the products transposed (the weight tiles on the FP8 MMA's M side)
 SWAP_AB = next(c for c in moe.FP8_CANDIDATES if c.get("SWAP_AB"))
+# W8A8 on the CUDA cores, one token row a program (a W8A16 launch given it runs the 16-row tile of its columns)
+GEMV = moe.FP8_GEMV_CANDIDATES[0]
 FP8_FORMS = {"w8a8": (True, None), "w8a8-prequant": (True, PREQUANT), "w8a8-prequant-split": (True, PREQUANT_SPLIT),
-             "w8a8-swap": (True, SWAP_AB), "w8a16": (False, None)}
+             "w8a8-swap": (True, SWAP_AB), "w8a8-gemv": (True, GEMV), "w8a16": (False, None),
+             "w8a16-given-gemv": (False, GEMV)}
 
 
 @pytest.mark.parametrize("case", FP8_CASES, ids=str)
@@ -370,6 +373,9 @@ def test_interpreted_one_token_reads_the_router_ids_directly(monkeypatch):
     _check_fp8(1, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, config=SWAP_AB, shared=2)
     _check_fp8(1, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, act_quant=False, config=SWAP_AB)
     _check(1, 64, 32, 8, 3, torch.float32, "cpu", interpret=True, config=SWAP_AB)  # float experts: not swapped
+    _check_fp8(1, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, config=GEMV, shared=2)
+    _check_fp8(1, 256, 256, 4, 2, torch.float32, "cpu", interpret=True, config=moe.FP8_GEMV_CANDIDATES[2],
+               outliers=True)
 
 
 def test_interpreted_one_token_aligned_on_request(monkeypatch):

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {
     "linear_group": [{"NORM": False}, {"NORM": True}, {"GEMV": True}],
     "moe_gate_up": [None], "moe_down": [None],
-    "moe_gate_up_w8a8": [None, {"SWAP_AB": True}], "moe_down_w8a8": [None],
+    "moe_gate_up_w8a8": [None, {"SWAP_AB": True}, {"GEMV": True}], "moe_down_w8a8": [None, {"GEMV": True}],
     "moe_gate_up_w8a16": [None], "moe_down_w8a16": [None],
     "fp8_decode": [{"SWAP": False}, {"SWAP": True}, {"GEMV": True}],
     "fp8_gemm": [{"TMA": False}, {"TMA": True}, {"RESCALE": True}],
