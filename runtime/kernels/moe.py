@@ -825,6 +825,7 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "down_scale_args": _scale_args("down", fp8, prequant, shared, w8a8),
                  "gate_up_store": "" if prequant else _GATE_UP_STORE,
                  "offs_k_hint": ("if GEMV:  # both tiles 8 elements a thread, one layout (quant._GEMV_KERNEL)\n"
+                                 "    tl.static_assert(BLOCK_M == 1, 'GEMV: one token row a program')\n"
                                  "    offs_k = tl.max_contiguous(offs_k, 8)" if w8a8 and not prequant else ""),
                  "program_ids": _PROGRAM_IDS, "block_rows": _BLOCK_ROWS, "slot_weights": _SLOT_WEIGHTS,
                  "helpers": _FP8_HELPERS if w8a8 else "",
@@ -1217,6 +1218,8 @@ def moe_experts(
     gemv = cfg.pop("GEMV", False)
     if gemv and weight_format != "fp8-block":
         gemv, cfg["BLOCK_M"] = False, 16
+    if gemv and cfg["BLOCK_M"] != 1:
+        raise ValueError(f"moe: GEMV tiles take one token row a program (BLOCK_M 1), got BLOCK_M {cfg['BLOCK_M']}")
     if prequant and cfg["BLOCK_N"] * split_n != FP8_BLOCK:
         raise ValueError(f"moe: PREQUANT takes BLOCK_N * SPLIT_N = {FP8_BLOCK} (one scale tile of the "
                          f"intermediate), got BLOCK_N {cfg['BLOCK_N']}, SPLIT_N {split_n}")
