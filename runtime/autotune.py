@@ -1,12 +1,15 @@
 """Autotuning: time each candidate configuration of a generated kernel once, remember the winner.
 
-Results persist in ``<cache dir>/autotune.json`` keyed by (kernel, GPU name, shape bucket), so a second
-process on the same GPU starts with the tuned choice. Buckets are powers of two of the varying dimension
+Results persist in ``<cache dir>/autotune.json`` keyed by (kernel, GPU name, shape bucket, candidate list), so a
+second process on the same GPU starts with the tuned choice. A choice is stored as its index in the candidates,
+so the key holds a digest of the list: a candidate added or removed by a later deepfuse is a new key, not an
+index that now names another candidate. Buckets are powers of two of the varying dimension
 (the number of rows, tokens): shapes inside a bucket behave alike, and the table stays small.
 Off the GPU (the interpreter) there is nothing meaningful to time: the first configuration is used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -72,12 +75,12 @@ def choose(
     if device.type != "cuda" or not (enabled and _enabled) or len(configs) == 1:
         return configs[0]
     if getattr(_worker, "precompiling", False):  # inside another tune's precompile: that one holds the lock
-        return configs[_memory.get(_key(kernel_key, n, device), 0)]
+        return configs[_memory.get(_key(kernel_key, n, device, configs), 0)]
     if torch.cuda.is_current_stream_capturing():
         # Timing inside a CUDA graph capture is impossible; use the cached choice or the default.
-        key = _key(kernel_key, n, device)
+        key = _key(kernel_key, n, device, configs)
         return configs[_memory.get(key, _load().get(key, 0))]
-    key = _key(kernel_key, n, device)
+    key = _key(kernel_key, n, device, configs)
     with _lock:
         if key not in _memory:
             stored = _load().get(key)
@@ -132,11 +135,12 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _key(kernel_key: str, n: int, device: torch.device) -> str:
+def _key(kernel_key: str, n: int, device: torch.device, configs: Sequence[dict]) -> str:
     index = _index(device)
     if index not in _gpu_names:
         _gpu_names[index] = torch.cuda.get_device_name(index)
-    return f"{kernel_key}|{_gpu_names[index]}|{bucket(n)}"
+    listed = hashlib.sha1(repr(list(configs)).encode()).hexdigest()[:10]  # the candidates the index points into
+    return f"{kernel_key}|{_gpu_names[index]}|{bucket(n)}|{listed}"
 
 
 _worker = threading.local()

@@ -192,3 +192,26 @@ def test_tunes_make_their_inputs_only_when_they_time(monkeypatch, timed):
     else:  # x, one routing (4 tokens x 2 of 4 experts), its weights and two expert weights; x and the weight
         assert moe_made == 1 + 1 + 1 + 2 and len(made) == 2
         assert runs.count("quant") == 2 and runs.count("moe") == 2
+
+
+def test_a_stored_choice_is_an_index_into_the_list_it_was_timed_over(fake_gpu, monkeypatch):
+    """A later deepfuse that adds a candidate must not read an old index as the new list's entry at that index:
+    the key holds the candidate list, so the new list is timed afresh; the old list still finds its choice."""
+    speed = {"a": 2.0, "b": 1.0, "c": 3.0, "new": 0.5}
+    timed = []
+
+    def run(cfg):
+        timed.append(cfg["name"])
+
+    monkeypatch.setattr(autotune, "_time", lambda fn: (fn(), speed[timed[-1]])[1])
+    old = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+    assert autotune.choose("kernel", 8, old, run, torch.device("cuda")) == {"name": "b"}
+    monkeypatch.setattr(autotune, "_memory", {})  # a new process: the choice comes from the disk
+    timed.clear()
+    grown = [{"name": "c"}, {"name": "a"}, {"name": "new"}, {"name": "b"}]
+    assert autotune.choose("kernel", 8, grown, run, torch.device("cuda")) == {"name": "new"}  # not index 1: "a"
+    assert "new" in timed
+    monkeypatch.setattr(autotune, "_memory", {})
+    timed.clear()
+    assert autotune.choose("kernel", 8, old, run, torch.device("cuda")) == {"name": "b"} and not timed
+
