@@ -791,7 +791,8 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                if shared else "")
             + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block); activations quantized per row and\n"
                "128-wide K tile in the K loop, FP8 dots accumulated in fp32 with both scales applied (SWAP_AB: each\n"
-               "dot taken transposed, the weight tile on the MMA's M side, for a few token rows).\n"
+               "dot taken transposed, the weight tile on the MMA's M side, for a few token rows; GEMV: one token row\n"
+               "a program, its products on the CUDA cores).\n"
                if w8a8 and not prequant else "")
             + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block); x quantized per row and 128-wide tile\n"
                "by a pre-kernel, the intermediate written in FP8 with its 1 x 128 scales by the gate/up epilogue;\n"
