@@ -376,6 +376,7 @@ def test_interpreted_one_token_reads_the_router_ids_directly(monkeypatch):
     _check_fp8(1, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, config=GEMV, shared=2)
     _check_fp8(1, 256, 256, 4, 2, torch.float32, "cpu", interpret=True, config=moe.FP8_GEMV_CANDIDATES[2],
                outliers=True)
+    _check(1, 64, 32, 8, 3, torch.float32, "cpu", interpret=True, config=GEMV)  # float experts: the 16-row tile
     with pytest.raises(ValueError, match="one token row a program"):
         _check_fp8(1, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, config={**GEMV, "BLOCK_M": 16})
 
