@@ -48,8 +48,9 @@ def main():
                                                 for a, b in zip(firsts, seconds)],
             }
             for cfg in linear_group.configs_for(t):  # one launch over both weights where they lie
-                gemv = " gemv" if cfg.get("GEMV") else ""
-                forms[f"linear_group{gemv} {cfg['BLOCK_N']}/{cfg['BLOCK_K']}/{cfg['num_warps']}w{cfg['num_stages']}s"] = (
+                name = (f"linear_group{' gemv' if cfg.get('GEMV') else ''} "
+                        f"{cfg['BLOCK_N']}/{cfg['BLOCK_K']}/{cfg['num_warps']}w{cfg['num_stages']}s")
+                forms[name] = (
                     lambda cfg=cfg: [linear_group.linear_group(x, [a, b], config=cfg) for a, b in zip(firsts, seconds)])
             # The same projections as FP8 W8A8 layers (128 x 128 blocks): quant_matmul per projection, then one
             # linear_group launch over both FP8 weights.

@@ -325,8 +325,8 @@ def fp8_gemm():
 def fp8_decode():
     """The FP8 GEMM at decode sizes, activations quantized in the K loop (quant_matmul up to 16 rows), at V2-Lite's
     MLP gate+up (K 2048): every decode tile, the operand-swapped kernel's among them (weight rows on the MMA's M
-    side) and the CUDA-core ones (one token a program). QGMMA in --sass is Hopper's FP8 warpgroup MMA; F2FP...UNPACK_B the FP8 -> fp16 widening the 16-row
-    tiles need."""
+    side) and the CUDA-core ones (one token a program). QGMMA in --sass is Hopper's FP8 warpgroup MMA;
+    F2FP...UNPACK_B the FP8 -> fp16 widening the 16-row tiles need."""
     from deepfuse.runtime.kernels import quant
 
     gen, name = quant.kernels_for("quantize", torch.bfloat16, "bench/kernel_resources.py")
