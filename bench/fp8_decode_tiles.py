@@ -1,7 +1,7 @@
 """The FP8 block-scaled GEMM at decode sizes (activations quantized in the K loop, as the quant pass runs them up to
 ``quant.DECODE_MAX_M`` tokens): every candidate tile of that mode, the operand-swapped ones (``"SWAP": True``,
-``quant._SWAP_KERNEL``: weight rows on the FP8 MMA's M side) and the CUDA-core ones (``"GEMV": True``,
-``quant._GEMV_KERNEL``) among them, on V2-Lite's projection shapes, each replayed as a CUDA graph over weight
+``quant._DECODE_KERNEL``: weight rows on the FP8 MMA's M side) and the CUDA-core ones (``"GEMV": True``, the
+same kernel's other form) among them, on V2-Lite's projection shapes, each replayed as a CUDA graph over weight
 copies past twice the L2 (what the compile-time timing does), beside cuBLAS bf16 over the same copies. Reports µs
 per call and the weight bytes' rate; writes JSON with --out.
 

@@ -339,9 +339,8 @@ def fp8_decode():
         constexprs = {"SCALE_BLOCK_N": 128, "SCALE_BLOCK_K": 128, "HAS_BIAS": False, "EVEN_K": True,
                       "EXACT_FP8_ROUNDING": False, "UNIFORM_W_SCALE": c["BLOCK_N"] <= 128, "stride_xk": 1,
                       "stride_wk": 1, "stride_wsk": 1, "stride_yn": 1, **c,
-                      **({} if swap or gemv else {"GROUP_M": 8})}
-        fn = gen.function("fp8_block_quantize_decode_kernel" if swap else "fp8_block_quantize_gemv_kernel" if gemv
-                          else name)
+                      **({"GEMV": gemv} if swap or gemv else {"GROUP_M": 8})}
+        fn = gen.function("fp8_block_quantize_decode_kernel" if swap or gemv else name)
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         yield config, fn, pointers, {}, constexprs, ("N", "K", "k_per_split")
 

@@ -66,7 +66,7 @@ def linear_group_kernel(
     quantized per row in registers (every program again: x is a few rows), the FP8 dot accumulates in fp32 and
     both scales multiply it, the weight's one scalar per K tile (BLOCK_K 128, BLOCK_N dividing 128).
     GEMV (BLOCK_M 1: one row a program, no NORM): the products on the CUDA cores, the weight tile widened to fp32
-    times x (FP8: times x_q and both scales, as quant_matmul's fp8_block_quantize_gemv_kernel computes them),
+    times x (FP8: times x_q and both scales, as quant_matmul's GEMV decode tiles compute them),
     summed along each K tile: at one row an MMA of 16 rows is 15 rows of padding, and its operands pass through
     shared memory in every K step."""
     pid_n = tl.program_id(0)
@@ -116,7 +116,7 @@ def linear_group_kernel(
     squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # summed along K after the loop: no shuffles in it
     if GEMV:  # on the CUDA cores, one row a program (BLOCK_M 1): fp32 products summed along each K tile
         # x's row read as a [BLOCK_N, BLOCK_K] tile and both tiles 8 elements a thread: one register layout for
-        # both (quant._GEMV_KERNEL says why)
+        # both (quant._DECODE_KERNEL says why)
         offs_k8 = tl.max_contiguous(tl.arange(0, BLOCK_K), 8)
         x_rows = X + pid_m.to(tl.int64) * stride_xm + 0 * offs_n[:, None] + offs_k8[None, :]
         w_rows = W + offs_n.to(tl.int64)[:, None] * K + offs_k8[None, :]  # [BLOCK_N, BLOCK_K]

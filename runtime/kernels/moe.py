@@ -581,7 +581,7 @@ _PRODUCTS = {
     # SWAP_AB: each dot taken transposed, (w^T . a^T)^T, so the weight tile's BLOCK_N columns take the FP8 MMA's M
     # side. With the BLOCK_M token rows there (16 at decode), below the 64 of Hopper's FP8 warpgroup MMA, every
     # weight tile is widened to fp16 for the older MMA. At one token on H100: 33.7 against 35.0 us (bench/RESULTS.md).
-    # GEMV: one token row a program (BLOCK_M 1), the products on the CUDA cores as quant._GEMV_KERNEL takes them:
+    # GEMV: one token row a program (BLOCK_M 1), the products on the CUDA cores as quant._DECODE_KERNEL's GEMV form takes them:
     # the row read again as a [BLOCK_K, BLOCK_N] tile (the weight tile's layout), quantized, times the weight tile
     # widened to fp32, summed along K; no 16-row MMA for one row.
     "fp8-block": {
@@ -825,7 +825,7 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared, w8a8),
                  "down_scale_args": _scale_args("down", fp8, prequant, shared, w8a8),
                  "gate_up_store": "" if prequant else _GATE_UP_STORE,
-                 "offs_k_hint": ("if GEMV:  # both tiles 8 elements a thread, one layout (quant._GEMV_KERNEL)\n"
+                 "offs_k_hint": ("if GEMV:  # both tiles 8 elements a thread, one layout (quant._DECODE_KERNEL)\n"
                                  "    tl.static_assert(BLOCK_M == 1, 'GEMV: one token row a program')\n"
                                  "    offs_k = tl.max_contiguous(offs_k, 8)" if w8a8 and not prequant else ""),
                  "program_ids": _PROGRAM_IDS, "block_rows": _BLOCK_ROWS, "slot_weights": _SLOT_WEIGHTS,
