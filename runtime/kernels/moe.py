@@ -406,9 +406,10 @@ h_scale = row_scales_e4m3(row_max)
 if SPLIT_N > 1:
     first_n = pid_n * SPLIT_N * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(Out + offs_m[:, None] * stride_om + first_n[None, :],
-             to_e4m3(held.to(tl.float32), h_scale, EXACT_FP8_ROUNDING), mask=valid[:, None] & (first_n[None, :] < N))
-tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], to_e4m3(out.to(tl.float32), h_scale, EXACT_FP8_ROUNDING),
-         mask=valid[:, None] & n_ok)
+             to_e4m3(held.to(tl.float32), h_scale[:, None], EXACT_FP8_ROUNDING),
+             mask=valid[:, None] & (first_n[None, :] < N))
+tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :],
+         to_e4m3(out.to(tl.float32), h_scale[:, None], EXACT_FP8_ROUNDING), mask=valid[:, None] & n_ok)
 tl.store(OutScale + offs_m.to(tl.int64) * stride_osm + pid_n, h_scale, mask=valid)
 ''')
 
@@ -581,9 +582,9 @@ _PRODUCTS = {
     # SWAP_AB: each dot taken transposed, (w^T . a^T)^T, so the weight tile's BLOCK_N columns take the FP8 MMA's M
     # side. With the BLOCK_M token rows there (16 at decode), below the 64 of Hopper's FP8 warpgroup MMA, every
     # weight tile is widened to fp16 for the older MMA. At one token on H100: 33.7 against 35.0 us (bench/RESULTS.md).
-    # GEMV: one token row a program (BLOCK_M 1), the products on the CUDA cores as quant._DECODE_KERNEL's GEMV form takes them:
-    # the row read again as a [BLOCK_K, BLOCK_N] tile (the weight tile's layout), quantized, times the weight tile
-    # widened to fp32, summed along K; no 16-row MMA for one row.
+    # GEMV: one token row a program (BLOCK_M 1), the products on the CUDA cores as quant._DECODE_KERNEL's GEMV form
+    # takes them: the row read again as a [BLOCK_K, BLOCK_N] tile (the weight tile's layout), quantized, times the
+    # weight tile widened to fp32, summed along K; no 16-row MMA for one row.
     "fp8-block": {
         "gate_up": """\
 g_scale = tl.load(gs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
@@ -687,8 +688,8 @@ def row_scales_e4m3(amax):
 
 @triton.jit
 def to_e4m3(af, scale, EXACT_FP8_ROUNDING: tl.constexpr):
-    \"\"\"An fp32 [rows, cols] tile divided by its rows' ``scale``, as FP8 values.\"\"\"
-    q = af / scale[:, None]
+    \"\"\"An fp32 tile divided by ``scale`` (broadcast against it: a scale per row, or per column), as FP8 values.\"\"\"
+    q = af / scale
     if EXACT_FP8_ROUNDING:
         q = round_to_e4m3(q)
     return q.to(tl.float8e4nv)
@@ -700,7 +701,7 @@ def quantize_rows_e4m3(a, EXACT_FP8_ROUNDING: tl.constexpr):
     (DeepSeek-V3's 1 x 128 activation tiles).\"\"\"
     af = a.to(tl.float32)
     scale = row_scales_e4m3(tl.max(tl.abs(af), axis=1))
-    return to_e4m3(af, scale, EXACT_FP8_ROUNDING), scale
+    return to_e4m3(af, scale[:, None], EXACT_FP8_ROUNDING), scale
 
 
 @triton.jit
@@ -709,10 +710,7 @@ def quantize_cols_e4m3(a, EXACT_FP8_ROUNDING: tl.constexpr):
     e4m3 grid, in fp32, and its scale once per column (all equal).\"\"\"
     af = a.to(tl.float32)
     scale = row_scales_e4m3(tl.max(tl.abs(af), axis=0))
-    q = af / scale[None, :]
-    if EXACT_FP8_ROUNDING:
-        q = round_to_e4m3(q)
-    return q.to(tl.float8e4nv).to(tl.float32), scale
+    return to_e4m3(af, scale[None, :], EXACT_FP8_ROUNDING).to(tl.float32), scale
 
 
 # The experts' kernels.
