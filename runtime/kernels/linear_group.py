@@ -221,10 +221,8 @@ def kernels_for(dtype: torch.dtype, origin: str = ""):
             + (f"First generated for: {origin}" if origin else "")
         )
         # the x tile's W8A8 quantization: quant_matmul's in-loop one (x -> xq, x_scale)
-        quantize_x = quant.QUANTIZE_X.replace("${amax_floor}", repr(quant.AMAX_FLOOR)).replace(
-            "${fp8_max}", repr(quant.FP8_MAX))
         slots = {"precision": '"ieee"' if dtype == torch.float32 else "None",
-                 "round_to_e4m3": quant.ROUND_TO_E4M3, "quantize_x": quantize_x}
+                 "round_to_e4m3": quant.ROUND_TO_E4M3, "quantize_x": quant.QUANTIZE_X}
         _generated[key] = generate(TEMPLATE, {"dtype": str(dtype)}, slots, header)
     return _generated[key]
 
@@ -323,8 +321,7 @@ def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bo
                 x2, *w_args, *y_args, x2 if norm is None else norm, *s_args, m, k, *n_args, x2.stride(0),
                 *(y.stride(0) for y in y_args), triton.cdiv(k, FP8_BLOCK), float(eps), GROUPS=len(weights),
                 EVEN_K=k % bk == 0, NORM=norm is not None, FP8=fp8, EXACT_FP8_ROUNDING=interpret, GEMV=gemv,
-                BLOCK_M=bm,
-                BLOCK_N=bn, BLOCK_K=bk, STAGES=loop_stages(cfg), **({} if interpret else cfg),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=loop_stages(cfg), **({} if interpret else cfg),
             )
 
     if config is None:

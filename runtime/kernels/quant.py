@@ -146,9 +146,9 @@ def act_quant_kernel(
 
 # A bf16/fp16 activation tile quantized in registers: row maxima, scale, cast to fp8 (the linear_group kernel takes
 # it for its FP8 weights too).
-QUANTIZE_X = """\
+QUANTIZE_X = f"""\
 xf = x.to(tl.float32)
-x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), ${amax_floor}) / ${fp8_max}
+x_scale = tl.maximum(tl.max(tl.abs(xf), axis=1), {AMAX_FLOOR!r}) / {FP8_MAX!r}
 xq = xf / x_scale[:, None]
 if EXACT_FP8_ROUNDING:
     xq = round_to_e4m3(xq)
