@@ -1,0 +1,93 @@
+"""Does warming the L2 from a latency-bound kernel make the next projection faster? (runtime/kernels/prefetch.py)
+
+A decode step's latency-bound kernels (the MLA split merge, the routing, a norm) leave the HBM idle while the next
+projection then ramps up on a few MB. Here a one-program kernel that only spins for a set time (`busy`, standing
+for such a kernel) runs before cuBLAS's x @ W^T at one token, with and without asking the L2 for W
+(cp.async.bulk.prefetch.L2) at its start, over copies of W past twice the L2 (each pair of launches finds W in
+HBM, as a model's next layer does), replayed as a CUDA graph. Also: a launch that only prefetches, ahead of the
+busy kernel or alone. Reports µs per (busy, matmul) pair; the gain is `busy+mm` less `busy(pf)+mm`.
+
+    python3 bench/l2_prefetch.py --out DIR [--shapes 2048x2048,3072x2048] [--busy-us 3,8]
+"""
+import argparse
+
+import torch
+import triton
+
+from deepfuse.codegen import KernelTemplate, generate
+from deepfuse.runtime import autotune
+from deepfuse.runtime.kernels import prefetch
+
+from sweep_out import Rows  # bench/, the scripts' own directory
+
+TEMPLATE = KernelTemplate("l2_prefetch_bench", '''
+import triton
+import triton.language as tl
+
+${l2_prefetch}
+
+@triton.jit
+def busy_kernel(Base, nbytes, Out, iters, PREFETCH: tl.constexpr, CHUNK: tl.constexpr, LANES: tl.constexpr):
+    """A latency-bound kernel's stand-in: one program, a chain of dependent multiply-adds; with PREFETCH it first
+    asks the L2 for [Base, Base + nbytes)."""
+    if PREFETCH:
+        l2_prefetch(Base, nbytes, 0, 1, CHUNK, LANES)
+    acc = tl.zeros([128], dtype=tl.float32) + tl.program_id(0)
+    for _ in range(iters):
+        acc = acc * 0.9990234375 + 1.0
+    tl.store(Out + tl.arange(0, 128), acc)
+''')
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--shapes", default="2048x2048,3072x2048")  # N x K: o_proj, q_proj
+    parser.add_argument("--busy-us", default="3,8")
+    parser.add_argument("--chunks", default="4096,16384,65536")
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    gen = generate(TEMPLATE, {}, {"l2_prefetch": prefetch.L2_PREFETCH_SOURCE}, "bench/l2_prefetch.py")
+    busy = gen.function("busy_kernel")
+    only = prefetch.kernels().function("l2_prefetch_kernel")
+    sink = torch.empty(128, device=dev)
+    rows = Rows(args.out, "l2_prefetch")
+
+    def spin(w, iters, chunk=0):
+        busy[(1,)](w, w.numel() * w.element_size(), sink, iters, PREFETCH=chunk > 0, CHUNK=max(chunk, 16), LANES=128,
+                   num_warps=4)
+
+    # iterations per µs of the busy kernel alone
+    probe = torch.empty(16, device=dev)
+    ms = autotune._time(lambda: spin(probe, 20000))
+    per_us = 20000 / (ms * 1e3)
+    print(f"busy kernel: {per_us:.0f} iterations a µs", flush=True)
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        copies = autotune.cold_clones(torch.randn(n, k, device=dev, dtype=torch.bfloat16), 16)
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        nbytes = n * k * 2
+
+        def record(what, body):
+            us = autotune._time(lambda: [body(w) for w in copies]) * 1e3 / len(copies)
+            rows.append({"shape": shape, "what": what, "us": us, "copies": len(copies)})
+            print(f"{shape:<10} {what:<44} {us:7.2f} us", flush=True)
+
+        record("mm", lambda w: x @ w.T)
+        record("prefetch launch + mm", lambda w: (only[(8,)](w, nbytes, CHUNK=prefetch.CHUNK, LANES=32,
+                                                              num_warps=1), x @ w.T))
+        for busy_us in (float(v) for v in args.busy_us.split(",")):
+            iters = max(1, int(busy_us * per_us))
+            record(f"busy {busy_us:g}", lambda w: spin(w, iters))
+            record(f"busy {busy_us:g} + mm", lambda w: (spin(w, iters), x @ w.T))
+            for chunk in (int(v) for v in args.chunks.split(",")):
+                record(f"busy {busy_us:g} (prefetch, {chunk} B pieces)", lambda w: spin(w, iters, chunk))
+                record(f"busy {busy_us:g} (prefetch, {chunk} B pieces) + mm", lambda w: (spin(w, iters, chunk),
+                                                                                        x @ w.T))
+            record(f"prefetch launch + busy {busy_us:g} + mm",
+                   lambda w: (only[(8,)](w, nbytes, CHUNK=prefetch.CHUNK, LANES=32, num_warps=1), spin(w, iters),
+                              x @ w.T))
+
+
+if __name__ == "__main__":
+    main()

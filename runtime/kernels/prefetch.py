@@ -1,0 +1,76 @@
+"""Warming the L2 with a weight a later kernel of the step will read.
+
+At decode sizes many kernels of a step are latency-bound and leave the HBM idle (an MLA split merge, a routing
+kernel, a norm: one to 65 programs), while the next projection's kernel spends a good part of its time ramping
+up to full bandwidth on a few MB (cuBLAS's o_proj at one token: 5.9 us for 8 MB on H100, 1.4 TB/s). A
+latency-bound kernel can ask the memory system for those bytes while it runs: Hopper's
+``cp.async.bulk.prefetch.L2`` takes an address and a byte count, holds no register and is waited for by no one,
+so a handful of instructions in one thread move megabytes into the L2 (50 MB on H100) behind the kernel's own
+work. Whether the kernel that then reads them gains is what bench/l2_prefetch.py measures.
+
+``L2_PREFETCH_SOURCE`` is the Triton helper as text, for generated kernels to include; ``kernels()`` generates it
+with a launch that does nothing else (``l2_prefetch_kernel``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deepfuse.codegen import KernelTemplate, generate
+
+# Bytes per prefetch instruction: a multiple of 16 (the instruction's unit); 16 KB keeps the count small (an 8 MB
+# weight is 512 of them) without leaning on how large a single request may be.
+CHUNK = 16384
+
+L2_PREFETCH_SOURCE = '''
+@triton.jit
+def l2_prefetch(Base, nbytes, program, programs, CHUNK: tl.constexpr, LANES: tl.constexpr):
+    """Ask the L2 for bytes [0, nbytes) from Base (16-byte aligned, nbytes a multiple of 16): this program's share
+    of the CHUNK-byte pieces (every programs-th group of LANES), one cp.async.bulk.prefetch.L2 each (sm_90+).
+    Nothing waits for them and no register holds them: a hint, which changes no value."""
+    base = Base.to(tl.pointer_type(tl.uint8))
+    pieces = tl.cdiv(nbytes, CHUNK)
+    for first in range(program * LANES, pieces, programs * LANES):
+        piece = first + tl.arange(0, LANES)
+        start = piece.to(tl.int64) * CHUNK
+        inside = piece < pieces
+        # a lane past the end asks for the first 16 bytes again rather than for nothing (a size of 0 is not valid)
+        size = tl.where(inside, tl.minimum(nbytes - start, CHUNK), 16).to(tl.int32)
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\\n mov.u32 $0, 0;", "=r,l,r",
+                                  [base + tl.where(inside, start, 0), size], dtype=tl.int32, is_pure=False, pack=1)
+'''
+
+TEMPLATE = KernelTemplate(
+    "l2_prefetch",
+    """
+import triton
+import triton.language as tl
+
+${l2_prefetch}
+
+@triton.jit
+def l2_prefetch_kernel(Base, nbytes, CHUNK: tl.constexpr, LANES: tl.constexpr):
+    \"\"\"A launch that only asks the L2 for [Base, Base + nbytes): its programs share the pieces.\"\"\"
+    l2_prefetch(Base, nbytes, tl.program_id(0), tl.num_programs(0), CHUNK, LANES)
+""",
+)
+
+
+def kernels():
+    """The generated file holding ``l2_prefetch`` and ``l2_prefetch_kernel``."""
+    return generate(TEMPLATE, {}, {"l2_prefetch": L2_PREFETCH_SOURCE},
+                    "Pattern family: none (a memory-system hint).\n"
+                    "Computes: nothing; asks the L2 for a weight a later kernel reads.")
+
+
+def supported(device: torch.device) -> bool:
+    """The bulk prefetch is Hopper's (compute capability 9) and later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def prefetchable(t: torch.Tensor) -> bool:
+    """Whether ``l2_prefetch`` can take ``t``'s storage span as it lies: contiguous, 16-byte aligned start and
+    size."""
+    nbytes = t.numel() * t.element_size()
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and nbytes % 16 == 0 and nbytes > 0
