@@ -30,12 +30,13 @@ ${l2_prefetch}
 def busy_kernel(Base, nbytes, Out, iters, PREFETCH: tl.constexpr, CHUNK: tl.constexpr, LANES: tl.constexpr):
     """A latency-bound kernel's stand-in: one program, a chain of dependent multiply-adds; with PREFETCH it first
     asks the L2 for [Base, Base + nbytes)."""
+    token = 0
     if PREFETCH:
-        l2_prefetch(Base, nbytes, 0, 1, CHUNK, LANES)
+        token = l2_prefetch(Base, nbytes, 0, 1, CHUNK, LANES)
     acc = tl.zeros([128], dtype=tl.float32) + tl.program_id(0)
     for _ in range(iters):
         acc = acc * 0.9990234375 + 1.0
-    tl.store(Out + tl.arange(0, 128), acc)
+    tl.store(Out + tl.arange(0, 128), acc, mask=token == 0)
 ''')
 
 
@@ -51,6 +52,7 @@ def main():
     busy = gen.function("busy_kernel")
     only = prefetch.kernels().function("l2_prefetch_kernel")
     sink = torch.empty(128, device=dev)
+    token = torch.empty(1, device=dev, dtype=torch.int32)
     rows = Rows(args.out, "l2_prefetch")
 
     def spin(w, iters, chunk=0):
@@ -74,7 +76,7 @@ def main():
             print(f"{shape:<10} {what:<44} {us:7.2f} us", flush=True)
 
         record("mm", lambda w: x @ w.T)
-        record("prefetch launch + mm", lambda w: (only[(8,)](w, nbytes, CHUNK=prefetch.CHUNK, LANES=32,
+        record("prefetch launch + mm", lambda w: (only[(8,)](w, nbytes, token, CHUNK=prefetch.CHUNK, LANES=32,
                                                               num_warps=1), x @ w.T))
         for busy_us in (float(v) for v in args.busy_us.split(",")):
             iters = max(1, int(busy_us * per_us))
@@ -85,7 +87,7 @@ def main():
                 record(f"busy {busy_us:g} (prefetch, {chunk} B pieces) + mm", lambda w: (spin(w, iters, chunk),
                                                                                         x @ w.T))
             record(f"prefetch launch + busy {busy_us:g} + mm",
-                   lambda w: (only[(8,)](w, nbytes, CHUNK=prefetch.CHUNK, LANES=32, num_warps=1), spin(w, iters),
+                   lambda w: (only[(8,)](w, nbytes, token, CHUNK=prefetch.CHUNK, LANES=32, num_warps=1), spin(w, iters),
                               x @ w.T))
 
 

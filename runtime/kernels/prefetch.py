@@ -28,17 +28,24 @@ L2_PREFETCH_SOURCE = '''
 def l2_prefetch(Base, nbytes, program, programs, CHUNK: tl.constexpr, LANES: tl.constexpr):
     """Ask the L2 for bytes [0, nbytes) from Base (16-byte aligned, nbytes a multiple of 16): this program's share
     of the CHUNK-byte pieces (every programs-th group of LANES), one cp.async.bulk.prefetch.L2 each (sm_90+).
-    Nothing waits for them and no register holds them: a hint, which changes no value."""
+    Nothing waits for them and no register holds them: a hint, which changes no value. Returns 0, which the
+    caller must fold into a store's mask (`& (token == 0)`): the instruction is declared pure, so that
+    torch's analysis of which arguments a kernel writes passes over it, and a pure result nothing reads would be
+    removed with the instruction."""
     base = Base.to(tl.pointer_type(tl.uint8))
     pieces = tl.cdiv(nbytes, CHUNK)
+    token = 0
     for first in range(program * LANES, pieces, programs * LANES):
         piece = first + tl.arange(0, LANES)
         start = piece.to(tl.int64) * CHUNK
         inside = piece < pieces
         # a lane past the end asks for the first 16 bytes again rather than for nothing (a size of 0 is not valid)
         size = tl.where(inside, tl.minimum(nbytes - start, CHUNK), 16).to(tl.int32)
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\\n mov.u32 $0, 0;", "=r,l,r",
-                                  [base + tl.where(inside, start, 0), size], dtype=tl.int32, is_pure=False, pack=1)
+        done = tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\\n mov.u32 $0, 0;", "=r,l,r",
+                                         [base + tl.where(inside, start, 0), size], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+        token += tl.sum(done, axis=0)
+    return token
 '''
 
 TEMPLATE = KernelTemplate(
@@ -50,9 +57,11 @@ import triton.language as tl
 ${l2_prefetch}
 
 @triton.jit
-def l2_prefetch_kernel(Base, nbytes, CHUNK: tl.constexpr, LANES: tl.constexpr):
-    \"\"\"A launch that only asks the L2 for [Base, Base + nbytes): its programs share the pieces.\"\"\"
-    l2_prefetch(Base, nbytes, tl.program_id(0), tl.num_programs(0), CHUNK, LANES)
+def l2_prefetch_kernel(Base, nbytes, Token, CHUNK: tl.constexpr, LANES: tl.constexpr):
+    \"\"\"A launch that only asks the L2 for [Base, Base + nbytes): its programs share the pieces. Token: an int32
+    written by no program (l2_prefetch's token is always 0).\"\"\"
+    token = l2_prefetch(Base, nbytes, tl.program_id(0), tl.num_programs(0), CHUNK, LANES)
+    tl.store(Token, token, mask=token != 0)
 """,
 )
 
