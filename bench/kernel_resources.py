@@ -113,6 +113,7 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
             "shared_bytes": kernel.metadata.shared,
             "async_copies": len(re.findall(r"async_copy_global_to_local", kernel.asm["ttgir"])),
             "loop_loads": loop_loads(kernel.asm["ttgir"]),
+            "l2_prefetches": kernel.asm["ptx"].count("cp.async.bulk.prefetch.L2"),
             "sass": dict(collections.Counter(opcodes).most_common(12)), "order": sass_order(opcodes)}
 
 
@@ -120,12 +121,13 @@ def mla_decode(fp8: bool, as_fp16: bool = False):
     fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_decode_partial_kernel")
     pointers = {"QLat": "*bf16", "QPe": "*bf16", "KV": "*fp8e4nv" if fp8 else "*bf16",
                 "KVScale": "*fp32" if fp8 else "*bf16", "KPe": "*bf16", "Mask": "*fp32", "PartOut": "*fp32",
-                "PartLse": "*fp32"}
-    for mask, bt, warps, stages in itertools.product((False, True), (16, 32, 64), (4, 8), (2, 3)):
+                "PartLse": "*fp32", **{f"Prefetch{i}": "*bf16" for i in range(4)}}
+    scalars = {"scale": "fp32", **{f"prefetch_bytes{i}": "i64" for i in range(4)}}
+    for mask, bt, warps, stages, pf in itertools.product((False, True), (16, 32, 64), (4, 8), (2, 3), (0, 2)):
         constexprs = {"C": C, "C_POW2": C, "R": R, "R_POW2": R, "BLOCK_H": 16, "BLOCK_T": bt, "NUM_SPLITS": 8,
-                      "HAS_MASK": mask, "CAUSAL": True, "KV_FP8": fp8, "FP8_AS_FP16": as_fp16}
-        yield ({"BLOCK_T": bt, "num_warps": warps, "num_stages": stages, "HAS_MASK": mask}, fn, pointers,
-               {"scale": "fp32"}, constexprs)
+                      "HAS_MASK": mask, "CAUSAL": True, "KV_FP8": fp8, "FP8_AS_FP16": as_fp16, "PREFETCH": pf}
+        yield ({"BLOCK_T": bt, "num_warps": warps, "num_stages": stages, "HAS_MASK": mask, "PREFETCH": pf}, fn,
+               pointers, scalars, constexprs)
 
 
 def mla_prefill():

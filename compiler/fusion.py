@@ -275,3 +275,56 @@ def _stable_toposort(graph: fx.Graph) -> None:
     from torch._inductor.pattern_matcher import stable_topological_sort
 
     stable_topological_sort(graph)
+
+
+# Layout ops a weight passes through on its way to the op that reads it (the transpose before a matmul).
+_WEIGHT_VIEWS = {torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int,
+                 torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+                 torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten.alias.default}
+# Weights smaller than this are not worth a prefetch's instructions (a router's 256 KB is).
+PREFETCH_MIN_BYTES = 128 << 10
+
+
+def upcoming_weights(graph: fx.Graph, after: fx.Node, budget_bytes: int, limit: int) -> list[fx.Node]:
+    """The weights (2-D tensors the graph takes as inputs or attributes, at least PREFETCH_MIN_BYTES) that the nodes
+    after ``after`` read, in the order of their first read there, that nothing up to ``after`` reads, as many as
+    ``budget_bytes`` holds (one larger than the budget is passed over), at most ``limit`` of them: what a
+    latency-bound launch at ``after``
+    may ask the L2 for (``deepfuse.runtime.kernels.prefetch``). A hint: the list changes no value."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    here = order[after]
+
+    def weight_of(node: fx.Node) -> Optional[fx.Node]:
+        while node.op == "call_function" and node.target in _WEIGHT_VIEWS and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        val = value(node) if node.op in ("placeholder", "get_attr") else None
+        if not isinstance(val, torch.Tensor) or val.dim() != 2:
+            return None
+        return node if hint(val.numel()) * val.element_size() >= PREFETCH_MIN_BYTES else None
+
+    def readers(w: fx.Node):  # the compute nodes reading w, through its views
+        for u in w.users:
+            if u.op == "call_function" and u.target in _WEIGHT_VIEWS:
+                yield from readers(u)
+            else:
+                yield u
+
+    found, total = [], 0
+    for node in list(graph.nodes)[here + 1:]:
+        if node.op != "call_function" or node.target in _WEIGHT_VIEWS:
+            continue
+        for x in node.all_input_nodes:
+            w = weight_of(x)
+            if w is None or w in found or any(order[r] <= here for r in readers(w)):
+                continue
+            val = value(w)
+            nbytes = hint(val.numel()) * val.element_size()
+            if total + nbytes > budget_bytes:
+                if nbytes > budget_bytes:
+                    continue
+                return found
+            found.append(w)
+            total += nbytes
+            if len(found) == limit:
+                return found
+    return found

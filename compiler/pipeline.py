@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib
 import inspect
+import os
 from typing import Callable, Iterator
 
 import torch
@@ -81,6 +82,11 @@ def run_passes(graph: fx.Graph, options: Options, report: Report) -> None:
     graph.lint()
 
 
+# Environment switches that change what the passes trace into a graph (so a cached graph of the other setting is not
+# taken for this one).
+GRAPH_SWITCHES = ("DEEPFUSE_FP8_RESCALE", "DEEPFUSE_FP8_TMA", "DEEPFUSE_L2_PREFETCH", "DEEPFUSE_LINEAR_GROUP_NORM")
+
+
 class DeepfuseGraphPass(CustomGraphPass):
     """The passes, packaged as an Inductor custom pass; ``uuid`` keys Inductor's FX-graph cache."""
 
@@ -102,7 +108,8 @@ class DeepfuseGraphPass(CustomGraphPass):
 
         modules = [passes] + [inspect.getmodule(c) for c in PASSES.values()]
         modules += [importlib.import_module(f"deepfuse.runtime.kernels.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)]
-        blob = versions() + self.options.fingerprint() + "".join(inspect.getsource(m) for m in modules)
+        switches = "".join(f"{k}={os.environ.get(k)};" for k in GRAPH_SWITCHES)
+        blob = versions() + self.options.fingerprint() + switches + "".join(inspect.getsource(m) for m in modules)
         return hashlib.sha256(blob.encode()).digest()
 
 

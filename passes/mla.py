@@ -41,13 +41,14 @@ import torch
 import torch.fx as fx
 
 from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates, region_module,
-                             rel_err, replace_region_first_traced)
+                             rel_err, replace_region_first_traced, upcoming_weights)
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.passes.quant import activation_source, is_dequantized_weight
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 from deepfuse.runtime.kernels import mla as kernel
+from deepfuse.runtime.kernels import prefetch
 from deepfuse.shapes import hint, value
 
 aten = torch.ops.aten
@@ -130,12 +131,16 @@ class MLAPass:
         roles, out = found["roles"], found["out"]
         origin = f"{where[1] or '?'} ({where[0]})"
         names = [k for k in ROLES if roles.get(k) is not None]
-        args = tuple(roles[k] for k in names)
+        # weights the step reads after the attention, for its split launch to ask the L2 for (opt-in, decode)
+        decode = kernel.choose_path(params["queries"]) == "absorbed"
+        warm = (upcoming_weights(graph, out, prefetch.BUDGET_BYTES, prefetch.MAX_TENSORS)
+                if impl == "triton" and inline and decode and prefetch.enabled() else [])
+        args = tuple(roles[k] for k in names) + tuple(warm)
         gen = kernel.kernels_for(params["_dtype"], origin) if impl != "reference" else None
         out_val = value(out)
 
         def canonical(*tensors):
-            return _canonical_inputs(dict(zip(names, tensors)), params)
+            return _canonical_inputs(dict(zip(names, tensors[:len(names)])), params)
 
         def finish(o, tensors):
             t = dict(zip(names, tensors))
@@ -152,7 +157,8 @@ class MLAPass:
         def via_kernel(*tensors):
             q_nope, q_pe, c_kv, k_pe, w, mask, kv_scale = canonical(*tensors)
             return finish(kernel.mla_attention(q_nope, q_pe, c_kv, k_pe, w, params["scale"], params["causal"],
-                                               mask, kv_scale, origin=origin), tensors)
+                                               mask, kv_scale, origin=origin,
+                                               prefetch_weights=tensors[len(names):]), tensors)
 
         launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
         if not replace_region_first_traced(graph, RegionBinding(found["region"], out), launchers, args, "MLA"):

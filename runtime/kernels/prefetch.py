@@ -13,6 +13,9 @@ with a launch that does nothing else (``l2_prefetch_kernel``).
 """
 from __future__ import annotations
 
+import os
+from typing import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -46,7 +49,32 @@ def l2_prefetch(Base, nbytes, program, programs, CHUNK: tl.constexpr, LANES: tl.
                                          pack=1)
         token += tl.sum(done, axis=0)
     return token
+
+
+@triton.jit
+def l2_prefetch_each(Prefetch0, prefetch_bytes0, Prefetch1, prefetch_bytes1, Prefetch2, prefetch_bytes2,
+                     Prefetch3, prefetch_bytes3, program, programs, PREFETCH: tl.constexpr):
+    """l2_prefetch of the first PREFETCH (0 to 4) of these spans, shared among a launch's programs; the token as
+    l2_prefetch's."""
+    token = 0
+    if PREFETCH >= 1:
+        token += l2_prefetch(Prefetch0, prefetch_bytes0, program, programs, 16384, 32)
+    if PREFETCH >= 2:
+        token += l2_prefetch(Prefetch1, prefetch_bytes1, program, programs, 16384, 32)
+    if PREFETCH >= 3:
+        token += l2_prefetch(Prefetch2, prefetch_bytes2, program, programs, 16384, 32)
+    if PREFETCH >= 4:
+        token += l2_prefetch(Prefetch3, prefetch_bytes3, program, programs, 16384, 32)
+    return token
 '''
+
+# The arguments l2_prefetch_each takes, as a kernel's signature lists them.
+KERNEL_ARGS = ("Prefetch0, prefetch_bytes0, Prefetch1, prefetch_bytes1, Prefetch2, prefetch_bytes2, Prefetch3, "
+               "prefetch_bytes3, PREFETCH: tl.constexpr")
+MAX_TENSORS = 4
+# What one latency-bound launch asks the L2 for at most: half of H100's 50 MB, so the lines are still there when
+# the kernels after it read them (what else the step reads in between is small at decode sizes).
+BUDGET_BYTES = 24 << 20
 
 TEMPLATE = KernelTemplate(
     "l2_prefetch",
@@ -73,13 +101,32 @@ def kernels():
                     "Computes: nothing; asks the L2 for a weight a later kernel reads.")
 
 
+def enabled() -> bool:
+    """Opt-in (``DEEPFUSE_L2_PREFETCH=1``) until a decode step measures faster with it (bench/RESULTS.md)."""
+    return os.environ.get("DEEPFUSE_L2_PREFETCH") == "1"
+
+
 def supported(device: torch.device) -> bool:
     """The bulk prefetch is Hopper's (compute capability 9) and later."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def prefetchable(t: torch.Tensor) -> bool:
-    """Whether ``l2_prefetch`` can take ``t``'s storage span as it lies: contiguous, 16-byte aligned start and
-    size."""
+    """Whether ``l2_prefetch`` can take ``t``'s storage span as it lies: contiguous, its start 16 bytes past an
+    allocation's (which torch's CUDA allocator aligns to 512) and its size whole 16-byte units. Read off the
+    layout, not the address, so a traced (fake) tensor answers too."""
     nbytes = t.numel() * t.element_size()
-    return t.is_contiguous() and t.data_ptr() % 16 == 0 and nbytes % 16 == 0 and nbytes > 0
+    return (t.is_contiguous() and (t.storage_offset() * t.element_size()) % 16 == 0 and nbytes % 16 == 0
+            and nbytes > 0)
+
+
+def launch_args(tensors: Sequence[torch.Tensor], like: torch.Tensor, interpret: bool) -> dict:
+    """The keyword arguments of l2_prefetch_each for a launch: the ``tensors`` it can take (``prefetchable``, at most
+    MAX_TENSORS), none in the interpreter or before Hopper; ``like`` fills the unused pointer slots."""
+    taken = [] if interpret or not supported(like.device) else [t for t in tensors if prefetchable(t)][:MAX_TENSORS]
+    args: dict = {"PREFETCH": len(taken)}
+    for i in range(MAX_TENSORS):
+        t = taken[i] if i < len(taken) else like
+        args[f"Prefetch{i}"] = t
+        args[f"prefetch_bytes{i}"] = t.numel() * t.element_size() if i < len(taken) else 0
+    return args
