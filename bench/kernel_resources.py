@@ -253,10 +253,11 @@ def rms_norm(residual: bool):
     from deepfuse.runtime.kernels import rms_norm as kernels
 
     gen, name = kernels.kernel_for(2048, torch.bfloat16, torch.bfloat16, torch.bfloat16, residual, True)
-    pointers = {p: "*bf16" for p in ("X", "R", "W", "Y", "H")}
-    for warps in (1, 2, 4, 8):
-        yield ({"num_warps": warps, "num_stages": 1}, gen.function(name), pointers, {"eps": "fp32"},
-               {"BLOCK_N": 2048}, ("N",))
+    pointers = {p: "*bf16" for p in ("X", "R", "W", "Y", "H", "Prefetch0", "Prefetch1", "Prefetch2", "Prefetch3")}
+    scalars = {"eps": "fp32", **{f"prefetch_bytes{i}": "i64" for i in range(4)}}
+    for warps, pf in itertools.product((1, 2, 4, 8), (0, 2)):
+        yield ({"num_warps": warps, "num_stages": 1, "PREFETCH": pf}, gen.function(name), pointers, scalars,
+               {"BLOCK_N": 2048, "PREFETCH": pf}, ("N",))
 
 
 def mla_reduce():

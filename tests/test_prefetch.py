@@ -86,7 +86,11 @@ rows = []
 for config, fn, pointers, scalars, constexprs in kr.mla_decode(False):
     if config["BLOCK_T"] == 32 and config["num_warps"] == 4 and config["num_stages"] == 3 and config["HAS_MASK"]:
         got = kr.resources(fn, pointers, scalars, constexprs, 4, 3)
-        rows.append([config["PREFETCH"], got["l2_prefetches"], got["loop_loads"], got["spill_stores"]])
+        rows.append(["mla", config["PREFETCH"], got["l2_prefetches"], got["loop_loads"], got["spill_stores"]])
+for config, fn, pointers, scalars, constexprs, _ in kr.rms_norm(True):
+    if config["num_warps"] == 4:
+        got = kr.resources(fn, pointers, scalars, constexprs, 4, 1)
+        rows.append(["rms", config["PREFETCH"], got["l2_prefetches"], got["loop_loads"], got["spill_stores"]])
 
 # torch's analysis of the arguments a kernel writes, as Inductor runs it, against the sm_90 target
 class Hopper:
@@ -102,7 +106,12 @@ kwargs.update({name: 1 for name in scalars}, **constexprs, S=1, T=64, H=16, caus
 kwargs.update({f"stride_{k}": 1 for k in ("qlb", "qls", "qlh", "qpb", "qps", "qph", "kvb", "kvt", "ksb", "kst",
                                         "kpb", "kpt", "mb", "mh", "ms", "mt")}, STAGES=3)
 accesses = identify_accessed_tensors(fn, kwargs, {})
-written = sorted(dep.name for dep in accesses.read_writes.writes)
+written = {"mla": sorted(dep.name for dep in accesses.read_writes.writes)}
+config, fn, pointers, scalars, constexprs, _ = next(c for c in kr.rms_norm(True) if c[0]["PREFETCH"] == 2)
+kwargs = {name: torch.empty(16, dtype=torch.float32) for name in pointers}
+kwargs.update({name: 1 for name in scalars}, **constexprs, N=2048, stride_x=1, stride_r=1, stride_y=1, stride_h=1)
+accesses = identify_accessed_tensors(fn, kwargs, {})
+written["rms"] = sorted(dep.name for dep in accesses.read_writes.writes)
 print(json.dumps({"rows": rows, "written": written}))
 """
 
@@ -117,15 +126,18 @@ def compiled():
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_the_mla_split_launch_issues_the_prefetch_only_when_asked(compiled):
-    by_count = {pf: (n, loads, spills) for pf, n, loads, spills in compiled["rows"]}
+@pytest.mark.parametrize("kernel", ["mla", "rms"])
+def test_the_launch_issues_the_prefetch_only_when_asked(compiled, kernel):
+    """The MLA decode's split launch and the norm: no prefetch instruction at PREFETCH 0, one in each l2_prefetch
+    loop at 2, kept by the compiler; no load waited in a loop and no spills either way."""
+    by_count = {pf: (n, loads, spills) for name, pf, n, loads, spills in compiled["rows"] if name == kernel}
     assert by_count[0][0] == 0
-    assert by_count[2][0] >= 2  # one instruction in each l2_prefetch loop, kept by the compiler
-    assert by_count[2][1:] == by_count[0][1:] == (0, 0)  # no load waited in the loop, no spills, either way
+    assert by_count[2][0] >= 2
+    assert by_count[2][1:] == by_count[0][1:] == (0, 0)
 
 
 def test_torch_does_not_take_a_prefetched_weight_for_a_written_one(compiled):
-    assert compiled["written"] == ["PartLse", "PartOut"]
+    assert compiled["written"] == {"mla": ["PartLse", "PartOut"], "rms": ["H", "Y"]}
 
 
 def test_the_switch_keys_inductors_graph_cache(monkeypatch):
