@@ -23,9 +23,6 @@ from deepfuse.runtime.kernels import rms_norm as kernel
 aten, prims = torch.ops.aten, torch.ops.prims
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HIDDEN = 65536  # the single-pass kernel keeps a whole row in registers
-# Rows up to which a norm's launch asks the L2 for the weights read after it (with DEEPFUSE_L2_PREFETCH=1): a
-# decode step's norm is that many programs, latency-bound, the HBM idle meanwhile.
-PREFETCH_MAX_ROWS = 16
 
 
 def cast_dtype(n: fx.Node):
@@ -160,7 +157,7 @@ class RMSNormPass(FusionPass):
             with unset_fake_temporarily():
                 config = kernel.tune(tuple(hint(d) for d in x.shape), *spec, x.device, origin)
             rows = x.numel() // params["hidden"]
-            if prefetch.enabled() and is_static(rows) and int(rows) <= PREFETCH_MAX_ROWS:
+            if prefetch.enabled() and is_static(rows) and int(rows) <= prefetch.MAX_ROWS:
                 warm = tuple(upcoming_weights(graph, b.outputs[0], prefetch.BUDGET_BYTES, prefetch.MAX_TENSORS))
 
             def run(h, weight, r, warm):

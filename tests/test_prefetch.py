@@ -100,18 +100,33 @@ class Hopper:
         return torch.device("cpu")
 triton.runtime.driver.set_active(Hopper())
 from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+import inspect
+from deepfuse.runtime.kernels import routing
+
+
+def written_by(fn, constexprs, pointers):
+    # the arguments torch's analysis finds written, the kernel's other arguments filled in: a tensor for each of
+    # the pointers, 16 for a size or stride
+    kwargs = {}
+    for name in inspect.signature(fn.fn).parameters:
+        kwargs[name] = (constexprs[name] if name in constexprs
+                        else torch.empty(16, dtype=torch.float32) if name in pointers else 16)
+    return sorted(dep.name for dep in identify_accessed_tensors(fn, kwargs, {}).read_writes.writes)
+
+
+written = {}
 config, fn, pointers, scalars, constexprs = next(c for c in kr.mla_decode(False) if c[0]["PREFETCH"] == 2)
-kwargs = {name: torch.empty(16, dtype=torch.float32) for name in pointers}
-kwargs.update({name: 1 for name in scalars}, **constexprs, S=1, T=64, H=16, causal_offset=0)
-kwargs.update({f"stride_{k}": 1 for k in ("qlb", "qls", "qlh", "qpb", "qps", "qph", "kvb", "kvt", "ksb", "kst",
-                                        "kpb", "kpt", "mb", "mh", "ms", "mt")}, STAGES=3)
-accesses = identify_accessed_tensors(fn, kwargs, {})
-written = {"mla": sorted(dep.name for dep in accesses.read_writes.writes)}
+written["mla"] = written_by(fn, {**constexprs, "STAGES": 3}, pointers)
 config, fn, pointers, scalars, constexprs, _ = next(c for c in kr.rms_norm(True) if c[0]["PREFETCH"] == 2)
-kwargs = {name: torch.empty(16, dtype=torch.float32) for name in pointers}
-kwargs.update({name: 1 for name in scalars}, **constexprs, N=2048, stride_x=1, stride_r=1, stride_y=1, stride_h=1)
-accesses = identify_accessed_tensors(fn, kwargs, {})
-written["rms"] = sorted(dep.name for dep in accesses.read_writes.writes)
+written["rms"] = written_by(fn, constexprs, pointers)
+gen = routing.kernel_for(routing.RoutingSpec(6, renormalize=True), router_matmul=torch.bfloat16)
+prefetched = [f"Prefetch{i}" for i in range(4)]
+written["router_partial"] = written_by(gen.module.moe_router_partial_kernel,
+                                       {"BLOCK_E": 64, "BLOCK_K": 128, "PREFETCH": 2},
+                                       ["X", "RouterWeight", "Partials"] + prefetched)
+written["routing"] = written_by(gen.module.moe_routing_kernel, {
+    "NUM_SPLITS": 16, "SPLIT_CHUNK": 16, "GROUPS": 1, "PER_GROUP": 64, "TOPK_GROUP": 1, "K": 6, "GROUPS_POW2": 1,
+    "PER_GROUP_POW2": 64, "K_POW2": 8, "SCALE": 1.0, "PREFETCH": 2}, ["Partials", "Bias", "Weights", "Ids"] + prefetched)
 print(json.dumps({"rows": rows, "written": written}))
 """
 
@@ -137,7 +152,8 @@ def test_the_launch_issues_the_prefetch_only_when_asked(compiled, kernel):
 
 
 def test_torch_does_not_take_a_prefetched_weight_for_a_written_one(compiled):
-    assert compiled["written"] == {"mla": ["PartLse", "PartOut"], "rms": ["H", "Y"]}
+    assert compiled["written"] == {"mla": ["PartLse", "PartOut"], "rms": ["H", "Y"], "router_partial": ["Partials"],
+                                   "routing": ["Ids", "Weights"]}
 
 
 def test_the_switch_keys_inductors_graph_cache(monkeypatch):

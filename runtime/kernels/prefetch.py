@@ -75,6 +75,9 @@ MAX_TENSORS = 4
 # What one latency-bound launch asks the L2 for at most: half of H100's 50 MB, so the lines are still there when
 # the kernels after it read them (what else the step reads in between is small at decode sizes).
 BUDGET_BYTES = 24 << 20
+# Rows (tokens) up to which a launch counts as latency-bound for this: a decode step's norms, routing and attention
+# splits at a few sequences.
+MAX_ROWS = 16
 
 TEMPLATE = KernelTemplate(
     "l2_prefetch",
