@@ -44,7 +44,7 @@ def l2_prefetch(Base, nbytes, program, programs, CHUNK: tl.constexpr, LANES: tl.
         inside = piece < pieces
         # a lane past the end asks for the first 16 bytes again rather than for nothing (a size of 0 is not valid)
         size = tl.where(inside, tl.minimum(nbytes - start, CHUNK), 16).to(tl.int32)
-        done = tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\\n mov.u32 $0, 0;", "=r,l,r",
+        done = tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
                                          [base + tl.where(inside, start, 0), size], dtype=tl.int32, is_pure=True,
                                          pack=1)
         token += tl.sum(done, axis=0)
