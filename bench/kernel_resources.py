@@ -113,7 +113,6 @@ def resources(fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: in
             "shared_bytes": kernel.metadata.shared,
             "async_copies": len(re.findall(r"async_copy_global_to_local", kernel.asm["ttgir"])),
             "loop_loads": loop_loads(kernel.asm["ttgir"]),
-            "l2_prefetches": kernel.asm["ptx"].count("cp.async.bulk.prefetch.L2"),
             "sass": dict(collections.Counter(opcodes).most_common(12)), "order": sass_order(opcodes)}
 
 
@@ -121,13 +120,12 @@ def mla_decode(fp8: bool, as_fp16: bool = False):
     fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_decode_partial_kernel")
     pointers = {"QLat": "*bf16", "QPe": "*bf16", "KV": "*fp8e4nv" if fp8 else "*bf16",
                 "KVScale": "*fp32" if fp8 else "*bf16", "KPe": "*bf16", "Mask": "*fp32", "PartOut": "*fp32",
-                "PartLse": "*fp32", **{f"Prefetch{i}": "*bf16" for i in range(4)}}
-    scalars = {"scale": "fp32", **{f"prefetch_bytes{i}": "i64" for i in range(4)}}
-    for mask, bt, warps, stages, pf in itertools.product((False, True), (16, 32, 64), (4, 8), (2, 3), (0, 2)):
+                "PartLse": "*fp32"}
+    for mask, bt, warps, stages in itertools.product((False, True), (16, 32, 64), (4, 8), (2, 3)):
         constexprs = {"C": C, "C_POW2": C, "R": R, "R_POW2": R, "BLOCK_H": 16, "BLOCK_T": bt, "NUM_SPLITS": 8,
-                      "HAS_MASK": mask, "CAUSAL": True, "KV_FP8": fp8, "FP8_AS_FP16": as_fp16, "PREFETCH": pf}
-        yield ({"BLOCK_T": bt, "num_warps": warps, "num_stages": stages, "HAS_MASK": mask, "PREFETCH": pf}, fn,
-               pointers, scalars, constexprs)
+                      "HAS_MASK": mask, "CAUSAL": True, "KV_FP8": fp8, "FP8_AS_FP16": as_fp16}
+        yield ({"BLOCK_T": bt, "num_warps": warps, "num_stages": stages, "HAS_MASK": mask}, fn, pointers,
+               {"scale": "fp32"}, constexprs)
 
 
 def mla_prefill():
@@ -253,11 +251,10 @@ def rms_norm(residual: bool):
     from deepfuse.runtime.kernels import rms_norm as kernels
 
     gen, name = kernels.kernel_for(2048, torch.bfloat16, torch.bfloat16, torch.bfloat16, residual, True)
-    pointers = {p: "*bf16" for p in ("X", "R", "W", "Y", "H", "Prefetch0", "Prefetch1", "Prefetch2", "Prefetch3")}
-    scalars = {"eps": "fp32", **{f"prefetch_bytes{i}": "i64" for i in range(4)}}
-    for warps, pf in itertools.product((1, 2, 4, 8), (0, 2)):
-        yield ({"num_warps": warps, "num_stages": 1, "PREFETCH": pf}, gen.function(name), pointers, scalars,
-               {"BLOCK_N": 2048, "PREFETCH": pf}, ("N",))
+    pointers = {p: "*bf16" for p in ("X", "R", "W", "Y", "H")}
+    for warps in (1, 2, 4, 8):
+        yield ({"num_warps": warps, "num_stages": 1}, gen.function(name), pointers, {"eps": "fp32"},
+               {"BLOCK_N": 2048}, ("N",))
 
 
 def mla_reduce():

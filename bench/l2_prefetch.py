@@ -1,4 +1,4 @@
-"""Does warming the L2 from a latency-bound kernel make the next projection faster? (runtime/kernels/prefetch.py)
+"""Does warming the L2 from a latency-bound kernel make the next projection faster?
 
 A decode step's latency-bound kernels (the MLA split merge, the routing, a norm) leave the HBM idle while the next
 projection then ramps up on a few MB. Here a one-program kernel that only spins for a set time (`busy`, standing
@@ -8,20 +8,50 @@ HBM, as a model's next layer does), replayed as a CUDA graph. Also: a launch tha
 busy kernel or alone. Reports µs per (busy, matmul) pair; the gain is `busy+mm` less `busy(pf)+mm`.
 
     python3 bench/l2_prefetch.py --out DIR [--shapes 2048x2048,3072x2048] [--busy-us 3,8]
+
+Measured on H100 (bench/RESULTS.md): no. A program that asks for 8 MB this way does not finish until the copy engine
+of its SM has served it (33 µs, 0.25 TB/s), and cuBLAS's matmul after a separate prefetch launch was no faster.
+Tried in deepfuse's decode launches (norms, router, MLA splits) and reverted: the decode step took 18x as long.
 """
 import argparse
 
 import torch
-import triton
 
 from deepfuse.codegen import KernelTemplate, generate
 from deepfuse.runtime import autotune
-from deepfuse.runtime.kernels import prefetch
 
 from sweep_out import Rows  # bench/, the scripts' own directory
 
+L2_PREFETCH = '''
+@triton.jit
+def l2_prefetch(Base, nbytes, program, programs, CHUNK: tl.constexpr, LANES: tl.constexpr):
+    """Ask the L2 for bytes [0, nbytes) from Base (16-byte aligned, nbytes a multiple of 16): this program's share
+    of the CHUNK-byte pieces (every programs-th group of LANES), one cp.async.bulk.prefetch.L2 each (sm_90+).
+    Nothing waits for them and no register holds them: a hint, which changes no value. Returns 0, which the
+    caller must fold into a store's mask (`& (token == 0)`): the instruction is declared pure, so that
+    torch's analysis of which arguments a kernel writes passes over it, and a pure result nothing reads would be
+    removed with the instruction."""
+    base = Base.to(tl.pointer_type(tl.uint8))
+    pieces = tl.cdiv(nbytes, CHUNK)
+    token = 0
+    for first in range(program * LANES, pieces, programs * LANES):
+        piece = first + tl.arange(0, LANES)
+        start = piece.to(tl.int64) * CHUNK
+        inside = piece < pieces
+        # a lane past the end asks for the first 16 bytes again rather than for nothing (a size of 0 is not valid)
+        size = tl.where(inside, tl.minimum(nbytes - start, CHUNK), 16).to(tl.int32)
+        done = tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                         [base + tl.where(inside, start, 0), size], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+        token += tl.sum(done, axis=0)
+    return token
+
+'''
+
+# Bytes per prefetch instruction of the separate prefetch launch.
+CHUNK = 16384
+
 TEMPLATE = KernelTemplate("l2_prefetch_bench", '''
-import triton
 import triton.language as tl
 
 ${l2_prefetch}
@@ -37,6 +67,14 @@ def busy_kernel(Base, nbytes, Out, iters, PREFETCH: tl.constexpr, CHUNK: tl.cons
     for _ in range(iters):
         acc = acc * 0.9990234375 + 1.0
     tl.store(Out + tl.arange(0, 128), acc, mask=token == 0)
+
+
+@triton.jit
+def l2_prefetch_kernel(Base, nbytes, Token, CHUNK: tl.constexpr, LANES: tl.constexpr):
+    """A launch that only asks the L2 for [Base, Base + nbytes): its programs share the pieces. Token: an int32
+    written by no program (l2_prefetch's token is always 0)."""
+    token = l2_prefetch(Base, nbytes, tl.program_id(0), tl.num_programs(0), CHUNK, LANES)
+    tl.store(Token, token, mask=token != 0)
 ''')
 
 
@@ -48,9 +86,8 @@ def main():
     parser.add_argument("--chunks", default="4096,16384,65536")
     args = parser.parse_args()
     dev = torch.device("cuda")
-    gen = generate(TEMPLATE, {}, {"l2_prefetch": prefetch.L2_PREFETCH_SOURCE}, "bench/l2_prefetch.py")
-    busy = gen.function("busy_kernel")
-    only = prefetch.kernels().function("l2_prefetch_kernel")
+    gen = generate(TEMPLATE, {}, {"l2_prefetch": L2_PREFETCH}, "bench/l2_prefetch.py")
+    busy, only = gen.function("busy_kernel"), gen.function("l2_prefetch_kernel")
     sink = torch.empty(128, device=dev)
     token = torch.empty(1, device=dev, dtype=torch.int32)
     rows = Rows(args.out, "l2_prefetch")
@@ -76,7 +113,7 @@ def main():
             print(f"{shape:<10} {what:<44} {us:7.2f} us", flush=True)
 
         record("mm", lambda w: x @ w.T)
-        record("prefetch launch + mm", lambda w: (only[(8,)](w, nbytes, token, CHUNK=prefetch.CHUNK, LANES=32,
+        record("prefetch launch + mm", lambda w: (only[(8,)](w, nbytes, token, CHUNK=CHUNK, LANES=32,
                                                               num_warps=1), x @ w.T))
         for busy_us in (float(v) for v in args.busy_us.split(",")):
             iters = max(1, int(busy_us * per_us))
@@ -87,7 +124,7 @@ def main():
                 record(f"busy {busy_us:g} (prefetch, {chunk} B pieces) + mm", lambda w: (spin(w, iters, chunk),
                                                                                         x @ w.T))
             record(f"prefetch launch + busy {busy_us:g} + mm",
-                   lambda w: (only[(8,)](w, nbytes, token, CHUNK=prefetch.CHUNK, LANES=32, num_warps=1), spin(w, iters),
+                   lambda w: (only[(8,)](w, nbytes, token, CHUNK=CHUNK, LANES=32, num_warps=1), spin(w, iters),
                               x @ w.T))
 
 

@@ -82,9 +82,9 @@ def run_passes(graph: fx.Graph, options: Options, report: Report) -> None:
     graph.lint()
 
 
-# Environment switches that change what the passes trace into a graph (so a cached graph of the other setting is not
-# taken for this one).
-GRAPH_SWITCHES = ("DEEPFUSE_FP8_RESCALE", "DEEPFUSE_FP8_TMA", "DEEPFUSE_L2_PREFETCH", "DEEPFUSE_LINEAR_GROUP_NORM")
+# Environment switches that change what the passes trace into a graph, so a graph cached under the other setting is
+# not taken for this one.
+GRAPH_SWITCHES = ("DEEPFUSE_FP8_RESCALE", "DEEPFUSE_FP8_TMA", "DEEPFUSE_LINEAR_GROUP_NORM")
 
 
 class DeepfuseGraphPass(CustomGraphPass):

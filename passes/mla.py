@@ -41,14 +41,13 @@ import torch
 import torch.fx as fx
 
 from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates, region_module,
-                             rel_err, replace_region_first_traced, upcoming_weights)
+                             rel_err, replace_region_first_traced)
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.passes.quant import activation_source, is_dequantized_weight
 from deepfuse.report import Declined, Match, Report, module_path, source_line
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
 from deepfuse.runtime.kernels import mla as kernel
-from deepfuse.runtime.kernels import prefetch
 from deepfuse.shapes import hint, value
 
 aten = torch.ops.aten
@@ -131,16 +130,12 @@ class MLAPass:
         roles, out = found["roles"], found["out"]
         origin = f"{where[1] or '?'} ({where[0]})"
         names = [k for k in ROLES if roles.get(k) is not None]
-        # weights the step reads after the attention, for its split launch to ask the L2 for (opt-in, decode)
-        decode = kernel.choose_path(params["queries"]) == "absorbed"
-        warm = (upcoming_weights(graph, out, prefetch.BUDGET_BYTES, prefetch.MAX_TENSORS)
-                if impl == "triton" and inline and decode and prefetch.enabled() else [])
-        args = tuple(roles[k] for k in names) + tuple(warm)
+        args = tuple(roles[k] for k in names)
         gen = kernel.kernels_for(params["_dtype"], origin) if impl != "reference" else None
         out_val = value(out)
 
         def canonical(*tensors):
-            return _canonical_inputs(dict(zip(names, tensors[:len(names)])), params)
+            return _canonical_inputs(dict(zip(names, tensors)), params)
 
         def finish(o, tensors):
             t = dict(zip(names, tensors))
@@ -157,8 +152,7 @@ class MLAPass:
         def via_kernel(*tensors):
             q_nope, q_pe, c_kv, k_pe, w, mask, kv_scale = canonical(*tensors)
             return finish(kernel.mla_attention(q_nope, q_pe, c_kv, k_pe, w, params["scale"], params["causal"],
-                                               mask, kv_scale, origin=origin,
-                                               prefetch_weights=tensors[len(names):]), tensors)
+                                               mask, kv_scale, origin=origin), tensors)
 
         launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
         if not replace_region_first_traced(graph, RegionBinding(found["region"], out), launchers, args, "MLA"):

@@ -36,15 +36,14 @@ import torch
 import torch.fx as fx
 
 from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates, rel_err,
-                             replace_region, replace_region_first_traced, replace_region_inline_or_op,
-                             upcoming_weights)
+                             replace_region, replace_region_first_traced, replace_region_inline_or_op)
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
-from deepfuse.shapes import hint, is_static, value
+from deepfuse.shapes import hint, value
 from deepfuse.runtime import autotune
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
-from deepfuse.runtime.kernels import TRITON_DTYPES, moe as kernel, prefetch, routing
+from deepfuse.runtime.kernels import TRITON_DTYPES, moe as kernel, routing
 from deepfuse.passes.linear import is_plain_cast, stored_weight
 from deepfuse.passes.quant import weight_side
 
@@ -205,6 +204,9 @@ class MoEPass:
         bias, expert_scale = flat(bias), flat(expert_scale)
         vectors = tuple(v for v in (bias, expert_scale) if v is not None)
 
+        def split(rest):  # (bias, expert scale) from the launchers' trailing tensors
+            rest = list(rest)
+            return (rest.pop(0) if bias is not None else None), (rest.pop(0) if expert_scale is not None else None)
         out_dtype = value(weights).dtype
         origin = f"{where[1] or '?'} ({where[0]})"
         spec_args = (spec.top_k, spec.scoring, spec.groups, spec.topk_group, spec.group_score, spec.fill,
@@ -213,27 +215,15 @@ class MoEPass:
         if isinstance(matmul, dict) and impl == "triton" and not _fused_router_wins(matmul, logits, bias, spec,
                                                                                     out_dtype, origin, expert_scale):
             matmul = "the graph's matmul then the routing kernel timed faster on this GPU"
-        # with DEEPFUSE_L2_PREFETCH=1, at a few tokens: the weights read after the routing (a shared MLP's), for the
-        # router's first launch to ask the L2 for
-        tokens = value(weights).shape[0]
-        last = max((weights, ids), key=list(graph.nodes).index)
-        warm = (tuple(upcoming_weights(graph, last, prefetch.BUDGET_BYTES, prefetch.MAX_TENSORS))
-                if impl == "triton" and inline and prefetch.enabled() and is_static(tokens)
-                and int(tokens) <= prefetch.MAX_ROWS else ())
-
-        def split(rest):  # (bias, expert scale, prefetched weights) from the launchers' trailing tensors
-            rest = list(rest)
-            return ((rest.pop(0) if bias is not None else None), (rest.pop(0) if expert_scale is not None else None),
-                    tuple(rest))
         if isinstance(matmul, dict):  # the logits' matmul in deepfuse's launches
             region = list(region) + matmul["nodes"]
             mm_dtype = value(logits).dtype
-            args = (matmul["x"], matmul["w"]) + vectors + warm
+            args = (matmul["x"], matmul["w"]) + vectors
 
             def launcher(x_, w_, *rest):
-                bias_, scale_, warm_ = split(rest)
+                bias_, scale_ = split(rest)
                 return routing.route_hidden(x_, w_, bias_, spec, out_dtype, mm_dtype, origin=origin,
-                                            expert_scale=scale_, prefetch_weights=warm_)
+                                            expert_scale=scale_)
 
             op = torch.ops.deepfuse.moe_router.default
 
@@ -241,12 +231,11 @@ class MoEPass:
                 return (matmul["x"], matmul["w"], bias, mm_dtype, *spec_args) + (
                     (expert_scale,) if expert_scale is not None else ())
         else:
-            args = (logits,) + vectors + warm
+            args = (logits,) + vectors
 
             def launcher(logits_, *rest):
-                bias_, scale_, warm_ = split(rest)
-                return routing.route(logits_, bias_, spec, out_dtype, origin=origin, expert_scale=scale_,
-                                     prefetch_weights=warm_)
+                bias_, scale_ = split(rest)
+                return routing.route(logits_, bias_, spec, out_dtype, origin=origin, expert_scale=scale_)
 
             op = torch.ops.deepfuse.moe_routing.default
 

@@ -12,12 +12,11 @@ from typing import Any, Union
 import torch
 import torch.fx as fx
 
-from deepfuse.fusion import FusionPass, replace_region, replace_region_inline_or_op, upcoming_weights
+from deepfuse.fusion import FusionPass, replace_region, replace_region_inline_or_op
 from deepfuse.pattern import Binding, Input, Op, Pattern
 from deepfuse.report import module_path, source_line
 from deepfuse.shapes import hint, is_static, same_shape, value
 from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
-from deepfuse.runtime.kernels import prefetch
 from deepfuse.runtime.kernels import rms_norm as kernel
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -150,25 +149,20 @@ class RMSNormPass(FusionPass):
             replace_region(graph, b, op, inputs + (eps, cast_first, y.dtype, impl), 2 if residual else 1)
             return f"deepfuse::{name}", kernel_file
 
-        warm = ()
         if impl == "triton":
             from torch._subclasses.fake_tensor import unset_fake_temporarily
 
             with unset_fake_temporarily():
                 config = kernel.tune(tuple(hint(d) for d in x.shape), *spec, x.device, origin)
-            rows = x.numel() // params["hidden"]
-            if prefetch.enabled() and is_static(rows) and int(rows) <= prefetch.MAX_ROWS:
-                warm = tuple(upcoming_weights(graph, b.outputs[0], prefetch.BUDGET_BYTES, prefetch.MAX_TENSORS))
 
-            def run(h, weight, r, warm):
-                return kernel.launch(h, weight, r, eps, cast_first, y.dtype, config=config, prefetch_weights=warm)
+            def run(h, weight, r):
+                return kernel.launch(h, weight, r, eps, cast_first, y.dtype, config=config)
         else:
-            def run(h, weight, r, warm):
+            def run(h, weight, r):
                 return kernel.reference(h, weight, r, eps, cast_first, y.dtype)
 
-        launcher = ((lambda a, c, weight, *warm: run(a, weight, c, warm)) if residual
-                    else (lambda h, weight, *warm: run(h, weight, None, warm)))
+        launcher = (lambda a, c, weight: run(a, weight, c)) if residual else (lambda h, weight: run(h, weight, None))
         op = getattr(torch.ops.deepfuse, name).default
-        replace_region_inline_or_op(graph, b, launcher, inputs + warm, op,
-                                    lambda: inputs + (eps, cast_first, y.dtype, impl), 2 if residual else 1)
+        replace_region_inline_or_op(graph, b, launcher, inputs, op, lambda: inputs + (eps, cast_first, y.dtype, impl),
+                                    2 if residual else 1)
         return f"deepfuse::{name}", kernel_file

@@ -205,3 +205,19 @@ def test_inductor_rewrites_of_matmuls_are_off_where_the_passes_read_the_graph(mo
         assert torch._inductor.config.coordinate_descent_tuning
     assert seen and all(s == (False, False) for s in seen), seen
     assert torch._inductor.config.shape_padding
+
+
+@pytest.mark.parametrize("switch", ["DEEPFUSE_FP8_RESCALE", "DEEPFUSE_FP8_TMA", "DEEPFUSE_LINEAR_GROUP_NORM"])
+def test_graph_switches_key_inductors_graph_cache(monkeypatch, switch):
+    """An environment switch that changes what the passes trace in keys Inductor's FX-graph cache: a graph compiled
+    under the other setting is not reused."""
+    from deepfuse.options import Options
+    from deepfuse.pipeline import GRAPH_SWITCHES, DeepfuseGraphPass
+    from deepfuse.report import Report
+
+    assert switch in GRAPH_SWITCHES
+    keys = []
+    for value in ("0", "1", "0"):
+        monkeypatch.setenv(switch, value)
+        keys.append(DeepfuseGraphPass(Options.from_user({}), Report()).uuid())
+    assert keys[0] != keys[1] and keys[0] == keys[2]

@@ -247,52 +247,6 @@ def test_block_by_block_decode_captured_whole():
     print(f"greedy tokens equal to eager bf16 before the first divergence: {agree} of 24")
 
 
-def test_prefetching_split_launch_changes_no_value():
-    """The absorbed path's split launch asking the L2 for weights it does not read (runtime/kernels/prefetch.py):
-    the same bits as without, one weight or four, of sizes off the 16 KB pieces."""
-    inputs = _inputs(1, 1, 2049, torch.bfloat16)
-    extra = [torch.randn(n, 1000, device="cuda", dtype=torch.bfloat16) for n in (2048, 3000, 8, 4099)]
-    plain = mla.mla_attention(*inputs, 192 ** -0.5, True, path="absorbed")
-    for weights in (extra[:1], extra):
-        warmed = mla.mla_attention(*inputs, 192 ** -0.5, True, path="absorbed", prefetch_weights=weights)
-        assert torch.equal(warmed, plain)
-
-
-def test_decode_step_with_l2_prefetch(monkeypatch):
-    """DEEPFUSE_L2_PREFETCH=1 (every weight taken, however small): the decode step's split launches are given the
-    weights the block reads after the attention, and its logits are the bits of the step compiled without."""
-    from deepfuse import fusion
-    from deepfuse.runtime.kernels import prefetch
-
-    cfg, model, exact, prompt = _v2_tiny_bf16_and_float64()
-    given = []
-    launch_args = prefetch.launch_args
-
-    def recording(tensors, like, interpret):
-        args = launch_args(tensors, like, interpret)
-        given.append(args["PREFETCH"])
-        return args
-
-    monkeypatch.setattr(prefetch, "launch_args", recording)
-    monkeypatch.setattr(fusion, "PREFETCH_MIN_BYTES", 0)
-    outs = []
-    with torch.no_grad():
-        for flag in ("0", "1"):
-            monkeypatch.setenv("DEEPFUSE_L2_PREFETCH", flag)
-            torch._dynamo.reset()
-            cache = model.new_cache(4, 24)
-            compiled = torch.compile(model, backend="deepfuse", mode="reduce-overhead")
-            compiled(prompt, torch.tensor(0, device="cuda"), cache)
-            for pos in range(11, 14):
-                out = compiled(prompt[:, pos - 11:pos - 10], torch.tensor(pos, device="cuda"), cache)
-            outs.append(out.clone())
-            if flag == "0":
-                assert set(given) == {0}, given
-                given.clear()
-    assert given and max(given) > 0, given  # traced with the weights in the decode graph's split launches
-    assert torch.equal(outs[0], outs[1])
-
-
 def test_hf_deepseek_v2_attention_on_gpu():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.DeepseekV2Config(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=1,

@@ -20,14 +20,13 @@ decode's mask. A general additive mask (any broadcast of [B, H, S, T]) is suppor
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime.kernels import TRITON_DTYPES, loop_stages, size_hint
-from deepfuse.runtime.kernels import prefetch
 from deepfuse.runtime.kernels import quant as quant_kernels
 from deepfuse.runtime.latent_cache import FP8, dequantize_latent
 
@@ -38,7 +37,6 @@ TEMPLATE = KernelTemplate(
 import triton
 import triton.language as tl
 
-${l2_prefetch}
 
 @triton.jit
 def mla_absorb_query_kernel(
@@ -81,7 +79,7 @@ def mla_decode_partial_kernel(
     C: tl.constexpr, C_POW2: tl.constexpr, R: tl.constexpr, R_POW2: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, NUM_SPLITS: tl.constexpr,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_FP8: tl.constexpr, FP8_AS_FP16: tl.constexpr,
-    STAGES: tl.constexpr, ${prefetch_args},
+    STAGES: tl.constexpr,
 ):
     """One (query, head block, context split): attention over the latent rows of the split, all heads of the
     block together (each c_kv row is loaded once for them). Writes the split's normalized output and LSE.
@@ -100,16 +98,11 @@ def mla_decode_partial_kernel(
     subnormals (more than bf16's rounding), never range. Timed on an H200 at batch 64, context 32768 and the
     default tile: the first form, which read tile x scales in fp16 unguarded, took 1073 us against 1148 for
     the bf16 widening; a form with a per-tile branch to the queries' dtype took 1171 against 1138 (it spilled
-    and halved the async copies, bench/kernel_resources.py). This form is not timed yet (bench/RESULTS.md).
-    PREFETCH (0-4): this launch's programs first ask the L2 for up to four weights the step reads next (the output
-    projection's; runtime/kernels/prefetch.py), while their own work leaves the HBM mostly idle."""
+    and halved the async copies, bench/kernel_resources.py). This form is not timed yet (bench/RESULTS.md)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid_bs = tl.program_id(0)
     pid_h = tl.program_id(1)
     split = tl.program_id(2)
-    token = l2_prefetch_each(Prefetch0, prefetch_bytes0, Prefetch1, prefetch_bytes1, Prefetch2, prefetch_bytes2,
-                             Prefetch3, prefetch_bytes3, (pid_bs * tl.num_programs(1) + pid_h) * NUM_SPLITS + split,
-                             tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS, PREFETCH)
     b = (pid_bs // S).to(tl.int64)
     s = pid_bs % S
     heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -190,9 +183,8 @@ def mla_decode_partial_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
     row = pid_bs.to(tl.int64) * H + heads
-    tl.store(PartOut + (row[:, None] * NUM_SPLITS + split) * C_POW2 + offs_c[None, :], out,
-             mask=h_ok[:, None] & (token == 0))
-    tl.store(PartLse + row * NUM_SPLITS + split, lse, mask=h_ok & (token == 0))
+    tl.store(PartOut + (row[:, None] * NUM_SPLITS + split) * C_POW2 + offs_c[None, :], out, mask=h_ok[:, None])
+    tl.store(PartLse + row * NUM_SPLITS + split, lse, mask=h_ok)
 
 
 @triton.jit
@@ -378,8 +370,7 @@ def kernels_for(dtype: torch.dtype, origin: str = ""):
             + (f"First generated for: {origin}" if origin else "")
         )
         # fp32 stays fp32 in the tensor cores' dot (no TF32), so fp32 models keep fp32 accuracy.
-        slots = {"dtype": TRITON_DTYPES[dtype], "precision": '"ieee"' if dtype == torch.float32 else "None",
-                 "l2_prefetch": prefetch.L2_PREFETCH_SOURCE, "prefetch_args": prefetch.KERNEL_ARGS}
+        slots = {"dtype": TRITON_DTYPES[dtype], "precision": '"ieee"' if dtype == torch.float32 else "None"}
         _generated[key] = generate(TEMPLATE, {"dtype": str(dtype)}, slots, header)
     return _generated[key]
 
@@ -503,14 +494,11 @@ def mla_attention(
     interpret: bool = False,
     config: Optional[dict] = None,
     origin: str = "",
-    prefetch_weights: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """q_nope [B, S, H, DN], q_pe [B, S, H, R], c_kv [B, T, C], k_pe [B, T, R], w_kv_b [H*(DN+DV), C]
     (kv_b_proj.weight) -> [B, S, H, DV] in q's dtype. Any strides with a unit last dim; traceable (the
     launches become Inductor user-kernel nodes under make_fx). An FP8 latent cache: c_kv float8_e4m3fn with
-    ``kv_scale`` [B, T] or [B, T, 1] fp32, one scale per token (``deepfuse.runtime.latent_cache``).
-    ``prefetch_weights``: tensors the step reads after the attention, which the absorbed path's split launch asks
-    the L2 for (a hint; on Hopper and later, up to four)."""
+    ``kv_scale`` [B, T] or [B, T, 1] fp32, one scale per token (``deepfuse.runtime.latent_cache``)."""
     _check(q_nope, q_pe, c_kv, k_pe, w_kv_b, kv_scale)
     b, s, h, dn = q_nope.shape
     t, c = c_kv.shape[1], c_kv.shape[2]
@@ -569,7 +557,7 @@ def mla_attention(
             *m_args, s, t, h, scale, t - s,
             C=c, C_POW2=c_pow2, R=r, R_POW2=r_pow2, BLOCK_H=bh, BLOCK_T=bt, NUM_SPLITS=splits,
             HAS_MASK=has_mask, CAUSAL=causal, KV_FP8=fp8, FP8_AS_FP16=fp8 and as_fp16,
-            STAGES=stages, **prefetch.launch_args(prefetch_weights, q_lat, interpret), **launch_opts,
+            STAGES=stages, **launch_opts,
         )
         out_lat = torch.empty((b, s, h, c), dtype=dtype, device=q_nope.device)
         block_c = min(REDUCE_BLOCK_C, c_pow2)

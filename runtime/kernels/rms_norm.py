@@ -6,13 +6,13 @@ the kernel moves (2 or 4) * N * itemsize bytes per row and nothing else; the who
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
-from deepfuse.runtime.kernels import TRITON_DTYPES, prefetch
+from deepfuse.runtime.kernels import TRITON_DTYPES
 from deepfuse.runtime import autotune
 
 TEMPLATE = KernelTemplate(
@@ -21,20 +21,15 @@ TEMPLATE = KernelTemplate(
 import triton
 import triton.language as tl
 
-${l2_prefetch}
 
 @triton.jit
 def ${kernel_name}(
     X, R, W, Y, H,
     stride_x, stride_r, stride_y, stride_h,
     N, eps,
-    BLOCK_N: tl.constexpr, ${prefetch_args},
+    BLOCK_N: tl.constexpr,
 ):
-    """PREFETCH (0-4): the programs also ask the L2 for weights the step reads next (a decode step's norm is a
-    few programs and leaves the HBM idle; runtime/kernels/prefetch.py)."""
     row = tl.program_id(0).to(tl.int64)
-    token = l2_prefetch_each(Prefetch0, prefetch_bytes0, Prefetch1, prefetch_bytes1, Prefetch2, prefetch_bytes2,
-                             Prefetch3, prefetch_bytes3, tl.program_id(0), tl.num_programs(0), PREFETCH)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
@@ -48,7 +43,7 @@ def ${kernel_name}(
     variance = tl.sum(xf * xf, axis=0) / N
     normed = xf * tl.rsqrt(variance + eps)
     ${epilogue}
-    tl.store(Y + row * stride_y + cols, y.to(${out_dtype}), mask=mask & (token == 0))
+    tl.store(Y + row * stride_y + cols, y.to(${out_dtype}), mask=mask)
 ''',
 )
 
@@ -100,8 +95,6 @@ def _generate(n, in_dtype, w_dtype, out_dtype, residual, cast_first, origin):
         "prologue": (_PROLOGUE_RESIDUAL if residual else _PROLOGUE_NONE).replace("${in_dtype}", in_tl),
         "epilogue": (_EPILOGUE_CAST_FIRST if cast_first else _EPILOGUE_FP32).replace("${in_dtype}", in_tl),
         "out_dtype": TRITON_DTYPES[out_dtype],
-        "l2_prefetch": prefetch.L2_PREFETCH_SOURCE,
-        "prefetch_args": prefetch.KERNEL_ARGS,
     }
     header = (
         f"Pattern family: rms_norm{' (with the residual add fused in front)' if residual else ''}.\n"
@@ -132,12 +125,10 @@ def launch(
     interpret: bool = False,
     config: Optional[dict] = None,
     origin: str = "",
-    prefetch_weights: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Allocate the outputs and launch the kernel. Traceable: under make_fx the launch becomes Inductor's
     user-defined-Triton-kernel node (``wrap_triton``), which is how compiled graphs call it with Inductor's
-    own launcher. ``config`` None: autotune now (eager, real tensors). ``prefetch_weights``: tensors the step reads
-    next, which the launch asks the L2 for (a hint; Hopper and later, up to four)."""
+    own launcher. ``config`` None: autotune now (eager, real tensors)."""
     _check(x, weight, residual, out_dtype)
     n = x.shape[-1]
     x2 = _rows(x, n)
@@ -156,13 +147,13 @@ def launch(
         n, eps,
     )
 
-    def run(cfg, warm=()):
-        fn[(m,)](*args, BLOCK_N=_block(n), **prefetch.launch_args(warm, y, interpret), **({} if interpret else cfg))
+    def run(cfg):
+        fn[(m,)](*args, BLOCK_N=_block(n), **({} if interpret else cfg))
 
     if not (isinstance(m, int) and m == 0):
         if config is None:
             config = autotune.choose(gen.key, m, CONFIGS, run, x.device, enabled=not interpret)
-        run(config, prefetch_weights)
+        run(config)
     out_shape = x.shape[:-1] + (n,)
     return y.view(out_shape), (h.view(out_shape) if h is not None else None)
 

@@ -16,13 +16,13 @@ One program holds one token's whole score row (experts <= ``MAX_EXPERTS``), laid
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
 
 from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
-from deepfuse.runtime.kernels import TRITON_DTYPES, prefetch
+from deepfuse.runtime.kernels import TRITON_DTYPES
 
 MAX_EXPERTS = 1024
 # Tokens up to which the moe pass tries the router matmul beside the routing kernel (route_hidden): every token
@@ -102,7 +102,6 @@ TEMPLATE = KernelTemplate(
 import triton
 import triton.language as tl
 
-${l2_prefetch}
 
 ${partial_kernel}
 @triton.jit
@@ -112,14 +111,10 @@ def moe_routing_kernel(
     ${router_matmul_args}
     GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
     GROUPS_POW2: tl.constexpr, PER_GROUP_POW2: tl.constexpr, K_POW2: tl.constexpr, SCALE: tl.constexpr,
-    ${prefetch_args},
 ):
     """Weights[t, :K], Ids[t, :K] of token t: ${doc}.
-    One program per token; its expert row is held as [GROUPS, PER_GROUP]. PREFETCH (0-4): the programs also ask
-    the L2 for weights the step reads next (runtime/kernels/prefetch.py)."""
+    One program per token; its expert row is held as [GROUPS, PER_GROUP]."""
     t = tl.program_id(0).to(tl.int64)
-    token = l2_prefetch_each(Prefetch0, prefetch_bytes0, Prefetch1, prefetch_bytes1, Prefetch2, prefetch_bytes2,
-                             Prefetch3, prefetch_bytes3, tl.program_id(0), tl.num_programs(0), PREFETCH)
     group = tl.arange(0, GROUPS_POW2)
     member = tl.arange(0, PER_GROUP_POW2)
     expert = group[:, None] * PER_GROUP + member[None, :]
@@ -144,9 +139,8 @@ def moe_routing_kernel(
         taken = taken | chosen
     ${normalize}
     ${expert_scale}
-    stored = (slot < K) & (token == 0)
-    tl.store(Weights + t * K + slot, (weights * SCALE).to(Weights.dtype.element_ty), mask=stored)
-    tl.store(Ids + t * K + slot, ids, mask=stored)
+    tl.store(Weights + t * K + slot, (weights * SCALE).to(Weights.dtype.element_ty), mask=slot < K)
+    tl.store(Ids + t * K + slot, ids, mask=slot < K)
 ''',
 )
 
@@ -157,18 +151,14 @@ _ROUTER_PARTIAL_KERNEL = """
 @triton.jit
 def moe_router_partial_kernel(
     X, RouterWeight, Partials, stride_x, stride_we, stride_wk, HIDDEN, E, PER_SPLIT,
-    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, ${prefetch_args},
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     \"\"\"Partials[t, split, e] = sum over the split's PER_SPLIT hidden columns of x[t, k] * RouterWeight[e, k] for
     the BLOCK_E experts of program_id(2), in fp32 of operands rounded to ${mm_dtype}: a decode token's router
     weight read is spread over splits x expert blocks programs, and the routing kernel sums the splits in a
-    fixed order. PREFETCH (0-4): as the routing kernel's.\"\"\"
+    fixed order.\"\"\"
     t = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    token = l2_prefetch_each(Prefetch0, prefetch_bytes0, Prefetch1, prefetch_bytes1, Prefetch2, prefetch_bytes2,
-                             Prefetch3, prefetch_bytes3,
-                             (tl.program_id(0) * tl.num_programs(1) + split) * tl.num_programs(2) + tl.program_id(2),
-                             tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), PREFETCH)
     experts = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
@@ -179,7 +169,7 @@ def moe_router_partial_kernel(
         wk = tl.load(RouterWeight + experts[:, None] * stride_we + (k0 + offs_k)[None, :] * stride_wk,
                      mask=(experts[:, None] < E) & k_ok[None, :], other=0.0).to(${mm_dtype}).to(tl.float32)
         acc += tl.sum(wk * xk[None, :], axis=1)
-    tl.store(Partials + (t * tl.num_programs(1) + split) * E + experts, acc, mask=(experts < E) & (token == 0))
+    tl.store(Partials + (t * tl.num_programs(1) + split) * E + experts, acc, mask=experts < E)
 
 
 # The routing, over the sum of the splits above.
@@ -259,9 +249,7 @@ def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torc
             "logits": (_SUM_PARTIALS.replace("${mm_dtype}", TRITON_DTYPES[router_matmul]) if router_matmul
                        else _LOAD_LOGITS),
             "partial_kernel": (_ROUTER_PARTIAL_KERNEL.replace("${mm_dtype}", TRITON_DTYPES[router_matmul])
-                               .replace("${prefetch_args}", prefetch.KERNEL_ARGS) if router_matmul else ""),
-            "l2_prefetch": prefetch.L2_PREFETCH_SOURCE,
-            "prefetch_args": prefetch.KERNEL_ARGS,
+                               if router_matmul else ""),
         }
         what = "hidden states (the router matmul included)" if router_matmul else "logits"
         header = ("Pattern family: moe (router).\n"
@@ -272,29 +260,25 @@ def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torc
 
 
 def route(logits: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec, out_dtype: torch.dtype,
-          interpret: bool = False, origin: str = "", expert_scale: Optional[torch.Tensor] = None,
-          prefetch_weights: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+          interpret: bool = False, origin: str = "",
+          expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k] in ``out_dtype``, int64 ids [T, k]) of ``spec`` over ``logits`` [T, E], in one launch
     (``expert_scale`` [E] with ``spec.expert_scale``). Slots come sorted by choice, descending. Traceable into a
-    graph like the experts kernels. ``prefetch_weights``: tensors the step reads next, which the launch asks the L2
-    for (a hint; Hopper and later, up to four)."""
+    graph like the experts kernels."""
     t, e = logits.shape
     _check(spec, e, logits.dtype, bias, out_dtype, expert_scale)
     fn = kernel_for(spec, origin).function("moe_routing_kernel", interpret=interpret)
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    return _launch(fn, logits, (logits.stride(0),), {}, t, e, bias, spec, out_dtype, interpret, expert_scale,
-                   prefetch_weights)
+    return _launch(fn, logits, (logits.stride(0),), {}, t, e, bias, spec, out_dtype, interpret, expert_scale)
 
 
 def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec,
                  out_dtype: torch.dtype, mm_dtype: torch.dtype, interpret: bool = False, origin: str = "",
-                 expert_scale: Optional[torch.Tensor] = None,
-                 prefetch_weights: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                 expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``route`` of the logits ``x.to(mm_dtype) @ router_weight.to(mm_dtype).T`` (x [T, K], router_weight [E, K],
     each in any float dtype; the product in ``mm_dtype`` as a matmul computes it: fp32 accumulation, the
     result rounded to ``mm_dtype``): the matmul split over K in one launch, whose partial sums the routing
-    kernel adds up. For a few tokens: every token reads the whole router weight. ``prefetch_weights``: as
-    ``route``'s, asked for by the first of the two launches."""
+    kernel adds up. For a few tokens: every token reads the whole router weight."""
     t, k = x.shape
     e = router_weight.shape[0]
     _check(spec, e, mm_dtype, bias, out_dtype, expert_scale)
@@ -321,8 +305,7 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
     if t:
         partial[(t, splits, triton.cdiv(e, block_e))](
             x, router_weight, partials, x.stride(0), router_weight.stride(0), router_weight.stride(1), k, e,
-            per_split, BLOCK_E=block_e, BLOCK_K=block_k,
-            **prefetch.launch_args(prefetch_weights, partials, interpret))
+            per_split, BLOCK_E=block_e, BLOCK_K=block_k)
     chunk = min(triton.next_power_of_2(splits), max(1, ROUTER_SUM_VALUES // triton.next_power_of_2(e)))
     matmul = {"NUM_SPLITS": splits, "SPLIT_CHUNK": chunk}
     return _launch(fn, partials, (splits * e,), matmul, t, e, bias, spec, out_dtype, interpret, expert_scale)
@@ -343,8 +326,7 @@ def _check(spec: RoutingSpec, e: int, logits_dtype, bias, out_dtype, expert_scal
                          f"{None if expert_scale is None else (tuple(expert_scale.shape), expert_scale.dtype)}")
 
 
-def _launch(fn, source, strides, matmul: dict, t, e, bias, spec, out_dtype, interpret, expert_scale=None,
-            prefetch_weights=()):
+def _launch(fn, source, strides, matmul: dict, t, e, bias, spec, out_dtype, interpret, expert_scale=None):
     """One program per token over ``source`` (the logits, or the router matmul's partial sums with ``matmul``'s
     split counts)."""
     if not interpret:
@@ -358,8 +340,7 @@ def _launch(fn, source, strides, matmul: dict, t, e, bias, spec, out_dtype, inte
         fn[(t,)](source, bias, *scale_arg, weights, ids, *strides, **matmul,
                  GROUPS=spec.groups, PER_GROUP=per_group, TOPK_GROUP=spec.topk_group, K=spec.top_k,
                  GROUPS_POW2=triton.next_power_of_2(spec.groups), PER_GROUP_POW2=triton.next_power_of_2(per_group),
-                 K_POW2=triton.next_power_of_2(spec.top_k), SCALE=float(spec.scale),
-                 **prefetch.launch_args(prefetch_weights, weights, interpret))
+                 K_POW2=triton.next_power_of_2(spec.top_k), SCALE=float(spec.scale))
     return weights, ids
 
 
