@@ -47,19 +47,16 @@ def main():
                 "decode_linear, both": lambda: [(quant.decode_linear(x, a), quant.decode_linear(x, b))
                                                 for a, b in zip(firsts, seconds)],
             }
-            for cfg in linear_group.configs_for(t):  # one launch over both weights where they lie
-                name = (f"linear_group{' gemv' if cfg.get('GEMV') else ''} "
-                        f"{cfg['BLOCK_N']}/{cfg['BLOCK_K']}/{cfg['num_warps']}w{cfg['num_stages']}s")
-                forms[name] = (
+            for cfg in linear_group.CONFIGS:  # one launch over both weights where they lie
+                forms[f"linear_group {cfg['BLOCK_N']}/{cfg['BLOCK_K']}/{cfg['num_warps']}w{cfg['num_stages']}s"] = (
                     lambda cfg=cfg: [linear_group.linear_group(x, [a, b], config=cfg) for a, b in zip(firsts, seconds)])
             # The same projections as FP8 W8A8 layers (128 x 128 blocks): quant_matmul per projection, then one
             # linear_group launch over both FP8 weights.
             fp8 = [[quant.quantize_weight(w, "fp8-block") for w in (a, b)] for a, b in zip(firsts, seconds)]
             forms["fp8 quant_matmul, both"] = lambda: [
                 [quant.quant_matmul(x, q, sc, None, "fp8-block", True) for q, sc in pair] for pair in fp8]
-            for cfg in linear_group.configs_for(t, fp8=True):
-                gemv = " gemv" if cfg.get("GEMV") else ""
-                forms[f"fp8 linear_group{gemv} {cfg['BLOCK_N']}/{cfg['num_warps']}w{cfg['num_stages']}s"] = (
+            for cfg in linear_group.FP8_CONFIGS:
+                forms[f"fp8 linear_group {cfg['BLOCK_N']}/{cfg['num_warps']}w{cfg['num_stages']}s"] = (
                     lambda cfg=cfg: [linear_group.linear_group(x, [q for q, _ in pair], config=cfg,
                                                                weight_scales=[sc for _, sc in pair]) for pair in fp8])
             floor_us = (n1 + n2) * k * 2 / bandwidth * 1e6

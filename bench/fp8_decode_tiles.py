@@ -1,9 +1,8 @@
 """The FP8 block-scaled GEMM at decode sizes (activations quantized in the K loop, as the quant pass runs them up to
 ``quant.DECODE_MAX_M`` tokens): every candidate tile of that mode, the operand-swapped ones (``"SWAP": True``,
-``quant._DECODE_KERNEL``: weight rows on the FP8 MMA's M side) and the CUDA-core ones (``"GEMV": True``, the
-same kernel's other form) among them, on V2-Lite's projection shapes, each replayed as a CUDA graph over weight
-copies past twice the L2 (what the compile-time timing does), beside cuBLAS bf16 over the same copies. Reports µs
-per call and the weight bytes' rate; writes JSON with --out.
+``quant._SWAP_KERNEL``: weight rows on the FP8 MMA's M side) among them, on V2-Lite's projection shapes, each
+replayed as a CUDA graph over weight copies past twice the L2 (what the compile-time timing does), beside cuBLAS
+bf16 over the same copies. Reports µs per call and the weight bytes' rate; writes JSON with --out.
 
     python3 bench/fp8_decode_tiles.py --out DIR [--tokens 1,16] [--shapes 21888x2048,...]
 """
@@ -21,8 +20,7 @@ SHAPES = "3072x2048,576x2048,4096x512,2048x2048,21888x2048,2048x10944"  # N x K:
 
 
 def name(cfg: dict) -> str:
-    kind = "swap" if cfg.get("SWAP") else "gemv" if cfg.get("GEMV") else "tile"
-    return (f"{kind} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
+    return (f"{'swap' if cfg.get('SWAP') else 'tile'} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
             f" w{cfg['num_warps']} s{cfg['num_stages']}" + (f" split{cfg['SPLIT_K']}" if cfg.get("SPLIT_K") else ""))
 
 

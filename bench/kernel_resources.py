@@ -156,7 +156,7 @@ def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True, u
                 "TopkWeights": "*fp32", "SharedScale": "*fp32", "WScale": "*fp32", "SharedGateScale": "*fp32",
                 "SharedUpScale": "*fp32", "SharedDownScale": "*fp32"}
     n, k = (1408, 2048) if kind == "gate_up" else (2048, 1408)
-    candidates = moe.fp8_candidates(1, weight_format) if fp8 else moe.CANDIDATES
+    candidates = moe.FP8_CANDIDATES if fp8 else moe.CANDIDATES
     for c in (c for c in candidates if c.get("N_FASTEST") and not c.get("PREQUANT")):
         bn = c["BLOCK_N"] if kind == "gate_up" else c.get("BLOCK_N_DOWN", c["BLOCK_N"])
         # stride_wk and the shared weights' stride_sk are 1 (K innermost, as the pass hands the weights over): a
@@ -165,11 +165,11 @@ def moe_experts(weight_format: str, kind: str = "gate_up", gated: bool = True, u
                       "BLOCK_K": c["BLOCK_K"], "N_FASTEST": True, "DIRECT": True, "EXACT_FP8_ROUNDING": False,
                       # V2-Lite's intermediate (11 x 128) and hidden: a tile that divides 128 has one scale
                       "UNIFORM_W_SCALE": uniform and 128 % bn == 0,
-                      "ATOMIC": False, "SHARED_SCALED": False, "SWAP_AB": c.get("SWAP_AB", False),
-                      "GEMV": c.get("GEMV", False), "stride_wk": 1, "stride_sk": 1}
+                      "ATOMIC": False, "SHARED_SCALED": False, "SWAP_AB": c.get("SWAP_AB", False), "stride_wk": 1,
+                      "stride_sk": 1}
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         config = {"BLOCK_N": bn, "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": c["num_stages"],
-                  **({"SWAP_AB": True} if c.get("SWAP_AB") else {}), **({"GEMV": True} if c.get("GEMV") else {})}
+                  **({"SWAP_AB": True} if c.get("SWAP_AB") else {})}
         yield config, fn, pointers, {}, constexprs, ("up_offset",)  # (the up rows' offset: a multiple of 16)
 
 
@@ -285,15 +285,13 @@ def linear_group():
     fn = kernels.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("linear_group_kernel")
     pointers = {p: "*bf16" for p in ("X", "W0", "W1", "W2", "W3", "Y0", "Y1", "Y2", "Y3", "NormW")}
     pointers.update({f"S{g}": "*fp32" for g in range(4)})
-    forms = [(False, False, c) for c in kernels.CONFIGS + kernels.GEMV_CONFIGS]
-    forms += [(True, False, c) for c in kernels.CONFIGS]
-    forms += [(False, True, c) for c in kernels.FP8_CONFIGS + kernels.FP8_GEMV_CONFIGS]  # FP8 W8A8 weights
+    forms = [(False, False, c) for c in kernels.CONFIGS] + [(True, False, c) for c in kernels.CONFIGS]
+    forms += [(False, True, c) for c in kernels.FP8_CONFIGS]  # FP8 W8A8 weights
     for norm, fp8, c in forms:
         c = dict(c)
         config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), **c, "NORM": norm,
                   **({"FP8": True} if fp8 else {})}
-        constexprs = {"GROUPS": 2, "EVEN_K": True, "NORM": norm, "FP8": fp8, "EXACT_FP8_ROUNDING": False,
-                      "GEMV": False, **c}
+        constexprs = {"GROUPS": 2, "EVEN_K": True, "NORM": norm, "FP8": fp8, "EXACT_FP8_ROUNDING": False, **c}
         ptrs = {**pointers, **({f"W{g}": "*fp8e4nv" for g in range(4)} if fp8 else {})}
         yield config, fn, ptrs, {"eps": "fp32"}, constexprs, ("K",)
 
@@ -325,22 +323,20 @@ def fp8_gemm():
 def fp8_decode():
     """The FP8 GEMM at decode sizes, activations quantized in the K loop (quant_matmul up to 16 rows), at V2-Lite's
     MLP gate+up (K 2048): every decode tile, the operand-swapped kernel's among them (weight rows on the MMA's M
-    side) and the CUDA-core ones (one token a program). QGMMA in --sass is Hopper's FP8 warpgroup MMA;
-    F2FP...UNPACK_B the FP8 -> fp16 widening the 16-row tiles need."""
+    side). QGMMA in --sass is Hopper's FP8 warpgroup MMA; F2FP...UNPACK_B the FP8 -> fp16 widening the 16-row
+    tiles need."""
     from deepfuse.runtime.kernels import quant
 
     gen, name = quant.kernels_for("quantize", torch.bfloat16, "bench/kernel_resources.py")
     pointers = {"X": "*bf16", "XS": "*fp32", "W": "*fp8e4nv", "WS": "*fp32", "Bias": "*bf16", "Y": "*fp32"}
-    for c in quant.configs_for(1) + quant.DECODE_SWAP_CONFIGS + quant.DECODE_GEMV_CONFIGS:
+    for c in quant.configs_for(1) + quant.DECODE_SWAP_CONFIGS:
         c = {key: v for key, v in c.items() if key != "SPLIT_K"}
-        swap, gemv = c.pop("SWAP", False), c.pop("GEMV", False)
-        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), "SWAP": swap, "GEMV": gemv,
-                  **c}
+        swap = c.pop("SWAP", False)
+        config = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages"), "SWAP": swap, **c}
         constexprs = {"SCALE_BLOCK_N": 128, "SCALE_BLOCK_K": 128, "HAS_BIAS": False, "EVEN_K": True,
                       "EXACT_FP8_ROUNDING": False, "UNIFORM_W_SCALE": c["BLOCK_N"] <= 128, "stride_xk": 1,
-                      "stride_wk": 1, "stride_wsk": 1, "stride_yn": 1, **c,
-                      **({"GEMV": gemv} if swap or gemv else {"GROUP_M": 8})}
-        fn = gen.function("fp8_block_quantize_decode_kernel" if swap or gemv else name)
+                      "stride_wk": 1, "stride_wsk": 1, "stride_yn": 1, **c, **({} if swap else {"GROUP_M": 8})}
+        fn = gen.function("fp8_block_quantize_decode_kernel" if swap else name)
         constexprs = {key: v for key, v in constexprs.items() if key in inspect.signature(fn.fn).parameters}
         yield config, fn, pointers, {}, constexprs, ("N", "K", "k_per_split")
 

@@ -81,8 +81,8 @@ def main():
     w2 = torch.randn(e, h, inter, device=dev, dtype=torch.bfloat16) / inter**0.5
     (q1, s1), (q2, s2) = moe.quantize_experts(w1), moe.quantize_experts(w2)
     formats = {"bf16": (w1, w2, None, False, moe.CANDIDATES),
-               "fp8 W8A16": (q1, q2, (s1, s2), False, moe.fp8_candidates(1, "fp8-block-weight")),
-               "fp8 W8A8": (q1, q2, (s1, s2), True, None)}  # the W8A8 tiles by token count (the GEMV ones at few)
+               "fp8 W8A16": (q1, q2, (s1, s2), False, [c for c in moe.FP8_CANDIDATES if not c.get("PREQUANT")]),
+               "fp8 W8A8": (q1, q2, (s1, s2), True, moe.FP8_CANDIDATES)}
     formats = {name: formats[name] for name in args.formats.split(",")}
     if args.grid == "prefill":
         if set(formats) != {"bf16"}:
@@ -95,7 +95,6 @@ def main():
         weights = torch.rand(t, k, device=dev)
         want = moe.moe_experts(x, routings[0], weights, w1, w2).float()
         for name, (a, b, scales, act_quant, candidates) in formats.items():
-            candidates = moe.fp8_candidates(t) if candidates is None else candidates
             if name == "bf16" and args.grid == "candidates" and t <= moe.FUSED_MAX_TOKENS:
                 candidates = candidates + moe.FUSED_CANDIDATES  # both projections in one launch, as tune times them
             if args.only:

@@ -214,7 +214,7 @@ def _tuned(group: list[dict]) -> dict:
                     kernel.linear_group(x, ws, config=cfg)
 
         key = f"linear_group|{'+'.join(str(w.shape[0]) for w in wvs)}x{wvs[0].shape[1]}|{xv.dtype}"
-        return autotune.choose(key, xv.shape[0], kernel.configs_for(xv.shape[0]) + [CUBLAS], run, device)
+        return autotune.choose(key, xv.shape[0], kernel.CONFIGS + [CUBLAS], run, device)
 
 
 def _rewrite(graph, group, impl, inline, config, origin, norm=None) -> Union[str, None, bool]:

@@ -177,7 +177,7 @@ def _tuned_group(group: list) -> dict:
                                               weight_scales=[sc for _, sc in layers])
 
         key = f"linear_group_fp8|{'+'.join(map(str, ns))}x{k}|{xv.dtype}"
-        return autotune.choose(key, rows, linear_group.configs_for(rows, fp8=True) + [QUANT_MATMULS], run, device)
+        return autotune.choose(key, rows, linear_group.FP8_CONFIGS + [QUANT_MATMULS], run, device)
 
 
 def _rewrite_group(graph, group, impl, inline, config, origin) -> Union[str, None, bool]:

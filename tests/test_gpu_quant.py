@@ -68,19 +68,6 @@ def test_operand_swapped_decode_gemm_bf16_on_gpu(cfg, shape):
     assert out.shape == shape[:2] and rel_err(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("cfg", quant.DECODE_GEMV_CONFIGS,
-                         ids=lambda c: f"n{c['BLOCK_N']}/split{c.get('SPLIT_K', 'auto')}")
-@pytest.mark.parametrize("shape", [(1, 3072, 2048), (1, 2048, 10944), (4, 576, 2048), (1, 21888, 2048),
-                                   (3, 1000, 1000)], ids=lambda s: "x".join(map(str, s)))
-def test_cuda_core_decode_gemm_bf16_on_gpu(cfg, shape):
-    """Each tile of the CUDA-core decode GEMM (one token a program), compiled for the GPU, bf16 with outliers, K
-    split or whole."""
-    x, wq, scale, bias = _fp8_operands(*shape)
-    out = quant.quant_matmul(x, wq, scale, bias, "fp8-block", True, prequantize=False, config=cfg)
-    ref = quant.reference(x.double(), wq, scale, bias.double(), "fp8-block", True, compute=torch.float64)
-    assert out.shape == shape[:2] and rel_err(out, ref) < 1e-2
-
-
 def test_fp8_quantization_error_against_bf16():
     """W8A8 block FP8 against the unquantized bf16 product: the error the format itself costs (~3%)."""
     x = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16)

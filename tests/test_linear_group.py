@@ -23,8 +23,7 @@ def _normed(x, g, eps):
     return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * g.double()
 
 
-@pytest.mark.parametrize("config", lg.CONFIGS + lg.GEMV_CONFIGS,
-                         ids=lambda c: f"{'gemv-' if c.get('GEMV') else ''}n{c['BLOCK_N']}-k{c['BLOCK_K']}")
+@pytest.mark.parametrize("config", lg.CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}-k{c['BLOCK_K']}")
 @pytest.mark.parametrize("m,ns,k", [(1, [48, 16], 256), (5, [40, 7, 33], 200), (16, [5, 16, 70, 64], 130)],
                          ids=str)
 def test_interpreted_linear_group_matches_float64(config, m, ns, k):
@@ -66,8 +65,7 @@ def _w8a8_ref(x, qs, scales):
     return [quant.reference(x, q, sc, None, "fp8-block", True, compute=torch.float64) for q, sc in zip(qs, scales)]
 
 
-@pytest.mark.parametrize("config", lg.FP8_CONFIGS + lg.FP8_GEMV_CONFIGS,
-                         ids=lambda c: f"{'gemv-' if c.get('GEMV') else ''}n{c['BLOCK_N']}-s{c['num_stages']}")
+@pytest.mark.parametrize("config", lg.FP8_CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}-s{c['num_stages']}")
 @pytest.mark.parametrize("m,ns,k", [(1, [48, 16], 256), (5, [40, 7, 200], 200), (3, [130, 64, 5, 16], 384)],
                          ids=str)
 def test_interpreted_fp8_linear_group_matches_its_w8a8_layers(config, m, ns, k):
@@ -85,19 +83,6 @@ def test_interpreted_fp8_linear_group_matches_its_w8a8_layers(config, m, ns, k):
             assert y.dtype == dtype and torch.isfinite(y).all()
             # one e4m3 rounding step apart now and then (fp32 against float64 scales); a wrong scale is off by far more
             assert rel_err(y, want) < max(TOL[dtype], 1e-3), (config, dtype)
-
-
-def test_cuda_core_tiles_are_candidates_at_few_rows_and_take_one_row_a_program():
-    for fp8, gemv in [(False, lg.GEMV_CONFIGS), (True, lg.FP8_GEMV_CONFIGS)]:
-        assert all(c in lg.configs_for(1, fp8) for c in gemv)
-        assert not any(c.get("GEMV") for c in lg.configs_for(quant.GEMV_MAX_M + 1, fp8))
-    x = torch.randn(2, 128)
-    with pytest.raises(ValueError, match="no norm_weight"):
-        lg.linear_group(x, [torch.randn(16, 128)], interpret=True, config=lg.GEMV_CONFIGS[0],
-                        norm_weight=torch.ones(128), eps=1e-6)
-    qs, scales = _fp8([torch.randn(16, 128)])
-    with pytest.raises(ValueError, match="one row a program"):
-        lg.linear_group(x, qs, interpret=True, config=dict(lg.FP8_GEMV_CONFIGS[0], BLOCK_M=16), weight_scales=scales)
 
 
 def test_interpreted_linear_group_one_weight_no_rows_and_strided_activations():
@@ -320,7 +305,7 @@ def test_bundled_decode_step_groups_the_projections_of_one_input(monkeypatch):
 def test_gpu_linear_group_every_tile_matches_float64(m, ns, k, dtype):
     x = torch.randn(m, k, device="cuda").to(dtype)
     ws = [(torch.randn(n, k, device="cuda") / k ** 0.5).to(dtype) for n in ns]
-    for config in lg.configs_for(m):
+    for config in lg.CONFIGS:
         out = [torch.full((m, n), float("nan"), device="cuda", dtype=dtype) for n in ns]
         ys = lg.linear_group(x, ws, config=config, out=out)
         for y, w in zip(ys, ws):
@@ -338,7 +323,7 @@ def test_gpu_fp8_linear_group_every_tile_matches_its_w8a8_layers(m, ns, k):
     x = x.bfloat16()
     qs, scales = _fp8([torch.randn(n, k, device="cuda") / k ** 0.5 for n in ns])
     want = _w8a8_ref(x, qs, scales)
-    for config in lg.configs_for(m, fp8=True):
+    for config in lg.FP8_CONFIGS:
         out = [torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16) for n in ns]
         ys = lg.linear_group(x, qs, config=config, out=out, weight_scales=scales)
         for y, w in zip(ys, want):

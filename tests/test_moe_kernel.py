@@ -333,11 +333,8 @@ PREQUANT = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PREQUANT": True, "nu
 PREQUANT_SPLIT = {**PREQUANT, "BLOCK_N": 64, "SPLIT_N": 2}
 # W8A8 with the products transposed (the weight tiles on the FP8 MMA's M side)
 SWAP_AB = next(c for c in moe.FP8_CANDIDATES if c.get("SWAP_AB"))
-# W8A8 on the CUDA cores, one token row a program (a W8A16 launch given it runs the 16-row tile of its columns)
-GEMV = moe.FP8_GEMV_CANDIDATES[0]
 FP8_FORMS = {"w8a8": (True, None), "w8a8-prequant": (True, PREQUANT), "w8a8-prequant-split": (True, PREQUANT_SPLIT),
-             "w8a8-swap": (True, SWAP_AB), "w8a8-gemv": (True, GEMV), "w8a16": (False, None),
-             "w8a16-given-gemv": (False, GEMV)}
+             "w8a8-swap": (True, SWAP_AB), "w8a16": (False, None)}
 
 
 @pytest.mark.parametrize("case", FP8_CASES, ids=str)
@@ -373,12 +370,6 @@ def test_interpreted_one_token_reads_the_router_ids_directly(monkeypatch):
     _check_fp8(1, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, config=SWAP_AB, shared=2)
     _check_fp8(1, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, act_quant=False, config=SWAP_AB)
     _check(1, 64, 32, 8, 3, torch.float32, "cpu", interpret=True, config=SWAP_AB)  # float experts: not swapped
-    _check_fp8(1, 200, 128, 5, 3, torch.float16, "cpu", interpret=True, config=GEMV, shared=2)
-    _check_fp8(1, 256, 256, 4, 2, torch.float32, "cpu", interpret=True, config=moe.FP8_GEMV_CANDIDATES[2],
-               outliers=True)
-    _check(1, 64, 32, 8, 3, torch.float32, "cpu", interpret=True, config=GEMV)  # float experts: the 16-row tile
-    with pytest.raises(ValueError, match="one token row a program"):
-        _check_fp8(1, 256, 128, 4, 2, torch.float32, "cpu", interpret=True, config={**GEMV, "BLOCK_M": 16})
 
 
 def test_interpreted_one_token_aligned_on_request(monkeypatch):
@@ -628,8 +619,6 @@ def test_gpu_experts_with_gated_shared_v2_lite_shape(t):
 @pytest.mark.parametrize("form", FP8_FORMS)
 def test_gpu_fp8_experts_v2_lite_shape(t, form, shared=0):
     act_quant, config = FP8_FORMS[form]
-    if config is not None and config.get("GEMV") and t > 64:
-        pytest.skip("one token row a program: a decode tile")
     if config is not None and t == 4096:  # the prefill tile the candidates hold
         config = {**config, "BLOCK_M": 128, "num_warps": 8}
     _check_fp8(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, outliers=t == 64, act_quant=act_quant,

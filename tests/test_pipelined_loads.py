@@ -18,11 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # kernel_resources.py's kernel names and, for each, which of its configurations to compile: (key, value) pairs a
 # configuration must match (None: the first one, the launch's default)
 KERNELS = {
-    "linear_group": [{"NORM": False}, {"NORM": True}, {"GEMV": True}],
+    "linear_group": [{"NORM": False}, {"NORM": True}],
     "moe_gate_up": [None], "moe_down": [None],
-    "moe_gate_up_w8a8": [None, {"SWAP_AB": True}, {"GEMV": True}], "moe_down_w8a8": [None, {"GEMV": True}],
+    "moe_gate_up_w8a8": [None, {"SWAP_AB": True}], "moe_down_w8a8": [None],
     "moe_gate_up_w8a16": [None], "moe_down_w8a16": [None],
-    "fp8_decode": [{"SWAP": False}, {"SWAP": True}, {"GEMV": True}],
+    "fp8_decode": [{"SWAP": False}, {"SWAP": True}],
     "fp8_gemm": [{"TMA": False}, {"TMA": True}, {"RESCALE": True}],
     "mla_decode": [{"BLOCK_T": 32, "num_warps": 4, "HAS_MASK": False}, {"BLOCK_T": 32, "num_warps": 4, "HAS_MASK": True,
                                                                       "num_stages": 3}],

@@ -186,39 +186,6 @@ def test_operand_swapped_decode_gemm_matches_float64(cfg, shape, dtype):
     _check_tile(MODES[0], cfg, [shape], dtype)
 
 
-@pytest.mark.parametrize("cfg", quant.DECODE_GEMV_CONFIGS,
-                         ids=lambda c: f"n{c['BLOCK_N']}/split{c.get('SPLIT_K', 'auto')}")
-@pytest.mark.parametrize("shape", [(1, 200, 256), (4, 130, 1024), (3, 64, 300)], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_core_decode_gemm_matches_float64(cfg, shape, dtype):
-    """The decode GEMM on the CUDA cores, one token a program: N off the tile, K off the scale block, K split or
-    whole, bias, outliers in x and w."""
-    _check_tile(MODES[0], cfg, [shape], dtype)
-
-
-def test_cuda_core_decode_gemm_with_narrow_scale_blocks_and_candidates():
-    """32-row weight blocks under a 64-row tile (a scale per weight row); the CUDA-core tiles are candidates only
-    where tokens are few and quantized in the loop, and a GEMV tile handed to another mode runs as an MMA tile."""
-    x = _activations(2, 256, torch.float32)
-    w, scale = quant.quantize_weight(torch.randn(96, 256), "fp8-block", (32, 128))
-    cfg = dict(quant.DECODE_GEMV_CONFIGS[1], BLOCK_N=64)
-    out = quant.quant_matmul(x, w, scale, None, "fp8-block", True, (32, 128), interpret=True, config=cfg)
-    ref = quant.reference(x.double(), w, scale, None, "fp8-block", True, (32, 128), compute=torch.float64)
-    assert rel_err(out, ref) < 1e-5
-    cpu = torch.device("cpu")
-
-    def gemv(m, mode):
-        return [c for c in quant._configs(m, 2048, "fp8-block", True, quant.DEFAULT_BLOCK, mode, cpu) if c.get("GEMV")]
-
-    assert len(gemv(1, "quantize")) == len(quant.DECODE_GEMV_CONFIGS) == len(gemv(quant.GEMV_MAX_M, "quantize"))
-    assert not gemv(quant.GEMV_MAX_M + 1, "quantize") and not gemv(1, "prequantized")
-    w, scale = _weights(64, 256, "fp8-block")
-    out = quant.quant_matmul(x, w, scale, None, "fp8-block", True, prequantize=True, interpret=True,
-                             config=quant.DECODE_GEMV_CONFIGS[3])
-    ref = quant.reference(x.double(), w, scale, None, "fp8-block", True, compute=torch.float64)
-    assert rel_err(out, ref) < 1e-5
-
-
 def test_operand_swapped_decode_gemm_with_narrow_scale_blocks():
     """32-row weight blocks under a 64-row tile: a scale per weight row of the tile."""
     x = _activations(3, 256, torch.float32)

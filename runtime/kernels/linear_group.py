@@ -47,7 +47,7 @@ def linear_group_kernel(
     M, K, N0, N1, N2, N3,
     stride_xm, stride_ym0, stride_ym1, stride_ym2, stride_ym3, stride_sn, eps,
     GROUPS: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
-    EXACT_FP8_ROUNDING: tl.constexpr, GEMV: tl.constexpr,
+    EXACT_FP8_ROUNDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of y_g = x @ W_g^T over the whole K, for the weight g whose column tiles
@@ -64,11 +64,7 @@ def linear_group_kernel(
     FP8: each W_g is float8_e4m3fn with fp32 scales per 128 x 128 block, S_g [N_g / 128, K / 128] (row stride
     stride_sn), and the layers are W8A8 (DeepSeek-V3's recipe, as ``quant_matmul`` computes them): each x tile is
     quantized per row in registers (every program again: x is a few rows), the FP8 dot accumulates in fp32 and
-    both scales multiply it, the weight's one scalar per K tile (BLOCK_K 128, BLOCK_N dividing 128).
-    GEMV (BLOCK_M 1: one row a program, no NORM): the products on the CUDA cores, the weight tile widened to fp32
-    times x (FP8: times x_q and both scales, as quant_matmul's GEMV decode tiles compute them),
-    summed along each K tile: at one row an MMA of 16 rows is 15 rows of padding, and its operands pass through
-    shared memory in every K step."""
+    both scales multiply it, the weight's one scalar per K tile (BLOCK_K 128, BLOCK_N dividing 128)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     tiles0 = tl.cdiv(N0, BLOCK_N)
@@ -114,55 +110,30 @@ def linear_group_kernel(
     w_ptrs = W + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K innermost in memory
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # summed along K after the loop: no shuffles in it
-    if GEMV:  # on the CUDA cores, one row a program (BLOCK_M 1): fp32 products summed along each K tile
-        # x's row read as a [BLOCK_N, BLOCK_K] tile and both tiles 8 elements a thread: one register layout for
-        # both (quant._DECODE_KERNEL says why)
-        offs_k8 = tl.max_contiguous(tl.arange(0, BLOCK_K), 8)
-        x_rows = X + pid_m.to(tl.int64) * stride_xm + 0 * offs_n[:, None] + offs_k8[None, :]
-        w_rows = W + offs_n.to(tl.int64)[:, None] * K + offs_k8[None, :]  # [BLOCK_N, BLOCK_K]
-        y_row = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            if EVEN_K:
-                x = tl.load(x_rows)
-                w = tl.load(w_rows, mask=n_ok[:, None], other=0.0)
-            else:
-                k_ok = (k0 + offs_k8) < K
-                x = tl.load(x_rows, mask=k_ok[None, :], other=0.0)
-                w = tl.load(w_rows, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if FP8:
-                ${quantize_x}
-                w_scale = tl.load(s_ptr + k0 // 128)
-                y_row += tl.sum(w.to(tl.float32) * (xq.to(tl.float32) * (x_scale[:, None] * w_scale)), axis=1)
-            else:
-                y_row += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
-            x_rows += BLOCK_K
-            w_rows += BLOCK_K
-        acc = y_row[None, :]
-    else:
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = (k0 + offs_k) < K
-                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if NORM:
-                xf = x.to(tl.float32)
-                squares += xf * xf
-                # the weight's tile loaded as x's [BLOCK_M, BLOCK_K] (its rows the same): in x's layout each thread's
-                # values are 16 contiguous bytes, which the pipeline copies asynchronously; a [BLOCK_K] load had 2
-                g = tl.load(NormW + k0 + offs_k[None, :] + 0 * offs_m[:, None], mask=(k0 + offs_k < K)[None, :],
-                            other=0.0).to(tl.float32)
-                x = (xf * g).to(w.dtype)
-            if FP8:  # W8A8: the x tile quantized per row, the FP8 dot's fp32 result times both scales
-                ${quantize_x}
-                w_scale = tl.load(s_ptr + k0 // 128)
-                acc += tl.dot(xq, w) * (x_scale * w_scale)[:, None]
-            else:
-                acc = tl.dot(x, w, acc, input_precision=${precision})
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + offs_k) < K
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            squares += xf * xf
+            # the weight's tile loaded as x's [BLOCK_M, BLOCK_K] (its rows the same): in x's layout each thread's
+            # values are 16 contiguous bytes, which the pipeline copies asynchronously; a [BLOCK_K] load had 2
+            g = tl.load(NormW + k0 + offs_k[None, :] + 0 * offs_m[:, None], mask=(k0 + offs_k < K)[None, :],
+                        other=0.0).to(tl.float32)
+            x = (xf * g).to(w.dtype)
+        if FP8:  # W8A8: the x tile quantized per row, the FP8 dot's fp32 result times both scales
+            ${quantize_x}
+            w_scale = tl.load(s_ptr + k0 // 128)
+            acc += tl.dot(xq, w) * (x_scale * w_scale)[:, None]
+        else:
+            acc = tl.dot(x, w, acc, input_precision=${precision})
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     if NORM:
         acc = acc * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -187,24 +158,7 @@ FP8_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "num_warps": 4, "num_stages": st}
     for bn, st in [(16, 6), (32, 6), (16, 8), (32, 8), (64, 6)]
 ]
-# The CUDA-core form (GEMV) at up to quant.GEMV_MAX_M rows, one row a program: float weights, then FP8 ones.
-GEMV_CONFIGS = [
-    {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "GEMV": True, "num_warps": 4, "num_stages": st}
-    for bn, bk, st in [(16, 128, 6), (8, 256, 6), (32, 128, 4)]
-]
-FP8_GEMV_CONFIGS = [
-    {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": 128, "GEMV": True, "num_warps": nw, "num_stages": st}
-    for bn, nw, st in [(16, 4, 8), (8, 2, 8), (32, 4, 6)]
-]
 FP8_BLOCK = quant.DEFAULT_BLOCK[0]  # the weight scale block (both dims)
-
-
-def configs_for(m, fp8: bool = False) -> list[dict]:
-    """The tiles timed at ``m`` rows: the MMA tiles, and the CUDA-core ones up to quant.GEMV_MAX_M rows."""
-    gemv = size_hint(m) <= quant.GEMV_MAX_M
-    if fp8:
-        return FP8_CONFIGS + (FP8_GEMV_CONFIGS if gemv else [])
-    return CONFIGS + (GEMV_CONFIGS if gemv else [])
 
 _generated = memo()
 
@@ -309,25 +263,20 @@ def linear_group(x: torch.Tensor, weights: Sequence[torch.Tensor], interpret: bo
     def launch(cfg: dict) -> None:
         cfg = dict(cfg)
         bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-        gemv = cfg.pop("GEMV", False)
         if fp8 and (bk != FP8_BLOCK or FP8_BLOCK % bn):
             raise ValueError(f"linear_group: FP8 tiles take BLOCK_K {FP8_BLOCK} and a BLOCK_N dividing it, got "
                              f"{bn} / {bk}")
-        if gemv and (bm != 1 or norm is not None):
-            raise ValueError(f"linear_group: GEMV tiles take one row a program (BLOCK_M 1) and no norm_weight, got "
-                             f"BLOCK_M {bm}{' and a norm_weight' if norm is not None else ''}")
         if not (isinstance(m, int) and m == 0):
             fn[(sum(triton.cdiv(n, bn) for n in ns), triton.cdiv(m, bm))](
                 x2, *w_args, *y_args, x2 if norm is None else norm, *s_args, m, k, *n_args, x2.stride(0),
                 *(y.stride(0) for y in y_args), triton.cdiv(k, FP8_BLOCK), float(eps), GROUPS=len(weights),
-                EVEN_K=k % bk == 0, NORM=norm is not None, FP8=fp8, EXACT_FP8_ROUNDING=interpret, GEMV=gemv,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=loop_stages(cfg), **({} if interpret else cfg),
+                EVEN_K=k % bk == 0, NORM=norm is not None, FP8=fp8, EXACT_FP8_ROUNDING=interpret, BLOCK_M=bm,
+                BLOCK_N=bn, BLOCK_K=bk, STAGES=loop_stages(cfg), **({} if interpret else cfg),
             )
 
     if config is None:
         form = "|norm" if norm is not None else "|fp8" if fp8 else ""
         config = autotune.choose(f"{gen.key}|{'+'.join(map(str, ns))}x{k}{form}", size_hint(m),
-                                 CONFIGS if norm is not None else configs_for(m, fp8), launch, x.device,
-                                 enabled=not interpret)
+                                 FP8_CONFIGS if fp8 else CONFIGS, launch, x.device, enabled=not interpret)
     launch(config)
     return [y.view(*x.shape[:-1], n) for y, n in zip(ys, ns)]

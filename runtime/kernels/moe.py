@@ -321,7 +321,6 @@ def moe_down_weighted_kernel(
     n0 = pid_n * BLOCK_N  # the tile's first column
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    ${offs_k_hint}
     a_ptrs = H + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
     ${down_pointers}
     n_ok = offs_n[None, :] < N
@@ -354,7 +353,6 @@ token = (slot // TOP_K).to(tl.int64)
 n0 = pid_n * BLOCK_N  # the tile's first column
 offs_n = n0 + tl.arange(0, BLOCK_N)
 offs_k = tl.arange(0, BLOCK_K)
-${offs_k_hint}
 ${gate_up_tile}
 ''')
 # act(gate) * up of the column tile offs_n over the whole K, in ``out`` (x's dtype) and ``n_ok``.
@@ -406,10 +404,9 @@ h_scale = row_scales_e4m3(row_max)
 if SPLIT_N > 1:
     first_n = pid_n * SPLIT_N * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(Out + offs_m[:, None] * stride_om + first_n[None, :],
-             to_e4m3(held.to(tl.float32), h_scale[:, None], EXACT_FP8_ROUNDING),
-             mask=valid[:, None] & (first_n[None, :] < N))
-tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :],
-         to_e4m3(out.to(tl.float32), h_scale[:, None], EXACT_FP8_ROUNDING), mask=valid[:, None] & n_ok)
+             to_e4m3(held.to(tl.float32), h_scale, EXACT_FP8_ROUNDING), mask=valid[:, None] & (first_n[None, :] < N))
+tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], to_e4m3(out.to(tl.float32), h_scale, EXACT_FP8_ROUNDING),
+         mask=valid[:, None] & n_ok)
 tl.store(OutScale + offs_m.to(tl.int64) * stride_osm + pid_n, h_scale, mask=valid)
 ''')
 
@@ -582,40 +579,24 @@ _PRODUCTS = {
     # SWAP_AB: each dot taken transposed, (w^T . a^T)^T, so the weight tile's BLOCK_N columns take the FP8 MMA's M
     # side. With the BLOCK_M token rows there (16 at decode), below the 64 of Hopper's FP8 warpgroup MMA, every
     # weight tile is widened to fp16 for the older MMA. At one token on H100: 33.7 against 35.0 us (bench/RESULTS.md).
-    # GEMV: one token row a program (BLOCK_M 1), the products on the CUDA cores as quant._DECODE_KERNEL's GEMV form
-    # takes them: the row read again as a [BLOCK_K, BLOCK_N] tile (the weight tile's layout), quantized, times the
-    # weight tile widened to fp32, summed along K; no 16-row MMA for one row.
     "fp8-block": {
         "gate_up": """\
+aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
 g_scale = tl.load(gs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
 u_scale = tl.load(us_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
-if GEMV:
-    a_cols = tl.load(X + token[:, None] * stride_xm + k0 + offs_k[:, None] + 0 * offs_n[None, :],
-                     mask=valid[:, None] & k_ok[:, None], other=0.0)
-    aq, a_scale = quantize_cols_e4m3(a_cols, EXACT_FP8_ROUNDING)
-    acc_gate += tl.sum(g.to(tl.float32) * aq, axis=0)[None, :] * (a_scale[None, :] * g_scale[None, :])
-    acc_up += tl.sum(u.to(tl.float32) * aq, axis=0)[None, :] * (a_scale[None, :] * u_scale[None, :])
+if SWAP_AB:
+    acc_gate += tl.trans(tl.dot(tl.trans(g), tl.trans(aq))) * (a_scale[:, None] * g_scale[None, :])
+    acc_up += tl.trans(tl.dot(tl.trans(u), tl.trans(aq))) * (a_scale[:, None] * u_scale[None, :])
 else:
-    aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
-    if SWAP_AB:
-        acc_gate += tl.trans(tl.dot(tl.trans(g), tl.trans(aq))) * (a_scale[:, None] * g_scale[None, :])
-        acc_up += tl.trans(tl.dot(tl.trans(u), tl.trans(aq))) * (a_scale[:, None] * u_scale[None, :])
-    else:
-        acc_gate += tl.dot(aq, g) * (a_scale[:, None] * g_scale[None, :])
-        acc_up += tl.dot(aq, u) * (a_scale[:, None] * u_scale[None, :])""",
+    acc_gate += tl.dot(aq, g) * (a_scale[:, None] * g_scale[None, :])
+    acc_up += tl.dot(aq, u) * (a_scale[:, None] * u_scale[None, :])""",
         "down": """\
+aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
 b_scale = tl.load(bs_ptrs + (k0 // 128) * scale_k, mask=offs_n < N, other=0.0)
-if GEMV:
-    a_cols = tl.load(H + offs_m[:, None].to(tl.int64) * stride_hm + k0 + offs_k[:, None] + 0 * offs_n[None, :],
-                     mask=valid[:, None] & k_ok[:, None], other=0.0)
-    aq, a_scale = quantize_cols_e4m3(a_cols, EXACT_FP8_ROUNDING)
-    acc += tl.sum(b.to(tl.float32) * aq, axis=0)[None, :] * (a_scale[None, :] * b_scale[None, :])
+if SWAP_AB:
+    acc += tl.trans(tl.dot(tl.trans(b), tl.trans(aq))) * (a_scale[:, None] * b_scale[None, :])
 else:
-    aq, a_scale = quantize_rows_e4m3(a, EXACT_FP8_ROUNDING)
-    if SWAP_AB:
-        acc += tl.trans(tl.dot(tl.trans(b), tl.trans(aq))) * (a_scale[:, None] * b_scale[None, :])
-    else:
-        acc += tl.dot(aq, b) * (a_scale[:, None] * b_scale[None, :])""",
+    acc += tl.dot(aq, b) * (a_scale[:, None] * b_scale[None, :])""",
     },
     "fp8-block-prequant": {  # the A tiles FP8 already, with their per-row scales: one load each, no quantizing
         "gate_up": """\
@@ -688,8 +669,8 @@ def row_scales_e4m3(amax):
 
 @triton.jit
 def to_e4m3(af, scale, EXACT_FP8_ROUNDING: tl.constexpr):
-    \"\"\"An fp32 tile divided by ``scale`` (broadcast against it: a scale per row, or per column), as FP8 values.\"\"\"
-    q = af / scale
+    \"\"\"An fp32 [rows, cols] tile divided by its rows' ``scale``, as FP8 values.\"\"\"
+    q = af / scale[:, None]
     if EXACT_FP8_ROUNDING:
         q = round_to_e4m3(q)
     return q.to(tl.float8e4nv)
@@ -701,16 +682,7 @@ def quantize_rows_e4m3(a, EXACT_FP8_ROUNDING: tl.constexpr):
     (DeepSeek-V3's 1 x 128 activation tiles).\"\"\"
     af = a.to(tl.float32)
     scale = row_scales_e4m3(tl.max(tl.abs(af), axis=1))
-    return to_e4m3(af, scale[:, None], EXACT_FP8_ROUNDING), scale
-
-
-@triton.jit
-def quantize_cols_e4m3(a, EXACT_FP8_ROUNDING: tl.constexpr):
-    \"\"\"One row's 128-wide tile held down each column of a [128, cols] tile (the GEMV form): its values on the
-    e4m3 grid, in fp32, and its scale once per column (all equal).\"\"\"
-    af = a.to(tl.float32)
-    scale = row_scales_e4m3(tl.max(tl.abs(af), axis=0))
-    return to_e4m3(af, scale[None, :], EXACT_FP8_ROUNDING).to(tl.float32), scale
+    return to_e4m3(af, scale, EXACT_FP8_ROUNDING), scale
 
 
 # The experts' kernels.
@@ -725,7 +697,7 @@ def _scale_args(kind: str, fp8: bool, prequant: bool, shared: bool, w8a8: bool) 
     shared_scales = {"gate_up": " SharedGateScale, SharedUpScale,", "down": " SharedDownScale,"}[kind]
     return ("WScale, stride_sse, stride_ssn, stride_ssk, EXACT_FP8_ROUNDING: tl.constexpr,"
             " UNIFORM_W_SCALE: tl.constexpr,"
-            + (" AScale, stride_asm," if prequant else " SWAP_AB: tl.constexpr, GEMV: tl.constexpr," if w8a8 else "")
+            + (" AScale, stride_asm," if prequant else " SWAP_AB: tl.constexpr," if w8a8 else "")
             + (" OutScale, stride_osm, SPLIT_N: tl.constexpr," if prequant and kind == "gate_up" else "")
             + (f"{shared_scales} stride_shn, stride_shk," if shared else ""))
 
@@ -789,8 +761,7 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                if shared else "")
             + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block); activations quantized per row and\n"
                "128-wide K tile in the K loop, FP8 dots accumulated in fp32 with both scales applied (SWAP_AB: each\n"
-               "dot taken transposed, the weight tile on the MMA's M side, for a few token rows; GEMV: one token row\n"
-               "a program, its products on the CUDA cores).\n"
+               "dot taken transposed, the weight tile on the MMA's M side, for a few token rows).\n"
                if w8a8 and not prequant else "")
             + ("Expert weights in FP8 (e4m3, fp32 scales per 128 x 128 block); x quantized per row and 128-wide tile\n"
                "by a pre-kernel, the intermediate written in FP8 with its 1 x 128 scales by the gate/up epilogue;\n"
@@ -823,9 +794,6 @@ def kernels_for(dtype: torch.dtype, activation: str, origin: str = "", shared: b
                  "gate_up_scale_args": _scale_args("gate_up", fp8, prequant, shared, w8a8),
                  "down_scale_args": _scale_args("down", fp8, prequant, shared, w8a8),
                  "gate_up_store": "" if prequant else _GATE_UP_STORE,
-                 "offs_k_hint": ("if GEMV:  # both tiles 8 elements a thread, one layout (quant._DECODE_KERNEL)\n"
-                                 "    tl.static_assert(BLOCK_M == 1, 'GEMV: one token row a program')\n"
-                                 "    offs_k = tl.max_contiguous(offs_k, 8)" if w8a8 and not prequant else ""),
                  "program_ids": _PROGRAM_IDS, "block_rows": _BLOCK_ROWS, "slot_weights": _SLOT_WEIGHTS,
                  "helpers": _FP8_HELPERS if w8a8 else "",
                  **(_PAIRED if paired else {})}
@@ -938,24 +906,6 @@ FP8_CANDIDATES = [
 ]
 
 
-# W8A8 up to quant.GEMV_MAX_M tokens on the CUDA cores (GEMV): one token row a program, the products elementwise
-# (``_PRODUCTS``); timed beside the MMA tiles, never offered past those tokens (a row block a slot).
-FP8_GEMV_CANDIDATES = [
-    {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_N_DOWN": bnd, "BLOCK_K": FP8_BLOCK, "N_FASTEST": True, "GEMV": True,
-     "num_warps": 4, "num_stages": st}
-    for bn, bnd, st in [(32, 32, 6), (16, 16, 8), (64, 32, 4)]
-]
-W8A8_ONLY = ("PREQUANT", "SWAP_AB", "GEMV")  # tile options W8A16 takes none of (its tiles are these without them)
-
-
-def fp8_candidates(tokens, weight_format: str = "fp8-block") -> list[dict]:
-    """The FP8 experts' tiles timed at ``tokens``: W8A16 ("fp8-block-weight") without the W8A8-only options, and
-    the CUDA-core tiles up to quant.GEMV_MAX_M tokens."""
-    if weight_format != "fp8-block":
-        return [c for c in FP8_CANDIDATES if not any(c.get(f) for f in W8A8_ONLY)]
-    return FP8_CANDIDATES + (FP8_GEMV_CANDIDATES if size_hint(tokens) <= quant_kernels.GEMV_MAX_M else [])
-
-
 def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, device, activation="silu",
          shared: int = 0, weight_format: str = "float", transposed: tuple[bool, bool] = (False, False),
          biases: bool = False, interleaved: bool = False, gated: bool = True) -> dict:
@@ -1014,8 +964,9 @@ def tune(tokens: int, hidden: int, inter: int, experts: int, k: int, dtype, devi
     key = (f"{gen.key}-E{experts}-H{hidden}-I{inter}-k{k}" + (f"-S{shared}" if shared else "")
            + "".join(f"-{name}T" for name, flip in zip(("gate_up", "down"), transposed) if flip)
            + ("-interleaved" if interleaved else ""))
-    candidates = (fp8_candidates(tokens, weight_format) if fp8
-                  else CANDIDATES + (FUSED_CANDIDATES if tokens <= FUSED_MAX_TOKENS else []))
+    w8a8_only = ("PREQUANT", "SWAP_AB")  # W8A16 takes neither: its tiles are these tiles without them
+    candidates = ([c for c in FP8_CANDIDATES if weight_format == "fp8-block" or not any(c.get(f) for f in w8a8_only)]
+                  if fp8 else CANDIDATES + (FUSED_CANDIDATES if tokens <= FUSED_MAX_TOKENS else []))
     return autotune.choose(key, tokens, candidates, run, torch.device(device))
 
 
@@ -1213,12 +1164,6 @@ def moe_experts(
     # SWAP_AB (W8A8 quantizing in the K loop only): the products taken transposed, the weight tile on the FP8 MMA's
     # M side; elsewhere the same tile as it is
     swap_ab = cfg.pop("SWAP_AB", False) and weight_format == "fp8-block"
-    # GEMV (the same): one token row a program on the CUDA cores; elsewhere the 16-row tile of its columns
-    gemv = cfg.pop("GEMV", False)
-    if gemv and weight_format != "fp8-block":
-        gemv, cfg["BLOCK_M"] = False, 16
-    if gemv and cfg["BLOCK_M"] != 1:
-        raise ValueError(f"moe: GEMV tiles take one token row a program (BLOCK_M 1), got BLOCK_M {cfg['BLOCK_M']}")
     if prequant and cfg["BLOCK_N"] * split_n != FP8_BLOCK:
         raise ValueError(f"moe: PREQUANT takes BLOCK_N * SPLIT_N = {FP8_BLOCK} (one scale tile of the "
                          f"intermediate), got BLOCK_N {cfg['BLOCK_N']}, SPLIT_N {split_n}")
@@ -1274,7 +1219,7 @@ def moe_experts(
         uniform = FP8_BLOCK % tile == 0 and (i == 1 or inter % tile == 0)
         args = {"WScale": ws, "stride_sse": ws.stride(0), "stride_ssn": ws.stride(1), "stride_ssk": ws.stride(2),
                 "EXACT_FP8_ROUNDING": interpret, "UNIFORM_W_SCALE": uniform,
-                **({"SWAP_AB": swap_ab, "GEMV": gemv} if weight_format == "fp8-block" else {})}
+                **({"SWAP_AB": swap_ab} if weight_format == "fp8-block" else {})}
         if shared is not None:  # the shared MLP's own scale grids
             own = shared_scales[:2] if i == 0 else shared_scales[2:]
             args.update(dict(zip(("SharedGateScale", "SharedUpScale") if i == 0 else ("SharedDownScale",), own)))

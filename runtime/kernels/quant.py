@@ -119,7 +119,7 @@ def ${kernel_name}(
 ${tma_kernel}
 
 
-${decode_kernel}
+${swap_kernel}
 
 
 @triton.jit
@@ -262,20 +262,12 @@ def fp8_block_prequantized_matmul_tma_kernel(
                  mask=(offs_hi < M)[:, None] & n_ok[None, :])
 """
 
-# The decode GEMMs of the in-loop quantizing mode, for a few tokens, in one kernel of two forms.
-# The operands swapped: y^T = w . x^T. With the few tokens as the MMA's M side, 16 rows are below the 64 of
-# Hopper's FP8 warpgroup MMA, and Triton widens every FP8 weight tile to fp16 for the older MMA
-# (bench/kernel_resources.py counted 72 such conversions a tile in the MoE experts' 16-row FP8 tile); the weight
-# rows as the M side (64 and up) and the tokens as N (16) go to the FP8 MMA as loaded. On H100 at V2-Lite's decode
-# shapes: 3-7% faster than the best tile before (bench/fp8_decode_tiles.py, bench/RESULTS.md).
-# GEMV, on the CUDA cores: a token's product with a [BLOCK_N, BLOCK_K] weight tile is BLOCK_N x BLOCK_K
-# multiply-adds, too few to feed a tensor-core MMA of 16 token rows (15 of them padding at batch 1) or to pay for
-# its operands' trip through shared memory in every K step. Each program takes one token: the token's x tile is
-# quantized as in the MMA forms (its amax, a scale, the cast to fp8), its fp8 values times both scales are
-# multiplied into the weight tile widened to fp32, and each row's products are summed (8 values a thread, then
-# across the 16 threads of a row: 4 shuffles a K step). The same math as the MMA forms, summed in another order:
-# sum_k w_q * (x_q * s_x * s_w) for sum_tiles s_x * s_w * (x_q . w_q).
-_DECODE_KERNEL = """\
+# The decode GEMM of the in-loop quantizing mode with the operands swapped: y^T = w . x^T. With the few tokens as
+# the MMA's M side, 16 rows are below the 64 of Hopper's FP8 warpgroup MMA, and Triton widens every FP8 weight tile
+# to fp16 for the older MMA (bench/kernel_resources.py counted 72 such conversions a tile in the MoE experts' 16-row
+# FP8 tile); the weight rows as the M side (64 and up) and the tokens as N (16) go to the FP8 MMA as loaded. On H100
+# at V2-Lite's decode shapes: 3-7% faster than the best tile before (bench/fp8_decode_tiles.py, bench/RESULTS.md).
+_SWAP_KERNEL = """\
 @triton.jit
 def fp8_block_quantize_decode_kernel(
     X, W, WS, Bias, Y,
@@ -284,14 +276,12 @@ def fp8_block_quantize_decode_kernel(
     stride_ys, stride_ym, stride_yn,
     k_per_split,
     SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    EXACT_FP8_ROUNDING: tl.constexpr, UNIFORM_W_SCALE: tl.constexpr, GEMV: tl.constexpr,
+    EXACT_FP8_ROUNDING: tl.constexpr, UNIFORM_W_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     \"\"\"One [BLOCK_M, BLOCK_N] tile of y over the K range of split program_id(1), for a few tokens, computed
     transposed: the weight tile's BLOCK_N rows are the FP8 MMA's M side, the BLOCK_M tokens its N side; the
-    activation tile quantized per token here, both scales on each K tile's fp32 product. GEMV (BLOCK_M 1): the
-    token's products on the CUDA cores instead, w_q widened to fp32 times x_q and both scales, summed along each
-    K tile.\"\"\"
+    activation tile quantized per token here, both scales on each K tile's fp32 product.\"\"\"
     split = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // num_n
@@ -299,15 +289,6 @@ def fp8_block_quantize_decode_kernel(
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    x_rows = X + offs_m[:, None] * stride_xm
-    if GEMV:
-        # Both tiles in one register layout, so neither is shuffled into the other's in the loop: the token's row
-        # is read as a [BLOCK_N, BLOCK_K] tile (the same 2 * BLOCK_K bytes for every row: one request a warp), and
-        # both tiles 8 elements a thread, as x's bf16 vectors are (left to itself the compiler laid the weight
-        # tile out as x's [1, BLOCK_K] one, a byte a thread, read back from shared memory a byte at a time).
-        tl.static_assert(BLOCK_M == 1, "GEMV: one token a program")
-        offs_k = tl.max_contiguous(offs_k, 8)
-        x_rows = x_rows + 0 * offs_n[:, None]
     m_ok = offs_m < M
     n_ok = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
@@ -315,7 +296,7 @@ def fp8_block_quantize_decode_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):  # scale loads pipelined too
         k_ok = (k0 + offs_k) < K
-        x_ptrs = x_rows + (k0 + offs_k)[None, :] * stride_xk
+        x_ptrs = X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
         w_ptrs = W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk
         if EVEN_K:
             x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
@@ -324,12 +305,8 @@ def fp8_block_quantize_decode_kernel(
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         ${quantize_x}
-        if GEMV:  # x's rows are the token's row again: its scale is x_scale[:, None], one per weight row
-            ${gemv_scales}
-            acc += tl.sum(w.to(tl.float32) * (xq.to(tl.float32) * scales), axis=1)[:, None]
-        else:
-            ${scales}
-            acc += tl.dot(w, tl.trans(xq)) * scales
+        ${scales}
+        acc += tl.dot(w, tl.trans(xq)) * scales
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     y_ptrs = Y + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
@@ -399,14 +376,11 @@ def kernels_for(mode: str, x_dtype: torch.dtype, origin: str = ""):
             "tile_product": fill(_PRODUCTS[mode]),
             "tma_kernel": _TMA_KERNEL if mode == "prequantized"
             else "# (the descriptor-fed GEMM serves the prequantized mode only)",
-            "decode_kernel": fill(_DECODE_KERNEL
-                                  .replace("        ${quantize_x}", textwrap.indent(QUANTIZE_X, " " * 8))
-                                  .replace("            ${gemv_scales}",
-                                           textwrap.indent(_scales("x_scale[:, None] * ", "[:, None]"), " " * 12))
-                                  .replace("            ${scales}",
-                                           textwrap.indent(_scales("x_scale[None, :] * ", "[:, None]"), " " * 12)))
+            "swap_kernel": fill(_SWAP_KERNEL.replace("        ${quantize_x}", textwrap.indent(QUANTIZE_X, " " * 8))
+                                .replace("        ${scales}",
+                                         textwrap.indent(_scales("x_scale[None, :] * ", "[:, None]"), " " * 8)))
             if mode == "quantize"
-            else "# (the decode GEMM of few tokens serves the in-loop quantizing mode only)",
+            else "# (the operand-swapped decode GEMM serves the in-loop quantizing mode only)",
             "epilogue": _EPILOGUES.get(mode, "# the scales were applied per K tile"),
             **consts,
         }
@@ -423,21 +397,11 @@ DECODE_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 2, "num_stages": 6},
     {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 2, "num_stages": 4},
 ]
-# The operand-swapped decode GEMM (``_DECODE_KERNEL``, FP8 with activations quantized in the loop): BLOCK_N weight
+# The operand-swapped decode GEMM (``_SWAP_KERNEL``, FP8 with activations quantized in the loop): BLOCK_N weight
 # rows, 64 or more, on the FP8 MMA's M side; appended to the candidates where that mode runs.
 DECODE_SWAP_CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SWAP": True, "num_warps": 4, "num_stages": st}
     for bn, st in [(64, 4), (64, 6), (128, 4)]
-]
-# The CUDA-core decode GEMM (``_DECODE_KERNEL``'s GEMV form, in-loop quantizing mode): one token a program, at most
-# GEMV_MAX_M tokens (past that each weight tile is read once per token, from L2 at best). Narrow tiles, K split as
-# for the tiles above where the column tiles alone leave SMs idle, or whole-K programs with no partial-sum pass.
-GEMV_MAX_M = 4
-DECODE_GEMV_CONFIGS = [
-    {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "GEMV": True, "num_warps": 4, "num_stages": 6},
-    {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "GEMV": True, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "GEMV": True, "SPLIT_K": 1, "num_warps": 4, "num_stages": 8},
-    {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 128, "GEMV": True, "SPLIT_K": 1, "num_warps": 2, "num_stages": 8},
 ]
 # Narrow N tiles over the whole K in one program (SPLIT_K 1): no second pass to add fp32 partial sums, which the
 # split tiles above need. Candidates for float weights only: for FP8 (in-loop quantizing, M = 1, H100) they were
@@ -611,11 +575,13 @@ def quant_matmul(
         x2, xs = prequantize_activations(x2, bk_s, interpret, gen)
     tma_gemm = gen.function("fp8_block_prequantized_matmul_tma_kernel", interpret=interpret) \
         if mode == "prequantized" else None
-    # the decode GEMM of few tokens: its operand-swapped (SWAP) and CUDA-core (GEMV) forms
-    decode_gemm = gen.function("fp8_block_quantize_decode_kernel", interpret=interpret) if mode == "quantize" else None
+    swap_gemm = gen.function("fp8_block_quantize_decode_kernel", interpret=interpret) if mode == "quantize" else None
     if not interpret:
         gemm = torch.library.wrap_triton(gemm)
-        tma_gemm, decode_gemm = (f if f is None else torch.library.wrap_triton(f) for f in (tma_gemm, decode_gemm))
+        if tma_gemm is not None:
+            tma_gemm = torch.library.wrap_triton(tma_gemm)
+        if swap_gemm is not None:
+            swap_gemm = torch.library.wrap_triton(swap_gemm)
     configs = _configs(m, k, fmt, act_quant, block, mode, x.device, interpret)
 
     def launch(cfg: dict, weight: torch.Tensor = w) -> torch.Tensor:
@@ -623,12 +589,10 @@ def quant_matmul(
             if tma_gemm is not None and _tma_fits(x2, weight, cfg, (bn_s, bk_s)):
                 return _launch_tma(tma_gemm, x2, xs, weight, scale, bias, out_dtype, bn_s, cfg, interpret)
             cfg = {key: v for key, v in cfg.items() if key not in TMA_ONLY}  # the same tile, pointer-fed
-        if cfg.get("SWAP") or cfg.get("GEMV"):
-            if decode_gemm is not None:
-                return _launch(decode_gemm, x2, xs, weight, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
-            # another mode: the MMA tile of the same columns, tokens on the M side
-            cfg = {key: v for key, v in cfg.items() if key not in ("SWAP", "GEMV")}
-            cfg.update(BLOCK_M=max(16, cfg["BLOCK_M"]), BLOCK_N=max(16, cfg["BLOCK_N"]))
+        if cfg.get("SWAP"):
+            if swap_gemm is not None:
+                return _launch(swap_gemm, x2, xs, weight, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
+            cfg = {key: v for key, v in cfg.items() if key != "SWAP"}  # the same tile, tokens on the M side
         return _launch(gemm, x2, xs, weight, scale, bias, out_dtype, (bn_s, bk_s), cfg, interpret)
 
     if config is None:
@@ -687,9 +651,7 @@ def _launch(gemm, x2, xs, w, scale, bias, out_dtype, scale_block, cfg: dict, int
     n = w.shape[0]
     cfg = dict(cfg)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    # the decode GEMM of few tokens (operand-swapped or CUDA-core): no activation scales, no grouped order
-    gemv = cfg.pop("GEMV", False)
-    swap = cfg.pop("SWAP", False) or gemv
+    swap = cfg.pop("SWAP", False)  # the operand-swapped decode GEMM: no activation scales, no grouped order
     bn_s, bk_s = scale_block
     splits = cfg.pop("SPLIT_K", None) or _splits(m, n, k, {"BLOCK_N": bn, "BLOCK_K": bk}, x2.device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
@@ -707,8 +669,7 @@ def _launch(gemm, x2, xs, w, scale, bias, out_dtype, scale_block, cfg: dict, int
             k_per_split,
             SCALE_BLOCK_N=bn_s, SCALE_BLOCK_K=bk_s, HAS_BIAS=bias is not None and splits == 1,
             EVEN_K=k % bk == 0, EXACT_FP8_ROUNDING=interpret,
-            UNIFORM_W_SCALE=bn_s % bn == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            **({"GEMV": gemv} if swap else {"GROUP_M": 8}),
+            UNIFORM_W_SCALE=bn_s % bn == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **({} if swap else {"GROUP_M": 8}),
             STAGES=loop_stages(cfg), **({} if interpret else cfg),
         )
     if splits == 1:
@@ -820,8 +781,7 @@ FP8_MAX_ACC_PER_THREAD = 64
 
 
 def _fp8_tile_fits(cfg: dict) -> bool:
-    rows = cfg["BLOCK_K"] if cfg.get("GEMV") else cfg["BLOCK_M"]  # the CUDA-core tile sums BLOCK_N x BLOCK_K
-    per_thread = rows * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
+    per_thread = cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
     return per_thread <= FP8_MAX_ACC_PER_THREAD * (2 if cfg.get("RESCALE") else 1)
 
 
@@ -830,8 +790,7 @@ def _configs(m, k: int, fmt: str, act_quant: bool, block, mode: str, device: tor
     """The candidate tiles ``mode`` times at ``m`` rows over ``k`` on ``device``, fitted to the scale blocks."""
     tma = mode == "prequantized" and tma_available(device, interpret)
     swap = DECODE_SWAP_CONFIGS if mode == "quantize" and size_hint(m) <= DECODE_MAX_M else []
-    gemv = DECODE_GEMV_CONFIGS if mode == "quantize" and size_hint(m) <= GEMV_MAX_M else []
-    configs = [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma) + swap + gemv]
+    configs = [_fit(c, fmt, act_quant, block) for c in configs_for(m, tma) + swap]
     configs = [c for c in configs
                if c.get("SPLIT_K", 1) == 1 or triton.cdiv(k, c["BLOCK_K"]) >= SPLIT_MIN_K_TILES * c["SPLIT_K"]]
     if fmt == "fp8-block":
