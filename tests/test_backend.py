@@ -221,3 +221,21 @@ def test_graph_switches_key_inductors_graph_cache(monkeypatch, switch):
         monkeypatch.setenv(switch, value)
         keys.append(DeepfuseGraphPass(Options.from_user({}), Report()).uuid())
     assert keys[0] != keys[1] and keys[0] == keys[2]
+
+
+def test_every_environment_switch_is_classified():
+    """Each DEEPFUSE_* variable deepfuse reads either changes the traced graph (then it keys the FX-graph cache:
+    GRAPH_SWITCHES) or changes nothing a compiled graph holds (where files go, logging, how many threads compile)."""
+    import pathlib
+    import re
+
+    from deepfuse.pipeline import GRAPH_SWITCHES
+
+    elsewhere = {"DEEPFUSE_AUTOTUNE_THREADS", "DEEPFUSE_CACHE_DIR", "DEEPFUSE_LOG"}
+    root = pathlib.Path(__file__).resolve().parent.parent
+    read = set()
+    for folder in ("compiler", "passes", "runtime"):
+        for path in (root / folder).rglob("*.py"):
+            read |= set(re.findall(r"environ(?:\.get\(|\[)\s*[\"'](DEEPFUSE_[A-Z0-9_]+)", path.read_text()))
+    assert read, "no switch found: the search is broken"
+    assert read - elsewhere == set(GRAPH_SWITCHES), read
