@@ -545,3 +545,31 @@ def test_stacked_weights_quantize_their_matmuls_activations_along_k(form, conver
     want = fn(fp8_fake_quantize(x, k_axis), moe.dequantize_experts(q, s))
     assert torch.allclose(gm(x, weight), want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(fn(x, weight), want, rtol=1e-3, atol=1e-3)  # the quantization is really there
+
+
+def test_fp8_model_greedy_equals_its_unfused_quantized_graph():
+    """The tiny bundled model quantized while compiling (fp8-block: every linear and the stacked experts W8A8), through
+    the generated kernels (interpreter, fp32), against the same quantized model compiled with no pattern pass
+    (Inductor's dequantize-then-matmul forms, the activations fake-quantized in the graph): prefill logits within
+    fp32's summation-order error and the same greedy tokens. The reference the GPU's bf16 greedy figures
+    (bench/e2e.py --quantize) are read against."""
+    from deepfuse.models.model import generate
+
+    cfg = get_config("tiny")
+    model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
+    prompt = torch.randint(0, cfg.vocab_size, (1, 7))
+    outs, report = [], deepfuse.Report()
+    with torch.no_grad():
+        for options in ({"interpret": True}, {"passes": ()}):
+            torch._dynamo.reset()
+            with deepfuse.collect(report):
+                compiled = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block", **options})
+                logits = compiled(prompt, 0, model.new_cache(1, 8))
+                outs.append((logits, generate(model, prompt, 6, forward=compiled, static_cache=True)))
+    families = {m.family for m in report.matches}
+    assert {"quant", "moe", "mla"} <= families, str(report)
+    experts = [str(m.params.get("expert_weights")) for m in report.matches if m.family == "moe"]
+    assert any("W8A8" in e for e in experts), experts
+    (fused_logits, fused_tokens), (plain_logits, plain_tokens) = outs
+    assert rel_err(fused_logits, plain_logits) < 1e-5
+    assert torch.equal(fused_tokens, plain_tokens)
