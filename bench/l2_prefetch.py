@@ -5,7 +5,8 @@ projection then ramps up on a few MB. Here a one-program kernel that only spins 
 for such a kernel) runs before cuBLAS's x @ W^T at one token, with and without asking the L2 for W
 (cp.async.bulk.prefetch.L2) at its start, over copies of W past twice the L2 (each pair of launches finds W in
 HBM, as a model's next layer does), replayed as a CUDA graph. Also: a launch that only prefetches, ahead of the
-busy kernel or alone. Reports µs per (busy, matmul) pair; the gain is `busy+mm` less `busy(pf)+mm`.
+busy kernel or alone, and the matmul twice on one weight (the second from the L2: what a prefetch could gain at
+most). Reports µs per (busy, matmul) pair; the gain is `busy+mm` less `busy(pf)+mm`.
 
     python3 bench/l2_prefetch.py --out DIR [--shapes 2048x2048,3072x2048] [--busy-us 3,8]
 
@@ -113,6 +114,8 @@ def main():
             print(f"{shape:<10} {what:<44} {us:7.2f} us", flush=True)
 
         record("mm", lambda w: x @ w.T)
+        # the same weight twice in a row: the second read finds it in the L2 (the gain a prefetch could give at most)
+        record("mm, then mm again (L2-hot)", lambda w: (x @ w.T, x @ w.T))
         record("prefetch launch + mm", lambda w: (only[(8,)](w, nbytes, token, CHUNK=CHUNK, LANES=32,
                                                               num_warps=1), x @ w.T))
         for busy_us in (float(v) for v in args.busy_us.split(",")):
