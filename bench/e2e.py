@@ -135,10 +135,11 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
     # the static caches' positions: a decode step writes position ctx, greedy generation the gen_tokens after the
     # prompt; --cache-len sets it (a decode step attends over the whole buffer under a mask, and on H100 one at 2049
     # positions measured 0.13 ms slower than one at 2113: bench/RESULTS.md)
-    max_len = args.cache_len or max(p, ctx + 1) + args.gen_tokens
-    if max_len < max(p, ctx + 1) + args.gen_tokens:
-        raise SystemExit(f"--cache-len {max_len} holds fewer than the {max(p, ctx + 1) + args.gen_tokens} positions "
-                         "the prefill, the decode step and the greedy tokens write")
+    written = max(p, ctx + 1) + args.gen_tokens
+    max_len = args.cache_len or written
+    if max_len < written:
+        raise SystemExit(f"--cache-len {max_len} holds fewer than the {written} positions the prefill, the decode "
+                         "step and the greedy tokens write")
     notes["cache_len"] = max_len
     with torch.no_grad():
         if "bundled" in args.impls:
