@@ -12,7 +12,10 @@ Measured (CUDA events, median; every call launched from Python as a user would):
   ``logits_to_keep``, and the floor leaves out the output projection of the other positions);
 - one decode step of batch 1 at a context of --context tokens (ms per token), and of each batch in --batches
   (tokens/s). For decode timing the cache holds random latents up to the context (what is in it does not
-  change the work); the step writes position `context` and attends over everything before it;
+  change the work); the step writes position `context` and attends over everything before it. deepfuse's step
+  is timed twice: "decode", each call alone (synchronized after it, so it starts its CUDA graph on an idle GPU),
+  and "decode loop", 50 steps queued back to back with each step's argmax fed to the next, as generate() runs
+  them: the time per generated token;
 - deepfuse: compiled with mode="reduce-overhead" over the static latent cache (positions as device tensors: one
   decode graph for every context length), either whole (--compile whole: one CUDA graph per step) or block by
   block (--compile blocks: one graph per kind of block, reused by every layer, and each decode step captured
@@ -205,6 +208,14 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                       f"matches so far {families}, declined {[d.reason for d in report.declined]}", flush=True)
                 row("deepfuse", "decode", b, median_ms(lambda: step(tok, pos, cache), 30, warmup=3),
                     decode_bytes(cfg, figures, b, ctx, cache.bytes_per_token_per_layer()) / bandwidth * 1e3)
+                state = [tok]
+
+                def next_token():  # as generate() runs its steps: the argmax fed back, nothing synchronized
+                    state[0] = step(state[0], pos, cache)[:, -1].argmax(dim=-1, keepdim=True)
+
+                loop = notes[f"deepfuse_decode_b{b}_loop"] = back_to_back(next_token)
+                row("deepfuse", "decode loop", b, loop["ms"],
+                    decode_bytes(cfg, figures, b, ctx, cache.bytes_per_token_per_layer()) / bandwidth * 1e3)
                 if args.profile:
                     profile(lambda: step(tok, pos, cache), os.path.join(args.out, f"profile_decode_b{b}.txt"))
             notes["deepfuse_matches"] = families
@@ -249,6 +260,42 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                           f"{notes['greedy']['deepfuse_vs_quantized_unfused']}", flush=True)
     notes["weights"] = figures
     return figures, prefill_floor
+
+
+def back_to_back(step, calls: int = 50, rounds: int = 5) -> dict:
+    """The "decode" row times each call alone: events around it, then a synchronization, so every call starts
+    the step's CUDA graph (some 450 kernels) on an idle GPU; on one H100 that figure varied from 2.50 to 2.67 ms
+    between processes of the same code. Here ``calls`` steps are queued with no synchronization between them, as
+    generate() runs them (its tokens stay on the GPU): the time per step (median of ``rounds``; 2.449-2.455 ms in
+    those processes), the host's time to issue one, and the CPU the process ran on."""
+    import statistics
+
+    step()
+    torch.cuda.synchronize()
+    gpu, host = [], []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        host.append((time.perf_counter() - t0) * 1e3 / calls)
+        end.record()
+        end.synchronize()
+        gpu.append(start.elapsed_time(end) / calls)
+    figures = {"ms": statistics.median(gpu), "host_issue_ms": statistics.median(host), "cpu": _cpu()}
+    print(f"  back to back, {calls} steps: {figures['ms']:.3f} ms a step, issued in {figures['host_issue_ms']:.3f} "
+          f"ms each on CPU {figures['cpu']}", flush=True)
+    return figures
+
+
+def _cpu() -> int | None:
+    """The CPU this process last ran on (/proc/self/stat's field 39), or None off Linux."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def profile(step, path: str, steps: int = 5) -> None:
@@ -316,7 +363,7 @@ def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
 
 def chart(rows, path):
     cases = list(dict.fromkeys((r["what"], r["batch"]) for r in rows))
-    floor_chart(rows, {c: (f"{c[0]} B={c[1]}" if c[0] == "decode" else c[0]) for c in cases},
+    floor_chart(rows, {c: (f"{c[0]} B={c[1]}" if c[0].startswith("decode") else c[0]) for c in cases},
                 lambda r: (r["what"], r["batch"]), "time / physical floor (log; lower is better)",
                 f"DeepSeek-V2-Lite end to end, bf16 ({torch.cuda.get_device_name()})", path)
 
