@@ -108,7 +108,7 @@ def the_prompt(cfg, tokens: int) -> torch.Tensor:
 
 def add_row(rows: list, impl: str, what: str, batch: int, ms: float, floor_ms: float, prefill_tokens: int) -> None:
     rows.append({"impl": impl, "what": what, "batch": batch, "ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms,
-                 "tokens_per_s": (batch if what == "decode" else prefill_tokens) / ms * 1e3})
+                 "tokens_per_s": (batch if what.startswith("decode") else prefill_tokens) / ms * 1e3})
     print(f"{impl:<22}{what:<9}{batch:>6}{ms:>11.3f}{floor_ms:>10.3f}{ms / floor_ms:>8.2f}"
           f"{rows[-1]['tokens_per_s']:>12.0f}", flush=True)
 
