@@ -9,6 +9,9 @@
   breaks the graph inside the loop, and the MoE is lost. While deepfuse compiles, the same module runs
   transformers' own traceable implementation of the same function (``grouped_mm`` for bf16, ``batched_mm``
   otherwise), which the ``moe`` pass finds and checks like any other.
+- Experts modules of that shape that transformers left without the interface (``HF_EXPERTS_WITHOUT_INTERFACE``,
+  each read: the loop computes what the interface's forms compute, through the module's own ``_apply_gate``)
+  run the same traceable forms while deepfuse compiles.
 The original forwards run whenever deepfuse is not the compiler: in eager mode and under other backends.
 """
 from __future__ import annotations
@@ -76,6 +79,45 @@ def _hf_experts_get_interface(original, moe):
     return get_interface
 
 
+# transformers experts modules with the interface's weights ([E, 2I, H] gate and up, [E, H, I] down, ``num_experts``)
+# and loop, whose class does not take ``use_experts_implementation``: module -> class names. Step-3.7-Flash's loop
+# gates through its own ``_apply_gate`` (a SiLU clamped at its layer's limit, when one is set). Not here:
+# LongCat-Flash's, whose zero-computation experts return their input (no traceable form of transformers' computes
+# that), and DBRX's (per-expert w1/v1/w2 weights).
+HF_EXPERTS_WITHOUT_INTERFACE = {
+    "transformers.models.step3p7.modeling_step3p7": ("Step3p7Experts",),
+}
+
+
+def _hf_experts_shaped_forward(original):
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if torch.compiler.is_compiling() and compiling_with_deepfuse():
+            from transformers.integrations import moe
+
+            same = moe.grouped_mm_experts_forward if hidden_states.dtype == torch.bfloat16 else \
+                moe.batched_mm_experts_forward
+            return same(self, hidden_states, top_k_index, top_k_weights)
+        return original(self, hidden_states, top_k_index, top_k_weights)
+
+    forward.__wrapped__ = original
+    forward.__doc__ = original.__doc__
+    return forward
+
+
+def _patch_experts_classes(module, names) -> None:
+    """Give each class transformers' traceable forms under deepfuse (the interface's layout flags as class
+    defaults: concatenated gate and up rows, not transposed, no bias, gated)."""
+    for name in names:
+        cls = getattr(module, name, None)
+        if cls is None:  # another transformers: nothing to patch
+            continue
+        for flag, default in (("has_gate", True), ("has_bias", False), ("is_transposed", False),
+                              ("is_concatenated", True)):
+            if not hasattr(cls, flag):
+                setattr(cls, flag, default)
+        cls.forward = _hf_experts_shaped_forward(cls.forward)
+
+
 def hf_experts_traced_whole() -> bool:
     """Does transformers' experts interface run its traceable form under deepfuse now? (Then an experts loop
     that still breaks Dynamo's graph is a model's own, not one of transformers' experts modules.)"""
@@ -89,6 +131,8 @@ _PATCHES = {
         m.FP8Linear, "forward", _hf_fp8_linear_forward(m.FP8Linear.forward)),
     "transformers.integrations.moe": lambda m: setattr(
         m.ExpertsInterface, "get_interface", _hf_experts_get_interface(m.ExpertsInterface.get_interface, m)),
+    **{name: (lambda m, classes=classes: _patch_experts_classes(m, classes))
+       for name, classes in HF_EXPERTS_WITHOUT_INTERFACE.items()},
 }
 
 

@@ -171,7 +171,8 @@ class MoEPass:
             self._decline(report, f"stacked expert weights {weight.name} {list(value(weight).shape)} are multiplied, "
                           "but no torch.topk in this graph chooses their experts: the matcher starts at the router's "
                           "top-k or a token-id table's lookup (a router across a graph break, or one choosing by "
-                          "other means as PhiMoE's sparsemixer, is not recognized)",
+                          "other means as PhiMoE's sparsemixer, is not recognized; experts every token runs through, "
+                          "as Inkling's stacked shared experts, stay with Inductor)",
                           (source_line(user), module_path(user)))
         return changed
 
@@ -684,6 +685,17 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
             if not isinstance(at_latent, str) and hint(value(at_latent[1]["x"]).shape[1]) == hint(
                     value(latent).shape[1]):
                 return at_latent
+        # The routed experts' own sum, where the router's paths meet only later, past other work its choice
+        # steers (Inkling's shared experts, weighted by the router's logits beside the chosen ones): the region
+        # to an earlier [tokens, hidden] value, the first that is the output of experts; what it computes is
+        # then checked by running it, and the rest stays with Inductor.
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for earlier in sorted(down, key=order.__getitem__):
+            if order[earlier] >= order[out] or not _is(earlier, (t, hidden), floating=True):
+                continue
+            at_earlier = _region_to(graph, topk, ids, t, k, down, earlier)
+            if not isinstance(at_earlier, str):
+                return at_earlier
     return found
 
 
@@ -973,26 +985,58 @@ def _bias_orders(biases: list, inter: int, hidden: int, gated: bool = True) -> l
             if ng == (2 if gated else 1) * inter and nd == hidden]
 
 
-def _clamp_limits(nodes) -> list[float]:
-    """The positive upper limits the nodes' clamps take (a clamped gated unit's)."""
-    limits = set()
+def _clamps(nodes) -> dict[float, list[fx.Node]]:
+    """The clamps among the nodes that take a positive, finite upper limit (a clamped gated unit's; a clamp at
+    infinity, as a model with no limit set writes it, clamps nothing), by limit."""
+    found: dict[float, list[fx.Node]] = {}
     for n in nodes:
         if n.op == "call_function" and n.target in (aten.clamp.default, aten.clamp_max.default):
             top = n.args[2] if n.target == aten.clamp.default and len(n.args) > 2 else (
                 n.args[1] if n.target == aten.clamp_max.default else n.kwargs.get("max"))
-            if isinstance(top, (int, float)) and top > 0:
-                limits.add(float(top))
-    return sorted(limits)
+            if isinstance(top, (int, float)) and 0 < top < math.inf:
+                found.setdefault(float(top), []).append(n)
+    return found
+
+
+def _clamp_limits(nodes) -> list[float]:
+    """The positive, finite upper limits the nodes' clamps take."""
+    return sorted(_clamps(nodes))
+
+
+def _is_silu(node) -> bool:
+    """Is ``node`` SiLU's output: aten.silu, or as decompositions write it, v * sigmoid(v) or v / (1 + exp(-v))?"""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or len(node.args) < 1:
+        return False
+    if node.target in (aten.silu.default, aten.silu_.default):
+        return True
+    if node.target == aten.mul.Tensor and len(node.args) == 2:
+        a, b = node.args
+        return any(isinstance(s, fx.Node) and s.target == aten.sigmoid.default and s.args[0] is other
+                   for s, other in ((a, b), (b, a)))
+    if node.target == aten.div.Tensor and len(node.args) == 2 and isinstance(node.args[1], fx.Node):
+        v, d = node.args
+        if d.target not in (aten.add.Tensor, aten.add.Scalar):
+            return False
+        exps = [e for e in d.args if isinstance(e, fx.Node) and e.target == aten.exp.default]
+        return any(isinstance(n := e.args[0], fx.Node) and n.target == aten.neg.default and n.args[0] is v
+                   for e in exps) and any(isinstance(c, (int, float)) and c == 1 for c in d.args)
+    return False
 
 
 def _clamped_activations(region) -> list[str]:
     """The clamped gated units the region's constants allow: at each limit a clamp takes from above, DeepSeek-V4's
-    clamped SiLU, and GPT-OSS's clamped SwiGLU with each constant the region multiplies by as its alpha. None
-    without a clamp."""
+    clamped SiLU and GPT-OSS's clamped SwiGLU (each constant the region multiplies by as its alpha), which clamp
+    the gate, or Step-3.7's, which clamps the SiLU's output. Which clamp the graph has decides between the SiLU
+    forms: they differ by less than a check tells apart (at most limit - silu(limit)). None without a clamp."""
     alphas = {float(a) for n in region if n.op == "call_function" and n.target in (aten.mul.Tensor, aten.mul.Scalar)
               for a in n.args[1:] if isinstance(a, float)}
-    return [name for lim in _clamp_limits(region)
-            for name in [kernel.clamped_silu(lim)] + [kernel.clamped_swiglu(a, lim) for a in sorted(alphas)]]
+    names = []
+    for lim, clamps in sorted(_clamps(region).items()):
+        if any(_is_silu(c.args[0]) for c in clamps):  # silu(gate) clamped: Step-3.7's
+            names.append(kernel.clamped_silu_output(lim))
+        else:
+            names += [kernel.clamped_silu(lim)] + [kernel.clamped_swiglu(a, lim) for a in sorted(alphas)]
+    return names
 
 
 def _check_scale(nodes) -> float:

@@ -164,6 +164,7 @@ def test_interpreted_gpt_oss_experts(case):
     _check(*case, torch.float32, "cpu", interpret=True, interleaved=True)
     _check(*case, torch.float32, "cpu", interpret=True, activation=GPT_OSS)
     _check(*case, torch.float32, "cpu", interpret=True, activation=moe.clamped_silu(3.0), shared=1)  # DeepSeek-V4's
+    _check(*case, torch.float32, "cpu", interpret=True, activation=moe.clamped_silu_output(3.0), shared=1)  # Step-3.7's
 
 
 def test_interleaved_columns_stored_contiguous_are_read_as_one_tile(monkeypatch):
@@ -230,6 +231,22 @@ def test_clamped_silu_is_what_deepseek_v4_computes():
     both = torch.randn(5, 16, dtype=torch.float64) * 12
     got = moe.glu(moe.clamped_silu(experts.limit), *both.chunk(2, dim=-1))
     assert torch.equal(got, experts._apply_gate(both))
+
+
+def test_clamped_silu_output_is_what_step3p7_computes():
+    """``moe.glu`` for the SiLU clamped after it (Step-3.7-Flash's) against transformers' own
+    Step3p7Experts._apply_gate, and unlike DeepSeek-V4's unit, which clamps the gate before the SiLU."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Step3p7TextConfig"):
+        pytest.skip("this transformers has no Step3p7")
+    from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
+
+    config = transformers.Step3p7TextConfig(hidden_size=8, moe_intermediate_size=8, n_routed_experts=2)
+    experts = Step3p7Experts(config, swiglu_limit=7.0)
+    both = torch.randn(5, 16, dtype=torch.float64) * 12
+    got = moe.glu(moe.clamped_silu_output(7.0), *both.chunk(2, dim=-1))
+    assert torch.equal(got, experts._apply_gate(both))
+    assert not torch.equal(got, moe.glu(moe.clamped_silu(7.0), *both.chunk(2, dim=-1)))
 
 
 def test_bad_biases_are_clear_errors():
@@ -652,10 +669,11 @@ def test_gpu_gpt_oss_experts(t):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64, 2048])
-def test_gpu_clamped_silu_experts_with_shared(t):
-    """DeepSeek-V4's clamped SiLU unit (limit 10, crossed: x scaled up) at V2-Lite's expert shape, a shared expert in
-    the same launches."""
-    _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, activation=moe.clamped_silu(10.0), shared=1)
+@pytest.mark.parametrize("activation", [moe.clamped_silu(10.0), moe.clamped_silu_output(7.0)])
+def test_gpu_clamped_silu_experts_with_shared(t, activation):
+    """DeepSeek-V4's clamped SiLU unit (limit 10) and Step-3.7's (the SiLU's output clamped at 7), the limits
+    crossed (x scaled up), at V2-Lite's expert shape, a shared expert in the same launches."""
+    _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, activation=activation, shared=1)
 
 
 @pytest.mark.gpu

@@ -157,14 +157,39 @@ UNSEEN = {
     # and a dense MLP beside the experts, which is no shared MLP (it reads other hidden states)
     "Gemma4Text": (dict(enable_moe_block=True, num_experts=8, top_k_experts=2, layer_types=["full_attention"] * 2,
                         pad_token_id=0), "softmax, top-2, renormalized, x a per-expert scale", None),
+    # a hybrid (its linear-attention layers listed as none here) with Qwen-MoE's sigmoid-gated shared expert
+    "Qwen3Next": (dict(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32, decoder_sparse_step=1,
+                       mlp_only_layers=[], layer_types=["full_attention"] * 2), "softmax, top-2, renormalized",
+                  "fused: 1 always-chosen experts of 32, weighted per token by sigmoid"),
+    "HYV3": (dict(num_experts=8, num_experts_per_tok=2), "sigmoid, score-correction bias, top-2, renormalized, x 2.826",
+             "fused: 1 always-chosen experts of 32"),
+    # SiLU clamped at 10 in its experts, and a sparse attention whose indexer's top-k is no router's
+    "HYV4": (dict(n_routed_experts=8, num_experts_per_tok=2, pad_token_id=0),
+             "sigmoid, score-correction bias, top-2, renormalized, x 2.827", "fused: 1 always-chosen experts of 32"),
+    # its own experts loop (an .item() per expert, zero-computation experts that return their input): declined,
+    # with the reason that no setting makes it trace
+    "LongcatFlash": (dict(n_routed_experts=8, moe_topk=2, zero_expert_num=2, ffn_hidden_size=96,
+                          expert_ffn_hidden_size=32, num_layers=1, num_key_value_heads=4, kv_lora_rank=32,
+                          q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, head_dim=8), None,
+                     None),
     # a token classifier (no causal mask): GPT-OSS's clamped SwiGLU over [E, H, 2I] gate and up halves with biases,
     # a biased router whose top-k logits are softmaxed, then divided by k
     "OpenAIPrivacyFilter": (dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, pad_token_id=0),
                             "softmax, top-2, renormalized, x 0.5", None),
 }
 ACTIVATION = {"GptOss": "swiglu_clamped(alpha=1.702, limit=7.0)", "NemotronH": "relu2", "Gemma4Text": "gelu_tanh",
-              "OpenAIPrivacyFilter": "swiglu_clamped(alpha=1.702, limit=7.0)"}  # silu otherwise
+              "OpenAIPrivacyFilter": "swiglu_clamped(alpha=1.702, limit=7.0)",
+              "HYV4": "silu_clamped(limit=10.0)"}  # silu otherwise
 MODEL_CLASS = {"OpenAIPrivacyFilter": "OpenAIPrivacyFilterForTokenClassification"}  # ...ForCausalLM otherwise
+
+
+def _randomize_zeros(model) -> None:
+    """Draw the parameters a model initializes to zeros (some routers and biases, where every expert ties), norms
+    aside."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.abs().any() and "norm" not in name:
+                p.normal_(0, 0.5)
 
 
 @pytest.mark.parametrize("family", sorted(UNSEEN))
@@ -175,16 +200,14 @@ def test_unseen_hf_moe_families_are_fused_or_declined_and_right(family):
     cfg = getattr(transformers, family + "Config")(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16,
                                                       **kwargs})
     model = getattr(transformers, MODEL_CLASS.get(family, family.removesuffix("Text") + "ForCausalLM"))(cfg).eval()
-    with torch.no_grad():  # some initialize their routers and biases to zeros, where every expert ties
-        for name, p in model.named_parameters():
-            if not p.abs().any() and "norm" not in name:
-                p.normal_(0, 0.5)
+    _randomize_zeros(model)
     report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
     moes = [m for m in report.matches if m.family == "moe"]
     if routing is None:
         assert not moes and [d for d in report.declined if d.family == "moe"], str(report)
         return
-    assert moes and not [d for d in report.declined if d.family == "moe"], str(report)
+    # (an attention indexer's top-k, HY-V4's, is declined as no router's)
+    assert moes and not [d for d in report.declined if d.family == "moe" and "indexer" not in d.reason], str(report)
     for m in moes:
         assert m.params["activation"] == ACTIVATION.get(family, "silu"), m.params
         assert m.params["routing"] == f"kernel: {routing}", m.params
@@ -196,6 +219,50 @@ def test_unseen_hf_moe_families_are_fused_or_declined_and_right(family):
         assert got is None if shared is None else got.startswith(shared), m.params  # (a gate names its node)
         if family == "OpenAIPrivacyFilter":  # a division by top_k (an int): its fitted scale is 1/2 exactly
             assert m.params["routed_scaling"] == 0.5, m.params
+
+
+def test_inkling_routed_experts_are_fused_beside_its_stacked_shared_experts():
+    """Inkling (transformers 5.17, not written against): its router scores routed and shared experts in one matmul,
+    and the shared experts' per-token weights come from the same normalization as the chosen experts' (over the
+    chosen logits gathered at the top-k ids), so every path from the top-k meets the shared experts' bmm before it
+    reaches the layer's output. The routed experts' own sum is the region; the router and the stacked shared
+    experts stay with Inductor, said so."""
+    if not hasattr(transformers, "InklingTextConfig"):
+        pytest.skip("this transformers has no Inkling")
+    cfg = transformers.InklingTextConfig(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16},
+                                         n_routed_experts=8, num_experts_per_tok=4, n_shared_experts=2)
+    model = transformers.InklingForCausalLM(cfg).eval()
+    _randomize_zeros(model)
+    report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
+    moes = [m for m in report.matches if m.family == "moe"]
+    assert len(moes) == cfg.num_hidden_layers, str(report)
+    for m in moes:
+        assert (m.params["experts"], m.params["top_k"], m.params["activation"]) == (8, 4, "silu"), m.params
+        assert m.params["routing"].startswith("top-k kernel (the router reads"), m.params
+        assert m.params["shared_experts"].startswith("with Inductor"), m.params
+    declined = [d.reason for d in report.declined if d.family == "moe"]
+    assert declined and all("Inkling's stacked shared experts" in r for r in declined), declined
+
+
+def test_step3p7_experts_loop_is_traced_and_its_clamp_after_the_silu_is_told_apart():
+    """Step-3.7-Flash (transformers 5.17): its experts module has the experts interface's weights and loop but not
+    the interface, so Dynamo broke the graph in the loop; deepfuse runs transformers' traceable form of it while
+    compiling (``canonical.HF_EXPERTS_WITHOUT_INTERFACE``). Its unit clamps the SiLU's output where DeepSeek-V4's
+    clamps the gate before it (at most 0.0064 apart at a limit of 7, less than the pass's check tells apart): the
+    graph decides which. A limit of 0 (none) writes a clamp at infinity: plain SiLU."""
+    if not hasattr(transformers, "Step3p7TextConfig"):
+        pytest.skip("this transformers has no Step3p7")
+    cfg = transformers.Step3p7TextConfig(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16},
+                                         n_routed_experts=8, num_experts_per_tok=2, share_expert_dim=32,
+                                         sliding_window=64, mlp_layer_types=["sparse"] * 2,
+                                         layer_types=["full_attention"] * 2, swiglu_limits=[7.0, 0.0])
+    model = transformers.Step3p7TextModel(cfg).eval()
+    report = _compile_check(lambda ids: model(ids).last_hidden_state, (torch.randint(0, 256, (1, 7)),), 1e-4,
+                            interpret=True)
+    moes = sorted((m for m in report.matches if m.family == "moe"), key=lambda m: m.module)
+    assert [m.params["activation"] for m in moes] == ["silu_out_clamped(limit=7.0)", "silu"], str(report)
+    assert all(m.params["routing"] == "kernel: sigmoid, score-correction bias, top-2, renormalized" for m in moes)
+    assert not [d for d in report.declined if d.family == "moe"], str(report)
 
 
 def _bf16_against_float64(model, kind, ids):
@@ -572,10 +639,7 @@ def test_gpt_oss_experts_in_each_transformers_implementation(impl):
                                     num_experts_per_tok=2, layer_types=["full_attention"] * 2)
     cfg._experts_implementation = impl
     model = transformers.GptOssForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # (its routers and biases start at zero)
-            if not p.abs().any() and "norm" not in name:
-                p.normal_(0, 0.5)
+    _randomize_zeros(model)  # (its routers and biases start at zero)
     report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
     moes = [m for m in report.matches if m.family == "moe"]
     assert len(moes) == 2 and all(m.params["activation"].startswith("swiglu_clamped") for m in moes), str(report)
@@ -595,10 +659,7 @@ def test_deepseek_v4_moe_clamped_silu_and_hash_routed_layers():
         max_position_embeddings=256, sliding_window=8)
     assert cfg.mlp_layer_types[:4] == ["hash_moe"] * 3 + ["moe"], cfg.mlp_layer_types
     model = transformers.DeepseekV4ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.abs().any() and "norm" not in name:
-                p.normal_(0, 0.5)
+    _randomize_zeros(model)
     report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
     moes = sorted((m for m in report.matches if m.family == "moe"), key=lambda m: m.module)
     assert [m.module for m in moes] == [f"model.layers.{i}.mlp.gate" for i in range(4)], str(report)

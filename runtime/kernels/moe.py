@@ -52,12 +52,14 @@ TORCH_ACTIVATIONS = {
     "relu2": lambda v: torch.relu(v).square(),
 }
 
-# Clamped gated units: the gate clamped from above and the up value both ways at a limit, then
-# - DeepSeek-V4's (swiglu_limit): silu(g) * u, "silu_clamped(limit=10.0)";
-# - GPT-OSS's: (u + 1) * g * sigmoid(alpha * g), "swiglu_clamped(alpha=1.702, limit=7.0)";
-# with g = min(gate, limit), u = clamp(up, -limit, limit). The constants are part of the activation's name, so each
-# is its own generated kernel.
-CLAMPED = re.compile(r"(silu|swiglu)_clamped\((?:alpha=([-+.e\d]+), )?limit=([-+.e\d]+)\)")
+# Clamped gated units: the up value clamped both ways at a limit, u = clamp(up, -limit, limit), and
+# - DeepSeek-V4's (swiglu_limit): silu(g) * u with g = min(gate, limit), "silu_clamped(limit=10.0)";
+# - GPT-OSS's: (u + 1) * g * sigmoid(alpha * g), g = min(gate, limit), "swiglu_clamped(alpha=1.702, limit=7.0)";
+# - Step-3.7-Flash's (swiglu_limits): min(silu(gate), limit) * u, the SiLU's output clamped,
+#   "silu_out_clamped(limit=7.0)". It differs from DeepSeek-V4's only where silu(gate) passes the limit, by at most
+#   limit - silu(limit) (0.0064 at 7), so the moe pass tells the two apart by where the graph clamps, not by a check.
+# The constants are part of the activation's name, so each is its own generated kernel.
+CLAMPED = re.compile(r"(silu|swiglu|silu_out)_clamped\((?:alpha=([-+.e\d]+), )?limit=([-+.e\d]+)\)")
 
 
 def clamped_swiglu(alpha: float, limit: float) -> str:
@@ -70,18 +72,24 @@ def clamped_silu(limit: float) -> str:
     return f"silu_clamped(limit={float(limit)!r})"
 
 
-def _clamped(activation: str) -> Optional[tuple[Optional[float], float]]:
-    """(alpha, limit) of a clamped unit (alpha None for the SiLU one), or None."""
+def clamped_silu_output(limit: float) -> str:
+    """The activation name of Step-3.7-Flash's unit: the SiLU's output clamped from above, the up value both ways."""
+    return f"silu_out_clamped(limit={float(limit)!r})"
+
+
+def _clamped(activation: str) -> Optional[tuple[str, Optional[float], float]]:
+    """(form, alpha, limit) of a clamped unit, form "silu", "swiglu" or "silu_out" (alpha None but for "swiglu"), or
+    None."""
     m = CLAMPED.fullmatch(activation)
     if m is None or (m.group(1) == "swiglu") != (m.group(2) is not None):
         return None
-    return (None if m.group(2) is None else float(m.group(2))), float(m.group(3))
+    return m.group(1), (None if m.group(2) is None else float(m.group(2))), float(m.group(3))
 
 
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS and _clamped(activation) is None:
         raise ValueError(f"moe: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}, "
-                         "silu_clamped(limit=L), swiglu_clamped(alpha=A, limit=L)")
+                         "silu_clamped(limit=L), silu_out_clamped(limit=L), swiglu_clamped(alpha=A, limit=L)")
 
 
 def glu(activation: str, gate: Optional[torch.Tensor], up: torch.Tensor) -> torch.Tensor:
@@ -92,9 +100,12 @@ def glu(activation: str, gate: Optional[torch.Tensor], up: torch.Tensor) -> torc
     clamped = _clamped(activation)
     if clamped is None:
         return TORCH_ACTIVATIONS[activation](gate) * up
-    alpha, limit = clamped
-    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
-    if alpha is None:
+    form, alpha, limit = clamped
+    up = up.clamp(min=-limit, max=limit)
+    if form == "silu_out":
+        return torch.nn.functional.silu(gate).clamp(max=limit) * up
+    gate = gate.clamp(max=limit)
+    if form == "silu":
         return torch.nn.functional.silu(gate) * up
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
@@ -107,10 +118,12 @@ def _glu_source(activation: str, gated: bool = True) -> str:
     clamped = _clamped(activation)
     if clamped is None:
         return f"gate = acc_gate\nup = acc_up\nglu = ({ACTIVATIONS[activation]}) * up"
-    alpha, limit = clamped
-    return (f"gate = tl.minimum(acc_gate, {limit!r})\n"
-            f"up = tl.minimum(tl.maximum(acc_up, {-limit!r}), {limit!r})\n"
-            + (f"glu = ({ACTIVATIONS['silu']}) * up" if alpha is None else
+    form, alpha, limit = clamped
+    up = f"up = tl.minimum(tl.maximum(acc_up, {-limit!r}), {limit!r})\n"
+    if form == "silu_out":  # the SiLU's output clamped, not its input
+        return f"gate = acc_gate\n{up}glu = tl.minimum({ACTIVATIONS['silu']}, {limit!r}) * up"
+    return (f"gate = tl.minimum(acc_gate, {limit!r})\n" + up
+            + (f"glu = ({ACTIVATIONS['silu']}) * up" if form == "silu" else
                f"glu = (up + 1.0) * (gate * tl.sigmoid({alpha!r} * gate))"))
 
 TEMPLATE = KernelTemplate(
