@@ -1125,6 +1125,10 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
         node = next(iter(node.users))
         views.append(node)
     add = next(iter(node.users)) if len(node.users) == 1 else None
+    if (add is not None and add.target == aten.mul.Tensor and any(isinstance(a, (int, float)) for a in add.args)
+            and len(add.users) == 1 and next(iter(add.users)).target == aten.add.Tensor):
+        return ("the routed output is scaled by a constant before a value is added to it (Step-3.7's routed "
+                "scaling): a shared MLP there is not looked for, and stays with Inductor")
     if add is None or add.target != aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
         return None
     other = add.args[1] if add.args[0] is node else add.args[0]

@@ -262,6 +262,7 @@ def test_step3p7_experts_loop_is_traced_and_its_clamp_after_the_silu_is_told_apa
     moes = sorted((m for m in report.matches if m.family == "moe"), key=lambda m: m.module)
     assert [m.params["activation"] for m in moes] == ["silu_out_clamped(limit=7.0)", "silu"], str(report)
     assert all(m.params["routing"] == "kernel: sigmoid, score-correction bias, top-2, renormalized" for m in moes)
+    assert all("routed scaling" in m.params["shared_experts"] for m in moes), str(report)  # (not fused: says so)
     assert not [d for d in report.declined if d.family == "moe"], str(report)
 
 
