@@ -4,13 +4,17 @@ A generated file is keyed by a hash of (template source, specialization, deepfus
 new template or a new Triton never reuses a stale file. Its first line records the sha256 of the rest of
 the file; a file whose body no longer matches (truncated, edited, corrupted) or that fails to import is
 regenerated. Writes are atomic (a temp file, then ``os.replace``), so concurrent compilers never see a
-half-written kernel.
+half-written kernel. A module is executed from the text this process wrote or verified, and that text is what
+``inspect`` reads for it (Triton's ``@jit`` and Inductor take the kernels' source from there): another process
+replacing the file meanwhile (the same kernel, another "First generated for" header) cannot hand it lines of the
+other file.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import json
+import linecache
 import os
 import string
 import sys
@@ -139,15 +143,15 @@ def generate(
 
             progress(f"generating kernel {path.name}")
             body = _header(header, template.name, spec) + template.render(slots)
-            _atomic_write(path, _DIGEST_PREFIX + _sha(body) + "\n" + body)
+            _atomic_write(path, _file_text(body))
             progress("")
         try:
-            module = _import(path, template.name, key)
+            module = _import(path, template.name, key, _file_text(body))
         except Exception as first:  # a file that hashes right but does not import: rebuild it once
             log.warning("kernel file %s failed to import (%s); regenerating", path, first)
             body = _header(header, template.name, spec) + template.render(slots)
-            _atomic_write(path, _DIGEST_PREFIX + _sha(body) + "\n" + body)
-            module = _import(path, template.name, key)
+            _atomic_write(path, _file_text(body))
+            module = _import(path, template.name, key, _file_text(body))
         _loaded[str(path)] = module
         return GeneratedKernel(path, module, key)
 
@@ -189,13 +193,23 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def _import(path: Path, name: str, key: str) -> ModuleType:
+def _file_text(body: str) -> str:
+    """A kernel file's whole text: its digest line, then ``body``."""
+    return _DIGEST_PREFIX + _sha(body) + "\n" + body
+
+
+def _import(path: Path, name: str, key: str, text: str) -> ModuleType:
+    """The module of ``text`` (``path``'s contents as this process wrote or verified them), executed from that text
+    and not from a second read of the file, with ``linecache`` holding it for ``inspect``."""
     modname = f"deepfuse_generated.{name}_{key}"
     spec = importlib.util.spec_from_file_location(modname, path)
     module = importlib.util.module_from_spec(spec)
+    code = compile(text, str(path), "exec")
+    # no modification time: linecache.checkcache keeps the entry whatever happens to the file
+    linecache.cache[str(path)] = (len(text), None, text.splitlines(True), str(path))
     sys.modules[modname] = module
     try:
-        spec.loader.exec_module(module)
+        exec(code, module.__dict__)
     except BaseException:
         sys.modules.pop(modname, None)
         raise

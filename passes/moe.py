@@ -675,13 +675,13 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
                         "after a graph break): the experts region has no single output to replace")
             return _graph_break_reason()
         return "no [tokens, hidden] value that every path from the router passes through"
-    found = _region_to(graph, topk, ids, t, k, down, out)
+    found = _ids_within_experts(topk, _region_to(graph, topk, ids, t, k, down, out))
     if isinstance(found, str):
         # Experts over a latent (Nemotron-3-Super's: x projected to a narrower width before them, their sum
         # projected back after): the region to the first [tokens, width] value the router's paths all pass
         # through at another width, when that one takes in experts the check can then run.
         for latent in _post_dominators(graph, topk, down, t, exclude=hidden):
-            at_latent = _region_to(graph, topk, ids, t, k, down, latent)
+            at_latent = _ids_within_experts(topk, _region_to(graph, topk, ids, t, k, down, latent))
             if not isinstance(at_latent, str) and hint(value(at_latent[1]["x"]).shape[1]) == hint(
                     value(latent).shape[1]):
                 return at_latent
@@ -693,9 +693,26 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
         for earlier in sorted(down, key=order.__getitem__):
             if order[earlier] >= order[out] or not _is(earlier, (t, hidden), floating=True):
                 continue
-            at_earlier = _region_to(graph, topk, ids, t, k, down, earlier)
+            region = _region_to(graph, topk, ids, t, k, down, earlier)
+            at_earlier = _ids_within_experts(topk, region)
             if not isinstance(at_earlier, str):
                 return at_earlier
+            if not isinstance(region, str):  # experts there, but not to be fused: that reason, not the first one
+                return at_earlier
+    return found
+
+
+def _ids_within_experts(topk: fx.Node, found):
+    """``found`` (a region, or why none), unless the router's top-k chooses among more ids than the region has
+    experts: the kernels index the experts' weights by those ids, and the check by running draws ids below the
+    expert count only, so ids past it (LongCat-Flash's zero-computation experts, which return their input) would
+    read past the weights instead of computing what the graph does."""
+    if isinstance(found, str) or topk.target != aten.topk.default:  # (a hash router's ids come from its table)
+        return found
+    choices, experts = hint(value(topk.args[0]).shape[-1]), hint(value(found[1]["mats"][0]).shape[0])
+    if choices > experts:
+        return (f"the router chooses among {choices} ids, more than the {experts} experts the region reads (experts "
+                "that compute nothing, returning their input?)")
     return found
 
 
@@ -1125,10 +1142,6 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
         node = next(iter(node.users))
         views.append(node)
     add = next(iter(node.users)) if len(node.users) == 1 else None
-    if (add is not None and add.target == aten.mul.Tensor and any(isinstance(a, (int, float)) for a in add.args)
-            and len(add.users) == 1 and next(iter(add.users)).target == aten.add.Tensor):
-        return ("the routed output is scaled by a constant before a value is added to it (Step-3.7's routed "
-                "scaling): a shared MLP there is not looked for, and stays with Inductor")
     if add is None or add.target != aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
         return None
     other = add.args[1] if add.args[0] is node else add.args[0]

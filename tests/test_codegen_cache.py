@@ -90,3 +90,32 @@ def scale(X, Y, N, BLOCK: tl.constexpr):
     y = torch.full_like(x, float("nan"))
     gen.function("scale", interpret=True)[(2,)](x, y, 100, BLOCK=64)
     torch.testing.assert_close(y, x * 3.0)
+
+
+def test_a_kernel_file_replaced_meanwhile_does_not_change_the_source_imported():
+    """Two compilers generating one kernel at once write the same body under different "First generated for"
+    headers; one's file may replace the other's between its write and its import. The module runs the text this
+    process wrote, and that text is the source ``inspect`` (so Triton's ``@jit`` and Inductor) reads for it: read
+    from the replaced file, a kernel's lines were taken at the other header's offsets (an unterminated string
+    where a docstring was cut, seen in the parallel suite)."""
+    import inspect
+
+    t = KernelTemplate("replaced_kernel", '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def copy_kernel(X, Y, BLOCK: tl.constexpr):
+    """Y = X, ${what}."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs))
+''')
+    mine = codegen._header("mine", t.name, {}) + t.render({"what": "a block"})
+    theirs = codegen._header("theirs\nover\nfour\nlines", t.name, {}) + t.render({"what": "a block"})
+    path = codegen.cache_dir() / "kernels" / "replaced_kernel_test.py"
+    codegen._atomic_write(path, codegen._file_text(theirs))  # the other compiler's file is on disk
+    module = codegen._import(path, t.name, "test", codegen._file_text(mine))
+    src = inspect.getsource(module.copy_kernel.fn)
+    assert src.startswith("@triton.jit\ndef copy_kernel(") and '"""Y = X, a block."""' in src
+    compile(src, "src", "exec")

@@ -333,7 +333,9 @@ def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="ra
     assert rel_err(out, want) < tol
     exact = moe.reference(x.double(), ids, weights.double(), wgu.double(), wd.double(),
                           shared=None if sh is None else tuple(w.double() for w in sh))
-    assert rel_err(out, exact) < 0.15  # two e4m3 roundings of each operand pair: a few percent
+    # two e4m3 roundings of each operand pair: a few percent; with outliers the tiles they share lose most of
+    # their other values' precision (0.20 seen once in fp16 with the intermediate quantized too, PREQUANT)
+    assert rel_err(out, exact) < (0.3 if outliers else 0.15)
 
 
 FP8_CASES = [  # (tokens, hidden, inter, experts, k)

@@ -262,7 +262,6 @@ def test_step3p7_experts_loop_is_traced_and_its_clamp_after_the_silu_is_told_apa
     moes = sorted((m for m in report.matches if m.family == "moe"), key=lambda m: m.module)
     assert [m.params["activation"] for m in moes] == ["silu_out_clamped(limit=7.0)", "silu"], str(report)
     assert all(m.params["routing"] == "kernel: sigmoid, score-correction bias, top-2, renormalized" for m in moes)
-    assert all("routed scaling" in m.params["shared_experts"] for m in moes), str(report)  # (not fused: says so)
     assert not [d for d in report.declined if d.family == "moe"], str(report)
 
 
@@ -475,6 +474,34 @@ def test_router_logits_from_outside_the_graph_are_declined_saying_so():
     report = deepfuse.explain(model, torch.randn(5, 32), torch.randn(5, 4))
     assert not [m for m in report.matches if m.family == "moe"], str(report)
     assert any("logits are an input of this graph" in d.reason for d in report.declined), str(report)
+
+
+class ZeroComputationExperts(StackedExperts):
+    """LongCat-Flash's idea written traceably: the router chooses among E + Z ids, and the last Z experts compute
+    nothing (their weight times the input). The routed part gathers the clamped ids with the zero experts' weights
+    masked to 0, so a region ending at the routed sum computes the canonical MoE for every id the check draws
+    (below E), and reads past the weights for the ids the router does choose (E and up)."""
+
+    def __init__(self, e=4, zero=2, h=32, i=16, k=2):
+        super().__init__(e, h, i, k)
+        self.router = torch.nn.Linear(h, e + zero, bias=False)
+        self.e = e
+
+    def forward(self, x):
+        weights, ids = self.router(x).softmax(-1).topk(self.k, dim=-1)
+        real = ids < self.e
+        routed = gathered_experts(x, ids.clamp(max=self.e - 1), weights * real, self.w1, self.w2, F.silu)
+        return routed + (weights * ~real).sum(-1, keepdim=True) * x
+
+
+def test_a_router_choosing_among_more_ids_than_experts_is_declined():
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = ZeroComputationExperts().eval()
+    x = torch.randn(64, 32)
+    assert (model.router(x).topk(2, dim=-1).indices >= 4).any()  # some tokens choose a zero-computation expert
+    report = _compile_check(model, (x,), 1e-5, interpret=True)
+    assert not [m for m in report.matches if m.family == "moe"], str(report)
+    assert any("chooses among 6 ids, more than the 4 experts" in d.reason for d in report.declined), str(report)
 
 
 def test_a_router_choosing_before_its_tokens_are_flattened():
