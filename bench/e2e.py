@@ -361,11 +361,21 @@ def bench_hf(args, cfg, bandwidth, figures, prefill_floor, rows):
                 prefill_floor)
 
 
-def chart(rows, path):
+def chart(rows, path, args):
     cases = list(dict.fromkeys((r["what"], r["batch"]) for r in rows))
     floor_chart(rows, {c: (f"{c[0]} B={c[1]}" if c[0].startswith("decode") else c[0]) for c in cases},
                 lambda r: (r["what"], r["batch"]), "time / physical floor (log; lower is better)",
-                f"DeepSeek-V2-Lite end to end, bf16 ({torch.cuda.get_device_name()})", path)
+                f"DeepSeek-V2-Lite end to end, bf16{_quantized(args)} ({torch.cuda.get_device_name()})", path)
+
+
+def _quantized(args) -> str:
+    """How deepfuse's model differs from the bf16 one the others run, for the chart's title."""
+    if args.fp8:
+        return "; V3's FP8 format"
+    if not args.quantize:
+        return ""
+    skip = [p for p in args.quantize_skip.split(",") if p]
+    return f"; deepfuse {args.quantize}" + (f" but {', '.join(skip)}" if skip else "")
 
 
 def main():
@@ -434,7 +444,7 @@ def main():
     env = dict(environment(), hbm_copy_tbps=bandwidth / 1e12, bf16_matmul_tflops=peak / 1e12, layers=args.layers)
     with open(os.path.join(args.out, "e2e_results.json"), "w") as f:
         json.dump({"environment": env, "notes": notes, "results": rows}, f, indent=1)
-    chart(rows, os.path.join(args.out, "e2e.png"))
+    chart(rows, os.path.join(args.out, "e2e.png"), args)
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  "
           f"HBM {env['hbm_copy_tbps']:.2f} TB/s  bf16 {env['bf16_matmul_tflops']:.0f} TFLOP/s  {json.dumps(notes)}")
 
