@@ -172,6 +172,13 @@ UNSEEN = {
                           expert_ffn_hidden_size=32, num_layers=1, num_key_value_heads=4, kv_lora_rank=32,
                           q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, head_dim=8), None,
                      None),
+    # Qwen3-Omni's thinker (its text model alone)
+    "Qwen3OmniMoeText": (dict(num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+                         "softmax, top-2, renormalized", None),
+    # GPT-OSS's clamped SwiGLU over gate and up halves (not interleaved), a sigmoid router with a bias
+    "MiniMaxM3VLText": (dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=32, index_head_dim=16,
+                             index_n_heads=2, layer_types=["full_attention"] * 2),
+                        "sigmoid, score-correction bias, top-2, renormalized", None),
     # a token classifier (no causal mask): GPT-OSS's clamped SwiGLU over [E, H, 2I] gate and up halves with biases,
     # a biased router whose top-k logits are softmaxed, then divided by k
     "OpenAIPrivacyFilter": (dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, pad_token_id=0),
@@ -179,8 +186,10 @@ UNSEEN = {
 }
 ACTIVATION = {"GptOss": "swiglu_clamped(alpha=1.702, limit=7.0)", "NemotronH": "relu2", "Gemma4Text": "gelu_tanh",
               "OpenAIPrivacyFilter": "swiglu_clamped(alpha=1.702, limit=7.0)",
-              "HYV4": "silu_clamped(limit=10.0)"}  # silu otherwise
-MODEL_CLASS = {"OpenAIPrivacyFilter": "OpenAIPrivacyFilterForTokenClassification"}  # ...ForCausalLM otherwise
+              "HYV4": "silu_clamped(limit=10.0)",
+              "MiniMaxM3VLText": "swiglu_clamped(alpha=1.702, limit=7.0)"}  # silu otherwise
+MODEL_CLASS = {"OpenAIPrivacyFilter": "OpenAIPrivacyFilterForTokenClassification",  # ...ForCausalLM otherwise
+               "Qwen3OmniMoeText": "Qwen3OmniMoeThinkerTextModel", "MiniMaxM3VLText": "MiniMaxM3VLTextModel"}
 
 
 def _randomize_zeros(model) -> None:
@@ -257,8 +266,7 @@ def test_step3p7_experts_loop_is_traced_and_its_clamp_after_the_silu_is_told_apa
                                          sliding_window=64, mlp_layer_types=["sparse"] * 2,
                                          layer_types=["full_attention"] * 2, swiglu_limits=[7.0, 0.0])
     model = transformers.Step3p7TextModel(cfg).eval()
-    report = _compile_check(lambda ids: model(ids).last_hidden_state, (torch.randint(0, 256, (1, 7)),), 1e-4,
-                            interpret=True)
+    report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
     moes = sorted((m for m in report.matches if m.family == "moe"), key=lambda m: m.module)
     assert [m.params["activation"] for m in moes] == ["silu_out_clamped(limit=7.0)", "silu"], str(report)
     assert all(m.params["routing"] == "kernel: sigmoid, score-correction bias, top-2, renormalized" for m in moes)
