@@ -347,6 +347,7 @@ class MoEPass:
 
             def via_kernel(x_, ids_, w_, a, b, g, u, d, like, scale=None):  # like: a value of the sum's shape
                 a, b, g, u, d = canonical(a, b, g, u, d)
+                w_ = _routed_scaled(w_, shared)
                 y = kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
                                        shared=(g, u, d), shared_scale=None if scale is None else scale.reshape(-1),
                                        gated=gated)
@@ -354,6 +355,7 @@ class MoEPass:
 
             def via_op(x_, ids_, w_, a, b, g, u, d, like, scale=None):
                 a, b, g, u, d = canonical(a, b, g, u, d)
+                w_ = _routed_scaled(w_, shared)
                 y = torch.ops.deepfuse.moe_experts(x_, ids_, w_, a, b, act, out_dtype, impl, params["deterministic"],
                                                    g, u, d, None if scale is None else scale.reshape(-1),
                                                    **({} if gated else {"gated": False}))
@@ -440,6 +442,7 @@ class MoEPass:
         def via_kernel(x_, ids_, w_, q1_, s1_, q2_, s2_, *rest):
             a, sa, b, sb = canonical(q1_, s1_, q2_, s2_)
             sh, sh_scales, like, factor = shared_parts(rest)
+            w_ = _routed_scaled(w_, shared)
             y = kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
                                    weight_scales=(sa, sb), act_quant=act_quant, shared=sh, shared_scales=sh_scales,
                                    shared_scale=factor).to(out_dtype)
@@ -448,6 +451,7 @@ class MoEPass:
         def via_op(x_, ids_, w_, q1_, s1_, q2_, s2_, *rest):
             a, sa, b, sb = canonical(q1_, s1_, q2_, s2_)
             sh, sh_scales, like, factor = shared_parts(rest)
+            w_ = _routed_scaled(w_, shared)
             y = torch.ops.deepfuse.moe_experts(x_, ids_, w_, a, b, act, out_dtype, impl, params["deterministic"],
                                                *(sh or (None,) * 3), factor, sa, sb, act_quant,
                                                *(sh_scales or (None,) * 3))
@@ -1056,11 +1060,12 @@ def _clamped_activations(region) -> list[str]:
     return names
 
 
-def _check_scale(nodes) -> float:
-    """How much the checks scale their random hidden states: past the largest clamp limit among ``nodes`` for a
-    fair share of the values (a clamp that never bites would pass for no clamp), else 1."""
-    limits = _clamp_limits(nodes)
-    return max(1.0, 0.75 * limits[-1]) if limits else 1.0
+def _check_scale(nodes, activation: str = "") -> float:
+    """How much the checks scale their random hidden states: past the largest clamp limit among ``nodes``, and the
+    ``activation``'s they are checked against, for a fair share of the values (a clamp that never bites would pass
+    for no clamp, and an MLP that clamps nothing for one that does), else 1."""
+    limits = _clamp_limits(nodes) + ([kernel.clamp_limit(activation)] if kernel.clamp_limit(activation) else [])
+    return max(1.0, 0.75 * max(limits)) if limits else 1.0
 
 
 # How routing weights that scale the experts' input reach it: as they are, or through a sigmoid (Llama 4 scatters
@@ -1142,6 +1147,16 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
         node = next(iter(node.users))
         views.append(node)
     add = next(iter(node.users)) if len(node.users) == 1 else None
+    # the routed sum scaled by a constant before the shared MLP joins it (Step-3.7's routed scaling factor): the
+    # fused launch scales the routed slots' weights by it
+    routed_scale = None
+    if (add is not None and add.target == aten.mul.Tensor and len(add.args) == 2 and not add.kwargs
+            and len(add.users) == 1 and node in add.args):
+        constant = add.args[1] if add.args[0] is node else add.args[0]
+        if isinstance(constant, (int, float)) and not isinstance(constant, bool):
+            routed_scale, node = float(constant), add
+            views.append(add)
+            add = next(iter(add.users))
     if add is None or add.target != aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
         return None
     other = add.args[1] if add.args[0] is node else add.args[0]
@@ -1216,10 +1231,17 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
                            gated="ungated" not in params)
     if isinstance(roles, str):
         return roles
-    roles.update(region=views + shared + [add], out=add, like=like, scale=scale)
+    roles.update(region=views + shared + [add], out=add, like=like, scale=scale, routed_scale=routed_scale)
     if fp8_scales is not None:
         roles["scales"] = {role: fp8_scales[roles[role]] for role in ("gate", "up", "down")}
     return roles
+
+
+def _routed_scaled(weights: torch.Tensor, shared: Optional[dict]) -> torch.Tensor:
+    """The routing weights times the constant the graph scales the routed sum by before the shared MLP joins it
+    (``shared["routed_scale"]``), in the fused launch's replacement: the shared slots keep theirs."""
+    scale = shared.get("routed_scale") if shared else None
+    return weights if scale is None else weights * scale
 
 
 def _gated(other: fx.Node, routed) -> tuple[fx.Node, Optional[fx.Node]]:
@@ -1305,7 +1327,7 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
     with unset_fake_temporarily(), torch.no_grad():
         gen = torch.Generator(device="cpu").manual_seed(99)
         rows = max(hint(xv.shape[0]), 1)
-        x = (torch.randn(rows, hidden, generator=gen) * _check_scale(shared)).to(device, dtype)
+        x = (torch.randn(rows, hidden, generator=gen) * _check_scale(shared, activation)).to(device, dtype)
         real = {m: (torch.randn(shapes[m], generator=gen) / hidden ** 0.5).to(device, dtype) for m in mats}
         stored, real_scales = dict(real), []  # what the region reads: the draws, or their FP8 blocks and scales
         if fp8:  # the check multiplies by what the FP8 blocks dequantize to
@@ -1361,7 +1383,7 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    drawn = _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, 98)
+    drawn = _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, 98, activation)
     if isinstance(drawn, str):
         return drawn
     module, x, extra, gen, acc, tol = drawn
@@ -1394,7 +1416,7 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
     return "the value added to the experts is not a gated MLP with the experts' activation (checked on random inputs)"
 
 
-def _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, seed):
+def _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, seed, activation):
     """What the checks of a two-matrix shared MLP run: (the region as a module, random hidden states [rows, hidden],
     the per-token factor as the region reads it, in a list, if ``scale``; the generator that drew them, for the
     weights; the reference's dtype and the tolerance), or why the region cannot be run."""
@@ -1407,7 +1429,7 @@ def _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, seed):
     with unset_fake_temporarily(), torch.no_grad():
         gen = torch.Generator(device="cpu").manual_seed(seed)
         rows = max(hint(xv.shape[0]), 1)
-        x = (torch.randn(rows, hidden, generator=gen) * _check_scale(shared)).to(xv.device, xv.dtype)
+        x = (torch.randn(rows, hidden, generator=gen) * _check_scale(shared, activation)).to(xv.device, xv.dtype)
         factor = torch.rand(rows, 1, generator=gen) + 0.5  # away from 1, so an ignored factor shows
         extra = [] if scale is None else [factor.to(xv.device, value(scale).dtype).view(
             tuple(hint(d) for d in value(scale).shape))]
@@ -1424,7 +1446,7 @@ def _verify_ungated_shared(shared, out, inp, mats, shapes, hidden, inter, activa
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    drawn = _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, 97)
+    drawn = _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, 97, activation)
     if isinstance(drawn, str):
         return drawn
     module, x, extra, gen, acc, tol = drawn

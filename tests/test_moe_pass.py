@@ -163,9 +163,11 @@ UNSEEN = {
                   "fused: 1 always-chosen experts of 32, weighted per token by sigmoid"),
     "HYV3": (dict(num_experts=8, num_experts_per_tok=2), "sigmoid, score-correction bias, top-2, renormalized, x 2.826",
              "fused: 1 always-chosen experts of 32"),
-    # SiLU clamped at 10 in its experts, and a sparse attention whose indexer's top-k is no router's
+    # SiLU clamped at 10 in its experts but not in its shared MLP (which stays apart: checked past the limit, it is
+    # no clamped unit), and a sparse attention whose indexer's top-k is no router's
     "HYV4": (dict(n_routed_experts=8, num_experts_per_tok=2, pad_token_id=0),
-             "sigmoid, score-correction bias, top-2, renormalized, x 2.827", "fused: 1 always-chosen experts of 32"),
+             "sigmoid, score-correction bias, top-2, renormalized, x 2.827",
+             "with Inductor (the value added to the experts is not a gated MLP with the experts' activation"),
     # its own experts loop (an .item() per expert, zero-computation experts that return their input): declined,
     # with the reason that no setting makes it trace
     "LongcatFlash": (dict(n_routed_experts=8, moe_topk=2, zero_expert_num=2, ffn_hidden_size=96,
@@ -175,10 +177,11 @@ UNSEEN = {
     # Qwen3-Omni's thinker (its text model alone)
     "Qwen3OmniMoeText": (dict(num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
                          "softmax, top-2, renormalized", None),
-    # GPT-OSS's clamped SwiGLU over gate and up halves (not interleaved), a sigmoid router with a bias
-    "MiniMaxM3VLText": (dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=32, index_head_dim=16,
-                             index_n_heads=2, layer_types=["full_attention"] * 2),
-                        "sigmoid, score-correction bias, top-2, renormalized", None),
+    # GPT-OSS's clamped SwiGLU over gate and up halves (not interleaved), a sigmoid router with a bias, the routed
+    # sum scaled before its shared MLP (gate and up one matmul) joins it
+    "MiniMaxM3VLText": (dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=96, index_head_dim=16,
+                             index_n_heads=2, layer_types=["full_attention"] * 2, routed_scaling_factor=2.0),
+                        "sigmoid, score-correction bias, top-2, renormalized", "fused: 1 always-chosen experts of 96"),
     # a token classifier (no causal mask): GPT-OSS's clamped SwiGLU over [E, H, 2I] gate and up halves with biases,
     # a biased router whose top-k logits are softmaxed, then divided by k
     "OpenAIPrivacyFilter": (dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, pad_token_id=0),
@@ -258,18 +261,24 @@ def test_step3p7_experts_loop_is_traced_and_its_clamp_after_the_silu_is_told_apa
     the interface, so Dynamo broke the graph in the loop; deepfuse runs transformers' traceable form of it while
     compiling (``canonical.HF_EXPERTS_WITHOUT_INTERFACE``). Its unit clamps the SiLU's output where DeepSeek-V4's
     clamps the gate before it (at most 0.0064 apart at a limit of 7, less than the pass's check tells apart): the
-    graph decides which. A limit of 0 (none) writes a clamp at infinity: plain SiLU."""
+    graph decides which. A limit of 0 (none) writes a clamp at infinity: plain SiLU. Its shared MLP joins the
+    routed sum after that is scaled by a constant: the fused launch scales the routed slots' weights instead."""
     if not hasattr(transformers, "Step3p7TextConfig"):
         pytest.skip("this transformers has no Step3p7")
     cfg = transformers.Step3p7TextConfig(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16},
                                          n_routed_experts=8, num_experts_per_tok=2, share_expert_dim=32,
                                          sliding_window=64, mlp_layer_types=["sparse"] * 2,
-                                         layer_types=["full_attention"] * 2, swiglu_limits=[7.0, 0.0])
+                                         layer_types=["full_attention"] * 2, swiglu_limits=[7.0, 0.0],
+                                         moe_router_scaling_factor=2.5)
     model = transformers.Step3p7TextModel(cfg).eval()
     report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
     moes = sorted((m for m in report.matches if m.family == "moe"), key=lambda m: m.module)
     assert [m.params["activation"] for m in moes] == ["silu_out_clamped(limit=7.0)", "silu"], str(report)
     assert all(m.params["routing"] == "kernel: sigmoid, score-correction bias, top-2, renormalized" for m in moes)
+    # the shared MLP after the routed sum's scaling (2.5) joins the launches where its activation is the experts'
+    # (the second layer's); the first layer's shared MLP clamps nothing, checked past the experts' limit
+    assert [m.params["shared_experts"][:27] for m in moes] == ["with Inductor (the value ad",
+                                                                "fused: 1 always-chosen expe"], str(report)
     assert not [d for d in report.declined if d.family == "moe"], str(report)
 
 

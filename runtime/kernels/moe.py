@@ -86,6 +86,12 @@ def _clamped(activation: str) -> Optional[tuple[str, Optional[float], float]]:
     return m.group(1), (None if m.group(2) is None else float(m.group(2))), float(m.group(3))
 
 
+def clamp_limit(activation: str) -> Optional[float]:
+    """The limit a clamped unit clamps at, or None for an unclamped activation."""
+    clamped = _clamped(activation)
+    return None if clamped is None else clamped[2]
+
+
 def check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS and _clamped(activation) is None:
         raise ValueError(f"moe: unsupported activation {activation!r}; supported: {', '.join(ACTIVATIONS)}, "
