@@ -1177,6 +1177,9 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
     if any("softmax" in str(n.target) or "scaled_dot_product" in str(n.target) for n in shared):
         return None  # an attention (Cohere's parallel block adds the MoE's output to it): no shared MLP here
     mms = [n for n in shared if n.target in (aten.mm.default, aten.addmm.default)]
+    if any(n.target in (aten.bmm.default, aten.baddbmm.default) for n in shared):
+        return ("the value added to the experts multiplies stacked weights (batched matmuls: shared experts stored "
+                "[S, I, H], each weighted per token, Inkling's?), which do not join the launches yet")
     if len(mms) not in (2, 3):  # 2: gate and up as one matmul whose output is halved (Granite's input_linear)
         return None if not mms else (f"the value added to the experts holds {len(mms)} matmuls, not a gated MLP's "
                                      "3 (or 2, gate and up in one)")

@@ -251,7 +251,8 @@ def test_inkling_routed_experts_are_fused_beside_its_stacked_shared_experts():
     for m in moes:
         assert (m.params["experts"], m.params["top_k"], m.params["activation"]) == (8, 4, "silu"), m.params
         assert m.params["routing"].startswith("top-k kernel (the router reads"), m.params
-        assert m.params["shared_experts"].startswith("with Inductor"), m.params
+        assert m.params["shared_experts"].startswith("with Inductor (the value added to the experts multiplies "
+                                                     "stacked weights"), m.params
     declined = [d.reason for d in report.declined if d.family == "moe"]
     assert declined and all("Inkling's stacked shared experts" in r for r in declined), declined
 
