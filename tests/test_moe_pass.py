@@ -283,6 +283,32 @@ def test_step3p7_experts_loop_is_traced_and_its_clamp_after_the_silu_is_told_apa
     assert not [d for d in report.declined if d.family == "moe"], str(report)
 
 
+def test_fp8_experts_join_a_shared_mlp_past_a_routed_scaling():
+    """Step-3.7 quantized while compiling (fp8-block): its FP8 experts and FP8 shared MLP in one pair of launches
+    though the routed sum is scaled (by 2.5) before the shared MLP joins it; equal to the same quantized model with
+    no pattern pass (interpreter, fp32)."""
+    if not hasattr(transformers, "Step3p7TextConfig"):
+        pytest.skip("this transformers has no Step3p7")
+    cfg = transformers.Step3p7TextConfig(**{**HF_COMMON, "hidden_size": 128, "num_key_value_heads": 2,
+                                            "head_dim": 32, "moe_intermediate_size": 128},
+                                         n_routed_experts=4, num_experts_per_tok=2, share_expert_dim=128,
+                                         sliding_window=64, mlp_layer_types=["sparse"] * 2,
+                                         layer_types=["full_attention"] * 2, moe_router_scaling_factor=2.5)
+    model = transformers.Step3p7TextModel(cfg).eval()
+    ids = torch.randint(0, 256, (1, 7))
+    outs, report = [], deepfuse.Report()
+    with torch.no_grad():
+        for options in ({"interpret": True}, {"passes": ()}):
+            torch._dynamo.reset()
+            with deepfuse.collect(report):
+                compiled = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block", **options})
+                outs.append(compiled(ids).last_hidden_state)
+    moes = [m for m in report.matches if m.family == "moe"]
+    assert len(moes) == 2 and all("W8A8" in str(m.params.get("expert_weights")) for m in moes), str(report)
+    assert all(m.params["shared_experts"] == "fused: 1 always-chosen FP8 experts of 128" for m in moes), str(report)
+    assert rel_err(outs[0], outs[1]) < 1e-5
+
+
 def _bf16_against_float64(model, kind, ids):
     """``model`` (grouped_mm experts: torch._grouped_mm takes bf16 only) compiled in bf16, against the same
     weights in float64 (batched_mm experts), token by token: within twice eager bf16's error or 3e-2. One token of
