@@ -57,6 +57,20 @@ def compile_and_compare(model, inputs, tol, **options):
     return report
 
 
+def fused_and_unfused_fp8(model, run, report):
+    """``run(compiled)`` for ``model`` compiled with ``quantize="fp8-block"`` twice: through the generated kernels
+    (interpreter) and with no pattern pass (Inductor's dequantize-then-matmul forms), in that order; ``report``
+    collects both compiles."""
+    outs = []
+    with torch.no_grad():
+        for options in ({"interpret": True}, {"passes": ()}):
+            torch._dynamo.reset()
+            with deepfuse.collect(report):
+                outs.append(run(torch.compile(model, backend="deepfuse",
+                                              options={"quantize": "fp8-block", **options})))
+    return outs
+
+
 def _fp64_logits(model, ids):
     """(eager logits, the same bundled model's in float64), on the GPU."""
     from deepfuse.models import DeepSeekForCausalLM

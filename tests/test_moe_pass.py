@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import deepfuse
 from deepfuse.models import DeepSeekForCausalLM, get_config
-from conftest import compile_and_compare as _compile_check, gathered_experts, rel_err
+from conftest import compile_and_compare as _compile_check, fused_and_unfused_fp8, gathered_experts, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -296,13 +296,8 @@ def test_fp8_experts_join_a_shared_mlp_past_a_routed_scaling():
                                          layer_types=["full_attention"] * 2, moe_router_scaling_factor=2.5)
     model = transformers.Step3p7TextModel(cfg).eval()
     ids = torch.randint(0, 256, (1, 7))
-    outs, report = [], deepfuse.Report()
-    with torch.no_grad():
-        for options in ({"interpret": True}, {"passes": ()}):
-            torch._dynamo.reset()
-            with deepfuse.collect(report):
-                compiled = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block", **options})
-                outs.append(compiled(ids).last_hidden_state)
+    report = deepfuse.Report()
+    outs = fused_and_unfused_fp8(model, lambda compiled: compiled(ids).last_hidden_state, report)
     moes = [m for m in report.matches if m.family == "moe"]
     assert len(moes) == 2 and all("W8A8" in str(m.params.get("expert_weights")) for m in moes), str(report)
     assert all(m.params["shared_experts"] == "fused: 1 always-chosen FP8 experts of 128" for m in moes), str(report)

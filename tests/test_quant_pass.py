@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import deepfuse
-from conftest import rel_err
+from conftest import fused_and_unfused_fp8, rel_err
 from deepfuse.models import DeepSeekForCausalLM, get_config
 from deepfuse.runtime.kernels import quant
 
@@ -558,14 +558,10 @@ def test_fp8_model_greedy_equals_its_unfused_quantized_graph():
     cfg = get_config("tiny")
     model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
     prompt = torch.randint(0, cfg.vocab_size, (1, 7))
-    outs, report = [], deepfuse.Report()
-    with torch.no_grad():
-        for options in ({"interpret": True}, {"passes": ()}):
-            torch._dynamo.reset()
-            with deepfuse.collect(report):
-                compiled = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block", **options})
-                logits = compiled(prompt, 0, model.new_cache(1, 8))
-                outs.append((logits, generate(model, prompt, 6, forward=compiled, static_cache=True)))
+    report = deepfuse.Report()
+    outs = fused_and_unfused_fp8(model, lambda compiled: (
+        compiled(prompt, 0, model.new_cache(1, 8)), generate(model, prompt, 6, forward=compiled, static_cache=True)),
+        report)
     families = {m.family for m in report.matches}
     assert {"quant", "moe", "mla"} <= families, str(report)
     experts = [str(m.params.get("expert_weights")) for m in report.matches if m.family == "moe"]
