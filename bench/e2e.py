@@ -206,16 +206,15 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                     families[m.family] = families.get(m.family, 0) + 1
                 print(f"deepfuse compile, decode batch {b}: {notes[f'deepfuse_compile_s_decode_b{b}']:.1f} s; "
                       f"matches so far {families}, declined {[d.reason for d in report.declined]}", flush=True)
-                row("deepfuse", "decode", b, median_ms(lambda: step(tok, pos, cache), 30, warmup=3),
-                    decode_bytes(cfg, figures, b, ctx, cache.bytes_per_token_per_layer()) / bandwidth * 1e3)
+                floor_ms = decode_bytes(cfg, figures, b, ctx, cache.bytes_per_token_per_layer()) / bandwidth * 1e3
+                row("deepfuse", "decode", b, median_ms(lambda: step(tok, pos, cache), 30, warmup=3), floor_ms)
                 state = [tok]
 
                 def next_token():  # as generate() runs its steps: the argmax fed back, nothing synchronized
                     state[0] = step(state[0], pos, cache)[:, -1].argmax(dim=-1, keepdim=True)
 
                 loop = notes[f"deepfuse_decode_b{b}_loop"] = back_to_back(next_token)
-                row("deepfuse", "decode loop", b, loop["ms"],
-                    decode_bytes(cfg, figures, b, ctx, cache.bytes_per_token_per_layer()) / bandwidth * 1e3)
+                row("deepfuse", "decode loop", b, loop["ms"], floor_ms)
                 if args.profile:
                     profile(lambda: step(tok, pos, cache), os.path.join(args.out, f"profile_decode_b{b}.txt"))
             notes["deepfuse_matches"] = families

@@ -61,16 +61,20 @@ def _hf_fp8_linear_forward(original):
     return forward
 
 
-def _hf_experts_get_interface(original, moe):
-    def traceable_experts(self, hidden_states, top_k_index, top_k_weights):
-        same = moe.grouped_mm_experts_forward if hidden_states.dtype == torch.bfloat16 else \
-            moe.batched_mm_experts_forward
-        return same(self, hidden_states, top_k_index, top_k_weights)
+def _traceable_experts(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' traceable form of an experts module's forward: ``grouped_mm`` for bf16, ``batched_mm``
+    otherwise."""
+    from transformers.integrations import moe
 
+    same = moe.grouped_mm_experts_forward if hidden_states.dtype == torch.bfloat16 else moe.batched_mm_experts_forward
+    return same(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _hf_experts_get_interface(original):
     def get_interface(self, experts_implementation, default):
         if (experts_implementation in (None, "eager") and torch.compiler.is_compiling()
                 and compiling_with_deepfuse()):
-            return traceable_experts
+            return _traceable_experts
         return original(self, experts_implementation, default)
 
     get_interface.__wrapped__ = original
@@ -92,11 +96,7 @@ HF_EXPERTS_WITHOUT_INTERFACE = {
 def _hf_experts_shaped_forward(original):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if torch.compiler.is_compiling() and compiling_with_deepfuse():
-            from transformers.integrations import moe
-
-            same = moe.grouped_mm_experts_forward if hidden_states.dtype == torch.bfloat16 else \
-                moe.batched_mm_experts_forward
-            return same(self, hidden_states, top_k_index, top_k_weights)
+            return _traceable_experts(self, hidden_states, top_k_index, top_k_weights)
         return original(self, hidden_states, top_k_index, top_k_weights)
 
     forward.__wrapped__ = original
@@ -130,7 +130,7 @@ _PATCHES = {
     "transformers.integrations.finegrained_fp8": lambda m: setattr(
         m.FP8Linear, "forward", _hf_fp8_linear_forward(m.FP8Linear.forward)),
     "transformers.integrations.moe": lambda m: setattr(
-        m.ExpertsInterface, "get_interface", _hf_experts_get_interface(m.ExpertsInterface.get_interface, m)),
+        m.ExpertsInterface, "get_interface", _hf_experts_get_interface(m.ExpertsInterface.get_interface)),
     **{name: (lambda m, classes=classes: _patch_experts_classes(m, classes))
        for name, classes in HF_EXPERTS_WITHOUT_INTERFACE.items()},
 }

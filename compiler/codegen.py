@@ -133,25 +133,25 @@ def generate(
         cached = _loaded.get(str(path))
         if cached is not None:
             return GeneratedKernel(path, cached, key)
-        body = None
+        text = None
         if path.exists():
-            body = _verified_body(path)
-            if body is None:
+            text = _verified_text(path)
+            if text is None:
                 log.warning("regenerating corrupted or stale kernel file %s", path)
-        if body is None:
+        if text is None:
             from .progress import progress
 
             progress(f"generating kernel {path.name}")
-            body = _header(header, template.name, spec) + template.render(slots)
-            _atomic_write(path, _file_text(body))
+            text = _file_text(_header(header, template.name, spec) + template.render(slots))
+            _atomic_write(path, text)
             progress("")
         try:
-            module = _import(path, template.name, key, _file_text(body))
+            module = _import(path, template.name, key, text)
         except Exception as first:  # a file that hashes right but does not import: rebuild it once
             log.warning("kernel file %s failed to import (%s); regenerating", path, first)
-            body = _header(header, template.name, spec) + template.render(slots)
-            _atomic_write(path, _file_text(body))
-            module = _import(path, template.name, key, _file_text(body))
+            text = _file_text(_header(header, template.name, spec) + template.render(slots))
+            _atomic_write(path, text)
+            module = _import(path, template.name, key, text)
         _loaded[str(path)] = module
         return GeneratedKernel(path, module, key)
 
@@ -169,7 +169,8 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _verified_body(path: Path) -> Optional[str]:
+def _verified_text(path: Path) -> Optional[str]:
+    """The file's text if its digest line matches the rest, else None."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
@@ -177,7 +178,7 @@ def _verified_body(path: Path) -> Optional[str]:
     first, _, body = text.partition("\n")
     if not first.startswith(_DIGEST_PREFIX) or first[len(_DIGEST_PREFIX):] != _sha(body):
         return None
-    return body
+    return text
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1064,7 +1064,8 @@ def _check_scale(nodes, activation: str = "") -> float:
     """How much the checks scale their random hidden states: past the largest clamp limit among ``nodes``, and the
     ``activation``'s they are checked against, for a fair share of the values (a clamp that never bites would pass
     for no clamp, and an MLP that clamps nothing for one that does), else 1."""
-    limits = _clamp_limits(nodes) + ([kernel.clamp_limit(activation)] if kernel.clamp_limit(activation) else [])
+    limit = kernel.clamp_limit(activation)
+    limits = _clamp_limits(nodes) + ([limit] if limit is not None else [])
     return max(1.0, 0.75 * max(limits)) if limits else 1.0
 
 
