@@ -22,6 +22,14 @@ from deepfuse.runtime.kernels import rms_norm as kernel
 aten, prims = torch.ops.aten, torch.ops.prims
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HIDDEN = 65536  # the single-pass kernel keeps a whole row in registers
+# Writes into another tensor, by where the written values are among the arguments: a norm whose every result
+# ends up only there (a latent cache's write) is left to Inductor, which computes it inside that write's kernel.
+_WRITES = {
+    aten.index_put.default: 2, aten.index_put_.default: 2, aten.index_copy.default: 3, aten.index_copy_.default: 3,
+    aten.slice_scatter.default: 1, aten.select_scatter.default: 1, aten.copy_.default: 1, aten.copy.default: 1,
+}
+# What Inductor fuses on the way to such a write: the per-row amax of an FP8 cache's scale, besides pointwise ops.
+_ROW_REDUCTIONS = {aten.amax.default, aten.max.dim}
 
 
 def cast_dtype(n: fx.Node):
@@ -87,6 +95,35 @@ def rms_pattern(residual: bool) -> Pattern:
     return Pattern("rms_norm", nodes, outputs=("to_out_dtype",))
 
 
+def _only_stored(node: fx.Node) -> bool:
+    """Whether every use of ``node`` ends, through pointwise ops, views, casts and per-row maxima, as the values
+    of a write into another tensor (``_WRITES``): nothing downstream reads it in a matmul or a deepfuse op."""
+    todo, seen, stored = [node], {node}, False
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user.op != "call_function":
+                return False
+            at = _WRITES.get(user.target)
+            if at is not None:
+                if any(a is n for i, a in enumerate(user.args) if i != at):
+                    return False  # written into, or an index
+                stored = True
+                continue
+            fusable = isinstance(user.target, torch._ops.OpOverload) and (
+                torch.Tag.pointwise in user.target.tags or user.target in _ROW_REDUCTIONS
+                or torch.Tag.view_copy in user.target.tags or cast_dtype(user) is not None
+                or user.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                                   aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+                                   aten.slice.Tensor, aten.select.int, aten.clone.default))
+            if not fusable:
+                return False
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return stored
+
+
 class RMSNormPass(FusionPass):
     family = "rms_norm"
     # The residual form first, so it claims the add before the plain form claims the norm alone.
@@ -115,6 +152,9 @@ class RMSNormPass(FusionPass):
         cast_first = b.has("to_input_dtype")
         if cast_first and cast_dtype(b["to_input_dtype"]) != x.dtype:
             return "the normalized row is cast to a dtype other than the input's"
+        if b.pattern.family == "rms_norm" and self.options.inductor and _only_stored(b.outputs[0]):
+            return ("its result is only stored (a cache write, through pointwise ops): Inductor computes the norm "
+                    "inside the store's kernel, where a deepfuse kernel would be one more launch")
         if b.pattern.family == "add_rms_norm":
             a, c = value(b["a"]), value(b["b"])
             if a is None or c is None or not (same_shape(a.shape, x.shape) and same_shape(c.shape, x.shape)):

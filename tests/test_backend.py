@@ -56,6 +56,39 @@ def test_rms_norm_pass_matches_and_is_correct(options):
     assert {m.impl for m in report.matches} == {impl}
 
 
+class CacheWrite(torch.nn.Module):
+    """Normalizes rows into a preallocated cache at the given positions, as a latent cache's update does; with
+    ``read``, the normalized rows also go through a projection."""
+
+    def __init__(self, n=32, read=False):
+        super().__init__()
+        self.norm, self.proj, self.read = HFStyleRMSNorm(n), torch.nn.Linear(n, n), read
+
+    def forward(self, x, cache, pos):
+        h = self.norm(x)
+        cache[pos] = h
+        return self.proj(h) if self.read else cache[pos].sum(0)
+
+
+@pytest.mark.parametrize("read", [False, True])
+def test_a_norm_only_stored_is_left_to_inductor(read):
+    """A norm whose result is only written into a cache is declined saying Inductor computes it inside the write
+    (one launch instead of two); one whose result is also read by a matmul is fused. Either way the cache holds
+    eager's rows; without Inductor every norm is fused."""
+    x, pos = torch.randn(3, 32), torch.tensor([4, 0, 2])
+    for options, fused in (({"interpret": True}, read), ({"interpret": True, "inductor": False}, True)):
+        model, caches = CacheWrite(read=read), [torch.full((6, 32), float("nan")) for _ in range(2)]
+        report = deepfuse.Report()
+        torch._dynamo.reset()
+        with torch.no_grad(), deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse", options=options)(x, caches[0], pos)
+            ref = model(x, caches[1], pos)
+        assert rel_err(out, ref) < 1e-5 and rel_err(caches[0][pos], caches[1][pos]) < 1e-5
+        assert caches[0][[1, 3, 5]].isnan().all()  # rows not written keep their poison
+        assert [m.op for m in report.matches] == (["deepfuse::rms_norm"] if fused else []), str(report)
+        assert fused or "only stored" in report.declined[0].reason, str(report)
+
+
 @pytest.fixture
 def specialized_floats():
     with torch._dynamo.config.patch(specialize_float=True):

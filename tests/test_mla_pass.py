@@ -130,7 +130,9 @@ def test_a_dynamic_batch_is_still_matched():
             with deepfuse.collect(report):
                 out = compiled(ids, torch.tensor(5), model.new_cache(b, 16))
         assert rel_err(out, ref) < 1e-4
-        assert len(_mla_matches(report)) == cfg.num_hidden_layers and not report.declined, str(report)
+        assert len(_mla_matches(report)) == cfg.num_hidden_layers, str(report)
+        # the one decline: the latent's norm, only written into the cache, is left to Inductor's write kernel
+        assert {(d.family, d.module.split(".")[-1]) for d in report.declined} == {("rms_norm", "kv_a_layernorm")}
 
 
 HF_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
