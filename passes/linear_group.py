@@ -68,7 +68,7 @@ class LinearGroupPass:
                       "choose by (name the family in options['passes'] to rewrite them anyway)", len(groups), device)
             return 0
         changed = 0
-        norms = _norm_outputs(graph) if fold_norms() else {}
+        norms = _norm_outputs(graph, options) if fold_norms() else {}
         for group in groups:
             first = group[0]["mm"]
             where = (source_line(first), module_path(first))
@@ -148,9 +148,10 @@ def _groups(graph: fx.Graph) -> list[list[dict]]:
     return out
 
 
-def _norm_outputs(graph: fx.Graph) -> dict:
+def _norm_outputs(graph: fx.Graph, options: Options) -> dict:
     """Each plain RMSNorm's output node (no residual add) -> its binding, as the rms_norm pass would match it."""
     norm_pass = RMSNormPass()
+    norm_pass.options = options
     found = {}
     for binding in rms_pattern(residual=False).match(HostGraph(graph), set()):
         reason = escape_reason(binding.interior, binding.outputs)
