@@ -41,6 +41,7 @@ OUTPUTS = {
     "mla_absorb_query_kernel": {"QLat"},
     "mla_decode_partial_kernel": {"PartOut", "PartLse"},
     "mla_decode_reduce_kernel": {"Out"},
+    "mla_absorb_output_kernel": {"Out"},
     "mla_prefill_kernel": {"Out"},
     "act_quant_kernel": {"XQ", "XS"},
     "fp8_block_quantize_matmul_kernel": {"Y"},
@@ -139,7 +140,7 @@ def _run_every_kernel():
                               interpret=True, norm_weight=torch.rand(h, generator=gen), eps=1e-6)
     rms_norm.launch(x[:3], torch.rand(h, generator=gen), None, 1e-6, True, torch.float32, interpret=True)
     rms_norm.launch(x[:3], torch.rand(h, generator=gen), x[3:6], 1e-6, True, torch.float32, interpret=True)
-    for s, t, path in [(1, 37, "absorbed"), (5, 5, "expanded")]:  # decode's three launches, prefill's one
+    for s, t, path in [(1, 37, "absorbed"), (5, 5, "expanded")]:  # decode's four launches, prefill's one
         heads, dn, r, c = 2, 16, 8, 32
         mla.mla_attention(torch.randn(1, s, heads, dn, generator=gen), torch.randn(1, s, heads, r, generator=gen),
                           torch.randn(1, t, c, generator=gen), torch.randn(1, t, r, generator=gen),
@@ -158,6 +159,8 @@ def _run_every_kernel():
 
 def test_inductor_finds_each_kernel_writing_its_outputs_alone(launches):
     _run_every_kernel()
+    unlisted = {fn.__name__ for fn, _ in launches} - set(OUTPUTS)
+    assert not unlisted, f"launched, with no outputs listed here: {sorted(unlisted)}"
     ours = [(fn, kwargs) for fn, kwargs in launches if fn.__name__ in OUTPUTS]
     for (fn, kwargs), written in zip(ours, _written(ours)):
         outputs = OUTPUTS[fn.__name__]

@@ -7,10 +7,10 @@ The cache holds, per token, only c_kv [C] and the head-shared roped key k_pe [R]
 
 * absorbed (decode, short queries): W_UK moves to the query side (q_lat = q_nope W_UK, [H, C]) and W_UV to
   the output side, so attention runs directly over the latent: every head of a query reads the same c_kv
-  row, and each latent byte is read once per (query, head block). Three launches:
+  row, and each latent byte is read once per (query, head block). Four launches:
   ``mla_absorb_query_kernel`` (q_lat), ``mla_decode_partial_kernel`` (the context split across programs,
-  flash-decoding) and ``mla_decode_reduce_kernel`` (the splits merged by their log-sum-exp); W_UV is then one
-  batched GEMM. The cache is never expanded.
+  flash-decoding), ``mla_decode_reduce_kernel`` (the splits merged by their log-sum-exp) and
+  ``mla_absorb_output_kernel`` (W_UV). The cache is never expanded.
 * expanded (prefill): k_nope and v come from one matmul of the latent with kv_b_proj; the flash-attention
   kernel ``mla_prefill_kernel`` takes the nope and rope parts of q and k as separate operands, so the
   [.., 192] key is never concatenated, and k_pe is read once per key block for every head.
@@ -216,6 +216,33 @@ def mla_decode_reduce_kernel(
 
 
 @triton.jit
+def mla_absorb_output_kernel(
+    OutLat, W, Out, stride_wh, stride_wd, stride_wc, BS, H, DN,
+    DV: tl.constexpr, C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """W_UV into the output: Out[q, h, v-block] = OutLat[q, h] . W_UV[h][v-block, :] for a block of queries
+    (OutLat [queries, H, C] and Out [queries, H, DV] contiguous; W_UV[h] = rows DN.. of kv_b_proj's head h).
+    One program per (query block, head, output block): at one query each head's W_UV is spread over DV /
+    BLOCK_V programs, each reading its rows once, BLOCK_C latent columns a step, every step in flight."""
+    pid_q = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    r_ok = rows < BS
+    offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    lat_rows = (rows.to(tl.int64) * H + h) * C
+    out = tl.zeros((BLOCK_Q, BLOCK_V), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        lat = tl.load(OutLat + lat_rows[:, None] + offs_c[None, :], mask=r_ok[:, None] & (offs_c[None, :] < C),
+                      other=0.0)
+        w_uv = tl.load(W + h * stride_wh + (DN + offs_v[None, :]) * stride_wd + offs_c[:, None] * stride_wc,
+                       mask=(offs_c[:, None] < C) & (offs_v[None, :] < DV), other=0.0)
+        out = tl.dot(lat, w_uv, out, input_precision=${precision})
+    tl.store(Out + (rows[:, None].to(tl.int64) * H + h) * DV + offs_v[None, :], out.to(${dtype}),
+             mask=r_ok[:, None] & (offs_v[None, :] < DV))
+
+
+@triton.jit
 def mla_prefill_tile(
     acc, m_i, l_i, q_nope, q_pe, KN, KP, V, Mask, rows, r_ok, t0, t_end, scale, causal_offset,
     stride_knt, stride_kpt, stride_vt, stride_mt, offs_dn, offs_r, offs_dv,
@@ -390,6 +417,10 @@ ABSORB_BLOCK_C = 64
 # before the first wait (sm_90a SASS; at 4 the fourth issued only once the first had landed).
 ABSORB_BLOCK_D = 32
 ABSORB_STAGES = 5
+# W_UV on the output side: 16 of a head's output rows a program (V2-Lite: 16 heads x 8 programs at one query),
+# over the latent 128 columns a step.
+ABSORB_BLOCK_V = 16
+ABSORB_OUT_BLOCK_C = 128
 
 
 MAX_SPLITS = 128
@@ -566,10 +597,18 @@ def mla_attention(
             C=c, C_POW2=c_pow2, NUM_SPLITS=splits, SPLITS_POW2=max(2, triton.next_power_of_2(splits)),
             BLOCK_C=block_c,
         )
-        # W_UV absorbed into the output: out[b, s, h] = out_lat[b, s, h] @ W_UV[h]^T  ([C] x [C, DV]). A one-pass
+        # W_UV absorbed into the output: out[b, s, h] = out_lat[b, s, h] @ W_UV[h]^T  ([C] x [C, DV]), in the
+        # absorption's own tiling (cuBLAS's batched GEMV took 3.6 us a layer at one query on H100). A one-pass
         # merge with W_UV (one program per query, head and 32 outputs) measured slower even at one query: 11.0
         # against 4.3 + 3.5 us per layer (H200, batch 1, context 2048; bench/RESULTS.md).
-        return torch.einsum("bshc,hdc->bshd", out_lat, w[:, dn:])
+        out = torch.empty((b, s, h, dv), dtype=dtype, device=q_nope.device)
+        absorb_out = gen.function("mla_absorb_output_kernel", interpret=interpret)
+        absorb_out = absorb_out if interpret else torch.library.wrap_triton(absorb_out)
+        absorb_out[(q_blocks, h, triton.cdiv(dv, ABSORB_BLOCK_V))](
+            out_lat, w, out, *w.stride(), queries, h, dn, DV=dv, C=c, BLOCK_Q=ABSORB_BLOCK_Q, BLOCK_V=ABSORB_BLOCK_V,
+            BLOCK_C=min(ABSORB_OUT_BLOCK_C, c_pow2), **({} if interpret else {"num_stages": ABSORB_STAGES}),
+        )
+        return out
     if path != "expanded":
         raise ValueError(f"mla: path must be 'auto', 'absorbed' or 'expanded', got {path!r}")
     cfg = dict(config or PREFILL_CONFIG)
