@@ -3,7 +3,7 @@ first projections of a decode step (V2-Lite: q_proj 2048 -> 3072 and kv_a_proj_w
 q_a_proj 7168 -> 1536 and kv_a_proj_with_mqa 7168 -> 576) each timed alone with cuBLAS, both back to back,
 and once as one matmul over the two weights stacked (the bound a horizontal fusion could reach with cuBLAS's
 kernels), plus deepfuse's decode_linear kernel per projection and its linear_group kernel (one launch over both
-weights where they lie, each tile), and both projections as FP8 W8A8 layers (``quant_matmul`` each, and one FP8
+weights where they lie, each tile; and over the first weight alone, against cuBLAS's), and both projections as FP8 W8A8 layers (``quant_matmul`` each, and one FP8
 linear_group launch). Each form replayed as a CUDA graph over weight copies past twice the L2
 (as the linear pass's compile-time timing does). Prints a table, writes JSON with --out. The 63415ab batch-1
 profile had the three attention projections at 5.83, 5.83 and 5.65 us per layer although kv_a_proj reads only
@@ -23,6 +23,7 @@ from sweep_out import Rows  # bench/, the scripts' own directory
 PAIRS = {  # model: (hidden, first projection's outputs, second's)
     "v2-lite": (2048, 3072, 576),
     "v3": (7168, 1536, 576),
+    "o_proj": (2048, 2048, 2048),  # V2-Lite's o_proj, alone (the "first alone" rows), and two of them
 }
 
 
@@ -47,9 +48,12 @@ def main():
                 "decode_linear, both": lambda: [(quant.decode_linear(x, a), quant.decode_linear(x, b))
                                                 for a, b in zip(firsts, seconds)],
             }
-            for cfg in linear_group.CONFIGS:  # one launch over both weights where they lie
-                forms[f"linear_group {cfg['BLOCK_N']}/{cfg['BLOCK_K']}/{cfg['num_warps']}w{cfg['num_stages']}s"] = (
+            for cfg in linear_group.CONFIGS:  # one launch over both weights where they lie, and over the first alone
+                tile = f"{cfg['BLOCK_N']}/{cfg['BLOCK_K']}/{cfg['num_warps']}w{cfg['num_stages']}s"
+                forms[f"linear_group {tile}"] = (
                     lambda cfg=cfg: [linear_group.linear_group(x, [a, b], config=cfg) for a, b in zip(firsts, seconds)])
+                forms[f"linear_group {tile}, first alone"] = (
+                    lambda cfg=cfg: [linear_group.linear_group(x, [a], config=cfg) for a in firsts])
             # The same projections as FP8 W8A8 layers (128 x 128 blocks): quant_matmul per projection, then one
             # linear_group launch over both FP8 weights.
             fp8 = [[quant.quantize_weight(w, "fp8-block") for w in (a, b)] for a, b in zip(firsts, seconds)]
