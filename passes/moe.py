@@ -17,7 +17,8 @@ Then the router, from its logits to the (weights, ids) the experts read, is chec
 routing kernel's space (``RoutingSpec``: scoring, bias, groups, renormalization, scale; candidates read off
 its nodes, each run on random logits) and becomes one ``deepfuse::moe_routing``; one outside that space keeps
 its aten ops but for the final top-k. A shared MLP added to the routed output (checked by running it too)
-runs as always-chosen experts in the same launches, up to ``SHARED_FUSED_MAX_TOKENS`` tokens. At decode sizes
+runs as always-chosen experts in the same launches, up to ``SHARED_FUSED_MAX_TOKENS`` tokens; so do shared
+experts stacked [S, I, H] and multiplied by batched matmuls, each weighted per token (Inkling's). At decode sizes
 (up to ``routing.ROUTER_MATMUL_MAX_TOKENS`` tokens, a static count, and a router weight of at most
 ``routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES``) the router matmul itself is deepfuse's (``deepfuse::moe_router``:
 one launch split over the hidden size, its operands read as the model holds them, whose partial sums the
@@ -141,7 +142,11 @@ class MoEPass:
                 if isinstance(shared, dict):
                     kernel_file = self._rewrite(graph, list(region) + shared["region"], inputs, shared["out"],
                                                 params, impl, where, options.inline, shared)
-                    gated = (f", weighted per token by {shared['scale'].name} (a gated shared MLP)"
+                    chosen |= set(shared["region"])
+                    gated = (f", stacked [S, I, H], each weighted per token by its column of {shared['scale'].name}"
+                             if shared.get("stacked") and shared["scale"] is not None else ", stacked [S, I, H]"
+                             if shared.get("stacked") else
+                             f", weighted per token by {shared['scale'].name} (a gated shared MLP)"
                              if shared["scale"] is not None else "")
                     params["shared_experts"] = (f"fused: {shared['count']} always-chosen experts of "
                                                 f"{params['intermediate']}{gated}" if kernel_file is not False else
@@ -343,21 +348,24 @@ class MoEPass:
                 if not gated:  # (ungated: the gate slot holds the up weight again, never read)
                     g = None
                 return (a.transpose(1, 2) if t1 else a, b.transpose(1, 2) if t2 else b,
-                        *(m.t() if m is not None and flips[n] else m for n, m in zip(("gate", "up", "down"), (g, u, d))))
+                        *(m.transpose(-1, -2) if m is not None and flips[n] else m
+                          for n, m in zip(("gate", "up", "down"), (g, u, d))))
+
+            def factor(scale):  # per token, or per token and stacked shared expert
+                return None if scale is None else scale if shared.get("stacked") else scale.reshape(-1)
 
             def via_kernel(x_, ids_, w_, a, b, g, u, d, like, scale=None):  # like: a value of the sum's shape
                 a, b, g, u, d = canonical(a, b, g, u, d)
                 w_ = _routed_scaled(w_, shared)
                 y = kernel.moe_experts(x_, ids_, w_, a, b, act, config=config, deterministic=params["deterministic"],
-                                       shared=(g, u, d), shared_scale=None if scale is None else scale.reshape(-1),
-                                       gated=gated)
+                                       shared=(g, u, d), shared_scale=factor(scale), gated=gated)
                 return (y.to(out_dtype).view(like.shape),)
 
             def via_op(x_, ids_, w_, a, b, g, u, d, like, scale=None):
                 a, b, g, u, d = canonical(a, b, g, u, d)
                 w_ = _routed_scaled(w_, shared)
                 y = torch.ops.deepfuse.moe_experts(x_, ids_, w_, a, b, act, out_dtype, impl, params["deterministic"],
-                                                   g, u, d, None if scale is None else scale.reshape(-1),
+                                                   g, u, d, factor(scale),
                                                    **({} if gated else {"gated": False}))
                 return (y.view(like.shape),)
 
@@ -1170,6 +1178,11 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
     def computed_after_x(v: fx.Node) -> set[fx.Node]:  # what computes v from x, graph inputs aside
         return {n for n in ancestors([v], blocked=before_x) - before_x if n.op not in ("placeholder", "get_attr")}
 
+    stacked = _stacked_shared(other, x, before_x, params, fp8_acts)
+    if stacked is not None:  # Inkling's: three batched matmuls over [S, ..] weights, a factor per shared expert
+        if isinstance(stacked, dict):
+            stacked.update(region=views + stacked["region"] + [add], out=add, routed_scale=routed_scale)
+        return stacked
     mlp_out, scale = _gated(other, value(node))
     shared = computed_after_x(mlp_out)
     if scale is not None and (scale in ancestors([mlp_out]) or ancestors([scale]) & (shared | {node})):
@@ -1179,8 +1192,8 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
         return None  # an attention (Cohere's parallel block adds the MoE's output to it): no shared MLP here
     mms = [n for n in shared if n.target in (aten.mm.default, aten.addmm.default)]
     if any(n.target in (aten.bmm.default, aten.baddbmm.default) for n in shared):
-        return ("the value added to the experts multiplies stacked weights (batched matmuls: shared experts stored "
-                "[S, I, H], each weighted per token, Inkling's?), which do not join the launches yet")
+        return ("the value added to the experts multiplies stacked weights (batched matmuls) but is no sum of "
+                "stacked shared experts, each weighted per token (Inkling's form)")
     if len(mms) not in (2, 3):  # 2: gate and up as one matmul whose output is halved (Granite's input_linear)
         return None if not mms else (f"the value added to the experts holds {len(mms)} matmuls, not a gated MLP's "
                                      "3 (or 2, gate and up in one)")
@@ -1223,10 +1236,8 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
     if (iv is None or av is None or iv.dtype != xv.dtype or av.dtype != xv.dtype or like is None
             or hint(iv.shape[-1]) != hidden or hint(iv.numel()) != hint(xv.numel())):
         return "the shared MLP's input is not the experts' hidden states in their dtype and shape"
-    tokens = hint(xv.shape[0])
-    if tokens > kernel.SHARED_FUSED_MAX_TOKENS:
-        return (f"{tokens} tokens: past {kernel.SHARED_FUSED_MAX_TOKENS}, cuBLAS runs the shared MLP faster than the "
-                "grouped launches")
+    if _too_many_tokens(xv):
+        return _too_many_tokens(xv)
     if scale is not None:
         shared.append(other)
     if fp8_scales is not None and set(mats) != set(fp8_scales):
@@ -1239,6 +1250,130 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
     if fp8_scales is not None:
         roles["scales"] = {role: fp8_scales[roles[role]] for role in ("gate", "up", "down")}
     return roles
+
+
+# What may stand between a stacked shared MLP's per-expert factor [T, S] and its product with the intermediate.
+_LAYOUT = _VIEWS + (aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.expand.default,
+                    aten.clone.default)
+
+
+def _stacked_shared(other, x, before_x, params, fp8_acts: bool) -> Union[dict[str, Any], str, None]:
+    """Stacked shared experts added to the routed output (Inkling's): S experts of the routed ones' intermediate
+    size stored as gate/up [S, I, H] and down [S, H, I] (or either transposed), multiplied by batched matmuls over
+    the hidden states expanded S times, each expert's intermediate times its own per-token factor g [T, S] (which
+    the router computes), summed over the S experts:  sum_s g[:, s] * down_s(act(gate_s x) * up_s x).
+    Checked by running it on random inputs. None if ``other`` does not end in a sum over the first dim of a batched
+    matmul (not this form); a reason if it does but cannot join the launches."""
+    end = other
+    while end.op == "call_function" and end.target in _VIEWS_AND_CASTS:
+        end = end.args[0]
+    if end.target != aten.sum.dim_IntList or list(end.args[1]) != [0] or len(end.args) > 2:
+        return None
+    computed = ancestors([end], blocked=before_x) - before_x
+    bmms = {n for n in computed if n.target == aten.bmm.default}
+    if not bmms:
+        return None
+    if fp8_acts:
+        return "stacked shared experts (batched matmuls over [S, I, H] weights) join float experts' launches only"
+    if params.get("input_weighted") is not None:
+        return "the routing weights scale the experts' input: only the routed experts join the launches"
+    if _too_many_tokens(value(x)):
+        return _too_many_tokens(value(x))
+    # the factor: a [T, S] value, computed apart from the batched matmuls, that multiplies what they compute
+    # through layout ops only
+    tokens, count = hint(value(x).shape[0]), hint(value(end.args[0]).shape[0])
+    factors = set()
+    for product in (n for n in computed if n.target == aten.mul.Tensor and not n.kwargs):
+        for n in product.args:
+            while isinstance(n, fx.Node) and value(n) is not None and value(n).dim() != 2 and n.target in _LAYOUT:
+                n = n.args[0]
+            v = value(n) if isinstance(n, fx.Node) else None
+            if v is not None and v.dtype.is_floating_point and tuple(hint(d) for d in v.shape) == (tokens, count) \
+                    and not ancestors([n], blocked=before_x) & bmms:
+                factors.add(n)
+    if len(factors) > 1:
+        return f"stacked shared experts with {len(factors)} factors [tokens, S] on their intermediate, not one"
+    factor = factors.pop() if factors else None  # (none: every shared expert weighs 1)
+    inputs = {factor} if factor is not None else set()
+    region = {n for n in ancestors([other], blocked=before_x | inputs) - before_x - inputs
+              if n.op not in ("placeholder", "get_attr")}
+    mats = [m for m in {a for n in region for a in n.all_input_nodes} - region
+            if m.op in ("placeholder", "get_attr") and value(m) is not None and value(m).dim() == 3]
+    acts = [a for a in {a for n in region for a in n.all_input_nodes} - region - set(mats) - inputs
+            if isinstance(value(a), torch.Tensor) and value(a).numel() > 1]
+    bmms = [n for n in region if n.target == aten.bmm.default]
+    if len(bmms) != 3 or len(mats) != 3 or len(acts) != 1 or acts[0] not in _view_sources(x):
+        return (f"stacked shared experts: {len(bmms)} batched matmuls over {len(mats)} stacked weights of "
+                f"{len(acts)} activations, not a gated MLP's 3 over 3 of the experts' hidden states")
+    if any(n.target in (aten.mm.default, aten.addmm.default) or "softmax" in str(n.target) for n in region):
+        return "stacked shared experts: the value added to the experts computes more than their MLP"
+    order = {n: i for i, n in enumerate(other.graph.nodes)}
+    region = sorted(region, key=order.__getitem__)
+    reason = escape_reason(region, [other])
+    if reason:
+        return f"stacked shared experts: {reason}"
+    roles = _verify_stacked(region, other, acts[0], mats, factor, params, value(x))
+    if isinstance(roles, str):
+        return roles
+    inp = acts[0]
+    like = next((n for n in [inp, *_view_sources(inp)] if tuple(value(n).shape) == tuple(value(other).shape)), inp)
+    roles.update(region=region, like=like, scale=factor, stacked=True)
+    return roles
+
+
+def _verify_stacked(region, out, inp, mats, factor, params, xv) -> Union[dict[str, Any], str]:
+    """Which of ``mats`` is gate, up and down of ``_stacked_shared``'s form (and which are stored transposed, as
+    [S, H, I] gate/up or [S, I, H] down): the assignment under which the region equals it on random inputs (with
+    no ``factor``, each expert's weighs 1)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    hidden, inter, activation = params["hidden"], params["intermediate"], params["activation"]
+    shapes = {m: tuple(hint(d) for d in value(m).shape) for m in mats}
+    count = shapes[mats[0]][0]
+    if any(shape[0] != count or sorted(shape[1:]) != sorted((inter, hidden)) for shape in shapes.values()):
+        return (f"stacked shared expert weights {list(shapes.values())} are not S experts of the routed experts' "
+                f"intermediate size {inter}")
+    device, dtype = xv.device, xv.dtype
+    with unset_fake_temporarily(), torch.no_grad():
+        drawn = _drawn_check(region, [inp] + mats + ([factor] if factor is not None else []), out,
+                             "the stacked shared experts", False, xv, shapes, activation, 97)
+        if isinstance(drawn, str):
+            return drawn
+        modules, x, real, gen, rows = drawn
+        g = torch.ones(rows, count, device=device, dtype=dtype)
+        extra = []
+        if factor is not None:
+            g = (torch.rand(rows, count, generator=gen) + 0.5).to(device, value(factor).dtype)  # away from 1
+            extra = [g.view(tuple(hint(d) for d in value(factor).shape))]
+        try:
+            got = modules[0](x.view(tuple(hint(d) for d in value(inp).shape)), *(real[m] for m in mats),
+                             *extra)[0].reshape(rows, hidden)
+        except Exception as err:
+            return f"the stacked shared experts could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
+        tol, _ = _check_tolerances(dtype)
+        acc = torch.float64 if device.type == "cpu" else torch.float32
+        for gate, up, down in itertools.permutations(mats):
+            for flips in itertools.product((False, True), repeat=3):
+                w = [real[m].transpose(1, 2) if f else real[m] for m, f in zip((gate, up, down), flips)]
+                if w[0].shape[1:] != (inter, hidden) or w[1].shape[1:] != (inter, hidden) \
+                        or w[2].shape[1:] != (hidden, inter):
+                    continue
+                want = sum(_gated_mlp(x.to(acc), *(t[s].to(acc) for t in w), activation, g[:, s:s + 1].to(acc))
+                           for s in range(count))
+                if rel_err(got, want) < tol:
+                    return {"gate": gate, "up": up, "down": down, "count": count,
+                            "transposed": dict(zip(("gate", "up", "down"), flips))}
+    return ("the value added to the experts is not stacked gated MLPs with the experts' activation, each weighted "
+            "per token (checked on random inputs)")
+
+
+def _too_many_tokens(xv) -> Optional[str]:
+    """Why a shared MLP stays apart at this many tokens, if it does."""
+    tokens = hint(xv.shape[0])
+    if tokens > kernel.SHARED_FUSED_MAX_TOKENS:
+        return (f"{tokens} tokens: past {kernel.SHARED_FUSED_MAX_TOKENS}, cuBLAS runs the shared MLP faster than the "
+                "grouped launches")
+    return None
 
 
 def _routed_scaled(weights: torch.Tensor, shared: Optional[dict]) -> torch.Tensor:
@@ -1324,15 +1459,12 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
     if fp8 and inter % kernel.FP8_BLOCK:
         return f"FP8 shared experts need an intermediate size that is whole 128-blocks, not {inter}"
     placeholders = [inp] + mats + ([fp8_scales[m] for m in mats] if fp8 else []) + ([scale] if scale is not None else [])
-    modules = _checked_forms(shared, placeholders, out, "the shared MLP", fp8)
-    if isinstance(modules, str):
-        return modules
     device, dtype = xv.device, xv.dtype
     with unset_fake_temporarily(), torch.no_grad():
-        gen = torch.Generator(device="cpu").manual_seed(99)
-        rows = max(hint(xv.shape[0]), 1)
-        x = (torch.randn(rows, hidden, generator=gen) * _check_scale(shared, activation)).to(device, dtype)
-        real = {m: (torch.randn(shapes[m], generator=gen) / hidden ** 0.5).to(device, dtype) for m in mats}
+        drawn = _drawn_check(shared, placeholders, out, "the shared MLP", fp8, xv, shapes, activation, 99)
+        if isinstance(drawn, str):
+            return drawn
+        modules, x, real, gen, rows = drawn
         stored, real_scales = dict(real), []  # what the region reads: the draws, or their FP8 blocks and scales
         if fp8:  # the check multiplies by what the FP8 blocks dequantize to
             for m in mats:
@@ -1368,6 +1500,22 @@ def _verify_shared(shared, out, inp, mats, hidden, inter, activation, xv, scale=
                 return {"gate": gate, "up": up, "down": down, "count": si // inter,
                         "transposed": dict(zip(("gate", "up", "down"), flips))}
     return "the value added to the experts is not a gated MLP with the experts' activation (checked on random inputs)"
+
+
+def _drawn_check(region, placeholders, out, what: str, quantized: bool, xv, shapes: dict, activation: str, seed: int):
+    """A shared MLP check's modules (``_checked_forms``) and random draws: (modules, x [rows, H] at the scale the
+    activation is told apart at, a weight of each of ``shapes``, the generator, rows); or why the region cannot be
+    built. Under ``unset_fake_temporarily``."""
+    modules = _checked_forms(region, placeholders, out, what, quantized)
+    if isinstance(modules, str):
+        return modules
+    hidden = xv.shape[-1]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rows = max(hint(xv.shape[0]), 1)
+    x = (torch.randn(rows, hidden, generator=gen) * _check_scale(region, activation)).to(xv.device, xv.dtype)
+    real = {m: (torch.randn(shape, generator=gen) / hidden ** 0.5).to(xv.device, xv.dtype)
+            for m, shape in shapes.items()}
+    return modules, x, real, gen, rows
 
 
 def _gated_mlp(x, gate, up, down, activation, factor=None) -> torch.Tensor:

@@ -90,8 +90,9 @@ def moe_experts(
     gated: bool = True,
 ) -> torch.Tensor:
     """The routed experts: x [T, H], ids/weights [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H];
-    plus the shared MLP (gate/up [S*I, H], down [H, S*I]) when given, times shared_scale [T] or [T, 1] per
-    token when given (a gated shared expert). With gate_up_scale and down_scale the expert weights are FP8 with
+    plus the shared MLP (gate/up [S*I, H], down [H, S*I]; or S stacked shared experts, gate/up [S, I, H] and
+    down [S, H, I]) when given, times shared_scale [T] or [T, 1] per token when given (a gated shared expert), or
+    [T, S] per token and stacked shared expert. With gate_up_scale and down_scale the expert weights are FP8 with
     those fp32 scales per 128 x 128 block, multiplied as dequantized: with ``act_quant`` both projections'
     inputs quantized per row and 128-wide tile (W8A8), else in their dtype (W8A16); FP8 shared weights come
     with their block scales (shared_*_scale). gate_up_bias [E, 2I] and down_bias [E, H]: per-expert biases, and

@@ -28,7 +28,7 @@ def _stored_transposed(w: torch.Tensor) -> torch.Tensor:
 
 def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random", activation="silu", noncontig=False,
            deterministic=True, config=None, shared=0, gated=False, transposed=False, biases=False,
-           interleaved=False, ungated=False):
+           interleaved=False, ungated=False, stacked=False):
     x, ids, weights, wgu, wd = _inputs(t, hidden, inter, experts, k, dtype, device, route)
     if ungated:  # up [E, I, H] alone (Nemotron-H's experts)
         wgu = wgu[:, :inter].contiguous()
@@ -41,15 +41,20 @@ def _check(t, hidden, inter, experts, k, dtype, device, interpret, route="random
         x = torch.cat([x, x], dim=1)[:, ::2]
         assert t == 0 or not x.is_contiguous()
     sh = None
-    if shared:  # a shared MLP of intermediate shared * inter, as Linear layers store it
+    if shared and stacked:  # shared experts stacked as Inkling stores them: [S, I, H] gate/up, [S, H, I] down
+        sh = tuple((torch.randn(*shape) / shape[2] ** 0.5).to(device, dtype)
+                   for shape in [(shared, inter, hidden), (shared, inter, hidden), (shared, hidden, inter)])
+    elif shared:  # a shared MLP of intermediate shared * inter, as Linear layers store it
         sh = tuple((torch.randn(*shape) / shape[1] ** 0.5).to(device, dtype)
                    for shape in [(shared * inter, hidden), (shared * inter, hidden), (hidden, shared * inter)])
         sh = (None, *sh[1:]) if ungated else sh
     if transposed:  # the routed experts stored the other way round, and the shared MLP as its transposes
         wgu, wd = _stored_transposed(wgu), _stored_transposed(wd)
         sh = None if sh is None else tuple(w if w is None else _stored_transposed(w) for w in sh)
-    # a gated shared MLP's per-token factor ([T, 1], as sigmoid(Linear(H, 1)) returns it), in a strided view
-    scale = torch.rand(t, 2).to(device, dtype)[:, :1] if gated else None
+    # a gated shared MLP's per-token factor ([T, 1], as sigmoid(Linear(H, 1)) returns it), in a strided view;
+    # stacked shared experts' factors per token and expert ([T, S], Inkling's router's), strided too
+    scale = (torch.rand(t, 2 * shared).to(device, dtype)[:, ::2] if stacked
+             else torch.rand(t, 2).to(device, dtype)[:, :1]) if gated else None
     out = moe.moe_experts(x, ids, weights, wgu, wd, activation=activation, interpret=interpret,
                           deterministic=deterministic, config=config, shared=sh, shared_scale=scale, biases=bias,
                           interleaved=interleaved, gated=not ungated)
@@ -136,6 +141,19 @@ def test_interpreted_shared_experts_in_the_same_launches(case, shared, determini
     _check(*case, torch.float32, "cpu", interpret=True, deterministic=deterministic, shared=shared)
     _check(*case, torch.float16, "cpu", interpret=True, deterministic=deterministic, shared=shared,
            config=DECODE_CANDIDATES[0])
+
+
+@pytest.mark.parametrize("case,shared", [((5, 64, 32, 8, 2), 2), ((1, 32, 16, 4, 3), 3), ((0, 32, 32, 4, 2), 2),
+                                         ((40, 32, 16, 8, 4), 2)], ids=str)
+def test_interpreted_stacked_shared_experts(case, shared, poisoned_empty):
+    """Shared experts stacked [S, I, H] / [S, H, I] (Inkling's), each taken by every token with its own factor
+    from a [T, S] view: one token (its slots read directly), a few (the single-program align), more (the parallel
+    one); no tokens; stored transposed; the one-launch form at one token; unweighted too."""
+    _check(*case, torch.float32, "cpu", interpret=True, shared=shared, stacked=True, gated=True)
+    _check(*case, torch.float16, "cpu", interpret=True, shared=shared, stacked=True, gated=True, transposed=True,
+           config=DECODE_CANDIDATES[0], deterministic=False)
+    _check(*case, torch.float32, "cpu", interpret=True, shared=shared, stacked=True,
+           config=moe.FUSED_CANDIDATES[0] if case[0] == 1 else None)
 
 
 @pytest.mark.parametrize("case,shared", [((5, 64, 32, 8, 2), 2), ((1, 32, 16, 4, 3), 1), ((0, 32, 32, 4, 2), 1)],
@@ -486,6 +504,11 @@ def test_shared_scale_misuse_is_a_clear_error():
         moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, shared_scale=torch.rand(3))
     with pytest.raises(ValueError, match=r"shared_scale must be \[tokens\]"):
         moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, shared=sh, shared_scale=torch.rand(3, 2))
+    stacked = (torch.randn(2, 16, 32), torch.randn(2, 16, 32), torch.randn(2, 32, 16))
+    with pytest.raises(ValueError, match=r"or \[tokens, 2\] \(one per stacked shared expert\)"):
+        moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, shared=stacked, shared_scale=torch.rand(3, 3))
+    with pytest.raises(ValueError, match=r"not gate/up \[S, I, H\] and down \[S, H, I\]"):
+        moe.moe_experts(x, ids, weights, wgu, wd, interpret=True, shared=stacked[:2] + (stacked[2][:, :, :8],))
 
 
 @pytest.mark.parametrize("shared", [0, 2])
@@ -631,6 +654,13 @@ def test_gpu_experts_with_shared_v2_lite_shape(t):
 @pytest.mark.parametrize("t", [1, 64])
 def test_gpu_experts_with_gated_shared_v2_lite_shape(t):
     _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, shared=2, gated=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 2048])
+def test_gpu_experts_with_stacked_shared_v2_lite_shape(t):
+    """Stacked shared experts (Inkling's form) each weighted per token, at V2-Lite's expert shape."""
+    _check(t, 2048, 1408, 64, 6, torch.bfloat16, "cuda", interpret=False, shared=2, gated=True, stacked=True)
 
 
 @pytest.mark.gpu

@@ -233,12 +233,13 @@ def test_unseen_hf_moe_families_are_fused_or_declined_and_right(family):
             assert m.params["routed_scaling"] == 0.5, m.params
 
 
-def test_inkling_routed_experts_are_fused_beside_its_stacked_shared_experts():
+def test_inkling_stacked_shared_experts_join_the_routed_ones():
     """Inkling (transformers 5.17, not written against): its router scores routed and shared experts in one matmul,
     and the shared experts' per-token weights come from the same normalization as the chosen experts' (over the
     chosen logits gathered at the top-k ids), so every path from the top-k meets the shared experts' bmm before it
-    reaches the layer's output. The routed experts' own sum is the region; the router and the stacked shared
-    experts stay with Inductor, said so."""
+    reaches the layer's output. The routed experts' own sum is the region; the stacked shared experts ([S, I, H]
+    weights, batched matmuls, each expert's intermediate times its own column of the router's [T, S] weights) join
+    its launches as always-chosen experts; the router stays with Inductor."""
     if not hasattr(transformers, "InklingTextConfig"):
         pytest.skip("this transformers has no Inkling")
     cfg = transformers.InklingTextConfig(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16},
@@ -251,10 +252,53 @@ def test_inkling_routed_experts_are_fused_beside_its_stacked_shared_experts():
     for m in moes:
         assert (m.params["experts"], m.params["top_k"], m.params["activation"]) == (8, 4, "silu"), m.params
         assert m.params["routing"].startswith("top-k kernel (the router reads"), m.params
-        assert m.params["shared_experts"].startswith("with Inductor (the value added to the experts multiplies "
-                                                     "stacked weights"), m.params
-    declined = [d.reason for d in report.declined if d.family == "moe"]
-    assert declined and all("Inkling's stacked shared experts" in r for r in declined), declined
+        assert m.params["shared_experts"].startswith("fused: 2 always-chosen experts of 32, stacked [S, I, H], each "
+                                                     "weighted per token by its column of"), m.params
+    assert not [d for d in report.declined if d.family == "moe"], str(report)
+
+
+def test_stacked_shared_experts_stored_transposed_or_computing_something_else(monkeypatch):
+    """Inkling's stacked shared experts written two other ways (one layer, interpreter): gate and up stored [S, H, I]
+    and down [S, I, H], multiplied untransposed, and not weighted per token, join the launches (their storage read
+    off the check, each expert weighing 1); a tanh on each expert's down output is no shared MLP of the experts'
+    form: declined, said so. Either way the result is eager's."""
+    if not hasattr(transformers, "InklingTextConfig"):
+        pytest.skip("this transformers has no Inkling")
+    from transformers.models.inkling import modeling_inkling as inkling
+
+    def transposed(self, hidden_states, gammas):  # (gammas unused)
+        shape = hidden_states.shape
+        x = hidden_states.reshape(1, -1, shape[-1]).expand(self.n_shared_experts, -1, -1)
+        inner = self.act_fn(torch.bmm(x, self.gate_proj)) * torch.bmm(x, self.up_proj)
+        return torch.bmm(inner, self.down_proj).sum(dim=0).view(shape)
+
+    def tanh_after_down(self, hidden_states, gammas):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(1, -1, shape[-1]).expand(self.n_shared_experts, -1, -1)
+        gammas = gammas.reshape(-1, self.n_shared_experts, 1).transpose(0, 1)
+        inner = self.act_fn(torch.bmm(x, self.gate_proj.transpose(1, 2))) * torch.bmm(x, self.up_proj.transpose(1, 2))
+        return torch.tanh(torch.bmm(inner * gammas, self.down_proj.transpose(1, 2))).sum(dim=0).view(shape)
+
+    cfg = transformers.InklingTextConfig(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16,
+                                            "num_hidden_layers": 1}, n_routed_experts=8, num_experts_per_tok=2,
+                                         n_shared_experts=3)
+    for forward, fused in ((transposed, True), (tanh_after_down, False)):
+        monkeypatch.setattr(inkling.InklingSharedExperts, "forward", forward)
+        model = inkling.InklingForCausalLM(cfg).eval()
+        if fused:  # stored the other way round: [S, H, I] gate and up, [S, I, H] down
+            experts = model.model.layers[0].mlp.shared_experts
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(experts, name, torch.nn.Parameter(getattr(experts, name).transpose(1, 2).contiguous()))
+        _randomize_zeros(model)
+        torch._dynamo.reset()
+        report = _compile_check(model, (torch.randint(0, 256, (1, 7)),), 1e-4, interpret=True)
+        (moe,) = [m for m in report.matches if m.family == "moe"]
+        if fused:
+            assert moe.params["shared_experts"] == "fused: 3 always-chosen experts of 32, stacked [S, I, H]", \
+                moe.params
+        else:
+            assert moe.params["shared_experts"].startswith("with Inductor (the value added to the experts is not "
+                                                           "stacked gated MLPs"), moe.params
 
 
 def test_step3p7_experts_loop_is_traced_and_its_clamp_after_the_silu_is_told_apart():

@@ -306,7 +306,7 @@ def moe_align_place_kernel(
 @triton.jit
 def moe_gate_up_act_kernel(
     X, W, SharedGate, SharedUp, Out, SortedSlots, BlockExpert, NumPadded,
-    stride_xm, stride_we, stride_gn, up_offset, stride_wk, stride_sn, stride_sk, stride_om,
+    stride_xm, stride_we, stride_gn, up_offset, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr,
@@ -323,7 +323,7 @@ def moe_gate_up_act_kernel(
 @triton.jit
 def moe_down_weighted_kernel(
     H, W, SharedDown, Out, SortedSlots, BlockExpert, NumPadded, TopkWeights, SharedScale,
-    stride_hm, stride_we, stride_wn, stride_wk, stride_sn, stride_sk, stride_om,
+    stride_hm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om, stride_sst, stride_sss,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, ATOMIC: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr,
@@ -334,7 +334,9 @@ def moe_down_weighted_kernel(
     straight into the fp32 token row Out[token(r), n] instead (no per-slot buffer, no fixed order).
     TopkWeights is the router's [T, ROUTED_K] in its own dtype; a token's slots past ROUTED_K are its shared
     experts, weight 1 (no ones concatenated in front of the launch), or with SHARED_SCALED the token's
-    SharedScale[T] (a gated shared MLP: Qwen-MoE's sigmoid gate). DIRECT: as in the gate/up kernel."""
+    SharedScale[t] (a gated shared MLP: Qwen-MoE's sigmoid gate), or SharedScale[t, j] per shared expert j (strides
+    stride_sst, stride_sss; Inkling's router weighs them beside the routed ones). DIRECT: as in the gate/up
+    kernel."""
     ${program_ids}
     ${block_rows}
     n0 = pid_n * BLOCK_N  # the tile's first column
@@ -439,8 +441,8 @@ _FUSED_KERNEL = KernelTemplate("moe_experts_fused", '''
 def moe_experts_fused_kernel(
     X, W, SharedGate, SharedUp, WDown, SharedDown, Partials, SortedSlots, BlockExpert, NumPadded, TopkWeights,
     SharedScale,
-    stride_xm, stride_we, stride_gn, up_offset, stride_wk, stride_sn, stride_sk,
-    stride_de, stride_dn, stride_dk, stride_dsn, stride_dsk, stride_pm,
+    stride_xm, stride_we, stride_gn, up_offset, stride_wk, stride_se, stride_sn, stride_sk,
+    stride_de, stride_dn, stride_dk, stride_dse, stride_dsn, stride_dsk, stride_pm, stride_sst, stride_sss,
     num_slots, E_ROUTED, N: tl.constexpr, K: tl.constexpr,
     TOP_K: tl.constexpr, ROUTED_K: tl.constexpr, SHARED_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -474,7 +476,7 @@ d_ptrs = WDown + expert * stride_de + offs_h[None, :] * stride_dn + offs_n[:, No
 step_h = stride_dn"""
 _FUSED_SHARED_DOWN_POINTERS = """\
 # a shared expert: its N columns of the shared MLP's down weights
-d_ptrs = SharedDown + offs_h[None, :] * stride_dsn + ((expert - E_ROUTED) * N + offs_n[:, None]) * stride_dsk
+d_ptrs = SharedDown + (expert - E_ROUTED) * stride_dse + offs_h[None, :] * stride_dsn + offs_n[:, None] * stride_dsk
 step_h = stride_dsn"""
 # The down bias, once per token and expert: in the first column block's partials.
 _FUSED_DOWN_BIAS = """\
@@ -490,7 +492,8 @@ choice = slot % TOP_K
 weight = tl.load(TopkWeights + token * ROUTED_K + choice, mask=valid & (choice < ROUTED_K), other=1.0)
 weight = weight.to(tl.float32)
 if SHARED_SCALED:
-    scale = tl.load(SharedScale + token, mask=valid & (choice >= ROUTED_K), other=1.0)
+    scale = tl.load(SharedScale + token * stride_sst + (choice - ROUTED_K) * stride_sss,
+                    mask=valid & (choice >= ROUTED_K), other=1.0)
     weight = tl.where(choice < ROUTED_K, weight, scale.to(tl.float32))
 weight = tl.where(valid, weight, 0.0)"""
 
@@ -524,7 +527,9 @@ ROUTER_TOPK_MAX_EXPERTS = routing.MAX_EXPERTS  # one program holds a token's who
 
 # The expert weights a row block reads. With shared experts, an expert id past the routed ones (E_ROUTED) is
 # a slice of the shared MLP: the shared MLP of intermediate S*I is S experts of intermediate I, every token
-# routed to each with weight 1, and its gate, up and down tensors are read where they are.
+# routed to each with weight 1, and its gate, up and down tensors are read where they are, shared expert j's
+# part j * stride_se from the first's (I rows of gate/up [S*I, H], I columns of down [H, S*I]; or stacked shared
+# experts' [S, I, H] and [S, H, I], Inkling's).
 _ROUTED_POINTERS = {
     "gate_up": """\
 g_ptrs = W + expert * stride_we + offs_n[None, :] * stride_gn + offs_k[:, None] * stride_wk
@@ -535,15 +540,15 @@ u_ptrs = g_ptrs + up_offset""",
 _SHARED_POINTERS = {
     "gate_up": """\
 # a shared expert: its N rows of the shared MLP's gate and up weights
-rows = (expert - E_ROUTED) * N + offs_n[None, :]
-g_ptrs = SharedGate + rows * stride_sn + offs_k[:, None] * stride_sk
-u_ptrs = SharedUp + rows * stride_sn + offs_k[:, None] * stride_sk""",
+rows = (expert - E_ROUTED) * stride_se + offs_n[None, :] * stride_sn
+g_ptrs = SharedGate + rows + offs_k[:, None] * stride_sk
+u_ptrs = SharedUp + rows + offs_k[:, None] * stride_sk""",
     "up": """\
 # a shared expert: its N rows of the shared MLP's up weights
-u_ptrs = SharedUp + ((expert - E_ROUTED) * N + offs_n[None, :]) * stride_sn + offs_k[:, None] * stride_sk""",
+u_ptrs = SharedUp + (expert - E_ROUTED) * stride_se + offs_n[None, :] * stride_sn + offs_k[:, None] * stride_sk""",
     "down": """\
 # a shared expert: its K columns of the shared MLP's down weights
-b_ptrs = SharedDown + offs_n[None, :] * stride_sn + ((expert - E_ROUTED) * K + offs_k[:, None]) * stride_sk""",
+b_ptrs = SharedDown + (expert - E_ROUTED) * stride_se + offs_n[None, :] * stride_sn + offs_k[:, None] * stride_sk""",
 }
 
 
@@ -1136,9 +1141,11 @@ def moe_experts(
     ``deterministic``: the k contributions of a token are summed in a fixed order (True), or atomically
     added into an fp32 buffer by the down kernel (False: no per-slot buffer or sum pass; order not fixed).
     ``shared``: a shared MLP's (gate [S*I, H], up [S*I, H], down [H, S*I]) weights, added to every token's
-    output: S more experts every token is routed to with weight 1, in the same launches.
+    output: S more experts every token is routed to with weight 1, in the same launches; or S stacked shared
+    experts (gate [S, I, H], up [S, I, H], down [S, H, I]: Inkling's), float weights only.
     ``shared_scale``: [T] or [T, 1], the shared MLP's output multiplied by it per token instead (a gated shared
-    expert, as Qwen-MoE's sigmoid(x . w_gate)).
+    expert, as Qwen-MoE's sigmoid(x . w_gate)); with stacked shared experts also [T, S], each one's own factor
+    per token (Inkling's router weighs them beside the routed ones).
     ``weight_scales``: the experts' weights are FP8 (float8_e4m3fn, from ``quantize_experts``) and these their
     fp32 scales per 128 x 128 block, [E, 2I/128, H/128] and [E, H/128, I/128] (rounded up); activations are
     quantized per row and 128-wide K tile inside the K loops (W8A8), or with ``act_quant=False`` left in their
@@ -1160,11 +1167,12 @@ def moe_experts(
     inter = two_i // 2 if gated else two_i
     n_shared = 0
     if shared is not None:
-        n_shared = shared[1].shape[0] // inter
+        stacked = shared[1].dim() == 3  # [S, I, H] and [S, H, I], not [S*I, H] and [H, S*I]
+        n_shared = shared[1].shape[0] if stacked else shared[1].shape[0] // inter
         shared_gate, shared_up, shared_down = shared  # read where they are, in either layout
         if not gated:
             shared_gate = shared_up  # (never read: no gate rows)
-        if shared_gate.stride() != shared_up.stride():  # the kernel steps through both with one pair of strides
+        if shared_gate.stride() != shared_up.stride():  # the kernel steps through both with one set of strides
             shared_gate, shared_up = shared_gate.contiguous(), shared_up.contiguous()
     num_experts = routed + n_shared
     k = topk_ids.shape[1] + n_shared  # slots per token
@@ -1200,9 +1208,13 @@ def moe_experts(
     # passes transposed views here, and a copy would move every expert's bytes twice per call.
     routed_k = topk_ids.shape[1]
     weights = topk_weights.reshape(-1)  # read in its own dtype by the down kernel
+    scale_strides = (0, 0)  # a shared slot's factor: SharedScale[t * stride_sst + j * stride_sss]
     if shared_scale is not None:
-        shared_scale = shared_scale.reshape(-1)
-        shared_scale = shared_scale if shared_scale.stride(0) == 1 else shared_scale.contiguous()
+        if shared_scale.dim() == 2 and shared_scale.shape[1] == n_shared > 1:  # one per token and shared expert
+            scale_strides = tuple(shared_scale.stride())
+        else:
+            shared_scale = shared_scale.reshape(-1)
+            scale_strides = (shared_scale.stride(0), 0)
     # One token (decode at batch 1): its slots' experts are distinct, so each slot is its own row block and
     # the kernels read the router's ids themselves (no align launch, no dependent launch before gate/up).
     # The fused align is one program walking the slots: a few microseconds at decode sizes, where the ~10
@@ -1227,6 +1239,12 @@ def moe_experts(
         h_scales = torch.empty((capacity, triton.cdiv(inter, FP8_BLOCK)), dtype=torch.float32, device=x.device)
     if shared is None:  # never read: the kernels take these pointers (and strides) only for shared experts
         shared_gate = shared_up = shared_down = w_down[0]
+    # (shared expert, row, column) strides: a 2D shared MLP's expert j is its j-th block of I rows (gate/up) or
+    # columns (down)
+    gate_strides = (tuple(shared_gate.stride()) if shared_gate.dim() == 3
+                    else (inter * shared_gate.stride(0), *shared_gate.stride()))
+    down_strides = (tuple(shared_down.stride()) if shared_down.dim() == 3
+                    else (inter * shared_down.stride(1), *shared_down.stride()))
 
     def scale_args(i):  # the FP8 kernels' weight-scale arguments
         if not fp8:
@@ -1278,7 +1296,7 @@ def moe_experts(
             a, w_gate_up, shared_gate, shared_up, w_down, shared_down, partials, sorted_slots, block_expert,
             num_padded, weights, weights if shared_scale is None else shared_scale,
             a.stride(0), w_gate_up.stride(0), *gate_up_rows(w_gate_up.stride(1)), w_gate_up.stride(2),
-            *shared_gate.stride(), *w_down.stride(), *shared_down.stride(), partials.stride(1), num_slots, routed,
+            *gate_strides, *w_down.stride(), *down_strides, partials.stride(1), *scale_strides, num_slots, routed,
             N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k, SHARED_SCALED=shared_scale is not None, BLOCK_M=bm,
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_H=block_h, N_FASTEST=n_fastest, DIRECT=direct, STAGES=stages,
             **bias_args(0), **bias_args(1), **launch_opts,
@@ -1288,7 +1306,7 @@ def moe_experts(
     gate_up[grid(triton.cdiv(inter, bn * split_n))](
         a, w_gate_up, shared_gate, shared_up, inter_out, sorted_slots, block_expert, num_padded,
         a.stride(0), w_gate_up.stride(0), *gate_up_rows(w_gate_up.stride(1)), w_gate_up.stride(2),
-        *shared_gate.stride(), inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
+        *gate_strides, inter_out.stride(0), num_slots, routed, N=inter, K=hidden, TOP_K=k, ROUTED_K=routed_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, N_FASTEST=n_fastest, DIRECT=direct, STAGES=stages, **scale_args(0),
         **bias_args(0), **launch_opts,
     )
@@ -1299,10 +1317,10 @@ def moe_experts(
     down[grid(triton.cdiv(hidden, bn_down))](
         inter_out, w_down, shared_down, out, sorted_slots, block_expert, num_padded, weights,
         weights if shared_scale is None else shared_scale,
-        inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), *shared_down.stride(),
-        out.stride(0), num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k, ATOMIC=not deterministic,
-        SHARED_SCALED=shared_scale is not None, BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk, N_FASTEST=n_fastest,
-        DIRECT=direct, STAGES=stages, **scale_args(1), **bias_args(1), **launch_opts,
+        inter_out.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), *down_strides,
+        out.stride(0), *scale_strides, num_slots, routed, N=hidden, K=inter, TOP_K=k, ROUTED_K=routed_k,
+        ATOMIC=not deterministic, SHARED_SCALED=shared_scale is not None, BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=bk,
+        N_FASTEST=n_fastest, DIRECT=direct, STAGES=stages, **scale_args(1), **bias_args(1), **launch_opts,
     )
     if not deterministic:
         return out.to(x.dtype)
@@ -1351,11 +1369,17 @@ def _check(x, topk_ids, topk_weights, w_gate_up, w_down, shared=None, shared_sca
                          f"hidden size {x.shape[1]}")
     if shared is not None:
         gate, up, down = shared
-        si = gate.shape[0]
-        if (tuple(up.shape) != (si, h) or tuple(gate.shape) != (si, h) or tuple(down.shape) != (h, si)
-                or si % (two_i // 2) or si == 0):
+        si, inter = gate.shape[0], two_i // 2
+        if gate.dim() == 3:  # stacked: [S, I, H] and [S, H, I]
+            if (tuple(gate.shape) != (si, inter, h) or tuple(up.shape) != (si, inter, h)
+                    or tuple(down.shape) != (si, h, inter) or si == 0 or weight_scales is not None):
+                raise ValueError(f"moe: stacked shared expert weights {tuple(gate.shape)} / {tuple(up.shape)} / "
+                                 f"{tuple(down.shape)} are not gate/up [S, I, H] and down [S, H, I] for I={inter} "
+                                 "(float experts only)")
+        elif (tuple(up.shape) != (si, h) or tuple(gate.shape) != (si, h) or tuple(down.shape) != (h, si)
+                or si % inter or si == 0):
             raise ValueError(f"moe: shared expert weights {tuple(gate.shape)} / {tuple(up.shape)} / "
-                             f"{tuple(down.shape)} are not gate/up [S*I, H] and down [H, S*I] for I={two_i // 2}")
+                             f"{tuple(down.shape)} are not gate/up [S*I, H] and down [H, S*I] for I={inter}")
         if weight_scales is None and shared_scales is not None:
             raise ValueError("moe: shared_scales without FP8 routed experts (weight_scales)")
         if shared_scales is None and any(w.dtype != x.dtype for w in shared):
@@ -1404,9 +1428,13 @@ def _check_routing(x, topk_ids, topk_weights, shared, shared_scale):
     if shared_scale is not None:
         if shared is None:
             raise ValueError("moe: a shared_scale without shared expert weights")
-        if shared_scale.numel() != x.shape[0] or shared_scale.dim() not in (1, 2) or shared_scale.shape[0] != x.shape[0]:
-            raise ValueError(f"moe: shared_scale must be [tokens] or [tokens, 1], got {tuple(shared_scale.shape)} for "
-                             f"{x.shape[0]} tokens")
+        gate, up, down = shared
+        experts = up.shape[0] if up.dim() == 3 else 1  # one factor per token, or per token and stacked expert
+        if (shared_scale.dim() not in (1, 2) or shared_scale.shape[0] != x.shape[0]
+                or shared_scale.shape[1:] not in ((), (1,), (experts,))):
+            raise ValueError(f"moe: shared_scale must be [tokens] or [tokens, 1]" + (
+                f" or [tokens, {experts}] (one per stacked shared expert)" if experts > 1 else "")
+                + f", got {tuple(shared_scale.shape)} for {x.shape[0]} tokens")
         if shared_scale.dtype not in TRITON_DTYPES:
             raise TypeError(f"moe: shared_scale in {shared_scale.dtype}: fp16, bf16 or fp32")
 
@@ -1509,7 +1537,13 @@ def reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "s
         out.index_add_(0, token, y.to(acc) * topk_weights[token, slot, None].to(acc))
     if shared is not None:
         gate, up, down = (None if w is None else w.to(x.dtype) for w in shared)
-        y = torch.nn.functional.linear(glu(activation, None if gate is None else torch.nn.functional.linear(x, gate),
-                                           torch.nn.functional.linear(x, up)), down).to(acc)
-        out += y if shared_scale is None else y * shared_scale.reshape(-1, 1).to(acc)
+        if up.dim() == 2:  # one MLP of intermediate S*I; stacked: each expert's MLP weighted on its own
+            gate, up, down = (None if w is None else w[None] for w in (gate, up, down))
+        per_expert = shared_scale is not None and shared_scale.dim() == 2 and shared_scale.shape[1] == up.shape[0]
+        scale = (torch.ones(t, up.shape[0], dtype=acc, device=x.device) if shared_scale is None
+                 else shared_scale.reshape(t, up.shape[0] if per_expert else 1).to(acc).expand(t, up.shape[0]))
+        for j in range(up.shape[0]):
+            y = torch.nn.functional.linear(glu(activation, None if gate is None else torch.nn.functional.linear(
+                x, gate[j]), torch.nn.functional.linear(x, up[j])), down[j]).to(acc)
+            out += y * scale[:, j, None]
     return out.to(x.dtype)
