@@ -114,8 +114,10 @@ class MoEPass:
                                                       f"{where[1] or '?'} ({where[0]})").path)
                                if impl != "reference" else None)
             else:
-                shared = (_shared_experts(graph, out, inputs, params, fp8_acts=fp8 is not None and act_quant)
+                considered = set()  # stacked shared experts' batched matmuls, fused or not: this top-k's
+                shared = (_shared_experts(graph, out, inputs, params, fp8 is not None and act_quant, considered)
                           if not _gpt_oss_form(params) else None)  # (GPT-OSS has no shared MLP)
+                chosen |= considered
                 if isinstance(shared, dict) and params.get("input_weighted"):
                     shared = "the routing weights scale the experts' input: only the routed experts join the launches"
                 kernel_file = False
@@ -142,7 +144,6 @@ class MoEPass:
                 if isinstance(shared, dict):
                     kernel_file = self._rewrite(graph, list(region) + shared["region"], inputs, shared["out"],
                                                 params, impl, where, options.inline, shared)
-                    chosen |= set(shared["region"])
                     gated = (f", stacked [S, I, H], each weighted per token by its column of {shared['scale'].name}"
                              if shared.get("stacked") and shared["scale"] is not None else ", stacked [S, I, H]"
                              if shared.get("stacked") else
@@ -1143,14 +1144,15 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _VIEWS_AND_CASTS = _VIEWS + (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 
 
-def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union[dict[str, Any], str, None]:
+def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False,
+                    considered: Optional[set] = None) -> Union[dict[str, Any], str, None]:
     """A shared MLP added to the routed output: down(act(gate(x)) * up(x)) on the same hidden states, with the
     routed experts' activation and an intermediate size a multiple of theirs, so it runs as that many more
     experts every token is routed to. None if the routed output meets no such addition; a reason if it meets
     one it cannot take. Checked by running it on random inputs, like the experts. With ``fp8_acts`` (the routed
     experts are W8A8) its three matmuls must be W8A8 FP8 linears too (weights in 128 x 128 blocks, Linear's
     [out, in] storage, activations quantized per row and 128-wide tile); the result then holds their
-    ``scales``."""
+    ``scales``. Stacked shared experts' batched matmuls, whether they join or not, are added to ``considered``."""
     node, views = out, []
     while len(node.users) == 1 and next(iter(node.users)).target in _VIEWS_AND_CASTS:
         node = next(iter(node.users))
@@ -1178,7 +1180,7 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False) -> Union
     def computed_after_x(v: fx.Node) -> set[fx.Node]:  # what computes v from x, graph inputs aside
         return {n for n in ancestors([v], blocked=before_x) - before_x if n.op not in ("placeholder", "get_attr")}
 
-    stacked = _stacked_shared(other, x, before_x, params, fp8_acts)
+    stacked = _stacked_shared(other, x, before_x, params, fp8_acts, considered)
     if stacked is not None:  # Inkling's: three batched matmuls over [S, ..] weights, a factor per shared expert
         if isinstance(stacked, dict):
             stacked.update(region=views + stacked["region"] + [add], out=add, routed_scale=routed_scale)
@@ -1257,7 +1259,8 @@ _LAYOUT = _VIEWS + (aten.permute.default, aten.transpose.int, aten.unsqueeze.def
                     aten.clone.default)
 
 
-def _stacked_shared(other, x, before_x, params, fp8_acts: bool) -> Union[dict[str, Any], str, None]:
+def _stacked_shared(other, x, before_x, params, fp8_acts: bool,
+                    considered: Optional[set] = None) -> Union[dict[str, Any], str, None]:
     """Stacked shared experts added to the routed output (Inkling's): S experts of the routed ones' intermediate
     size stored as gate/up [S, I, H] and down [S, H, I] (or either transposed), multiplied by batched matmuls over
     the hidden states expanded S times, each expert's intermediate times its own per-token factor g [T, S] (which
@@ -1273,6 +1276,8 @@ def _stacked_shared(other, x, before_x, params, fp8_acts: bool) -> Union[dict[st
     bmms = {n for n in computed if n.target == aten.bmm.default}
     if not bmms:
         return None
+    if considered is not None:  # their weights are this top-k's shared experts, whatever comes of them
+        considered.update(bmms)
     if fp8_acts:
         return "stacked shared experts (batched matmuls over [S, I, H] weights) join float experts' launches only"
     if params.get("input_weighted") is not None:

@@ -301,6 +301,26 @@ def test_stacked_shared_experts_stored_transposed_or_computing_something_else(mo
                                                            "stacked gated MLPs"), moe.params
 
 
+def test_stacked_shared_experts_beside_fp8_experts_stay_apart_said_so():
+    """Inkling quantized while compiling (fp8-block): its FP8 routed experts are fused, its stacked shared experts
+    (float kernels only) stay with Inductor with that reason, not as stacked weights no top-k chooses; equal to the
+    same quantized model with no pattern pass."""
+    if not hasattr(transformers, "InklingTextConfig"):
+        pytest.skip("this transformers has no Inkling")
+    cfg = transformers.InklingTextConfig(**{**HF_COMMON, "hidden_size": 128, "num_key_value_heads": 2, "head_dim": 32,
+                                            "moe_intermediate_size": 128, "num_hidden_layers": 1},
+                                         n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=2)
+    model = transformers.InklingForCausalLM(cfg).eval()
+    _randomize_zeros(model)
+    ids, report = torch.randint(0, 256, (1, 7)), deepfuse.Report()
+    fused, unfused = fused_and_unfused_fp8(model, lambda compiled: compiled(ids).logits, report)
+    assert rel_err(fused, unfused) < 1e-3
+    (moe,) = [m for m in report.matches if m.family == "moe"]
+    assert moe.params["shared_experts"] == ("with Inductor (stacked shared experts (batched matmuls over [S, I, H] "
+                                            "weights) join float experts' launches only)"), moe.params
+    assert not [d for d in report.declined if d.family == "moe"], str(report)
+
+
 def test_step3p7_experts_loop_is_traced_and_its_clamp_after_the_silu_is_told_apart():
     """Step-3.7-Flash (transformers 5.17): its experts module has the experts interface's weights and loop but not
     the interface, so Dynamo broke the graph in the loop; deepfuse runs transformers' traceable form of it while
