@@ -1317,11 +1317,13 @@ def _stacked_shared(other, x, before_x, params, fp8_acts: bool,
     reason = escape_reason(region, [other])
     if reason:
         return f"stacked shared experts: {reason}"
-    roles = _verify_stacked(region, other, acts[0], mats, factor, params, value(x))
+    inp = acts[0]
+    like = next((n for n in [inp, *_view_sources(inp)] if tuple(value(n).shape) == tuple(value(other).shape)), None)
+    if like is None or value(inp).dtype != value(x).dtype:
+        return "the stacked shared experts' input is not the experts' hidden states in their dtype and shape"
+    roles = _verify_stacked(region, other, inp, mats, factor, params, value(x))
     if isinstance(roles, str):
         return roles
-    inp = acts[0]
-    like = next((n for n in [inp, *_view_sources(inp)] if tuple(value(n).shape) == tuple(value(other).shape)), inp)
     roles.update(region=region, like=like, scale=factor, stacked=True)
     return roles
 
