@@ -242,7 +242,8 @@ def test_inkling_stacked_shared_experts_join_the_routed_ones():
     its launches as always-chosen experts; the router stays with Inductor."""
     if not hasattr(transformers, "InklingTextConfig"):
         pytest.skip("this transformers has no Inkling")
-    cfg = transformers.InklingTextConfig(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16},
+    cfg = transformers.InklingTextConfig(**{**HF_COMMON, "num_key_value_heads": 2, "head_dim": 16,
+                                            "num_hidden_layers": 1},
                                          n_routed_experts=8, num_experts_per_tok=4, n_shared_experts=2)
     model = transformers.InklingForCausalLM(cfg).eval()
     _randomize_zeros(model)
