@@ -277,6 +277,16 @@ def mla_absorb():
         yield {"num_warps": 4, "num_stages": stages}, fn, pointers, {}, constexprs
 
 
+def mla_absorb_output():
+    """W_UV on the output side at V2 dims (latent 512, v 128), one query block, at the launch's and fewer stages."""
+    fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_absorb_output_kernel")
+    pointers = {"OutLat": "*bf16", "W": "*bf16", "Out": "*bf16"}
+    constexprs = {"stride_wc": 1, "DV": DV, "C": C, "BLOCK_Q": mla.ABSORB_BLOCK_Q, "BLOCK_V": mla.ABSORB_BLOCK_V,
+                  "BLOCK_C": mla.ABSORB_OUT_BLOCK_C}
+    for stages in sorted({1, 4, mla.ABSORB_STAGES}):
+        yield {"num_warps": 4, "num_stages": stages}, fn, pointers, {}, constexprs, ("DN",)
+
+
 def linear_group():
     """The grouped decode projections at V2-Lite's q_proj + kv_a_proj (K 2048), each candidate tile, plain and with
     the input's RMSNorm in the launch (NORM)."""
@@ -354,7 +364,7 @@ def act_quant():
 
 KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: mla_decode(True),
            "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill,
-           "mla_reduce": mla_reduce, "mla_absorb": mla_absorb,
+           "mla_reduce": mla_reduce, "mla_absorb": mla_absorb, "mla_absorb_output": mla_absorb_output,
            "rms_norm": lambda: rms_norm(False), "add_rms_norm": lambda: rms_norm(True), "linear_group": linear_group,
            "fp8_gemm": fp8_gemm, "fp8_decode": fp8_decode, "act_quant": act_quant,
            **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
