@@ -267,24 +267,19 @@ def mla_reduce():
         yield {"NUM_SPLITS": splits, "num_warps": 4, "num_stages": 1}, fn, pointers, {}, constexprs, ("H",)
 
 
-def mla_absorb():
-    """W_UK into the query at V2 dims (nope 128, latent 512), one query block, at the launch's and fewer stages."""
-    fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_absorb_query_kernel")
-    pointers = {"QNope": "*bf16", "W": "*bf16", "QLat": "*bf16"}
-    constexprs = {"stride_wc": 1, "DN": DN, "C": C, "BLOCK_Q": mla.ABSORB_BLOCK_Q, "BLOCK_C": mla.ABSORB_BLOCK_C,
-                  "BLOCK_D": mla.ABSORB_BLOCK_D}
+def mla_absorb(side: str = "query"):
+    """W_UK into the query (nope 128) or W_UV into the output (v 128) at V2 dims (latent 512), one query block, at
+    the launch's and fewer stages."""
+    if side == "query":
+        name, pointers = "mla_absorb_query_kernel", {"QNope": "*bf16", "W": "*bf16", "QLat": "*bf16"}
+        constexprs, divisible = {"DN": DN, "BLOCK_C": mla.ABSORB_BLOCK_C, "BLOCK_D": mla.ABSORB_BLOCK_D}, ()
+    else:
+        name, pointers = "mla_absorb_output_kernel", {"OutLat": "*bf16", "W": "*bf16", "Out": "*bf16"}
+        constexprs, divisible = {"DV": DV, "BLOCK_V": mla.ABSORB_BLOCK_V, "BLOCK_C": mla.ABSORB_OUT_BLOCK_C}, ("DN",)
+    fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function(name)
+    constexprs.update({"stride_wc": 1, "C": C, "BLOCK_Q": mla.ABSORB_BLOCK_Q})
     for stages in sorted({1, 4, mla.ABSORB_STAGES}):
-        yield {"num_warps": 4, "num_stages": stages}, fn, pointers, {}, constexprs
-
-
-def mla_absorb_output():
-    """W_UV on the output side at V2 dims (latent 512, v 128), one query block, at the launch's and fewer stages."""
-    fn = mla.kernels_for(torch.bfloat16, "bench/kernel_resources.py").function("mla_absorb_output_kernel")
-    pointers = {"OutLat": "*bf16", "W": "*bf16", "Out": "*bf16"}
-    constexprs = {"stride_wc": 1, "DV": DV, "C": C, "BLOCK_Q": mla.ABSORB_BLOCK_Q, "BLOCK_V": mla.ABSORB_BLOCK_V,
-                  "BLOCK_C": mla.ABSORB_OUT_BLOCK_C}
-    for stages in sorted({1, 4, mla.ABSORB_STAGES}):
-        yield {"num_warps": 4, "num_stages": stages}, fn, pointers, {}, constexprs, ("DN",)
+        yield {"num_warps": 4, "num_stages": stages}, fn, pointers, {}, constexprs, divisible
 
 
 def linear_group():
@@ -364,7 +359,7 @@ def act_quant():
 
 KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: mla_decode(True),
            "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill,
-           "mla_reduce": mla_reduce, "mla_absorb": mla_absorb, "mla_absorb_output": mla_absorb_output,
+           "mla_reduce": mla_reduce, "mla_absorb": mla_absorb, "mla_absorb_output": lambda: mla_absorb("output"),
            "rms_norm": lambda: rms_norm(False), "add_rms_norm": lambda: rms_norm(True), "linear_group": linear_group,
            "fp8_gemm": fp8_gemm, "fp8_decode": fp8_decode, "act_quant": act_quant,
            **{f"moe_{kind}{suffix}": (lambda fmt=fmt, kind=kind: moe_experts(fmt, kind))
