@@ -70,10 +70,10 @@ def test_absorbed_and_expanded_agree_on_one_query_many_splits():
 
 
 @pytest.mark.parametrize("b,s,h,dv,c", [(3, 7, 2, 40, 96), (1, 1, 20, 16, 32), (0, 1, 4, 16, 32)], ids=str)
-def test_absorbed_query_and_output_tiles(b, s, h, dv, c):
+def test_absorbed_query_and_output_tiles(b, s, h, dv, c, poisoned_empty):
     """The absorptions' tiles: more queries than one 16-row block, a latent width that is no multiple of its
-    64-wide slices, output heads off the 32-wide slices, heads past one head block, no queries at all; and
-    kv_b_proj's weight stored transposed (its rows not unit-strided)."""
+    64- and 128-wide slices, value heads off the 16-wide output slices, heads past one head block, no queries at
+    all; and kv_b_proj's weight stored transposed (its rows not unit-strided). Every buffer starts as NaN."""
     dn, r, t = 16, 8, 45
     q_nope, q_pe, c_kv, k_pe, _ = _inputs(b, s, t, h, dn, r, dv, c, torch.float32)
     w = (torch.randn(c, h * (dn + dv)) / c ** 0.5).t()  # [H*(DN+DV), C] with strides (1, H*(DN+DV))
