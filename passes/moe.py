@@ -688,13 +688,14 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
                         "after a graph break): the experts region has no single output to replace")
             return _graph_break_reason()
         return "no [tokens, hidden] value that every path from the router passes through"
-    found = _ids_within_experts(topk, _region_to(graph, topk, ids, t, k, down, out))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    found = _ids_within_experts(topk, _region_to(topk, ids, t, k, down, out, order))
     if isinstance(found, str):
         # Experts over a latent (Nemotron-3-Super's: x projected to a narrower width before them, their sum
         # projected back after): the region to the first [tokens, width] value the router's paths all pass
         # through at another width, when that one takes in experts the check can then run.
         for latent in _post_dominators(graph, topk, down, t, exclude=hidden):
-            at_latent = _ids_within_experts(topk, _region_to(graph, topk, ids, t, k, down, latent))
+            at_latent = _ids_within_experts(topk, _region_to(topk, ids, t, k, down, latent, order))
             if not isinstance(at_latent, str) and hint(value(at_latent[1]["x"]).shape[1]) == hint(
                     value(latent).shape[1]):
                 return at_latent
@@ -702,11 +703,10 @@ def _experts_region(graph: fx.Graph, topk: fx.Node):
         # steers (Inkling's shared experts, weighted by the router's logits beside the chosen ones): the region
         # to an earlier [tokens, hidden] value, the first that is the output of experts; what it computes is
         # then checked by running it, and the rest stays with Inductor.
-        order = {n: i for i, n in enumerate(graph.nodes)}
         for earlier in sorted(down, key=order.__getitem__):
             if order[earlier] >= order[out] or not _is(earlier, (t, hidden), floating=True):
                 continue
-            region = _region_to(graph, topk, ids, t, k, down, earlier)
+            region = _region_to(topk, ids, t, k, down, earlier, order)
             at_earlier = _ids_within_experts(topk, region)
             if not isinstance(at_earlier, str):
                 return at_earlier
@@ -729,12 +729,11 @@ def _ids_within_experts(topk: fx.Node, found):
     return found
 
 
-def _region_to(graph, topk, ids, t, k, down, out):
-    """``_experts_region`` once its output ``out`` is chosen."""
+def _region_to(topk, ids, t, k, down, out, order: dict):
+    """``_experts_region`` once its output ``out`` is chosen (``order``: the graph's nodes by position)."""
     upstream = ancestors([out])
     candidates = [n for n in down & upstream if n is not out]
     # The routing weights: the last [T, k] float value on the way (after gather / renormalize / scale).
-    order = {n: i for i, n in enumerate(graph.nodes)}
     weights = [n for n in candidates if _is(n, (t, k), floating=True)]
     if not weights:
         return "no [tokens, k] routing weights flow into the experts"
