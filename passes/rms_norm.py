@@ -23,7 +23,8 @@ aten, prims = torch.ops.aten, torch.ops.prims
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HIDDEN = 65536  # the single-pass kernel keeps a whole row in registers
 # Writes into another tensor, by where the written values are among the arguments: a norm whose every result
-# ends up only there (a latent cache's write) is left to Inductor, which computes it inside that write's kernel.
+# ends up only there (a latent cache's write; a key norm's, through the rope, into HF's StaticCache) is left to
+# Inductor, which computes it inside that write's kernel.
 _WRITES = {
     aten.index_put.default: 2, aten.index_put_.default: 2, aten.index_copy.default: 3, aten.index_copy_.default: 3,
     aten.slice_scatter.default: 1, aten.select_scatter.default: 1, aten.copy_.default: 1, aten.copy.default: 1,
@@ -114,8 +115,9 @@ def _only_stored(node: fx.Node) -> bool:
                 torch.Tag.pointwise in user.target.tags or user.target in _ROW_REDUCTIONS
                 or torch.Tag.view_copy in user.target.tags or cast_dtype(user) is not None
                 or user.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                                   aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
-                                   aten.slice.Tensor, aten.select.int, aten.clone.default))
+                                   aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.permute.default,
+                                   aten.transpose.int, aten.slice.Tensor, aten.select.int, aten.clone.default,
+                                   aten.cat.default))  # (a rope's rotate_half: Inductor computes a cat pointwise)
             if not fusable:
                 return False
             if user not in seen:

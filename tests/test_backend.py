@@ -89,6 +89,29 @@ def test_a_norm_only_stored_is_left_to_inductor(read):
         assert fused or "only stored" in report.declined[0].reason, str(report)
 
 
+def test_a_key_norm_before_a_static_cache_is_left_to_inductor():
+    """HF Qwen3 over transformers' StaticCache: k_norm's result goes through the rope (a cat among its ops) into the
+    cache's index_copy_ and nowhere else, so it is left to Inductor's write kernel; q_norm's reaches the attention
+    and is fused. Logits equal eager's."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=64)
+    model, ids = transformers.Qwen3ForCausalLM(cfg).eval(), torch.randint(0, 128, (1, 5))
+
+    def run(m):
+        return m(ids, past_key_values=transformers.StaticCache(config=cfg, max_cache_len=16), use_cache=True).logits
+
+    torch._dynamo.reset()
+    report = deepfuse.Report()
+    with torch.no_grad(), deepfuse.collect(report):
+        assert rel_err(run(torch.compile(model, backend="deepfuse", options={"interpret": True})), run(model)) < 1e-5
+    norms = {m.module.split(".")[-1] for m in report.matches if m.family == "rms_norm"}
+    assert "q_norm" in norms and "k_norm" not in norms, str(report)
+    declined = [(d.module.split(".")[-1], d.reason[:25]) for d in report.declined]
+    assert declined == [("k_norm", "its result is only stored")], str(report)
+
+
 @pytest.fixture
 def specialized_floats():
     with torch._dynamo.config.patch(specialize_float=True):
