@@ -97,8 +97,9 @@ def rms_pattern(residual: bool) -> Pattern:
 
 
 def _only_stored(node: fx.Node) -> bool:
-    """Whether every use of ``node`` ends, through pointwise ops, views, casts and per-row maxima, as the values
-    of a write into another tensor (``_WRITES``): nothing downstream reads it in a matmul or a deepfuse op."""
+    """Whether every use of ``node`` ends, through pointwise ops, views, casts, concatenations and per-row maxima,
+    as the values of a write into another tensor (``_WRITES``): nothing downstream reads it in a matmul or a
+    deepfuse op."""
     todo, seen, stored = [node], {node}, False
     while todo:
         n = todo.pop()
@@ -107,7 +108,7 @@ def _only_stored(node: fx.Node) -> bool:
                 return False
             at = _WRITES.get(user.target)
             if at is not None:
-                if any(a is n for i, a in enumerate(user.args) if i != at):
+                if any(n in (a if isinstance(a, (list, tuple)) else [a]) for i, a in enumerate(user.args) if i != at):
                     return False  # written into, or an index
                 stored = True
                 continue
