@@ -144,8 +144,10 @@ class MoEPass:
                 if isinstance(shared, dict):
                     kernel_file = self._rewrite(graph, list(region) + shared["region"], inputs, shared["out"],
                                                 params, impl, where, options.inline, shared)
-                    gated = (f", stacked [S, I, H], each weighted per token by its column of {shared['scale'].name}"
-                             if shared.get("stacked") and shared["scale"] is not None else ", stacked [S, I, H]"
+                    scale = shared["scale"]
+                    gated = (f", stacked [S, I, H], each weighted per token by its column of {scale.name} (the [T, S] "
+                             f"weights of {module_path(scale) or 'this graph'})"
+                             if shared.get("stacked") and scale is not None else ", stacked [S, I, H]"
                              if shared.get("stacked") else
                              f", weighted per token by {shared['scale'].name} (a gated shared MLP)"
                              if shared["scale"] is not None else "")

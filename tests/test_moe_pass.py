@@ -255,6 +255,7 @@ def test_inkling_stacked_shared_experts_join_the_routed_ones():
         assert m.params["routing"].startswith("top-k kernel (the router reads"), m.params
         assert m.params["shared_experts"].startswith("fused: 2 always-chosen experts of 32, stacked [S, I, H], each "
                                                      "weighted per token by its column of"), m.params
+        assert m.params["shared_experts"].endswith("(the [T, S] weights of model.layers.0.mlp.gate)"), m.params
     assert not [d for d in report.declined if d.family == "moe"], str(report)
 
 
