@@ -1428,7 +1428,7 @@ def _check_routing(x, topk_ids, topk_weights, shared, shared_scale):
     if shared_scale is not None:
         if shared is None:
             raise ValueError("moe: a shared_scale without shared expert weights")
-        gate, up, down = shared
+        up = shared[1]
         experts = up.shape[0] if up.dim() == 3 else 1  # one factor per token, or per token and stacked expert
         if (shared_scale.dim() not in (1, 2) or shared_scale.shape[0] != x.shape[0]
                 or shared_scale.shape[1:] not in ((), (1,), (experts,))):
