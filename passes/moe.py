@@ -144,15 +144,9 @@ class MoEPass:
                 if isinstance(shared, dict):
                     kernel_file = self._rewrite(graph, list(region) + shared["region"], inputs, shared["out"],
                                                 params, impl, where, options.inline, shared)
-                    scale = shared["scale"]
-                    gated = (f", stacked [S, I, H], each weighted per token by its column of {scale.name} (the [T, S] "
-                             f"weights of {module_path(scale) or 'this graph'})"
-                             if shared.get("stacked") and scale is not None else ", stacked [S, I, H]"
-                             if shared.get("stacked") else
-                             f", weighted per token by {shared['scale'].name} (a gated shared MLP)"
-                             if shared["scale"] is not None else "")
                     params["shared_experts"] = (f"fused: {shared['count']} always-chosen experts of "
-                                                f"{params['intermediate']}{gated}" if kernel_file is not False else
+                                                f"{params['intermediate']}{_shared_form(shared)}"
+                                                if kernel_file is not False else
                                                 "with Inductor (the fused launch could not be traced in)")
                 elif shared is not None:
                     params["shared_experts"] = f"with Inductor ({shared})"
@@ -1239,8 +1233,9 @@ def _shared_experts(graph, out, inputs, params, fp8_acts: bool = False,
     if (iv is None or av is None or iv.dtype != xv.dtype or av.dtype != xv.dtype or like is None
             or hint(iv.shape[-1]) != hidden or hint(iv.numel()) != hint(xv.numel())):
         return "the shared MLP's input is not the experts' hidden states in their dtype and shape"
-    if _too_many_tokens(xv):
-        return _too_many_tokens(xv)
+    too_many = _too_many_tokens(xv)
+    if too_many:
+        return too_many
     if scale is not None:
         shared.append(other)
     if fp8_scales is not None and set(mats) != set(fp8_scales):
@@ -1281,10 +1276,9 @@ def _stacked_shared(other, x, before_x, params, fp8_acts: bool,
         considered.update(bmms)
     if fp8_acts:
         return "stacked shared experts (batched matmuls over [S, I, H] weights) join float experts' launches only"
-    if params.get("input_weighted") is not None:
-        return "the routing weights scale the experts' input: only the routed experts join the launches"
-    if _too_many_tokens(value(x)):
-        return _too_many_tokens(value(x))
+    too_many = _too_many_tokens(value(x))
+    if too_many:
+        return too_many
     # the factor: a [T, S] value, computed apart from the batched matmuls, that multiplies what they compute
     # through layout ops only
     tokens, count = hint(value(x).shape[0]), hint(value(end.args[0]).shape[0])
@@ -1303,10 +1297,9 @@ def _stacked_shared(other, x, before_x, params, fp8_acts: bool,
     inputs = {factor} if factor is not None else set()
     region = {n for n in ancestors([other], blocked=before_x | inputs) - before_x - inputs
               if n.op not in ("placeholder", "get_attr")}
-    mats = [m for m in {a for n in region for a in n.all_input_nodes} - region
-            if m.op in ("placeholder", "get_attr") and value(m) is not None and value(m).dim() == 3]
-    acts = [a for a in {a for n in region for a in n.all_input_nodes} - region - set(mats) - inputs
-            if isinstance(value(a), torch.Tensor) and value(a).numel() > 1]
+    read = {a for n in region for a in n.all_input_nodes} - region  # the region's inputs
+    mats = [m for m in read if m.op in ("placeholder", "get_attr") and value(m) is not None and value(m).dim() == 3]
+    acts = [a for a in read - set(mats) - inputs if isinstance(value(a), torch.Tensor) and value(a).numel() > 1]
     bmms = [n for n in region if n.target == aten.bmm.default]
     if len(bmms) != 3 or len(mats) != 3 or len(acts) != 1 or acts[0] not in _view_sources(x):
         return (f"stacked shared experts: {len(bmms)} batched matmuls over {len(mats)} stacked weights of "
@@ -1373,6 +1366,15 @@ def _verify_stacked(region, out, inp, mats, factor, params, xv) -> Union[dict[st
                             "transposed": dict(zip(("gate", "up", "down"), flips))}
     return ("the value added to the experts is not stacked gated MLPs with the experts' activation, each weighted "
             "per token (checked on random inputs)")
+
+
+def _shared_form(shared: dict) -> str:
+    """How fused shared experts are stored and weighted, for explain (after their count and size)."""
+    scale = shared["scale"]
+    if shared.get("stacked"):
+        return ", stacked [S, I, H]" + (f", each weighted per token by its column of {scale.name} (the [T, S] weights "
+                                        f"of {module_path(scale) or 'this graph'})" if scale is not None else "")
+    return f", weighted per token by {scale.name} (a gated shared MLP)" if scale is not None else ""
 
 
 def _too_many_tokens(xv) -> Optional[str]:
@@ -1543,7 +1545,7 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    drawn = _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, 98, activation)
+    drawn = _two_matrix_check(shared, out, inp, mats, xv, scale, 98, activation)
     if isinstance(drawn, str):
         return drawn
     module, x, extra, gen, acc, tol = drawn
@@ -1576,20 +1578,18 @@ def _verify_fused_shared(shared, out, inp, mats, shapes, hidden, inter, activati
     return "the value added to the experts is not a gated MLP with the experts' activation (checked on random inputs)"
 
 
-def _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, seed, activation):
+def _two_matrix_check(shared, out, inp, mats, xv, scale, seed, activation):
     """What the checks of a two-matrix shared MLP run: (the region as a module, random hidden states [rows, hidden],
     the per-token factor as the region reads it, in a list, if ``scale``; the generator that drew them, for the
     weights; the reference's dtype and the tolerance), or why the region cannot be run."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    modules = _checked_forms(shared, [inp] + list(mats) + ([scale] if scale is not None else []), out,
-                             "the shared MLP", False)
-    if isinstance(modules, str):
-        return modules
     with unset_fake_temporarily(), torch.no_grad():
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        rows = max(hint(xv.shape[0]), 1)
-        x = (torch.randn(rows, hidden, generator=gen) * _check_scale(shared, activation)).to(xv.device, xv.dtype)
+        drawn = _drawn_check(shared, [inp] + list(mats) + ([scale] if scale is not None else []), out,
+                             "the shared MLP", False, xv, {}, activation, seed)
+        if isinstance(drawn, str):
+            return drawn
+        modules, x, _, gen, rows = drawn
         factor = torch.rand(rows, 1, generator=gen) + 0.5  # away from 1, so an ignored factor shows
         extra = [] if scale is None else [factor.to(xv.device, value(scale).dtype).view(
             tuple(hint(d) for d in value(scale).shape))]
@@ -1606,7 +1606,7 @@ def _verify_ungated_shared(shared, out, inp, mats, shapes, hidden, inter, activa
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    drawn = _two_matrix_check(shared, out, inp, mats, hidden, xv, scale, 97, activation)
+    drawn = _two_matrix_check(shared, out, inp, mats, xv, scale, 97, activation)
     if isinstance(drawn, str):
         return drawn
     module, x, extra, gen, acc, tol = drawn

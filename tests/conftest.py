@@ -61,7 +61,7 @@ def compile_and_compare(model, inputs, tol, **options):
         report = deepfuse.Report()
         with deepfuse.collect(report):
             out = torch.compile(model, backend="deepfuse", options=options)(*inputs)
-    ref, out = (getattr(v, "logits", None) if hasattr(v, "logits") else getattr(v, "last_hidden_state", v)
+    ref, out = (v.logits if hasattr(v, "logits") else getattr(v, "last_hidden_state", v)
                 for v in (ref, out))  # a causal LM's logits, a bare model's hidden states
     for o, r in zip(out, ref) if isinstance(out, tuple) else [(out, ref)]:
         assert rel_err(o, r) < tol
