@@ -1,7 +1,7 @@
 """Where a compiled prefill's time goes: the GPU's work, the host's, and what the first call spends compiling.
 
     python bench/prefill_host.py --out DIR [--layers 27] [--prefill 2048] [--compile blocks|whole] [--tag NAME]
-        [--profile-compile] [--last-logits]
+        [--profile-compile] [--last-logits] [--quantize fp8-block [--quantize-skip self_attn]]
 
 The bundled DeepSeek-V2-Lite (random weights, bf16) compiled by deepfuse as bench/e2e.py compiles it, one prompt
 of --prefill tokens, batch 1 (with --last-logits the last position's logits only, as generate() prefills; else
@@ -112,6 +112,10 @@ def main():
                         help="the last position's logits only (logits_to_keep=1), as generate() prefills")
     parser.add_argument("--profile-compile", action="store_true",
                         help="profile the first call (cProfile slows the compile's Python: its wall time grows)")
+    parser.add_argument("--quantize", default=None, choices=("fp8-block", "int8-weight"),
+                        help="options['quantize'] as in bench/e2e.py: the bf16 weights converted while compiling")
+    parser.add_argument("--quantize-skip", default="",
+                        help="with --quantize: options['quantize_skip'], comma-separated module-path patterns")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/prefill_host.py measures the GPU: it needs CUDA")
@@ -120,16 +124,19 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     cfg = get_config("v2-lite", num_hidden_layers=args.layers)
     model = DeepSeekForCausalLM.from_config(cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    options = {}
+    if args.quantize:
+        options = {"quantize": args.quantize, "quantize_skip": tuple(p for p in args.quantize_skip.split(",") if p)}
     if args.compile == "blocks":
         for layer in model.model.layers:
-            layer.compile(backend="deepfuse", dynamic=False)
+            layer.compile(backend="deepfuse", dynamic=False, options=options)
         forward = model
     else:
-        forward = torch.compile(model, backend="deepfuse", dynamic=False)
+        forward = torch.compile(model, backend="deepfuse", dynamic=False, options=options)
     prompt = the_prompt(cfg, args.prefill)  # e2e.py's prompt
     cache = model.new_cache(1, args.prefill)
     result = {"environment": environment(), "layers": args.layers, "prefill": args.prefill, "compile": args.compile,
-              "last_logits": args.last_logits}
+              "last_logits": args.last_logits, "deepfuse_options": options}
     keep = prefill_kwargs(args)  # e2e.py's, for its --last-logits
     with torch.no_grad():
         call = lambda: forward(prompt, 0, cache, **keep)  # noqa: E731
