@@ -1,10 +1,11 @@
-"""The MoE router at decode sizes, deepfuse's two forms side by side: the graph's (casts, cuBLAS matmul in
-fp32, then the routing kernel) and the fused one (``routing.route_hidden``: the matmul split over the hidden
-size, summed in the routing kernel), each replayed as a CUDA graph over router-weight copies past twice the L2
-(what the pass's compile-time timing does). For the V2-Lite and V3 routers; prints a table, writes JSON with
---out. It backs ``ROUTER_MATMUL_MAX_WEIGHT_BYTES`` in runtime/kernels/routing.py.
+"""The MoE router, deepfuse's two forms side by side: the graph's (casts, cuBLAS matmul in fp32, then the routing
+kernel) and the fused one (``routing.route_hidden``: up to ``ROUTER_MATMUL_MAX_TOKENS`` tokens the matmul split
+over the hidden size, summed in the routing kernel; past them tiled on the tensor cores, bf16 products in fp32),
+each replayed as a CUDA graph over router-weight copies past twice the L2 (what the pass's compile-time timing
+does). For the V2-Lite and V3 routers; prints a table, writes JSON with --out. It backs
+``ROUTER_MATMUL_MAX_WEIGHT_BYTES`` and ``ROUTER_MATMUL_MAX_TOKENS`` in runtime/kernels/routing.py.
 
-    python3 bench/moe_router.py --out DIR [--tokens 1,8,32,64]
+    python3 bench/moe_router.py --out DIR [--tokens 1,8,32,64,65,512,2048,4096]
 """
 import argparse
 
@@ -25,7 +26,7 @@ ROUTERS = {  # name: (spec, experts, hidden)
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
-    parser.add_argument("--tokens", default="1,8,32,64")
+    parser.add_argument("--tokens", default="1,8,32,64,65,512,2048,4096")
     args = parser.parse_args()
     device, rows = torch.device("cuda"), Rows(args.out, "moe_router")  # written as it grows
     for name, (spec, e, h) in ROUTERS.items():

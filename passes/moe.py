@@ -19,11 +19,12 @@ its nodes, each run on random logits) and becomes one ``deepfuse::moe_routing``;
 its aten ops but for the final top-k. A shared MLP added to the routed output (checked by running it too)
 runs as always-chosen experts in the same launches, up to ``SHARED_FUSED_MAX_TOKENS`` tokens; so do shared
 experts stacked [S, I, H] and multiplied by batched matmuls, each weighted per token (Inkling's). At decode sizes
-(up to ``routing.ROUTER_MATMUL_MAX_TOKENS`` tokens, a static count, and a router weight of at most
-``routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES``) the router matmul itself is deepfuse's (``deepfuse::moe_router``:
-one launch split over the hidden size, its operands read as the model holds them, whose partial sums the
-routing kernel adds up), where on a GPU it times faster than the graph's casts and matmul followed by the
-routing kernel; otherwise the matmul stays with Inductor.
+(up to ``routing.ROUTER_MATMUL_MAX_TOKENS`` tokens and a router weight of at most
+``routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES``), and past that token count with any router weight (a static count
+either way), the router matmul itself is deepfuse's (``deepfuse::moe_router``: one launch split over the hidden size, or tiled on the
+tensor cores past the token limit, its operands read as the model holds them, then the routing kernel), where on
+a GPU it times faster than the graph's casts and matmul followed by the routing kernel; otherwise the matmul
+stays with Inductor.
 """
 from __future__ import annotations
 
@@ -1685,9 +1686,8 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
     if logits.target != aten.mm.default or logits.kwargs:
         return f"the logits come from {logits.target}, not a plain matmul"
     rows = value(logits).shape[0]
-    if not isinstance(rows, int) or rows > routing.ROUTER_MATMUL_MAX_TOKENS:
-        return (f"{rows} tokens: past the {routing.ROUTER_MATMUL_MAX_TOKENS} the fused router matmul takes"
-                if isinstance(rows, int) else "a token count known only at run time")
+    if not isinstance(rows, int):
+        return "a token count known only at run time"
     inside = set(region)
     if any(u not in inside for u in logits.users):
         return "the logits are read outside the router (returned for an auxiliary loss, say)"
@@ -1696,9 +1696,10 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
         return "the router weight is not a tensor the model holds (seen through a transpose and a cast)"
     w, _, nodes = stored
     size = value(w).numel() * value(w).element_size()
-    if size > routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES:
+    if size > routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES and rows <= routing.ROUTER_MATMUL_MAX_TOKENS:
         return (f"the router weight ({size >> 10} KiB) is past the {routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES >> 10} "
-                "KiB up to which the fused router matmul is tried (every token reads all of it)")
+                f"KiB up to which the fused router matmul is tried at up to {routing.ROUTER_MATMUL_MAX_TOKENS} "
+                "tokens (every token reads all of it)")
     x = logits.args[0]
     if is_plain_cast(x) and len(x.users) == 1 and value(x.args[0]) is not None \
             and value(x.args[0]).dtype in TRITON_DTYPES:
@@ -1736,8 +1737,9 @@ def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[f
                 else:
                     routing.route(torch.mm(x.to(mm_dtype), w.to(mm_dtype).t()), b, spec, out_dtype, expert_scale=s)
 
+        dot = routing.dot_dtype_for(xv.dtype, wv.dtype, mm_dtype)
         key = (f"moe_router|{wv.shape[0]}x{wv.shape[1]}|{wv.dtype}|{xv.dtype}->{mm_dtype}|"
-               f"{routing.kernel_for(spec, origin, router_matmul=mm_dtype).key}")
+               f"{routing.kernel_for(spec, origin, router_matmul=mm_dtype, dot_dtype=dot).key}")
         # The unfused form first: with autotuning off, the form already run on GPUs.
         return autotune.choose(key, xv.shape[0], [{"fused": False}, {"fused": True}], run, device)["fused"]
 

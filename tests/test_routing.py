@@ -159,15 +159,17 @@ def test_pass_fuses_a_router_only_once_checked(variant, reason):
 @pytest.mark.parametrize("variant,tokens,where", [
     ({}, 6, "in deepfuse's router kernels"),
     ({"fp32_router": True}, 6, "in deepfuse's router kernels"),  # both casts read through: the kernels cast in registers
-    ({}, 65, "past the 64"),
+    ({}, 65, "in deepfuse's router kernels"),  # past the split form's 64 tokens: the tiled one
     ({"return_logits": True}, 6, "read outside the router"),
     ({"e": 16, "h": 8200}, 2, "KiB up to which the fused router matmul is tried"),  # 512 KiB fp32, past a 256 KiB limit
+    ({"e": 16, "h": 8200}, 65, "in deepfuse's router kernels"),  # the tiled form reads it once per 16 tokens
 ])
 def test_router_matmul_runs_in_the_routing_kernel_at_decode_sizes(variant, tokens, where, monkeypatch):
-    """At a few tokens the logits' matmul joins the routing kernel, its operands read as stored (a half weight
-    and half-rounded hidden states multiplied in fp32 included); past the limits (the weight one lowered here, so
-    that the interpreter runs a small model), or with the logits needed elsewhere, it stays with Inductor and
-    the routing kernel takes the logits. Outputs checked against eager."""
+    """The logits' matmul runs in deepfuse's launches, its operands read as stored (a half weight and
+    half-rounded hidden states multiplied in fp32 included): split over the hidden size at a few tokens, tiled
+    past them; past the split form's weight limit (lowered here, so that the interpreter runs a small model), or
+    with the logits needed elsewhere, it stays with Inductor and the routing kernel takes the logits. Outputs
+    checked against eager."""
     monkeypatch.setattr(routing, "ROUTER_MATMUL_MAX_WEIGHT_BYTES", 256 << 10)
     report = compile_and_compare(_Router(**variant), (torch.randn(tokens, variant.get("h", 16)),), 1e-5,
                                  interpret=True)
@@ -176,15 +178,22 @@ def test_router_matmul_runs_in_the_routing_kernel_at_decode_sizes(variant, token
     assert where in m.params["router_matmul"], m.params
 
 
-def test_interpreted_router_matmul_equals_float64():
+@pytest.mark.parametrize("tokens", [40, 100])
+def test_interpreted_router_matmul_equals_float64(tokens):
     """route_hidden against the matmul in float64 then the reference routing: mixed operand dtypes, a matmul
-    dtype that rounds (fp16), a hidden size off the K tile, a non-contiguous router weight, V3's routing."""
+    dtype that rounds (fp16), a hidden size off the K tile, a non-contiguous router weight, V3's routing; split
+    over the hidden size at 40 tokens, tiled at 100 (its fp16 products on the tensor cores, the fp32 ones in
+    IEEE precision, the last of seven 16-token tiles ragged, hidden states with a row stride past their width;
+    bf16's dot is the GPU test's: the interpreter's is wrong)."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     spec = SPECS[4]
     for x_dtype, w_dtype, mm_dtype in [(torch.float16, torch.float16, torch.float32),
                                        (torch.float32, torch.float16, torch.float16),
+                                       (torch.float32, torch.float32, torch.float32),
                                        (torch.bfloat16, torch.bfloat16, torch.float32)]:
-        x = torch.randn(40, 200, generator=gen).to(x_dtype)
+        if tokens > routing.ROUTER_MATMUL_MAX_TOKENS and x_dtype == torch.bfloat16:
+            continue
+        x = torch.randn(tokens, 232, generator=gen).to(x_dtype)[:, :200]
         w = (torch.randn(200, 16, generator=gen) / 200 ** 0.5).to(w_dtype).t()  # [16, 200], strides (1, 16)
         bias = torch.randn(16, generator=gen) * 0.1
         logits = torch.nn.functional.linear(x.to(mm_dtype), w.to(mm_dtype))  # the graph's own rounding
@@ -206,12 +215,14 @@ def test_interpreted_router_matmul_equals_float64():
                                     1e-5 if mm_dtype == torch.float32 else 2e-3), (x_dtype, mm_dtype)
 
 
-def test_interpreted_router_matmul_of_many_experts_and_splits():
-    """V3's router (256 experts in 8 groups, sigmoid, bias) at a hidden size of 2100: 17 splits x 4 expert blocks
-    of one 64 x 128 weight tile each, the last split ragged, summed by the routing kernel 16 splits at a time."""
+@pytest.mark.parametrize("tokens", [5, 70])
+def test_interpreted_router_matmul_of_many_experts_and_splits(tokens):
+    """V3's router (256 experts in 8 groups, sigmoid, bias) at a hidden size of 2100: at 5 tokens 17 splits x 4
+    expert blocks of one 64 x 128 weight tile each, the last split ragged, summed by the routing kernel 16 splits
+    at a time; at 70, tiles of 16 tokens x 64 experts, the last K step of 64 ragged."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     spec, e = MODEL_SPECS[1]
-    x = torch.randn(5, 2100, generator=gen).half()
+    x = torch.randn(tokens, 2100, generator=gen).half()
     w = (torch.randn(e, 2100, generator=gen) / 2100 ** 0.5).half()
     bias = torch.randn(e, generator=gen) * 0.1
     logits = torch.nn.functional.linear(x.float(), w.float())
@@ -258,11 +269,12 @@ def test_gpu_routing_equals_float64(t, spec, experts, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 7, 64])
+@pytest.mark.parametrize("t", [1, 7, 64, 65, 2048])
 @pytest.mark.parametrize("spec,experts", MODEL_SPECS)
 def test_gpu_router_matmul_equals_float64(t, spec, experts):
-    """deepfuse's router matmul (split over the hidden size) at the model shapes: bf16 hidden states and router weight
-    multiplied in fp32 (DeepSeek's form), against the float64 matmul then the reference routing, on rows whose
+    """deepfuse's router matmul (split over the hidden size up to 64 tokens, tiled past them: bf16 products on the
+    tensor cores) at the model shapes: bf16 hidden states and router weight multiplied in fp32 (DeepSeek's form),
+    against the float64 matmul then the reference routing, on rows whose
     k-th choice is clear of the next one by more than fp32 rounding of the logits moves it."""
     x = torch.randn(t, 2048, device="cuda").bfloat16()
     w = (torch.randn(experts, 2048, device="cuda") / 2048 ** 0.5).bfloat16()

@@ -25,21 +25,22 @@ from deepfuse.codegen import KernelTemplate, cache_dir, generate, memo
 from deepfuse.runtime.kernels import TRITON_DTYPES
 
 MAX_EXPERTS = 1024
-# Tokens up to which the moe pass tries the router matmul beside the routing kernel (route_hidden): every token
-# reads the whole [E, H] router weight (from L2 after the first), which at decode sizes replaces a weight cast, a
-# GEMV, its reduction and the logits' round trip (about 5 us per V2-Lite layer on H200, bench/RESULTS.md), and
-# past a few dozen tokens costs more L2 traffic than one GEMM reading it once. Within the limit the pass times
-# both forms on the GPU at compile time and keeps the faster; the limit itself comes from that reasoning, not
-# from a measurement.
+# Tokens up to which the router matmul is split over the hidden size, each token reading the whole [E, H] router
+# weight (from L2 after the first): at decode sizes that replaces a weight cast, a GEMV, its reduction and the
+# logits' round trip (about 5 us per V2-Lite layer on H200, bench/RESULTS.md), and past a few dozen tokens costs
+# more L2 traffic than one GEMM reading it once; past it the matmul is tiled (moe_router_logits_kernel: BLOCK_T
+# tokens a program, tl.dot), the form for prefill. The pass times the chosen form against the graph's on the GPU
+# at compile time and keeps the faster; the limit itself comes from that reasoning, not from a measurement.
 ROUTER_MATMUL_MAX_TOKENS = 64
-# And for a router weight up to V3's 256 x 7168 bf16 (3.5 MiB; V2-Lite's 64 x 2048 is 256 KiB): every token reads
-# it all, at 64 tokens 224 MiB of L2 traffic where a GEMM reads it once, so the compile-time timing decides. On
-# H200 the fused form took 6.7 against 13.7 us for V2-Lite's router at one token; V3's, split over the hidden
-# size alone, 48 against 20 (bench/moe_router.py); the split over experts too that followed is unmeasured.
+# And for the split form, a router weight up to V3's 256 x 7168 bf16 (3.5 MiB; V2-Lite's 64 x 2048 is 256 KiB):
+# every token reads it all, at 64 tokens 224 MiB of L2 traffic where a GEMM reads it once, so the compile-time
+# timing decides. On H200 the fused form took 6.7 against 13.7 us for V2-Lite's router at one token; V3's, split
+# over the hidden size alone, 48 against 20 (bench/moe_router.py); the split over experts too that followed is
+# unmeasured. The tiled form reads the weight once per BLOCK_T tokens and has no such limit.
 ROUTER_MATMUL_MAX_WEIGHT_BYTES = 4 << 20
-# The router matmul's split over the hidden size: programs per token, each reading a [E, BLOCK_K] weight tile
-# per step. One program streaming all of V2-Lite's 256 KiB took 15.5 us per layer at 32 tokens (H200, in the
-# decode step), more than cuBLAS's two launches. The routing kernel then adds the splits' partial sums up,
+# The split form: programs per token, each reading a [E, BLOCK_K] weight tile per step. One program streaming all
+# of V2-Lite's 256 KiB took 15.5 us per layer at 32 tokens (H200, in the decode step), more than cuBLAS's two
+# launches. The routing kernel then adds the splits' partial sums up,
 # ROUTER_SUM_VALUES at a time (V2-Lite 16 splits x 64 experts at once, V3 16 x 256 per step).
 ROUTER_MAX_SPLITS = 64
 ROUTER_SUM_VALUES = 4096
@@ -145,8 +146,9 @@ def moe_routing_kernel(
 )
 
 _LOAD_LOGITS = 'logits = tl.load(Logits + t * stride_l + expert, mask=valid, other=float("-inf")).to(tl.float32)'
-# The router's matmul split over the hidden size, one launch before the routing: both operands read as stored
-# and rounded to the graph's matmul dtype (what its casts did), products accumulated in fp32 like cuBLAS's.
+# The router's matmul in one launch before the routing, split over the hidden size per token (a few tokens) or
+# tiled (many): both operands read as stored and rounded to the graph's matmul dtype (what its casts did),
+# products accumulated in fp32 like cuBLAS's.
 _ROUTER_PARTIAL_KERNEL = """
 @triton.jit
 def moe_router_partial_kernel(
@@ -172,7 +174,31 @@ def moe_router_partial_kernel(
     tl.store(Partials + (t * tl.num_programs(1) + split) * E + experts, acc, mask=experts < E)
 
 
-# The routing, over the sum of the splits above.
+@triton.jit
+def moe_router_logits_kernel(
+    X, RouterWeight, Logits, T, stride_x, stride_we, stride_wk, HIDDEN, E,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    \"\"\"Logits[t, e] = sum over k of x[t, k] * RouterWeight[e, k] in the graph's ${mm_dtype} matmul, for a
+    BLOCK_T x BLOCK_E tile of tokens and experts (many tokens: the weight read once per BLOCK_T of them),
+    accumulated in fp32.
+    Operands: ${dot_note}.\"\"\"
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tokens.to(tl.int64)[:, None] * stride_x
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for k0 in range(0, HIDDEN, BLOCK_K):
+        k_ok = k0 + offs_k < HIDDEN
+        xk = tl.load(X + rows + (k0 + offs_k)[None, :], mask=(tokens[:, None] < T) & k_ok[None, :], other=0.0)
+        wk = tl.load(RouterWeight + experts[None, :] * stride_we + (k0 + offs_k)[:, None] * stride_wk,
+                     mask=(experts[None, :] < E) & k_ok[:, None], other=0.0)
+        acc = tl.dot(xk.to(${dot_dtype}), wk.to(${dot_dtype}), acc${precision})
+    tl.store(Logits + tokens.to(tl.int64)[:, None] * E + experts[None, :], acc,
+             mask=(tokens[:, None] < T) & (experts[None, :] < E))
+
+
+# The routing, over the sum of the splits above (the tiled kernel's logits: one split).
 """
 # The routing kernel then takes the logits as the splits' sum (SPLIT_CHUNK splits at a time, in order), rounded
 # to the matmul dtype as its output is.
@@ -221,15 +247,18 @@ key = tl.where(valid, tl.where(kept[:, None], key, {fill}), float("-inf"))"""
 _generated = memo()
 
 
-def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torch.dtype] = None):
+def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torch.dtype] = None,
+               dot_dtype: Optional[torch.dtype] = None):
     """The generated source for ``spec``'s structure (its sizes and scale are constexprs of the launch); with
     ``router_matmul`` (the matmul's dtype) the kernel computes the logits itself from the hidden states and the
-    router weight."""
+    router weight, the tiled form's ``tl.dot`` taking ``dot_dtype`` operands (``dot_dtype_for``)."""
+    if router_matmul is not None and dot_dtype is None:
+        dot_dtype = router_matmul
     structure = {"scoring": spec.scoring, "bias": spec.bias, "renormalize": spec.renormalize,
                  **({"expert_scale": True} if spec.expert_scale else {}),
                  "group_score": spec.group_score if spec.groups > 1 else None,
                  "fill": spec.fill if spec.groups > 1 else None,
-                 **({"router_matmul": str(router_matmul)} if router_matmul else {})}
+                 **({"router_matmul": str(router_matmul), "dot": str(dot_dtype)} if router_matmul else {})}
     key = (str(cache_dir()), tuple(structure.items()))
     if key not in _generated:
         fill = "float(\"-inf\")" if spec.fill == float("-inf") else repr(float(spec.fill))
@@ -248,8 +277,7 @@ def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torc
             "router_matmul_args": "NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr," if router_matmul else "",
             "logits": (_SUM_PARTIALS.replace("${mm_dtype}", TRITON_DTYPES[router_matmul]) if router_matmul
                        else _LOAD_LOGITS),
-            "partial_kernel": (_ROUTER_PARTIAL_KERNEL.replace("${mm_dtype}", TRITON_DTYPES[router_matmul])
-                               if router_matmul else ""),
+            "partial_kernel": _router_kernels(router_matmul, dot_dtype) if router_matmul else "",
         }
         what = "hidden states (the router matmul included)" if router_matmul else "logits"
         header = ("Pattern family: moe (router).\n"
@@ -257,6 +285,34 @@ def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torc
                   + (f"First generated for: {origin}" if origin else ""))
         _generated[key] = generate(TEMPLATE, structure, slots, header)
     return _generated[key]
+
+
+def dot_dtype_for(x_dtype: torch.dtype, w_dtype: torch.dtype, mm_dtype: torch.dtype) -> torch.dtype:
+    """The operand dtype of the tiled router matmul's ``tl.dot``, which must give the graph's products: a half
+    matmul dtype rounds both operands to it; an fp32 matmul of operands both stored in one half dtype multiplies
+    values that half dtype holds exactly, and their product is exact in fp32 (8- or 11-bit significands), so the
+    tensor cores compute it in that dtype (DeepSeek's and HF's ``F.linear(x.float(), w.float())``); anything else
+    is an fp32 dot in IEEE precision, no TF32."""
+    if mm_dtype != torch.float32:
+        return mm_dtype
+    if x_dtype == w_dtype and x_dtype in (torch.float16, torch.bfloat16):
+        return x_dtype
+    return torch.float32
+
+
+def _router_kernels(mm_dtype: torch.dtype, dot_dtype: torch.dtype) -> str:
+    """Both router matmul kernels' source, for the graph's matmul dtype and the tiled one's dot operand dtype."""
+    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+    if dot_dtype == torch.float32:
+        note = "fp32, multiplied in IEEE precision (no TF32)"
+    elif mm_dtype == dot_dtype:
+        note = f"rounded to {half[dot_dtype]}, multiplied on the tensor cores"
+    else:
+        note = (f"{half[dot_dtype]} values as stored, multiplied on the tensor cores, products exact in "
+                "fp32, as the graph's")
+    return (_ROUTER_PARTIAL_KERNEL.replace("${mm_dtype}", TRITON_DTYPES[mm_dtype])
+            .replace("${dot_dtype}", TRITON_DTYPES[dot_dtype]).replace("${dot_note}", note)
+            .replace("${precision}", ', input_precision="ieee"' if dot_dtype == torch.float32 else ""))
 
 
 def route(logits: torch.Tensor, bias: Optional[torch.Tensor], spec: RoutingSpec, out_dtype: torch.dtype,
@@ -277,8 +333,9 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
                  expert_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``route`` of the logits ``x.to(mm_dtype) @ router_weight.to(mm_dtype).T`` (x [T, K], router_weight [E, K],
     each in any float dtype; the product in ``mm_dtype`` as a matmul computes it: fp32 accumulation, the
-    result rounded to ``mm_dtype``): the matmul split over K in one launch, whose partial sums the routing
-    kernel adds up. For a few tokens: every token reads the whole router weight."""
+    result rounded to ``mm_dtype``) in two launches: the matmul, then the routing kernel over its fp32 sums. Up to
+    ROUTER_MATMUL_MAX_TOKENS tokens the matmul is split over K, every token reading the whole router weight, and
+    the routing kernel adds the splits up; past it, tiled over tokens and experts on the tensor cores."""
     t, k = x.shape
     e = router_weight.shape[0]
     _check(spec, e, mm_dtype, bias, out_dtype, expert_scale)
@@ -288,12 +345,25 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
     if x.dtype not in TRITON_DTYPES or router_weight.dtype not in TRITON_DTYPES:
         raise ValueError(f"moe routing: hidden states in {x.dtype} and router weight in {router_weight.dtype}: "
                          "the kernel takes fp16, bf16 or fp32")
-    gen = kernel_for(spec, origin, router_matmul=mm_dtype)
+    tiled = t > ROUTER_MATMUL_MAX_TOKENS
+    dot_dtype = dot_dtype_for(x.dtype, router_weight.dtype, mm_dtype)
+    gen = kernel_for(spec, origin, router_matmul=mm_dtype, dot_dtype=dot_dtype)
     fn = gen.function("moe_routing_kernel", interpret=interpret)
-    partial = gen.function("moe_router_partial_kernel", interpret=interpret)
+    matmul = gen.function("moe_router_logits_kernel" if tiled else "moe_router_partial_kernel", interpret=interpret)
     if not interpret:
-        partial = torch.library.wrap_triton(partial)
+        matmul = torch.library.wrap_triton(matmul)
     x = x if x.stride(-1) == 1 else x.contiguous()
+    if tiled:
+        # 16 x 64 tiles of tokens x experts at V2-Lite's 2048 tokens (128 programs); 64-token tiles from 8192
+        block_e = max(16, min(64, triton.next_power_of_2(e)))
+        blocks_e = triton.cdiv(e, block_e)
+        block_t = next((b for b in (64, 32) if triton.cdiv(t, b) * blocks_e >= 128), 16)
+        logits = torch.empty((t, e), dtype=torch.float32, device=x.device)
+        matmul[(triton.cdiv(t, block_t), blocks_e)](
+            x, router_weight, logits, t, x.stride(0), router_weight.stride(0), router_weight.stride(1), k, e,
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=64, num_warps=4, num_stages=3)
+        return _launch(fn, logits, (e,), {"NUM_SPLITS": 1, "SPLIT_CHUNK": 1}, t, e, bias, spec, out_dtype,
+                       interpret, expert_scale)
     # One [BLOCK_E, BLOCK_K] weight tile of 8192 values per program and step: V2-Lite's router is 16 programs per
     # token of one 64 x 128 tile each, V3's 56 splits x 4 expert blocks of one tile each.
     block_e = min(64, triton.next_power_of_2(e))
@@ -303,12 +373,12 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
     splits = max(1, triton.cdiv(k, per_split))
     partials = torch.empty((t, splits, e), dtype=torch.float32, device=x.device)
     if t:
-        partial[(t, splits, triton.cdiv(e, block_e))](
+        matmul[(t, splits, triton.cdiv(e, block_e))](
             x, router_weight, partials, x.stride(0), router_weight.stride(0), router_weight.stride(1), k, e,
             per_split, BLOCK_E=block_e, BLOCK_K=block_k)
     chunk = min(triton.next_power_of_2(splits), max(1, ROUTER_SUM_VALUES // triton.next_power_of_2(e)))
-    matmul = {"NUM_SPLITS": splits, "SPLIT_CHUNK": chunk}
-    return _launch(fn, partials, (splits * e,), matmul, t, e, bias, spec, out_dtype, interpret, expert_scale)
+    return _launch(fn, partials, (splits * e,), {"NUM_SPLITS": splits, "SPLIT_CHUNK": chunk}, t, e, bias, spec,
+                   out_dtype, interpret, expert_scale)
 
 
 def _check(spec: RoutingSpec, e: int, logits_dtype, bias, out_dtype, expert_scale=None) -> None:
