@@ -357,6 +357,20 @@ def act_quant():
         pointers, {}, constexprs, ("M", "K")
 
 
+def moe_router_logits():
+    """The tiled router matmul past the split form's token limit, V2-Lite's router (64 experts, hidden 2048, bf16
+    operands of an fp32 matmul), at the token tiles route_hidden picks from."""
+    from deepfuse.runtime.kernels import routing
+
+    gen = routing.kernel_for(routing.RoutingSpec(6), "bench/kernel_resources.py", router_matmul=torch.float32,
+                             dot_dtype=torch.bfloat16)
+    pointers = {"X": "*bf16", "RouterWeight": "*bf16", "Logits": "*fp32"}
+    for block_t in (16, 32, 64):
+        constexprs = {"BLOCK_T": block_t, "BLOCK_E": 64, "BLOCK_K": 64, "stride_wk": 1}
+        yield {"BLOCK_T": block_t, "num_warps": 4, "num_stages": 3}, gen.function("moe_router_logits_kernel"), \
+            pointers, {}, constexprs, ("HIDDEN", "E")
+
+
 KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: mla_decode(True),
            "mla_decode_fp8_as_fp16": lambda: mla_decode(True, as_fp16=True), "mla_prefill": mla_prefill,
            "mla_reduce": mla_reduce, "mla_absorb": mla_absorb, "mla_absorb_output": lambda: mla_absorb("output"),
@@ -372,7 +386,8 @@ KERNELS = {"mla_decode": lambda: mla_decode(False), "mla_decode_fp8": lambda: ml
            # the FP8 kernels with a weight scale per column (UNIFORM_W_SCALE off: what they ran before 2026-12-07)
            "moe_prefill_gate_up_fp8_per_column": lambda: moe_prefill("gate_up", True, uniform=False),
            "moe_gate_up_w8a8_per_column": lambda: moe_experts("fp8-block", "gate_up", uniform=False),
-           "moe_gpt_oss_gate_up": moe_gpt_oss_gate_up, "moe_fused": moe_fused}
+           "moe_gpt_oss_gate_up": moe_gpt_oss_gate_up, "moe_fused": moe_fused,
+           "moe_router_logits": moe_router_logits}
 
 
 def main():

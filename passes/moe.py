@@ -251,7 +251,7 @@ class MoEPass:
         else:
             replace_region(graph, binding, op, op_args(), 2)
         return {"routing": f"kernel: {spec.describe()}",
-                "router_matmul": "in deepfuse's router kernels" if isinstance(matmul, dict) else f"with Inductor ({matmul})",
+                "router_matmul": _router_matmul_form(matmul, value(logits)),
                 "renormalize": spec.renormalize,
                 "routed_scaling": spec.scale, **({"groups": f"best {spec.topk_group} of {spec.groups}"}
                                                  if spec.groups > 1 else {})}
@@ -1707,6 +1707,18 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
     if value(x) is None or value(x).dim() != 2 or value(x).dtype not in TRITON_DTYPES:
         return "the hidden states are not a [tokens, hidden] float matrix"
     return {"x": x, "w": w, "nodes": [logits] + nodes}
+
+
+def _router_matmul_form(matmul: Union[dict[str, Any], str], logits) -> str:
+    """explain's words for where the router matmul runs: deepfuse's split or tiled form, or Inductor and why."""
+    if not isinstance(matmul, dict):
+        return f"with Inductor ({matmul})"
+    if logits.shape[0] <= routing.ROUTER_MATMUL_MAX_TOKENS:
+        return "in deepfuse's router kernels (split over the hidden size, every token reading the whole weight)"
+    dot = routing.dot_dtype_for(value(matmul["x"]).dtype, value(matmul["w"]).dtype, logits.dtype)
+    products = ("fp32 products in IEEE precision" if dot == torch.float32 else
+                f"{'bf16' if dot == torch.bfloat16 else 'fp16'} products on the tensor cores")
+    return f"in deepfuse's router kernels (tiled over tokens and experts, {products})"
 
 
 def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[fx.Node], spec, out_dtype,

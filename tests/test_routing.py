@@ -157,14 +157,15 @@ def test_pass_fuses_a_router_only_once_checked(variant, reason):
 
 
 @pytest.mark.parametrize("variant,tokens,where", [
-    ({}, 6, "in deepfuse's router kernels"),
-    ({"fp32_router": True}, 6, "in deepfuse's router kernels"),  # both casts read through: the kernels cast in registers
-    ({}, 65, "in deepfuse's router kernels"),  # past the split form's 64 tokens: the tiled one
+    ({}, 6, "in deepfuse's router kernels (split over the hidden size"),
+    ({"fp32_router": True}, 6, "in deepfuse's router kernels (split"),  # both casts read through
+    ({}, 65, "(tiled over tokens and experts, fp32 products in IEEE precision)"),  # past the split form's tokens
+    ({"fp32_router": True}, 65, "(tiled over tokens and experts, fp16 products on the tensor cores)"),
     ({"return_logits": True}, 6, "read outside the router"),
     ({"e": 16, "h": 8200}, 2, "KiB up to which the fused router matmul is tried"),  # 512 KiB fp32, past a 256 KiB limit
     ({"e": 16, "h": 8200}, 65, "in deepfuse's router kernels"),  # the tiled form reads it once per 16 tokens
 ])
-def test_router_matmul_runs_in_the_routing_kernel_at_decode_sizes(variant, tokens, where, monkeypatch):
+def test_router_matmul_runs_in_deepfuse_kernels_split_or_tiled(variant, tokens, where, monkeypatch):
     """The logits' matmul runs in deepfuse's launches, its operands read as stored (a half weight and
     half-rounded hidden states multiplied in fp32 included): split over the hidden size at a few tokens, tiled
     past them; past the split form's weight limit (lowered here, so that the interpreter runs a small model), or
