@@ -162,8 +162,8 @@ def test_pass_fuses_a_router_only_once_checked(variant, reason):
     ({}, 65, "(tiled over tokens and experts, fp32 products in IEEE precision)"),  # past the split form's tokens
     ({"fp32_router": True}, 65, "(tiled over tokens and experts, fp16 products on the tensor cores)"),
     ({"return_logits": True}, 6, "read outside the router"),
-    ({"e": 16, "h": 8200}, 2, "KiB up to which the fused router matmul is tried"),  # 512 KiB fp32, past a 256 KiB limit
-    ({"e": 16, "h": 8200}, 65, "in deepfuse's router kernels"),  # the tiled form reads it once per 16 tokens
+    ({"e": 16, "h": 32}, 2, "KiB up to which the fused router matmul is tried"),  # 2 KiB fp32, past a 1 KiB limit
+    ({"e": 16, "h": 32}, 65, "in deepfuse's router kernels"),  # the tiled form reads it once per 16 tokens
 ])
 def test_router_matmul_runs_in_deepfuse_kernels_split_or_tiled(variant, tokens, where, monkeypatch):
     """The logits' matmul runs in deepfuse's launches, its operands read as stored (a half weight and
@@ -171,7 +171,7 @@ def test_router_matmul_runs_in_deepfuse_kernels_split_or_tiled(variant, tokens, 
     past them; past the split form's weight limit (lowered here, so that the interpreter runs a small model), or
     with the logits needed elsewhere, it stays with Inductor and the routing kernel takes the logits. Outputs
     checked against eager."""
-    monkeypatch.setattr(routing, "ROUTER_MATMUL_MAX_WEIGHT_BYTES", 256 << 10)
+    monkeypatch.setattr(routing, "ROUTER_MATMUL_MAX_WEIGHT_BYTES", 1 << 10)  # the others' weights are 512 B
     report = compile_and_compare(_Router(**variant), (torch.randn(tokens, variant.get("h", 16)),), 1e-5,
                                  interpret=True)
     (m,) = [m for m in report.matches if m.family == "moe"]
