@@ -5,6 +5,7 @@ experts) in eager and under torch.compile's default, on the same prompt, in one 
     python bench/e2e.py --out DIR [--layers 27] [--prefill 2048] [--context 2048] [--batches 1,32]
                         [--impls bundled,deepfuse,hf,hf_inductor] [--fp8] [--last-logits]
                         [--quantize fp8-block [--quantize-skip self_attn,lm_head]] [--cache-len N]
+                        [--inductor-config KEY=VALUE ...]
 
 Measured (CUDA events, median; every call launched from Python as a user would):
 - prefill of one sequence of --prefill tokens (logits of every position; with --last-logits, of the last one
@@ -377,6 +378,33 @@ def _quantized(args) -> str:
     return f"; deepfuse {args.quantize}" + (f" but {', '.join(skip)}" if skip else "")
 
 
+def set_inductor_config(settings: list[str]) -> dict:
+    """Applies each "KEY=VALUE" (a dotted torch._inductor.config name, a Python literal) and returns them set; an
+    unknown key is an error, not a silent no-op."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    applied = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor-config {item!r}: expected KEY=VALUE")
+        *path, name = key.split(".")
+        owner = inductor_config
+        for part in path:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, name):
+            raise SystemExit(f"--inductor-config: torch._inductor.config has no {key!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--inductor-config {item!r}: the value is not a Python literal") from None
+        setattr(owner, name, value)
+        applied[key] = value
+    return applied
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/out")
@@ -411,7 +439,11 @@ def main():
     parser.add_argument("--quantize-skip", default="",
                         help="with --quantize: options['quantize_skip'], comma-separated module-path patterns "
                              "(e.g. 'self_attn' keeps the attention projections bf16)")
+    parser.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config.KEY (dotted, e.g. combo_kernels=True) for every compile in "
+                             "the run, deepfuse's Inductor stage and hf_inductor alike; repeatable")
     args = parser.parse_args()
+    inductor_settings = set_inductor_config(args.inductor_config)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.deepfuse_batches = [int(b) for b in args.deepfuse_batches.split(",")] if args.deepfuse_batches else args.batches
     args.impls = args.impls.split(",")
@@ -434,6 +466,8 @@ def main():
         notes["fp8_cache"] = "the bundled model's latent cache in FP8 (c_kv, one scale per token; k_pe bf16)"
     if args.last_logits:
         notes["last_logits"] = "prefill: the last position's logits only (logits_to_keep=1), every implementation"
+    if inductor_settings:
+        notes["inductor_config"] = inductor_settings
     figures, prefill_floor = bench_bundled(args, cfg, bandwidth, peak, rows, notes)
     torch._dynamo.reset()  # drops the compiled model and its CUDA graphs before the HF model is built
     gc.collect()
