@@ -18,13 +18,12 @@ routing kernel's space (``RoutingSpec``: scoring, bias, groups, renormalization,
 its nodes, each run on random logits) and becomes one ``deepfuse::moe_routing``; one outside that space keeps
 its aten ops but for the final top-k. A shared MLP added to the routed output (checked by running it too)
 runs as always-chosen experts in the same launches, up to ``SHARED_FUSED_MAX_TOKENS`` tokens; so do shared
-experts stacked [S, I, H] and multiplied by batched matmuls, each weighted per token (Inkling's). At decode sizes
-(up to ``routing.ROUTER_MATMUL_MAX_TOKENS`` tokens and a router weight of at most
-``routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES``), and past that token count with any router weight (a static count
-either way), the router matmul itself is deepfuse's (``deepfuse::moe_router``: one launch split over the hidden size, or tiled on the
-tensor cores past the token limit, its operands read as the model holds them, then the routing kernel), where on
-a GPU it times faster than the graph's casts and matmul followed by the routing kernel; otherwise the matmul
-stays with Inductor.
+experts stacked [S, I, H] and multiplied by batched matmuls, each weighted per token (Inkling's). The router
+matmul itself is deepfuse's too (``deepfuse::moe_router``, its operands read as the model holds them, then the
+routing kernel) for a static token count: at decode sizes (up to ``routing.ROUTER_MATMUL_MAX_TOKENS`` tokens
+and a router weight of at most ``routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES``) one launch split over the hidden
+size, past them one tiled on the tensor cores; where on a GPU it times faster than the graph's casts and matmul
+followed by the routing kernel. Otherwise the matmul stays with Inductor.
 """
 from __future__ import annotations
 
