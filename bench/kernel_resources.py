@@ -363,7 +363,7 @@ def moe_router_logits():
     from deepfuse.runtime.kernels import routing
 
     gen = routing.kernel_for(routing.RoutingSpec(6), "bench/kernel_resources.py", router_matmul=torch.float32,
-                             dot_dtype=torch.bfloat16)
+                             operands=(torch.bfloat16, torch.bfloat16))
     pointers = {"X": "*bf16", "RouterWeight": "*bf16", "Logits": "*fp32"}
     for block_t in (16, 32, 64):
         constexprs = {"BLOCK_T": block_t, "BLOCK_E": 64, "BLOCK_K": 64, "stride_wk": 1}

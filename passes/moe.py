@@ -1695,7 +1695,7 @@ def _router_matmul(logits: fx.Node, region) -> Union[dict[str, Any], str]:
         return "the router weight is not a tensor the model holds (seen through a transpose and a cast)"
     w, _, nodes = stored
     size = value(w).numel() * value(w).element_size()
-    if size > routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES and rows <= routing.ROUTER_MATMUL_MAX_TOKENS:
+    if size > routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES and not routing.uses_tiled_matmul(rows):
         return (f"the router weight ({size >> 10} KiB) is past the {routing.ROUTER_MATMUL_MAX_WEIGHT_BYTES >> 10} "
                 f"KiB up to which the fused router matmul is tried at up to {routing.ROUTER_MATMUL_MAX_TOKENS} "
                 "tokens (every token reads all of it)")
@@ -1712,12 +1712,8 @@ def _router_matmul_form(matmul: Union[dict[str, Any], str], logits) -> str:
     """explain's words for where the router matmul runs: deepfuse's split or tiled form, or Inductor and why."""
     if not isinstance(matmul, dict):
         return f"with Inductor ({matmul})"
-    if logits.shape[0] <= routing.ROUTER_MATMUL_MAX_TOKENS:
-        return "in deepfuse's router kernels (split over the hidden size, every token reading the whole weight)"
-    dot = routing.dot_dtype_for(value(matmul["x"]).dtype, value(matmul["w"]).dtype, logits.dtype)
-    products = ("fp32 products in IEEE precision" if dot == torch.float32 else
-                f"{'bf16' if dot == torch.bfloat16 else 'fp16'} products on the tensor cores")
-    return f"in deepfuse's router kernels (tiled over tokens and experts, {products})"
+    form = routing.describe_matmul(logits.shape[0], value(matmul["x"]).dtype, value(matmul["w"]).dtype, logits.dtype)
+    return f"in deepfuse's router kernels ({form})"
 
 
 def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[fx.Node], spec, out_dtype,
@@ -1748,9 +1744,8 @@ def _fused_router_wins(matmul: dict[str, Any], logits: fx.Node, bias: Optional[f
                 else:
                     routing.route(torch.mm(x.to(mm_dtype), w.to(mm_dtype).t()), b, spec, out_dtype, expert_scale=s)
 
-        dot = routing.dot_dtype_for(xv.dtype, wv.dtype, mm_dtype)
         key = (f"moe_router|{wv.shape[0]}x{wv.shape[1]}|{wv.dtype}|{xv.dtype}->{mm_dtype}|"
-               f"{routing.kernel_for(spec, origin, router_matmul=mm_dtype, dot_dtype=dot).key}")
+               f"{routing.kernel_for(spec, origin, router_matmul=mm_dtype, operands=(xv.dtype, wv.dtype)).key}")
         # The unfused form first: with autotuning off, the form already run on GPUs.
         return autotune.choose(key, xv.shape[0], [{"fused": False}, {"fused": True}], run, device)["fused"]
 

@@ -248,12 +248,16 @@ _generated = memo()
 
 
 def kernel_for(spec: RoutingSpec, origin: str = "", router_matmul: Optional[torch.dtype] = None,
-               dot_dtype: Optional[torch.dtype] = None):
+               operands: Optional[tuple[torch.dtype, torch.dtype]] = None):
     """The generated source for ``spec``'s structure (its sizes and scale are constexprs of the launch); with
     ``router_matmul`` (the matmul's dtype) the kernel computes the logits itself from the hidden states and the
-    router weight, the tiled form's ``tl.dot`` taking ``dot_dtype`` operands (``dot_dtype_for``)."""
-    if router_matmul is not None and dot_dtype is None:
-        dot_dtype = router_matmul
+    router weight, whose stored dtypes (``operands``) decide what the tiled form's ``tl.dot`` multiplies
+    (``dot_dtype_for``)."""
+    dot_dtype = None
+    if router_matmul is not None:
+        if operands is None:
+            raise ValueError("moe routing: the router matmul's kernels need its operands' dtypes")
+        dot_dtype = dot_dtype_for(*operands, router_matmul)
     structure = {"scoring": spec.scoring, "bias": spec.bias, "renormalize": spec.renormalize,
                  **({"expert_scale": True} if spec.expert_scale else {}),
                  "group_score": spec.group_score if spec.groups > 1 else None,
@@ -300,15 +304,32 @@ def dot_dtype_for(x_dtype: torch.dtype, w_dtype: torch.dtype, mm_dtype: torch.dt
     return torch.float32
 
 
+def uses_tiled_matmul(tokens: int) -> bool:
+    """Whether route_hidden's matmul at this many tokens is the tiled form (else split over the hidden size)."""
+    return tokens > ROUTER_MATMUL_MAX_TOKENS
+
+
+def describe_matmul(tokens: int, x_dtype: torch.dtype, w_dtype: torch.dtype, mm_dtype: torch.dtype) -> str:
+    """How route_hidden computes the router matmul at this many tokens, for explain."""
+    if not uses_tiled_matmul(tokens):
+        return "split over the hidden size, every token reading the whole weight"
+    dot = dot_dtype_for(x_dtype, w_dtype, mm_dtype)
+    products = ("fp32 products in IEEE precision" if dot == torch.float32
+                else f"{_HALF_NAMES[dot]} products on the tensor cores")
+    return f"tiled over tokens and experts, {products}"
+
+
+_HALF_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def _router_kernels(mm_dtype: torch.dtype, dot_dtype: torch.dtype) -> str:
     """Both router matmul kernels' source, for the graph's matmul dtype and the tiled one's dot operand dtype."""
-    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}
     if dot_dtype == torch.float32:
         note = "fp32, multiplied in IEEE precision (no TF32)"
     elif mm_dtype == dot_dtype:
-        note = f"rounded to {half[dot_dtype]}, multiplied on the tensor cores"
+        note = f"rounded to {_HALF_NAMES[dot_dtype]}, multiplied on the tensor cores"
     else:
-        note = (f"{half[dot_dtype]} values as stored, multiplied on the tensor cores, products exact in "
+        note = (f"{_HALF_NAMES[dot_dtype]} values as stored, multiplied on the tensor cores, products exact in "
                 "fp32, as the graph's")
     return (_ROUTER_PARTIAL_KERNEL.replace("${mm_dtype}", TRITON_DTYPES[mm_dtype])
             .replace("${dot_dtype}", TRITON_DTYPES[dot_dtype]).replace("${dot_note}", note)
@@ -345,9 +366,8 @@ def route_hidden(x: torch.Tensor, router_weight: torch.Tensor, bias: Optional[to
     if x.dtype not in TRITON_DTYPES or router_weight.dtype not in TRITON_DTYPES:
         raise ValueError(f"moe routing: hidden states in {x.dtype} and router weight in {router_weight.dtype}: "
                          "the kernel takes fp16, bf16 or fp32")
-    tiled = t > ROUTER_MATMUL_MAX_TOKENS
-    dot_dtype = dot_dtype_for(x.dtype, router_weight.dtype, mm_dtype)
-    gen = kernel_for(spec, origin, router_matmul=mm_dtype, dot_dtype=dot_dtype)
+    tiled = uses_tiled_matmul(t)
+    gen = kernel_for(spec, origin, router_matmul=mm_dtype, operands=(x.dtype, router_weight.dtype))
     fn = gen.function("moe_routing_kernel", interpret=interpret)
     matmul = gen.function("moe_router_logits_kernel" if tiled else "moe_router_partial_kernel", interpret=interpret)
     if not interpret:
