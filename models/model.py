@@ -423,14 +423,16 @@ class DeepSeekForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, start_pos=0, cache: Optional[LatentKVCache] = None,
                 logits_to_keep: int = 0):
-        """Logits [B, S, vocab] (fp32) for tokens at positions start_pos .. start_pos + S - 1.
+        """Logits [B, S, vocab] for tokens at positions start_pos .. start_pos + S - 1, in the output projection's
+        dtype (not upcast: HF transformers' causal LMs upcast only to compute a loss; at V2-Lite's 2048 x 102400 a
+        prefill's fp32 copy is 0.84 GB written).
 
         ``start_pos`` a Python int: attention over the cache's filled prefix. ``start_pos`` a 0-d int64 tensor
         (with a cache): attention over the whole preallocated cache, the keys past each query masked, so every
         decode step has the same shapes whatever the context (see ``LatentKVCache``; what CUDA graphs need).
         ``logits_to_keep`` N > 0: the logits of the last N positions only ([B, min(N, S), vocab]; HF transformers'
-        argument of that name): a prefill that only samples its next token skips the output projection and the
-        fp32 cast of every other position (2048 x 102400 values for V2-Lite at 2048 tokens)."""
+        argument of that name): a prefill that only samples its next token skips the output projection of every
+        other position (2048 x 102400 values for V2-Lite at 2048 tokens)."""
         if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
         bsz, seqlen = input_ids.shape
@@ -450,7 +452,7 @@ class DeepSeekForCausalLM(nn.Module):
             h = layer(h, start_pos, cos, sin, mask, cache.layers[i] if cache is not None else None)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return self.lm_head(self.model.norm(h)).float()
+        return self.lm_head(self.model.norm(h))
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None,
                   fp8: bool = False) -> LatentKVCache:
@@ -544,6 +546,7 @@ def generate(
 
 
 def _sample(logits, temperature, top_k, generator):
+    logits = logits.float()  # one row per sequence: sampled in fp32 whatever the model's dtype
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
