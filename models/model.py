@@ -153,6 +153,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # -- Multi-head Latent Attention -----------------------------------------------------------------------------
 
 
+def causal_mask(queries: int, keys: int, device) -> torch.Tensor:
+    """The additive [queries, keys] mask of the last ``queries`` of ``keys`` positions: query i sees keys
+    0 .. keys - queries + i. Built from sizes alone in each layer, so a compiler sees it is causal even when
+    it compiles the layers one by one (deepfuse's mla pass then applies causality and reads no mask)."""
+    k = torch.arange(keys, device=device)
+    q = torch.arange(keys - queries, keys, device=device)
+    return torch.zeros(queries, keys, device=device).masked_fill(k[None, :] > q[:, None], float("-inf"))
+
+
 class MLA(nn.Module):
     def __init__(self, config: DeepSeekConfig, layer_idx: int, attn_impl: str = "absorb"):
         super().__init__()
@@ -205,6 +214,8 @@ class MLA(nn.Module):
             q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK absorbed into the query
             scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
         scores = scores.float() * self.softmax_scale
+        if mask is None and seqlen > 1:
+            mask = causal_mask(seqlen, scores.shape[-1], x.device)
         if mask is not None:
             scores = scores + mask[:, None, :]
         probs = scores.softmax(dim=-1).to(x.dtype)
@@ -442,9 +453,9 @@ class DeepSeekForCausalLM(nn.Module):
             raise ValueError("a tensor start_pos addresses a preallocated cache: pass cache=model.new_cache(...)")
         positions = start_pos + torch.arange(seqlen, device=device)
         cos, sin = rope_cos_sin(self.config, positions)
-        mask = None
-        if static or seqlen > 1:  # query i sees keys 0 .. start_pos + i
-            keys = torch.arange(cache.max_len if static else start_pos + seqlen, device=device)
+        mask = None  # a Python start_pos: each layer's attention is causal over the keys at hand (MLA builds it)
+        if static:  # query i sees keys 0 .. start_pos + i of the whole preallocated cache
+            keys = torch.arange(cache.max_len, device=device)
             mask = torch.zeros(seqlen, keys.shape[0], device=device)
             mask = mask.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
         h = self.model.embed_tokens(input_ids)

@@ -112,19 +112,26 @@ def test_compiled_greedy_generation_is_one_decode_graph_and_equals_eager():
 
 def test_block_by_block_compilation_is_one_graph_per_kind_of_block():
     """Regional compilation: each decoder block compiled on its own. A block reads its layer's part of the cache
-    and no layer index, so 6 layers give 4 graphs (dense and MoE blocks, prefill and decode), not 6 per step."""
+    and no layer index, so 6 layers give 4 graphs (dense and MoE blocks, prefill and decode), not 6 per step.
+    The prefill's causal mask is built inside each block, so the blocks' attention applies causality and reads
+    no mask (passed in from outside, it would be data to the block's graph)."""
     cfg = get_config("tiny", num_hidden_layers=6)
     model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
     prompt = torch.randint(0, cfg.vocab_size, (2, 5))
     torch._dynamo.reset()
     counters.clear()
-    with torch.no_grad():
+    report = deepfuse.Report()
+    with torch.no_grad(), deepfuse.collect(report):
         expected = generate(model, prompt, 12)
         for layer in model.model.layers:
             layer.compile(backend="deepfuse", options={"kernels": "reference"})
         tokens = generate(model, prompt, 12, static_cache=True)
     assert torch.equal(tokens, expected)
     assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
+    mla = [m for m in report.matches if m.family == "mla"]
+    assert {m.params["queries"] for m in mla} == {1, 5}, str(report)
+    for m in mla:
+        assert m.params["mask"] is (m.params["queries"] == 1) and m.params["causal"] is (m.params["queries"] > 1)
 
 
 def test_tensor_position_needs_a_cache():
