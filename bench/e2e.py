@@ -218,7 +218,8 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 row("deepfuse", "decode loop", b, loop["ms"], floor_ms)
                 if args.profile:
                     profile(lambda: step(tok, pos, cache), os.path.join(args.out, f"profile_decode_b{b}.txt"))
-            notes["deepfuse_matches"] = families
+            notes["deepfuse_matches"] = {f: sum(m.family == f for m in report.matches)
+                                         for f in dict.fromkeys(m.family for m in report.matches)}
             notes["deepfuse_declined"] = [f"{d.family}: {d.reason}" for d in report.declined]
             if args.gen_tokens and not args.deepfuse_decode_only:
                 with torch.compiler.set_stance("force_eager"):  # --compile blocks compiled the layers in place
@@ -412,7 +413,8 @@ def main():
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--deepfuse-batches", default=None, help="decode batches for deepfuse (default: --batches)")
+    parser.add_argument("--deepfuse-batches", default=None,
+                        help="decode batches for deepfuse (default: --batches; 0: none, a prefill-only run)")
     parser.add_argument("--compile", choices=("whole", "blocks"), default="whole",
                         help="deepfuse: the whole model as one graph, or each decoder block (regional)")
     parser.add_argument("--deepfuse-passes", default=None,
@@ -445,7 +447,8 @@ def main():
     args = parser.parse_args()
     inductor_settings = set_inductor_config(args.inductor_config)
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.deepfuse_batches = [int(b) for b in args.deepfuse_batches.split(",")] if args.deepfuse_batches else args.batches
+    args.deepfuse_batches = ([int(b) for b in args.deepfuse_batches.split(",") if int(b) > 0]
+                             if args.deepfuse_batches else args.batches)
     args.impls = args.impls.split(",")
     if not torch.cuda.is_available():
         raise SystemExit("bench/e2e.py measures the GPU: it needs CUDA")
