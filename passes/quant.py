@@ -21,7 +21,8 @@ same activation (a decode step's q_proj and kv_a_proj, a dense MLP's gate and up
 ``deepfuse::linear_group`` launch over their FP8 weights instead, up to four a launch, a layer alone too: on a GPU
 each such group is timed at compile time against its quant_matmuls one after another and kept only where it is
 faster (``explain`` shows a ``linear_group`` row for it); off the GPU only when ``options["passes"]`` names
-``linear_group``, and never when the ``linear_group`` family is off.
+``linear_group``, and never when the ``linear_group`` family is off. Past decode sizes, the W8A8 layers that
+quantize one activation run as one ``deepfuse::quant_matmuls``: its quantization launched once for all of them.
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ class QuantPass:
                 continue
             matched.append((mm, found, params))
         changed, grouped = _fp8_groups(graph, matched, options, report)
+        shared, taken = _shared_quantization(graph, [m for m in matched if m[0] not in grouped], options, report)
+        changed, grouped = changed + shared, grouped | taken
         for mm, found, params in matched:
             if mm in grouped:
                 continue
@@ -197,14 +200,100 @@ def _rewrite_group(graph, group, impl, inline, config, origin) -> Union[str, Non
         ys = torch.ops.deepfuse.linear_group(x, list(qs[:len(ns)]), impl, None, 0.0, list(qs[len(ns):]))
         return tuple(y.reshape(-1, n) for y, n in zip(ys, ns))
 
+    return _replace_group(graph, group, impl, inline, (via_kernel, via_op), args, gen)
+
+
+def _replace_group(graph, group, impl, inline, launchers, args, gen) -> Union[str, None, bool]:
+    """Replace the layers of ``group`` (their matmuls, dequantized weights and activation quantizations) by what
+    the first of ``launchers`` (via_kernel, via_op) that traces computes: the kernel file, None for the reference,
+    or False if neither traced."""
     interior = set()
     for mm, found, params in group:
         interior |= {mm} | found["w_nodes"] | {found["w_op"]} | (params["_x_nodes"] or set())
-    launchers = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
+    via_kernel, via_op = launchers
+    tried = ([via_kernel] if impl == "triton" and inline else []) + [via_op]
     binding = RegionBinding(interior, [mm for mm, _, _ in group])
-    if not replace_region_first_traced(graph, binding, launchers, args, "FP8 layers of one activation"):
+    if not replace_region_first_traced(graph, binding, tried, args, "FP8 layers of one activation"):
         return False
     return str(gen.path) if gen is not None else None
+
+
+# -- FP8 layers of one activation past decode sizes: the activation quantized once ---------------------------
+
+
+def _prequantized(mm: fx.Node, params: dict) -> bool:
+    """A W8A8 fp8-block layer whose GEMM reads activations quantized by a pre-kernel (past decode sizes)."""
+    rows = hint(value(mm).shape[0])
+    return params["format"] == "fp8-block" and params["act_quant"] and rows > kernel.DECODE_MAX_M
+
+
+def _shared_quantization(graph: fx.Graph, matched: list, options: Options, report: Report) -> tuple[int, set]:
+    """Rewrite the W8A8 layers that quantize one activation past decode sizes (``_prequantized``: a prefill's
+    q_a and kv_a projections, a dense MLP's gate and up) into one ``deepfuse::quant_matmuls``: the activation
+    quantized once, each layer's GEMM reading it, where each would have run its own pre-kernel over the same x.
+    Returns how many layers it took and which matmuls."""
+    changed, taken = 0, set()
+    by_x: dict = {}
+    for mm, found, params in matched:
+        if _prequantized(mm, params):
+            key = (params["_x"], tuple(params["_block"]), value(mm).dtype)
+            by_x.setdefault(key, []).append((mm, found, params))
+    for group in (g for g in by_x.values() if len(g) > 1):
+        first = group[0][0]
+        impl = options.kernel_impl(value(first).device.type)
+        where = (source_line(first), module_path(first))
+        kernel_file = _rewrite_shared(graph, group, impl, options.inline, f"{where[1] or '?'} ({where[0]})")
+        if kernel_file is False:
+            continue  # (the layers go on one by one)
+        names = [module_path(mm) or mm.name for mm, _, _ in group]
+        for mm, _, params in group:
+            shown = {k: v for k, v in params.items() if not k.startswith("_")}
+            shown["activations_quantized_with"] = [n for n in names if n != (module_path(mm) or mm.name)]
+            report.matches.append(Match("quant", "deepfuse::quant_matmuls", shown, source_line(mm), module_path(mm),
+                                        impl=impl, kernel_file=kernel_file))
+        log.info("matched quant -> deepfuse::quant_matmuls [%s] at %s (%s): %s, the activation quantized once",
+                 impl, where[1] or "?", where[0], names)
+        taken.update(mm for mm, _, _ in group)
+        changed += len(group)
+    return changed, taken
+
+
+def _rewrite_shared(graph, group, impl, inline, origin) -> Union[str, None, bool]:
+    """One activation quantization and a GEMM per layer for ``group`` (the kernel file, None for the reference,
+    or False if neither form could be traced in)."""
+    x = group[0][2]["_x"]
+    block = tuple(group[0][2]["_block"])
+    out_dtype = value(group[0][0]).dtype
+    ns = [p["out_features"] for _, _, p in group]
+    transposed = [p["_transposed"] for _, _, p in group]
+    biases = [p["_bias"] for _, _, p in group]
+    args = (x, *(f["q"] for _, f, _ in group), *(f["s"] for _, f, _ in group), *(b for b in biases if b is not None))
+    gen = kernel.kernels_for("prequantized", value(x).dtype, origin)[0] if impl != "reference" else None
+    configs = None
+    if impl == "triton":
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            configs = [kernel.tune(hint(value(mm).shape[0]), p["out_features"], p["in_features"], "fp8-block", True,
+                                   block, value(x).dtype, value(mm).device, p["_bias"] is not None)
+                       for mm, _, p in group]
+
+    def operands(tensors):
+        x, rest = tensors[0], list(tensors[1:])
+        qs, ss, given = rest[:len(ns)], rest[len(ns):2 * len(ns)], iter(rest[2 * len(ns):])
+        qs = [q.t() if t else q for q, t in zip(qs, transposed)]
+        ss = [s.t() if t else s for s, t in zip(ss, transposed)]
+        return x, qs, ss, [next(given) if b is not None else None for b in biases]
+
+    def via_kernel(*tensors):
+        ys = kernel.quant_matmuls(*operands(tensors), block, out_dtype, configs=configs, origin=origin)
+        return tuple(y.reshape(-1, n) for y, n in zip(ys, ns))
+
+    def via_op(*tensors):
+        ys = torch.ops.deepfuse.quant_matmuls(*operands(tensors), block[0], block[1], out_dtype, impl)
+        return tuple(y.reshape(-1, n) for y, n in zip(ys, ns))
+
+    return _replace_group(graph, group, impl, inline, (via_kernel, via_op), args, gen)
 
 
 # -- finding the parts ---------------------------------------------------------------------------------------

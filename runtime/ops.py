@@ -272,6 +272,26 @@ def _(x, w, scale, bias, fmt, act_quant, block_n, block_k, out_dtype, impl):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype)
 
 
+@torch.library.custom_op("deepfuse::quant_matmuls", mutates_args=())
+def quant_matmuls(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
+                  biases: list[Optional[torch.Tensor]], block_n: int, block_k: int, out_dtype: torch.dtype,
+                  impl: str) -> list[torch.Tensor]:
+    """[quant_matmul(x, w, s, b, "fp8-block", act_quant=True) for each layer], x quantized once for all of them
+    (``deepfuse.runtime.kernels.quant.quant_matmuls``)."""
+    _check_impl(impl)
+    block = (block_n, block_k)
+    if impl == "reference":
+        return [_quant.reference(x, w, s, b, "fp8-block", True, block, out_dtype)
+                for w, s, b in zip(weights, scales, biases)]
+    return _quant.quant_matmuls(x, list(weights), list(scales), list(biases), block, out_dtype,
+                                interpret=impl == "interpret")
+
+
+@quant_matmuls.register_fake
+def _(x, weights, scales, biases, block_n, block_k, out_dtype, impl):
+    return [x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype) for w in weights]
+
+
 @torch.library.custom_op("deepfuse::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], impl: str) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T (+ bias) -> [M, N] in x's dtype, the weight read in its own float dtype."""

@@ -308,3 +308,32 @@ def test_op_dispatch_interpret_and_reference_agree():
     a = torch.ops.deepfuse.quant_matmul(*args, "interpret")
     b = torch.ops.deepfuse.quant_matmul(*args, "reference")
     assert a.shape == (3, 5, 96) and rel_err(a, b) < 1e-5
+
+
+def test_layers_of_one_input_share_its_quantization():
+    """quant_matmuls: FP8 W8A8 layers of one input (one weight stored transposed, one with a bias) with x quantized
+    once: each output the same as that layer's quant_matmul alone (the quantization is x's alone), through the op
+    too; prequantized activations of another shape or format, and mismatched lists, are clear errors."""
+    from deepfuse.runtime import ops  # noqa: F401  (registers torch.ops.deepfuse.*)
+
+    x = _activations(40, 300, torch.float32)
+    w1, s1 = _weights(200, 300, "fp8-block")
+    w2, s2 = quant.quantize_weight(torch.randn(72, 300) / 300 ** 0.5, "fp8-block")
+    w2t = w2.t().contiguous().t()  # [N, K] as a view of a [K, N] tensor
+    bias = torch.randn(72)
+    got = quant.quant_matmuls(x, [w1, w2t], [s1, s2], [None, bias], interpret=True)
+    for y, (w, s, b) in zip(got, [(w1, s1, None), (w2t, s2, bias)]):
+        alone = quant.quant_matmul(x, w, s, b, "fp8-block", True, prequantize=True, interpret=True)
+        assert torch.equal(y, alone)
+        assert rel_err(y, quant.reference(x.double(), w, s, b, "fp8-block", True, compute=torch.float64)) < 1e-5
+    via_op = torch.ops.deepfuse.quant_matmuls(x, [w1, w2t], [s1, s2], [None, bias], 128, 128, torch.float32,
+                                             "interpret")
+    assert all(torch.equal(a, b) for a, b in zip(via_op, got))
+    xq, xs = quant.prequantize_activations(x, interpret=True)
+    with pytest.raises(ValueError, match="prequantized activations must be"):
+        quant.quant_matmul(x, w1, s1, None, "fp8-block", True, interpret=True, activations=(xq[:5], xs[:5]))
+    with pytest.raises(ValueError, match="fp8-block W8A8"):
+        quant.quant_matmul(x, w1, s1, None, "fp8-block", False, interpret=True, activations=(xq, xs))
+    with pytest.raises(ValueError, match="one scale and one bias"):
+        quant.quant_matmuls(x, [w1, w2t], [s1], [None, None], interpret=True)
+

@@ -296,8 +296,9 @@ class FanOut(nn.Module):
 def test_fp8_layers_of_one_input_run_as_one_linear_group_launch(rows):
     """quantize="fp8-block" with linear_group named (on CPU nothing is timed): at decode sizes the FP8 W8A8 layers
     quantizing one activation run as one linear_group launch over their FP8 weights (a, c, b in graph order; d,
-    alone on its input, as a launch of one), past MAX_M rows as quant_matmuls; the same values as the quant_matmuls
-    alone (each x quantized the same way), in fp32 through the interpreter."""
+    alone on its input, as a launch of one), past MAX_M rows as one quant_matmuls (x quantized once for a, c and b)
+    and d's quant_matmul; the same values as the quant_matmuls alone (each x quantized the same way), in fp32
+    through the interpreter."""
     model, x = FanOut(), torch.randn(1, rows, 256)
     x.view(-1)[::31] *= 50
     alone, alone_report = _compile(model, x, interpret=True, quantize="fp8-block", passes=["quant"])
@@ -311,6 +312,9 @@ def test_fp8_layers_of_one_input_run_as_one_linear_group_launch(rows):
         assert all(m.params["dtype"] == "float8_e4m3fn" for m in report.matches if m.family == "linear_group")
     else:
         assert not groups and len(_quant(report)) == 4, str(report)
+        ops = {m.module: (m.op, m.params.get("activations_quantized_with")) for m in _quant(report)}
+        assert ops == {"a": ("deepfuse::quant_matmuls", ["c", "b"]), "c": ("deepfuse::quant_matmuls", ["a", "b"]),
+                       "b": ("deepfuse::quant_matmuls", ["a", "c"]), "d": ("deepfuse::quant_matmul", None)}, ops
     # the same W8A8 math (identical in the interpreter so far); should a summation order differ, an element on an
     # e4m3 rounding boundary could move one step: far under a wrong scale's 1e-2 and more
     assert rel_err(grouped, alone) < 1e-3

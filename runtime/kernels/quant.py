@@ -553,17 +553,24 @@ def quant_matmul(
     interpret: bool = False,
     config: Optional[dict] = None,
     origin: str = "",
+    activations: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """x [..., K] @ dequant(w [N, K])^T (+ bias) -> [..., N] in ``out_dtype`` (default x's dtype).
 
     ``prequantize`` (fp8 with act_quant): quantize the activations in a pre-kernel (True) or in the GEMM's K loop
-    (False); None picks the measured faster one for this M. ``config`` None: autotune now (real tensors).
-    Traceable: under make_fx the launches become Inductor user-kernel nodes."""
+    (False); None picks the measured faster one for this M. ``activations``: x already quantized by
+    ``prequantize_activations`` (FP8 [M, K] and its scales), shared by layers of one input (``quant_matmuls``).
+    ``config`` None: autotune now (real tensors). Traceable: under make_fx the launches become Inductor
+    user-kernel nodes."""
     check(x, w, scale, bias, fmt, act_quant, block)
     out_dtype = out_dtype or x.dtype
     n, k = w.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    if activations is not None:
+        if fmt != "fp8-block" or not act_quant or prequantize is False:
+            raise ValueError("quant_matmul: prequantized activations go with fp8-block W8A8 (act_quant) only")
+        prequantize = True
     if prequantize is None:
         prequantize = size_hint(m) > DECODE_MAX_M  # measured: bench/RESULTS.md, quant_matmul
     mode = _mode(fmt, act_quant, prequantize)
@@ -571,7 +578,13 @@ def quant_matmul(
     gemm = gen.function(name, interpret=interpret)
     bn_s, bk_s = block if fmt == "fp8-block" else (1, 1)
     xs = scale  # placeholder pointer where the mode reads no activation scales
-    if mode == "prequantized":
+    if activations is not None:
+        x2, xs = activations
+        if (x2.dtype != torch.float8_e4m3fn or tuple(x2.shape) != (m, k)
+                or tuple(xs.shape) != (m, triton.cdiv(k, bk_s))):
+            raise ValueError(f"quant_matmul: prequantized activations must be float8_e4m3fn [{m}, {k}] with scales "
+                             f"[{m}, {k} / {bk_s}], got {x2.dtype} {tuple(x2.shape)} and {tuple(xs.shape)}")
+    elif mode == "prequantized":
         x2, xs = prequantize_activations(x2, bk_s, interpret, gen)
     tma_gemm = gen.function("fp8_block_prequantized_matmul_tma_kernel", interpret=interpret) \
         if mode == "prequantized" else None
@@ -602,6 +615,27 @@ def quant_matmul(
     else:
         config = _fit(config, fmt, act_quant, block)
     return launch(config).view(*x.shape[:-1], n)
+
+
+def quant_matmuls(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
+                  biases: list[Optional[torch.Tensor]], block: tuple[int, int] = DEFAULT_BLOCK,
+                  out_dtype: Optional[torch.dtype] = None, interpret: bool = False,
+                  configs: Optional[list[Optional[dict]]] = None, origin: str = "") -> list[torch.Tensor]:
+    """FP8 W8A8 layers of one input (fp8-block, activations quantized per token and block[1]-wide tile):
+    [quant_matmul(x, w, s, b) for each layer] with x quantized once, by one pre-kernel launch, and read by each
+    layer's GEMM (a prefill's q_a and kv_a projections, a dense MLP's gate and up). The same values as the layers
+    one by one: the quantization is a function of x alone. ``configs``: each layer's tile (None: autotune now)."""
+    if not weights or not len(weights) == len(scales) == len(biases):
+        raise ValueError(f"quant_matmuls: one scale and one bias (or None) per weight, got {len(weights)} weights, "
+                         f"{len(scales)} scales, {len(biases)} biases")
+    for w, s, b in zip(weights, scales, biases):
+        check(x, w, s, b, "fp8-block", True, block)
+    configs = configs or [None] * len(weights)
+    gen, _ = kernels_for("prequantized", x.dtype, origin)
+    activations = prequantize_activations(x.reshape(-1, x.shape[-1]), block[1], interpret, gen)
+    return [quant_matmul(x, w, s, b, "fp8-block", True, block, out_dtype, interpret=interpret, config=cfg,
+                         origin=origin, activations=activations)
+            for w, s, b, cfg in zip(weights, scales, biases, configs)]
 
 
 # The weight copies a candidate is timed over: a weight read once per call, from HBM in a model (the next layer's
