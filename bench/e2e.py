@@ -5,7 +5,7 @@ experts) in eager and under torch.compile's default, on the same prompt, in one 
     python bench/e2e.py --out DIR [--layers 27] [--prefill 2048] [--context 2048] [--batches 1,32]
                         [--impls bundled,deepfuse,hf,hf_inductor] [--fp8] [--last-logits]
                         [--quantize fp8-block [--quantize-skip self_attn,lm_head]] [--cache-len N]
-                        [--inductor-config KEY=VALUE ...]
+                        [--inductor-config KEY=VALUE ...] [--deepfuse-batches 0] [--shared-fused-max-tokens N]
 
 Measured (CUDA events, median; every call launched from Python as a user would):
 - prefill of one sequence of --prefill tokens (logits of every position; with --last-logits, of the last one
@@ -444,8 +444,15 @@ def main():
     parser.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config.KEY (dotted, e.g. combo_kernels=True) for every compile in "
                              "the run, deepfuse's Inductor stage and hf_inductor alike; repeatable")
+    parser.add_argument("--shared-fused-max-tokens", type=int, default=None, metavar="N",
+                        help="an experiment: the moe pass fuses a shared MLP into the routed launches up to N tokens "
+                             "(deepfuse.runtime.kernels.moe.SHARED_FUSED_MAX_TOKENS, measured against cuBLAS bf16)")
     args = parser.parse_args()
     inductor_settings = set_inductor_config(args.inductor_config)
+    if args.shared_fused_max_tokens is not None:
+        from deepfuse.runtime.kernels import moe as moe_kernels
+
+        moe_kernels.SHARED_FUSED_MAX_TOKENS = args.shared_fused_max_tokens
     args.batches = [int(b) for b in args.batches.split(",")]
     args.deepfuse_batches = ([int(b) for b in args.deepfuse_batches.split(",") if int(b) > 0]
                              if args.deepfuse_batches else args.batches)
@@ -471,6 +478,8 @@ def main():
         notes["last_logits"] = "prefill: the last position's logits only (logits_to_keep=1), every implementation"
     if inductor_settings:
         notes["inductor_config"] = inductor_settings
+    if args.shared_fused_max_tokens is not None:
+        notes["shared_fused_max_tokens"] = args.shared_fused_max_tokens
     figures, prefill_floor = bench_bundled(args, cfg, bandwidth, peak, rows, notes)
     torch._dynamo.reset()  # drops the compiled model and its CUDA graphs before the HF model is built
     gc.collect()

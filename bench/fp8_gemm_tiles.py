@@ -5,7 +5,9 @@ loop) and descriptor-fed (Hopper's tensor-memory copies, ``_TMA_KERNEL``), besid
 
 Per shape M x N x K, on the same inputs (activations with outliers, a weight quantized in 128 x 128 blocks):
 - cuBLAS bf16 ``torch.mm`` over the float weight, and cuBLAS row-wise FP8 ``torch._scaled_mm`` (one scale per row
-  and per column, activations already quantized: its time has no quantization in it);
+  and per column, activations already quantized: its time has no quantization in it); cuBLAS block-scaled FP8
+  (``F.scaled_mm`` with 1 x 128 and 128 x 128 scales: the same math as the quant kernels, checked against the same
+  reference) where torch has it, timed the same way;
 - ``act_quant``: the activation pre-kernel alone;
 - every candidate of ``quant.configs_for(M, tma=True)`` through ``quant_matmul(..., prequantize=True,
   config=...)``: the pre-kernel and the GEMM, each checked against float64 math on the dequantized operands
@@ -33,6 +35,28 @@ def tile_name(cfg: dict) -> str:
     feed = "tma" if cfg.get("TMA") else "ptr"
     forms = "".join(f" {f.lower()}" for f in ("RESCALE", "M_HALVES") if cfg.get(f))
     return f"{feed} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}{forms}"
+
+
+def cublas_block_scaled(x, wq, scale, quant):
+    """cuBLAS's block-scaled FP8 GEMM (``torch.nn.functional.scaled_mm``: 1 x 128 activation tiles, 128 x 128 weight
+    blocks, DeepSeek-V3's recipe) over activations quantized once, as the row-wise row is timed: a callable, or why
+    this torch or GPU has none."""
+    try:
+        from torch.nn.functional import ScalingType, scaled_mm
+    except ImportError as e:
+        return f"torch {torch.__version__} has no block-scaled scaled_mm ({e})"
+    xq, xs = quant.prequantize_activations(x)
+    xs = xs.t().contiguous().t()  # [M, K/128] with M fastest, as cuBLAS reads 1 x 128 scales
+
+    def call():
+        return scaled_mm(xq, wq.t(), xs, ScalingType.BlockWise1x128, scale, ScalingType.BlockWise128x128,
+                         output_dtype=torch.bfloat16)
+
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001  (not on this GPU, or not these layouts)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return call
 
 
 def main():
@@ -72,6 +96,11 @@ def main():
         record("cublas fp8 row-wise", bench(lambda: torch._scaled_mm(xq_row, wq_row.T, scale_a=s_x, scale_b=s_w.T,
                                                                      out_dtype=torch.bfloat16)))
         record("act_quant", bench(lambda: quant.prequantize_activations(x)))
+        block_scaled = cublas_block_scaled(x, wq, scale, quant)
+        if isinstance(block_scaled, str):
+            print(f"{shape:<16} {'cublas fp8 block-scaled':<28} not run: {block_scaled}", flush=True)
+        else:  # (the same numbers as the quant kernels: error against the same float64 reference)
+            record("cublas fp8 block-scaled", bench(block_scaled), block_scaled())
         for cfg in quant.configs_for(m, tma=True):
             call = lambda: quant.quant_matmul(x, wq, scale, None, "fp8-block", True, prequantize=True,  # noqa: E731
                                               config=cfg)
