@@ -21,8 +21,9 @@ same activation (a decode step's q_proj and kv_a_proj, a dense MLP's gate and up
 ``deepfuse::linear_group`` launch over their FP8 weights instead, up to four a launch, a layer alone too: on a GPU
 each such group is timed at compile time against its quant_matmuls one after another and kept only where it is
 faster (``explain`` shows a ``linear_group`` row for it); off the GPU only when ``options["passes"]`` names
-``linear_group``, and never when the ``linear_group`` family is off. Past decode sizes, the W8A8 layers that
-quantize one activation run as one ``deepfuse::quant_matmuls``: its quantization launched once for all of them.
+``linear_group``, and never when the ``linear_group`` family is off. Past decode sizes (a static row count), the
+W8A8 layers that quantize one activation run as one ``deepfuse::quant_matmuls``: its quantization launched once for
+all of them.
 """
 from __future__ import annotations
 
@@ -222,9 +223,12 @@ def _replace_group(graph, group, impl, inline, launchers, args, gen) -> Union[st
 
 
 def _prequantized(mm: fx.Node, params: dict) -> bool:
-    """A W8A8 fp8-block layer whose GEMM reads activations quantized by a pre-kernel (past decode sizes)."""
-    rows = hint(value(mm).shape[0])
-    return params["format"] == "fp8-block" and params["act_quant"] and rows > kernel.DECODE_MAX_M
+    """A W8A8 fp8-block layer whose GEMM reads activations quantized by a pre-kernel: a static row count past
+    decode sizes (a symbolic one may be a decode step's at run time, where the quantization in the K loop, one
+    launch a layer, is the faster form)."""
+    rows = value(mm).shape[0]
+    return (params["format"] == "fp8-block" and params["act_quant"] and isinstance(rows, int)
+            and rows > kernel.DECODE_MAX_M)
 
 
 def _shared_quantization(graph: fx.Graph, matched: list, options: Options, report: Report) -> tuple[int, set]:
