@@ -141,6 +141,42 @@ def test_quantize_option_on_gpu(fmt):
     assert model[0].weight.untyped_storage().nbytes() == 0
 
 
+def test_layers_of_one_input_share_its_quantization_on_gpu():
+    """quant_matmuls in bf16 at a prefill's V2-Lite shapes (q_proj and kv_a_proj_with_mqa of 2048 tokens): each
+    output equal to the layer's quant_matmul alone and within bf16 of float64; and compiled (an MLP's gate and up
+    at 300 tokens, Inductor launching the kernels), one quant_matmuls for both, right against the plain form."""
+    import deepfuse
+
+    x, w1, s1, _ = _fp8_operands(2048, 3072, 2048)
+    w2, s2 = quant.quantize_weight(torch.randn(576, 2048, device="cuda") / 2048 ** 0.5, "fp8-block")
+    got = quant.quant_matmuls(x, [w1, w2], [s1, s2], [None, None])
+    for y, w, s in zip(got, (w1, w2), (s1, s2)):
+        assert torch.equal(y, quant.quant_matmul(x, w, s, None, "fp8-block", True, prequantize=True))
+        assert rel_err(y, quant.reference(x.double(), w, s, None, "fp8-block", True, compute=torch.float64)) < 1e-2
+
+    class GatedMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up = torch.nn.Linear(2048, 1408, bias=False), torch.nn.Linear(2048, 1408, bias=False)
+            self.down = torch.nn.Linear(1408, 2048, bias=False)
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+    model = GatedMLP().cuda().bfloat16()
+    x = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block", "passes": []})(x)
+        torch._dynamo.reset()
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            out = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block"})(x)
+    ops = {m.module: m.op for m in report.matches if m.family == "quant"}
+    assert ops == {"gate": "deepfuse::quant_matmuls", "up": "deepfuse::quant_matmuls",
+                   "down": "deepfuse::quant_matmul"}, str(report)
+    assert rel_err(out, ref) < 2e-2  # (an element of the intermediate near an e4m3 boundary may land a step apart)
+
+
 @pytest.mark.parametrize("tokens", [1, 64, 600])
 def test_quantize_option_moe_block_on_gpu(tokens):
     """options["quantize"]="fp8-block" on Hugging Face's DeepseekV2Moe (V2-Lite shape, grouped_mm experts,
