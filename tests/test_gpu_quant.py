@@ -33,6 +33,20 @@ def test_quant_matmul_bf16_on_gpu(mode, shape):
         assert rel_err(out, ref) < 1e-2
 
 
+def _plain_and_fused(model, x, run=lambda compiled, x: compiled(x)):
+    """``model`` under options["quantize"]="fp8-block": (its plain quantized form on x, compiled by Inductor alone;
+    what ``run`` makes of the form deepfuse's passes rewrote, given x; the report of that compile)."""
+    import deepfuse
+
+    with torch.no_grad():
+        ref = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block", "passes": []})(x)
+        torch._dynamo.reset()
+        report = deepfuse.Report()
+        with deepfuse.collect(report):
+            out = run(torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block"}), x)
+    return ref, out, report
+
+
 def _fp8_operands(m, n, k):
     """bf16 activations with outliers, a weight in 128 x 128 FP8 blocks and its scales, a bf16 bias."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -145,8 +159,6 @@ def test_layers_of_one_input_share_its_quantization_on_gpu():
     """quant_matmuls in bf16 at a prefill's V2-Lite shapes (q_proj and kv_a_proj_with_mqa of 2048 tokens): each
     output equal to the layer's quant_matmul alone and within bf16 of float64; and compiled (an MLP's gate and up
     at 300 tokens, Inductor launching the kernels), one quant_matmuls for both, right against the plain form."""
-    import deepfuse
-
     x, w1, s1, _ = _fp8_operands(2048, 3072, 2048)
     w2, s2 = quant.quantize_weight(torch.randn(576, 2048, device="cuda") / 2048 ** 0.5, "fp8-block")
     got = quant.quant_matmuls(x, [w1, w2], [s1, s2], [None, None])
@@ -163,14 +175,8 @@ def test_layers_of_one_input_share_its_quantization_on_gpu():
         def forward(self, x):
             return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
 
-    model = GatedMLP().cuda().bfloat16()
-    x = torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        ref = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block", "passes": []})(x)
-        torch._dynamo.reset()
-        report = deepfuse.Report()
-        with deepfuse.collect(report):
-            out = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block"})(x)
+    ref, out, report = _plain_and_fused(GatedMLP().cuda().bfloat16(),
+                                        torch.randn(300, 2048, device="cuda", dtype=torch.bfloat16))
     ops = {m.module: m.op for m in report.matches if m.family == "quant"}
     assert ops == {"gate": "deepfuse::quant_matmuls", "up": "deepfuse::quant_matmuls",
                    "down": "deepfuse::quant_matmul"}, str(report)
@@ -216,7 +222,6 @@ def test_descriptor_fed_gemm_launched_by_inductor_under_cuda_graphs(monkeypatch)
     options["quantize"], then captured as a CUDA graph and replayed: Inductor's code launches it and hands it the
     descriptors' scratch memory, inside the captured graph, and it agrees with the same quantized form compiled by
     Inductor alone."""
-    import deepfuse
     from deepfuse.runtime.cuda_graph import CapturedStep
 
     monkeypatch.delenv("DEEPFUSE_FP8_TMA", raising=False)  # on by default from compute capability 9
@@ -229,15 +234,11 @@ def test_descriptor_fed_gemm_launched_by_inductor_under_cuda_graphs(monkeypatch)
     model = torch.nn.Sequential(torch.nn.Linear(2048, 3072, bias=False), torch.nn.SiLU(),
                                 torch.nn.Linear(3072, 2048, bias=False)).cuda().bfloat16()
     x = torch.randn(100, 2048, device="cuda", dtype=torch.bfloat16)
+
+    ref, (first, compiled), report = _plain_and_fused(model, x, lambda compiled, x: (compiled(x).clone(), compiled))
     with torch.no_grad():
-        ref = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block", "passes": []})(x)
-        torch._dynamo.reset()
-        report = deepfuse.Report()
-        with deepfuse.collect(report):
-            compiled = torch.compile(model, backend="deepfuse", options={"quantize": "fp8-block"})
-            outs = [compiled(x).clone()]
         step = CapturedStep(lambda: compiled(x))
-        outs += [step().clone() for _ in range(3)]
+        outs = [first] + [step().clone() for _ in range(3)]
     assert quant.configs_for(100, tma=True) == quant.TMA_SMALL_CONFIGS
     assert len([m for m in report.matches if m.family == "quant"]) == 2, str(report)
     for out in outs:
