@@ -330,8 +330,9 @@ def _check_fp8(t, hidden, inter, experts, k, dtype, device, interpret, route="ra
     if act_quant:
         # The kernel's activation scales are fp32, the reference's float64: a value within an ulp of an e4m3
         # rounding boundary rounds the other way now and then. In fp32 the error is ~1e-7 otherwise, and one such
-        # step reached 2.3e-4 in 600 runs of (9, 128, 128, 8, 8); a wrong or missing scale is off by 1e-2 and more.
-        tol = max(tol, 1e-3)
+        # step reached 2.3e-4 in 600 runs of (9, 128, 128, 8, 8), and 1.2e-3 once in a suite run (a large
+        # intermediate value's step); a wrong or missing scale is off by 1e-2 and more.
+        tol = max(tol, 2e-3)
     if outliers and act_quant:
         # The kernel's intermediate and the float64 one differ by rounding, and now and then an outlier crosses an
         # e4m3 rounding boundary: one FP8 step of a 100x value (once 2.3e-3 in fp32). Unquantized activations
