@@ -336,4 +336,3 @@ def test_layers_of_one_input_share_its_quantization():
         quant.quant_matmul(x, w1, s1, None, "fp8-block", False, interpret=True, activations=(xq, xs))
     with pytest.raises(ValueError, match="one scale and one bias"):
         quant.quant_matmuls(x, [w1, w2t], [s1], [None, None], interpret=True)
-
