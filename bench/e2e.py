@@ -107,6 +107,14 @@ def the_prompt(cfg, tokens: int) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
 
 
+def match_counts(report) -> dict:
+    """How many regions each family matched in the compiles ``report`` collected, in the order first seen."""
+    counts = {}
+    for m in report.matches:
+        counts[m.family] = counts.get(m.family, 0) + 1
+    return counts
+
+
 def add_row(rows: list, impl: str, what: str, batch: int, ms: float, floor_ms: float, prefill_tokens: int) -> None:
     rows.append({"impl": impl, "what": what, "batch": batch, "ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms,
                  "tokens_per_s": (batch if what.startswith("decode") else prefill_tokens) / ms * 1e3})
@@ -172,7 +180,7 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                                                 options=df_options)
             notes["compile"] = args.compile
             pos = torch.tensor(ctx, device="cuda")
-            report, families = deepfuse.Report(), {}
+            report = deepfuse.Report()
 
             def collecting(report):
                 # Collecting the report turns Inductor's FX graph cache off (a hit would skip the passes), so
@@ -202,11 +210,9 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                         step(tok, pos, cache)
                     torch.cuda.synchronize()
                     notes[f"deepfuse_compile_s_decode_b{b}"] = time.perf_counter() - start
-                families = {}
-                for m in report.matches:
-                    families[m.family] = families.get(m.family, 0) + 1
                 print(f"deepfuse compile, decode batch {b}: {notes[f'deepfuse_compile_s_decode_b{b}']:.1f} s; "
-                      f"matches so far {families}, declined {[d.reason for d in report.declined]}", flush=True)
+                      f"matches so far {match_counts(report)}, declined {[d.reason for d in report.declined]}",
+                      flush=True)
                 floor_ms = decode_bytes(cfg, figures, b, ctx, cache.bytes_per_token_per_layer()) / bandwidth * 1e3
                 row("deepfuse", "decode", b, median_ms(lambda: step(tok, pos, cache), 30, warmup=3), floor_ms)
                 state = [tok]
@@ -218,8 +224,7 @@ def bench_bundled(args, cfg, bandwidth, peak, rows, notes):
                 row("deepfuse", "decode loop", b, loop["ms"], floor_ms)
                 if args.profile:
                     profile(lambda: step(tok, pos, cache), os.path.join(args.out, f"profile_decode_b{b}.txt"))
-            notes["deepfuse_matches"] = {f: sum(m.family == f for m in report.matches)
-                                         for f in dict.fromkeys(m.family for m in report.matches)}
+            notes["deepfuse_matches"] = match_counts(report)
             notes["deepfuse_declined"] = [f"{d.family}: {d.reason}" for d in report.declined]
             if args.gen_tokens and not args.deepfuse_decode_only:
                 with torch.compiler.set_stance("force_eager"):  # --compile blocks compiled the layers in place

@@ -304,6 +304,9 @@ def dot_dtype_for(x_dtype: torch.dtype, w_dtype: torch.dtype, mm_dtype: torch.dt
     return torch.float32
 
 
+_HALF_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def uses_tiled_matmul(tokens: int) -> bool:
     """Whether route_hidden's matmul at this many tokens is the tiled form (else split over the hidden size)."""
     return tokens > ROUTER_MATMUL_MAX_TOKENS
@@ -317,9 +320,6 @@ def describe_matmul(tokens: int, x_dtype: torch.dtype, w_dtype: torch.dtype, mm_
     products = ("fp32 products in IEEE precision" if dot == torch.float32
                 else f"{_HALF_NAMES[dot]} products on the tensor cores")
     return f"tiled over tokens and experts, {products}"
-
-
-_HALF_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _router_kernels(mm_dtype: torch.dtype, dot_dtype: torch.dtype) -> str:
