@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -71,12 +72,15 @@ def run_passes(graph: fx.Graph, options: Options, report: Report) -> None:
     log.debug("graph before deepfuse passes:\n%s", graph)
     for name, cls in PASSES.items():
         if options.enabled(name):
+            start = time.perf_counter()
             try:
                 changed = cls().run(graph, options, report)
             except RewriteError as err:  # the region it was rewriting is as it was; what the pass did before stays
                 log.warning("deepfuse %s pass stopped: %s", name, err)
                 report.declined.append(Declined(name, f"internal: {err}", "", ""))
                 changed = True
+            finally:
+                report.pass_seconds[name] = report.pass_seconds.get(name, 0.0) + time.perf_counter() - start
             if changed:
                 log.debug("graph after %s:\n%s", name, graph)
     graph.lint()
@@ -153,7 +157,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
             patches["triton.cudagraphs"] = options.mode == "max-autotune"
         _real_inputs.append(example_inputs)
         try:
-            return compile_fx(gm, example_inputs, config_patches=patches)
+            with _whole_loops_only():
+                return compile_fx(gm, example_inputs, config_patches=patches)
         finally:
             _real_inputs.pop()
     _real_inputs.append(example_inputs)
@@ -161,6 +166,44 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
         return _aot(gm, example_inputs, lambda g: run_passes(g, options, report) or g)
     finally:
         _real_inputs.pop()
+
+
+@contextlib.contextmanager
+def _whole_loops_only() -> Iterator[None]:
+    """Inductor's CPU loop split (``CppScheduling.try_loop_split``, torch 2.13 at least) rewrites a loop of n
+    iterations whose index reads ``i // d`` as n // d times d, without checking that d divides n: the last n mod d
+    iterations never run and their outputs stay uninitialized. A quantization scale expanded to a K that is no
+    whole number of 128s is that loop: ``(lambda s: s.repeat_interleave(128, -1)[..., :200] + 0)`` compiles to
+    one that writes 128 of every 200 values. While deepfuse compiles, the split is tried only where every such
+    division divides its loop's length."""
+    try:
+        from torch._inductor.codegen.cpp import CppScheduling
+        from torch.utils._sympy.functions import FloorDiv
+    except ImportError:
+        yield
+        return
+    original = getattr(CppScheduling, "try_loop_split", None)
+    if original is None:
+        yield
+        return
+
+    def try_loop_split(self, nodes):
+        for node in nodes:
+            if not hasattr(node.node, "get_default_sizes_body"):
+                break  # (the split declines it itself)
+            (sizes, _), body, (index_vars, _) = node.node.get_default_sizes_body()
+            for expr in body.indexing_exprs.values():
+                for div in getattr(expr, "find", lambda _: ())(FloorDiv):
+                    var, divisor = div.args
+                    if var in index_vars and (sizes[index_vars.index(var)] % divisor) != 0:
+                        return nodes
+        return original(self, nodes)
+
+    CppScheduling.try_loop_split = try_loop_split
+    try:
+        yield
+    finally:
+        CppScheduling.try_loop_split = original
 
 
 def _aot(gm: fx.GraphModule, example_inputs: list, transform: Callable[[fx.Graph], object], run_original=False):

@@ -68,6 +68,8 @@ class Report:
     declined: list[Declined] = field(default_factory=list)
     graphs: int = 0
     notes: list[str] = field(default_factory=list)
+    #: Wall seconds in each pass, summed over graphs: matching, kernel generation and compile-time timing.
+    pass_seconds: dict[str, float] = field(default_factory=dict)
     #: The rewritten aten graphs with example inputs (filled by explain; not serialized).
     rewritten: list = field(default_factory=list, repr=False)
 
@@ -82,6 +84,7 @@ class Report:
             "declined": [asdict(d) for d in self.declined],
             "kernel_files": self.kernel_files,
             "notes": self.notes,
+            "pass_seconds": self.pass_seconds,
         }
 
     def to_json(self, path: Optional[str] = None) -> str:
@@ -105,6 +108,8 @@ class Report:
         if self.declined:
             lines += ["", "## Declined", "", "| family | reason | module | source |", "|---|---|---|---|"]
             lines += [f"| {d.family} | {cell(d.reason)} | `{d.module}` | `{cell(d.source)}` |" for d in self.declined]
+        if self.pass_seconds:
+            lines += ["", "Time in the passes: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.pass_seconds.items())]
         if self.kernel_files:
             lines += ["", "## Generated kernels", ""] + [f"- `{f}`" for f in self.kernel_files]
         return "\n".join(lines) + "\n"
