@@ -4,6 +4,55 @@ import torch
 import deepfuse  # noqa: F401  (turns the Triton interpreter on where CUDA is absent, before triton loads)
 
 
+def _patch_language_once_per_launch() -> None:
+    """Triton's interpreter (3.6) patches triton.language for the interpreter again at every call of a
+    ``@triton.jit`` helper inside a kernel (``_patch_lang`` walks every member of the language modules: ~1.5 ms a
+    call, a quarter of the 64-token greedy decode test's time), though the launch around the call has patched the
+    same modules (the helper's patching is never restored: its scope is dropped). Here a helper's call inside a
+    launch skips the walk when the launch, or an earlier helper in it, already patched every language module the
+    helper sees (tl.sum and the other library helpers also see triton.language.core); a launch still patches.
+    Tests only: what runs is the same interpreted code."""
+    import inspect
+    import threading
+
+    try:
+        from triton.runtime import interpreter
+        import triton.language as tl
+    except ImportError:
+        return
+    patch, launch = getattr(interpreter, "_patch_lang", None), getattr(interpreter.GridExecutor, "__call__", None)
+    if patch is None or launch is None or getattr(patch, "once_per_launch", False):
+        return
+    state = threading.local()
+
+    def languages(fn) -> set:
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+
+    def patch_lang(fn):
+        patched = getattr(state, "patched", None)
+        if patched is not None and languages(fn) <= patched:
+            return interpreter._LangPatchScope()  # nothing to restore
+        scope = patch(fn)
+        if getattr(state, "launching", False):  # patched until the launch ends (a helper's scope is dropped)
+            state.patched = (patched or set()) | languages(fn)
+        return scope
+
+    def grid_call(self, *args, **kwargs):
+        outer = getattr(state, "launching", False), getattr(state, "patched", None)
+        state.launching, state.patched = True, None
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            state.launching, state.patched = outer
+
+    patch_lang.once_per_launch = True
+    interpreter._patch_lang = patch_lang
+    interpreter.GridExecutor.__call__ = grid_call
+
+
+_patch_language_once_per_launch()
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     """Each test gets its own kernel cache and a fresh Dynamo, so no test sees another's compiled state."""
