@@ -623,7 +623,8 @@ def environment():
                                              stderr=subprocess.DEVNULL).strip()
         except Exception:
             commit = "unknown"
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "commit": commit, "command": " ".join(["python"] + sys.argv)}
 
 

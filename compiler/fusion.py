@@ -7,6 +7,7 @@ Everything else (escape checks, logging, report rows, graph surgery) is shared h
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -137,6 +138,58 @@ def region_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], out: fx.N
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(env[out])
     return fx.GraphModule(torch.nn.Module(), sub)
+
+
+def region_key(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outs: Sequence[fx.Node]) -> Optional[str]:
+    """A key two regions share when ``region_module`` would build the same module from them over inputs of the
+    same shapes and dtypes, so one check by running stands for both (a model's identical layers, in one graph):
+    each node's op, target and arguments, with nodes written as their place in the region and size symbols as
+    their traced example values. None where the region reads another value (its check says why)."""
+    order = {n: i for i, n in enumerate(outs[0].graph.nodes)}
+    body = sorted(set(nodes) - set(inputs), key=order.__getitem__)
+    place = {**{n: ("in", i) for i, n in enumerate(inputs)}, **{n: ("node", i) for i, n in enumerate(body)}}
+    rows = []
+
+    def arg(a):
+        if isinstance(a, fx.Node):
+            if a in place:
+                return place[a]
+            v = a.meta.get("val")
+            if isinstance(v, (torch.SymInt, int)):
+                return ("size", hint(v))
+            raise LookupError(a.name)
+        if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return ("symbol", repr(a.node.hint))
+        if isinstance(a, torch.Tensor):  # (a constant tensor's repr is abbreviated: no key)
+            raise LookupError("a tensor constant")
+        return repr(a)
+
+    try:
+        for n in body:
+            if n.op in ("placeholder", "get_attr"):
+                v = n.meta.get("val")
+                if not isinstance(v, (torch.SymInt, int)):
+                    return None
+                rows.append(("size", hint(v)))
+                continue
+            rows.append((n.op, str(n.target), fx.node.map_aggregate(n.args, arg), fx.node.map_aggregate(n.kwargs, arg)))
+        rows.append(tuple(place.get(o) for o in outs))
+    except LookupError:
+        return None
+    for n in inputs:
+        v = n.meta.get("val")
+        rows.append((tuple(hint(d) for d in v.shape), str(v.dtype), v.device.type) if isinstance(v, torch.Tensor)
+                    else repr(v))
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def checked_once(checked: dict, key: Optional[str], check: Callable[[], Any]) -> Any:
+    """``check()``, or what it gave for an earlier region of the same ``region_key`` (kept in ``checked``)."""
+    if key is None:
+        return check()
+    if key not in checked:
+        checked[key] = check()
+    return checked[key]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -36,8 +36,9 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from deepfuse.fusion import (RegionBinding, ancestors, descendants, escape_reason, post_dominates, rel_err,
-                             replace_region, replace_region_first_traced, replace_region_inline_or_op)
+from deepfuse.fusion import (RegionBinding, ancestors, checked_once, descendants, escape_reason, post_dominates,
+                             region_key, rel_err, replace_region, replace_region_first_traced,
+                             replace_region_inline_or_op)
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
@@ -62,6 +63,7 @@ class MoEPass:
         hashed = _hash_routed_ids(graph)  # experts chosen by a token-id table (DeepSeek-V4's first layers)
         stacked = _stacked_expert_weights(graph)  # (before any rewrite takes their products away)
         chosen = set()  # what the top-ks' experts regions hold: their stacked experts are theirs to fuse or decline
+        checked = {}  # region key -> what running it found (_verify)
         for topk in topks + hashed:
             found = _experts_region(graph, topk)
             where = (source_line(topk), module_path(topk))
@@ -71,7 +73,7 @@ class MoEPass:
                 continue
             region, inputs, out = found
             chosen |= set(region)
-            params = _verify(graph, region, inputs, out)
+            params = _verify(region, inputs, out, checked)
             if isinstance(params, str):
                 self._decline(report, params, where)
                 continue
@@ -892,13 +894,37 @@ def _layouts(mats, hidden):
     return out
 
 
-def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
+def _verify(region, inputs, out, checked: dict) -> Union[dict[str, Any], str]:
     """Run the region on random inputs; accept it if it equals the canonical MoE for one weight layout and
-    activation. Random weights of the real shapes: what is checked is the function, not these values."""
+    activation. Random weights of the real shapes: what is checked is the function, not these values. A region
+    that computes what one in ``checked`` computed, over inputs of the same shapes (the next identical layer of a
+    model compiled whole), takes that check's finding (about 10 s a layer on the CPU at V2-Lite's shapes)."""
+    mats, biases = inputs["mats"], inputs.get("biases", [])
+    placeholders = [inputs["x"], inputs["ids"], inputs["weights"], mats[0], mats[1], *biases]
+    finding = checked_once(checked, region_key(region, placeholders, [out]),
+                           lambda: _check(region, inputs, placeholders, out))
+    if isinstance(finding, str):
+        return finding
+    (gate_up, down), t1, t2, inter, gated, act, bias, interleaved, form = finding
+    e, k = hint(value(mats[0]).shape[0]), hint(value(inputs["ids"]).shape[-1])
+    hidden, dtype = hint(value(inputs["x"]).shape[1]), value(inputs["x"]).dtype
+    gate_up, down = mats[gate_up], mats[down]
+    bias = bias and tuple(biases[i] for i in bias)
+    inputs["w_gate_up"], inputs["w_down"] = gate_up, down
+    inputs["b_gate_up"], inputs["b_down"] = bias or (None, None)
+    return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
+            "gate_up_transposed": t1, "down_transposed": t2, "dtype": str(dtype).replace("torch.", ""),
+            **({} if gated else {"ungated": f"down(act(up(x))), no gate: up {gate_up.name}"}),
+            **({"gate_up_rows": "interleaved (gate 0::2, up 1::2)"} if interleaved else {}),
+            **({"biases": f"gate/up {bias[0].name}, down {bias[1].name}"} if bias else {}), **form}
+
+
+def _check(region, inputs, placeholders, out) -> Union[tuple, str]:
+    """_verify's check by running: the form the region computes, its nodes written as their places among the
+    inputs (so the finding holds for any region of the same key), or why none."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     mats, biases = inputs["mats"], inputs.get("biases", [])
-    placeholders = [inputs["x"], inputs["ids"], inputs["weights"], mats[0], mats[1], *biases]
     # Casts to FP8 inside the region: its activations are quantized (an FP8 W8A8 MoE). Then the region must be
     # the MoE with those casts made identities (what it computes apart from the rounding), and, casts and all,
     # the MoE with both projections' inputs quantized per row and 128-wide tile.
@@ -945,13 +971,8 @@ def _verify(graph, region, inputs, out) -> Union[dict[str, Any], str]:
         acc = torch.float64 if device.type == "cpu" else torch.float32
 
         def found(gate_up, down, t1, t2, inter, gated, act, bias=None, interleaved=False, **form):  # the checked form
-            inputs["w_gate_up"], inputs["w_down"] = gate_up, down
-            inputs["b_gate_up"], inputs["b_down"] = bias or (None, None)
-            return {"experts": e, "top_k": k, "hidden": hidden, "intermediate": inter, "activation": act,
-                    "gate_up_transposed": t1, "down_transposed": t2, "dtype": str(xv.dtype).replace("torch.", ""),
-                    **({} if gated else {"ungated": f"down(act(up(x))), no gate: up {gate_up.name}"}),
-                    **({"gate_up_rows": "interleaved (gate 0::2, up 1::2)"} if interleaved else {}),
-                    **({"biases": f"gate/up {bias[0].name}, down {bias[1].name}"} if bias else {}), **form}
+            return ((mats.index(gate_up), mats.index(down)), t1, t2, inter, gated, act,
+                    bias and tuple(biases.index(b) for b in bias), interleaved, form)
 
         for gate_up, down, t1, t2, inter, gated in layouts:
             if quantized and not gated:

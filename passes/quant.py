@@ -34,7 +34,8 @@ import torch
 import torch.fx as fx
 import triton
 
-from deepfuse.fusion import RegionBinding, ancestors, region_module, rel_err, replace_region_first_traced
+from deepfuse.fusion import (RegionBinding, ancestors, checked_once, region_key, region_module, rel_err,
+                             replace_region_first_traced)
 from deepfuse.log import log
 from deepfuse.options import Options
 from deepfuse.report import Declined, Match, Report, module_path, source_line
@@ -55,13 +56,13 @@ class QuantPass:
     family = "quant"
 
     def run(self, graph: fx.Graph, options: Options, report: Report) -> int:
-        matched = []
+        matched, checked = [], {}  # checked: region key -> what running it found (_verify)
         for mm in [n for n in graph.nodes if n.target in (aten.mm.default, aten.addmm.default)]:
             found = weight_side(mm)
             if found is None:
                 continue  # a float weight: not a quantized matmul, nothing to say
             where = (source_line(mm), module_path(mm))
-            params = found if isinstance(found, str) else _verify(mm, found)
+            params = found if isinstance(found, str) else _verify(mm, found, checked)
             if isinstance(params, str):
                 report.declined.append(Declined(self.family, params, *where))
                 log.info("declined quant at %s (%s): %s", where[1] or "?", where[0], params)
@@ -408,9 +409,62 @@ def _block_candidates(n: int, k: int, scale_shape: tuple) -> list[tuple[int, int
 # -- checking what they compute ------------------------------------------------------------------------------
 
 
-def _verify(mm: fx.Node, found: dict) -> Union[dict[str, Any], str]:
+def _verify(mm: fx.Node, found: dict, checked: dict) -> Union[dict[str, Any], str]:
     """Run the weight (and activation) subgraphs on random values; accept the first format, block and weight
-    orientation they compute, with the activation quantization they compute."""
+    orientation they compute, with the activation quantization they compute. A subgraph that computes what one
+    in ``checked`` computed, over inputs of the same shapes (the same layer in the next block of a model compiled
+    whole), takes that check's finding."""
+    q, s, w_op = found["q"], found["s"], found["w_op"]
+    k = hint(value(w_op).shape[0])  # the matmul's weight operand is [K, N]
+    match = checked_once(checked, region_key(found["w_nodes"] | {w_op}, [q, s], [w_op]), lambda: _weight_format(found))
+    if isinstance(match, str):
+        return match
+    fmt, block, transposed = match
+    x_src, x_nodes, act_quant = _act_side(mm, k)
+    if act_quant and x_nodes is None:
+        return "the activations are cast to float8, but not by a quantization of one activation in this graph"
+    if act_quant:
+        if fmt != "fp8-block":
+            return "quantized activations with an int8 weight: only int8 weight-only is supported"
+        x_op = _operands(mm)[1]
+        key = region_key(x_nodes | {x_op}, [x_src], [x_op])
+        reason = checked_once(checked, key and f"{key} {block[1]}", lambda: _verify_act(x_src, x_nodes, mm, block[1]))
+        if reason:
+            return reason
+    n = hint(value(w_op).shape[1])
+    x_val = value(x_src)
+    if x_val.dtype not in FLOATS or value(mm).dtype not in FLOATS:
+        return f"activations in {x_val.dtype} (float16, bfloat16 or float32 supported)"
+    bias = _operands(mm)[0]
+    if bias is not None:
+        if mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1:
+            return "addmm with alpha or beta other than 1"
+        if value(bias) is None or tuple(hint(d) for d in value(bias).shape) != (n,):
+            return "the bias is not one value per output feature"
+    bf16_bytes = n * k * 2
+    return {
+        "format": fmt,
+        "act_quant": act_quant,
+        "block": list(block) if fmt == "fp8-block" else None,
+        "out_features": n,
+        "in_features": k,
+        "bias": bias is not None,
+        "activation_dtype": str(x_val.dtype).replace("torch.", ""),
+        "out_dtype": str(value(mm).dtype).replace("torch.", ""),
+        "weight_layout": "[K, N] (transposed)" if transposed else "[N, K]",
+        "weight_bytes": kernel.weight_bytes(n, k, fmt, block),
+        "bf16_weight_bytes": bf16_bytes,
+        "_block": block,
+        "_transposed": transposed,
+        "_x": x_src,
+        "_x_nodes": x_nodes,
+        "_bias": bias,
+    }
+
+
+def _weight_format(found: dict) -> Union[tuple, str]:
+    """(format, block, stored transposed) that the weight dequantization computes, checked by running it on
+    random values; or why none."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     q, s, w_op = found["q"], found["s"], found["w_op"]
@@ -447,76 +501,38 @@ def _verify(mm: fx.Node, found: dict) -> Union[dict[str, Any], str]:
             got = w_module(q_rand, s_rand)
         except Exception as err:
             return f"the weight dequantization could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
-        match = None
         for fmt, block, transposed in candidates:
             qq, ss = (q_rand.t(), s_rand.t() if s_rand.dim() == 2 else s_rand) if transposed else (q_rand, s_rand)
             want = kernel.dequantize_weight(qq, ss.reshape(-1) if fmt == "int8-channel" else ss, fmt, block)
             if got.shape == (k, n) and rel_err(got, want.t()) < TOL[wv.dtype]:
-                match = (fmt, block, transposed)
-                break
-        if match is None:
-            return f"the {qv.dtype} weight's dequantization matches no supported format and block ({len(candidates)} tried)"
-        fmt, block, transposed = match
-        x_src, x_nodes, act_quant = _act_side(mm, k)
-        if act_quant and x_nodes is None:
-            return "the activations are cast to float8, but not by a quantization of one activation in this graph"
-        if act_quant:
-            if fmt != "fp8-block":
-                return "quantized activations with an int8 weight: only int8 weight-only is supported"
-            reason = _verify_act(x_src, x_nodes, mm, block[1])
-            if reason:
-                return reason
-    x_val = value(x_src)
-    if x_val.dtype not in FLOATS or value(mm).dtype not in FLOATS:
-        return f"activations in {x_val.dtype} (float16, bfloat16 or float32 supported)"
-    bias = _operands(mm)[0]
-    if bias is not None:
-        if mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1:
-            return "addmm with alpha or beta other than 1"
-        if value(bias) is None or tuple(hint(d) for d in value(bias).shape) != (n,):
-            return "the bias is not one value per output feature"
-    bf16_bytes = n * k * 2
-    return {
-        "format": fmt,
-        "act_quant": act_quant,
-        "block": list(block) if fmt == "fp8-block" else None,
-        "out_features": n,
-        "in_features": k,
-        "bias": bias is not None,
-        "activation_dtype": str(x_val.dtype).replace("torch.", ""),
-        "out_dtype": str(value(mm).dtype).replace("torch.", ""),
-        "weight_layout": "[K, N] (transposed)" if transposed else "[N, K]",
-        "weight_bytes": kernel.weight_bytes(n, k, fmt, block),
-        "bf16_weight_bytes": bf16_bytes,
-        "_block": block,
-        "_transposed": transposed,
-        "_x": x_src,
-        "_x_nodes": x_nodes,
-        "_bias": bias,
-    }
+                return fmt, block, transposed
+    return f"the {qv.dtype} weight's dequantization matches no supported format and block ({len(candidates)} tried)"
 
 
 def _verify_act(x_src: fx.Node, x_nodes: set, mm: fx.Node, group: int) -> Optional[str]:
     """Is the matmul's activation operand the per-token, per-``group``-tile fp8 quantize-dequantize of x_src?"""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     x_op = _operands(mm)[1]
-    xv = value(x_src)
     try:
         module = region_module(x_nodes | {x_op}, [x_src], x_op)
     except ValueError as err:
         return f"the activation quantization {err}"
-    gen = torch.Generator(device="cpu").manual_seed(7)
-    shape = tuple(max(hint(d), 1) for d in xv.shape)
-    x = torch.randn(shape, generator=gen)
-    x.view(-1)[torch.randint(0, x.numel(), (max(1, x.numel() // 200),), generator=gen)] *= 50  # outliers
-    x = x.to(xv.device, xv.dtype)
-    try:
-        got = module(x).float()
-    except Exception as err:
-        return f"the activation quantization could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
-    want = kernel.dequantize_activation(*kernel.quantize_activation(x, group), group).reshape(got.shape)
-    # Rounding ties may land one fp8 step apart (x * (448 / amax) against x / (amax / 448)); a different
-    # grouping (per row, per tensor) differs almost everywhere.
-    off = ((got - want).abs() > 1e-6 * want.abs() + 1e-30).float().mean().item()
+    xv = value(x_src)
+    with unset_fake_temporarily(), torch.no_grad():
+        gen = torch.Generator(device="cpu").manual_seed(7)
+        shape = tuple(max(hint(d), 1) for d in xv.shape)
+        x = torch.randn(shape, generator=gen)
+        x.view(-1)[torch.randint(0, x.numel(), (max(1, x.numel() // 200),), generator=gen)] *= 50  # outliers
+        x = x.to(xv.device, xv.dtype)
+        try:
+            got = module(x).float()
+        except Exception as err:
+            return f"the activation quantization could not be run for checking: {type(err).__name__}: {str(err)[:120]}"
+        want = kernel.dequantize_activation(*kernel.quantize_activation(x, group), group).reshape(got.shape)
+        # Rounding ties may land one fp8 step apart (x * (448 / amax) against x / (amax / 448)); a different
+        # grouping (per row, per tensor) differs almost everywhere.
+        off = ((got - want).abs() > 1e-6 * want.abs() + 1e-30).float().mean().item()
     if off > 0.01:
         return (f"the activations are quantized to float8, but not per token and per {group}-wide tile "
                 f"(s = max|x| / 448) as the weight blocks are ({off:.0%} of values differ)")

@@ -855,6 +855,37 @@ def test_unsupported_activation_is_declined_not_approximated():
     assert any("not the routed-experts computation" in d.reason for d in report.declined), str(report)
 
 
+class ExpertsLayers(torch.nn.Module):
+    """Experts blocks one after another, each with its own router and weights, the activations given: a model's
+    layers compiled whole, as one graph."""
+
+    def __init__(self, acts, h=32):
+        super().__init__()
+        self.blocks, self.acts = torch.nn.ModuleList(StackedExperts(h=h) for _ in acts), acts
+
+    def forward(self, x):
+        for block, act in zip(self.blocks, self.acts):
+            weights, ids = block.router(x).softmax(-1).topk(block.k, dim=-1)
+            x = x + gathered_experts(x, ids, weights, block.w1, block.w2, act)
+        return x
+
+
+def test_layers_computing_the_same_are_checked_once(monkeypatch):
+    """The check by running (about 10 s a layer at V2-Lite's shapes on the CPU) runs once for the layers of a graph
+    that compute the same function of same-shaped inputs; a layer computing another (GELU, ReLU) is checked on
+    its own, and each layer gets its own weights, activation and result."""
+    from deepfuse.passes import moe
+
+    runs, check = [], moe._check
+    monkeypatch.setattr(moe, "_check", lambda *args: runs.append(1) or check(*args))
+    report = _compile_check(ExpertsLayers([F.silu, F.silu, F.gelu, F.silu, F.relu]), (torch.randn(6, 32),), 1e-5)
+    moes = [m for m in report.matches if m.family == "moe"]
+    assert [m.params["activation"] for m in moes] == ["silu", "silu", "gelu", "silu"], str(report)
+    assert len(runs) == 3, len(runs)
+    assert [d.reason for d in report.declined if d.family == "moe"] == [
+        "the region downstream of the router is not the routed-experts computation (checked on random inputs)"]
+
+
 def test_atomic_combine_option_reaches_the_kernel():
     cfg = get_config("v3-tiny")
     model = DeepSeekForCausalLM.from_config(cfg, seed=3)

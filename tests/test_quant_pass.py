@@ -320,6 +320,26 @@ def test_fp8_layers_of_one_input_run_as_one_linear_group_launch(rows):
     assert rel_err(grouped, alone) < 1e-3
 
 
+def test_layers_of_one_form_are_checked_once(monkeypatch):
+    """Four FP8 layers in a row, three of one shape: the weight dequantization is run for checking once per
+    shape, the activation quantization once (every layer quantizes a [3, 256] input the same way); each layer is
+    still its own quant_matmul, and the values are Inductor's for the same written-out layers."""
+    from deepfuse.passes import quant as quant_pass
+
+    weight_runs, act_runs = [], []
+    weight_format, verify_act = quant_pass._weight_format, quant_pass._verify_act
+    monkeypatch.setattr(quant_pass, "_weight_format", lambda *args: weight_runs.append(1) or weight_format(*args))
+    monkeypatch.setattr(quant_pass, "_verify_act", lambda *args: act_runs.append(1) or verify_act(*args))
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 128))
+    x = torch.randn(3, 256)
+    got, report = _compile(model, x, interpret=True, quantize="fp8-block", passes=["quant"])
+    torch._dynamo.reset()
+    assert [m.params["out_features"] for m in _quant(report)] == [256, 256, 256, 128], str(report)
+    assert (len(weight_runs), len(act_runs)) == (2, 1)
+    written_out, _ = _compile(model, x, quantize="fp8-block", passes=())
+    assert rel_err(got, written_out) < 1e-3  # (an e4m3 step of a layer's input apart at most, from sum order)
+
+
 def test_fp8_layers_left_to_inductor_are_right_where_k_is_no_whole_number_of_tiles():
     """quantize="fp8-block" with no pattern pass: Inductor's CPU code computes every layer written out, d's scales
     expanded to K = 200 and cut (its loop split would leave 72 of each row's 200 values unwritten, seen as 1e30 and
