@@ -123,10 +123,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     set_cache_dir(options.cache_dir)
     autotune.set_enabled(options.autotune)
     report = _report()
-    if options.quantize:
-        from .quantize import quantize_linears
-
-        quantize_linears(gm, example_inputs, options.quantize, options.release_float_weights, options.quantize_skip)
+    wrap = _quantize(gm, example_inputs, options, options.release_float_weights)
     if options.inductor:
         from torch._inductor.compile_fx import compile_fx
 
@@ -146,6 +143,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
         if inductor_config.coordinate_descent_tuning:
             log.info("Inductor's coordinate_descent_tuning is off while deepfuse compiles: it decomposes one-token "
                      "matmuls before deepfuse's passes can match them")
+        if options.quantize:
+            # Frozen, the quantized copies would be folded into the compiled code, and the graph of one decoder
+            # layer could no longer read the next layer's (QuantizedWeights points them at each call's).
+            patches["freezing"] = False
         if _collectors or options.expert_parallel:
             # A cache hit would skip the passes, and with them the report being collected (or the sharding).
             patches["fx_graph_cache"] = False
@@ -158,14 +159,24 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
         _real_inputs.append(example_inputs)
         try:
             with _whole_loops_only():
-                return compile_fx(gm, example_inputs, config_patches=patches)
+                return wrap(compile_fx(gm, example_inputs, config_patches=patches))
         finally:
             _real_inputs.pop()
     _real_inputs.append(example_inputs)
     try:
-        return _aot(gm, example_inputs, lambda g: run_passes(g, options, report) or g)
+        return wrap(_aot(gm, example_inputs, lambda g: run_passes(g, options, report) or g))
     finally:
         _real_inputs.pop()
+
+
+def _quantize(gm: fx.GraphModule, example_inputs: list, options: Options, release: bool) -> Callable:
+    """``options.quantize``'s conversion of ``gm``; what to wrap the compiled graph in, so that each call reads
+    the quantized copies of the weights it passes (one graph may serve many layers)."""
+    if not options.quantize:
+        return lambda compiled: compiled
+    from .quantize import quantize_linears
+
+    return quantize_linears(gm, example_inputs, options.quantize, release, options.quantize_skip).wrap
 
 
 @contextlib.contextmanager
@@ -238,8 +249,5 @@ def explain_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     set_cache_dir(options.cache_dir)
     autotune.set_enabled(False)
     report = _report()
-    if options.quantize:
-        from .quantize import quantize_linears
-
-        quantize_linears(gm, example_inputs, options.quantize, release=False, skip=options.quantize_skip)
-    return _aot(gm, example_inputs, lambda g: run_passes(g, options, report), run_original=True)
+    wrap = _quantize(gm, example_inputs, options, release=False)
+    return wrap(_aot(gm, example_inputs, lambda g: run_passes(g, options, report), run_original=True))

@@ -2,7 +2,9 @@
 
 Runs on the Dynamo graph, where the parameters are graph inputs whose real tensors the backend holds. Each
 ``linear(x, W, b)`` whose weight is a 2-D float parameter becomes the plain-torch form of the quantized layer,
-reading a quantized copy of W made once (per parameter, per process) and kept on the compiled graph:
+reading a quantized copy of W made once (per parameter, per process). The copies are constants of the compiled
+graph, pointed before each call at the copies of the parameters that call passes (``QuantizedWeights``): Dynamo
+passes parameters as inputs, so a graph compiled for one decoder layer runs every layer of its kind.
 
 * ``fp8-block``: W as float8_e4m3fn in 128 x 128 blocks with fp32 scales; activations quantized per token and
   128-wide K tile; the product in fp32 (DeepSeek-V3's W8A8 recipe);
@@ -77,6 +79,11 @@ def _quantized(weight: torch.Tensor, fmt: str):
         _copies[id(weight)] = entry
     per_param = entry[1]
     if fmt not in per_param:
+        if weight.untyped_storage().nbytes() == 0:
+            from .errors import DeepfuseError
+
+            raise DeepfuseError(f"a {tuple(weight.shape)} weight's float storage was released before it was quantized "
+                                "(release_float_weights frees each weight once its quantized copy exists)")
         per_param[fmt] = (moe.quantize_experts(weight.detach()) if weight.dim() == 3
                           else quant.quantize_weight(weight.detach(), fmt))
     return per_param[fmt]
@@ -151,12 +158,62 @@ def fp8_fake_quantize(v: torch.Tensor, axis: int) -> torch.Tensor:
     return quant.fake_quantize_activation(v, quant.DEFAULT_BLOCK[1], axis)
 
 
-def _register(gm: fx.GraphModule, name: str, t: torch.Tensor) -> None:
-    gm.register_buffer(name, t)
+def _register(gm: fx.GraphModule, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` kept on the graph under ``name`` (lifted by AOTAutograd as a constant input), as a tensor of its own
+    that shares t's storage: ``QuantizedWeights.bind`` points it at another layer's copy before a call."""
+    proxy = torch.empty(0, dtype=t.dtype, device=t.device).set_(t)
+    gm.register_buffer(name, proxy)
     if hasattr(gm, "_param_name_to_source"):  # AOTAutograd matches Dynamo's lifted params to sources
         from torch._dynamo.source import ConstantSource
 
         gm._param_name_to_source[name] = ConstantSource(name)
+    return proxy
+
+
+class QuantizedWeights:
+    """Which float parameter each quantized copy on a converted graph was made from, so that every call reads the
+    copies of the weights it is given. Dynamo passes parameters as graph inputs, so one compiled graph serves
+    every module of the same code: compiled block by block, the first decoder layer's graph runs all the others,
+    each with its own weights. ``bind`` points the graph's constants at the copies of the parameters a call passes
+    (quantizing a weight the first time it is seen, and releasing its float storage when asked)."""
+
+    def __init__(self, release: bool):
+        self.release = release
+        # (position of the float parameter among the graph's inputs, format, the graph's constants for it,
+        # whether its float storage may go once quantized)
+        self.sources: list[tuple[int, str, tuple[torch.Tensor, torch.Tensor], bool]] = []
+
+    def add(self, position: int, fmt: str, proxies: tuple[torch.Tensor, torch.Tensor], releasable: bool) -> None:
+        self.sources.append((position, fmt, proxies, releasable))
+
+    def bind(self, args) -> None:
+        for position, fmt, proxies, releasable in self.sources:
+            weight = args[position]
+            copies = _quantized(weight, fmt)
+            for proxy, copy in zip(proxies, copies):
+                if proxy.data_ptr() != copy.data_ptr():
+                    if proxy.shape != copy.shape or proxy.dtype != copy.dtype:
+                        from .errors import DeepfuseError
+
+                        raise DeepfuseError(f"a graph quantized for a {tuple(proxy.shape)} {proxy.dtype} weight copy "
+                                            f"was called with one of {tuple(copy.shape)} {copy.dtype}")
+                    proxy.set_(copy)
+            if self.release and releasable and weight.untyped_storage().nbytes():
+                weight.data.untyped_storage().resize_(0)
+
+    def wrap(self, compiled: Callable) -> Callable:
+        """``compiled``, binding the constants to each call's weights first. Called as Dynamo calls it: the inputs
+        as arguments, or (a boxed call) as one list."""
+        if not self.sources:
+            return compiled
+        boxed = getattr(compiled, "_boxed_call", False)
+
+        def run(*args, **kwargs):
+            self.bind(args[0] if boxed and len(args) == 1 and isinstance(args[0], list) else args)
+            return compiled(*args, **kwargs)
+        if boxed:
+            run._boxed_call = True
+        return run
 
 
 def _skipped(paths: list[str], skip: tuple[str, ...]) -> str:
@@ -164,16 +221,16 @@ def _skipped(paths: list[str], skip: tuple[str, ...]) -> str:
     return next((path for path in paths for pattern in skip if re.search(pattern, path)), "")
 
 
-def quantize_experts(gm: fx.GraphModule, real: dict, release: bool, skip: tuple[str, ...] = ()) -> tuple[int, list]:
+def quantize_experts(gm: fx.GraphModule, real: dict, weights: QuantizedWeights, skip: tuple[str, ...] = ()) -> int:
     """Stacked expert weights to FP8 blocks read through ``deepfuse::fp8_block_dequantize``, the activations of
-    every matmul they enter quantized per token and 128-wide K tile (W8A8, as the linears); returns how many
-    were converted and the float parameters now unread. A weight entering a matmul of a module that a ``skip``
-    pattern matches stays float."""
+    every matmul they enter quantized per token and 128-wide K tile (W8A8, as the linears), each noted in
+    ``weights``; returns how many were converted. A weight entering a matmul of a module that a ``skip`` pattern
+    matches stays float."""
     import deepfuse.runtime.ops  # noqa: F401  (registers deepfuse::fp8_block_dequantize)
 
-    converted, released = 0, []
+    converted = 0
     first = next((n for n in gm.graph.nodes if n.op != "placeholder"), None)
-    for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+    for position, node in enumerate([n for n in gm.graph.nodes if n.op == "placeholder"]):
         weight = real.get(node)
         if (not isinstance(weight, torch.nn.Parameter) or weight.dim() != 3 or weight.shape[0] < 2
                 or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
@@ -192,8 +249,7 @@ def quantize_experts(gm: fx.GraphModule, real: dict, release: bool, skip: tuple[
             continue
         q, s = _quantized(weight, "fp8-block")
         names = [f"_deepfuse_fp8_block_experts_{part}_{converted}" for part in ("weight", "scale")]
-        for name, t in zip(names, (q, s)):
-            _register(gm, name, t)
+        weights.add(position, "fp8-block", tuple(_register(gm, name, t) for name, t in zip(names, (q, s))), True)
         with gm.graph.inserting_before(first):
             q_node, s_node = gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
             deq = gm.graph.call_function(torch.ops.deepfuse.fp8_block_dequantize.default, (q_node, s_node, weight.dtype))
@@ -204,18 +260,20 @@ def quantize_experts(gm: fx.GraphModule, real: dict, release: bool, skip: tuple[
                 fq = gm.graph.call_function(fp8_fake_quantize, (operand, axis))
             matmul.update_arg(position, fq)
         converted += 1
-        if release:
-            released.append(weight)
-    return converted, released
+    return converted
 
 
 def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release: bool,
-                     skip: tuple[str, ...] = ()) -> int:
+                     skip: tuple[str, ...] = ()) -> QuantizedWeights:
     """Rewrite ``gm``'s linear layers in place, but those of modules a ``skip`` pattern matches (and with
-    ``fp8-block`` its stacked expert weights alike); returns how many weights were converted."""
+    ``fp8-block`` its stacked expert weights alike); returns the converted weights, whose ``wrap`` makes the
+    compiled graph read the copies of the weights each call passes."""
     kernel_fmt = FORMATS[fmt]
-    real = {n: t for n, t in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
-    converted, released, kept = 0, [], 0
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    real = dict(zip(placeholders, example_inputs))
+    position = {n: i for i, n in enumerate(placeholders)}
+    weights = QuantizedWeights(release)
+    converted, kept = 0, 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _LINEARS:
             continue
@@ -229,12 +287,8 @@ def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release
         if _skipped([module_path(node)], skip):
             kept += 1
             continue
-        q, s = _quantized(weight, kernel_fmt)
-        names = []
-        for part, t in (("weight", q), ("scale", s)):
-            name = f"_deepfuse_{fmt.replace('-', '_')}_{part}_{converted}"
-            _register(gm, name, t)
-            names.append(name)
+        names = [f"_deepfuse_{fmt.replace('-', '_')}_{part}_{converted}" for part in ("weight", "scale")]
+        proxies = tuple(_register(gm, name, t) for name, t in zip(names, _quantized(weight, kernel_fmt)))
         with gm.graph.inserting_before(node):
             q_node, s_node = gm.graph.get_attr(names[0]), gm.graph.get_attr(names[1])
             new = gm.graph.call_function(_FORMS[kernel_fmt], (x, q_node, s_node, bias))
@@ -243,19 +297,14 @@ def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         converted += 1
-        if release and not w.users:
-            released.append(weight)
-    experts = 0
-    if fmt == "fp8-block":
-        experts, more = quantize_experts(gm, real, release, skip)
-        released += more
+        weights.add(position[w], kernel_fmt, proxies, releasable=not w.users)  # (the graph reads it nowhere else)
+    experts = quantize_experts(gm, real, weights, skip) if fmt == "fp8-block" else 0
     gm.graph.lint()
     gm.recompile()
-    for weight in released:
-        weight.data.untyped_storage().resize_(0)
+    weights.bind(example_inputs)  # (releases the example's float copies, when asked)
     if converted or experts or kept:
         log.info("quantize=%r: %d linear weights%s converted%s%s", fmt, converted,
                  f" and {experts} stacked expert weights" if experts else "",
                  f", {kept} linear weights kept (quantize_skip)" if kept else "",
-                 f", {len(released)} float copies released" if release else "")
-    return converted + experts
+                 ", the float copies released" if release else "")
+    return weights

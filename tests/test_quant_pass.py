@@ -2,10 +2,13 @@
 in several styles, the bundled model's FP8 layers, V3-style FP8 checkpoints) and rewritten into
 deepfuse::quant_matmul; look-alikes declined with the reason and left correct; options["quantize"] converting
 a float model while compiling it."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import deepfuse
 from conftest import fused_and_unfused_fp8, rel_err
@@ -395,6 +398,36 @@ def test_gpu_fp8_layers_of_one_input_are_timed_as_one_launch():
     assert rel_err(out, alone) < 1e-2
 
 
+@pytest.mark.parametrize("release", [False, True])
+def test_one_graph_for_many_layers_reads_each_layers_own_quantized_weights(release):
+    """Compiled block by block, the first MoE layer's graph runs the other two, each with its own weights: every
+    call reads the quantized copies of the weights it passes (before, the graph kept the first layer's, and the
+    logits were 77% off). int8 weight-only, so the eager model with the same layers' weights quantized and
+    dequantized is the exact reference; with release_float_weights each layer's float weights go once quantized,
+    at its first call."""
+    cfg = get_config("tiny", num_hidden_layers=4)
+    model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # what the option converts: every Linear's weight but kv_b_proj's (the absorbed
+        for name, m in reference.named_modules():  # attention reads it directly) and lm_head's (outside the blocks)
+            if type(m).__name__ == "Linear" and "kv_b_proj" not in name and "lm_head" not in name:
+                m.weight.copy_(quant.dequantize_weight(*quant.quantize_weight(m.weight, "int8-channel"),
+                                                       "int8-channel"))
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    counters.clear()
+    with torch.no_grad():
+        want = reference(ids, 0, reference.new_cache(2, 8))
+        for layer in model.model.layers:
+            layer.compile(backend="deepfuse", options={"quantize": "int8-weight", "interpret": True,
+                                                       "release_float_weights": release})
+        got = model(ids, 0, model.new_cache(2, 8))
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # a dense block, a MoE block
+    assert rel_err(got, want) < 1e-5
+    freed = [layer.mlp.shared_experts.up_proj.weight.untyped_storage().nbytes() == 0
+             for layer in model.model.layers[1:]]
+    assert freed == [release] * 3
+
+
 def test_quantize_option_keeps_weights_unless_asked():
     model = TwoLayers()
     _compile(model, torch.randint(0, 16, (2, 3)), quantize="int8-weight", kernels="reference")
@@ -559,7 +592,7 @@ def test_stacked_weights_quantize_their_matmuls_activations_along_k(form, conver
     """quantize="fp8-block" on a stacked weight: FP8 blocks through deepfuse::fp8_block_dequantize, and the
     other operand of each matmul it enters quantized per 128-wide tile along that matmul's K axis."""
     import torch.fx as fx
-    from deepfuse.quantize import fp8_fake_quantize, quantize_experts
+    from deepfuse.quantize import QuantizedWeights, fp8_fake_quantize, quantize_experts
     from deepfuse.runtime.kernels import moe
 
     forms = {
@@ -574,7 +607,7 @@ def test_stacked_weights_quantize_their_matmuls_activations_along_k(form, conver
     x = torch.randn(*x_shape)
     gm = fx.symbolic_trace(fn)
     w_node = [n for n in gm.graph.nodes if n.op == "placeholder"][1]
-    count, _ = quantize_experts(gm, {w_node: weight}, release=False)
+    count = quantize_experts(gm, {w_node: weight}, QuantizedWeights(release=False))
     gm.recompile()
     assert count == int(converted)
     if not converted:
