@@ -13,7 +13,7 @@ import importlib
 import inspect
 import os
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -27,25 +27,76 @@ from .report import Declined, Report
 
 _collectors: list[Report] = []
 _real_inputs: list[list] = []  # the Dynamo graph's real inputs while it compiles (parameters among them)
+# What to run before each call of the graph being compiled, with the call's inputs (see bind_per_call).
+_binders: list[list[Callable]] = []
 
 
-def real_input(node: fx.Node):
-    """The real tensor behind a placeholder of the graph being compiled (a parameter, say), if it can be told
-    for certain: same position among the inputs, same shape and dtype; else None."""
+def input_position(node: fx.Node):
+    """The position among the compiled graph's inputs (its callers' arguments) of the real tensor behind a
+    placeholder of the graph being compiled (a parameter, say), if it can be told for certain: same position
+    among the inputs, same shape and dtype; else None."""
     from .shapes import hint, value
 
     if not _real_inputs or node.op != "placeholder":
         return None
     inputs = _real_inputs[-1]
     placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
-    index = placeholders.index(node) - (len(placeholders) - len(inputs))
+    index = placeholders.index(node) - (len(placeholders) - len(inputs))  # (AOTAutograd's lifted ones first)
     if not 0 <= index < len(inputs):
         return None
     real, fake = inputs[index], value(node)
     if not isinstance(real, torch.Tensor) or fake is None or real.dtype != fake.dtype or \
             tuple(real.shape) != tuple(hint(d) for d in fake.shape):
         return None
-    return real
+    return index
+
+
+def real_input(node: fx.Node):
+    """The real tensor behind a placeholder of the graph being compiled, if it can be told (``input_position``)."""
+    index = input_position(node)
+    return None if index is None else _real_inputs[-1][index]
+
+
+def bind_per_call(binder: Callable) -> None:
+    """Run ``binder(inputs)`` before each call of the graph being compiled. Dynamo passes parameters as graph
+    inputs, so one compiled graph serves every module of the same code (compiled block by block, the first
+    decoder layer's graph runs all the others): whatever a pass made from one call's parameters (a layer's
+    expert shard, quantized copies) must be found again from each call's."""
+    if not _binders:
+        raise RuntimeError("bind_per_call outside a deepfuse compile")
+    _binders[-1].append(binder)
+
+
+def _bound(compiled: Callable, binders: list) -> Callable:
+    """``compiled``, running ``binders`` on each call's inputs first. Called as Dynamo calls it: the inputs as
+    arguments, or (a boxed call) as one list."""
+    if not binders:
+        return compiled
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def run(*args, **kwargs):
+        inputs = args[0] if boxed and len(args) == 1 and isinstance(args[0], list) else args
+        for binder in binders:
+            binder(inputs)
+        return compiled(*args, **kwargs)
+    if boxed:
+        run._boxed_call = True
+    return run
+
+
+@contextlib.contextmanager
+def _compiling(real_inputs: Optional[list], binders: list) -> Iterator[None]:
+    """While a graph compiles: its real inputs (None: the passes may not use them, as under explain, which
+    shards and frees nothing) and the binders its passes add."""
+    if real_inputs is not None:
+        _real_inputs.append(real_inputs)
+    _binders.append(binders)
+    try:
+        yield
+    finally:
+        _binders.pop()
+        if real_inputs is not None:
+            _real_inputs.pop()
 
 
 @contextlib.contextmanager
@@ -123,7 +174,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     set_cache_dir(options.cache_dir)
     autotune.set_enabled(options.autotune)
     report = _report()
-    wrap = _quantize(gm, example_inputs, options, options.release_float_weights)
+    binders = _quantize(gm, example_inputs, options, options.release_float_weights)
     if options.inductor:
         from torch._inductor.compile_fx import compile_fx
 
@@ -156,27 +207,21 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
         elif options.mode in ("max-autotune", "max-autotune-no-cudagraphs"):
             patches["max_autotune"] = True
             patches["triton.cudagraphs"] = options.mode == "max-autotune"
-        _real_inputs.append(example_inputs)
-        try:
-            with _whole_loops_only():
-                return wrap(compile_fx(gm, example_inputs, config_patches=patches))
-        finally:
-            _real_inputs.pop()
-    _real_inputs.append(example_inputs)
-    try:
-        return wrap(_aot(gm, example_inputs, lambda g: run_passes(g, options, report) or g))
-    finally:
-        _real_inputs.pop()
+        with _compiling(example_inputs, binders), _whole_loops_only():
+            return _bound(compile_fx(gm, example_inputs, config_patches=patches), binders)
+    with _compiling(example_inputs, binders):
+        return _bound(_aot(gm, example_inputs, lambda g: run_passes(g, options, report) or g), binders)
 
 
-def _quantize(gm: fx.GraphModule, example_inputs: list, options: Options, release: bool) -> Callable:
-    """``options.quantize``'s conversion of ``gm``; what to wrap the compiled graph in, so that each call reads
-    the quantized copies of the weights it passes (one graph may serve many layers)."""
+def _quantize(gm: fx.GraphModule, example_inputs: list, options: Options, release: bool) -> list:
+    """``options.quantize``'s conversion of ``gm``; the binders that make each call read the quantized copies of
+    the weights it passes (one graph may serve many layers)."""
     if not options.quantize:
-        return lambda compiled: compiled
+        return []
     from .quantize import quantize_linears
 
-    return quantize_linears(gm, example_inputs, options.quantize, release, options.quantize_skip).wrap
+    weights = quantize_linears(gm, example_inputs, options.quantize, release, options.quantize_skip)
+    return [weights.bind] if weights.sources else []
 
 
 @contextlib.contextmanager
@@ -249,5 +294,6 @@ def explain_graph(gm: fx.GraphModule, example_inputs: list, options: Options) ->
     set_cache_dir(options.cache_dir)
     autotune.set_enabled(False)
     report = _report()
-    wrap = _quantize(gm, example_inputs, options, release=False)
-    return wrap(_aot(gm, example_inputs, lambda g: run_passes(g, options, report), run_original=True))
+    binders = _quantize(gm, example_inputs, options, release=False)
+    with _compiling(None, binders):
+        return _bound(_aot(gm, example_inputs, lambda g: run_passes(g, options, report), run_original=True), binders)

@@ -201,20 +201,6 @@ class QuantizedWeights:
             if self.release and releasable and weight.untyped_storage().nbytes():
                 weight.data.untyped_storage().resize_(0)
 
-    def wrap(self, compiled: Callable) -> Callable:
-        """``compiled``, binding the constants to each call's weights first. Called as Dynamo calls it: the inputs
-        as arguments, or (a boxed call) as one list."""
-        if not self.sources:
-            return compiled
-        boxed = getattr(compiled, "_boxed_call", False)
-
-        def run(*args, **kwargs):
-            self.bind(args[0] if boxed and len(args) == 1 and isinstance(args[0], list) else args)
-            return compiled(*args, **kwargs)
-        if boxed:
-            run._boxed_call = True
-        return run
-
 
 def _skipped(paths: list[str], skip: tuple[str, ...]) -> str:
     """The first of ``paths`` (module paths) that a ``skip`` pattern matches, or ''."""
@@ -266,8 +252,8 @@ def quantize_experts(gm: fx.GraphModule, real: dict, weights: QuantizedWeights, 
 def quantize_linears(gm: fx.GraphModule, example_inputs: list, fmt: str, release: bool,
                      skip: tuple[str, ...] = ()) -> QuantizedWeights:
     """Rewrite ``gm``'s linear layers in place, but those of modules a ``skip`` pattern matches (and with
-    ``fp8-block`` its stacked expert weights alike); returns the converted weights, whose ``wrap`` makes the
-    compiled graph read the copies of the weights each call passes."""
+    ``fp8-block`` its stacked expert weights alike); returns the converted weights: their ``bind``, run before
+    each call, makes the compiled graph read the copies of the weights that call passes."""
     kernel_fmt = FORMATS[fmt]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     real = dict(zip(placeholders, example_inputs))

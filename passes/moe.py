@@ -478,25 +478,30 @@ class MoEPass:
                                  exchange) -> Optional[str]:
         """Shard the layer's real expert parameters over the ranks (this rank keeps its share, the full tensors
         are freed) and call ``deepfuse::moe_experts_ep``. Returns None, or the reason it cannot."""
-        from deepfuse.pipeline import real_input
+        from deepfuse.pipeline import bind_per_call, input_position, real_input
         from deepfuse.runtime import expert_parallel as ep
 
         x, ids, weights, w1, w2 = (inputs[k] for k in ("x", "ids", "weights", "w_gate_up", "w_down"))
-        real1, real2 = real_input(w1), real_input(w2)
-        if real1 is None or real2 is None:
+        positions = input_position(w1), input_position(w2)
+        if None in positions:
             return "expert parallel: the expert weights are not parameters this compile can shard"
+        t1, t2 = params["gate_up_transposed"], params["down_transposed"]
+
+        def shard_of(gate_up, down):  # (a layer's weights are sharded, and freed, the first time it runs)
+            return ep.shard_parameters(gate_up, down, gate_up.transpose(1, 2) if t1 else gate_up,
+                                       down.transpose(1, 2) if t2 else down)
         try:
-            key, shard = ep.shard_parameters(
-                real1, real2, real1.transpose(1, 2) if params["gate_up_transposed"] else real1,
-                real2.transpose(1, 2) if params["down_transposed"] else real2)
+            key, shard = shard_of(real_input(w1), real_input(w2))
         except Exception as err:  # experts that do not divide over the ranks, say
             return f"expert parallel: {err}"
+        slot = ep.new_slot(key)
+        bind_per_call(lambda args: ep.set_slot(slot, shard_of(args[positions[0]], args[positions[1]])[0]))
         params["expert_parallel"] = f"rank {shard.rank}/{shard.world}: experts {shard.first}..{shard.first + shard.local - 1}"
         if micro_batches > 1:
             params["micro_batches"] = micro_batches
         if exchange != "splits":
             params["exchange"] = exchange
-        op_args = (x, ids, weights, key, params["activation"], value(out).dtype, impl, params["deterministic"],
+        op_args = (x, ids, weights, slot, params["activation"], value(out).dtype, impl, params["deterministic"],
                    micro_batches, exchange)
         replace_region(graph, RegionBinding(region, out), torch.ops.deepfuse.moe_experts_ep.default, op_args, 1)
         return None

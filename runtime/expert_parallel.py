@@ -121,6 +121,26 @@ def counts_buffer(key: int) -> torch.Tensor:
     return _counts[key]
 
 
+# The shard key each compiled moe_experts_ep op reads, by slot: set before every call of its graph from the expert
+# weights the call passes (deepfuse.pipeline.bind_per_call), since one graph may run many layers (block by block).
+_slots: list[int] = []
+
+
+def new_slot(key: int) -> int:
+    _slots.append(key)
+    return len(_slots) - 1
+
+
+def set_slot(slot: int, key: int) -> None:
+    _slots[slot] = key
+
+
+def slot_key(slot: int) -> int:
+    if not 0 <= slot < len(_slots):
+        raise DeepfuseError(f"expert parallel: no slot {slot} in this process (compiled elsewhere?)")
+    return _slots[slot]
+
+
 def local_experts(key: int) -> tuple[torch.Tensor, torch.Tensor, Shard]:
     if key not in _registry:
         raise DeepfuseError(f"expert parallel: no expert shard {key} in this process (compiled elsewhere?)")

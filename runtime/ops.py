@@ -332,7 +332,7 @@ def moe_experts_ep(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    shard_key: int,
+    slot: int,
     activation: str,
     out_dtype: torch.dtype,
     impl: str,
@@ -342,10 +342,12 @@ def moe_experts_ep(
 ) -> torch.Tensor:
     """The routed experts with this rank's share of them (``deepfuse.runtime.expert_parallel``): the tokens'
     (token, slot) pairs travel to the ranks owning their experts and back with all_to_all, in ``micro_batches``
-    overlapped chunks, or (``exchange="padded"``) in fixed-size blocks with no host synchronization."""
+    overlapped chunks, or (``exchange="padded"``) in fixed-size blocks with no host synchronization. ``slot``
+    holds the key of the shard to use (``expert_parallel.slot_key``): one compiled graph may run many layers."""
     from deepfuse.runtime import expert_parallel as _ep
 
     _check_impl(impl)
+    shard_key = _ep.slot_key(slot)  # the shard of the layer this call runs (set from its parameters)
     w_gate_up, w_down, shard = _ep.local_experts(shard_key)
     if impl == "reference":
         def experts(xs, ids, ws, a, b):
@@ -362,6 +364,6 @@ def moe_experts_ep(
 
 
 @moe_experts_ep.register_fake
-def _(x, topk_ids, topk_weights, shard_key, activation, out_dtype, impl, deterministic=True, micro_batches=1,
+def _(x, topk_ids, topk_weights, slot, activation, out_dtype, impl, deterministic=True, micro_batches=1,
       exchange="splits"):
     return x.new_empty(x.shape, dtype=out_dtype)

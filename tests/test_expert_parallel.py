@@ -171,8 +171,10 @@ def _model_worker(rank, world, port, impl, results):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ep.init("gloo", timeout_s=60, rank=rank, world_size=world)
+    impl = dict(impl)
+    blocks = impl.pop("blocks", False)  # block by block: one graph runs all three MoE layers, each its own shard
     try:
-        cfg = get_config("tiny")  # 8 routed experts
+        cfg = get_config("tiny", **({"num_hidden_layers": 4} if blocks else {}))  # 8 routed experts
         model = DeepSeekForCausalLM.from_config(cfg, seed=11)  # the same weights on every rank
         length = 5 if impl.get("expert_parallel_exchange") == "padded" else 3 + 4 * rank  # padded: same T everywhere
         ids = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(rank))
@@ -186,7 +188,12 @@ def _model_worker(rank, world, port, impl, results):
             ref = model(ids)
             report = deepfuse.Report()
             with deepfuse.collect(report):
-                out = torch.compile(model, backend="deepfuse", options={"expert_parallel": True, **impl})(ids)
+                if blocks:
+                    for layer in model.model.layers:
+                        layer.compile(backend="deepfuse", options={"expert_parallel": True, **impl})
+                    out = model(ids)
+                else:
+                    out = torch.compile(model, backend="deepfuse", options={"expert_parallel": True, **impl})(ids)
         rows = [m for m in report.matches if m.family == "moe"]
         err = ((out - ref).norm() / ref.norm()).item()
         freed = all(e.gate_up_proj.untyped_storage().nbytes() == 0 for e in experts)
@@ -200,21 +207,24 @@ def _model_worker(rank, world, port, impl, results):
 
 @pytest.mark.parametrize("impl", [{"kernels": "reference"}, {"interpret": True},
                                   {"kernels": "reference", "micro_batches": 2},
-                                  {"kernels": "reference", "expert_parallel_exchange": "padded"}],
-                         ids=["reference", "interpret", "reference-2-micro-batches", "reference-padded"])
+                                  {"kernels": "reference", "expert_parallel_exchange": "padded"},
+                                  {"kernels": "reference", "blocks": True}],
+                         ids=["reference", "interpret", "reference-2-micro-batches", "reference-padded", "blocks"])
 def test_compiled_model_with_expert_parallel_option(impl):
     """Also: the micro_batches and expert_parallel_exchange options reach every layer's op, and DEEPFUSE_LOG=debug
-    logs each layer's counts."""
+    logs each layer's counts. Compiled block by block, the MoE block's one graph runs each layer with that
+    layer's own shard (sharded at its first call)."""
     results = mp.Manager().dict()
     mp.spawn(_model_worker, args=(2, _free_port(), impl, results), nprocs=2, join=True)
     for rank, (err, ops, shards, freed, counts, micro, logged) in sorted(results.items()):
         assert err < 1e-5, (rank, err)
         assert micro == [(impl.get("micro_batches", 1), impl.get("expert_parallel_exchange", "splits"))] * len(ops)
-        assert len(logged) == len(ops) and all(f"rank {rank}/2" in line for line in logged), logged
+        layers = 3 if impl.get("blocks") else len(ops)  # (block by block: one op, three layers' calls)
+        assert len(logged) == layers and all(f"rank {rank}/2" in line for line in logged), logged
         assert ops and all(op == "deepfuse::moe_experts_ep" for op in ops), ops
         assert all(s == f"rank {rank}/2: experts {4 * rank}..{4 * rank + 3}" for s in shards), shards
         assert freed  # the full expert weights are gone from every rank
-        assert len(counts) == len(ops) and all(len(c) == 4 for c in counts.values())
+        assert len(counts) == layers and all(len(c) == 4 for c in counts.values())
     # every (token, slot) pair of both ranks was computed by exactly one expert somewhere, in every layer
     k, tokens = 2, 10 if impl.get("expert_parallel_exchange") == "padded" else (3 + 7)  # top-2; 3 + 4r tokens
     for key in results[0][4]:

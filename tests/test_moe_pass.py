@@ -367,7 +367,9 @@ def test_fp8_experts_join_a_shared_mlp_past_a_routed_scaling():
     moes = [m for m in report.matches if m.family == "moe"]
     assert len(moes) == 1 and all("W8A8" in str(m.params.get("expert_weights")) for m in moes), str(report)
     assert all(m.params["shared_experts"] == "fused: 1 always-chosen FP8 experts of 128" for m in moes), str(report)
-    assert rel_err(outs[0], outs[1]) < 1e-5
+    # the same W8A8 math, summed in another order: an intermediate on an e4m3 rounding boundary can land one step
+    # apart (1.3e-3 seen once in a suite run of random weights); a wrong scale or a missed shared MLP is 1e-2 and more
+    assert rel_err(outs[0], outs[1]) < 2e-3
 
 
 def _bf16_against_float64(model, kind, ids):
