@@ -182,24 +182,43 @@ class QuantizedWeights:
         # (position of the float parameter among the graph's inputs, format, the graph's constants for it,
         # whether its float storage may go once quantized)
         self.sources: list[tuple[int, str, tuple[torch.Tensor, torch.Tensor], bool]] = []
+        self._bound: list = []  # per source: the weight its constants point at now (a weak reference)
+        # per source: id(weight) -> (a weak reference to it, its copies), checked once; gone with the weight
+        self._seen: list[dict] = []
 
     def add(self, position: int, fmt: str, proxies: tuple[torch.Tensor, torch.Tensor], releasable: bool) -> None:
         self.sources.append((position, fmt, proxies, releasable))
+        self._bound.append(None)
+        self._seen.append({})
 
     def bind(self, args) -> None:
-        for position, fmt, proxies, releasable in self.sources:
+        for i, (position, fmt, proxies, releasable) in enumerate(self.sources):
             weight = args[position]
-            copies = _quantized(weight, fmt)
-            for proxy, copy in zip(proxies, copies):
-                if proxy.data_ptr() != copy.data_ptr():
-                    if proxy.shape != copy.shape or proxy.dtype != copy.dtype:
-                        from .errors import DeepfuseError
+            bound = self._bound[i]
+            if bound is not None and bound() is weight:
+                continue  # (the same module as the last call: a model compiled whole, every call)
+            seen = self._seen[i].get(id(weight))
+            if seen is None or seen[0]() is not weight:
+                forget = lambda _, entries=self._seen[i], key=id(weight): entries.pop(key, None)  # noqa: E731
+                seen = (weakref.ref(weight, forget), self._copies(weight, fmt, proxies, releasable))
+                self._seen[i][id(weight)] = seen
+            for proxy, copy in zip(proxies, seen[1]):
+                proxy.set_(copy)
+            self._bound[i] = seen[0]
 
-                        raise DeepfuseError(f"a graph quantized for a {tuple(proxy.shape)} {proxy.dtype} weight copy "
-                                            f"was called with one of {tuple(copy.shape)} {copy.dtype}")
-                    proxy.set_(copy)
-            if self.release and releasable and weight.untyped_storage().nbytes():
-                weight.data.untyped_storage().resize_(0)
+    def _copies(self, weight: torch.Tensor, fmt: str, proxies, releasable: bool) -> tuple:
+        """The quantized copies of ``weight`` (made if new), checked against the graph's constants; its float
+        storage released when asked."""
+        copies = _quantized(weight, fmt)
+        for proxy, copy in zip(proxies, copies):
+            if proxy.shape != copy.shape or proxy.dtype != copy.dtype:
+                from .errors import DeepfuseError
+
+                raise DeepfuseError(f"a graph quantized for a {tuple(proxy.shape)} {proxy.dtype} weight copy was "
+                                    f"called with one of {tuple(copy.shape)} {copy.dtype}")
+        if self.release and releasable and weight.untyped_storage().nbytes():
+            weight.data.untyped_storage().resize_(0)
+        return copies
 
 
 def _skipped(paths: list[str], skip: tuple[str, ...]) -> str:
