@@ -428,6 +428,25 @@ def test_one_graph_for_many_layers_reads_each_layers_own_quantized_weights(relea
     assert freed == [release] * 3
 
 
+def test_one_graph_for_many_layers_reads_each_layers_own_fp8_experts():
+    """The same with fp8-block, whose stacked expert weights ([E, 2I, H], [E, H, I]) are converted too: block by
+    block equals the whole model compiled as one graph (each layer's own copies there), lm_head left float in
+    both. W8A8 quantizes activations, so the two graphs' fp32 sum orders could move a value one e4m3 step
+    (within 1e-3); reading the first layer's weights everywhere was 77% off."""
+    cfg = get_config("tiny", num_hidden_layers=4)
+    model = DeepSeekForCausalLM.from_config(cfg, seed=int(torch.randint(0, 1000, ())))
+    whole = copy.deepcopy(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    options = {"quantize": "fp8-block", "quantize_skip": ["lm_head"], "passes": ()}
+    with torch.no_grad():
+        want = torch.compile(whole, backend="deepfuse", options=options)(ids, 0, whole.new_cache(2, 8))
+        torch._dynamo.reset()
+        for layer in model.model.layers:
+            layer.compile(backend="deepfuse", options=options)
+        got = model(ids, 0, model.new_cache(2, 8))
+    assert rel_err(got, want) < 1e-3  # (1e-7 in three runs)
+
+
 def test_quantize_option_keeps_weights_unless_asked():
     model = TwoLayers()
     _compile(model, torch.randint(0, 16, (2, 3)), quantize="int8-weight", kernels="reference")
